@@ -1,0 +1,90 @@
+"""Build the example ONNX models used by the demo, the tests and the benchmarks.
+
+Models are built, never downloaded: a scikit-learn classifier trained on a
+synthetic iris-like data set (converted with skl2onnx) and an MLP
+256→512→512→10 written directly with onnx.helper. Deterministic seeds make the
+files reproducible, so tests can compare predictions with in-process
+onnxruntime.
+
+    python examples/build_models.py [OUT_DIR]      # default: examples/models
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+MLP_SIZES = (256, 512, 512, 10)
+
+
+def _iris_like(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = np.array([[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0]])
+    x = np.concatenate([c + rng.normal(0, 0.35, size=(50, 4)) for c in centers])
+    y = np.repeat(np.arange(3), 50)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def build_sklearn(path: Path, *, seed: int = 0, c: float = 1.0) -> Path:
+    """A LogisticRegression classifier: input ``X`` float32 [N, 4]; outputs label, probabilities."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _iris_like(seed)
+    clf = LogisticRegression(C=c, max_iter=500).fit(x, y)
+    onx = to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}}, target_opset=17)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(onx.SerializeToString())
+    return path
+
+
+def build_mlp(path: Path, *, seed: int = 0, sizes: tuple[int, ...] = MLP_SIZES) -> Path:
+    """An MLP with ReLU: input ``input`` float32 [N, 256]; output ``logits`` [N, 10]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev = "input"
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+        b = (rng.standard_normal(n_out) * 0.01).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        last = i == len(sizes) - 2
+        mm, out = f"mm{i}", "logits" if last else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [mm]))
+        if last:
+            nodes.append(helper.make_node("Add", [mm, f"b{i}"], [out]))
+        else:
+            nodes.append(helper.make_node("Add", [mm, f"b{i}"], [f"a{i}"]))
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", sizes[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", sizes[-1]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def build_all(out_dir: Path) -> dict[str, Path]:
+    return {
+        "iris": build_sklearn(out_dir / "iris.onnx", seed=0, c=1.0),
+        "iris-v2": build_sklearn(out_dir / "iris-v2.onnx", seed=1, c=0.1),
+        "mlp": build_mlp(out_dir / "mlp.onnx"),
+    }
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "models"
+    for name, p in build_all(out).items():
+        print(f"built {name}: {p}")

@@ -1,0 +1,516 @@
+"""The ``kubeinfer`` command: run Endpoints locally, inspect them, generate CRDs, run the operator.
+
+Local mode commands (``up``, ``status``, ``invoke``, ``down``) drive per-endpoint
+supervisors through ``local.control``; this module only parses options, calls
+that code and prints. Exit codes: 0 success, 1 failure (not ready, HTTP error,
+CRDs out of date), 2 invalid input (manifest, options).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from kubeinfer_operator import __version__
+from kubeinfer_operator.errors import KubeinferError, SpecError
+from kubeinfer_operator.local.control import (
+    Liveness,
+    Outcome,
+    clean_all_stale,
+    clean_stale,
+    hand_over,
+    liveness,
+    start_supervisor,
+    stop_endpoint,
+    wait_applied,
+)
+from kubeinfer_operator.local.manifest import load_manifest_file
+from kubeinfer_operator.local.paths import EndpointPaths, known_endpoints
+from kubeinfer_operator.local.state import (
+    EndpointState,
+    events_size,
+    read_events,
+    read_state,
+)
+from kubeinfer_operator.local.usage import sample_body, usage_text
+from kubeinfer_operator.local.view import process_rows, status_document, variant_rows
+
+app = typer.Typer(
+    name="kubeinfer", no_args_is_help=True, add_completion=False,
+    help="SageMaker-style inference endpoints on Kubernetes, or as local processes.",
+)
+local_app = typer.Typer(hidden=True, help="Local-mode internals.")
+app.add_typer(local_app, name="local")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]Error:[/red] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"kubeinfer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """kubeinfer: one Endpoint YAML runs on a laptop (kubeinfer up) and on a cluster."""
+
+
+# -- up ------------------------------------------------------------------------------------
+
+
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so foreground ``up`` cleans up like on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+@contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress_table(states: dict[str, EndpointState | None]) -> Table:
+    table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
+    for col in ("endpoint", "phase", "process", "state", "detail"):
+        table.add_column(col)
+    for name, state in states.items():
+        if state is None:
+            table.add_row(name, "Starting", "supervisor", "starting", "")
+            continue
+        for p in state.processes:
+            table.add_row(name, state.phase.value, p.name, p.state.value, p.reason)
+    return table
+
+
+class _Progress:
+    """Live table on a terminal; one line per change otherwise (logs, CI, tests)."""
+
+    def __init__(self) -> None:
+        self.live: Live | None = None
+        self.last: dict[str, str] = {}
+
+    def __enter__(self) -> _Progress:
+        if out.is_terminal:
+            self.live = Live(_progress_table({}), console=out, transient=True,
+                             refresh_per_second=8)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def tick(self, states: dict[str, EndpointState | None]) -> None:
+        if self.live is not None:
+            self.live.update(_progress_table(states))
+            return
+        for name, state in states.items():
+            line = f"{state.phase.value}: {state.message}" if state else "Starting"
+            if state and not state.message:
+                line = state.phase.value
+            if self.last.get(name) != line:
+                self.last[name] = line
+                out.print(f"  {name}: {line}", soft_wrap=True)
+
+
+def _sample_for(state: EndpointState) -> str | None:
+    """A request body that fits the first ready model server's input (V2 metadata)."""
+    for p in state.processes:
+        if p.role == "model-server" and p.routed and p.variant:
+            try:
+                meta = httpx.get(f"{p.url}/v2/models/{p.variant}", timeout=2.0).json()
+            except (httpx.HTTPError, ValueError):
+                return None
+            return sample_body(meta if isinstance(meta, dict) else None)
+    return None
+
+
+def _report_ready(state: EndpointState, *, updated: bool) -> None:
+    url = state.url or "(unknown)"
+    verb = "updated" if updated else "ready"
+    out.print(f"[green]Endpoint {state.endpoint} is {verb}[/green] at {url}")
+    for v in state.variants:
+        out.print(f"  variant {v.name}: weight {v.weight:g}, {v.ready}/{v.replicas} ready, "
+                  f"model {v.model_uri}", soft_wrap=True)
+    if updated and state.last_apply is not None:
+        changes = state.last_apply.changes or ["no change"]
+        for change in changes:
+            out.print(f"  changed: {change}", soft_wrap=True)
+    if not updated:
+        out.print(usage_text(state.endpoint, url, _sample_for(state)), markup=False,
+                  soft_wrap=True, highlight=False)
+
+
+def _stop_started(started: dict[str, tuple[EndpointPaths, subprocess.Popen[bytes]]]) -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan
+    try:
+        for name, (paths, proc) in started.items():
+            stop_endpoint(paths, proc=proc)
+            out.print(f"Stopped endpoint {name}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _follow(started: dict[str, tuple[EndpointPaths, subprocess.Popen[bytes]]]) -> int:
+    """Print supervisors' events until they exit; Ctrl-C / SIGTERM stops them all."""
+    offsets = {name: events_size(paths) for name, (paths, _) in started.items()}
+    names = ", ".join(started)
+    out.print(f"Running {names} in the foreground: Ctrl-C stops it "
+              f"(or run kubeinfer up -d to keep it in the background)")
+    remaining = dict(started)
+    failed = False
+    while remaining:
+        for name, (paths, proc) in list(remaining.items()):
+            events, offsets[name] = read_events(paths, offsets[name])
+            for event in events:
+                style = "red" if event.get("level") == "error" else "dim"
+                out.print(f"[{style}]{name}[/{style}] {event.get('message', '')}",
+                          soft_wrap=True)
+            code = proc.poll()
+            if code is not None:
+                if code != 0:
+                    failed = True
+                    err.print(f"[red]Supervisor of endpoint {name} exited with {code}; "
+                              f"see {paths.supervisor_log}[/red]")
+                else:
+                    out.print(f"Endpoint {name} was stopped")
+                del remaining[name]
+        time.sleep(0.3)
+    return 1 if failed else 0
+
+
+@app.command()
+def up(
+    file: Annotated[Path, typer.Option("-f", "--file", help="Endpoint manifest (YAML, may hold "
+                                                            "several documents).")],
+    detach: Annotated[bool, typer.Option("-d", "--detach", help="Run in the background and "
+                                                                "return once ready.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.", min=1)] = 120,
+    port: Annotated[int | None, typer.Option(help="Gateway port (default: a free port).",
+                                             min=1, max=65535)] = None,
+) -> None:
+    """Run the Endpoints of FILE as local processes, or update them when they already run."""
+    try:
+        loaded = load_manifest_file(file)
+    except SpecError as exc:
+        raise _fail(f"Invalid manifest {file}:\n{exc}", 2) from exc
+    if port is not None and len(loaded) > 1:
+        raise _fail(f"--port sets one gateway port but {file} holds {len(loaded)} endpoints; "
+                    "drop --port", 2)
+    started: dict[str, tuple[EndpointPaths, subprocess.Popen[bytes]]] = {}
+    targets: list[tuple[EndpointPaths, int, subprocess.Popen[bytes] | None]] = []
+    updated: set[str] = set()
+    with _sigterm_as_exception():
+        try:
+            for item in loaded:
+                paths = EndpointPaths.for_endpoint(item.name)
+                note = clean_stale(paths)
+                if note:
+                    out.print(note)
+                running = liveness(paths) is Liveness.RUNNING
+                generation = hand_over(paths, item, timeout_s=timeout, gateway_port=port,
+                                       running=running)
+                proc = None
+                if running:
+                    updated.add(item.name)
+                    out.print(f"Endpoint {item.name} is running: applying generation "
+                              f"{generation}")
+                else:
+                    proc = start_supervisor(paths, detach=detach)
+                    started[item.name] = (paths, proc)
+                    out.print(f"Starting endpoint {item.name} (logs in {paths.logs})")
+                targets.append((paths, generation, proc))
+            with _Progress() as progress:
+                outcomes = wait_applied(targets, timeout + 15, on_tick=progress.tick)
+        except (KeyboardInterrupt, _Terminated):
+            err.print("Interrupted: stopping what this command started")
+            _stop_started(started)
+            raise typer.Exit(130) from None
+        failed = _report(outcomes, updated)
+        if failed:
+            fresh = {n: started[n] for n in failed if n in started}
+            if fresh:
+                _stop_started(fresh)
+            raise typer.Exit(1)
+        if detach or not started:
+            if started:
+                out.print(f"Running in the background; stop with: kubeinfer down "
+                          f"{' '.join(started)}")
+            return
+        try:
+            code = _follow(started)
+        except (KeyboardInterrupt, _Terminated):
+            out.print("Stopping...")
+            _stop_started(started)
+            return
+    raise typer.Exit(code)
+
+
+def _report(outcomes: dict[str, Outcome], updated: set[str]) -> list[str]:
+    failed = []
+    for name, outcome in outcomes.items():
+        if outcome.ok and outcome.state is not None:
+            _report_ready(outcome.state, updated=name in updated)
+        else:
+            failed.append(name)
+            still = " (the previous version keeps serving)" if name in updated else ""
+            err.print(f"[red]Endpoint {name} failed{still}:[/red] {outcome.message}",
+                      soft_wrap=True)
+    return failed
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def _running_states(name: str | None) -> tuple[list[EndpointState], list[str]]:
+    notes = clean_all_stale()
+    candidates = [EndpointPaths.for_endpoint(name)] if name else known_endpoints()
+    states = []
+    for paths in candidates:
+        if liveness(paths) is Liveness.RUNNING:
+            state = read_state(paths)
+            if state is not None:
+                states.append(state)
+    return states, notes
+
+
+@app.command()
+def status(
+    name: Annotated[str | None, typer.Argument(help="Endpoint name (default: all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show local endpoints: URL, variants, and every process with its pid, port and state."""
+    states, notes = _running_states(name)
+    if as_json:
+        typer.echo(json.dumps(status_document(states, notes), indent=2))
+    else:
+        for note in notes:
+            err.print(note)
+        _print_status(states)
+    if name and not states:
+        raise _fail(f"Endpoint {name} is not running; start it with kubeinfer up -f FILE")
+
+
+def _print_status(states: list[EndpointState]) -> None:
+    if not states:
+        out.print("No local endpoint is running; start one with kubeinfer up -f FILE")
+        return
+    endpoints = Table(title="Endpoints", title_justify="left")
+    for col in ("endpoint", "phase", "url", "generation", "message"):
+        endpoints.add_column(col)
+    for s in states:
+        endpoints.add_row(s.endpoint, s.phase.value, s.url or "-", str(s.observed_generation),
+                          s.message)
+    out.print(endpoints)
+    variants = Table(title="Variants", title_justify="left")
+    for col in ("endpoint", "variant", "weight", "replicas", "model"):
+        variants.add_column(col)
+    for s in states:
+        for row in variant_rows(s):
+            variants.add_row(*(row[c] for c in ("endpoint", "variant", "weight", "replicas",
+                                                "model")))
+    out.print(variants)
+    procs = Table(title="Processes", title_justify="left")
+    columns = ("endpoint", "process", "role", "pid", "port", "state", "restarts", "last exit",
+               "reason")
+    for col in columns:
+        procs.add_column(col)
+    for s in states:
+        for row in process_rows(s):
+            procs.add_row(*(row[c] for c in columns))
+    out.print(procs)
+
+
+# -- invoke --------------------------------------------------------------------------------
+
+
+@app.command()
+def invoke(
+    name: Annotated[str, typer.Argument(help="Endpoint name.")],
+    body: Annotated[str | None, typer.Option(help="Request body.")] = None,
+    body_file: Annotated[Path | None, typer.Option(help="Read the body from a file "
+                                                        "('-': stdin).")] = None,
+    content_type: Annotated[str, typer.Option(help="Content-Type of the body.")]
+    = "application/json",
+    accept: Annotated[str | None, typer.Option(help="Accept: the response type wanted.")]
+    = None,
+    variant: Annotated[str | None, typer.Option(help="TargetVariant: pin one variant.")]
+    = None,
+    custom_attributes: Annotated[str | None, typer.Option(
+        help="X-Amzn-SageMaker-Custom-Attributes.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 60,
+) -> None:
+    """Call a local endpoint through its gateway (SageMaker InvokeEndpoint)."""
+    if (body is None) == (body_file is None):
+        raise _fail("Give the request body with exactly one of --body or --body-file", 2)
+    if body is not None:
+        data = body.encode()
+    else:
+        assert body_file is not None
+        try:
+            data = sys.stdin.buffer.read() if str(body_file) == "-" else body_file.read_bytes()
+        except OSError as exc:
+            raise _fail(f"Cannot read --body-file {body_file}: {exc.strerror or exc}", 2) from exc
+    states, _ = _running_states(name)
+    if not states or not states[0].url:
+        raise _fail(f"Endpoint {name} is not running; start it with kubeinfer up -f FILE")
+    headers = {"Content-Type": content_type}
+    if accept:
+        headers["Accept"] = accept
+    if variant:
+        headers["X-Amzn-SageMaker-Target-Variant"] = variant
+    if custom_attributes:
+        headers["X-Amzn-SageMaker-Custom-Attributes"] = custom_attributes
+    url = f"{states[0].url}/endpoints/{name}/invocations"
+    try:
+        response = httpx.post(url, content=data, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise _fail(f"Cannot reach the gateway of endpoint {name} at {url}: {exc}") from exc
+    invoked = response.headers.get("x-amzn-invoked-production-variant", "-")
+    err.print(f"HTTP {response.status_code} {response.reason_phrase}  variant: {invoked}")
+    if response.is_success:
+        typer.echo(response.text)
+        return
+    raise _fail(_error_message(response))
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        payload: Any = response.json()
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and "Message" in payload:
+        return f"{payload.get('ErrorCode', response.status_code)}: {payload['Message']}"
+    return response.text.strip() or f"HTTP {response.status_code}"
+
+
+# -- down ----------------------------------------------------------------------------------
+
+
+@app.command()
+def down(
+    name: Annotated[str | None, typer.Argument(help="Endpoint to stop.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every local endpoint.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait before killing.")] = 30,
+) -> None:
+    """Stop a local endpoint and every process it runs. Stopping a stopped one is fine."""
+    if name and all_:
+        raise _fail("Give an endpoint name or --all, not both", 2)
+    if all_:
+        targets = known_endpoints()
+    elif name:
+        targets = [EndpointPaths.for_endpoint(name)]
+    else:
+        targets = [p for p in known_endpoints() if liveness(p) is not Liveness.STOPPED]
+        if len(targets) > 1:
+            names = ", ".join(p.name for p in targets)
+            raise _fail(f"Several endpoints run ({names}): name one or use --all", 2)
+    if not targets:
+        out.print("No local endpoint is running")
+        return
+    for paths in targets:
+        try:
+            stopped = stop_endpoint(paths, timeout=timeout)
+        except KubeinferError as exc:
+            raise _fail(str(exc)) from exc
+        out.print(f"Stopped endpoint {paths.name}" if stopped
+                  else f"Endpoint {paths.name} is not running")
+
+
+# -- crds ----------------------------------------------------------------------------------
+
+
+@app.command()
+def crds(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory of the CRD files.")]
+    = Path("crds"),
+    check: Annotated[bool, typer.Option(help="Exit 1 when the files differ from the API "
+                                             "models instead of writing them.")] = False,
+) -> None:
+    """Write the CustomResourceDefinitions generated from the API models."""
+    from kubeinfer_operator.api.crd import all_crds, to_yaml
+
+    rendered = {name: to_yaml(obj) for name, obj in all_crds().items()}
+    if check:
+        stale = [name for name, text in rendered.items()
+                 if not (out_dir / name).is_file() or (out_dir / name).read_text() != text]
+        if stale:
+            raise _fail(f"CRDs out of date in {out_dir}: {', '.join(sorted(stale))}; "
+                        f"run kubeinfer crds --out {out_dir} and commit the result")
+        out.print(f"CRDs in {out_dir} are up to date")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.items():
+        (out_dir / name).write_text(text)
+        out.print(f"wrote {out_dir / name}")
+
+
+# -- operator ------------------------------------------------------------------------------
+
+
+@app.command()
+def operator() -> None:
+    """Run the Kubernetes operator (in the cluster, or against the current kubeconfig)."""
+    from kubeinfer_operator.settings import OperatorSettings
+
+    try:
+        # Imported lazily: local mode must not need kopf's import time or a cluster.
+        module = importlib.import_module("kubeinfer_operator.main")
+    except ModuleNotFoundError as exc:
+        if exc.name != "kubeinfer_operator.main":
+            raise
+        raise _fail("The Kubernetes operator is not part of this build "
+                    "(kubeinfer_operator.main is missing)") from exc
+    module.run(OperatorSettings())
+
+
+# -- local internals -----------------------------------------------------------------------
+
+
+@local_app.command("supervise")
+def supervise(
+    state_dir: Annotated[Path, typer.Option(help="The endpoint's state directory.")],
+) -> None:
+    """Supervise one endpoint's processes (started by kubeinfer up)."""
+    from kubeinfer_operator.local.supervisor import run_supervisor
+
+    raise typer.Exit(run_supervisor(state_dir))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

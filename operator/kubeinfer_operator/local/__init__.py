@@ -1,0 +1,16 @@
+"""Local mode: run an Endpoint's plan as processes on this machine, no cluster needed.
+
+The same ``EndpointPlan`` that ``render/`` turns into Kubernetes objects becomes
+here one gateway process plus one model-server process per variant replica, all
+on free 127.0.0.1 ports. One supervisor process per endpoint owns them:
+
+* ``paths``      where an endpoint's state lives ($KUBEINFER_HOME/local/<name>/)
+* ``manifest``   YAML documents → validated ``Endpoint`` objects (pure parsing)
+* ``state``      state.json / desired.json models, atomic writes, liveness checks
+* ``backoff``    PURE restart policy of crashed children
+* ``view``       PURE rows of ``kubeinfer status``
+* ``process``    spawning and stopping children (process groups, parent-death signal)
+* ``children``   one supervised runtime process: spawn, health, crash bookkeeping
+* ``supervisor`` the per-endpoint supervisor loop (applies ``reconcile.local_diff``)
+* ``control``    what the CLI does to supervisors: start, hand over a spec, wait, stop
+"""

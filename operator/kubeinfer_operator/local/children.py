@@ -1,0 +1,211 @@
+"""One supervised runtime process (gateway or model-server replica) and its health.
+
+A ``Child`` keeps what the supervisor knows about one process: its port (kept
+across restarts while free, so route tables stay short-lived), its state, why
+it is not ready, how often it crashed. Starting and health-checking are the
+only I/O here; decisions (when to restart) come from ``backoff``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from kubeinfer_runtime.contract import Role
+
+from kubeinfer_operator.local.backoff import BackoffPolicy, CrashRecord, on_crash, restart_due
+from kubeinfer_operator.local.process import (
+    free_port,
+    group_alive,
+    port_free,
+    signal_exit_name,
+    signal_group,
+    spawn,
+    tail,
+)
+from kubeinfer_operator.local.state import ProcessState, ProcState, process_start_time
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What to run: the role and its ``KUBEINFER_*`` settings (host and port excluded)."""
+
+    name: str
+    role: Role
+    env: dict[str, str]
+    log_path: Path
+    variant: str | None = None
+    replica: int | None = None
+    server_hash: str | None = None
+
+
+def runtime_argv(role: Role) -> list[str]:
+    return [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role", role.value]
+
+
+def not_ready_reason(response: httpx.Response) -> str:
+    """The runtime's own words for why it is not ready (SageMaker-style JSON error body)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        for key in ("Message", "message", "detail", "reason"):
+            if isinstance(body.get(key), str) and body[key]:
+                return str(body[key])
+    text = response.text.strip().replace("\n", " ")
+    return f"/ping answered {response.status_code}" + (f": {text[:200]}" if text else "")
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    state: ProcState = ProcState.STARTING
+    reason: str = ""
+    restarts: int = 0
+    last_exit: int | None = None
+    started_at: float = 0.0
+    crash: CrashRecord = field(default_factory=CrashRecord)
+    #: Part of the variant the route table serves (not a replica still being
+    #: rolled out, nor one being drained); routed once also ready.
+    active: bool = False
+    #: True while the route table lists this child (model servers only).
+    routed: bool = False
+    #: Kernel start time of the current pid, to recognise it later (pids are reused).
+    start_time: int | None = None
+    #: False once the supervisor decided to stop it: its exit is then no crash.
+    wanted: bool = True
+    ever_ready: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ProcState.READY and self.running
+
+    def start(self, *, port: int | None = None) -> None:
+        """Spawn the process, on ``port``, else its previous port while free, else a free one."""
+        if port:
+            self.port = port
+        elif not self.port or not port_free(self.port, HOST):
+            self.port = free_port(HOST)
+        env = {**os.environ, **self.spec.env, "KUBEINFER_HOST": HOST,
+               "KUBEINFER_PORT": str(self.port)}
+        self.proc = spawn(runtime_argv(self.spec.role), env=env, log_path=self.spec.log_path)
+        self.started_at = time.monotonic()
+        self.start_time = process_start_time(self.proc.pid)
+        self.state = ProcState.STARTING
+        self.reason = "process started"
+
+    def collect_exit(self, policy: BackoffPolicy, now: float) -> str | None:
+        """When the process exited on its own: schedule its restart, return the report."""
+        if self.proc is None or self.state is ProcState.BACKOFF or not self.wanted:
+            return None
+        code = self.proc.poll()
+        if code is None:
+            return None
+        self.last_exit = code
+        self.crash = on_crash(policy, self.crash, started_at=self.started_at, now=now)
+        self.state = ProcState.BACKOFF
+        self.routed = False
+        delay = (self.crash.restart_at or now) - now
+        self.reason = f"crashed ({signal_exit_name(code)}), restarting in {delay:.1f}s"
+        last = tail(self.spec.log_path, lines=8)
+        report = (f"Process {self.name} (pid {self.proc.pid}) exited with "
+                  f"{signal_exit_name(code)}; restart {self.restarts + 1} in {delay:.1f}s; "
+                  f"log {self.spec.log_path}")
+        return report + (f"; last lines:\n{last}" if last else "")
+
+    def restart_if_due(self, now: float) -> bool:
+        if self.state is not ProcState.BACKOFF or not self.wanted:
+            return False
+        if not restart_due(self.crash, now):
+            return False
+        self.restarts += 1
+        self.start()
+        return True
+
+    async def check(self, client: httpx.AsyncClient) -> None:
+        """Update readiness from ``GET /ping`` (both roles answer it)."""
+        if not self.wanted or self.state is ProcState.BACKOFF or not self.running:
+            return
+        try:
+            response = await client.get(self.url + "/ping", timeout=2.0)
+        except httpx.HTTPError as exc:
+            if self.ever_ready:
+                self.state = ProcState.NOT_READY
+                self.reason = f"/ping failed: {type(exc).__name__}"
+            else:
+                self.state = ProcState.STARTING
+                self.reason = "starting (port not answering yet)"
+            return
+        if response.status_code == 200:
+            self.state = ProcState.READY
+            self.reason = ""
+            self.ever_ready = True
+        else:
+            self.state = ProcState.NOT_READY
+            self.reason = not_ready_reason(response)
+
+    async def stop(self, *, timeout: float = 10.0) -> None:
+        """SIGTERM the process group (graceful: in-flight requests finish), then SIGKILL."""
+        self.wanted = False
+        self.active = False
+        self.routed = False
+        self.state = ProcState.STOPPING
+        proc = self.proc
+        if proc is None:
+            self.state = ProcState.STOPPED
+            return
+        if proc.poll() is None:
+            signal_group(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if proc.poll() is None:
+                signal_group(proc.pid, signal.SIGKILL)
+                while proc.poll() is None:
+                    await asyncio.sleep(0.02)
+        # Group members (extra uvicorn workers) may linger briefly after the leader.
+        deadline = time.monotonic() + 2.0
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if group_alive(proc.pid):
+            signal_group(proc.pid, signal.SIGKILL)
+        self.last_exit = proc.returncode
+        self.state = ProcState.STOPPED
+
+    def snapshot(self) -> ProcessState:
+        pid = self.pid if self.running else None
+        return ProcessState(
+            name=self.name, role=self.spec.role.value, variant=self.spec.variant,
+            replica=self.spec.replica, server_hash=self.spec.server_hash, pid=pid,
+            start_time=self.start_time if pid else None, port=self.port, url=self.url,
+            state=self.state, reason=self.reason, routed=self.routed, restarts=self.restarts,
+            last_exit=self.last_exit, log=str(self.spec.log_path),
+        )

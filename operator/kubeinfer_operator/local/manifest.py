@@ -1,0 +1,94 @@
+"""Read ``Endpoint`` documents from a YAML file, with errors that name the field.
+
+A file may hold several documents (``---``); each must be a kubeinfer.io
+Endpoint. All problems of all documents are reported at once, each line naming
+the document and the field path (``spec.variants[0].weight: ...``), so a user
+fixes the file in one go. Parsing is pure; only ``load_manifest_file`` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kubeinfer_operator.api.endpoint import API_VERSION, KIND, Endpoint, format_validation_error
+from kubeinfer_operator.errors import SpecError
+
+
+@dataclass(frozen=True)
+class LoadedEndpoint:
+    endpoint: Endpoint
+    #: The document as written (handed to the supervisor, which validates it again).
+    document: dict[str, Any]
+    #: Directory relative file:// model URIs resolve against.
+    base_dir: str
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+
+def _doc_label(source: str, index: int, doc: Any) -> str:
+    name = None
+    if isinstance(doc, dict) and isinstance(doc.get("metadata"), dict):
+        raw = doc["metadata"].get("name")
+        name = raw if isinstance(raw, str) else None
+    label = f"{source} document {index + 1}"
+    return f"{label} (Endpoint {name!r})" if name else label
+
+
+def parse_endpoint(doc: dict[str, Any]) -> Endpoint:
+    """Validate one document; raises pydantic's ValidationError."""
+    return Endpoint.model_validate(doc)
+
+
+def parse_manifests(text: str, *, source: str, base_dir: str) -> list[LoadedEndpoint]:
+    """Every Endpoint in ``text``; raises SpecError listing every problem found."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source} is not valid YAML: {exc}; fix the syntax") from exc
+    if not docs:
+        raise SpecError(f"{source} holds no document; add an Endpoint "
+                        f"(apiVersion: {API_VERSION}, kind: {KIND})")
+    problems: list[str] = []
+    loaded: list[LoadedEndpoint] = []
+    for index, doc in enumerate(docs):
+        label = _doc_label(source, index, doc)
+        if not isinstance(doc, dict):
+            problems.append(f"{label}: (root): expected a mapping (apiVersion, kind, metadata, "
+                            f"spec), got {type(doc).__name__}")
+            continue
+        kind = doc.get("kind")
+        if kind != KIND:
+            problems.append(f"{label}: kind: {kind!r} is not supported in local mode; "
+                            f"use kind: {KIND}")
+            continue
+        try:
+            endpoint = parse_endpoint(doc)
+        except ValidationError as exc:
+            for line in format_validation_error(exc).splitlines():
+                problems.append(f"{label}: {line}")
+            continue
+        loaded.append(LoadedEndpoint(endpoint, doc, base_dir))
+    seen: set[str] = set()
+    for item in loaded:
+        if item.name in seen:
+            problems.append(f"{source}: metadata.name: Endpoint {item.name!r} appears twice; "
+                            "give each Endpoint a unique name")
+        seen.add(item.name)
+    if problems:
+        raise SpecError("\n".join(problems))
+    return loaded
+
+
+def load_manifest_file(path: Path) -> list[LoadedEndpoint]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"Cannot read {path}: {exc.strerror or exc}; check the -f path") from exc
+    return parse_manifests(text, source=str(path), base_dir=str(path.resolve().parent))

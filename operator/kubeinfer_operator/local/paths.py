@@ -1,0 +1,90 @@
+"""Where local mode keeps an endpoint's state: ``$KUBEINFER_HOME/local/<endpoint>/``.
+
+One directory per endpoint so endpoints never share files: the supervisor's
+lock, its state.json, the desired spec handed over by ``kubeinfer up``, the
+gateway's route table and one log file per process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubeinfer_runtime.contract import ROUTE_TABLE_FILENAME
+
+HOME_ENV = "KUBEINFER_HOME"
+
+
+def kubeinfer_home() -> Path:
+    """``$KUBEINFER_HOME``, default ``~/.kubeinfer``."""
+    value = os.environ.get(HOME_ENV)
+    return Path(value).expanduser() if value else Path.home() / ".kubeinfer"
+
+
+def local_root(home: Path | None = None) -> Path:
+    return (home or kubeinfer_home()) / "local"
+
+
+@dataclass(frozen=True)
+class EndpointPaths:
+    """The files of one endpoint's state directory."""
+
+    root: Path
+
+    @classmethod
+    def for_endpoint(cls, name: str, home: Path | None = None) -> EndpointPaths:
+        return cls(local_root(home) / name)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def state(self) -> Path:
+        """Written by the supervisor: processes, ports, readiness (``kubeinfer status``)."""
+        return self.root / "state.json"
+
+    @property
+    def desired(self) -> Path:
+        """Written by ``kubeinfer up``: the spec the supervisor must run."""
+        return self.root / "desired.json"
+
+    @property
+    def routes(self) -> Path:
+        """The gateway's route table (contract.RouteTable), polled by the gateway."""
+        return self.root / ROUTE_TABLE_FILENAME
+
+    @property
+    def lock(self) -> Path:
+        """flock'ed by the live supervisor: a held lock means "running"."""
+        return self.root / "supervisor.lock"
+
+    @property
+    def events(self) -> Path:
+        """One JSON object per line: crashes, restarts, rollouts (followed by ``up``)."""
+        return self.root / "events.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def log_file(self, process_name: str) -> Path:
+        return self.logs / f"{process_name}.log"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.logs / "supervisor.log"
+
+
+def known_endpoints(home: Path | None = None) -> list[EndpointPaths]:
+    """Every endpoint directory that has a state or desired file, sorted by name."""
+    root = local_root(home)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in sorted(root.iterdir()):
+        paths = EndpointPaths(child)
+        if child.is_dir() and (paths.state.exists() or paths.desired.exists()):
+            found.append(paths)
+    return found

@@ -1,0 +1,489 @@
+"""The supervisor of one local endpoint: runs its plan as processes and keeps them up.
+
+One supervisor process per endpoint (``kubeinfer local supervise``, started by
+``kubeinfer up``). It holds the endpoint's lock for its whole life, then:
+
+* starts the gateway, and for each change of ``reconcile.local_diff`` starts,
+  rolls, scales or stops model servers — new servers always become ready before
+  the route table sends them traffic, and leave the table before they stop;
+* every tick, collects crashed children (restarted with exponential backoff,
+  reported in events.jsonl with their last log lines), health-checks every
+  child's ``/ping``, rewrites the route table when the set of ready model
+  servers changed, and rewrites state.json when anything changed;
+* on SIGHUP (or when it notices a newer desired.json) applies the new spec;
+* on SIGTERM / SIGINT stops every child (gateway first) and removes its state.
+
+It is single-threaded asyncio on purpose: children are forked from the main
+thread, which their parent-death signal is tied to (see ``process``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+from kubeinfer_runtime.contract import Role, RouteTable
+from pydantic import ValidationError
+
+from kubeinfer_operator.api.endpoint import format_validation_error
+from kubeinfer_operator.local.backoff import BackoffPolicy
+from kubeinfer_operator.local.children import Child, ChildSpec
+from kubeinfer_operator.local.manifest import parse_endpoint
+from kubeinfer_operator.local.paths import EndpointPaths
+from kubeinfer_operator.local.process import tail
+from kubeinfer_operator.local.state import (
+    ApplyResult,
+    DesiredSpec,
+    EndpointState,
+    ProcState,
+    VariantState,
+    append_event,
+    process_start_time,
+    read_desired,
+    write_state,
+)
+from kubeinfer_operator.local.view import summarize
+from kubeinfer_operator.reconcile.local_diff import Change, ChangeKind, diff_plans
+from kubeinfer_operator.render.plan import EndpointPlan, VariantPlan, plan_endpoint
+
+log = logging.getLogger("kubeinfer.local")
+
+#: Exit status of a supervisor that found another one running for the endpoint.
+EXIT_ALREADY_RUNNING = 3
+#: A rollout gives up early when a new server crashed this many times in a row.
+CRASH_LIMIT = 3
+#: What the model server's /ping says when loading failed for good (it never
+#: retries: a new model means a new process), as opposed to "still loading".
+LOAD_FAILED = "failed to load"
+
+
+class Supervisor:
+    def __init__(self, paths: EndpointPaths, *, policy: BackoffPolicy | None = None,
+                 tick_s: float = 0.2, route_reload_s: float = 0.2,
+                 health_interval_s: float = 0.5) -> None:
+        self.paths = paths
+        self.policy = policy or BackoffPolicy()
+        self.tick_s = tick_s
+        self.route_reload_s = route_reload_s
+        self.health_interval_s = health_interval_s
+        self.children: list[Child] = []
+        self.gateway: Child | None = None
+        #: Variants the route table serves, by name, and their order in the spec.
+        self.running: dict[str, VariantPlan] = {}
+        self.order: list[str] = []
+        self.namespace: str | None = None
+        self.generation = 0
+        self.observed = 0
+        self.last_apply: ApplyResult | None = None
+        self.applying = False
+        self.started = False
+        self.stopping = False
+        self._reload = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._routes_json: str | None = None
+        self._state_json: str | None = None
+        self._lock_fd: int | None = None
+        self._own_start_time = process_start_time(os.getpid())
+        #: True when the gateway's ``GET /routes`` shows the table last written.
+        self.gateway_synced = False
+        self._client: httpx.AsyncClient | None = None
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.paths.name
+
+    @property
+    def grace_s(self) -> float:
+        """Fallback wait for the gateway to re-read the route table (it polls every
+        ``route_reload_s``) when its ``/routes`` cannot be asked."""
+        return 2 * self.route_reload_s + 0.3
+
+    def event(self, message: str, *, level: str = "info", process: str | None = None) -> None:
+        getattr(log, "error" if level == "error" else "info")(message)
+        with contextlib.suppress(OSError):
+            append_event(self.paths, message, level=level, process=process)
+
+    def _variant_children(self, variant: str, *, active: bool | None = None) -> list[Child]:
+        return [c for c in self.children if c.spec.variant == variant and c.wanted
+                and (active is None or c.active is active)]
+
+    def _server_child(self, plan: VariantPlan, replica: int) -> Child:
+        name = f"{plan.name}-{replica}"
+        spec = ChildSpec(
+            name=name, role=Role.MODEL_SERVER,
+            env={**plan.server_env(self.name),
+                 "KUBEINFER_MODEL_CACHE_DIR": str(self.paths.root / "cache")},
+            log_path=self.paths.log_file(f"{name}-{plan.server_hash[:8]}"),
+            variant=plan.name, replica=replica, server_hash=plan.server_hash,
+        )
+        child = Child(spec)
+        child.start()
+        self.children.append(child)
+        log.info("started %s (pid %s) on port %s", name, child.pid, child.port)
+        return child
+
+    def _start_gateway(self, port: int | None) -> None:
+        spec = ChildSpec(
+            name="gateway", role=Role.GATEWAY,
+            env={"KUBEINFER_ROUTE_TABLE_PATH": str(self.paths.routes),
+                 "KUBEINFER_ROUTE_RELOAD_INTERVAL_S": str(self.route_reload_s),
+                 "KUBEINFER_HEALTH_INTERVAL_S": str(self.health_interval_s)},
+            log_path=self.paths.log_file("gateway"),
+        )
+        self.gateway = Child(spec)
+        self.gateway.start(port=port)
+        self.children.append(self.gateway)
+        log.info("started gateway (pid %s) on port %s", self.gateway.pid, self.gateway.port)
+
+    # -- route table and state -------------------------------------------------------------
+
+    def current_plan(self) -> EndpointPlan:
+        names = [n for n in self.order if n in self.running]
+        names += [n for n in self.running if n not in names]
+        return EndpointPlan(name=self.name, namespace=self.namespace,
+                            generation=self.generation,
+                            variants=tuple(self.running[n] for n in names))
+
+    def sync_routes(self) -> None:
+        """Route every ready, active server of a running variant; write the table if changed."""
+        upstreams: dict[str, list[str]] = {}
+        for child in self.children:
+            variant = child.spec.variant
+            routed = (child.spec.role is Role.MODEL_SERVER and child.active and child.ready
+                      and variant in self.running)
+            child.routed = routed
+            if routed and variant is not None:
+                upstreams.setdefault(variant, []).append(child.url)
+        table = self.current_plan().route_table(upstreams)
+        text = table.to_json()
+        if text != self._routes_json:
+            table.write_atomic(self.paths.routes)
+            self._routes_json = text
+
+    def snapshot(self) -> EndpointState:
+        procs = [c.snapshot() for c in self.children]
+        variants = []
+        for plan in self.current_plan().variants:
+            ready = sum(1 for c in self.children if c.spec.variant == plan.name and c.routed)
+            variants.append(VariantState(name=plan.name, weight=plan.weight,
+                                         replicas=plan.replicas, ready=ready,
+                                         model_uri=plan.model_uri,
+                                         server_hash=plan.server_hash))
+        gateway = self.gateway.snapshot() if self.gateway else None
+        summary = summarize(gateway=gateway, variants=variants, processes=procs,
+                            applying=self.applying, started=self.started,
+                            stopping=self.stopping, gateway_synced=self.gateway_synced)
+        return EndpointState(
+            endpoint=self.name, supervisor_pid=os.getpid(),
+            supervisor_start_time=self._own_start_time,
+            url=self.gateway.url if self.gateway else None, phase=summary.phase,
+            message=summary.message, generation=self.generation,
+            observed_generation=self.observed, last_apply=self.last_apply,
+            variants=variants, processes=procs,
+        )
+
+    def write_state(self) -> None:
+        state = self.snapshot()
+        text = state.model_dump_json()
+        if text != self._state_json:
+            state.updated_at = time.time()
+            write_state(self.paths, state)
+            self._state_json = text
+
+    # -- the gateway's view ----------------------------------------------------------------
+
+    async def check_gateway_synced(self, client: httpx.AsyncClient) -> bool:
+        """Whether the gateway routes with the table last written (its ``GET /routes``)."""
+        gateway = self.gateway
+        if gateway is None or not gateway.ready or self._routes_json is None:
+            self.gateway_synced = False
+            return False
+        try:
+            response = await client.get(gateway.url + "/routes", timeout=2.0)
+            served = response.json().get("table") if response.status_code == 200 else None
+            synced = served is not None and (
+                RouteTable.model_validate(served) == RouteTable.from_json(self._routes_json))
+        except (httpx.HTTPError, ValueError, AttributeError):
+            synced = False
+        self.gateway_synced = synced
+        return synced
+
+    async def wait_gateway_synced(self, timeout: float = 5.0) -> bool:
+        """Wait (bounded) until the gateway serves the table last written."""
+        client = self._client
+        if client is None:
+            await asyncio.sleep(self.grace_s)
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.check_gateway_synced(client):
+                return True
+            await asyncio.sleep(self.route_reload_s / 2)
+        log.warning("gateway did not load the new route table within %ss", timeout)
+        return False
+
+    # -- monitoring ------------------------------------------------------------------------
+
+    async def monitor_once(self, client: httpx.AsyncClient) -> None:
+        now = time.monotonic()
+        for child in list(self.children):
+            report = child.collect_exit(self.policy, now)
+            if report:
+                self.event(report, level="error", process=child.name)
+        for child in list(self.children):
+            if child.restart_if_due(now):
+                self.event(f"Restarted {child.name} (restart {child.restarts}) as pid "
+                           f"{child.pid} on port {child.port}", process=child.name)
+        before = {id(c): c.ready for c in self.children}
+        await asyncio.gather(*(c.check(client) for c in list(self.children)))
+        for child in self.children:
+            if child.ready and not before.get(id(child), False) and child.restarts:
+                self.event(f"Process {child.name} is ready again after {child.restarts} "
+                           "restart(s)", process=child.name)
+        self.sync_routes()
+        await self.check_gateway_synced(client)
+        self.write_state()
+
+    async def monitor(self, client: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                await self.monitor_once(client)
+            except Exception:  # one bad tick must not end supervision
+                log.exception("monitor tick failed")
+            await asyncio.sleep(self.tick_s)
+
+    # -- applying a spec -------------------------------------------------------------------
+
+    async def wait_ready(self, children: list[Child], deadline: float, timeout_s: float,
+                         label: str) -> str | None:
+        """None once every child is ready, else why not (timeout or crash loop)."""
+        while True:
+            if all(c.ready for c in children):
+                return None
+            for c in children:
+                if c.running and c.state is ProcState.NOT_READY and LOAD_FAILED in c.reason:
+                    # The model server gave up on its model for good; waiting is pointless.
+                    return f"{label}: model server {c.name} is not ready: {c.reason}"
+                if c.crash.streak >= CRASH_LIMIT:
+                    last = tail(c.spec.log_path, lines=6)
+                    return (f"{label}: model server {c.name} crashed {c.crash.streak} times in a "
+                            f"row (last: {c.reason}); see {c.spec.log_path}"
+                            + (f"; last lines:\n{last}" if last else ""))
+            if time.monotonic() >= deadline:
+                waiting = [c for c in children if not c.ready]
+                detail = "; ".join(f"{c.name}: {c.reason or c.state.value}" for c in waiting)
+                return f"{label}: not ready after {timeout_s:g}s ({detail})"
+            await asyncio.sleep(self.tick_s / 2)
+
+    async def drain(self, children: list[Child]) -> None:
+        for c in children:
+            c.active = False
+        self.sync_routes()
+        # Stop only once the gateway no longer sends them new requests; the
+        # graceful stop then lets in-flight ones finish.
+        await self.wait_gateway_synced()
+        await asyncio.gather(*(c.stop() for c in children))
+        self.children = [c for c in self.children if c not in children]
+
+    async def _start_and_wait(self, plan: VariantPlan, replicas: range, deadline: float,
+                              timeout_s: float, label: str) -> tuple[list[Child], str | None]:
+        fresh = [self._server_child(plan, i) for i in replicas]
+        error = await self.wait_ready(fresh, deadline, timeout_s, label)
+        if error:
+            await asyncio.gather(*(c.stop() for c in fresh))
+            self.children = [c for c in self.children if c not in fresh]
+        return fresh, error
+
+    async def apply_change(self, change: Change, deadline: float, timeout_s: float) -> str | None:
+        """Carry out one variant change; None on success, else why it was not done."""
+        name = change.variant
+        new = change.new
+        if change.kind is ChangeKind.REMOVE:
+            self.running.pop(name, None)
+            await self.drain(self._variant_children(name))
+            return None
+        assert new is not None
+        if change.kind is ChangeKind.REWEIGHT:
+            self.running[name] = new
+            self.sync_routes()
+            return None
+        if change.kind in (ChangeKind.ADD, ChangeKind.ROLL):
+            old = self._variant_children(name, active=True)
+            fresh, error = await self._start_and_wait(new, range(new.replicas), deadline,
+                                                      timeout_s, f"variant {name}")
+            if error:
+                return error
+            self.running[name] = new
+            for c in fresh:
+                c.active = True
+            self.sync_routes()
+            if old:
+                await self.drain(old)
+            return None
+        # SCALE: only the replicas above the smaller count start or stop.
+        current = self._variant_children(name, active=True)
+        if new.replicas > len(current):
+            fresh, error = await self._start_and_wait(
+                new, range(len(current), new.replicas), deadline, timeout_s, f"variant {name}")
+            if error:
+                return error
+            self.running[name] = new
+            for c in fresh:
+                c.active = True
+            self.sync_routes()
+            return None
+        self.running[name] = new
+        extra = [c for c in current if (c.spec.replica or 0) >= new.replicas]
+        await self.drain(extra)
+        return None
+
+    async def apply(self, desired: DesiredSpec) -> None:
+        self.generation = desired.generation
+        self.applying = True
+        changes: list[Change] = []
+        errors: list[str] = []
+        try:
+            try:
+                endpoint = parse_endpoint(desired.manifest)
+            except ValidationError as exc:
+                errors.append(f"Endpoint {self.name} is invalid: "
+                              + format_validation_error(exc).replace("\n", "; "))
+                return
+            if endpoint.name != self.name:
+                errors.append(f"metadata.name: {endpoint.name!r} was handed to the supervisor "
+                              f"of {self.name!r}; run kubeinfer up again")
+                return
+            new_plan = plan_endpoint(endpoint, base_dir=desired.base_dir,
+                                     generation=desired.generation)
+            old_plan = self.current_plan() if self.started else None
+            changes = diff_plans(old_plan, new_plan)
+            self.namespace = new_plan.namespace
+            self.order = [v.name for v in new_plan.variants]
+            deadline = time.monotonic() + desired.timeout_s
+            for change in changes:
+                self.event(f"Applying generation {desired.generation}: {change.describe()}")
+            # Capacity first (in parallel across variants), removals last.
+            first = [c for c in changes if c.kind is not ChangeKind.REMOVE]
+            last = [c for c in changes if c.kind is ChangeKind.REMOVE]
+            for batch in (first, last):
+                results = await asyncio.gather(
+                    *(self.apply_change(c, deadline, desired.timeout_s) for c in batch))
+                errors += [r for r in results if r]
+            self.sync_routes()
+            # `up` reports success only once the gateway routes with the new table.
+            await self.wait_gateway_synced(timeout=max(5.0, desired.timeout_s / 4))
+        finally:
+            self.applying = False
+            self.started = True
+            self.observed = desired.generation
+            message = "; ".join(errors)
+            self.last_apply = ApplyResult(generation=desired.generation, ok=not errors,
+                                          message=message,
+                                          changes=[c.describe() for c in changes])
+            if errors:
+                self.event(f"Generation {desired.generation} not fully applied: {message}",
+                           level="error")
+            else:
+                self.event(f"Generation {desired.generation} applied"
+                           + ("" if changes else " (no change)"))
+            self.write_state()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def acquire_lock(self) -> bool:
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    async def run(self) -> int:
+        if not self.acquire_lock():
+            log.error("Endpoint %s already has a running supervisor; use kubeinfer up to "
+                      "update it or kubeinfer down to stop it", self.name)
+            return EXIT_ALREADY_RUNNING
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        desired = read_desired(self.paths)
+        if desired is None:
+            log.error("No readable desired spec at %s; start endpoints with kubeinfer up",
+                      self.paths.desired)
+            return 2
+        self.paths.routes.unlink(missing_ok=True)
+        self._start_gateway(desired.gateway_port)
+        self.sync_routes()
+        self.write_state()
+        self.event(f"Supervisor started (pid {os.getpid()}); gateway on {self.gateway_url}")
+        async with httpx.AsyncClient(trust_env=False) as client:
+            self._client = client
+            monitor = asyncio.create_task(self.monitor(client))
+            try:
+                await self._serve()
+            finally:
+                monitor.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monitor
+                self._client = None
+                await self.shutdown()
+        return 0
+
+    @property
+    def gateway_url(self) -> str:
+        return self.gateway.url if self.gateway else "(none)"
+
+    async def _serve(self) -> None:
+        """Apply newer desired specs until asked to stop."""
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                desired = read_desired(self.paths)
+                if desired is not None and desired.generation > self.generation:
+                    apply = asyncio.create_task(self.apply(desired))
+                    await asyncio.wait({apply, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    if not apply.done():
+                        apply.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await apply
+                    continue
+                self._reload.clear()
+                # SIGHUP wakes us at once; the timeout catches a signal sent before
+                # the handler existed.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reload.wait(), timeout=1.0)
+        finally:
+            stop_wait.cancel()
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        self.event("Stopping: gateway first, then every model server")
+        with contextlib.suppress(OSError):
+            self.write_state()
+        if self.gateway is not None:
+            await self.gateway.stop()
+        await asyncio.gather(*(c.stop() for c in self.children if c is not self.gateway))
+        for path in (self.paths.state, self.paths.routes, self.paths.desired):
+            path.unlink(missing_ok=True)
+        self.event("Stopped")
+
+
+def run_supervisor(state_dir: Path) -> int:
+    """Entry point of ``kubeinfer local supervise``: logs go to stderr (the supervisor log)."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    paths = EndpointPaths(state_dir)
+    return asyncio.run(Supervisor(paths).run())

@@ -1,0 +1,45 @@
+"""Settings of the operator process (pydantic-settings, env prefix ``KUBEINFER_``).
+
+The Helm chart sets these as env vars on the operator Deployment; every field is
+documented in charts/kubeinfer/values.yaml too.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import field_validator
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KUBEINFER_", extra="ignore")
+
+    #: Namespaces to watch, comma-separated; empty means cluster-wide.
+    namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Image of the runtime (model server + gateway roles).
+    runtime_image: str = "ghcr.io/kubeinfer/runtime:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    #: Replicas of each Endpoint's gateway Deployment.
+    gateway_replicas: int = Field(default=1, ge=1)
+    #: Resources applied to model servers that set none.
+    default_cpu_request: str = "100m"
+    default_memory_request: str = "256Mi"
+    default_memory_limit: str = "1Gi"
+    #: kopf peering object name (two operator replicas never both act).
+    peering_name: str = "kubeinfer"
+    #: How often actual state (Deployment availability) is re-checked, seconds.
+    status_interval_s: float = Field(default=10.0, gt=0)
+    #: Port every runtime container listens on.
+    runtime_port: int = 8080
+    #: Secret holding s3 credentials (keys AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY),
+    #: mounted into model servers when set; with AWS_ENDPOINT_URL for non-AWS stores.
+    s3_secret_name: str | None = None
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [n.strip() for n in v.split(",") if n.strip()]
+        return v

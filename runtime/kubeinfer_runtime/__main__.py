@@ -1,0 +1,84 @@
+"""``python -m kubeinfer_runtime serve --role model-server|gateway``: the image's entry point.
+
+Settings come from ``KUBEINFER_*`` env vars (see ``contract``). They are
+validated here first so a misconfigured pod fails at once with a readable
+message, then uvicorn runs the role's app factory (an import string with
+``factory=True``, so ``workers > 1`` works: each worker calls the factory and
+reads the same env).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import uvicorn
+from pydantic import ValidationError as SettingsError
+
+from kubeinfer_runtime.contract import GatewaySettings, ModelServerSettings, Role
+
+#: Seconds uvicorn waits for in-flight requests after SIGTERM. Kubernetes sends
+#: SIGKILL after terminationGracePeriodSeconds (30 s by default): stay under it.
+GRACEFUL_SHUTDOWN_S = 25
+
+
+def model_server_app() -> Any:
+    """uvicorn factory of the model-server role."""
+    from kubeinfer_runtime.server.app import create_app
+
+    return create_app(ModelServerSettings())  # type: ignore[call-arg]  # from the environment
+
+
+def gateway_app() -> Any:
+    """uvicorn factory of the gateway role."""
+    from kubeinfer_runtime.gateway.app import create_app  # type: ignore[import-not-found,unused-ignore]
+
+    return create_app(GatewaySettings())
+
+
+_FACTORIES = {
+    Role.MODEL_SERVER: ("kubeinfer_runtime.__main__:model_server_app", ModelServerSettings),
+    Role.GATEWAY: ("kubeinfer_runtime.__main__:gateway_app", GatewaySettings),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubeinfer-runtime",
+                                description="kubeinfer data plane (settings from KUBEINFER_* env)")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve one runtime role over HTTP")
+    serve.add_argument("--role", required=True, choices=[r.value for r in Role])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    target, settings_cls = _FACTORIES[Role(args.role)]
+    try:
+        settings = settings_cls()  # type: ignore[call-arg]
+    except SettingsError as e:
+        problems = "; ".join(
+            f"KUBEINFER_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in e.errors()
+        )
+        print(f"Invalid {args.role} settings ({problems}): set the environment variables",
+              file=sys.stderr)
+        return 2
+    uvicorn.run(
+        target,
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The gateway's ASGI application: ``create_app`` is what uvicorn runs.
+
+``kubeinfer-runtime serve --role gateway`` runs
+``kubeinfer_runtime.gateway.app:create_app`` with uvicorn's ``factory=True``.
+The app is a small dispatcher: ``POST /endpoints/{name}/invocations`` goes
+straight to the raw ASGI handler (``proxy``), everything else (``/ping``,
+``/metrics``, ``/routes``, ``/docs``) to a FastAPI app, where convenience
+matters more than microseconds.
+
+The dispatcher owns the lifespan: the first route-table load happens before
+the server accepts connections, the reload and health loops run while it
+serves, and on shutdown (SIGTERM: uvicorn stops accepting and lets in-flight
+requests finish first) the loops stop and pooled connections are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import orjson
+from fastapi import FastAPI, Response
+
+from kubeinfer_runtime import __version__
+from kubeinfer_runtime.contract import GatewaySettings
+from kubeinfer_runtime.gateway.core import GatewayCore
+from kubeinfer_runtime.gateway.loops import health_loop, reload_routes, route_reload_loop
+from kubeinfer_runtime.gateway.proxy import InvocationHandler, Receive, Scope, Send
+from kubeinfer_runtime.metrics import render_latest
+
+log = logging.getLogger("kubeinfer.gateway")
+
+_PREFIX = "/endpoints/"
+_SUFFIX = "/invocations"
+
+
+def _api(core: GatewayCore) -> FastAPI:
+    api = FastAPI(title="kubeinfer gateway", version=__version__,
+                  description="SageMaker Runtime API front door. `POST /endpoints/{name}/"
+                              "invocations` is served outside this app (raw ASGI) and so "
+                              "is not listed here.")
+
+    @api.get("/ping", summary="Gateway liveness (200 while the process serves)")
+    async def ping() -> Response:
+        body = orjson.dumps({"status": "ok", "revision": core.routes.revision,
+                             "endpoints": len(core.routes.endpoints)})
+        return Response(body, media_type="application/json")
+
+    @api.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        body, content_type = render_latest()
+        return Response(body, media_type=content_type)
+
+    @api.get("/routes", summary="The route table in force and the upstreams out of rotation")
+    async def routes() -> Response:
+        table = core.table.model_dump(mode="json") if core.table else None
+        body = orjson.dumps({"table": table, "down": sorted(core.health.down)})
+        return Response(body, media_type="application/json")
+
+    return api
+
+
+class GatewayApp:
+    """ASGI entry point: hot path, FastAPI for the rest, lifespan."""
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+        self.invocations = InvocationHandler(core)
+        self.api = _api(core)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path.startswith(_PREFIX) and path.endswith(_SUFFIX):
+                name = path[len(_PREFIX):-len(_SUFFIX)]
+                if name and "/" not in name:
+                    await self.invocations(scope, receive, send, name)
+                    return
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self.api(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("Gateway failed to start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        core = self.core
+        # Load before accepting connections; the health loop's first round
+        # checks every upstream right away.
+        reload_routes(core)
+        wake = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(route_reload_loop(core, wake), name="route-reload"),
+            asyncio.create_task(health_loop(core, wake), name="health-check"),
+        ]
+        log.info("Gateway serving route table %s (revision %d), checking model servers "
+                 "every %gs", core.source.path, core.routes.revision,
+                 core.settings.health_interval_s)
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.core.client.close()
+
+
+def create_app(settings: GatewaySettings | None = None) -> GatewayApp:
+    """uvicorn factory: the gateway app, with settings from ``KUBEINFER_*`` env when None."""
+    return GatewayApp(GatewayCore(settings or GatewaySettings()))

@@ -1,0 +1,76 @@
+"""The gateway's shared state: route table in force, upstream health, connections.
+
+One ``GatewayCore`` per process. The hot path (``proxy``) reads ``routes`` and
+``health.down``; the background loops (``loops``) replace ``routes`` and update
+health. Replacing ``routes`` is a single attribute assignment: a request that
+already holds the old ``RouteState`` finishes with it, so a reload never drops
+or fails an in-flight request.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from kubeinfer_runtime.contract import GatewaySettings, RouteTable
+from kubeinfer_runtime.gateway import recorder
+from kubeinfer_runtime.gateway.health import HealthTable
+from kubeinfer_runtime.gateway.routefile import Outcome, PollResult, RouteTableFile
+from kubeinfer_runtime.gateway.routing import RouteState, compile_table
+from kubeinfer_runtime.gateway.upstream import UpstreamClient
+
+log = logging.getLogger("kubeinfer.gateway")
+
+
+class GatewayCore:
+    def __init__(self, settings: GatewaySettings, *, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.routes = RouteState()
+        self.table: RouteTable | None = None
+        self.health = HealthTable()
+        self.client = UpstreamClient(max_idle=settings.upstream_pool_size)
+        self.rng = rng or random.Random()
+        self.source = RouteTableFile(Path(settings.route_table_path))
+        self._announced_missing = False
+
+    def apply(self, table: RouteTable) -> list[str]:
+        """Put ``table`` in force; returns upstreams not tracked before (to check now)."""
+        routes = compile_table(table)
+        upstreams = routes.upstreams()
+        added = self.health.track(upstreams)
+        self.routes = routes
+        self.table = table
+        self.client.forget(upstreams)
+        recorder.route_table_loaded(table.revision)
+        return added
+
+    def reload(self) -> list[str]:
+        """Poll the route-table file once; apply and log what changed."""
+        result = self.source.poll()
+        return self._handle(result)
+
+    def _handle(self, result: PollResult) -> list[str]:
+        path = self.source.path
+        if result.outcome is Outcome.LOADED:
+            assert result.table is not None
+            added = self.apply(result.table)
+            self._announced_missing = False
+            log.info("Loaded route table %s revision %d: %d endpoint(s)", path,
+                     result.table.revision, len(result.table.endpoints))
+            return added
+        if result.outcome is Outcome.INVALID:
+            recorder.route_table_rejected()
+            kept = (f"keeping revision {self.table.revision}" if self.table
+                    else "no endpoint is served until it is fixed")
+            log.error("Route table %s is invalid, %s: %s: fix the file (the operator renders "
+                      "it from the Endpoint spec)", path, kept, result.error)
+        elif result.outcome is Outcome.MISSING and not self._announced_missing:
+            self._announced_missing = True
+            if self.table is None:
+                log.warning("Route table %s does not exist yet: every endpoint answers 404 "
+                            "until it appears", path)
+            else:
+                log.warning("Route table %s disappeared: keeping revision %d", path,
+                            self.table.revision)
+        return []

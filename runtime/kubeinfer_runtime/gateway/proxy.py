@@ -1,0 +1,208 @@
+"""The hot path: ``POST /endpoints/{name}/invocations`` as a raw ASGI handler.
+
+No FastAPI, no pydantic, no per-request objects beyond what the hop needs:
+the gateway's budget is 0.3 ms at p50. Steps, each delegated to pure code:
+
+1. look the endpoint up in the compiled route table (404 if unknown);
+2. split the headers (``headers``), refuse bodies over the endpoint's limit
+   (413) before forwarding anything;
+3. choose a variant and upstream (``routing.choose``, health-aware);
+4. forward over a pooled keep-alive connection (``upstream``) and answer with
+   the model server's status, body and headers, plus
+   ``x-Amzn-Invoked-Production-Variant``.
+
+Upstream failures: a refused connection marks the upstream down and, since the
+request certainly never left, it is sent once more to another healthy upstream
+of the same variant; a dropped connection also marks it down but is answered
+503 (the model may have run); no answer in time is a 424 ModelError, as
+SageMaker answers for a container that does not respond.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from kubeinfer_runtime.errors import (
+    ModelError,
+    NotReady,
+    PayloadTooLarge,
+    RuntimeServiceError,
+    render_error,
+)
+from kubeinfer_runtime.gateway import recorder
+from kubeinfer_runtime.gateway.core import GatewayCore
+from kubeinfer_runtime.gateway.headers import response_headers, split_request_headers
+from kubeinfer_runtime.gateway.routing import (
+    EndpointState,
+    Pick,
+    VariantState,
+    choose,
+    unknown_endpoint,
+)
+from kubeinfer_runtime.gateway.upstream import (
+    ConnectFailed,
+    ConnectionLost,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("kubeinfer.gateway")
+
+_ERROR_TYPE = b"x-amzn-errortype"
+_INVOCATIONS_PATH = b"/invocations"
+
+
+class _ClientGone(Exception):
+    """The client disconnected before sending its whole body."""
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it exceeds ``limit`` bytes."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise _ClientGone
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body if len(body) <= limit else None
+    chunks = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send_error(send: Send, err: RuntimeServiceError, endpoint: str, variant: str,
+                      variant_header: bytes | None = None) -> None:
+    status, headers, body = render_error(err)
+    if variant_header is not None:
+        headers.append((b"x-amzn-invoked-production-variant", variant_header))
+    recorder.error(endpoint, variant, err.code)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class InvocationHandler:
+    """Answers ``POST /endpoints/{name}/invocations``."""
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
+        started = time.perf_counter()
+        core = self.core
+        endpoint = core.routes.endpoints.get(name)
+        if endpoint is None:
+            await _send_error(send, unknown_endpoint(name), recorder.UNKNOWN, "")
+            return
+        inbound = split_request_headers(scope["headers"])
+        limit = endpoint.max_payload_bytes
+        if inbound.content_length is not None and inbound.content_length > limit:
+            await _send_error(send, _too_large(endpoint, inbound.content_length), endpoint.name, "")
+            return
+        try:
+            body = await _read_body(receive, limit)
+        except _ClientGone:
+            return
+        if body is None:
+            await _send_error(send, _too_large(endpoint, None), endpoint.name, "")
+            return
+
+        pick = choose(endpoint, inbound.target_variant, core.health.down, core.rng)
+        if not isinstance(pick, Pick):
+            await _send_error(send, pick, endpoint.name, "")
+            return
+        variant = pick.variant
+        upstream_started = time.perf_counter()
+        try:
+            response = await self._forward(endpoint, variant, pick.upstream,
+                                           inbound.forwarded, body)
+        except RuntimeServiceError as err:
+            await _send_error(send, err, endpoint.name, variant.name, variant.header_value)
+            return
+        upstream_s = time.perf_counter() - upstream_started
+
+        headers = response_headers(response.headers, variant.header_value, len(response.body))
+        await send({"type": "http.response.start", "status": response.status,
+                    "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+        recorder.invocation(endpoint.name, variant.name,
+                            time.perf_counter() - started - upstream_s, upstream_s)
+        if response.status >= 400:
+            recorder.error(endpoint.name, variant.name, _error_code(response))
+
+    async def _forward(self, endpoint: EndpointState, variant: VariantState, url: str,
+                       headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
+        """Send to ``url``; on a refused connection, once more to another upstream."""
+        core = self.core
+        timeout = core.settings.upstream_timeout_s
+        try:
+            return await core.client.request(url, b"POST", _INVOCATIONS_PATH, headers, body,
+                                             timeout)
+        except ConnectFailed as exc:
+            self._mark_down(url, exc.detail)
+            retry_url = variant.next_upstream(core.health.down, exclude=url)
+            if retry_url is None:
+                raise self._unavailable(endpoint, variant, url, exc.detail) from None
+        except ConnectionLost as exc:
+            self._mark_down(url, exc.detail)
+            raise self._unavailable(endpoint, variant, url, exc.detail) from None
+        except UpstreamTimeout:
+            raise _timed_out(endpoint, variant, url, timeout) from None
+        try:
+            return await core.client.request(retry_url, b"POST", _INVOCATIONS_PATH, headers,
+                                             body, timeout)
+        except (ConnectFailed, ConnectionLost) as exc:
+            self._mark_down(retry_url, exc.detail)
+            raise self._unavailable(endpoint, variant, retry_url, exc.detail) from None
+        except UpstreamTimeout:
+            raise _timed_out(endpoint, variant, retry_url, timeout) from None
+
+    def _mark_down(self, url: str, detail: str) -> None:
+        if self.core.health.mark_unreachable(url) is not None:
+            recorder.upstream_health(url, False)
+            log.warning("Model server %s is out of rotation: %s", url, detail)
+
+    @staticmethod
+    def _unavailable(endpoint: EndpointState, variant: VariantState, url: str,
+                     detail: str) -> NotReady:
+        return NotReady(f'Variant "{variant.name}" of endpoint "{endpoint.name}": model server '
+                        f"{url} {detail}: retry the request")
+
+
+def _too_large(endpoint: EndpointState, size: int | None) -> PayloadTooLarge:
+    got = f"{size} bytes" if size is not None else "more than that"
+    return PayloadTooLarge(
+        f'Request body for endpoint "{endpoint.name}" is too large ({got}; the limit is '
+        f"{endpoint.max_payload_bytes} bytes): send a smaller payload, or use asynchronous "
+        "inference for large ones")
+
+
+def _timed_out(endpoint: EndpointState, variant: VariantState, url: str,
+               timeout: float) -> ModelError:
+    return ModelError(f'Variant "{variant.name}" of endpoint "{endpoint.name}": model server '
+                      f"{url} did not answer within {timeout:g}s: make the model faster, or "
+                      "raise the gateway's upstream timeout (KUBEINFER_UPSTREAM_TIMEOUT_S)")
+
+
+def _error_code(response: UpstreamResponse) -> str:
+    """The SageMaker error code of an upstream error response, for metrics."""
+    value = response.header(_ERROR_TYPE)
+    if value:
+        return value.decode("latin-1").split(":", 1)[0] or f"HTTP{response.status}"
+    return f"HTTP{response.status}"

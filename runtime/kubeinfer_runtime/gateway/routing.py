@@ -1,0 +1,194 @@
+"""Which variant and which model server answer a request: PURE, no I/O.
+
+The gateway compiles each ``contract.RouteTable`` into ``RouteState`` once per
+reload, so the hot path does dictionary lookups and one random draw, never
+pydantic work. Choosing follows SageMaker:
+
+* ``X-Amzn-SageMaker-Target-Variant`` pins a variant, even one whose weight is
+  0 (that is how a zero-weight variant is tested in production);
+* otherwise variants are drawn by weight, among those with a weight above 0.
+  A drawn variant with no healthy model server is skipped by drawing again
+  among the variants that have one, so a dead canary does not fail its share
+  of the traffic while the primary is fine.
+
+Inside a variant, requests go round-robin over its healthy upstreams. Health
+comes in as the set of upstream URLs that are down (``HealthTable.down``), so
+this module stays testable with plain sets and a seeded ``random.Random``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Container, Sequence
+from dataclasses import dataclass, field
+
+from kubeinfer_runtime.contract import EndpointRoute, RouteTable
+from kubeinfer_runtime.errors import NotFound, NotReady, RuntimeServiceError
+
+
+@dataclass(slots=True, eq=False)
+class VariantState:
+    """One variant of one endpoint, plus its round-robin cursor."""
+
+    name: str
+    weight: float
+    upstreams: tuple[str, ...]
+    #: The variant name as a header value, encoded once per reload.
+    header_value: bytes = b""
+    _cursor: int = 0
+
+    def __post_init__(self) -> None:
+        self.header_value = self.name.encode("latin-1", "replace")
+
+    def has_healthy(self, down: Container[str]) -> bool:
+        return any(u not in down for u in self.upstreams)
+
+    def next_upstream(self, down: Container[str], exclude: str | None = None) -> str | None:
+        """The next healthy upstream in round-robin order (None when none is)."""
+        n = len(self.upstreams)
+        start = self._cursor
+        for i in range(n):
+            url = self.upstreams[(start + i) % n]
+            if url not in down and url != exclude:
+                self._cursor = (start + i + 1) % n
+                return url
+        return None
+
+
+@dataclass(slots=True, eq=False)
+class EndpointState:
+    name: str
+    variants: tuple[VariantState, ...]
+    max_payload_bytes: int
+    by_name: dict[str, VariantState] = field(default_factory=dict)
+    #: Variants that take unpinned traffic (weight above 0), in table order.
+    weighted: tuple[VariantState, ...] = ()
+    weights: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.by_name = {v.name: v for v in self.variants}
+        self.weighted = tuple(v for v in self.variants if v.weight > 0)
+        self.weights = tuple(v.weight for v in self.weighted)
+
+    def variant_names(self) -> str:
+        return ", ".join(v.name for v in self.variants) or "(none)"
+
+
+@dataclass(slots=True, eq=False)
+class RouteState:
+    """A compiled route table: what the hot path reads."""
+
+    revision: int = 0
+    endpoints: dict[str, EndpointState] = field(default_factory=dict)
+
+    def upstreams(self) -> set[str]:
+        return {u for ep in self.endpoints.values() for v in ep.variants for u in v.upstreams}
+
+
+def compile_endpoint(route: EndpointRoute) -> EndpointState:
+    return EndpointState(
+        name=route.name,
+        variants=tuple(
+            VariantState(name=v.name, weight=v.weight, upstreams=tuple(dict.fromkeys(v.upstreams)))
+            for v in route.variants
+        ),
+        max_payload_bytes=route.max_payload_bytes,
+    )
+
+
+def compile_table(table: RouteTable) -> RouteState:
+    """Turn a validated route table into the state the hot path reads.
+
+    Endpoints are keyed by their ``name`` field (what clients put in the URL),
+    not by the dictionary key, so a table whose key and name differ still
+    routes by the name users know.
+    """
+    endpoints = {route.name: compile_endpoint(route) for route in table.endpoints.values()}
+    return RouteState(revision=table.revision, endpoints=endpoints)
+
+
+def pick_weighted(weights: Sequence[float], r: float) -> int | None:
+    """Index drawn with probability proportional to its weight.
+
+    ``r`` is a uniform draw in [0, 1). Weights of 0 (or below) are never
+    drawn; None when no weight is above 0.
+    """
+    total = 0.0
+    for w in weights:
+        if w > 0:
+            total += w
+    if total <= 0:
+        return None
+    x = r * total
+    acc = 0.0
+    last = None
+    for i, w in enumerate(weights):
+        if w <= 0:
+            continue
+        acc += w
+        last = i
+        if x < acc:
+            return i
+    # Only float rounding lands here (r * total == total): the last positive one.
+    return last
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    variant: VariantState
+    upstream: str
+
+
+#: Why a request cannot be routed. Returned, not raised: refusing is a normal
+#: outcome of choosing, and the hot path renders it with ``errors.render_error``.
+Refusal = RuntimeServiceError
+
+
+def unknown_endpoint(name: str) -> Refusal:
+    return NotFound(f'Endpoint "{name}" not found: check EndpointName, or wait until the '
+                    "endpoint is Ready")
+
+
+def _no_healthy(endpoint: EndpointState, variant: VariantState) -> Refusal:
+    return NotReady(f'Variant "{variant.name}" of endpoint "{endpoint.name}" has no healthy '
+                    "model server: retry later, or set TargetVariant to another variant")
+
+
+def choose(endpoint: EndpointState, target: str | None, down: Container[str],
+           rng: random.Random) -> Pick | Refusal:
+    """Choose the variant and upstream for one request."""
+    if target is not None:
+        variant = endpoint.by_name.get(target)
+        if variant is None:
+            return NotFound(f'Variant "{target}" not found on endpoint "{endpoint.name}": set '
+                            f"TargetVariant to one of {endpoint.variant_names()}")
+        url = variant.next_upstream(down)
+        if url is None:
+            return _no_healthy(endpoint, variant)
+        return Pick(variant, url)
+
+    weighted = endpoint.weighted
+    if not weighted:
+        return NotReady(f'Endpoint "{endpoint.name}" has no variant with a weight above 0: set '
+                        f"TargetVariant to one of {endpoint.variant_names()}, or give a variant "
+                        "a weight")
+    if len(weighted) == 1:
+        first = weighted[0]
+    else:
+        i = pick_weighted(endpoint.weights, rng.random())
+        assert i is not None  # every weighted variant has a weight above 0
+        first = weighted[i]
+    url = first.next_upstream(down)
+    if url is not None:
+        return Pick(first, url)
+
+    # The drawn variant has nothing healthy: draw again among those that do.
+    healthy = [v for v in weighted if v is not first and v.has_healthy(down)]
+    if not healthy:
+        return _no_healthy(endpoint, first)
+    j = pick_weighted([v.weight for v in healthy], rng.random())
+    assert j is not None
+    second = healthy[j]
+    url = second.next_upstream(down)
+    assert url is not None  # has_healthy() said so, and nothing ran in between
+    return Pick(second, url)

@@ -1,0 +1,294 @@
+"""A small HTTP/1.1 keep-alive client for the gateway -> model server hop.
+
+Why not httpx or aiohttp: the hop has a budget of 0.3 ms at p50, and a shared
+``httpx.AsyncClient`` collapsed at 64 concurrent requests (FACTS.md). aiohttp
+holds up, but spends most of the budget in its request/response machinery (see
+the numbers in the gateway's report and ``bench/``). The gateway only ever sends
+one kind of request (a POST or a GET with a known body to a model server it
+trusts), so a plain ``asyncio.Protocol`` with httptools' response parser
+(already a uvicorn dependency) does the job in a fraction of the time.
+
+What it handles, and why:
+
+* a pool of idle keep-alive connections per upstream URL, capped at
+  ``max_idle`` (more concurrent requests open more connections, which are
+  closed on release rather than queued: queueing belongs to the model server);
+* idle connections older than ``idle_ttl_s`` are not reused, so a request never
+  races the server closing an idle connection (uvicorn closes after 5 s);
+  should it still happen, a request on a reused connection that got no byte
+  back is retried once on a fresh connection, like browsers and urllib3 do;
+* three failure kinds the gateway answers differently: ``ConnectFailed`` (the
+  request was certainly not delivered: safe to send elsewhere),
+  ``ConnectionLost`` (it may have been delivered) and ``UpstreamTimeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import httptools
+
+Headers = list[tuple[bytes, bytes]]
+
+#: Bodies above this size are written without concatenating them to the head.
+_CONCAT_LIMIT = 64 * 1024
+
+
+class UpstreamError(Exception):
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(f"{url}: {detail}")
+        self.url = url
+        self.detail = detail
+
+
+class ConnectFailed(UpstreamError):
+    """No connection could be made: the request was certainly not delivered."""
+
+
+class ConnectionLost(UpstreamError):
+    """The connection broke, or the answer was not HTTP, before a full response."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No full response within the timeout."""
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    #: Lower-case header names, as received.
+    headers: Headers
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one request in flight on it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[UpstreamResponse] | None = None
+        self.closed = False
+        #: Whether any byte of the current response arrived (decides retries).
+        self.got_bytes = False
+        self.idle_since = 0.0
+        self._status = 0
+        self._headers: Headers = []
+        self._body: list[bytes] = []
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(f"sent an invalid HTTP response ({exc})")
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail("closed the connection before a full response"
+                   + (f" ({exc})" if exc else ""))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if not self.parser.should_keep_alive():
+            self.close()
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            waiter.set_result(UpstreamResponse(self._status, self._headers, body))
+
+    # used by the client
+    def send(self, data: bytes | list[bytes]) -> asyncio.Future[UpstreamResponse]:
+        assert self.transport is not None
+        self.got_bytes = False
+        self._status = 0
+        self._headers = []
+        self._body = []
+        self.waiter = self.loop.create_future()
+        if isinstance(data, bytes):
+            self.transport.write(data)
+        else:
+            self.transport.writelines(data)
+        return self.waiter
+
+    def _fail(self, detail: str) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionLost("", detail))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass(slots=True, eq=False)
+class _Origin:
+    """One upstream base URL, parsed once."""
+
+    url: str
+    host: str
+    port: int
+    host_header: bytes
+    path_prefix: bytes
+    idle: deque[_Connection] = field(default_factory=deque)
+
+
+def _parse_origin(url: str) -> _Origin:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"upstream URL {url!r} must look like http://host:port")
+    port = parts.port or 80
+    host_header = parts.netloc.rsplit("@", 1)[-1].encode("idna")
+    return _Origin(url=url, host=parts.hostname, port=port, host_header=host_header,
+                   path_prefix=parts.path.rstrip("/").encode())
+
+
+def _expire(waiter: asyncio.Future[UpstreamResponse], url: str, timeout_s: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout(url, f"did not answer within {timeout_s:g}s"))
+
+
+class UpstreamClient:
+    """Pooled HTTP/1.1 requests to upstream base URLs (``http://host:port``)."""
+
+    def __init__(self, *, max_idle: int = 100, idle_ttl_s: float = 4.0,
+                 connect_timeout_s: float = 5.0) -> None:
+        self.max_idle = max_idle
+        self.idle_ttl_s = idle_ttl_s
+        self.connect_timeout_s = connect_timeout_s
+        self._origins: dict[str, _Origin] = {}
+        self._closed = False
+
+    def _origin(self, url: str) -> _Origin:
+        origin = self._origins.get(url)
+        if origin is None:
+            origin = self._origins[url] = _parse_origin(url)
+        return origin
+
+    async def request(self, url: str, method: bytes, path: bytes, headers: Headers,
+                      body: bytes, timeout_s: float) -> UpstreamResponse:
+        """Send one request and read the whole response.
+
+        Raises ``ConnectFailed``, ``ConnectionLost`` or ``UpstreamTimeout``.
+        """
+        origin = self._origin(url)
+        head = _request_head(origin, method, path, headers, len(body))
+        data: bytes | list[bytes] = head + body if len(body) <= _CONCAT_LIMIT else [head, body]
+        conn = self._take_idle(origin)
+        if conn is not None:
+            try:
+                return await self._exchange(origin, conn, data, timeout_s)
+            except ConnectionLost:
+                if conn.got_bytes:
+                    raise
+                # The server closed this idle connection as we reused it: the
+                # request never reached the application. Once more, fresh.
+        conn = await self._connect(origin)
+        return await self._exchange(origin, conn, data, timeout_s)
+
+    async def _exchange(self, origin: _Origin, conn: _Connection, data: bytes | list[bytes],
+                        timeout_s: float) -> UpstreamResponse:
+        # A timer on the future, not asyncio.timeout()/wait_for(): no extra task
+        # or context manager per request on the hot path.
+        waiter = conn.send(data)
+        timer = conn.loop.call_later(timeout_s, _expire, waiter, origin.url, timeout_s)
+        try:
+            response = await waiter
+        except ConnectionLost as exc:
+            conn.close()
+            raise ConnectionLost(origin.url, exc.detail) from None
+        except BaseException:
+            # Timeout or cancellation: the response may still come; never reuse.
+            conn.close()
+            raise
+        finally:
+            timer.cancel()
+        self._release(origin, conn)
+        return response
+
+    def _take_idle(self, origin: _Origin) -> _Connection | None:
+        idle = origin.idle
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()  # most recently used first: warmest, least likely closed
+            if not conn.closed and now - conn.idle_since < self.idle_ttl_s:
+                return conn
+            conn.close()
+        return None
+
+    def _release(self, origin: _Origin, conn: _Connection) -> None:
+        if conn.closed or self._closed or len(origin.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        origin.idle.append(conn)
+
+    async def _connect(self, origin: _Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop), origin.host, origin.port)
+        except TimeoutError:
+            raise ConnectFailed(origin.url, "could not be reached within "
+                                f"{self.connect_timeout_s:g}s") from None
+        except OSError as exc:
+            raise ConnectFailed(origin.url,
+                                f"could not be reached ({exc.strerror or exc})") from None
+        return conn
+
+    def forget(self, keep: set[str]) -> None:
+        """Close idle connections to upstreams no longer routed to."""
+        for url in [u for u in self._origins if u not in keep]:
+            origin = self._origins.pop(url)
+            while origin.idle:
+                origin.idle.pop().close()
+
+    def idle_count(self, url: str) -> int:
+        origin = self._origins.get(url)
+        return len(origin.idle) if origin else 0
+
+    async def close(self) -> None:
+        """Close idle connections; in-flight ones are closed when they finish."""
+        self._closed = True
+        self.forget(set())
+
+
+def _request_head(origin: _Origin, method: bytes, path: bytes, headers: Headers,
+                  length: int) -> bytes:
+    parts = [method, b" ", origin.path_prefix, path, b" HTTP/1.1\r\nhost: ", origin.host_header,
+             b"\r\ncontent-length: ", b"%d" % length, b"\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)

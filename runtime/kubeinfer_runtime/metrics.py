@@ -1,0 +1,144 @@
+"""Every Prometheus metric of the runtime, in one place.
+
+One module so names, labels and buckets stay consistent across roles and so a
+dashboard author finds them all here. Each role has its own section; every
+metric says which SageMaker CloudWatch metric it stands in for.
+
+Hot paths must not call ``.labels(...)`` per request (it hashes the label
+values and takes a lock): bind the children once at startup, e.g. with
+:class:`ModelServerMetrics`, and only ``inc``/``observe`` per request.
+
+With several uvicorn workers each worker has its own registry and a scrape sees
+one worker; run one worker per pod and scale with replicas (the default).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import generate_latest as _generate_latest
+
+#: Latency buckets from 50 µs (a small model in-process) to 60 s (SageMaker's
+#: real-time timeout).
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+#: Model download/load time: from a small local file to a multi-GB download.
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+_MODEL_LABELS = ("endpoint", "variant", "model")
+
+# ============================================================ model server role
+
+#: CloudWatch ``Invocations``: requests that reached the model server
+#: (``/invocations`` and V2 ``infer``), successful or not.
+INVOCATIONS = Counter(
+    "kubeinfer_invocations", "Inference requests received by the model server",
+    _MODEL_LABELS,
+)
+#: CloudWatch ``Invocation4XXErrors`` / ``Invocation5XXErrors`` (and
+#: ``ModelError`` counts for 424), split by HTTP status code.
+INVOCATION_ERRORS = Counter(
+    "kubeinfer_invocation_errors", "Inference requests answered with an error, by status code",
+    (*_MODEL_LABELS, "code"),
+)
+#: CloudWatch ``ModelLatency``: time spent inside the model (backend predict).
+MODEL_LATENCY = Histogram(
+    "kubeinfer_model_latency_seconds", "Time the model took to predict",
+    _MODEL_LABELS, buckets=LATENCY_BUCKETS,
+)
+#: CloudWatch ``OverheadLatency``: request time minus model time (reading,
+#: decoding, encoding, queueing for an inference thread).
+OVERHEAD_LATENCY = Histogram(
+    "kubeinfer_overhead_latency_seconds", "Request time spent outside the model",
+    _MODEL_LABELS, buckets=LATENCY_BUCKETS,
+)
+#: No direct CloudWatch metric (the closest is the endpoint's InService status
+#: and, for multi-model endpoints, ``LoadedModelCount``): 1 when ready.
+MODEL_LOADED = Gauge(
+    "kubeinfer_model_loaded", "1 when the model is loaded and serving, else 0",
+    _MODEL_LABELS,
+)
+#: CloudWatch ``ModelDownloadingTime`` (phase="download") and
+#: ``ModelLoadingTime`` (phase="load", including warm-up).
+MODEL_LOAD_SECONDS = Histogram(
+    "kubeinfer_model_load_seconds", "Time to download and to load a model",
+    (*_MODEL_LABELS, "phase"), buckets=LOAD_BUCKETS,
+)
+
+
+class ModelServerMetrics:
+    """The model server's metric children, bound once to its endpoint/variant/model."""
+
+    def __init__(self, endpoint: str, variant: str, model: str) -> None:
+        self._labels = (endpoint, variant, model)
+        self.invocations = INVOCATIONS.labels(*self._labels)
+        self.model_latency = MODEL_LATENCY.labels(*self._labels)
+        self.overhead_latency = OVERHEAD_LATENCY.labels(*self._labels)
+        self.loaded = MODEL_LOADED.labels(*self._labels)
+        self.download_seconds = MODEL_LOAD_SECONDS.labels(*self._labels, "download")
+        self.load_seconds = MODEL_LOAD_SECONDS.labels(*self._labels, "load")
+        self._errors: dict[int, Counter] = {}
+
+    def error(self, status: int) -> None:
+        """Count one error response; children are bound on the first error per code."""
+        child = self._errors.get(status)
+        if child is None:
+            child = self._errors[status] = INVOCATION_ERRORS.labels(*self._labels, str(status))
+        child.inc()
+
+
+# ============================================================ gateway role
+# Bound to label children by ``kubeinfer_runtime.gateway.recorder`` (cached per
+# endpoint/variant). An unknown endpoint is labelled "(unknown)", never with the
+# name the client sent, so clients cannot create series.
+
+_GATEWAY_LABELS = ("endpoint", "variant")
+
+#: CloudWatch ``Invocations`` (endpoint and variant dimensions): requests the
+#: gateway forwarded and a model server answered, whatever the status.
+GATEWAY_INVOCATIONS = Counter(
+    "kubeinfer_gateway_invocations", "Requests forwarded to a variant and answered by it",
+    _GATEWAY_LABELS,
+)
+#: CloudWatch ``Invocation4XXErrors`` / ``Invocation5XXErrors`` / ``ModelError``
+#: counts, by SageMaker error code (``ValidationError``, ``ModelError``,
+#: ``ServiceUnavailable``, ...; ``HTTP<status>`` when the model server sent
+#: none). ``variant`` is empty when the error came before a variant was chosen.
+GATEWAY_ERRORS = Counter(
+    "kubeinfer_gateway_errors", "Error answers, from the gateway or passed through, by code",
+    (*_GATEWAY_LABELS, "code"),
+)
+#: CloudWatch ``OverheadLatency``: time in the gateway minus the upstream call.
+GATEWAY_OVERHEAD_SECONDS = Histogram(
+    "kubeinfer_gateway_overhead_seconds", "Time a request spent in the gateway itself",
+    _GATEWAY_LABELS, buckets=LATENCY_BUCKETS,
+)
+#: CloudWatch ``ModelLatency`` as the gateway sees it: the upstream round trip
+#: (model server time plus the network hop).
+GATEWAY_MODEL_LATENCY_SECONDS = Histogram(
+    "kubeinfer_gateway_upstream_latency_seconds", "Round trip to the variant's model server",
+    _GATEWAY_LABELS, buckets=LATENCY_BUCKETS,
+)
+#: No CloudWatch counterpart (SageMaker hides instance health): 1 while an
+#: upstream model server URL is in rotation, 0 while out.
+GATEWAY_UPSTREAM_UP = Gauge(
+    "kubeinfer_gateway_upstream_up", "1 while the upstream is in rotation, 0 while out",
+    ("upstream",),
+)
+#: Revision (Endpoint generation) of the route table in force.
+GATEWAY_ROUTE_TABLE_REVISION = Gauge(
+    "kubeinfer_gateway_route_table_revision", "Revision of the route table in force",
+)
+#: Route-table files rejected as invalid (the last good table stays in force).
+GATEWAY_ROUTE_TABLE_REJECTED = Counter(
+    "kubeinfer_gateway_route_table_rejected", "Route-table files rejected as invalid",
+)
+
+
+# ============================================================ exposition
+
+
+def render_latest() -> tuple[bytes, str]:
+    """``(body, content_type)`` of the Prometheus text exposition for ``/metrics``."""
+    return _generate_latest(REGISTRY), CONTENT_TYPE_LATEST

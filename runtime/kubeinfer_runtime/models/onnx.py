@@ -1,0 +1,119 @@
+"""The onnxruntime backend: CPU execution provider, all graph optimisations.
+
+onnxruntime releases the GIL while it runs, so one session serves concurrent
+requests from a thread pool; ``InferenceSession.run`` is thread-safe.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from kubeinfer_runtime.errors import ModelError, ValidationError
+from kubeinfer_runtime.models.base import (
+    Backend,
+    ModelLoadError,
+    ModelMetadata,
+    Shape,
+    Tensors,
+    TensorSpec,
+)
+
+try:  # The pybind exception classes; their module moved between releases before.
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+except ImportError:  # pragma: no cover - depends on the onnxruntime build
+    InvalidArgument = ()  # type: ignore[misc,assignment]
+
+#: onnxruntime's type strings ("tensor(float)") -> numpy dtypes.
+_ORT_DTYPES: dict[str, np.dtype[Any]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
+    "tensor(string)": np.dtype(object),
+}
+
+
+def _spec(arg: Any) -> TensorSpec:
+    # Non-tensor values (sequences, maps: scikit-learn's ZipMap) are objects of
+    # unknown shape.
+    dtype = _ORT_DTYPES.get(arg.type, np.dtype(object))
+    shape: Shape | None = None
+    if arg.type.startswith("tensor(") and arg.shape is not None:
+        # Symbolic ("N", "batch") and missing dimensions are dynamic.
+        shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
+    return TensorSpec(arg.name, dtype, shape)
+
+
+class OnnxBackend(Backend):
+    def __init__(self, *, intra_op_threads: int = 1) -> None:
+        self._intra_op_threads = intra_op_threads
+        self._session: ort.InferenceSession | None = None
+        self._meta: ModelMetadata | None = None
+        self._output_names: list[str] = []
+
+    def load(self, path: Path) -> None:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self._intra_op_threads
+        # One request runs one graph; inter-op parallelism only adds threads.
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own pybind classes
+            raise ModelLoadError(_clean(e)) from None
+        self._session = session
+        self._meta = ModelMetadata(
+            inputs=tuple(_spec(a) for a in session.get_inputs()),
+            outputs=tuple(_spec(a) for a in session.get_outputs()),
+            platform="onnxruntime_onnx",
+        )
+        self._output_names = [t.name for t in self._meta.outputs]
+
+    def predict(self, inputs: Tensors,
+                output_names: Sequence[str] | None = None) -> Tensors:
+        session = self._session
+        if session is None:
+            raise ModelError("Model is not loaded: wait until /ping answers 200")
+        names = list(output_names) if output_names else self._output_names
+        try:
+            values = session.run(names, inputs)
+        except InvalidArgument as e:
+            raise ValidationError(f"Model rejected the input: {_clean(e)}") from None
+        except Exception as e:
+            raise ModelError(f"Model failed: {_clean(e)}") from None
+        return {n: v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object)
+                for n, v in zip(names, values, strict=True)}
+
+    def unload(self) -> None:
+        self._session = None
+        self._meta = None
+        gc.collect()
+
+    def metadata(self) -> ModelMetadata:
+        if self._meta is None:
+            raise ModelError("Model is not loaded")
+        return self._meta
+
+
+def _clean(e: Exception) -> str:
+    """onnxruntime messages start with ``[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :``."""
+    msg = str(e).strip()
+    if msg.startswith("[ONNXRuntimeError]"):
+        msg = msg.split(" : ", 3)[-1]
+    return msg or type(e).__name__

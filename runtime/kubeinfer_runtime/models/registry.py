@@ -1,0 +1,21 @@
+"""Which backend serves which model format.
+
+The server asks the registry for a backend by the ``ModelFormat`` it was
+configured with; a new format (TVM, ...) is one entry here. Backends are
+imported lazily so a process only pays for the runtime it uses.
+"""
+
+from __future__ import annotations
+
+from kubeinfer_runtime.contract import ModelFormat
+from kubeinfer_runtime.models.base import Backend
+
+
+def create_backend(fmt: ModelFormat, *, intra_op_threads: int = 1) -> Backend:
+    """A fresh, unloaded backend for ``fmt``."""
+    if fmt is ModelFormat.ONNX:
+        from kubeinfer_runtime.models.onnx import OnnxBackend
+
+        return OnnxBackend(intra_op_threads=intra_op_threads)
+    raise ValueError(f"Model format {fmt.value!r} has no backend: supported formats are "
+                     + ", ".join(f.value for f in ModelFormat))

@@ -1,0 +1,134 @@
+"""The model server's control surface on FastAPI: health, metadata, metrics, docs.
+
+These routes are cheap and rarely called, so they get FastAPI's conveniences
+(OpenAPI at ``/docs``). The inference routes are listed here for the docs
+only: :mod:`kubeinfer_runtime.server.hotpath` answers them before FastAPI ever
+sees the request. Handlers stay thin: they read the model slot and render.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kubeinfer_runtime import __version__, metrics
+from kubeinfer_runtime.errors import (
+    Internal,
+    NotFound,
+    RuntimeServiceError,
+    ValidationError,
+    render_error,
+)
+from kubeinfer_runtime.server.state import LoadedModel, ModelSlot
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
+
+
+def _error(err: RuntimeServiceError) -> Response:
+    status, headers, body = render_error(err)
+    # Starlette sets content-length itself; keep the rest.
+    keep = {k.decode(): v.decode() for k, v in headers if k != b"content-length"}
+    return Response(body, status_code=status, headers=keep)
+
+
+def _v2_metadata(name: str, model: LoadedModel) -> dict[str, Any]:
+    return {
+        "name": name,
+        "versions": [model.version],
+        "platform": model.meta.platform,
+        "inputs": [t.v2() for t in model.meta.inputs],
+        "outputs": [t.v2() for t in model.meta.outputs],
+    }
+
+
+_INFER_BODY = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/csv": {"schema": {"type": "string"}},
+            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "required": True,
+    },
+}
+
+
+def build_api(slot: ModelSlot, model_name: str, lifespan: Lifespan) -> FastAPI:
+    app = FastAPI(title="kubeinfer model server", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(RuntimeServiceError)
+    async def _service_error(_: Request, exc: RuntimeServiceError) -> Response:
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return _error(NotFound(f"No route {request.method} {request.url.path}: see /docs "
+                                   "for the model server's API"))
+        return _error(ValidationError(str(exc.detail), status=exc.status_code))
+
+    def known(name: str) -> None:
+        if name != model_name:
+            raise NotFound(f'Model "{name}" is not served here: this server serves '
+                           f'"{model_name}"')
+
+    @app.get("/ping", summary="SageMaker health check: 200 when the model is loaded")
+    async def ping() -> Response:
+        slot.get()
+        return _json({"status": "Healthy"})
+
+    @app.get("/v2/health/live", summary="V2 liveness: the process is up")
+    async def live() -> Response:
+        return _json({"live": True})
+
+    @app.get("/v2/health/ready", summary="V2 readiness: the model is loaded")
+    async def ready() -> Response:
+        slot.get()
+        return _json({"ready": True})
+
+    @app.get("/v2", summary="V2 server metadata")
+    async def server_metadata() -> Response:
+        return _json({"name": "kubeinfer", "version": __version__, "extensions": []})
+
+    @app.get("/v2/models/{name}", summary="V2 model metadata")
+    async def model_metadata(name: str) -> Response:
+        known(name)
+        return _json(_v2_metadata(name, slot.get()))
+
+    @app.get("/v2/models/{name}/ready", summary="V2 model readiness")
+    async def model_ready(name: str) -> Response:
+        known(name)
+        slot.get()
+        return _json({"name": name, "ready": True})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render_latest()
+        return Response(body, media_type=content_type)
+
+    # Documentation only: the hot path serves these before FastAPI routes.
+    def _unreachable() -> Response:
+        raise Internal("Inference route reached FastAPI: the hot path is not installed")
+
+    @app.post("/invocations", openapi_extra=_INFER_BODY,
+              summary="SageMaker inference: JSON ({'instances': [...]}, a list, or "
+                      "{'inputs': {...}}), CSV rows or .npy in; JSON, CSV or .npy out by Accept")
+    async def invocations() -> Response:
+        return _unreachable()
+
+    @app.post("/v2/models/{name}/infer", openapi_extra=_INFER_BODY,
+              summary="V2 inference: {'inputs': [{'name','shape','datatype','data'}]}")
+    async def v2_infer(name: str) -> Response:
+        return _unreachable()
+
+    return app

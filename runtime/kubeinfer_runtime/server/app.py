@@ -1,0 +1,61 @@
+"""Assemble the model-server ASGI app: FastAPI control routes behind the hot path.
+
+``create_app`` is the uvicorn factory (``factory=True``): with no argument it
+reads ``ModelServerSettings`` from the environment, so every uvicorn worker
+builds its own app the same way. Loading starts in the lifespan, in the
+background, so the port answers (liveness) while a large model downloads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from kubeinfer_runtime.contract import ModelServerSettings
+from kubeinfer_runtime.metrics import ModelServerMetrics
+from kubeinfer_runtime.server.api import build_api
+from kubeinfer_runtime.server.hotpath import HotPath, InferenceService
+from kubeinfer_runtime.server.state import ModelSlot, start_loading
+
+log = logging.getLogger("kubeinfer.server")
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers next to uvicorn's (uvicorn only configures its own)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kubeinfer").setLevel(level.upper())
+
+
+def create_app(settings: ModelServerSettings | None = None) -> HotPath:
+    if settings is None:
+        settings = ModelServerSettings()  # type: ignore[call-arg]  # from the environment
+    configure_logging(settings.log_level)
+    slot = ModelSlot(settings.model_name, settings.model_uri)
+    metrics = ModelServerMetrics(settings.endpoint_name, settings.variant_name,
+                                 settings.model_name)
+    metrics.loaded.set(0)
+    pool = ThreadPoolExecutor(max_workers=settings.inference_threads,
+                              thread_name_prefix="inference")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        start_loading(slot, settings, metrics)
+        yield
+        # uvicorn has drained in-flight requests by now (graceful shutdown).
+        pool.shutdown(wait=False, cancel_futures=True)
+        slot.reason = f'Model "{slot.name}" is unloaded: the server is shutting down'
+        model, slot.model = slot.model, None
+        metrics.loaded.set(0)
+        if model is not None:
+            model.backend.unload()
+        log.info('Model "%s" unloaded, shutting down', slot.name)
+
+    api = build_api(slot, settings.model_name, lifespan)
+    service = InferenceService(slot, metrics, pool, settings.max_payload_bytes)
+    return HotPath(api, service, settings.model_name)

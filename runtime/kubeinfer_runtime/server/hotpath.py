@@ -1,0 +1,222 @@
+"""The model server's hot paths as a lean raw-ASGI layer in front of FastAPI.
+
+``POST /invocations`` and ``POST /v2/models/{m}/infer`` carry all the traffic,
+so they skip FastAPI's routing, dependency injection and pydantic entirely:
+check the path, read the body (enforcing the payload limit as it arrives),
+decode with the codec, predict, encode, send. Everything else (health,
+metadata, metrics, docs) falls through to the FastAPI app, where per-request
+cost does not matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from kubeinfer_runtime import codec
+from kubeinfer_runtime.errors import (
+    Internal,
+    NotFound,
+    PayloadTooLarge,
+    RuntimeServiceError,
+    ValidationError,
+    render_error,
+)
+from kubeinfer_runtime.metrics import ModelServerMetrics
+from kubeinfer_runtime.server.state import LoadedModel, ModelSlot
+
+log = logging.getLogger("kubeinfer.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_V2_PREFIX = "/v2/models/"
+_V2_SUFFIX = "/infer"
+_JSON = b"application/json"
+
+
+class ClientDisconnected(Exception):
+    """The client went away before sending the whole body: nothing to answer."""
+
+
+class InferenceService:
+    """Runs one request: the work shared by both hot paths, no ASGI in sight."""
+
+    def __init__(self, slot: ModelSlot, metrics: ModelServerMetrics,
+                 pool: ThreadPoolExecutor, max_payload_bytes: int) -> None:
+        self.slot = slot
+        self.metrics = metrics
+        self.pool = pool
+        self.max_payload_bytes = max_payload_bytes
+
+    async def run(self, fn: Callable[[LoadedModel], tuple[bytes, float]],
+                  model: LoadedModel) -> tuple[bytes, float]:
+        """Run decode+predict+encode inline or in the pool (one hop for all three)."""
+        if model.inline:
+            return fn(model)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, fn, model)
+
+
+def invocations_work(body: bytes, content_type: str | None,
+                     encoding: codec.Encoding) -> Callable[[LoadedModel], tuple[bytes, float]]:
+    """The ``/invocations`` work for one request: ``(response body, model seconds)``."""
+
+    def work(model: LoadedModel) -> tuple[bytes, float]:
+        inputs = codec.decode_request(body, content_type, model.meta.inputs)
+        t0 = time.perf_counter()
+        outputs = model.backend.predict(inputs)
+        model_s = time.perf_counter() - t0
+        return codec.encode_response(outputs, encoding), model_s
+
+    return work
+
+
+def v2_work(body: bytes, model_name: str) -> Callable[[LoadedModel], tuple[bytes, float]]:
+    def work(model: LoadedModel) -> tuple[bytes, float]:
+        req = codec.decode_v2(body, model.meta)
+        t0 = time.perf_counter()
+        outputs = model.backend.predict(req.inputs, req.output_names)
+        model_s = time.perf_counter() - t0
+        return codec.encode_v2(outputs, model_name, model.version, req.id), model_s
+
+    return work
+
+
+class HotPath:
+    """ASGI app: serves the two inference routes itself, delegates the rest to ``app``."""
+
+    def __init__(self, app: ASGIApp, service: InferenceService, model_name: str) -> None:
+        self.app = app
+        self.service = service
+        self.model_name = model_name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path == "/invocations":
+                await self._handle(scope, receive, send, None)
+                return
+            if path.startswith(_V2_PREFIX) and path.endswith(_V2_SUFFIX):
+                await self._handle(scope, receive, send,
+                                   path[len(_V2_PREFIX):-len(_V2_SUFFIX)])
+                return
+        await self.app(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send,
+                      v2_target: str | None) -> None:
+        svc = self.service
+        metrics = svc.metrics
+        t0 = time.perf_counter()
+        metrics.invocations.inc()
+        try:
+            if scope["method"] != "POST":
+                raise ValidationError(f"{scope['method']} is not allowed on {scope['path']}: "
+                                      "use POST", status=405)
+            content_type, accept, length = _headers(scope["headers"])
+            if v2_target is None:
+                # Negotiate before reading and running anything: a request we
+                # cannot answer should cost nothing.
+                encoding = codec.negotiate(accept)
+                out_type = encoding.content_type
+            else:
+                self._check_v2_target(v2_target)
+                out_type = _JSON
+            model = svc.slot.get()
+            body = await _read_body(receive, length, svc.max_payload_bytes)
+            if v2_target is None:
+                work = invocations_work(body, content_type, encoding)
+            else:
+                work = v2_work(body, self.model_name)
+            payload, model_s = await svc.run(work, model)
+        except ClientDisconnected:
+            metrics.error(499)
+            return
+        except RuntimeServiceError as e:
+            await _send_error(send, e)
+            metrics.error(e.status)
+            return
+        except Exception:
+            log.exception("Unexpected failure serving %s", scope["path"])
+            await _send_error(send, Internal("Internal failure while serving the request: "
+                                             "see the model server's log"))
+            metrics.error(500)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", out_type), (b"content-length", str(len(payload)).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": payload})
+        metrics.model_latency.observe(model_s)
+        metrics.overhead_latency.observe(max(time.perf_counter() - t0 - model_s, 0.0))
+
+    def _check_v2_target(self, target: str) -> None:
+        # "{m}" or "{m}/versions/{v}"; any version of the one model we serve.
+        name = target.split("/versions/", 1)[0]
+        if name != self.model_name or not name:
+            raise NotFound(f'Model "{name}" is not served here: this server serves '
+                           f'"{self.model_name}" (GET /v2/models/{self.model_name})')
+
+
+def _headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, int | None]:
+    content_type = accept = None
+    length: int | None = None
+    for k, v in raw:
+        if k == b"content-type":
+            content_type = v.decode("latin-1")
+        elif k == b"accept":
+            accept = v.decode("latin-1")
+        elif k == b"content-length":
+            try:
+                length = int(v)
+            except ValueError:
+                raise ValidationError("Content-Length is not a number") from None
+    return content_type, accept, length
+
+
+async def _read_body(receive: Receive, length: int | None, limit: int) -> bytes:
+    if length is not None and length > limit:
+        # Refuse before reading a byte: the client declared it.
+        raise _too_large(length, limit)
+    msg = await receive()
+    if msg["type"] == "http.disconnect":
+        raise ClientDisconnected
+    body: bytes = msg.get("body", b"")
+    if not msg.get("more_body", False):
+        if len(body) > limit:
+            raise _too_large(len(body), limit)
+        return body  # the common case: one message, no copy
+    chunks = [body]
+    size = len(body)
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            # Chunked bodies have no Content-Length: stop as soon as it is over.
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLarge:
+    # ``size`` is the declared length, or what had arrived when the limit was crossed.
+    return PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes "
+                           f"({limit / 1048576:g} MB; got {size} bytes or more): send smaller "
+                           "batches, or use asynchronous inference or batch transform")
+
+
+async def _send_error(send: Send, err: RuntimeServiceError) -> None:
+    status, headers, body = render_error(err)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+

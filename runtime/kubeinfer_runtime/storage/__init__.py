@@ -1,0 +1,1 @@
+"""Object-store access: ``uri`` parses model URIs (pure), ``fetch`` downloads them."""

@@ -1,0 +1,154 @@
+"""Fetch a model into local storage: the I/O half of ``storage`` (parsing is in ``uri``).
+
+``file://`` models are read where they are (copying a multi-GB file into the
+cache would double disk use for nothing); ``s3://`` models are streamed into
+the cache directory under a temporary name, hashed on the way, fsynced and
+renamed into place, so a crash never leaves a half-written model that looks
+complete. The sha256 is returned and written next to the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import urllib3
+from minio import Minio
+from minio.credentials import (
+    AWSConfigProvider,
+    ChainedProvider,
+    EnvAWSProvider,
+    EnvMinioProvider,
+    IamAwsProvider,
+)
+from minio.error import S3Error
+
+from kubeinfer_runtime.contract import S3Settings
+from kubeinfer_runtime.errors import NotFound, NotReady
+from kubeinfer_runtime.storage.uri import FileLocation, S3Location, parse_model_uri
+
+log = logging.getLogger("kubeinfer.storage")
+
+_CHUNK = 1 << 20
+_MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"}
+
+
+class ModelNotFoundError(NotFound):
+    """The URI is well formed but nothing is there."""
+
+
+class StorageUnavailable(NotReady):
+    """The object store could not be reached or refused access; retrying may help."""
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    uri: str
+    path: Path
+    sha256: str
+    size: int
+
+
+def fetch_model(uri: str, *, base_dir: str, cache_dir: str, s3: S3Settings) -> FetchedModel:
+    """Make the model at ``uri`` available as a local file and hash it."""
+    loc = parse_model_uri(uri, base_dir)
+    if isinstance(loc, FileLocation):
+        return _local(uri, Path(loc.path))
+    return _download(uri, loc, Path(cache_dir), s3)
+
+
+def _local(uri: str, path: Path) -> FetchedModel:
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ModelNotFoundError(f"Model file {path} {what} (model URI {uri}): "
+                                 "fix the URI or put the model there")
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return FetchedModel(uri, path, h.hexdigest(), size)
+
+
+def s3_client(s3: S3Settings) -> Minio:
+    """A minio client for ``s3``: https unless the endpoint URL says http.
+
+    Without explicit keys, credentials come from the usual AWS chain (env,
+    ~/.aws, IRSA web identity / instance metadata).
+    """
+    url = s3.endpoint_url or "https://s3.amazonaws.com"
+    if "://" not in url:
+        url = "https://" + url
+    parsed = urlparse(url)
+    # A bounded retry policy: minio's default retries a dead endpoint for long.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=5.0, read=60.0),
+        retries=urllib3.Retry(total=3, backoff_factor=0.2,
+                              status_forcelist=[500, 502, 503, 504]),
+    )
+    kwargs: dict[str, Any] = {"secure": parsed.scheme == "https", "region": s3.region,
+                              "http_client": http}
+    if s3.access_key and s3.secret_key:
+        kwargs.update(access_key=s3.access_key, secret_key=s3.secret_key)
+    else:
+        kwargs["credentials"] = ChainedProvider([
+            EnvAWSProvider(), EnvMinioProvider(), AWSConfigProvider(), IamAwsProvider(),
+        ])
+    return Minio(parsed.netloc, **kwargs)
+
+
+def cache_path(cache_dir: Path, loc: S3Location) -> Path:
+    """Where an object is cached: one folder per URI, the object's own file name."""
+    digest = hashlib.sha256(loc.uri.encode()).hexdigest()[:16]
+    return cache_dir / digest / posixpath.basename(loc.key)
+
+
+def _download(uri: str, loc: S3Location, cache_dir: Path, s3: S3Settings) -> FetchedModel:
+    dest = cache_path(cache_dir, loc)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    client = s3_client(s3)
+    try:
+        resp = client.get_object(loc.bucket, loc.key)
+    except S3Error as e:
+        if e.code in _MISSING_CODES:
+            raise ModelNotFoundError(f"Model object {uri} does not exist ({e.code}): upload it "
+                                     "or fix the model URI") from None
+        raise StorageUnavailable(f"Model object {uri} cannot be read ({e.code}: {e.message}): "
+                                 "check the S3 credentials and bucket policy") from None
+    except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+        raise StorageUnavailable(f"Object store {s3.endpoint_url or 's3.amazonaws.com'} is "
+                                 f"unreachable while fetching {uri} ({e}): check "
+                                 "KUBEINFER_S3_ENDPOINT_URL") from None
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".download-")
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in resp.stream(_CHUNK):
+                h.update(chunk)
+                f.write(chunk)
+                size += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception):
+            raise StorageUnavailable(f"Download of {uri} failed after {size} bytes ({e}): "
+                                     "retry, or check the object store") from None
+        raise
+    finally:
+        resp.close()
+        resp.release_conn()
+    digest = h.hexdigest()
+    dest.with_name(dest.name + ".sha256").write_text(f"{digest}  {dest.name}\n")
+    log.info("Downloaded %s to %s (%d bytes, sha256 %s)", uri, dest, size, digest)
+    return FetchedModel(uri, dest, digest, size)

@@ -1,0 +1,1 @@
+"""Test support: real servers and processes started on free loopback ports."""

@@ -1,0 +1,70 @@
+"""Start real runtime processes (uvicorn via ``kubeinfer-runtime``) for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.ports import free_port, http_ok, wait_until
+
+
+@dataclass
+class RuntimeProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_runtime(role: str, env: dict[str, str], log_dir: Path, *,
+                  ready_path: str = "/ping", expect_ready: bool = True,
+                  timeout: float = 30.0) -> RuntimeProcess:
+    """Run ``python -m kubeinfer_runtime serve --role ROLE`` on a free port.
+
+    ``env`` holds the role's ``KUBEINFER_*`` settings. When ``expect_ready`` is
+    False only liveness (the port answering at all) is awaited, for tests of
+    servers that must report not-ready.
+    """
+    port = free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{role}-{port}.log"
+    full_env = {**os.environ, **env, "KUBEINFER_HOST": "127.0.0.1", "KUBEINFER_PORT": str(port)}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role", role],
+            env=full_env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    rp = RuntimeProcess(proc, port, log_path)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{role} exited with {proc.returncode}:\n{rp.log()}")
+        if expect_ready:
+            return http_ok(rp.url + ready_path)
+        return http_ok(rp.url + "/v2/health/live")
+
+    try:
+        wait_until(up, timeout, f"{role} on port {port}")
+    except BaseException:
+        rp.stop()
+        raise
+    return rp

@@ -1,0 +1,141 @@
+"""The `kubeinfer` CLI paths that need no running endpoint (no network, real files)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kubeinfer_operator.cli import app
+from kubeinfer_operator.local.paths import EndpointPaths
+from kubeinfer_operator.local.state import (
+    EndpointState,
+    ProcessState,
+    ProcState,
+    process_alive,
+    process_start_time,
+    write_state,
+)
+
+runner = CliRunner()
+
+MANIFEST = """\
+apiVersion: kubeinfer.io/v1alpha1
+kind: Endpoint
+metadata: {name: %s}
+spec:
+  variants:
+    - name: primary
+      weight: %s
+      model: {uri: file://models/iris.onnx}
+"""
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KUBEINFER_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_help_lists_the_commands_but_not_internals() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("up", "status", "invoke", "down", "crds", "operator"):
+        assert command in result.output
+    assert "supervise" not in result.output
+
+
+def test_crds_writes_then_check_passes_and_detects_drift(tmp_path: Path) -> None:
+    out = tmp_path / "crds"
+    result = runner.invoke(app, ["crds", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    [crd] = list(out.iterdir())
+    assert crd.name == "endpoints.kubeinfer.io.yaml"
+    assert "kind: CustomResourceDefinition" in crd.read_text()
+    assert runner.invoke(app, ["crds", "--out", str(out), "--check"]).exit_code == 0
+    crd.write_text(crd.read_text() + "# edited\n")
+    result = runner.invoke(app, ["crds", "--out", str(out), "--check"])
+    assert result.exit_code == 1
+    assert "endpoints.kubeinfer.io.yaml" in result.output
+    result = runner.invoke(app, ["crds", "--out", str(tmp_path / "none"), "--check"])
+    assert result.exit_code == 1
+
+
+def test_up_with_invalid_manifest_exits_2_naming_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(MANIFEST % ("iris", "-1"))
+    result = runner.invoke(app, ["up", "-f", str(bad)])
+    assert result.exit_code == 2
+    assert "spec.variants[0].weight" in result.output
+    assert "greater than or equal to 0" in result.output
+
+
+def test_up_port_with_several_endpoints_is_refused(tmp_path: Path) -> None:
+    two = tmp_path / "two.yaml"
+    two.write_text(MANIFEST % ("a", "1") + "---\n" + MANIFEST % ("b", "1"))
+    result = runner.invoke(app, ["up", "-f", str(two), "--port", "8123"])
+    assert result.exit_code == 2
+    assert "--port" in result.output
+
+
+def test_status_and_down_with_nothing_running() -> None:
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0
+    assert "No local endpoint is running" in result.output
+    result = runner.invoke(app, ["status", "--json"])
+    assert json.loads(result.stdout) == {"endpoints": [], "stale": []}
+    result = runner.invoke(app, ["status", "iris"])
+    assert result.exit_code == 1
+    assert "Endpoint iris is not running" in result.output
+    result = runner.invoke(app, ["down"])
+    assert result.exit_code == 0 and "No local endpoint is running" in result.output
+    result = runner.invoke(app, ["down", "iris"])
+    assert result.exit_code == 0 and "Endpoint iris is not running" in result.output
+    assert runner.invoke(app, ["down", "iris", "--all"]).exit_code == 2
+
+
+def test_invoke_needs_one_body_and_a_running_endpoint(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["invoke", "iris"]).exit_code == 2
+    body = tmp_path / "b.json"
+    body.write_text("[]")
+    assert runner.invoke(app, ["invoke", "iris", "--body", "[]", "--body-file",
+                               str(body)]).exit_code == 2
+    result = runner.invoke(app, ["invoke", "iris", "--body-file", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "Cannot read --body-file" in result.output
+    result = runner.invoke(app, ["invoke", "iris", "--body", "[]"])
+    assert result.exit_code == 1
+    assert "Endpoint iris is not running" in result.output
+
+
+def test_stale_state_is_cleaned_and_leftover_children_stopped(home: Path) -> None:
+    # A supervisor died without cleaning up (nobody holds its lock) and left a child.
+    leftover = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        paths = EndpointPaths.for_endpoint("iris", home)
+        write_state(paths, EndpointState(
+            endpoint="iris", supervisor_pid=999_999_999 % 4_000_000, url="http://127.0.0.1:1",
+            processes=[ProcessState(name="primary-0", role="model-server", variant="primary",
+                                    pid=leftover.pid,
+                                    start_time=process_start_time(leftover.pid), port=1,
+                                    url="http://127.0.0.1:1", state=ProcState.READY,
+                                    log="/dev/null")]))
+        result = runner.invoke(app, ["status", "--json"])
+        assert result.exit_code == 0
+        doc = json.loads(result.stdout)
+        assert doc["endpoints"] == []
+        assert "Cleaned stale state of endpoint iris" in doc["stale"][0]
+        assert "primary-0" in doc["stale"][0]
+        deadline = time.monotonic() + 5
+        while leftover.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert leftover.poll() is not None
+        assert not process_alive(leftover.pid, None)
+        assert not paths.state.exists()
+    finally:
+        if leftover.poll() is None:
+            leftover.kill()
+        leftover.wait()

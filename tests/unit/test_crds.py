@@ -1,0 +1,80 @@
+"""The committed CRDs are exactly what the API models generate, and are structural."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from kubeinfer_operator.api.crd import all_crds, to_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_committed_crds_match_generated() -> None:
+    generated = all_crds()
+    committed = {p.name for p in (REPO / "crds").glob("*.yaml")}
+    assert committed == set(generated), "run `kubeinfer crds` to regenerate crds/"
+    for name, crd in generated.items():
+        assert (REPO / "crds" / name).read_text() == to_yaml(crd), (
+            f"crds/{name} is stale: run `kubeinfer crds` and commit the result"
+        )
+
+
+def _walk(schema: Any, path: str = "") -> list[str]:
+    """Constructs a Kubernetes structural schema must not contain."""
+    bad: list[str] = []
+    if isinstance(schema, dict):
+        for key in ("$ref", "anyOf", "oneOf", "allOf", "const", "title", "$defs"):
+            if key in schema and not path.endswith("properties"):
+                bad.append(f"{path}.{key}")
+        if "properties" in schema and "additionalProperties" in schema:
+            bad.append(f"{path}: properties and additionalProperties together")
+        if "properties" in schema and schema.get("type") != "object":
+            bad.append(f"{path}: properties without type: object")
+        for k, v in schema.items():
+            bad += _walk(v, f"{path}.{k}")
+    elif isinstance(schema, list):
+        for i, v in enumerate(schema):
+            bad += _walk(v, f"{path}[{i}]")
+    return bad
+
+
+def test_crd_schemas_are_structural() -> None:
+    for crd in all_crds().values():
+        for version in crd["spec"]["versions"]:
+            schema = version["schema"]["openAPIV3Schema"]
+            assert _walk(schema) == []
+
+
+def _spec_validator() -> jsonschema.Draft4Validator:
+    crd = all_crds()["endpoints.kubeinfer.io.yaml"]
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft4Validator(schema)
+
+
+def test_examples_pass_the_crd_schema() -> None:
+    validator = _spec_validator()
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "Endpoint":
+                errors = [e.message for e in validator.iter_errors(doc)]
+                assert errors == [], f"{path}: {errors}"
+
+
+def test_crd_schema_refuses_structural_errors() -> None:
+    validator = _spec_validator()
+    doc = yaml.safe_load((REPO / "examples" / "realtime-endpoint.yaml").read_text())
+    doc["spec"]["variants"][0]["weight"] = -1
+    doc["spec"]["variants"][1]["model"]["uri"] = "http://x/m.onnx"
+    messages = " ".join(e.message for e in validator.iter_errors(doc))
+    assert "-1 is less than the minimum of 0" in messages
+    assert "does not match '^(s3|file)://.+'" in messages
+
+
+def test_printer_columns() -> None:
+    crd = all_crds()["endpoints.kubeinfer.io.yaml"]
+    names = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert names[:2] == ["Type", "Ready"] and "URL" in names and "Age" in names
