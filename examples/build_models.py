@@ -11,6 +11,7 @@ onnxruntime.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def build_mlp(path: Path, *, seed: int = 0, sizes: tuple[int, ...] = MLP_SIZES) 
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     prev = "input"
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         w = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
         b = (rng.standard_normal(n_out) * 0.01).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]

@@ -41,6 +41,7 @@ from kubeinfer_operator.local.control import (
 )
 from kubeinfer_operator.local.manifest import load_manifest_file
 from kubeinfer_operator.local.paths import EndpointPaths, known_endpoints
+from kubeinfer_operator.local.process import port_free
 from kubeinfer_operator.local.state import (
     EndpointState,
     events_size,
@@ -92,12 +93,16 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 
 
 @contextmanager
-def _sigterm_as_exception() -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+def _stop_signals_as_exceptions() -> Iterator[None]:
+    """SIGTERM raises _Terminated, SIGINT KeyboardInterrupt, even where SIGINT was inherited
+    as ignored (a background job of a non-interactive shell), so both always clean up."""
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _progress_table(states: dict[str, EndpointState | None]) -> Table:
@@ -116,9 +121,11 @@ def _progress_table(states: dict[str, EndpointState | None]) -> Table:
 class _Progress:
     """Live table on a terminal; one line per change otherwise (logs, CI, tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, generations: dict[str, int]) -> None:
         self.live: Live | None = None
         self.last: dict[str, str] = {}
+        #: The generation ``up`` waits for, per endpoint: an older state is not news.
+        self.generations = generations
 
     def __enter__(self) -> _Progress:
         if out.is_terminal:
@@ -136,9 +143,13 @@ class _Progress:
             self.live.update(_progress_table(states))
             return
         for name, state in states.items():
-            line = f"{state.phase.value}: {state.message}" if state else "Starting"
-            if state and not state.message:
-                line = state.phase.value
+            if state is None:
+                line = "Starting"
+            elif state.generation < self.generations.get(name, 0):
+                line = "Waiting for the supervisor to pick up the new spec"
+            else:
+                line = f"{state.phase.value}: {state.message}" if state.message \
+                    else state.phase.value
             if self.last.get(name) != line:
                 self.last[name] = line
                 out.print(f"  {name}: {line}", soft_wrap=True)
@@ -158,13 +169,13 @@ def _sample_for(state: EndpointState) -> str | None:
 
 def _report_ready(state: EndpointState, *, updated: bool) -> None:
     url = state.url or "(unknown)"
-    verb = "updated" if updated else "ready"
+    changes = state.last_apply.changes if state.last_apply is not None else []
+    verb = ("updated" if changes else "unchanged") if updated else "ready"
     out.print(f"[green]Endpoint {state.endpoint} is {verb}[/green] at {url}")
     for v in state.variants:
         out.print(f"  variant {v.name}: weight {v.weight:g}, {v.ready}/{v.replicas} ready, "
                   f"model {v.model_uri}", soft_wrap=True)
-    if updated and state.last_apply is not None:
-        changes = state.last_apply.changes or ["no change"]
+    if updated:
         for change in changes:
             out.print(f"  changed: {change}", soft_wrap=True)
     if not updated:
@@ -217,8 +228,9 @@ def up(
     detach: Annotated[bool, typer.Option("-d", "--detach", help="Run in the background and "
                                                                 "return once ready.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.", min=1)] = 120,
-    port: Annotated[int | None, typer.Option(help="Gateway port (default: a free port).",
-                                             min=1, max=65535)] = None,
+    port: Annotated[int | None, typer.Option(
+        help="Gateway port when the endpoint starts (default: a free port).", min=1,
+        max=65535)] = None,
 ) -> None:
     """Run the Endpoints of FILE as local processes, or update them when they already run."""
     try:
@@ -228,10 +240,14 @@ def up(
     if port is not None and len(loaded) > 1:
         raise _fail(f"--port sets one gateway port but {file} holds {len(loaded)} endpoints; "
                     "drop --port", 2)
+    if port is not None and liveness(EndpointPaths.for_endpoint(loaded[0].name)) is not \
+            Liveness.RUNNING and not port_free(port):
+        raise _fail(f"Port {port} on 127.0.0.1 is in use; choose another --port or leave it "
+                    "out to get a free one", 2)
     started: dict[str, tuple[EndpointPaths, subprocess.Popen[bytes]]] = {}
     targets: list[tuple[EndpointPaths, int, subprocess.Popen[bytes] | None]] = []
     updated: set[str] = set()
-    with _sigterm_as_exception():
+    with _stop_signals_as_exceptions():
         try:
             for item in loaded:
                 paths = EndpointPaths.for_endpoint(item.name)
@@ -251,7 +267,7 @@ def up(
                     started[item.name] = (paths, proc)
                     out.print(f"Starting endpoint {item.name} (logs in {paths.logs})")
                 targets.append((paths, generation, proc))
-            with _Progress() as progress:
+            with _Progress({p.name: g for p, g, _ in targets}) as progress:
                 outcomes = wait_applied(targets, timeout + 15, on_tick=progress.tick)
         except (KeyboardInterrupt, _Terminated):
             err.print("Interrupted: stopping what this command started")
@@ -342,10 +358,10 @@ def _print_status(states: list[EndpointState]) -> None:
                                                 "model")))
     out.print(variants)
     procs = Table(title="Processes", title_justify="left")
-    columns = ("endpoint", "process", "role", "pid", "port", "state", "restarts", "last exit",
-               "reason")
+    columns = ("endpoint", "process", "pid", "port", "state", "restarts", "last exit", "reason")
     for col in columns:
-        procs.add_column(col)
+        # Names, pids and ports must stay whole; the free-text reason wraps instead.
+        procs.add_column(col, no_wrap=col != "reason", overflow="fold")
     for s in states:
         for row in process_rows(s):
             procs.add_row(*(row[c] for c in columns))

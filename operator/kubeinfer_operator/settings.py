@@ -37,6 +37,20 @@ class OperatorSettings(BaseSettings):
     #: mounted into model servers when set; with AWS_ENDPOINT_URL for non-AWS stores.
     s3_secret_name: str | None = None
 
+    #: kopf's liveness probe URL (``http://0.0.0.0:8080/healthz``); None disables it.
+    liveness_endpoint: str | None = None
+    #: Run without peering (a single replica, e.g. in tests). With peering, the
+    #: KopfPeering/ClusterKopfPeering object ``peering_name`` must exist.
+    standalone: bool = False
+    #: uid/gid the runtime containers run as (the image's non-root user).
+    runtime_uid: int = Field(default=65532, ge=1)
+    #: Resources of each Endpoint's gateway container.
+    gateway_cpu_request: str = "100m"
+    gateway_memory_request: str = "128Mi"
+    gateway_memory_limit: str = "512Mi"
+    #: Annotation/label prefix kopf keeps its handler progress under.
+    kopf_state_prefix: str = "kubeinfer.io"
+
     @field_validator("namespaces", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:

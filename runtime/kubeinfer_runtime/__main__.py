@@ -16,7 +16,7 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError as SettingsError
 
-from kubeinfer_runtime.contract import GatewaySettings, ModelServerSettings, Role
+from kubeinfer_runtime.contract import ENV_PREFIX, GatewaySettings, ModelServerSettings, Role
 
 #: Seconds uvicorn waits for in-flight requests after SIGTERM. Kubernetes sends
 #: SIGKILL after terminationGracePeriodSeconds (30 s by default): stay under it.
@@ -27,12 +27,12 @@ def model_server_app() -> Any:
     """uvicorn factory of the model-server role."""
     from kubeinfer_runtime.server.app import create_app
 
-    return create_app(ModelServerSettings())  # type: ignore[call-arg]  # from the environment
+    return create_app(ModelServerSettings())  # from the environment
 
 
 def gateway_app() -> Any:
     """uvicorn factory of the gateway role."""
-    from kubeinfer_runtime.gateway.app import create_app  # type: ignore[import-not-found,unused-ignore]
+    from kubeinfer_runtime.gateway.app import create_app
 
     return create_app(GatewaySettings())
 
@@ -41,6 +41,12 @@ _FACTORIES = {
     Role.MODEL_SERVER: ("kubeinfer_runtime.__main__:model_server_app", ModelServerSettings),
     Role.GATEWAY: ("kubeinfer_runtime.__main__:gateway_app", GatewaySettings),
 }
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    """The env var behind a settings error (aliased fields already carry their name)."""
+    name = "_".join(str(p) for p in loc).upper()
+    return name if name.startswith(ENV_PREFIX) or name.startswith("AWS_") else ENV_PREFIX + name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,12 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     target, settings_cls = _FACTORIES[Role(args.role)]
     try:
-        settings = settings_cls()  # type: ignore[call-arg]
+        settings = settings_cls()
     except SettingsError as e:
-        problems = "; ".join(
-            f"KUBEINFER_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in e.errors()
-        )
+        problems = "; ".join(f"{_env_name(err['loc'])}: {err['msg']}" for err in e.errors())
         print(f"Invalid {args.role} settings ({problems}): set the environment variables",
               file=sys.stderr)
         return 2

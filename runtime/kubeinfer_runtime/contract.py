@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-CONTRACT_VERSION = "v1alpha1"
+CONTRACT_VERSION: Literal["v1alpha1"] = "v1alpha1"
 ENV_PREFIX = "KUBEINFER_"
 
 #: SageMaker's synchronous payload limit (InvokeEndpoint): 6 MB.

@@ -4,7 +4,8 @@ The real model server does not echo request headers, so the gateway's header
 forwarding is checked against this small ASGI app, run as a real uvicorn
 process (it stands in for a model server; none of kubeinfer's code runs in it).
 
-    POST /invocations -> 200 JSON {"name", "headers", "body_len", "method", "path"}
+    POST /invocations -> 200 JSON {"name", "headers", "body_len", "method", "path",
+                                   "peer_port"} (the client's port: tells connections apart)
         custom attributes drive it: "sleep=S" waits S seconds first,
         "status=424" answers a SageMaker-style ModelError instead;
         the response echoes the custom attributes back as "echo:<value>".
@@ -60,13 +61,13 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         out = b"{}"
     elif attrs.get("status") == "424":
         status = 424
-        msg = "Fake model failed on purpose"
-        out = json.dumps({"ErrorCode": "ModelError", "Message": msg, "message": msg}).encode()
+        text = "Fake model failed on purpose"
+        out = json.dumps({"ErrorCode": "ModelError", "Message": text, "message": text}).encode()
         extra.append((b"x-amzn-errortype", b"ModelError:"))
     else:
         out = json.dumps({"name": os.environ.get("FAKE_NAME", "fake"), "headers": headers,
                           "body_len": len(body), "method": scope["method"],
-                          "path": scope["path"]}).encode()
+                          "path": scope["path"], "peer_port": scope["client"][1]}).encode()
     if custom:
         extra.append((b"x-amzn-sagemaker-custom-attributes", f"echo:{custom}".encode()))
     await send({"type": "http.response.start", "status": status, "headers": [
@@ -75,9 +76,10 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": out})
 
 
-def start_fake_upstream(name: str, log_dir: Path, timeout: float = 20.0) -> RuntimeProcess:
-    """Run this app under uvicorn on a free port; ready when /ping answers."""
-    port = free_port()
+def start_fake_upstream(name: str, log_dir: Path, *, port: int | None = None,
+                        timeout: float = 20.0) -> RuntimeProcess:
+    """Run this app under uvicorn (on a free port unless given); ready when /ping answers."""
+    port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"fake-{name}-{port}.log"
     env = {**os.environ, "FAKE_NAME": name}

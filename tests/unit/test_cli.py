@@ -139,3 +139,17 @@ def test_stale_state_is_cleaned_and_leftover_children_stopped(home: Path) -> Non
         if leftover.poll() is None:
             leftover.kill()
         leftover.wait()
+
+
+def test_up_refuses_a_busy_port(tmp_path: Path) -> None:
+    import socket
+
+    spec = tmp_path / "ep.yaml"
+    spec.write_text(MANIFEST % ("iris", "1"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["up", "-f", str(spec), "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"Port {port} on 127.0.0.1 is in use" in result.output

@@ -27,7 +27,8 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _decode(body: bytes, ct: str | None, inputs: tuple[TensorSpec, ...] = (X,)) -> dict[str, np.ndarray]:
+def _decode(body: bytes, ct: str | None,
+            inputs: tuple[TensorSpec, ...] = (X,)) -> dict[str, np.ndarray]:
     return codec.decode_request(body, ct, inputs)
 
 
@@ -137,7 +138,8 @@ def test_string_input_gets_an_object_array() -> None:
 
 
 def test_unsupported_content_type_lists_the_supported_ones() -> None:
-    with pytest.raises(ValidationError, match="'image/png' is not supported: send application/json"):
+    with pytest.raises(ValidationError,
+                       match="'image/png' is not supported: send application/json"):
         _decode(b"...", "image/png")
 
 
@@ -166,7 +168,8 @@ def test_csv_ragged_rows() -> None:
 
 
 def test_csv_wrong_width_names_the_input() -> None:
-    with pytest.raises(ValidationError, match=r'Input "X" expects shape \[N, 4\] float32, got \[1, 3\]'):
+    with pytest.raises(ValidationError,
+                       match=r'Input "X" expects shape \[N, 4\] float32, got \[1, 3\]'):
         _decode(b"1,2,3\n", "text/csv")
 
 
@@ -199,12 +202,13 @@ def test_npy_refuses_pickles_and_garbage() -> None:
     obj = io.BytesIO()
     np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     for body in (obj.getvalue(), b"definitely not numpy"):
-        with pytest.raises(ValidationError, match="not a .npy or .npz array"):
+        with pytest.raises(ValidationError, match=r"not a \.npy or \.npz array"):
             _decode(body, "application/x-npy")
 
 
 def test_npy_wrong_shape() -> None:
-    with pytest.raises(ValidationError, match=r'Input "X" expects shape \[N, 4\] float32, got \[2, 2, 2\]'):
+    with pytest.raises(ValidationError,
+                       match=r'Input "X" expects shape \[N, 4\] float32, got \[2, 2, 2\]'):
         _decode(_npy(np.zeros((2, 2, 2), np.float32)), "application/x-npy")
 
 
@@ -341,3 +345,15 @@ def test_v2_encode_omits_missing_id() -> None:
     doc = orjson.loads(codec.encode_v2({"y": np.array([True])}, "m", None, None))
     assert "id" not in doc and "model_version" not in doc
     assert doc["outputs"][0]["datatype"] == "BOOL"
+
+
+def test_octet_stream_is_told_apart_by_magic_bytes() -> None:
+    assert _decode(_npy(np.array(ROWS)), "application/octet-stream")["X"].shape == (2, 4)
+    assert _decode(orjson.dumps(ROWS), "application/octet-stream")["X"].shape == (2, 4)
+    with pytest.raises(ValidationError, match="not valid JSON"):
+        _decode(b"\x00\x01", "application/octet-stream")
+
+
+def test_text_plain_is_not_guessed_to_be_csv() -> None:
+    with pytest.raises(ValidationError, match="'text/plain' is not supported"):
+        _decode(b"1,2,3,4", "text/plain")

@@ -56,7 +56,7 @@ def test_weighted_choice_matches_weights_with_seeded_rng() -> None:
     ep = endpoint(("a", 0.7, [A1]), ("b", 0.2, [B1]), ("c", 0.1, ["http://c1"]))
     rng = random.Random(42)
     n = 20_000
-    counts = Counter()
+    counts: Counter[str] = Counter()
     for _ in range(n):
         pick = choose(ep, None, set(), rng)
         assert isinstance(pick, Pick)
@@ -152,3 +152,10 @@ def test_compile_table_keys_by_endpoint_name_and_dedupes_upstreams() -> None:
     assert state.endpoints["iris"].by_name["a"].upstreams == (A1, A2)
     assert state.upstreams() == {A1, A2}
     assert state.endpoints["iris"].by_name["a"].header_value == b"a"
+
+
+def test_zero_weight_variant_is_no_fallback_for_unpinned_traffic() -> None:
+    ep = endpoint(("a", 1.0, [A1]), ("dark", 0.0, [B1]))
+    refusal = choose(ep, None, {A1}, random.Random(0))
+    assert not isinstance(refusal, Pick)
+    assert refusal.status == 503 and '"a"' in refusal.message

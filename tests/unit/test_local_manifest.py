@@ -79,5 +79,5 @@ def test_wrong_kind_yaml_errors_empty_and_duplicates() -> None:
 
 
 def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="Cannot read .*nope.yaml"):
+    with pytest.raises(SpecError, match=r"Cannot read .*nope\.yaml"):
         load_manifest_file(tmp_path / "nope.yaml")

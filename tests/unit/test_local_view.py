@@ -76,3 +76,15 @@ def test_rows_and_json_document() -> None:
     doc = status_document([state], ["note"])
     assert doc["endpoints"][0]["processes"][1]["name"] == "a-0"
     assert doc["stale"] == ["note"]
+
+
+def test_a_failed_apply_is_not_ready_even_when_the_rest_serves() -> None:
+    v = [VariantState(name="a", weight=1, replicas=1, ready=1)]
+    s = summarize(gateway=GW, variants=v, processes=[], applying=False, started=True,
+                  apply_error="variant b: model server b-0 is not ready: Model failed")
+    assert s.phase is Phase.DEGRADED
+    assert s.message == "last spec not applied: variant b: model server b-0 is not ready: " \
+        "Model failed"
+    s = summarize(gateway=GW, variants=[], processes=[], applying=False, started=True,
+                  apply_error="variant b: ...")
+    assert s.phase is Phase.FAILED

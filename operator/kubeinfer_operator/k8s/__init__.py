@@ -1,0 +1,37 @@
+"""The only code that talks to the Kubernetes API (besides kopf itself).
+
+``client.KubeClient`` is a small async client (aiohttp) over the credentials
+kopf logs in with (``login.login``), so the operator's own requests and
+kopf's watches always use the same identity.
+
+RBAC the operator needs (the Helm chart's Role/ClusterRole mirrors this list;
+keep both in sync):
+
+==================  =================================  ==========================================
+API group           resources                          verbs (who, why)
+==================  =================================  ==========================================
+kubeinfer.io        endpoints                          get (KubeClient: fresh spec), list, watch
+                                                       (kopf), patch (kopf: finalizer + its
+                                                       progress annotations)
+kubeinfer.io        endpoints/status                   patch (KubeClient: conditions, url, ...)
+kubeinfer.io        endpoints/finalizers               update (children carry ownerReferences
+                                                       with blockOwnerDeletion: the
+                                                       OwnerReferencesPermissionEnforcement
+                                                       admission plugin checks this)
+apps                deployments                        get, list, create, patch, delete
+                                                       (KubeClient: gateway + one per variant;
+                                                       availability is read by listing)
+"" (core)           services, configmaps               get, list, create, patch, delete
+                                                       (KubeClient)
+"" (core)           events                             create (kopf: handler errors as events)
+kopf.dev            kopfpeerings (namespaced scope)    get, list, watch, patch (kopf peering)
+                    or clusterkopfpeerings (cluster)
+apiextensions.k8s.io customresourcedefinitions        list, watch (kopf: notices CRD installs)
+"" (core)           namespaces                         list, watch (kopf, only when
+                                                       KUBEINFER_NAMESPACES is set)
+==================  =================================  ==========================================
+
+No Secrets (model servers get the S3 Secret by name through ``envFrom``), no
+Pods, no wildcards. Writes use JSON merge patch (``PATCH``, never ``PUT``);
+deletes use propagationPolicy Background.
+"""

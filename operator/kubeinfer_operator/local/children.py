@@ -14,11 +14,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from kubeinfer_runtime.contract import Role
 
 from kubeinfer_operator.local.backoff import BackoffPolicy, CrashRecord, on_crash, restart_due
 from kubeinfer_operator.local.process import (
@@ -31,6 +31,7 @@ from kubeinfer_operator.local.process import (
     tail,
 )
 from kubeinfer_operator.local.state import ProcessState, ProcState, process_start_time
+from kubeinfer_runtime.contract import Role
 
 HOST = "127.0.0.1"
 
@@ -46,6 +47,21 @@ class ChildSpec:
     variant: str | None = None
     replica: int | None = None
     server_hash: str | None = None
+
+
+async def poll_until(done: Callable[[], bool], limit_s: float, interval: float = 0.02) -> bool:
+    """Await until ``done()`` (True) or ``limit_s`` passed (False), without blocking the loop.
+
+    Process exit has no awaitable here (children are plain Popen objects, see
+    ``process``), so it is polled; the interval keeps that cheap.
+    """
+    deadline = time.monotonic() + limit_s
+    while True:
+        if done():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
 
 
 def runtime_argv(role: Role) -> list[str]:
@@ -136,8 +152,8 @@ class Child:
         delay = (self.crash.restart_at or now) - now
         self.reason = f"crashed ({signal_exit_name(code)}), restarting in {delay:.1f}s"
         last = tail(self.spec.log_path, lines=8)
-        report = (f"Process {self.name} (pid {self.proc.pid}) exited with "
-                  f"{signal_exit_name(code)}; restart {self.restarts + 1} in {delay:.1f}s; "
+        report = (f"Process {self.name} (pid {self.proc.pid}) exited "
+                  f"({signal_exit_name(code)}); restart {self.restarts + 1} in {delay:.1f}s; "
                   f"log {self.spec.log_path}")
         return report + (f"; last lines:\n{last}" if last else "")
 
@@ -172,7 +188,7 @@ class Child:
             self.state = ProcState.NOT_READY
             self.reason = not_ready_reason(response)
 
-    async def stop(self, *, timeout: float = 10.0) -> None:
+    async def stop(self, *, grace_s: float = 10.0) -> None:
         """SIGTERM the process group (graceful: in-flight requests finish), then SIGKILL."""
         self.wanted = False
         self.active = False
@@ -184,18 +200,11 @@ class Child:
             return
         if proc.poll() is None:
             signal_group(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if proc.poll() is None:
+            if not await poll_until(lambda: proc.poll() is not None, grace_s):
                 signal_group(proc.pid, signal.SIGKILL)
-                while proc.poll() is None:
-                    await asyncio.sleep(0.02)
+                await poll_until(lambda: proc.poll() is not None, 30.0)
         # Group members (extra uvicorn workers) may linger briefly after the leader.
-        deadline = time.monotonic() + 2.0
-        while group_alive(proc.pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        if group_alive(proc.pid):
+        if not await poll_until(lambda: not group_alive(proc.pid), 2.0):
             signal_group(proc.pid, signal.SIGKILL)
         self.last_exit = proc.returncode
         self.state = ProcState.STOPPED

@@ -90,7 +90,7 @@ def clean_all_stale() -> list[str]:
 
 
 def supervisor_argv(paths: EndpointPaths) -> list[str]:
-    return [sys.executable, "-m", "kubeinfer_operator.cli", "local", "supervise",
+    return [sys.executable, "-m", "kubeinfer_operator.local.supervisor",
             "--state-dir", str(paths.root)]
 
 
@@ -197,6 +197,10 @@ def stop_endpoint(paths: EndpointPaths, *, timeout: float = 30.0,
     if liveness(paths) is Liveness.STALE:
         clean_stale(paths)
         return True
+    if proc is not None and proc.poll() is not None:
+        # The supervisor this command started has exited already (e.g. it lost the
+        # lock to one started at the same moment): that other one is not ours to stop.
+        return True
     deadline = time.monotonic() + timeout
     state = read_state(paths)
     # The supervisor may be too young to have written its state: wait for it.
@@ -216,7 +220,12 @@ def stop_endpoint(paths: EndpointPaths, *, timeout: float = 30.0,
     if lock_is_held(paths):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
         while lock_is_held(paths):
+            if time.monotonic() - killed_at > 10:
+                raise LocalRunError(f"Endpoint {paths.name} is still locked after its "
+                                    f"supervisor (pid {pid}) was killed; check "
+                                    f"{paths.supervisor_log}")
             time.sleep(0.05)
     if proc is not None:
         proc.wait()

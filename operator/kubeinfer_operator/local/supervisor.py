@@ -19,17 +19,18 @@ thread, which their parent-death signal is tied to (see ``process``).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import fcntl
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import httpx
-from kubeinfer_runtime.contract import Role, RouteTable
 from pydantic import ValidationError
 
 from kubeinfer_operator.api.endpoint import format_validation_error
@@ -52,6 +53,7 @@ from kubeinfer_operator.local.state import (
 from kubeinfer_operator.local.view import summarize
 from kubeinfer_operator.reconcile.local_diff import Change, ChangeKind, diff_plans
 from kubeinfer_operator.render.plan import EndpointPlan, VariantPlan, plan_endpoint
+from kubeinfer_runtime.contract import Role, RouteTable
 
 log = logging.getLogger("kubeinfer.local")
 
@@ -66,11 +68,14 @@ LOAD_FAILED = "failed to load"
 
 class Supervisor:
     def __init__(self, paths: EndpointPaths, *, policy: BackoffPolicy | None = None,
-                 tick_s: float = 0.2, route_reload_s: float = 0.2,
+                 tick_s: float = 0.2, idle_tick_s: float = 1.0, route_reload_s: float = 0.2,
                  health_interval_s: float = 0.5) -> None:
         self.paths = paths
         self.policy = policy or BackoffPolicy()
+        #: Monitor period while something changes (apply, a child not ready) ...
         self.tick_s = tick_s
+        #: ... and while all is quiet: fewer health checks on an idle laptop.
+        self.idle_tick_s = idle_tick_s
         self.route_reload_s = route_reload_s
         self.health_interval_s = health_interval_s
         self.children: list[Child] = []
@@ -181,7 +186,9 @@ class Supervisor:
         gateway = self.gateway.snapshot() if self.gateway else None
         summary = summarize(gateway=gateway, variants=variants, processes=procs,
                             applying=self.applying, started=self.started,
-                            stopping=self.stopping, gateway_synced=self.gateway_synced)
+                            stopping=self.stopping, gateway_synced=self.gateway_synced,
+                            apply_error="" if self.last_apply is None or self.last_apply.ok
+                            else self.last_apply.message)
         return EndpointState(
             endpoint=self.name, supervisor_pid=os.getpid(),
             supervisor_start_time=self._own_start_time,
@@ -217,18 +224,18 @@ class Supervisor:
         self.gateway_synced = synced
         return synced
 
-    async def wait_gateway_synced(self, timeout: float = 5.0) -> bool:
+    async def wait_gateway_synced(self, limit_s: float = 5.0) -> bool:
         """Wait (bounded) until the gateway serves the table last written."""
         client = self._client
         if client is None:
             await asyncio.sleep(self.grace_s)
             return False
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline:
             if await self.check_gateway_synced(client):
                 return True
             await asyncio.sleep(self.route_reload_s / 2)
-        log.warning("gateway did not load the new route table within %ss", timeout)
+        log.warning("gateway did not load the new route table within %ss", limit_s)
         return False
 
     # -- monitoring ------------------------------------------------------------------------
@@ -246,9 +253,13 @@ class Supervisor:
         before = {id(c): c.ready for c in self.children}
         await asyncio.gather(*(c.check(client) for c in list(self.children)))
         for child in self.children:
-            if child.ready and not before.get(id(child), False) and child.restarts:
+            if not child.ready or before.get(id(child), False):
+                continue
+            if child.restarts:
                 self.event(f"Process {child.name} is ready again after {child.restarts} "
                            "restart(s)", process=child.name)
+            else:
+                log.info("%s (pid %s) is ready", child.name, child.pid)
         self.sync_routes()
         await self.check_gateway_synced(client)
         self.write_state()
@@ -259,7 +270,9 @@ class Supervisor:
                 await self.monitor_once(client)
             except Exception:  # one bad tick must not end supervision
                 log.exception("monitor tick failed")
-            await asyncio.sleep(self.tick_s)
+            busy = self.applying or not self.gateway_synced or any(
+                not c.ready for c in self.children if c.wanted)
+            await asyncio.sleep(self.tick_s if busy else self.idle_tick_s)
 
     # -- applying a spec -------------------------------------------------------------------
 
@@ -380,7 +393,10 @@ class Supervisor:
                 errors += [r for r in results if r]
             self.sync_routes()
             # `up` reports success only once the gateway routes with the new table.
-            await self.wait_gateway_synced(timeout=max(5.0, desired.timeout_s / 4))
+            await self.wait_gateway_synced(limit_s=max(5.0, desired.timeout_s / 4))
+        except asyncio.CancelledError:
+            errors.append("interrupted: the supervisor is stopping")
+            raise
         finally:
             self.applying = False
             self.started = True
@@ -482,8 +498,26 @@ class Supervisor:
 
 
 def run_supervisor(state_dir: Path) -> int:
-    """Entry point of ``kubeinfer local supervise``: logs go to stderr (the supervisor log)."""
+    """Run one endpoint's supervisor until SIGTERM; logs go to stderr (the supervisor log)."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per health check would drown what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     paths = EndpointPaths(state_dir)
     return asyncio.run(Supervisor(paths).run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kubeinfer_operator.local.supervisor --state-dir DIR``.
+
+    ``kubeinfer up`` starts supervisors this way rather than through the CLI
+    (``kubeinfer local supervise``, same thing) to skip importing typer and rich.
+    """
+    parser = argparse.ArgumentParser(prog="kubeinfer-local-supervisor")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    return run_supervisor(args.state_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,10 +28,13 @@ class Summary:
 
 def summarize(*, gateway: ProcessState | None, variants: Sequence[VariantState],
               processes: Sequence[ProcessState], applying: bool, started: bool,
-              stopping: bool = False, gateway_synced: bool = True) -> Summary:
+              stopping: bool = False, gateway_synced: bool = True,
+              apply_error: str = "") -> Summary:
     """The endpoint's phase and a one-line reason when it is not Ready.
 
     ``started``: a first apply has finished (before that the endpoint is Starting).
+    ``apply_error``: why the last spec was not fully applied; the endpoint then
+    runs (part of) what it ran before, which is not what was asked: not Ready.
     """
     if stopping:
         return Summary(Phase.STOPPING, "stopping every process")
@@ -51,9 +54,11 @@ def summarize(*, gateway: ProcessState | None, variants: Sequence[VariantState],
             detail = "; ".join(f"{p.name}: {p.reason or p.state.value}" for p in missing[:3])
             problems.append(f"variant {variant.name}: {variant.ready}/{variant.replicas} "
                             "replicas ready" + (f" ({detail})" if detail else ""))
+    if apply_error:
+        problems.append(f"last spec not applied: {apply_error}")
     message = "; ".join(problems)
     if not started:
-        return Summary(Phase.STARTING, message or "starting")
+        return Summary(Phase.STARTING, message)
     if applying:
         return Summary(Phase.UPDATING, message or "applying a new spec")
     if not problems:

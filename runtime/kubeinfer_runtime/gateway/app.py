@@ -124,6 +124,16 @@ class GatewayApp:
         await self.core.client.close()
 
 
+def configure_logging(level: str) -> None:
+    """Our loggers next to uvicorn's (uvicorn only configures its own); same format
+    as the model server's."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kubeinfer").setLevel(level.upper())
+
+
 def create_app(settings: GatewaySettings | None = None) -> GatewayApp:
     """uvicorn factory: the gateway app, with settings from ``KUBEINFER_*`` env when None."""
-    return GatewayApp(GatewayCore(settings or GatewaySettings()))
+    settings = settings or GatewaySettings()
+    configure_logging(settings.log_level)
+    return GatewayApp(GatewayCore(settings))

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from kubeinfer_runtime.errors import (
+    Internal,
     ModelError,
     NotReady,
     PayloadTooLarge,
@@ -134,6 +135,13 @@ class InvocationHandler:
                                            inbound.forwarded, body)
         except RuntimeServiceError as err:
             await _send_error(send, err, endpoint.name, variant.name, variant.header_value)
+            return
+        except Exception:
+            log.exception("Forwarding to %s failed unexpectedly", pick.upstream)
+            await _send_error(send, Internal(
+                f'Gateway failed forwarding to variant "{variant.name}" of endpoint '
+                f'"{endpoint.name}": retry; report a bug if it persists'),
+                endpoint.name, variant.name, variant.header_value)
             return
         upstream_s = time.perf_counter() - upstream_started
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,17 @@ class TensorSpec:
     dtype: np.dtype[Any]
     #: None when the model does not declare a rank at all.
     shape: Shape | None
+
+    @cached_property
+    def batch_tail(self) -> tuple[int, ...] | None:
+        """The static dims after a dynamic batch dim (``(4,)`` for [N, 4]), else None.
+
+        Lets the codec check the usual input shape with one tuple comparison.
+        """
+        s = self.shape
+        if s is None or not s or s[0] is not None or any(d is None for d in s[1:]):
+            return None
+        return tuple(d for d in s[1:] if d is not None)
 
     def describe(self) -> str:
         """``[N, 4] float32``: the form error messages use."""

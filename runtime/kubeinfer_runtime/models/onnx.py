@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from kubeinfer_runtime.errors import ModelError, ValidationError
 from kubeinfer_runtime.models.base import (
@@ -23,11 +24,6 @@ from kubeinfer_runtime.models.base import (
     Tensors,
     TensorSpec,
 )
-
-try:  # The pybind exception classes; their module moved between releases before.
-    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
-except ImportError:  # pragma: no cover - depends on the onnxruntime build
-    InvalidArgument = ()  # type: ignore[misc,assignment]
 
 #: onnxruntime's type strings ("tensor(float)") -> numpy dtypes.
 _ORT_DTYPES: dict[str, np.dtype[Any]] = {
@@ -62,6 +58,8 @@ class OnnxBackend(Backend):
     def __init__(self, *, intra_op_threads: int = 1) -> None:
         self._intra_op_threads = intra_op_threads
         self._session: ort.InferenceSession | None = None
+        self._run: Any = None
+        self._all_tensors = True
         self._meta: ModelMetadata | None = None
         self._output_names: list[str] = []
 
@@ -76,32 +74,46 @@ class OnnxBackend(Backend):
             session = ort.InferenceSession(str(path), sess_options=opts,
                                            providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own pybind classes
-            raise ModelLoadError(_clean(e)) from None
+            raise ModelLoadError(f"ONNX Runtime cannot load {path} ({_clean(e)}): check that "
+                                 "the file is an ONNX model and the format is onnx") from None
         self._session = session
+        # The pybind session's run, without the Python wrapper's per-call checks
+        # (input names, OrtValue ownership, EP fallback): the codec has already
+        # checked every input against the metadata, and the wrapper's checks
+        # cost about as much as a small model. Falls back to the public API.
+        inner = getattr(session, "_sess", None)
+        self._run = inner.run if inner is not None and hasattr(inner, "run") else session.run
         self._meta = ModelMetadata(
             inputs=tuple(_spec(a) for a in session.get_inputs()),
             outputs=tuple(_spec(a) for a in session.get_outputs()),
             platform="onnxruntime_onnx",
         )
         self._output_names = [t.name for t in self._meta.outputs]
+        # Sequence/map outputs (scikit-learn's ZipMap) come back as lists.
+        self._all_tensors = all(a.type.startswith("tensor(") for a in session.get_outputs())
 
     def predict(self, inputs: Tensors,
                 output_names: Sequence[str] | None = None) -> Tensors:
-        session = self._session
-        if session is None:
+        run = self._run
+        if run is None:
             raise ModelError("Model is not loaded: wait until /ping answers 200")
-        names = list(output_names) if output_names else self._output_names
+        names = self._output_names if output_names is None else list(output_names)
         try:
-            values = session.run(names, inputs)
+            values = run(names, inputs, None)
         except InvalidArgument as e:
             raise ValidationError(f"Model rejected the input: {_clean(e)}") from None
         except Exception as e:
             raise ModelError(f"Model failed: {_clean(e)}") from None
-        return {n: v if isinstance(v, np.ndarray) else np.asarray(v, dtype=object)
-                for n, v in zip(names, values, strict=True)}
+        out = dict(zip(names, values, strict=True))
+        if not self._all_tensors:
+            for n, v in out.items():
+                if not isinstance(v, np.ndarray):
+                    out[n] = np.asarray(v, dtype=object)
+        return out
 
     def unload(self) -> None:
         self._session = None
+        self._run = None
         self._meta = None
         gc.collect()
 
@@ -116,4 +128,4 @@ def _clean(e: Exception) -> str:
     msg = str(e).strip()
     if msg.startswith("[ONNXRuntimeError]"):
         msg = msg.split(" : ", 3)[-1]
-    return msg or type(e).__name__
+    return msg.rstrip(".") or type(e).__name__

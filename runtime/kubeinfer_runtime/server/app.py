@@ -34,7 +34,7 @@ def configure_logging(level: str) -> None:
 
 def create_app(settings: ModelServerSettings | None = None) -> HotPath:
     if settings is None:
-        settings = ModelServerSettings()  # type: ignore[call-arg]  # from the environment
+        settings = ModelServerSettings()  # from the environment
     configure_logging(settings.log_level)
     slot = ModelSlot(settings.model_name, settings.model_uri)
     metrics = ModelServerMetrics(settings.endpoint_name, settings.variant_name,

@@ -16,23 +16,15 @@ import posixpath
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
-
-import urllib3
-from minio import Minio
-from minio.credentials import (
-    AWSConfigProvider,
-    ChainedProvider,
-    EnvAWSProvider,
-    EnvMinioProvider,
-    IamAwsProvider,
-)
-from minio.error import S3Error
 
 from kubeinfer_runtime.contract import S3Settings
 from kubeinfer_runtime.errors import NotFound, NotReady
 from kubeinfer_runtime.storage.uri import FileLocation, S3Location, parse_model_uri
+
+if TYPE_CHECKING:
+    from minio import Minio
 
 log = logging.getLogger("kubeinfer.storage")
 
@@ -67,7 +59,7 @@ def fetch_model(uri: str, *, base_dir: str, cache_dir: str, s3: S3Settings) -> F
 def _local(uri: str, path: Path) -> FetchedModel:
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
-        raise ModelNotFoundError(f"Model file {path} {what} (model URI {uri}): "
+        raise ModelNotFoundError(f"Model file {path} {what}: "
                                  "fix the URI or put the model there")
     h = hashlib.sha256()
     size = 0
@@ -84,6 +76,18 @@ def s3_client(s3: S3Settings) -> Minio:
     Without explicit keys, credentials come from the usual AWS chain (env,
     ~/.aws, IRSA web identity / instance metadata).
     """
+    # Imported here: minio pulls in its crypto stack (~1 s of start-up on a
+    # busy core), which a server loading a file:// model never needs.
+    import urllib3
+    from minio import Minio
+    from minio.credentials.providers import (
+        AWSConfigProvider,
+        ChainedProvider,
+        EnvAWSProvider,
+        EnvMinioProvider,
+        IamAwsProvider,
+    )
+
     url = s3.endpoint_url or "https://s3.amazonaws.com"
     if "://" not in url:
         url = "https://" + url
@@ -112,6 +116,9 @@ def cache_path(cache_dir: Path, loc: S3Location) -> Path:
 
 
 def _download(uri: str, loc: S3Location, cache_dir: Path, s3: S3Settings) -> FetchedModel:
+    import urllib3
+    from minio.error import S3Error
+
     dest = cache_path(cache_dir, loc)
     dest.parent.mkdir(parents=True, exist_ok=True)
     client = s3_client(s3)

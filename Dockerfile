@@ -1,0 +1,102 @@
+# syntax=docker/dockerfile:1
+#
+# kubeinfer images. Two final targets from one build:
+#
+#   docker build --target operator -t kubeinfer/operator:dev .   # `kubeinfer operator` (kopf)
+#   docker build --target runtime  -t kubeinfer/runtime:dev .    # `kubeinfer-runtime serve --role ...`
+#
+# Stages: `builder` (compilers, pip) installs kubeinfer and its pinned
+# dependencies into a virtual environment at /opt/kubeinfer; `models` builds the
+# example ONNX models with scikit-learn in a throwaway environment. The final
+# stages start again from the bare base image and copy only those results in:
+# no compiler, no pip cache, no scikit-learn, no source tree.
+#
+# The base is pinned by digest (the multi-architecture index of
+# python:3.11.14-slim-bookworm), so a rebuild uses exactly the same OS and
+# Python; Renovate/Dependabot can bump tag and digest together.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+
+# ---------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# Compilers for any dependency without a wheel for this platform. Only this
+# stage has them.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+# Dependencies first, in their own layer: source edits do not reinstall them.
+# constraints.txt pins every transitive version (uv pip compile output).
+COPY requirements/constraints.txt requirements/constraints.txt
+COPY pyproject.toml README.md ./
+RUN python -m venv /opt/kubeinfer \
+ && /opt/kubeinfer/bin/pip install --upgrade pip \
+ && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/deps.txt \
+ && /opt/kubeinfer/bin/pip install -c requirements/constraints.txt -r /tmp/deps.txt
+COPY operator operator
+COPY runtime runtime
+# A regular (not editable) install: the final stages do not have /src. pip
+# byte-compiles the packages here, so read-only root filesystems need no
+# .pyc writes at run time.
+RUN /opt/kubeinfer/bin/pip install --no-deps -c requirements/constraints.txt . \
+ && /opt/kubeinfer/bin/kubeinfer --version \
+ && /opt/kubeinfer/bin/python -c "import kubeinfer_runtime.__main__, kubeinfer_operator.cli"
+
+# ---------------------------------------------------------------------------
+# From the bare base, not from builder: source edits do not rebuild the models.
+FROM ${PYTHON_IMAGE} AS models
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# The example models (examples/build_models.py), built, never downloaded. The
+# model-building libraries (scikit-learn, skl2onnx, onnx) stay in this stage.
+WORKDIR /src
+COPY requirements/constraints.txt requirements/constraints.txt
+RUN python -m venv /opt/models \
+ && /opt/models/bin/pip install -c requirements/constraints.txt numpy onnx scikit-learn skl2onnx
+COPY examples/build_models.py examples/build_models.py
+# Examples name models relatively (file://models/iris.onnx). The runtime
+# resolves that against KUBEINFER_MODEL_BASE_DIR=/models, i.e.
+# /models/models/iris.onnx; the link makes that the same file as
+# /models/iris.onnx (what file:///models/iris.onnx names).
+RUN /opt/models/bin/python examples/build_models.py /out/models \
+ && ln -s . /out/models/models \
+ && chmod -R a+rX /out/models
+
+# ---------------------------------------------------------------------------
+# What both final images share: the bare base, the non-root user, the venv.
+FROM ${PYTHON_IMAGE} AS base
+# uid/gid 65532 (the "nonroot" convention of distroless images); the Helm
+# chart's securityContext runs as this uid.
+RUN groupadd --system --gid 65532 kubeinfer \
+ && useradd --system --uid 65532 --gid 65532 --no-create-home \
+      --home-dir /nonexistent --shell /usr/sbin/nologin kubeinfer
+COPY --from=builder /opt/kubeinfer /opt/kubeinfer
+ENV PATH=/opt/kubeinfer/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+WORKDIR /
+
+# ---------------------------------------------------------------------------
+FROM base AS operator
+LABEL org.opencontainers.image.title="kubeinfer operator" \
+      org.opencontainers.image.description="Turns kubeinfer.io Endpoints into Deployments, Services and route tables" \
+      org.opencontainers.image.licenses="Apache-2.0"
+USER 65532:65532
+# kopf's liveness endpoint (/healthz), see charts/kubeinfer/templates/deployment.yaml.
+EXPOSE 8080
+ENTRYPOINT ["kubeinfer"]
+CMD ["operator"]
+
+# ---------------------------------------------------------------------------
+FROM base AS runtime
+LABEL org.opencontainers.image.title="kubeinfer runtime" \
+      org.opencontainers.image.description="kubeinfer data plane: SageMaker-compatible gateway and ONNX model server" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=models /out/models /models
+ENV KUBEINFER_MODEL_BASE_DIR=/models
+USER 65532:65532
+EXPOSE 8080
+# The operator passes the role: `serve --role model-server` or `serve --role gateway`.
+ENTRYPOINT ["kubeinfer-runtime"]
+CMD ["serve", "--role", "model-server"]

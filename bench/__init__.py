@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print tables comparing kubeinfer with named baselines."""

@@ -1,0 +1,1 @@
+"""Baseline servers the benchmarks compare kubeinfer against, run side by side."""

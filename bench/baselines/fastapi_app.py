@@ -1,0 +1,29 @@
+"""Baseline: the minimal hand-written FastAPI + onnxruntime app most teams start with.
+
+Run: ``BENCH_MODEL=m.onnx uvicorn bench.baselines.fastapi_app:app``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from fastapi import FastAPI, Request
+from fastapi.responses import ORJSONResponse
+
+_opts = ort.SessionOptions()
+_opts.intra_op_num_threads = 1
+_sess = ort.InferenceSession(os.environ["BENCH_MODEL"], _opts, providers=["CPUExecutionProvider"])
+_inp = _sess.get_inputs()[0].name
+_out = [o.name for o in _sess.get_outputs()][:1]
+
+app = FastAPI()
+
+
+@app.post("/invocations")
+async def invocations(request: Request) -> Any:
+    data = (await request.json())["instances"]
+    pred = _sess.run(_out, {_inp: np.asarray(data, dtype=np.float32)})[0]
+    return ORJSONResponse({"predictions": pred.tolist()})

@@ -1,0 +1,170 @@
+"""Real-time serving benchmark: kubeinfer vs the limit and vs baselines, side by side.
+
+One run measures, on the same models with the same load generator (wrk):
+  * in-process onnxruntime (the limit; one thread, no HTTP),
+  * a bare ASGI app (no framework; orjson, uvloop, httptools, 1 worker) — the
+    issue's target baseline: our model server must reach >= 90% of it at c=64,
+  * a minimal hand-written FastAPI + onnxruntime app,
+  * our model server (``kubeinfer-runtime serve --role model-server``) direct,
+  * our gateway -> model server (SageMaker Runtime API path).
+Models: a small scikit-learn classifier (skl2onnx) and an MLP 256-512-512-10.
+
+    .venv/bin/python bench/serving.py [--duration 5] [--concurrency 1,8,64] [--markdown]
+
+It prints a table (rps, p50, p99) and the two target checks. It is never run
+as a test: speed is measured, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from examples.build_models import build_mlp, build_sklearn
+
+from bench.common import REPO, LoadResult, Server, free_port, start, uvicorn_cmd, wrk
+
+
+def inprocess(model: Path, x: np.ndarray, seconds: float) -> LoadResult:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    out = [sess.get_outputs()[0].name]
+    for _ in range(200):
+        sess.run(out, {name: x})
+    lat: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        sess.run(out, {name: x})
+        lat.append(time.perf_counter() - t0)
+    lat.sort()
+    return LoadResult(rps=len(lat) / sum(lat), p50_ms=statistics.median(lat) * 1e3,
+                      p99_ms=lat[int(len(lat) * 0.99)] * 1e3, errors=0)
+
+
+def start_servers(model: Path, log_dir: Path) -> dict[str, tuple[Server, str]]:
+    """name -> (server, invocation URL). The gateway is started last, in front of ours."""
+    servers: dict[str, tuple[Server, str]] = {}
+    env = {"BENCH_MODEL": str(model)}
+    p = free_port()
+    servers["bare ASGI"] = (start("bare-asgi", uvicorn_cmd("bench.baselines.bare_asgi:app", p),
+                                  env, p, "/", log_dir, ), f"http://127.0.0.1:{p}/invocations")
+    p = free_port()
+    servers["FastAPI app"] = (start("fastapi", uvicorn_cmd("bench.baselines.fastapi_app:app", p),
+                                    env, p, "/docs", log_dir), f"http://127.0.0.1:{p}/invocations")
+    p = free_port()
+    ms_env = {"KUBEINFER_HOST": "127.0.0.1", "KUBEINFER_PORT": str(p),
+              "KUBEINFER_MODEL_URI": f"file://{model}", "KUBEINFER_MODEL_NAME": "m",
+              "KUBEINFER_ENDPOINT_NAME": "bench", "KUBEINFER_VARIANT_NAME": "primary",
+              "KUBEINFER_LOG_LEVEL": "warning"}
+    cmd = [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role", "model-server"]
+    ms = start("model-server", cmd, ms_env, p, "/ping", log_dir)
+    servers["kubeinfer model server"] = (ms, f"{ms.url}/invocations")
+
+    from kubeinfer_runtime.contract import EndpointRoute, RouteTable, VariantRoute
+
+    routes = log_dir / "routes.json"
+    RouteTable(endpoints={"bench": EndpointRoute(name="bench", variants=[
+        VariantRoute(name="primary", weight=1, upstreams=[ms.url])])}).write_atomic(routes)
+    p = free_port()
+    gw_env = {"KUBEINFER_HOST": "127.0.0.1", "KUBEINFER_PORT": str(p),
+              "KUBEINFER_ROUTE_TABLE_PATH": str(routes), "KUBEINFER_LOG_LEVEL": "warning"}
+    gw = start("gateway", [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role",
+                           "gateway"], gw_env, p, "/ping", log_dir)
+    servers["kubeinfer gateway -> server"] = (gw, f"{gw.url}/endpoints/bench/invocations")
+    return servers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
+    ap.add_argument("--concurrency", default="1,8,64")
+    ap.add_argument("--models", default="sklearn,mlp")
+    ap.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    console = Console()
+    rows: list[tuple[str, str, int, LoadResult]] = []
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        models = {
+            "sklearn": (build_sklearn(tmpdir / "sklearn.onnx"), np.full((1, 4), 5.0, np.float32)),
+            "mlp": (build_mlp(tmpdir / "mlp.onnx"),
+                    np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)),
+        }
+        for model_name in args.models.split(","):
+            path, x = models[model_name]
+            body = orjson.dumps({"instances": x.tolist()})
+            rows.append((model_name, "in-process onnxruntime (limit)", 1,
+                         inprocess(path, x, args.duration)))
+            log_dir = tmpdir / f"logs-{model_name}"
+            log_dir.mkdir()
+            servers = start_servers(path, log_dir)
+            try:
+                for label, (_, url) in servers.items():
+                    # Warm up connection pools and caches before measuring.
+                    wrk(url, body, "application/json", 8, 1.0)
+                    for c in levels:
+                        res = wrk(url, body, "application/json", c, args.duration)
+                        rows.append((model_name, label, c, res))
+                        console.log(f"{model_name:8} {label:30} c={c:<3} {res.rps:8.0f} rps "
+                                    f"p50 {res.p50_ms:.3f} ms p99 {res.p99_ms:.3f} ms "
+                                    f"errors {res.errors}")
+            finally:
+                for server, _ in servers.values():
+                    server.stop()
+
+    table = Table(title="Real-time serving (wrk, 1 thread; same machine)")
+    for col in ("model", "server", "c", "rps", "p50 ms", "p99 ms", "errors"):
+        table.add_column(col, justify="right" if col not in ("model", "server") else "left")
+    for model_name, label, c, r in rows:
+        table.add_row(model_name, label, str(c), f"{r.rps:,.0f}", f"{r.p50_ms:.3f}",
+                      f"{r.p99_ms:.3f}", str(r.errors))
+    console.print(table)
+
+    def cell(model: str, label: str, c: int) -> LoadResult | None:
+        return next((r for m, lb, cc, r in rows if m == model and lb == label and cc == c), None)
+
+    checks: list[str] = []
+    for model_name in args.models.split(","):
+        ours = cell(model_name, "kubeinfer model server", max(levels))
+        bare = cell(model_name, "bare ASGI", max(levels))
+        if ours and bare:
+            checks.append(f"{model_name}: model server / bare ASGI at c={max(levels)}: "
+                          f"{ours.rps / bare.rps:.0%} (target >= 90%)")
+        direct = cell(model_name, "kubeinfer model server", 1)
+        via = cell(model_name, "kubeinfer gateway -> server", 1)
+        if direct and via:
+            checks.append(f"{model_name}: gateway hop at c=1 adds "
+                          f"{via.p50_ms - direct.p50_ms:.3f} ms p50 (target <= 0.3 ms)")
+    for line in checks:
+        console.print(line)
+
+    if args.markdown:
+        print("\n| model | server | c | rps | p50 ms | p99 ms | errors |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for model_name, label, c, r in rows:
+            print(f"| {model_name} | {label} | {c} | {r.rps:,.0f} | {r.p50_ms:.3f} | "
+                  f"{r.p99_ms:.3f} | {r.errors} |")
+        print()
+        for line in checks:
+            print(f"- {line}")
+
+
+if __name__ == "__main__":
+    _ = REPO
+    main()

@@ -1,0 +1,79 @@
+{{/*
+Named templates shared by every manifest of the chart: names, labels, images,
+and the list of watched namespaces (computed once, here, so RBAC, peering,
+the ServiceMonitor and the operator's env always agree).
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "kubeinfer.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Prefix of every object name: fullnameOverride, or "<release>-<chart>" (just the release name when it already contains the chart name). */}}
+{{- define "kubeinfer.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "name-version" of the chart, for the helm.sh/chart label. */}}
+{{- define "kubeinfer.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select the operator pod; never change them after release (Deployment selectors are immutable). */}}
+{{- define "kubeinfer.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubeinfer.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/* Standard labels of every object. */}}
+{{- define "kubeinfer.labels" -}}
+helm.sh/chart: {{ include "kubeinfer.chart" . }}
+{{ include "kubeinfer.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: kubeinfer
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The operator's ServiceAccount name. */}}
+{{- define "kubeinfer.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "kubeinfer.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* An image reference from {repository, tag, digest}: a digest wins, an empty tag means appVersion. Call with (dict "image" ... "root" $). */}}
+{{- define "kubeinfer.image" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Watched namespaces as a JSON list; [] means cluster-wide. Fails with a clear message on contradictory values. */}}
+{{- define "kubeinfer.watchedNamespaces" -}}
+{{- if eq .Values.watch.scope "cluster" -}}
+{{- if .Values.watch.namespaces -}}
+{{- fail (printf "Value watch.namespaces is %v but watch.scope is \"cluster\": set watch.scope=namespaces to watch only those namespaces, or leave watch.namespaces empty" .Values.watch.namespaces) -}}
+{{- end -}}
+[]
+{{- else -}}
+{{- $namespaces := .Values.watch.namespaces | default (list .Release.Namespace) | uniq -}}
+{{- toJson $namespaces -}}
+{{- end -}}
+{{- end -}}

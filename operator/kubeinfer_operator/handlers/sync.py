@@ -1,0 +1,165 @@
+"""One reconcile of one Endpoint: read, decide (pure code), apply, report.
+
+``EndpointSync.sync`` is state-based and idempotent: it reads the Endpoint
+fresh from the API (kopf's event body may be older than what a concurrent
+timer already applied), lists the children, asks ``reconcile`` what to change,
+applies exactly that, and writes the status only when it differs. Running it
+twice on an unchanged cluster makes no write at all. Calls for the same
+Endpoint are serialised by a per-object lock, so the event handlers and the
+status timer never interleave their writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from kubeinfer_operator.errors import ClusterError
+from kubeinfer_operator.k8s import kinds
+from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient, Rejected
+from kubeinfer_operator.reconcile import status as st
+from kubeinfer_operator.reconcile.diff import Changes, conflict_message, diff_children, owned_by
+from kubeinfer_operator.reconcile.validate import (
+    REASON_INVALID_SPEC,
+    InvalidSpec,
+    validate_endpoint,
+)
+from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render.k8s import Owner, endpoint_url, render_endpoint
+from kubeinfer_operator.render.plan import plan_endpoint
+from kubeinfer_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+
+class ChildConflict(ClusterError):
+    """A wanted child name is taken by an object this Endpoint does not own.
+
+    Transient when the other owner is being garbage-collected (an Endpoint
+    deleted and re-created under the same name), so it is retried.
+    """
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class EndpointSync:
+    def __init__(self, client: KubeClient, settings: OperatorSettings,
+                 clock: Callable[[], datetime] = _utcnow) -> None:
+        self.kube = client
+        self.settings = settings
+        self.clock = clock
+        # Weak values: a lock nobody holds or waits on is dropped with its Endpoint.
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary())
+
+    def _lock(self, namespace: str, name: str) -> asyncio.Lock:
+        lock = self._locks.get((namespace, name))
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[(namespace, name)] = lock
+        return lock
+
+    async def sync(self, namespace: str, name: str) -> None:
+        """Bring one Endpoint's children and status in line with its spec.
+
+        Raises ``InvalidSpec`` or ``Rejected`` (permanent: the status already
+        says why) or a ``ClusterError`` (transient: retry later).
+        """
+        async with self._lock(namespace, name):
+            obj = await self.kube.get(kinds.ENDPOINT, namespace, name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return  # deleted: owner references let the cluster remove the children
+            await self._sync(obj, namespace, name)
+
+    async def _sync(self, obj: dict[str, Any], namespace: str, name: str) -> None:
+        metadata = obj["metadata"]
+        generation = int(metadata.get("generation") or 0)
+        old_status: dict[str, Any] = obj.get("status") or {}
+        try:
+            endpoint = validate_endpoint(name, namespace, obj.get("spec"))
+        except InvalidSpec as exc:
+            await self._fail(obj, REASON_INVALID_SPEC, str(exc))
+            raise
+        plan = plan_endpoint(endpoint, generation=generation)
+        owner = Owner(name=name, namespace=namespace, uid=str(metadata["uid"]))
+        actual = await self._children(namespace, name)
+        deployments = st.deployments_by_name(actual)
+        desired = render_endpoint(plan, owner, self.settings,
+                                  st.serving_variants(plan, deployments))
+        changes = diff_children(desired, actual, owner_uid=owner.uid, owner_name=name,
+                                namespace=namespace)
+        try:
+            written, conflicts = await self._apply(changes, owner)
+        except Rejected as exc:
+            await self._fail(obj, st.REASON_REJECTED, str(exc))
+            raise
+        if conflicts:
+            message = "; ".join(conflicts)
+            await self._fail(obj, st.REASON_NAME_CONFLICT, message)
+            raise ChildConflict(message)
+        deployments = {**deployments, **st.deployments_by_name(written)}
+        status = st.endpoint_status(plan, deployments, url=endpoint_url(owner, self.settings),
+                                    old=old_status, now=self.clock())
+        await self._write_status(obj, status)
+
+    async def _children(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        selector = meta.label_selector(meta.endpoint_selector(name))
+        found: list[dict[str, Any]] = []
+        for kind in kinds.CHILD_KINDS:
+            found += await self.kube.list(kind, namespace, selector)
+        return found
+
+    async def _apply(self, changes: Changes,
+                     owner: Owner) -> tuple[list[dict[str, Any]], list[str]]:
+        """Apply the planned writes; return the objects written and any conflicts."""
+        written: list[dict[str, Any]] = []
+        conflicts = list(changes.conflicts)
+        for manifest in changes.create:
+            try:
+                written.append(await self.kube.create(manifest))
+                log.info("Created %s %s/%s", manifest["kind"], owner.namespace,
+                         manifest["metadata"]["name"])
+            except AlreadyExists:
+                # Not in our labelled listing: someone else's object, or ours
+                # created by a concurrent reconcile a moment ago.
+                kind = kinds.kind_of(manifest)
+                existing = await self.kube.get(kind, owner.namespace,
+                                               manifest["metadata"]["name"])
+                if existing is not None and not owned_by(existing, owner.uid):
+                    conflicts.append(conflict_message(existing, owner.namespace, owner.name))
+                elif existing is not None and meta.applied_hash(existing) != meta.applied_hash(
+                        manifest):
+                    changes.patch.append(manifest)
+        for manifest in changes.patch:
+            kind = kinds.kind_of(manifest)
+            patched = await self.kube.merge_patch(kind, owner.namespace,
+                                                  manifest["metadata"]["name"], manifest)
+            if patched is not None:
+                written.append(patched)
+                log.info("Updated %s %s/%s", manifest["kind"], owner.namespace,
+                         manifest["metadata"]["name"])
+        for key in changes.delete:
+            await self.kube.delete(kinds.BY_KIND[key.kind], owner.namespace, key.name)
+            log.info("Deleted %s %s/%s (no longer in the spec)", key.kind, owner.namespace,
+                     key.name)
+        return written, conflicts
+
+    async def _fail(self, obj: dict[str, Any], reason: str, message: str) -> None:
+        generation = int(obj["metadata"].get("generation") or 0)
+        status = st.failed_status(generation, reason, message, old=obj.get("status"),
+                                  now=self.clock())
+        await self._write_status(obj, status)
+
+    async def _write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
+        old = obj.get("status") or {}
+        if all(old.get(k) == v for k, v in status.items()):
+            return  # unchanged: no write, no event, no resourceVersion churn
+        meta_ = obj["metadata"]
+        await self.kube.merge_patch(kinds.ENDPOINT, meta_["namespace"], meta_["name"],
+                                    {"status": status}, subresource="status")

@@ -1,0 +1,47 @@
+"""The API resources the operator reads and writes, and their URL paths: PURE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from kubeinfer_operator.api import endpoint as ep
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    kind: str
+    plural: str
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    def path(self, namespace: str, name: str | None = None,
+             subresource: str | None = None) -> str:
+        """``/api/v1/namespaces/ns/configmaps/name`` or ``/apis/apps/v1/...``."""
+        root = f"/apis/{self.api_version}" if self.group else f"/api/{self.api_version}"
+        out = f"{root}/namespaces/{quote(namespace, safe='')}/{self.plural}"
+        if name is not None:
+            out += f"/{quote(name, safe='')}"
+            if subresource:
+                out += f"/{subresource}"
+        return out
+
+
+DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
+SERVICE = Kind("v1", "Service", "services")
+CONFIGMAP = Kind("v1", "ConfigMap", "configmaps")
+ENDPOINT = Kind(ep.API_VERSION, ep.KIND, ep.PLURAL)
+
+#: Every kind an Endpoint's children can be, in the order they are listed.
+CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT)
+BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, ENDPOINT)}
+
+
+def kind_of(manifest: dict[str, object]) -> Kind:
+    kind = BY_KIND.get(str(manifest.get("kind")))
+    if kind is None or kind.api_version != manifest.get("apiVersion"):
+        raise ValueError(f"Unsupported object {manifest.get('apiVersion')}/{manifest.get('kind')}")
+    return kind

@@ -1,0 +1,87 @@
+"""Entry point of the Kubernetes operator: ``run(settings)`` (``kubeinfer operator``).
+
+Builds a kopf registry with the login, start-up and Endpoint handlers and runs
+kopf in the current thread until SIGTERM/SIGINT. Tests use ``operate()`` to
+run the same operator inside their own event loop with stop/ready flags.
+
+Peering: with ``standalone=False`` (the default) kopf uses the KopfPeering
+(namespaced) or ClusterKopfPeering (cluster-wide) object named
+``peering_name``, which the Helm chart installs, so of two operator replicas
+only one acts at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from kubeinfer_operator.handlers import endpoint as endpoint_handlers
+from kubeinfer_operator.handlers.sync import EndpointSync
+from kubeinfer_operator.k8s.client import KubeClient
+from kubeinfer_operator.k8s.login import login_handler
+from kubeinfer_operator.settings import OperatorSettings
+
+
+def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSettings) -> None:
+    """kopf behaviour kubeinfer relies on (applied at start-up)."""
+    prefix = settings.kopf_state_prefix
+    # Handler progress and the last handled spec live in annotations under our
+    # prefix; nothing is written into .status (the CRD schema owns it).
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=prefix, key="last-handled-configuration")
+    kopf_settings.persistence.finalizer = f"{prefix}/finalizer"
+    # Events only for problems: a timer tick must not post an Event every few seconds.
+    kopf_settings.posting.level = logging.WARNING
+    # Re-open watches regularly so a silently dropped connection cannot stall us.
+    kopf_settings.watching.server_timeout = 300
+    kopf_settings.watching.client_timeout = 330
+
+
+def build_registry(settings: OperatorSettings,
+                   client: KubeClient | None = None) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    kube = client or KubeClient()
+
+    kopf.on.login(registry=registry)(login_handler(kube))
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings, operator_settings)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await kube.close()
+
+    operator_settings = settings
+    endpoint_handlers.register(registry, EndpointSync(kube, settings), settings.status_interval_s)
+    return registry
+
+
+def _scope(settings: OperatorSettings) -> dict[str, Any]:
+    if settings.namespaces:
+        return {"namespaces": list(settings.namespaces), "clusterwide": False}
+    return {"clusterwide": True}
+
+
+async def operate(settings: OperatorSettings, *, stop_flag: Any = None,
+                  ready_flag: Any = None) -> None:
+    """Run the operator in the current event loop until ``stop_flag`` is set."""
+    await kopf.operator(
+        registry=build_registry(settings),
+        standalone=settings.standalone,
+        peering_name=None if settings.standalone else settings.peering_name,
+        liveness_endpoint=settings.liveness_endpoint,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+        **_scope(settings),
+    )
+
+
+def run(settings: OperatorSettings) -> None:
+    """Run the operator until it is signalled to stop (the ``kubeinfer operator`` command)."""
+    kopf.configure(verbose=False)
+    asyncio.run(operate(settings))

@@ -1,0 +1,134 @@
+"""Semantic validation of an Endpoint before anything is created: PURE.
+
+The CRD schema refuses structural errors at ``kubectl apply`` time, but some
+problems only show up when the whole object is considered (weights summing to
+0, names that become too long once prefixed, a model URI the runtime cannot
+read, a limit below its request). ``validate_endpoint`` finds all of them at
+once, so the operator can set ``Ready=False, reason=InvalidSpec`` with one
+message naming every field and its fix, and create nothing half-way.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+
+from kubeinfer_operator.api.endpoint import (
+    Endpoint,
+    EndpointSpec,
+    ObjectMeta,
+    ProductionVariant,
+    format_validation_error,
+)
+from kubeinfer_operator.errors import SpecError
+from kubeinfer_operator.reconcile.quantity import parse_quantity
+from kubeinfer_operator.render import k8s_meta as meta
+
+REASON_INVALID_SPEC = "InvalidSpec"
+
+#: Endpoint names become Service names (``<name>-gateway``): DNS-1035 labels,
+#: which must start with a letter. 40 characters leave room for the suffixes.
+_ENDPOINT_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_ENDPOINT_NAME = 40
+
+#: Env vars the operator sets itself; overriding them would break the pod.
+_OPERATOR_ENV = frozenset({"KUBEINFER_PORT", "KUBEINFER_HOST"})
+
+
+class InvalidSpec(SpecError):
+    """The Endpoint cannot be deployed as written; ``problems`` name each field and fix."""
+
+    reason = REASON_INVALID_SPEC
+
+    def __init__(self, endpoint: str, problems: list[str]) -> None:
+        self.endpoint = endpoint
+        self.problems = problems
+        super().__init__(f"Endpoint {endpoint} is invalid: " + "; ".join(problems))
+
+
+def _clean(problem: str) -> str:
+    # Model-level pydantic errors already name their field: "spec: spec.variants..." → once.
+    problem = re.sub(r"^spec: (spec\.)", r"\1", problem.strip())
+    return problem.rstrip(".")
+
+
+def _name_problems(name: str) -> list[str]:
+    if len(name) > MAX_ENDPOINT_NAME or not _ENDPOINT_NAME.match(name):
+        return [f"metadata.name: {name!r} must start with a letter, use only lowercase letters, "
+                f"digits and '-', and have at most {MAX_ENDPOINT_NAME} characters; "
+                "recreate the Endpoint under such a name"]
+    return []
+
+
+def _uri_problems(path: str, uri: str) -> list[str]:
+    """What the runtime would refuse at load time, caught before pods crash-loop."""
+    parsed = urlparse(uri)
+    location = (parsed.netloc + parsed.path) if parsed.scheme == "file" else parsed.path
+    if ".." in location.split("/"):
+        return [f"{path}: model URI {uri!r} contains '..'; name the model by a path without "
+                "parent-directory segments"]
+    if parsed.scheme == "s3" and parsed.path.endswith("/"):
+        return [f"{path}: model URI {uri!r} names a prefix, not an object; point it at the "
+                "model file, e.g. s3://bucket/models/model.onnx"]
+    return []
+
+
+def _resource_problems(path: str, requests: dict[str, str],
+                       limits: dict[str, str]) -> list[str]:
+    problems: list[str] = []
+    parsed: dict[str, dict[str, Any]] = {"requests": {}, "limits": {}}
+    for section, values in (("requests", requests), ("limits", limits)):
+        for key, text in values.items():
+            value = parse_quantity(text)
+            if value is None:
+                problems.append(f"{path}.{section}.{key}: {text!r} is not a Kubernetes quantity; "
+                                "write it like 500m, 2 or 1Gi")
+            else:
+                parsed[section][key] = value
+    for key, limit in parsed["limits"].items():
+        request = parsed["requests"].get(key)
+        if request is not None and limit < request:
+            problems.append(f"{path}.limits.{key}: {limits[key]} is below the request "
+                            f"{requests[key]}; raise the limit or lower the request")
+    return problems
+
+
+def _variant_problems(endpoint: str, index: int, v: ProductionVariant) -> list[str]:
+    path = f"spec.variants[{index}]"
+    problems: list[str] = []
+    object_name = meta.variant_object_name(endpoint, v.name)
+    if v.name in meta.RESERVED_VARIANT_NAMES:
+        problems.append(f"{path}.name: {v.name!r} is reserved for the Endpoint's own "
+                        f"{v.name} objects; rename the variant")
+    elif len(object_name) > meta.MAX_NAME:
+        problems.append(f"{path}.name: {v.name!r} makes the object name {object_name!r} longer "
+                        f"than {meta.MAX_NAME} characters; shorten the variant or Endpoint name")
+    problems += _uri_problems(f"{path}.model.uri", v.model.uri)
+    problems += _resource_problems(f"{path}.resources", v.resources.requests,
+                                   v.resources.limits)
+    for j, env in enumerate(v.env):
+        if env.name in _OPERATOR_ENV:
+            problems.append(f"{path}.env[{j}].name: {env.name} is set by the operator; "
+                            "remove it from the spec")
+    return problems
+
+
+def validate_endpoint(name: str, namespace: str, spec: Any) -> Endpoint:
+    """Parse and check an Endpoint's spec; raise ``InvalidSpec`` listing every problem."""
+    qualified = f"{namespace}/{name}"
+    problems = _name_problems(name)
+    try:
+        parsed = EndpointSpec.model_validate(spec)
+    except ValidationError as exc:
+        problems += [_clean(p) for p in format_validation_error(exc, "spec").splitlines()]
+        raise InvalidSpec(qualified, problems) from exc
+    for i, variant in enumerate(parsed.variants):
+        problems += _variant_problems(name, i, variant)
+    if problems:
+        raise InvalidSpec(qualified, [_clean(p) for p in problems])
+    # The name passed _name_problems, so ObjectMeta's own pattern accepts it.
+    return Endpoint(apiVersion="kubeinfer.io/v1alpha1", kind="Endpoint",
+                    metadata=ObjectMeta(name=name, namespace=namespace), spec=parsed)

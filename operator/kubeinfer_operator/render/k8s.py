@@ -1,0 +1,58 @@
+"""An Endpoint's whole desired state on Kubernetes, as a list of manifests: PURE.
+
+``render_endpoint`` is the single function the operator's handlers call: plan
++ settings + owner + which variants are ready → every child manifest, stamped
+with the ``kubeinfer.io/applied-hash`` annotation the reconciler compares.
+The route table sends traffic only to variants that are ready (a Deployment
+with at least one available replica): the gateway never routes to a variant
+that cannot answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render import k8s_workloads as w
+from kubeinfer_operator.render.k8s_workloads import Owner
+from kubeinfer_operator.render.plan import EndpointPlan
+from kubeinfer_operator.settings import OperatorSettings
+from kubeinfer_runtime.contract import RouteTable
+
+__all__ = ["Owner", "endpoint_url", "render_endpoint", "route_table"]
+
+
+def endpoint_url(owner: Owner, settings: OperatorSettings) -> str:
+    """The in-cluster URL of the Endpoint's gateway (reported in status.url)."""
+    return w.service_url(meta.gateway_name(owner.name), owner.namespace, settings.runtime_port)
+
+
+def route_table(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
+                ready_variants: Collection[str]) -> RouteTable:
+    """The gateway's routes: each ready variant's Service URL, none for the others."""
+    upstreams = {
+        v.name: [w.service_url(meta.variant_object_name(owner.name, v.name), owner.namespace,
+                               settings.runtime_port)]
+        for v in plan.variants
+        if v.name in ready_variants
+    }
+    return plan.route_table(upstreams)
+
+
+def render_endpoint(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
+                    ready_variants: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Every child manifest, in a safe creation order.
+
+    The ConfigMap comes first (gateway pods mount it) and variant objects
+    before the gateway (it routes to them).
+    """
+    manifests: list[dict[str, Any]] = [
+        w.routes_configmap(owner, route_table(plan, owner, settings, ready_variants))
+    ]
+    for variant in plan.variants:
+        manifests.append(w.model_server_service(owner, variant, settings))
+        manifests.append(w.model_server_deployment(owner, variant, settings))
+    manifests.append(w.gateway_service(owner, settings))
+    manifests.append(w.gateway_deployment(owner, settings))
+    return [meta.with_applied_hash(m) for m in manifests]

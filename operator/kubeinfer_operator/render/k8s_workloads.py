@@ -1,0 +1,237 @@
+"""Kubernetes manifests of one Endpoint's children (Deployments, Services, ConfigMap): PURE.
+
+Each function turns part of an ``EndpointPlan`` plus the operator's settings
+into one manifest dict, ready for the API. ``render.k8s.render_endpoint`` puts
+them together. Pods are locked down (non-root, read-only root filesystem, no
+privilege escalation, no capabilities, RuntimeDefault seccomp); the only
+writable path is an emptyDir at /tmp, where the model server caches models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render.plan import VariantPlan
+from kubeinfer_operator.settings import OperatorSettings
+from kubeinfer_runtime.contract import ROUTE_TABLE_FILENAME, Role, RouteTable
+
+#: Where the route-table ConfigMap is mounted in gateway pods (a directory
+#: mount, not subPath: kubelet only refreshes whole-directory ConfigMap mounts).
+ROUTES_MOUNT_DIR = "/etc/kubeinfer"
+PORT_NAME = "http"
+MODEL_SERVER_READY_PATH = "/v2/health/ready"
+MODEL_SERVER_LIVE_PATH = "/v2/health/live"
+GATEWAY_HEALTH_PATH = "/ping"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The Endpoint object that owns (and garbage-collects) the rendered children."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def _metadata(owner: Owner, name: str, component: str,
+              variant: str | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": meta.labels(owner.name, component, variant),
+        "ownerReferences": [meta.owner_reference(owner.name, owner.uid)],
+    }
+
+
+def _pod_security(settings: OperatorSettings) -> dict[str, Any]:
+    uid = settings.runtime_uid
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+    }
+
+
+def _env(values: dict[str, str]) -> list[dict[str, str]]:
+    return [{"name": k, "value": v} for k, v in values.items()]
+
+
+def variant_resources(variant: VariantPlan, settings: OperatorSettings) -> dict[str, Any]:
+    """The spec's resources when it sets any, else the operator's defaults.
+
+    All-or-nothing on purpose: mixing a user's memory request with a default
+    limit could produce a limit below the request, which the API refuses.
+    """
+    if variant.requests or variant.limits:
+        out: dict[str, Any] = {}
+        if variant.requests:
+            out["requests"] = dict(variant.requests)
+        if variant.limits:
+            out["limits"] = dict(variant.limits)
+        return out
+    return {
+        "requests": {"cpu": settings.default_cpu_request,
+                     "memory": settings.default_memory_request},
+        "limits": {"memory": settings.default_memory_limit},
+    }
+
+
+def _pod_spec(settings: OperatorSettings, container: dict[str, Any],
+              volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        # The runtime never calls the Kubernetes API: no token in its pods.
+        "automountServiceAccountToken": False,
+        # Service env vars (FOO_SERVICE_HOST for every Service) are noise here.
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(settings),
+        "terminationGracePeriodSeconds": 30,
+        "containers": [container],
+        "volumes": volumes,
+    }
+
+
+def _deployment(owner: Owner, name: str, component: str, variant: str | None,
+                replicas: int, pod_annotations: dict[str, str],
+                pod_spec: dict[str, Any]) -> dict[str, Any]:
+    selector = meta.pod_selector(owner.name, component, variant)
+    template_meta: dict[str, Any] = {"labels": meta.labels(owner.name, component, variant)}
+    if pod_annotations:
+        template_meta["annotations"] = pod_annotations
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, name, component, variant),
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector},
+            # Surge, never go below the wanted capacity while a variant rolls.
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {"metadata": template_meta, "spec": pod_spec},
+        },
+    }
+
+
+def _service(owner: Owner, name: str, component: str, variant: str | None,
+             settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, name, component, variant),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": meta.pod_selector(owner.name, component, variant),
+            "ports": [{"name": PORT_NAME, "port": settings.runtime_port,
+                       "targetPort": PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def _tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
+    return {"name": "tmp", "emptyDir": {}}, {"name": "tmp", "mountPath": "/tmp"}
+
+
+def _runtime_container(role: Role, settings: OperatorSettings, env: dict[str, str],
+                       mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": role.value,
+        "image": settings.runtime_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": ["serve", "--role", role.value],
+        "ports": [{"name": PORT_NAME, "containerPort": settings.runtime_port,
+                   "protocol": "TCP"}],
+        "env": _env({**env, "KUBEINFER_PORT": str(settings.runtime_port)}),
+        "securityContext": _container_security(),
+        "volumeMounts": mounts,
+    }
+
+
+def model_server_deployment(owner: Owner, variant: VariantPlan,
+                            settings: OperatorSettings) -> dict[str, Any]:
+    tmp_volume, tmp_mount = _tmp_volume()
+    container = _runtime_container(Role.MODEL_SERVER, settings,
+                                   variant.server_env(owner.name), [tmp_mount])
+    container["readinessProbe"] = _probe(MODEL_SERVER_READY_PATH, period=5, failures=3)
+    container["livenessProbe"] = _probe(MODEL_SERVER_LIVE_PATH, period=10, failures=3)
+    container["resources"] = variant_resources(variant, settings)
+    if settings.s3_secret_name:
+        # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_ENDPOINT_URL) from the
+        # Secret: the runtime's settings read these standard names.
+        container["envFrom"] = [{"secretRef": {"name": settings.s3_secret_name}}]
+    return _deployment(
+        owner, meta.variant_object_name(owner.name, variant.name), meta.COMPONENT_MODEL_SERVER,
+        variant.name, variant.replicas,
+        # Only what must restart a model server changes the pod template.
+        {meta.ANNOTATION_SERVER_HASH: variant.server_hash},
+        _pod_spec(settings, container, [tmp_volume]),
+    )
+
+
+def model_server_service(owner: Owner, variant: VariantPlan,
+                         settings: OperatorSettings) -> dict[str, Any]:
+    return _service(owner, meta.variant_object_name(owner.name, variant.name),
+                    meta.COMPONENT_MODEL_SERVER, variant.name, settings)
+
+
+def gateway_deployment(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
+    tmp_volume, tmp_mount = _tmp_volume()
+    routes_volume = {"name": "routes",
+                     "configMap": {"name": meta.routes_name(owner.name)}}
+    routes_mount = {"name": "routes", "mountPath": ROUTES_MOUNT_DIR, "readOnly": True}
+    env = {"KUBEINFER_ROUTE_TABLE_PATH": f"{ROUTES_MOUNT_DIR}/{ROUTE_TABLE_FILENAME}"}
+    container = _runtime_container(Role.GATEWAY, settings, env, [tmp_mount, routes_mount])
+    container["readinessProbe"] = _probe(GATEWAY_HEALTH_PATH, period=5, failures=3)
+    container["livenessProbe"] = _probe(GATEWAY_HEALTH_PATH, period=10, failures=3)
+    container["resources"] = {
+        "requests": {"cpu": settings.gateway_cpu_request,
+                     "memory": settings.gateway_memory_request},
+        "limits": {"memory": settings.gateway_memory_limit},
+    }
+    # No hash of the route table here: weight and readiness changes rewrite the
+    # ConfigMap only, and the gateway reloads it without a restart.
+    return _deployment(owner, meta.gateway_name(owner.name), meta.COMPONENT_GATEWAY, None,
+                       settings.gateway_replicas, {},
+                       _pod_spec(settings, container, [tmp_volume, routes_volume]))
+
+
+def gateway_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
+    return _service(owner, meta.gateway_name(owner.name), meta.COMPONENT_GATEWAY, None,
+                    settings)
+
+
+def routes_configmap(owner: Owner, table: RouteTable) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, meta.routes_name(owner.name), meta.COMPONENT_ROUTES),
+        "data": {ROUTE_TABLE_FILENAME: table.to_json()},
+    }
+
+
+def service_url(name: str, namespace: str, port: int) -> str:
+    """In-cluster base URL of a Service (resolvable from any namespace)."""
+    return f"http://{name}.{namespace}.svc:{port}"

@@ -1,0 +1,381 @@
+"""The Helm chart renders, lints and produces only valid, least-privilege objects.
+
+Rendered offline with helm-python-sdk (the Helm 4 SDK in a wheel, no helm
+binary, no cluster), then every object is checked with kubernetes-validate in
+strict mode (unknown fields are errors) against Kubernetes 1.33. Objects of
+custom kinds that schema set does not know (kopf's peering objects, the
+Prometheus Operator's ServiceMonitor) are checked against their CRD schema or
+for their shape instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from kubeinfer_operator.settings import OperatorSettings
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kubeinfer"
+K8S_VERSION = "1.33.0"
+RELEASE, RELEASE_NS = "kubeinfer", "kubeinfer-system"
+#: CRDs the chart ships that kubeinfer's API models do not generate.
+CHART_ONLY_CRDS = {"kopf-peering.yaml"}
+
+NAMESPACED = {"watch": {"scope": "namespaces", "namespaces": ["team-a", "team-b"]}}
+MONITORED = {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: helm.Chart, values: dict[str, Any] | None = None,
+           namespace: str = RELEASE_NS) -> list[dict[str, Any]]:
+    """Every object the chart renders with ``values``, NOTES.txt excluded."""
+    out = chart.render(values, name=RELEASE, namespace=namespace)
+    objects = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (found,) = by_kind(objects, kind)
+    return found
+
+
+def chart_crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) → openAPIV3Schema of every CRD in the chart's crds/."""
+    schemas = {}
+    for path in (CHART / "crds").glob("*.yaml"):
+        for crd in yaml.safe_load_all(path.read_text()):
+            for version in crd["spec"]["versions"]:
+                key = (f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])
+                schemas[key] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def validate(obj: dict[str, Any]) -> None:
+    """Schema-check one rendered object; raises on any problem."""
+    api_version, kind = obj["apiVersion"], obj["kind"]
+    if api_version.startswith("kopf.dev/"):
+        jsonschema.Draft4Validator(chart_crd_schemas()[(api_version, kind)]).validate(obj)
+        return
+    if api_version == "monitoring.coreos.com/v1":
+        assert_service_monitor_shape(obj)
+        return
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def assert_service_monitor_shape(obj: dict[str, Any]) -> None:
+    # No schema for monitoring.coreos.com here: check what Prometheus Operator needs.
+    assert obj["kind"] == "ServiceMonitor"
+    assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
+    spec = obj["spec"]
+    assert set(spec) <= {"jobLabel", "namespaceSelector", "selector", "endpoints"}
+    assert spec["selector"]["matchLabels"]
+    assert spec["endpoints"]
+    for endpoint in spec["endpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+        assert endpoint["path"] == "/metrics"
+        for key in ("interval", "scrapeTimeout"):
+            assert re.fullmatch(r"[0-9]+(ms|s|m|h)", endpoint[key])
+    selector = spec["namespaceSelector"]
+    assert selector == {"any": True} or (set(selector) == {"matchNames"} and selector["matchNames"])
+
+
+def env_of(deployment: dict[str, Any]) -> dict[str, str]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", "") for e in container["env"]}
+
+
+# -- CRDs --------------------------------------------------------------------------------
+
+
+def test_chart_crds_are_the_repository_crds_byte_for_byte() -> None:
+    repo = {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
+    in_chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+    assert repo, "crds/ is empty: run `kubeinfer crds`"
+    assert set(in_chart) - CHART_ONLY_CRDS == set(repo), (
+        "charts/kubeinfer/crds/ and crds/ hold different files: "
+        "cp crds/*.yaml charts/kubeinfer/crds/"
+    )
+    for name, content in repo.items():
+        assert in_chart[name] == content, (
+            f"charts/kubeinfer/crds/{name} differs from crds/{name}: "
+            "cp crds/*.yaml charts/kubeinfer/crds/"
+        )
+
+
+def test_chart_crds_are_valid_and_loaded_by_helm(chart: helm.Chart) -> None:
+    names = set()
+    for entry in chart.crds:
+        for crd in yaml.safe_load_all(entry["data"]):
+            kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
+            names.add(crd["metadata"]["name"])
+    assert names == {"endpoints.kubeinfer.io", "kopfpeerings.kopf.dev",
+                     "clusterkopfpeerings.kopf.dev"}
+
+
+# -- lint and values schema --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, NAMESPACED, MONITORED], ids=["default", "ns", "sm"])
+def test_lint_passes_strict(values: dict[str, Any] | None) -> None:
+    report = helm.lint(CHART, values, strict=True, namespace=RELEASE_NS,
+                       kube_version=f"v{K8S_VERSION}")
+    assert report["errors"] == []
+    # Severity 2 is a warning, 3 an error; 1 (info) is "icon is recommended".
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("bad", [
+    {"bogus": 1},
+    {"operator": {"imag": {"repository": "x"}}},
+    {"watch": {"scope": "everywhere"}},
+    {"watch": {"scope": "namespaces", "namespaces": ["Not_A_Namespace"]}},
+    {"operator": {"replicas": 2}},
+    {"operator": {"image": {"digest": "latest"}}},
+    {"runtime": {"defaultResources": {"memoryLimit": "lots"}}},
+    {"metrics": {"serviceMonitor": {"interval": "every minute"}}},
+], ids=lambda v: str(v))
+def test_values_schema_refuses(chart: helm.Chart, bad: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        chart.render(bad, name=RELEASE, namespace=RELEASE_NS)
+
+
+def test_values_schema_names_the_unknown_key(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmValuesError, match="nodeSelecter"):
+        chart.validate_schema({"operator": {"nodeSelecter": {"a": "b"}}})
+
+
+def test_namespaces_with_cluster_scope_is_refused_with_the_fix(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError) as err:
+        chart.render({"watch": {"namespaces": ["team-a"]}}, name=RELEASE, namespace=RELEASE_NS)
+    message = str(err.value)
+    assert "watch.namespaces" in message and "watch.scope" in message
+    assert "set watch.scope=namespaces" in message
+
+
+def test_every_values_key_is_commented() -> None:
+    """values.yaml documents each key: a comment line right above it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    # Free-form maps whose entries are data, not chart keys.
+    data_parents = {"resources", "requests", "limits", "selector"}
+    parents: list[tuple[int, str]] = []
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z][\w.-]*):", line)
+        if not m:
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        parents = [(d, k) for d, k in parents if d < indent]
+        if not (parents and parents[-1][1] in data_parents):
+            above = lines[i - 1].strip() if i else ""
+            if not above.startswith("#"):
+                missing.append(".".join([k for _, k in parents] + [key]))
+        parents.append((indent, key))
+    assert missing == [], f"values.yaml keys without a comment: {missing}"
+
+
+def test_every_values_key_is_in_the_schema(chart: helm.Chart) -> None:
+    """Defaults pass the strict schema (so the schema knows every documented key)."""
+    chart.validate_schema(chart.values)
+
+
+# -- rendered objects --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, NAMESPACED, MONITORED, {**NAMESPACED, **MONITORED}],
+                         ids=["default", "ns", "sm", "ns+sm"])
+def test_every_rendered_object_is_valid(chart: helm.Chart, values: dict[str, Any] | None) -> None:
+    objects = render(chart, values)
+    assert objects
+    for obj in objects:
+        validate(obj)
+
+
+def test_validation_catches_a_typo_in_a_rendered_object(chart: helm.Chart) -> None:
+    """The strict check this file relies on does fail on an unknown field."""
+    deployment = one(render(chart), "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment)
+
+
+def test_default_render_is_cluster_wide(chart: helm.Chart) -> None:
+    objects = render(chart)
+    kinds = sorted(o["kind"] for o in objects)
+    assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                     "ServiceAccount"]
+    assert env_of(one(objects, "Deployment"))["KUBEINFER_NAMESPACES"] == ""
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == one(objects, "ClusterRole")["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubeinfer",
+                                    "namespace": RELEASE_NS}]
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == (
+        "kubeinfer")
+    assert one(objects, "ClusterKopfPeering")["metadata"]["name"] == "kubeinfer"
+
+
+def test_namespaced_scope_grants_nothing_cluster_wide_but_reads(chart: helm.Chart) -> None:
+    objects = render(chart, NAMESPACED)
+    roles = by_kind(objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    bindings = by_kind(objects, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for b in bindings:
+        assert b["subjects"][0]["namespace"] == RELEASE_NS
+    (cluster_role,) = by_kind(objects, "ClusterRole")
+    verbs = {v for rule in cluster_role["rules"] for v in rule["verbs"]}
+    assert verbs == {"list", "watch"}
+    peerings = by_kind(objects, "KopfPeering")
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+    assert not by_kind(objects, "ClusterKopfPeering")
+    assert env_of(one(objects, "Deployment"))["KUBEINFER_NAMESPACES"] == "team-a,team-b"
+
+
+def test_namespaced_scope_defaults_to_the_release_namespace(chart: helm.Chart) -> None:
+    objects = render(chart, {"watch": {"scope": "namespaces"}}, namespace="ml")
+    assert [r["metadata"]["namespace"] for r in by_kind(objects, "Role")] == ["ml"]
+    assert env_of(one(objects, "Deployment"))["KUBEINFER_NAMESPACES"] == "ml"
+
+
+def test_namespaced_scope_without_cluster_reads_is_fully_namespaced(chart: helm.Chart) -> None:
+    objects = render(chart, {**NAMESPACED, "rbac": {"create": True, "clusterReads": False}})
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+
+
+def test_rbac_can_be_left_to_the_cluster_admin(chart: helm.Chart) -> None:
+    objects = render(chart, {"rbac": {"create": False, "clusterReads": True},
+                             "serviceAccount": {"create": False, "name": "ops-sa"}})
+    assert sorted(o["kind"] for o in objects) == ["ClusterKopfPeering", "Deployment"]
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops-sa"
+
+
+@pytest.mark.parametrize("values", [None, NAMESPACED], ids=["cluster", "ns"])
+def test_rbac_is_least_privilege(chart: helm.Chart, values: dict[str, Any] | None) -> None:
+    for role in by_kind(render(chart, values), "ClusterRole") + by_kind(
+            render(chart, values), "Role"):
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], f"{role['metadata']['name']}: wildcard {rule}"
+            assert not {"secrets", "pods", "pods/exec"} & set(rule["resources"]), rule
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+            if rule["resources"] == ["customresourcedefinitions"]:
+                assert set(rule["verbs"]) <= {"get", "list", "watch"}
+
+
+def test_every_rbac_rule_has_a_comment_saying_why() -> None:
+    lines = (CHART / "templates" / "rbac.yaml").read_text().splitlines()
+    rule_lines = [i for i, line in enumerate(lines) if line.strip().startswith("- apiGroups:")]
+    assert len(rule_lines) >= 8
+    for i in rule_lines:
+        assert lines[i - 1].strip().startswith("#"), f"rbac.yaml:{i + 1}: rule without a comment"
+
+
+def test_operator_pod_is_locked_down(chart: helm.Chart) -> None:
+    deployment = one(render(chart), "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert container["args"] == ["operator"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    (port,) = container["ports"]
+    assert port["containerPort"] == 8080
+    assert env_of(deployment)["KUBEINFER_LIVENESS_ENDPOINT"] == "http://0.0.0.0:8080/healthz"
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+def test_operator_env_is_read_by_operator_settings(
+        chart: helm.Chart, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every KUBEINFER_* variable the chart sets is a real OperatorSettings field, parsed."""
+    values = {
+        **NAMESPACED,
+        "runtime": {"image": {"repository": "reg.example/runtime", "tag": "1.2.3",
+                              "pullPolicy": "Always"},
+                    "gatewayReplicas": 3, "s3": {"secretName": "s3-creds"},
+                    "gatewayResources": {"cpuRequest": "250m"}},
+        "peering": {"name": "ml-peering"},
+        "statusIntervalSeconds": 2.5,
+    }
+    env = env_of(one(render(chart, values), "Deployment"))
+    fields = {"KUBEINFER_" + name.upper() for name in OperatorSettings.model_fields}
+    unknown = {k for k in env if k.startswith("KUBEINFER_")} - fields
+    assert unknown == set(), f"chart sets env the operator does not read: {unknown}"
+    for name in fields:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = OperatorSettings()
+    assert settings.namespaces == ["team-a", "team-b"]
+    assert settings.runtime_image == "reg.example/runtime:1.2.3"
+    assert settings.image_pull_policy == "Always"
+    assert settings.gateway_replicas == 3
+    assert settings.gateway_cpu_request == "250m"
+    assert settings.s3_secret_name == "s3-creds"
+    assert settings.peering_name == "ml-peering"
+    assert settings.status_interval_s == 2.5
+    assert settings.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+    assert settings.standalone is False  # peering objects are rendered for it
+    assert settings.runtime_uid == 65532
+
+
+def test_image_digest_pins_and_tag_defaults_to_app_version(chart: helm.Chart) -> None:
+    digest = "sha256:" + "a" * 64
+    objects = render(chart, {"operator": {"image": {"digest": digest}}})
+    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"ghcr.io/kubeinfer/operator@{digest}"
+    env = env_of(one(objects, "Deployment"))
+    app_version = chart.metadata["appVersion"]
+    assert env["KUBEINFER_RUNTIME_IMAGE"] == f"ghcr.io/kubeinfer/runtime:{app_version}"
+
+
+def test_service_monitor_is_off_by_default_and_selects_runtime_services(
+        chart: helm.Chart) -> None:
+    assert not by_kind(render(chart), "ServiceMonitor")
+    monitor = one(render(chart, MONITORED), "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    # The labels and port name the operator puts on every gateway/model-server Service.
+    from kubeinfer_operator.render import k8s_meta, k8s_workloads
+
+    operator_labels = k8s_meta.labels("iris", k8s_meta.COMPONENT_GATEWAY)
+    for key, value in monitor["spec"]["selector"]["matchLabels"].items():
+        assert operator_labels[key] == value
+    assert monitor["spec"]["endpoints"][0]["port"] == k8s_workloads.PORT_NAME
+
+    namespaced = one(render(chart, {**NAMESPACED, **MONITORED}), "ServiceMonitor")
+    assert namespaced["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_notes_tell_how_to_wait_for_an_endpoint(chart: helm.Chart) -> None:
+    notes = chart.render(NAMESPACED, name=RELEASE, namespace=RELEASE_NS)[
+        "kubeinfer/templates/NOTES.txt"]
+    assert "kubectl -n team-a wait --for=condition=Ready endpoints.kubeinfer.io/iris" in notes
