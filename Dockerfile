@@ -56,11 +56,10 @@ RUN python -m venv /opt/models \
  && /opt/models/bin/pip install -c requirements/constraints.txt numpy onnx scikit-learn skl2onnx
 COPY examples/build_models.py examples/build_models.py
 # Examples name models relatively (file://models/iris.onnx). The runtime
-# resolves that against KUBEINFER_MODEL_BASE_DIR=/models, i.e.
-# /models/models/iris.onnx; the link makes that the same file as
-# /models/iris.onnx (what file:///models/iris.onnx names).
+# resolves that against KUBEINFER_MODEL_BASE_DIR=/srv/kubeinfer, i.e.
+# /srv/kubeinfer/models/iris.onnx (also reachable as
+# file:///srv/kubeinfer/models/iris.onnx).
 RUN /opt/models/bin/python examples/build_models.py /out/models \
- && ln -s . /out/models/models \
  && chmod -R a+rX /out/models
 
 # ---------------------------------------------------------------------------
@@ -93,8 +92,8 @@ FROM base AS runtime
 LABEL org.opencontainers.image.title="kubeinfer runtime" \
       org.opencontainers.image.description="kubeinfer data plane: SageMaker-compatible gateway and ONNX model server" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=models /out/models /models
-ENV KUBEINFER_MODEL_BASE_DIR=/models
+COPY --from=models /out/models /srv/kubeinfer/models
+ENV KUBEINFER_MODEL_BASE_DIR=/srv/kubeinfer
 USER 65532:65532
 EXPOSE 8080
 # The operator passes the role: `serve --role model-server` or `serve --role gateway`.

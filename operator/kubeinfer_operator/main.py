@@ -45,19 +45,19 @@ def build_registry(settings: OperatorSettings,
                    client: KubeClient | None = None) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     kube = client or KubeClient()
+    ours = settings
 
     kopf.on.login(registry=registry)(login_handler(kube))
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure_kopf(settings, operator_settings)
+        configure_kopf(settings, ours)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         await kube.close()
 
-    operator_settings = settings
-    endpoint_handlers.register(registry, EndpointSync(kube, settings), settings.status_interval_s)
+    endpoint_handlers.register(registry, EndpointSync(kube, ours), ours.status_interval_s)
     return registry
 
 

@@ -204,7 +204,7 @@ class ModelServerSettings(_RoleSettings):
     intra_op_threads: int = Field(default=1, ge=1)
     #: Relative ``file://models/x.onnx`` URIs resolve against this directory
     #: (where the runtime image bakes its example models).
-    model_base_dir: str = "/models"
+    model_base_dir: str = "/srv/kubeinfer"
     #: Where predict runs: ``inline`` on the event loop (fastest for µs models),
     #: ``thread`` in the inference thread pool (slow models must not block the
     #: loop), ``auto`` picks by the warm-up latency measured at load.

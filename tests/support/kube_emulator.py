@@ -240,9 +240,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
         body = await raw.read()
         try:
             data = json.loads(body) if body else None
-            return await self._serve(raw, d, ns, name, sub, data)
         except ValueError:
             return await self._render_error(_error(400, "BadRequest", "the body is not JSON"))
+        try:
+            return await self._serve(raw, d, ns, name, sub, data)
         except KubernetesError as exc:
             return await self._render_error(exc)
         except Exception as exc:  # an emulator bug: make it visible to the tests
