@@ -110,7 +110,8 @@ def wrk(url: str, body: bytes, content_type: str, connections: int, duration_s: 
             "end\n"
         )
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s", "-s", str(script), url],
+            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+             "-s", str(script), url],
             capture_output=True, text=True, check=True,
         ).stdout
     m = re.search(r"STATS (\d+) (\d+) (\d+) (\d+) (\d+)", out)

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _load_build_models() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("build_models", REPO / "examples" / "build_models.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_models", REPO / "examples" / "build_models.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     sys.modules["build_models"] = mod

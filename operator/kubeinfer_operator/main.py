@@ -34,7 +34,7 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=prefix, key="last-handled-configuration")
     kopf_settings.persistence.finalizer = f"{prefix}/finalizer"
-    # Events only for problems: a timer tick must not post an Event every few seconds.
+    # Events only for problems: a status refresh must not post an Event every few seconds.
     kopf_settings.posting.level = logging.WARNING
     # Re-open watches regularly so a silently dropped connection cannot stall us.
     kopf_settings.watching.server_timeout = 300

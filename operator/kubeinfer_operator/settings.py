@@ -6,11 +6,10 @@ documented in charts/kubeinfer/values.yaml too.
 
 from __future__ import annotations
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing import Annotated
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class OperatorSettings(BaseSettings):

@@ -16,7 +16,13 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError as SettingsError
 
-from kubeinfer_runtime.contract import ENV_PREFIX, GatewaySettings, ModelServerSettings, Role
+from kubeinfer_runtime.contract import (
+    ENV_PREFIX,
+    AsyncWorkerSettings,
+    GatewaySettings,
+    ModelServerSettings,
+    Role,
+)
 
 #: Seconds uvicorn waits for in-flight requests after SIGTERM. Kubernetes sends
 #: SIGKILL after terminationGracePeriodSeconds (30 s by default): stay under it.
@@ -37,9 +43,17 @@ def gateway_app() -> Any:
     return create_app(GatewaySettings())
 
 
+def async_worker_app() -> Any:
+    """uvicorn factory of the async-worker role (queue consumer with /ping, /metrics)."""
+    from kubeinfer_runtime.queue.app import create_app
+
+    return create_app(AsyncWorkerSettings())
+
+
 _FACTORIES = {
     Role.MODEL_SERVER: ("kubeinfer_runtime.__main__:model_server_app", ModelServerSettings),
     Role.GATEWAY: ("kubeinfer_runtime.__main__:gateway_app", GatewaySettings),
+    Role.ASYNC_WORKER: ("kubeinfer_runtime.__main__:async_worker_app", AsyncWorkerSettings),
 }
 
 

@@ -18,13 +18,21 @@ Two kinds of things live here:
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CONTRACT_VERSION: Literal["v1alpha1"] = "v1alpha1"
@@ -41,6 +49,14 @@ H_INFERENCE_ID = "x-amzn-sagemaker-inference-id"
 H_TARGET_MODEL = "x-amzn-sagemaker-target-model"
 H_TARGET_CONTAINER = "x-amzn-sagemaker-target-container-hostname"
 H_ERROR_TYPE = "x-amzn-errortype"
+#: InvokeEndpointAsync headers (botocore's sagemaker-runtime service model).
+H_INPUT_LOCATION = "x-amzn-sagemaker-inputlocation"
+H_ASYNC_CONTENT_TYPE = "x-amzn-sagemaker-content-type"
+H_ASYNC_ACCEPT = "x-amzn-sagemaker-accept"
+H_REQUEST_TTL = "x-amzn-sagemaker-requestttlseconds"
+H_INVOCATION_TIMEOUT = "x-amzn-sagemaker-invocationtimeoutseconds"
+H_OUTPUT_LOCATION = "x-amzn-sagemaker-outputlocation"
+H_FAILURE_LOCATION = "x-amzn-sagemaker-failurelocation"
 
 #: Headers the gateway forwards from the client to the model server.
 FORWARDED_REQUEST_HEADERS = (
@@ -58,6 +74,8 @@ class Role(StrEnum):
 
     MODEL_SERVER = "model-server"
     GATEWAY = "gateway"
+    #: Asynchronous inference: reads the endpoint's Redis Stream, writes objects.
+    ASYNC_WORKER = "async-worker"
 
 
 class ModelFormat(StrEnum):
@@ -79,11 +97,123 @@ class VariantRoute(_Strict):
     upstreams: list[str] = Field(default_factory=list)
 
 
+#: SageMaker's limits for asynchronous requests (RequestTTLSeconds up to 6 h,
+#: InvocationTimeoutSeconds up to 1 h; defaults 6 h and 15 min).
+ASYNC_MAX_REQUEST_TTL_S = 21600
+ASYNC_MAX_INVOCATION_TIMEOUT_S = 3600
+ASYNC_DEFAULT_INVOCATION_TIMEOUT_S = 900
+
+
+class AsyncQueueKeys(_Strict):
+    """The Redis keys of one asynchronous endpoint's queue.
+
+    Here, not in the runtime's ``queue`` package, because the operator reads the
+    backlog from the same keys to scale the workers.
+    """
+
+    #: Unique per Redis server: ``<namespace>.<endpoint>`` on Kubernetes.
+    queue: str
+
+    @property
+    def stream(self) -> str:
+        return f"kubeinfer:async:{{{self.queue}}}:requests"
+
+    @property
+    def group(self) -> str:
+        return "workers"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"kubeinfer:async:{{{self.queue}}}:dead-letter"
+
+    def inference(self, inference_id: str) -> str:
+        """Hash of one request (idempotency record, attempts, state)."""
+        return f"kubeinfer:async:{{{self.queue}}}:id:{inference_id}"
+
+    @property
+    def writes(self) -> str:
+        """Hash: inference id -> number of output/failure objects written (audit)."""
+        return f"kubeinfer:async:{{{self.queue}}}:writes"
+
+
+#: A consumer idle longer than this (ms) is not counted as a live worker.
+LIVE_CONSUMER_IDLE_MS = 10_000
+
+
+class AsyncBacklog(_Strict):
+    """The scaling signal of an async endpoint, as gateway, supervisor and operator read it.
+
+    Backlog = entries not yet delivered to any worker (the group's lag) +
+    entries delivered but not acknowledged (pending). Per instance it is
+    divided by the live workers: consumers that talked to Redis recently (a
+    worker blocks on XREADGROUP for at most a second at a time; a SIGKILLed one
+    stays listed, idle, until it is cleaned up).
+    """
+
+    queued: int = 0
+    in_flight: int = 0
+    workers: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.in_flight
+
+    @property
+    def per_instance(self) -> float:
+        """SageMaker's ApproximateBacklogSizePerInstance (the total with no worker)."""
+        return self.total / max(self.workers, 1)
+
+    @classmethod
+    def from_xinfo(cls, groups: list[dict[Any, Any]], consumers: list[dict[Any, Any]],
+                   group: str, stream_length: int) -> AsyncBacklog:
+        """From XINFO GROUPS / XINFO CONSUMERS replies (redis-py dicts)."""
+        for g in groups:
+            name = g.get("name", "")
+            if (name.decode() if isinstance(name, bytes) else str(name)) != group:
+                continue
+            lag = g.get("lag")
+            # Redis answers lag None when it cannot tell (after deletions): use
+            # the stream length, an upper bound, rather than under-scale.
+            queued = int(lag) if lag is not None else stream_length
+            live = sum(1 for c in consumers if int(c.get("idle", 0)) < LIVE_CONSUMER_IDLE_MS)
+            return cls(queued=queued, in_flight=int(g.get("pending", 0)), workers=live)
+        return cls(queued=stream_length)
+
+
+class AsyncRoute(_Strict):
+    """What the gateway needs to accept asynchronous requests for an endpoint."""
+
+    queue: str
+    #: Output objects are ``<output_path>/<InferenceId>.out``.
+    output_path: str
+    #: Failure objects are ``<failure_path>/<InferenceId>-error.out``.
+    failure_path: str
+    request_ttl_s: int = Field(default=ASYNC_MAX_REQUEST_TTL_S, ge=60,
+                               le=ASYNC_MAX_REQUEST_TTL_S)
+    invocation_timeout_s: int = Field(default=ASYNC_DEFAULT_INVOCATION_TIMEOUT_S, ge=1,
+                                      le=ASYNC_MAX_INVOCATION_TIMEOUT_S)
+
+    @property
+    def keys(self) -> AsyncQueueKeys:
+        return AsyncQueueKeys(queue=self.queue)
+
+
+def output_location(output_path: str, inference_id: str) -> str:
+    """Deterministic, so a re-processed request overwrites its one output object."""
+    return f"{output_path.rstrip('/')}/{inference_id}.out"
+
+
+def failure_location(failure_path: str, inference_id: str) -> str:
+    return f"{failure_path.rstrip('/')}/{inference_id}-error.out"
+
+
 class EndpointRoute(_Strict):
     name: str
-    type: Literal["RealTime"] = "RealTime"
+    type: Literal["RealTime", "Async"] = "RealTime"
     variants: list[VariantRoute]
     max_payload_bytes: int = REALTIME_MAX_PAYLOAD_BYTES
+    #: Set exactly when ``type`` is Async.
+    async_config: AsyncRoute | None = None
 
     @field_validator("variants")
     @classmethod
@@ -177,18 +307,83 @@ class _RoleSettings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """Render as ``KUBEINFER_*`` environment variables (None values omitted)."""
         env: dict[str, str] = {}
-        for name, value in self.model_dump().items():
+        for name, value in self.model_dump(mode="json").items():
             if value is None:
                 continue
-            env[ENV_PREFIX + name.upper()] = str(value)
+            # Nested settings (the pipeline) travel as JSON, as pydantic-settings reads them.
+            text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            env[ENV_PREFIX + name.upper()] = text
         return env
 
 
+class InferenceExecution(StrEnum):
+    """How a multi-container variant runs its steps (SageMaker InferenceExecutionConfig)."""
+
+    SERIAL = "Serial"
+    DIRECT = "Direct"
+
+
+class PipelineStep(_Strict):
+    """One step of a multi-container variant, as the model server runs it.
+
+    Exactly one of ``model_uri`` (a model served in-process), ``handler``
+    (``module:function``, see ``kubeinfer_runtime.pipeline.handlers``) or ``url``
+    (a container in the same pod speaking the SageMaker contract) is set.
+    """
+
+    name: str
+    model_uri: str | None = None
+    model_format: ModelFormat = ModelFormat.ONNX
+    handler: str | None = None
+    #: Directory put on ``sys.path`` before importing ``handler``.
+    code_dir: str | None = None
+    url: str | None = None
+
+    @property
+    def kind(self) -> Literal["model", "handler", "url"]:
+        if self.model_uri is not None:
+            return "model"
+        return "handler" if self.handler is not None else "url"
+
+
+class PipelineSpec(_Strict):
+    """The steps of a multi-container variant (``KUBEINFER_PIPELINE``, JSON)."""
+
+    execution: InferenceExecution = InferenceExecution.SERIAL
+    steps: Annotated[list[PipelineStep], Field(min_length=1, max_length=15)]
+
+    @field_validator("steps")
+    @classmethod
+    def _one_kind_each(cls, steps: list[PipelineStep]) -> list[PipelineStep]:
+        for s in steps:
+            if sum(x is not None for x in (s.model_uri, s.handler, s.url)) != 1:
+                raise ValueError(f"step {s.name!r} must set exactly one of model_uri, handler, url")
+        names = [s.name for s in steps]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate step names: {', '.join(dupes)}")
+        return steps
+
+
 class ModelServerSettings(_RoleSettings):
-    """Settings of the model-server role (one model, one variant)."""
+    """Settings of the model-server role (one variant).
+
+    A variant serves one model (``model_uri``), many models from a prefix
+    (``multi_model_prefix``: a multi-model endpoint) or a chain of steps
+    (``pipeline``: a multi-container endpoint); exactly one is set.
+    """
 
     #: Where the model comes from: ``file:///abs/path`` or ``s3://bucket/key``.
-    model_uri: str
+    model_uri: str = ""
+    #: Multi-model: ``s3://bucket/prefix/`` or ``file:///dir/``; the request
+    #: header ``X-Amzn-SageMaker-Target-Model`` names a model relative to it.
+    multi_model_prefix: str | None = None
+    #: Multi-model: in-memory budget of loaded models, bytes (measured model size).
+    cache_bytes: int = Field(default=1 << 30, ge=1)
+    #: Multi-model: budget of downloaded model files on local disk, bytes.
+    disk_cache_bytes: int = Field(default=4 << 30, ge=1)
+    #: Multi-container: the steps, as JSON in ``KUBEINFER_PIPELINE``.
+    pipeline: PipelineSpec | None = None
     model_format: ModelFormat = ModelFormat.ONNX
     #: Name served under the V2 protocol (``/v2/models/{model_name}``).
     model_name: str = "model"
@@ -210,6 +405,17 @@ class ModelServerSettings(_RoleSettings):
     #: loop), ``auto`` picks by the warm-up latency measured at load.
     inference_mode: Literal["auto", "inline", "thread"] = "auto"
 
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelServerSettings:
+        given = [bool(self.model_uri), self.multi_model_prefix is not None,
+                 self.pipeline is not None]
+        if sum(given) != 1:
+            raise ValueError(
+                "set exactly one of KUBEINFER_MODEL_URI (one model), "
+                "KUBEINFER_MULTI_MODEL_PREFIX (multi-model) or KUBEINFER_PIPELINE "
+                "(multi-container)")
+        return self
+
 
 class GatewaySettings(_RoleSettings):
     """Settings of the gateway role (SageMaker Runtime API front door)."""
@@ -224,3 +430,35 @@ class GatewaySettings(_RoleSettings):
     upstream_timeout_s: float = Field(default=60.0, gt=0)
     #: Keep-alive connections per upstream.
     upstream_pool_size: int = Field(default=100, ge=1)
+    #: Redis of asynchronous endpoints (``redis://host:6379/0``); None when the
+    #: gateway serves none (async requests then answer 503).
+    redis_url: str | None = None
+
+
+class AsyncWorkerSettings(ModelServerSettings):
+    """Settings of the async-worker role: the model server's, plus its queue.
+
+    The worker still listens on ``host:port`` for ``/ping`` and ``/metrics``.
+    """
+
+    redis_url: str
+    #: The endpoint's queue (``AsyncQueueKeys.queue``).
+    queue: str
+    output_path: str
+    failure_path: str
+    #: Webhooks POSTed a JSON notification per request (SageMaker's SNS topics).
+    success_url: str | None = None
+    error_url: str | None = None
+    #: Requests one worker processes at once (maxConcurrentInvocationsPerInstance).
+    max_concurrency: int = Field(default=4, ge=1, le=1000)
+    #: Processing attempts after the first before a request is dead-lettered.
+    max_retries: int = Field(default=3, ge=0, le=100)
+    #: A request pending this long on a worker that stopped acking is reclaimed.
+    visibility_timeout_s: float = Field(default=30.0, gt=0)
+    #: Default per-request timeout when the client sent none.
+    invocation_timeout_s: float = Field(default=ASYNC_DEFAULT_INVOCATION_TIMEOUT_S, gt=0)
+    #: Notification delivery: attempts and the first backoff (doubles each time).
+    notify_attempts: int = Field(default=8, ge=1)
+    notify_backoff_s: float = Field(default=0.2, gt=0)
+    #: Seconds in-flight requests may finish after SIGTERM before being released.
+    drain_timeout_s: float = Field(default=20.0, ge=0)

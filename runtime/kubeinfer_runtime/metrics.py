@@ -205,6 +205,98 @@ class ModelServerMetrics:
         child.value += 1
 
 
+# ============================================================ multi-model cache
+# The cache lives on the event loop and counts in plain ints (``CacheStats``);
+# this collector reads every registered cache at scrape time. Model names are
+# never labels (thousands of models would be thousands of series).
+
+_MME_LABELS = ("endpoint", "variant")
+
+#: CloudWatch ``ModelDownloadingTime`` / ``ModelLoadingTime`` of multi-model
+#: endpoints: per model load, download and load (+warm-up) phases.
+MULTI_MODEL_LOAD_SECONDS = Histogram(
+    "kubeinfer_multimodel_load_seconds", "Time to download and to load one model of a "
+    "multi-model endpoint", (*_MME_LABELS, "phase"), buckets=LOAD_BUCKETS,
+)
+
+
+class _CacheSource:
+    """What the collector needs from one cache (duck-typed: ``stats``, bytes, ``loaded()``)."""
+
+    def __init__(self, labels: tuple[str, str], cache: object) -> None:
+        self.labels = labels
+        self.cache = cache
+
+
+class MultiModelCollector(Collector):
+    """Exports every registered multi-model cache's counters and gauges."""
+
+    def __init__(self) -> None:
+        self.sources: list[_CacheSource] = []
+        REGISTRY.register(self)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+
+        counters = {
+            # CloudWatch ModelCacheHit (hits / invocations).
+            "hits": CounterMetricFamily("kubeinfer_multimodel_cache_hits",
+                                        "Requests whose model was already loaded",
+                                        labels=_MME_LABELS),
+            "misses": CounterMetricFamily("kubeinfer_multimodel_cache_misses",
+                                          "Requests that waited for their model to load",
+                                          labels=_MME_LABELS),
+            "loads": CounterMetricFamily("kubeinfer_multimodel_loads",
+                                         "Models loaded into the cache", labels=_MME_LABELS),
+            "load_failures": CounterMetricFamily("kubeinfer_multimodel_load_failures",
+                                                 "Model loads that failed", labels=_MME_LABELS),
+            "evictions": CounterMetricFamily("kubeinfer_multimodel_evictions",
+                                             "Models evicted to make room", labels=_MME_LABELS),
+        }
+        # CloudWatch ModelLoadingWaitTime: how long requests waited for a load.
+        wait = SummaryMetricFamily("kubeinfer_multimodel_wait_seconds",
+                                   "Time requests waited for their model to load",
+                                   labels=_MME_LABELS)
+        resident = GaugeMetricFamily("kubeinfer_multimodel_resident_bytes",
+                                     "Bytes of loaded (and reserved) models", labels=_MME_LABELS)
+        budget = GaugeMetricFamily("kubeinfer_multimodel_budget_bytes",
+                                   "The in-memory budget of the cache", labels=_MME_LABELS)
+        # CloudWatch LoadedModelCount.
+        count = GaugeMetricFamily("kubeinfer_multimodel_loaded_models",
+                                  "Models loaded in memory", labels=_MME_LABELS)
+        for src in self.sources:
+            cache = src.cache
+            stats = cache.stats  # type: ignore[attr-defined]
+            labels = list(src.labels)
+            for key, family in counters.items():
+                family.add_metric(labels, getattr(stats, key))
+            wait.add_metric(labels, stats.wait_count, stats.wait_seconds_sum)
+            resident.add_metric(labels, cache.resident_bytes)  # type: ignore[attr-defined]
+            budget.add_metric(labels, cache.budget_bytes)  # type: ignore[attr-defined]
+            count.add_metric(labels, len(cache.loaded()))  # type: ignore[attr-defined]
+        yield from counters.values()
+        yield from (wait, resident, budget, count)
+
+
+MULTI_MODEL = MultiModelCollector()
+
+
+class MultiModelMetrics:
+    """A multi-model server's load histograms, bound to its endpoint/variant."""
+
+    def __init__(self, endpoint: str, variant: str) -> None:
+        self.labels = (endpoint, variant)
+        self.download_seconds = MULTI_MODEL_LOAD_SECONDS.labels(*self.labels, "download")
+        self.load_seconds = MULTI_MODEL_LOAD_SECONDS.labels(*self.labels, "load")
+
+    def watch(self, cache: object) -> None:
+        """Export ``cache`` (a ``models.cache.ModelCache``) from now on."""
+        MULTI_MODEL.sources.append(_CacheSource(self.labels, cache))
+
+
 # ============================================================ gateway role
 # Bound to label children by ``kubeinfer_runtime.gateway.recorder`` (cached per
 # endpoint/variant). An unknown endpoint is labelled "(unknown)", never with the
@@ -250,6 +342,49 @@ GATEWAY_ROUTE_TABLE_REVISION = Gauge(
 #: Route-table files rejected as invalid (the last good table stays in force).
 GATEWAY_ROUTE_TABLE_REJECTED = Counter(
     "kubeinfer_gateway_route_table_rejected", "Route-table files rejected as invalid",
+)
+
+
+# ============================================================ asynchronous inference
+# The gateway exports the backlog (it knows every async endpoint it serves and
+# runs even while the workers are scaled to zero); workers export outcomes.
+
+#: CloudWatch ``ApproximateBacklogSize``: requests queued or in flight.
+ASYNC_BACKLOG = Gauge(
+    "kubeinfer_async_backlog_size", "Async requests not yet finished (queued + in flight)",
+    ("endpoint",),
+)
+#: CloudWatch ``ApproximateBacklogSizePerInstance``: backlog / live workers
+#: (the whole backlog while no worker runs).
+ASYNC_BACKLOG_PER_INSTANCE = Gauge(
+    "kubeinfer_async_backlog_size_per_instance", "Async backlog divided by live workers",
+    ("endpoint",),
+)
+#: CloudWatch ``ApproximateAgeOfOldestRequest``, seconds.
+ASYNC_OLDEST_AGE_SECONDS = Gauge(
+    "kubeinfer_async_oldest_request_age_seconds", "Age of the oldest unfinished async request",
+    ("endpoint",),
+)
+#: CloudWatch ``InvocationsProcesssed`` / ``InvocationFailures``: finished
+#: requests by outcome (``success``, ``failure``, ``dead_letter``, ``expired``).
+ASYNC_REQUESTS = Counter(
+    "kubeinfer_async_requests", "Async requests finished by this worker, by outcome",
+    ("endpoint", "outcome"),
+)
+#: Attempts given back to the queue (an error with retries left, or a drain).
+ASYNC_RETRIES = Counter(
+    "kubeinfer_async_retries", "Async request attempts re-queued for another try",
+    ("endpoint",),
+)
+#: CloudWatch ``ModelLatency`` of async requests: input read to output written.
+ASYNC_PROCESSING_SECONDS = Histogram(
+    "kubeinfer_async_processing_seconds", "Read input, infer and write output, per request",
+    ("endpoint",), buckets=LATENCY_BUCKETS,
+)
+#: Notification POSTs that failed (each is retried with backoff).
+ASYNC_NOTIFY_FAILURES = Counter(
+    "kubeinfer_async_notification_failures", "Failed notification deliveries (retried)",
+    ("endpoint",),
 )
 
 

@@ -105,6 +105,116 @@ class EnvVar(_Spec):
     value: str = ""
 
 
+class InferenceExecution(StrEnum):
+    SERIAL = "Serial"
+    DIRECT = "Direct"
+
+
+#: ``module:function`` (dotted names allowed on both sides).
+_HANDLER = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
+
+
+class MultiModelConfig(_Spec):
+    """A multi-model variant: many models under one prefix, loaded on demand into an LRU cache."""
+
+    prefix: Annotated[
+        str,
+        Field(
+            description=(
+                "Where the models live: s3://bucket/models/ or file:///models/. Requests "
+                "name a model relative to it with the X-Amzn-SageMaker-Target-Model header "
+                "(boto3 TargetModel=), e.g. tenant-42/model.onnx."
+            ),
+            min_length=1,
+            json_schema_extra={"pattern": "^(s3|file)://.+"},
+        ),
+    ]
+    cacheBytes: Annotated[
+        int,
+        Field(description="Memory budget for loaded models per replica, in bytes (measured "
+                          "model size). Least recently used models are unloaded to make room.",
+              ge=1),
+    ] = 1 << 30
+    diskCacheBytes: Annotated[
+        int,
+        Field(description="Local disk budget for downloaded model files per replica, in bytes.",
+              ge=1),
+    ] = 4 << 30
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, prefix: str) -> str:
+        parsed = urlparse(prefix)
+        if parsed.scheme not in ("s3", "file"):
+            raise ValueError(f"multi-model prefix {prefix!r} must start with s3:// or file://")
+        if parsed.scheme == "s3" and not parsed.netloc:
+            raise ValueError(f"multi-model prefix {prefix!r} must look like s3://bucket/models/")
+        if ".." in (parsed.netloc + parsed.path).split("/"):
+            raise ValueError(f"multi-model prefix {prefix!r} contains '..'; remove it")
+        return prefix
+
+
+class ContainerStep(_Spec):
+    """One step of a multi-container variant: a model, a Python handler, or an image."""
+
+    name: Annotated[
+        str,
+        Field(description="Step name (DNS label): the container hostname that Direct "
+                          "invocation targets (TargetContainerHostname).",
+              pattern=DNS_LABEL, min_length=1, max_length=40),
+    ]
+    model: Annotated[
+        ModelSource | None, Field(description="A model served by the kubeinfer runtime."),
+    ] = None
+    handler: Annotated[
+        str | None,
+        Field(description=(
+            "A Python function module:function, called with (body: bytes, content_type) and "
+            "returning (body: bytes, content_type), for pre- and post-processing."),
+            pattern=_HANDLER),
+    ] = None
+    codeUri: Annotated[
+        str | None,
+        Field(description=(
+            "Directory holding the handler's module, file:///dir (in the pod), or "
+            "file://relative/dir (local mode: relative to the manifest)."),
+            json_schema_extra={"pattern": "^file://.+"}),
+    ] = None
+    image: Annotated[
+        str | None,
+        Field(description=(
+            "A container image speaking the SageMaker container contract (POST "
+            "/invocations, GET /ping), run as an extra container in the variant's pod "
+            "(Kubernetes only)."), min_length=1),
+    ] = None
+    port: Annotated[
+        int | None,
+        Field(description="Port the image listens on (default 8081 + the step's index); it "
+                          "is also passed as SAGEMAKER_BIND_TO_PORT.", ge=1024, le=65535),
+    ] = None
+    env: Annotated[
+        list[EnvVar], Field(description="Environment variables of the image's container."),
+    ] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ContainerStep:
+        kinds = [k for k in ("model", "handler", "image") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"step {self.name!r} sets {', '.join(kinds) or 'none'} of model, "
+                             "handler, image; set exactly one")
+        if self.codeUri is not None and self.handler is None:
+            raise ValueError(f"step {self.name!r}: codeUri applies to handler steps only; "
+                             "remove it")
+        if (self.port is not None or self.env) and self.image is None:
+            raise ValueError(f"step {self.name!r}: port and env apply to image steps only; "
+                             "remove them")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "model" if self.model else "handler" if self.handler else "image"
+
+
 class ProductionVariant(_Spec):
     """One production variant: a model served by N replicas, receiving a share of traffic."""
 
@@ -127,7 +237,27 @@ class ProductionVariant(_Spec):
             ge=0,
         ),
     ] = 1.0
-    model: Annotated[ModelSource, Field(description="The model this variant serves.")]
+    model: Annotated[
+        ModelSource | None,
+        Field(description="The model this variant serves (set exactly one of model, "
+                          "multiModel, containers)."),
+    ] = None
+    multiModel: Annotated[
+        MultiModelConfig | None,
+        Field(description="Serve many models from one prefix (a multi-model endpoint)."),
+    ] = None
+    containers: Annotated[
+        list[ContainerStep] | None,
+        Field(description="Steps of a multi-container variant (1 to 15), run as "
+                          "inferenceExecution says.",
+              min_length=1, max_length=15),
+    ] = None
+    inferenceExecution: Annotated[
+        InferenceExecution | None,
+        Field(description="Serial: each step's response is the next step's request. Direct: "
+                          "the X-Amzn-SageMaker-Target-Container-Hostname header picks one step. "
+                          "Only with containers; default Serial."),
+    ] = None
     replicas: Annotated[
         int, Field(description="Model-server replicas (instances).", ge=1, le=1000)
     ] = 1
@@ -138,6 +268,23 @@ class ProductionVariant(_Spec):
     env: Annotated[
         list[EnvVar], Field(description="Extra environment variables for the model server.")
     ] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ProductionVariant:
+        given = [k for k in ("model", "multiModel", "containers") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"variant {self.name!r} sets {', '.join(given) or 'none'} of "
+                             "model, multiModel, containers; set exactly one")
+        if self.inferenceExecution is not None and self.containers is None:
+            raise ValueError(f"variant {self.name!r}: inferenceExecution applies to containers "
+                             "only; remove it")
+        if self.containers is not None:
+            names = [c.name for c in self.containers]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"variant {self.name!r}: duplicate container name(s) "
+                                 f"{', '.join(dupes)}; give each step a unique name")
+        return self
 
 
 class EndpointSpec(_Spec):

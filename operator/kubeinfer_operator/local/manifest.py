@@ -74,6 +74,10 @@ def parse_manifests(text: str, *, source: str, base_dir: str) -> list[LoadedEndp
             for line in format_validation_error(exc).splitlines():
                 problems.append(f"{label}: {line}")
             continue
+        local = local_problems(endpoint)
+        if local:
+            problems += [f"{label}: {p}" for p in local]
+            continue
         loaded.append(LoadedEndpoint(endpoint, doc, base_dir))
     seen: set[str] = set()
     for item in loaded:
@@ -84,6 +88,19 @@ def parse_manifests(text: str, *, source: str, base_dir: str) -> list[LoadedEndp
     if problems:
         raise SpecError("\n".join(problems))
     return loaded
+
+
+def local_problems(endpoint: Endpoint) -> list[str]:
+    """What a valid Endpoint uses that local mode cannot run (image steps need a pod)."""
+    problems: list[str] = []
+    for i, variant in enumerate(endpoint.spec.variants):
+        for j, step in enumerate(variant.containers or []):
+            if step.image is not None:
+                problems.append(
+                    f"spec.variants[{i}].containers[{j}].image: image steps run only on "
+                    f"Kubernetes (as extra containers of the pod); locally, replace step "
+                    f"{step.name!r} with a model or handler step, or deploy with kubectl")
+    return problems
 
 
 def load_manifest_file(path: Path) -> list[LoadedEndpoint]:

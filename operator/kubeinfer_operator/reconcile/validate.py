@@ -106,7 +106,15 @@ def _variant_problems(endpoint: str, index: int, v: ProductionVariant) -> list[s
     elif len(object_name) > meta.MAX_NAME:
         problems.append(f"{path}.name: {v.name!r} makes the object name {object_name!r} longer "
                         f"than {meta.MAX_NAME} characters; shorten the variant or Endpoint name")
-    problems += _uri_problems(f"{path}.model.uri", v.model.uri)
+    if v.model is not None:
+        problems += _uri_problems(f"{path}.model.uri", v.model.uri)
+    for j, step in enumerate(v.containers or []):
+        if step.model is not None:
+            problems += _uri_problems(f"{path}.containers[{j}].model.uri", step.model.uri)
+        ports = [c.port or 8081 + k for k, c in enumerate(v.containers or []) if c.image]
+        if step.image and ports.count(step.port or 8081 + j) > 1:
+            problems.append(f"{path}.containers[{j}].port: {step.port or 8081 + j} is used by "
+                            "another image step of the variant; give each image its own port")
     problems += _resource_problems(f"{path}.resources", v.resources.requests,
                                    v.resources.limits)
     for j, env in enumerate(v.env):

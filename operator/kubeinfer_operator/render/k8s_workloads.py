@@ -14,6 +14,7 @@ from typing import Any
 
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.plan import VariantPlan
+from kubeinfer_operator.render.plan_steps import StepPlan
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import ROUTE_TABLE_FILENAME, Role, RouteTable
 
@@ -182,13 +183,39 @@ def model_server_deployment(owner: Owner, variant: VariantPlan,
         # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_ENDPOINT_URL) from the
         # Secret: the runtime's settings read these standard names.
         container["envFrom"] = [{"secretRef": {"name": settings.s3_secret_name}}]
+    pod_spec = _pod_spec(settings, container, [tmp_volume])
+    # Multi-container image steps: extra containers in the same pod, each on its
+    # own port; the runtime container reaches them on 127.0.0.1.
+    pod_spec["containers"] += [_image_step_container(s, tmp_mount)
+                               for s in variant.steps if s.kind == "image"]
     return _deployment(
         owner, meta.variant_object_name(owner.name, variant.name), meta.COMPONENT_MODEL_SERVER,
         variant.name, variant.replicas,
         # Only what must restart a model server changes the pod template.
         {meta.ANNOTATION_SERVER_HASH: variant.server_hash},
-        _pod_spec(settings, container, [tmp_volume]),
+        pod_spec,
     )
+
+
+def _image_step_container(step: StepPlan, tmp_mount: dict[str, Any]) -> dict[str, Any]:
+    """A user image speaking the SageMaker container contract on ``step.port``."""
+    assert step.image is not None and step.port is not None
+    port_name = f"step-{step.port}"
+    probe = {"httpGet": {"path": "/ping", "port": port_name}, "periodSeconds": 5,
+             "timeoutSeconds": 2, "failureThreshold": 3}
+    security = _container_security()
+    # Third-party serving images commonly write outside /tmp.
+    security["readOnlyRootFilesystem"] = False
+    return {
+        "name": f"step-{step.name}",
+        "image": step.image,
+        "ports": [{"name": port_name, "containerPort": step.port, "protocol": "TCP"}],
+        # SageMaker tells each container of a multi-container endpoint its port so.
+        "env": _env({**dict(step.env), "SAGEMAKER_BIND_TO_PORT": str(step.port)}),
+        "readinessProbe": probe,
+        "securityContext": security,
+        "volumeMounts": [tmp_mount],
+    }
 
 
 def model_server_service(owner: Owner, variant: VariantPlan,

@@ -14,14 +14,25 @@ import json
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from kubeinfer_operator.api.endpoint import (
+    ContainerStep,
+    Endpoint,
+    InferenceExecution,
+    ProductionVariant,
+)
+from kubeinfer_operator.render.plan_steps import (
+    FIRST_IMAGE_PORT,
+    MultiModelPlan,
+    StepPlan,
+    describe_steps,
+    pipeline_env,
+)
 from kubeinfer_runtime.contract import (
     EndpointRoute,
     ModelFormat,
     RouteTable,
     VariantRoute,
 )
-
-from kubeinfer_operator.api.endpoint import Endpoint, ProductionVariant
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,12 @@ class VariantPlan:
     env: tuple[tuple[str, str], ...] = ()
     requests: tuple[tuple[str, str], ...] = ()
     limits: tuple[tuple[str, str], ...] = ()
+    #: Multi-model variant: the cache settings (``model_uri`` is then the prefix).
+    multi_model: MultiModelPlan | None = None
+    #: Multi-container variant: its steps and how they run (``model_uri`` then
+    #: only describes them).
+    steps: tuple[StepPlan, ...] = ()
+    execution: str = "Serial"
 
     @property
     def server_hash(self) -> str:
@@ -47,13 +64,22 @@ class VariantPlan:
         """
         payload = json.dumps(
             [self.model_uri, self.model_format.value, self.env, self.requests, self.limits]
+            # Appended only when set, so single-model hashes (and pods) stay unchanged.
+            + ([repr(self.multi_model)] if self.multi_model else [])
+            + ([repr(self.steps), self.execution] if self.steps else [])
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def server_env(self, endpoint_name: str) -> dict[str, str]:
         """``KUBEINFER_*`` env of this variant's model server (port excluded)."""
+        if self.multi_model is not None:
+            source = self.multi_model.env()
+        elif self.steps:
+            source = pipeline_env(self.steps, self.execution)
+        else:
+            source = {"KUBEINFER_MODEL_URI": self.model_uri}
         env = {
-            "KUBEINFER_MODEL_URI": self.model_uri,
+            **source,
             "KUBEINFER_MODEL_FORMAT": self.model_format.value,
             "KUBEINFER_MODEL_NAME": self.name,
             "KUBEINFER_ENDPOINT_NAME": endpoint_name,
@@ -82,7 +108,8 @@ class EndpointPlan:
         route = EndpointRoute(
             name=self.name,
             variants=[
-                VariantRoute(name=v.name, weight=v.weight, upstreams=list(upstreams.get(v.name, [])))
+                VariantRoute(name=v.name, weight=v.weight,
+                             upstreams=list(upstreams.get(v.name, [])))
                 for v in self.variants
             ],
         )
@@ -97,7 +124,7 @@ def resolve_file_uri(uri: str, base_dir: str | None) -> str:
     path = parsed.netloc + parsed.path
     if path.startswith("/"):
         return "file://" + path
-    return "file://" + str((_PurePath(base_dir) / path))
+    return "file://" + str(_PurePath(base_dir) / path)
 
 
 class _PurePath:
@@ -119,16 +146,49 @@ class _PurePath:
         return "/" + "/".join(parts)
 
 
+def _step_plan(index: int, c: ContainerStep, base_dir: str | None) -> StepPlan:
+    return StepPlan(
+        name=c.name,
+        kind=c.kind,
+        model_uri=resolve_file_uri(c.model.uri, base_dir) if c.model else None,
+        model_format=ModelFormat(c.model.format.value) if c.model else ModelFormat.ONNX,
+        handler=c.handler,
+        code_uri=resolve_file_uri(c.codeUri, base_dir) if c.codeUri else None,
+        image=c.image,
+        port=(c.port or FIRST_IMAGE_PORT + index) if c.image else None,
+        env=tuple((e.name, e.value) for e in c.env),
+    )
+
+
 def _variant_plan(v: ProductionVariant, base_dir: str | None) -> VariantPlan:
+    multi_model: MultiModelPlan | None = None
+    steps: tuple[StepPlan, ...] = ()
+    execution = (v.inferenceExecution or InferenceExecution.SERIAL).value
+    if v.model is not None:
+        model_uri = resolve_file_uri(v.model.uri, base_dir)
+        model_format = ModelFormat(v.model.format.value)
+    elif v.multiModel is not None:
+        model_uri = resolve_file_uri(v.multiModel.prefix, base_dir)
+        model_format = ModelFormat.ONNX
+        multi_model = MultiModelPlan(model_uri, v.multiModel.cacheBytes,
+                                     v.multiModel.diskCacheBytes)
+    else:
+        assert v.containers is not None  # the API model requires one of the three
+        steps = tuple(_step_plan(i, c, base_dir) for i, c in enumerate(v.containers))
+        model_uri = describe_steps(steps, execution)
+        model_format = ModelFormat.ONNX
     return VariantPlan(
         name=v.name,
         weight=v.weight,
         replicas=v.replicas,
-        model_uri=resolve_file_uri(v.model.uri, base_dir),
-        model_format=ModelFormat(v.model.format.value),
+        model_uri=model_uri,
+        model_format=model_format,
         env=tuple((e.name, e.value) for e in v.env),
         requests=tuple(sorted(v.resources.requests.items())),
         limits=tuple(sorted(v.resources.limits.items())),
+        multi_model=multi_model,
+        steps=steps,
+        execution=execution,
     )
 
 

@@ -23,16 +23,19 @@ import orjson
 from fastapi import FastAPI, Response
 
 from kubeinfer_runtime import __version__
-from kubeinfer_runtime.contract import GatewaySettings
+from kubeinfer_runtime.contract import AsyncQueueKeys, GatewaySettings
 from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.loops import health_loop, reload_routes, route_reload_loop
 from kubeinfer_runtime.gateway.proxy import InvocationHandler, Receive, Scope, Send
 from kubeinfer_runtime.metrics import render_latest
+from kubeinfer_runtime.queue.backlog import backlog_loop
+from kubeinfer_runtime.queue.submit import AsyncSubmitHandler
 
 log = logging.getLogger("kubeinfer.gateway")
 
 _PREFIX = "/endpoints/"
 _SUFFIX = "/invocations"
+_ASYNC_SUFFIX = "/async-invocations"
 
 
 def _api(core: GatewayCore) -> FastAPI:
@@ -67,6 +70,7 @@ class GatewayApp:
     def __init__(self, core: GatewayCore) -> None:
         self.core = core
         self.invocations = InvocationHandler(core)
+        self.async_invocations = AsyncSubmitHandler(core.settings.redis_url)
         self.api = _api(core)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -78,6 +82,13 @@ class GatewayApp:
                 name = path[len(_PREFIX):-len(_SUFFIX)]
                 if name and "/" not in name:
                     await self.invocations(scope, receive, send, name)
+                    return
+            if path.startswith(_PREFIX) and path.endswith(_ASYNC_SUFFIX):
+                name = path[len(_PREFIX):-len(_ASYNC_SUFFIX)]
+                if name and "/" not in name:
+                    table = self.core.table
+                    route = table.endpoints.get(name) if table is not None else None
+                    await self.async_invocations(scope, receive, send, route, name)
                     return
         elif kind == "lifespan":
             await self._lifespan(receive, send)
@@ -110,6 +121,10 @@ class GatewayApp:
             asyncio.create_task(route_reload_loop(core, wake), name="route-reload"),
             asyncio.create_task(health_loop(core, wake), name="health-check"),
         ]
+        if self.async_invocations.redis is not None:
+            self._tasks.append(asyncio.create_task(
+                backlog_loop(self.async_invocations.redis, self._async_queues),
+                name="async-backlog"))
         log.info("Gateway serving route table %s (revision %d), checking model servers "
                  "every %gs", core.source.path, core.routes.revision,
                  core.settings.health_interval_s)
@@ -122,6 +137,14 @@ class GatewayApp:
                 await task
         self._tasks = []
         await self.core.client.close()
+        await self.async_invocations.close()
+
+    def _async_queues(self) -> dict[str, AsyncQueueKeys]:
+        table = self.core.table
+        if table is None:
+            return {}
+        return {name: e.async_config.keys for name, e in table.endpoints.items()
+                if e.async_config is not None}
 
 
 def configure_logging(level: str) -> None:

@@ -23,6 +23,7 @@ from kubeinfer_runtime.contract import (
     H_CUSTOM_ATTRIBUTES,
     H_ERROR_TYPE,
     H_INVOKED_VARIANT,
+    H_TARGET_MODEL,
     H_TARGET_VARIANT,
 )
 
@@ -30,6 +31,7 @@ Headers = list[tuple[bytes, bytes]]
 
 FORWARDED = frozenset(h.encode() for h in FORWARDED_REQUEST_HEADERS)
 TARGET_VARIANT = H_TARGET_VARIANT.encode()
+TARGET_MODEL = H_TARGET_MODEL.encode()
 INVOKED_VARIANT = H_INVOKED_VARIANT.encode()
 CONTENT_LENGTH = b"content-length"
 #: Response headers copied from the model server to the client.
@@ -44,6 +46,8 @@ class InboundHeaders:
     target_variant: str | None
     #: The declared body size, or None (chunked, or absent/garbled).
     content_length: int | None
+    #: X-Amzn-SageMaker-Target-Model (also forwarded): multi-model affinity key.
+    target_model: str | None = None
 
 
 def split_request_headers(headers: Iterable[tuple[bytes, bytes]]) -> InboundHeaders:
@@ -51,15 +55,18 @@ def split_request_headers(headers: Iterable[tuple[bytes, bytes]]) -> InboundHead
     forwarded: Headers = []
     target: str | None = None
     length: int | None = None
+    model: str | None = None
     for name, value in headers:
         if name in FORWARDED:
             forwarded.append((name, value))
+            if name == TARGET_MODEL:
+                model = value.decode("latin-1") or None
         elif name == TARGET_VARIANT:
             # An empty TargetVariant means "none" (botocore never sends one).
             target = value.decode("latin-1").strip() or None
         elif name == CONTENT_LENGTH and value.isdigit():
             length = int(value)
-    return InboundHeaders(forwarded, target, length)
+    return InboundHeaders(forwarded, target, length, model)
 
 
 def response_headers(upstream: Iterable[tuple[bytes, bytes]], variant: bytes,

@@ -34,6 +34,7 @@ from kubeinfer_runtime.errors import (
     render_error,
 )
 from kubeinfer_runtime.gateway import recorder
+from kubeinfer_runtime.gateway.affinity import pick_for_key
 from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.headers import response_headers, split_request_headers
 from kubeinfer_runtime.gateway.routing import (
@@ -129,15 +130,20 @@ class InvocationHandler:
             await _send_error(send, pick, endpoint.name, "")
             return
         variant = pick.variant
+        upstream = pick.upstream
+        if inbound.target_model is not None and len(variant.upstreams) > 1:
+            # Multi-model: the same model always goes to the same replica (warm cache).
+            upstream = pick_for_key(variant.upstreams, inbound.target_model,
+                                    core.health.down) or upstream
         upstream_started = time.perf_counter()
         try:
-            response = await self._forward(endpoint, variant, pick.upstream,
+            response = await self._forward(endpoint, variant, upstream,
                                            inbound.forwarded, body)
         except RuntimeServiceError as err:
             await _send_error(send, err, endpoint.name, variant.name, variant.header_value)
             return
         except Exception:
-            log.exception("Forwarding to %s failed unexpectedly", pick.upstream)
+            log.exception("Forwarding to %s failed unexpectedly", upstream)
             await _send_error(send, Internal(
                 f'Gateway failed forwarding to variant "{variant.name}" of endpoint '
                 f'"{endpoint.name}": retry; report a bug if it persists'),

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from kubeinfer_runtime.contract import ModelServerSettings
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.server.api import build_api
-from kubeinfer_runtime.server.hotpath import HotPath, InferenceService
+from kubeinfer_runtime.server.hotpath import ASGIApp, HotPath, InferenceService
 from kubeinfer_runtime.server.state import ModelSlot, start_loading
 
 log = logging.getLogger("kubeinfer.server")
@@ -32,10 +32,16 @@ def configure_logging(level: str) -> None:
     logging.getLogger("kubeinfer").setLevel(level.upper())
 
 
-def create_app(settings: ModelServerSettings | None = None) -> HotPath:
+def create_app(settings: ModelServerSettings | None = None) -> ASGIApp:
     if settings is None:
         settings = ModelServerSettings()  # from the environment
     configure_logging(settings.log_level)
+    if settings.multi_model_prefix is not None:
+        return create_multimodel_app(settings)
+    if settings.pipeline is not None:
+        from kubeinfer_runtime.pipeline.app import create_pipeline_app
+
+        return create_pipeline_app(settings)
     slot = ModelSlot(settings.model_name, settings.model_uri)
     metrics = ModelServerMetrics(settings.endpoint_name, settings.variant_name,
                                  settings.model_name)
@@ -59,3 +65,34 @@ def create_app(settings: ModelServerSettings | None = None) -> HotPath:
     api = build_api(slot, settings.model_name, lifespan)
     service = InferenceService(slot, metrics, pool, settings.max_payload_bytes)
     return HotPath(api, service, settings.model_name)
+
+
+def create_multimodel_app(settings: ModelServerSettings) -> ASGIApp:
+    """A multi-model server: nothing loads at start; models load on first use."""
+    from kubeinfer_runtime.metrics import MultiModelMetrics
+    from kubeinfer_runtime.models.cache import ModelCache
+    from kubeinfer_runtime.server.multimodel import MultiModelStore
+    from kubeinfer_runtime.server.multimodel_app import MultiModelHotPath, build_multimodel_api
+
+    assert settings.multi_model_prefix is not None
+    metrics = ModelServerMetrics(settings.endpoint_name, settings.variant_name,
+                                 settings.model_name)
+    mme_metrics = MultiModelMetrics(settings.endpoint_name, settings.variant_name)
+    pool = ThreadPoolExecutor(max_workers=settings.inference_threads,
+                              thread_name_prefix="inference")
+    # Loads get their own threads: a slow download must not hold up inference.
+    loaders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="model-loader")
+    store = MultiModelStore(settings, mme_metrics, loaders)
+    cache = ModelCache(store, settings.cache_bytes)
+    mme_metrics.watch(cache)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+        loaders.shutdown(wait=False, cancel_futures=True)
+
+    api = build_multimodel_api(cache, settings.multi_model_prefix, lifespan)
+    service = InferenceService(ModelSlot(settings.model_name, settings.multi_model_prefix),
+                               metrics, pool, settings.max_payload_bytes)
+    return MultiModelHotPath(api, service, cache)

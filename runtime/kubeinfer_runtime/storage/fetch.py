@@ -70,11 +70,12 @@ def _local(uri: str, path: Path) -> FetchedModel:
     return FetchedModel(uri, path, h.hexdigest(), size)
 
 
-def s3_client(s3: S3Settings) -> Minio:
+def s3_client(s3: S3Settings, *, maxsize: int = 10) -> Minio:
     """A minio client for ``s3``: https unless the endpoint URL says http.
 
     Without explicit keys, credentials come from the usual AWS chain (env,
-    ~/.aws, IRSA web identity / instance metadata).
+    ~/.aws, IRSA web identity / instance metadata). ``maxsize`` is the number of
+    pooled connections kept per host (raise it for concurrent callers).
     """
     # Imported here: minio pulls in its crypto stack (~1 s of start-up on a
     # busy core), which a server loading a file:// model never needs.
@@ -94,6 +95,7 @@ def s3_client(s3: S3Settings) -> Minio:
     parsed = urlparse(url)
     # A bounded retry policy: minio's default retries a dead endpoint for long.
     http = urllib3.PoolManager(
+        maxsize=maxsize,
         timeout=urllib3.Timeout(connect=5.0, read=60.0),
         retries=urllib3.Retry(total=3, backoff_factor=0.2,
                               status_forcelist=[500, 502, 503, 504]),

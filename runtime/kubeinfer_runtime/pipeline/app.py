@@ -1,0 +1,169 @@
+"""The model server of a multi-container variant: ``POST /invocations`` through the pipeline.
+
+Same shape as the single-model server: a raw-ASGI hot path for
+``/invocations`` (payload limit enforced while reading) in front of a small
+FastAPI app for health and metrics. ``/ping`` is 200 only when every step is
+ready, and otherwise names the step that is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kubeinfer_runtime import __version__, metrics
+from kubeinfer_runtime.contract import H_TARGET_CONTAINER, ModelServerSettings
+from kubeinfer_runtime.errors import (
+    Internal,
+    NotFound,
+    NotReady,
+    RuntimeServiceError,
+    ValidationError,
+)
+from kubeinfer_runtime.metrics import ModelServerMetrics
+from kubeinfer_runtime.pipeline.runner import Pipeline
+from kubeinfer_runtime.pipeline.steps import UrlStep, build_steps
+from kubeinfer_runtime.server.api import _error, _json
+from kubeinfer_runtime.server.hotpath import (
+    ASGIApp,
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    _headers,
+    _read_rest,
+    _send_error,
+    _too_large,
+)
+
+log = logging.getLogger("kubeinfer.server")
+
+_TARGET = H_TARGET_CONTAINER.encode()
+
+
+class PipelineHotPath:
+    def __init__(self, app: ASGIApp, pipeline: Pipeline, metrics: ModelServerMetrics,
+                 max_payload_bytes: int) -> None:
+        self.app = app
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.max_payload_bytes = max_payload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/invocations":
+            await self._handle(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        m = self.metrics
+        t0 = time.perf_counter()
+        m.invocations.value += 1
+        try:
+            if scope["method"] != "POST":
+                raise ValidationError(f"{scope['method']} is not allowed on /invocations: "
+                                      "use POST", status=405)
+            content_type, accept, length = _headers(scope["headers"])
+            target = next((v.decode("latin-1").strip() for k, v in scope["headers"]
+                           if k == _TARGET), None)
+            limit = self.max_payload_bytes
+            if length is not None and length > limit:
+                raise _too_large(length, limit)
+            msg = await receive()
+            body: bytes = msg.get("body", b"")
+            if msg.get("more_body", False) or msg["type"] != "http.request":
+                body = await _read_rest(receive, msg, body, limit)
+            elif len(body) > limit:
+                raise _too_large(len(body), limit)
+            payload, out_type = await self.pipeline.run(body, content_type, accept, target)
+        except ClientDisconnected:
+            m.error(499)
+            return
+        except RuntimeServiceError as e:
+            await _send_error(send, e)
+            m.error(e.status)
+            return
+        except Exception:
+            log.exception("Unexpected failure serving the pipeline")
+            await _send_error(send, Internal("Internal failure while serving the request: "
+                                             "see the model server's log"))
+            m.error(500)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", out_type.encode("latin-1")),
+            (b"content-length", str(len(payload)).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": payload})
+        # The whole chain is the "model" here; per-step time is in each step's metrics.
+        m.model_latency.observe(time.perf_counter() - t0)
+
+
+def create_pipeline_app(settings: ModelServerSettings) -> PipelineHotPath:
+    assert settings.pipeline is not None
+    pool = ThreadPoolExecutor(max_workers=settings.inference_threads,
+                              thread_name_prefix="inference")
+    labels = (settings.endpoint_name, settings.variant_name)
+    step_metrics = {s.name: ModelServerMetrics(*labels, s.name)
+                    for s in settings.pipeline.steps}
+    steps = build_steps(settings, step_metrics, pool)
+    pipeline = Pipeline(steps, settings.pipeline.execution)
+    url_steps = [s for s in steps if isinstance(s, UrlStep)]
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        for step in steps:
+            step.start()
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+        for step in steps:
+            await step.close()
+
+    app = FastAPI(title="kubeinfer multi-container server", version=__version__,
+                  lifespan=lifespan)
+
+    @app.exception_handler(RuntimeServiceError)
+    async def _service_error(_: Request, exc: RuntimeServiceError) -> Response:
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return _error(NotFound(f"No route {request.method} {request.url.path}: a "
+                                   "multi-container variant serves POST /invocations"))
+        return _error(ValidationError(str(exc.detail), status=exc.status_code))
+
+    async def check_ready() -> None:
+        for step in url_steps:
+            await step.check()
+        reason = pipeline.not_ready()
+        if reason is not None:
+            raise NotReady(reason)
+
+    @app.get("/ping", summary="200 when every step is ready")
+    async def ping() -> Response:
+        await check_ready()
+        return _json({"status": "Healthy"})
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return _json({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        await check_ready()
+        return _json({"ready": True})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render_latest()
+        return Response(body, media_type=content_type)
+
+    overall = ModelServerMetrics(*labels, settings.model_name)
+    return PipelineHotPath(app, pipeline, overall, settings.max_payload_bytes)

@@ -1,0 +1,11 @@
+"""Asynchronous inference: a Redis Stream per endpoint between gateway and workers.
+
+* ``request``: PURE — the queued request, header parsing, locations, notification bodies;
+* ``producer``: the gateway side — idempotent enqueue (one Lua script);
+* ``submit``: the gateway's raw ASGI handler of ``/endpoints/{name}/async-invocations``;
+* ``objects``: read input / write output objects (``s3://`` or ``file://``);
+* ``notifier``: webhook POSTs with retries and backoff;
+* ``worker``: XREADGROUP / XAUTOCLAIM loop, retries, dead-letter, graceful drain;
+* ``backlog``: the scaling signal (queued + in flight) read from Redis;
+* ``app``: the async-worker role's process (``/ping``, ``/metrics``, the loop).
+"""

@@ -1,0 +1,94 @@
+"""The async-worker role's process: the model, the queue loop, ``/ping`` and ``/metrics``.
+
+``kubeinfer-runtime serve --role async-worker`` runs ``create_app`` under
+uvicorn like the other roles, so supervisors and kubelet probe it the same
+way: ``/ping`` answers 200 once the model is loaded and Redis answers, 503
+with the reason before. The queue loop runs as a lifespan task; SIGTERM makes
+uvicorn run the lifespan shutdown, which stops reading and drains (see
+``worker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+from fastapi import FastAPI, Response
+
+from kubeinfer_runtime import __version__
+from kubeinfer_runtime.contract import AsyncWorkerSettings
+from kubeinfer_runtime.errors import NotReady, render_error
+from kubeinfer_runtime.metrics import ModelServerMetrics, render_latest
+from kubeinfer_runtime.queue.notifier import Notifier
+from kubeinfer_runtime.queue.objects import ObjectStore
+from kubeinfer_runtime.queue.worker import Worker
+from kubeinfer_runtime.server.app import configure_logging
+from kubeinfer_runtime.server.state import ModelSlot, start_loading
+
+log = logging.getLogger("kubeinfer.queue")
+
+
+def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
+    """uvicorn factory: settings from ``KUBEINFER_*`` env when None."""
+    import redis.asyncio
+
+    settings = settings or AsyncWorkerSettings()
+    configure_logging(settings.log_level)
+    slot = ModelSlot(settings.model_name, settings.model_uri)
+    model_metrics = ModelServerMetrics(settings.endpoint_name, settings.variant_name,
+                                       settings.model_name)
+    state: dict[str, Worker] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        start_loading(slot, settings, model_metrics)
+        client = redis.asyncio.from_url(settings.redis_url, decode_responses=True)
+        store = ObjectStore(settings.s3(), connections=settings.max_concurrency * 2)
+        notifier = Notifier(attempts=settings.notify_attempts,
+                            backoff_first_s=settings.notify_backoff_s,
+                            connections=settings.max_concurrency * 2)
+        pool = ThreadPoolExecutor(max_workers=settings.inference_threads,
+                                  thread_name_prefix="inference")
+        worker = state["worker"] = Worker(settings, slot, client, store, notifier, pool)
+        task = asyncio.create_task(worker.run(), name="async-worker")
+        yield
+        await worker.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await notifier.close()
+        await client.aclose()
+        pool.shutdown(wait=False, cancel_futures=True)
+        log.info("Async worker %s stopped", worker.consumer)
+
+    api = FastAPI(title="kubeinfer async worker", version=__version__, lifespan=lifespan)
+
+    @api.get("/ping", summary="Ready once the model is loaded and Redis answers")
+    async def ping() -> Response:
+        worker = state.get("worker")
+        try:
+            slot.get()
+            if worker is None:
+                raise NotReady("Async worker is starting")
+            try:
+                await worker.redis.ping()
+            except Exception as e:
+                raise NotReady(f"Async worker cannot reach Redis at {settings.redis_url} "
+                               f"({type(e).__name__}): check KUBEINFER_REDIS_URL") from None
+        except NotReady as err:
+            status, headers, body = render_error(err)
+            keep = {k.decode(): v.decode() for k, v in headers if k != b"content-length"}
+            return Response(body, status_code=status, headers=keep)
+        body = orjson.dumps({"status": "ok", "queue": settings.queue,
+                             "consumer": worker.consumer, "in_flight": len(worker.inflight)})
+        return Response(body, media_type="application/json")
+
+    @api.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        body, content_type = render_latest()
+        return Response(body, media_type=content_type)
+
+    return api

@@ -1,0 +1,191 @@
+"""The queued asynchronous request and everything pure around it.
+
+A request travels as a flat Redis Stream entry (str -> str). Parsing the
+client's headers, deciding expiry, and writing notification and failure bodies
+happen here without I/O, so the gateway and the worker stay short and these
+rules are unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlparse
+
+import orjson
+
+from kubeinfer_runtime.contract import (
+    ASYNC_MAX_INVOCATION_TIMEOUT_S,
+    ASYNC_MAX_REQUEST_TTL_S,
+    H_ASYNC_ACCEPT,
+    H_ASYNC_CONTENT_TYPE,
+    H_CUSTOM_ATTRIBUTES,
+    H_INFERENCE_ID,
+    H_INPUT_LOCATION,
+    H_INVOCATION_TIMEOUT,
+    H_REQUEST_TTL,
+    AsyncRoute,
+    failure_location,
+    output_location,
+)
+from kubeinfer_runtime.errors import ValidationError
+
+#: SageMaker's InferenceId pattern: printable, at most 64 characters. Narrower
+#: here (no '/' or whitespace) because the id becomes part of an object key.
+_INFERENCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+#: SageMaker's minimum RequestTTLSeconds.
+MIN_REQUEST_TTL_S = 60
+
+
+@dataclass(frozen=True)
+class AsyncRequest:
+    """One asynchronous request as queued (all fields survive a round trip as str)."""
+
+    inference_id: str
+    endpoint: str
+    input_location: str
+    output_location: str
+    failure_location: str
+    content_type: str
+    accept: str
+    custom_attributes: str
+    #: Unix time the gateway accepted it, and when it expires unprocessed.
+    received_at: float
+    expires_at: float
+    invocation_timeout_s: float
+
+    def to_fields(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> AsyncRequest:
+        """Rebuild from a stream entry; raises ValueError when fields are missing or bad."""
+        try:
+            return cls(
+                inference_id=fields["inference_id"], endpoint=fields["endpoint"],
+                input_location=fields["input_location"],
+                output_location=fields["output_location"],
+                failure_location=fields["failure_location"],
+                content_type=fields["content_type"], accept=fields["accept"],
+                custom_attributes=fields["custom_attributes"],
+                received_at=float(fields["received_at"]),
+                expires_at=float(fields["expires_at"]),
+                invocation_timeout_s=float(fields["invocation_timeout_s"]),
+            )
+        except KeyError as e:
+            raise ValueError(f"queued request lacks field {e.args[0]!r}") from None
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires_at
+
+
+def location_problem(uri: str, what: str) -> str | None:
+    """Why ``uri`` cannot be an object location we read or write, else None."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("s3", "file"):
+        return (f"{what} {uri!r} has unsupported scheme {parsed.scheme or '(none)'!r}: "
+                "use s3://bucket/key or file:///absolute/path")
+    path = parsed.path
+    if parsed.scheme == "s3" and (not parsed.netloc or not path.strip("/")):
+        return f"{what} {uri!r} must look like s3://bucket/key"
+    if parsed.scheme == "file" and (parsed.netloc or not path.startswith("/")
+                                    or not path.strip("/")):
+        return f"{what} {uri!r} must be an absolute path: file:///absolute/path"
+    if ".." in path.split("/"):
+        return f"{what} {uri!r} contains '..': name the object without parent segments"
+    return None
+
+
+def _int_header(value: str | None, name: str, low: int, high: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValidationError(f"Header {name} is {value!r}, not a whole number of seconds: "
+                              f"send a value from {low} to {high}") from None
+    if not low <= number <= high:
+        raise ValidationError(f"Header {name} is {number}: send a value from {low} to {high}")
+    return number
+
+
+def parse_async_request(endpoint: str, route: AsyncRoute, headers: dict[str, str], *,
+                        now: float | None = None, new_id: str | None = None) -> AsyncRequest:
+    """The request a client's InvokeEndpointAsync headers describe, or a ValidationError.
+
+    ``headers`` maps lower-case names to values. The InferenceId is the client's
+    (idempotency key) or a new UUID.
+    """
+    now = time.time() if now is None else now
+    input_location = headers.get(H_INPUT_LOCATION)
+    if not input_location:
+        raise ValidationError(f'Asynchronous request to endpoint "{endpoint}" has no '
+                              "X-Amzn-SageMaker-InputLocation header: upload the payload and "
+                              "name its s3:// or file:// location there")
+    problem = location_problem(input_location, "InputLocation")
+    if problem:
+        raise ValidationError(problem[0].upper() + problem[1:])
+    inference_id = headers.get(H_INFERENCE_ID) or new_id or str(uuid.uuid4())
+    if not _INFERENCE_ID.match(inference_id):
+        raise ValidationError(f"InferenceId {inference_id!r} is not valid: use 1 to 64 "
+                              "letters, digits, '.', '_', ':' or '-', starting with a letter "
+                              "or digit")
+    ttl = _int_header(headers.get(H_REQUEST_TTL), "X-Amzn-SageMaker-RequestTTLSeconds",
+                      MIN_REQUEST_TTL_S, ASYNC_MAX_REQUEST_TTL_S) or route.request_ttl_s
+    timeout = _int_header(headers.get(H_INVOCATION_TIMEOUT),
+                          "X-Amzn-SageMaker-InvocationTimeoutSeconds", 1,
+                          ASYNC_MAX_INVOCATION_TIMEOUT_S) or route.invocation_timeout_s
+    return AsyncRequest(
+        inference_id=inference_id, endpoint=endpoint, input_location=input_location,
+        output_location=output_location(route.output_path, inference_id),
+        failure_location=failure_location(route.failure_path, inference_id),
+        content_type=headers.get(H_ASYNC_CONTENT_TYPE, "application/json"),
+        accept=headers.get(H_ASYNC_ACCEPT, ""),
+        custom_attributes=headers.get(H_CUSTOM_ATTRIBUTES, ""),
+        received_at=now, expires_at=now + ttl, invocation_timeout_s=float(timeout),
+    )
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def notification(req: AsyncRequest, *, ok: bool, now: float, region: str = "",
+                 failure_reason: str = "", output_content_type: str = "") -> bytes:
+    """The JSON a success or error webhook receives: SageMaker's SNS message shape.
+
+    Delivery is at least once: receivers deduplicate by ``inferenceId``.
+    """
+    body: dict[str, Any] = {
+        "awsRegion": region,
+        "eventTime": _iso(now),
+        "receivedTime": _iso(req.received_at),
+        "invocationStatus": "Completed" if ok else "Failed",
+        "requestParameters": {
+            "accept": req.accept, "contentType": req.content_type,
+            "customAttributes": req.custom_attributes, "endpointName": req.endpoint,
+            "inputLocation": req.input_location,
+        },
+        "inferenceId": req.inference_id,
+        "eventVersion": "1.0",
+        "eventSource": "aws:sagemaker",
+    }
+    if ok:
+        body["responseParameters"] = {"contentType": output_content_type,
+                                      "outputLocation": req.output_location}
+    else:
+        body["responseParameters"] = {"contentType": "application/json",
+                                      "failureLocation": req.failure_location}
+        body["failureReason"] = failure_reason
+    return orjson.dumps(body)
+
+
+def failure_body(req: AsyncRequest, code: str, message: str, attempts: int) -> bytes:
+    """The failure object: what went wrong, in the runtime's error shape."""
+    return orjson.dumps({"ErrorCode": code, "Message": message, "message": message,
+                         "inferenceId": req.inference_id, "inputLocation": req.input_location,
+                         "attempts": attempts})

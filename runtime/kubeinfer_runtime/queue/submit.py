@@ -1,0 +1,98 @@
+"""``POST /endpoints/{name}/async-invocations``: the gateway accepts an async request.
+
+The payload never passes through the gateway: the client uploads it first and
+names it in ``X-Amzn-SageMaker-InputLocation``, so inputs of any size (1 GB
+and more) cost the gateway one header. It answers 202 with the InferenceId and
+the output and failure locations (as ``invoke_endpoint_async`` expects) once
+the request is durably queued in Redis; the same InferenceId again answers the
+same 202 without queuing a second inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from kubeinfer_runtime.contract import H_FAILURE_LOCATION, H_OUTPUT_LOCATION, EndpointRoute
+from kubeinfer_runtime.errors import (
+    NotReady,
+    RuntimeServiceError,
+    ValidationError,
+    render_error,
+)
+from kubeinfer_runtime.queue.producer import Producer
+from kubeinfer_runtime.queue.request import parse_async_request
+
+log = logging.getLogger("kubeinfer.gateway")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class AsyncSubmitHandler:
+    """Answers async invocations for the endpoints of the route table in force."""
+
+    def __init__(self, redis_url: str | None) -> None:
+        self.redis_url = redis_url
+        self.redis: Any = None
+        self.producer: Producer | None = None
+        if redis_url:
+            import redis.asyncio
+
+            self.redis = redis.asyncio.from_url(redis_url, decode_responses=True)
+            self.producer = Producer(self.redis)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send,
+                       endpoint: EndpointRoute | None, name: str) -> None:
+        try:
+            status, headers, body = await self._handle(scope, endpoint, name)
+        except RuntimeServiceError as err:
+            status, headers, body = render_error(err)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _handle(self, scope: Scope, endpoint: EndpointRoute | None,
+                      name: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        from kubeinfer_runtime.errors import NotFound
+
+        if endpoint is None:
+            raise NotFound(f'Endpoint "{name}" does not exist: check the name (kubectl get '
+                           "endpoints.kubeinfer.io)")
+        route = endpoint.async_config
+        if endpoint.type != "Async" or route is None:
+            raise ValidationError(f'Endpoint "{name}" is not asynchronous (type '
+                                  f"{endpoint.type}): use /endpoints/{name}/invocations, or "
+                                  "set spec.type: Async")
+        if self.producer is None:
+            raise NotReady(f'Endpoint "{name}" is asynchronous but this gateway has no Redis: '
+                           "set KUBEINFER_REDIS_URL on the gateway")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        req = parse_async_request(name, route, headers)
+        try:
+            created = await self.producer.submit(route.keys, req)
+        except Exception as e:
+            log.warning("Queueing async request %s of endpoint %s failed: %s",
+                        req.inference_id, name, e)
+            raise NotReady(f'Endpoint "{name}" cannot queue the request: Redis at '
+                           f"{self.redis_url} failed ({type(e).__name__}): retry with the "
+                           "same InferenceId (it is idempotent)") from None
+        if not created:
+            log.info("Async request %s of endpoint %s was already queued: not queued again",
+                     req.inference_id, name)
+        body = orjson.dumps({"InferenceId": req.inference_id,
+                             "OutputLocation": req.output_location,
+                             "FailureLocation": req.failure_location})
+        return 202, [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (H_OUTPUT_LOCATION.encode(), req.output_location.encode()),
+            (H_FAILURE_LOCATION.encode(), req.failure_location.encode()),
+        ], body

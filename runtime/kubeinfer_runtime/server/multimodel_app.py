@@ -1,0 +1,273 @@
+"""The model server of a multi-model endpoint: hot path plus SageMaker's model-management API.
+
+Inference (``POST /invocations`` with ``X-Amzn-SageMaker-Target-Model``,
+``POST /models/{name}/invoke``, ``POST /v2/models/{name}/infer``) is served by
+the raw-ASGI :class:`MultiModelHotPath`, which differs from the single-model
+one only by where the model comes from: a lease on the cache, held for the
+whole request so eviction never unloads a model in use. The rest is FastAPI:
+SageMaker's multi-model container API (``GET/POST /models``,
+``GET/DELETE /models/{name}``) and the V2 repository extension (index, load,
+unload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kubeinfer_runtime import __version__, codec, metrics
+from kubeinfer_runtime.contract import H_TARGET_MODEL
+from kubeinfer_runtime.errors import (
+    Internal,
+    NotFound,
+    RuntimeServiceError,
+    ValidationError,
+)
+from kubeinfer_runtime.models.cache import ModelCache
+from kubeinfer_runtime.server.api import Lifespan, _error, _json, _v2_metadata
+from kubeinfer_runtime.server.hotpath import (
+    ASGIApp,
+    ClientDisconnected,
+    InferenceService,
+    Receive,
+    Scope,
+    Send,
+    _headers,
+    _read_rest,
+    _send_error,
+    _too_large,
+    invocations_work,
+    v2_work,
+)
+from kubeinfer_runtime.server.state import LoadedModel
+from kubeinfer_runtime.storage.target import check_target
+
+log = logging.getLogger("kubeinfer.server")
+
+_TARGET = H_TARGET_MODEL.encode()
+_MODELS = "/models/"
+_INVOKE = "/invoke"
+_V2_PREFIX = "/v2/models/"
+_V2_SUFFIX = "/infer"
+_JSON = b"application/json"
+
+Cache = ModelCache[LoadedModel]
+
+
+def _target_header(raw: list[tuple[bytes, bytes]]) -> str | None:
+    for k, v in raw:
+        if k == _TARGET:
+            return v.decode("latin-1")
+    return None
+
+
+class MultiModelHotPath:
+    """ASGI app: the multi-model inference routes; everything else goes to ``app``."""
+
+    def __init__(self, app: ASGIApp, service: InferenceService, cache: Cache) -> None:
+        self.app = app
+        self.service = service
+        self.cache = cache
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path == "/invocations":
+                await self._handle(scope, receive, send, None, v2=False)
+                return
+            if path.startswith(_MODELS) and path.endswith(_INVOKE):
+                await self._handle(scope, receive, send, path[len(_MODELS):-len(_INVOKE)],
+                                   v2=False)
+                return
+            if path.startswith(_V2_PREFIX) and path.endswith(_V2_SUFFIX):
+                name = path[len(_V2_PREFIX):-len(_V2_SUFFIX)].split("/versions/", 1)[0]
+                await self._handle(scope, receive, send, name, v2=True)
+                return
+        await self.app(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, name: str | None,
+                      *, v2: bool) -> None:
+        svc = self.service
+        m = svc.metrics
+        t0 = time.perf_counter()
+        m.invocations.value += 1
+        lease = None
+        try:
+            content_type, accept, length = _headers(scope["headers"])
+            if name is None:
+                name = _target_header(scope["headers"])
+                if name is None:
+                    raise ValidationError(
+                        "Header X-Amzn-SageMaker-Target-Model is missing: this is a "
+                        "multi-model endpoint; name the model with TargetModel= (boto3), "
+                        "relative to the endpoint's prefix")
+            check_target(name)
+            encoding = codec.negotiate(accept) if not v2 else codec.Encoding.JSON
+            out_type = encoding.content_type if not v2 else _JSON
+            limit = svc.max_payload_bytes
+            if length is not None and length > limit:
+                raise _too_large(length, limit)
+            msg = await receive()
+            body: bytes = msg.get("body", b"")
+            if msg.get("more_body", False) or msg["type"] != "http.request":
+                body = await _read_rest(receive, msg, body, limit)
+            elif len(body) > limit:
+                raise _too_large(len(body), limit)
+            lease = await self.cache.acquire(name)
+            model = lease.value
+            loop = asyncio.get_running_loop()
+            if v2:
+                if model.inline:
+                    payload, model_s = v2_work(model, body, name)
+                else:
+                    payload, model_s = await loop.run_in_executor(svc.pool, v2_work, model,
+                                                                  body, name)
+            elif model.inline:
+                payload, model_s = invocations_work(model, body, content_type, encoding)
+            else:
+                payload, model_s = await loop.run_in_executor(
+                    svc.pool, invocations_work, model, body, content_type, encoding)
+        except ClientDisconnected:
+            m.error(499)
+            return
+        except RuntimeServiceError as e:
+            await _send_error(send, e)
+            m.error(e.status)
+            return
+        except Exception:
+            log.exception("Unexpected failure serving %s", scope["path"])
+            await _send_error(send, Internal("Internal failure while serving the request: "
+                                             "see the model server's log"))
+            m.error(500)
+            return
+        finally:
+            if lease is not None:
+                lease.release()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", out_type), (b"content-length", str(len(payload)).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": payload})
+        m.model_latency.observe(model_s)
+        m.overhead_latency.observe(max(time.perf_counter() - t0 - model_s, 0.0))
+
+
+def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan) -> FastAPI:
+    """FastAPI app of a multi-model server: health, model management, metadata, metrics."""
+    app = FastAPI(title="kubeinfer multi-model server", version=__version__, lifespan=lifespan)
+
+    @app.exception_handler(RuntimeServiceError)
+    async def _service_error(_: Request, exc: RuntimeServiceError) -> Response:
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return _error(NotFound(f"No route {request.method} {request.url.path}: see /docs "
+                                   "for the multi-model server's API"))
+        return _error(ValidationError(str(exc.detail), status=exc.status_code))
+
+    def described(name: str) -> dict[str, Any]:
+        return {"modelName": name, "modelUrl": prefix + name}
+
+    def loaded_or_404(name: str) -> None:
+        check_target(name)
+        if not cache.is_loaded(name):
+            raise NotFound(f'Model "{name}" is not loaded: load it with POST /models, or '
+                           "invoke it (models load on first use)")
+
+    @app.get("/ping", summary="Health: a multi-model server is ready as soon as it is up")
+    async def ping() -> Response:
+        return _json({"status": "Healthy"})
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return _json({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        return _json({"ready": True})
+
+    @app.get("/v2", summary="V2 server metadata")
+    async def server_metadata() -> Response:
+        return _json({"name": "kubeinfer", "version": __version__,
+                      "extensions": ["model_repository"]})
+
+    @app.get("/models", summary="SageMaker MME: list loaded models")
+    async def list_models() -> Response:
+        return _json({"models": [described(n) for n, _ in reversed(cache.loaded())]})
+
+    @app.post("/models", summary="SageMaker MME: load a model "
+                                 "({'model_name': ..., 'url': optional path under the prefix})")
+    async def load_model(request: Request) -> Response:
+        try:
+            doc = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict) or not isinstance(doc.get("model_name"), str):
+            raise ValidationError('POST /models needs a JSON body {"model_name": "<path under '
+                                  'the prefix>"}')
+        name = doc["model_name"]
+        url = doc.get("url")
+        if url not in (None, name, prefix + name):
+            raise ValidationError(f'Model "{name}": url {url!r} differs from the model name; '
+                                  "models are named by their path under the prefix "
+                                  f"({prefix}), so omit url or set it to that path")
+        check_target(name)
+        if not await cache.preload(name):
+            return _error(ValidationError(f'Model "{name}" is already loaded', status=409))
+        return _json({"message": f'Model "{name}" loaded'})
+
+    @app.get("/models/{name:path}", summary="SageMaker MME: describe a loaded model")
+    async def get_model(name: str) -> Response:
+        loaded_or_404(name)
+        return _json(described(name))
+
+    @app.delete("/models/{name:path}", summary="SageMaker MME: unload a model")
+    async def delete_model(name: str) -> Response:
+        loaded_or_404(name)
+        cache.unload(name)
+        return _json({"message": f'Model "{name}" unloaded'})
+
+    @app.post("/v2/repository/index", summary="V2 repository: loaded models")
+    async def repository_index() -> Response:
+        return _json([{"name": n, "state": "READY"} for n, _ in reversed(cache.loaded())])
+
+    @app.post("/v2/repository/models/{name:path}/load", summary="V2 repository: load")
+    async def repository_load(name: str) -> Response:
+        check_target(name)
+        await cache.preload(name)
+        return _json({"name": name, "state": "READY"})
+
+    @app.post("/v2/repository/models/{name:path}/unload", summary="V2 repository: unload")
+    async def repository_unload(name: str) -> Response:
+        loaded_or_404(name)
+        cache.unload(name)
+        return _json({"name": name, "state": "UNAVAILABLE"})
+
+    @app.get("/v2/models/{name:path}/ready", summary="V2 model readiness")
+    async def model_ready(name: str) -> Response:
+        check_target(name)
+        return _json({"name": name, "ready": cache.is_loaded(name)})
+
+    @app.get("/v2/models/{name:path}", summary="V2 model metadata (loads the model)")
+    async def model_metadata(name: str) -> Response:
+        check_target(name)
+        lease = await cache.acquire(name)
+        try:
+            return _json(_v2_metadata(name, lease.value))
+        finally:
+            lease.release()
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        body, content_type = metrics.render_latest()
+        return Response(body, media_type=content_type)
+
+    return app

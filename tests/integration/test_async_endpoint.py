@@ -1,0 +1,198 @@
+"""Async inference end to end: boto3 invoke_endpoint_async -> gateway -> Redis -> worker.
+
+Real processes (gateway, async workers), real Redis, real S3 (SeaweedFS), a real
+webhook receiver. Covers the output object, idempotent InferenceIds, header
+validation, retries of a poison input ending in the dead-letter stream with a
+failure object, and a worker's graceful drain.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncRoute
+
+from tests.support.async_stack import AsyncStack, worker_env
+from tests.support.ports import wait_until
+from tests.support.redis_server import RedisServer, start_redis
+from tests.support.webhook import WebhookReceiver
+
+BUCKET = "async-e2e"
+ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def hooks() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, s3_server: Any,
+          models_dir: Path, hooks: WebhookReceiver) -> Iterator[AsyncStack]:
+    client = s3_server.minio()
+    if not client.bucket_exists(BUCKET):
+        client.make_bucket(BUCKET)
+    route = AsyncRoute(queue="e2e", output_path=f"s3://{BUCKET}/out",
+                       failure_path=f"s3://{BUCKET}/failed")
+    env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
+                     route=route, s3_env=s3_server.env(), endpoint="iris",
+                     success_url=hooks.url + "/ok", error_url=hooks.url + "/error",
+                     max_retries="2", visibility_timeout_s="3", notify_backoff_s="0.05")
+    s = AsyncStack("iris", route, tmp_path_factory.mktemp("async-e2e"), env)
+    s.start_gateway(redis_server.url)
+    s.start_worker()
+    yield s
+    s.stop()
+
+
+def _runtime(stack: AsyncStack) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    assert stack.gateway is not None
+    return boto3.client("sagemaker-runtime", endpoint_url=stack.gateway.url,
+                        region_name="us-east-1", aws_access_key_id="x",
+                        aws_secret_access_key="x",
+                        config=Config(retries={"max_attempts": 1}))
+
+
+def _put(s3_server: Any, key: str, data: bytes) -> str:
+    import io
+
+    s3_server.minio().put_object(BUCKET, key, io.BytesIO(data), len(data))
+    return f"s3://{BUCKET}/{key}"
+
+
+def _get(s3_server: Any, uri: str) -> bytes | None:
+    from minio.error import S3Error
+
+    key = uri.split(f"s3://{BUCKET}/", 1)[1]
+    try:
+        resp = s3_server.minio().get_object(BUCKET, key)
+    except S3Error:
+        return None
+    try:
+        return bytes(resp.read())
+    finally:
+        resp.close()
+        resp.release_conn()
+
+
+def _wait_object(s3_server: Any, uri: str, timeout: float = 20.0) -> bytes:
+    found: list[bytes] = []
+
+    def there() -> bool:
+        data = _get(s3_server, uri)
+        if data is not None:
+            found.append(data)
+        return data is not None
+
+    wait_until(there, timeout, f"object {uri}", interval=0.1)
+    return found[0]
+
+
+def test_boto3_invoke_endpoint_async_writes_the_output(stack: AsyncStack, s3_server: Any,
+                                                       hooks: WebhookReceiver) -> None:
+    input_uri = _put(s3_server, "in/rows.json", json.dumps({"instances": ROWS}).encode())
+    resp = _runtime(stack).invoke_endpoint_async(EndpointName="iris", InputLocation=input_uri,
+                                                 ContentType="application/json")
+    assert resp["ResponseMetadata"]["HTTPStatusCode"] == 202
+    inference_id = resp["InferenceId"]
+    assert resp["OutputLocation"] == f"s3://{BUCKET}/out/{inference_id}.out"
+    assert resp["FailureLocation"] == f"s3://{BUCKET}/failed/{inference_id}-error.out"
+    out = json.loads(_wait_object(s3_server, resp["OutputLocation"]))
+    assert out["predictions"]["label"] == [0, 2]
+    assert len(out["predictions"]["probabilities"]) == 2
+    wait_until(lambda: any(n["inferenceId"] == inference_id for n in hooks.snapshot()), 10,
+               "the success notification")
+    note = next(n for n in hooks.snapshot() if n["inferenceId"] == inference_id)
+    assert note["path"] == "/ok"
+    assert note["invocationStatus"] == "Completed"
+    assert note["responseParameters"]["outputLocation"] == resp["OutputLocation"]
+    assert note["requestParameters"]["inputLocation"] == input_uri
+
+
+def test_same_inference_id_twice_is_one_inference(stack: AsyncStack, s3_server: Any,
+                                                  redis_server: RedisServer) -> None:
+    input_uri = _put(s3_server, "in/idem.json", json.dumps({"instances": ROWS}).encode())
+    client = _runtime(stack)
+    inference_id = f"idem-{uuid.uuid4().hex[:8]}"
+    first = client.invoke_endpoint_async(EndpointName="iris", InputLocation=input_uri,
+                                         InferenceId=inference_id)
+    second = client.invoke_endpoint_async(EndpointName="iris", InputLocation=input_uri,
+                                          InferenceId=inference_id)
+    assert first["InferenceId"] == second["InferenceId"] == inference_id
+    assert first["OutputLocation"] == second["OutputLocation"]
+    _wait_object(s3_server, first["OutputLocation"])
+    keys = AsyncQueueKeys(queue="e2e")
+    r = redis_server.client()
+    wait_until(lambda: r.hget(keys.inference(inference_id), "done") == "success", 10, "done")
+    time.sleep(0.5)  # a second inference, if queued, would have run by now
+    assert r.hget(keys.writes, inference_id) == "1"
+    assert r.hget(keys.inference(inference_id), "attempts") == "1"
+
+
+def test_bad_requests_are_refused_with_sagemaker_errors(stack: AsyncStack) -> None:
+    import httpx
+
+    assert stack.gateway is not None
+    url = stack.gateway.url
+    missing = httpx.post(f"{url}/endpoints/iris/async-invocations")
+    assert missing.status_code == 400
+    assert missing.headers["x-amzn-errortype"] == "ValidationError:"
+    assert "X-Amzn-SageMaker-InputLocation" in missing.json()["Message"]
+    scheme = httpx.post(f"{url}/endpoints/iris/async-invocations",
+                        headers={"X-Amzn-SageMaker-InputLocation": "http://x/y"})
+    assert scheme.status_code == 400 and "unsupported scheme" in scheme.json()["Message"]
+    ttl = httpx.post(f"{url}/endpoints/iris/async-invocations",
+                     headers={"X-Amzn-SageMaker-InputLocation": "s3://b/k",
+                              "X-Amzn-SageMaker-RequestTTLSeconds": "5"})
+    assert ttl.status_code == 400 and "RequestTTLSeconds" in ttl.json()["Message"]
+    unknown = httpx.post(f"{url}/endpoints/nope/async-invocations",
+                         headers={"X-Amzn-SageMaker-InputLocation": "s3://b/k"})
+    assert unknown.status_code == 404 and "nope" in unknown.json()["Message"]
+
+
+def test_missing_input_ends_in_a_failure_object(stack: AsyncStack, s3_server: Any,
+                                                hooks: WebhookReceiver) -> None:
+    resp = _runtime(stack).invoke_endpoint_async(
+        EndpointName="iris", InputLocation=f"s3://{BUCKET}/in/never-uploaded.json")
+    failure = json.loads(_wait_object(s3_server, resp["FailureLocation"]))
+    assert "never-uploaded.json does not exist" in failure["Message"]
+    assert _get(s3_server, resp["OutputLocation"]) is None
+    wait_until(lambda: any(n["inferenceId"] == resp["InferenceId"] and n["path"] == "/error"
+                           for n in hooks.snapshot()), 10, "the error notification")
+
+
+def test_poison_input_is_dead_lettered_after_max_retries(stack: AsyncStack, s3_server: Any,
+                                                         redis_server: RedisServer) -> None:
+    input_uri = _put(s3_server, "in/poison.json", b'{"instances": [[1, 2]]}')  # wrong shape
+    resp = _runtime(stack).invoke_endpoint_async(EndpointName="iris", InputLocation=input_uri)
+    inference_id = resp["InferenceId"]
+    failure = json.loads(_wait_object(s3_server, resp["FailureLocation"]))
+    assert failure["ErrorCode"] == "ValidationError"
+    assert "maxRetries 2" in failure["Message"]
+    assert failure["attempts"] == 3  # the first try and 2 retries
+    keys = AsyncQueueKeys(queue="e2e")
+    r = redis_server.client()
+    wait_until(lambda: any(f.get("inference_id") == inference_id
+                           for _, f in r.xrange(keys.dead_letter)), 10, "dead-letter entry")
+    entry = next(f for _, f in r.xrange(keys.dead_letter) if f["inference_id"] == inference_id)
+    assert "ValidationError" in entry["error"]
+    assert _get(s3_server, resp["OutputLocation"]) is None
