@@ -61,6 +61,8 @@ COPY examples/build_models.py examples/build_models.py
 # file:///srv/kubeinfer/models/iris.onnx).
 RUN /opt/models/bin/python examples/build_models.py /out/models \
  && chmod -R a+rX /out/models
+# The example pipeline handlers (codeUri: file://handlers → /srv/kubeinfer/handlers).
+COPY examples/handlers /out/handlers
 
 # ---------------------------------------------------------------------------
 # What both final images share: the bare base, the non-root user, the venv.
@@ -93,6 +95,7 @@ LABEL org.opencontainers.image.title="kubeinfer runtime" \
       org.opencontainers.image.description="kubeinfer data plane: SageMaker-compatible gateway and ONNX model server" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=models /out/models /srv/kubeinfer/models
+COPY --from=models /out/handlers /srv/kubeinfer/handlers
 ENV KUBEINFER_MODEL_BASE_DIR=/srv/kubeinfer
 USER 65532:65532
 EXPOSE 8080

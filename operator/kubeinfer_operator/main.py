@@ -18,7 +18,9 @@ from typing import Any
 
 import kopf
 
+from kubeinfer_operator.errors import ClusterError
 from kubeinfer_operator.handlers import endpoint as endpoint_handlers
+from kubeinfer_operator.handlers.scaler import ClusterScaler
 from kubeinfer_operator.handlers.sync import EndpointSync
 from kubeinfer_operator.k8s.client import KubeClient
 from kubeinfer_operator.k8s.login import login_handler
@@ -48,16 +50,29 @@ def build_registry(settings: OperatorSettings,
     ours = settings
 
     kopf.on.login(registry=registry)(login_handler(kube))
+    scaler = ClusterScaler(port=ours.scaler_port, redis_url=ours.redis_url)
+    sync = EndpointSync(kube, ours, scaler=scaler)
+
+    async def scale_now(namespace: str, name: str) -> None:
+        try:
+            await sync.autoscale(namespace, name)
+        except ClusterError as exc:
+            logging.getLogger(__name__).warning("Scale-up of %s/%s failed: %s; the refresh "
+                                                "retries", namespace, name, exc)
+
+    scaler.on_request = scale_now
 
     @kopf.on.startup(registry=registry)
-    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure_kopf(settings, ours)
+        await scaler.start()
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
+        await scaler.close()
         await kube.close()
 
-    endpoint_handlers.register(registry, EndpointSync(kube, ours), ours.status_interval_s)
+    endpoint_handlers.register(registry, sync, ours.status_interval_s)
     return registry
 
 

@@ -35,6 +35,9 @@ class OperatorSettings(BaseSettings):
     #: Secret holding s3 credentials (keys AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY),
     #: mounted into model servers when set; with AWS_ENDPOINT_URL for non-AWS stores.
     s3_secret_name: str | None = None
+    #: Redis of async endpoints (``redis://host:6379/0``): their gateways and
+    #: workers get it as KUBEINFER_REDIS_URL, the operator reads the backlog there.
+    redis_url: str | None = None
 
     #: kopf's liveness probe URL (``http://0.0.0.0:8080/healthz``); None disables it.
     liveness_endpoint: str | None = None
@@ -47,6 +50,12 @@ class OperatorSettings(BaseSettings):
     gateway_cpu_request: str = "100m"
     gateway_memory_request: str = "128Mi"
     gateway_memory_limit: str = "512Mi"
+    #: Port of the operator's scaler (``POST /scale`` from gateways holding requests
+    #: for a serverless variant with no replica); None: no scaler server.
+    scaler_port: int | None = Field(default=None, ge=1, le=65535)
+    #: URL gateways POST scale requests to (the chart's scaler Service), e.g.
+    #: ``http://kubeinfer-scaler.kubeinfer-system.svc:8090/scale``.
+    scaler_url: str | None = None
     #: Annotation/label prefix kopf keeps its handler progress under.
     kopf_state_prefix: str = "kubeinfer.io"
 

@@ -40,6 +40,8 @@ ENV_PREFIX = "KUBEINFER_"
 
 #: SageMaker's synchronous payload limit (InvokeEndpoint): 6 MB.
 REALTIME_MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
+#: SageMaker's serverless payload limit: 4 MB.
+SERVERLESS_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 
 #: Header names of the SageMaker Runtime API (lower case, as ASGI gives them).
 H_TARGET_VARIANT = "x-amzn-sagemaker-target-variant"
@@ -92,9 +94,13 @@ class VariantRoute(_Strict):
     name: str
     weight: Annotated[float, Field(ge=0)]
     #: Base URLs of the variant's model servers (``http://host:port``). On
-    #: Kubernetes this is the variant Service (kube-proxy balances pods); in local
-    #: mode one URL per replica process and the gateway balances itself.
+    #: Kubernetes this is the variant's headless Service (see ``discovery``); in
+    #: local mode one URL per replica process. The gateway balances over them.
     upstreams: list[str] = Field(default_factory=list)
+    #: ``static``: use ``upstreams`` as they are. ``dns``: each upstream's host is
+    #: a headless Service; the gateway resolves it to the ready pods' addresses
+    #: and routes, balances and health-checks per pod.
+    discovery: Literal["static", "dns"] = "static"
 
 
 #: SageMaker's limits for asynchronous requests (RequestTTLSeconds up to 6 h,
@@ -184,6 +190,9 @@ class AsyncRoute(_Strict):
     """What the gateway needs to accept asynchronous requests for an endpoint."""
 
     queue: str
+    #: The queue's Redis; None: the gateway's own ``KUBEINFER_REDIS_URL`` (on
+    #: Kubernetes, so a password can come from a Secret, not this ConfigMap).
+    redis_url: str | None = None
     #: Output objects are ``<output_path>/<InferenceId>.out``.
     output_path: str
     #: Failure objects are ``<failure_path>/<InferenceId>-error.out``.
@@ -207,13 +216,38 @@ def failure_location(failure_path: str, inference_id: str) -> str:
     return f"{failure_path.rstrip('/')}/{inference_id}-error.out"
 
 
+class ServerlessRoute(_Strict):
+    """What the gateway's activator needs for a serverless endpoint."""
+
+    #: Requests in flight (held ones included) across the endpoint; more get 429.
+    max_concurrency: int = Field(default=20, ge=1)
+    #: Seconds a request is held while a replica starts before it answers 503.
+    cold_start_timeout_s: float = Field(default=60.0, gt=0)
+
+
+class ScaleRequest(_Strict):
+    """Body of the activator's ``POST <scaler_url>``: a variant needs a replica now.
+
+    The receiver (the local supervisor, or the operator's scaler on Kubernetes)
+    answers 202 and starts a replica if none runs; repeating it is harmless.
+    """
+
+    endpoint: str
+    variant: str
+    namespace: str | None = None
+    #: Requests held for the variant when it was sent.
+    waiting: int = Field(default=1, ge=0)
+
+
 class EndpointRoute(_Strict):
     name: str
-    type: Literal["RealTime", "Async"] = "RealTime"
+    type: Literal["RealTime", "Async", "Serverless"] = "RealTime"
     variants: list[VariantRoute]
     max_payload_bytes: int = REALTIME_MAX_PAYLOAD_BYTES
     #: Set exactly when ``type`` is Async.
     async_config: AsyncRoute | None = None
+    #: Set exactly when ``type`` is Serverless.
+    serverless: ServerlessRoute | None = None
 
     @field_validator("variants")
     @classmethod
@@ -433,6 +467,12 @@ class GatewaySettings(_RoleSettings):
     #: Redis of asynchronous endpoints (``redis://host:6379/0``); None when the
     #: gateway serves none (async requests then answer 503).
     redis_url: str | None = None
+    #: Where the activator POSTs a ``ScaleRequest`` when a serverless variant has
+    #: no ready replica (the local supervisor's or the operator's scaler). None:
+    #: held requests wait for the idle scaler to notice them on its own.
+    scaler_url: str | None = None
+    #: Namespace of the gateway's Endpoint, sent with scale requests (Kubernetes).
+    namespace: str | None = None
 
 
 class AsyncWorkerSettings(ModelServerSettings):

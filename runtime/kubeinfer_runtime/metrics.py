@@ -344,6 +344,26 @@ GATEWAY_ROUTE_TABLE_REJECTED = Counter(
     "kubeinfer_gateway_route_table_rejected", "Route-table files rejected as invalid",
 )
 
+# Serverless activator (``gateway.activator``). The scaler reads these to tell
+# an idle variant from a busy one.
+
+#: CloudWatch ``ConcurrentExecutions`` (serverless): requests in flight,
+#: held ones included.
+GATEWAY_IN_FLIGHT = Gauge(
+    "kubeinfer_gateway_in_flight_requests", "Serverless requests in flight (held included)",
+    ("endpoint",),
+)
+#: Requests held while a variant has no ready replica.
+GATEWAY_HELD = Gauge(
+    "kubeinfer_gateway_held_requests", "Requests held waiting for a replica (cold start)",
+    _GATEWAY_LABELS,
+)
+#: CloudWatch ``ModelSetupTime`` as a client sees it: how long held requests waited.
+GATEWAY_COLD_START_WAIT_SECONDS = Histogram(
+    "kubeinfer_gateway_cold_start_wait_seconds", "Time a request was held for a replica",
+    _GATEWAY_LABELS, buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60),
+)
+
 
 # ============================================================ asynchronous inference
 # The gateway exports the backlog (it knows every async endpoint it serves and

@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncRoute
-
 from tests.support.async_stack import AsyncStack, worker_env
 from tests.support.ports import wait_until
 from tests.support.redis_server import RedisServer, start_redis
@@ -196,3 +195,70 @@ def test_poison_input_is_dead_lettered_after_max_retries(stack: AsyncStack, s3_s
     entry = next(f for _, f in r.xrange(keys.dead_letter) if f["inference_id"] == inference_id)
     assert "ValidationError" in entry["error"]
     assert _get(s3_server, resp["OutputLocation"]) is None
+
+
+def test_sigterm_drains_a_worker_without_losing_requests(stack: AsyncStack, s3_server: Any,
+                                                         redis_server: RedisServer) -> None:
+    import httpx
+
+    assert stack.gateway is not None
+    input_uri = _put(s3_server, "in/drain.json", json.dumps({"instances": ROWS}).encode())
+    extra = stack.start_worker()
+    ids = [f"drain-{i:03d}" for i in range(150)]
+    with httpx.Client(base_url=stack.gateway.url) as client:
+        for rid in ids:
+            r = client.post("/endpoints/iris/async-invocations", headers={
+                "X-Amzn-SageMaker-InputLocation": input_uri,
+                "X-Amzn-SageMaker-Inference-Id": rid})
+            assert r.status_code == 202
+    wait_until(lambda: _in_flight(extra.url) > 0, 10, "the extra worker to hold requests",
+               interval=0.01)
+    extra.proc.terminate()
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done: -15, not a kill.
+    assert extra.proc.wait(timeout=25) in (0, -15)
+    stack.workers.remove(extra)
+    log = extra.log()
+    assert "Application shutdown complete" in log and "stopped" in log, log
+    keys = AsyncQueueKeys(queue="e2e")
+    r = redis_server.client()
+    wait_until(lambda: all(r.hget(keys.inference(i), "done") == "success" for i in ids), 30,
+               "every request to finish")
+    # The backlog metric is exported by the gateway, per endpoint.
+    metrics = httpx.get(stack.gateway.url + "/metrics").text
+    assert 'kubeinfer_async_backlog_size{endpoint="iris"}' in metrics
+    assert 'kubeinfer_async_backlog_size_per_instance{endpoint="iris"}' in metrics
+
+
+def _in_flight(url: str) -> int:
+    import httpx
+
+    try:
+        r = httpx.get(url + "/ping", timeout=1.0)
+    except httpx.HTTPError:
+        return 0
+    return int(r.json().get("in_flight", 0)) if r.status_code == 200 else 0
+
+
+def test_a_request_that_keeps_killing_workers_is_dead_lettered(
+        stack: AsyncStack, s3_server: Any, redis_server: RedisServer) -> None:
+    """Three attempts already died with their worker (as after SIGKILLs): the next
+    delivery dead-letters it instead of running it again; a malformed entry too."""
+    from kubeinfer_runtime.queue.request import parse_async_request
+
+    route = stack.route
+    req = parse_async_request("iris", route, {
+        "x-amzn-sagemaker-inputlocation": f"s3://{BUCKET}/in/rows.json",
+        "x-amzn-sagemaker-inference-id": "crashes-workers"})
+    keys = route.keys
+    r = redis_server.client()
+    r.hset(keys.inference(req.inference_id), mapping={"attempts": 3})  # maxRetries 2 + 1
+    r.xadd(keys.stream, req.to_fields())
+    r.xadd(keys.stream, {"garbage": "1"})
+    failure = json.loads(_wait_object(s3_server, req.failure_location))
+    assert "stopped (crashed or was killed) on every attempt" in failure["Message"]
+    assert failure["attempts"] == 3
+    assert _get(s3_server, req.output_location) is None
+    wait_until(lambda: any(f.get("error", "").startswith("Malformed entry")
+                           for _, f in r.xrange(keys.dead_letter)), 10, "malformed dead letter")
+    dead = {f.get("inference_id") for _, f in r.xrange(keys.dead_letter)}
+    assert "crashes-workers" in dead

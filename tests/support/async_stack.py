@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubeinfer_runtime.contract import AsyncRoute, EndpointRoute, RouteTable, VariantRoute
-
 from tests.support.ports import free_port, http_ok, wait_until
 from tests.support.procs import RuntimeProcess, start_runtime
 
@@ -66,6 +65,16 @@ class AsyncStack:
 
             wait_until(up, 30.0, f"async worker on port {port}")
         return worker
+
+    def wait_workers(self, timeout: float = 60.0) -> None:
+        """Wait until every worker answers /ping (started with ``wait=False``)."""
+        for worker in self.workers:
+            def up(w: RuntimeProcess = worker) -> bool:
+                if w.proc.poll() is not None:
+                    raise RuntimeError(f"async worker exited {w.proc.returncode}:\n{w.log()}")
+                return http_ok(w.url + "/ping")
+
+            wait_until(up, timeout, f"async worker on port {worker.port}")
 
     def kill_worker(self, worker: RuntimeProcess) -> None:
         worker.proc.send_signal(signal.SIGKILL)

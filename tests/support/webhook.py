@@ -1,6 +1,7 @@
 """A real local webhook receiver for async notifications (a threaded HTTP server).
 
-Records every POST body (JSON) in arrival order. ``fail_first`` makes it answer
+Records every POST body (JSON) in arrival order, with ``_at`` (time.monotonic()
+when it arrived, for latency measurements). ``fail_first`` makes it answer
 503 to that many POSTs first, to exercise the notifier's retries.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -21,6 +23,8 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", "0"))
                 body = self.rfile.read(length)
@@ -29,7 +33,8 @@ class WebhookReceiver:
                     if refuse:
                         receiver.failed += 1
                     else:
-                        receiver.received.append({"path": self.path, **json.loads(body)})
+                        receiver.received.append({"path": self.path, "_at": time.monotonic(),
+                                                  **json.loads(body)})
                 self.send_response(503 if refuse else 200)
                 self.send_header("content-length", "0")
                 self.end_headers()

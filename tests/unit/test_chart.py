@@ -224,8 +224,13 @@ def test_default_render_is_cluster_wide(chart: helm.Chart) -> None:
     objects = render(chart)
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment",
-                     "ServiceAccount"]
+                     "Service", "ServiceAccount"]
     assert env_of(one(objects, "Deployment"))["KUBEINFER_NAMESPACES"] == ""
+    # The operator's scaler (serverless scale-from-zero), and where gateways reach it.
+    scaler = one(objects, "Service")
+    assert scaler["spec"]["ports"][0]["targetPort"] == "scaler"
+    assert env_of(one(objects, "Deployment"))["KUBEINFER_SCALER_URL"] == (
+        f"http://{scaler['metadata']['name']}.{RELEASE_NS}.svc:8090/scale")
     binding = one(objects, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == one(objects, "ClusterRole")["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubeinfer",
@@ -266,7 +271,7 @@ def test_namespaced_scope_without_cluster_reads_is_fully_namespaced(chart: helm.
 def test_rbac_can_be_left_to_the_cluster_admin(chart: helm.Chart) -> None:
     objects = render(chart, {"rbac": {"create": False, "clusterReads": True},
                              "serviceAccount": {"create": False, "name": "ops-sa"}})
-    assert sorted(o["kind"] for o in objects) == ["ClusterKopfPeering", "Deployment"]
+    assert sorted(o["kind"] for o in objects) == ["ClusterKopfPeering", "Deployment", "Service"]
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops-sa"
 
 
@@ -307,8 +312,9 @@ def test_operator_pod_is_locked_down(chart: helm.Chart) -> None:
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
-    (port,) = container["ports"]
-    assert port["containerPort"] == 8080
+    health, scaler = container["ports"]
+    assert (health["name"], health["containerPort"]) == ("health", 8080)
+    assert (scaler["name"], scaler["containerPort"]) == ("scaler", 8090)
     assert env_of(deployment)["KUBEINFER_LIVENESS_ENDPOINT"] == "http://0.0.0.0:8080/healthz"
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
 
@@ -321,6 +327,7 @@ def test_operator_env_is_read_by_operator_settings(
         "runtime": {"image": {"repository": "reg.example/runtime", "tag": "1.2.3",
                               "pullPolicy": "Always"},
                     "gatewayReplicas": 3, "s3": {"secretName": "s3-creds"},
+                    "redis": {"url": "redis://redis.infra:6379/0"},
                     "gatewayResources": {"cpuRequest": "250m"}},
         "peering": {"name": "ml-peering"},
         "statusIntervalSeconds": 2.5,
@@ -340,6 +347,7 @@ def test_operator_env_is_read_by_operator_settings(
     assert settings.gateway_replicas == 3
     assert settings.gateway_cpu_request == "250m"
     assert settings.s3_secret_name == "s3-creds"
+    assert settings.redis_url == "redis://redis.infra:6379/0"
     assert settings.peering_name == "ml-peering"
     assert settings.status_interval_s == 2.5
     assert settings.liveness_endpoint == "http://0.0.0.0:8080/healthz"

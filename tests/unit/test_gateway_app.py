@@ -139,7 +139,8 @@ def test_lifespan_starts_and_stops_background_loops(tmp_path: Path) -> None:
         task = asyncio.create_task(app({"type": "lifespan"}, inbox.get, send))  # type: ignore[arg-type]
         await inbox.put({"type": "lifespan.startup"})
         await asyncio.wait_for(answered.wait(), 5)
-        assert [t.get_name() for t in app._tasks] == ["route-reload", "health-check"]
+        assert [t.get_name() for t in app._tasks] == ["route-reload", "health-check",
+                                                   "async-backlog"]
         await inbox.put({"type": "lifespan.shutdown"})
         await asyncio.wait_for(task, 5)
         return sent

@@ -73,7 +73,8 @@ def test_serial_plan_becomes_a_pipeline(monkeypatch: pytest.MonkeyPatch) -> None
         ("pre", "handler"), ("iris", "model"), ("post", "handler")]
     assert steps[0].code_dir == "file:///m/handlers"
     assert steps[1].model_uri == "file:///m/models/iris.onnx"
-    assert variant.model_uri == "containers (Serial): pre[handler] → iris[model] → post[handler]"
+    assert variant.model_uri == (
+        "containers (Serial): pre (handler) → iris (model) → post (handler)")
 
 
 def _with_image(execution: str = "Direct") -> dict[str, Any]:

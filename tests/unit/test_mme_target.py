@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kubeinfer_runtime.errors import ValidationError
@@ -36,3 +38,27 @@ def test_prefixes() -> None:
     for bad in ("http://x/", "s3:///p/", "file:///a/../b/"):
         with pytest.raises(ValidationError):
             parse_prefix(bad)
+
+
+def test_a_symlink_inside_the_prefix_cannot_reach_outside(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubeinfer_runtime.contract import ModelServerSettings
+    from kubeinfer_runtime.metrics import MultiModelMetrics
+    from kubeinfer_runtime.server.multimodel import MultiModelStore
+
+    prefix = tmp_path / "models"
+    (prefix / "tenant").mkdir(parents=True)
+    (prefix / "tenant" / "ok.onnx").write_bytes(b"1234")
+    (tmp_path / "secret.onnx").write_bytes(b"secret")
+    (prefix / "tenant" / "escape.onnx").symlink_to(tmp_path / "secret.onnx")
+    settings = ModelServerSettings(multi_model_prefix=f"file://{prefix}/",
+                                   model_cache_dir=str(tmp_path / "cache"))
+    with ThreadPoolExecutor(1) as pool:
+        store = MultiModelStore(settings, MultiModelMetrics("t", "t"), pool)
+        assert store._stat("tenant/ok.onnx") == 4
+        with pytest.raises(InvalidTargetModel, match="resolves outside the multi-model prefix"):
+            store._stat("tenant/escape.onnx")
+        with pytest.raises(ValidationError) as info:
+            store._stat("tenant/absent.onnx")
+        assert info.value.status == 404

@@ -208,6 +208,16 @@ def test_route_table_lists_only_ready_variants(doc: dict[str, Any]) -> None:
     assert [v.weight for v in route.variants] == [0.9, 0.1]
 
 
+def test_variants_are_reached_per_pod_through_headless_services(doc: dict[str, Any]) -> None:
+    children = _render(doc, ready=("primary", "canary"))
+    for variant in ("primary", "canary"):
+        assert children[("Service", f"iris-{variant}")]["spec"]["clusterIP"] == "None"
+    # The gateway keeps ClusterIP: clients reach it through kube-proxy.
+    assert children[("Service", "iris-gateway")]["spec"].get("clusterIP") != "None"
+    table = RouteTable.from_json(children[("ConfigMap", "iris-routes")]["data"]["routes.json"])
+    assert {v.discovery for v in table.endpoints["iris"].variants} == {"dns"}
+
+
 def test_endpoint_url_is_the_gateway_service() -> None:
     assert endpoint_url(OWNER, OperatorSettings()) == "http://iris-gateway.ml.svc:8080"
 

@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kubeinfer_operator.api.async_config import AsyncConfig
+
 GROUP = "kubeinfer.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -38,6 +40,10 @@ class _Spec(BaseModel):
 
 class EndpointType(StrEnum):
     REAL_TIME = "RealTime"
+    #: Scale to zero when idle; the gateway holds requests while a replica starts.
+    SERVERLESS = "Serverless"
+    #: Queued requests, object-store input and output, workers scaled on the backlog.
+    ASYNC = "Async"
 
 
 class ModelFormat(StrEnum):
@@ -215,6 +221,159 @@ class ContainerStep(_Spec):
         return "model" if self.model else "handler" if self.handler else "image"
 
 
+#: SageMaker serverless memory sizes (MemorySizeInMB: 1024 to 6144 in 1 GB steps).
+_SERVERLESS_MEMORY = r"^[1-6]Gi$"
+
+
+class ServerlessConfig(_Spec):
+    """A serverless endpoint: no replica while idle, started on demand (SageMaker
+    ServerlessConfig)."""
+
+    memory: Annotated[
+        str,
+        Field(description="Memory of each replica, 1Gi to 6Gi (SageMaker MemorySizeInMB); "
+                          "becomes the model server's memory request and limit.",
+              pattern=_SERVERLESS_MEMORY),
+    ] = "2Gi"
+    maxConcurrency: Annotated[
+        int,
+        Field(description="Requests in flight (held ones included) across the endpoint; "
+                          "more are refused with 429 ThrottlingException.", ge=1, le=200),
+    ] = 20
+    provisionedConcurrency: Annotated[
+        int,
+        Field(description="Replicas kept warm at all times, never scaled to zero.",
+              ge=0, le=200),
+    ] = 0
+    idleTimeout: Annotated[
+        float,
+        Field(description="Seconds without traffic after which a variant scales to its "
+                          "provisioned replicas (zero by default).", ge=1, le=86400),
+    ] = 300.0
+    coldStartTimeout: Annotated[
+        float,
+        Field(description="Seconds the gateway holds a request while a replica starts before "
+                          "answering 503 ServiceUnavailable.", ge=1, le=600),
+    ] = 60.0
+
+    @model_validator(mode="after")
+    def _provisioned_fits(self) -> ServerlessConfig:
+        if self.provisionedConcurrency > self.maxConcurrency:
+            raise ValueError(f"provisionedConcurrency {self.provisionedConcurrency} exceeds "
+                             f"maxConcurrency {self.maxConcurrency}; lower it or raise "
+                             "maxConcurrency")
+        return self
+
+
+class ScalingMetric(StrEnum):
+    INVOCATIONS_PER_REPLICA = "InvocationsPerReplica"
+    CPU_UTILIZATION = "CPUUtilization"
+    CUSTOM = "Custom"
+
+
+class _MetricRef(_Spec):
+    metric: Annotated[
+        ScalingMetric,
+        Field(description="InvocationsPerReplica (per replica per minute, from the gateway), "
+                          "CPUUtilization (percent of one core, from the model servers) or "
+                          "Custom (the PromQL query in query, from autoscaling.prometheusUrl)."),
+    ]
+    query: Annotated[
+        str | None,
+        Field(description="PromQL query returning one number (metric: Custom only).",
+              min_length=1),
+    ] = None
+
+    @model_validator(mode="after")
+    def _query_iff_custom(self) -> _MetricRef:
+        if (self.metric is ScalingMetric.CUSTOM) != (self.query is not None):
+            raise ValueError("set query exactly when metric is Custom")
+        return self
+
+
+class TargetTrackingPolicy(_MetricRef):
+    """Keep the metric near target by adding or removing replicas."""
+
+    target: Annotated[float, Field(description="Target value of the metric.", gt=0)]
+
+
+class StepAdjustment(_Spec):
+    lowerBound: Annotated[
+        float | None, Field(description="Applies when the metric is >= this (none: -inf)."),
+    ] = None
+    upperBound: Annotated[
+        float | None, Field(description="Applies when the metric is < this (none: +inf)."),
+    ] = None
+    change: Annotated[
+        int, Field(description="Replicas to add (negative: remove).", ge=-1000, le=1000),
+    ]
+
+
+class StepScalingPolicy(_MetricRef):
+    """Add or remove a fixed number of replicas depending on the metric's band."""
+
+    steps: Annotated[list[StepAdjustment], Field(min_length=1, max_length=20)]
+
+
+class ScheduledScaling(_Spec):
+    cron: Annotated[
+        str,
+        Field(description="Five-field cron expression (UTC) of the minutes during which these "
+                          "bounds apply, e.g. '* 9-17 * * 1-5' for office hours.",
+              min_length=9),
+    ]
+    minReplicas: Annotated[int, Field(ge=0, le=1000)]
+    maxReplicas: Annotated[int, Field(ge=1, le=1000)]
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, cron: str) -> str:
+        from kubeinfer_operator.reconcile.autoscale import parse_cron
+
+        parse_cron(cron)
+        return cron
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ScheduledScaling:
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(f"schedule {self.cron!r}: minReplicas {self.minReplicas} exceeds "
+                             f"maxReplicas {self.maxReplicas}")
+        return self
+
+
+class AutoScaling(_Spec):
+    """Scale a variant's replicas with its load (SageMaker Application Auto Scaling)."""
+
+    minReplicas: Annotated[int, Field(ge=0, le=1000)] = 1
+    maxReplicas: Annotated[int, Field(ge=1, le=1000)]
+    targetTracking: list[TargetTrackingPolicy] = Field(default_factory=list)
+    stepScaling: list[StepScalingPolicy] = Field(default_factory=list)
+    scheduled: list[ScheduledScaling] = Field(default_factory=list)
+    scaleInCooldown: Annotated[
+        float, Field(description="Seconds after any scaling before a scale-in.", ge=0),
+    ] = 300.0
+    scaleOutCooldown: Annotated[
+        float, Field(description="Seconds after a scale-out before the next one.", ge=0),
+    ] = 60.0
+    prometheusUrl: Annotated[
+        str | None,
+        Field(description="Prometheus server answering Custom queries, e.g. "
+                          "http://prometheus:9090.", pattern="^https?://"),
+    ] = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoScaling:
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(f"minReplicas {self.minReplicas} exceeds maxReplicas "
+                             f"{self.maxReplicas}; lower minReplicas or raise maxReplicas")
+        custom = [p for p in [*self.targetTracking, *self.stepScaling]
+                  if p.metric is ScalingMetric.CUSTOM]
+        if custom and self.prometheusUrl is None:
+            raise ValueError("a Custom metric needs prometheusUrl; set it to your Prometheus "
+                             "server")
+        return self
+
+
 class ProductionVariant(_Spec):
     """One production variant: a model served by N replicas, receiving a share of traffic."""
 
@@ -268,6 +427,10 @@ class ProductionVariant(_Spec):
     env: Annotated[
         list[EnvVar], Field(description="Extra environment variables for the model server.")
     ] = Field(default_factory=list)
+    autoscaling: Annotated[
+        AutoScaling | None,
+        Field(description="Scale replicas with load; replicas is then the starting count."),
+    ] = None
 
     @model_validator(mode="after")
     def _one_source(self) -> ProductionVariant:
@@ -292,8 +455,20 @@ class EndpointSpec(_Spec):
 
     type: Annotated[
         EndpointType,
-        Field(description="Endpoint type. RealTime: synchronous, always-on replicas."),
+        Field(description="Endpoint type. RealTime: synchronous, always-on replicas. "
+                          "Serverless: scales to zero when idle (set serverless). "
+                          "Async: queued requests with object-store input/output (set async)."),
     ] = EndpointType.REAL_TIME
+    async_: Annotated[
+        AsyncConfig | None,
+        Field(alias="async",
+              description="Asynchronous inference settings (type: Async only; required there)."),
+    ] = None
+    serverless: Annotated[
+        ServerlessConfig | None,
+        Field(description="Serverless settings (type: Serverless only; defaults apply when "
+                          "omitted)."),
+    ] = None
     variants: Annotated[
         list[ProductionVariant],
         Field(
@@ -317,7 +492,30 @@ class EndpointSpec(_Spec):
         if sum(v.weight for v in self.variants) <= 0:
             raise ValueError("spec.variants[*].weight: all weights are 0; give at least one "
                              "variant a weight above 0")
+        _check_async(self)
+        if self.serverless is not None and self.type is not EndpointType.SERVERLESS:
+            raise ValueError(f"spec.serverless applies to type Serverless only (type is "
+                             f"{self.type.value}); remove it or set type: Serverless")
         return self
+
+
+def _check_async(spec: EndpointSpec) -> None:
+    """``type: Async`` needs ``async`` and one variant, scaled by ``async.scaling`` only."""
+    is_async = spec.type is EndpointType.ASYNC
+    if spec.async_ is not None and not is_async:
+        raise ValueError(f"spec.async applies to type Async only (type is {spec.type.value}); "
+                         "remove it or set type: Async")
+    if not is_async:
+        return
+    if spec.async_ is None:
+        raise ValueError("spec.async is required for type Async: set at least "
+                         "async.outputPath (s3://bucket/prefix)")
+    if len(spec.variants) != 1:
+        raise ValueError(f"spec.variants: an Async endpoint takes exactly one variant (got "
+                         f"{len(spec.variants)}); split them into separate endpoints")
+    if spec.variants[0].autoscaling is not None:
+        raise ValueError("spec.variants[0].autoscaling: Async endpoints scale on the queue "
+                         "backlog; use spec.async.scaling instead")
 
 
 class ConditionStatus(StrEnum):
@@ -346,6 +544,8 @@ class VariantStatus(BaseModel):
     desiredReplicas: int = 0
     readyReplicas: int = 0
     weight: float = 0.0
+    lastScaling: str | None = Field(default=None, description="Why the scaler last changed "
+                                                              "this variant's replicas.")
 
 
 class EndpointStatus(BaseModel):

@@ -35,6 +35,16 @@ def backoff_delay(retry: int) -> float:
     return float(min(MAX_BACKOFF_S, 2.0 ** max(0, retry)))
 
 
+def scaled(spec: Any) -> bool:
+    """Whether an Endpoint spec asks for the scaler (serverless or any autoscaling block)."""
+    if not isinstance(spec, dict):
+        return False
+    variants = spec.get("variants")
+    return spec.get("type") == ep.EndpointType.SERVERLESS.value or (
+        isinstance(variants, list)
+        and any(isinstance(v, dict) and v.get("autoscaling") for v in variants))
+
+
 def register(registry: kopf.OperatorRegistry, sync: EndpointSync, interval_s: float) -> None:
     """Register the Endpoint handlers on ``registry`` (no module-level global state)."""
     resource = (ep.GROUP, ep.VERSION, ep.PLURAL)
@@ -59,12 +69,16 @@ def register(registry: kopf.OperatorRegistry, sync: EndpointSync, interval_s: fl
     @kopf.daemon(*resource, id="refresh", registry=registry, initial_delay=interval_s,
                  cancellation_timeout=5.0)
     async def refresh_endpoint(*, namespace: str | None, name: str, stopped: kopf.DaemonStopped,
-                               logger: Logger, **_: Any) -> None:
+                               body: kopf.Body, logger: Logger, **_: Any) -> None:
         # A daemon looping on its own clock rather than a kopf timer: same
         # effect, without kopf logging "Timer succeeded" for every Endpoint
         # every few seconds.
         while not stopped:
             try:
+                # kopf keeps a daemon's body current: only scaled Endpoints pay
+                # for the scaler's extra reads.
+                if scaled(body.get("spec")):
+                    await sync.autoscale(namespace or "", name)
                 await sync.sync(namespace or "", name)
             except SpecError:
                 pass  # already in status.conditions; waiting for the spec to change

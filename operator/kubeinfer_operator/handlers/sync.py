@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubeinfer_operator.errors import ClusterError
+from kubeinfer_operator.handlers.scaler import ClusterScaler, scaling_event
 from kubeinfer_operator.k8s import kinds
 from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient, Rejected
 from kubeinfer_operator.reconcile import status as st
@@ -50,10 +51,13 @@ def _utcnow() -> datetime:
 
 class EndpointSync:
     def __init__(self, client: KubeClient, settings: OperatorSettings,
-                 clock: Callable[[], datetime] = _utcnow) -> None:
+                 clock: Callable[[], datetime] = _utcnow,
+                 scaler: ClusterScaler | None = None) -> None:
         self.kube = client
         self.settings = settings
         self.clock = clock
+        #: Auto scaling / serverless replicas (None: replicas as in the spec).
+        self.scaler = scaler
         # Weak values: a lock nobody holds or waits on is dropped with its Endpoint.
         self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
             weakref.WeakValueDictionary())
@@ -90,6 +94,8 @@ class EndpointSync:
         owner = Owner(name=name, namespace=namespace, uid=str(metadata["uid"]))
         actual = await self._children(namespace, name)
         deployments = st.deployments_by_name(actual)
+        if self.scaler is not None:
+            plan = self.scaler.replicas_for(plan, namespace, deployments)
         desired = render_endpoint(plan, owner, self.settings,
                                   st.serving_variants(plan, deployments))
         changes = diff_children(desired, actual, owner_uid=owner.uid, owner_name=name,
@@ -106,7 +112,45 @@ class EndpointSync:
         deployments = {**deployments, **st.deployments_by_name(written)}
         status = st.endpoint_status(plan, deployments, url=endpoint_url(owner, self.settings),
                                     old=old_status, now=self.clock())
+        if self.scaler is not None:
+            for variant in status["variants"]:
+                reason = self.scaler.reason_for(namespace, name, variant["name"])
+                if reason:
+                    variant["lastScaling"] = reason
         await self._write_status(obj, status)
+
+    async def autoscale(self, namespace: str, name: str) -> None:
+        """Run the scaler's policies for one Endpoint, then apply what they decided.
+
+        Each replica change is logged and posted as a ``Scaled`` Event on the
+        Endpoint; ``sync`` renders it and records the reason in status.
+        """
+        if self.scaler is None:
+            return
+        obj = await self.kube.get(kinds.ENDPOINT, namespace, name)
+        if obj is None or obj["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            endpoint = validate_endpoint(name, namespace, obj.get("spec"))
+        except InvalidSpec:
+            return  # reported by sync
+        plan = plan_endpoint(endpoint)
+        owner = Owner(name=name, namespace=namespace, uid=str(obj["metadata"]["uid"]))
+        deployments = st.deployments_by_name(await self._children(namespace, name))
+        current = {v.name: v.replicas
+                   for v in self.scaler.replicas_for(plan, namespace, deployments).variants}
+        messages = await self.scaler.evaluate(plan, namespace,
+                                              endpoint_url(owner, self.settings), current,
+                                              now=self.clock())
+        for message in messages:
+            try:
+                await self.kube.create(scaling_event(namespace, name, owner.uid, message,
+                                                     self.clock()))
+            except ClusterError as exc:
+                log.warning("Could not post the scaling Event of %s/%s: %s", namespace, name,
+                            exc)
+        if messages:
+            await self.sync(namespace, name)
 
     async def _children(self, namespace: str, name: str) -> list[dict[str, Any]]:
         selector = meta.label_selector(meta.endpoint_selector(name))

@@ -34,10 +34,12 @@ DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 SERVICE = Kind("v1", "Service", "services")
 CONFIGMAP = Kind("v1", "ConfigMap", "configmaps")
 ENDPOINT = Kind(ep.API_VERSION, ep.KIND, ep.PLURAL)
+#: Events the scaler posts on Endpoints (reason Scaled).
+EVENT = Kind("v1", "Event", "events")
 
 #: Every kind an Endpoint's children can be, in the order they are listed.
 CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT)
-BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, ENDPOINT)}
+BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, ENDPOINT, EVENT)}
 
 
 def kind_of(manifest: dict[str, object]) -> Kind:

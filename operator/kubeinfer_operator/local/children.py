@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from kubeinfer_operator.local.backoff import BackoffPolicy, CrashRecord, on_crash, restart_due
+from kubeinfer_operator.local.prefork import Adopted
 from kubeinfer_operator.local.process import (
     free_port,
     group_alive,
@@ -86,7 +87,10 @@ def not_ready_reason(response: httpx.Response) -> str:
 class Child:
     spec: ChildSpec
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | Adopted | None = None
+    #: Starts the process instead of ``spawn`` (the fork server, for fast
+    #: model-server starts on scaled endpoints); None: ``spawn``.
+    launcher: Callable[..., subprocess.Popen[bytes] | Adopted] | None = None
     state: ProcState = ProcState.STARTING
     reason: str = ""
     restarts: int = 0
@@ -132,7 +136,8 @@ class Child:
             self.port = free_port(HOST)
         env = {**os.environ, **self.spec.env, "KUBEINFER_HOST": HOST,
                "KUBEINFER_PORT": str(self.port)}
-        self.proc = spawn(runtime_argv(self.spec.role), env=env, log_path=self.spec.log_path)
+        launch = self.launcher or spawn
+        self.proc = launch(runtime_argv(self.spec.role), env=env, log_path=self.spec.log_path)
         self.started_at = time.monotonic()
         self.start_time = process_start_time(self.proc.pid)
         self.state = ProcState.STARTING

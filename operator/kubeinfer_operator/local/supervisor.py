@@ -33,12 +33,14 @@ from pathlib import Path
 import httpx
 from pydantic import ValidationError
 
-from kubeinfer_operator.api.endpoint import format_validation_error
+from kubeinfer_operator.api.endpoint import ServerlessConfig, format_validation_error
+from kubeinfer_operator.local.async_local import AsyncConfigError, AsyncLocal
 from kubeinfer_operator.local.backoff import BackoffPolicy
 from kubeinfer_operator.local.children import Child, ChildSpec
 from kubeinfer_operator.local.manifest import parse_endpoint
 from kubeinfer_operator.local.paths import EndpointPaths
 from kubeinfer_operator.local.process import tail
+from kubeinfer_operator.local.scaler import LocalScaler, keep_scaled_replicas
 from kubeinfer_operator.local.state import (
     ApplyResult,
     DesiredSpec,
@@ -84,6 +86,7 @@ class Supervisor:
         self.running: dict[str, VariantPlan] = {}
         self.order: list[str] = []
         self.namespace: str | None = None
+        self.serverless: ServerlessConfig | None = None
         self.generation = 0
         self.observed = 0
         self.last_apply: ApplyResult | None = None
@@ -99,6 +102,10 @@ class Supervisor:
         #: True when the gateway's ``GET /routes`` shows the table last written.
         self.gateway_synced = False
         self._client: httpx.AsyncClient | None = None
+        #: Auto scaling and serverless scale-to-zero (idle unless the spec asks).
+        self.scaler = LocalScaler(self)
+        #: Async endpoints: Redis, worker settings, backlog scaling.
+        self.async_local = AsyncLocal(self)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -124,13 +131,14 @@ class Supervisor:
     def _server_child(self, plan: VariantPlan, replica: int) -> Child:
         name = f"{plan.name}-{replica}"
         spec = ChildSpec(
-            name=name, role=Role.MODEL_SERVER,
+            name=name, role=self.async_local.role,
             env={**plan.server_env(self.name),
-                 "KUBEINFER_MODEL_CACHE_DIR": str(self.paths.root / "cache")},
+                 "KUBEINFER_MODEL_CACHE_DIR": str(self.paths.root / "cache"),
+                 **self.async_local.worker_env()},
             log_path=self.paths.log_file(f"{name}-{plan.server_hash[:8]}"),
             variant=plan.name, replica=replica, server_hash=plan.server_hash,
         )
-        child = Child(spec)
+        child = Child(spec, launcher=self.scaler.launcher())
         child.start()
         self.children.append(child)
         log.info("started %s (pid %s) on port %s", name, child.pid, child.port)
@@ -141,7 +149,8 @@ class Supervisor:
             name="gateway", role=Role.GATEWAY,
             env={"KUBEINFER_ROUTE_TABLE_PATH": str(self.paths.routes),
                  "KUBEINFER_ROUTE_RELOAD_INTERVAL_S": str(self.route_reload_s),
-                 "KUBEINFER_HEALTH_INTERVAL_S": str(self.health_interval_s)},
+                 "KUBEINFER_HEALTH_INTERVAL_S": str(self.health_interval_s),
+                 **({"KUBEINFER_SCALER_URL": self.scaler.url} if self.scaler.url else {})},
             log_path=self.paths.log_file("gateway"),
         )
         self.gateway = Child(spec)
@@ -156,17 +165,22 @@ class Supervisor:
         names += [n for n in self.running if n not in names]
         return EndpointPlan(name=self.name, namespace=self.namespace,
                             generation=self.generation,
-                            variants=tuple(self.running[n] for n in names))
+                            variants=tuple(self.running[n] for n in names),
+                            type="Serverless" if self.serverless else "RealTime",
+                            serverless=self.serverless,
+                            async_config=self.async_local.plan,
+                            redis_url=self.async_local.redis_url)
 
     def sync_routes(self) -> None:
         """Route every ready, active server of a running variant; write the table if changed."""
         upstreams: dict[str, list[str]] = {}
         for child in self.children:
             variant = child.spec.variant
-            routed = (child.spec.role is Role.MODEL_SERVER and child.active and child.ready
-                      and variant in self.running)
+            # Async workers take no traffic from the gateway but count as serving.
+            routed = (child.spec.role in (Role.MODEL_SERVER, Role.ASYNC_WORKER) and child.active
+                      and child.ready and variant in self.running)
             child.routed = routed
-            if routed and variant is not None:
+            if routed and variant is not None and child.spec.role is Role.MODEL_SERVER:
                 upstreams.setdefault(variant, []).append(child.url)
         table = self.current_plan().route_table(upstreams)
         text = table.to_json()
@@ -378,8 +392,15 @@ class Supervisor:
             new_plan = plan_endpoint(endpoint, base_dir=desired.base_dir,
                                      generation=desired.generation)
             old_plan = self.current_plan() if self.started else None
+            new_plan = keep_scaled_replicas(old_plan, new_plan)
+            try:
+                new_plan = await self.async_local.prepare(new_plan)
+            except AsyncConfigError as exc:
+                errors.append(str(exc))
+                return
             changes = diff_plans(old_plan, new_plan)
             self.namespace = new_plan.namespace
+            self.serverless = new_plan.serverless
             self.order = [v.name for v in new_plan.variants]
             deadline = time.monotonic() + desired.timeout_s
             for change in changes:
@@ -441,6 +462,7 @@ class Supervisor:
                       self.paths.desired)
             return 2
         self.paths.routes.unlink(missing_ok=True)
+        await self.scaler.start_server()
         self._start_gateway(desired.gateway_port)
         self.sync_routes()
         self.write_state()
@@ -448,12 +470,16 @@ class Supervisor:
         async with httpx.AsyncClient(trust_env=False) as client:
             self._client = client
             monitor = asyncio.create_task(self.monitor(client))
+            scaler = asyncio.create_task(self.scaler.run(client))
+            async_scaler = asyncio.create_task(self.async_local.run())
             try:
                 await self._serve()
             finally:
-                monitor.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await monitor
+                for task in (async_scaler, scaler, monitor):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await self.scaler.stop_server()
                 self._client = None
                 await self.shutdown()
         return 0
@@ -469,12 +495,15 @@ class Supervisor:
             while not self._stop.is_set():
                 desired = read_desired(self.paths)
                 if desired is not None and desired.generation > self.generation:
-                    apply = asyncio.create_task(self.apply(desired))
-                    await asyncio.wait({apply, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                    if not apply.done():
-                        apply.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await apply
+                    # The scaler never starts or stops servers while a spec applies.
+                    async with self.scaler.lock:
+                        apply = asyncio.create_task(self.apply(desired))
+                        await asyncio.wait({apply, stop_wait},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                        if not apply.done():
+                            apply.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await apply
                     continue
                 self._reload.clear()
                 # SIGHUP wakes us at once; the timeout catches a signal sent before
@@ -492,6 +521,7 @@ class Supervisor:
         if self.gateway is not None:
             await self.gateway.stop()
         await asyncio.gather(*(c.stop() for c in self.children if c is not self.gateway))
+        await self.async_local.stop()  # after the workers: they drain into it
         for path in (self.paths.state, self.paths.routes, self.paths.desired):
             path.unlink(missing_ok=True)
         self.event("Stopped")

@@ -136,7 +136,8 @@ def endpoint_status(plan: EndpointPlan, deployments: Mapping[str, Mapping[str, A
               for v in plan.variants}
     gateway = deployment_state(deployments.get(meta.gateway_name(plan.name)))
     serving = [v.name for v in plan.variants if states[v.name].serving]
-    waiting = [v.name for v in plan.variants if not states[v.name].serving]
+    # A variant scaled to zero (serverless, idle) is fine: the gateway holds its requests.
+    waiting = [v.name for v in plan.variants if not states[v.name].serving and v.replicas > 0]
     if not gateway.serving:
         gw = meta.gateway_name(plan.name)
         ready = condition(READY, False, REASON_GATEWAY_UNAVAILABLE,

@@ -37,7 +37,7 @@ def route_table(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
         for v in plan.variants
         if v.name in ready_variants
     }
-    return plan.route_table(upstreams)
+    return plan.route_table(upstreams, discovery="dns")
 
 
 def render_endpoint(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
@@ -52,7 +52,8 @@ def render_endpoint(plan: EndpointPlan, owner: Owner, settings: OperatorSettings
     ]
     for variant in plan.variants:
         manifests.append(w.model_server_service(owner, variant, settings))
-        manifests.append(w.model_server_deployment(owner, variant, settings))
+        manifests.append(w.model_server_deployment(owner, variant, settings,
+                                                   plan.async_config))
     manifests.append(w.gateway_service(owner, settings))
     manifests.append(w.gateway_deployment(owner, settings))
     return [meta.with_applied_hash(m) for m in manifests]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render.async_plan import AsyncPlan
 from kubeinfer_operator.render.plan import VariantPlan
 from kubeinfer_operator.render.plan_steps import StepPlan
 from kubeinfer_operator.settings import OperatorSettings
@@ -172,10 +173,15 @@ def _runtime_container(role: Role, settings: OperatorSettings, env: dict[str, st
 
 
 def model_server_deployment(owner: Owner, variant: VariantPlan,
-                            settings: OperatorSettings) -> dict[str, Any]:
+                            settings: OperatorSettings,
+                            async_plan: AsyncPlan | None = None) -> dict[str, Any]:
+    """The variant's Deployment: model servers, or async workers for ``type: Async``."""
     tmp_volume, tmp_mount = _tmp_volume()
-    container = _runtime_container(Role.MODEL_SERVER, settings,
-                                   variant.server_env(owner.name), [tmp_mount])
+    env = variant.server_env(owner.name)
+    if async_plan is not None:
+        env.update(async_plan.worker_env(settings.redis_url))
+    container = _runtime_container(Role.ASYNC_WORKER if async_plan else Role.MODEL_SERVER,
+                                   settings, env, [tmp_mount])
     container["readinessProbe"] = _probe(MODEL_SERVER_READY_PATH, period=5, failures=3)
     container["livenessProbe"] = _probe(MODEL_SERVER_LIVE_PATH, period=10, failures=3)
     container["resources"] = variant_resources(variant, settings)
@@ -220,8 +226,13 @@ def _image_step_container(step: StepPlan, tmp_mount: dict[str, Any]) -> dict[str
 
 def model_server_service(owner: Owner, variant: VariantPlan,
                          settings: OperatorSettings) -> dict[str, Any]:
-    return _service(owner, meta.variant_object_name(owner.name, variant.name),
-                    meta.COMPONENT_MODEL_SERVER, variant.name, settings)
+    service = _service(owner, meta.variant_object_name(owner.name, variant.name),
+                       meta.COMPONENT_MODEL_SERVER, variant.name, settings)
+    # Headless: cluster DNS answers with the ready pods' addresses, so the
+    # gateway balances, health-checks and pins multi-model targets per pod
+    # (route discovery "dns") instead of kube-proxy choosing for it.
+    service["spec"]["clusterIP"] = "None"
+    return service
 
 
 def gateway_deployment(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
@@ -230,6 +241,13 @@ def gateway_deployment(owner: Owner, settings: OperatorSettings) -> dict[str, An
                      "configMap": {"name": meta.routes_name(owner.name)}}
     routes_mount = {"name": "routes", "mountPath": ROUTES_MOUNT_DIR, "readOnly": True}
     env = {"KUBEINFER_ROUTE_TABLE_PATH": f"{ROUTES_MOUNT_DIR}/{ROUTE_TABLE_FILENAME}"}
+    if settings.redis_url:
+        # Async endpoints' queue (the route table leaves it to this setting).
+        env["KUBEINFER_REDIS_URL"] = settings.redis_url
+    if settings.scaler_url:
+        # Serverless activator: where held requests ask for a replica (the operator).
+        env["KUBEINFER_SCALER_URL"] = settings.scaler_url
+        env["KUBEINFER_NAMESPACE"] = owner.namespace
     container = _runtime_container(Role.GATEWAY, settings, env, [tmp_mount, routes_mount])
     container["readinessProbe"] = _probe(GATEWAY_HEALTH_PATH, period=5, failures=3)
     container["livenessProbe"] = _probe(GATEWAY_HEALTH_PATH, period=10, failures=3)

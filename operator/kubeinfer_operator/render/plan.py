@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 from urllib.parse import urlparse
 
 from kubeinfer_operator.api.endpoint import (
+    AutoScaling,
     ContainerStep,
     Endpoint,
+    EndpointType,
     InferenceExecution,
     ProductionVariant,
+    ServerlessConfig,
 )
+from kubeinfer_operator.reconcile import autoscale
+from kubeinfer_operator.render.async_plan import AsyncPlan, plan_async
 from kubeinfer_operator.render.plan_steps import (
     FIRST_IMAGE_PORT,
     MultiModelPlan,
@@ -28,9 +34,12 @@ from kubeinfer_operator.render.plan_steps import (
     pipeline_env,
 )
 from kubeinfer_runtime.contract import (
+    REALTIME_MAX_PAYLOAD_BYTES,
+    SERVERLESS_MAX_PAYLOAD_BYTES,
     EndpointRoute,
     ModelFormat,
     RouteTable,
+    ServerlessRoute,
     VariantRoute,
 )
 
@@ -54,6 +63,9 @@ class VariantPlan:
     #: only describes them).
     steps: tuple[StepPlan, ...] = ()
     execution: str = "Serial"
+    #: Auto scaling policy (None: replicas stay as set). Not part of
+    #: ``server_hash``: changing a policy never restarts a model server.
+    autoscaling: autoscale.Policy | None = None
 
     @property
     def server_hash(self) -> str:
@@ -95,24 +107,51 @@ class EndpointPlan:
     namespace: str | None
     generation: int
     variants: tuple[VariantPlan, ...] = field(default_factory=tuple)
+    type: str = "RealTime"
+    #: Serverless endpoints only.
+    serverless: ServerlessConfig | None = None
+    #: Async endpoints only: queue, workers, backlog scaling.
+    async_config: AsyncPlan | None = None
+    #: The async queue's Redis as the gateway reaches it (None: its own setting).
+    redis_url: str | None = None
+
+    @property
+    def serverless_policy(self) -> autoscale.Serverless | None:
+        """The scale-to-zero settings the scalers apply (None: not serverless)."""
+        if self.serverless is None:
+            return None
+        return autoscale.Serverless(provisioned=self.serverless.provisionedConcurrency,
+                                    idle_timeout_s=self.serverless.idleTimeout)
 
     def variant(self, name: str) -> VariantPlan | None:
         return next((v for v in self.variants if v.name == name), None)
 
-    def route_table(self, upstreams: dict[str, list[str]]) -> RouteTable:
+    def route_table(self, upstreams: dict[str, list[str]],
+                    discovery: Literal["static", "dns"] = "static") -> RouteTable:
         """The gateway's route table, given each variant's upstream URLs.
 
         A variant missing from ``upstreams`` gets no URLs: the gateway answers
-        503 for it (never routes to something that is not there).
+        503 for it (never routes to something that is not there). ``dns``: the
+        URLs name headless Services the gateway resolves to pods (Kubernetes).
         """
+        serverless = None
+        if self.serverless is not None:
+            serverless = ServerlessRoute(max_concurrency=self.serverless.maxConcurrency,
+                                         cold_start_timeout_s=self.serverless.coldStartTimeout)
         route = EndpointRoute(
             name=self.name,
             variants=[
                 VariantRoute(name=v.name, weight=v.weight,
-                             upstreams=list(upstreams.get(v.name, [])))
+                             upstreams=list(upstreams.get(v.name, [])), discovery=discovery)
                 for v in self.variants
             ],
+            **({"type": "Serverless", "serverless": serverless,
+                "max_payload_bytes": SERVERLESS_MAX_PAYLOAD_BYTES} if serverless else
+               {"max_payload_bytes": REALTIME_MAX_PAYLOAD_BYTES}),
         )
+        if self.async_config is not None:
+            route = route.model_copy(update={
+                "type": "Async", "async_config": self.async_config.route(self.redis_url)})
         return RouteTable(revision=self.generation, endpoints={self.name: route})
 
 
@@ -160,7 +199,40 @@ def _step_plan(index: int, c: ContainerStep, base_dir: str | None) -> StepPlan:
     )
 
 
-def _variant_plan(v: ProductionVariant, base_dir: str | None) -> VariantPlan:
+def policy_from_spec(spec: AutoScaling) -> autoscale.Policy:
+    """The pure policy of a variant's ``autoscaling`` block."""
+    return autoscale.Policy(
+        min_replicas=spec.minReplicas,
+        max_replicas=spec.maxReplicas,
+        target_tracking=tuple(
+            autoscale.TargetTracking(autoscale.Metric(p.metric.value), p.target, p.query)
+            for p in spec.targetTracking),
+        step_scaling=tuple(
+            autoscale.StepScaling(
+                autoscale.Metric(p.metric.value),
+                tuple(autoscale.Step(s.change, s.lowerBound, s.upperBound) for s in p.steps),
+                p.query)
+            for p in spec.stepScaling),
+        scheduled=tuple(autoscale.Scheduled(s.cron, s.minReplicas, s.maxReplicas)
+                        for s in spec.scheduled),
+        scale_in_cooldown_s=spec.scaleInCooldown,
+        scale_out_cooldown_s=spec.scaleOutCooldown,
+        prometheus_url=spec.prometheusUrl,
+    )
+
+
+def _initial_replicas(v: ProductionVariant, serverless: ServerlessConfig | None) -> int:
+    """Replicas at creation: serverless starts with its provisioned ones (often
+    zero); auto scaled variants start with ``replicas`` kept inside the bounds."""
+    if serverless is not None:
+        return serverless.provisionedConcurrency
+    if v.autoscaling is not None:
+        return min(max(v.replicas, v.autoscaling.minReplicas), v.autoscaling.maxReplicas)
+    return v.replicas
+
+
+def _variant_plan(v: ProductionVariant, base_dir: str | None,
+                  serverless: ServerlessConfig | None = None) -> VariantPlan:
     multi_model: MultiModelPlan | None = None
     steps: tuple[StepPlan, ...] = ()
     execution = (v.inferenceExecution or InferenceExecution.SERIAL).value
@@ -177,27 +249,45 @@ def _variant_plan(v: ProductionVariant, base_dir: str | None) -> VariantPlan:
         steps = tuple(_step_plan(i, c, base_dir) for i, c in enumerate(v.containers))
         model_uri = describe_steps(steps, execution)
         model_format = ModelFormat.ONNX
+    requests = dict(v.resources.requests)
+    limits = dict(v.resources.limits)
+    if serverless is not None:  # SageMaker MemorySizeInMB: the replica's memory
+        requests.setdefault("memory", serverless.memory)
+        limits.setdefault("memory", serverless.memory)
     return VariantPlan(
         name=v.name,
         weight=v.weight,
-        replicas=v.replicas,
+        replicas=_initial_replicas(v, serverless),
         model_uri=model_uri,
         model_format=model_format,
         env=tuple((e.name, e.value) for e in v.env),
-        requests=tuple(sorted(v.resources.requests.items())),
-        limits=tuple(sorted(v.resources.limits.items())),
+        requests=tuple(sorted(requests.items())),
+        limits=tuple(sorted(limits.items())),
         multi_model=multi_model,
         steps=steps,
         execution=execution,
+        autoscaling=policy_from_spec(v.autoscaling) if v.autoscaling else None,
     )
 
 
 def plan_endpoint(endpoint: Endpoint, *, base_dir: str | None = None,
                   generation: int = 0) -> EndpointPlan:
     """Plan an Endpoint. ``base_dir`` resolves relative file:// URIs (local mode)."""
+    spec = endpoint.spec
+    serverless = None
+    if spec.type is EndpointType.SERVERLESS:
+        serverless = spec.serverless or ServerlessConfig()
+    variants = tuple(_variant_plan(v, base_dir, serverless) for v in spec.variants)
+    async_config = plan_async(endpoint)
+    if async_config is not None:
+        variants = tuple(replace(v, replicas=async_config.initial_replicas(v.replicas))
+                         for v in variants)
     return EndpointPlan(
         name=endpoint.metadata.name,
         namespace=endpoint.metadata.namespace,
         generation=generation,
-        variants=tuple(_variant_plan(v, base_dir) for v in endpoint.spec.variants),
+        variants=variants,
+        async_config=async_config,
+        type=spec.type.value,
+        serverless=serverless,
     )

@@ -69,4 +69,4 @@ def pipeline_env(steps: tuple[StepPlan, ...], execution: str) -> dict[str, str]:
 
 def describe_steps(steps: tuple[StepPlan, ...], execution: str) -> str:
     """What ``kubeinfer status`` shows where a single-model variant shows its URI."""
-    return f"containers ({execution}): " + " → ".join(f"{s.name}[{s.kind}]" for s in steps)
+    return f"containers ({execution}): " + " → ".join(f"{s.name} ({s.kind})" for s in steps)

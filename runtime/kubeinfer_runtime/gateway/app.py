@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Response
@@ -58,7 +59,8 @@ def _api(core: GatewayCore) -> FastAPI:
     @api.get("/routes", summary="The route table in force and the upstreams out of rotation")
     async def routes() -> Response:
         table = core.table.model_dump(mode="json") if core.table else None
-        body = orjson.dumps({"table": table, "down": sorted(core.health.down)})
+        pods = {url: list(urls) for url, urls in sorted(core.resolved.items())}
+        body = orjson.dumps({"table": table, "down": sorted(core.health.down), "pods": pods})
         return Response(body, media_type="application/json")
 
     return api
@@ -121,10 +123,8 @@ class GatewayApp:
             asyncio.create_task(route_reload_loop(core, wake), name="route-reload"),
             asyncio.create_task(health_loop(core, wake), name="health-check"),
         ]
-        if self.async_invocations.redis is not None:
-            self._tasks.append(asyncio.create_task(
-                backlog_loop(self.async_invocations.redis, self._async_queues),
-                name="async-backlog"))
+        self._tasks.append(asyncio.create_task(backlog_loop(self._async_queues),
+                                               name="async-backlog"))
         log.info("Gateway serving route table %s (revision %d), checking model servers "
                  "every %gs", core.source.path, core.routes.revision,
                  core.settings.health_interval_s)
@@ -138,13 +138,17 @@ class GatewayApp:
         self._tasks = []
         await self.core.client.close()
         await self.async_invocations.close()
+        await self.invocations.activator.close()
 
-    def _async_queues(self) -> dict[str, AsyncQueueKeys]:
+    def _async_queues(self) -> dict[str, tuple[Any, AsyncQueueKeys]]:
+        """Each async endpoint's Redis client and queue, for the backlog metrics."""
         table = self.core.table
-        if table is None:
-            return {}
-        return {name: e.async_config.keys for name, e in table.endpoints.items()
-                if e.async_config is not None}
+        out: dict[str, tuple[Any, AsyncQueueKeys]] = {}
+        for name, e in (table.endpoints.items() if table is not None else ()):
+            url = self.async_invocations.url_of(e.async_config) if e.async_config else None
+            if e.async_config is not None and url is not None:
+                out[name] = (self.async_invocations.client(url)[0], e.async_config.keys)
+        return out
 
 
 def configure_logging(level: str) -> None:

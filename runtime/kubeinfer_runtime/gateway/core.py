@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 
 from kubeinfer_runtime.contract import GatewaySettings, RouteTable
-from kubeinfer_runtime.gateway import recorder
+from kubeinfer_runtime.gateway import discovery, recorder
 from kubeinfer_runtime.gateway.health import HealthTable
 from kubeinfer_runtime.gateway.routefile import Outcome, PollResult, RouteTableFile
 from kubeinfer_runtime.gateway.routing import RouteState, compile_table
@@ -33,10 +33,27 @@ class GatewayCore:
         self.rng = rng or random.Random()
         self.source = RouteTableFile(Path(settings.route_table_path))
         self._announced_missing = False
+        #: DNS upstream URL -> pod URLs last resolved (``discovery: dns`` variants).
+        self.resolved: dict[str, tuple[str, ...]] = {}
+
+    async def rediscover(self) -> list[str]:
+        """Re-resolve the table's DNS upstreams; re-apply it when the pods changed."""
+        if self.table is None:
+            return []
+        urls = discovery.dns_upstreams(self.table)
+        if not urls and not self.resolved:
+            return []
+        fresh = await discovery.resolve_all(urls, self.resolved)
+        if fresh == self.resolved:
+            return []
+        log.info("Model server pods changed: %s", ", ".join(
+            f"{url} -> {len(pods)} pod(s)" for url, pods in sorted(fresh.items())))
+        self.resolved = fresh
+        return self.apply(self.table)
 
     def apply(self, table: RouteTable) -> list[str]:
         """Put ``table`` in force; returns upstreams not tracked before (to check now)."""
-        routes = compile_table(table)
+        routes = compile_table(discovery.expand(table, self.resolved))
         upstreams = routes.upstreams()
         added = self.health.track(upstreams)
         self.routes = routes

@@ -49,7 +49,16 @@ async def check_all(core: GatewayCore, urls: list[str] | None = None) -> None:
 def reload_routes(core: GatewayCore) -> list[str]:
     """Poll the route table once; returns new upstreams, with their metric set up."""
     before = set(core.health.tracked())
-    added = core.reload()
+    return _account(core, before, core.reload())
+
+
+async def rediscover_routes(core: GatewayCore) -> list[str]:
+    """Re-resolve per-pod upstreams once; returns new upstreams, with their metric set up."""
+    before = set(core.health.tracked())
+    return _account(core, before, await core.rediscover())
+
+
+def _account(core: GatewayCore, before: set[str], added: list[str]) -> list[str]:
     for url in before - set(core.health.tracked()):
         recorder.forget_upstream(url)
     for url in added:
@@ -62,7 +71,9 @@ async def route_reload_loop(core: GatewayCore, wake_health: asyncio.Event) -> No
     while True:
         await asyncio.sleep(interval)
         try:
-            if reload_routes(core):
+            added = reload_routes(core)
+            added += await rediscover_routes(core)
+            if added:
                 wake_health.set()  # check new upstreams now, not a full interval later
         except Exception:
             log.exception("Route table reload failed unexpectedly: keeping the table in force")

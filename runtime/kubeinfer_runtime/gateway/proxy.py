@@ -34,6 +34,7 @@ from kubeinfer_runtime.errors import (
     render_error,
 )
 from kubeinfer_runtime.gateway import recorder
+from kubeinfer_runtime.gateway.activator import Activator
 from kubeinfer_runtime.gateway.affinity import pick_for_key
 from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.headers import response_headers, split_request_headers
@@ -104,14 +105,30 @@ class InvocationHandler:
 
     def __init__(self, core: GatewayCore) -> None:
         self.core = core
+        #: Serverless endpoints only: maxConcurrency and holding on a cold start.
+        self.activator = Activator(core)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
         started = time.perf_counter()
-        core = self.core
-        endpoint = core.routes.endpoints.get(name)
+        endpoint = self.core.routes.endpoints.get(name)
         if endpoint is None:
             await _send_error(send, unknown_endpoint(name), recorder.UNKNOWN, "")
             return
+        if endpoint.serverless is None:
+            await self._invoke(scope, receive, send, endpoint, started)
+            return
+        throttled = self.activator.admit(endpoint)
+        if throttled is not None:
+            await _send_error(send, throttled, endpoint.name, "")
+            return
+        try:
+            await self._invoke(scope, receive, send, endpoint, started)
+        finally:
+            self.activator.release(endpoint.name)
+
+    async def _invoke(self, scope: Scope, receive: Receive, send: Send,
+                      endpoint: EndpointState, started: float) -> None:
+        core = self.core
         inbound = split_request_headers(scope["headers"])
         limit = endpoint.max_payload_bytes
         if inbound.content_length is not None and inbound.content_length > limit:
@@ -126,6 +143,9 @@ class InvocationHandler:
             return
 
         pick = choose(endpoint, inbound.target_variant, core.health.down, core.rng)
+        if not isinstance(pick, Pick) and endpoint.serverless is not None:
+            # Zero ready replicas: hold the request while one starts (bounded).
+            pick = await self.activator.hold(endpoint, inbound.target_variant, pick)
         if not isinstance(pick, Pick):
             await _send_error(send, pick, endpoint.name, "")
             return

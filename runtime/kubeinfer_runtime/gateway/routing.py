@@ -22,7 +22,7 @@ import random
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
-from kubeinfer_runtime.contract import EndpointRoute, RouteTable
+from kubeinfer_runtime.contract import EndpointRoute, RouteTable, ServerlessRoute
 from kubeinfer_runtime.errors import NotFound, NotReady, RuntimeServiceError
 
 
@@ -60,6 +60,8 @@ class EndpointState:
     name: str
     variants: tuple[VariantState, ...]
     max_payload_bytes: int
+    #: Serverless endpoints: the activator's limits (None: real-time routing).
+    serverless: ServerlessRoute | None = None
     by_name: dict[str, VariantState] = field(default_factory=dict)
     #: Variants that take unpinned traffic (weight above 0), in table order.
     weighted: tuple[VariantState, ...] = ()
@@ -93,6 +95,7 @@ def compile_endpoint(route: EndpointRoute) -> EndpointState:
             for v in route.variants
         ),
         max_payload_bytes=route.max_payload_bytes,
+        serverless=route.serverless,
     )
 
 

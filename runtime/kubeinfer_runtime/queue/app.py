@@ -66,6 +66,11 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
 
     api = FastAPI(title="kubeinfer async worker", version=__version__, lifespan=lifespan)
 
+    @api.get("/v2/health/live", summary="Liveness: 200 while the process serves")
+    async def live() -> Response:
+        return Response(orjson.dumps({"live": True}), media_type="application/json")
+
+    @api.get("/v2/health/ready", summary="Readiness, as /ping (the kubelet probes this)")
     @api.get("/ping", summary="Ready once the model is loaded and Redis answers")
     async def ping() -> Response:
         worker = state.get("worker")

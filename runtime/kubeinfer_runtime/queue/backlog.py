@@ -9,7 +9,6 @@ so it is the one that exports ``ApproximateBacklogSizePerInstance``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,31 +20,31 @@ from kubeinfer_runtime.contract import AsyncBacklog, AsyncQueueKeys
 log = logging.getLogger("kubeinfer.queue")
 
 
-async def read_backlog(redis: Any, keys: AsyncQueueKeys) -> AsyncBacklog:
+async def read_backlog(client: Any, keys: AsyncQueueKeys) -> AsyncBacklog:
     """The backlog of one queue (asyncio redis client); zero before the first request."""
-    import redis.exceptions
+    from redis.exceptions import ResponseError
 
     try:
-        groups = await redis.xinfo_groups(keys.stream)
-    except redis.exceptions.ResponseError:
+        groups = await client.xinfo_groups(keys.stream)
+    except ResponseError:
         return AsyncBacklog()  # no stream yet: nothing was ever submitted
     try:
-        consumers = await redis.xinfo_consumers(keys.stream, keys.group)
-    except redis.exceptions.ResponseError:
+        consumers = await client.xinfo_consumers(keys.stream, keys.group)
+    except ResponseError:
         consumers = []
-    length = int(await redis.xlen(keys.stream))
+    length = int(await client.xlen(keys.stream))
     return AsyncBacklog.from_xinfo(groups, consumers, keys.group, length)
 
 
-async def oldest_age_s(redis: Any, keys: AsyncQueueKeys, now: float) -> float:
+async def oldest_age_s(client: Any, keys: AsyncQueueKeys, now: float) -> float:
     """Age of the oldest unacknowledged or undelivered entry (0 when none)."""
-    summary = await redis.xpending(keys.stream, keys.group)
+    summary = await client.xpending(keys.stream, keys.group)
     first = summary.get("min") if summary and summary.get("pending") else None
     if first is None:
-        groups = await redis.xinfo_groups(keys.stream)
+        groups = await client.xinfo_groups(keys.stream)
         last = next((g.get("last-delivered-id") for g in groups
                      if str(g.get("name")) == keys.group), None)
-        entries = await redis.xrange(keys.stream, min=f"({last}" if last else "-", count=1)
+        entries = await client.xrange(keys.stream, min=f"({last}" if last else "-", count=1)
         if not entries:
             return 0.0
         first = entries[0][0]
@@ -53,17 +52,26 @@ async def oldest_age_s(redis: Any, keys: AsyncQueueKeys, now: float) -> float:
     return max(now - ms / 1000.0, 0.0)
 
 
-async def backlog_loop(redis: Any, queues: Callable[[], dict[str, AsyncQueueKeys]],
+async def backlog_loop(queues: Callable[[], dict[str, tuple[Any, AsyncQueueKeys]]],
                        interval_s: float = 1.0) -> None:
-    """Export every async endpoint's backlog every ``interval_s`` until cancelled."""
-    import redis.exceptions
+    """Export every async endpoint's backlog every ``interval_s`` until cancelled.
 
+    ``queues`` maps endpoint name to (redis client, queue keys) as of now.
+    """
+    failing: set[str] = set()
     while True:
-        for endpoint, keys in queues().items():
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                b = await read_backlog(redis, keys)
-                metrics.ASYNC_BACKLOG.labels(endpoint).set(b.total)
-                metrics.ASYNC_BACKLOG_PER_INSTANCE.labels(endpoint).set(b.per_instance)
-                age = await oldest_age_s(redis, keys, time.time()) if b.total else 0.0
-                metrics.ASYNC_OLDEST_AGE_SECONDS.labels(endpoint).set(age)
+        for endpoint, (client, keys) in queues().items():
+            try:
+                b = await read_backlog(client, keys)
+                age = await oldest_age_s(client, keys, time.time()) if b.total else 0.0
+            except Exception as e:  # Redis down or restarting: keep the loop alive
+                if endpoint not in failing:
+                    log.warning("Cannot read the async backlog of endpoint %s (%s: %s): "
+                                "retrying every %gs", endpoint, type(e).__name__, e, interval_s)
+                failing.add(endpoint)
+                continue
+            failing.discard(endpoint)
+            metrics.ASYNC_BACKLOG.labels(endpoint).set(b.total)
+            metrics.ASYNC_BACKLOG_PER_INSTANCE.labels(endpoint).set(b.per_instance)
+            metrics.ASYNC_OLDEST_AGE_SECONDS.labels(endpoint).set(age)
         await asyncio.sleep(interval_s)

@@ -4,6 +4,9 @@ A notification is POSTed with retries and exponential backoff before the
 request is acknowledged, so it is delivered at least once: after a worker dies
 between the POST and the XACK, the request is reclaimed and the notification
 sent again. Receivers deduplicate by ``inferenceId``.
+
+aiohttp rather than httpx: on every request httpcore re-tries importing an
+optional module (sniffio), which cost the worker a tenth of its CPU here.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
+import aiohttp
 
 log = logging.getLogger("kubeinfer.queue")
 
@@ -26,13 +29,20 @@ class Notifier:
                  connections: int = 16) -> None:
         self.attempts = attempts
         self.backoff_first_s = backoff_first_s
-        self.client = httpx.AsyncClient(
-            timeout=timeout_s, trust_env=False,
-            limits=httpx.Limits(max_connections=connections,
-                                max_keepalive_connections=connections))
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Created lazily: a session must be made inside the running loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=self.timeout, connector=aiohttp.TCPConnector(limit=self.connections))
+        return self._session
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def send(self, url: str, body: bytes, inference_id: str) -> bool:
         """POST ``body`` to ``url``; True once a 2xx came back, False after every attempt."""
@@ -40,11 +50,12 @@ class Notifier:
                    "x-amzn-sagemaker-inference-id": inference_id}
         for attempt in range(1, self.attempts + 1):
             try:
-                response = await self.client.post(url, content=body, headers=headers)
-                if response.is_success:
-                    return True
-                detail = f"HTTP {response.status_code}"
-            except httpx.HTTPError as e:
+                async with self._client().post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    if 200 <= response.status < 300:
+                        return True
+                    detail = f"HTTP {response.status}"
+            except (aiohttp.ClientError, TimeoutError) as e:
                 detail = f"{type(e).__name__}: {e}"
             if attempt < self.attempts:
                 delay = backoff_s(attempt, self.backoff_first_s)

@@ -16,7 +16,12 @@ from typing import Any
 
 import orjson
 
-from kubeinfer_runtime.contract import H_FAILURE_LOCATION, H_OUTPUT_LOCATION, EndpointRoute
+from kubeinfer_runtime.contract import (
+    H_FAILURE_LOCATION,
+    H_OUTPUT_LOCATION,
+    AsyncRoute,
+    EndpointRoute,
+)
 from kubeinfer_runtime.errors import (
     NotReady,
     RuntimeServiceError,
@@ -34,21 +39,32 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class AsyncSubmitHandler:
-    """Answers async invocations for the endpoints of the route table in force."""
+    """Answers async invocations for the endpoints of the route table in force.
+
+    One Redis client per URL (the route's, else the gateway's own setting),
+    made on first use and kept for the process's life.
+    """
 
     def __init__(self, redis_url: str | None) -> None:
         self.redis_url = redis_url
-        self.redis: Any = None
-        self.producer: Producer | None = None
-        if redis_url:
+        self._clients: dict[str, tuple[Any, Producer]] = {}
+
+    def client(self, url: str) -> tuple[Any, Producer]:
+        found = self._clients.get(url)
+        if found is None:
             import redis.asyncio
 
-            self.redis = redis.asyncio.from_url(redis_url, decode_responses=True)
-            self.producer = Producer(self.redis)
+            client = redis.asyncio.from_url(url, decode_responses=True)
+            found = self._clients[url] = (client, Producer(client))
+        return found
+
+    def url_of(self, route: AsyncRoute) -> str | None:
+        return route.redis_url or self.redis_url
 
     async def close(self) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
+        for client, _ in self._clients.values():
+            await client.aclose()
+        self._clients = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send,
                        endpoint: EndpointRoute | None, name: str) -> None:
@@ -71,18 +87,20 @@ class AsyncSubmitHandler:
             raise ValidationError(f'Endpoint "{name}" is not asynchronous (type '
                                   f"{endpoint.type}): use /endpoints/{name}/invocations, or "
                                   "set spec.type: Async")
-        if self.producer is None:
-            raise NotReady(f'Endpoint "{name}" is asynchronous but this gateway has no Redis: '
-                           "set KUBEINFER_REDIS_URL on the gateway")
+        url = self.url_of(route)
+        if url is None:
+            raise NotReady(f'Endpoint "{name}" is asynchronous but names no Redis: set '
+                           "KUBEINFER_REDIS_URL on the gateway")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         req = parse_async_request(name, route, headers)
+        _, producer = self.client(url)
         try:
-            created = await self.producer.submit(route.keys, req)
+            created = await producer.submit(route.keys, req)
         except Exception as e:
             log.warning("Queueing async request %s of endpoint %s failed: %s",
                         req.inference_id, name, e)
             raise NotReady(f'Endpoint "{name}" cannot queue the request: Redis at '
-                           f"{self.redis_url} failed ({type(e).__name__}): retry with the "
+                           f"{url} failed ({type(e).__name__}): retry with the "
                            "same InferenceId (it is idempotent)") from None
         if not created:
             log.info("Async request %s of endpoint %s was already queued: not queued again",

@@ -143,7 +143,12 @@ class Worker:
                 continue  # deleted meanwhile, or already ours and running
             task = asyncio.create_task(self._guarded(msg_id, fields))
             self.inflight[msg_id] = task
-            task.add_done_callback(lambda _t, m=msg_id: self.inflight.pop(m, None))
+            task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        for msg_id, t in list(self.inflight.items()):
+            if t is task:
+                del self.inflight[msg_id]
 
     async def _reclaim(self, count: int) -> list[tuple[str, dict[str, str]]]:
         """Entries idle past the visibility timeout on any consumer (crashed workers')."""
@@ -231,7 +236,11 @@ class Worker:
             await self._dead_letter_malformed(msg_id, fields, str(e))
             return
         id_key = self.keys.inference(req.inference_id)
-        state: dict[str, str] = await self.redis.hgetall(id_key)
+        # One round trip: the state, and this attempt counted (harmless when done).
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(id_key)
+        pipe.hincrby(id_key, "attempts", 1)
+        state, attempts = await pipe.execute()
         if state.get("done"):
             # An earlier attempt finished and wrote its object, then died before
             # acknowledging: notify again (at least once) and acknowledge.
@@ -240,7 +249,6 @@ class Worker:
                                        dead_letter=state.get("dlq", "") == "1",
                                        reason=state.get("last_error", ""))
             return
-        attempts = int(await self.redis.hincrby(id_key, "attempts", 1))
         retries = self.settings.max_retries
         if attempts > retries + 1:
             last = state.get("last_error") or ("the worker processing it stopped (crashed or "
@@ -270,11 +278,13 @@ class Worker:
             code, message = "InternalFailure", f"{type(e).__name__}: {e}"
         else:
             self._processing.observe(time.perf_counter() - started)
-            await self.redis.hincrby(self.keys.writes, req.inference_id, 1)
             note = notification(req, ok=True, now=time.time(),
                                 region=self.settings.s3_region or "",
                                 output_content_type=content_type)
-            await self.redis.hset(id_key, mapping={"done": "success", "note": note})
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hincrby(self.keys.writes, req.inference_id, 1)
+            pipe.hset(id_key, mapping={"done": "success", "note": note})
+            await pipe.execute()
             self._outcomes["success"].inc()
             await self._notify_and_ack(msg_id, req, ok=True, note=note)
             return
@@ -319,12 +329,14 @@ class Worker:
                     attempts: int, *, dead_letter: bool, outcome: str = "") -> None:
         body = failure_body(req, code, message, attempts)
         await asyncio.to_thread(self.store.write, req.failure_location, body, "application/json")
-        await self.redis.hincrby(self.keys.writes, req.inference_id, 1)
         note = notification(req, ok=False, now=time.time(), region=self.settings.s3_region or "",
                             failure_reason=message)
-        await self.redis.hset(self.keys.inference(req.inference_id), mapping={
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hincrby(self.keys.writes, req.inference_id, 1)
+        pipe.hset(self.keys.inference(req.inference_id), mapping={
             "done": "failure", "note": note, "dlq": "1" if dead_letter else "",
             "last_error": message})
+        await pipe.execute()
         self._outcomes[outcome or ("dead_letter" if dead_letter else "failure")].inc()
         log.warning("Async request %s failed%s: %s", req.inference_id,
                     " (dead-lettered)" if dead_letter else "", message)

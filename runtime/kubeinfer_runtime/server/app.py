@@ -74,7 +74,8 @@ def create_multimodel_app(settings: ModelServerSettings) -> ASGIApp:
     from kubeinfer_runtime.server.multimodel import MultiModelStore
     from kubeinfer_runtime.server.multimodel_app import MultiModelHotPath, build_multimodel_api
 
-    assert settings.multi_model_prefix is not None
+    prefix = settings.multi_model_prefix
+    assert prefix is not None
     metrics = ModelServerMetrics(settings.endpoint_name, settings.variant_name,
                                  settings.model_name)
     mme_metrics = MultiModelMetrics(settings.endpoint_name, settings.variant_name)
@@ -88,11 +89,14 @@ def create_multimodel_app(settings: ModelServerSettings) -> ASGIApp:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if store.not_ready is not None:
+            # Import minio and build the client now, not on the first request.
+            loaders.submit(store.warm_up)
         yield
         pool.shutdown(wait=False, cancel_futures=True)
         loaders.shutdown(wait=False, cancel_futures=True)
 
-    api = build_multimodel_api(cache, settings.multi_model_prefix, lifespan)
-    service = InferenceService(ModelSlot(settings.model_name, settings.multi_model_prefix),
+    api = build_multimodel_api(cache, prefix, lifespan, lambda: store.not_ready)
+    service = InferenceService(ModelSlot(settings.model_name, prefix),
                                metrics, pool, settings.max_payload_bytes)
     return MultiModelHotPath(api, service, cache)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from kubeinfer_runtime.contract import H_TARGET_MODEL
 from kubeinfer_runtime.errors import (
     Internal,
     NotFound,
+    NotReady,
     RuntimeServiceError,
     ValidationError,
 )
@@ -158,8 +160,12 @@ class MultiModelHotPath:
         m.overhead_latency.observe(max(time.perf_counter() - t0 - model_s, 0.0))
 
 
-def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan) -> FastAPI:
-    """FastAPI app of a multi-model server: health, model management, metadata, metrics."""
+def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
+                         not_ready: Callable[[], str | None] = lambda: None) -> FastAPI:
+    """FastAPI app of a multi-model server: health, model management, metadata, metrics.
+
+    ``not_ready`` says why the server cannot load models yet (None once it can).
+    """
     app = FastAPI(title="kubeinfer multi-model server", version=__version__, lifespan=lifespan)
 
     @app.exception_handler(RuntimeServiceError)
@@ -182,8 +188,15 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan) -> FastA
             raise NotFound(f'Model "{name}" is not loaded: load it with POST /models, or '
                            "invoke it (models load on first use)")
 
-    @app.get("/ping", summary="Health: a multi-model server is ready as soon as it is up")
+    def check_ready() -> None:
+        reason = not_ready()
+        if reason is not None:
+            raise NotReady(reason)
+
+    @app.get("/ping", summary="Health: ready once the model store can be reached; models "
+                              "load on first use")
     async def ping() -> Response:
+        check_ready()
         return _json({"status": "Healthy"})
 
     @app.get("/v2/health/live")
@@ -192,6 +205,7 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan) -> FastA
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
+        check_ready()
         return _json({"ready": True})
 
     @app.get("/v2", summary="V2 server metadata")

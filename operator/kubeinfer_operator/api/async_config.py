@@ -1,0 +1,116 @@
+"""The ``spec.async`` block of an Endpoint (``type: Async``): SageMaker's AsyncInferenceConfig.
+
+Its own module so the Endpoint model stays readable; ``api.endpoint`` imports
+it. Field descriptions become ``kubectl explain`` text.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kubeinfer_runtime.contract import (
+    ASYNC_DEFAULT_INVOCATION_TIMEOUT_S,
+    ASYNC_MAX_INVOCATION_TIMEOUT_S,
+    ASYNC_MAX_REQUEST_TTL_S,
+)
+
+_LOCATION = "^(s3://[^/]+/.*|file:///.+)$"
+_URL = "^https?://.+"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _location_problem(value: str, field: str) -> str | None:
+    if ".." in value.split("/"):
+        return f"{field} {value!r} contains '..': name the location without parent segments"
+    return None
+
+
+class AsyncNotification(_Spec):
+    """Webhooks POSTed a JSON notification per finished request (SageMaker's SNS topics).
+
+    Delivery is at least once: receivers deduplicate by ``inferenceId``.
+    """
+
+    successUrl: Annotated[str | None, Field(description="Receives Completed notifications.",
+                                            pattern=_URL)] = None
+    errorUrl: Annotated[str | None, Field(description="Receives Failed notifications.",
+                                          pattern=_URL)] = None
+
+
+class AsyncScaling(_Spec):
+    """Scale the workers on the queue backlog (SageMaker's ApproximateBacklogSizePerInstance)."""
+
+    targetBacklogPerReplica: Annotated[
+        float, Field(description="Backlog (queued + in flight) each worker should carry; "
+                                 "replicas = ceil(backlog / target).", ge=0.1)] = 5.0
+    minReplicas: Annotated[
+        int, Field(description="Fewest workers; 0 scales to zero when the queue is idle.",
+                   ge=0, le=1000)] = 0
+    maxReplicas: Annotated[int, Field(description="Most workers.", ge=1, le=1000)] = 4
+    scaleOutCooldown: Annotated[
+        float, Field(description="Seconds after a scale-out before the next one (scaling "
+                                 "from zero is immediate).", ge=0)] = 30.0
+    scaleInCooldown: Annotated[
+        float, Field(description="Seconds the backlog must stay low before workers are "
+                                 "removed, and after any scaling before a scale-in.",
+                     ge=0)] = 300.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AsyncScaling:
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(f"minReplicas {self.minReplicas} exceeds maxReplicas "
+                             f"{self.maxReplicas}; lower minReplicas or raise maxReplicas")
+        return self
+
+
+class AsyncConfig(_Spec):
+    """Asynchronous inference: requests are queued, inputs and outputs are objects."""
+
+    outputPath: Annotated[
+        str, Field(description="Where outputs go: <outputPath>/<InferenceId>.out "
+                               "(s3://bucket/prefix or file:///dir).", pattern=_LOCATION)]
+    failurePath: Annotated[
+        str | None, Field(description="Where failure objects go: <failurePath>/<InferenceId>"
+                                      "-error.out (default: <outputPath>/failures).",
+                          pattern=_LOCATION)] = None
+    notification: Annotated[
+        AsyncNotification, Field(description="Webhooks notified of each outcome.")
+    ] = Field(default_factory=AsyncNotification)
+    maxConcurrentInvocationsPerReplica: Annotated[
+        int, Field(description="Requests one worker processes at once.", ge=1, le=1000)] = 4
+    maxRetries: Annotated[
+        int, Field(description="Attempts after the first before a request is dead-lettered "
+                               "with a failure object.", ge=0, le=100)] = 3
+    requestTTL: Annotated[
+        int, Field(description="Default seconds a request may wait in the queue "
+                               "(RequestTTLSeconds overrides it per request).",
+                   ge=60, le=ASYNC_MAX_REQUEST_TTL_S)] = ASYNC_MAX_REQUEST_TTL_S
+    invocationTimeout: Annotated[
+        int, Field(description="Default seconds one inference may take "
+                               "(InvocationTimeoutSeconds overrides it per request).",
+                   ge=1, le=ASYNC_MAX_INVOCATION_TIMEOUT_S)] = ASYNC_DEFAULT_INVOCATION_TIMEOUT_S
+    visibilityTimeout: Annotated[
+        float, Field(description="Seconds after which a request held by a worker that stopped "
+                                 "responding (crashed, killed) is handed to another.",
+                     ge=1, le=3600)] = 60.0
+    scaling: Annotated[
+        AsyncScaling, Field(description="Worker scaling on the backlog, to and from zero.")
+    ] = Field(default_factory=AsyncScaling)
+
+    @field_validator("outputPath", "failurePath")
+    @classmethod
+    def _no_dotdot(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = _location_problem(value, "location")
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @property
+    def failure_path(self) -> str:
+        return self.failurePath or self.outputPath.rstrip("/") + "/failures"

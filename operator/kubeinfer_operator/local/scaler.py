@@ -1,0 +1,313 @@
+"""Local mode's scaler: auto scaling and serverless scale-to-zero for one endpoint.
+
+Runs inside the endpoint's supervisor. Every ``interval_s`` (and at once when
+the gateway's activator POSTs a ``contract.ScaleRequest`` to ``/scale``) it:
+
+1. scrapes the gateway's ``/metrics`` (invocations, requests in flight and
+   held) and each model server's ``/metrics`` (``process_cpu_seconds_total``),
+   plus Prometheus for Custom queries when a policy names one;
+2. turns them into per-variant values over a sliding window (``MetricWindow``,
+   pure);
+3. asks ``reconcile.autoscale`` for the desired replicas and, when they
+   change, starts or stops model-server processes, recording the reason as an
+   event (``kubeinfer events``) and in the supervisor log.
+
+Scale-out from zero is the cold-start path, so it polls the new server's
+``/ping`` every 20 ms instead of waiting for the supervisor's monitor tick.
+The scrape endpoint is the supervisor's own little HTTP server (aiohttp, bound
+to 127.0.0.1 on a free port), handed to the gateway as ``KUBEINFER_SCALER_URL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from aiohttp import web
+from pydantic import ValidationError
+
+from kubeinfer_operator.local.prefork import ForkServer
+from kubeinfer_operator.reconcile import autoscale
+from kubeinfer_operator.reconcile.autoscale_metrics import (
+    MetricWindow,
+    parse_cpu_seconds,
+    parse_gateway_metrics,
+)
+from kubeinfer_operator.render.plan import EndpointPlan
+from kubeinfer_runtime.contract import ScaleRequest
+
+if TYPE_CHECKING:
+    from kubeinfer_operator.local.children import Child
+    from kubeinfer_operator.local.supervisor import Supervisor
+
+log = logging.getLogger("kubeinfer.local")
+
+#: Sliding window of the metrics policies see (SageMaker evaluates per minute).
+WINDOW_S = float(os.environ.get("KUBEINFER_AUTOSCALE_WINDOW_S", "60"))
+#: How often policies are evaluated.
+INTERVAL_S = float(os.environ.get("KUBEINFER_AUTOSCALE_INTERVAL_S", "1"))
+#: A scale request from the activator counts as waiting traffic this long.
+REQUEST_FRESH_S = 5.0
+
+
+def keep_scaled_replicas(old: EndpointPlan | None, new: EndpointPlan) -> EndpointPlan:
+    """A new spec must not undo the scaler: scaled variants keep their current
+    replicas (clamped to the new bounds) instead of jumping back to the spec's."""
+    if old is None:
+        return new
+    variants = []
+    for v in new.variants:
+        before = old.variant(v.name)
+        if before is not None and v.autoscaling is not None:
+            n = min(max(before.replicas, v.autoscaling.min_replicas), v.autoscaling.max_replicas)
+            v = replace(v, replicas=n)
+        elif before is not None and new.serverless is not None:
+            v = replace(v, replicas=max(before.replicas, new.serverless.provisionedConcurrency))
+        variants.append(v)
+    return replace(new, variants=tuple(variants))
+
+
+# -- I/O: the scaler task ---------------------------------------------------------------------
+
+
+@dataclass
+class _VariantMemory:
+    window: MetricWindow
+    state: autoscale.ScaleState = field(default_factory=autoscale.ScaleState)
+    last_activity: float | None = None
+    last_invocations: float | None = None
+    requested_at: float | None = None
+    last_reason: str = ""
+
+
+class LocalScaler:
+    def __init__(self, supervisor: Supervisor, *, window_s: float = WINDOW_S,
+                 interval_s: float = INTERVAL_S) -> None:
+        self.sup = supervisor
+        self.window_s = window_s
+        self.interval_s = interval_s
+        self.memory: dict[str, _VariantMemory] = {}
+        self.url: str | None = None
+        self._wake = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.lock = asyncio.Lock()
+        #: Model servers of scaled endpoints start from a pre-imported runtime.
+        self.fork_server = ForkServer(supervisor.paths.root / "prefork.sock",
+                                      supervisor.paths.log_file("prefork"))
+
+    def launcher(self) -> Callable[..., Any] | None:
+        """How to start a model server: the fork server once it is up (scaled endpoints)."""
+        return self.fork_server.launch if self.fork_server.ready else None
+
+    # -- the scale-request endpoint ----------------------------------------------------------
+
+    async def start_server(self) -> str:
+        app = web.Application()
+        app.router.add_post("/scale", self._on_scale)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/scale"
+        return self.url
+
+    async def stop_server(self) -> None:
+        self.fork_server.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _on_scale(self, request: web.Request) -> web.Response:
+        try:
+            scale = ScaleRequest.model_validate_json(await request.read())
+        except ValidationError as exc:
+            return web.json_response({"message": f"Invalid scale request: {exc}"}, status=400)
+        if scale.endpoint != self.sup.name or scale.variant not in self.sup.running:
+            return web.json_response(
+                {"message": f"Variant {scale.endpoint}/{scale.variant} is not served by this "
+                            "supervisor: check the gateway's KUBEINFER_SCALER_URL"}, status=404)
+        self._memory(scale.variant).requested_at = time.monotonic()
+        self._wake.set()
+        return web.json_response({"accepted": True}, status=202)
+
+    def _memory(self, variant: str) -> _VariantMemory:
+        mem = self.memory.get(variant)
+        if mem is None:
+            mem = self.memory[variant] = _VariantMemory(MetricWindow(self.window_s))
+        return mem
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def active(self) -> bool:
+        plan = self.sup.current_plan()
+        return plan.serverless is not None or any(v.autoscaling for v in plan.variants)
+
+    async def run(self, client: httpx.AsyncClient) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                if self.active():
+                    self.fork_server.start()  # idempotent; ready in a second or two
+                if self.active() and not self.sup.applying and self.sup.started:
+                    await self.tick(client)
+            except Exception:  # one bad round must not end scaling
+                log.exception("autoscaling round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval_s)
+
+    async def _get(self, client: httpx.AsyncClient, url: str) -> str | None:
+        try:
+            response = await client.get(url, timeout=2.0)
+        except httpx.HTTPError:
+            return None
+        return response.text if response.status_code == 200 else None
+
+    async def _prometheus(self, client: httpx.AsyncClient, base: str, query: str) -> float | None:
+        try:
+            response = await client.get(base.rstrip("/") + "/api/v1/query",
+                                        params={"query": query}, timeout=2.0)
+            result = response.json()["data"]["result"]
+            return float(result[0]["value"][1]) if result else None
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            log.warning("Prometheus query %r on %s failed: %s", query, base, exc)
+            return None
+
+    async def tick(self, client: httpx.AsyncClient) -> None:
+        sup = self.sup
+        gateway = sup.gateway
+        if gateway is None or not gateway.ready:
+            return
+        text = await self._get(client, gateway.url + "/metrics")
+        view = parse_gateway_metrics(text or "", sup.name)
+        now_m = time.monotonic()
+        plan = sup.current_plan()
+        for variant in plan.variants:
+            children = sup._variant_children(variant.name, active=True)
+            cpu: dict[str, float] = {}
+            for child in children:
+                body = await self._get(client, child.url + "/metrics") if child.ready else None
+                seconds = parse_cpu_seconds(body) if body else None
+                if seconds is not None:
+                    cpu[child.url] = seconds
+            mem = self._memory(variant.name)
+            invocations = view.invocations.get(variant.name, 0.0)
+            mem.window.add(now_m, invocations, cpu)
+            if mem.last_invocations is not None and invocations != mem.last_invocations:
+                mem.last_activity = now_m
+            mem.last_invocations = invocations
+            held = view.held.get(variant.name, 0.0)
+            waiting = held > 0 or (mem.requested_at is not None
+                                   and now_m - mem.requested_at < REQUEST_FRESH_S
+                                   and not children)
+            if waiting or view.in_flight > 0:
+                mem.last_activity = now_m
+            metrics = await self._metric_values(client, variant.autoscaling, mem,
+                                                len(children))
+            await self._decide(plan, variant.name, len(children), metrics, mem, waiting, now_m)
+
+    async def _metric_values(self, client: httpx.AsyncClient, policy: autoscale.Policy | None,
+                             mem: _VariantMemory, replicas: int) -> dict[str, float | None]:
+        values: dict[str, float | None] = {
+            autoscale.Metric.INVOCATIONS_PER_REPLICA.value:
+                mem.window.invocations_per_replica_per_minute(replicas),
+            autoscale.Metric.CPU_UTILIZATION.value: mem.window.cpu_percent(replicas),
+        }
+        if policy is not None and policy.prometheus_url:
+            for key in policy.metric_keys():
+                if key.startswith("custom:"):
+                    values[key] = await self._prometheus(client, policy.prometheus_url,
+                                                         key[len("custom:"):])
+        return values
+
+    async def _decide(self, plan: EndpointPlan, name: str, current: int,
+                      metrics: dict[str, float | None], mem: _VariantMemory, waiting: bool,
+                      now_m: float) -> None:
+        variant = plan.variant(name)
+        assert variant is not None
+        # Policies get wall-clock time (for schedules); cooldowns and idleness
+        # use the same clock, so monotonic stamps are converted once here.
+        now = datetime.now(UTC)
+        offset = now.timestamp() - now_m
+        last_activity = None if mem.last_activity is None else mem.last_activity + offset
+        serverless = plan.serverless_policy
+        if serverless is not None:
+            decision = autoscale.decide_serverless(serverless, variant.autoscaling, current,
+                                                   metrics, mem.state, last_activity, waiting,
+                                                   now)
+        elif variant.autoscaling is not None:
+            decision = autoscale.decide(variant.autoscaling, current, metrics, mem.state, now)
+        else:
+            return
+        mem.state = decision.state
+        if decision.desired == current:
+            if decision.reason != mem.last_reason and "cooldown" in decision.reason:
+                log.info("variant %s: %s", name, decision.reason)
+            mem.last_reason = decision.reason
+            return
+        mem.last_reason = decision.reason
+        await self.scale(name, current, decision.desired, decision.reason)
+
+    async def scale(self, name: str, current: int, desired: int, reason: str) -> None:
+        sup = self.sup
+        async with self.lock:
+            plan = sup.running.get(name)
+            if plan is None or sup.applying:
+                return
+            sup.event(f"Variant {name}: {reason}")
+            if desired > current:
+                error = await self._scale_out(name, current, desired)
+                if error:
+                    sup.event(f"Variant {name}: scale-out to {desired} failed: {error}",
+                              level="error")
+                return
+            sup.running[name] = replace(plan, replicas=desired)
+            extra = [c for c in sup._variant_children(name, active=True)
+                     if (c.spec.replica or 0) >= desired]
+            await sup.drain(extra)
+            sup.write_state()
+
+    async def _scale_out(self, name: str, current: int, desired: int) -> str | None:
+        sup = self.sup
+        plan = replace(sup.running[name], replicas=desired)
+        used = {c.spec.replica for c in sup._variant_children(name, active=True)}
+        slots = [i for i in range(desired) if i not in used][:desired - current]
+        fresh = [sup._server_child(plan, i) for i in slots]
+        error = await self._wait_ready(fresh, timeout_s=120.0)
+        if error:
+            await asyncio.gather(*(c.stop() for c in fresh))
+            sup.children = [c for c in sup.children if c not in fresh]
+            return error
+        sup.running[name] = plan
+        for c in fresh:
+            c.active = True
+        sup.sync_routes()
+        sup.write_state()
+        return None
+
+    async def _wait_ready(self, children: Iterable[Child], timeout_s: float) -> str | None:
+        """Poll the new servers' /ping every 20 ms: this is the cold-start path."""
+        pending = list(children)
+        client = self.sup._client
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if client is not None:
+                await asyncio.gather(*(c.check(client) for c in pending))
+            for c in pending:
+                if not c.running and c.proc is not None:
+                    return f"model server {c.name} exited ({c.proc.poll()}); see {c.spec.log_path}"
+            pending = [c for c in pending if not c.ready]
+            if not pending:
+                return None
+            if time.monotonic() >= deadline:
+                return f"not ready after {timeout_s:g}s"
+            await asyncio.sleep(0.02)
+        return None

@@ -1,0 +1,92 @@
+"""The plan of an async endpoint's queue and workers: PURE, no I/O.
+
+``type: Async`` turns the variant's replicas into async workers (runtime role
+``async-worker``) reading the endpoint's Redis Stream; the gateway only
+enqueues. This module turns ``spec.async`` into what both backends need: the
+gateway's ``AsyncRoute``, the workers' ``KUBEINFER_*`` env and the backlog
+scaling policy. The Redis URL is the backend's business (the operator's
+settings, or local mode's private redis-server) and is passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kubeinfer_operator.api.endpoint import Endpoint, EndpointType
+from kubeinfer_operator.reconcile.async_scaling import BacklogPolicy
+from kubeinfer_runtime.contract import AsyncRoute
+
+
+@dataclass(frozen=True)
+class AsyncPlan:
+    #: Unique per Redis: ``<namespace>.<name>`` on Kubernetes, the name locally.
+    queue: str
+    output_path: str
+    failure_path: str
+    success_url: str | None
+    error_url: str | None
+    max_concurrency: int
+    max_retries: int
+    request_ttl_s: int
+    invocation_timeout_s: int
+    visibility_timeout_s: float
+    policy: BacklogPolicy
+
+    def route(self, redis_url: str | None) -> AsyncRoute:
+        return AsyncRoute(queue=self.queue, redis_url=redis_url, output_path=self.output_path,
+                          failure_path=self.failure_path, request_ttl_s=self.request_ttl_s,
+                          invocation_timeout_s=self.invocation_timeout_s)
+
+    def worker_env(self, redis_url: str | None) -> dict[str, str]:
+        """The async-worker settings beyond the model server's (``AsyncWorkerSettings``).
+
+        ``redis_url`` None leaves ``KUBEINFER_REDIS_URL`` to the caller (a Secret).
+        """
+        env = {
+            "KUBEINFER_QUEUE": self.queue,
+            "KUBEINFER_OUTPUT_PATH": self.output_path,
+            "KUBEINFER_FAILURE_PATH": self.failure_path,
+            "KUBEINFER_MAX_CONCURRENCY": str(self.max_concurrency),
+            "KUBEINFER_MAX_RETRIES": str(self.max_retries),
+            "KUBEINFER_VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
+            "KUBEINFER_INVOCATION_TIMEOUT_S": str(self.invocation_timeout_s),
+        }
+        if redis_url:
+            env["KUBEINFER_REDIS_URL"] = redis_url
+        if self.success_url:
+            env["KUBEINFER_SUCCESS_URL"] = self.success_url
+        if self.error_url:
+            env["KUBEINFER_ERROR_URL"] = self.error_url
+        return env
+
+    def initial_replicas(self, replicas: int) -> int:
+        """The spec's replicas kept inside the scaling bounds."""
+        return min(max(replicas, self.policy.min_replicas), self.policy.max_replicas)
+
+
+def plan_async(endpoint: Endpoint) -> AsyncPlan | None:
+    """The async plan of ``endpoint``, or None when it is not ``type: Async``."""
+    spec = endpoint.spec
+    cfg = spec.async_
+    if spec.type is not EndpointType.ASYNC or cfg is None:
+        return None
+    ns = endpoint.metadata.namespace
+    scaling = cfg.scaling
+    return AsyncPlan(
+        queue=f"{ns}.{endpoint.name}" if ns else endpoint.name,
+        output_path=cfg.outputPath.rstrip("/"),
+        failure_path=cfg.failure_path.rstrip("/"),
+        success_url=cfg.notification.successUrl,
+        error_url=cfg.notification.errorUrl,
+        max_concurrency=cfg.maxConcurrentInvocationsPerReplica,
+        max_retries=cfg.maxRetries,
+        request_ttl_s=cfg.requestTTL,
+        invocation_timeout_s=cfg.invocationTimeout,
+        visibility_timeout_s=cfg.visibilityTimeout,
+        policy=BacklogPolicy(target_per_replica=scaling.targetBacklogPerReplica,
+                             min_replicas=scaling.minReplicas,
+                             max_replicas=scaling.maxReplicas,
+                             scale_out_cooldown_s=scaling.scaleOutCooldown,
+                             scale_in_cooldown_s=scaling.scaleInCooldown),
+    )
+

@@ -1,0 +1,129 @@
+"""Serverless endpoints in local mode: real supervisor, gateway (activator), model servers.
+
+Covers the issue's acceptance points: an idle variant scales to zero and the
+next request is held (not failed) while a model server starts; beyond
+maxConcurrency the gateway answers 429 ThrottlingException with a SageMaker
+error body; provisioned concurrency stays warm.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.integration.test_local import BODY, Local, invoke, local, runtime_client
+from tests.support.ports import wait_until
+
+__all__ = ["local"]  # the fixture, re-exported for pytest
+
+SERVERLESS = """\
+apiVersion: kubeinfer.io/v1alpha1
+kind: Endpoint
+metadata:
+  name: {name}
+spec:
+  type: Serverless
+  serverless:
+    maxConcurrency: {max_concurrency}
+    provisionedConcurrency: {provisioned}
+    idleTimeout: {idle}
+  variants:
+    - name: main
+      model:
+        uri: file://{model}
+"""
+
+
+def up(local: Local, name: str, model: Path, *, max_concurrency: int = 2,
+       provisioned: int = 0, idle: float = 2) -> dict[str, Any]:
+    local.env["KUBEINFER_AUTOSCALE_INTERVAL_S"] = "0.25"
+    spec = local.write(f"{name}.yaml", SERVERLESS.format(
+        name=name, model=model, max_concurrency=max_concurrency, provisioned=provisioned,
+        idle=idle))
+    result = local.run("up", "-d", "-f", str(spec), "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return read_state(local, name)
+
+
+def read_state(local: Local, name: str) -> dict[str, Any]:
+    """The supervisor's state.json (what `kubeinfer status` shows, without a CLI start)."""
+    doc: dict[str, Any] = json.loads((local.home / "local" / name / "state.json").read_text())
+    return doc
+
+
+def pids(local: Local, name: str) -> dict[str, int]:
+    return {p["name"]: p["pid"] for p in read_state(local, name)["processes"]}
+
+
+def replicas(state: dict[str, Any]) -> tuple[int, int]:
+    [variant] = state["variants"]
+    return variant["replicas"], variant["ready"]
+
+
+def events(local: Local, name: str) -> list[str]:
+    path = local.home / "local" / name / "events.jsonl"
+    return [json.loads(line)["message"] for line in path.read_text().splitlines()]
+
+
+def test_idles_to_zero_and_holds_the_next_request(local: Local, models_dir: Path) -> None:
+    state = up(local, "sl", models_dir / "iris.onnx", max_concurrency=1, idle=2)
+    assert state["phase"] == "Ready" and replicas(state) == (0, 0)
+    assert set(pids(local, "sl")) == {"gateway"}
+    url = state["url"]
+    client = runtime_client(url)
+
+    # Cold: the first request is held while a model server starts; a second one
+    # meanwhile is over maxConcurrency (1) and refused at once with 429.
+    answers: list[Any] = []
+    first = threading.Thread(target=lambda: answers.append(invoke(client, "sl")))
+    first.start()
+    time.sleep(0.3)
+    refused = httpx.post(f"{url}/endpoints/sl/invocations", content=BODY,
+                         headers={"Content-Type": "application/json"}, timeout=10)
+    assert refused.status_code == 429
+    assert refused.headers["x-amzn-errortype"] == "ThrottlingException:"
+    doc = refused.json()
+    assert doc["ErrorCode"] == "ThrottlingException" and doc["Message"] == doc["message"]
+    assert 'Endpoint "sl" has 1 requests in flight, its maxConcurrency is 1' in doc["Message"]
+    with pytest.raises(ClientError) as info:
+        invoke(client, "sl")
+    assert info.value.response["Error"]["Code"] == "ThrottlingException"
+    first.join(timeout=60)
+    assert answers and answers[0][0] == "main"
+    assert answers[0][1]["predictions"]["label"] == [0]
+    assert replicas(read_state(local, "sl")) == (1, 1)
+    assert any("Scaled out from 0 to 1" in e and "cold start" in e for e in events(local, "sl"))
+
+    # Idle for idleTimeout: back to zero (the server process is gone) ...
+    wait_until(lambda: replicas(read_state(local, "sl")) == (0, 0)
+               and set(pids(local, "sl")) == {"gateway"}, 20, "scale to zero")
+    assert any("Scaled in from 1 to 0: no traffic for" in e for e in events(local, "sl"))
+    # ... and the next request is held and served, not failed.
+    variant, answer = invoke(client, "sl")
+    assert variant == "main" and answer["predictions"]["label"] == [0]
+    # By now the fork server is up: the new model server is a fork of it (same
+    # command line), adopted by the supervisor, not a fresh Python.
+    server = pids(local, "sl")["main-0"]
+    cmdline = Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")
+    assert b"kubeinfer_runtime.prefork" in cmdline
+    assert read_state(local, "sl")["supervisor_pid"] == int(
+        Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_provisioned_concurrency_stays_warm(local: Local, models_dir: Path) -> None:
+    state = up(local, "warm", models_dir / "iris.onnx", provisioned=1, idle=1)
+    assert replicas(state) == (1, 1)
+    pid = pids(local, "warm")["main-0"]
+    client = runtime_client(state["url"])
+    assert invoke(client, "warm")[0] == "main"
+    time.sleep(2.5)  # more than two idle timeouts
+    assert replicas(read_state(local, "warm")) == (1, 1)
+    assert pids(local, "warm")["main-0"] == pid
+    assert not any("Scaled" in e for e in events(local, "warm"))

@@ -1,0 +1,168 @@
+"""Serverless on Kubernetes: the real kopf operator, its scaler, and the emulator.
+
+The operator renders a serverless variant at 0 replicas (Ready: the gateway
+holds requests), the gateway is told where the scaler is, a scale request
+(what the activator POSTs) raises the variant Deployment to 1 with the reason
+in status and in a ``Scaled`` Event, and after idleTimeout it goes back to 0.
+Nothing runs pods here: the test plays the Deployment controller.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from kubeinfer_operator.settings import OperatorSettings
+from kubeinfer_runtime.contract import RouteTable, ScaleRequest
+from tests.support.kube_harness import (
+    EmulatorThread,
+    Kube,
+    OperatorThread,
+    wait_for,
+    write_kubeconfig,
+)
+from tests.support.ports import free_port
+
+NS = "sl"
+ENDPOINT: dict[str, Any] = {
+    "apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint", "metadata": {"name": "cold"},
+    "spec": {"type": "Serverless",
+             "serverless": {"maxConcurrency": 3, "idleTimeout": 1, "memory": "1Gi"},
+             "variants": [{"name": "main", "model": {"uri": "s3://b/iris.onnx"}}]},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kube, str]]:
+    emulator = EmulatorThread().start()
+    kubeconfig = write_kubeconfig(tmp_path_factory.mktemp("kube") / "config", emulator.url)
+    env = pytest.MonkeyPatch()
+    env.setenv("KUBECONFIG", str(kubeconfig))
+    port = free_port()
+    scaler_url = f"http://127.0.0.1:{port}/scale"
+    settings = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
+                                runtime_image="example.test/runtime:1", scaler_port=port,
+                                scaler_url=scaler_url)
+    operator = OperatorThread(settings).start()
+    kube = Kube(emulator.url)
+    try:
+        yield kube, scaler_url
+    finally:
+        operator.stop()
+        kube.close()
+        emulator.stop()
+        env.undo()
+    assert emulator.emulator is not None
+    assert emulator.emulator.failures == []
+
+
+def replicas(kube: Kube) -> int | None:
+    dep = kube.get("Deployment", NS, "cold-main")
+    return None if dep is None else int(dep["spec"]["replicas"])
+
+
+def env_of(dep: dict[str, Any]) -> dict[str, str]:
+    [container] = dep["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", "") for e in container["env"]}
+
+
+def routes(kube: Kube) -> RouteTable:
+    cm = kube.get("ConfigMap", NS, "cold-routes")
+    assert cm is not None
+    return RouteTable.from_json(cm["data"]["routes.json"])
+
+
+def scaled_events(kube: Kube) -> list[str]:
+    return [e["message"] for e in kube.list("Event", NS) if e.get("reason") == "Scaled"]
+
+
+def test_scale_from_zero_and_back(cluster: tuple[Kube, str]) -> None:
+    kube, scaler_url = cluster
+    kube.create_namespace(NS)
+    assert kube.create(ENDPOINT, NS).status_code == 201
+
+    # Rendered at zero replicas; the gateway knows its namespace and the scaler.
+    wait_for(lambda: replicas(kube) == 0, what="variant Deployment at 0 replicas")
+    gateway = kube.get("Deployment", NS, "cold-gateway")
+    assert gateway is not None
+    env = env_of(gateway)
+    assert env["KUBEINFER_SCALER_URL"] == scaler_url and env["KUBEINFER_NAMESPACE"] == NS
+    dep = kube.get("Deployment", NS, "cold-main")
+    assert dep is not None
+    [server] = dep["spec"]["template"]["spec"]["containers"]
+    assert server["resources"]["limits"]["memory"] == "1Gi"
+    kube.make_available(NS, "cold-gateway")
+
+    def ready() -> bool:
+        ep = kube.get("Endpoint", NS, "cold") or {}
+        conds = {c["type"]: c for c in (ep.get("status") or {}).get("conditions", [])}
+        return conds.get("Ready", {}).get("status") == "True"
+
+    wait_for(ready, what="Ready with the variant scaled to zero")
+    route = routes(kube).endpoints["cold"]
+    assert route.type == "Serverless" and route.variants[0].upstreams == []
+    assert route.serverless is not None and route.serverless.max_concurrency == 3
+
+    # What the activator sends when it holds a request; bad requests are refused.
+    bad = httpx.post(scaler_url, content=b"{}", timeout=5)
+    assert bad.status_code == 400
+    no_ns = httpx.post(scaler_url, content=ScaleRequest(endpoint="cold", variant="main")
+                       .model_dump_json(), timeout=5)
+    assert no_ns.status_code == 400 and "KUBEINFER_NAMESPACE" in no_ns.json()["message"]
+    r = httpx.post(scaler_url, content=ScaleRequest(endpoint="cold", variant="main",
+                                                    namespace=NS).model_dump_json(), timeout=5)
+    assert r.status_code == 202
+    wait_for(lambda: replicas(kube) == 1, what="scale-up to 1 replica")
+    assert any("Scaled out from 0 to 1" in m and "cold start" in m
+               for m in scaled_events(kube))
+
+    def reason() -> str:
+        ep = kube.get("Endpoint", NS, "cold") or {}
+        variants = (ep.get("status") or {}).get("variants") or [{}]
+        return str(variants[0].get("lastScaling") or "")
+
+    wait_for(lambda: "cold start" in reason(), what="status.variants[].lastScaling")
+    kube.make_available(NS, "cold-main")
+    wait_for(lambda: routes(kube).endpoints["cold"].variants[0].upstreams != [],
+             what="the route table to send traffic to the variant")
+
+    # No traffic for idleTimeout (1 s): back to zero, with the reason recorded.
+    wait_for(lambda: replicas(kube) == 0, timeout=15, what="scale to zero")
+    assert any("Scaled in from 1 to 0" in m for m in scaled_events(kube))
+    assert json.dumps(scaled_events(kube))  # Events are plain JSON objects
+
+
+def test_scaled_endpoint_keeps_its_replicas_on_spec_change(cluster: tuple[Kube, str]) -> None:
+    kube, _ = cluster
+    ns = "auto"
+    kube.create_namespace(ns)
+    ep = json.loads(json.dumps(ENDPOINT))
+    ep["metadata"]["name"] = "auto"
+    ep["spec"] = {"variants": [{"name": "main", "model": {"uri": "s3://b/iris.onnx"},
+                                "replicas": 2,
+                                "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}]}
+    assert kube.create(ep, ns).status_code == 201
+    wait_for(lambda: (kube.get("Deployment", ns, "auto-main") or {}).get("spec", {})
+             .get("replicas") == 2, what="initial replicas inside the bounds")
+    # The Deployment runs 3 (scaled); a spec edit, even of replicas (now only the
+    # starting count), re-renders the Deployment but must keep the 3.
+    kube.patch("Deployment", ns, "auto-main", {"spec": {"replicas": 3}})
+    before = applied_hash(kube, ns)
+    kube.patch("Endpoint", ns, "auto", {"spec": {"variants": [
+        {"name": "main", "model": {"uri": "s3://b/iris.onnx"}, "replicas": 1,
+         "env": [{"name": "X", "value": "1"}],
+         "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}]}})
+    wait_for(lambda: applied_hash(kube, ns) != before, what="the Deployment re-rendered")
+    dep = kube.get("Deployment", ns, "auto-main")
+    assert dep is not None and dep["spec"]["replicas"] == 3
+
+
+def applied_hash(kube: Kube, ns: str) -> str:
+    dep = kube.get("Deployment", ns, "auto-main") or {}
+    return str((dep.get("metadata") or {}).get("annotations", {}).get(
+        "kubeinfer.io/applied-hash"))
+

@@ -1,0 +1,150 @@
+"""The serverless activator (``gateway.activator``): admission and holding, no sockets.
+
+Held requests are released by applying a route table that gains a replica,
+exactly what the route-file reload does when the scaler routes a new server.
+The replica URL is never contacted: ``hold`` only chooses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kubeinfer_runtime.contract import (
+    EndpointRoute,
+    GatewaySettings,
+    RouteTable,
+    ServerlessRoute,
+    VariantRoute,
+)
+from kubeinfer_runtime.errors import NotReady, Throttled
+from kubeinfer_runtime.gateway.activator import Activator
+from kubeinfer_runtime.gateway.app import GatewayApp
+from kubeinfer_runtime.gateway.core import GatewayCore
+from kubeinfer_runtime.gateway.routing import Pick, choose
+
+REPLICA = "http://127.0.0.1:9"
+
+
+def table(upstreams: list[str], *, max_concurrency: int = 2, timeout: float = 5.0,
+          revision: int = 1) -> RouteTable:
+    route = EndpointRoute(
+        name="sl", type="Serverless",
+        variants=[VariantRoute(name="main", weight=1, upstreams=upstreams),
+                  VariantRoute(name="other", weight=0, upstreams=[REPLICA])],
+        serverless=ServerlessRoute(max_concurrency=max_concurrency,
+                                   cold_start_timeout_s=timeout))
+    return RouteTable(revision=revision, endpoints={"sl": route})
+
+
+def make_core(tmp_path: Path, t: RouteTable) -> GatewayCore:
+    core = GatewayCore(GatewaySettings(route_table_path=str(tmp_path / "routes.json")))
+    core.apply(t)
+    return core
+
+
+def test_admit_refuses_beyond_max_concurrency(tmp_path: Path) -> None:
+    core = make_core(tmp_path, table([], max_concurrency=2))
+    activator = Activator(core)
+    endpoint = core.routes.endpoints["sl"]
+    assert activator.admit(endpoint) is None
+    assert activator.admit(endpoint) is None
+    refused = activator.admit(endpoint)
+    assert isinstance(refused, Throttled)
+    assert refused.status == 429 and refused.code == "ThrottlingException"
+    assert "maxConcurrency is 2" in refused.message
+    activator.release("sl")
+    assert activator.admit(endpoint) is None
+    assert activator.in_flight["sl"] == 2
+
+
+async def test_hold_forwards_once_a_replica_is_routed(tmp_path: Path) -> None:
+    core = make_core(tmp_path, table([]))
+    activator = Activator(core)
+    endpoint = core.routes.endpoints["sl"]
+    refusal = choose(endpoint, None, core.health.down, core.rng)
+    assert isinstance(refusal, NotReady)
+    held = asyncio.create_task(activator.hold(endpoint, None, refusal))
+    await asyncio.sleep(0.1)
+    assert not held.done() and activator.held == {("sl", "main"): 1}
+    core.apply(table([REPLICA], revision=2))  # the scaler routed a ready replica
+    pick = await asyncio.wait_for(held, 2)
+    assert isinstance(pick, Pick) and pick.upstream == REPLICA and pick.variant.name == "main"
+    assert activator.held == {("sl", "main"): 0}
+    await activator.close()
+
+
+async def test_hold_is_bounded(tmp_path: Path) -> None:
+    core = make_core(tmp_path, table([], timeout=0.2))
+    activator = Activator(core)
+    endpoint = core.routes.endpoints["sl"]
+    refusal = choose(endpoint, None, core.health.down, core.rng)
+    assert isinstance(refusal, NotReady)
+    result = await asyncio.wait_for(activator.hold(endpoint, None, refusal), 2)
+    assert isinstance(result, NotReady)
+    assert "became ready within 0.2s (coldStartTimeout)" in result.message
+    await activator.close()
+
+
+async def test_hold_passes_other_refusals_through(tmp_path: Path) -> None:
+    core = make_core(tmp_path, table([]))
+    activator = Activator(core)
+    endpoint = core.routes.endpoints["sl"]
+    unknown = choose(endpoint, "nope", core.health.down, core.rng)
+    assert await activator.hold(endpoint, "nope", unknown) is unknown
+    # A pinned variant that has a replica is not cold: nothing to hold for.
+    down = NotReady("x")
+    assert await activator.hold(endpoint, "other", down) is down
+
+
+async def _call(app: GatewayApp, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # a connected client sends nothing more
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    path = "/endpoints/sl/invocations"
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "headers": [(b"content-type", b"application/json")]}
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], headers, b"".join(m.get("body", b"") for m in sent
+                                              if m["type"] == "http.response.body")
+
+
+async def test_gateway_answers_429_and_413_for_serverless(tmp_path: Path) -> None:
+    core = make_core(tmp_path, table([], max_concurrency=1, timeout=3))
+    app = GatewayApp(core)
+    held = asyncio.create_task(_call(app, b"{}"))
+    await asyncio.sleep(0.1)  # the first request is held (no replica)
+    status, headers, body = await _call(app, b"{}")
+    assert status == 429
+    assert headers["x-amzn-errortype"] == "ThrottlingException:"
+    doc = orjson.loads(body)
+    assert doc["ErrorCode"] == "ThrottlingException" and doc["Message"] == doc["message"]
+    assert 'Endpoint "sl" has 1 requests in flight' in doc["Message"]
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    assert app.invocations.activator.in_flight["sl"] == 0  # released on cancel too
+    # Serverless payload limit: 4 MB (the route table says so; the plan sets it).
+    big = table([], max_concurrency=1)
+    big = big.model_copy(update={"endpoints": {"sl": big.endpoints["sl"].model_copy(
+        update={"max_payload_bytes": 4 * 1024 * 1024})}})
+    core.apply(big)
+    status, _, body = await _call(app, b"x" * (4 * 1024 * 1024 + 1))
+    assert status == 413 and b"ValidationError" in body
+    await app.shutdown()

@@ -1,0 +1,150 @@
+"""``type: Async`` from spec to plan to manifests, and the operator's backlog scaling."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from kubeinfer_operator.api.endpoint import Endpoint, format_validation_error
+from kubeinfer_operator.handlers.async_scaler import evaluate_async
+from kubeinfer_operator.handlers.scaler import ClusterScaler
+from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render.k8s import Owner, render_endpoint
+from kubeinfer_operator.render.plan import plan_endpoint
+from kubeinfer_operator.settings import OperatorSettings
+from kubeinfer_runtime.contract import AsyncBacklog, AsyncWorkerSettings
+from tests.support.kube_schema import schema_errors
+
+REPO = Path(__file__).resolve().parents[2]
+OWNER = Owner(name="iris-async", namespace="ml", uid="u-1")
+
+
+@pytest.fixture
+def doc() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((REPO / "examples" / "async-endpoint.yaml")
+                                            .read_text())
+    loaded["metadata"]["namespace"] = "ml"
+    return loaded
+
+
+def _errors(doc: dict[str, Any]) -> str:
+    with pytest.raises(ValidationError) as info:
+        Endpoint.model_validate(doc)
+    return format_validation_error(info.value)
+
+
+def test_example_parses_with_the_async_alias(doc: dict[str, Any]) -> None:
+    e = Endpoint.model_validate(doc)
+    assert e.spec.async_ is not None
+    assert e.spec.async_.scaling.minReplicas == 0
+    dumped = e.spec.model_dump(by_alias=True, exclude_none=True)
+    assert "async" in dumped and "async_" not in dumped
+
+
+def test_async_needs_its_block_and_one_variant(doc: dict[str, Any]) -> None:
+    no_block = copy.deepcopy(doc)
+    del no_block["spec"]["async"]
+    assert "spec.async is required for type Async" in _errors(no_block)
+    two = copy.deepcopy(doc)
+    two["spec"]["variants"].append({"name": "b", "model": {"uri": "file:///m.onnx"}})
+    assert "exactly one variant (got 2)" in _errors(two)
+    realtime = copy.deepcopy(doc)
+    realtime["spec"]["type"] = "RealTime"
+    assert "spec.async applies to type Async only" in _errors(realtime)
+
+
+@pytest.mark.parametrize(("path", "value", "fragment"), [
+    (("outputPath",), "http://x/out", "String should match pattern"),
+    (("outputPath",), "s3://b/a/../b", "contains '..'"),
+    (("maxRetries",), -1, "greater than or equal to 0"),
+    (("requestTTL",), 30, "greater than or equal to 60"),
+    (("notification", "successUrl"), "ftp://x", "String should match pattern"),
+    (("scaling", "minReplicas"), 9, "minReplicas 9 exceeds maxReplicas 4"),
+    (("scaling", "targetBacklogPerReplica"), 0, "greater than or equal to 0.1"),
+    (("queueName",), "x", "unknown field"),
+])
+def test_bad_async_fields_name_the_field(doc: dict[str, Any], path: tuple[str, ...],
+                                         value: object, fragment: str) -> None:
+    bad = copy.deepcopy(doc)
+    target = bad["spec"]["async"]
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    message = _errors(bad)
+    assert message.startswith("spec.async")
+    assert fragment in message
+
+
+def test_plan_route_and_worker_env(doc: dict[str, Any]) -> None:
+    plan = plan_endpoint(Endpoint.model_validate(doc), generation=2)
+    assert plan.async_config is not None
+    assert plan.async_config.queue == "ml.iris-async"
+    assert plan.variants[0].replicas == 1  # spec replicas inside [0, 4]
+    route = plan.route_table({}).endpoints["iris-async"]
+    assert route.type == "Async" and route.async_config is not None
+    assert route.async_config.output_path == "file:///tmp/kubeinfer-async/out"
+    assert route.async_config.request_ttl_s == 3600
+    assert route.async_config.redis_url is None  # the gateway's own setting on Kubernetes
+    env = {**plan.variants[0].server_env("iris-async"),
+           **plan.async_config.worker_env("redis://r:6379/0")}
+    settings = AsyncWorkerSettings.model_validate(
+        {k.removeprefix("KUBEINFER_").lower(): v for k, v in env.items()})
+    assert settings.redis_url == "redis://r:6379/0"
+    assert settings.max_retries == 3 and settings.visibility_timeout_s == 60
+    assert settings.success_url == "http://127.0.0.1:9999/ok"
+
+
+def test_worker_deployment_renders_valid_async_workers(doc: dict[str, Any]) -> None:
+    plan = plan_endpoint(Endpoint.model_validate(doc), generation=2)
+    settings = OperatorSettings(redis_url="redis://redis.infra:6379/0")
+    manifests = render_endpoint(plan, OWNER, settings)
+    for m in manifests:
+        assert schema_errors(m) == [], m["kind"]
+    by_name = {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+    worker = by_name[("Deployment", meta.variant_object_name("iris-async", "main"))]
+    [container] = worker["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["serve", "--role", "async-worker"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["KUBEINFER_REDIS_URL"] == "redis://redis.infra:6379/0"
+    assert env["KUBEINFER_QUEUE"] == "ml.iris-async"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    gateway = by_name[("Deployment", meta.gateway_name("iris-async"))]
+    genv = {e["name"]: e.get("value") for e in
+            gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert genv["KUBEINFER_REDIS_URL"] == "redis://redis.infra:6379/0"
+
+
+def test_operator_scales_workers_on_the_backlog(doc: dict[str, Any]) -> None:
+    plan = plan_endpoint(Endpoint.model_validate(doc))
+    scaler = ClusterScaler()
+    backlog = {"now": AsyncBacklog(queued=12, in_flight=0)}
+    states: dict[tuple[str, str], Any] = {}
+
+    async def read(queue: str) -> AsyncBacklog:
+        assert queue == "ml.iris-async"
+        return backlog["now"]
+
+    async def run() -> None:
+        out = await evaluate_async(scaler, plan, "ml", {"main": 0}, read, states, now=100.0)
+        assert out == ["Variant main: backlog 12 (target 5 per worker), no worker runs: "
+                       "scaling out to 3"]
+        scaled = scaler.replicas_for(plan, "ml", {})
+        assert scaled.variants[0].replicas == 3
+        backlog["now"] = AsyncBacklog()
+        assert await evaluate_async(scaler, plan, "ml", {"main": 3}, read, states, now=150.0) == []
+        out = await evaluate_async(scaler, plan, "ml", {"main": 3}, read, states, now=300.0)
+        assert out and "scaling in to 0" in out[0]
+        assert scaler.replicas_for(plan, "ml", {}).variants[0].replicas == 0
+
+        async def broken(queue: str) -> AsyncBacklog:
+            raise ConnectionError("refused")
+
+        assert await evaluate_async(scaler, plan, "ml", {"main": 0}, broken, states) == []
+
+    asyncio.run(run())

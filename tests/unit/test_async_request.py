@@ -1,0 +1,152 @@
+"""Pure parts of async inference: header parsing, locations, bodies, backlog, backoff."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from kubeinfer_runtime.contract import (
+    AsyncBacklog,
+    AsyncQueueKeys,
+    AsyncRoute,
+    AsyncWorkerSettings,
+    failure_location,
+    output_location,
+)
+from kubeinfer_runtime.errors import ValidationError
+from kubeinfer_runtime.queue.notifier import backoff_s
+from kubeinfer_runtime.queue.request import (
+    AsyncRequest,
+    failure_body,
+    location_problem,
+    notification,
+    parse_async_request,
+)
+
+ROUTE = AsyncRoute(queue="ns.iris", output_path="s3://b/out", failure_path="s3://b/failed",
+                   request_ttl_s=3600, invocation_timeout_s=60)
+
+
+def _parse(**headers: str) -> AsyncRequest:
+    base = {"x-amzn-sagemaker-inputlocation": "s3://b/in/x.json"}
+    return parse_async_request("iris", ROUTE, {**base, **headers}, now=1000.0, new_id="gen-1")
+
+
+def test_defaults_come_from_the_route() -> None:
+    req = _parse()
+    assert req.inference_id == "gen-1"
+    assert req.output_location == "s3://b/out/gen-1.out"
+    assert req.failure_location == "s3://b/failed/gen-1-error.out"
+    assert req.expires_at == 1000.0 + 3600
+    assert req.invocation_timeout_s == 60
+    assert req.content_type == "application/json"
+
+
+def test_client_headers_override_defaults() -> None:
+    req = _parse(**{"x-amzn-sagemaker-inference-id": "abc-1",
+                    "x-amzn-sagemaker-requestttlseconds": "120",
+                    "x-amzn-sagemaker-invocationtimeoutseconds": "5",
+                    "x-amzn-sagemaker-content-type": "text/csv",
+                    "x-amzn-sagemaker-accept": "text/csv",
+                    "x-amzn-sagemaker-custom-attributes": "k=v"})
+    assert req.inference_id == "abc-1"
+    assert req.output_location == "s3://b/out/abc-1.out"
+    assert req.expires_at == 1120.0
+    assert req.invocation_timeout_s == 5
+    assert (req.content_type, req.accept, req.custom_attributes) == ("text/csv", "text/csv",
+                                                                      "k=v")
+
+
+def test_fields_round_trip() -> None:
+    req = _parse()
+    assert AsyncRequest.from_fields(req.to_fields()) == req
+    with pytest.raises(ValueError, match="lacks field 'endpoint'"):
+        AsyncRequest.from_fields({k: v for k, v in req.to_fields().items() if k != "endpoint"})
+    assert req.expired(1000.0 + 3600) and not req.expired(1000.0 + 3599)
+
+
+@pytest.mark.parametrize(("headers", "fragment"), [
+    ({"x-amzn-sagemaker-inputlocation": ""}, "no X-Amzn-SageMaker-InputLocation"),
+    ({"x-amzn-sagemaker-inputlocation": "https://x/y"}, "unsupported scheme 'https'"),
+    ({"x-amzn-sagemaker-inputlocation": "s3://bucket-only"}, "s3://bucket/key"),
+    ({"x-amzn-sagemaker-inputlocation": "s3://b/a/../secret"}, "contains '..'"),
+    ({"x-amzn-sagemaker-inputlocation": "file://relative/x"}, "absolute path"),
+    ({"x-amzn-sagemaker-inference-id": "has/slash"}, "InferenceId 'has/slash' is not valid"),
+    ({"x-amzn-sagemaker-inference-id": "x" * 65}, "is not valid"),
+    ({"x-amzn-sagemaker-requestttlseconds": "59"}, "from 60 to 21600"),
+    ({"x-amzn-sagemaker-requestttlseconds": "soon"}, "not a whole number"),
+    ({"x-amzn-sagemaker-invocationtimeoutseconds": "3601"}, "from 1 to 3600"),
+])
+def test_bad_headers_are_validation_errors(headers: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        _parse(**headers)
+    assert fragment in info.value.message
+    assert info.value.status == 400
+    assert info.value.message[0].isupper() and not info.value.message.endswith(".")
+
+
+def test_location_problem_accepts_good_locations() -> None:
+    assert location_problem("s3://b/k", "X") is None
+    assert location_problem("file:///tmp/in.json", "X") is None
+
+
+def test_notification_has_sagemaker_shape() -> None:
+    req = _parse()
+    ok = orjson.loads(notification(req, ok=True, now=1001.5, region="eu-west-1",
+                                   output_content_type="application/json"))
+    assert ok["invocationStatus"] == "Completed"
+    assert ok["inferenceId"] == "gen-1"
+    assert ok["responseParameters"] == {"contentType": "application/json",
+                                        "outputLocation": "s3://b/out/gen-1.out"}
+    assert ok["requestParameters"]["inputLocation"] == "s3://b/in/x.json"
+    assert ok["eventTime"] == "1970-01-01T00:16:41.500Z"
+    assert ok["awsRegion"] == "eu-west-1"
+    bad = orjson.loads(notification(req, ok=False, now=1001.0, failure_reason="boom"))
+    assert bad["invocationStatus"] == "Failed" and bad["failureReason"] == "boom"
+    assert bad["responseParameters"]["failureLocation"] == "s3://b/failed/gen-1-error.out"
+
+
+def test_failure_body_names_the_error() -> None:
+    body = orjson.loads(failure_body(_parse(), "ModelError", "It broke", 4))
+    assert body["ErrorCode"] == "ModelError"
+    assert body["Message"] == body["message"] == "It broke"
+    assert body["attempts"] == 4
+
+
+def test_locations_are_deterministic() -> None:
+    assert output_location("s3://b/out/", "id1") == "s3://b/out/id1.out"
+    assert failure_location("file:///f", "id1") == "file:///f/id1-error.out"
+
+
+def test_queue_keys_share_one_hash_tag() -> None:
+    keys = AsyncQueueKeys(queue="ns.ep")
+    names = [keys.stream, keys.dead_letter, keys.inference("x"), keys.writes]
+    assert all("{ns.ep}" in n for n in names)  # one Redis Cluster slot for the Lua script
+    assert len(set(names)) == 4
+
+
+def test_backlog_from_xinfo() -> None:
+    groups = [{"name": "other", "lag": 99, "pending": 9},
+              {"name": "workers", "lag": 7, "pending": 3}]
+    consumers = [{"name": "a", "idle": 100}, {"name": "dead", "idle": 60_000}]
+    b = AsyncBacklog.from_xinfo(groups, consumers, "workers", 10)
+    assert (b.queued, b.in_flight, b.workers, b.total) == (7, 3, 1, 10)
+    assert b.per_instance == 10.0
+    unknown_lag = AsyncBacklog.from_xinfo([{"name": "workers", "lag": None, "pending": 2}],
+                                          [], "workers", 12)
+    assert unknown_lag.queued == 12 and unknown_lag.per_instance == 14.0
+    assert AsyncBacklog.from_xinfo([], [], "workers", 4).total == 4
+
+
+def test_notification_backoff_doubles_and_is_capped() -> None:
+    assert [backoff_s(n, 0.5) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert backoff_s(20, 0.5) == 30.0
+
+
+def test_worker_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in {"KUBEINFER_MODEL_URI": "file:///m.onnx", "KUBEINFER_REDIS_URL": "redis://r",
+                 "KUBEINFER_QUEUE": "q", "KUBEINFER_OUTPUT_PATH": "s3://b/o",
+                 "KUBEINFER_FAILURE_PATH": "s3://b/f", "KUBEINFER_MAX_RETRIES": "0"}.items():
+        monkeypatch.setenv(k, v)
+    s = AsyncWorkerSettings()
+    assert (s.queue, s.max_retries, s.max_concurrency) == ("q", 0, 4)
