@@ -13,7 +13,10 @@ has scaled to zero, then times one request through the gateway. Repeated
   spawning Python, importing the runtime, uvicorn binding its port, readiness
   detection (20 ms polls) and the gateway routing to it.
 
-Usage: ``python -m bench.coldstart [--trials 5]``. Prints a table; not a test.
+Model servers come from the supervisor's fork server (the runtime already
+imported); ``--no-prefork`` measures plain process starts instead.
+
+Usage: ``python -m bench.coldstart [--trials 5] [--no-prefork]``. Prints a table; not a test.
 """
 
 from __future__ import annotations
@@ -85,13 +88,16 @@ def wait(pred: object, timeout: float, what: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--no-prefork", action="store_true",
+                        help="start model servers as fresh processes (no fork server)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubeinfer-coldstart-"))
     home = work / "home"
     model = build_mlp(work / "mlp.onnx")
     spec = work / "cold.yaml"
     spec.write_text(SPEC.format(model=model))
-    env = {**os.environ, "KUBEINFER_HOME": str(home), "KUBEINFER_AUTOSCALE_INTERVAL_S": "0.2"}
+    env = {**os.environ, "KUBEINFER_HOME": str(home), "KUBEINFER_AUTOSCALE_INTERVAL_S": "0.2",
+           "KUBEINFER_LOCAL_PREFORK": "0" if args.no_prefork else "1"}
     cli = [sys.executable, "-m", "kubeinfer_operator.cli"]
     subprocess.run([*cli, "up", "-d", "-f", str(spec), "--timeout", "60"], env=env, check=True,
                    capture_output=True)
@@ -100,6 +106,9 @@ def main() -> int:
                                    "data": np.random.default_rng(0).random(256).tolist()}]})
     try:
         url = str(state(home)["url"])
+        if not args.no_prefork:
+            log = home / "local" / "cold" / "logs" / "prefork.log"
+            wait(lambda: "prefork: ready" in log.read_text(), 60, "the fork server")
         with httpx.Client(timeout=60) as client:
             for _ in range(args.trials):
                 wait(lambda: not servers(home), 30, "scale to zero")
@@ -119,8 +128,9 @@ def main() -> int:
                 rows.append((total, total - load - upstream, load, upstream))
     finally:
         subprocess.run([*cli, "down", "cold"], env=env, capture_output=True)
+    how = "fresh processes" if args.no_prefork else "fork server"
     print(f"Cold start of the bench MLP ({model.stat().st_size // 1024} KiB ONNX), "
-          f"{len(rows)} trials, local mode, {os.cpu_count()} CPUs")
+          f"{len(rows)} trials, local mode ({how}), {os.cpu_count()} CPUs")
     print(f"{'trial':>5} {'total ms':>9} {'process start ms':>17} {'model load ms':>14} "
           f"{'first inference ms':>19}")
     for i, (total, proc, load, infer) in enumerate(rows, 1):

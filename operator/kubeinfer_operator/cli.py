@@ -48,7 +48,7 @@ from kubeinfer_operator.local.state import (
     read_events,
     read_state,
 )
-from kubeinfer_operator.local.usage import sample_body, usage_text
+from kubeinfer_operator.local.usage import async_usage_text, sample_body, usage_text
 from kubeinfer_operator.local.view import process_rows, status_document, variant_rows
 
 app = typer.Typer(
@@ -179,8 +179,10 @@ def _report_ready(state: EndpointState, *, updated: bool) -> None:
         for change in changes:
             out.print(f"  changed: {change}", soft_wrap=True)
     if not updated:
-        out.print(usage_text(state.endpoint, url, _sample_for(state)), markup=False,
-                  soft_wrap=True, highlight=False)
+        is_async = any(p.role == "async-worker" for p in state.processes)
+        text = (async_usage_text(state.endpoint, url) if is_async
+                else usage_text(state.endpoint, url, _sample_for(state)))
+        out.print(text, markup=False, soft_wrap=True, highlight=False)
 
 
 def _stop_started(started: dict[str, tuple[EndpointPaths, subprocess.Popen[bytes]]]) -> None:

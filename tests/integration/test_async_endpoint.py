@@ -52,7 +52,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, s
     env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
                      route=route, s3_env=s3_server.env(), endpoint="iris",
                      success_url=hooks.url + "/ok", error_url=hooks.url + "/error",
-                     max_retries="2", visibility_timeout_s="3", notify_backoff_s="0.05")
+                     max_retries="2", visibility_timeout_s="3", notify_backoff_s="0.05",
+                     notify_attempts="3")
     s = AsyncStack("iris", route, tmp_path_factory.mktemp("async-e2e"), env)
     s.start_gateway(redis_server.url)
     s.start_worker()
@@ -163,6 +164,8 @@ def test_bad_requests_are_refused_with_sagemaker_errors(stack: AsyncStack) -> No
                      headers={"X-Amzn-SageMaker-InputLocation": "s3://b/k",
                               "X-Amzn-SageMaker-RequestTTLSeconds": "5"})
     assert ttl.status_code == 400 and "RequestTTLSeconds" in ttl.json()["Message"]
+    sync = httpx.post(f"{url}/endpoints/iris/invocations", json={"instances": ROWS})
+    assert sync.status_code == 400 and "call InvokeEndpointAsync" in sync.json()["Message"]
     unknown = httpx.post(f"{url}/endpoints/nope/async-invocations",
                          headers={"X-Amzn-SageMaker-InputLocation": "s3://b/k"})
     assert unknown.status_code == 404 and "nope" in unknown.json()["Message"]
@@ -192,7 +195,8 @@ def test_poison_input_is_dead_lettered_after_max_retries(stack: AsyncStack, s3_s
     r = redis_server.client()
     wait_until(lambda: any(f.get("inference_id") == inference_id
                            for _, f in r.xrange(keys.dead_letter)), 10, "dead-letter entry")
-    entry = next(f for _, f in r.xrange(keys.dead_letter) if f["inference_id"] == inference_id)
+    entry = next(f for _, f in r.xrange(keys.dead_letter)
+                 if f.get("inference_id") == inference_id)
     assert "ValidationError" in entry["error"]
     assert _get(s3_server, resp["OutputLocation"]) is None
 
@@ -262,3 +266,37 @@ def test_a_request_that_keeps_killing_workers_is_dead_lettered(
                            for _, f in r.xrange(keys.dead_letter)), 10, "malformed dead letter")
     dead = {f.get("inference_id") for _, f in r.xrange(keys.dead_letter)}
     assert "crashes-workers" in dead
+
+
+def test_failed_notifications_are_retried_until_delivered(stack: AsyncStack, s3_server: Any,
+                                                          hooks: WebhookReceiver) -> None:
+    input_uri = _put(s3_server, "in/notify.json", json.dumps({"instances": ROWS}).encode())
+    hooks.fail_first = hooks.failed + 2  # the receiver answers 503 twice first
+    resp = _runtime(stack).invoke_endpoint_async(EndpointName="iris", InputLocation=input_uri)
+    wait_until(lambda: any(n["inferenceId"] == resp["InferenceId"] for n in hooks.snapshot()),
+               15, "the notification after two refused deliveries")
+    assert hooks.failed >= 2
+
+
+def test_a_dead_webhook_is_given_up_after_max_retries_deliveries(
+        stack: AsyncStack, s3_server: Any, hooks: WebhookReceiver,
+        redis_server: RedisServer) -> None:
+    """The output exists; the notification is retried on each redelivery, then the entry
+    is dead-lettered saying so, instead of holding the backlog (and the workers) forever."""
+    input_uri = _put(s3_server, "in/deadhook.json", json.dumps({"instances": ROWS}).encode())
+    hooks.fail_first = hooks.failed + 10_000  # the receiver refuses everything
+    try:
+        resp = _runtime(stack).invoke_endpoint_async(EndpointName="iris",
+                                                     InputLocation=input_uri)
+        _wait_object(s3_server, resp["OutputLocation"])
+        keys = AsyncQueueKeys(queue="e2e")
+        r = redis_server.client()
+        wait_until(lambda: any(f.get("inference_id") == resp["InferenceId"]
+                               for _, f in r.xrange(keys.dead_letter)), 40,
+                   "the undeliverable notification to be dead-lettered", interval=0.2)
+        entry = next(f for _, f in r.xrange(keys.dead_letter)
+                     if f.get("inference_id") == resp["InferenceId"])
+        assert "undeliverable after 3 deliveries" in entry["error"]
+        assert r.hget(keys.writes, resp["InferenceId"]) == "1"  # inferred once
+    finally:
+        hooks.fail_first = hooks.failed

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -277,11 +278,17 @@ def test_thread_pool_two_workers_and_relative_uri(models_dir: Path, logs: Path) 
     try:
         x = np.random.default_rng(1).standard_normal((4, 256)).astype(np.float32)
         ref = ort.InferenceSession(str(models_dir / "mlp.onnx")).run(None, {"input": x})[0]
-        with httpx.Client() as client:
-            for _ in range(4):  # spread over both workers
-                r = client.post(proc.url + "/invocations", json={"instances": x.tolist()})
-                assert r.status_code == 200, r.text
-                np.testing.assert_allclose(r.json()["predictions"], ref, rtol=1e-5, atol=1e-6)
+        deadline = time.monotonic() + 30
+        for _ in range(4):  # new connections spread over both workers
+            # Each worker loads its own copy: one may still answer 503 "loading"
+            # after the other is ready, which is correct, so wait that out.
+            while True:
+                r = httpx.post(proc.url + "/invocations", json={"instances": x.tolist()})
+                if r.status_code != 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["predictions"], ref, rtol=1e-5, atol=1e-6)
         assert "in the thread pool" in proc.log()
     finally:
         proc.stop()

@@ -34,19 +34,28 @@ spec:
     maxConcurrency: {max_concurrency}
     provisionedConcurrency: {provisioned}
     idleTimeout: {idle}
+    coldStartTimeout: 3
   variants:
     - name: main
       model:
         uri: file://{model}
 """
+#: A variant whose model never loads: requests for it are held until
+#: coldStartTimeout, long enough to test maxConcurrency without racing a start.
+BROKEN = """\
+    - name: broken
+      weight: 0
+      model:
+        uri: file:///nonexistent/model.onnx
+"""
 
 
 def up(local: Local, name: str, model: Path, *, max_concurrency: int = 2,
-       provisioned: int = 0, idle: float = 2) -> dict[str, Any]:
+       provisioned: int = 0, idle: float = 2, broken: bool = False) -> dict[str, Any]:
     local.env["KUBEINFER_AUTOSCALE_INTERVAL_S"] = "0.25"
     spec = local.write(f"{name}.yaml", SERVERLESS.format(
         name=name, model=model, max_concurrency=max_concurrency, provisioned=provisioned,
-        idle=idle))
+        idle=idle) + (BROKEN if broken else ""))
     result = local.run("up", "-d", "-f", str(spec), "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr
     return read_state(local, name)
@@ -62,8 +71,8 @@ def pids(local: Local, name: str) -> dict[str, int]:
     return {p["name"]: p["pid"] for p in read_state(local, name)["processes"]}
 
 
-def replicas(state: dict[str, Any]) -> tuple[int, int]:
-    [variant] = state["variants"]
+def replicas(state: dict[str, Any], name: str = "main") -> tuple[int, int]:
+    [variant] = [v for v in state["variants"] if v["name"] == name]
     return variant["replicas"], variant["ready"]
 
 
@@ -72,21 +81,31 @@ def events(local: Local, name: str) -> list[str]:
     return [json.loads(line)["message"] for line in path.read_text().splitlines()]
 
 
+def post(url: str, endpoint: str, variant: str | None = None) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    if variant:
+        headers["X-Amzn-SageMaker-Target-Variant"] = variant
+    return httpx.post(f"{url}/endpoints/{endpoint}/invocations", content=BODY, headers=headers,
+                      timeout=30)
+
+
 def test_idles_to_zero_and_holds_the_next_request(local: Local, models_dir: Path) -> None:
-    state = up(local, "sl", models_dir / "iris.onnx", max_concurrency=1, idle=2)
-    assert state["phase"] == "Ready" and replicas(state) == (0, 0)
+    state = up(local, "sl", models_dir / "iris.onnx", max_concurrency=1, idle=2, broken=True)
+    assert state["phase"] == "Ready"
+    assert [(v["name"], v["replicas"], v["ready"]) for v in state["variants"]] == [
+        ("main", 0, 0), ("broken", 0, 0)]
     assert set(pids(local, "sl")) == {"gateway"}
     url = state["url"]
     client = runtime_client(url)
 
-    # Cold: the first request is held while a model server starts; a second one
-    # meanwhile is over maxConcurrency (1) and refused at once with 429.
-    answers: list[Any] = []
-    first = threading.Thread(target=lambda: answers.append(invoke(client, "sl")))
+    # A request for the variant whose model never loads is held (bounded by
+    # coldStartTimeout, 3 s) and fills maxConcurrency (1): meanwhile any other
+    # request is refused at once with 429 ThrottlingException.
+    held: list[httpx.Response] = []
+    first = threading.Thread(target=lambda: held.append(post(url, "sl", "broken")))
     first.start()
-    time.sleep(0.3)
-    refused = httpx.post(f"{url}/endpoints/sl/invocations", content=BODY,
-                         headers={"Content-Type": "application/json"}, timeout=10)
+    time.sleep(0.5)
+    refused = post(url, "sl")
     assert refused.status_code == 429
     assert refused.headers["x-amzn-errortype"] == "ThrottlingException:"
     doc = refused.json()
@@ -95,16 +114,30 @@ def test_idles_to_zero_and_holds_the_next_request(local: Local, models_dir: Path
     with pytest.raises(ClientError) as info:
         invoke(client, "sl")
     assert info.value.response["Error"]["Code"] == "ThrottlingException"
-    first.join(timeout=60)
-    assert answers and answers[0][0] == "main"
-    assert answers[0][1]["predictions"]["label"] == [0]
-    assert replicas(read_state(local, "sl")) == (1, 1)
-    assert any("Scaled out from 0 to 1" in e and "cold start" in e for e in events(local, "sl"))
+    first.join(timeout=30)
+    [timed_out] = held
+    assert timed_out.status_code == 503
+    assert timed_out.json()["ErrorCode"] == "ServiceUnavailable"
+    assert "became ready within 3s (coldStartTimeout)" in timed_out.json()["Message"]
+    assert any("Variant broken: scale-out to 1 failed" in e and "failed to load" in e
+               for e in events(local, "sl"))
+
+    # Cold start of the good variant: held while its model server starts, then served.
+    variant, answer = invoke(client, "sl")
+    assert variant == "main" and answer["predictions"]["label"] == [0]
+    state = read_state(local, "sl")
+    assert replicas(state) == (1, 1)
+    assert any("Variant main: Scaled out from 0 to 1" in e and "cold start" in e
+               for e in events(local, "sl"))
+    # The reason is in the status too (`kubeinfer status --json`).
+    [main] = [v for v in state["variants"] if v["name"] == "main"]
+    assert "cold start" in main["last_scaling"]
 
     # Idle for idleTimeout: back to zero (the server process is gone) ...
     wait_until(lambda: replicas(read_state(local, "sl")) == (0, 0)
                and set(pids(local, "sl")) == {"gateway"}, 20, "scale to zero")
-    assert any("Scaled in from 1 to 0: no traffic for" in e for e in events(local, "sl"))
+    assert any("Variant main: Scaled in from 1 to 0: no traffic for" in e
+               for e in events(local, "sl"))
     # ... and the next request is held and served, not failed.
     variant, answer = invoke(client, "sl")
     assert variant == "main" and answer["predictions"]["label"] == [0]

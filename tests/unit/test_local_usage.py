@@ -27,3 +27,12 @@ def test_usage_names_endpoint_url_and_body() -> None:
     assert "http://127.0.0.1:1234/endpoints/iris/invocations" in text
     assert 'endpoint_url="http://127.0.0.1:1234"' in text
     assert PLACEHOLDER in usage_text("iris", "http://h:1", None)
+
+
+def test_async_usage_shows_input_location_calls() -> None:
+    from kubeinfer_operator.local.usage import async_usage_text
+
+    text = async_usage_text("iris-async", "http://127.0.0.1:9")
+    assert "http://127.0.0.1:9/endpoints/iris-async/async-invocations" in text
+    assert "X-Amzn-SageMaker-InputLocation" in text
+    assert 'invoke_endpoint_async(EndpointName="iris-async"' in text

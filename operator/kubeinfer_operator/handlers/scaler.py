@@ -193,7 +193,7 @@ class ClusterScaler:
             waiting = view.held.get(variant.name, 0.0) > 0 or (
                 mem.requested_at is not None and now_m - mem.requested_at < REQUEST_FRESH_S
                 and replicas == 0)
-            if waiting or view.in_flight > 0:
+            if waiting:  # per variant; in-flight is per endpoint (see local.scaler)
                 mem.last_activity = now_m
             values: dict[str, float | None] = {
                 autoscale.Metric.INVOCATIONS_PER_REPLICA.value:

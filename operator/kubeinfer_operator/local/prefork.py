@@ -9,7 +9,8 @@ supervisor's own child: ``Adopted`` waits on it like ``subprocess.Popen``
 would, and stopping it signals its process group as usual.
 
 Any failure (fork server not started yet, dead, or refusing) falls back to a
-plain ``spawn``: slower, never wrong.
+plain ``spawn``: slower, never wrong. ``KUBEINFER_LOCAL_PREFORK=0`` in the
+environment of ``kubeinfer up`` switches the fork server off.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class ForkServer:
         """Start the fork server (returns at once; ``ready`` says when it serves)."""
         if self.proc is not None and self.proc.poll() is None:
             return
+        if os.environ.get("KUBEINFER_LOCAL_PREFORK", "1") == "0":
+            return  # switched off (e.g. to measure cold starts without it)
         self.subreaper = become_subreaper()
         if not self.subreaper:
             log.warning("Cannot become a child subreaper: model servers start without the "

@@ -56,6 +56,11 @@ WINDOW_S = float(os.environ.get("KUBEINFER_AUTOSCALE_WINDOW_S", "60"))
 INTERVAL_S = float(os.environ.get("KUBEINFER_AUTOSCALE_INTERVAL_S", "1"))
 #: A scale request from the activator counts as waiting traffic this long.
 REQUEST_FRESH_S = 5.0
+#: After a failed scale-out (model does not load, crash), wait this long before
+#: trying that variant again, rather than starting a failing server every round.
+RETRY_AFTER_FAILURE_S = 10.0
+#: What a model server's /ping says when its model failed to load for good.
+LOAD_FAILED = "failed to load"
 
 
 def keep_scaled_replicas(old: EndpointPlan | None, new: EndpointPlan) -> EndpointPlan:
@@ -86,6 +91,10 @@ class _VariantMemory:
     last_invocations: float | None = None
     requested_at: float | None = None
     last_reason: str = ""
+    #: No scale-out before this (monotonic), after a failed one.
+    retry_at: float = 0.0
+    #: The reason of the last change carried out.
+    last_scaling: str = ""
 
 
 class LocalScaler:
@@ -138,6 +147,11 @@ class LocalScaler:
         self._memory(scale.variant).requested_at = time.monotonic()
         self._wake.set()
         return web.json_response({"accepted": True}, status=202)
+
+    def last_scaling(self, variant: str) -> str:
+        """Why ``variant``'s replicas last changed (for state.json / status)."""
+        mem = self.memory.get(variant)
+        return mem.last_scaling if mem is not None else ""
 
     def _memory(self, variant: str) -> _VariantMemory:
         mem = self.memory.get(variant)
@@ -208,7 +222,10 @@ class LocalScaler:
             waiting = held > 0 or (mem.requested_at is not None
                                    and now_m - mem.requested_at < REQUEST_FRESH_S
                                    and not children)
-            if waiting or view.in_flight > 0:
+            # Activity is per variant: answered requests (the counter moved) or
+            # requests held for it. (In-flight is per endpoint: a request held
+            # for another variant must not keep this one warm.)
+            if waiting:
                 mem.last_activity = now_m
             metrics = await self._metric_values(client, variant.autoscaling, mem,
                                                 len(children))
@@ -254,26 +271,33 @@ class LocalScaler:
             mem.last_reason = decision.reason
             return
         mem.last_reason = decision.reason
-        await self.scale(name, current, decision.desired, decision.reason)
+        if decision.desired > current and now_m < mem.retry_at:
+            return  # the last scale-out failed; its event says why
+        if not await self.scale(name, current, decision.desired, decision.reason):
+            mem.retry_at = now_m + RETRY_AFTER_FAILURE_S
 
-    async def scale(self, name: str, current: int, desired: int, reason: str) -> None:
+    async def scale(self, name: str, current: int, desired: int, reason: str) -> bool:
+        """Start or stop model servers of ``name``; False when a scale-out failed."""
         sup = self.sup
         async with self.lock:
             plan = sup.running.get(name)
             if plan is None or sup.applying:
-                return
+                return True
             sup.event(f"Variant {name}: {reason}")
+            self._memory(name).last_scaling = reason
             if desired > current:
                 error = await self._scale_out(name, current, desired)
                 if error:
-                    sup.event(f"Variant {name}: scale-out to {desired} failed: {error}",
-                              level="error")
-                return
+                    sup.event(f"Variant {name}: scale-out to {desired} failed: {error}; "
+                              f"retrying in {RETRY_AFTER_FAILURE_S:g}s", level="error")
+                    return False
+                return True
             sup.running[name] = replace(plan, replicas=desired)
             extra = [c for c in sup._variant_children(name, active=True)
                      if (c.spec.replica or 0) >= desired]
             await sup.drain(extra)
             sup.write_state()
+            return True
 
     async def _scale_out(self, name: str, current: int, desired: int) -> str | None:
         sup = self.sup
@@ -304,6 +328,8 @@ class LocalScaler:
             for c in pending:
                 if not c.running and c.proc is not None:
                     return f"model server {c.name} exited ({c.proc.poll()}); see {c.spec.log_path}"
+                if LOAD_FAILED in c.reason:  # it gave up on its model for good
+                    return f"model server {c.name} is not ready: {c.reason}"
             pending = [c for c in pending if not c.ready]
             if not pending:
                 return None

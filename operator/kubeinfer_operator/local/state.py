@@ -97,6 +97,8 @@ class VariantState(_Model):
     ready: int = 0
     model_uri: str = ""
     server_hash: str = ""
+    #: Why the scaler last changed the replicas ("" when it never did).
+    last_scaling: str = ""
 
 
 class ApplyResult(_Model):

@@ -196,7 +196,8 @@ class Supervisor:
             variants.append(VariantState(name=plan.name, weight=plan.weight,
                                          replicas=plan.replicas, ready=ready,
                                          model_uri=plan.model_uri,
-                                         server_hash=plan.server_hash))
+                                         server_hash=plan.server_hash,
+                                         last_scaling=self.scaler.last_scaling(plan.name)))
         gateway = self.gateway.snapshot() if self.gateway else None
         summary = summarize(gateway=gateway, variants=variants, processes=procs,
                             applying=self.applying, started=self.started,

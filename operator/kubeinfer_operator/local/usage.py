@@ -51,3 +51,19 @@ r = rt.invoke_endpoint(EndpointName="{name}", ContentType="application/json",
                        Body={payload!r})
 print(r["InvokedProductionVariant"], r["Body"].read().decode())
 PY"""
+
+
+def async_usage_text(name: str, url: str) -> str:
+    """curl and boto3 examples for an async endpoint (``type: Async``)."""
+    return f"""\
+Invoke it asynchronously (InvokeEndpointAsync): upload the input, then name it:
+  echo '{PLACEHOLDER}' > /tmp/input.json
+  curl -si -X POST {url}/endpoints/{name}/async-invocations \\
+       -H 'X-Amzn-SageMaker-InputLocation: file:///tmp/input.json'
+  python3 - <<'PY'
+import boto3
+rt = boto3.client("sagemaker-runtime", endpoint_url="{url}", region_name="us-east-1",
+                  aws_access_key_id="local", aws_secret_access_key="local")
+r = rt.invoke_endpoint_async(EndpointName="{name}", InputLocation="s3://bucket/input.json")
+print(r["InferenceId"], r["OutputLocation"])
+PY"""

@@ -30,12 +30,18 @@ def endpoint_url(owner: Owner, settings: OperatorSettings) -> str:
 
 def route_table(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
                 ready_variants: Collection[str]) -> RouteTable:
-    """The gateway's routes: each ready variant's Service URL, none for the others."""
+    """The gateway's routes: each ready variant's Service URL, none for the others.
+
+    Serverless variants are always listed: at zero replicas their headless
+    Service resolves to no pod (the gateway holds requests), and the gateway
+    finds the first pod through DNS as soon as it is ready, without waiting for
+    kubelet to refresh the mounted route table.
+    """
     upstreams = {
         v.name: [w.service_url(meta.variant_object_name(owner.name, v.name), owner.namespace,
                                settings.runtime_port)]
         for v in plan.variants
-        if v.name in ready_variants
+        if v.name in ready_variants or plan.serverless is not None
     }
     return plan.route_table(upstreams, discovery="dns")
 

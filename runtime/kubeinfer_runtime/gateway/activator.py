@@ -10,8 +10,10 @@ them instead. For a ``type: Serverless`` endpoint the hot path (``proxy``):
 2. when no variant can take it (zero ready replicas), ``hold`` asks the scaler
    for a replica (``POST <scaler_url>`` with a ``contract.ScaleRequest``, at most
    once per ``RESEND_S`` per variant, off the request path) and waits, polling
-   the route table every ``POLL_S`` so the request goes out as soon as the
-   scaler routes a ready replica; after ``cold_start_timeout_s`` it answers 503;
+   the route table every ``POLL_S`` (and, on Kubernetes, re-resolving the
+   variant's headless Service every ``REDISCOVER_S``) so the request goes out
+   as soon as a ready replica appears; after ``cold_start_timeout_s`` it
+   answers 503;
 3. ``release`` when the answer is sent.
 
 Why a POST and not a shared channel: the gateway and the scaler are separate
@@ -32,7 +34,7 @@ from kubeinfer_runtime import metrics
 from kubeinfer_runtime.contract import ScaleRequest
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError, Throttled
 from kubeinfer_runtime.gateway.core import GatewayCore
-from kubeinfer_runtime.gateway.loops import reload_routes
+from kubeinfer_runtime.gateway.loops import rediscover_routes, reload_routes
 from kubeinfer_runtime.gateway.routing import EndpointState, Pick, choose, unknown_endpoint
 from kubeinfer_runtime.gateway.upstream import UpstreamClient, UpstreamError
 
@@ -42,6 +44,8 @@ log = logging.getLogger("kubeinfer.gateway")
 POLL_S = 0.02
 #: A variant still cold this long after a scale request is asked again.
 RESEND_S = 1.0
+#: How often held requests re-resolve per-pod (DNS) upstreams on Kubernetes.
+REDISCOVER_S = 0.25
 _SCALER_TIMEOUT_S = 2.0
 
 
@@ -142,9 +146,13 @@ class Activator:
     async def _poll_routes(self) -> None:
         """Re-read the route table quickly while requests are held (the regular
         reload loop may run only every second)."""
+        last_dns = 0.0
         while self.waiting() > 0:
             try:
                 reload_routes(self.core)
+                if time.monotonic() - last_dns >= REDISCOVER_S:
+                    last_dns = time.monotonic()
+                    await rediscover_routes(self.core)
             except Exception:
                 log.exception("Route table reload for held requests failed: retrying")
             await asyncio.sleep(POLL_S)

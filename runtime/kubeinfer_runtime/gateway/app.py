@@ -83,6 +83,9 @@ class GatewayApp:
             if path.startswith(_PREFIX) and path.endswith(_SUFFIX):
                 name = path[len(_PREFIX):-len(_SUFFIX)]
                 if name and "/" not in name:
+                    if self._is_async(name):
+                        await self.async_invocations.refuse_sync(send, name)
+                        return
                     await self.invocations(scope, receive, send, name)
                     return
             if path.startswith(_PREFIX) and path.endswith(_ASYNC_SUFFIX):
@@ -139,6 +142,11 @@ class GatewayApp:
         await self.core.client.close()
         await self.async_invocations.close()
         await self.invocations.activator.close()
+
+    def _is_async(self, name: str) -> bool:
+        table = self.core.table
+        route = table.endpoints.get(name) if table is not None else None
+        return route is not None and route.async_config is not None
 
     def _async_queues(self) -> dict[str, tuple[Any, AsyncQueueKeys]]:
         """Each async endpoint's Redis client and queue, for the backlog metrics."""

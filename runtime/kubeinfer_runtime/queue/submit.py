@@ -66,6 +66,14 @@ class AsyncSubmitHandler:
             await client.aclose()
         self._clients = {}
 
+    async def refuse_sync(self, send: Send, name: str) -> None:
+        """A synchronous InvokeEndpoint on an async endpoint (SageMaker refuses it too)."""
+        status, headers, body = render_error(ValidationError(
+            f'Endpoint "{name}" is asynchronous: call InvokeEndpointAsync '
+            f"(POST /endpoints/{name}/async-invocations with X-Amzn-SageMaker-InputLocation)"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send,
                        endpoint: EndpointRoute | None, name: str) -> None:
         try:

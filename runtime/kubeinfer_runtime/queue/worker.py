@@ -52,6 +52,8 @@ log = logging.getLogger("kubeinfer.queue")
 
 #: XREADGROUP blocks at most this long, so the loop notices a stop request soon.
 BLOCK_MS = 500
+#: A consumer silent this long (ms) with nothing pending is a dead worker's: forgotten.
+DEAD_CONSUMER_IDLE_MS = 3_600_000
 #: Released entries get this idle time (ms): any worker's next XAUTOCLAIM takes them.
 RELEASED_IDLE_MS = 10**9
 
@@ -162,11 +164,22 @@ class Worker:
             min_idle_time=int(self.settings.visibility_timeout_s * 1000),
             start_id=self._claim_cursor, count=count)
         self._claim_cursor = reply[0]
+        if self._claim_cursor == "0-0":
+            await self._forget_dead_consumers()
         claimed: list[tuple[str, dict[str, str]]] = reply[1]
         if claimed:
             log.info("Reclaimed %d async request(s) idle over %gs", len(claimed),
                      self.settings.visibility_timeout_s)
         return claimed
+
+    async def _forget_dead_consumers(self) -> None:
+        """Drop consumers that hold nothing and were silent for an hour (killed workers
+        that never said goodbye), so the group's consumer list does not grow forever."""
+        consumers = await self.redis.xinfo_consumers(self.keys.stream, self.keys.group)
+        for c in consumers:
+            if int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) > DEAD_CONSUMER_IDLE_MS:
+                await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group,
+                                                    c["name"])
 
     async def _heartbeat(self) -> None:
         """Keep our in-flight entries from looking abandoned (resets their idle time)."""
@@ -243,11 +256,20 @@ class Worker:
         state, attempts = await pipe.execute()
         if state.get("done"):
             # An earlier attempt finished and wrote its object, then died before
-            # acknowledging: notify again (at least once) and acknowledge.
+            # acknowledging, or could not deliver its notification: notify again
+            # (at least once) and acknowledge. Past maxRetries deliveries the
+            # webhook is given up on (the object exists; the entry is dead-lettered
+            # saying so) so a dead receiver cannot hold the backlog forever.
+            give_up = int(attempts) > self.settings.max_retries + 1
+            reason = state.get("last_error", "")
+            if give_up:
+                reason = (f"Notification of request {req.inference_id} undeliverable after "
+                          f"{int(attempts) - 1} deliveries: check the webhook receiver")
+                log.error("%s", reason)
             await self._notify_and_ack(msg_id, req, ok=state["done"] == "success",
                                        note=state["note"].encode(),
-                                       dead_letter=state.get("dlq", "") == "1",
-                                       reason=state.get("last_error", ""))
+                                       dead_letter=state.get("dlq", "") == "1" or give_up,
+                                       reason=reason, notify=not give_up)
             return
         retries = self.settings.max_retries
         if attempts > retries + 1:
@@ -344,9 +366,10 @@ class Worker:
                                    reason=message)
 
     async def _notify_and_ack(self, msg_id: str, req: AsyncRequest, *, ok: bool, note: bytes,
-                              dead_letter: bool = False, reason: str = "") -> None:
+                              dead_letter: bool = False, reason: str = "",
+                              notify: bool = True) -> None:
         url = self.settings.success_url if ok else self.settings.error_url
-        if url and not await self.notifier.send(url, note, req.inference_id):
+        if notify and url and not await self.notifier.send(url, note, req.inference_id):
             return  # stays pending: reclaimed later and notified again
         pipe = self.redis.pipeline(transaction=True)
         if dead_letter:
