@@ -36,11 +36,13 @@ def backoff_delay(retry: int) -> float:
 
 
 def scaled(spec: Any) -> bool:
-    """Whether an Endpoint spec asks for the scaler (serverless or any autoscaling block)."""
+    """Whether an Endpoint spec asks for the scaler: serverless, async (backlog) or any
+    autoscaling block."""
     if not isinstance(spec, dict):
         return False
     variants = spec.get("variants")
-    return spec.get("type") == ep.EndpointType.SERVERLESS.value or (
+    return spec.get("type") in (ep.EndpointType.SERVERLESS.value,
+                                ep.EndpointType.ASYNC.value) or (
         isinstance(variants, list)
         and any(isinstance(v, dict) and v.get("autoscaling") for v in variants))
 

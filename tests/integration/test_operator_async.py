@@ -1,0 +1,93 @@
+"""The real operator scales an async endpoint's workers from the queue backlog.
+
+Emulator + real kopf operator + a real Redis: work arriving in the endpoint's
+Redis Stream scales the worker Deployment up from zero, and an emptied queue
+scales it back to zero (cooldowns set to 0 so the test needs no sleeps).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubeinfer_operator.settings import OperatorSettings
+from kubeinfer_runtime.contract import AsyncQueueKeys
+from tests.support.kube_harness import (
+    EmulatorThread,
+    Kube,
+    OperatorThread,
+    wait_for,
+    write_kubeconfig,
+)
+from tests.support.redis_server import RedisServer, start_redis
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE: dict[str, Any] = yaml.safe_load((REPO / "examples" / "async-endpoint.yaml").read_text())
+NS = "async-scaling"
+NAME = "iris-async"
+WORKERS = f"{NAME}-main"
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Kube]:
+    emulator = EmulatorThread().start()
+    kubeconfig = write_kubeconfig(tmp_path_factory.mktemp("kube") / "config", emulator.url)
+    env = pytest.MonkeyPatch()
+    env.setenv("KUBECONFIG", str(kubeconfig))
+    settings = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
+                                runtime_image="example.test/runtime:1", s3_secret_name=None,
+                                redis_url=redis.url)
+    operator = OperatorThread(settings).start()
+    client = Kube(emulator.url)
+    try:
+        yield client
+    finally:
+        operator.stop()
+        client.close()
+        emulator.stop()
+        env.undo()
+
+
+def _replicas(kube: Kube) -> int | None:
+    dep = kube.get("Deployment", NS, WORKERS)
+    return None if dep is None else int(dep["spec"].get("replicas", 1))
+
+
+def test_backlog_scales_workers_from_zero_and_back(kube: Kube, redis: RedisServer) -> None:
+    doc = copy.deepcopy(EXAMPLE)
+    doc["spec"]["async"]["scaling"] = {"targetBacklogPerReplica": 5, "minReplicas": 0,
+                                       "maxReplicas": 4, "scaleOutCooldown": 0,
+                                       "scaleInCooldown": 0}
+    kube.create_namespace(NS)
+    r = kube.create(doc, NS)
+    assert r.status_code == 201, r.text
+
+    # Idle: the workers go to zero.
+    wait_for(lambda: _replicas(kube) == 0, 15, "workers scaled to zero while idle")
+
+    keys = AsyncQueueKeys(queue=f"{NS}.{NAME}")
+    rds = redis.client()
+    rds.xgroup_create(keys.stream, keys.group, id="$", mkstream=True)
+    for i in range(12):
+        rds.xadd(keys.stream, {"id": f"req-{i}"})
+    # 12 queued / 5 per replica -> 3 workers, from zero.
+    wait_for(lambda: _replicas(kube) == 3, 15, "workers scaled out to 3 for 12 queued")
+
+    # A worker takes everything and acknowledges it: the backlog is gone.
+    entries = rds.xreadgroup(keys.group, "test-worker", {keys.stream: ">"}, count=100)
+    ids = [entry_id for _, batch in entries for entry_id, _ in batch]
+    assert len(ids) == 12
+    rds.xack(keys.stream, keys.group, *ids)
+    wait_for(lambda: _replicas(kube) == 0, 15, "workers scaled back to zero when drained")
