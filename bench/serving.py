@@ -9,7 +9,7 @@ One run measures, on the same models with the same load generator (wrk):
   * our gateway -> model server (SageMaker Runtime API path).
 Models: a small scikit-learn classifier (skl2onnx) and an MLP 256-512-512-10.
 
-    .venv/bin/python bench/serving.py [--duration 5] [--concurrency 1,8,64] [--markdown]
+    .venv/bin/python bench/serving.py [--duration 3] [--rounds 3] [--concurrency 1,8,64] [--markdown]
 
 It prints a table (rps, p50, p99) and the two target checks. It is never run
 as a test: speed is measured, not asserted.
@@ -90,7 +90,9 @@ def start_servers(model: Path, log_dir: Path) -> dict[str, tuple[Server, str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds per cell; the median round is reported")
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--models", default="sklearn,mlp")
     ap.add_argument("--markdown", action="store_true", help="also print a markdown table")
@@ -115,20 +117,31 @@ def main() -> None:
             log_dir.mkdir()
             servers = start_servers(path, log_dir)
             try:
-                for label, (_, url) in servers.items():
+                for _, url in servers.values():
                     # Warm up connection pools and caches before measuring.
                     wrk(url, body, "application/json", 8, 1.0)
-                    for c in levels:
-                        res = wrk(url, body, "application/json", c, args.duration)
+                # Servers take turns within each round, and each cell reports its
+                # median round: this VM's speed drifts over minutes, and measuring
+                # one server after the other would compare different machines.
+                for c in levels:
+                    runs: dict[str, list[LoadResult]] = {label: [] for label in servers}
+                    for _ in range(args.rounds):
+                        for label, (_, url) in servers.items():
+                            runs[label].append(wrk(url, body, "application/json", c,
+                                                   args.duration))
+                    for label, results in runs.items():
+                        res = sorted(results, key=lambda r: r.rps)[len(results) // 2]
                         rows.append((model_name, label, c, res))
                         console.log(f"{model_name:8} {label:30} c={c:<3} {res.rps:8.0f} rps "
                                     f"p50 {res.p50_ms:.3f} ms p99 {res.p99_ms:.3f} ms "
-                                    f"errors {res.errors}")
+                                    f"errors {sum(r.errors for r in results)} "
+                                    f"(rounds: {', '.join(f'{r.rps:.0f}' for r in results)})")
             finally:
                 for server, _ in servers.values():
                     server.stop()
 
-    table = Table(title="Real-time serving (wrk, 1 thread; same machine)")
+    table = Table(title="Real-time serving (wrk, 1 thread; same machine; median of "
+                        f"{args.rounds} interleaved rounds)")
     for col in ("model", "server", "c", "rps", "p50 ms", "p99 ms", "errors"):
         table.add_column(col, justify="right" if col not in ("model", "server") else "left")
     for model_name, label, c, r in rows:

@@ -19,7 +19,7 @@ _opts = ort.SessionOptions()
 _opts.intra_op_num_threads = 1
 _sess = ort.InferenceSession(os.environ["BENCH_MODEL"], _opts, providers=["CPUExecutionProvider"])
 _inp = _sess.get_inputs()[0].name
-_out = [o.name for o in _sess.get_outputs()][:1]
+_out = [o.name for o in _sess.get_outputs()]
 _HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -37,7 +37,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body += msg.get("body", b"")
         more = msg.get("more_body", False)
     data = orjson.loads(body)["instances"]
-    pred = _sess.run(_out, {_inp: np.asarray(data, dtype=np.float32)})[0]
+    outs = _sess.run(_out, {_inp: np.asarray(data, dtype=np.float32)})
+    # The same response our model server gives: one output as a list, several by name.
+    pred = outs[0] if len(outs) == 1 else dict(zip(_out, outs, strict=True))
     payload = orjson.dumps({"predictions": pred}, option=orjson.OPT_SERIALIZE_NUMPY)
     await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
     await send({"type": "http.response.body", "body": payload})

@@ -10,6 +10,7 @@ promptly).
 
 from __future__ import annotations
 
+import gc
 import logging
 import statistics
 import threading
@@ -140,6 +141,11 @@ def load_into(slot: ModelSlot, settings: ModelServerSettings,
         slot.failed = True
         log.error("%s", slot.reason)
         return
+    # Everything alive now (FastAPI, pydantic, onnxruntime, the model) lives as
+    # long as the process: move it out of the collector's sight so full
+    # collections stay short (they showed as 100 ms p99 spikes under load).
+    gc.collect()
+    gc.freeze()
     slot.model = LoadedModel(backend, meta, fetched.sha256, inline, warmup_s)
     metrics.loaded.set(1)
     log.info('Model "%s" ready from %s (sha256 %s, warm-up %s, predict %s)', slot.name,
