@@ -9,7 +9,8 @@ One run measures, on the same models with the same load generator (wrk):
   * our gateway -> model server (SageMaker Runtime API path).
 Models: a small scikit-learn classifier (skl2onnx) and an MLP 256-512-512-10.
 
-    .venv/bin/python bench/serving.py [--duration 3] [--rounds 3] [--concurrency 1,8,64] [--markdown]
+    .venv/bin/python bench/serving.py [--duration 3] [--rounds 3] [--concurrency 1,8,64]
+                                      [--markdown]
 
 It prints a table (rps, p50, p99) and the two target checks. It is never run
 as a test: speed is measured, not asserted.
