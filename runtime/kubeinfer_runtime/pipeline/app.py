@@ -21,7 +21,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kubeinfer_runtime import __version__, metrics
 from kubeinfer_runtime.contract import H_TARGET_CONTAINER, ModelServerSettings
 from kubeinfer_runtime.errors import (
-    Internal,
     NotFound,
     NotReady,
     RuntimeServiceError,
@@ -33,14 +32,12 @@ from kubeinfer_runtime.pipeline.steps import UrlStep, build_steps
 from kubeinfer_runtime.server.api import _error, _json
 from kubeinfer_runtime.server.hotpath import (
     ASGIApp,
-    ClientDisconnected,
     Receive,
     Scope,
     Send,
     _headers,
-    _read_rest,
-    _send_error,
-    _too_large,
+    read_body,
+    serve_guarded,
 )
 
 log = logging.getLogger("kubeinfer.server")
@@ -63,46 +60,23 @@ class PipelineHotPath:
         await self.app(scope, receive, send)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        m = self.metrics
         t0 = time.perf_counter()
-        m.invocations.value += 1
-        try:
+        self.metrics.invocations.value += 1
+
+        async def work() -> tuple[bytes, bytes, float]:
             if scope["method"] != "POST":
                 raise ValidationError(f"{scope['method']} is not allowed on /invocations: "
                                       "use POST", status=405)
             content_type, accept, length = _headers(scope["headers"])
             target = next((v.decode("latin-1").strip() for k, v in scope["headers"]
                            if k == _TARGET), None)
-            limit = self.max_payload_bytes
-            if length is not None and length > limit:
-                raise _too_large(length, limit)
-            msg = await receive()
-            body: bytes = msg.get("body", b"")
-            if msg.get("more_body", False) or msg["type"] != "http.request":
-                body = await _read_rest(receive, msg, body, limit)
-            elif len(body) > limit:
-                raise _too_large(len(body), limit)
+            body = await read_body(receive, length, self.max_payload_bytes)
+            started = time.perf_counter()
             payload, out_type = await self.pipeline.run(body, content_type, accept, target)
-        except ClientDisconnected:
-            m.error(499)
-            return
-        except RuntimeServiceError as e:
-            await _send_error(send, e)
-            m.error(e.status)
-            return
-        except Exception:
-            log.exception("Unexpected failure serving the pipeline")
-            await _send_error(send, Internal("Internal failure while serving the request: "
-                                             "see the model server's log"))
-            m.error(500)
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", out_type.encode("latin-1")),
-            (b"content-length", str(len(payload)).encode()),
-        ]})
-        await send({"type": "http.response.body", "body": payload})
-        # The whole chain is the "model" here; per-step time is in each step's metrics.
-        m.model_latency.observe(time.perf_counter() - t0)
+            # The whole chain is the "model" here; per-step time is in each step's metrics.
+            return payload, out_type.encode("latin-1"), time.perf_counter() - started
+
+        await serve_guarded(send, self.metrics, "the pipeline", t0, work)
 
 
 def create_pipeline_app(settings: ModelServerSettings) -> PipelineHotPath:

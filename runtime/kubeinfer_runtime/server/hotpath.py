@@ -102,10 +102,10 @@ class HotPath:
     async def _handle(self, scope: Scope, receive: Receive, send: Send,
                       v2_target: str | None) -> None:
         svc = self.service
-        metrics = svc.metrics
         t0 = time.perf_counter()
-        metrics.invocations.value += 1  # a loop counter: no call, no lock
-        try:
+        svc.metrics.invocations.value += 1  # a loop counter: no call, no lock
+
+        async def work() -> tuple[bytes, bytes, float]:
             if scope["method"] != "POST":
                 raise ValidationError(f"{scope['method']} is not allowed on {scope['path']}: "
                                       "use POST", status=405)
@@ -119,16 +119,7 @@ class HotPath:
                 self._check_v2_target(v2_target)
                 out_type = _JSON
             model = svc.slot.get()
-            limit = svc.max_payload_bytes
-            if length is not None and length > limit:
-                # Refuse before reading a byte: the client declared the size.
-                raise _too_large(length, limit)
-            msg = await receive()
-            body: bytes = msg.get("body", b"")
-            if msg.get("more_body", False) or msg["type"] != "http.request":
-                body = await _read_rest(receive, msg, body, limit)
-            elif len(body) > limit:
-                raise _too_large(len(body), limit)
+            body = await read_body(receive, length, svc.max_payload_bytes)
             if v2_target is None:
                 if model.inline:
                     payload, model_s = invocations_work(model, body, content_type, encoding)
@@ -140,25 +131,9 @@ class HotPath:
             else:
                 payload, model_s = await asyncio.get_running_loop().run_in_executor(
                     svc.pool, v2_work, model, body, self.model_name)
-        except ClientDisconnected:
-            metrics.error(499)
-            return
-        except RuntimeServiceError as e:
-            await _send_error(send, e)
-            metrics.error(e.status)
-            return
-        except Exception:
-            log.exception("Unexpected failure serving %s", scope["path"])
-            await _send_error(send, Internal("Internal failure while serving the request: "
-                                             "see the model server's log"))
-            metrics.error(500)
-            return
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", out_type), (b"content-length", str(len(payload)).encode()),
-        ]})
-        await send({"type": "http.response.body", "body": payload})
-        metrics.model_latency.observe(model_s)
-        metrics.overhead_latency.observe(max(time.perf_counter() - t0 - model_s, 0.0))
+            return payload, out_type, model_s
+
+        await serve_guarded(send, svc.metrics, scope["path"], t0, work)
 
     def _check_v2_target(self, target: str) -> None:
         # "{m}" or "{m}/versions/{v}"; any version of the one model we serve.
@@ -182,6 +157,58 @@ def _headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, in
             except ValueError:
                 raise ValidationError("Content-Length is not a number") from None
     return content_type, accept, length
+
+
+async def read_body(receive: Receive, declared: int | None, limit: int) -> bytes:
+    """The request body, refusing it (413) as soon as it is known to exceed ``limit``.
+
+    A declared Content-Length over the limit is refused before reading a byte.
+    """
+    if declared is not None and declared > limit:
+        raise _too_large(declared, limit)
+    msg = await receive()
+    body: bytes = msg.get("body", b"")
+    if msg.get("more_body", False) or msg["type"] != "http.request":
+        return await _read_rest(receive, msg, body, limit)
+    if len(body) > limit:
+        raise _too_large(len(body), limit)
+    return body
+
+
+#: What an inference route computes: (response body, content type, model seconds).
+Work = Callable[[], Awaitable[tuple[bytes, bytes, float]]]
+
+
+async def serve_guarded(send: Send, metrics: ModelServerMetrics, what: str, t0: float,
+                        work: Work) -> None:
+    """Run ``work`` and answer with its result, or with the SageMaker-style error.
+
+    Every inference route (single model, multi-model, pipeline) answers the same
+    way: our errors with their status, a client that went away with nothing
+    (counted as 499), anything unexpected as a logged 500 that never takes the
+    server down.
+    """
+    try:
+        payload, out_type, model_s = await work()
+    except ClientDisconnected:
+        metrics.error(499)
+        return
+    except RuntimeServiceError as e:
+        await _send_error(send, e)
+        metrics.error(e.status)
+        return
+    except Exception:
+        log.exception("Unexpected failure serving %s", what)
+        await _send_error(send, Internal("Internal failure while serving the request: "
+                                         "see the model server's log"))
+        metrics.error(500)
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", out_type), (b"content-length", str(len(payload)).encode()),
+    ]})
+    await send({"type": "http.response.body", "body": payload})
+    metrics.model_latency.observe(model_s)
+    metrics.overhead_latency.observe(max(time.perf_counter() - t0 - model_s, 0.0))
 
 
 async def _read_rest(receive: Receive, first: Message, body: bytes, limit: int) -> bytes:

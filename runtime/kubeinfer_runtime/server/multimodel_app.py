@@ -26,7 +26,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kubeinfer_runtime import __version__, codec, metrics
 from kubeinfer_runtime.contract import H_TARGET_MODEL
 from kubeinfer_runtime.errors import (
-    Internal,
     NotFound,
     NotReady,
     RuntimeServiceError,
@@ -36,16 +35,14 @@ from kubeinfer_runtime.models.cache import ModelCache
 from kubeinfer_runtime.server.api import Lifespan, _error, _json, _v2_metadata
 from kubeinfer_runtime.server.hotpath import (
     ASGIApp,
-    ClientDisconnected,
     InferenceService,
     Receive,
     Scope,
     Send,
     _headers,
-    _read_rest,
-    _send_error,
-    _too_large,
     invocations_work,
+    read_body,
+    serve_guarded,
     v2_work,
 )
 from kubeinfer_runtime.server.state import LoadedModel
@@ -97,11 +94,11 @@ class MultiModelHotPath:
     async def _handle(self, scope: Scope, receive: Receive, send: Send, name: str | None,
                       *, v2: bool) -> None:
         svc = self.service
-        m = svc.metrics
         t0 = time.perf_counter()
-        m.invocations.value += 1
-        lease = None
-        try:
+        svc.metrics.invocations.value += 1
+
+        async def work() -> tuple[bytes, bytes, float]:
+            nonlocal name
             content_type, accept, length = _headers(scope["headers"])
             if name is None:
                 name = _target_header(scope["headers"])
@@ -113,51 +110,28 @@ class MultiModelHotPath:
             check_target(name)
             encoding = codec.negotiate(accept) if not v2 else codec.Encoding.JSON
             out_type = encoding.content_type if not v2 else _JSON
-            limit = svc.max_payload_bytes
-            if length is not None and length > limit:
-                raise _too_large(length, limit)
-            msg = await receive()
-            body: bytes = msg.get("body", b"")
-            if msg.get("more_body", False) or msg["type"] != "http.request":
-                body = await _read_rest(receive, msg, body, limit)
-            elif len(body) > limit:
-                raise _too_large(len(body), limit)
+            body = await read_body(receive, length, svc.max_payload_bytes)
+            # The lease keeps the model from eviction until predict is done.
             lease = await self.cache.acquire(name)
-            model = lease.value
-            loop = asyncio.get_running_loop()
-            if v2:
-                if model.inline:
-                    payload, model_s = v2_work(model, body, name)
+            try:
+                model = lease.value
+                loop = asyncio.get_running_loop()
+                if v2:
+                    if model.inline:
+                        payload, model_s = v2_work(model, body, name)
+                    else:
+                        payload, model_s = await loop.run_in_executor(svc.pool, v2_work,
+                                                                      model, body, name)
+                elif model.inline:
+                    payload, model_s = invocations_work(model, body, content_type, encoding)
                 else:
-                    payload, model_s = await loop.run_in_executor(svc.pool, v2_work, model,
-                                                                  body, name)
-            elif model.inline:
-                payload, model_s = invocations_work(model, body, content_type, encoding)
-            else:
-                payload, model_s = await loop.run_in_executor(
-                    svc.pool, invocations_work, model, body, content_type, encoding)
-        except ClientDisconnected:
-            m.error(499)
-            return
-        except RuntimeServiceError as e:
-            await _send_error(send, e)
-            m.error(e.status)
-            return
-        except Exception:
-            log.exception("Unexpected failure serving %s", scope["path"])
-            await _send_error(send, Internal("Internal failure while serving the request: "
-                                             "see the model server's log"))
-            m.error(500)
-            return
-        finally:
-            if lease is not None:
+                    payload, model_s = await loop.run_in_executor(
+                        svc.pool, invocations_work, model, body, content_type, encoding)
+            finally:
                 lease.release()
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", out_type), (b"content-length", str(len(payload)).encode()),
-        ]})
-        await send({"type": "http.response.body", "body": payload})
-        m.model_latency.observe(model_s)
-        m.overhead_latency.observe(max(time.perf_counter() - t0 - model_s, 0.0))
+            return payload, out_type, model_s
+
+        await serve_guarded(send, svc.metrics, scope["path"], t0, work)
 
 
 def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
