@@ -387,6 +387,12 @@ def invoke(
     = None,
     custom_attributes: Annotated[str | None, typer.Option(
         help="X-Amzn-SageMaker-Custom-Attributes.")] = None,
+    target_model: Annotated[str | None, typer.Option(
+        help="TargetModel: the model of a multi-model endpoint, relative to its prefix.")]
+    = None,
+    target_container: Annotated[str | None, typer.Option(
+        help="TargetContainerHostname: the step of a Direct multi-container endpoint.")]
+    = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 60,
 ) -> None:
     """Call a local endpoint through its gateway (SageMaker InvokeEndpoint)."""
@@ -410,6 +416,10 @@ def invoke(
         headers["X-Amzn-SageMaker-Target-Variant"] = variant
     if custom_attributes:
         headers["X-Amzn-SageMaker-Custom-Attributes"] = custom_attributes
+    if target_model:
+        headers["X-Amzn-SageMaker-Target-Model"] = target_model
+    if target_container:
+        headers["X-Amzn-SageMaker-Target-Container-Hostname"] = target_container
     url = f"{states[0].url}/endpoints/{name}/invocations"
     try:
         response = httpx.post(url, content=data, headers=headers, timeout=timeout)

@@ -125,6 +125,17 @@ def test_direct_invocation_via_boto3(local: Local) -> None:
         assert "TargetContainerHostname= to one of pre, iris, post" in message
 
 
+def test_direct_invocation_via_the_cli(local: Local) -> None:
+    result = local.run("invoke", "direct", "--content-type", "text/csv", "--accept", "text/csv",
+                       "--target-container", "iris", "--body", "5.1,3.5,1.4,0.2\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
+    result = local.run("invoke", "direct", "--body", json.dumps(FLOWERS),
+                       "--target-container", "nope")
+    assert result.returncode == 1
+    assert "TargetContainerHostname= to one of pre, iris, post" in result.stderr
+
+
 def test_local_mode_refuses_image_steps(local: Local, models_dir: Path) -> None:
     spec = local.write("image.yaml", manifest(
         models_dir, "with-image", "Serial",

@@ -87,8 +87,9 @@ def test_scale_from_zero_and_back(cluster: tuple[Kube, str]) -> None:
 
     # Rendered at zero replicas; the gateway knows its namespace and the scaler.
     wait_for(lambda: replicas(kube) == 0, what="variant Deployment at 0 replicas")
-    gateway = kube.get("Deployment", NS, "cold-gateway")
-    assert gateway is not None
+    # The operator creates the gateway last (after the variants): wait for it too.
+    gateway = wait_for(lambda: kube.get("Deployment", NS, "cold-gateway"),
+                       what="gateway Deployment")
     env = env_of(gateway)
     assert env["KUBEINFER_SCALER_URL"] == scaler_url and env["KUBEINFER_NAMESPACE"] == NS
     dep = kube.get("Deployment", NS, "cold-main")
