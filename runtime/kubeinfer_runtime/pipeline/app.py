@@ -14,22 +14,19 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubeinfer_runtime import __version__, metrics
 from kubeinfer_runtime.contract import H_TARGET_CONTAINER, ModelServerSettings
 from kubeinfer_runtime.errors import (
-    NotFound,
     NotReady,
-    RuntimeServiceError,
     ValidationError,
 )
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.pipeline.runner import Pipeline
 from kubeinfer_runtime.pipeline.steps import UrlStep, build_steps
-from kubeinfer_runtime.server.api import _error, _json
+from kubeinfer_runtime.server.api import _json, install_error_handlers
 from kubeinfer_runtime.server.hotpath import (
     ASGIApp,
     Receive,
@@ -101,17 +98,7 @@ def create_pipeline_app(settings: ModelServerSettings) -> PipelineHotPath:
 
     app = FastAPI(title="kubeinfer multi-container server", version=__version__,
                   lifespan=lifespan)
-
-    @app.exception_handler(RuntimeServiceError)
-    async def _service_error(_: Request, exc: RuntimeServiceError) -> Response:
-        return _error(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 404:
-            return _error(NotFound(f"No route {request.method} {request.url.path}: a "
-                                   "multi-container variant serves POST /invocations"))
-        return _error(ValidationError(str(exc.detail), status=exc.status_code))
+    install_error_handlers(app, "a multi-container variant serves POST /invocations")
 
     async def check_ready() -> None:
         for step in url_steps:

@@ -63,8 +63,12 @@ _INFER_BODY = {
 }
 
 
-def build_api(slot: ModelSlot, model_name: str, lifespan: Lifespan) -> FastAPI:
-    app = FastAPI(title="kubeinfer model server", version=__version__, lifespan=lifespan)
+def install_error_handlers(app: FastAPI, unknown_route_hint: str) -> None:
+    """Answer every error of a runtime FastAPI app in SageMaker's JSON style.
+
+    ``unknown_route_hint`` ends the 404 message, e.g. "see /docs for the model
+    server's API".
+    """
 
     @app.exception_handler(RuntimeServiceError)
     async def _service_error(_: Request, exc: RuntimeServiceError) -> Response:
@@ -73,9 +77,14 @@ def build_api(slot: ModelSlot, model_name: str, lifespan: Lifespan) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
-            return _error(NotFound(f"No route {request.method} {request.url.path}: see /docs "
-                                   "for the model server's API"))
+            return _error(NotFound(f"No route {request.method} {request.url.path}: "
+                                   f"{unknown_route_hint}"))
         return _error(ValidationError(str(exc.detail), status=exc.status_code))
+
+
+def build_api(slot: ModelSlot, model_name: str, lifespan: Lifespan) -> FastAPI:
+    app = FastAPI(title="kubeinfer model server", version=__version__, lifespan=lifespan)
+    install_error_handlers(app, "see /docs for the model server's API")
 
     def known(name: str) -> None:
         if name != model_name:

@@ -21,18 +21,22 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubeinfer_runtime import __version__, codec, metrics
 from kubeinfer_runtime.contract import H_TARGET_MODEL
 from kubeinfer_runtime.errors import (
     NotFound,
     NotReady,
-    RuntimeServiceError,
     ValidationError,
 )
 from kubeinfer_runtime.models.cache import ModelCache
-from kubeinfer_runtime.server.api import Lifespan, _error, _json, _v2_metadata
+from kubeinfer_runtime.server.api import (
+    Lifespan,
+    _error,
+    _json,
+    _v2_metadata,
+    install_error_handlers,
+)
 from kubeinfer_runtime.server.hotpath import (
     ASGIApp,
     InferenceService,
@@ -141,17 +145,7 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
     ``not_ready`` says why the server cannot load models yet (None once it can).
     """
     app = FastAPI(title="kubeinfer multi-model server", version=__version__, lifespan=lifespan)
-
-    @app.exception_handler(RuntimeServiceError)
-    async def _service_error(_: Request, exc: RuntimeServiceError) -> Response:
-        return _error(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 404:
-            return _error(NotFound(f"No route {request.method} {request.url.path}: see /docs "
-                                   "for the multi-model server's API"))
-        return _error(ValidationError(str(exc.detail), status=exc.status_code))
+    install_error_handlers(app, "see /docs for the multi-model server's API")
 
     def described(name: str) -> dict[str, Any]:
         return {"modelName": name, "modelUrl": prefix + name}
