@@ -71,12 +71,27 @@ def kubectl_json(*args: str) -> Any:
     return json.loads(kubectl(*args, "-o", "json"))
 
 
+def _realtime_single_model(doc: dict[str, Any]) -> bool:
+    """Endpoints this test knows how to check: real-time, one model per variant.
+
+    Async examples need a Redis and an object store in the cluster, serverless
+    ones start from zero pods, multi-model and multi-container ones are invoked
+    differently (TargetModel / TargetContainerHostname): their kind tests are
+    not written yet (see e2e/README.md), so they are left out rather than failed.
+    """
+    spec = doc.get("spec") or {}
+    return spec.get("type", "RealTime") == "RealTime" and all(
+        "model" in v and "multiModel" not in v and "containers" not in v
+        for v in spec.get("variants", []))
+
+
 def example_endpoints() -> list[Any]:
-    """(example file, Endpoint document) for every Endpoint in examples/*.yaml."""
+    """(example file, Endpoint document) for every real-time single-model example."""
     cases = []
     for path in sorted(EXAMPLES.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            if isinstance(doc, dict) and doc.get("kind") == "Endpoint":
+            if (isinstance(doc, dict) and doc.get("kind") == "Endpoint"
+                    and _realtime_single_model(doc)):
                 cases.append(pytest.param(path, doc, id=f"{path.stem}:{doc['metadata']['name']}"))
     return cases
 
