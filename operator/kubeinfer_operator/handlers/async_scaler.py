@@ -16,9 +16,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from kubeinfer_operator.queue_backlog import read_backlog
 from kubeinfer_operator.reconcile.async_scaling import BacklogState, decide
 from kubeinfer_operator.render.plan import EndpointPlan
-from kubeinfer_runtime.contract import AsyncBacklog, AsyncQueueKeys
+from kubeinfer_runtime.contract import AsyncBacklog
 
 if TYPE_CHECKING:
     from kubeinfer_operator.handlers.scaler import ClusterScaler
@@ -39,24 +40,13 @@ class BacklogReader:
 
     async def __call__(self, queue: str) -> AsyncBacklog:
         import redis.asyncio
-        import redis.exceptions
 
         if self.redis_url is None:
             raise RuntimeError("Async endpoints need the operator's KUBEINFER_REDIS_URL: set "
                                "redis.url in the Helm values")
         if self._client is None:
             self._client = redis.asyncio.from_url(self.redis_url, decode_responses=True)
-        keys = AsyncQueueKeys(queue=queue)
-        try:
-            groups = await self._client.xinfo_groups(keys.stream)
-        except redis.exceptions.ResponseError:
-            return AsyncBacklog()  # nothing submitted yet
-        try:
-            consumers = await self._client.xinfo_consumers(keys.stream, keys.group)
-        except redis.exceptions.ResponseError:
-            consumers = []
-        length = int(await self._client.xlen(keys.stream))
-        return AsyncBacklog.from_xinfo(groups, consumers, keys.group, length)
+        return await read_backlog(self._client, queue)
 
     async def close(self) -> None:
         if self._client is not None:

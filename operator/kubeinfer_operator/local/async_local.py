@@ -28,10 +28,11 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from kubeinfer_operator.local.process import free_port, spawn
+from kubeinfer_operator.queue_backlog import read_backlog
 from kubeinfer_operator.reconcile.async_scaling import BacklogState, decide
 from kubeinfer_operator.render.async_plan import AsyncPlan
 from kubeinfer_operator.render.plan import EndpointPlan
-from kubeinfer_runtime.contract import AsyncBacklog, AsyncQueueKeys, Role
+from kubeinfer_runtime.contract import AsyncBacklog, Role
 
 if TYPE_CHECKING:
     import subprocess
@@ -143,22 +144,11 @@ class AsyncLocal:
 
     async def backlog(self) -> AsyncBacklog:
         import redis.asyncio
-        import redis.exceptions
 
         assert self.plan is not None and self.redis_url is not None
         if self._client is None:
             self._client = redis.asyncio.from_url(self.redis_url, decode_responses=True)
-        keys = AsyncQueueKeys(queue=self.plan.queue)
-        try:
-            groups = await self._client.xinfo_groups(keys.stream)
-        except redis.exceptions.ResponseError:
-            return AsyncBacklog()  # no request yet: no stream
-        try:
-            consumers = await self._client.xinfo_consumers(keys.stream, keys.group)
-        except redis.exceptions.ResponseError:
-            consumers = []
-        length = int(await self._client.xlen(keys.stream))
-        return AsyncBacklog.from_xinfo(groups, consumers, keys.group, length)
+        return await read_backlog(self._client, self.plan.queue)
 
     async def run(self) -> None:
         while True:
