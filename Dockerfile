@@ -54,15 +54,20 @@ WORKDIR /src
 COPY requirements/constraints.txt requirements/constraints.txt
 RUN python -m venv /opt/models \
  && /opt/models/bin/pip install -c requirements/constraints.txt numpy onnx scikit-learn skl2onnx
-COPY examples/build_models.py examples/build_models.py
+COPY examples/build_models.py examples/build_multimodel_models.py examples/
 # Examples name models relatively (file://models/iris.onnx). The runtime
 # resolves that against KUBEINFER_MODEL_BASE_DIR=/srv/kubeinfer, i.e.
 # /srv/kubeinfer/models/iris.onnx (also reachable as
-# file:///srv/kubeinfer/models/iris.onnx).
+# file:///srv/kubeinfer/models/iris.onnx). Three numbered multi-model models
+# (examples/build_multimodel_models.py) join them as tenant-<i>/model.onnx, so
+# the multi-model example (prefix file://models/) also serves nested names.
 RUN /opt/models/bin/python examples/build_models.py /out/models \
+ && /opt/models/bin/python examples/build_multimodel_models.py /out/models --count 3 \
  && chmod -R a+rX /out/models
-# The example pipeline handlers (codeUri: file://handlers → /srv/kubeinfer/handlers).
+# The example pipeline handlers (codeUri: file://handlers → /srv/kubeinfer/handlers),
+# readable by the runtime's non-root user whatever the checkout's umask.
 COPY examples/handlers /out/handlers
+RUN chmod -R a+rX /out/handlers
 
 # ---------------------------------------------------------------------------
 # What both final images share: the bare base, the non-root user, the venv.

@@ -7,15 +7,18 @@
 #    never touched),
 # 2. builds the operator and runtime images (Dockerfile targets) and loads them
 #    into the cluster,
-# 3. installs charts/kubeinfer with those images,
-# 4. runs e2e/test_e2e.py: every examples/*.yaml Endpoint is applied, waited
-#    for (Ready), invoked through a port-forward with boto3, and deleted,
-# 5. deletes the cluster, also on failure or Ctrl-C (trap).
+# 3. deploys what async Endpoints need (e2e/manifests/async-deps.yaml: Redis
+#    and a SeaweedFS S3 server) unless KUBEINFER_E2E_ASYNC=0,
+# 4. installs charts/kubeinfer with those images (and that Redis and S3),
+# 5. runs e2e/: every examples/*.yaml Endpoint is applied, waited for (Ready),
+#    invoked through a port-forward with boto3, and deleted,
+# 6. deletes the cluster, also on failure or Ctrl-C (trap).
 #
 # Environment:
 #   KUBEINFER_E2E_CLUSTER  kind cluster name (default kubeinfer-e2e)
 #   KUBEINFER_E2E_KEEP=1   keep the cluster afterwards (for debugging; delete it
 #                          with `kind delete cluster --name kubeinfer-e2e`)
+#   KUBEINFER_E2E_ASYNC=0  no Redis / object store: the async test skips
 #   KIND_NODE_IMAGE        node image (default: Kubernetes 1.33.1, pinned digest)
 #   PYTHON                 Python with kubeinfer[test] installed (default .venv/bin/python)
 set -euo pipefail
@@ -33,6 +36,13 @@ OPERATOR_IMAGE="kubeinfer/operator:${TAG}"
 RUNTIME_IMAGE="kubeinfer/runtime:${TAG}"
 RELEASE="kubeinfer"
 RELEASE_NS="kubeinfer-system"
+ASYNC="${KUBEINFER_E2E_ASYNC:-1}"
+# Must match e2e/manifests/async-deps.yaml.
+DEPS_NS="kubeinfer-e2e-deps"
+REDIS_URL="redis://redis.${DEPS_NS}.svc:6379/0"
+# The Secret every model server mounts (runtime.s3.secretName); the tests create
+# it in each test namespace (e2e/cluster.py create_s3_secret).
+S3_SECRET="kubeinfer-e2e-s3"
 
 log() { printf '\n==> %s\n' "$*"; }
 
@@ -56,6 +66,10 @@ cleanup() {
     kubectl get endpoints.kubeinfer.io,deployments,services,configmaps,pods -A -o wide || true
     kubectl -n "$RELEASE_NS" logs deployment/"$RELEASE"-operator --tail=200 || true
     kubectl get events -A --sort-by=.lastTimestamp | tail -50 || true
+    if [ "$ASYNC" = "1" ]; then
+      kubectl -n "$DEPS_NS" logs deployment/redis --tail=30 || true
+      kubectl -n "$DEPS_NS" logs deployment/seaweedfs --tail=50 || true
+    fi
   fi
   if [ "$KEEP" = "1" ]; then
     log "keeping cluster $CLUSTER (KUBECONFIG=$KUBECONFIG)"
@@ -90,6 +104,15 @@ docker build --target runtime -t "$RUNTIME_IMAGE" .
 log "loading images into kind"
 kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$RUNTIME_IMAGE"
 
+async_values=()
+if [ "$ASYNC" = "1" ]; then
+  log "deploying Redis and the S3 server for async endpoints (e2e/manifests)"
+  kubectl apply -f e2e/manifests/async-deps.yaml
+  kubectl -n "$DEPS_NS" wait --for=condition=Available deployment --all --timeout=300s
+  async_values=(--set runtime.redis.url="$REDIS_URL" --set runtime.s3.secretName="$S3_SECRET")
+  export KUBEINFER_E2E_DEPS_NAMESPACE="$DEPS_NS" KUBEINFER_E2E_S3_SECRET="$S3_SECRET"
+fi
+
 log "installing the chart"
 helm install "$RELEASE" charts/kubeinfer \
   --namespace "$RELEASE_NS" --create-namespace \
@@ -99,9 +122,10 @@ helm install "$RELEASE" charts/kubeinfer \
   --set runtime.image.repository=kubeinfer/runtime \
   --set runtime.image.tag="$TAG" \
   --set runtime.image.pullPolicy=Never \
+  ${async_values[@]+"${async_values[@]}"} \
   --wait --timeout 5m
 
-log "running e2e/test_e2e.py"
+log "running e2e/"
 KUBEINFER_E2E=1 \
 KUBEINFER_E2E_RELEASE="$RELEASE" \
 KUBEINFER_E2E_RELEASE_NAMESPACE="$RELEASE_NS" \

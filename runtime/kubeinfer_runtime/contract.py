@@ -59,6 +59,8 @@ H_REQUEST_TTL = "x-amzn-sagemaker-requestttlseconds"
 H_INVOCATION_TIMEOUT = "x-amzn-sagemaker-invocationtimeoutseconds"
 H_OUTPUT_LOCATION = "x-amzn-sagemaker-outputlocation"
 H_FAILURE_LOCATION = "x-amzn-sagemaker-failurelocation"
+H_S3_OUTPUT_PATH_EXTENSION = "x-amzn-sagemaker-s3outputpathextension"
+H_FILENAME = "x-amzn-sagemaker-filename"
 
 #: Headers the gateway forwards from the client to the model server.
 FORWARDED_REQUEST_HEADERS = (
@@ -193,7 +195,8 @@ class AsyncRoute(_Strict):
     #: The queue's Redis; None: the gateway's own ``KUBEINFER_REDIS_URL`` (on
     #: Kubernetes, so a password can come from a Secret, not this ConfigMap).
     redis_url: str | None = None
-    #: Output objects are ``<output_path>/<InferenceId>.out``.
+    #: Output objects are ``<output_path>/<InferenceId>.out`` (see ``output_location``
+    #: for the client's S3OutputPathExtension and Filename).
     output_path: str
     #: Failure objects are ``<failure_path>/<InferenceId>-error.out``.
     failure_path: str
@@ -207,13 +210,30 @@ class AsyncRoute(_Strict):
         return AsyncQueueKeys(queue=self.queue)
 
 
-def output_location(output_path: str, inference_id: str) -> str:
-    """Deterministic, so a re-processed request overwrites its one output object."""
-    return f"{output_path.rstrip('/')}/{inference_id}.out"
+def output_location(output_path: str, inference_id: str, *, extension: str = "",
+                    filename: str = "") -> str:
+    """Deterministic, so a re-processed request overwrites its one output object.
+
+    ``<output_path>[/<extension>]/<filename or InferenceId.out>``: ``extension`` and
+    ``filename`` are the client's S3OutputPathExtension and Filename, already
+    validated and normalised (a relative folder without ``..``; a plain name).
+    """
+    name = filename or f"{inference_id}.out"
+    return "/".join(p for p in (output_path.rstrip("/"), extension, name) if p)
 
 
-def failure_location(failure_path: str, inference_id: str) -> str:
-    return f"{failure_path.rstrip('/')}/{inference_id}-error.out"
+def failure_location(failure_path: str, inference_id: str, *, extension: str = "",
+                     filename: str = "") -> str:
+    """``<failure_path>[/<extension>]/<name>``: the output's name with ``-error`` before
+    its suffix (``<InferenceId>-error.out``, or ``result-error.json`` for Filename
+    ``result.json``), so output and failure never share a key even when both paths
+    are the same folder."""
+    if filename:
+        stem, dot, suffix = filename.partition(".")
+        name = f"{stem}-error{dot}{suffix}"
+    else:
+        name = f"{inference_id}-error.out"
+    return "/".join(p for p in (failure_path.rstrip("/"), extension, name) if p)
 
 
 class ServerlessRoute(_Strict):

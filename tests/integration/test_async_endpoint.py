@@ -2,8 +2,9 @@
 
 Real processes (gateway, async workers), real Redis, real S3 (SeaweedFS), a real
 webhook receiver. Covers the output object, idempotent InferenceIds, header
-validation, retries of a poison input ending in the dead-letter stream with a
-failure object, and a worker's graceful drain.
+validation, S3OutputPathExtension and Filename (S3 and file://), retries of a
+poison input ending in the dead-letter stream with a failure object, and a
+worker's graceful drain.
 """
 
 from __future__ import annotations
@@ -171,6 +172,88 @@ def test_bad_requests_are_refused_with_sagemaker_errors(stack: AsyncStack) -> No
     assert unknown.status_code == 404 and "nope" in unknown.json()["Message"]
 
 
+def test_extension_and_filename_place_output_failure_and_notification(
+        stack: AsyncStack, s3_server: Any, hooks: WebhookReceiver) -> None:
+    input_uri = _put(s3_server, "in/placed.json", json.dumps({"instances": ROWS}).encode())
+    client = _runtime(stack)
+    run = uuid.uuid4().hex[:8]
+    resp = client.invoke_endpoint_async(EndpointName="iris", InputLocation=input_uri,
+                                        S3OutputPathExtension=f"tenant-a//{run}/./",
+                                        Filename="result.json")
+    assert resp["OutputLocation"] == f"s3://{BUCKET}/out/tenant-a/{run}/result.json"
+    assert resp["FailureLocation"] == f"s3://{BUCKET}/failed/tenant-a/{run}/result-error.json"
+    out = json.loads(_wait_object(s3_server, resp["OutputLocation"]))
+    assert out["predictions"]["label"] == [0, 2]
+    assert _get(s3_server, f"s3://{BUCKET}/out/{resp['InferenceId']}.out") is None
+    wait_until(lambda: any(n["inferenceId"] == resp["InferenceId"] for n in hooks.snapshot()),
+               10, "the success notification")
+    note = next(n for n in hooks.snapshot() if n["inferenceId"] == resp["InferenceId"])
+    assert note["responseParameters"]["outputLocation"] == resp["OutputLocation"]
+    # A failure goes to the failure path under the same extension, named after Filename.
+    failed = client.invoke_endpoint_async(
+        EndpointName="iris", InputLocation=f"s3://{BUCKET}/in/not-there-{run}.json",
+        S3OutputPathExtension=f"tenant-a/{run}", Filename="second")
+    assert failed["FailureLocation"] == f"s3://{BUCKET}/failed/tenant-a/{run}/second-error"
+    failure = json.loads(_wait_object(s3_server, failed["FailureLocation"]))
+    assert f"not-there-{run}.json does not exist" in failure["Message"]
+    wait_until(lambda: any(n["inferenceId"] == failed["InferenceId"] for n in hooks.snapshot()),
+               10, "the error notification")
+    note = next(n for n in hooks.snapshot() if n["inferenceId"] == failed["InferenceId"])
+    assert note["responseParameters"]["failureLocation"] == failed["FailureLocation"]
+    assert _get(s3_server, failed["OutputLocation"]) is None
+
+
+@pytest.mark.parametrize(("extension", "name", "fragment"), [
+    ("tenant/../../escape", None, "S3OutputPathExtension 'tenant/../../escape' contains '..'"),
+    ("/", None, "names no folder"),
+    (None, "a.tar.gz", "X-Amzn-SageMaker-Filename 'a.tar.gz' is not valid"),
+    (None, "..", "X-Amzn-SageMaker-Filename '..' is not valid"),
+])
+def test_bad_extension_or_filename_is_refused_and_nothing_queued(
+        stack: AsyncStack, redis_server: RedisServer, extension: str | None, name: str | None,
+        fragment: str) -> None:
+    from botocore.exceptions import ClientError
+
+    inference_id = f"refused-{uuid.uuid4().hex[:8]}"
+    extra = {"S3OutputPathExtension": extension} if extension else {"Filename": name}
+    with pytest.raises(ClientError) as info:
+        _runtime(stack).invoke_endpoint_async(EndpointName="iris", InferenceId=inference_id,
+                                              InputLocation=f"s3://{BUCKET}/in/rows.json",
+                                              **extra)
+    error = info.value.response
+    assert error["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert error["Error"]["Code"] == "ValidationError"
+    assert fragment in error["Error"]["Message"]
+    # Refused before the Lua script: no id record, so the id is still free to use.
+    keys = AsyncQueueKeys(queue="e2e")
+    r = redis_server.client()
+    assert r.exists(keys.inference(inference_id)) == 0
+    assert not any(f.get("inference_id") == inference_id for _, f in r.xrange(keys.stream))
+
+
+def test_same_inference_id_with_another_filename_answers_the_first_locations(
+        stack: AsyncStack, s3_server: Any, redis_server: RedisServer) -> None:
+    input_uri = _put(s3_server, "in/idem-name.json", json.dumps({"instances": ROWS}).encode())
+    client = _runtime(stack)
+    inference_id = f"idem-name-{uuid.uuid4().hex[:8]}"
+    first = client.invoke_endpoint_async(EndpointName="iris", InputLocation=input_uri,
+                                         InferenceId=inference_id,
+                                         S3OutputPathExtension="idem", Filename="first.json")
+    second = client.invoke_endpoint_async(EndpointName="iris", InputLocation=input_uri,
+                                          InferenceId=inference_id,
+                                          S3OutputPathExtension="other", Filename="second.json")
+    assert first["OutputLocation"] == f"s3://{BUCKET}/out/idem/first.json"
+    assert second["OutputLocation"] == first["OutputLocation"]
+    assert second["FailureLocation"] == first["FailureLocation"]
+    _wait_object(s3_server, first["OutputLocation"])
+    keys = AsyncQueueKeys(queue="e2e")
+    r = redis_server.client()
+    wait_until(lambda: r.hget(keys.inference(inference_id), "done") == "success", 10, "done")
+    time.sleep(0.5)  # a second inference, if queued, would have run by now
+    assert r.hget(keys.writes, inference_id) == "1"
+    assert _get(s3_server, f"s3://{BUCKET}/out/other/second.json") is None
+
+
 def test_missing_input_ends_in_a_failure_object(stack: AsyncStack, s3_server: Any,
                                                 hooks: WebhookReceiver) -> None:
     resp = _runtime(stack).invoke_endpoint_async(
@@ -300,3 +383,54 @@ def test_a_dead_webhook_is_given_up_after_max_retries_deliveries(
         assert r.hget(keys.writes, resp["InferenceId"]) == "1"  # inferred once
     finally:
         hooks.fail_first = hooks.failed
+
+
+@pytest.fixture(scope="module")
+def file_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
+               models_dir: Path) -> Iterator[AsyncStack]:
+    """The same endpoint with file:// paths (local mode's objects): no object store."""
+    root = tmp_path_factory.mktemp("async-files")
+    route = AsyncRoute(queue="e2e-file", output_path=f"file://{root}/out",
+                       failure_path=f"file://{root}/failed")
+    env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
+                     route=route, s3_env={}, endpoint="iris-file", max_retries="0")
+    s = AsyncStack("iris-file", route, root / "work", env)
+    s.start_gateway(redis_server.url)
+    s.start_worker()
+    yield s
+    s.stop()
+
+
+def test_file_paths_take_extension_and_filename(file_stack: AsyncStack) -> None:
+    import httpx
+
+    assert file_stack.gateway is not None
+    root = file_stack.workdir.parent
+    data = root / "in.json"
+    data.write_text(json.dumps({"instances": ROWS}))
+    url = f"{file_stack.gateway.url}/endpoints/iris-file/async-invocations"
+    placed = {"X-Amzn-SageMaker-S3OutputPathExtension": "tenant-b/run.1",
+              "X-Amzn-SageMaker-Filename": "scores.json"}
+    ok = httpx.post(url, headers={"X-Amzn-SageMaker-InputLocation": f"file://{data}",
+                                  **placed})
+    assert ok.status_code == 202, ok.text
+    assert ok.headers["x-amzn-sagemaker-outputlocation"] == (
+        f"file://{root}/out/tenant-b/run.1/scores.json")
+    assert ok.json()["OutputLocation"] == ok.headers["x-amzn-sagemaker-outputlocation"]
+    output = root / "out" / "tenant-b" / "run.1" / "scores.json"
+    wait_until(output.exists, 20, f"output file {output}", interval=0.1)
+    assert json.loads(output.read_bytes())["predictions"]["label"] == [0, 2]
+    failed = httpx.post(url, headers={"X-Amzn-SageMaker-InputLocation": f"file://{root}/none",
+                                      "X-Amzn-SageMaker-Filename": "scores.json"})
+    assert failed.headers["x-amzn-sagemaker-failurelocation"] == (
+        f"file://{root}/failed/scores-error.json")
+    failure = root / "failed" / "scores-error.json"
+    wait_until(failure.exists, 20, f"failure file {failure}", interval=0.1)
+    assert "does not exist" in json.loads(failure.read_bytes())["Message"]
+    escape = httpx.post(url, headers={"X-Amzn-SageMaker-InputLocation": f"file://{data}",
+                                      "X-Amzn-SageMaker-S3OutputPathExtension": "../../tmp"})
+    assert escape.status_code == 400 and "contains '..'" in escape.json()["Message"]
+    # Nothing was written anywhere else under the root.
+    written = sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                     if p.is_file() and "work" not in p.parts)
+    assert written == ["failed/scores-error.json", "in.json", "out/tenant-b/run.1/scores.json"]

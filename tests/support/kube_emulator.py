@@ -86,6 +86,8 @@ BUILTINS = [
     ResourceDef("", "v1", "events", "Event", short_names=("ev",)),
     ResourceDef("apps", "v1", "deployments", "Deployment", status_subresource=True,
                 short_names=("deploy",)),
+    ResourceDef("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler",
+                status_subresource=True, short_names=("hpa",)),
     ResourceDef("apiextensions.k8s.io", "v1", "customresourcedefinitions",
                 "CustomResourceDefinition", namespaced=False, status_subresource=True,
                 short_names=("crd",)),

@@ -97,6 +97,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
 RESOURCES = {
     "Endpoint": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/endpoints",
     "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "HorizontalPodAutoscaler": "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
     "Service": "/api/v1/namespaces/{ns}/services",
     "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
     "Event": "/api/v1/namespaces/{ns}/events",

@@ -1,4 +1,5 @@
-"""Pure parts of async inference: header parsing, locations, bodies, backlog, backoff."""
+"""Pure parts of async inference: header parsing, locations (S3OutputPathExtension and
+Filename included), bodies, backlog, backoff."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from kubeinfer_runtime.queue.notifier import backoff_s
 from kubeinfer_runtime.queue.request import (
     AsyncRequest,
     failure_body,
+    filename,
     location_problem,
     notification,
     parse_async_request,
+    path_extension,
 )
 
 ROUTE = AsyncRoute(queue="ns.iris", output_path="s3://b/out", failure_path="s3://b/failed",
@@ -150,3 +153,77 @@ def test_worker_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(k, v)
     s = AsyncWorkerSettings()
     assert (s.queue, s.max_retries, s.max_concurrency) == ("q", 0, 4)
+
+
+def test_extension_and_filename_place_output_and_failure() -> None:
+    req = _parse(**{"x-amzn-sagemaker-s3outputpathextension": "tenant-a/2026-05",
+                    "x-amzn-sagemaker-filename": "result.json"})
+    assert req.output_location == "s3://b/out/tenant-a/2026-05/result.json"
+    # The failure object gets the extension too, and the name with "-error" before its
+    # suffix, as <id>.out / <id>-error.out: never the output's key, even in one folder.
+    assert req.failure_location == "s3://b/failed/tenant-a/2026-05/result-error.json"
+    assert AsyncRequest.from_fields(req.to_fields()) == req
+
+
+def test_extension_alone_keeps_the_default_names() -> None:
+    req = _parse(**{"x-amzn-sagemaker-s3outputpathextension": "batch-7"})
+    assert req.output_location == "s3://b/out/batch-7/gen-1.out"
+    assert req.failure_location == "s3://b/failed/batch-7/gen-1-error.out"
+
+
+def test_filename_alone_and_without_a_suffix() -> None:
+    req = _parse(**{"x-amzn-sagemaker-filename": "scores"})
+    assert req.output_location == "s3://b/out/scores"
+    assert req.failure_location == "s3://b/failed/scores-error"
+
+
+def test_extension_is_normalised_below_the_output_path() -> None:
+    req = _parse(**{"x-amzn-sagemaker-s3outputpathextension": "/a//b/./c/",
+                    "x-amzn-sagemaker-filename": "r.out"})
+    assert req.output_location == "s3://b/out/a/b/c/r.out"
+    assert path_extension("x/...y/(1)*!'_") == "x/...y/(1)*!'_"  # '...' is a name, not '..'
+    assert path_extension(None) == path_extension("") == ""
+    assert filename(None) == ""
+
+
+def test_file_output_path_takes_the_extension() -> None:
+    route = AsyncRoute(queue="q", output_path="file:///srv/out/", failure_path="file:///srv/f")
+    req = parse_async_request("iris", route, {
+        "x-amzn-sagemaker-inputlocation": "file:///srv/in.json",
+        "x-amzn-sagemaker-s3outputpathextension": "t1", "x-amzn-sagemaker-filename": "a.json",
+        "x-amzn-sagemaker-inference-id": "id-1"})
+    assert req.output_location == "file:///srv/out/t1/a.json"
+    assert req.failure_location == "file:///srv/f/t1/a-error.json"
+
+
+@pytest.mark.parametrize(("header", "value", "fragment"), [
+    ("s3outputpathextension", "a/../../secret", "contains '..'"),
+    ("s3outputpathextension", "..", "contains '..'"),
+    ("s3outputpathextension", "/", "names no folder"),
+    ("s3outputpathextension", "./.", "names no folder"),
+    ("s3outputpathextension", "s3://other/bucket", "no s3:// or https:// prefix"),
+    ("s3outputpathextension", "a b", "is not valid"),
+    ("s3outputpathextension", "%2e%2e/x", "is not valid"),
+    ("s3outputpathextension", "x" * 513, "1 to 512"),
+    ("filename", "../x", "X-Amzn-SageMaker-Filename '../x' is not valid"),
+    ("filename", "a/b", "no '/'"),
+    ("filename", "a.tar.gz", "at most one '.'"),
+    ("filename", "-a", "starting with a letter or digit"),
+    ("filename", "x" * 33, "1 to 32"),
+])
+def test_bad_extension_or_filename_is_refused(header: str, value: str, fragment: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        _parse(**{f"x-amzn-sagemaker-{header}": value})
+    message = info.value.message
+    assert fragment in message
+    assert ("S3OutputPathExtension" if header.startswith("s3") else "Filename") in message
+    assert info.value.status == 400
+    assert message[0].isupper() and not message.endswith(".")
+
+
+def test_a_queued_entry_cannot_point_outside_a_location() -> None:
+    fields = _parse().to_fields()
+    with pytest.raises(ValueError, match=r"output_location .* contains '\.\.'"):
+        AsyncRequest.from_fields({**fields, "output_location": "s3://b/out/../../etc/x"})
+    with pytest.raises(ValueError, match=r"failure_location .* unsupported scheme"):
+        AsyncRequest.from_fields({**fields, "failure_location": "/etc/passwd"})

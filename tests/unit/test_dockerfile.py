@@ -163,9 +163,14 @@ def test_runtime_image_bakes_the_example_models(
         dockerfile: Parsed) -> None:
     _, stages = dockerfile
     assert any("examples/build_models.py" in run for run in stages["models"].args("RUN"))
+    # The multi-model example's nested TargetModel names (e2e/test_multimodel.py).
+    assert any("examples/build_multimodel_models.py /out/models" in run
+               for run in stages["models"].args("RUN"))
     base_dir = ModelServerSettings.model_fields["model_base_dir"].default
     # file://models/iris.onnx resolves to <base>/models/iris.onnx: the models live there.
     assert f"--from=models /out/models {base_dir}/models" in stages["runtime"].args("COPY")
+    # codeUri: file://handlers of the pipeline examples.
+    assert f"--from=models /out/handlers {base_dir}/handlers" in stages["runtime"].args("COPY")
     env = " ".join(stages["runtime"].args("ENV"))
     assert f"KUBEINFER_MODEL_BASE_DIR={base_dir}" in env
 

@@ -8,28 +8,42 @@ operator, which already owns the Deployments, sets their ``replicas``. So no
 Role for the runtime, and one writer of ``replicas``.
 
 Decisions are the pure ``reconcile.autoscale`` functions. Every refresh of an
-Endpoint (its status daemon) calls :meth:`ClusterScaler.evaluate`, which scrapes
-the gateway Service's ``/metrics`` (invocations, held and in-flight requests),
-asks Prometheus for Custom queries, and stores the desired replicas. ``sync``
-then renders the variant Deployments with :meth:`replicas_for` (a new spec never
-undoes the scaler: without a decision yet, the Deployment's current replicas
-are kept) and :meth:`reason_for` goes into ``status.variants[].lastScaling``;
-each change is also a Kubernetes Event (reason ``Scaled``) and a log line.
+Endpoint (its status daemon) calls :meth:`ClusterScaler.evaluate`, which
+scrapes ``/metrics`` of every ready gateway pod (invocations, held and
+in-flight requests), asks Prometheus for Custom queries, and stores the
+desired replicas. ``sync`` then renders the variant Deployments with
+:meth:`replicas_for` (a new spec never undoes the scaler: without a decision
+yet, the Deployment's current replicas are kept) and :meth:`reason_for` goes
+into ``status.variants[].lastScaling``; each change is also a Kubernetes Event
+(reason ``Scaled``) and a log line.
+
+Every gateway pod, not the gateway Service: with ``gatewayReplicas`` > 1 the
+Service hands each scrape to one pod, whose counts are a fraction of the
+traffic and flip between pods. The pods are found through the headless
+``<endpoint>-gateway-pods`` Service (its DNS name resolves to the ready pods'
+addresses), scraped concurrently with a timeout (a dead pod costs at most
+that and is skipped), and their counters summed per variant by
+``CounterSum``, so a restarted or vanished pod never makes a negative or
+bogus rate. Where the name does not resolve (an operator run outside the
+cluster), the gateway Service's one view is used as before.
 
 ``CPUUtilization`` is not scraped from pods here (the operator has no Pod
-access by design): on Kubernetes give CPU policies a ``Custom`` PromQL query
-over cAdvisor metrics, or it abstains.
+access by design): a variant scaled on CPUUtilization alone gets a
+HorizontalPodAutoscaler (``render.k8s_autoscaling``) and this scaler abstains
+for it; any other CPU policy is refused as InvalidSpec with the fix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -37,7 +51,14 @@ from pydantic import ValidationError
 
 from kubeinfer_operator.handlers.async_scaler import BacklogReader, evaluate_async
 from kubeinfer_operator.reconcile import autoscale
-from kubeinfer_operator.reconcile.autoscale_metrics import MetricWindow, parse_gateway_metrics
+from kubeinfer_operator.reconcile.autoscale_metrics import (
+    CounterSum,
+    GatewayView,
+    MetricWindow,
+    parse_gateway_metrics,
+    sum_views,
+)
+from kubeinfer_operator.render import k8s_autoscaling
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_runtime.contract import ScaleRequest
@@ -47,6 +68,8 @@ log = logging.getLogger(__name__)
 #: Metrics window of the policies on Kubernetes (SageMaker evaluates per minute).
 WINDOW_S = 60.0
 REQUEST_FRESH_S = 10.0
+#: Longest wait for one gateway pod's /metrics: a dead pod is skipped after this.
+SCRAPE_TIMEOUT_S = 2.0
 
 Key = tuple[str, str, str]  # namespace, endpoint, variant
 
@@ -54,12 +77,16 @@ Key = tuple[str, str, str]  # namespace, endpoint, variant
 @dataclass
 class _Memory:
     window: MetricWindow = field(default_factory=lambda: MetricWindow(WINDOW_S))
+    #: Invocations summed over the gateway pods (by pod URL).
+    invocations: CounterSum = field(default_factory=CounterSum)
     state: autoscale.ScaleState = field(default_factory=autoscale.ScaleState)
     desired: int | None = None
     reason: str = ""
     last_activity: float | None = None
     last_invocations: float | None = None
     requested_at: float | None = None
+    #: An HPA scales this variant (``reason`` says which).
+    by_hpa: bool = False
 
 
 def scaling_event(namespace: str, endpoint: str, uid: str, message: str,
@@ -78,11 +105,33 @@ def scaling_event(namespace: str, endpoint: str, uid: str, message: str,
 
 
 Fetch = Callable[[str], Awaitable[str | None]]
+#: Base URLs (``http://10.0.0.7:8080``) of the pods behind a headless Service URL;
+#: None when its name does not resolve.
+Discover = Callable[[str], Awaitable[list[str] | None]]
+
+
+async def discover_pods(service_url: str) -> list[str] | None:
+    """The ready pods behind a headless Service: its DNS name's A/AAAA records."""
+    parts = urlsplit(service_url)
+    host, port = parts.hostname, parts.port or 80
+    if host is None:
+        return None
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)
+    except OSError as exc:  # socket.gaierror: no such name, or no ready pod behind it
+        log.debug("Cannot resolve %s: %s", host, exc)
+        return None
+    addresses = sorted({str(info[4][0]) for info in infos})
+    return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses]
 
 
 class ClusterScaler:
-    def __init__(self, *, port: int | None = None, redis_url: str | None = None) -> None:
+    def __init__(self, *, port: int | None = None, redis_url: str | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.port = port
+        #: Times the metrics window and scale requests (tests pass a fake clock).
+        self.monotonic = monotonic
         #: Async endpoints' queue backlogs (the operator's KUBEINFER_REDIS_URL).
         self.read_backlog = BacklogReader(redis_url)
         self.memory: dict[Key, _Memory] = {}
@@ -91,6 +140,9 @@ class ClusterScaler:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        #: Finds the gateway pods (DNS; tests inject their own).
+        self.discover: Discover = discover_pods
+        self.scrape_timeout_s = SCRAPE_TIMEOUT_S
 
     # -- the scale-request endpoint ----------------------------------------------------------
 
@@ -128,7 +180,7 @@ class ClusterScaler:
         return web.json_response({"accepted": True}, status=202)
 
     def request(self, namespace: str, endpoint: str, variant: str) -> None:
-        self._mem((namespace, endpoint, variant)).requested_at = time.monotonic()
+        self._mem((namespace, endpoint, variant)).requested_at = self.monotonic()
 
     def _mem(self, key: Key) -> _Memory:
         mem = self.memory.get(key)
@@ -160,37 +212,79 @@ class ClusterScaler:
             log.warning("Prometheus query %r on %s failed: %s", query, base, exc)
             return None
 
+    async def scrape(self, endpoint: str, gateway_url: str, pods_url: str | None,
+                     fetch: Fetch) -> dict[str, GatewayView | None]:
+        """Each gateway pod's view of ``endpoint``, by pod URL (None: its scrape failed).
+
+        Pods come from the headless Service ``pods_url``; when it does not
+        resolve, the gateway Service ``gateway_url`` stands for them all.
+        """
+        urls = None
+        if pods_url:
+            try:  # bounded: a slow resolver must not hold the decision either
+                urls = await asyncio.wait_for(self.discover(pods_url), self.scrape_timeout_s)
+            except TimeoutError:
+                log.warning("Endpoint %s: resolving %s timed out", endpoint, pods_url)
+        if not urls:
+            urls = [gateway_url.rstrip("/")]
+
+        async def one(url: str) -> GatewayView | None:
+            try:
+                text = await asyncio.wait_for(fetch(url + "/metrics"), self.scrape_timeout_s)
+            except TimeoutError:
+                text = None
+            if text is None:
+                log.warning("Endpoint %s: no metrics from gateway %s; skipped this round",
+                            endpoint, url)
+                return None
+            try:
+                return parse_gateway_metrics(text, endpoint)
+            except ValueError as exc:  # not Prometheus text: not our gateway
+                log.warning("Endpoint %s: gateway %s served unreadable metrics: %s", endpoint,
+                            url, exc)
+                return None
+
+        views = await asyncio.gather(*(one(u) for u in urls))
+        return dict(zip(urls, views, strict=True))
+
     async def evaluate(self, plan: EndpointPlan, namespace: str, gateway_url: str,
                        current: Mapping[str, int], now: datetime | None = None,
-                       fetch: Fetch | None = None) -> list[str]:
+                       fetch: Fetch | None = None,
+                       pods_url: str | None = None) -> list[str]:
         """Decide every scaled variant of ``plan``; returns the change messages.
 
-        ``current``: each variant Deployment's replicas now.
+        ``current``: each variant Deployment's replicas now. ``pods_url``: the
+        headless Service over the gateway pods (None: scrape ``gateway_url``).
         """
         if plan.async_config is not None:  # scaled on the queue backlog instead
             return await evaluate_async(self, plan, namespace, current, self.read_backlog,
                                         self.read_backlog.states)
-        if plan.serverless is None and not any(v.autoscaling for v in plan.variants):
+        self.hand_over_to_hpas(plan, namespace)
+        if not k8s_autoscaling.scrapes_gateway(plan):
             return []
-        fetch = fetch or self._fetch
-        text = await fetch(gateway_url.rstrip("/") + "/metrics")
-        view = parse_gateway_metrics(text or "", plan.name)
+        views = await self.scrape(plan.name, gateway_url, pods_url, fetch or self._fetch)
+        answered = {url: v for url, v in views.items() if v is not None}
+        summed = sum_views(answered.values())
         now = now or datetime.now(UTC)
-        now_m = time.monotonic()
+        now_m = self.monotonic()
         offset = now.timestamp() - now_m
+        hpa = k8s_autoscaling.hpa_variants(plan)
         messages = []
         for variant in plan.variants:
-            if plan.serverless is None and variant.autoscaling is None:
+            if (plan.serverless is None and variant.autoscaling is None) or variant.name in hpa:
                 continue
             key = (namespace, plan.name, variant.name)
             mem = self._mem(key)
             replicas = current.get(variant.name, variant.replicas)
-            invocations = view.invocations.get(variant.name, 0.0)
+            # A pod that answered without the variant's series counts 0 (restarted).
+            invocations = mem.invocations.update(
+                {url: v.invocations.get(variant.name, 0.0) for url, v in answered.items()},
+                keep=views.keys())
             mem.window.add(now_m, invocations, {})
             if mem.last_invocations is not None and invocations != mem.last_invocations:
                 mem.last_activity = now_m
             mem.last_invocations = invocations
-            waiting = view.held.get(variant.name, 0.0) > 0 or (
+            waiting = summed.held.get(variant.name, 0.0) > 0 or (
                 mem.requested_at is not None and now_m - mem.requested_at < REQUEST_FRESH_S
                 and replicas == 0)
             if waiting:  # per variant; in-flight is per endpoint (see local.scaler)
@@ -223,17 +317,43 @@ class ClusterScaler:
                 messages.append(message)
         return messages
 
+    def hand_over_to_hpas(self, plan: EndpointPlan, namespace: str) -> None:
+        """Forget our decisions for variants an HPA scales; :meth:`reason_for` then says so.
+
+        ``sync`` calls it before :meth:`replicas_for`, so a variant whose spec just
+        turned CPU-only never gets a stale decision of ours, and if it comes
+        back to our policies they start from the Deployment's replicas.
+        """
+        for variant in plan.variants:
+            reason = k8s_autoscaling.hpa_reason(plan.name, namespace, plan, variant)
+            key = (namespace, plan.name, variant.name)
+            mem = self.memory.get(key)
+            if reason is not None and (mem is None or mem.reason != reason):
+                self.memory[key] = _Memory(reason=reason, by_hpa=True)
+            elif reason is None and mem is not None and mem.by_hpa:
+                del self.memory[key]  # back to our policies: a fresh start
+
     def replicas_for(self, plan: EndpointPlan, namespace: str,
                      deployments: Mapping[str, Mapping[str, Any]]) -> EndpointPlan:
-        """``plan`` with the scaler's replicas for scaled variants (PURE given memory)."""
+        """``plan`` with the scaler's replicas for scaled variants (PURE given memory).
+
+        A variant an HPA scales keeps its Deployment's replicas as they are
+        (render leaves them out of the manifest anyway).
+        """
         from dataclasses import replace
 
+        hpa = k8s_autoscaling.hpa_variants(plan)
         variants = []
         for v in plan.variants:
             scaled = (plan.serverless is not None or v.autoscaling is not None
                       or plan.async_config is not None)
             mem = self.memory.get((namespace, plan.name, v.name))
-            if scaled and mem is not None and mem.desired is not None:
+            if v.name in hpa:
+                existing = deployments.get(meta.variant_object_name(plan.name, v.name))
+                n = ((existing or {}).get("spec") or {}).get("replicas")
+                if isinstance(n, int):
+                    v = replace(v, replicas=n)
+            elif scaled and mem is not None and mem.desired is not None:
                 v = replace(v, replicas=mem.desired)
             elif scaled:
                 existing = deployments.get(meta.variant_object_name(plan.name, v.name))

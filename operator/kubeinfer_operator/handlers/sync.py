@@ -30,8 +30,14 @@ from kubeinfer_operator.reconcile.validate import (
     validate_endpoint,
 )
 from kubeinfer_operator.render import k8s_meta as meta
-from kubeinfer_operator.render.k8s import Owner, endpoint_url, render_endpoint
-from kubeinfer_operator.render.plan import plan_endpoint
+from kubeinfer_operator.render.k8s import (
+    Owner,
+    endpoint_url,
+    gateway_pods_url,
+    render_endpoint,
+)
+from kubeinfer_operator.render.k8s_autoscaling import autoscaling_problems
+from kubeinfer_operator.render.plan import EndpointPlan, plan_endpoint
 from kubeinfer_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,14 @@ class ChildConflict(ClusterError):
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _check_on_kubernetes(plan: EndpointPlan, namespace: str, name: str) -> None:
+    """Refuse what local mode runs but a cluster cannot (CPUUtilization beside other
+    policies: the operator reads no pod metrics) as InvalidSpec, naming field and fix."""
+    problems = autoscaling_problems(plan)
+    if problems:
+        raise InvalidSpec(f"{namespace}/{name}", problems)
 
 
 class EndpointSync:
@@ -87,17 +101,21 @@ class EndpointSync:
         old_status: dict[str, Any] = obj.get("status") or {}
         try:
             endpoint = validate_endpoint(name, namespace, obj.get("spec"))
+            plan = plan_endpoint(endpoint, generation=generation)
+            _check_on_kubernetes(plan, namespace, name)
         except InvalidSpec as exc:
             await self._fail(obj, REASON_INVALID_SPEC, str(exc))
             raise
-        plan = plan_endpoint(endpoint, generation=generation)
         owner = Owner(name=name, namespace=namespace, uid=str(metadata["uid"]))
         actual = await self._children(namespace, name)
         deployments = st.deployments_by_name(actual)
         if self.scaler is not None:
+            self.scaler.hand_over_to_hpas(plan, namespace)
             plan = self.scaler.replicas_for(plan, namespace, deployments)
+        existing = {v.name for v in plan.variants
+                    if meta.variant_object_name(name, v.name) in deployments}
         desired = render_endpoint(plan, owner, self.settings,
-                                  st.serving_variants(plan, deployments))
+                                  st.serving_variants(plan, deployments), existing)
         changes = diff_children(desired, actual, owner_uid=owner.uid, owner_name=name,
                                 namespace=namespace)
         try:
@@ -131,17 +149,18 @@ class EndpointSync:
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return
         try:
-            endpoint = validate_endpoint(name, namespace, obj.get("spec"))
+            plan = plan_endpoint(validate_endpoint(name, namespace, obj.get("spec")))
+            _check_on_kubernetes(plan, namespace, name)
         except InvalidSpec:
             return  # reported by sync
-        plan = plan_endpoint(endpoint)
         owner = Owner(name=name, namespace=namespace, uid=str(obj["metadata"]["uid"]))
         deployments = st.deployments_by_name(await self._children(namespace, name))
         current = {v.name: v.replicas
                    for v in self.scaler.replicas_for(plan, namespace, deployments).variants}
         messages = await self.scaler.evaluate(plan, namespace,
                                               endpoint_url(owner, self.settings), current,
-                                              now=self.clock())
+                                              now=self.clock(),
+                                              pods_url=gateway_pods_url(owner, self.settings))
         for message in messages:
             try:
                 await self.kube.create(scaling_event(namespace, name, owner.uid, message,

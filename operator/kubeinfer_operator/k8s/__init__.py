@@ -22,7 +22,14 @@ apps                deployments                        get, list, create, patch,
                                                        (KubeClient: gateway + one per variant;
                                                        availability is read by listing)
 "" (core)           services, configmaps               get, list, create, patch, delete
-                                                       (KubeClient)
+                                                       (KubeClient; incl. the headless
+                                                       gateway-pods Service the scaler
+                                                       resolves to scrape each gateway pod)
+autoscaling         horizontalpodautoscalers           get, list, create, patch, delete
+                                                       (KubeClient: the HPA of a variant
+                                                       scaled on CPUUtilization alone; the
+                                                       HPA, not the operator, then writes
+                                                       that Deployment's replicas)
 "" (core)           events                             create (kopf: handler errors as events)
 kopf.dev            kopfpeerings (namespaced scope)    get, list, watch, patch (kopf peering)
                     or clusterkopfpeerings (cluster)

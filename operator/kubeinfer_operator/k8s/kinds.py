@@ -33,13 +33,15 @@ class Kind:
 DEPLOYMENT = Kind("apps/v1", "Deployment", "deployments")
 SERVICE = Kind("v1", "Service", "services")
 CONFIGMAP = Kind("v1", "ConfigMap", "configmaps")
+#: Variants scaled on CPUUtilization alone (render.k8s_autoscaling).
+HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
 ENDPOINT = Kind(ep.API_VERSION, ep.KIND, ep.PLURAL)
 #: Events the scaler posts on Endpoints (reason Scaled).
 EVENT = Kind("v1", "Event", "events")
 
 #: Every kind an Endpoint's children can be, in the order they are listed.
-CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT)
-BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, ENDPOINT, EVENT)}
+CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT, HPA)
+BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, HPA, ENDPOINT, EVENT)}
 
 
 def kind_of(manifest: dict[str, object]) -> Kind:

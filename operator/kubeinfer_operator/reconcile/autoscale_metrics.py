@@ -4,15 +4,52 @@ Both scalers (local mode's supervisor and the operator) scrape the gateway's
 and model servers' ``/metrics`` and feed the counters here; ``MetricWindow``
 turns them into rates over a sliding window (invocations per replica per
 minute, CPU percent), robust to replicas appearing, restarting (counter
-resets) and leaving.
+resets) and leaving. ``CounterSum`` is the piece that makes that so: several
+processes' counters (every model server's CPU seconds, every gateway pod's
+invocations on Kubernetes) become one total that only ever grows by real
+increments.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
+
+
+@dataclass
+class CounterSum:
+    """One growing total over the counters of several sources (processes, pods).
+
+    Each source's counter adds only its non-negative increments since the
+    previous reading of that same source. A source seen for the first time
+    (a new pod, or every pod after the operator restarts) only sets its
+    baseline: its counter holds traffic from before we looked. A counter that
+    went down (the process restarted) also only sets a new baseline. So the
+    total never goes backwards and never jumps by a whole counter, whatever
+    the sources do; at worst a few increments around a restart are missed.
+    """
+
+    total: float = 0.0
+    _last: dict[str, float] = field(default_factory=dict)
+
+    def update(self, values: Mapping[str, float], keep: Collection[str] = ()) -> float:
+        """Add this round's readings; return the total.
+
+        ``values``: source -> counter, for the sources read successfully.
+        ``keep``: sources still there but not read this round (a failed
+        scrape): their last reading stays, so the next one adds both rounds'
+        increments. Every other source is forgotten (it left).
+        """
+        for source, value in values.items():
+            before = self._last.get(source)
+            if before is not None and value >= before:
+                self.total += value - before
+        self._last = {s: v for s, v in self._last.items() if s in keep and s not in values}
+        self._last.update(values)
+        return self.total
 
 
 @dataclass
@@ -21,17 +58,14 @@ class MetricWindow:
 
     window_s: float
     samples: deque[tuple[float, float, float]] = field(default_factory=deque)
-    #: Last CPU seconds per model-server URL, to sum deltas across restarts/scaling.
-    _cpu_last: dict[str, float] = field(default_factory=dict)
-    _cpu_total: float = 0.0
+    #: CPU seconds summed over the model servers (by URL) across restarts/scaling.
+    _cpu: CounterSum = field(default_factory=CounterSum)
 
     def add(self, t: float, invocations: float, cpu_by_url: dict[str, float]) -> None:
-        for url, seconds in cpu_by_url.items():
-            before = self._cpu_last.get(url)
-            if before is not None and seconds >= before:
-                self._cpu_total += seconds - before
-        self._cpu_last = dict(cpu_by_url)
-        self.samples.append((t, invocations, self._cpu_total))
+        """``invocations``: a counter that never goes down (a ``CounterSum`` total
+        when several processes count)."""
+        cpu_total = self._cpu.update(cpu_by_url)
+        self.samples.append((t, invocations, cpu_total))
         # Keep one sample at or beyond the window's start as the baseline.
         while len(self.samples) > 2 and self.samples[1][0] <= t - self.window_s:
             self.samples.popleft()
@@ -84,6 +118,24 @@ def parse_gateway_metrics(text: str, endpoint: str) -> GatewayView:
                 held[labels["variant"]] = sample.value
             elif sample.name == "kubeinfer_gateway_in_flight_requests":
                 in_flight = sample.value
+    return GatewayView(invocations, held, in_flight)
+
+
+def sum_views(views: Iterable[GatewayView]) -> GatewayView:
+    """Several gateway pods' views as one: every value summed per variant.
+
+    Right for the gauges (held, in flight). Summing invocation counters is only
+    a snapshot: rates need ``CounterSum`` per pod, since pods restart and leave.
+    """
+    invocations: dict[str, float] = {}
+    held: dict[str, float] = {}
+    in_flight = 0.0
+    for view in views:
+        for name, value in view.invocations.items():
+            invocations[name] = invocations.get(name, 0.0) + value
+        for name, value in view.held.items():
+            held[name] = held.get(name, 0.0) + value
+        in_flight += view.in_flight
     return GatewayView(invocations, held, in_flight)
 
 

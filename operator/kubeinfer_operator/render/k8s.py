@@ -5,7 +5,9 @@
 with the ``kubeinfer.io/applied-hash`` annotation the reconciler compares.
 The route table sends traffic only to variants that are ready (a Deployment
 with at least one available replica): the gateway never routes to a variant
-that cannot answer.
+that cannot answer. Scaled Endpoints also get a headless Service over their
+gateway pods (the scaler scrapes each one) and CPU-only variants an HPA
+(``k8s_autoscaling``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
+from kubeinfer_operator.render import k8s_autoscaling as autoscaling
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render import k8s_workloads as w
 from kubeinfer_operator.render.k8s_workloads import Owner
@@ -20,12 +23,18 @@ from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import RouteTable
 
-__all__ = ["Owner", "endpoint_url", "render_endpoint", "route_table"]
+__all__ = ["Owner", "endpoint_url", "gateway_pods_url", "render_endpoint", "route_table"]
 
 
 def endpoint_url(owner: Owner, settings: OperatorSettings) -> str:
     """The in-cluster URL of the Endpoint's gateway (reported in status.url)."""
     return w.service_url(meta.gateway_name(owner.name), owner.namespace, settings.runtime_port)
+
+
+def gateway_pods_url(owner: Owner, settings: OperatorSettings) -> str:
+    """The headless gateway-pods Service: its name resolves to every ready gateway pod."""
+    return w.service_url(meta.gateway_pods_name(owner.name), owner.namespace,
+                         settings.runtime_port)
 
 
 def route_table(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
@@ -47,19 +56,30 @@ def route_table(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
 
 
 def render_endpoint(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
-                    ready_variants: Collection[str] = ()) -> list[dict[str, Any]]:
+                    ready_variants: Collection[str] = (),
+                    existing_variants: Collection[str] = ()) -> list[dict[str, Any]]:
     """Every child manifest, in a safe creation order.
 
     The ConfigMap comes first (gateway pods mount it) and variant objects
-    before the gateway (it routes to them).
+    before the gateway (it routes to them). ``existing_variants``: variants
+    whose Deployment exists; one an HPA scales is then rendered without
+    ``spec.replicas``, so applying it never changes what the HPA set (a new
+    one starts with the plan's replicas).
     """
     manifests: list[dict[str, Any]] = [
         w.routes_configmap(owner, route_table(plan, owner, settings, ready_variants))
     ]
     for variant in plan.variants:
         manifests.append(w.model_server_service(owner, variant, settings))
-        manifests.append(w.model_server_deployment(owner, variant, settings,
-                                                   plan.async_config))
+        deployment = w.model_server_deployment(owner, variant, settings, plan.async_config)
+        hpa = autoscaling.horizontal_pod_autoscaler(owner, plan, variant)
+        if hpa is not None and variant.name in existing_variants:
+            del deployment["spec"]["replicas"]
+        manifests.append(deployment)
+        if hpa is not None:
+            manifests.append(hpa)
     manifests.append(w.gateway_service(owner, settings))
+    if autoscaling.scrapes_gateway(plan):
+        manifests.append(w.gateway_pods_service(owner, settings))
     manifests.append(w.gateway_deployment(owner, settings))
     return [meta.with_applied_hash(m) for m in manifests]

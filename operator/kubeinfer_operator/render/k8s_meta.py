@@ -5,7 +5,12 @@ reconciler (which finds children by label) and the Helm chart / e2e tests
 (which select pods by label) agree on one naming scheme:
 
 * ``<endpoint>-<variant>``  Deployment + Service of one variant's model servers
+* ``<endpoint>-<variant>``  HorizontalPodAutoscaler of a variant scaled on
+  CPUUtilization alone (``render.k8s_autoscaling``)
 * ``<endpoint>-gateway``    Deployment + Service of the gateway
+* ``<endpoint>-gateway-pods`` headless Service over the gateway pods, for
+  scaled Endpoints: the operator's scaler resolves it to scrape every gateway
+  pod's ``/metrics``
 * ``<endpoint>-routes``     ConfigMap holding the gateway's route table
 
 Every name must be a DNS-1035 label of at most 63 characters (Service names
@@ -47,8 +52,12 @@ ANNOTATION_SERVER_HASH = "kubeinfer.io/server-hash"
 #: fields the API server defaults or normalises never cause a patch loop.
 ANNOTATION_APPLIED_HASH = "kubeinfer.io/applied-hash"
 
+#: Suffix of the headless Service over the gateway pods (after ``-gateway``).
+GATEWAY_PODS_SUFFIX = "pods"
+
 #: Variant names that would collide with the gateway's object names.
-RESERVED_VARIANT_NAMES = frozenset({COMPONENT_GATEWAY})
+RESERVED_VARIANT_NAMES = frozenset({COMPONENT_GATEWAY,
+                                    f"{COMPONENT_GATEWAY}-{GATEWAY_PODS_SUFFIX}"})
 
 
 def variant_object_name(endpoint: str, variant: str) -> str:
@@ -57,6 +66,10 @@ def variant_object_name(endpoint: str, variant: str) -> str:
 
 def gateway_name(endpoint: str) -> str:
     return f"{endpoint}-{COMPONENT_GATEWAY}"
+
+
+def gateway_pods_name(endpoint: str) -> str:
+    return f"{gateway_name(endpoint)}-{GATEWAY_PODS_SUFFIX}"
 
 
 def routes_name(endpoint: str) -> str:

@@ -26,6 +26,8 @@ PORT_NAME = "http"
 MODEL_SERVER_READY_PATH = "/v2/health/ready"
 MODEL_SERVER_LIVE_PATH = "/v2/health/live"
 GATEWAY_HEALTH_PATH = "/ping"
+#: Port name of the headless gateway-pods Service (see ``gateway_pods_service``).
+GATEWAY_PODS_PORT_NAME = "metrics"
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,9 @@ class Owner:
     uid: str
 
 
-def _metadata(owner: Owner, name: str, component: str,
-              variant: str | None = None) -> dict[str, Any]:
+def object_metadata(owner: Owner, name: str, component: str,
+                    variant: str | None = None) -> dict[str, Any]:
+    """Name, namespace, standard labels and the owner reference every child carries."""
     return {
         "name": name,
         "namespace": owner.namespace,
@@ -125,7 +128,7 @@ def _deployment(owner: Owner, name: str, component: str, variant: str | None,
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(owner, name, component, variant),
+        "metadata": object_metadata(owner, name, component, variant),
         "spec": {
             "replicas": replicas,
             "revisionHistoryLimit": 3,
@@ -143,7 +146,7 @@ def _service(owner: Owner, name: str, component: str, variant: str | None,
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, name, component, variant),
+        "metadata": object_metadata(owner, name, component, variant),
         "spec": {
             "type": "ClusterIP",
             "selector": meta.pod_selector(owner.name, component, variant),
@@ -268,11 +271,27 @@ def gateway_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
                     settings)
 
 
+def gateway_pods_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
+    """Headless Service over the gateway pods: its DNS name resolves to every ready pod.
+
+    The operator's scaler scrapes each gateway pod's ``/metrics`` through it:
+    the gateway Service would hand each scrape to one pod of several, so
+    counts would be a fraction that flips between pods. Its port is named
+    ``metrics``, not ``http``, so a ServiceMonitor selecting port ``http``
+    (the chart's) does not scrape the gateway pods a second time through it.
+    """
+    service = _service(owner, meta.gateway_pods_name(owner.name), meta.COMPONENT_GATEWAY, None,
+                       settings)
+    service["spec"]["clusterIP"] = "None"
+    service["spec"]["ports"][0]["name"] = GATEWAY_PODS_PORT_NAME
+    return service
+
+
 def routes_configmap(owner: Owner, table: RouteTable) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(owner, meta.routes_name(owner.name), meta.COMPONENT_ROUTES),
+        "metadata": object_metadata(owner, meta.routes_name(owner.name), meta.COMPONENT_ROUTES),
         "data": {ROUTE_TABLE_FILENAME: table.to_json()},
     }
 

@@ -24,10 +24,12 @@ from kubeinfer_runtime.contract import (
     H_ASYNC_ACCEPT,
     H_ASYNC_CONTENT_TYPE,
     H_CUSTOM_ATTRIBUTES,
+    H_FILENAME,
     H_INFERENCE_ID,
     H_INPUT_LOCATION,
     H_INVOCATION_TIMEOUT,
     H_REQUEST_TTL,
+    H_S3_OUTPUT_PATH_EXTENSION,
     AsyncRoute,
     failure_location,
     output_location,
@@ -39,6 +41,12 @@ from kubeinfer_runtime.errors import ValidationError
 _INFERENCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 #: SageMaker's minimum RequestTTLSeconds.
 MIN_REQUEST_TTL_S = 60
+#: S3OutputPathExtension as botocore's model allows it (its ``(?!s3:|https:)`` guard
+#: is implied: ':' is not in the set). It may still hold '..', '.' or empty
+#: segments and a leading '/': ``path_extension`` normalises and refuses those.
+_PATH_EXTENSION = re.compile(r"^[A-Za-z0-9!_.*'()/-]{1,512}$")
+#: Filename as botocore's model allows it: a plain name, at most one '.', no '/'.
+_FILENAME = re.compile(r"^(?!.*\..*\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class AsyncRequest:
     def from_fields(cls, fields: dict[str, str]) -> AsyncRequest:
         """Rebuild from a stream entry; raises ValueError when fields are missing or bad."""
         try:
-            return cls(
+            req = cls(
                 inference_id=fields["inference_id"], endpoint=fields["endpoint"],
                 input_location=fields["input_location"],
                 output_location=fields["output_location"],
@@ -78,6 +86,13 @@ class AsyncRequest:
             )
         except KeyError as e:
             raise ValueError(f"queued request lacks field {e.args[0]!r}") from None
+        # The gateway validated them; a hand-made or corrupted entry must still not
+        # make a worker write outside an object location (it is dead-lettered).
+        problem = (location_problem(req.output_location, "output_location")
+                   or location_problem(req.failure_location, "failure_location"))
+        if problem:
+            raise ValueError(problem)
+        return req
 
     def expired(self, now: float) -> bool:
         return now >= self.expires_at
@@ -113,12 +128,60 @@ def _int_header(value: str | None, name: str, low: int, high: int) -> int | None
     return number
 
 
+def path_extension(value: str | None) -> str:
+    """The client's S3OutputPathExtension as a normalised relative folder ("" when absent).
+
+    Empty and '.' segments and leading or trailing '/' are dropped (so S3 and
+    file:// name the same object); '..' is refused rather than resolved, so the
+    result always stays below the endpoint's output and failure paths.
+    """
+    if not value:
+        return ""
+    name = "X-Amzn-SageMaker-S3OutputPathExtension"
+    if not _PATH_EXTENSION.match(value):
+        raise ValidationError(f"Header {name} {value[:600]!r} is not valid: use 1 to 512 "
+                              "letters, digits, '/' or !_.*'()- (no s3:// or https:// "
+                              "prefix; it is appended to the endpoint's outputPath)")
+    segments = [s for s in value.split("/") if s not in ("", ".")]
+    if ".." in segments:
+        raise ValidationError(f"Header {name} {value!r} contains '..': name a folder below "
+                              "the endpoint's outputPath, without parent segments")
+    if not segments:
+        raise ValidationError(f"Header {name} {value!r} names no folder: send a relative "
+                              "folder such as 'tenant-a/2026-05', or leave the header out")
+    return "/".join(segments)
+
+
+def filename(value: str | None) -> str:
+    """The client's Filename ("" when absent), or a ValidationError."""
+    if not value:
+        return ""
+    if not _FILENAME.match(value):
+        raise ValidationError(f"Header X-Amzn-SageMaker-Filename {value[:100]!r} is not "
+                              "valid: use 1 to 32 letters, digits, '-', '_' or '.', starting "
+                              "with a letter or digit, with at most one '.' and no '/'")
+    return value
+
+
+def _below(base: str, location: str, header: str) -> str:
+    """``location`` when it names an object strictly below ``base``; else a ValidationError.
+
+    Belt and braces: ``path_extension`` and ``filename`` already make this true.
+    """
+    problem = location_problem(location, "Location")
+    if problem or not location.startswith(base.rstrip("/") + "/"):
+        raise ValidationError(f"Header {header} would put the object at {location!r}, "
+                              f"outside {base!r}: send a relative folder without '..'")
+    return location
+
+
 def parse_async_request(endpoint: str, route: AsyncRoute, headers: dict[str, str], *,
                         now: float | None = None, new_id: str | None = None) -> AsyncRequest:
     """The request a client's InvokeEndpointAsync headers describe, or a ValidationError.
 
     ``headers`` maps lower-case names to values. The InferenceId is the client's
-    (idempotency key) or a new UUID.
+    (idempotency key) or a new UUID. S3OutputPathExtension and Filename place the
+    output (and the failure object, see ``failure_location``) below the route's paths.
     """
     now = time.time() if now is None else now
     input_location = headers.get(H_INPUT_LOCATION)
@@ -139,10 +202,15 @@ def parse_async_request(endpoint: str, route: AsyncRoute, headers: dict[str, str
     timeout = _int_header(headers.get(H_INVOCATION_TIMEOUT),
                           "X-Amzn-SageMaker-InvocationTimeoutSeconds", 1,
                           ASYNC_MAX_INVOCATION_TIMEOUT_S) or route.invocation_timeout_s
+    extension = path_extension(headers.get(H_S3_OUTPUT_PATH_EXTENSION))
+    name = filename(headers.get(H_FILENAME))
+    where = "X-Amzn-SageMaker-S3OutputPathExtension"
     return AsyncRequest(
         inference_id=inference_id, endpoint=endpoint, input_location=input_location,
-        output_location=output_location(route.output_path, inference_id),
-        failure_location=failure_location(route.failure_path, inference_id),
+        output_location=_below(route.output_path, output_location(
+            route.output_path, inference_id, extension=extension, filename=name), where),
+        failure_location=_below(route.failure_path, failure_location(
+            route.failure_path, inference_id, extension=extension, filename=name), where),
         content_type=headers.get(H_ASYNC_CONTENT_TYPE, "application/json"),
         accept=headers.get(H_ASYNC_ACCEPT, ""),
         custom_attributes=headers.get(H_CUSTOM_ATTRIBUTES, ""),

@@ -3,9 +3,10 @@
 The payload never passes through the gateway: the client uploads it first and
 names it in ``X-Amzn-SageMaker-InputLocation``, so inputs of any size (1 GB
 and more) cost the gateway one header. It answers 202 with the InferenceId and
-the output and failure locations (as ``invoke_endpoint_async`` expects) once
-the request is durably queued in Redis; the same InferenceId again answers the
-same 202 without queuing a second inference.
+the output and failure locations (as ``invoke_endpoint_async`` expects; placed
+by the client's S3OutputPathExtension and Filename) once the request is durably
+queued in Redis; the same InferenceId again answers the first request's 202
+(its locations too) without queuing a second inference.
 """
 
 from __future__ import annotations
@@ -103,22 +104,22 @@ class AsyncSubmitHandler:
         req = parse_async_request(name, route, headers)
         _, producer = self.client(url)
         try:
-            created = await producer.submit(route.keys, req)
+            accepted = await producer.submit(route.keys, req)
         except Exception as e:
             log.warning("Queueing async request %s of endpoint %s failed: %s",
                         req.inference_id, name, e)
             raise NotReady(f'Endpoint "{name}" cannot queue the request: Redis at '
                            f"{url} failed ({type(e).__name__}): retry with the "
                            "same InferenceId (it is idempotent)") from None
-        if not created:
+        if not accepted.created:
             log.info("Async request %s of endpoint %s was already queued: not queued again",
                      req.inference_id, name)
         body = orjson.dumps({"InferenceId": req.inference_id,
-                             "OutputLocation": req.output_location,
-                             "FailureLocation": req.failure_location})
+                             "OutputLocation": accepted.output_location,
+                             "FailureLocation": accepted.failure_location})
         return 202, [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            (H_OUTPUT_LOCATION.encode(), req.output_location.encode()),
-            (H_FAILURE_LOCATION.encode(), req.failure_location.encode()),
+            (H_OUTPUT_LOCATION.encode(), accepted.output_location.encode()),
+            (H_FAILURE_LOCATION.encode(), accepted.failure_location.encode()),
         ], body

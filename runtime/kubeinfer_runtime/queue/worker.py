@@ -9,7 +9,9 @@ Per request (one asyncio task each, at most ``max_concurrency`` at once):
    dead-letter stream and XACK in one transaction;
 3. a request older than its RequestTTLSeconds fails without running;
 4. read the input object, infer (bounded by InvocationTimeoutSeconds), write
-   ``<outputPath>/<InferenceId>.out``; on error with retries left, re-queue a
+   the output object where the gateway said (``<outputPath>/<InferenceId>.out``,
+   or as the client's S3OutputPathExtension and Filename placed it: the
+   location travels in the entry); on error with retries left, re-queue a
    copy and acknowledge the original in one transaction (a fast retry, no
    visibility timeout to wait for);
 5. record completion in the id hash, POST the notification (retries, backoff),
