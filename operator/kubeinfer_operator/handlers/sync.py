@@ -145,6 +145,14 @@ class EndpointSync:
         """
         if self.scaler is None:
             return
+        # Under the Endpoint's lock: gateways repeat a scale request every second
+        # while they hold requests, and two evaluations racing on the same
+        # replicas would post the same "cold start" Event twice.
+        async with self._lock(namespace, name):
+            await self._autoscale(namespace, name)
+
+    async def _autoscale(self, namespace: str, name: str) -> None:
+        assert self.scaler is not None
         obj = await self.kube.get(kinds.ENDPOINT, namespace, name)
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return
@@ -169,7 +177,10 @@ class EndpointSync:
                 log.warning("Could not post the scaling Event of %s/%s: %s", namespace, name,
                             exc)
         if messages:
-            await self.sync(namespace, name)
+            # Read again: the spec may have changed while the scaler scraped.
+            obj = await self.kube.get(kinds.ENDPOINT, namespace, name)
+            if obj is not None and not obj["metadata"].get("deletionTimestamp"):
+                await self._sync(obj, namespace, name)
 
     async def _children(self, namespace: str, name: str) -> list[dict[str, Any]]:
         selector = meta.label_selector(meta.endpoint_selector(name))
