@@ -29,6 +29,7 @@ from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.loops import health_loop, reload_routes, route_reload_loop
 from kubeinfer_runtime.gateway.proxy import InvocationHandler, Receive, Scope, Send
 from kubeinfer_runtime.metrics import render_latest
+from kubeinfer_runtime.openapi_docs import V2_CONTENT, Header, Route, document_routes
 from kubeinfer_runtime.queue.backlog import backlog_loop
 from kubeinfer_runtime.queue.submit import AsyncSubmitHandler
 
@@ -39,11 +40,45 @@ _SUFFIX = "/invocations"
 _ASYNC_SUFFIX = "/async-invocations"
 
 
+_SAGEMAKER_HEADERS = (
+    Header("Content-Type", "Forwarded to the model server"),
+    Header("Accept", "Forwarded to the model server"),
+    Header("X-Amzn-SageMaker-Target-Variant", "Production variant to use (else by weight)"),
+    Header("X-Amzn-SageMaker-Target-Model", "Multi-model endpoints: the model, relative to "
+                                            "the variant's prefix"),
+    Header("X-Amzn-SageMaker-Target-Container-Hostname", "Direct multi-container "
+                                                         "endpoints: the container"),
+    Header("X-Amzn-SageMaker-Custom-Attributes", "Forwarded to the model server"),
+    Header("X-Amzn-SageMaker-Inference-Id", "Forwarded to the model server"),
+)
+GATEWAY_ROUTES = (
+    Route("/endpoints/{name}/invocations", "SageMaker Runtime InvokeEndpoint",
+          "Answers with the model's response and `x-Amzn-Invoked-Production-Variant`. "
+          "Serverless endpoints hold requests while a replica starts.",
+          headers=_SAGEMAKER_HEADERS),
+    Route("/endpoints/{name}/async-invocations", "SageMaker Runtime InvokeEndpointAsync",
+          "Queues the object at X-Amzn-SageMaker-InputLocation; 202 with the InferenceId and "
+          "the output and failure locations.",
+          request={"application/octet-stream": {"schema": {"type": "string"}}},
+          response=V2_CONTENT, status=202,
+          headers=(Header("X-Amzn-SageMaker-InputLocation", "s3:// or file:// input object",
+                          required=True),
+                   Header("X-Amzn-SageMaker-Content-Type", "The input's content type"),
+                   Header("X-Amzn-SageMaker-Accept", "The output's content type"),
+                   Header("X-Amzn-SageMaker-Inference-Id", "Idempotency key"),
+                   Header("X-Amzn-SageMaker-S3OutputPathExtension",
+                          "Folder below the endpoint's outputPath"),
+                   Header("X-Amzn-SageMaker-Filename", "Output object name"),
+                   Header("X-Amzn-SageMaker-RequestTTLSeconds", "60 to 21600"),
+                   Header("X-Amzn-SageMaker-InvocationTimeoutSeconds", "1 to 3600"))),
+)
+
+
 def _api(core: GatewayCore) -> FastAPI:
     api = FastAPI(title="kubeinfer gateway", version=__version__,
-                  description="SageMaker Runtime API front door. `POST /endpoints/{name}/"
-                              "invocations` is served outside this app (raw ASGI) and so "
-                              "is not listed here.")
+                  description="SageMaker Runtime API front door: boto3's sagemaker-runtime "
+                              "client works with endpoint_url pointed here.")
+    document_routes(api, GATEWAY_ROUTES)
 
     @api.get("/ping", summary="Gateway liveness (200 while the process serves)")
     async def ping() -> Response:

@@ -24,6 +24,7 @@ from kubeinfer_runtime.errors import (
     ValidationError,
 )
 from kubeinfer_runtime.metrics import ModelServerMetrics
+from kubeinfer_runtime.openapi_docs import Header, Route, document_routes
 from kubeinfer_runtime.pipeline.runner import Pipeline
 from kubeinfer_runtime.pipeline.steps import UrlStep, build_steps
 from kubeinfer_runtime.server.api import _json, install_error_handlers
@@ -99,6 +100,12 @@ def create_pipeline_app(settings: ModelServerSettings) -> PipelineHotPath:
     app = FastAPI(title="kubeinfer multi-container server", version=__version__,
                   lifespan=lifespan)
     install_error_handlers(app, "a multi-container variant serves POST /invocations")
+    document_routes(app, [Route(
+        "/invocations", "Multi-container inference (Serial or Direct)",
+        "Serial: each step's response is the next step's request. Direct: the header picks "
+        "one step.",
+        headers=(Header("X-Amzn-SageMaker-Target-Container-Hostname",
+                        "Direct mode: the step to call"),))])
 
     async def check_ready() -> None:
         for step in url_steps:

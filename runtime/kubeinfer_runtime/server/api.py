@@ -1,9 +1,9 @@
 """The model server's control surface on FastAPI: health, metadata, metrics, docs.
 
 These routes are cheap and rarely called, so they get FastAPI's conveniences
-(OpenAPI at ``/docs``). The inference routes are listed here for the docs
-only: :mod:`kubeinfer_runtime.server.hotpath` answers them before FastAPI ever
-sees the request. Handlers stay thin: they read the model slot and render.
+(OpenAPI at ``/docs``). The inference routes are only described in the
+OpenAPI document: :mod:`kubeinfer_runtime.server.hotpath` answers them before
+FastAPI ever sees the request. Handlers stay thin: they read the model slot and render.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubeinfer_runtime import __version__, metrics
 from kubeinfer_runtime.errors import (
-    Internal,
     NotFound,
     RuntimeServiceError,
     ValidationError,
     render_error,
 )
+from kubeinfer_runtime.openapi_docs import V2_CONTENT, Header, Route, document_routes
 from kubeinfer_runtime.server.state import LoadedModel, ModelSlot
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -49,18 +49,6 @@ def _v2_metadata(name: str, model: LoadedModel) -> dict[str, Any]:
         "inputs": [t.v2() for t in model.meta.inputs],
         "outputs": [t.v2() for t in model.meta.outputs],
     }
-
-
-_INFER_BODY = {
-    "requestBody": {
-        "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "text/csv": {"schema": {"type": "string"}},
-            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
-        },
-        "required": True,
-    },
-}
 
 
 def install_error_handlers(app: FastAPI, unknown_route_hint: str) -> None:
@@ -125,19 +113,16 @@ def build_api(slot: ModelSlot, model_name: str, lifespan: Lifespan) -> FastAPI:
         body, content_type = metrics.render_latest()
         return Response(body, media_type=content_type)
 
-    # Documentation only: the hot path serves these before FastAPI routes.
-    def _unreachable() -> Response:
-        raise Internal("Inference route reached FastAPI: the hot path is not installed")
-
-    @app.post("/invocations", openapi_extra=_INFER_BODY,
-              summary="SageMaker inference: JSON ({'instances': [...]}, a list, or "
-                      "{'inputs': {...}}), CSV rows or .npy in; JSON, CSV or .npy out by Accept")
-    async def invocations() -> Response:
-        return _unreachable()
-
-    @app.post("/v2/models/{name}/infer", openapi_extra=_INFER_BODY,
-              summary="V2 inference: {'inputs': [{'name','shape','datatype','data'}]}")
-    async def v2_infer(name: str) -> Response:
-        return _unreachable()
-
+    document_routes(app, [
+        Route("/invocations", "SageMaker inference",
+              "JSON (`{\"instances\": [...]}`, a nested list, or `{\"inputs\": {...}}`), CSV "
+              "rows or .npy in; JSON, CSV or .npy out, chosen by Accept.",
+              headers=(Header("Content-Type", "application/json, text/csv or "
+                                              "application/x-npy"),
+                       Header("Accept", "application/json (default), text/csv or "
+                                        "application/x-npy"))),
+        Route("/v2/models/{name}/infer", "Open Inference Protocol V2 inference",
+              "`{\"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}]}`",
+              request=V2_CONTENT, response=V2_CONTENT),
+    ])
     return app

@@ -30,6 +30,7 @@ from kubeinfer_runtime.errors import (
     ValidationError,
 )
 from kubeinfer_runtime.models.cache import ModelCache
+from kubeinfer_runtime.openapi_docs import V2_CONTENT, Header, Route, document_routes
 from kubeinfer_runtime.server.api import (
     Lifespan,
     _error,
@@ -146,6 +147,16 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
     """
     app = FastAPI(title="kubeinfer multi-model server", version=__version__, lifespan=lifespan)
     install_error_handlers(app, "see /docs for the multi-model server's API")
+    target = (Header("X-Amzn-SageMaker-Target-Model", "The model, relative to the prefix",
+                     required=True),)
+    document_routes(app, [
+        Route("/invocations", "SageMaker multi-model inference",
+              "Loads the target model on first use (LRU cache bounded by bytes).",
+              headers=target),
+        Route("/models/{name}/invoke", "SageMaker MME container API: invoke a model"),
+        Route("/v2/models/{name}/infer", "Open Inference Protocol V2 inference",
+              request=V2_CONTENT, response=V2_CONTENT),
+    ])
 
     def described(name: str) -> dict[str, Any]:
         return {"modelName": name, "modelUrl": prefix + name}

@@ -1,0 +1,98 @@
+"""The raw-ASGI inference routes, described in each FastAPI app's OpenAPI (``/docs``).
+
+Every runtime role serves its inference routes on a lean raw-ASGI path in
+front of FastAPI (see ``server/hotpath.py``), so FastAPI never sees them and
+would leave them out of ``/docs`` and ``/openapi.json``. Users look there
+first, so :func:`document_routes` adds them to the generated document: no
+stub handlers, nothing FastAPI could route to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+
+#: What the model server accepts on ``/invocations`` (and returns, by Accept).
+INFERENCE_CONTENT: dict[str, Any] = {
+    "application/json": {"schema": {"type": "object"}},
+    "text/csv": {"schema": {"type": "string"}},
+    "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+}
+V2_CONTENT: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+#: SageMaker-style error body every route answers with.
+_ERROR = {"application/json": {"schema": {"type": "object", "properties": {
+    "ErrorCode": {"type": "string"}, "Message": {"type": "string"},
+    "message": {"type": "string"}}}}}
+_ERRORS = {
+    "400": "ValidationError: bad body, shape, dtype or header",
+    "404": "ValidationError: unknown endpoint, variant, model or container",
+    "413": "ValidationError: payload over the limit",
+    "424": "ModelError: the model (or a pipeline step) failed",
+    "429": "ThrottlingException: over maxConcurrency (serverless)",
+    "503": "ServiceUnavailable: not ready yet",
+}
+
+
+@dataclass(frozen=True)
+class Header:
+    name: str
+    description: str
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    """One POST operation served outside FastAPI."""
+
+    path: str
+    summary: str
+    description: str = ""
+    request: Mapping[str, Any] = field(default_factory=lambda: INFERENCE_CONTENT)
+    response: Mapping[str, Any] = field(default_factory=lambda: INFERENCE_CONTENT)
+    headers: Sequence[Header] = ()
+    status: int = 200
+
+    def operation(self) -> dict[str, Any]:
+        params: list[dict[str, Any]] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in _path_params(self.path)]
+        params += [{"name": h.name, "in": "header", "required": h.required,
+                    "description": h.description, "schema": {"type": "string"}}
+                   for h in self.headers]
+        responses: dict[str, Any] = {str(self.status): {"description": "Success",
+                                                        "content": dict(self.response)}}
+        responses.update({code: {"description": text, "content": _ERROR}
+                          for code, text in _ERRORS.items()})
+        return {"summary": self.summary, "description": self.description,
+                "operationId": "post_" + _path_params_free(self.path),
+                "parameters": params,
+                "requestBody": {"required": True, "content": dict(self.request)},
+                "responses": responses}
+
+
+def _path_params(path: str) -> list[str]:
+    return [part[1:-1].split(":")[0] for part in path.split("/")
+            if part.startswith("{") and part.endswith("}")]
+
+
+def _path_params_free(path: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in path).strip("_")
+
+
+def document_routes(app: FastAPI, routes: Sequence[Route]) -> None:
+    """Make ``app``'s OpenAPI document list ``routes`` (built once, on first request)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            paths = schema.setdefault("paths", {})
+            for route in routes:
+                paths.setdefault(route.path, {})["post"] = route.operation()
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
