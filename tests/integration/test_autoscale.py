@@ -52,14 +52,21 @@ def scale_events(local: Local) -> list[tuple[float, str]]:
     return [(d["time"], d["message"]) for d in docs if "Scaled " in d["message"]]
 
 
+CLIENTS = 4
+
+
 def load(url: str, rate: list[float], stop: threading.Event) -> None:
-    """About ``rate[0]`` requests per second until ``stop`` (one client, keep-alive)."""
+    """About ``rate[0] / CLIENTS`` requests per second until ``stop`` (keep-alive).
+
+    Several of these run at once, so a slow response on a loaded machine does
+    not lower the total rate the policy sees.
+    """
     with httpx.Client(timeout=10) as client:
         while not stop.is_set():
             started = time.monotonic()
             client.post(f"{url}/endpoints/auto/invocations", content=BODY,
                         headers={"Content-Type": "application/json"})
-            time.sleep(max(0.0, 1 / rate[0] - (time.monotonic() - started)))
+            time.sleep(max(0.0, CLIENTS / rate[0] - (time.monotonic() - started)))
 
 
 def ready(local: Local) -> int:
@@ -82,15 +89,17 @@ def test_load_ramp_scales_out_and_back_in(local: Local, models_dir: Path) -> Non
     # then 20/s = 1200 per minute (4 replicas' worth, capped at maxReplicas 3).
     rate = [8.0]
     stop = threading.Event()
-    worker = threading.Thread(target=load, args=(url, rate, stop))
-    worker.start()
+    workers = [threading.Thread(target=load, args=(url, rate, stop)) for _ in range(CLIENTS)]
+    for worker in workers:
+        worker.start()
     try:
         wait_until(lambda: ready(local) == 2, 40, "scale out to 2 replicas")
         rate[0] = 20.0
         wait_until(lambda: ready(local) == 3, 40, "scale out to maxReplicas 3")
     finally:
         stop.set()
-        worker.join()
+        for worker in workers:
+            worker.join()
     assert {"main-0", "main-1", "main-2"} <= set(pids(local, "auto"))
 
     # No load: back to minReplicas, after the scale-in cooldown.
