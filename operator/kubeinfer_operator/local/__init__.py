@@ -8,6 +8,8 @@ on free 127.0.0.1 ports. One supervisor process per endpoint owns them:
 * ``manifest``   YAML documents → validated ``Endpoint`` objects (pure parsing)
 * ``state``      state.json / desired.json models, atomic writes, liveness checks
 * ``backoff``    PURE restart policy of crashed children
+* ``memory``     PURE memory limits: which one applies, when a process is over it
+* ``rss``        how much memory a process tree uses (/proc)
 * ``view``       PURE rows of ``kubeinfer status``
 * ``process``    spawning and stopping children (process groups, parent-death signal)
 * ``children``   one supervised runtime process: spawn, health, crash bookkeeping

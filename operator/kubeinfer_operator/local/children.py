@@ -21,6 +21,13 @@ from pathlib import Path
 import httpx
 
 from kubeinfer_operator.local.backoff import BackoffPolicy, CrashRecord, on_crash, restart_due
+from kubeinfer_operator.local.memory import (
+    OOM_KILLED,
+    MemoryLimit,
+    Verdict,
+    judge,
+    termination_reason,
+)
 from kubeinfer_operator.local.prefork import Adopted
 from kubeinfer_operator.local.process import (
     free_port,
@@ -31,6 +38,7 @@ from kubeinfer_operator.local.process import (
     spawn,
     tail,
 )
+from kubeinfer_operator.local.rss import tree_rss
 from kubeinfer_operator.local.state import ProcessState, ProcState, process_start_time
 from kubeinfer_runtime.contract import Role
 
@@ -48,6 +56,8 @@ class ChildSpec:
     variant: str | None = None
     replica: int | None = None
     server_hash: str | None = None
+    #: Enforced like a container's memory limit (None: unlimited); see ``memory``.
+    memory_limit: MemoryLimit | None = None
 
 
 async def poll_until(done: Callable[[], bool], limit_s: float, interval: float = 0.02) -> bool:
@@ -107,6 +117,11 @@ class Child:
     #: False once the supervisor decided to stop it: its exit is then no crash.
     wanted: bool = True
     ever_ready: bool = False
+    #: Why the previous run ended (Kubernetes' lastState.terminated reason, message).
+    last_termination: str = ""
+    last_termination_message: str = ""
+    #: Set when the supervisor killed the current run for its memory; read at its exit.
+    oom_message: str | None = None
 
     @property
     def name(self) -> str:
@@ -151,16 +166,37 @@ class Child:
         if code is None:
             return None
         self.last_exit = code
+        oom, self.oom_message = self.oom_message, None
+        self.last_termination = termination_reason(code, oom_killed=oom is not None)
+        self.last_termination_message = oom or ""
         self.crash = on_crash(policy, self.crash, started_at=self.started_at, now=now)
         self.state = ProcState.BACKOFF
         self.routed = False
         delay = (self.crash.restart_at or now) - now
-        self.reason = f"crashed ({signal_exit_name(code)}), restarting in {delay:.1f}s"
+        how = OOM_KILLED if oom is not None else signal_exit_name(code)
+        self.reason = (f"{OOM_KILLED}: {oom}; restarting in {delay:.1f}s" if oom is not None
+                       else f"crashed ({how}), restarting in {delay:.1f}s")
+        report = (f"Process {self.name} (pid {self.proc.pid}) exited ({how}); restart "
+                  f"{self.restarts + 1} in {delay:.1f}s; log {self.spec.log_path}")
+        if oom is not None:
+            return report  # the OOM event said why; the log's last lines would not
         last = tail(self.spec.log_path, lines=8)
-        report = (f"Process {self.name} (pid {self.proc.pid}) exited "
-                  f"({signal_exit_name(code)}); restart {self.restarts + 1} in {delay:.1f}s; "
-                  f"log {self.spec.log_path}")
         return report + (f"; last lines:\n{last}" if last else "")
+
+    def check_memory(self) -> Verdict:
+        """Measure the running process against its memory limit; on a kill verdict,
+        SIGKILL its process group as the kernel would (the exit is collected later,
+        and restarted with backoff like any crash)."""
+        if (self.spec.memory_limit is None or not self.wanted or self.proc is None
+                or self.state is ProcState.BACKOFF or self.oom_message is not None
+                or self.proc.poll() is not None):
+            return Verdict(kill=False)
+        # poll() said running: the pid is still our unreaped child, never a reused one.
+        verdict = judge(tree_rss(self.proc.pid), self.spec.memory_limit)
+        if verdict.kill:
+            self.oom_message = verdict.message
+            signal_group(self.proc.pid, signal.SIGKILL)
+        return verdict
 
     def restart_if_due(self, now: float) -> bool:
         if self.state is not ProcState.BACKOFF or not self.wanted:
@@ -212,6 +248,8 @@ class Child:
         if not await poll_until(lambda: not group_alive(proc.pid), 2.0):
             signal_group(proc.pid, signal.SIGKILL)
         self.last_exit = proc.returncode
+        # Stopped on purpose: an earlier run's OOMKilled must not label this exit.
+        self.last_termination = self.last_termination_message = ""
         self.state = ProcState.STOPPED
 
     def snapshot(self) -> ProcessState:
@@ -221,5 +259,7 @@ class Child:
             replica=self.spec.replica, server_hash=self.spec.server_hash, pid=pid,
             start_time=self.start_time if pid else None, port=self.port, url=self.url,
             state=self.state, reason=self.reason, routed=self.routed, restarts=self.restarts,
-            last_exit=self.last_exit, log=str(self.spec.log_path),
+            last_exit=self.last_exit, last_termination=self.last_termination,
+            last_termination_message=self.last_termination_message,
+            log=str(self.spec.log_path),
         )

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from kubeinfer_operator.api.endpoint import API_VERSION, KIND, Endpoint, format_validation_error
 from kubeinfer_operator.errors import SpecError
+from kubeinfer_operator.local.memory import limit_problem
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,15 @@ def parse_manifests(text: str, *, source: str, base_dir: str) -> list[LoadedEndp
 
 
 def local_problems(endpoint: Endpoint) -> list[str]:
-    """What a valid Endpoint uses that local mode cannot run (image steps need a pod)."""
+    """What a valid Endpoint uses that local mode cannot run (image steps need a pod),
+    or a memory limit it could not enforce (the operator refuses those too)."""
     problems: list[str] = []
     for i, variant in enumerate(endpoint.spec.variants):
+        memory = variant.resources.limits.get("memory")
+        problem = None if memory is None else limit_problem(
+            f"spec.variants[{i}].resources.limits.memory", memory)
+        if problem:
+            problems.append(problem)
         for j, step in enumerate(variant.containers or []):
             if step.image is not None:
                 problems.append(

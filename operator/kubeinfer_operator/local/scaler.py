@@ -34,6 +34,7 @@ import httpx
 from aiohttp import web
 from pydantic import ValidationError
 
+from kubeinfer_operator.local.memory import OOM_KILLED
 from kubeinfer_operator.local.prefork import ForkServer
 from kubeinfer_operator.reconcile import autoscale
 from kubeinfer_operator.reconcile.autoscale_metrics import (
@@ -327,6 +328,11 @@ class LocalScaler:
                 await asyncio.gather(*(c.check(client) for c in pending))
             for c in pending:
                 if not c.running and c.proc is not None:
+                    # Killed for its memory: say so (the kill's exit may not be collected yet).
+                    oom = c.oom_message or (c.last_termination_message
+                                            if c.last_termination == OOM_KILLED else None)
+                    if oom:
+                        return f"model server {c.name} was {OOM_KILLED}: {oom}"
                     return f"model server {c.name} exited ({c.proc.poll()}); see {c.spec.log_path}"
                 if LOAD_FAILED in c.reason:  # it gave up on its model for good
                     return f"model server {c.name} is not ready: {c.reason}"

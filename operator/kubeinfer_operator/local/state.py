@@ -87,6 +87,11 @@ class ProcessState(_Model):
     routed: bool = False
     restarts: int = 0
     last_exit: int | None = None
+    #: Why the previous run ended, as Kubernetes' lastState.terminated.reason:
+    #: OOMKilled (over its memory limit), Error (crashed) or Completed (exit 0).
+    last_termination: str = ""
+    #: For OOMKilled: the memory used, the limit and the field that sets it.
+    last_termination_message: str = ""
     log: str
 
 

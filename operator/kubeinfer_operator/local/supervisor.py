@@ -10,6 +10,9 @@ One supervisor process per endpoint (``kubeinfer local supervise``, started by
   reported in events.jsonl with their last log lines), health-checks every
   child's ``/ping``, rewrites the route table when the set of ready model
   servers changed, and rewrites state.json when anything changed;
+* every ``memory_interval_s``, measures each model server with a memory limit
+  and SIGKILLs one that is over it, as the kernel OOM-kills a container: an
+  ``OOMKilled`` event with the numbers, then the crash-restart path above;
 * on SIGHUP (or when it notices a newer desired.json) applies the new spec;
 * on SIGTERM / SIGINT stops every child (gateway first) and removes its state.
 
@@ -36,8 +39,9 @@ from pydantic import ValidationError
 from kubeinfer_operator.api.endpoint import ServerlessConfig, format_validation_error
 from kubeinfer_operator.local.async_local import AsyncConfigError, AsyncLocal
 from kubeinfer_operator.local.backoff import BackoffPolicy
-from kubeinfer_operator.local.children import Child, ChildSpec
+from kubeinfer_operator.local.children import Child, ChildSpec, poll_until
 from kubeinfer_operator.local.manifest import parse_endpoint
+from kubeinfer_operator.local.memory import OOM_KILLED, memory_limit, oom_event
 from kubeinfer_operator.local.paths import EndpointPaths
 from kubeinfer_operator.local.process import tail
 from kubeinfer_operator.local.scaler import LocalScaler, keep_scaled_replicas
@@ -66,12 +70,17 @@ CRASH_LIMIT = 3
 #: What the model server's /ping says when loading failed for good (it never
 #: retries: a new model means a new process), as opposed to "still loading".
 LOAD_FAILED = "failed to load"
+#: How often model servers are measured against their memory limits (seconds;
+#: 0 or less switches enforcement off). Reading /proc costs microseconds, in the
+#: supervisor, never on a model server's request path.
+MEMORY_INTERVAL_S = float(os.environ.get("KUBEINFER_LOCAL_MEMORY_INTERVAL_S", "0.5"))
 
 
 class Supervisor:
     def __init__(self, paths: EndpointPaths, *, policy: BackoffPolicy | None = None,
                  tick_s: float = 0.2, idle_tick_s: float = 1.0, route_reload_s: float = 0.2,
-                 health_interval_s: float = 0.5) -> None:
+                 health_interval_s: float = 0.5,
+                 memory_interval_s: float = MEMORY_INTERVAL_S) -> None:
         self.paths = paths
         self.policy = policy or BackoffPolicy()
         #: Monitor period while something changes (apply, a child not ready) ...
@@ -80,6 +89,7 @@ class Supervisor:
         self.idle_tick_s = idle_tick_s
         self.route_reload_s = route_reload_s
         self.health_interval_s = health_interval_s
+        self.memory_interval_s = memory_interval_s
         self.children: list[Child] = []
         self.gateway: Child | None = None
         #: Variants the route table serves, by name, and their order in the spec.
@@ -137,6 +147,8 @@ class Supervisor:
                  **self.async_local.worker_env()},
             log_path=self.paths.log_file(f"{name}-{plan.server_hash[:8]}"),
             variant=plan.name, replica=replica, server_hash=plan.server_hash,
+            memory_limit=memory_limit(dict(plan.limits), self.serverless.memory
+                                      if self.serverless else None),
         )
         child = Child(spec, launcher=self.scaler.launcher())
         child.start()
@@ -255,12 +267,16 @@ class Supervisor:
 
     # -- monitoring ------------------------------------------------------------------------
 
-    async def monitor_once(self, client: httpx.AsyncClient) -> None:
-        now = time.monotonic()
+    def collect_exits(self, now: float) -> None:
+        """Schedule the restart of every child that exited on its own, and report it."""
         for child in list(self.children):
             report = child.collect_exit(self.policy, now)
             if report:
                 self.event(report, level="error", process=child.name)
+
+    async def monitor_once(self, client: httpx.AsyncClient) -> None:
+        now = time.monotonic()
+        self.collect_exits(now)
         for child in list(self.children):
             if child.restart_if_due(now):
                 self.event(f"Restarted {child.name} (restart {child.restarts}) as pid "
@@ -289,6 +305,33 @@ class Supervisor:
                 not c.ready for c in self.children if c.wanted)
             await asyncio.sleep(self.tick_s if busy else self.idle_tick_s)
 
+    async def enforce_memory_once(self) -> list[Child]:
+        """OOM-kill every model server over its memory limit; the children killed."""
+        killed = []
+        for child in list(self.children):
+            verdict = child.check_memory()
+            if verdict.kill:
+                killed.append(child)
+                self.event(oom_event(verdict, process=child.name, variant=child.spec.variant,
+                                     replica=child.spec.replica),
+                           level="error", process=child.name)
+        if killed:
+            # Take them out of the route table now, not at the next monitor tick:
+            # SIGKILL takes effect at once, the exit status a moment later.
+            await poll_until(lambda: all(not c.running for c in killed), 2.0)
+            self.collect_exits(time.monotonic())
+            self.sync_routes()
+            self.write_state()
+        return killed
+
+    async def watch_memory(self) -> None:
+        while True:
+            try:
+                await self.enforce_memory_once()
+            except Exception:  # one bad round must not end enforcement
+                log.exception("memory limit check failed")
+            await asyncio.sleep(self.memory_interval_s)
+
     # -- applying a spec -------------------------------------------------------------------
 
     async def wait_ready(self, children: list[Child], deadline: float, timeout_s: float,
@@ -301,6 +344,9 @@ class Supervisor:
                 if c.running and c.state is ProcState.NOT_READY and LOAD_FAILED in c.reason:
                     # The model server gave up on its model for good; waiting is pointless.
                     return f"{label}: model server {c.name} is not ready: {c.reason}"
+                if c.crash.streak >= CRASH_LIMIT and c.last_termination == OOM_KILLED:
+                    return (f"{label}: model server {c.name} was {OOM_KILLED} {c.crash.streak} "
+                            f"times in a row: {c.last_termination_message}")
                 if c.crash.streak >= CRASH_LIMIT:
                     last = tail(c.spec.log_path, lines=6)
                     return (f"{label}: model server {c.name} crashed {c.crash.streak} times in a "
@@ -473,10 +519,13 @@ class Supervisor:
             monitor = asyncio.create_task(self.monitor(client))
             scaler = asyncio.create_task(self.scaler.run(client))
             async_scaler = asyncio.create_task(self.async_local.run())
+            tasks = [async_scaler, scaler, monitor]
+            if self.memory_interval_s > 0:
+                tasks.insert(0, asyncio.create_task(self.watch_memory()))
             try:
                 await self._serve()
             finally:
-                for task in (async_scaler, scaler, monitor):
+                for task in tasks:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task

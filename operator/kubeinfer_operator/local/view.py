@@ -89,10 +89,19 @@ def process_rows(state: EndpointState) -> list[dict[str, Any]]:
             "state": p.state.value + ("" if p.routed or p.role != "model-server"
                                       or p.state is not ProcState.READY else " (not routed)"),
             "restarts": str(p.restarts),
-            "last exit": "-" if p.last_exit is None else str(p.last_exit),
+            "last exit": last_exit(p),
             "reason": p.reason,
         })
     return rows
+
+
+def last_exit(p: ProcessState) -> str:
+    """``OOMKilled (-9)``, like kubectl's lastState (reason, exit code), or just the code."""
+    if p.last_exit is None:
+        return "-"
+    if p.last_termination:
+        return f"{p.last_termination} ({p.last_exit})"
+    return str(p.last_exit)
 
 
 def status_document(states: Sequence[EndpointState],
