@@ -23,7 +23,6 @@ from kubeinfer_runtime.contract import (
     ModelServerSettings,
     Role,
 )
-from kubeinfer_runtime.http_protocol import CoalescingHttpToolsProtocol
 
 #: Seconds uvicorn waits for in-flight requests after SIGTERM. Kubernetes sends
 #: SIGKILL after terminationGracePeriodSeconds (30 s by default): stay under it.
@@ -90,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        # httptools, with a response's head and body in one write (http_protocol).
-        http=CoalescingHttpToolsProtocol,
+        http="httptools",
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,

@@ -29,6 +29,7 @@ from tests.support.kube_harness import (
     EmulatorThread,
     Kube,
     OperatorThread,
+    operator_on_emulator,
     wait_for,
     write_kubeconfig,
 )
@@ -49,21 +50,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    emulator = EmulatorThread().start()
-    kubeconfig = write_kubeconfig(tmp_path_factory.mktemp("kube") / "config", emulator.url)
-    env = pytest.MonkeyPatch()
-    env.setenv("KUBECONFIG", str(kubeconfig))
-    operator = OperatorThread(SETTINGS).start()
-    kube = Kube(emulator.url)
-    try:
+    with operator_on_emulator(SETTINGS, tmp_path_factory.mktemp("kube")) as (kube, emulator):
         yield Cluster(kube, emulator)
-    finally:
-        operator.stop()
-        kube.close()
-        emulator.stop()
-        env.undo()
-    assert emulator.emulator is not None
-    assert emulator.emulator.failures == []
 
 
 @pytest.fixture

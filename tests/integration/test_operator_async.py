@@ -18,11 +18,9 @@ import yaml
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import AsyncQueueKeys
 from tests.support.kube_harness import (
-    EmulatorThread,
     Kube,
-    OperatorThread,
+    operator_on_emulator,
     wait_for,
-    write_kubeconfig,
 )
 from tests.support.redis_server import RedisServer, start_redis
 
@@ -42,22 +40,11 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="module")
 def kube(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Kube]:
-    emulator = EmulatorThread().start()
-    kubeconfig = write_kubeconfig(tmp_path_factory.mktemp("kube") / "config", emulator.url)
-    env = pytest.MonkeyPatch()
-    env.setenv("KUBECONFIG", str(kubeconfig))
     settings = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
                                 runtime_image="example.test/runtime:1", s3_secret_name=None,
                                 redis_url=redis.url)
-    operator = OperatorThread(settings).start()
-    client = Kube(emulator.url)
-    try:
+    with operator_on_emulator(settings, tmp_path_factory.mktemp("kube")) as (client, _):
         yield client
-    finally:
-        operator.stop()
-        client.close()
-        emulator.stop()
-        env.undo()
 
 
 def _replicas(kube: Kube) -> int | None:

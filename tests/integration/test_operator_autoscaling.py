@@ -28,11 +28,9 @@ from kubeinfer_operator.handlers.scaler import ClusterScaler, discover_pods
 from kubeinfer_operator.render.plan import plan_endpoint
 from kubeinfer_operator.settings import OperatorSettings
 from tests.support.kube_harness import (
-    EmulatorThread,
     Kube,
-    OperatorThread,
+    operator_on_emulator,
     wait_for,
-    write_kubeconfig,
 )
 from tests.support.ports import free_port
 
@@ -51,23 +49,10 @@ def endpoint(name: str, autoscaling: dict[str, Any],
 
 @pytest.fixture(scope="module")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
-    emulator = EmulatorThread().start()
-    kubeconfig = write_kubeconfig(tmp_path_factory.mktemp("kube") / "config", emulator.url)
-    env = pytest.MonkeyPatch()
-    env.setenv("KUBECONFIG", str(kubeconfig))
     settings = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
                                 runtime_image="example.test/runtime:1")
-    operator = OperatorThread(settings).start()
-    client = Kube(emulator.url)
-    try:
+    with operator_on_emulator(settings, tmp_path_factory.mktemp("kube")) as (client, _):
         yield client
-    finally:
-        operator.stop()
-        client.close()
-        emulator.stop()
-        env.undo()
-    assert emulator.emulator is not None
-    assert emulator.emulator.failures == []
 
 
 def applied_hash(obj: dict[str, Any] | None) -> str | None:

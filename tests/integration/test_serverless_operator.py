@@ -21,11 +21,9 @@ import pytest
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import RouteTable, ScaleRequest
 from tests.support.kube_harness import (
-    EmulatorThread,
     Kube,
-    OperatorThread,
+    operator_on_emulator,
     wait_for,
-    write_kubeconfig,
 )
 from tests.support.ports import free_port
 
@@ -40,26 +38,13 @@ ENDPOINT: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kube, str]]:
-    emulator = EmulatorThread().start()
-    kubeconfig = write_kubeconfig(tmp_path_factory.mktemp("kube") / "config", emulator.url)
-    env = pytest.MonkeyPatch()
-    env.setenv("KUBECONFIG", str(kubeconfig))
     port = free_port()
     scaler_url = f"http://127.0.0.1:{port}/scale"
     settings = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
                                 runtime_image="example.test/runtime:1", scaler_port=port,
                                 scaler_url=scaler_url)
-    operator = OperatorThread(settings).start()
-    kube = Kube(emulator.url)
-    try:
+    with operator_on_emulator(settings, tmp_path_factory.mktemp("kube")) as (kube, _):
         yield kube, scaler_url
-    finally:
-        operator.stop()
-        kube.close()
-        emulator.stop()
-        env.undo()
-    assert emulator.emulator is not None
-    assert emulator.emulator.failures == []
 
 
 def replicas(kube: Kube) -> int | None:

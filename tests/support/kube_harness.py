@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import kmock
+import pytest
 import yaml
 
 from tests.support.kube_emulator import KubeEmulator
@@ -193,3 +195,27 @@ class OperatorThread:
         self._thread.join(timeout=20)
         if self._thread.is_alive():
             raise RuntimeError("the operator did not stop within 20 s")
+
+
+@contextmanager
+def operator_on_emulator(settings: Any, kube_dir: Path) -> Iterator[tuple[Kube, EmulatorThread]]:
+    """The real operator with ``settings`` against a fresh emulator, KUBECONFIG set.
+
+    What every operator test module's fixture needs. On exit both stop, and the
+    emulator must have seen no request it could not serve (its ``failures``).
+    """
+    emulator = EmulatorThread().start()
+    kubeconfig = write_kubeconfig(kube_dir / "config", emulator.url)
+    env = pytest.MonkeyPatch()
+    env.setenv("KUBECONFIG", str(kubeconfig))
+    operator = OperatorThread(settings).start()
+    kube = Kube(emulator.url)
+    try:
+        yield kube, emulator
+    finally:
+        operator.stop()
+        kube.close()
+        emulator.stop()
+        env.undo()
+    assert emulator.emulator is not None
+    assert emulator.emulator.failures == []
