@@ -105,7 +105,9 @@ class HotPath:
         t0 = time.perf_counter()
         svc.metrics.invocations.value += 1  # a loop counter: no call, no lock
 
-        async def work() -> tuple[bytes, bytes, float]:
+        # The common case inline, without a closure or an extra coroutine: on a
+        # 6 µs model every µs of the request's own cost shows in throughput.
+        try:
             if scope["method"] != "POST":
                 raise ValidationError(f"{scope['method']} is not allowed on {scope['path']}: "
                                       "use POST", status=405)
@@ -131,9 +133,10 @@ class HotPath:
             else:
                 payload, model_s = await asyncio.get_running_loop().run_in_executor(
                     svc.pool, v2_work, model, body, self.model_name)
-            return payload, out_type, model_s
-
-        await serve_guarded(send, svc.metrics, scope["path"], t0, work)
+        except Exception as exc:
+            await answer_error(send, svc.metrics, scope["path"], exc)
+            return
+        await answer(send, svc.metrics, t0, payload, out_type, model_s)
 
     def _check_v2_target(self, target: str) -> None:
         # "{m}" or "{m}/versions/{v}"; any version of the one model we serve.
@@ -181,34 +184,46 @@ Work = Callable[[], Awaitable[tuple[bytes, bytes, float]]]
 
 async def serve_guarded(send: Send, metrics: ModelServerMetrics, what: str, t0: float,
                         work: Work) -> None:
-    """Run ``work`` and answer with its result, or with the SageMaker-style error.
-
-    Every inference route (single model, multi-model, pipeline) answers the same
-    way: our errors with their status, a client that went away with nothing
-    (counted as 499), anything unexpected as a logged 500 that never takes the
-    server down.
-    """
+    """Run ``work`` and answer with its result, or with the SageMaker-style error."""
     try:
         payload, out_type, model_s = await work()
-    except ClientDisconnected:
-        metrics.error(499)
+    except Exception as exc:
+        await answer_error(send, metrics, what, exc)
         return
-    except RuntimeServiceError as e:
-        await _send_error(send, e)
-        metrics.error(e.status)
-        return
-    except Exception:
-        log.exception("Unexpected failure serving %s", what)
-        await _send_error(send, Internal("Internal failure while serving the request: "
-                                         "see the model server's log"))
-        metrics.error(500)
-        return
+    await answer(send, metrics, t0, payload, out_type, model_s)
+
+
+async def answer(send: Send, metrics: ModelServerMetrics, t0: float, payload: bytes,
+                 out_type: bytes, model_s: float) -> None:
+    """Send a 200 with ``payload`` and record the request's model and overhead latency."""
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", out_type), (b"content-length", str(len(payload)).encode()),
     ]})
     await send({"type": "http.response.body", "body": payload})
     metrics.model_latency.observe(model_s)
     metrics.overhead_latency.observe(max(time.perf_counter() - t0 - model_s, 0.0))
+
+
+async def answer_error(send: Send, metrics: ModelServerMetrics, what: str,
+                       exc: Exception) -> None:
+    """Answer a failed inference request the same way on every route.
+
+    Every inference route (single model, multi-model, pipeline) answers alike:
+    our errors with their status, a client that went away with nothing
+    (counted as 499), anything unexpected as a logged 500 that never takes the
+    server down.
+    """
+    if isinstance(exc, ClientDisconnected):
+        metrics.error(499)
+        return
+    if isinstance(exc, RuntimeServiceError):
+        await _send_error(send, exc)
+        metrics.error(exc.status)
+        return
+    log.error("Unexpected failure serving %s", what, exc_info=exc)
+    await _send_error(send, Internal("Internal failure while serving the request: "
+                                     "see the model server's log"))
+    metrics.error(500)
 
 
 async def _read_rest(receive: Receive, first: Message, body: bytes, limit: int) -> bytes:
