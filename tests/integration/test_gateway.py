@@ -292,6 +292,15 @@ def test_unknown_endpoint_is_a_validation_error(iris: Gateway) -> None:
     assert '"nope"' in message
 
 
+def test_response_stream_api_is_refused_clearly(iris: Gateway) -> None:
+    with pytest.raises(ClientError) as exc:
+        iris.client().invoke_endpoint_with_response_stream(
+            EndpointName="iris", Body=b"{}", ContentType="application/json")
+    code, status, message = error_of(exc)
+    assert (code, status) == ("ValidationError", 400)
+    assert "InvokeEndpointWithResponseStream" in message and "InvokeEndpoint" in message
+
+
 def test_unknown_variant_is_a_validation_error_listing_variants(iris: Gateway) -> None:
     with pytest.raises(ClientError) as exc:
         iris.client().invoke_endpoint(EndpointName="iris", Body=b"{}",

@@ -149,3 +149,14 @@ def test_lifespan_starts_and_stops_background_loops(tmp_path: Path) -> None:
     assert [m["type"] for m in sent] == ["lifespan.startup.complete",
                                         "lifespan.shutdown.complete"]
     assert app._tasks == []
+
+
+def test_unknown_route_is_a_sagemaker_style_404(app: GatewayApp) -> None:
+    message = sagemaker_error(call(app, "GET", "/nope"), 404, "ValidationError")
+    assert message.startswith("No route GET /nope: the gateway serves POST /endpoints/")
+
+
+def test_response_stream_api_is_refused_with_the_alternative(app: GatewayApp) -> None:
+    message = sagemaker_error(call(app, "POST", "/endpoints/iris/invocations-response-stream"),
+                              400, "ValidationError")
+    assert "InvokeEndpointWithResponseStream" in message and "call InvokeEndpoint" in message

@@ -24,7 +24,9 @@ import orjson
 from fastapi import FastAPI, Response
 
 from kubeinfer_runtime import __version__
+from kubeinfer_runtime.api_errors import install_error_handlers
 from kubeinfer_runtime.contract import AsyncQueueKeys, GatewaySettings
+from kubeinfer_runtime.errors import ValidationError
 from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.loops import health_loop, reload_routes, route_reload_loop
 from kubeinfer_runtime.gateway.proxy import InvocationHandler, Receive, Scope, Send
@@ -78,7 +80,16 @@ def _api(core: GatewayCore) -> FastAPI:
     api = FastAPI(title="kubeinfer gateway", version=__version__,
                   description="SageMaker Runtime API front door: boto3's sagemaker-runtime "
                               "client works with endpoint_url pointed here.")
+    install_error_handlers(api, "the gateway serves POST /endpoints/{name}/invocations and "
+                                "/endpoints/{name}/async-invocations (see /docs)")
     document_routes(api, GATEWAY_ROUTES)
+
+    @api.post("/endpoints/{name}/invocations-response-stream",
+              summary="SageMaker Runtime InvokeEndpointWithResponseStream: not supported")
+    async def response_stream(name: str) -> Response:
+        raise ValidationError(f'Endpoint "{name}": InvokeEndpointWithResponseStream '
+                              "(streamed responses) is not supported by kubeinfer: call "
+                              "InvokeEndpoint, which returns the whole response")
 
     @api.get("/ping", summary="Gateway liveness (200 while the process serves)")
     async def ping() -> Response:

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from kubeinfer_runtime import __version__, metrics
+from kubeinfer_runtime.api_errors import install_error_handlers
 from kubeinfer_runtime.contract import H_TARGET_CONTAINER, ModelServerSettings
 from kubeinfer_runtime.errors import (
     NotReady,
@@ -27,7 +28,7 @@ from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.openapi_docs import Header, Route, document_routes
 from kubeinfer_runtime.pipeline.runner import Pipeline
 from kubeinfer_runtime.pipeline.steps import UrlStep, build_steps
-from kubeinfer_runtime.server.api import _json, install_error_handlers
+from kubeinfer_runtime.server.api import _json
 from kubeinfer_runtime.server.hotpath import (
     ASGIApp,
     Receive,

@@ -20,8 +20,9 @@ import orjson
 from fastapi import FastAPI, Response
 
 from kubeinfer_runtime import __version__
+from kubeinfer_runtime.api_errors import error_response, install_error_handlers
 from kubeinfer_runtime.contract import AsyncWorkerSettings
-from kubeinfer_runtime.errors import NotReady, render_error
+from kubeinfer_runtime.errors import NotReady
 from kubeinfer_runtime.metrics import ModelServerMetrics, render_latest
 from kubeinfer_runtime.queue.notifier import Notifier
 from kubeinfer_runtime.queue.objects import ObjectStore
@@ -65,6 +66,8 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
         log.info("Async worker %s stopped", worker.consumer)
 
     api = FastAPI(title="kubeinfer async worker", version=__version__, lifespan=lifespan)
+    install_error_handlers(api, "the async worker serves /ping, /v2/health/* and /metrics; "
+                                "requests go to the gateway's async-invocations")
 
     @api.get("/v2/health/live", summary="Liveness: 200 while the process serves")
     async def live() -> Response:
@@ -84,9 +87,7 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
                 raise NotReady(f"Async worker cannot reach Redis at {settings.redis_url} "
                                f"({type(e).__name__}): check KUBEINFER_REDIS_URL") from None
         except NotReady as err:
-            status, headers, body = render_error(err)
-            keep = {k.decode(): v.decode() for k, v in headers if k != b"content-length"}
-            return Response(body, status_code=status, headers=keep)
+            return error_response(err)
         body = orjson.dumps({"status": "ok", "queue": settings.queue,
                              "consumer": worker.consumer, "in_flight": len(worker.inflight)})
         return Response(body, media_type="application/json")

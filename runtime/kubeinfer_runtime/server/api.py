@@ -13,16 +13,13 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubeinfer_runtime import __version__, metrics
+from kubeinfer_runtime.api_errors import install_error_handlers
 from kubeinfer_runtime.errors import (
     NotFound,
-    RuntimeServiceError,
-    ValidationError,
-    render_error,
 )
 from kubeinfer_runtime.openapi_docs import V2_CONTENT, Header, Route, document_routes
 from kubeinfer_runtime.server.state import LoadedModel, ModelSlot
@@ -34,13 +31,6 @@ def _json(doc: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
 
 
-def _error(err: RuntimeServiceError) -> Response:
-    status, headers, body = render_error(err)
-    # Starlette sets content-length itself; keep the rest.
-    keep = {k.decode(): v.decode() for k, v in headers if k != b"content-length"}
-    return Response(body, status_code=status, headers=keep)
-
-
 def _v2_metadata(name: str, model: LoadedModel) -> dict[str, Any]:
     return {
         "name": name,
@@ -49,25 +39,6 @@ def _v2_metadata(name: str, model: LoadedModel) -> dict[str, Any]:
         "inputs": [t.v2() for t in model.meta.inputs],
         "outputs": [t.v2() for t in model.meta.outputs],
     }
-
-
-def install_error_handlers(app: FastAPI, unknown_route_hint: str) -> None:
-    """Answer every error of a runtime FastAPI app in SageMaker's JSON style.
-
-    ``unknown_route_hint`` ends the 404 message, e.g. "see /docs for the model
-    server's API".
-    """
-
-    @app.exception_handler(RuntimeServiceError)
-    async def _service_error(_: Request, exc: RuntimeServiceError) -> Response:
-        return _error(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 404:
-            return _error(NotFound(f"No route {request.method} {request.url.path}: "
-                                   f"{unknown_route_hint}"))
-        return _error(ValidationError(str(exc.detail), status=exc.status_code))
 
 
 def build_api(slot: ModelSlot, model_name: str, lifespan: Lifespan) -> FastAPI:

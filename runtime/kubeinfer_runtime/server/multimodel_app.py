@@ -23,6 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from kubeinfer_runtime import __version__, codec, metrics
+from kubeinfer_runtime.api_errors import error_response as _error
+from kubeinfer_runtime.api_errors import install_error_handlers
 from kubeinfer_runtime.contract import H_TARGET_MODEL
 from kubeinfer_runtime.errors import (
     NotFound,
@@ -31,13 +33,7 @@ from kubeinfer_runtime.errors import (
 )
 from kubeinfer_runtime.models.cache import ModelCache
 from kubeinfer_runtime.openapi_docs import V2_CONTENT, Header, Route, document_routes
-from kubeinfer_runtime.server.api import (
-    Lifespan,
-    _error,
-    _json,
-    _v2_metadata,
-    install_error_handlers,
-)
+from kubeinfer_runtime.server.api import Lifespan, _json, _v2_metadata
 from kubeinfer_runtime.server.hotpath import (
     ASGIApp,
     InferenceService,
