@@ -16,50 +16,26 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples.build_models import build_sklearn
 
-SPEC = """\
-apiVersion: kubeinfer.io/v1alpha1
-kind: Endpoint
-metadata:
-  name: auto
-spec:
-  variants:
-    - name: main
-      model:
-        uri: file://{model}
-      autoscaling:
-        minReplicas: 1
-        maxReplicas: 4
-        targetTracking:
-          - metric: InvocationsPerReplica
-            target: 300
-        scaleOutCooldown: 3
-        scaleInCooldown: 6
-"""
-BODY = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]})
+from bench.local_autoscale import StepLoad, autoscaled_endpoint, scale_events
+
+AUTOSCALING = {
+    "minReplicas": 1,
+    "maxReplicas": 4,
+    "targetTracking": [{"metric": "InvocationsPerReplica", "target": 300}],
+    "scaleOutCooldown": 3,
+    "scaleInCooldown": 6,
+}
 
 
 def read_state(home: Path) -> dict[str, object]:
     doc: dict[str, object] = json.loads((home / "local" / "auto" / "state.json").read_text())
     return doc
-
-
-def drive(url: str, rate: list[float], stop: threading.Event) -> None:
-    with httpx.Client(timeout=10) as client:
-        while not stop.is_set():
-            if rate[0] <= 0:
-                time.sleep(0.05)
-                continue
-            started = time.monotonic()
-            client.post(f"{url}/endpoints/auto/invocations", content=BODY,
-                        headers={"Content-Type": "application/json"})
-            time.sleep(max(0.0, 1 / rate[0] - (time.monotonic() - started)))
 
 
 def main() -> int:
@@ -71,39 +47,31 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kubeinfer-autoscale-"))
     home = work / "home"
     spec = work / "auto.yaml"
-    spec.write_text(SPEC.format(model=build_sklearn(work / "iris.onnx")))
+    spec.write_text(autoscaled_endpoint("auto", build_sklearn(work / "iris.onnx"), AUTOSCALING))
     env = {**os.environ, "KUBEINFER_HOME": str(home), "KUBEINFER_AUTOSCALE_INTERVAL_S": "0.5",
            "KUBEINFER_AUTOSCALE_WINDOW_S": "3"}
     cli = [sys.executable, "-m", "kubeinfer_operator.cli"]
     subprocess.run([*cli, "up", "-d", "-f", str(spec), "--timeout", "60"], env=env, check=True,
                    capture_output=True)
-    rate = [0.0]
-    stop = threading.Event()
     try:
         url = str(read_state(home)["url"])
-        worker = threading.Thread(target=drive, args=(url, rate, stop))
-        worker.start()
         start = time.monotonic()
         phases = [(2.0, 0.0), (args.seconds, args.rps), (args.idle, 0.0)]
         print(f"{'t s':>6} {'load rps':>9} {'replicas':>9} {'ready':>6}")
-        for length, rps in phases:
-            rate[0] = rps
-            end = time.monotonic() + length
-            while time.monotonic() < end:
-                variant = read_state(home)["variants"][0]  # type: ignore[index]
-                print(f"{time.monotonic() - start:>6.1f} {rps:>9.0f} "
-                      f"{variant['replicas']:>9} {variant['ready']:>6}")
-                time.sleep(0.5)
-        stop.set()
-        worker.join()
+        with StepLoad(url, "auto") as load:
+            for length, rps in phases:
+                load.rate = rps
+                end = time.monotonic() + length
+                while time.monotonic() < end:
+                    variant = read_state(home)["variants"][0]  # type: ignore[index]
+                    print(f"{time.monotonic() - start:>6.1f} {rps:>9.0f} "
+                          f"{variant['replicas']:>9} {variant['ready']:>6}")
+                    time.sleep(0.5)
         t0 = time.time() - (time.monotonic() - start)
         print("\nScaling events:")
-        for line in (home / "local" / "auto" / "events.jsonl").read_text().splitlines():
-            doc = json.loads(line)
-            if "Scaled" in doc["message"]:
-                print(f"  t={doc['time'] - t0:5.1f}s  {doc['message']}")
+        for at, message in scale_events(home, "auto"):
+            print(f"  t={at - t0:5.1f}s  {message}")
     finally:
-        stop.set()
         subprocess.run([*cli, "down", "auto"], env=env, capture_output=True)
     return 0
 

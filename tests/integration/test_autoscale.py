@@ -8,65 +8,22 @@ events' timestamps, not on timing assertions about speed.
 from __future__ import annotations
 
 import itertools
-import json
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from bench.local_autoscale import StepLoad, autoscaled_endpoint, scale_events
 
-from tests.integration.test_local import BODY, Local, local
+from tests.integration.test_local import Local, local
 from tests.integration.test_serverless import pids, read_state
 from tests.support.ports import wait_until
 
 __all__ = ["local"]
 
-SPEC = """\
-apiVersion: kubeinfer.io/v1alpha1
-kind: Endpoint
-metadata:
-  name: auto
-spec:
-  variants:
-    - name: main
-      model:
-        uri: file://{model}
-      autoscaling:
-        minReplicas: 1
-        maxReplicas: 3
-        targetTracking:
-          - metric: InvocationsPerReplica
-            target: 300
-        scaleOutCooldown: {out}
-        scaleInCooldown: {into}
-"""
-
 OUT_COOLDOWN = 2.0
 IN_COOLDOWN = 4.0
-
-
-def scale_events(local: Local) -> list[tuple[float, str]]:
-    path = local.home / "local" / "auto" / "events.jsonl"
-    docs = [json.loads(line) for line in path.read_text().splitlines()]
-    return [(d["time"], d["message"]) for d in docs if "Scaled " in d["message"]]
-
-
+#: Load clients: several, so a slow response on a loaded machine does not
+#: lower the total rate the policy sees.
 CLIENTS = 4
-
-
-def load(url: str, rate: list[float], stop: threading.Event) -> None:
-    """About ``rate[0] / CLIENTS`` requests per second until ``stop`` (keep-alive).
-
-    Several of these run at once, so a slow response on a loaded machine does
-    not lower the total rate the policy sees.
-    """
-    with httpx.Client(timeout=10) as client:
-        while not stop.is_set():
-            started = time.monotonic()
-            client.post(f"{url}/endpoints/auto/invocations", content=BODY,
-                        headers={"Content-Type": "application/json"})
-            time.sleep(max(0.0, CLIENTS / rate[0] - (time.monotonic() - started)))
 
 
 def ready(local: Local) -> int:
@@ -77,8 +34,13 @@ def ready(local: Local) -> int:
 def test_load_ramp_scales_out_and_back_in(local: Local, models_dir: Path) -> None:
     local.env["KUBEINFER_AUTOSCALE_INTERVAL_S"] = "0.5"
     local.env["KUBEINFER_AUTOSCALE_WINDOW_S"] = "2"
-    spec = local.write("auto.yaml", SPEC.format(model=models_dir / "iris.onnx",
-                                               out=OUT_COOLDOWN, into=IN_COOLDOWN))
+    spec = local.write("auto.yaml", autoscaled_endpoint("auto", models_dir / "iris.onnx", {
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "targetTracking": [{"metric": "InvocationsPerReplica", "target": 300}],
+        "scaleOutCooldown": OUT_COOLDOWN,
+        "scaleInCooldown": IN_COOLDOWN,
+    }))
     result = local.run("up", "-d", "-f", str(spec), "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr
     state: dict[str, Any] = read_state(local, "auto")
@@ -87,25 +49,16 @@ def test_load_ramp_scales_out_and_back_in(local: Local, models_dir: Path) -> Non
 
     # The ramp: 8 requests/s = 480 per minute (2 replicas' worth at target 300),
     # then 20/s = 1200 per minute (4 replicas' worth, capped at maxReplicas 3).
-    rate = [8.0]
-    stop = threading.Event()
-    workers = [threading.Thread(target=load, args=(url, rate, stop)) for _ in range(CLIENTS)]
-    for worker in workers:
-        worker.start()
-    try:
+    with StepLoad(url, "auto", rate=8.0, clients=CLIENTS) as load:
         wait_until(lambda: ready(local) == 2, 40, "scale out to 2 replicas")
-        rate[0] = 20.0
+        load.rate = 20.0
         wait_until(lambda: ready(local) == 3, 40, "scale out to maxReplicas 3")
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join()
     assert {"main-0", "main-1", "main-2"} <= set(pids(local, "auto"))
 
     # No load: back to minReplicas, after the scale-in cooldown.
     wait_until(lambda: set(pids(local, "auto")) == {"gateway", "main-0"}, 40,
                "scale in to minReplicas 1")
-    timeline = scale_events(local)
+    timeline = scale_events(local.home, "auto")
     outs = [t for t, m in timeline if m.startswith("Variant main: Scaled out")]
     ins = [t for t, m in timeline if m.startswith("Variant main: Scaled in")]
     assert len(outs) >= 2 and ins, timeline

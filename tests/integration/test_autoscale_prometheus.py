@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from bench.local_autoscale import autoscaled_endpoint
 
 from tests.integration.test_local import BODY, Local, local
 from tests.integration.test_serverless import read_state
@@ -24,27 +25,6 @@ from tests.support.ports import free_port, wait_until
 __all__ = ["local"]
 
 QUERY = 'sum(kubeinfer_gateway_invocations_total{endpoint="prom"})'
-SPEC = """\
-apiVersion: kubeinfer.io/v1alpha1
-kind: Endpoint
-metadata:
-  name: prom
-spec:
-  variants:
-    - name: main
-      model:
-        uri: file://{model}
-      autoscaling:
-        minReplicas: 1
-        maxReplicas: 2
-        stepScaling:
-          - metric: Custom
-            query: '{query}'
-            steps:
-              - {{lowerBound: 10, change: 1}}
-        scaleOutCooldown: 0
-        prometheusUrl: http://127.0.0.1:{prom_port}
-"""
 
 
 @pytest.fixture
@@ -84,8 +64,14 @@ def test_custom_prometheus_query_scales_out(local: Local, models_dir: Path,
                                             prometheus: tuple[int, int]) -> None:
     prom_port, gateway_port = prometheus
     local.env["KUBEINFER_AUTOSCALE_INTERVAL_S"] = "0.5"
-    spec = local.write("prom.yaml", SPEC.format(model=models_dir / "iris.onnx", query=QUERY,
-                                               prom_port=prom_port))
+    spec = local.write("prom.yaml", autoscaled_endpoint("prom", models_dir / "iris.onnx", {
+        "minReplicas": 1,
+        "maxReplicas": 2,
+        "stepScaling": [{"metric": "Custom", "query": QUERY,
+                         "steps": [{"lowerBound": 10, "change": 1}]}],
+        "scaleOutCooldown": 0,
+        "prometheusUrl": f"http://127.0.0.1:{prom_port}",
+    }))
     result = local.run("up", "-d", "-f", str(spec), "--port", str(gateway_port),
                        "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -15,11 +15,9 @@ Real CLI, supervisor, gateway and model servers. Two ways a model does not fit:
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +26,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.integration.test_local import Local, gone, runtime_client
+from tests.integration.test_local import Local, gone, local, runtime_client
 from tests.support.ports import wait_until
 
 pytestmark = pytest.mark.integration
+__all__ = ["local"]
 
 VARIANT = """\
     - name: {name}
@@ -78,16 +77,6 @@ def build_balloon(path: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
-
-
-@pytest.fixture
-def local(tmp_path: Path) -> Iterator[Local]:
-    lm = Local(tmp_path / "home", tmp_path)
-    yield lm
-    if lm.our_processes():
-        lm.run("down", "--all", timeout=60)
-    for pid in lm.our_processes():
-        os.kill(pid, signal.SIGKILL)
 
 
 def events(local: Local) -> list[str]:

@@ -38,6 +38,18 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _require_exactly_one(spec: BaseModel, what: str, fields: tuple[str, ...]) -> None:
+    """Refuse ``spec`` unless exactly one of the alternative ``fields`` is set.
+
+    ``what`` names the object in the message (``step 'pre'``); the message
+    lists what is set and every alternative, so the user sees the fix.
+    """
+    given = [f for f in fields if getattr(spec, f) is not None]
+    if len(given) != 1:
+        raise ValueError(f"{what} sets {', '.join(given) or 'none'} of {', '.join(fields)}; "
+                         "set exactly one")
+
+
 class EndpointType(StrEnum):
     REAL_TIME = "RealTime"
     #: Scale to zero when idle; the gateway holds requests while a replica starts.
@@ -204,10 +216,7 @@ class ContainerStep(_Spec):
 
     @model_validator(mode="after")
     def _one_kind(self) -> ContainerStep:
-        kinds = [k for k in ("model", "handler", "image") if getattr(self, k) is not None]
-        if len(kinds) != 1:
-            raise ValueError(f"step {self.name!r} sets {', '.join(kinds) or 'none'} of model, "
-                             "handler, image; set exactly one")
+        _require_exactly_one(self, f"step {self.name!r}", ("model", "handler", "image"))
         if self.codeUri is not None and self.handler is None:
             raise ValueError(f"step {self.name!r}: codeUri applies to handler steps only; "
                              "remove it")
@@ -434,10 +443,8 @@ class ProductionVariant(_Spec):
 
     @model_validator(mode="after")
     def _one_source(self) -> ProductionVariant:
-        given = [k for k in ("model", "multiModel", "containers") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"variant {self.name!r} sets {', '.join(given) or 'none'} of "
-                             "model, multiModel, containers; set exactly one")
+        _require_exactly_one(self, f"variant {self.name!r}",
+                             ("model", "multiModel", "containers"))
         if self.inferenceExecution is not None and self.containers is None:
             raise ValueError(f"variant {self.name!r}: inferenceExecution applies to containers "
                              "only; remove it")

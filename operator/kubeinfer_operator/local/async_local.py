@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from kubeinfer_operator.local.process import free_port, spawn
+from kubeinfer_operator.local.scaler import ReasonLog
 from kubeinfer_operator.queue_backlog import read_backlog
 from kubeinfer_operator.reconcile.async_scaling import BacklogState, decide
 from kubeinfer_operator.render.async_plan import AsyncPlan
@@ -59,7 +60,7 @@ class AsyncLocal:
         self.plan: AsyncPlan | None = None
         self.redis_url: str | None = None
         self.state = BacklogState()
-        self.last_reason = ""
+        self.reasons = ReasonLog()
         self._redis_proc: subprocess.Popen[bytes] | None = None
         self._client: Any = None
 
@@ -171,10 +172,5 @@ class AsyncLocal:
         current = len(sup._variant_children(name, active=True))
         d = decide(plan.policy, current, backlog.total, self.state, time.monotonic())
         self.state = d.state
-        if d.desired == current:
-            if d.reason != self.last_reason and "cooldown" in d.reason:
-                log.info("variant %s: %s", name, d.reason)
-            self.last_reason = d.reason
-            return
-        self.last_reason = d.reason
-        await sup.scaler.scale(name, current, d.desired, d.reason)
+        if self.reasons.changes(name, current, d.desired, d.reason):
+            await sup.scaler.scale(name, current, d.desired, d.reason)

@@ -85,13 +85,35 @@ def keep_scaled_replicas(old: EndpointPlan | None, new: EndpointPlan) -> Endpoin
 
 
 @dataclass
+class ReasonLog:
+    """The reason of a variant's last scaling decision, kept between rounds.
+
+    A cooldown that holds a change back is decided again every round; logging
+    it only when the reason changes keeps the supervisor log readable. Shared
+    by auto scaling (``LocalScaler``) and async backlog scaling (``AsyncLocal``).
+    """
+
+    last: str = ""
+
+    def changes(self, variant: str, current: int, desired: int, reason: str) -> bool:
+        """Remember ``reason``; True when ``desired`` differs from ``current`` (go scale).
+
+        When it does not, a new cooldown reason is logged once.
+        """
+        if desired == current and reason != self.last and "cooldown" in reason:
+            log.info("variant %s: %s", variant, reason)
+        self.last = reason
+        return desired != current
+
+
+@dataclass
 class _VariantMemory:
     window: MetricWindow
     state: autoscale.ScaleState = field(default_factory=autoscale.ScaleState)
     last_activity: float | None = None
     last_invocations: float | None = None
     requested_at: float | None = None
-    last_reason: str = ""
+    reasons: ReasonLog = field(default_factory=ReasonLog)
     #: No scale-out before this (monotonic), after a failed one.
     retry_at: float = 0.0
     #: The reason of the last change carried out.
@@ -266,12 +288,8 @@ class LocalScaler:
         else:
             return
         mem.state = decision.state
-        if decision.desired == current:
-            if decision.reason != mem.last_reason and "cooldown" in decision.reason:
-                log.info("variant %s: %s", name, decision.reason)
-            mem.last_reason = decision.reason
+        if not mem.reasons.changes(name, current, decision.desired, decision.reason):
             return
-        mem.last_reason = decision.reason
         if decision.desired > current and now_m < mem.retry_at:
             return  # the last scale-out failed; its event says why
         if not await self.scale(name, current, decision.desired, decision.reason):
@@ -305,18 +323,11 @@ class LocalScaler:
         plan = replace(sup.running[name], replicas=desired)
         used = {c.spec.replica for c in sup._variant_children(name, active=True)}
         slots = [i for i in range(desired) if i not in used][:desired - current]
-        fresh = [sup._server_child(plan, i) for i in slots]
-        error = await self._wait_ready(fresh, timeout_s=120.0)
-        if error:
-            await asyncio.gather(*(c.stop() for c in fresh))
-            sup.children = [c for c in sup.children if c not in fresh]
-            return error
-        sup.running[name] = plan
-        for c in fresh:
-            c.active = True
-        sup.sync_routes()
-        sup.write_state()
-        return None
+        error = await sup.start_and_route(
+            name, plan, slots, lambda fresh: self._wait_ready(fresh, timeout_s=120.0))
+        if error is None:
+            sup.write_state()
+        return error
 
     async def _wait_ready(self, children: Iterable[Child], timeout_s: float) -> str | None:
         """Poll the new servers' /ping every 20 ms: this is the cold-start path."""

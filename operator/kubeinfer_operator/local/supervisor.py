@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import httpx
@@ -368,14 +369,26 @@ class Supervisor:
         await asyncio.gather(*(c.stop() for c in children))
         self.children = [c for c in self.children if c not in children]
 
-    async def _start_and_wait(self, plan: VariantPlan, replicas: range, deadline: float,
-                              timeout_s: float, label: str) -> tuple[list[Child], str | None]:
+    async def start_and_route(self, name: str, plan: VariantPlan, replicas: Iterable[int],
+                              wait: Callable[[list[Child]], Awaitable[str | None]]) -> str | None:
+        """Start the model servers ``replicas`` (indexes) of variant ``name`` under ``plan``
+        and ``wait`` for them; once ready, ``plan`` becomes the running one and the gateway
+        routes to them. Else they are stopped and the error says why.
+
+        Rollouts (``apply_change``) and the scaler's scale-out share it; they differ
+        only in how they wait (a rollout's deadline, the cold-start poll).
+        """
         fresh = [self._server_child(plan, i) for i in replicas]
-        error = await self.wait_ready(fresh, deadline, timeout_s, label)
+        error = await wait(fresh)
         if error:
             await asyncio.gather(*(c.stop() for c in fresh))
             self.children = [c for c in self.children if c not in fresh]
-        return fresh, error
+            return error
+        self.running[name] = plan
+        for c in fresh:
+            c.active = True
+        self.sync_routes()
+        return None
 
     async def apply_change(self, change: Change, deadline: float, timeout_s: float) -> str | None:
         """Carry out one variant change; None on success, else why it was not done."""
@@ -390,31 +403,21 @@ class Supervisor:
             self.running[name] = new
             self.sync_routes()
             return None
+
+        async def until_ready(fresh: list[Child]) -> str | None:
+            return await self.wait_ready(fresh, deadline, timeout_s, f"variant {name}")
+
         if change.kind in (ChangeKind.ADD, ChangeKind.ROLL):
             old = self._variant_children(name, active=True)
-            fresh, error = await self._start_and_wait(new, range(new.replicas), deadline,
-                                                      timeout_s, f"variant {name}")
-            if error:
-                return error
-            self.running[name] = new
-            for c in fresh:
-                c.active = True
-            self.sync_routes()
-            if old:
+            error = await self.start_and_route(name, new, range(new.replicas), until_ready)
+            if error is None and old:
                 await self.drain(old)
-            return None
+            return error
         # SCALE: only the replicas above the smaller count start or stop.
         current = self._variant_children(name, active=True)
         if new.replicas > len(current):
-            fresh, error = await self._start_and_wait(
-                new, range(len(current), new.replicas), deadline, timeout_s, f"variant {name}")
-            if error:
-                return error
-            self.running[name] = new
-            for c in fresh:
-                c.active = True
-            self.sync_routes()
-            return None
+            return await self.start_and_route(name, new, range(len(current), new.replicas),
+                                              until_ready)
         self.running[name] = new
         extra = [c for c in current if (c.spec.replica or 0) >= new.replicas]
         await self.drain(extra)
