@@ -88,7 +88,7 @@ def decode_request(body: bytes, content_type: str | None,
         if len(inputs) == 1:
             spec = inputs[0]
             if spec.dtype.kind == "f" and spec.batch_tail is not None:
-                arr = _fast_float_json(body, spec, spec.batch_tail)
+                arr = fast_float_json(body, spec, spec.batch_tail)
                 if arr is not None:
                     return {spec.name: arr}
         return _decode_json(body, inputs)
@@ -106,7 +106,7 @@ def decode_request(body: bytes, content_type: str | None,
     )
 
 
-def _fast_float_json(body: bytes, spec: TensorSpec, tail: tuple[int, ...]) -> Array | None:
+def fast_float_json(body: bytes, spec: TensorSpec, tail: tuple[int, ...]) -> Array | None:
     """The common request in as few steps as possible, or None to take the full path.
 
     One float input of shape [N, static...], a list of numbers or {"instances":

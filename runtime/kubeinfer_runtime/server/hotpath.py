@@ -27,6 +27,7 @@ from kubeinfer_runtime.errors import (
     render_error,
 )
 from kubeinfer_runtime.metrics import ModelServerMetrics
+from kubeinfer_runtime.server.json_lane import LANE_CONTENT_TYPES
 from kubeinfer_runtime.server.state import LoadedModel, ModelSlot
 
 log = logging.getLogger("kubeinfer.server")
@@ -124,7 +125,11 @@ class HotPath:
             body = await read_body(receive, length, svc.max_payload_bytes)
             if v2_target is None:
                 if model.inline:
-                    payload, model_s = invocations_work(model, body, content_type, encoding)
+                    lane = model.json_lane
+                    done = (lane(body) if lane is not None and encoding is codec.Encoding.JSON
+                            and codec.media_type(content_type) in LANE_CONTENT_TYPES else None)
+                    payload, model_s = done if done is not None else invocations_work(
+                        model, body, content_type, encoding)
                 else:
                     payload, model_s = await asyncio.get_running_loop().run_in_executor(
                         svc.pool, invocations_work, model, body, content_type, encoding)
