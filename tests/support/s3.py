@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.ports import free_port
+from tests.support.ports import free_port, stop_process
 
 ACCESS_KEY = "kubeinfer-test"
 SECRET_KEY = "kubeinfer-test-secret"
@@ -53,13 +53,7 @@ class S3Server:
         return f"s3://{bucket}/{key}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def _free_port_pair() -> int:
