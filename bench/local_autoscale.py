@@ -51,10 +51,10 @@ class StepLoad:
     """Invocations of one endpoint at a total rate that can change while it runs.
 
     ``clients`` threads each POST ``BODY`` over a keep-alive connection at
-    ``rate / clients`` requests per second, so one slow response on a loaded
-    machine does not lower the total rate the scaling policy sees. A rate of
-    0 pauses the load. Use it as a context manager: leaving it stops and joins
-    every client.
+    ``rate / clients`` requests per second, started ``1 / rate`` apart, so one
+    slow response on a loaded machine does not lower the total rate the
+    scaling policy sees. A rate of 0 pauses the load. Use it as a context
+    manager: leaving it stops and joins every client.
     """
 
     def __init__(self, url: str, endpoint: str, *, rate: float = 0.0, clients: int = 1) -> None:
@@ -62,8 +62,8 @@ class StepLoad:
         self.rate = rate
         self._target = f"{url}/endpoints/{endpoint}/invocations"
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(clients,))
-                         for _ in range(clients)]
+        self._threads = [threading.Thread(target=self._client, args=(clients, i))
+                         for i in range(clients)]
 
     def __enter__(self) -> StepLoad:
         for thread in self._threads:
@@ -76,7 +76,11 @@ class StepLoad:
         for thread in self._threads:
             thread.join()
 
-    def _client(self, clients: int) -> None:
+    def _client(self, clients: int, index: int) -> None:
+        # Staggered starts: clients starting together would send a burst that a
+        # policy's first, still short, metrics window reads as a much higher rate.
+        if self.rate > 0:
+            self._stop.wait(index / self.rate)
         with httpx.Client(timeout=10) as client:
             while not self._stop.is_set():
                 rate = self.rate  # read once: the driver may change it meanwhile
