@@ -23,6 +23,7 @@ from kubeinfer_runtime.contract import (
     ModelServerSettings,
     Role,
 )
+from kubeinfer_runtime.inline_http import InlineHttpProtocol
 
 #: Seconds uvicorn waits for in-flight requests after SIGTERM. Kubernetes sends
 #: SIGKILL after terminationGracePeriodSeconds (30 s by default): stay under it.
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        # httptools, plus inline answers for the model server's clean requests.
+        http=InlineHttpProtocol,
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -28,8 +29,10 @@ from kubeinfer_runtime.api_errors import install_error_handlers
 from kubeinfer_runtime.contract import AsyncQueueKeys, GatewaySettings
 from kubeinfer_runtime.errors import ValidationError
 from kubeinfer_runtime.gateway.core import GatewayCore
+from kubeinfer_runtime.gateway.headers import InboundHeaders
 from kubeinfer_runtime.gateway.loops import health_loop, reload_routes, route_reload_loop
-from kubeinfer_runtime.gateway.proxy import InvocationHandler, Receive, Scope, Send
+from kubeinfer_runtime.gateway.proxy import InvocationHandler, Receive, Reply, Scope, Send
+from kubeinfer_runtime.gateway.routing import EndpointState
 from kubeinfer_runtime.metrics import render_latest
 from kubeinfer_runtime.openapi_docs import V2_CONTENT, Header, Route, document_routes
 from kubeinfer_runtime.queue.backlog import backlog_loop
@@ -40,6 +43,8 @@ log = logging.getLogger("kubeinfer.gateway")
 _PREFIX = "/endpoints/"
 _SUFFIX = "/invocations"
 _ASYNC_SUFFIX = "/async-invocations"
+_PREFIX_B = _PREFIX.encode()
+_SUFFIX_B = _SUFFIX.encode()
 
 
 _SAGEMAKER_HEADERS = (
@@ -145,6 +150,25 @@ class GatewayApp:
             await self._lifespan(receive, send)
             return
         await self.api(scope, receive, send)
+
+    # -- InlineResponder (kubeinfer_runtime.inline_http): InvokeEndpoint without ASGI
+
+    def inline_plan(self, method: bytes, url: bytes, raw_headers: list[tuple[bytes, bytes]]
+                    ) -> tuple[EndpointState, InboundHeaders] | None:
+        if (method != b"POST" or not url.startswith(_PREFIX_B) or not url.endswith(_SUFFIX_B)
+                or b"?" in url or b"%" in url):
+            return None
+        name = url[len(_PREFIX_B):-len(_SUFFIX_B)].decode("latin-1")
+        if not name or "/" in name or self._is_async(name):
+            return None
+        return self.invocations.inline_plan(name, raw_headers)
+
+    def respond_inline(self, plan: tuple[EndpointState, InboundHeaders], body: bytes,
+                       t0: float, url: bytes) -> Awaitable[Reply]:
+        return self.invocations.reply_inline(plan, body, t0)
+
+    def inline_abandoned(self, plan: tuple[EndpointState, InboundHeaders]) -> None:
+        """Nothing was forwarded yet: nothing to undo (the ASGI path counts nothing either)."""
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

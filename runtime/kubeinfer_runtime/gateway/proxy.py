@@ -37,7 +37,11 @@ from kubeinfer_runtime.gateway import recorder
 from kubeinfer_runtime.gateway.activator import Activator
 from kubeinfer_runtime.gateway.affinity import pick_for_key
 from kubeinfer_runtime.gateway.core import GatewayCore
-from kubeinfer_runtime.gateway.headers import response_headers, split_request_headers
+from kubeinfer_runtime.gateway.headers import (
+    InboundHeaders,
+    response_headers,
+    split_request_headers,
+)
 from kubeinfer_runtime.gateway.routing import (
     EndpointState,
     Pick,
@@ -90,12 +94,22 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _send_error(send: Send, err: RuntimeServiceError, endpoint: str, variant: str,
-                      variant_header: bytes | None = None) -> None:
+#: (status, headers, body) of a response, ready to send.
+Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+def _error(err: RuntimeServiceError, endpoint: str, variant: str,
+           variant_header: bytes | None = None) -> Reply:
+    """The SageMaker-style error response, counted in the gateway's metrics."""
     status, headers, body = render_error(err)
     if variant_header is not None:
         headers.append((b"x-amzn-invoked-production-variant", variant_header))
     recorder.error(endpoint, variant, err.code)
+    return status, headers, body
+
+
+async def _send(send: Send, reply: Reply) -> None:
+    status, headers, body = reply
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -112,14 +126,14 @@ class InvocationHandler:
         started = time.perf_counter()
         endpoint = self.core.routes.endpoints.get(name)
         if endpoint is None:
-            await _send_error(send, unknown_endpoint(name), recorder.UNKNOWN, "")
+            await _send(send, _error(unknown_endpoint(name), recorder.UNKNOWN, ""))
             return
         if endpoint.serverless is None:
             await self._invoke(scope, receive, send, endpoint, started)
             return
         throttled = self.activator.admit(endpoint)
         if throttled is not None:
-            await _send_error(send, throttled, endpoint.name, "")
+            await _send(send, _error(throttled, endpoint.name, ""))
             return
         try:
             await self._invoke(scope, receive, send, endpoint, started)
@@ -128,27 +142,61 @@ class InvocationHandler:
 
     async def _invoke(self, scope: Scope, receive: Receive, send: Send,
                       endpoint: EndpointState, started: float) -> None:
-        core = self.core
         inbound = split_request_headers(scope["headers"])
         limit = endpoint.max_payload_bytes
         if inbound.content_length is not None and inbound.content_length > limit:
-            await _send_error(send, _too_large(endpoint, inbound.content_length), endpoint.name, "")
+            await _send(send, _error(_too_large(endpoint, inbound.content_length),
+                                     endpoint.name, ""))
             return
         try:
             body = await _read_body(receive, limit)
         except _ClientGone:
             return
         if body is None:
-            await _send_error(send, _too_large(endpoint, None), endpoint.name, "")
+            await _send(send, _error(_too_large(endpoint, None), endpoint.name, ""))
             return
+        await _send(send, await self.reply(endpoint, inbound, body, started))
 
+    # -- the inline path (kubeinfer_runtime.inline_http): no ASGI around the hop
+
+    def inline_plan(self, name: str, raw_headers: list[tuple[bytes, bytes]]
+                    ) -> tuple[EndpointState, InboundHeaders] | None:
+        """What to forward for a clean request to a non-serverless endpoint, or None.
+
+        Unknown endpoints, serverless ones (the activator admits and holds
+        requests) and bodies without a declared size within the limit take
+        the ASGI path, which answers them as before.
+        """
+        endpoint = self.core.routes.endpoints.get(name)
+        if endpoint is None or endpoint.serverless is not None:
+            return None
+        inbound = split_request_headers(raw_headers)
+        length = inbound.content_length
+        if length is None or length > endpoint.max_payload_bytes:
+            return None
+        return endpoint, inbound
+
+    async def reply_inline(self, plan: tuple[EndpointState, InboundHeaders], body: bytes,
+                           started: float) -> Reply:
+        """:meth:`reply` for the inline path, which has nobody else to catch a bug."""
+        endpoint, inbound = plan
+        try:
+            return await self.reply(endpoint, inbound, body, started)
+        except Exception:
+            log.exception("Serving endpoint %s failed unexpectedly", endpoint.name)
+            return _error(Internal(f'Gateway failed serving endpoint "{endpoint.name}": retry; '
+                                   "report a bug if it persists"), endpoint.name, "")
+
+    async def reply(self, endpoint: EndpointState, inbound: InboundHeaders, body: bytes,
+                    started: float) -> Reply:
+        """Choose a variant and upstream, forward, and return the client's response."""
+        core = self.core
         pick = choose(endpoint, inbound.target_variant, core.health.down, core.rng)
         if not isinstance(pick, Pick) and endpoint.serverless is not None:
             # Zero ready replicas: hold the request while one starts (bounded).
             pick = await self.activator.hold(endpoint, inbound.target_variant, pick)
         if not isinstance(pick, Pick):
-            await _send_error(send, pick, endpoint.name, "")
-            return
+            return _error(pick, endpoint.name, "")
         variant = pick.variant
         upstream = pick.upstream
         if inbound.target_model is not None and len(variant.upstreams) > 1:
@@ -160,25 +208,21 @@ class InvocationHandler:
             response = await self._forward(endpoint, variant, upstream,
                                            inbound.forwarded, body)
         except RuntimeServiceError as err:
-            await _send_error(send, err, endpoint.name, variant.name, variant.header_value)
-            return
+            return _error(err, endpoint.name, variant.name, variant.header_value)
         except Exception:
             log.exception("Forwarding to %s failed unexpectedly", upstream)
-            await _send_error(send, Internal(
+            return _error(Internal(
                 f'Gateway failed forwarding to variant "{variant.name}" of endpoint '
                 f'"{endpoint.name}": retry; report a bug if it persists'),
                 endpoint.name, variant.name, variant.header_value)
-            return
         upstream_s = time.perf_counter() - upstream_started
-
-        headers = response_headers(response.headers, variant.header_value, len(response.body))
-        await send({"type": "http.response.start", "status": response.status,
-                    "headers": headers})
-        await send({"type": "http.response.body", "body": response.body})
         recorder.invocation(endpoint.name, variant.name,
                             time.perf_counter() - started - upstream_s, upstream_s)
         if response.status >= 400:
             recorder.error(endpoint.name, variant.name, _error_code(response))
+        return (response.status,
+                response_headers(response.headers, variant.header_value, len(response.body)),
+                response.body)
 
     async def _forward(self, endpoint: EndpointState, variant: VariantState, url: str,
                        headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:

@@ -6,6 +6,12 @@ check the path, read the body (enforcing the payload limit as it arrives),
 decode with the codec, predict, encode, send. Everything else (health,
 metadata, metrics, docs) falls through to the FastAPI app, where per-request
 cost does not matter.
+
+Under ``kubeinfer-runtime serve`` most inference requests do not even arrive
+as ASGI: the HTTP protocol (``inline_http``) asks :meth:`HotPath.inline_plan`
+when the headers are in and :meth:`HotPath.respond_inline` when the body is,
+and writes the reply itself. Both paths share the planning and the work, so
+they answer alike (tests/integration/test_inline_http.py).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubeinfer_runtime import codec
 from kubeinfer_runtime.errors import (
@@ -31,6 +37,9 @@ from kubeinfer_runtime.server.json_lane import LANE_CONTENT_TYPES
 from kubeinfer_runtime.server.state import LoadedModel, ModelSlot
 
 log = logging.getLogger("kubeinfer.server")
+
+#: (status, headers, body) of a response.
+Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -80,8 +89,26 @@ def v2_work(model: LoadedModel, body: bytes, model_name: str) -> tuple[bytes, fl
     return codec.encode_v2(outputs, model_name, model.version, req.id), model_s
 
 
+class Plan(NamedTuple):
+    """A request the hot path accepted, decided from its headers before its body is read."""
+
+    #: None for ``/invocations``; the ``{m}[/versions/{v}]`` part of a V2 infer path.
+    v2_target: str | None
+    content_type: str | None
+    #: The negotiated ``/invocations`` response encoding (V2 always answers JSON).
+    encoding: codec.Encoding
+    out_type: bytes
+    model: LoadedModel
+    declared_length: int | None
+
+
 class HotPath:
-    """ASGI app: serves the two inference routes itself, delegates the rest to ``app``."""
+    """ASGI app: serves the two inference routes itself, delegates the rest to ``app``.
+
+    It is also an :class:`~kubeinfer_runtime.server.inline_http.InlineResponder`:
+    the HTTP protocol asks it for a :class:`Plan` when a request's headers are
+    in, and for the whole response once its body is, with no ASGI in between.
+    """
 
     def __init__(self, app: ASGIApp, service: InferenceService, model_name: str) -> None:
         self.app = app
@@ -90,58 +117,136 @@ class HotPath:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path: str = scope["path"]
-            if path == "/invocations":
-                await self._handle(scope, receive, send, None)
-                return
-            if path.startswith(_V2_PREFIX) and path.endswith(_V2_SUFFIX):
-                await self._handle(scope, receive, send,
-                                   path[len(_V2_PREFIX):-len(_V2_SUFFIX)])
+            ours, v2_target = self._route(scope["path"])
+            if ours:
+                await self._handle(scope, receive, send, v2_target)
                 return
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def _route(path: str) -> tuple[bool, str | None]:
+        """(is it an inference route, its V2 target)."""
+        if path == "/invocations":
+            return True, None
+        if path.startswith(_V2_PREFIX) and path.endswith(_V2_SUFFIX):
+            return True, path[len(_V2_PREFIX):-len(_V2_SUFFIX)]
+        return False, None
+
+    def _plan(self, method: str, path: str, v2_target: str | None,
+              raw_headers: list[tuple[bytes, bytes]]) -> Plan:
+        """Everything decided from the request line and headers; raises what to answer."""
+        if method != "POST":
+            raise ValidationError(f"{method} is not allowed on {path}: use POST", status=405)
+        content_type, accept, length = _headers(raw_headers)
+        if v2_target is None:
+            # Negotiate before reading and running anything: a request we
+            # cannot answer should cost nothing.
+            encoding = codec.negotiate(accept)
+            out_type = encoding.content_type
+        else:
+            self._check_v2_target(v2_target)
+            encoding, out_type = codec.Encoding.JSON, _JSON
+        return Plan(v2_target, content_type, encoding, out_type, self.service.slot.get(), length)
+
+    def _compute_inline(self, plan: Plan, body: bytes) -> tuple[bytes, float]:
+        """(response body, model seconds), on the calling thread."""
+        model = plan.model
+        if plan.v2_target is not None:
+            return v2_work(model, body, self.model_name)
+        lane = model.json_lane
+        done = (lane(body) if lane is not None and plan.encoding is codec.Encoding.JSON
+                and codec.media_type(plan.content_type) in LANE_CONTENT_TYPES else None)
+        return done if done is not None else invocations_work(
+            model, body, plan.content_type, plan.encoding)
+
+    async def _compute_pooled(self, plan: Plan, body: bytes) -> tuple[bytes, float]:
+        """(response body, model seconds), from an inference thread."""
+        loop = asyncio.get_running_loop()
+        if plan.v2_target is None:
+            return await loop.run_in_executor(self.service.pool, invocations_work, plan.model,
+                                              body, plan.content_type, plan.encoding)
+        return await loop.run_in_executor(self.service.pool, v2_work, plan.model, body,
+                                          self.model_name)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send,
                       v2_target: str | None) -> None:
         svc = self.service
         t0 = time.perf_counter()
         svc.metrics.invocations.value += 1  # a loop counter: no call, no lock
-
-        # The common case inline, without a closure or an extra coroutine: on a
-        # 6 µs model every µs of the request's own cost shows in throughput.
         try:
-            if scope["method"] != "POST":
-                raise ValidationError(f"{scope['method']} is not allowed on {scope['path']}: "
-                                      "use POST", status=405)
-            content_type, accept, length = _headers(scope["headers"])
-            if v2_target is None:
-                # Negotiate before reading and running anything: a request we
-                # cannot answer should cost nothing.
-                encoding = codec.negotiate(accept)
-                out_type = encoding.content_type
+            plan = self._plan(scope["method"], scope["path"], v2_target, scope["headers"])
+            body = await read_body(receive, plan.declared_length, svc.max_payload_bytes)
+            if plan.model.inline:
+                payload, model_s = self._compute_inline(plan, body)
             else:
-                self._check_v2_target(v2_target)
-                out_type = _JSON
-            model = svc.slot.get()
-            body = await read_body(receive, length, svc.max_payload_bytes)
-            if v2_target is None:
-                if model.inline:
-                    lane = model.json_lane
-                    done = (lane(body) if lane is not None and encoding is codec.Encoding.JSON
-                            and codec.media_type(content_type) in LANE_CONTENT_TYPES else None)
-                    payload, model_s = done if done is not None else invocations_work(
-                        model, body, content_type, encoding)
-                else:
-                    payload, model_s = await asyncio.get_running_loop().run_in_executor(
-                        svc.pool, invocations_work, model, body, content_type, encoding)
-            elif model.inline:
-                payload, model_s = v2_work(model, body, self.model_name)
-            else:
-                payload, model_s = await asyncio.get_running_loop().run_in_executor(
-                    svc.pool, v2_work, model, body, self.model_name)
+                payload, model_s = await self._compute_pooled(plan, body)
         except Exception as exc:
             await answer_error(send, svc.metrics, scope["path"], exc)
             return
-        await answer(send, svc.metrics, t0, payload, out_type, model_s)
+        await answer(send, svc.metrics, t0, payload, plan.out_type, model_s)
+
+    # -- InlineResponder: the protocol's path, no ASGI, no task, no await
+
+    def inline_plan(self, method: bytes, url: bytes,
+                    raw_headers: list[tuple[bytes, bytes]]) -> Plan | None:
+        """The plan for a request answerable inline, or None: let the ASGI path serve it.
+
+        Only the clean case qualifies: a POST to an inference route with a
+        declared length within the limit, to a loaded model. Anything else,
+        errors decided from the headers included, takes the ASGI path.
+        """
+        if method != b"POST" or b"?" in url or b"%" in url:
+            return None
+        path = url.decode("latin-1")
+        ours, v2_target = self._route(path)
+        if not ours:
+            return None
+        try:
+            plan = self._plan("POST", path, v2_target, raw_headers)
+        except Exception:
+            return None
+        length = plan.declared_length
+        if length is None or length > self.service.max_payload_bytes:
+            return None
+        self.service.metrics.invocations.value += 1
+        return plan
+
+    def respond_inline(self, plan: Plan, body: bytes, t0: float,
+                       url: bytes) -> Reply | Awaitable[Reply]:
+        """The reply to a planned request, errors included; records metrics.
+
+        A model that runs on the loop is answered on the spot; one in the
+        thread pool returns an awaitable, which the protocol awaits in a task.
+        """
+        if not plan.model.inline:
+            return self._respond_pooled(plan, body, t0, url)
+        try:
+            payload, model_s = self._compute_inline(plan, body)
+        except Exception as exc:
+            return self._error(url, exc)
+        return self._ok(plan, t0, payload, model_s)
+
+    async def _respond_pooled(self, plan: Plan, body: bytes, t0: float, url: bytes) -> Reply:
+        try:
+            payload, model_s = await self._compute_pooled(plan, body)
+        except Exception as exc:
+            return self._error(url, exc)
+        return self._ok(plan, t0, payload, model_s)
+
+    def _ok(self, plan: Plan, t0: float, payload: bytes, model_s: float) -> Reply:
+        record_success(self.service.metrics, t0, model_s)
+        return 200, [(b"content-type", plan.out_type),
+                     (b"content-length", str(len(payload)).encode())], payload
+
+    def _error(self, url: bytes, exc: Exception) -> Reply:
+        reply = error_reply(self.service.metrics, url.decode("latin-1"), exc)
+        # A body in hand cannot be a client that went away: there is a reply.
+        assert reply is not None
+        return reply
+
+    def inline_abandoned(self, plan: Plan) -> None:
+        """The client left before sending the whole body: counted like the ASGI path's 499."""
+        self.service.metrics.error(499)
 
     def _check_v2_target(self, target: str) -> None:
         # "{m}" or "{m}/versions/{v}"; any version of the one model we serve.
@@ -205,30 +310,42 @@ async def answer(send: Send, metrics: ModelServerMetrics, t0: float, payload: by
         (b"content-type", out_type), (b"content-length", str(len(payload)).encode()),
     ]})
     await send({"type": "http.response.body", "body": payload})
+    record_success(metrics, t0, model_s)
+
+
+def record_success(metrics: ModelServerMetrics, t0: float, model_s: float) -> None:
+    """The two latencies of an answered request: the model's, and everything else's."""
     metrics.model_latency.observe(model_s)
     metrics.overhead_latency.observe(max(time.perf_counter() - t0 - model_s, 0.0))
 
 
 async def answer_error(send: Send, metrics: ModelServerMetrics, what: str,
                        exc: Exception) -> None:
-    """Answer a failed inference request the same way on every route.
+    """Answer a failed inference request the same way on every route (see error_reply)."""
+    reply = error_reply(metrics, what, exc)
+    if reply is not None:
+        status, headers, body = reply
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def error_reply(metrics: ModelServerMetrics, what: str,
+                exc: Exception) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    """(status, headers, body) for a failed inference request, counted in the metrics.
 
     Every inference route (single model, multi-model, pipeline) answers alike:
-    our errors with their status, a client that went away with nothing
-    (counted as 499), anything unexpected as a logged 500 that never takes the
+    our errors with their status, a client that went away with nothing (None,
+    counted as 499), anything unexpected as a logged 500 that never takes the
     server down.
     """
     if isinstance(exc, ClientDisconnected):
         metrics.error(499)
-        return
-    if isinstance(exc, RuntimeServiceError):
-        await _send_error(send, exc)
-        metrics.error(exc.status)
-        return
-    log.error("Unexpected failure serving %s", what, exc_info=exc)
-    await _send_error(send, Internal("Internal failure while serving the request: "
-                                     "see the model server's log"))
-    metrics.error(500)
+        return None
+    if not isinstance(exc, RuntimeServiceError):
+        log.error("Unexpected failure serving %s", what, exc_info=exc)
+        exc = Internal("Internal failure while serving the request: see the model server's log")
+    metrics.error(exc.status)
+    return render_error(exc)
 
 
 async def _read_rest(receive: Receive, first: Message, body: bytes, limit: int) -> bytes:
@@ -258,10 +375,3 @@ def _too_large(size: int, limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes "
                            f"({limit / 1048576:g} MB; got {size} bytes or more): send smaller "
                            "batches, or use asynchronous inference or batch transform")
-
-
-async def _send_error(send: Send, err: RuntimeServiceError) -> None:
-    status, headers, body = render_error(err)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
