@@ -103,6 +103,9 @@ def test_metric_window_rates() -> None:
     w = MetricWindow(window_s=10)
     assert w.invocations_per_replica_per_minute(1) is None
     w.add(0.0, 100.0, {"a": 1.0})
+    # A burst in the first second is not a rate yet: under half a window of data.
+    w.add(1.0, 130.0, {"a": 1.5})
+    assert w.invocations_per_replica_per_minute(1) is None and w.cpu_percent(1) is None
     w.add(5.0, 150.0, {"a": 2.0})
     assert w.invocations_per_replica_per_minute(2) == pytest.approx(300.0)  # 10/s * 60 / 2
     assert w.cpu_percent(1) == pytest.approx(20.0)

@@ -52,9 +52,21 @@ class CounterSum:
         return self.total
 
 
+#: A window's rates are None until its samples span this share of the window.
+MIN_SPAN_FRACTION = 0.5
+
+
 @dataclass
 class MetricWindow:
-    """Counter samples of one variant; rates over the last ``window_s`` seconds."""
+    """Counter samples of one variant; rates over the last ``window_s`` seconds.
+
+    Right after a scaler starts (operator or supervisor restart, first
+    reading of a new variant) the samples span only a few seconds, and a rate
+    over them reads a short burst as sustained load: 20 requests in the first
+    second are 1,200 a minute. So the rates stay None (no decision from this
+    metric) until the samples span half the window, as CloudWatch alarms need
+    whole periods of data before they fire.
+    """
 
     window_s: float
     samples: deque[tuple[float, float, float]] = field(default_factory=deque)
@@ -75,7 +87,7 @@ class MetricWindow:
             return None
         (t0, inv0, cpu0), (t1, inv1, cpu1) = self.samples[0], self.samples[-1]
         dt = t1 - t0
-        if dt <= 0:
+        if dt <= 0 or dt < self.window_s * MIN_SPAN_FRACTION:
             return None
         return dt, max(inv1 - inv0, 0.0), max(cpu1 - cpu0, 0.0)
 
