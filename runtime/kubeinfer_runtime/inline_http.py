@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any, Protocol, runtime_checkable
 
+import uvicorn
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -78,13 +79,33 @@ def find_responder(app: object) -> InlineResponder | None:
     return None
 
 
+#: The parts of uvicorn's protocol (0.54, in requirements/constraints.txt) the
+#: inline path relies on besides the parser callbacks.
+_UVICORN_PARTS = ("cycle", "pipeline", "tasks", "server_state", "headers", "parser", "loop",
+                  "expect_100_continue", "on_response_complete",
+                  "_unset_keepalive_if_required")
+_warned = False
+
+
+def _uvicorn_fits(protocol: HttpToolsProtocol) -> bool:
+    """False (with one warning) if this uvicorn lacks a part the inline path uses."""
+    global _warned
+    missing = [name for name in _UVICORN_PARTS if not hasattr(protocol, name)]
+    if missing and not _warned:
+        _warned = True
+        log.warning("uvicorn %s lacks %s: serving every request through ASGI (slower)",
+                    uvicorn.__version__, ", ".join(missing))
+    return not missing
+
+
 class InlineHttpProtocol(HttpToolsProtocol):
     """``uvicorn.run(..., http=InlineHttpProtocol)``: httptools with the inline path."""
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._responder = None if self.access_log else find_responder(self.app)
+        self._responder = (None if self.access_log or not _uvicorn_fits(self)
+                           else find_responder(self.app))
         #: The plan of the inline request being received, or None.
         self._plan: Any | None = None
         self._chunks: list[bytes] = []

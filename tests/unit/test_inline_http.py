@@ -9,6 +9,7 @@ driving uvicorn's protocol with a recording transport.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
@@ -194,3 +196,22 @@ def test_a_client_gone_mid_body_counts_499() -> None:
         assert isinstance(responder, HotPath)
         assert responder.service.metrics._errors[499].value == 1
     asyncio.run(run())
+
+
+def test_a_uvicorn_without_the_parts_it_relies_on_means_plain_asgi(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import kubeinfer_runtime.inline_http as inline_http
+
+    monkeypatch.setattr(inline_http, "_UVICORN_PARTS", (*inline_http._UVICORN_PARTS,
+                                                        "a_part_from_the_future"))
+    monkeypatch.setattr(inline_http, "_warned", False)
+
+    async def run() -> None:
+        proto, transport, state = _protocol()
+        proto.data_received(_post(b"/invocations", b"[[1, 2]]"))
+        assert len(state.tasks) == 1
+        await asyncio.gather(*state.tasks)
+        assert len(transport.writes) == 2
+    with caplog.at_level(logging.WARNING, logger="kubeinfer.http"):
+        asyncio.run(run())
+    assert "a_part_from_the_future" in caplog.text
