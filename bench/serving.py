@@ -5,12 +5,13 @@ One run measures, on the same models with the same load generator (wrk):
   * a bare ASGI app (no framework; orjson, uvloop, httptools, 1 worker) — the
     issue's target baseline: our model server must reach >= 90% of it at c=64,
   * a minimal hand-written FastAPI + onnxruntime app,
-  * our model server (``kubeinfer-runtime serve --role model-server``) direct,
+  * our model server (``kubeinfer-runtime serve --role model-server``) direct
+    (with ``--asgi-path``, also with its inline HTTP path switched off),
   * our gateway -> model server (SageMaker Runtime API path).
 Models: a small scikit-learn classifier (skl2onnx) and an MLP 256-512-512-10.
 
     .venv/bin/python bench/serving.py [--duration 3] [--rounds 3] [--concurrency 1,8,64]
-                                      [--markdown]
+                                      [--markdown] [--asgi-path]
 
 It prints a table (rps, p50, p99) and the two target checks. It is never run
 as a test: speed is measured, not asserted.
@@ -56,8 +57,13 @@ def inprocess(model: Path, x: np.ndarray, seconds: float) -> LoadResult:
                       p99_ms=lat[int(len(lat) * 0.99)] * 1e3, errors=0)
 
 
-def start_servers(model: Path, log_dir: Path) -> dict[str, tuple[Server, str]]:
-    """name -> (server, invocation URL). The gateway is started last, in front of ours."""
+def start_servers(model: Path, log_dir: Path,
+                  asgi_path: bool = False) -> dict[str, tuple[Server, str]]:
+    """name -> (server, invocation URL). The gateway is started last, in front of ours.
+
+    ``asgi_path`` adds our model server with the inline HTTP path switched off
+    (``KUBEINFER_INLINE_HTTP=false``): every request through uvicorn's ASGI path.
+    """
     servers: dict[str, tuple[Server, str]] = {}
     env = {"BENCH_MODEL": str(model)}
     p = free_port()
@@ -74,6 +80,12 @@ def start_servers(model: Path, log_dir: Path) -> dict[str, tuple[Server, str]]:
     cmd = [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role", "model-server"]
     ms = start("model-server", cmd, ms_env, p, "/ping", log_dir)
     servers["kubeinfer model server"] = (ms, f"{ms.url}/invocations")
+    if asgi_path:
+        p = free_port()
+        asgi = start("model-server-asgi", cmd, {**ms_env, "KUBEINFER_PORT": str(p),
+                                                 "KUBEINFER_INLINE_HTTP": "false"},
+                     p, "/ping", log_dir)
+        servers["kubeinfer model server (ASGI path)"] = (asgi, f"{asgi.url}/invocations")
 
     from kubeinfer_runtime.contract import EndpointRoute, RouteTable, VariantRoute
 
@@ -97,6 +109,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--models", default="sklearn,mlp")
     ap.add_argument("--markdown", action="store_true", help="also print a markdown table")
+    ap.add_argument("--asgi-path", action="store_true",
+                    help="also measure our model server with the inline HTTP path off")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     console = Console()
@@ -118,7 +132,7 @@ def main() -> None:
                          inprocess(path, x, args.duration)))
             log_dir = tmpdir / f"logs-{model_name}"
             log_dir.mkdir()
-            servers = start_servers(path, log_dir)
+            servers = start_servers(path, log_dir, args.asgi_path)
             try:
                 for _, url in servers.values():
                     # Warm up connection pools and caches before measuring.

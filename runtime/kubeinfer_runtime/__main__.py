@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        # httptools, plus inline answers for the model server's clean requests.
-        http=InlineHttpProtocol,
+        # httptools, plus inline answers for clean inference requests.
+        http=InlineHttpProtocol if settings.inline_http else "httptools",
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,

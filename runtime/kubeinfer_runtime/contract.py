@@ -335,6 +335,10 @@ class _RoleSettings(BaseSettings):
     #: uvicorn worker processes. One is the default: scale with replicas.
     workers: int = Field(default=1, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Answer clean inference requests inside the HTTP protocol, without ASGI
+    #: (``inline_http``). False serves every request through uvicorn's ASGI
+    #: path: a switch for A/B measurements, or to rule the inline path out.
+    inline_http: bool = True
 
     s3_endpoint_url: str | None = Field(
         default=None,

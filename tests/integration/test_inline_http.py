@@ -356,3 +356,24 @@ def test_gateway_client_leaving_while_its_answer_is_in_flight(gateway: Gateway) 
     r = httpx.post(gateway.url + "/endpoints/echo/invocations", content=b"{}")
     assert r.status_code == 200
     assert "Traceback" not in gateway.proc.log()
+
+
+def test_the_switch_off_serves_every_request_through_asgi_alike(
+        server: RuntimeProcess, models_dir: Path, tmp_path: Path) -> None:
+    off = start_runtime("model-server", _env(models_dir, KUBEINFER_MAX_PAYLOAD_BYTES="4096",
+                                             KUBEINFER_INLINE_HTTP="false"), tmp_path)
+    try:
+        raw = _post("/invocations", _json(ROWS)) + _post("/invocations", b"[[1,")
+        answers = []
+        for proc in (server, off):
+            sock, reader = _connect(proc)
+            with sock:
+                sock.sendall(raw)
+                got = reader.read(2)
+            for r in got:
+                r.headers.pop("date", None)
+            answers.append([(r.status, r.headers, r.body) for r in got])
+        assert answers[0] == answers[1]
+        assert [a[0] for a in answers[1]] == [200, 400]
+    finally:
+        off.stop()
