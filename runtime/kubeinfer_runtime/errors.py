@@ -16,6 +16,8 @@ import orjson
 
 #: ASGI-style header list: lower-case names, bytes.
 Headers = list[tuple[bytes, bytes]]
+#: A whole HTTP response, ready to send: (status, headers, body).
+Reply = tuple[int, Headers, bytes]
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -99,7 +101,7 @@ def error_body(code: str, message: str) -> bytes:
     return orjson.dumps({"ErrorCode": code, "Message": message, "message": message})
 
 
-def render_error(err: RuntimeServiceError) -> tuple[int, Headers, bytes]:
+def render_error(err: RuntimeServiceError) -> Reply:
     """``(status, headers, body)`` ready to send, content headers included."""
     body = error_body(err.code, err.message)
     headers: Headers = [

@@ -33,10 +33,9 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-log = logging.getLogger("kubeinfer.http")
+from kubeinfer_runtime.errors import Reply
 
-#: (status, headers, body) of a response.
-Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
+log = logging.getLogger("kubeinfer.http")
 
 _INTERNAL_ERROR: Reply = (500, [(b"content-type", b"text/plain; charset=utf-8"),
                                 (b"content-length", b"21")], b"Internal Server Error")

@@ -27,11 +27,11 @@ from fastapi import FastAPI, Response
 from kubeinfer_runtime import __version__
 from kubeinfer_runtime.api_errors import install_error_handlers
 from kubeinfer_runtime.contract import AsyncQueueKeys, GatewaySettings
-from kubeinfer_runtime.errors import ValidationError
+from kubeinfer_runtime.errors import Reply, ValidationError
 from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.headers import InboundHeaders
 from kubeinfer_runtime.gateway.loops import health_loop, reload_routes, route_reload_loop
-from kubeinfer_runtime.gateway.proxy import InvocationHandler, Receive, Reply, Scope, Send
+from kubeinfer_runtime.gateway.proxy import InvocationHandler, Receive, Scope, Send
 from kubeinfer_runtime.gateway.routing import EndpointState
 from kubeinfer_runtime.metrics import render_latest
 from kubeinfer_runtime.openapi_docs import V2_CONTENT, Header, Route, document_routes

@@ -30,6 +30,7 @@ from kubeinfer_runtime.errors import (
     ModelError,
     NotReady,
     PayloadTooLarge,
+    Reply,
     RuntimeServiceError,
     render_error,
 )
@@ -92,10 +93,6 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-#: (status, headers, body) of a response, ready to send.
-Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
 def _error(err: RuntimeServiceError, endpoint: str, variant: str,

@@ -25,6 +25,7 @@ from kubeinfer_runtime.contract import (
 )
 from kubeinfer_runtime.errors import (
     NotReady,
+    Reply,
     RuntimeServiceError,
     ValidationError,
     render_error,
@@ -85,7 +86,7 @@ class AsyncSubmitHandler:
         await send({"type": "http.response.body", "body": body})
 
     async def _handle(self, scope: Scope, endpoint: EndpointRoute | None,
-                      name: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+                      name: str) -> Reply:
         from kubeinfer_runtime.errors import NotFound
 
         if endpoint is None:

@@ -28,6 +28,7 @@ from kubeinfer_runtime.errors import (
     Internal,
     NotFound,
     PayloadTooLarge,
+    Reply,
     RuntimeServiceError,
     ValidationError,
     render_error,
@@ -38,8 +39,6 @@ from kubeinfer_runtime.server.state import LoadedModel, ModelSlot
 
 log = logging.getLogger("kubeinfer.server")
 
-#: (status, headers, body) of a response.
-Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -330,7 +329,7 @@ async def answer_error(send: Send, metrics: ModelServerMetrics, what: str,
 
 
 def error_reply(metrics: ModelServerMetrics, what: str,
-                exc: Exception) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+                exc: Exception) -> Reply | None:
     """(status, headers, body) for a failed inference request, counted in the metrics.
 
     Every inference route (single model, multi-model, pipeline) answers alike:
