@@ -14,6 +14,11 @@ Two kinds of things live here:
 * Process settings (``ModelServerSettings``, ``GatewaySettings``): one
   pydantic-settings class per runtime role, env prefix ``KUBEINFER_``. The
   operator builds them and calls ``to_env()`` to render the container env.
+
+Policies both sides must apply the same way live in submodules of this
+package (``contract.outbound``: which addresses outbound calls may reach;
+``contract.auth``: how callers authenticate), so the operator's admission
+checks and the runtime's checks before each call can never disagree.
 """
 
 from __future__ import annotations
