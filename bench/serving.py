@@ -7,7 +7,10 @@ One run measures, on the same models with the same load generator (wrk):
   * a minimal hand-written FastAPI + onnxruntime app,
   * our model server (``kubeinfer-runtime serve --role model-server``) direct
     (with ``--asgi-path``, also with its inline HTTP path switched off),
-  * our gateway -> model server (SageMaker Runtime API path).
+  * our gateway -> model server (SageMaker Runtime API path), and the same hop to
+    an endpoint that authenticates callers with SigV4 (each wrk run replays a
+    request signed with botocore just before it; the gateway verifies every one
+    in full, signing-key cache included).
 Models: a small scikit-learn classifier (skl2onnx) and an MLP 256-512-512-10.
 
     .venv/bin/python bench/serving.py [--duration 3] [--rounds 3] [--concurrency 1,8,64]
@@ -88,17 +91,43 @@ def start_servers(model: Path, log_dir: Path,
         servers["kubeinfer model server (ASGI path)"] = (asgi, f"{asgi.url}/invocations")
 
     from kubeinfer_runtime.contract import EndpointRoute, RouteTable, VariantRoute
+    from kubeinfer_runtime.contract.auth import AuthMode, AuthRoute
 
+    keys = log_dir / "keys"
+    keys.mkdir()
+    (keys / "AWS_ACCESS_KEY_ID").write_text(BENCH_KEY[0])
+    (keys / "AWS_SECRET_ACCESS_KEY").write_text(BENCH_KEY[1])
     routes = log_dir / "routes.json"
-    RouteTable(endpoints={"bench": EndpointRoute(name="bench", variants=[
-        VariantRoute(name="primary", weight=1, upstreams=[ms.url])])}).write_atomic(routes)
+    variants = [VariantRoute(name="primary", weight=1, upstreams=[ms.url])]
+    RouteTable(endpoints={
+        "bench": EndpointRoute(name="bench", variants=variants),
+        "bench-sigv4": EndpointRoute(name="bench-sigv4", variants=variants, auth=AuthRoute(
+            mode=AuthMode.SIGV4, credentials_dir=str(keys))),
+    }).write_atomic(routes)
     p = free_port()
     gw_env = {"KUBEINFER_HOST": "127.0.0.1", "KUBEINFER_PORT": str(p),
               "KUBEINFER_ROUTE_TABLE_PATH": str(routes), "KUBEINFER_LOG_LEVEL": "warning"}
     gw = start("gateway", [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role",
                            "gateway"], gw_env, p, "/ping", log_dir)
     servers["kubeinfer gateway -> server"] = (gw, f"{gw.url}/endpoints/bench/invocations")
+    servers[SIGV4_LABEL] = (gw, f"{gw.url}/endpoints/bench-sigv4/invocations")
     return servers
+
+
+BENCH_KEY = ("AKIAKUBEINFERBENCH01", "bench-secret-key-0123456789abcdefghijkl")
+SIGV4_LABEL = "kubeinfer gateway (SigV4) -> server"
+
+
+def sigv4_headers(url: str, body: bytes, content_type: str) -> dict[str, str]:
+    """Headers of ``url`` signed now, as boto3 signs InvokeEndpoint (valid 5 minutes)."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    request = AWSRequest(method="POST", url=url, data=body,
+                         headers={"Content-Type": content_type})
+    SigV4Auth(Credentials(*BENCH_KEY), "sagemaker", "us-east-1").add_auth(request)
+    return {k: v for k, v in request.headers.items() if k.lower() != "content-type"}
 
 
 def main() -> None:
@@ -134,9 +163,11 @@ def main() -> None:
             log_dir.mkdir()
             servers = start_servers(path, log_dir, args.asgi_path)
             try:
-                for _, url in servers.values():
+                for label, (_, url) in servers.items():
                     # Warm up connection pools and caches before measuring.
-                    wrk(url, body, "application/json", 8, 1.0)
+                    headers = (sigv4_headers(url, body, "application/json")
+                               if label == SIGV4_LABEL else None)
+                    wrk(url, body, "application/json", 8, 1.0, headers)
                 # Servers take turns within each round, and each cell reports its
                 # median round: this VM's speed drifts over minutes, and measuring
                 # one server after the other would compare different machines.
@@ -144,8 +175,10 @@ def main() -> None:
                     runs: dict[str, list[LoadResult]] = {label: [] for label in servers}
                     for _ in range(args.rounds):
                         for label, (_, url) in servers.items():
+                            headers = (sigv4_headers(url, body, "application/json")
+                                       if label == SIGV4_LABEL else None)
                             runs[label].append(wrk(url, body, "application/json", c,
-                                                   args.duration))
+                                                   args.duration, headers))
                     for label, results in runs.items():
                         raw[(model_name, label, c)] = results
                         res = sorted(results, key=lambda r: r.rps)[len(results) // 2]
@@ -155,7 +188,7 @@ def main() -> None:
                                     f"errors {sum(r.errors for r in results)} "
                                     f"(rounds: {', '.join(f'{r.rps:.0f}' for r in results)})")
             finally:
-                for server, _ in servers.values():
+                for server, _ in {id(s): (s, u) for s, u in servers.values()}.values():
                     server.stop()
 
     table = Table(title="Real-time serving (wrk, 1 thread; same machine; median of "
@@ -189,6 +222,13 @@ def main() -> None:
             checks.append(f"{model_name}: gateway hop at c=1 adds "
                           f"{statistics.median(hops):.3f} ms p50, median of {len(hops)} paired "
                           f"rounds (range {hops[0]:.3f}-{hops[-1]:.3f}; target <= 0.3 ms)")
+        signed = raw.get((model_name, SIGV4_LABEL, 1))
+        if signed and via:
+            extra = sorted(s.p50_ms - v.p50_ms for s, v in zip(signed, via, strict=True))
+            checks.append(f"{model_name}: SigV4 on the gateway adds "
+                          f"{statistics.median(extra):.3f} ms p50 at c=1, median of "
+                          f"{len(extra)} paired rounds (range {extra[0]:.3f}-{extra[-1]:.3f}; "
+                          "target <= 0.1 ms)")
     for line in checks:
         console.print(line)
 

@@ -105,6 +105,26 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str,
         time.sleep(interval)
 
 
+# -- callers' credentials ------------------------------------------------------------------
+
+
+_caller_keys: tuple[str, str] | None = None
+
+
+def caller_keys() -> tuple[str, str]:
+    """The SigV4 key pair the chart generated (runtime.auth.defaultMode SigV4): what
+    NOTES.txt tells users to read, read the same way."""
+    global _caller_keys
+    if _caller_keys is None:
+        import base64
+
+        secret = kubectl_json("-n", RELEASE_NAMESPACE, "get", f"secret/{FULLNAME}-credentials")
+        data = secret["data"]
+        _caller_keys = (base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(),
+                        base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode())
+    return _caller_keys
+
+
 # -- the object store of async endpoints (e2e/manifests/async-deps.yaml) -------------------
 
 

@@ -48,14 +48,16 @@ def local_model(uri: str, models_dir: Path) -> Path | None:
 # -- boto3 ---------------------------------------------------------------------------------
 
 
-def sagemaker_runtime(port: int, read_timeout: float = 60, connections: int = 10) -> Any:
-    """boto3's unchanged ``sagemaker-runtime`` client, pointed at a port-forwarded gateway."""
+def sagemaker_runtime(port: int, keys: tuple[str, str], read_timeout: float = 60,
+                      connections: int = 10) -> Any:
+    """boto3's unchanged ``sagemaker-runtime`` client, pointed at a port-forwarded gateway,
+    signing with ``keys`` (the chart's generated pair: ``cluster.caller_keys()``)."""
     import boto3  # type: ignore[import-untyped]
     from botocore.config import Config  # type: ignore[import-untyped]
 
     return boto3.client(
         "sagemaker-runtime", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-        aws_access_key_id="e2e", aws_secret_access_key="e2e",
+        aws_access_key_id=keys[0], aws_secret_access_key=keys[1],
         config=Config(retries={"max_attempts": 1}, read_timeout=read_timeout,
                       connect_timeout=10, max_pool_connections=connections),
     )

@@ -32,6 +32,7 @@ from e2e.cluster import (
     S3_SERVICE,
     STATUS_INTERVAL_S,
     apply_and_wait_ready,
+    caller_keys,
     delete_endpoint,
     deployment_replicas,
     diagnosed,
@@ -144,7 +145,7 @@ def test_async_endpoint_queues_and_scales_from_zero(namespace: str, models_dir: 
         s3.put_object(Bucket=bucket, Key="in/rows.json", Body=body, ContentType=JSON)
         service, service_port = gateway_of(obj)
         with port_forward(namespace, service, service_port) as port:
-            rt = sagemaker_runtime(port)
+            rt = sagemaker_runtime(port, caller_keys())
             with pytest.raises(ClientError) as info:  # SageMaker refuses this too
                 rt.invoke_endpoint(EndpointName=name, ContentType=JSON, Body=body)
             code, status, message = error_of(info.value)

@@ -30,6 +30,7 @@ from e2e.cluster import (
     RELEASE,
     RELEASE_NAMESPACE,
     apply_and_wait_ready,
+    caller_keys,
     delete_endpoint,
     diagnosed,
     gateway_of,
@@ -107,7 +108,7 @@ def test_example_endpoint(example: Path, doc: dict[str, Any], namespace: str,
         weighted = {v["name"] for v in variants if v.get("weight", 1.0) > 0}
 
         with port_forward(namespace, service, service_port) as port:
-            client = sagemaker_runtime(port)
+            client = sagemaker_runtime(port, caller_keys())
             for v in variants:
                 model = local_model(v["model"]["uri"], models_dir)
                 if model is None:
@@ -134,5 +135,16 @@ def test_example_endpoint(example: Path, doc: dict[str, Any], namespace: str,
                 client.invoke_endpoint(EndpointName=name, TargetVariant="no-such-variant",
                                        ContentType="application/json", Body=body)
             assert unknown_variant.value.response["Error"]["Code"] == "ValidationError"
+
+            # Callers sign with the chart's keys (SigV4 by default): a wrong key is refused.
+            stranger = sagemaker_runtime(port, (caller_keys()[0], "not-the-secret"))
+            with pytest.raises(ClientError) as refused:
+                stranger.invoke_endpoint(EndpointName=name, ContentType="application/json",
+                                         Body=body)
+            assert refused.value.response["Error"]["Code"] == "InvalidSignatureException"
+
+        # The model servers' NetworkPolicy, and the runtime Secret the pods read.
+        kubectl("-n", namespace, "get", f"networkpolicy/{name}-model-servers")
+        kubectl("-n", namespace, "get", "secret/kubeinfer-runtime")
 
         delete_endpoint(namespace, name, obj["metadata"]["uid"])

@@ -20,6 +20,7 @@ from e2e.cluster import (
     GC_TIMEOUT_S,
     READY_TIMEOUT_S,
     apply_and_wait_ready,
+    caller_keys,
     delete_endpoint,
     diagnosed,
     gateway_of,
@@ -65,7 +66,7 @@ def test_multimodel_endpoint_serves_each_target_model(namespace: str, models_dir
         obj = apply_and_wait_ready(namespace, EXAMPLES / EXAMPLE, name)
         service, service_port = gateway_of(obj)
         with port_forward(namespace, service, service_port) as port:
-            client = sagemaker_runtime(port)
+            client = sagemaker_runtime(port, caller_keys())
             for target in TARGETS:
                 model = models_dir / target
                 body, expected = sample_and_expected(model)

@@ -50,6 +50,7 @@ from kubeinfer_operator.local.state import (
 )
 from kubeinfer_operator.local.usage import async_usage_text, sample_body, usage_text
 from kubeinfer_operator.local.view import process_rows, status_document, variant_rows
+from kubeinfer_runtime.contract.auth import AuthMode
 
 app = typer.Typer(
     name="kubeinfer", no_args_is_help=True, add_completion=False,
@@ -256,6 +257,12 @@ def up(
                 note = clean_stale(paths)
                 if note:
                     out.print(note)
+                auth = item.endpoint.spec.auth
+                if auth is None or auth.mode in (None, AuthMode.NONE):
+                    out.print(f"Endpoint {item.name}: callers are not authenticated (local "
+                              "mode's default; the gateway listens on 127.0.0.1 only); set "
+                              "spec.auth.mode SigV4 or Token to require credentials",
+                              soft_wrap=True)
                 running = liveness(paths) is Liveness.RUNNING
                 generation = hand_over(paths, item, timeout_s=timeout, gateway_port=port,
                                        running=running)
@@ -474,6 +481,46 @@ def down(
             raise _fail(str(exc)) from exc
         out.print(f"Stopped endpoint {paths.name}" if stopped
                   else f"Endpoint {paths.name} is not running")
+
+
+# -- secret ----------------------------------------------------------------------------------
+
+secret_app = typer.Typer(help="Local mode's Secrets (the credentials auth.secretName names).")
+app.add_typer(secret_app, name="secret")
+
+
+@secret_app.command("create")
+def secret_create(
+    name: Annotated[str, typer.Argument(help="The Secret's name (auth.secretName).")],
+    literal: Annotated[list[str] | None, typer.Option(
+        "--from-literal", help="KEY=VALUE, e.g. AWS_ACCESS_KEY_ID=... (repeatable).")] = None,
+    from_file: Annotated[list[str] | None, typer.Option(
+        "--from-file", help="KEY=PATH: the file's content under KEY, e.g. "
+                            "credentials=~/.aws/credentials (repeatable).")] = None,
+) -> None:
+    """Write Secret NAME under $KUBEINFER_HOME/secrets (like kubectl create secret generic)."""
+    from kubeinfer_operator.local.credentials import create_secret
+
+    entries: dict[str, bytes] = {}
+    for item in literal or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _fail(f"--from-literal {key!r} has no '=': write KEY=VALUE", 2)
+        entries[key] = value.encode()
+    for item in from_file or []:
+        key, sep, path = item.partition("=")
+        if not sep:
+            raise _fail(f"--from-file {key!r} has no '=': write KEY=PATH", 2)
+        try:
+            entries[key] = Path(path).expanduser().read_bytes()
+        except OSError as exc:
+            raise _fail(f"--from-file {key}: cannot read {path}: {exc.strerror}", 2) from exc
+    try:
+        folder = create_secret(name, entries)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from exc
+    out.print(f"Secret {name} written to {folder} ({len(entries)} key(s), readable by you "
+              "only)")
 
 
 # -- crds ----------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 import kopf
+from pydantic import SecretStr
 
 from kubeinfer_operator.errors import ClusterError
 from kubeinfer_operator.handlers import endpoint as endpoint_handlers
@@ -24,6 +26,7 @@ from kubeinfer_operator.handlers.scaler import ClusterScaler
 from kubeinfer_operator.handlers.sync import EndpointSync
 from kubeinfer_operator.k8s.client import KubeClient
 from kubeinfer_operator.k8s.login import login_handler
+from kubeinfer_operator.render import k8s_secrets
 from kubeinfer_operator.settings import OperatorSettings
 
 
@@ -43,15 +46,29 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: OperatorSetti
     kopf_settings.watching.client_timeout = 330
 
 
+def with_signing_key(settings: OperatorSettings) -> OperatorSettings:
+    """``settings`` with a scaler signing key: the chart's, else a random one for this process
+    (its tokens change when the operator restarts; the gateways then roll to get new ones)."""
+    if settings.scaler_signing_key is not None or settings.scaler_port is None:
+        return settings
+    logging.getLogger(__name__).warning(
+        "No KUBEINFER_SCALER_SIGNING_KEY: scaler tokens are derived from a random key that "
+        "changes when the operator restarts (every gateway then rolls); the Helm chart sets "
+        "a stable one")
+    return settings.model_copy(update={"scaler_signing_key": SecretStr(secrets.token_urlsafe(32))})
+
+
 def build_registry(settings: OperatorSettings,
                    client: KubeClient | None = None) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     kube = client or KubeClient()
-    ours = settings
+    ours = with_signing_key(settings)
 
     kopf.on.login(registry=registry)(login_handler(kube))
-    scaler = ClusterScaler(port=ours.scaler_port, redis_url=ours.redis_url)
-    sync = EndpointSync(kube, ours, scaler=scaler)
+    outbound = ours.outbound_policy()
+    scaler = ClusterScaler(port=ours.scaler_port, redis_url=ours.redis_url, outbound=outbound,
+                           signing_key=k8s_secrets.signing_key(ours))
+    sync = EndpointSync(kube, ours, scaler=scaler, outbound=outbound)
 
     async def scale_now(namespace: str, name: str) -> None:
         try:

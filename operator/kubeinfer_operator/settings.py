@@ -6,10 +6,13 @@ documented in charts/kubeinfer/values.yaml too.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from kubeinfer_runtime.contract.auth import AuthMode
+from kubeinfer_runtime.contract.outbound import OutboundPolicy
 
 
 class OperatorSettings(BaseSettings):
@@ -39,6 +42,31 @@ class OperatorSettings(BaseSettings):
     #: workers get it as KUBEINFER_REDIS_URL, the operator reads the backlog there.
     redis_url: str | None = None
 
+    #: How callers authenticate to gateways of Endpoints whose spec.auth names no mode.
+    default_auth_mode: AuthMode = AuthMode.NONE
+    #: The default caller credentials (the chart generates them into a Secret and
+    #: passes them here with secretKeyRef): copied into each namespace's runtime
+    #: Secret, which gateways of Endpoints without auth.secretName mount.
+    caller_access_key_id: SecretStr | None = None
+    caller_secret_access_key: SecretStr | None = None
+    caller_token: SecretStr | None = None
+    #: Key the per-namespace scaler tokens are derived from (HMAC); gateways
+    #: present their namespace's token on POST /scale. None: a random key per
+    #: operator process (tokens then change when it restarts).
+    scaler_signing_key: SecretStr | None = None
+    #: Name of the Secret the operator keeps in each namespace with Endpoints:
+    #: Redis URL, scaler token, default caller credentials. Pods read it through
+    #: secretKeyRef and Secret volumes; it never appears in a literal env value.
+    runtime_secret_name: str = "kubeinfer-runtime"
+    #: Render NetworkPolicies: model servers accept traffic only from their
+    #: Endpoint's gateway pods (and metrics scrapers on the metrics port).
+    network_policy: bool = False
+    #: NetworkPolicyPeers (JSON list) allowed to the runtime pods' metrics port;
+    #: empty: any source (metrics carry no secret; Prometheus convention).
+    metrics_from: list[dict[str, Any]] = Field(default_factory=list)
+    #: Port of the runtime pods' metrics-only listener (GET /metrics).
+    metrics_port: int = Field(default=9090, ge=1, le=65535)
+
     #: kopf's liveness probe URL (``http://0.0.0.0:8080/healthz``); None disables it.
     liveness_endpoint: str | None = None
     #: Run without peering (a single replica, e.g. in tests). With peering, the
@@ -56,6 +84,10 @@ class OperatorSettings(BaseSettings):
     #: URL gateways POST scale requests to (the chart's scaler Service), e.g.
     #: ``http://kubeinfer-scaler.kubeinfer-system.svc:8090/scale``.
     scaler_url: str | None = None
+    #: Outbound URLs of Endpoints (notification webhooks, autoscaling.prometheusUrl)
+    #: may point at these otherwise refused addresses (link-local/metadata, the
+    #: API server): comma-separated CIDRs or host names (``contract.outbound``).
+    outbound_allow: str = ""
     #: Annotation/label prefix kopf keeps its handler progress under.
     kopf_state_prefix: str = "kubeinfer.io"
 
@@ -65,3 +97,20 @@ class OperatorSettings(BaseSettings):
         if isinstance(v, str):
             return [n.strip() for n in v.split(",") if n.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> OperatorSettings:
+        if self.metrics_port == self.runtime_port:
+            raise ValueError(f"metrics_port and runtime_port are both {self.runtime_port}: "
+                             "give the metrics listener its own port")
+        return self
+
+    @field_validator("outbound_allow")
+    @classmethod
+    def _allow_list_parses(cls, v: str) -> str:
+        OutboundPolicy.parse(v, env={})  # ValueError naming the bad entry, at startup
+        return v
+
+    def outbound_policy(self) -> OutboundPolicy:
+        """The outbound policy of the operator's own calls and of its admission checks."""
+        return OutboundPolicy.parse(self.outbound_allow)

@@ -6,11 +6,17 @@ Two wire protocols meet one backend interface here:
   Content-Type picks the decoder (JSON, CSV, .npy/.npz) and Accept picks the
   encoder;
 * the Open Inference Protocol V2 (``POST /v2/models/{m}/infer``): JSON tensors
-  with explicit name, shape and datatype.
+  with explicit name, shape and datatype (decoded in ``codec_v2``).
 
 Every decoded tensor is coerced to the dtype the model declares and checked
-against its rank and static dimensions, so a bad request is answered with a 400
-naming the input and what was expected instead of an opaque backend failure.
+against its rank and static dimensions (``codec_tensors``), so a bad request is
+answered with a 400 naming the input and what was expected instead of an
+opaque backend failure. Every decoder is bounded by :class:`DecodeLimits`
+(``codec_limits``): what a body would decode to is checked before it is
+allocated or inflated (.npy/.npz in ``codec_numpy``), and going over is a 413.
+Anything else bad bytes make numpy, zipfile or the parsers raise is a 400,
+never a 500. No error message quotes the request's content: messages say
+what was wrong and where (row, column, position, expected shape).
 orjson (with numpy support) does all JSON work: tensors never go through
 pydantic, which would cost more than the model on small requests.
 """
@@ -19,10 +25,8 @@ from __future__ import annotations
 
 import csv
 import io
-import math
-import zipfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from array import array
+from collections.abc import Iterator, Sequence
 from enum import Enum
 from functools import lru_cache
 from typing import Any
@@ -30,15 +34,36 @@ from typing import Any
 import numpy as np
 import orjson
 
-from kubeinfer_runtime.errors import ValidationError
+from kubeinfer_runtime.codec_limits import (
+    DEFAULT_LIMITS,
+    TEXT_ITEM_BYTES,
+    DecodeLimits,
+    header_value,
+    out_of_memory,
+    too_large,
+    undecodable,
+)
+from kubeinfer_runtime.codec_numpy import NPY_MAGIC, ZIP_MAGICS, read_npy, read_npz
+from kubeinfer_runtime.codec_tensors import (
+    check_names,
+    count_values,
+    load_json,
+    to_tensor,
+)
+from kubeinfer_runtime.codec_v2 import V2Request, decode_v2, decode_v2_inputs
+from kubeinfer_runtime.errors import RuntimeServiceError, ValidationError
 from kubeinfer_runtime.models.base import (
     Array,
-    ModelMetadata,
     Tensors,
     TensorSpec,
-    numpy_dtype,
     v2_datatype,
 )
+
+__all__ = [
+    "CSV", "DEFAULT_LIMITS", "JSON", "NPY", "NPZ", "DecodeLimits", "Encoding", "V2Request",
+    "decode_request", "decode_v2", "dumps", "encode_response", "encode_v2", "fast_float_json",
+    "media_type", "negotiate", "to_tensor",
+]
 
 JSON = "application/json"
 CSV = "text/csv"
@@ -49,6 +74,8 @@ _DECODABLE = f"{JSON}, {CSV}, {NPY} or {NPZ}"
 _ENCODABLE = f"{JSON}, {CSV} or {NPY}"
 # Non-str keys: scikit-learn ZipMap outputs are dicts keyed by class label.
 _OPT = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+#: CSV text is split into lines this many characters at a time.
+_CSV_BLOCK = 1 << 18
 
 
 class Encoding(Enum):
@@ -77,36 +104,48 @@ def media_type(header: str | None) -> str:
 # --------------------------------------------------------------------------- decode
 
 
-def decode_request(body: bytes, content_type: str | None,
-                   inputs: Sequence[TensorSpec]) -> Tensors:
+def decode_request(body: bytes, content_type: str | None, inputs: Sequence[TensorSpec],
+                   limits: DecodeLimits = DEFAULT_LIMITS) -> Tensors:
     """Decode an ``/invocations`` body into checked tensors keyed by input name.
 
     A missing Content-Type is read as JSON, as most SageMaker clients send JSON.
+    Raises ``ValidationError`` (400) for bad input and ``PayloadTooLarge`` (413)
+    when the body would decode past ``limits``; nothing else escapes.
     """
     mt = media_type(content_type)
-    if mt in ("", JSON):
-        if len(inputs) == 1:
-            spec = inputs[0]
-            if spec.dtype.kind == "f" and spec.batch_tail is not None:
-                arr = fast_float_json(body, spec, spec.batch_tail)
-                if arr is not None:
-                    return {spec.name: arr}
-        return _decode_json(body, inputs)
-    if mt == CSV:
-        return _decode_csv(body, inputs)
-    if mt in (NPY, NPZ):
-        return _decode_numpy(body, inputs)
-    if mt == "application/octet-stream":
-        # What some clients send when no type was given: tell by the magic bytes.
-        if body.startswith((b"\x93NUMPY", b"PK\x03\x04")):
-            return _decode_numpy(body, inputs)
-        return _decode_json(body, inputs)
+    if len(body) > limits.max_decoded_bytes:
+        raise too_large("Request body", len(body), limits)
+    try:
+        if mt in ("", JSON):
+            if len(inputs) == 1:
+                spec = inputs[0]
+                if spec.dtype.kind == "f" and spec.batch_tail is not None:
+                    arr = fast_float_json(body, spec, spec.batch_tail, limits)
+                    if arr is not None:
+                        return {spec.name: arr}
+            return _decode_json(body, inputs, limits)
+        if mt == CSV:
+            return _decode_csv(body, inputs, limits)
+        if mt in (NPY, NPZ):
+            return _decode_numpy(body, inputs, limits)
+        if mt == "application/octet-stream":
+            # What some clients send when no type was given: tell by the magic bytes.
+            if body.startswith((NPY_MAGIC, *ZIP_MAGICS)):
+                return _decode_numpy(body, inputs, limits)
+            return _decode_json(body, inputs, limits)
+    except RuntimeServiceError:
+        raise
+    except MemoryError:
+        raise out_of_memory(limits) from None
+    except Exception as e:  # whatever hostile bytes make a parser raise: a 400, never a 500
+        raise undecodable(mt or JSON, e) from None
     raise ValidationError(
-        f"Content-Type {content_type!r} is not supported: send {_DECODABLE}"
+        f"Content-Type {header_value(content_type or '')} is not supported: send {_DECODABLE}"
     )
 
 
-def fast_float_json(body: bytes, spec: TensorSpec, tail: tuple[int, ...]) -> Array | None:
+def fast_float_json(body: bytes, spec: TensorSpec, tail: tuple[int, ...],
+                    limits: DecodeLimits = DEFAULT_LIMITS) -> Array | None:
     """The common request in as few steps as possible, or None to take the full path.
 
     One float input of shape [N, static...], a list of numbers or {"instances":
@@ -115,67 +154,85 @@ def fast_float_json(body: bytes, spec: TensorSpec, tail: tuple[int, ...]) -> Arr
     caches), so this lane does only what the full path would conclude anyway.
     Anything unusual (bad JSON, nulls, strings, another shape) returns None and
     the full path decodes it again and explains the problem.
+
+    Bounded without walking the body: a body up to ``limits.small_json_bytes``
+    cannot make numpy allocate past the bound whatever it holds; a longer one
+    is taken only when it holds no string values (no quote but the
+    "instances" key's) and numbers alone fit the bound.
     """
     try:
         doc = orjson.loads(body)
         value = doc.get("instances") if type(doc) is dict else doc
+        n = len(body)
+        if n > limits.small_json_bytes and (
+                body.count(b'"') != (2 if type(doc) is dict else 0)
+                or (n // 2 + 1) * TEXT_ITEM_BYTES > limits.max_decoded_bytes):
+            return None
         arr = np.array(value)
-    except (orjson.JSONDecodeError, ValueError, TypeError):
+    except (orjson.JSONDecodeError, ValueError, TypeError, RecursionError):
         return None
     if arr.dtype.kind not in "fiu" or arr.shape[1:] != tail or arr.ndim != len(tail) + 1:
         return None
     return arr.astype(spec.dtype)
 
 
-def _loads(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise ValidationError(f"Request body is not valid JSON: {e}") from None
-
-
-def _decode_json(body: bytes, inputs: Sequence[TensorSpec]) -> Tensors:
-    doc = _loads(body)
+def _decode_json(body: bytes, inputs: Sequence[TensorSpec], limits: DecodeLimits) -> Tensors:
+    doc = load_json(body)
     if isinstance(doc, list):
-        return _single(doc, inputs)
+        return _single(doc, inputs, limits, body, 0)
     if isinstance(doc, dict):
         if "instances" in doc:
             instances = doc["instances"]
             if len(inputs) == 1 and not (instances and isinstance(instances, list)
                                          and isinstance(instances[0], dict)):
                 # The common case, without detours: one input, a list of instances.
-                spec = inputs[0]
-                return {spec.name: to_tensor(instances, spec)}
-            return _decode_instances(instances, inputs)
+                return _single(instances, inputs, limits, body, len(doc))
+            return _decode_instances(instances, inputs, limits, body, len(doc))
         if "inputs" in doc:
             named = doc["inputs"]
             if isinstance(named, dict):
-                return _named(named, inputs)
+                return _named(named, inputs, limits, body, len(doc) + len(named))
             if isinstance(named, list) and named and all(
                 isinstance(t, dict) and "datatype" in t for t in named
             ):
                 # A V2 request sent to /invocations: accept it as such.
-                return _decode_v2_inputs(named, inputs)
-            return _single(named, inputs)
+                return decode_v2_inputs(named, inputs, limits, len(body))
+            return _single(named, inputs, limits, body, len(doc))
     raise ValidationError(
         'JSON body must be {"instances": [...]}, {"inputs": {"<input>": [...]}} or a list '
         f"of instances, got {type(doc).__name__}"
     )
 
 
-def _decode_instances(instances: Any, inputs: Sequence[TensorSpec]) -> Tensors:
+def _has_strings(body: bytes, keys: int, limits: DecodeLimits) -> bool:
+    """Whether a JSON body may hold string values (not just its ``keys`` object keys).
+
+    Exactly two quotes per object key means no string values: then numpy
+    cannot make a string array of them however many there are, and
+    :func:`~kubeinfer_runtime.codec_tensors.json_array` need not look at them.
+    Counted only for bodies long enough for it to matter.
+    """
+    return len(body) <= limits.small_json_bytes or body.count(b'"') != 2 * keys
+
+
+def _decode_instances(instances: Any, inputs: Sequence[TensorSpec], limits: DecodeLimits,
+                      body: bytes, top_keys: int) -> Tensors:
     if isinstance(instances, list) and instances and isinstance(instances[0], dict):
         # Row-oriented multi-input form: [{"a": ..., "b": ...}, ...].
         if not all(isinstance(r, dict) for r in instances):
             raise ValidationError('"instances" mixes objects and other values: send every '
                                   'instance as {"<input>": ...}')
         names = {k for r in instances for k in r}
-        columns = {n: [r.get(n) for r in instances] for n in names}
-        return _named(columns, inputs)
-    return _single(instances, inputs)
+        check_names(names, inputs)
+        columns = {t.name: [r.get(t.name) for r in instances] for t in inputs}
+        return _named(columns, inputs, limits, body,
+                      top_keys + sum(len(r) for r in instances))
+    return _single(instances, inputs, limits, body, top_keys)
 
 
-def _single(value: Any, inputs: Sequence[TensorSpec]) -> Tensors:
+def _single(value: Any, inputs: Sequence[TensorSpec], limits: DecodeLimits,
+            body: bytes | None, keys: int = 0) -> Tensors:
+    """The one input's tensor; ``body``: the JSON text ``value`` came from (None: an array)."""
     if len(inputs) != 1:
         names = ", ".join(f'"{t.name}"' for t in inputs)
         raise ValidationError(
@@ -183,30 +240,29 @@ def _single(value: Any, inputs: Sequence[TensorSpec]) -> Tensors:
             '{"inputs": {"<input>": [...], ...}} naming each one'
         )
     spec = inputs[0]
-    return {spec.name: to_tensor(value, spec)}
+    if body is None:
+        return {spec.name: to_tensor(value, spec, limits)}
+    n = len(body)
+    # _has_strings, inlined: this is the general path's commonest step.
+    strings = n <= limits.small_json_bytes or body.count(b'"') != 2 * keys
+    return {spec.name: to_tensor(value, spec, limits, text_bytes=n, strings=strings)}
 
 
-def _named(named: dict[str, Any], inputs: Sequence[TensorSpec]) -> Tensors:
-    _check_names(set(named), inputs)
-    return {spec.name: to_tensor(named[spec.name], spec) for spec in inputs}
+def _named(named: dict[str, Any], inputs: Sequence[TensorSpec], limits: DecodeLimits,
+           body: bytes, keys: int) -> Tensors:
+    check_names(set(named), inputs)
+    if len(inputs) > 1:
+        # The request's total, before any input is built (each is checked alone too).
+        total = sum(count_values(named[t.name]) * TEXT_ITEM_BYTES for t in inputs)
+        if total > limits.max_decoded_bytes:
+            raise too_large(f"Request inputs ({len(inputs)} inputs)", total, limits)
+    strings = _has_strings(body, keys, limits)
+    return {spec.name: to_tensor(named[spec.name], spec, limits, text_bytes=len(body),
+                                 strings=strings)
+            for spec in inputs}
 
 
-def _check_names(given: set[str], inputs: Sequence[TensorSpec]) -> None:
-    expected = [t.name for t in inputs]
-    unknown = sorted(given - set(expected))
-    missing = [n for n in expected if n not in given]
-    if unknown or missing:
-        parts = []
-        if missing:
-            parts.append("missing " + ", ".join(f'"{n}"' for n in missing))
-        if unknown:
-            parts.append("unknown " + ", ".join(f'"{n}"' for n in unknown))
-        want = ", ".join(f'"{n}"' for n in expected)
-        raise ValidationError(f"Request inputs do not match the model ({'; '.join(parts)}): "
-                              f"the model takes {want}")
-
-
-def _decode_csv(body: bytes, inputs: Sequence[TensorSpec]) -> Tensors:
+def _decode_csv(body: bytes, inputs: Sequence[TensorSpec], limits: DecodeLimits) -> Tensors:
     if len(inputs) != 1:
         raise ValidationError(
             f"Content-Type {CSV} needs a model with one input, this one has {len(inputs)}: "
@@ -216,30 +272,55 @@ def _decode_csv(body: bytes, inputs: Sequence[TensorSpec]) -> Tensors:
     try:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValidationError(f"CSV body is not UTF-8: {e}") from None
-    rows = [line for line in text.splitlines() if line.strip()]
+        # The position, not the byte: the byte is the request's content.
+        raise ValidationError(f"CSV body is not UTF-8 (invalid byte at position {e.start}): "
+                              "send UTF-8 text") from None
+    # Values go straight into a compact buffer (8 bytes each), checked against
+    # the bound row by row: never a list of Python floats, never a line past it.
+    values = array("d")
+    cap = limits.max_decoded_bytes // TEXT_ITEM_BYTES
+    width = rows = 0
+    for rows, line in enumerate(_csv_lines(text), 1):
+        cells = line.split(",")
+        if rows == 1:
+            width = len(cells)
+        elif len(cells) != width:
+            raise ValidationError(f"CSV row {rows} has {len(cells)} columns, row 1 has "
+                                  f"{width}: every row needs the same number of values")
+        if len(values) + width > cap:
+            raise too_large(f"CSV body (at least {rows} rows of {width} values)",
+                            (len(values) + width) * TEXT_ITEM_BYTES, limits)
+        try:
+            values.extend([float(c) for c in cells])
+        except ValueError:
+            j = next(j for j, c in enumerate(cells, 1) if not _is_float(c))
+            raise ValidationError(
+                f"CSV row {rows} column {j} is not a number: send numbers only, without a "
+                "header row"
+            ) from None
     if not rows:
         raise ValidationError("CSV body is empty: send one row of comma-separated numbers "
                               "per instance")
-    width = rows[0].count(",") + 1
-    data: list[list[float]] = []
-    for i, line in enumerate(rows, 1):
-        cells = line.split(",")
-        if len(cells) != width:
-            raise ValidationError(f"CSV row {i} has {len(cells)} columns, row 1 has {width}: "
-                                  "every row needs the same number of values")
-        try:
-            data.append([float(c) for c in cells])
-        except ValueError:
-            j, cell = next((j, c) for j, c in enumerate(cells, 1) if not _is_float(c))
-            raise ValidationError(
-                f"CSV row {i} column {j} is not a number: {cell.strip()!r} "
-                "(send numbers only, without a header row)"
-            ) from None
-    arr = np.array(data, dtype=np.float64)
-    if spec.shape is not None and len(spec.shape) == 1 and arr.shape[1] == 1:
+    arr = np.frombuffer(values, dtype=np.float64).reshape(rows, width)
+    if spec.shape is not None and len(spec.shape) == 1 and width == 1:
         arr = arr[:, 0]  # one column per row feeds a 1-D input
-    return {spec.name: to_tensor(arr, spec)}
+    return {spec.name: to_tensor(arr, spec, limits)}
+
+
+def _csv_lines(text: str) -> Iterator[str]:
+    """The non-blank lines of ``text``, as ``str.splitlines`` splits them, a block at a time.
+
+    Splitting the whole body at once holds every line (~60 bytes each) together;
+    blocks end just after a newline, so they split exactly as the whole would.
+    """
+    start, n = 0, len(text)
+    while start < n:
+        end = text.find("\n", start + _CSV_BLOCK)
+        end = n if end < 0 else end + 1
+        for line in text[start:end].splitlines():
+            if line.strip():
+                yield line
+        start = end
 
 
 def _is_float(s: str) -> bool:
@@ -250,104 +331,14 @@ def _is_float(s: str) -> bool:
     return True
 
 
-def _decode_numpy(body: bytes, inputs: Sequence[TensorSpec]) -> Tensors:
-    try:
-        loaded = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValidationError(
-            f"Request body is not a .npy or .npz array ({e}): save it with numpy.save, "
-            "without pickled objects"
-        ) from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            named = {k: loaded[k] for k in loaded.files}
-        return _named(named, inputs)
-    return _single(loaded, inputs)
-
-
-# --------------------------------------------------------------------------- tensors
-
-
-def to_tensor(value: Any, spec: TensorSpec) -> Array:
-    """Turn decoded JSON (or an array) into an array of ``spec``'s dtype and shape."""
-    if isinstance(value, np.ndarray):
-        arr = value
-    else:
-        try:
-            arr = np.array(value)
-        except (ValueError, TypeError):
-            raise ValidationError(
-                f'Input "{spec.name}" is not a rectangular array: every row needs the same '
-                f"length; expected {spec.describe()}"
-            ) from None
-    if spec.shape is not None and arr.ndim == len(spec.shape) - 1:
-        arr = _promote_single_instance(arr, spec)
-    arr = _coerce(arr, spec)
-    _check_shape(arr, spec)
-    return arr
-
-
-def _promote_single_instance(arr: Array, spec: TensorSpec) -> Array:
-    # One instance without its batch dimension ([5.1, 3.5, 1.4, 0.2] for an
-    # [N, 4] input) is unambiguous: treat it as a batch of one.
-    s = spec.shape
-    if s is not None and len(s) >= 1 and s[0] is None and arr.ndim == len(s) - 1 and all(
-        d is None or d == g for d, g in zip(s[1:], arr.shape, strict=True)
-    ):
-        return arr[np.newaxis, ...]
-    return arr
-
-
-def _mismatch(arr: Array, spec: TensorSpec) -> ValidationError:
-    got = str(list(arr.shape))
-    if arr.dtype != spec.dtype:  # the type is worth naming only when it is part of the problem
-        got += " " + {"U": "string", "S": "bytes", "O": "mixed/null values"}.get(
-            arr.dtype.kind, arr.dtype.name)
-    return ValidationError(f'Input "{spec.name}" expects shape {spec.describe()}, got {got}')
-
-
-def _coerce(arr: Array, spec: TensorSpec) -> Array:
-    """Cast to the model's dtype when no value changes meaning; else a 400."""
-    target = spec.dtype
-    if arr.dtype is target or arr.dtype == target:  # `is`: builtin dtypes are singletons
-        return arr
-    kind, tk = arr.dtype.kind, target.kind
-    if tk == "f":
-        ok = kind in "biuf"
-    elif tk in "iu":
-        ok = kind in "biu" or (kind == "f" and bool(np.all(np.mod(arr, 1) == 0)))
-        if ok and arr.size and kind != "b":
-            info = np.iinfo(target)
-            ok = info.min <= arr.min() and arr.max() <= info.max
-    elif tk == "b":
-        ok = kind == "b" or (kind in "iu" and bool(np.all((arr == 0) | (arr == 1))))
-    elif tk in "OUS":
-        # String inputs: onnxruntime wants object arrays of str.
-        ok = kind in "US"
-        target = np.dtype(object)
-    else:
-        ok = False
-    if not ok:
-        raise _mismatch(arr, spec)
-    return arr.astype(target)
-
-
-def _check_shape(arr: Array, spec: TensorSpec) -> None:
-    s = spec.shape
-    if s is None:
-        return
-    shape = arr.shape
-    tail = spec.batch_tail
-    if tail is not None:
-        # The usual [N, static...] input: one tuple comparison per request.
-        if len(shape) == len(s) and shape[1:] == tail:
-            return
-        raise _mismatch(arr, spec)
-    if len(shape) != len(s):
-        raise _mismatch(arr, spec)
-    for d, g in zip(s, shape, strict=True):
-        if d is not None and d != g:
-            raise _mismatch(arr, spec)
+def _decode_numpy(body: bytes, inputs: Sequence[TensorSpec], limits: DecodeLimits) -> Tensors:
+    if body.startswith(ZIP_MAGICS):
+        named = read_npz(body, limits, lambda names: check_names(names, inputs))
+        return {spec.name: to_tensor(named[spec.name], spec, limits) for spec in inputs}
+    if not body.startswith(NPY_MAGIC):
+        raise ValidationError("Request body is not a .npy or .npz array: save it with "
+                              "numpy.save or numpy.savez, without pickled objects")
+    return _single(read_npy(body, limits), inputs, limits, None)
 
 
 # --------------------------------------------------------------------------- encode
@@ -370,7 +361,8 @@ def negotiate(accept: str | None) -> Encoding:
             return Encoding.CSV
         if mt == NPY:
             return Encoding.NPY
-    raise ValidationError(f"Accept {accept!r} is not supported: ask for {_ENCODABLE}")
+    raise ValidationError(f"Accept {header_value(accept)} is not supported: ask for "
+                          f"{_ENCODABLE}")
 
 
 def encode_response(outputs: Tensors, encoding: Encoding) -> bytes:
@@ -437,82 +429,6 @@ def _to_npy(arr: Array) -> bytes:
 
 
 # --------------------------------------------------------------------------- V2
-
-
-@dataclass(frozen=True)
-class V2Request:
-    inputs: Tensors
-    #: Requested outputs, or None for all of them.
-    output_names: list[str] | None
-    id: str | None
-
-
-def decode_v2(body: bytes, meta: ModelMetadata) -> V2Request:
-    """Decode a V2 ``infer`` request and check it against the model's metadata."""
-    doc = _loads(body)
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
-        raise ValidationError('V2 request must be a JSON object with a non-empty "inputs" list '
-                              'of {"name", "shape", "datatype", "data"}')
-    inputs = _decode_v2_inputs(doc["inputs"], meta.inputs)
-    output_names: list[str] | None = None
-    if doc.get("outputs") is not None:
-        outs = doc["outputs"]
-        if not isinstance(outs, list) or not all(
-            isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs
-        ):
-            raise ValidationError('V2 "outputs" must be a list of {"name": "<output>"}')
-        output_names = [o["name"] for o in outs]
-        known = [t.name for t in meta.outputs]
-        unknown = [n for n in output_names if n not in known]
-        if unknown:
-            raise ValidationError(
-                "Requested outputs " + ", ".join(f'"{n}"' for n in unknown)
-                + " are not outputs of the model: it has " + ", ".join(f'"{n}"' for n in known)
-            )
-    rid = doc.get("id")
-    return V2Request(inputs, output_names, None if rid is None else str(rid))
-
-
-def _decode_v2_inputs(items: list[Any], inputs: Sequence[TensorSpec]) -> Tensors:
-    raw: dict[str, Array] = {}
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise ValidationError(f'V2 input {i} must be an object with a "name"')
-        name = item["name"]
-        if name in raw:
-            raise ValidationError(f'V2 input "{name}" is given twice: send each input once')
-        raw[name] = _v2_tensor(name, item)
-    _check_names(set(raw), inputs)
-    return {spec.name: to_tensor(raw[spec.name], spec) for spec in inputs}
-
-
-def _v2_tensor(name: str, item: dict[str, Any]) -> Array:
-    shape, datatype, data = item.get("shape"), item.get("datatype"), item.get("data")
-    params = item.get("parameters") or {}
-    if isinstance(params, dict) and "binary_data_size" in params:
-        raise ValidationError(f'V2 input "{name}" uses the binary data extension, which is '
-                              'not supported: send the values in "data"')
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ValidationError(f'V2 input "{name}" needs "shape": a list of non-negative ints')
-    dtype = numpy_dtype(datatype) if isinstance(datatype, str) else None
-    if dtype is None:
-        raise ValidationError(f'V2 input "{name}" has unknown "datatype" {datatype!r}: use '
-                              "BOOL, INT8..INT64, UINT8..UINT64, FP16, FP32, FP64 or BYTES")
-    if data is None:
-        raise ValidationError(f'V2 input "{name}" needs "data"')
-    declared = TensorSpec(name, dtype, None)
-    try:
-        arr = np.array(data, dtype=object) if dtype.kind == "O" else np.array(data)
-    except (ValueError, TypeError):
-        raise ValidationError(f'V2 input "{name}" "data" is not a rectangular array') from None
-    if arr.dtype.kind == "O" and dtype.kind != "O":
-        raise _mismatch(arr, declared)
-    arr = _coerce(arr, declared) if dtype.kind != "O" else arr
-    expected = math.prod(shape)
-    if arr.size != expected:
-        raise ValidationError(f'V2 input "{name}" has {arr.size} values in "data" but '
-                              f'"shape" {shape} needs {expected}')
-    return arr.reshape(shape)
 
 
 def encode_v2(outputs: Tensors, model_name: str, model_version: str | None,

@@ -28,13 +28,17 @@ class RuntimeServiceError(Exception):
     ``status`` is the HTTP status, ``code`` the SageMaker error code (the
     exception name boto3 raises), ``message`` the text the user reads (Kubernetes
     style: capitalised, no final period, names the object, says the fix).
+    ``headers`` are extra response headers the error needs (a 401's
+    ``www-authenticate``); :func:`render_error` appends them.
     """
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, *,
+                 headers: Headers | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers: Headers = list(headers) if headers else []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.status}, {self.code!r}, {self.message!r})"
@@ -110,4 +114,5 @@ def render_error(err: RuntimeServiceError) -> Reply:
         # The trailing colon is what AWS services send; botocore splits on it.
         (b"x-amzn-errortype", f"{err.code}:".encode()),
     ]
+    headers.extend(err.headers)
     return err.status, headers, body

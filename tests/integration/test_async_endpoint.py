@@ -162,13 +162,13 @@ def test_bad_requests_are_refused_with_sagemaker_errors(stack: AsyncStack) -> No
                         headers={"X-Amzn-SageMaker-InputLocation": "http://x/y"})
     assert scheme.status_code == 400 and "unsupported scheme" in scheme.json()["Message"]
     ttl = httpx.post(f"{url}/endpoints/iris/async-invocations",
-                     headers={"X-Amzn-SageMaker-InputLocation": "s3://b/k",
+                     headers={"X-Amzn-SageMaker-InputLocation": f"s3://{BUCKET}/k",
                               "X-Amzn-SageMaker-RequestTTLSeconds": "5"})
     assert ttl.status_code == 400 and "RequestTTLSeconds" in ttl.json()["Message"]
     sync = httpx.post(f"{url}/endpoints/iris/invocations", json={"instances": ROWS})
     assert sync.status_code == 400 and "call InvokeEndpointAsync" in sync.json()["Message"]
     unknown = httpx.post(f"{url}/endpoints/nope/async-invocations",
-                         headers={"X-Amzn-SageMaker-InputLocation": "s3://b/k"})
+                         headers={"X-Amzn-SageMaker-InputLocation": f"s3://{BUCKET}/k"})
     assert unknown.status_code == 404 and "nope" in unknown.json()["Message"]
 
 

@@ -66,8 +66,10 @@ def _budget(bucket: dict[str, int]) -> int:
     return CACHED * max(bucket[_name(i)] for i in range(N_MODELS))
 
 
-def _start_mme(s3_server: S3Server, bucket: dict[str, int], tmp: Path) -> RuntimeProcess:
+def _start_mme(s3_server: S3Server, bucket: dict[str, int], tmp: Path,
+               admin: bool = True) -> RuntimeProcess:
     return start_runtime("model-server", {
+        "KUBEINFER_ADMIN_API": "true" if admin else "false",
         **s3_server.env(),
         "KUBEINFER_MULTI_MODEL_PREFIX": f"s3://{BUCKET}/models/",
         "KUBEINFER_CACHE_BYTES": str(_budget(bucket)),
@@ -279,3 +281,28 @@ def test_boto3_target_model_sticks_to_one_replica(s3_server: S3Server, bucket: d
     finally:
         gateway.stop()
         replicas[1].stop()
+
+
+def test_model_management_is_off_by_default(s3_server: S3Server, bucket: dict[str, int],
+                                            tmp_path: Path) -> None:
+    """Without KUBEINFER_ADMIN_API any pod reaching a model server could load and evict
+    models: those routes answer 403; inference still loads models on first use."""
+    server = _start_mme(s3_server, bucket, tmp_path, admin=False)
+    try:
+        url, name = server.url, _name(5)
+        assert httpx.post(url + "/invocations", json=X, headers={
+            "X-Amzn-SageMaker-Target-Model": name}).status_code == 200
+        refused = [
+            httpx.post(url + "/models", json={"model_name": _name(6)}),
+            httpx.delete(f"{url}/models/{name}"),
+            httpx.post(f"{url}/v2/repository/models/{_name(6)}/load"),
+            httpx.post(f"{url}/v2/repository/models/{name}/unload"),
+        ]
+        for r in refused:
+            assert r.status_code == 403, r.text
+            assert r.headers["x-amzn-errortype"] == "AccessDeniedException:"
+            assert "KUBEINFER_ADMIN_API=true" in r.json()["Message"]
+        loaded = {m["modelName"] for m in httpx.get(url + "/models").json()["models"]}
+        assert loaded == {name}  # still loaded: nothing was unloaded
+    finally:
+        server.stop()

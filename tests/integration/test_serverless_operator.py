@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kubeinfer_operator.render.k8s_secrets import scaler_token
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import RouteTable, ScaleRequest
 from tests.support.kube_harness import (
@@ -28,6 +29,11 @@ from tests.support.kube_harness import (
 from tests.support.ports import free_port
 
 NS = "sl"
+SIGNING_KEY = "test-scaler-signing-key"
+
+
+def token_for(namespace: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {scaler_token(SIGNING_KEY.encode(), namespace)}"}
 ENDPOINT: dict[str, Any] = {
     "apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint", "metadata": {"name": "cold"},
     "spec": {"type": "Serverless",
@@ -42,7 +48,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kube, st
     scaler_url = f"http://127.0.0.1:{port}/scale"
     settings = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
                                 runtime_image="example.test/runtime:1", scaler_port=port,
-                                scaler_url=scaler_url)
+                                scaler_url=scaler_url, scaler_signing_key=SIGNING_KEY)
     with operator_on_emulator(settings, tmp_path_factory.mktemp("kube")) as (kube, _):
         yield kube, scaler_url
 
@@ -52,9 +58,9 @@ def replicas(kube: Kube) -> int | None:
     return None if dep is None else int(dep["spec"]["replicas"])
 
 
-def env_of(dep: dict[str, Any]) -> dict[str, str]:
+def env_of(dep: dict[str, Any]) -> dict[str, Any]:
     [container] = dep["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e.get("value", "") for e in container["env"]}
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
 def routes(kube: Kube) -> RouteTable:
@@ -79,6 +85,16 @@ def test_scale_from_zero_and_back(cluster: tuple[Kube, str]) -> None:
                        what="gateway Deployment")
     env = env_of(gateway)
     assert env["KUBEINFER_SCALER_URL"] == scaler_url and env["KUBEINFER_NAMESPACE"] == NS
+    # The gateway's scaler token comes from the namespace's runtime Secret.
+    assert env["KUBEINFER_SCALER_TOKEN"] == {"secretKeyRef": {
+        "name": "kubeinfer-runtime", "key": "scaler-token", "optional": True}}
+    secret = kube.get("Secret", NS, "kubeinfer-runtime")
+    assert secret is not None
+    import base64
+
+    assert base64.b64decode(secret["data"]["scaler-token"]).decode() == scaler_token(
+        SIGNING_KEY.encode(), NS)
+    assert [r["name"] for r in secret["metadata"]["ownerReferences"]] == ["cold"]
     dep = kube.get("Deployment", NS, "cold-main")
     assert dep is not None
     [server] = dep["spec"]["template"]["spec"]["containers"]
@@ -99,16 +115,17 @@ def test_scale_from_zero_and_back(cluster: tuple[Kube, str]) -> None:
     assert route.serverless is not None and route.serverless.max_concurrency == 3
 
     # What the activator sends when it holds a request; bad requests are refused.
-    bad = httpx.post(scaler_url, content=b"{}", timeout=5)
+    bad = httpx.post(scaler_url, content=b"{}", headers=token_for(NS), timeout=5)
     assert bad.status_code == 400
     no_ns = httpx.post(scaler_url, content=ScaleRequest(endpoint="cold", variant="main")
-                       .model_dump_json(), timeout=5)
+                       .model_dump_json(), headers=token_for(NS), timeout=5)
     assert no_ns.status_code == 400 and "KUBEINFER_NAMESPACE" in no_ns.json()["message"]
     # Several gateways (or one repeating itself while it holds requests) ask at
     # once: one scale-out, one Event.
     request = ScaleRequest(endpoint="cold", variant="main", namespace=NS).model_dump_json()
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda _: httpx.post(scaler_url, content=request, timeout=5),
+        answers = list(pool.map(lambda _: httpx.post(scaler_url, content=request,
+                                                     headers=token_for(NS), timeout=5),
                                 range(4)))
     assert [r.status_code for r in answers] == [202] * 4
     wait_for(lambda: replicas(kube) == 1, what="scale-up to 1 replica")
@@ -163,3 +180,45 @@ def applied_hash(kube: Kube, ns: str) -> str:
     return str((dep.get("metadata") or {}).get("annotations", {}).get(
         "kubeinfer.io/applied-hash"))
 
+
+
+def test_scale_requests_must_prove_their_namespace(cluster: tuple[Kube, str]) -> None:
+    """Unauthenticated, cross-namespace and made-up scale requests: refused at once, no
+    scale-up, no Event."""
+    kube, scaler_url = cluster
+    ns = "guarded"
+    kube.create_namespace(ns)
+    ep = json.loads(json.dumps(ENDPOINT))
+    ep["metadata"]["name"] = "quiet"
+    assert kube.create(ep, ns).status_code == 201
+    wait_for(lambda: (kube.get("Deployment", ns, "quiet-main") or {}).get("spec", {})
+             .get("replicas") == 0, what="the variant at zero")
+    events_before = len(kube.list("Event", ns))
+
+    def post(body: ScaleRequest, headers: dict[str, str]) -> httpx.Response:
+        return httpx.post(scaler_url, content=body.model_dump_json(), headers=headers,
+                          timeout=5)
+
+    real = ScaleRequest(endpoint="quiet", variant="main", namespace=ns)
+    assert post(real, {}).status_code == 401
+    assert post(real, {"Authorization": "Bearer not-a-token"}).status_code == 403
+    # A gateway of another namespace (its own valid token) cannot scale this one.
+    assert post(real, token_for(NS)).status_code == 403
+    system = ScaleRequest(endpoint="coredns", variant="main", namespace="kube-system")
+    assert post(system, token_for(NS)).status_code == 403
+    assert post(system, token_for("kube-system")).status_code == 404  # no such Endpoint
+    made_up = ScaleRequest(endpoint="nope", variant="main", namespace=ns)
+    assert post(made_up, token_for(ns)).status_code == 404
+    other_variant = ScaleRequest(endpoint="quiet", variant="ghost", namespace=ns)
+    assert post(other_variant, token_for(ns)).status_code == 404
+    with ThreadPoolExecutor(8) as pool:
+        codes = set(pool.map(lambda _: post(real, {}).status_code, range(400)))
+    assert codes == {401}
+    time.sleep(1)  # a reconcile triggered by any of them would show by now
+    dep = kube.get("Deployment", ns, "quiet-main")
+    assert dep is not None and dep["spec"]["replicas"] == 0
+    assert len(kube.list("Event", ns)) == events_before
+    # The namespace's own token works.
+    assert post(real, token_for(ns)).status_code == 202
+    wait_for(lambda: (kube.get("Deployment", ns, "quiet-main") or {}).get("spec", {})
+             .get("replicas") == 1, what="the authenticated scale-up")

@@ -102,6 +102,7 @@ def worker_env(*, model_path: Path, redis_url: str, route: AsyncRoute, s3_env: d
         "KUBEINFER_QUEUE": route.queue,
         "KUBEINFER_OUTPUT_PATH": route.output_path,
         "KUBEINFER_FAILURE_PATH": route.failure_path,
+        "KUBEINFER_INPUT_PATHS": ",".join(route.input_paths),
         **s3_env,
     }
     if success_url:

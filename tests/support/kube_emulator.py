@@ -84,6 +84,9 @@ BUILTINS = [
     ResourceDef("", "v1", "configmaps", "ConfigMap", short_names=("cm",)),
     ResourceDef("", "v1", "services", "Service", status_subresource=True, short_names=("svc",)),
     ResourceDef("", "v1", "events", "Event", short_names=("ev",)),
+    ResourceDef("", "v1", "secrets", "Secret"),
+    ResourceDef("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy",
+                short_names=("netpol",)),
     ResourceDef("apps", "v1", "deployments", "Deployment", status_subresource=True,
                 short_names=("deploy",)),
     ResourceDef("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler",
@@ -436,10 +439,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if not cascade:
             return
         uid = obj["metadata"]["uid"]
-        # The garbage collector: dependents whose ownerReferences name the deleted uid.
+        # The garbage collector: dependents whose ownerReferences name the deleted uid
+        # go once none of their owners is left (a shared object outlives one owner).
+        live = {o["metadata"]["uid"] for o in self.store.values()}
         for (key, dep_ns, dep_name), dep in list(self.store.items()):
             refs = dep["metadata"].get("ownerReferences") or []
-            if any(r.get("uid") == uid for r in refs) and (key, dep_ns, dep_name) in self.store:
+            if (any(r.get("uid") == uid for r in refs)
+                    and not any(r.get("uid") in live for r in refs)
+                    and (key, dep_ns, dep_name) in self.store):
                 self._delete(self.defs[key], dep_ns, dep_name, {})
 
     # -- validation ----------------------------------------------------------------------------

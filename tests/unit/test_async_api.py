@@ -110,14 +110,18 @@ def test_worker_deployment_renders_valid_async_workers(doc: dict[str, Any]) -> N
     worker = by_name[("Deployment", meta.variant_object_name("iris-async", "main"))]
     [container] = worker["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["serve", "--role", "async-worker"]
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["KUBEINFER_REDIS_URL"] == "redis://redis.infra:6379/0"
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    # The URL (it may carry a password) comes from the namespace's runtime Secret.
+    redis_ref = {"secretKeyRef": {"name": "kubeinfer-runtime", "key": "redis-url",
+                                  "optional": True}}
+    assert env["KUBEINFER_REDIS_URL"] == redis_ref
     assert env["KUBEINFER_QUEUE"] == "ml.iris-async"
+    assert env["KUBEINFER_INPUT_PATHS"] == "file:///tmp/kubeinfer-async/"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     gateway = by_name[("Deployment", meta.gateway_name("iris-async"))]
-    genv = {e["name"]: e.get("value") for e in
+    genv = {e["name"]: e.get("value", e.get("valueFrom")) for e in
             gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert genv["KUBEINFER_REDIS_URL"] == "redis://redis.infra:6379/0"
+    assert genv["KUBEINFER_REDIS_URL"] == redis_ref
 
 
 def test_operator_scales_workers_on_the_backlog(doc: dict[str, Any]) -> None:
@@ -148,3 +152,19 @@ def test_operator_scales_workers_on_the_backlog(doc: dict[str, Any]) -> None:
         assert await evaluate_async(scaler, plan, "ml", {"main": 0}, broken, states) == []
 
     asyncio.run(run())
+
+
+def test_workers_get_the_operators_outbound_allow_list(doc: dict[str, Any]) -> None:
+    """Webhooks the operator admitted with an allow-list are not refused by the workers."""
+    plan = plan_endpoint(Endpoint.model_validate(doc))
+
+    def worker_env(settings: OperatorSettings) -> dict[str, str]:
+        by_name = {(m["kind"], m["metadata"]["name"]): m
+                   for m in render_endpoint(plan, OWNER, settings)}
+        worker = by_name[("Deployment", meta.variant_object_name("iris-async", "main"))]
+        [container] = worker["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    assert "KUBEINFER_OUTBOUND_ALLOW" not in worker_env(OperatorSettings())
+    allowed = worker_env(OperatorSettings(outbound_allow="169.254.170.2/32"))
+    assert allowed["KUBEINFER_OUTBOUND_ALLOW"] == "169.254.170.2/32"

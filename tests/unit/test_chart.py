@@ -102,8 +102,17 @@ def assert_service_monitor_shape(obj: dict[str, Any]) -> None:
 
 
 def env_of(deployment: dict[str, Any]) -> dict[str, str]:
+    """Literal env values (entries read from Secrets are in ``secret_env_of``)."""
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e.get("value", "") for e in container["env"]}
+    return {e["name"]: e.get("value", "") for e in container["env"] if "valueFrom" not in e}
+
+
+def secret_env_of(deployment: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Env entries read from Secrets: name -> (Secret, key)."""
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"],
+                        e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]}
 
 
 # -- CRDs --------------------------------------------------------------------------------
@@ -224,7 +233,7 @@ def test_default_render_is_cluster_wide(chart: helm.Chart) -> None:
     objects = render(chart)
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment",
-                     "Service", "ServiceAccount"]
+                     "NetworkPolicy", "Secret", "Service", "ServiceAccount"]
     assert env_of(one(objects, "Deployment"))["KUBEINFER_NAMESPACES"] == ""
     # The operator's scaler (serverless scale-from-zero), and where gateways reach it.
     scaler = one(objects, "Service")
@@ -271,7 +280,8 @@ def test_namespaced_scope_without_cluster_reads_is_fully_namespaced(chart: helm.
 def test_rbac_can_be_left_to_the_cluster_admin(chart: helm.Chart) -> None:
     objects = render(chart, {"rbac": {"create": False, "clusterReads": True},
                              "serviceAccount": {"create": False, "name": "ops-sa"}})
-    assert sorted(o["kind"] for o in objects) == ["ClusterKopfPeering", "Deployment", "Service"]
+    assert sorted(o["kind"] for o in objects) == ["ClusterKopfPeering", "Deployment",
+                                                  "NetworkPolicy", "Secret", "Service"]
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops-sa"
 
 
@@ -282,7 +292,13 @@ def test_rbac_is_least_privilege(chart: helm.Chart, values: dict[str, Any] | Non
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], f"{role['metadata']['name']}: wildcard {rule}"
-            assert not {"secrets", "pods", "pods/exec"} & set(rule["resources"]), rule
+            assert not {"pods", "pods/exec"} & set(rule["resources"]), rule
+            if "secrets" in rule["resources"]:
+                # One Secret name only; create cannot be limited by name but reads nothing.
+                assert rule["resources"] == ["secrets"], rule
+                assert ((rule.get("resourceNames") == ["kubeinfer-runtime"]
+                        and set(rule["verbs"]) <= {"get", "patch", "update"})
+                        or (rule["verbs"] == ["create"] and "resourceNames" not in rule)), rule
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
             if rule["resources"] == ["customresourcedefinitions"]:
                 assert set(rule["verbs"]) <= {"get", "list", "watch"}
@@ -329,12 +345,16 @@ def test_operator_env_is_read_by_operator_settings(
                     "gatewayReplicas": 3, "s3": {"secretName": "s3-creds"},
                     "redis": {"url": "redis://redis.infra:6379/0"},
                     "gatewayResources": {"cpuRequest": "250m"}},
+        "networkPolicy": {"enabled": True, "metricsFrom": [{"namespaceSelector": {}}]},
+        "security": {"outboundAllowList": ["169.254.170.2/32", "metrics.internal"]},
         "peering": {"name": "ml-peering"},
         "statusIntervalSeconds": 2.5,
     }
-    env = env_of(one(render(chart, values), "Deployment"))
+    deployment = one(render(chart, values), "Deployment")
+    env = env_of(deployment)
     fields = {"KUBEINFER_" + name.upper() for name in OperatorSettings.model_fields}
-    unknown = {k for k in env if k.startswith("KUBEINFER_")} - fields
+    unknown = {k for k in [*env, *secret_env_of(deployment)] if k.startswith("KUBEINFER_")} - (
+        fields)
     assert unknown == set(), f"chart sets env the operator does not read: {unknown}"
     for name in fields:
         monkeypatch.delenv(name, raising=False)
@@ -353,6 +373,18 @@ def test_operator_env_is_read_by_operator_settings(
     assert settings.liveness_endpoint == "http://0.0.0.0:8080/healthz"
     assert settings.standalone is False  # peering objects are rendered for it
     assert settings.runtime_uid == 65532
+    assert settings.default_auth_mode == "SigV4"
+    assert settings.network_policy is True
+    assert settings.metrics_from == [{"namespaceSelector": {}}]
+    assert settings.outbound_allow == "169.254.170.2/32,metrics.internal"
+    assert settings.runtime_secret_name == "kubeinfer-runtime"
+    credentials = f"{RELEASE}-credentials"
+    assert secret_env_of(deployment) == {
+        "KUBEINFER_CALLER_ACCESS_KEY_ID": (credentials, "AWS_ACCESS_KEY_ID"),
+        "KUBEINFER_CALLER_SECRET_ACCESS_KEY": (credentials, "AWS_SECRET_ACCESS_KEY"),
+        "KUBEINFER_CALLER_TOKEN": (credentials, "token"),
+        "KUBEINFER_SCALER_SIGNING_KEY": (credentials, "scaler-signing-key"),
+    }
 
 
 def test_image_digest_pins_and_tag_defaults_to_app_version(chart: helm.Chart) -> None:
@@ -377,7 +409,7 @@ def test_service_monitor_is_off_by_default_and_selects_runtime_services(
     operator_labels = k8s_meta.labels("iris", k8s_meta.COMPONENT_GATEWAY)
     for key, value in monitor["spec"]["selector"]["matchLabels"].items():
         assert operator_labels[key] == value
-    assert monitor["spec"]["endpoints"][0]["port"] == k8s_workloads.PORT_NAME
+    assert monitor["spec"]["endpoints"][0]["port"] == k8s_workloads.METRICS_PORT_NAME
 
     namespaced = one(render(chart, {**NAMESPACED, **MONITORED}), "ServiceMonitor")
     assert namespaced["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
@@ -387,3 +419,57 @@ def test_notes_tell_how_to_wait_for_an_endpoint(chart: helm.Chart) -> None:
     notes = chart.render(NAMESPACED, name=RELEASE, namespace=RELEASE_NS)[
         "kubeinfer/templates/NOTES.txt"]
     assert "kubectl -n team-a wait --for=condition=Ready endpoints.kubeinfer.io/iris" in notes
+
+
+# -- credentials and network policies ----------------------------------------------------
+
+
+def test_credentials_are_generated_once_and_kept(chart: helm.Chart) -> None:
+    import base64
+
+    secret = one(render(chart), "Secret")
+    assert secret["metadata"]["name"] == f"{RELEASE}-credentials"
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert set(data) == {"scaler-signing-key", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                         "token"}
+    assert len(data["AWS_SECRET_ACCESS_KEY"]) == 40 and data["AWS_ACCESS_KEY_ID"].isupper()
+    # Random per install (an upgrade keeps the installed ones: the template looks them up).
+    again = one(render(chart), "Secret")
+    assert again["data"]["AWS_SECRET_ACCESS_KEY"] != secret["data"]["AWS_SECRET_ACCESS_KEY"]
+
+
+def test_a_redis_password_never_enters_the_chart_as_a_value(chart: helm.Chart) -> None:
+    with pytest.raises(Exception, match="contains a password"):
+        render(chart, {"runtime": {"redis": {"url": "redis://:s3cret-pass@redis:6379/0"}}})
+    objects = render(chart, {"runtime": {"redis": {"existingSecret": "redis-creds",
+                                                   "urlKey": "redis-url"}}})
+    deployment = one(objects, "Deployment")
+    assert secret_env_of(deployment)["KUBEINFER_REDIS_URL"] == ("redis-creds", "redis-url")
+    assert "KUBEINFER_REDIS_URL" not in env_of(deployment)
+    with pytest.raises(Exception, match="both set"):
+        render(chart, {"runtime": {"redis": {"url": "redis://r:6379/0",
+                                             "existingSecret": "redis-creds"}}})
+
+
+def test_the_scaler_accepts_only_gateway_pods(chart: helm.Chart) -> None:
+    policy = one(render(chart), "NetworkPolicy")
+    validate(policy)
+    scaler_rule, health_rule = policy["spec"]["ingress"]
+    assert scaler_rule["ports"] == [{"port": "scaler", "protocol": "TCP"}]
+    (peer,) = scaler_rule["from"]
+    assert peer["namespaceSelector"] == {}
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert health_rule == {"ports": [{"port": "health", "protocol": "TCP"}]}
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    labels = one(render(chart), "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+    assert not by_kind(render(chart, {"networkPolicy": {"enabled": False, "metricsFrom": []}}),
+                       "NetworkPolicy")
+
+
+def test_notes_tell_how_to_read_the_generated_keys(chart: helm.Chart) -> None:
+    notes = chart.render(None, name=RELEASE, namespace=RELEASE_NS)["kubeinfer/templates/NOTES.txt"]
+    assert (f"kubectl -n {RELEASE_NS} get secret {RELEASE}-credentials "
+            "-o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d") in notes
+    assert "SigV4" in notes

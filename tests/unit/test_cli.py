@@ -74,6 +74,22 @@ def test_up_with_invalid_manifest_exits_2_naming_the_field(tmp_path: Path) -> No
     assert "greater than or equal to 0" in result.output
 
 
+def test_up_refuses_a_prometheus_url_at_the_api_server(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBEINFER_OUTBOUND_ALLOW", raising=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((MANIFEST % ("iris", "1")).replace(
+        "model: {uri: file://models/iris.onnx}",
+        "model: {uri: file://models/iris.onnx}\n      autoscaling: {maxReplicas: 2, "
+        "prometheusUrl: 'https://kubernetes.default.svc/api/v1/x'}"))
+    result = runner.invoke(app, ["up", "-f", str(bad)])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())  # the console wraps long lines
+    assert ("spec.variants[0].autoscaling.prometheusUrl: 'https://kubernetes.default.svc/api/v1/x'"
+            " points at the Kubernetes API server (kubernetes.default.svc)") in output
+    assert "security.outboundAllowList (KUBEINFER_OUTBOUND_ALLOW)" in output
+
+
 def test_up_port_with_several_endpoints_is_refused(tmp_path: Path) -> None:
     two = tmp_path / "two.yaml"
     two.write_text(MANIFEST % ("a", "1") + "---\n" + MANIFEST % ("b", "1"))

@@ -46,3 +46,20 @@ def test_base_class_takes_any_status() -> None:
     err = errors.RuntimeServiceError(418, "Teapot", "short and stout")
     assert errors.render_error(err)[0] == 418
     assert "Teapot" in repr(err)
+
+
+def test_extra_headers_are_appended_and_default_to_none() -> None:
+    plain = errors.NotReady("m")
+    assert plain.headers == []
+    assert len(errors.render_error(plain)[1]) == 3
+    err = errors.RuntimeServiceError(401, "MissingAuthenticationTokenException", "sign it",
+                                     headers=[(b"www-authenticate", b"Bearer")])
+    status, headers, body = errors.render_error(err)
+    assert status == 401
+    assert headers[-1] == (b"www-authenticate", b"Bearer")
+    assert dict(headers)[b"x-amzn-errortype"] == b"MissingAuthenticationTokenException:"
+    assert orjson.loads(body)["Message"] == "sign it"
+    # Each error owns its list: rendering twice does not grow it, nor another error's.
+    errors.render_error(err)
+    assert err.headers == [(b"www-authenticate", b"Bearer")]
+    assert errors.NotReady("n").headers == []

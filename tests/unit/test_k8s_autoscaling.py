@@ -221,11 +221,12 @@ def test_gateway_pods_service_is_headless_over_the_gateway_pods() -> None:
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"] == (
         out[("Deployment", "ep-gateway")]["spec"]["selector"]["matchLabels"])
-    # Not "http": a ServiceMonitor selecting port http must not scrape the pods twice.
-    assert [p["name"] for p in svc["spec"]["ports"]] == ["metrics"]
-    assert svc["spec"]["ports"][0]["targetPort"] == "http"
+    # Not "metrics": a ServiceMonitor selecting port metrics must not scrape the pods
+    # twice; the scaler scrapes the pods' metrics listener through it.
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["scrape"]
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
     assert svc["metadata"]["ownerReferences"] == [meta.owner_reference("ep", OWNER.uid)]
-    assert gateway_pods_url(OWNER, OperatorSettings()) == "http://ep-gateway-pods.ml.svc:8080"
+    assert gateway_pods_url(OWNER, OperatorSettings()) == "http://ep-gateway-pods.ml.svc:9090"
 
 
 def test_gateway_pods_is_a_reserved_variant_name() -> None:

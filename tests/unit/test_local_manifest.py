@@ -81,3 +81,28 @@ def test_wrong_kind_yaml_errors_empty_and_duplicates() -> None:
 def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"Cannot read .*nope\.yaml"):
         load_manifest_file(tmp_path / "nope.yaml")
+
+
+PROMETHEUS = GOOD.replace("model: {uri: file://models/iris.onnx}",
+                          "model: {uri: file://models/iris.onnx}\n"
+                          "      autoscaling: {maxReplicas: 2, prometheusUrl: '%s'}")
+
+
+def test_outbound_urls_are_held_to_the_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kubeinfer up`` refuses what the operator refuses, with the same message."""
+    monkeypatch.delenv("KUBEINFER_OUTBOUND_ALLOW", raising=False)
+    text = PROMETHEUS % ("one", "http://169.254.169.254/")
+    with pytest.raises(SpecError) as exc:
+        parse(text)
+    assert str(exc.value) == (
+        "x.yaml document 1 (Endpoint 'one'): spec.variants[0].autoscaling.prometheusUrl: "
+        "'http://169.254.169.254/' points at the cloud metadata service (169.254.169.254); "
+        "outbound calls may not reach link-local or API-server addresses: use another URL, or "
+        "allow it with the chart's security.outboundAllowList (KUBEINFER_OUTBOUND_ALLOW)")
+    assert parse(PROMETHEUS % ("two", "http://127.0.0.1:9090")) == ["two"]
+    monkeypatch.setenv("KUBEINFER_OUTBOUND_ALLOW", "169.254.169.254/32")
+    assert parse(text) == ["one"]
+    monkeypatch.setenv("KUBEINFER_OUTBOUND_ALLOW", "169.254.169.254/32,http://x")
+    with pytest.raises(SpecError, match="KUBEINFER_OUTBOUND_ALLOW: Outbound allow-list entry "
+                                        "'http://x' is neither"):
+        parse(text)

@@ -12,6 +12,7 @@ import pytest
 from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.reconcile.quantity import parse_quantity
 from kubeinfer_operator.reconcile.validate import InvalidSpec, validate_endpoint
+from kubeinfer_runtime.contract.outbound import OutboundPolicy
 
 SPEC: dict[str, Any] = {
     "variants": [
@@ -128,6 +129,64 @@ def test_every_problem_is_reported_at_once_in_kubernetes_style() -> None:
 def test_missing_spec() -> None:
     problems = _problems(None)
     assert problems and all(re.match(r"^spec\b", p) for p in problems)
+
+
+ASYNC_SPEC: dict[str, Any] = {
+    "type": "Async",
+    "async": {"outputPath": "s3://bucket/out",
+              "notification": {"successUrl": "https://hooks.example.com/ok",
+                               "errorUrl": "http://169.254.169.254/latest/meta-data/"}},
+    "variants": [{"name": "main", "model": {"uri": "s3://models/iris.onnx"}}],
+}
+API_PROMETHEUS = ("https://kubernetes.default.svc.cluster.local/api/v1/namespaces/monitoring/"
+                  "services/prometheus:9090/proxy")
+FIX = ("outbound calls may not reach link-local or API-server addresses: use another URL, "
+       "or allow it with the chart's security.outboundAllowList (KUBEINFER_OUTBOUND_ALLOW)")
+
+
+def test_notification_url_at_the_metadata_service_names_the_field() -> None:
+    (problem,) = _problems(ASYNC_SPEC)
+    assert problem == ("spec.async.notification.errorUrl: "
+                       "'http://169.254.169.254/latest/meta-data/' points at the cloud metadata "
+                       f"service (169.254.169.254); {FIX}")
+
+
+def test_notification_url_in_another_spelling_is_refused_too() -> None:
+    spec = copy.deepcopy(ASYNC_SPEC)
+    spec["async"]["notification"] = {"successUrl": "http://[::ffff:a9fe:a9fe]/x",
+                                     "errorUrl": "https://hooks.example.com/error"}
+    (problem,) = _problems(spec)
+    assert problem.startswith("spec.async.notification.successUrl: 'http://[::ffff:a9fe:a9fe]/x'"
+                              " points at the cloud metadata service")
+
+
+def test_prometheus_url_at_the_api_server_names_the_field() -> None:
+    spec = _spec(v1={"autoscaling": {"maxReplicas": 3, "prometheusUrl": API_PROMETHEUS}})
+    (problem,) = _problems(spec)
+    assert problem == (f"spec.variants[1].autoscaling.prometheusUrl: {API_PROMETHEUS!r} points "
+                       "at the Kubernetes API server (kubernetes.default.svc.cluster.local); "
+                       f"{FIX}")
+
+
+def test_outbound_urls_pass_with_an_allow_list() -> None:
+    allow = OutboundPolicy.parse("169.254.169.254/32,kubernetes.default.svc.cluster.local",
+                                 env={})
+    endpoint = validate_endpoint("iris", "ml", ASYNC_SPEC, outbound=allow)
+    assert endpoint.spec.async_ is not None
+    spec = _spec(v1={"autoscaling": {"maxReplicas": 3, "prometheusUrl": API_PROMETHEUS}})
+    validate_endpoint("iris", "ml", spec, outbound=allow)
+    # An allow-list for one destination leaves the others refused.
+    only_metadata = OutboundPolicy.parse("169.254.169.254", env={})
+    with pytest.raises(InvalidSpec, match=r"spec\.variants\[1\]\.autoscaling\.prometheusUrl"):
+        validate_endpoint("iris", "ml", spec, outbound=only_metadata)
+
+
+def test_ordinary_outbound_urls_pass() -> None:
+    spec = copy.deepcopy(ASYNC_SPEC)
+    spec["async"]["notification"]["errorUrl"] = "http://hooks.default.svc:8080/error"
+    validate_endpoint("iris", "ml", spec)
+    validate_endpoint("iris", "ml", _spec(v0={"autoscaling": {
+        "maxReplicas": 3, "prometheusUrl": "http://prometheus.monitoring.svc:9090"}}))
 
 
 @pytest.mark.parametrize(("text", "value"), [

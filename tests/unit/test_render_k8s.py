@@ -127,14 +127,15 @@ def _container(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_model_server_pod(doc: dict[str, Any]) -> None:
-    settings = OperatorSettings(runtime_image="registry.example/runtime:1.2", runtime_port=9090)
+    settings = OperatorSettings(runtime_image="registry.example/runtime:1.2", runtime_port=9000)
     dep = _render(doc, settings)[("Deployment", "iris-canary")]
     assert dep["spec"]["replicas"] == 1
     pod = dep["spec"]["template"]["spec"]
     c = _container(dep)
     assert c["image"] == "registry.example/runtime:1.2"
     assert c["args"] == ["serve", "--role", "model-server"]
-    assert c["ports"] == [{"name": "http", "containerPort": 9090, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "http", "containerPort": 9000, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env == {
         "KUBEINFER_MODEL_URI": "file://models/iris-v2.onnx",  # the runtime resolves relative URIs
@@ -142,7 +143,8 @@ def test_model_server_pod(doc: dict[str, Any]) -> None:
         "KUBEINFER_MODEL_NAME": "canary",
         "KUBEINFER_ENDPOINT_NAME": "iris",
         "KUBEINFER_VARIANT_NAME": "canary",
-        "KUBEINFER_PORT": "9090",
+        "KUBEINFER_PORT": "9000",
+        "KUBEINFER_METRICS_PORT": "9090",
     }
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}

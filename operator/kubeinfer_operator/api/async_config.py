@@ -15,8 +15,14 @@ from kubeinfer_runtime.contract import (
     ASYNC_MAX_INVOCATION_TIMEOUT_S,
     ASYNC_MAX_REQUEST_TTL_S,
 )
+from kubeinfer_runtime.contract.locations import (
+    default_input_paths,
+    normalize_prefix,
+    prefix_problem,
+)
 
 _LOCATION = "^(s3://[^/]+/.*|file:///.+)$"
+_PREFIX = "^(s3://[^/]+(/.*)?|file:///.+)$"
 _URL = "^https?://.+"
 
 
@@ -78,6 +84,17 @@ class AsyncConfig(_Spec):
         str | None, Field(description="Where failure objects go: <failurePath>/<InferenceId>"
                                       "-error.out (default: <outputPath>/failures).",
                           pattern=_LOCATION)] = None
+    inputPath: Annotated[
+        list[Annotated[str, Field(pattern=_PREFIX, max_length=1024)]],
+        Field(description="Folders InputLocation may name (s3://bucket/prefix/ or "
+                          "file:///dir/); the gateway refuses any other input with 400 and "
+                          "the workers check again. Default: the bucket of outputPath "
+                          "(s3://bucket/), or for a file:// outputPath its parent folder.",
+              max_length=16)] = Field(default_factory=list)
+    maxInputBytes: Annotated[
+        int, Field(description="Largest input object a worker reads, in bytes (SageMaker: "
+                               "1 GB); bigger inputs fail without being read whole.",
+                   ge=1, le=1 << 40)] = 1 << 30
     notification: Annotated[
         AsyncNotification, Field(description="Webhooks notified of each outcome.")
     ] = Field(default_factory=AsyncNotification)
@@ -110,6 +127,21 @@ class AsyncConfig(_Spec):
             if problem:
                 raise ValueError(problem)
         return value
+
+    @field_validator("inputPath")
+    @classmethod
+    def _confining(cls, value: list[str]) -> list[str]:
+        for i, prefix in enumerate(value):
+            problem = prefix_problem(prefix, f"inputPath[{i}]")
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @property
+    def input_paths(self) -> list[str]:
+        """The folders inputs may come from, the default applied (normalized)."""
+        return [normalize_prefix(p) for p in self.inputPath or default_input_paths(
+            self.outputPath)]
 
     @property
     def failure_path(self) -> str:

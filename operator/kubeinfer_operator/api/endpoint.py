@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kubeinfer_operator.api.async_config import AsyncConfig
+from kubeinfer_runtime.contract.auth import AuthMode
 
 GROUP = "kubeinfer.io"
 VERSION = "v1alpha1"
@@ -274,6 +275,48 @@ class ServerlessConfig(_Spec):
         return self
 
 
+#: A Secret's name (DNS-1123 subdomain).
+_SECRET_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+class AuthConfig(_Spec):
+    """How callers authenticate to the Endpoint's gateway."""
+
+    mode: Annotated[
+        AuthMode | None,
+        Field(description="SigV4: requests signed with AWS Signature Version 4, as boto3 and "
+                          "the SageMaker SDK sign them (service sagemaker). Token: "
+                          "Authorization: Bearer <token>. None: no authentication (put the "
+                          "gateway behind your own). Default: the cluster's default (Helm "
+                          "value runtime.auth.defaultMode); local mode: None."),
+    ] = None
+    secretName: Annotated[
+        str | None,
+        Field(description="Secret in the Endpoint's namespace holding the accepted "
+                          "credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and/or "
+                          "credentials (an AWS credentials file, several keys), for SigV4; "
+                          "token or tokens (one per line) for Token. Default: the keys the "
+                          "chart generated (SigV4) or its token (Token). Local mode: the "
+                          "folder ~/.kubeinfer/secrets/<secretName>/ (kubeinfer secret "
+                          "create).",
+              pattern=_SECRET_NAME, max_length=253),
+    ] = None
+    regions: Annotated[
+        list[Annotated[str, Field(pattern=r"^[a-z0-9-]{1,32}$")]],
+        Field(description="SigV4 only: the regions a request may be signed for (default: "
+                          "any).", max_length=32),
+    ] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fits_mode(self) -> AuthConfig:
+        if self.mode is AuthMode.NONE and (self.secretName or self.regions):
+            raise ValueError("auth.secretName and auth.regions apply to modes SigV4 and Token; "
+                             "remove them or set auth.mode")
+        if self.mode is AuthMode.TOKEN and self.regions:
+            raise ValueError("auth.regions applies to mode SigV4 only; remove it")
+        return self
+
+
 class ScalingMetric(StrEnum):
     INVOCATIONS_PER_REPLICA = "InvocationsPerReplica"
     CPU_UTILIZATION = "CPUUtilization"
@@ -475,6 +518,11 @@ class EndpointSpec(_Spec):
         ServerlessConfig | None,
         Field(description="Serverless settings (type: Serverless only; defaults apply when "
                           "omitted)."),
+    ] = None
+    auth: Annotated[
+        AuthConfig | None,
+        Field(description="How callers authenticate (default: the cluster's default mode "
+                          "with the chart's generated credentials; local mode: none)."),
     ] = None
     variants: Annotated[
         list[ProductionVariant],

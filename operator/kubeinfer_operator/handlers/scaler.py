@@ -17,6 +17,14 @@ yet, the Deployment's current replicas are kept) and :meth:`reason_for` goes
 into ``status.variants[].lastScaling``; each change is also a Kubernetes Event
 (reason ``Scaled``) and a log line.
 
+Scale requests are authenticated: a gateway presents its namespace's token
+(``render.k8s_secrets.scaler_token``, an HMAC of the namespace under the
+operator's signing key, delivered through the namespace's runtime Secret), and
+the scaler honours it only for a scaled Endpoint of that namespace it
+reconciles (``known``, kept by ``EndpointSync``). Anything else is answered
+401/403/404 at once, without a reconcile and without remembering it, so a
+flood costs neither API calls nor memory.
+
 Every gateway pod, not the gateway Service: with ``gatewayReplicas`` > 1 the
 Service hands each scrape to one pod, whose counts are a fraction of the
 traffic and flip between pods. The pods are found through the headless
@@ -31,12 +39,20 @@ cluster), the gateway Service's one view is used as before.
 access by design): a variant scaled on CPUUtilization alone gets a
 HorizontalPodAutoscaler (``render.k8s_autoscaling``) and this scaler abstains
 for it; any other CPU policy is refused as InvalidSpec with the fix.
+
+``autoscaling.prometheusUrl`` is the Endpoint author's, and the operator holds
+a cluster-wide token: Prometheus queries obey the outbound policy
+(``contract.outbound``, ``KUBEINFER_OUTBOUND_ALLOW``): the URL is checked
+before each query, the connection goes through the guarded connector (its
+own session, apart from the gateway scrapes) and redirects are not followed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -60,8 +76,15 @@ from kubeinfer_operator.reconcile.autoscale_metrics import (
 )
 from kubeinfer_operator.render import k8s_autoscaling
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render.k8s_secrets import scaler_token
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_runtime.contract import ScaleRequest
+from kubeinfer_runtime.contract.outbound import (
+    OutboundPolicy,
+    guarded_connector,
+    redact_url,
+    url_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +95,14 @@ REQUEST_FRESH_S = 10.0
 SCRAPE_TIMEOUT_S = 2.0
 
 Key = tuple[str, str, str]  # namespace, endpoint, variant
+#: Largest scale-request body accepted, bytes.
+MAX_REQUEST_BYTES = 4096
+
+
+def authorized_scale(token: str, signing_key: bytes, namespace: str) -> bool:
+    """Whether ``token`` is the one issued to gateways of ``namespace`` (constant time)."""
+    expected = scaler_token(signing_key, namespace)
+    return hmac.compare_digest(token.encode(), expected.encode())
 
 
 @dataclass
@@ -128,8 +159,17 @@ async def discover_pods(service_url: str) -> list[str] | None:
 
 class ClusterScaler:
     def __init__(self, *, port: int | None = None, redis_url: str | None = None,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 outbound: OutboundPolicy | None = None,
+                 signing_key: bytes | None = None) -> None:
         self.port = port
+        #: Scale requests carry ``scaler_token(signing_key, namespace)``.
+        self.signing_key = signing_key if signing_key is not None else secrets.token_bytes(32)
+        #: Scaled Endpoints the operator reconciles, and their variants: a scale
+        #: request for anything else is refused at once, and leaves nothing behind.
+        self.known: dict[tuple[str, str], frozenset[str]] = {}
+        #: Where Prometheus queries may go (None: the default policy, no allow-list).
+        self.outbound = outbound if outbound is not None else OutboundPolicy.parse()
         #: Times the metrics window and scale requests (tests pass a fake clock).
         self.monotonic = monotonic
         #: Async endpoints' queue backlogs (the operator's KUBEINFER_REDIS_URL).
@@ -139,6 +179,8 @@ class ClusterScaler:
         self.on_request: Callable[[str, str], Coroutine[Any, Any, None]] | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        #: Prometheus queries: URLs from specs, so through the guarded connector.
+        self._prometheus_session: aiohttp.ClientSession | None = None
         self._pending: set[asyncio.Task[None]] = set()
         #: Finds the gateway pods (DNS; tests inject their own).
         self.discover: Discover = discover_pods
@@ -149,7 +191,8 @@ class ClusterScaler:
     async def start(self) -> None:
         if self.port is None:
             return
-        app = web.Application()
+        # A scale request is ~150 bytes: anything much bigger is not one.
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_post("/scale", self._on_scale)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -159,25 +202,64 @@ class ClusterScaler:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._prometheus_session):
+            if session is not None:
+                await session.close()
         await self.read_backlog.close()
 
     async def _on_scale(self, request: web.Request) -> web.Response:
+        """Honour a gateway's scale request: only with its namespace's token, only for a
+        scaled Endpoint of that namespace the operator knows. Everything else is answered
+        at once (401/403/404/400) without a reconcile and without keeping anything."""
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer ") or not header[len("Bearer "):].strip():
+            return web.json_response(
+                {"message": "Scale request has no bearer token: gateways send their "
+                            "namespace's token (KUBEINFER_SCALER_TOKEN, from the "
+                            "kubeinfer-runtime Secret)"},
+                status=401, headers={"WWW-Authenticate": "Bearer"})
         try:
             scale = ScaleRequest.model_validate_json(await request.read())
         except ValidationError as exc:
-            return web.json_response({"message": f"Invalid scale request: {exc}"}, status=400)
+            return web.json_response(
+                {"message": f"Invalid scale request: {exc.error_count()} problem(s) in the "
+                            "body: send a contract.ScaleRequest"}, status=400)
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"message": "Scale request body too large"}, status=413)
         if not scale.namespace:
             return web.json_response({"message": "Scale request names no namespace: set "
                                                  "KUBEINFER_NAMESPACE on the gateway"},
                                      status=400)
+        if not authorized_scale(header[len("Bearer "):].strip(), self.signing_key,
+                                scale.namespace):
+            return web.json_response(
+                {"message": f"Scale request token is not valid for namespace "
+                            f"{scale.namespace[:63]!r}: a gateway may only scale Endpoints of "
+                            "its own namespace"}, status=403)
+        variants = self.known.get((scale.namespace, scale.endpoint))
+        if variants is None or scale.variant not in variants:
+            return web.json_response(
+                {"message": f"No scaled variant {scale.endpoint[:63]}/{scale.variant[:63]} in "
+                            f"namespace {scale.namespace[:63]}"}, status=404)
         self.request(scale.namespace, scale.endpoint, scale.variant)
         if self.on_request is not None:
             task = asyncio.create_task(self.on_request(scale.namespace, scale.endpoint))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         return web.json_response({"accepted": True}, status=202)
+
+    def register(self, namespace: str, endpoint: str, variants: frozenset[str] | None) -> None:
+        """Record which variants of an Endpoint scale requests may name (None: none)."""
+        if variants:
+            self.known[(namespace, endpoint)] = variants
+        else:
+            self.known.pop((namespace, endpoint), None)
+
+    def forget(self, namespace: str, endpoint: str) -> None:
+        """A deleted Endpoint: nothing about it stays in memory."""
+        self.known.pop((namespace, endpoint), None)
+        for k in [k for k in self.memory if k[:2] == (namespace, endpoint)]:
+            del self.memory[k]
 
     def request(self, namespace: str, endpoint: str, variant: str) -> None:
         self._mem((namespace, endpoint, variant)).requested_at = self.monotonic()
@@ -199,17 +281,27 @@ class ClusterScaler:
         except (TimeoutError, aiohttp.ClientError):
             return None
 
-    async def _prometheus(self, base: str, query: str) -> float | None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3))
+    async def _prometheus(self, base: str, query: str,
+                          field: str = "autoscaling.prometheusUrl") -> float | None:
+        """The value of PromQL ``query`` on ``base``; None when unknown or refused."""
+        problem = url_problem(base, self.outbound, field)
+        if problem is not None:
+            log.warning("Prometheus query %r not sent: %s", query, problem)
+            return None
+        if self._prometheus_session is None:
+            self._prometheus_session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=3), connector=guarded_connector(self.outbound))
         try:
-            async with self._session.get(base.rstrip("/") + "/api/v1/query",
-                                         params={"query": query}) as resp:
+            async with self._prometheus_session.get(base.rstrip("/") + "/api/v1/query",
+                                                    params={"query": query},
+                                                    allow_redirects=False) as resp:
+                if resp.status != 200:  # a 3xx too: redirects are not followed
+                    raise ValueError(f"HTTP {resp.status}")
                 result = (await resp.json())["data"]["result"]
                 return float(result[0]["value"][1]) if result else None
         except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, IndexError,
                 TypeError) as exc:
-            log.warning("Prometheus query %r on %s failed: %s", query, base, exc)
+            log.warning("Prometheus query %r on %s failed: %s", query, redact_url(base), exc)
             return None
 
     async def scrape(self, endpoint: str, gateway_url: str, pods_url: str | None,
@@ -270,7 +362,7 @@ class ClusterScaler:
         offset = now.timestamp() - now_m
         hpa = k8s_autoscaling.hpa_variants(plan)
         messages = []
-        for variant in plan.variants:
+        for index, variant in enumerate(plan.variants):
             if (plan.serverless is None and variant.autoscaling is None) or variant.name in hpa:
                 continue
             key = (namespace, plan.name, variant.name)
@@ -294,10 +386,12 @@ class ClusterScaler:
                     mem.window.invocations_per_replica_per_minute(replicas)}
             policy = variant.autoscaling
             if policy is not None and policy.prometheus_url:
+                field = (f"Endpoint {namespace}/{plan.name}: spec.variants[{index}]"
+                         ".autoscaling.prometheusUrl")
                 for k in policy.metric_keys():
                     if k.startswith("custom:"):
                         values[k] = await self._prometheus(policy.prometheus_url,
-                                                           k[len("custom:"):])
+                                                           k[len("custom:"):], field)
             serverless = plan.serverless_policy
             if serverless is not None:
                 last = None if mem.last_activity is None else mem.last_activity + offset

@@ -30,6 +30,7 @@ from kubeinfer_operator.reconcile.validate import (
     validate_endpoint,
 )
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render import k8s_secrets as secrets
 from kubeinfer_operator.render.k8s import (
     Owner,
     endpoint_url,
@@ -39,8 +40,17 @@ from kubeinfer_operator.render.k8s import (
 from kubeinfer_operator.render.k8s_autoscaling import autoscaling_problems
 from kubeinfer_operator.render.plan import EndpointPlan, plan_endpoint
 from kubeinfer_operator.settings import OperatorSettings
+from kubeinfer_runtime.contract.outbound import OutboundPolicy
 
 log = logging.getLogger(__name__)
+
+#: Seconds before an Endpoint re-reads its namespace's runtime Secret (drift check).
+SECRET_RECHECK_S = 60.0
+
+
+def accepts_scale_requests(plan: EndpointPlan) -> bool:
+    """Whether gateways may ask the scaler for replicas of this Endpoint's variants."""
+    return plan.serverless is not None or any(v.autoscaling for v in plan.variants)
 
 
 class ChildConflict(ClusterError):
@@ -66,12 +76,17 @@ def _check_on_kubernetes(plan: EndpointPlan, namespace: str, name: str) -> None:
 class EndpointSync:
     def __init__(self, client: KubeClient, settings: OperatorSettings,
                  clock: Callable[[], datetime] = _utcnow,
-                 scaler: ClusterScaler | None = None) -> None:
+                 scaler: ClusterScaler | None = None,
+                 outbound: OutboundPolicy | None = None) -> None:
         self.kube = client
         self.settings = settings
+        #: Which destinations spec URLs may name (None: from ``settings.outbound_allow``).
+        self.outbound = outbound if outbound is not None else settings.outbound_policy()
         self.clock = clock
         #: Auto scaling / serverless replicas (None: replicas as in the spec).
         self.scaler = scaler
+        #: namespace -> ((content hash, Endpoint uid), when) of the last runtime Secret check.
+        self._secrets_ensured: dict[str, tuple[tuple[str, str], datetime]] = {}
         # Weak values: a lock nobody holds or waits on is dropped with its Endpoint.
         self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
             weakref.WeakValueDictionary())
@@ -92,7 +107,11 @@ class EndpointSync:
         async with self._lock(namespace, name):
             obj = await self.kube.get(kinds.ENDPOINT, namespace, name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
-                return  # deleted: owner references let the cluster remove the children
+                # Deleted: owner references let the cluster remove the children (and
+                # the runtime Secret with the namespace's last Endpoint).
+                if self.scaler is not None:
+                    self.scaler.forget(namespace, name)
+                return
             await self._sync(obj, namespace, name)
 
     async def _sync(self, obj: dict[str, Any], namespace: str, name: str) -> None:
@@ -100,16 +119,21 @@ class EndpointSync:
         generation = int(metadata.get("generation") or 0)
         old_status: dict[str, Any] = obj.get("status") or {}
         try:
-            endpoint = validate_endpoint(name, namespace, obj.get("spec"))
+            endpoint = validate_endpoint(name, namespace, obj.get("spec"),
+                                         outbound=self.outbound)
             plan = plan_endpoint(endpoint, generation=generation)
             _check_on_kubernetes(plan, namespace, name)
         except InvalidSpec as exc:
             await self._fail(obj, REASON_INVALID_SPEC, str(exc))
             raise
         owner = Owner(name=name, namespace=namespace, uid=str(metadata["uid"]))
+        # Before the children: their pods read it (secretKeyRef env, a Secret volume).
+        await self._ensure_runtime_secret(owner)
         actual = await self._children(namespace, name)
         deployments = st.deployments_by_name(actual)
         if self.scaler is not None:
+            self.scaler.register(namespace, name, frozenset(
+                v.name for v in plan.variants) if accepts_scale_requests(plan) else None)
             self.scaler.hand_over_to_hpas(plan, namespace)
             plan = self.scaler.replicas_for(plan, namespace, deployments)
         existing = {v.name for v in plan.variants
@@ -157,7 +181,8 @@ class EndpointSync:
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return
         try:
-            plan = plan_endpoint(validate_endpoint(name, namespace, obj.get("spec")))
+            plan = plan_endpoint(validate_endpoint(name, namespace, obj.get("spec"),
+                                                   outbound=self.outbound))
             _check_on_kubernetes(plan, namespace, name)
         except InvalidSpec:
             return  # reported by sync
@@ -186,8 +211,57 @@ class EndpointSync:
         selector = meta.label_selector(meta.endpoint_selector(name))
         found: list[dict[str, Any]] = []
         for kind in kinds.CHILD_KINDS:
+            if kind is kinds.NETWORK_POLICY and not self.settings.network_policy:
+                continue  # none rendered: not worth a LIST per refresh
             found += await self.kube.list(kind, namespace, selector)
         return found
+
+    async def _ensure_runtime_secret(self, owner: Owner) -> None:
+        """Create or update the namespace's runtime Secret, owned by this Endpoint too.
+
+        Skipped when this Endpoint ensured the same content less than a minute ago:
+        the refresh runs every few seconds and a GET each time would be waste.
+        """
+        namespace = owner.namespace
+        data = secrets.runtime_secret_data(namespace, self.settings)
+        if not data:
+            return
+        stamp = (meta.content_hash(data), owner.uid)
+        ensured = self._secrets_ensured.get(namespace)
+        now = self.clock()
+        if ensured is not None and ensured[0] == stamp and (now - ensured[1]).total_seconds() < (
+                SECRET_RECHECK_S):
+            return
+        name = self.settings.runtime_secret_name
+        ref = secrets.shared_owner_reference(owner.name, owner.uid)
+        existing = await self.kube.get(kinds.SECRET, namespace, name)
+        if existing is None:
+            try:
+                await self.kube.create(secrets.runtime_secret(namespace, self.settings, [ref]))
+                log.info("Created Secret %s/%s (runtime credentials)", namespace, name)
+            except AlreadyExists:
+                raise ClusterError(f"Secret {namespace}/{name} appeared while being created; "
+                                   "retrying") from None
+        else:
+            labels = existing["metadata"].get("labels") or {}
+            if labels.get(meta.LABEL_MANAGED_BY) != meta.MANAGED_BY:
+                raise ChildConflict(f"Secret {namespace}/{name} exists and is not managed by "
+                                    "kubeinfer; delete or rename it, or set the chart's "
+                                    "runtime.secretName")
+            owners = existing["metadata"].get("ownerReferences") or []
+            merged = secrets.merged_owners(owners, ref)
+            old = existing.get("data") or {}
+            if merged != owners or old != data:
+                patch: dict[str, Any] = {"data": {**{k: None for k in old if k not in data},
+                                                  **data}}
+                patch["metadata"] = {"ownerReferences": merged,
+                                     # Optimistic: two Endpoints adding themselves at once
+                                     # must not drop each other's reference.
+                                     "resourceVersion": existing["metadata"].get(
+                                         "resourceVersion")}
+                await self.kube.merge_patch(kinds.SECRET, namespace, name, patch)
+                log.info("Updated Secret %s/%s (runtime credentials)", namespace, name)
+        self._secrets_ensured[namespace] = (stamp, now)
 
     async def _apply(self, changes: Changes,
                      owner: Owner) -> tuple[list[dict[str, Any]], list[str]]:

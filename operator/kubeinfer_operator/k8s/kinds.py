@@ -35,13 +35,17 @@ SERVICE = Kind("v1", "Service", "services")
 CONFIGMAP = Kind("v1", "ConfigMap", "configmaps")
 #: Variants scaled on CPUUtilization alone (render.k8s_autoscaling).
 HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
+NETWORK_POLICY = Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies")
+#: The per-namespace runtime Secret (render.k8s_secrets); not a labelled child.
+SECRET = Kind("v1", "Secret", "secrets")
 ENDPOINT = Kind(ep.API_VERSION, ep.KIND, ep.PLURAL)
 #: Events the scaler posts on Endpoints (reason Scaled).
 EVENT = Kind("v1", "Event", "events")
 
 #: Every kind an Endpoint's children can be, in the order they are listed.
-CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT, HPA)
-BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, HPA, ENDPOINT, EVENT)}
+CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT, HPA, NETWORK_POLICY)
+BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, HPA, NETWORK_POLICY, SECRET,
+                               ENDPOINT, EVENT)}
 
 
 def kind_of(manifest: dict[str, object]) -> Kind:

@@ -70,6 +70,13 @@ class AsyncLocal:
     def role(self) -> Role:
         return Role.ASYNC_WORKER if self.plan is not None else Role.MODEL_SERVER
 
+    @property
+    def route_redis_url(self) -> str | None:
+        """The Redis URL the route table names: the private server's (no password), or
+        None for one from ``KUBEINFER_REDIS_URL``, which the gateway inherits as env, so a
+        password in it never lands in routes.json."""
+        return self.redis_url if self._redis_proc is not None else None
+
     def worker_env(self) -> dict[str, str]:
         if self.plan is None:
             return {}
@@ -83,7 +90,7 @@ class AsyncLocal:
             return plan
         if self.redis_url is None:
             self.redis_url = os.environ.get("KUBEINFER_REDIS_URL") or await self._start_redis()
-        return replace(plan, redis_url=self.redis_url)
+        return replace(plan, redis_url=self.route_redis_url)
 
     # -- private redis-server ------------------------------------------------------------
 

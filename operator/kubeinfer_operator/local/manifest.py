@@ -4,10 +4,17 @@ A file may hold several documents (``---``); each must be a kubeinfer.io
 Endpoint. All problems of all documents are reported at once, each line naming
 the document and the field path (``spec.variants[0].weight: ...``), so a user
 fixes the file in one go. Parsing is pure; only ``load_manifest_file`` reads.
+
+Outbound URLs (notification webhooks, ``autoscaling.prometheusUrl``) are held
+to the same policy as on Kubernetes (``reconcile.validate.outbound_problems``),
+with the allow-list from ``KUBEINFER_OUTBOUND_ALLOW`` in the environment of
+``kubeinfer up`` (which the supervisor, its scaler and the workers inherit).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,8 @@ from pydantic import ValidationError
 from kubeinfer_operator.api.endpoint import API_VERSION, KIND, Endpoint, format_validation_error
 from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.local.memory import limit_problem
+from kubeinfer_operator.reconcile.validate import outbound_problems
+from kubeinfer_runtime.contract.outbound import ALLOW_ENV, OutboundPolicy
 
 
 @dataclass(frozen=True)
@@ -42,13 +51,30 @@ def _doc_label(source: str, index: int, doc: Any) -> str:
     return f"{label} (Endpoint {name!r})" if name else label
 
 
+def outbound_policy(env: Mapping[str, str] | None = None) -> OutboundPolicy:
+    """Local mode's outbound policy: allow-list from ``KUBEINFER_OUTBOUND_ALLOW`` of ``env``.
+
+    Raises SpecError naming the bad entry.
+    """
+    env = os.environ if env is None else env
+    try:
+        return OutboundPolicy.parse(env.get(ALLOW_ENV, ""), env=env)
+    except ValueError as exc:
+        raise SpecError(f"{ALLOW_ENV}: {exc}") from exc
+
+
 def parse_endpoint(doc: dict[str, Any]) -> Endpoint:
     """Validate one document; raises pydantic's ValidationError."""
     return Endpoint.model_validate(doc)
 
 
-def parse_manifests(text: str, *, source: str, base_dir: str) -> list[LoadedEndpoint]:
-    """Every Endpoint in ``text``; raises SpecError listing every problem found."""
+def parse_manifests(text: str, *, source: str, base_dir: str,
+                    outbound: OutboundPolicy | None = None) -> list[LoadedEndpoint]:
+    """Every Endpoint in ``text``; raises SpecError listing every problem found.
+
+    ``outbound``: the policy spec URLs must obey (default: ``outbound_policy()``).
+    """
+    outbound = outbound if outbound is not None else outbound_policy()
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
@@ -75,7 +101,7 @@ def parse_manifests(text: str, *, source: str, base_dir: str) -> list[LoadedEndp
             for line in format_validation_error(exc).splitlines():
                 problems.append(f"{label}: {line}")
             continue
-        local = local_problems(endpoint)
+        local = local_problems(endpoint) + outbound_problems(endpoint.spec, outbound)
         if local:
             problems += [f"{label}: {p}" for p in local]
             continue

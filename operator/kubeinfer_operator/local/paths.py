@@ -8,6 +8,7 @@ gateway's route table and one log file per process.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,19 @@ def kubeinfer_home() -> Path:
 
 def local_root(home: Path | None = None) -> Path:
     return (home or kubeinfer_home()) / "local"
+
+
+#: A Secret's name as Kubernetes allows it (DNS-1123 subdomain).
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def secret_dir(name: str, home: Path | None = None) -> Path:
+    """``$KUBEINFER_HOME/secrets/<name>/``: local mode's Secret ``name``, one file per key
+    (the layout of a Secret mounted in a pod)."""
+    if not _SECRET_NAME.fullmatch(name) or len(name) > 253 or ".." in name:
+        raise ValueError(f"Secret name {name!r} is not valid: use lower-case letters, digits, "
+                         "'-' and '.', as Kubernetes does")
+    return (home or kubeinfer_home()) / "secrets" / name
 
 
 @dataclass(frozen=True)

@@ -16,20 +16,28 @@ Scale-out from zero is the cold-start path, so it polls the new server's
 ``/ping`` every 20 ms instead of waiting for the supervisor's monitor tick.
 The scrape endpoint is the supervisor's own little HTTP server (aiohttp, bound
 to 127.0.0.1 on a free port), handed to the gateway as ``KUBEINFER_SCALER_URL``.
+
+Prometheus URLs come from the spec, so those queries obey the outbound policy
+(``contract.outbound``, ``KUBEINFER_OUTBOUND_ALLOW``) as on Kubernetes: the
+URL is checked before each query, the connection goes through the guarded
+aiohttp connector and redirects are not followed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import httpx
 from aiohttp import web
 from pydantic import ValidationError
@@ -44,6 +52,7 @@ from kubeinfer_operator.reconcile.autoscale_metrics import (
 )
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_runtime.contract import ScaleRequest
+from kubeinfer_runtime.contract.outbound import guarded_connector, redact_url, url_problem
 
 if TYPE_CHECKING:
     from kubeinfer_operator.local.children import Child
@@ -128,8 +137,13 @@ class LocalScaler:
         self.interval_s = interval_s
         self.memory: dict[str, _VariantMemory] = {}
         self.url: str | None = None
+        #: The gateway presents it on POST /scale (it reaches it through its env); any
+        #: other local process reaching the port gets 401.
+        self.token = secrets.token_urlsafe(32)
         self._wake = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        #: Prometheus queries (URLs from the spec): through the guarded connector.
+        self._prometheus_session: aiohttp.ClientSession | None = None
         self.lock = asyncio.Lock()
         #: Model servers of scaled endpoints start from a pre-imported runtime.
         self.fork_server = ForkServer(supervisor.paths.root / "prefork.sock",
@@ -142,7 +156,7 @@ class LocalScaler:
     # -- the scale-request endpoint ----------------------------------------------------------
 
     async def start_server(self) -> str:
-        app = web.Application()
+        app = web.Application(client_max_size=4096)
         app.router.add_post("/scale", self._on_scale)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -157,12 +171,21 @@ class LocalScaler:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._prometheus_session is not None:
+            await self._prometheus_session.close()
+            self._prometheus_session = None
 
     async def _on_scale(self, request: web.Request) -> web.Response:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return web.json_response({"message": "Scale request without this supervisor's "
+                                                 "token: only its gateway may ask"},
+                                     status=401, headers={"WWW-Authenticate": "Bearer"})
         try:
             scale = ScaleRequest.model_validate_json(await request.read())
         except ValidationError as exc:
-            return web.json_response({"message": f"Invalid scale request: {exc}"}, status=400)
+            return web.json_response({"message": f"Invalid scale request: {exc.error_count()} "
+                                                 "problem(s) in the body"}, status=400)
         if scale.endpoint != self.sup.name or scale.variant not in self.sup.running:
             return web.json_response(
                 {"message": f"Variant {scale.endpoint}/{scale.variant} is not served by this "
@@ -208,14 +231,28 @@ class LocalScaler:
             return None
         return response.text if response.status_code == 200 else None
 
-    async def _prometheus(self, client: httpx.AsyncClient, base: str, query: str) -> float | None:
+    async def _prometheus(self, base: str, query: str,
+                          field: str = "autoscaling.prometheusUrl") -> float | None:
+        """The value of PromQL ``query`` on ``base``; None when unknown or refused."""
+        policy = self.sup.outbound
+        problem = url_problem(base, policy, field)
+        if problem is not None:
+            log.warning("Prometheus query %r not sent: %s", query, problem)
+            return None
+        if self._prometheus_session is None:
+            self._prometheus_session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=2.0), connector=guarded_connector(policy))
         try:
-            response = await client.get(base.rstrip("/") + "/api/v1/query",
-                                        params={"query": query}, timeout=2.0)
-            result = response.json()["data"]["result"]
+            async with self._prometheus_session.get(base.rstrip("/") + "/api/v1/query",
+                                                    params={"query": query},
+                                                    allow_redirects=False) as response:
+                if response.status != 200:  # a 3xx too: redirects are not followed
+                    raise ValueError(f"HTTP {response.status}")
+                result = (await response.json())["data"]["result"]
             return float(result[0]["value"][1]) if result else None
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-            log.warning("Prometheus query %r on %s failed: %s", query, base, exc)
+        except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, IndexError,
+                TypeError) as exc:
+            log.warning("Prometheus query %r on %s failed: %s", query, redact_url(base), exc)
             return None
 
     async def tick(self, client: httpx.AsyncClient) -> None:
@@ -250,11 +287,11 @@ class LocalScaler:
             # for another variant must not keep this one warm.)
             if waiting:
                 mem.last_activity = now_m
-            metrics = await self._metric_values(client, variant.autoscaling, mem,
+            metrics = await self._metric_values(variant.name, variant.autoscaling, mem,
                                                 len(children))
             await self._decide(plan, variant.name, len(children), metrics, mem, waiting, now_m)
 
-    async def _metric_values(self, client: httpx.AsyncClient, policy: autoscale.Policy | None,
+    async def _metric_values(self, variant: str, policy: autoscale.Policy | None,
                              mem: _VariantMemory, replicas: int) -> dict[str, float | None]:
         values: dict[str, float | None] = {
             autoscale.Metric.INVOCATIONS_PER_REPLICA.value:
@@ -264,8 +301,9 @@ class LocalScaler:
         if policy is not None and policy.prometheus_url:
             for key in policy.metric_keys():
                 if key.startswith("custom:"):
-                    values[key] = await self._prometheus(client, policy.prometheus_url,
-                                                         key[len("custom:"):])
+                    values[key] = await self._prometheus(
+                        policy.prometheus_url, key[len("custom:"):],
+                        f"Endpoint {self.sup.name}, variant {variant}: autoscaling.prometheusUrl")
         return values
 
     async def _decide(self, plan: EndpointPlan, name: str, current: int,

@@ -38,10 +38,12 @@ import httpx
 from pydantic import ValidationError
 
 from kubeinfer_operator.api.endpoint import ServerlessConfig, format_validation_error
+from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.local.async_local import AsyncConfigError, AsyncLocal
 from kubeinfer_operator.local.backoff import BackoffPolicy
 from kubeinfer_operator.local.children import Child, ChildSpec, poll_until
-from kubeinfer_operator.local.manifest import parse_endpoint
+from kubeinfer_operator.local.credentials import LocalAuthError, resolve_auth
+from kubeinfer_operator.local.manifest import outbound_policy, parse_endpoint
 from kubeinfer_operator.local.memory import OOM_KILLED, memory_limit, oom_event
 from kubeinfer_operator.local.paths import EndpointPaths
 from kubeinfer_operator.local.process import tail
@@ -59,8 +61,11 @@ from kubeinfer_operator.local.state import (
 )
 from kubeinfer_operator.local.view import summarize
 from kubeinfer_operator.reconcile.local_diff import Change, ChangeKind, diff_plans
+from kubeinfer_operator.reconcile.validate import outbound_problems
 from kubeinfer_operator.render.plan import EndpointPlan, VariantPlan, plan_endpoint
 from kubeinfer_runtime.contract import Role, RouteTable
+from kubeinfer_runtime.contract.auth import AuthRoute
+from kubeinfer_runtime.contract.outbound import OutboundPolicy
 
 log = logging.getLogger("kubeinfer.local")
 
@@ -75,6 +80,18 @@ LOAD_FAILED = "failed to load"
 #: 0 or less switches enforcement off). Reading /proc costs microseconds, in the
 #: supervisor, never on a model server's request path.
 MEMORY_INTERVAL_S = float(os.environ.get("KUBEINFER_LOCAL_MEMORY_INTERVAL_S", "0.5"))
+
+
+def _outbound_policy() -> OutboundPolicy:
+    """The policy from the environment; a bad allow-list refuses all it would have allowed.
+
+    (``kubeinfer up`` refuses a bad KUBEINFER_OUTBOUND_ALLOW before starting us.)
+    """
+    try:
+        return outbound_policy()
+    except SpecError as exc:
+        log.error("%s; outbound calls get no allow-list", exc)
+        return OutboundPolicy.parse("")
 
 
 class Supervisor:
@@ -113,10 +130,14 @@ class Supervisor:
         #: True when the gateway's ``GET /routes`` shows the table last written.
         self.gateway_synced = False
         self._client: httpx.AsyncClient | None = None
+        #: Where spec URLs may point (KUBEINFER_OUTBOUND_ALLOW of ``kubeinfer up``).
+        self.outbound = _outbound_policy()
         #: Auto scaling and serverless scale-to-zero (idle unless the spec asks).
         self.scaler = LocalScaler(self)
         #: Async endpoints: Redis, worker settings, backlog scaling.
         self.async_local = AsyncLocal(self)
+        #: How the gateway authenticates callers (None: it does not; local default).
+        self.auth_route: AuthRoute | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -163,7 +184,8 @@ class Supervisor:
             env={"KUBEINFER_ROUTE_TABLE_PATH": str(self.paths.routes),
                  "KUBEINFER_ROUTE_RELOAD_INTERVAL_S": str(self.route_reload_s),
                  "KUBEINFER_HEALTH_INTERVAL_S": str(self.health_interval_s),
-                 **({"KUBEINFER_SCALER_URL": self.scaler.url} if self.scaler.url else {})},
+                 **({"KUBEINFER_SCALER_URL": self.scaler.url,
+                     "KUBEINFER_SCALER_TOKEN": self.scaler.token} if self.scaler.url else {})},
             log_path=self.paths.log_file("gateway"),
         )
         self.gateway = Child(spec)
@@ -182,7 +204,7 @@ class Supervisor:
                             type="Serverless" if self.serverless else "RealTime",
                             serverless=self.serverless,
                             async_config=self.async_local.plan,
-                            redis_url=self.async_local.redis_url)
+                            redis_url=self.async_local.route_redis_url)
 
     def sync_routes(self) -> None:
         """Route every ready, active server of a running variant; write the table if changed."""
@@ -195,7 +217,7 @@ class Supervisor:
             child.routed = routed
             if routed and variant is not None and child.spec.role is Role.MODEL_SERVER:
                 upstreams.setdefault(variant, []).append(child.url)
-        table = self.current_plan().route_table(upstreams)
+        table = self.current_plan().route_table(upstreams, auth=self.auth_route)
         text = table.to_json()
         if text != self._routes_json:
             table.write_atomic(self.paths.routes)
@@ -435,6 +457,10 @@ class Supervisor:
                 errors.append(f"Endpoint {self.name} is invalid: "
                               + format_validation_error(exc).replace("\n", "; "))
                 return
+            refused = outbound_problems(endpoint.spec, self.outbound)
+            if refused:
+                errors.append(f"Endpoint {self.name} is invalid: " + "; ".join(refused))
+                return
             if endpoint.name != self.name:
                 errors.append(f"metadata.name: {endpoint.name!r} was handed to the supervisor "
                               f"of {self.name!r}; run kubeinfer up again")
@@ -445,7 +471,8 @@ class Supervisor:
             new_plan = keep_scaled_replicas(old_plan, new_plan)
             try:
                 new_plan = await self.async_local.prepare(new_plan)
-            except AsyncConfigError as exc:
+                self.auth_route = resolve_auth(self.name, new_plan.auth)
+            except (AsyncConfigError, LocalAuthError) as exc:
                 errors.append(str(exc))
                 return
             changes = diff_plans(old_plan, new_plan)

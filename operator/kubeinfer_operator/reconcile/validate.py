@@ -6,6 +6,13 @@ problems only show up when the whole object is considered (weights summing to
 read, a limit below its request). ``validate_endpoint`` finds all of them at
 once, so the operator can set ``Ready=False, reason=InvalidSpec`` with one
 message naming every field and its fix, and create nothing half-way.
+
+URLs our own processes will call (``spec.async.notification.successUrl`` /
+``errorUrl``, ``spec.variants[].autoscaling.prometheusUrl``) are checked
+against the outbound policy (``contract.outbound``): a link-local, cloud
+metadata or API-server destination is refused here, naming the field, unless
+the allow-list lets it through. (Names that only *resolve* to such addresses
+are refused at call time by the guarded connector: no DNS here.)
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from kubeinfer_operator.api.endpoint import (
 from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.reconcile.quantity import parse_quantity
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_runtime.contract.outbound import OutboundPolicy, url_problem
 
 REASON_INVALID_SPEC = "InvalidSpec"
 
@@ -124,8 +132,27 @@ def _variant_problems(endpoint: str, index: int, v: ProductionVariant) -> list[s
     return problems
 
 
-def validate_endpoint(name: str, namespace: str, spec: Any) -> Endpoint:
-    """Parse and check an Endpoint's spec; raise ``InvalidSpec`` listing every problem."""
+def outbound_problems(spec: EndpointSpec, policy: OutboundPolicy) -> list[str]:
+    """The spec's outbound URLs the policy refuses, each naming its field (PURE)."""
+    urls: list[tuple[str, str | None]] = []
+    if spec.async_ is not None:
+        notification = spec.async_.notification
+        urls += [("spec.async.notification.successUrl", notification.successUrl),
+                 ("spec.async.notification.errorUrl", notification.errorUrl)]
+    for i, variant in enumerate(spec.variants):
+        if variant.autoscaling is not None:
+            urls.append((f"spec.variants[{i}].autoscaling.prometheusUrl",
+                         variant.autoscaling.prometheusUrl))
+    return [problem for path, url in urls
+            if url and (problem := url_problem(url, policy, path)) is not None]
+
+
+def validate_endpoint(name: str, namespace: str, spec: Any, *,
+                      outbound: OutboundPolicy | None = None) -> Endpoint:
+    """Parse and check an Endpoint's spec; raise ``InvalidSpec`` listing every problem.
+
+    ``outbound``: the policy spec URLs must obey (default: no allow-list).
+    """
     qualified = f"{namespace}/{name}"
     problems = _name_problems(name)
     try:
@@ -135,6 +162,8 @@ def validate_endpoint(name: str, namespace: str, spec: Any) -> Endpoint:
         raise InvalidSpec(qualified, problems) from exc
     for i, variant in enumerate(parsed.variants):
         problems += _variant_problems(name, i, variant)
+    problems += outbound_problems(parsed, outbound if outbound is not None
+                                  else OutboundPolicy.parse())
     if problems:
         raise InvalidSpec(qualified, [_clean(p) for p in problems])
     # The name passed _name_problems, so ObjectMeta's own pattern accepts it.

@@ -31,10 +31,14 @@ class AsyncPlan:
     invocation_timeout_s: int
     visibility_timeout_s: float
     policy: BacklogPolicy
+    #: Folders InputLocation may name (normalized, default applied).
+    input_paths: tuple[str, ...] = ()
+    max_input_bytes: int = 1 << 30
 
     def route(self, redis_url: str | None) -> AsyncRoute:
         return AsyncRoute(queue=self.queue, redis_url=redis_url, output_path=self.output_path,
-                          failure_path=self.failure_path, request_ttl_s=self.request_ttl_s,
+                          failure_path=self.failure_path, input_paths=list(self.input_paths),
+                          request_ttl_s=self.request_ttl_s,
                           invocation_timeout_s=self.invocation_timeout_s)
 
     def worker_env(self, redis_url: str | None) -> dict[str, str]:
@@ -50,6 +54,11 @@ class AsyncPlan:
             "KUBEINFER_MAX_RETRIES": str(self.max_retries),
             "KUBEINFER_VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s),
             "KUBEINFER_INVOCATION_TIMEOUT_S": str(self.invocation_timeout_s),
+            "KUBEINFER_INPUT_PATHS": ",".join(self.input_paths),
+            "KUBEINFER_MAX_INPUT_BYTES": str(self.max_input_bytes),
+            # An input is one request body: decoding bounds derive from it (4x), not
+            # from the 6 MB real-time payload limit.
+            "KUBEINFER_MAX_PAYLOAD_BYTES": str(self.max_input_bytes),
         }
         if redis_url:
             env["KUBEINFER_REDIS_URL"] = redis_url
@@ -83,6 +92,8 @@ def plan_async(endpoint: Endpoint) -> AsyncPlan | None:
         request_ttl_s=cfg.requestTTL,
         invocation_timeout_s=cfg.invocationTimeout,
         visibility_timeout_s=cfg.visibilityTimeout,
+        input_paths=tuple(cfg.input_paths),
+        max_input_bytes=cfg.maxInputBytes,
         policy=BacklogPolicy(target_per_replica=scaling.targetBacklogPerReplica,
                              min_replicas=scaling.minReplicas,
                              max_replicas=scaling.maxReplicas,

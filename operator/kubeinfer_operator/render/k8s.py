@@ -17,6 +17,8 @@ from typing import Any
 
 from kubeinfer_operator.render import k8s_autoscaling as autoscaling
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render import k8s_network as policies
+from kubeinfer_operator.render import k8s_secrets as secrets
 from kubeinfer_operator.render import k8s_workloads as w
 from kubeinfer_operator.render.k8s_workloads import Owner
 from kubeinfer_operator.render.plan import EndpointPlan
@@ -32,9 +34,10 @@ def endpoint_url(owner: Owner, settings: OperatorSettings) -> str:
 
 
 def gateway_pods_url(owner: Owner, settings: OperatorSettings) -> str:
-    """The headless gateway-pods Service: its name resolves to every ready gateway pod."""
+    """The headless gateway-pods Service: its name resolves to every ready gateway pod
+    (on the metrics port, where the scaler scrapes them)."""
     return w.service_url(meta.gateway_pods_name(owner.name), owner.namespace,
-                         settings.runtime_port)
+                         settings.metrics_port)
 
 
 def route_table(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
@@ -52,7 +55,8 @@ def route_table(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
         for v in plan.variants
         if v.name in ready_variants or plan.serverless is not None
     }
-    return plan.route_table(upstreams, discovery="dns")
+    return plan.route_table(upstreams, discovery="dns",
+                            auth=secrets.resolve_auth(plan.auth, settings).route())
 
 
 def render_endpoint(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,
@@ -81,5 +85,8 @@ def render_endpoint(plan: EndpointPlan, owner: Owner, settings: OperatorSettings
     manifests.append(w.gateway_service(owner, settings))
     if autoscaling.scrapes_gateway(plan):
         manifests.append(w.gateway_pods_service(owner, settings))
-    manifests.append(w.gateway_deployment(owner, settings))
+    manifests.append(w.gateway_deployment(owner, settings,
+                                          secrets.resolve_auth(plan.auth, settings)))
+    if settings.network_policy:
+        manifests += policies.network_policies(owner, plan, settings)
     return [meta.with_applied_hash(m) for m in manifests]

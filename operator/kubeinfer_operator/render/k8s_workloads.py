@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render import k8s_secrets as secrets
 from kubeinfer_operator.render.async_plan import AsyncPlan
 from kubeinfer_operator.render.plan import VariantPlan
 from kubeinfer_operator.render.plan_steps import StepPlan
@@ -26,8 +27,12 @@ PORT_NAME = "http"
 MODEL_SERVER_READY_PATH = "/v2/health/ready"
 MODEL_SERVER_LIVE_PATH = "/v2/health/live"
 GATEWAY_HEALTH_PATH = "/ping"
+#: Pod-template annotation: hash of the runtime Secret values the pod reads as env.
+ANNOTATION_SECRET_HASH = "kubeinfer.io/runtime-secret-hash"
+#: Port name of the runtime containers' metrics-only listener (GET /metrics).
+METRICS_PORT_NAME = "metrics"
 #: Port name of the headless gateway-pods Service (see ``gateway_pods_service``).
-GATEWAY_PODS_PORT_NAME = "metrics"
+GATEWAY_PODS_PORT_NAME = "scrape"
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,9 @@ def _service(owner: Owner, name: str, component: str, variant: str | None,
             "type": "ClusterIP",
             "selector": meta.pod_selector(owner.name, component, variant),
             "ports": [{"name": PORT_NAME, "port": settings.runtime_port,
-                       "targetPort": PORT_NAME, "protocol": "TCP"}],
+                       "targetPort": PORT_NAME, "protocol": "TCP"},
+                      {"name": METRICS_PORT_NAME, "port": settings.metrics_port,
+                       "targetPort": METRICS_PORT_NAME, "protocol": "TCP"}],
         },
     }
 
@@ -161,15 +168,21 @@ def _tmp_volume() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _runtime_container(role: Role, settings: OperatorSettings, env: dict[str, str],
-                       mounts: list[dict[str, Any]]) -> dict[str, Any]:
+                       mounts: list[dict[str, Any]],
+                       secret_env: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``env``: literal values (never secrets); ``secret_env``: entries read from Secrets."""
     return {
         "name": role.value,
         "image": settings.runtime_image,
         "imagePullPolicy": settings.image_pull_policy,
         "args": ["serve", "--role", role.value],
         "ports": [{"name": PORT_NAME, "containerPort": settings.runtime_port,
+                   "protocol": "TCP"},
+                  {"name": METRICS_PORT_NAME, "containerPort": settings.metrics_port,
                    "protocol": "TCP"}],
-        "env": _env({**env, "KUBEINFER_PORT": str(settings.runtime_port)}),
+        "env": _env({**env, "KUBEINFER_PORT": str(settings.runtime_port),
+                     "KUBEINFER_METRICS_PORT": str(settings.metrics_port)})
+               + (secret_env or []),
         "securityContext": _container_security(),
         "volumeMounts": mounts,
     }
@@ -182,9 +195,14 @@ def model_server_deployment(owner: Owner, variant: VariantPlan,
     tmp_volume, tmp_mount = _tmp_volume()
     env = variant.server_env(owner.name)
     if async_plan is not None:
-        env.update(async_plan.worker_env(settings.redis_url))
+        # The Redis URL (its password) comes from the runtime Secret, not a literal.
+        env.update(async_plan.worker_env(None))
+        if settings.outbound_allow:  # webhooks obey the operator's allow-list too
+            env["KUBEINFER_OUTBOUND_ALLOW"] = settings.outbound_allow
     container = _runtime_container(Role.ASYNC_WORKER if async_plan else Role.MODEL_SERVER,
-                                   settings, env, [tmp_mount])
+                                   settings, env, [tmp_mount],
+                                   secrets.runtime_env(settings, redis=async_plan is not None,
+                                                       scaler=False))
     container["readinessProbe"] = _probe(MODEL_SERVER_READY_PATH, period=5, failures=3)
     container["livenessProbe"] = _probe(MODEL_SERVER_LIVE_PATH, period=10, failures=3)
     container["resources"] = variant_resources(variant, settings)
@@ -197,11 +215,15 @@ def model_server_deployment(owner: Owner, variant: VariantPlan,
     # own port; the runtime container reaches them on 127.0.0.1.
     pod_spec["containers"] += [_image_step_container(s, tmp_mount)
                                for s in variant.steps if s.kind == "image"]
+    annotations = {meta.ANNOTATION_SERVER_HASH: variant.server_hash}
+    if async_plan is not None and settings.redis_url:
+        annotations[ANNOTATION_SECRET_HASH] = secrets.env_hash(owner.namespace, settings,
+                                                               redis=True, scaler=False)
     return _deployment(
         owner, meta.variant_object_name(owner.name, variant.name), meta.COMPONENT_MODEL_SERVER,
         variant.name, variant.replicas,
         # Only what must restart a model server changes the pod template.
-        {meta.ANNOTATION_SERVER_HASH: variant.server_hash},
+        annotations,
         pod_spec,
     )
 
@@ -238,20 +260,27 @@ def model_server_service(owner: Owner, variant: VariantPlan,
     return service
 
 
-def gateway_deployment(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
+def gateway_deployment(owner: Owner, settings: OperatorSettings,
+                       auth: secrets.ResolvedAuth | None = None) -> dict[str, Any]:
     tmp_volume, tmp_mount = _tmp_volume()
     routes_volume = {"name": "routes",
                      "configMap": {"name": meta.routes_name(owner.name)}}
     routes_mount = {"name": "routes", "mountPath": ROUTES_MOUNT_DIR, "readOnly": True}
     env = {"KUBEINFER_ROUTE_TABLE_PATH": f"{ROUTES_MOUNT_DIR}/{ROUTE_TABLE_FILENAME}"}
-    if settings.redis_url:
-        # Async endpoints' queue (the route table leaves it to this setting).
-        env["KUBEINFER_REDIS_URL"] = settings.redis_url
     if settings.scaler_url:
-        # Serverless activator: where held requests ask for a replica (the operator).
+        # Serverless activator: where held requests ask for a replica (the operator),
+        # with the namespace's scaler token (from the runtime Secret).
         env["KUBEINFER_SCALER_URL"] = settings.scaler_url
         env["KUBEINFER_NAMESPACE"] = owner.namespace
-    container = _runtime_container(Role.GATEWAY, settings, env, [tmp_mount, routes_mount])
+    volumes = [tmp_volume, routes_volume]
+    mounts = [tmp_mount, routes_mount]
+    credentials = secrets.auth_volume(auth, settings) if auth is not None else None
+    if credentials is not None:
+        volumes.append(credentials[0])
+        mounts.append(credentials[1])
+    # Async endpoints' queue: the Redis URL from the runtime Secret.
+    container = _runtime_container(Role.GATEWAY, settings, env, mounts,
+                                   secrets.runtime_env(settings, redis=True, scaler=True))
     container["readinessProbe"] = _probe(GATEWAY_HEALTH_PATH, period=5, failures=3)
     container["livenessProbe"] = _probe(GATEWAY_HEALTH_PATH, period=10, failures=3)
     container["resources"] = {
@@ -260,10 +289,15 @@ def gateway_deployment(owner: Owner, settings: OperatorSettings) -> dict[str, An
         "limits": {"memory": settings.gateway_memory_limit},
     }
     # No hash of the route table here: weight and readiness changes rewrite the
-    # ConfigMap only, and the gateway reloads it without a restart.
+    # ConfigMap only, and the gateway reloads it without a restart. A new Redis URL
+    # or scaler token (read as env) does need one.
+    annotations = {}
+    if settings.redis_url or settings.scaler_url:
+        annotations[ANNOTATION_SECRET_HASH] = secrets.env_hash(owner.namespace, settings,
+                                                               redis=True, scaler=True)
     return _deployment(owner, meta.gateway_name(owner.name), meta.COMPONENT_GATEWAY, None,
-                       settings.gateway_replicas, {},
-                       _pod_spec(settings, container, [tmp_volume, routes_volume]))
+                       settings.gateway_replicas, annotations,
+                       _pod_spec(settings, container, volumes))
 
 
 def gateway_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
@@ -276,14 +310,15 @@ def gateway_pods_service(owner: Owner, settings: OperatorSettings) -> dict[str, 
 
     The operator's scaler scrapes each gateway pod's ``/metrics`` through it:
     the gateway Service would hand each scrape to one pod of several, so
-    counts would be a fraction that flips between pods. Its port is named
-    ``metrics``, not ``http``, so a ServiceMonitor selecting port ``http``
+    counts would be a fraction that flips between pods. Its one port is named
+    ``scrape``, not ``metrics``, so a ServiceMonitor selecting port ``metrics``
     (the chart's) does not scrape the gateway pods a second time through it.
     """
     service = _service(owner, meta.gateway_pods_name(owner.name), meta.COMPONENT_GATEWAY, None,
                        settings)
     service["spec"]["clusterIP"] = "None"
-    service["spec"]["ports"][0]["name"] = GATEWAY_PODS_PORT_NAME
+    service["spec"]["ports"] = [{"name": GATEWAY_PODS_PORT_NAME, "port": settings.metrics_port,
+                                 "targetPort": METRICS_PORT_NAME, "protocol": "TCP"}]
     return service
 
 

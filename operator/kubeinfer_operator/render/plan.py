@@ -16,6 +16,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from kubeinfer_operator.api.endpoint import (
+    AuthConfig,
     AutoScaling,
     ContainerStep,
     Endpoint,
@@ -42,6 +43,7 @@ from kubeinfer_runtime.contract import (
     ServerlessRoute,
     VariantRoute,
 )
+from kubeinfer_runtime.contract.auth import AuthRoute
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,9 @@ class EndpointPlan:
     async_config: AsyncPlan | None = None
     #: The async queue's Redis as the gateway reaches it (None: its own setting).
     redis_url: str | None = None
+    #: ``spec.auth`` as written (None: the backend's default); each backend
+    #: resolves it into the route table's ``AuthRoute`` (where credentials live).
+    auth: AuthConfig | None = None
 
     @property
     def serverless_policy(self) -> autoscale.Serverless | None:
@@ -127,7 +132,8 @@ class EndpointPlan:
         return next((v for v in self.variants if v.name == name), None)
 
     def route_table(self, upstreams: dict[str, list[str]],
-                    discovery: Literal["static", "dns"] = "static") -> RouteTable:
+                    discovery: Literal["static", "dns"] = "static",
+                    auth: AuthRoute | None = None) -> RouteTable:
         """The gateway's route table, given each variant's upstream URLs.
 
         A variant missing from ``upstreams`` gets no URLs: the gateway answers
@@ -148,6 +154,7 @@ class EndpointPlan:
             **({"type": "Serverless", "serverless": serverless,
                 "max_payload_bytes": SERVERLESS_MAX_PAYLOAD_BYTES} if serverless else
                {"max_payload_bytes": REALTIME_MAX_PAYLOAD_BYTES}),
+            auth=auth,
         )
         if self.async_config is not None:
             route = route.model_copy(update={
@@ -290,4 +297,5 @@ def plan_endpoint(endpoint: Endpoint, *, base_dir: str | None = None,
         async_config=async_config,
         type=spec.type.value,
         serverless=serverless,
+        auth=spec.auth,
     )

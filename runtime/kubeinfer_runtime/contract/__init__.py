@@ -35,10 +35,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kubeinfer_runtime.contract.auth import AuthRoute
+from kubeinfer_runtime.contract.locations import default_input_paths, normalize_prefix
 
 CONTRACT_VERSION: Literal["v1alpha1"] = "v1alpha1"
 ENV_PREFIX = "KUBEINFER_"
@@ -205,10 +209,19 @@ class AsyncRoute(_Strict):
     output_path: str
     #: Failure objects are ``<failure_path>/<InferenceId>-error.out``.
     failure_path: str
+    #: Folder prefixes every InputLocation must be below (``contract.locations``);
+    #: empty: the default derived from ``output_path``.
+    input_paths: list[str] = Field(default_factory=list)
     request_ttl_s: int = Field(default=ASYNC_MAX_REQUEST_TTL_S, ge=60,
                                le=ASYNC_MAX_REQUEST_TTL_S)
     invocation_timeout_s: int = Field(default=ASYNC_DEFAULT_INVOCATION_TIMEOUT_S, ge=1,
                                       le=ASYNC_MAX_INVOCATION_TIMEOUT_S)
+
+    @model_validator(mode="after")
+    def _confined(self) -> AsyncRoute:
+        paths = self.input_paths or default_input_paths(self.output_path)
+        object.__setattr__(self, "input_paths", [normalize_prefix(p) for p in paths])
+        return self
 
     @property
     def keys(self) -> AsyncQueueKeys:
@@ -269,6 +282,8 @@ class EndpointRoute(_Strict):
     type: Literal["RealTime", "Async", "Serverless"] = "RealTime"
     variants: list[VariantRoute]
     max_payload_bytes: int = REALTIME_MAX_PAYLOAD_BYTES
+    #: How callers authenticate (None: nobody is asked to).
+    auth: AuthRoute | None = None
     #: Set exactly when ``type`` is Async.
     async_config: AsyncRoute | None = None
     #: Set exactly when ``type`` is Serverless.
@@ -344,6 +359,9 @@ class _RoleSettings(BaseSettings):
     #: (``inline_http``). False serves every request through uvicorn's ASGI
     #: path: a switch for A/B measurements, or to rule the inline path out.
     inline_http: bool = True
+    #: A second listener serving only ``GET /metrics`` (NetworkPolicies let
+    #: scrapers reach it and nothing else); None: metrics on ``port`` only.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
 
     s3_endpoint_url: str | None = Field(
         default=None,
@@ -455,6 +473,14 @@ class ModelServerSettings(_RoleSettings):
     endpoint_name: str = ""
     variant_name: str = ""
     max_payload_bytes: int = REALTIME_MAX_PAYLOAD_BYTES
+    #: Bound on what one request may decode to (elements x item size, inflated
+    #: .npz members, parsed JSON/CSV values), bytes. None: 4 x max_payload_bytes.
+    #: Over it the request is refused with 413 before anything that size is allocated.
+    max_decoded_bytes: int | None = Field(default=None, ge=1)
+    #: Serve the model-management routes that change what is loaded (multi-model
+    #: ``POST/DELETE /models``, V2 repository load/unload). Off by default: any
+    #: caller that reaches a model server could otherwise load and unload models.
+    admin_api: bool = False
     #: Threads running inference; onnxruntime releases the GIL while it runs.
     inference_threads: int = Field(default=1, ge=1)
     #: Threads inside one onnxruntime session (intra-op). 1 suits small models
@@ -502,6 +528,10 @@ class GatewaySettings(_RoleSettings):
     scaler_url: str | None = None
     #: Namespace of the gateway's Endpoint, sent with scale requests (Kubernetes).
     namespace: str | None = None
+    #: Bearer token of scale requests: the scaler honours them only for Endpoints
+    #: of the namespace the token was issued for (the operator's runtime Secret, or
+    #: the local supervisor).
+    scaler_token: SecretStr | None = None
 
 
 class AsyncWorkerSettings(ModelServerSettings):
@@ -531,3 +561,11 @@ class AsyncWorkerSettings(ModelServerSettings):
     notify_backoff_s: float = Field(default=0.2, gt=0)
     #: Seconds in-flight requests may finish after SIGTERM before being released.
     drain_timeout_s: float = Field(default=20.0, ge=0)
+    #: Prefixes (s3://bucket/prefix/ or file:///dir/) inputs may be read from,
+    #: comma-separated; the worker refuses any other InputLocation it dequeues.
+    input_paths: str = ""
+    #: Largest input object read, bytes (SageMaker: 1 GB); bigger inputs fail.
+    max_input_bytes: int = Field(default=1 << 30, ge=1)
+    #: Outbound calls (notification webhooks) may reach these otherwise refused
+    #: addresses: comma-separated CIDRs or host names (``contract.outbound``).
+    outbound_allow: str = ""

@@ -63,6 +63,10 @@ class Activator:
         if scaler:
             parts = urlsplit(scaler)
             self._scaler = (f"{parts.scheme}://{parts.netloc}", (parts.path or "/").encode())
+        token = core.settings.scaler_token
+        self._scaler_headers = [(b"content-type", b"application/json")] + (
+            [(b"authorization", b"Bearer " + token.get_secret_value().encode())]
+            if token is not None else [])
 
     # -- admission -------------------------------------------------------------------------
 
@@ -177,9 +181,8 @@ class Activator:
         assert self._scaler is not None
         base, path = self._scaler
         try:
-            response = await self._client.request(
-                base, b"POST", path, [(b"content-type", b"application/json")], body,
-                _SCALER_TIMEOUT_S)
+            response = await self._client.request(base, b"POST", path, self._scaler_headers,
+                                                  body, _SCALER_TIMEOUT_S)
             if response.status >= 300:
                 log.warning("Scaler %s answered %d to a scale-up of %s/%s: %s", base,
                             response.status, key[0], key[1], response.body[:200])

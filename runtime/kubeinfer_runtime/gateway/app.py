@@ -27,13 +27,13 @@ from fastapi import FastAPI, Response
 from kubeinfer_runtime import __version__
 from kubeinfer_runtime.api_errors import install_error_handlers
 from kubeinfer_runtime.contract import AsyncQueueKeys, GatewaySettings
+from kubeinfer_runtime.contract.redact import redact_urls
 from kubeinfer_runtime.errors import Reply, ValidationError
 from kubeinfer_runtime.gateway.core import GatewayCore
-from kubeinfer_runtime.gateway.headers import InboundHeaders
 from kubeinfer_runtime.gateway.loops import health_loop, reload_routes, route_reload_loop
-from kubeinfer_runtime.gateway.proxy import InvocationHandler, Receive, Scope, Send
-from kubeinfer_runtime.gateway.routing import EndpointState
+from kubeinfer_runtime.gateway.proxy import InlinePlan, InvocationHandler, Receive, Scope, Send
 from kubeinfer_runtime.metrics import render_latest
+from kubeinfer_runtime.metrics_listener import start_metrics_listener
 from kubeinfer_runtime.openapi_docs import V2_CONTENT, Header, Route, document_routes
 from kubeinfer_runtime.queue.backlog import backlog_loop
 from kubeinfer_runtime.queue.submit import AsyncSubmitHandler
@@ -109,7 +109,8 @@ def _api(core: GatewayCore) -> FastAPI:
 
     @api.get("/routes", summary="The route table in force and the upstreams out of rotation")
     async def routes() -> Response:
-        table = core.table.model_dump(mode="json") if core.table else None
+        # Redacted: a route may name a Redis URL with its password.
+        table = redact_urls(core.table.model_dump(mode="json")) if core.table else None
         pods = {url: list(urls) for url, urls in sorted(core.resolved.items())}
         body = orjson.dumps({"table": table, "down": sorted(core.health.down), "pods": pods})
         return Response(body, media_type="application/json")
@@ -123,9 +124,11 @@ class GatewayApp:
     def __init__(self, core: GatewayCore) -> None:
         self.core = core
         self.invocations = InvocationHandler(core)
-        self.async_invocations = AsyncSubmitHandler(core.settings.redis_url)
+        self.async_invocations = AsyncSubmitHandler(core.settings.redis_url,
+                                                    self.invocations.denied)
         self.api = _api(core)
         self._tasks: list[asyncio.Task[None]] = []
+        self._metrics_server: asyncio.Server | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -154,7 +157,7 @@ class GatewayApp:
     # -- InlineResponder (kubeinfer_runtime.inline_http): InvokeEndpoint without ASGI
 
     def inline_plan(self, method: bytes, url: bytes, raw_headers: list[tuple[bytes, bytes]]
-                    ) -> tuple[EndpointState, InboundHeaders] | None:
+                    ) -> InlinePlan | None:
         if (method != b"POST" or not url.startswith(_PREFIX_B) or not url.endswith(_SUFFIX_B)
                 or b"?" in url or b"%" in url):
             return None
@@ -163,11 +166,11 @@ class GatewayApp:
             return None
         return self.invocations.inline_plan(name, raw_headers)
 
-    def respond_inline(self, plan: tuple[EndpointState, InboundHeaders], body: bytes,
-                       t0: float, url: bytes) -> Awaitable[Reply]:
-        return self.invocations.reply_inline(plan, body, t0)
+    def respond_inline(self, plan: InlinePlan, body: bytes, t0: float,
+                       url: bytes) -> Awaitable[Reply]:
+        return self.invocations.reply_inline(plan, body, t0, url)
 
-    def inline_abandoned(self, plan: tuple[EndpointState, InboundHeaders]) -> None:
+    def inline_abandoned(self, plan: InlinePlan) -> None:
         """Nothing was forwarded yet: nothing to undo (the ASGI path counts nothing either)."""
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -198,11 +201,16 @@ class GatewayApp:
         ]
         self._tasks.append(asyncio.create_task(backlog_loop(self._async_queues),
                                                name="async-backlog"))
+        if core.settings.metrics_port:
+            self._metrics_server = await start_metrics_listener(core.settings.host,
+                                                                core.settings.metrics_port)
         log.info("Gateway serving route table %s (revision %d), checking model servers "
                  "every %gs", core.source.path, core.routes.revision,
                  core.settings.health_interval_s)
 
     async def shutdown(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -14,13 +14,20 @@ import random
 from pathlib import Path
 
 from kubeinfer_runtime.contract import GatewaySettings, RouteTable
+from kubeinfer_runtime.contract.auth import AuthMode
 from kubeinfer_runtime.gateway import discovery, recorder
+from kubeinfer_runtime.gateway.auth import Authenticator
+from kubeinfer_runtime.gateway.credentials import CallerCredentials, CredentialsDirectory
 from kubeinfer_runtime.gateway.health import HealthTable
 from kubeinfer_runtime.gateway.routefile import Outcome, PollResult, RouteTableFile
 from kubeinfer_runtime.gateway.routing import RouteState, compile_table
 from kubeinfer_runtime.gateway.upstream import UpstreamClient
 
 log = logging.getLogger("kubeinfer.gateway")
+
+
+def _no_credentials() -> CallerCredentials | None:
+    return None
 
 
 class GatewayCore:
@@ -35,6 +42,10 @@ class GatewayCore:
         self._announced_missing = False
         #: DNS upstream URL -> pod URLs last resolved (``discovery: dns`` variants).
         self.resolved: dict[str, tuple[str, ...]] = {}
+        #: Endpoint name -> how its callers are checked (endpoints with auth only).
+        self.auth: dict[str, Authenticator] = {}
+        self._credentials: dict[str, CredentialsDirectory] = {}
+        self._authenticators: dict[tuple[str, str | None, tuple[str, ...]], Authenticator] = {}
 
     async def rediscover(self) -> list[str]:
         """Re-resolve the table's DNS upstreams; re-apply it when the pods changed."""
@@ -56,11 +67,38 @@ class GatewayCore:
         routes = compile_table(discovery.expand(table, self.resolved))
         upstreams = routes.upstreams()
         added = self.health.track(upstreams)
+        self.auth = self._auth_of(table)
         self.routes = routes
         self.table = table
         self.client.forget(upstreams)
         recorder.route_table_loaded(table.revision)
         return added
+
+    def _auth_of(self, table: RouteTable) -> dict[str, Authenticator]:
+        """Each endpoint's authenticator, reusing those whose settings did not change (they
+        hold the credentials directory being watched and the signing-key cache)."""
+        out: dict[str, Authenticator] = {}
+        for route in table.endpoints.values():
+            auth = route.auth
+            if auth is None or auth.mode is AuthMode.NONE:
+                continue
+            key = (auth.mode.value, auth.credentials_dir, tuple(sorted(auth.regions)))
+            authenticator = self._authenticators.get(key)
+            if authenticator is None:
+                source = None
+                if auth.credentials_dir:
+                    source = self._credentials.get(auth.credentials_dir)
+                    if source is None:
+                        source = CredentialsDirectory(Path(auth.credentials_dir))
+                        self._credentials[auth.credentials_dir] = source
+                authenticator = Authenticator(
+                    auth.mode, source.current if source is not None else _no_credentials,
+                    regions=frozenset(auth.regions) or None)
+                self._authenticators[key] = authenticator
+                log.info("Endpoint %s authenticates callers with %s (credentials in %s)",
+                         route.name, auth.mode.value, auth.credentials_dir or "(none)")
+            out[route.name] = authenticator
+        return out
 
     def reload(self) -> list[str]:
         """Poll the route-table file once; apply and log what changed."""

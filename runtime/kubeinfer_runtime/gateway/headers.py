@@ -15,8 +15,9 @@ headers boto3 reads (Content-Type, custom attributes) and, for errors,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from kubeinfer_runtime.contract import (
     FORWARDED_REQUEST_HEADERS,
@@ -76,3 +77,11 @@ def response_headers(upstream: Iterable[tuple[bytes, bytes]], variant: bytes,
     out.append((INVOKED_VARIANT, variant))
     out.append((CONTENT_LENGTH, b"%d" % body_length))
     return out
+
+
+def request_target(scope: Mapping[str, Any]) -> bytes:
+    """An ASGI request's target as the client sent it (still percent-encoded), query
+    included: what a SigV4 signature covers."""
+    path: bytes = scope.get("raw_path") or scope["path"].encode("latin-1")
+    query: bytes = scope.get("query_string", b"")
+    return path + b"?" + query if query else path

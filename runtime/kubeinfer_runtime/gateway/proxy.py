@@ -6,8 +6,11 @@ the gateway's budget is 0.3 ms at p50. Steps, each delegated to pure code:
 1. look the endpoint up in the compiled route table (404 if unknown);
 2. split the headers (``headers``), refuse bodies over the endpoint's limit
    (413) before forwarding anything;
-3. choose a variant and upstream (``routing.choose``, health-aware);
-4. forward over a pooled keep-alive connection (``upstream``) and answer with
+3. authenticate the caller (``auth``: SigV4 or a bearer token, when the
+   endpoint asks for it) before anything else happens for the request, a
+   serverless cold start included;
+4. choose a variant and upstream (``routing.choose``, health-aware);
+5. forward over a pooled keep-alive connection (``upstream``) and answer with
    the model server's status, body and headers, plus
    ``x-Amzn-Invoked-Production-Variant``.
 
@@ -40,6 +43,7 @@ from kubeinfer_runtime.gateway.affinity import pick_for_key
 from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.headers import (
     InboundHeaders,
+    request_target,
     response_headers,
     split_request_headers,
 )
@@ -66,6 +70,10 @@ log = logging.getLogger("kubeinfer.gateway")
 
 _ERROR_TYPE = b"x-amzn-errortype"
 _INVOCATIONS_PATH = b"/invocations"
+
+#: What the inline path decided from the headers: the endpoint, the headers it
+#: forwards, and the raw headers (a caller's signature covers some of them).
+InlinePlan = tuple[EndpointState, InboundHeaders, list[tuple[bytes, bytes]]]
 
 
 class _ClientGone(Exception):
@@ -152,12 +160,29 @@ class InvocationHandler:
         if body is None:
             await _send(send, _error(_too_large(endpoint, None), endpoint.name, ""))
             return
+        denied = self.denied(endpoint.name, request_target(scope), scope["headers"], body)
+        if denied is not None:
+            await _send(send, denied)
+            return
         await _send(send, await self.reply(endpoint, inbound, body, started))
+
+    def denied(self, name: str, target: bytes, raw_headers: list[tuple[bytes, bytes]],
+               body: bytes, method: bytes = b"POST") -> Reply | None:
+        """The error to answer when the endpoint authenticates callers and this one
+        fails; None to go on."""
+        auth = self.core.auth.get(name)
+        if auth is None:
+            return None
+        err = auth.check(method, target, raw_headers, body)
+        if err is None:
+            return None
+        log.info("Endpoint %s refused a caller: %s %s", name, err.status, err.code)
+        return _error(err, name, "")
 
     # -- the inline path (kubeinfer_runtime.inline_http): no ASGI around the hop
 
     def inline_plan(self, name: str, raw_headers: list[tuple[bytes, bytes]]
-                    ) -> tuple[EndpointState, InboundHeaders] | None:
+                    ) -> InlinePlan | None:
         """What to forward for a clean request to a non-serverless endpoint, or None.
 
         Unknown endpoints, serverless ones (the activator admits and holds
@@ -171,13 +196,16 @@ class InvocationHandler:
         length = inbound.content_length
         if length is None or length > endpoint.max_payload_bytes:
             return None
-        return endpoint, inbound
+        return endpoint, inbound, raw_headers
 
-    async def reply_inline(self, plan: tuple[EndpointState, InboundHeaders], body: bytes,
-                           started: float) -> Reply:
+    async def reply_inline(self, plan: InlinePlan, body: bytes, started: float,
+                           target: bytes) -> Reply:
         """:meth:`reply` for the inline path, which has nobody else to catch a bug."""
-        endpoint, inbound = plan
+        endpoint, inbound, raw_headers = plan
         try:
+            denied = self.denied(endpoint.name, target, raw_headers, body)
+            if denied is not None:
+                return denied
             return await self.reply(endpoint, inbound, body, started)
         except Exception:
             log.exception("Serving endpoint %s failed unexpectedly", endpoint.name)

@@ -27,7 +27,7 @@ from kubeinfer_runtime.pipeline.handlers import (
     import_handler,
 )
 from kubeinfer_runtime.server.hotpath import invocations_work
-from kubeinfer_runtime.server.state import ModelSlot, start_loading
+from kubeinfer_runtime.server.state import ModelSlot, decode_limits, start_loading
 from kubeinfer_runtime.storage.uri import FileLocation, parse_model_uri
 
 Result = tuple[bytes, str]
@@ -66,6 +66,7 @@ class ModelStep(Step):
             "model_name": spec.name, "pipeline": None})
         self.metrics = metrics
         self.pool = pool
+        self.limits = decode_limits(settings)
         self.slot = ModelSlot(spec.name, spec.model_uri)
 
     def start(self) -> None:
@@ -79,10 +80,10 @@ class ModelStep(Step):
         model = self.slot.get()
         encoding = codec.negotiate(accept)
         if model.inline:
-            payload, _ = invocations_work(model, body, content_type, encoding)
+            payload, _ = invocations_work(model, body, content_type, encoding, self.limits)
         else:
             payload, _ = await asyncio.get_running_loop().run_in_executor(
-                self.pool, invocations_work, model, body, content_type, encoding)
+                self.pool, invocations_work, model, body, content_type, encoding, self.limits)
         return payload, encoding.content_type.decode()
 
     async def close(self) -> None:

@@ -22,11 +22,14 @@ from fastapi import FastAPI, Response
 from kubeinfer_runtime import __version__
 from kubeinfer_runtime.api_errors import error_response, install_error_handlers
 from kubeinfer_runtime.contract import AsyncWorkerSettings
+from kubeinfer_runtime.contract.outbound import OutboundPolicy
+from kubeinfer_runtime.contract.redact import redact_url
 from kubeinfer_runtime.errors import NotReady
 from kubeinfer_runtime.metrics import ModelServerMetrics, render_latest
+from kubeinfer_runtime.metrics_listener import start_metrics_listener
 from kubeinfer_runtime.queue.notifier import Notifier
 from kubeinfer_runtime.queue.objects import ObjectStore
-from kubeinfer_runtime.queue.worker import Worker
+from kubeinfer_runtime.queue.worker import Worker, worker_confinement
 from kubeinfer_runtime.server.app import configure_logging
 from kubeinfer_runtime.server.state import ModelSlot, start_loading
 
@@ -39,6 +42,9 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
 
     settings = settings or AsyncWorkerSettings()
     configure_logging(settings.log_level)
+    # Parsed before anything starts: a bad KUBEINFER_OUTBOUND_ALLOW fails the process
+    # at once with the entry named, instead of refusing every notification later.
+    outbound = OutboundPolicy.parse(settings.outbound_allow)
     slot = ModelSlot(settings.model_name, settings.model_uri)
     model_metrics = ModelServerMetrics(settings.endpoint_name, settings.variant_name,
                                        settings.model_name)
@@ -48,15 +54,23 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         start_loading(slot, settings, model_metrics)
         client = redis.asyncio.from_url(settings.redis_url, decode_responses=True)
-        store = ObjectStore(settings.s3(), connections=settings.max_concurrency * 2)
-        notifier = Notifier(attempts=settings.notify_attempts,
+        confinement = worker_confinement(settings)
+        store = ObjectStore(settings.s3(), connections=settings.max_concurrency * 2,
+                            max_read_bytes=settings.max_input_bytes,
+                            file_roots=[p[len("file://"):] for p in confinement.input_prefixes
+                                        if p.startswith("file://")])
+        notifier = Notifier(policy=outbound, attempts=settings.notify_attempts,
                             backoff_first_s=settings.notify_backoff_s,
                             connections=settings.max_concurrency * 2)
         pool = ThreadPoolExecutor(max_workers=settings.inference_threads,
                                   thread_name_prefix="inference")
         worker = state["worker"] = Worker(settings, slot, client, store, notifier, pool)
         task = asyncio.create_task(worker.run(), name="async-worker")
+        listener = (await start_metrics_listener(settings.host, settings.metrics_port)
+                    if settings.metrics_port else None)
         yield
+        if listener is not None:
+            listener.close()
         await worker.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -84,7 +98,8 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
             try:
                 await worker.redis.ping()
             except Exception as e:
-                raise NotReady(f"Async worker cannot reach Redis at {settings.redis_url} "
+                raise NotReady(f"Async worker cannot reach Redis at "
+                               f"{redact_url(settings.redis_url)} "
                                f"({type(e).__name__}): check KUBEINFER_REDIS_URL") from None
         except NotReady as err:
             return error_response(err)

@@ -7,6 +7,13 @@ sent again. Receivers deduplicate by ``inferenceId``.
 
 aiohttp rather than httpx: on every request httpcore re-tries importing an
 optional module (sniffio), which cost the worker a tenth of its CPU here.
+
+The webhook URLs come from the Endpoint's author, so every POST obeys the
+outbound policy (``contract.outbound``): the URL is checked first, the
+connection goes through the guarded connector (no link-local, metadata or
+API-server address, however the name resolves) and redirects are never
+followed (a 3xx is a failed delivery). A refused URL is not retried: it fails
+the delivery at once, logged once per URL. URLs are logged redacted.
 """
 
 from __future__ import annotations
@@ -16,6 +23,14 @@ import logging
 
 import aiohttp
 
+from kubeinfer_runtime.contract.outbound import (
+    OutboundPolicy,
+    OutboundRefused,
+    guarded_connector,
+    redact_url,
+    url_problem,
+)
+
 log = logging.getLogger("kubeinfer.queue")
 
 
@@ -24,20 +39,34 @@ def backoff_s(attempt: int, first_s: float, cap_s: float = 30.0) -> float:
     return float(min(first_s * (2 ** (attempt - 1)), cap_s))
 
 
+def _describe(error: BaseException) -> str:
+    """An error for the log, without the URL some aiohttp errors quote (it may hold secrets)."""
+    if isinstance(error, aiohttp.ClientResponseError):
+        return f"{type(error).__name__}: {error.status} {error.message}"
+    if isinstance(error, aiohttp.InvalidURL):
+        return type(error).__name__
+    return f"{type(error).__name__}: {error}"
+
+
 class Notifier:
-    def __init__(self, *, attempts: int, backoff_first_s: float, timeout_s: float = 10.0,
-                 connections: int = 16) -> None:
+    def __init__(self, *, policy: OutboundPolicy, attempts: int, backoff_first_s: float,
+                 timeout_s: float = 10.0, connections: int = 16) -> None:
+        #: Which destinations webhooks may reach (``KUBEINFER_OUTBOUND_ALLOW``).
+        self.policy = policy
         self.attempts = attempts
         self.backoff_first_s = backoff_first_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.connections = connections
         self._session: aiohttp.ClientSession | None = None
+        #: Refused URLs already logged (a refusal is logged once per URL).
+        self._refused: set[str] = set()
 
     def _client(self) -> aiohttp.ClientSession:
         # Created lazily: a session must be made inside the running loop.
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=self.timeout, connector=aiohttp.TCPConnector(limit=self.connections))
+                timeout=self.timeout,
+                connector=guarded_connector(self.policy, limit=self.connections))
         return self._session
 
     async def close(self) -> None:
@@ -45,25 +74,48 @@ class Notifier:
             await self._session.close()
 
     async def send(self, url: str, body: bytes, inference_id: str) -> bool:
-        """POST ``body`` to ``url``; True once a 2xx came back, False after every attempt."""
+        """POST ``body`` to ``url``; True once a 2xx came back, False after every attempt.
+
+        False at once, without a connection, when the outbound policy refuses ``url``.
+        """
+        if (problem := url_problem(url, self.policy, "Notification webhook")) is not None:
+            return self._refuse(url, inference_id, problem)
         headers = {"content-type": "application/json",
                    "x-amzn-sagemaker-inference-id": inference_id}
+        shown = redact_url(url)
         for attempt in range(1, self.attempts + 1):
             try:
-                async with self._client().post(url, data=body, headers=headers) as response:
+                async with self._client().post(url, data=body, headers=headers,
+                                               allow_redirects=False) as response:
                     await response.read()
                     if 200 <= response.status < 300:
                         return True
                     detail = f"HTTP {response.status}"
+                    if 300 <= response.status < 400:
+                        detail += " (redirects are not followed)"
+            except aiohttp.ClientConnectorError as e:
+                if isinstance(e.os_error, OutboundRefused):  # resolved to a refused address
+                    return self._refuse(url, inference_id, str(e.os_error))
+                detail = _describe(e)
             except (aiohttp.ClientError, TimeoutError) as e:
-                detail = f"{type(e).__name__}: {e}"
+                detail = _describe(e)
             if attempt < self.attempts:
                 delay = backoff_s(attempt, self.backoff_first_s)
                 log.warning("Notification of %s to %s failed (%s): retry %d in %.1fs",
-                            inference_id, url, detail, attempt, delay)
+                            inference_id, shown, detail, attempt, delay)
                 await asyncio.sleep(delay)
             else:
                 log.error("Notification of %s to %s failed %d times (%s): the request stays "
-                          "pending and is notified again when reclaimed", inference_id, url,
+                          "pending and is notified again when reclaimed", inference_id, shown,
                           self.attempts, detail)
+        return False
+
+    def _refuse(self, url: str, inference_id: str, problem: str) -> bool:
+        """A refused destination fails the delivery for good: no retries, one log line per URL."""
+        if url not in self._refused:
+            self._refused.add(url)
+            log.error("Notification of %s not sent: %s; the request stays pending until it is "
+                      "dead-lettered after maxRetries reclaims", inference_id, problem)
+        else:
+            log.debug("Notification of %s not sent: %s", inference_id, problem)
         return False

@@ -14,7 +14,6 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlparse
 
 import orjson
 
@@ -33,6 +32,12 @@ from kubeinfer_runtime.contract import (
     AsyncRoute,
     failure_location,
     output_location,
+)
+from kubeinfer_runtime.contract.locations import (
+    describe_prefixes,
+    location_problem,
+    normalize_prefix,
+    within,
 )
 from kubeinfer_runtime.errors import ValidationError
 
@@ -98,21 +103,45 @@ class AsyncRequest:
         return now >= self.expires_at
 
 
-def location_problem(uri: str, what: str) -> str | None:
-    """Why ``uri`` cannot be an object location we read or write, else None."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("s3", "file"):
-        return (f"{what} {uri!r} has unsupported scheme {parsed.scheme or '(none)'!r}: "
-                "use s3://bucket/key or file:///absolute/path")
-    path = parsed.path
-    if parsed.scheme == "s3" and (not parsed.netloc or not path.strip("/")):
-        return f"{what} {uri!r} must look like s3://bucket/key"
-    if parsed.scheme == "file" and (parsed.netloc or not path.startswith("/")
-                                    or not path.strip("/")):
-        return f"{what} {uri!r} must be an absolute path: file:///absolute/path"
-    if ".." in path.split("/"):
-        return f"{what} {uri!r} contains '..': name the object without parent segments"
-    return None
+@dataclass(frozen=True)
+class Confinement:
+    """Where a worker may read and write, re-checked for every dequeued request.
+
+    The gateway already refused anything else, but whoever can write to Redis
+    can queue an entry; the worker must not become a way to read files or
+    other tenants' objects, nor to write outside the endpoint's paths.
+    """
+
+    input_prefixes: tuple[str, ...]
+    output_path: str
+    failure_path: str
+
+    @classmethod
+    def of(cls, input_paths: list[str] | tuple[str, ...], output_path: str,
+           failure_path: str) -> Confinement:
+        return cls(tuple(normalize_prefix(p) for p in input_paths),
+                   normalize_prefix(output_path), normalize_prefix(failure_path))
+
+    def destination_problem(self, req: AsyncRequest) -> str | None:
+        """Why ``req`` may not be written where it says (no object is written then)."""
+        if not within(req.output_location, (self.output_path,)):
+            return (f"output_location {req.output_location[:300]!r} is outside the endpoint's "
+                    f"outputPath {self.output_path}")
+        if not within(req.failure_location, (self.failure_path,)):
+            return (f"failure_location {req.failure_location[:300]!r} is outside the "
+                    f"endpoint's failurePath {self.failure_path}")
+        return None
+
+    def input_problem(self, req: AsyncRequest) -> str | None:
+        """Why ``req``'s input may not be read (a failure object says so)."""
+        problem = location_problem(req.input_location, "InputLocation")
+        if problem:
+            return problem[0].upper() + problem[1:]
+        if not within(req.input_location, self.input_prefixes):
+            return (f"InputLocation {req.input_location[:300]!r} is outside the endpoint's "
+                    f"input paths ({describe_prefixes(self.input_prefixes)}): upload the "
+                    "input below one of them, or add its folder to spec.async.inputPath")
+        return None
 
 
 def _int_header(value: str | None, name: str, low: int, high: int) -> int | None:
@@ -192,6 +221,11 @@ def parse_async_request(endpoint: str, route: AsyncRoute, headers: dict[str, str
     problem = location_problem(input_location, "InputLocation")
     if problem:
         raise ValidationError(problem[0].upper() + problem[1:])
+    if not within(input_location, route.input_paths):
+        raise ValidationError(
+            f"Header X-Amzn-SageMaker-InputLocation {input_location[:300]!r} is outside the "
+            f'input paths of endpoint "{endpoint}" ({describe_prefixes(route.input_paths)}): '
+            "upload the input below one of them, or add its folder to spec.async.inputPath")
     inference_id = headers.get(H_INFERENCE_ID) or new_id or str(uuid.uuid4())
     if not _INFERENCE_ID.match(inference_id):
         raise ValidationError(f"InferenceId {inference_id!r} is not valid: use 1 to 64 "

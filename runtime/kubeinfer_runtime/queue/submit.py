@@ -23,32 +23,66 @@ from kubeinfer_runtime.contract import (
     AsyncRoute,
     EndpointRoute,
 )
+from kubeinfer_runtime.contract.redact import redact_url
 from kubeinfer_runtime.errors import (
     NotReady,
+    PayloadTooLarge,
     Reply,
     RuntimeServiceError,
     ValidationError,
     render_error,
 )
+from kubeinfer_runtime.gateway.headers import request_target
 from kubeinfer_runtime.queue.producer import Producer
 from kubeinfer_runtime.queue.request import parse_async_request
 
 log = logging.getLogger("kubeinfer.gateway")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request was whole."""
+
+
+async def _read_small_body(receive: Receive) -> bytes | None:
+    """The whole body, or None once it exceeds ``MAX_BODY_BYTES``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+#: InvokeEndpointAsync sends no body (the payload is the InputLocation object):
+#: whatever a caller sends is read up to this, for its signature, and refused beyond.
+MAX_BODY_BYTES = 64 * 1024
+
+#: Checks a caller: (endpoint, target, raw headers, body) -> the reply refusing it, or None.
+Authenticate = Callable[[str, bytes, list[tuple[bytes, bytes]], bytes], Reply | None]
+
+
 class AsyncSubmitHandler:
     """Answers async invocations for the endpoints of the route table in force.
 
     One Redis client per URL (the route's, else the gateway's own setting),
-    made on first use and kept for the process's life.
+    made on first use and kept for the process's life. ``authenticate`` checks
+    callers as the real-time route does, before anything is parsed or queued.
     """
 
-    def __init__(self, redis_url: str | None) -> None:
+    def __init__(self, redis_url: str | None, authenticate: Authenticate | None = None) -> None:
         self.redis_url = redis_url
+        self.authenticate = authenticate
         self._clients: dict[str, tuple[Any, Producer]] = {}
 
     def client(self, url: str) -> tuple[Any, Producer]:
@@ -79,7 +113,21 @@ class AsyncSubmitHandler:
     async def __call__(self, scope: Scope, receive: Receive, send: Send,
                        endpoint: EndpointRoute | None, name: str) -> None:
         try:
-            status, headers, body = await self._handle(scope, endpoint, name)
+            body = await _read_small_body(receive)
+            if body is None:
+                raise PayloadTooLarge(
+                    f'InvokeEndpointAsync request to endpoint "{name}" has a body over '
+                    f"{MAX_BODY_BYTES} bytes: upload the payload and name it in "
+                    "X-Amzn-SageMaker-InputLocation instead")
+            denied = None
+            if endpoint is not None and self.authenticate is not None:
+                denied = self.authenticate(name, request_target(scope), scope["headers"], body)
+            if denied is not None:
+                status, headers, body = denied
+            else:
+                status, headers, body = await self._handle(scope, endpoint, name)
+        except _ClientGone:
+            return
         except RuntimeServiceError as err:
             status, headers, body = render_error(err)
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -110,7 +158,7 @@ class AsyncSubmitHandler:
             log.warning("Queueing async request %s of endpoint %s failed: %s",
                         req.inference_id, name, e)
             raise NotReady(f'Endpoint "{name}" cannot queue the request: Redis at '
-                           f"{url} failed ({type(e).__name__}): retry with the "
+                           f"{redact_url(url)} failed ({type(e).__name__}): retry with the "
                            "same InferenceId (it is idempotent)") from None
         if not accepted.created:
             log.info("Async request %s of endpoint %s was already queued: not queued again",

@@ -43,10 +43,16 @@ from typing import Any
 
 from kubeinfer_runtime import codec, metrics
 from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncWorkerSettings
+from kubeinfer_runtime.contract.locations import default_input_paths
 from kubeinfer_runtime.errors import ModelError, RuntimeServiceError
 from kubeinfer_runtime.queue.notifier import Notifier
 from kubeinfer_runtime.queue.objects import ObjectStore
-from kubeinfer_runtime.queue.request import AsyncRequest, failure_body, notification
+from kubeinfer_runtime.queue.request import (
+    AsyncRequest,
+    Confinement,
+    failure_body,
+    notification,
+)
 from kubeinfer_runtime.server.hotpath import invocations_work
 from kubeinfer_runtime.server.state import ModelSlot
 
@@ -58,6 +64,13 @@ BLOCK_MS = 500
 DEAD_CONSUMER_IDLE_MS = 3_600_000
 #: Released entries get this idle time (ms): any worker's next XAUTOCLAIM takes them.
 RELEASED_IDLE_MS = 10**9
+
+
+def worker_confinement(settings: AsyncWorkerSettings) -> Confinement:
+    """Where this worker may read inputs and write objects (its endpoint's paths)."""
+    inputs = [p.strip() for p in settings.input_paths.split(",") if p.strip()]
+    return Confinement.of(inputs or default_input_paths(settings.output_path),
+                          settings.output_path, settings.failure_path)
 
 
 def consumer_name() -> str:
@@ -75,6 +88,7 @@ class Worker:
         self.notifier = notifier
         self.pool = pool
         self.keys = AsyncQueueKeys(queue=settings.queue)
+        self.confinement = worker_confinement(settings)
         self.consumer = consumer_name()
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.stopping = asyncio.Event()
@@ -250,6 +264,12 @@ class Worker:
         except ValueError as e:
             await self._dead_letter_malformed(msg_id, fields, str(e))
             return
+        forged = self.confinement.destination_problem(req)
+        if forged:
+            # Not written anywhere: a location outside the endpoint's paths did not
+            # come from our gateway.
+            await self._dead_letter_malformed(msg_id, fields, forged)
+            return
         id_key = self.keys.inference(req.inference_id)
         # One round trip: the state, and this attempt counted (harmless when done).
         pipe = self.redis.pipeline(transaction=False)
@@ -290,6 +310,11 @@ class Worker:
                              "add workers, or send a longer RequestTTLSeconds", attempts,
                              dead_letter=False, outcome="expired")
             return
+        refused = self.confinement.input_problem(req)
+        if refused:
+            await self._fail(msg_id, req, "ValidationError", refused, attempts,
+                             dead_letter=False, outcome="failure")
+            return
         started = time.perf_counter()
         try:
             payload, content_type = await self._infer(req)
@@ -298,8 +323,10 @@ class Worker:
         except RuntimeServiceError as e:
             code, message = e.code, e.message
         except Exception as e:
+            # The exception's text stays in the log: it may quote what was read.
             log.exception("Async request %s failed unexpectedly", req.inference_id)
-            code, message = "InternalFailure", f"{type(e).__name__}: {e}"
+            code, message = "InternalFailure", (f"The worker failed processing the request "
+                                                f"({type(e).__name__}): see its log")
         else:
             self._processing.observe(time.perf_counter() - started)
             note = notification(req, ok=True, now=time.time(),
@@ -330,10 +357,12 @@ class Worker:
         encoding = codec.negotiate(req.accept or None)
         loop = asyncio.get_running_loop()
         timeout = req.invocation_timeout_s
+        limits = codec.DecodeLimits.for_settings(self.settings.max_payload_bytes,
+                                                 self.settings.max_decoded_bytes)
         try:
             payload, _ = await asyncio.wait_for(
                 loop.run_in_executor(self.pool, invocations_work, model, body,
-                                     req.content_type or None, encoding), timeout)
+                                     req.content_type or None, encoding, limits), timeout)
         except TimeoutError:
             raise ModelError(f"Model did not finish request {req.inference_id} within its "
                              f"InvocationTimeoutSeconds ({timeout:g}s): send a longer "

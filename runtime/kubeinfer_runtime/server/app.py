@@ -19,7 +19,7 @@ from kubeinfer_runtime.contract import ModelServerSettings
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.server.api import build_api
 from kubeinfer_runtime.server.hotpath import ASGIApp, HotPath, InferenceService
-from kubeinfer_runtime.server.state import ModelSlot, start_loading
+from kubeinfer_runtime.server.state import ModelSlot, decode_limits, start_loading
 
 log = logging.getLogger("kubeinfer.server")
 
@@ -63,7 +63,8 @@ def create_app(settings: ModelServerSettings | None = None) -> ASGIApp:
         log.info('Model "%s" unloaded, shutting down', slot.name)
 
     api = build_api(slot, settings.model_name, lifespan)
-    service = InferenceService(slot, metrics, pool, settings.max_payload_bytes)
+    service = InferenceService(slot, metrics, pool, settings.max_payload_bytes,
+                               decode_limits(settings))
     return HotPath(api, service, settings.model_name)
 
 
@@ -96,7 +97,9 @@ def create_multimodel_app(settings: ModelServerSettings) -> ASGIApp:
         pool.shutdown(wait=False, cancel_futures=True)
         loaders.shutdown(wait=False, cancel_futures=True)
 
-    api = build_multimodel_api(cache, prefix, lifespan, lambda: store.not_ready)
+    api = build_multimodel_api(cache, prefix, lifespan, lambda: store.not_ready,
+                               admin=settings.admin_api)
     service = InferenceService(ModelSlot(settings.model_name, prefix),
-                               metrics, pool, settings.max_payload_bytes)
+                               metrics, pool, settings.max_payload_bytes,
+                               decode_limits(settings))
     return MultiModelHotPath(api, service, cache)

@@ -56,14 +56,18 @@ class ClientDisconnected(Exception):
 
 
 class InferenceService:
-    """What the hot path needs: the model slot, metrics, pool and payload limit."""
+    """What the hot path needs: the model slot, metrics, pool, payload and decode limits."""
 
     def __init__(self, slot: ModelSlot, metrics: ModelServerMetrics,
-                 pool: ThreadPoolExecutor, max_payload_bytes: int) -> None:
+                 pool: ThreadPoolExecutor, max_payload_bytes: int,
+                 limits: codec.DecodeLimits | None = None) -> None:
         self.slot = slot
         self.metrics = metrics
         self.pool = pool
         self.max_payload_bytes = max_payload_bytes
+        #: What one request may decode to (None: 4 x the payload limit).
+        self.limits = (limits if limits is not None
+                       else codec.DecodeLimits.for_settings(max_payload_bytes, None))
 
 
 # The work of one request, decode -> predict -> encode, as one plain function:
@@ -72,16 +76,18 @@ class InferenceService:
 
 
 def invocations_work(model: LoadedModel, body: bytes, content_type: str | None,
-                     encoding: codec.Encoding) -> tuple[bytes, float]:
-    inputs = codec.decode_request(body, content_type, model.meta.inputs)
+                     encoding: codec.Encoding,
+                     limits: codec.DecodeLimits = codec.DEFAULT_LIMITS) -> tuple[bytes, float]:
+    inputs = codec.decode_request(body, content_type, model.meta.inputs, limits)
     t0 = time.perf_counter()
     outputs = model.backend.predict(inputs)
     model_s = time.perf_counter() - t0
     return codec.encode_response(outputs, encoding), model_s
 
 
-def v2_work(model: LoadedModel, body: bytes, model_name: str) -> tuple[bytes, float]:
-    req = codec.decode_v2(body, model.meta)
+def v2_work(model: LoadedModel, body: bytes, model_name: str,
+            limits: codec.DecodeLimits = codec.DEFAULT_LIMITS) -> tuple[bytes, float]:
+    req = codec.decode_v2(body, model.meta, limits)
     t0 = time.perf_counter()
     outputs = model.backend.predict(req.inputs, req.output_names)
     model_s = time.perf_counter() - t0
@@ -151,21 +157,22 @@ class HotPath:
         """(response body, model seconds), on the calling thread."""
         model = plan.model
         if plan.v2_target is not None:
-            return v2_work(model, body, self.model_name)
+            return v2_work(model, body, self.model_name, self.service.limits)
         lane = model.json_lane
         done = (lane(body) if lane is not None and plan.encoding is codec.Encoding.JSON
                 and codec.media_type(plan.content_type) in LANE_CONTENT_TYPES else None)
         return done if done is not None else invocations_work(
-            model, body, plan.content_type, plan.encoding)
+            model, body, plan.content_type, plan.encoding, self.service.limits)
 
     async def _compute_pooled(self, plan: Plan, body: bytes) -> tuple[bytes, float]:
         """(response body, model seconds), from an inference thread."""
         loop = asyncio.get_running_loop()
+        svc = self.service
         if plan.v2_target is None:
-            return await loop.run_in_executor(self.service.pool, invocations_work, plan.model,
-                                              body, plan.content_type, plan.encoding)
-        return await loop.run_in_executor(self.service.pool, v2_work, plan.model, body,
-                                          self.model_name)
+            return await loop.run_in_executor(svc.pool, invocations_work, plan.model, body,
+                                              plan.content_type, plan.encoding, svc.limits)
+        return await loop.run_in_executor(svc.pool, v2_work, plan.model, body,
+                                          self.model_name, svc.limits)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send,
                       v2_target: str | None) -> None:

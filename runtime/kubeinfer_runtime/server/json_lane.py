@@ -30,8 +30,13 @@ JsonLane = Callable[[bytes], "tuple[bytes, float] | None"]
 LANE_CONTENT_TYPES = frozenset({"", codec.JSON})
 
 
-def build_json_lane(backend: Backend, meta: ModelMetadata) -> JsonLane | None:
-    """The lane for a model with one float input ``[N, static...]``; None for others."""
+def build_json_lane(backend: Backend, meta: ModelMetadata,
+                    limits: codec.DecodeLimits = codec.DEFAULT_LIMITS) -> JsonLane | None:
+    """The lane for a model with one float input ``[N, static...]``; None for others.
+
+    ``limits`` bound what a body may decode to, as on the general path: bodies
+    the lane cannot vouch for without walking them go to the general path.
+    """
     if len(meta.inputs) != 1:
         return None
     spec = meta.inputs[0]
@@ -46,7 +51,7 @@ def build_json_lane(backend: Backend, meta: ModelMetadata) -> JsonLane | None:
     perf = time.perf_counter
 
     def lane(body: bytes) -> tuple[bytes, float] | None:
-        arr = decode(body, spec, tail)
+        arr = decode(body, spec, tail, limits)
         if arr is None:
             return None
         t0 = perf()

@@ -29,6 +29,7 @@ from kubeinfer_runtime.contract import H_TARGET_MODEL
 from kubeinfer_runtime.errors import (
     NotFound,
     NotReady,
+    RuntimeServiceError,
     ValidationError,
 )
 from kubeinfer_runtime.models.cache import ModelCache
@@ -59,6 +60,13 @@ _V2_SUFFIX = "/infer"
 _JSON = b"application/json"
 
 Cache = ModelCache[LoadedModel]
+
+
+class AdminDisabled(RuntimeServiceError):
+    """A model-management route while ``KUBEINFER_ADMIN_API`` is off (403)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(403, "AccessDeniedException", message)
 
 
 def _target_header(raw: list[tuple[bytes, bytes]]) -> str | None:
@@ -119,15 +127,17 @@ class MultiModelHotPath:
                 loop = asyncio.get_running_loop()
                 if v2:
                     if model.inline:
-                        payload, model_s = v2_work(model, body, name)
+                        payload, model_s = v2_work(model, body, name, svc.limits)
                     else:
-                        payload, model_s = await loop.run_in_executor(svc.pool, v2_work,
-                                                                      model, body, name)
+                        payload, model_s = await loop.run_in_executor(
+                            svc.pool, v2_work, model, body, name, svc.limits)
                 elif model.inline:
-                    payload, model_s = invocations_work(model, body, content_type, encoding)
+                    payload, model_s = invocations_work(model, body, content_type, encoding,
+                                                        svc.limits)
                 else:
                     payload, model_s = await loop.run_in_executor(
-                        svc.pool, invocations_work, model, body, content_type, encoding)
+                        svc.pool, invocations_work, model, body, content_type, encoding,
+                        svc.limits)
             finally:
                 lease.release()
             return payload, out_type, model_s
@@ -136,10 +146,14 @@ class MultiModelHotPath:
 
 
 def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
-                         not_ready: Callable[[], str | None] = lambda: None) -> FastAPI:
+                         not_ready: Callable[[], str | None] = lambda: None, *,
+                         admin: bool = False) -> FastAPI:
     """FastAPI app of a multi-model server: health, model management, metadata, metrics.
 
     ``not_ready`` says why the server cannot load models yet (None once it can).
+    ``admin``: serve the routes that load and unload models (off by default: any
+    caller reaching a model server could otherwise evict every tenant's model).
+    Listing what is loaded, and loading on first use, work either way.
     """
     app = FastAPI(title="kubeinfer multi-model server", version=__version__, lifespan=lifespan)
     install_error_handlers(app, "see /docs for the multi-model server's API")
@@ -168,6 +182,13 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
         if reason is not None:
             raise NotReady(reason)
 
+    def check_admin(what: str) -> None:
+        if not admin:
+            raise AdminDisabled(f"{what} is disabled on this model server: models load on "
+                                "first use and are evicted least recently used; set "
+                                "KUBEINFER_ADMIN_API=true on the model server to manage them "
+                                "by hand")
+
     @app.get("/ping", summary="Health: ready once the model store can be reached; models "
                               "load on first use")
     async def ping() -> Response:
@@ -195,6 +216,7 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
     @app.post("/models", summary="SageMaker MME: load a model "
                                  "({'model_name': ..., 'url': optional path under the prefix})")
     async def load_model(request: Request) -> Response:
+        check_admin("Loading a model (POST /models)")
         try:
             doc = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
@@ -220,6 +242,7 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
 
     @app.delete("/models/{name:path}", summary="SageMaker MME: unload a model")
     async def delete_model(name: str) -> Response:
+        check_admin("Unloading a model (DELETE /models/{name})")
         loaded_or_404(name)
         cache.unload(name)
         return _json({"message": f'Model "{name}" unloaded'})
@@ -230,12 +253,14 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
 
     @app.post("/v2/repository/models/{name:path}/load", summary="V2 repository: load")
     async def repository_load(name: str) -> Response:
+        check_admin("Loading a model (V2 repository load)")
         check_target(name)
         await cache.preload(name)
         return _json({"name": name, "state": "READY"})
 
     @app.post("/v2/repository/models/{name:path}/unload", summary="V2 repository: unload")
     async def repository_unload(name: str) -> Response:
+        check_admin("Unloading a model (V2 repository unload)")
         loaded_or_404(name)
         cache.unload(name)
         return _json({"name": name, "state": "UNAVAILABLE"})

@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from kubeinfer_runtime.codec import DecodeLimits
 from kubeinfer_runtime.contract import ModelServerSettings
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError
 from kubeinfer_runtime.metrics import ModelServerMetrics
@@ -75,6 +76,11 @@ class ModelSlot:
         if model is None:
             raise NotReady(self.reason)
         return model
+
+
+def decode_limits(settings: ModelServerSettings) -> DecodeLimits:
+    """What one request may decode to: ``max_decoded_bytes``, or 4 x ``max_payload_bytes``."""
+    return DecodeLimits.for_settings(settings.max_payload_bytes, settings.max_decoded_bytes)
 
 
 def choose_inline(mode: Literal["auto", "inline", "thread"], warmup_s: float | None) -> bool:
@@ -150,7 +156,7 @@ def load_into(slot: ModelSlot, settings: ModelServerSettings,
     gc.collect()
     gc.freeze()
     slot.model = LoadedModel(backend, meta, fetched.sha256, inline, warmup_s,
-                             build_json_lane(backend, meta))
+                             build_json_lane(backend, meta, decode_limits(settings)))
     metrics.loaded.set(1)
     log.info('Model "%s" ready from %s (sha256 %s, warm-up %s, predict %s)', slot.name,
              slot.uri, fetched.sha256,

@@ -1,0 +1,58 @@
+"""A second listener that serves ``GET /metrics`` and nothing else.
+
+On Kubernetes, NetworkPolicies let only an Endpoint's gateway reach its model
+servers' inference port, and Prometheus must still scrape them. With metrics
+on a port of their own (``KUBEINFER_METRICS_PORT``), a policy can open that
+port to scrapers without opening inference to them. The listener is a tiny
+asyncio server on the role's event loop: one request per connection, the
+request head bounded in size and time, anything but ``GET /metrics``
+answered 404. With several uvicorn workers each binds it with SO_REUSEPORT,
+and a scrape sees one worker, as on the main port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from kubeinfer_runtime.metrics import render_latest
+
+log = logging.getLogger("kubeinfer.metrics")
+
+#: Longest request head accepted, and how long a client may take to send it.
+MAX_HEAD_BYTES = 8192
+HEAD_TIMEOUT_S = 5.0
+
+
+def _response(status: bytes, content_type: bytes, body: bytes) -> bytes:
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type
+            + b"\r\ncontent-length: " + str(len(body)).encode()
+            + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT_S)
+        parts = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(parts) == 3 and parts[0] == b"GET" and parts[1].split(b"?", 1)[0] == b"/metrics":
+            body, content_type = render_latest()
+            writer.write(_response(b"200 OK", content_type.encode(), body))
+        else:
+            writer.write(_response(b"404 Not Found", b"text/plain",
+                                   b"This port serves GET /metrics only\n"))
+        await writer.drain()
+    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+            ConnectionError):
+        pass  # a slow, oversized or vanished client: just close
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def start_metrics_listener(host: str, port: int) -> asyncio.Server:
+    server = await asyncio.start_server(_handle, host, port, limit=MAX_HEAD_BYTES,
+                                        reuse_port=True)
+    log.info("Serving GET /metrics on %s:%d", host, port)
+    return server

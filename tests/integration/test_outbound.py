@@ -1,0 +1,134 @@
+"""Outbound calls through the guarded connector, over real sockets on 127.0.0.1.
+
+127.0.0.1 is an allowed destination, so the real server answers; for the
+refusals the policy is given ``extra_refused=127.0.0.0/8`` (and ``::1``), so the
+same server stands for a refused one — and must see nothing at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from kubeinfer_operator.handlers.scaler import ClusterScaler
+from kubeinfer_runtime.contract.outbound import OutboundPolicy, OutboundRefused, guarded_connector
+from kubeinfer_runtime.queue.notifier import Notifier
+
+OPEN = OutboundPolicy.parse("", env={})
+LOOPBACK_REFUSED = replace(OPEN, extra_refused=(ipaddress.ip_network("127.0.0.0/8"),
+                                                ipaddress.ip_network("::1/128")))
+
+
+@dataclass
+class Server:
+    base: str
+    hits: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    """A hook (``/hook``), redirects (to it, to the metadata service), a Prometheus API."""
+    seen = Server(base="")
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.hits.append(f"{request.method} {request.path}")
+        await request.read()
+        return web.Response(status=200)
+
+    async def moved(request: web.Request) -> web.Response:
+        seen.hits.append(f"{request.method} {request.path}")
+        raise web.HTTPFound(location="/hook")
+
+    async def to_metadata(request: web.Request) -> web.Response:
+        seen.hits.append(f"{request.method} {request.path}")
+        raise web.HTTPFound(location="http://169.254.169.254/latest/meta-data/")
+
+    async def query(request: web.Request) -> web.Response:
+        seen.hits.append(f"{request.method} {request.path}")
+        return web.json_response({"status": "success", "data": {
+            "resultType": "vector", "result": [{"metric": {}, "value": [0, "42.5"]}]}})
+
+    app = web.Application()
+    app.router.add_route("*", "/hook", hook)  # a followed redirect would show here
+    app.router.add_post("/moved", moved)
+    app.router.add_get("/to-metadata", to_metadata)
+    app.router.add_get("/prom/api/v1/query", query)
+    app.router.add_get("/moved/api/v1/query", moved)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    seen.base = f"http://127.0.0.1:{port}"
+    yield seen
+    await runner.cleanup()
+
+
+async def test_post_through_the_guarded_connector_reaches_an_allowed_server(
+        server: Server) -> None:
+    async with aiohttp.ClientSession(connector=guarded_connector(OPEN)) as session, \
+            session.post(server.base + "/hook", data=b"{}") as response:
+        assert response.status == 200
+    assert server.hits == ["POST /hook"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_refused_destination_gets_no_connection(server: Server, host: str) -> None:
+    url = server.base.replace("127.0.0.1", host) + "/hook"
+    async with aiohttp.ClientSession(connector=guarded_connector(LOOPBACK_REFUSED)) as session:
+        with pytest.raises(aiohttp.ClientConnectorError) as info:
+            await session.post(url, data=b"{}")
+    assert isinstance(info.value.os_error, OutboundRefused)
+    assert "a refused network" in str(info.value)
+    assert server.hits == []
+
+
+async def test_notifier_delivers_and_never_follows_redirects(server: Server) -> None:
+    notifier = Notifier(policy=OPEN, attempts=1, backoff_first_s=0.01)
+    try:
+        assert await notifier.send(server.base + "/hook", b"{}", "id-1") is True
+        assert server.hits == ["POST /hook"]
+        # A 3xx is a failed delivery: the target it names is never called.
+        assert await notifier.send(server.base + "/moved", b"{}", "id-2") is False
+        assert server.hits == ["POST /hook", "POST /moved"]
+    finally:
+        await notifier.close()
+
+
+async def test_notifier_refused_destination_gets_nothing(server: Server) -> None:
+    notifier = Notifier(policy=LOOPBACK_REFUSED, attempts=3, backoff_first_s=30.0)
+    try:
+        assert await notifier.send(server.base + "/hook", b"{}", "id-1") is False
+    finally:
+        await notifier.close()
+    assert server.hits == []
+
+
+async def test_even_a_followed_redirect_cannot_reach_a_refused_address(server: Server) -> None:
+    """Defence in depth: a client that did follow redirects still meets the guard."""
+    async with aiohttp.ClientSession(connector=guarded_connector(OPEN)) as session:
+        with pytest.raises(aiohttp.ClientConnectorError, match="cloud metadata service") as info:
+            await session.get(server.base + "/to-metadata")  # aiohttp follows by default
+    assert isinstance(info.value.os_error, OutboundRefused)
+    assert server.hits == ["GET /to-metadata"]
+
+
+async def test_operator_prometheus_queries_obey_the_policy(server: Server) -> None:
+    scaler = ClusterScaler(outbound=OPEN)
+    refusing = ClusterScaler(outbound=LOOPBACK_REFUSED)
+    try:
+        assert await scaler._prometheus(server.base + "/prom", "up") == 42.5
+        assert server.hits == ["GET /prom/api/v1/query"]
+        assert await scaler._prometheus(server.base + "/moved", "up") is None  # not followed
+        assert server.hits == ["GET /prom/api/v1/query", "GET /moved/api/v1/query"]
+        assert await refusing._prometheus(server.base + "/prom", "up") is None
+        assert await scaler._prometheus("http://169.254.169.254/", "up") is None
+        assert len(server.hits) == 2
+    finally:
+        await scaler.close()
+        await refusing.close()

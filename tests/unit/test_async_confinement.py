@@ -1,0 +1,146 @@
+"""Async input confinement (pure): the prefixes an InputLocation must be below, at the
+gateway and again at the worker, and where a dequeued request may be written."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubeinfer_operator.api.async_config import AsyncConfig
+from kubeinfer_runtime.contract import AsyncRoute
+from kubeinfer_runtime.contract.locations import (
+    default_input_paths,
+    location_problem,
+    normalize_prefix,
+    prefix_problem,
+    within,
+)
+from kubeinfer_runtime.errors import ValidationError
+from kubeinfer_runtime.queue.request import AsyncRequest, Confinement, parse_async_request
+
+ROUTE = AsyncRoute(queue="q", output_path="s3://tenant-a/out", failure_path="s3://tenant-a/f")
+
+
+def _parse(location: str, route: AsyncRoute = ROUTE) -> AsyncRequest:
+    return parse_async_request("iris", route, {"x-amzn-sagemaker-inputlocation": location},
+                               now=1.0, new_id="id-1")
+
+
+def test_the_default_input_path_is_the_output_bucket() -> None:
+    assert ROUTE.input_paths == ["s3://tenant-a/"]
+    assert _parse("s3://tenant-a/in/rows.json").input_location == "s3://tenant-a/in/rows.json"
+    assert default_input_paths("file:///data/async/out") == ["file:///data/async/"]
+    # The parent of a top-level folder is the root: the folder itself instead.
+    assert default_input_paths("file:///out") == ["file:///out/"]
+
+
+@pytest.mark.parametrize("location", [
+    "file:///proc/self/environ",
+    "file:///etc/passwd",
+    "file:///dev/zero",
+    "s3://other-tenant-bucket/payroll.csv",
+    "s3://tenant-a-evil/x",          # a bucket sharing the name's prefix
+    "s3://tenant-a",                 # the bucket itself is no object
+])
+def test_inputs_outside_the_paths_are_refused_at_the_gateway(location: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        _parse(location)
+    assert info.value.status == 400
+    message = info.value.message
+    assert "InputLocation" in message
+    assert message[0].isupper() and not message.endswith(".")
+
+
+def test_the_refusal_names_the_allowed_prefixes_and_the_fix() -> None:
+    with pytest.raises(ValidationError) as info:
+        _parse("s3://other/x")
+    assert "s3://tenant-a/" in info.value.message
+    assert "spec.async.inputPath" in info.value.message
+
+
+@pytest.mark.parametrize("location", [
+    "s3://tenant-a/in/%2e%2e/%2e%2e/other/x",   # '..' after percent-decoding
+    "s3://tenant-a/in/../x",
+    "file:///data/in/%2E%2E/etc/passwd",
+    "s3://[tenant-a/x",                          # urlsplit raises ValueError on it
+    "s3://tenant-a/in/x%00y",
+])
+def test_encoded_parent_segments_and_unparsable_hosts_are_400_not_500(location: str) -> None:
+    route = AsyncRoute(queue="q", output_path="s3://tenant-a/out", failure_path="s3://tenant-a/f",
+                       input_paths=["s3://tenant-a/in", "file:///data/in"])
+    with pytest.raises(ValidationError) as info:
+        _parse(location, route)
+    assert info.value.status == 400
+
+
+def test_prefixes_are_folders() -> None:
+    prefixes = [normalize_prefix("s3://b/in")]
+    assert prefixes == ["s3://b/in/"]
+    assert within("s3://b/in/x.json", prefixes)
+    assert within("s3://b/in/deep/x.json", prefixes)
+    assert not within("s3://b/input-secrets/x", prefixes)
+    assert not within("s3://b/in/", prefixes)
+    assert within("s3://b/in/a%20b.csv", prefixes)  # decoded before comparing
+
+
+def test_explicit_input_paths_replace_the_default() -> None:
+    route = AsyncRoute(queue="q", output_path="s3://b/out", failure_path="s3://b/f",
+                       input_paths=["s3://uploads/tenant-a/", "file:///mnt/shared/in"])
+    assert route.input_paths == ["s3://uploads/tenant-a/", "file:///mnt/shared/in/"]
+    _parse("s3://uploads/tenant-a/x.json", route)
+    _parse("file:///mnt/shared/in/x.json", route)
+    with pytest.raises(ValidationError):
+        _parse("s3://b/out/x.json", route)
+
+
+@pytest.mark.parametrize(("prefix", "fragment"), [
+    ("file:///", "whole filesystem"),
+    ("file:///data/../etc", "'..'"),
+    ("s3://", "names no bucket"),
+    ("http://x/y", "s3://bucket"),
+])
+def test_bad_prefixes_are_refused(prefix: str, fragment: str) -> None:
+    problem = prefix_problem(prefix, "inputPath[0]")
+    assert problem is not None and fragment in problem
+
+
+def test_the_spec_takes_input_paths_and_a_size_cap() -> None:
+    cfg = AsyncConfig.model_validate({"outputPath": "s3://b/out"})
+    assert cfg.input_paths == ["s3://b/"] and cfg.maxInputBytes == 1 << 30
+    cfg = AsyncConfig.model_validate({"outputPath": "s3://b/out",
+                                      "inputPath": ["s3://in/a", "file:///data"],
+                                      "maxInputBytes": 1024})
+    assert cfg.input_paths == ["s3://in/a/", "file:///data/"]
+    with pytest.raises(ValueError, match=r"inputPath\[0\] .* contains '\.\.'"):
+        AsyncConfig.model_validate({"outputPath": "s3://b/out",
+                                    "inputPath": ["file:///data/../etc"]})
+    with pytest.raises(ValueError, match="inputPath"):
+        AsyncConfig.model_validate({"outputPath": "s3://b/out", "inputPath": ["file:///"]})
+
+
+def _queued(**overrides: str) -> AsyncRequest:
+    fields = _parse("s3://tenant-a/in/x.json").to_fields()
+    return AsyncRequest.from_fields({**fields, **overrides})
+
+
+def test_the_worker_refuses_forged_destinations() -> None:
+    confinement = Confinement.of(["s3://tenant-a/"], "s3://tenant-a/out", "s3://tenant-a/f")
+    assert confinement.destination_problem(_queued()) is None
+    forged = _queued(output_location="s3://tenant-b/out/x.out")
+    assert "outside the endpoint's outputPath" in (confinement.destination_problem(forged)
+                                                    or "")
+    forged = _queued(failure_location="s3://tenant-a/out/x-error.out")
+    assert "failurePath" in (confinement.destination_problem(forged) or "")
+
+
+def test_the_worker_refuses_forged_inputs() -> None:
+    confinement = Confinement.of(["s3://tenant-a/"], "s3://tenant-a/out", "s3://tenant-a/f")
+    assert confinement.input_problem(_queued()) is None
+    for location in ("file:///proc/self/environ", "s3://other/payroll.csv",
+                     "s3://tenant-a/%2e%2e/x", "gopher://x/y"):
+        problem = confinement.input_problem(_queued(input_location=location))
+        assert problem is not None and problem[0].isupper()
+
+
+def test_location_problem_never_raises() -> None:
+    for junk in ("s3://[", "file://[::1", "", "::", "s3:///", "x" * 5000, "file:///\n"):
+        assert location_problem(junk, "X") is not None
