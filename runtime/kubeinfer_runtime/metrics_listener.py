@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from kubeinfer_runtime.metrics import render_latest
 
@@ -56,3 +57,17 @@ async def start_metrics_listener(host: str, port: int) -> asyncio.Server:
                                         reuse_port=True)
     log.info("Serving GET /metrics on %s:%d", host, port)
     return server
+
+
+@contextlib.asynccontextmanager
+async def metrics_listener(host: str, port: int | None) -> AsyncIterator[None]:
+    """The listener for the block's duration (a role's lifespan); nothing when ``port`` is
+    None."""
+    if port is None:
+        yield
+        return
+    server = await start_metrics_listener(host, port)
+    try:
+        yield
+    finally:
+        server.close()

@@ -25,6 +25,7 @@ from kubeinfer_runtime.errors import (
     ValidationError,
 )
 from kubeinfer_runtime.metrics import ModelServerMetrics
+from kubeinfer_runtime.metrics_listener import metrics_listener
 from kubeinfer_runtime.openapi_docs import Header, Route, document_routes
 from kubeinfer_runtime.pipeline.runner import Pipeline
 from kubeinfer_runtime.pipeline.steps import UrlStep, build_steps
@@ -93,7 +94,8 @@ def create_pipeline_app(settings: ModelServerSettings) -> PipelineHotPath:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         for step in steps:
             step.start()
-        yield
+        async with metrics_listener(settings.host, settings.metrics_port):
+            yield
         pool.shutdown(wait=False, cancel_futures=True)
         for step in steps:
             await step.close()

@@ -26,7 +26,7 @@ from kubeinfer_runtime.contract.outbound import OutboundPolicy
 from kubeinfer_runtime.contract.redact import redact_url
 from kubeinfer_runtime.errors import NotReady
 from kubeinfer_runtime.metrics import ModelServerMetrics, render_latest
-from kubeinfer_runtime.metrics_listener import start_metrics_listener
+from kubeinfer_runtime.metrics_listener import metrics_listener
 from kubeinfer_runtime.queue.notifier import Notifier
 from kubeinfer_runtime.queue.objects import ObjectStore
 from kubeinfer_runtime.queue.worker import Worker, worker_confinement
@@ -66,11 +66,8 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
                                   thread_name_prefix="inference")
         worker = state["worker"] = Worker(settings, slot, client, store, notifier, pool)
         task = asyncio.create_task(worker.run(), name="async-worker")
-        listener = (await start_metrics_listener(settings.host, settings.metrics_port)
-                    if settings.metrics_port else None)
-        yield
-        if listener is not None:
-            listener.close()
+        async with metrics_listener(settings.host, settings.metrics_port):
+            yield
         await worker.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await task

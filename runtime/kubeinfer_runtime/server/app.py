@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from kubeinfer_runtime.contract import ModelServerSettings
 from kubeinfer_runtime.metrics import ModelServerMetrics
+from kubeinfer_runtime.metrics_listener import metrics_listener
 from kubeinfer_runtime.server.api import build_api
 from kubeinfer_runtime.server.hotpath import ASGIApp, HotPath, InferenceService
 from kubeinfer_runtime.server.state import ModelSlot, decode_limits, start_loading
@@ -52,7 +53,8 @@ def create_app(settings: ModelServerSettings | None = None) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         start_loading(slot, settings, metrics)
-        yield
+        async with metrics_listener(settings.host, settings.metrics_port):
+            yield
         # uvicorn has drained in-flight requests by now (graceful shutdown).
         pool.shutdown(wait=False, cancel_futures=True)
         slot.reason = f'Model "{slot.name}" is unloaded: the server is shutting down'
@@ -93,7 +95,8 @@ def create_multimodel_app(settings: ModelServerSettings) -> ASGIApp:
         if store.not_ready is not None:
             # Import minio and build the client now, not on the first request.
             loaders.submit(store.warm_up)
-        yield
+        async with metrics_listener(settings.host, settings.metrics_port):
+            yield
         pool.shutdown(wait=False, cancel_futures=True)
         loaders.shutdown(wait=False, cancel_futures=True)
 
