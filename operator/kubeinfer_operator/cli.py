@@ -27,6 +27,7 @@ from rich.live import Live
 from rich.table import Table
 
 from kubeinfer_operator import __version__
+from kubeinfer_operator.api.endpoint import AuthConfig
 from kubeinfer_operator.errors import KubeinferError, SpecError
 from kubeinfer_operator.local.control import (
     Liveness,
@@ -39,12 +40,14 @@ from kubeinfer_operator.local.control import (
     stop_endpoint,
     wait_applied,
 )
+from kubeinfer_operator.local.credentials import LocalAuthError, caller_headers
 from kubeinfer_operator.local.manifest import load_manifest_file
 from kubeinfer_operator.local.paths import EndpointPaths, known_endpoints
 from kubeinfer_operator.local.process import port_free
 from kubeinfer_operator.local.state import (
     EndpointState,
     events_size,
+    read_desired,
     read_events,
     read_state,
 )
@@ -429,6 +432,10 @@ def invoke(
         headers["X-Amzn-SageMaker-Target-Container-Hostname"] = target_container
     url = f"{states[0].url}/endpoints/{name}/invocations"
     try:
+        headers = caller_headers(_auth_of(name), "POST", url, data, headers)
+    except (LocalAuthError, OSError) as exc:
+        raise _fail(f"Cannot sign the request to endpoint {name}: {exc}") from exc
+    try:
         response = httpx.post(url, content=data, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         raise _fail(f"Cannot reach the gateway of endpoint {name} at {url}: {exc}") from exc
@@ -438,6 +445,17 @@ def invoke(
         typer.echo(response.text)
         return
     raise _fail(_error_message(response))
+
+
+def _auth_of(name: str) -> AuthConfig | None:
+    """The running endpoint's ``spec.auth``, from the spec its supervisor was handed."""
+    desired = read_desired(EndpointPaths.for_endpoint(name))
+    auth = ((desired.manifest.get("spec") or {}).get("auth")
+            if desired is not None else None)
+    try:
+        return AuthConfig.model_validate(auth) if isinstance(auth, dict) else None
+    except ValueError:
+        return None
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -56,6 +56,10 @@ def test_a_local_endpoint_can_require_sigv4(local: Local, models_dir: Path) -> N
     assert info.value.response["Error"]["Code"] == "InvalidSignatureException"
     routes = (local.home / "local" / "guarded" / "routes.json").read_text()
     assert SK not in routes and str(folder) in routes
+    # kubeinfer invoke signs with the endpoint's local Secret.
+    invoked = local.run("invoke", "guarded", "--body", BODY)
+    assert invoked.returncode == 0, invoked.stderr
+    assert json.loads(invoked.stdout)["predictions"]["label"] == [0]
 
 
 def test_up_says_when_callers_are_not_authenticated(local: Local, models_dir: Path) -> None:

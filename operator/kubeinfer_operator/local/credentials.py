@@ -10,11 +10,13 @@ mounted Secret on a cluster. ``kubeinfer secret create`` writes one, like
 
 from __future__ import annotations
 
+import configparser
 import os
 import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kubeinfer_operator.api.endpoint import AuthConfig
 from kubeinfer_operator.local.paths import secret_dir
@@ -79,3 +81,57 @@ def create_secret(name: str, entries: Mapping[str, bytes], home: Path | None = N
             child.unlink()
         old.rmdir()
     return folder
+
+
+def _first_key_pair(folder: Path) -> tuple[str, str] | None:
+    pair = [folder / "AWS_ACCESS_KEY_ID", folder / "AWS_SECRET_ACCESS_KEY"]
+    if all(p.is_file() for p in pair):
+        return pair[0].read_text().strip(), pair[1].read_text().strip()
+    shared = folder / "credentials"
+    if shared.is_file():
+        parser = configparser.ConfigParser()
+        parser.read_string(shared.read_text())
+        for section in parser.sections():
+            key = parser.get(section, "aws_access_key_id", fallback="").strip()
+            secret = parser.get(section, "aws_secret_access_key", fallback="").strip()
+            if key and secret:
+                return key, secret
+    return None
+
+
+def _first_token(folder: Path) -> str | None:
+    if (folder / "token").is_file():
+        return (folder / "token").read_text().strip() or None
+    if (folder / "tokens").is_file():
+        for line in (folder / "tokens").read_text().splitlines():
+            if line.strip() and not line.strip().startswith("#"):
+                return line.strip()
+    return None
+
+
+def caller_headers(spec: AuthConfig | None, method: str, url: str, body: bytes,
+                   headers: dict[str, str], home: Path | None = None) -> dict[str, str]:
+    """``headers`` plus what the endpoint's ``auth`` asks of a caller, from its local Secret:
+    a SigV4 signature (as boto3 makes it) or a bearer token. ``kubeinfer invoke`` uses it,
+    so a local endpoint that requires credentials stays one command away."""
+    if spec is None or spec.mode in (None, AuthMode.NONE) or spec.secretName is None:
+        return headers
+    folder = secret_dir(spec.secretName, home)
+    if spec.mode is AuthMode.TOKEN:
+        token = _first_token(folder)
+        if token is None:
+            raise LocalAuthError(f"Local Secret {spec.secretName} ({folder}) holds no token: "
+                                 "add one with kubeinfer secret create")
+        return {**headers, "Authorization": f"Bearer {token}"}
+    pair = _first_key_pair(folder)
+    if pair is None:
+        raise LocalAuthError(f"Local Secret {spec.secretName} ({folder}) holds no key pair: "
+                             "add AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    from botocore.auth import SigV4Auth  # type: ignore[import-untyped]
+    from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+    from botocore.credentials import Credentials  # type: ignore[import-untyped]
+
+    request: Any = AWSRequest(method=method, url=url, data=body, headers=headers)
+    region = spec.regions[0] if spec.regions else "us-east-1"
+    SigV4Auth(Credentials(*pair), "sagemaker", region).add_auth(request)
+    return dict(request.headers.items())
