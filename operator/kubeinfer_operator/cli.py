@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -160,11 +161,20 @@ class _Progress:
 
 
 def _sample_for(state: EndpointState) -> str | None:
-    """A request body that fits the first ready model server's input (V2 metadata)."""
+    """A request body that fits the first ready model server's input (V2 metadata).
+
+    Asks V2 model readiness first, which never loads anything: a multi-model
+    server has no model named after the variant, so it answers 400 and ``up``
+    prints the placeholder instead of making the server look the name up (a
+    cache miss and a failed load in its metrics before any request).
+    """
     for p in state.processes:
         if p.role == "model-server" and p.routed and p.variant:
+            model = f"{p.url}/v2/models/{quote(p.variant, safe='')}"
             try:
-                meta = httpx.get(f"{p.url}/v2/models/{p.variant}", timeout=2.0).json()
+                if httpx.get(f"{model}/ready", timeout=2.0).status_code != 200:
+                    return None
+                meta = httpx.get(model, timeout=2.0).json()
             except (httpx.HTTPError, ValueError):
                 return None
             return sample_body(meta if isinstance(meta, dict) else None)

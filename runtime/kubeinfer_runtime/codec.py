@@ -1,39 +1,52 @@
-"""Request decoding and response encoding for the model server: PURE, no I/O.
+"""Request decoding for the model server, and the codec's one import: PURE, no I/O.
 
 Two wire protocols meet one backend interface here:
 
 * the SageMaker container contract (``POST /invocations``): the body's
   Content-Type picks the decoder (JSON, CSV, .npy/.npz) and Accept picks the
   encoder;
-* the Open Inference Protocol V2 (``POST /v2/models/{m}/infer``): JSON tensors
-  with explicit name, shape and datatype (decoded in ``codec_v2``).
+* the Open Inference Protocol V2 (``POST /v2/models/{m}/infer``): tensors
+  with explicit name, shape and datatype, as JSON or as binary data after a
+  JSON header (decoded in ``codec_v2`` and ``codec_v2_binary``).
 
-Every decoded tensor is coerced to the dtype the model declares and checked
-against its rank and static dimensions (``codec_tensors``), so a bad request is
-answered with a 400 naming the input and what was expected instead of an
-opaque backend failure. Every decoder is bounded by :class:`DecodeLimits`
-(``codec_limits``): what a body would decode to is checked before it is
-allocated or inflated (.npy/.npz in ``codec_numpy``), and going over is a 413.
-Anything else bad bytes make numpy, zipfile or the parsers raise is a 400,
-never a 500. No error message quotes the request's content: messages say
-what was wrong and where (row, column, position, expected shape).
-orjson (with numpy support) does all JSON work: tensors never go through
-pydantic, which would cost more than the model on small requests.
+Encoding lives in ``codec_encode``; this module re-exports it, so callers
+import ``codec`` alone. Every decoded tensor is coerced to the dtype the model
+declares and checked against its rank and static dimensions
+(``codec_tensors``), so a bad request is answered with a 400 naming the input
+and what was expected instead of an opaque backend failure. Every decoder is
+bounded by :class:`DecodeLimits` (``codec_limits``): what a body would decode
+to is checked before it is allocated or inflated (.npy/.npz in
+``codec_numpy``), and going over is a 413. Anything else bad bytes make
+numpy, zipfile or the parsers raise is a 400, never a 500. No error message
+quotes the request's content: messages say what was wrong and where (row,
+column, position, expected shape). orjson does all JSON work: tensors never
+go through pydantic, which would cost more than the model on small requests.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from array import array
 from collections.abc import Iterator, Sequence
-from enum import Enum
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import orjson
 
+from kubeinfer_runtime.codec_encode import (
+    CSV,
+    JSON,
+    NPY,
+    NPZ,
+    Encoding,
+    chosen_output,
+    custom_attribute,
+    dumps,
+    encode_response,
+    encode_v2,
+    encode_v2_binary,
+    media_type,
+    negotiate,
+)
 from kubeinfer_runtime.codec_limits import (
     DEFAULT_LIMITS,
     TEXT_ITEM_BYTES,
@@ -52,53 +65,18 @@ from kubeinfer_runtime.codec_tensors import (
 )
 from kubeinfer_runtime.codec_v2 import V2Request, decode_v2, decode_v2_inputs
 from kubeinfer_runtime.errors import RuntimeServiceError, ValidationError
-from kubeinfer_runtime.models.base import (
-    Array,
-    Tensors,
-    TensorSpec,
-    v2_datatype,
-)
+from kubeinfer_runtime.models.base import Array, Tensors, TensorSpec
 
 __all__ = [
     "CSV", "DEFAULT_LIMITS", "JSON", "NPY", "NPZ", "DecodeLimits", "Encoding", "V2Request",
-    "decode_request", "decode_v2", "dumps", "encode_response", "encode_v2", "fast_float_json",
-    "media_type", "negotiate", "to_tensor",
+    "chosen_output", "custom_attribute", "decode_request", "decode_v2", "dumps",
+    "encode_response", "encode_v2", "encode_v2_binary", "fast_float_json", "media_type",
+    "negotiate", "to_tensor",
 ]
 
-JSON = "application/json"
-CSV = "text/csv"
-NPY = "application/x-npy"
-NPZ = "application/x-npz"
-
 _DECODABLE = f"{JSON}, {CSV}, {NPY} or {NPZ}"
-_ENCODABLE = f"{JSON}, {CSV} or {NPY}"
-# Non-str keys: scikit-learn ZipMap outputs are dicts keyed by class label.
-_OPT = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 #: CSV text is split into lines this many characters at a time.
 _CSV_BLOCK = 1 << 18
-
-
-class Encoding(Enum):
-    """How a response body is written; chosen from Accept before the model runs."""
-
-    JSON = JSON
-    CSV = CSV
-    NPY = NPY
-
-    def __init__(self, mime: str) -> None:
-        #: The response Content-Type header value (a plain attribute: read per request).
-        self.content_type = mime.encode()
-
-
-@lru_cache(maxsize=256)
-def media_type(header: str | None) -> str:
-    """``"Application/JSON; charset=utf-8"`` -> ``"application/json"``; None -> ``""``.
-
-    Cached: clients send the same few header values on every request.
-    """
-    if not header:
-        return ""
-    return header.split(";", 1)[0].strip().lower()
 
 
 # --------------------------------------------------------------------------- decode
@@ -339,108 +317,3 @@ def _decode_numpy(body: bytes, inputs: Sequence[TensorSpec], limits: DecodeLimit
         raise ValidationError("Request body is not a .npy or .npz array: save it with "
                               "numpy.save or numpy.savez, without pickled objects")
     return _single(read_npy(body, limits), inputs, limits, None)
-
-
-# --------------------------------------------------------------------------- encode
-
-
-@lru_cache(maxsize=256)
-def negotiate(accept: str | None) -> Encoding:
-    """Pick the response encoding from Accept; JSON when absent or anything goes.
-
-    The first supported type listed wins (clients of this API send one type;
-    quality values are not worth parsing on the hot path).
-    """
-    if not accept:
-        return Encoding.JSON
-    for part in accept.split(","):
-        mt = media_type(part)
-        if mt in (JSON, "*/*", "application/*"):
-            return Encoding.JSON
-        if mt in (CSV, "text/*"):
-            return Encoding.CSV
-        if mt == NPY:
-            return Encoding.NPY
-    raise ValidationError(f"Accept {header_value(accept)} is not supported: ask for "
-                          f"{_ENCODABLE}")
-
-
-def encode_response(outputs: Tensors, encoding: Encoding) -> bytes:
-    """Encode model outputs for ``/invocations``.
-
-    JSON: ``{"predictions": <output>}`` for one output, ``{"predictions":
-    {name: output, ...}}`` for several. CSV and .npy carry the first output
-    (the prediction, by the converters' convention).
-    """
-    if encoding is Encoding.JSON:
-        if len(outputs) == 1:
-            preds: Any = next(iter(outputs.values()))
-        else:
-            preds = outputs
-        return dumps({"predictions": preds})
-    first = next(iter(outputs.values()))
-    if encoding is Encoding.CSV:
-        return _to_csv(first)
-    return _to_npy(first)
-
-
-def dumps(doc: Any) -> bytes:
-    """orjson with numpy arrays; non-contiguous or string arrays fall back to lists."""
-    return orjson.dumps(doc, default=_default, option=_OPT)
-
-
-def _default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind in "biuf" and not obj.flags.c_contiguous:
-            return np.ascontiguousarray(obj)
-        return obj.tolist()
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", "replace")
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot encode {type(obj).__name__} as JSON")
-
-
-def _to_csv(arr: Array) -> bytes:
-    if arr.ndim == 0:
-        arr = arr.reshape(1)
-    if arr.ndim > 2:
-        arr = arr.reshape(arr.shape[0], -1)
-    if arr.dtype.kind in "biuf" and arr.size:
-        # orjson prints floats in their shortest round-trip form (float32 stays
-        # 0.1, not 0.10000000149011612), so reuse its output and swap the brackets.
-        js = dumps(np.ascontiguousarray(arr))
-        if arr.ndim == 1:
-            return js[1:-1].replace(b",", b"\n") + b"\n"
-        return js[2:-2].replace(b"],[", b"\n") + b"\n"
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    rows = arr.tolist()
-    writer.writerows(rows if arr.ndim == 2 else [[v] for v in rows])
-    return buf.getvalue().encode()
-
-
-def _to_npy(arr: Array) -> bytes:
-    if arr.dtype.kind == "O":
-        arr = arr.astype(str)
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-# --------------------------------------------------------------------------- V2
-
-
-def encode_v2(outputs: Tensors, model_name: str, model_version: str | None,
-              request_id: str | None) -> bytes:
-    doc: dict[str, Any] = {"model_name": model_name}
-    if model_version is not None:
-        doc["model_version"] = model_version
-    if request_id is not None:
-        doc["id"] = request_id
-    doc["outputs"] = [
-        {"name": name, "shape": list(arr.shape), "datatype": v2_datatype(arr.dtype),
-         "data": arr.reshape(-1)}
-        for name, arr in outputs.items()
-    ]
-    return dumps(doc)

@@ -5,16 +5,17 @@ Its own module because V2 carries what the other formats do not: a declared
 shape is checked against the decode bound before anything is built (a 40-byte
 input claiming shape [10**12] is a 413, not an allocation), every input name
 is checked against the model before any tensor is built, and a name the model
-does not declare is described by its position, never quoted. Encoding V2
-responses is plain JSON and lives with the other encoders in ``codec``.
+does not declare is described by its position, never quoted. Tensors come as
+JSON ``data`` or, with the binary data extension, as raw bytes after a JSON
+header (``codec_v2_binary``); both go through the same checks. Encoding V2
+responses lives with the other encoders in ``codec_encode``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -36,6 +37,13 @@ from kubeinfer_runtime.codec_tensors import (
     mismatch,
     to_tensor,
 )
+from kubeinfer_runtime.codec_v2_binary import (
+    binary_layout,
+    binary_outputs,
+    no_header,
+    read_tensor,
+    split_body,
+)
 from kubeinfer_runtime.errors import RuntimeServiceError, ValidationError
 from kubeinfer_runtime.models.base import Array, ModelMetadata, Tensors, TensorSpec, numpy_dtype
 
@@ -44,25 +52,31 @@ _DATATYPES = "BOOL, INT8..INT64, UINT8..UINT64, FP16, FP32, FP64 or BYTES"
 _MAX_DIMS = 64
 
 
-@dataclass(frozen=True)
-class V2Request:
+class V2Request(NamedTuple):
+    """A decoded V2 ``infer`` request (a tuple: built per request, cheaper than a dataclass)."""
+
     inputs: Tensors
     #: Requested outputs, or None for all of them.
     output_names: list[str] | None
     id: str | None
+    #: Outputs to answer as binary data (the binary extension); None: every one as JSON.
+    binary_outputs: frozenset[str] | None = None
 
 
-def decode_v2(body: bytes, meta: ModelMetadata,
-              limits: DecodeLimits = DEFAULT_LIMITS) -> V2Request:
+def decode_v2(body: bytes, meta: ModelMetadata, limits: DecodeLimits = DEFAULT_LIMITS,
+              header_length: int | None = None) -> V2Request:
     """Decode a V2 ``infer`` request and check it against the model's metadata.
 
-    Raises ``ValidationError`` (400) for bad input and ``PayloadTooLarge`` (413)
-    when the body would decode past ``limits``; nothing else escapes.
+    ``header_length``: the request's ``Inference-Header-Content-Length`` (the
+    binary data extension: the JSON is that many bytes, binary tensors follow);
+    None: the whole body is JSON. Raises ``ValidationError`` (400) for bad
+    input and ``PayloadTooLarge`` (413) when the body would decode past
+    ``limits``; nothing else escapes.
     """
     if len(body) > limits.max_decoded_bytes:
         raise too_large("Request body", len(body), limits)
     try:
-        return _decode_v2(body, meta, limits)
+        return _decode_v2(body, meta, limits, header_length)
     except RuntimeServiceError:
         raise
     except MemoryError:
@@ -71,13 +85,28 @@ def decode_v2(body: bytes, meta: ModelMetadata,
         raise undecodable("a V2 request", e) from None
 
 
-def _decode_v2(body: bytes, meta: ModelMetadata, limits: DecodeLimits) -> V2Request:
-    doc = load_json(body)
+def _decode_v2(body: bytes, meta: ModelMetadata, limits: DecodeLimits,
+               header_length: int | None) -> V2Request:
+    binary: memoryview | None = None
+    if header_length is None:
+        try:
+            doc = load_json(body)
+        except ValidationError as e:
+            if "not valid JSON" not in e.message:
+                raise
+            raise ValidationError(f"{e.message}, or binary tensors after a JSON header whose "
+                                  "length Inference-Header-Content-Length gives") from None
+        text_bytes = len(body)
+    else:
+        head, binary = split_body(body, header_length)
+        doc = load_json(head)
+        text_bytes = header_length
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise ValidationError('V2 request must be a JSON object with a non-empty "inputs" list '
                               'of {"name", "shape", "datatype", "data"}')
-    inputs = decode_v2_inputs(doc["inputs"], meta.inputs, limits, len(body))
+    inputs = decode_v2_inputs(doc["inputs"], meta.inputs, limits, text_bytes, binary)
     output_names: list[str] | None = None
+    outs: list[dict[str, Any]] | None = None
     if doc.get("outputs") is not None:
         outs = doc["outputs"]
         if not isinstance(outs, list) or not all(
@@ -93,13 +122,20 @@ def _decode_v2(body: bytes, meta: ModelMetadata, limits: DecodeLimits) -> V2Requ
             raise ValidationError(f'{which} of the model (counting "outputs" from 0): it has '
                                   + ", ".join(f'"{n}"' for n in known))
     rid = doc.get("id")
-    return V2Request(inputs, output_names, None if rid is None else str(rid))
+    # Plain JSON in and out, the common case, decides this without a call.
+    as_binary = (None if outs is None and "parameters" not in doc
+                 else binary_outputs(doc, outs, meta.outputs))
+    return V2Request(inputs, output_names, None if rid is None else str(rid), as_binary)
 
 
 def decode_v2_inputs(items: list[Any], inputs: Sequence[TensorSpec],
-                     limits: DecodeLimits = DEFAULT_LIMITS,
-                     text_bytes: int | None = None) -> Tensors:
-    """V2 ``inputs`` items to checked tensors (``text_bytes``: the JSON body's length)."""
+                     limits: DecodeLimits = DEFAULT_LIMITS, text_bytes: int | None = None,
+                     binary: memoryview | None = None) -> Tensors:
+    """V2 ``inputs`` items to checked tensors.
+
+    ``text_bytes``: the JSON text's length; ``binary``: the bytes after the JSON
+    header (binary data extension), None when the request has no header.
+    """
     by_name: dict[str, dict[str, Any]] = {}
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -110,6 +146,7 @@ def decode_v2_inputs(items: list[Any], inputs: Sequence[TensorSpec],
         by_name[name] = item
     # Every name is now one of the model's inputs: messages may quote them.
     check_names(by_name.keys(), inputs)
+    layout = None if binary is None else binary_layout(by_name, len(binary))
     raw: Tensors = {}
     total = 0
     for name, item in by_name.items():
@@ -125,7 +162,11 @@ def decode_v2_inputs(items: list[Any], inputs: Sequence[TensorSpec],
             what = (f'V2 input "{name}" ({count} values by its "shape")' if total == count
                     else f'V2 inputs up to "{name}" ({total} values by their "shape")')
             raise too_large(what, total * TEXT_ITEM_BYTES, limits)
-        raw[name] = _v2_tensor(name, item, shape, count, limits, text_bytes)
+        chunk = None
+        if layout is not None and binary is not None and name in layout:
+            start, size = layout[name]
+            chunk = binary[start:start + size]
+        raw[name] = _v2_tensor(name, item, shape, count, limits, text_bytes, chunk)
     return {spec.name: to_tensor(raw[spec.name], spec, limits) for spec in inputs}
 
 
@@ -139,15 +180,21 @@ def _twice(name: str, items: list[Any], i: int, inputs: Sequence[TensorSpec]) ->
 
 
 def _v2_tensor(name: str, item: dict[str, Any], shape: list[int], expected: int,
-               limits: DecodeLimits, text_bytes: int | None) -> Array:
+               limits: DecodeLimits, text_bytes: int | None, chunk: memoryview | None) -> Array:
+    """One input's array (``chunk``: its binary data, None when it comes as JSON)."""
     datatype, data = item.get("datatype"), item.get("data")
-    params = item.get("parameters") or {}
-    if isinstance(params, dict) and "binary_data_size" in params:
-        raise ValidationError(f'V2 input "{name}" uses the binary data extension, which is '
-                              'not supported: send the values in "data"')
+    if chunk is None:
+        params = item.get("parameters")
+        if isinstance(params, dict) and "binary_data_size" in params:
+            raise no_header(name)
     dtype = numpy_dtype(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise ValidationError(f'V2 input "{name}" has an unknown "datatype": use {_DATATYPES}')
+    if chunk is not None:
+        if data is not None:
+            raise ValidationError(f'V2 input "{name}" has both "data" and '
+                                  "parameters.binary_data_size: send one of them")
+        return read_tensor(name, dtype, shape, expected, chunk)
     if data is None:
         raise ValidationError(f'V2 input "{name}" needs "data"')
     given = count_values(data)

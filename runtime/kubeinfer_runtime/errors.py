@@ -4,7 +4,9 @@ Every role (model server, gateway, later queue and batch workers) raises one of
 these and renders it with :func:`render_error`, so a client sees the same error
 shape everywhere. boto3's ``sagemaker-runtime`` client picks the exception class
 from the ``x-amzn-ErrorType`` header (``"<code>:"``) and the message from the
-JSON body, so both are always set.
+JSON body, so both are always set. Open Inference Protocol routes (``/v2/...``)
+answer the same error with the body V2 clients read, ``{"error": message}``
+(:func:`render_v2_error`): same status, same headers.
 
 This module depends on nothing but orjson: the gateway imports it without
 pulling in the model server.
@@ -107,7 +109,23 @@ def error_body(code: str, message: str) -> bytes:
 
 def render_error(err: RuntimeServiceError) -> Reply:
     """``(status, headers, body)`` ready to send, content headers included."""
-    body = error_body(err.code, err.message)
+    return _reply(err, error_body(err.code, err.message))
+
+
+def render_v2_error(err: RuntimeServiceError) -> Reply:
+    """As :func:`render_error`, with the V2 body ``{"error": message}`` (tritonclient,
+    KServe clients); ``x-amzn-ErrorType`` stays (harmless, and says the code)."""
+    return _reply(err, orjson.dumps({"error": err.message}))
+
+
+def is_v2_path(path: str | bytes) -> bool:
+    """Whether a request path is an Open Inference Protocol route (errors in V2 shape)."""
+    if isinstance(path, bytes):
+        return path == b"/v2" or path.startswith(b"/v2/")
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def _reply(err: RuntimeServiceError, body: bytes) -> Reply:
     headers: Headers = [
         (b"content-type", JSON_CONTENT_TYPE),
         (b"content-length", str(len(body)).encode()),

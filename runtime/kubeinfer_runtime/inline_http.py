@@ -30,10 +30,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import uvicorn
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from kubeinfer_runtime.errors import Reply
+from kubeinfer_runtime.http_limits import LimitedHttpProtocol
 
 log = logging.getLogger("kubeinfer.http")
 
@@ -97,22 +98,21 @@ def _uvicorn_fits(protocol: HttpToolsProtocol) -> bool:
     return not missing
 
 
-class InlineHttpProtocol(HttpToolsProtocol):
-    """``uvicorn.run(..., http=InlineHttpProtocol)``: httptools with the inline path."""
+class InlineHttpProtocol(LimitedHttpProtocol):
+    """``uvicorn.run(..., http=InlineHttpProtocol)``: httptools with the connection limits
+    of ``http_limits`` and, unless ``KUBEINFER_INLINE_HTTP=false``, the inline path."""
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._responder = (None if self.access_log or not _uvicorn_fits(self)
-                           else find_responder(self.app))
+        self._responder = (None if self.access_log or not self.limits.inline_http
+                           or not _uvicorn_fits(self) else find_responder(self.app))
         #: The plan of the inline request being received, or None.
         self._plan: Any | None = None
         self._chunks: list[bytes] = []
         self._t0 = 0.0
         #: Shutdown arrived while an inline request was being received.
         self._close_after = False
-        self._defaults_src: list[tuple[bytes, bytes]] | None = None
-        self._defaults = b""
 
     # -- parser callbacks
 
@@ -121,12 +121,15 @@ class InlineHttpProtocol(HttpToolsProtocol):
         # so it is built in on_headers_complete, only for the ASGI path. A
         # request has begun: the connection is not idle (a pipelined request
         # after an inline one must not be cut by the keep-alive timer).
+        self.limits_message_begin()
         self._unset_keepalive_if_required()
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
 
     def on_headers_complete(self) -> None:
+        if not self.limits_headers_complete():
+            return  # refused (too many or too large headers): no app sees it
         responder = self._responder
         if responder is not None and self._may_inline():
             plan = responder.inline_plan(self.parser.get_method(), self.url, self.headers)
@@ -136,10 +139,11 @@ class InlineHttpProtocol(HttpToolsProtocol):
                 self._t0 = time.perf_counter()
                 return
         url, headers, expect = self.url, self.headers, self.expect_100_continue
-        super().on_message_begin()
+        # uvicorn's own steps, not the limits' hooks again (they ran above).
+        HttpToolsProtocol.on_message_begin(self)
         self.url, self.expect_100_continue = url, expect
         self.headers = self.scope["headers"] = headers
-        super().on_headers_complete()
+        HttpToolsProtocol.on_headers_complete(self)
 
     def on_body(self, body: bytes) -> None:
         if self._plan is not None:
@@ -153,6 +157,7 @@ class InlineHttpProtocol(HttpToolsProtocol):
         if plan is None:
             super().on_message_complete()
             return
+        self.limits_message_complete()
         self._plan = None
         chunks, self._chunks = self._chunks, []
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -181,7 +186,7 @@ class InlineHttpProtocol(HttpToolsProtocol):
         self._finish(reply, close=not flight.keep_alive)
 
     def _finish(self, reply: Reply, *, close: bool) -> None:
-        self._write(reply, close)
+        self.write_reply(reply, close)
         if close:
             self.transport.close()
         # Starts the next pipelined request, or arms the keep-alive timer.
@@ -212,22 +217,6 @@ class InlineHttpProtocol(HttpToolsProtocol):
                 and not self._close_after and self.parser.should_keep_alive()
                 and self.parser.get_http_version() == "1.1"
                 and not self.parser.should_upgrade())
-
-    def _write(self, reply: Reply, close: bool) -> None:
-        status, headers, payload = reply
-        defaults = self.server_state.default_headers
-        if defaults is not self._defaults_src:
-            # uvicorn replaces the list (its Date header) once a second.
-            self._defaults_src = defaults
-            self._defaults = b"".join(b"%s: %s\r\n" % (n, v) for n, v in defaults)
-        parts = [STATUS_LINE[status], self._defaults]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        if close:
-            parts.append(b"connection: close\r\n")
-        parts += (b"\r\n", payload)
-        self.transport.write(b"".join(parts))
-
 
 class _InFlight:
     """An inline response being computed, standing in for uvicorn's request cycle.

@@ -172,6 +172,14 @@ MODEL_LOADED = Gauge(
     "kubeinfer_model_loaded", "1 when the model is loaded and serving, else 0",
     _MODEL_LABELS,
 )
+#: No direct CloudWatch metric (SageMaker fails the endpoint's update instead):
+#: models that failed to load (stage="load") or loaded and then failed their
+#: warm-up inference (stage="warmup"); the server stays up, not ready, with
+#: ``kubeinfer_model_loaded`` at 0.
+MODEL_LOAD_FAILURES = Counter(
+    "kubeinfer_model_load_failures", "Models that failed to load or failed their warm-up "
+    "inference, by stage", (*_MODEL_LABELS, "stage"),
+)
 #: CloudWatch ``ModelDownloadingTime`` (phase="download") and
 #: ``ModelLoadingTime`` (phase="load", including warm-up).
 MODEL_LOAD_SECONDS = Histogram(
@@ -197,12 +205,20 @@ class ModelServerMetrics:
         self.load_seconds = MODEL_LOAD_SECONDS.labels(*self._labels, "load")
         self._errors: dict[int, LoopCounter] = {}
 
+    def load_failed(self, stage: str) -> None:
+        """Count a model that failed to load (``load``) or to warm up (``warmup``)."""
+        MODEL_LOAD_FAILURES.labels(*self._labels, stage).inc()
+
     def error(self, status: int) -> None:
         """Count one error response; children are bound on the first error per code."""
         child = self._errors.get(status)
         if child is None:
             child = self._errors[status] = INVOCATION_ERRORS.labels(*self._labels, str(status))
         child.value += 1
+
+    def errors_total(self) -> int:
+        """Error responses counted so far, every status code together (V2 statistics)."""
+        return sum(c.value for c in self._errors.values())
 
 
 # ============================================================ multi-model cache

@@ -20,8 +20,19 @@ INFERENCE_CONTENT: dict[str, Any] = {
     "application/json": {"schema": {"type": "object"}},
     "text/csv": {"schema": {"type": "string"}},
     "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+    "application/x-npz": {"schema": {"type": "string", "format": "binary"}},
 }
-V2_CONTENT: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+#: V2 infer: JSON, or (binary data extension) a JSON header and raw tensors.
+V2_CONTENT: dict[str, Any] = {
+    "application/json": {"schema": {"type": "object"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}
+V2_INFER_DESCRIPTION = (
+    "`{\"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}]}`, or with the binary "
+    "data extension (header `Inference-Header-Content-Length`: the JSON part's length) "
+    "inputs with `parameters.binary_data_size` and their raw bytes after the JSON; outputs "
+    "come back as binary data when `parameters.binary_data_output` (or an output's "
+    "`parameters.binary_data`) is true. Errors: `{\"error\": \"...\"}`.")
 #: SageMaker-style error body every route answers with.
 _ERROR = {"application/json": {"schema": {"type": "object", "properties": {
     "ErrorCode": {"type": "string"}, "Message": {"type": "string"},
@@ -41,6 +52,17 @@ class Header:
     name: str
     description: str
     required: bool = False
+
+
+#: The request headers ``/invocations`` reads (besides the multi-model target).
+INVOCATION_HEADERS = (
+    Header("Content-Type", "application/json, text/csv, application/x-npy or "
+                           "application/x-npz"),
+    Header("Accept", "application/json (default), text/csv, application/x-npy or "
+                     "application/x-npz (every output)"),
+    Header("X-Amzn-SageMaker-Custom-Attributes", "`output=<name>`: the output a CSV or .npy "
+                                                 "answer carries (default: the first)"),
+)
 
 
 @dataclass(frozen=True)

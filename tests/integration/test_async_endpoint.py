@@ -2,9 +2,8 @@
 
 Real processes (gateway, async workers), real Redis, real S3 (SeaweedFS), a real
 webhook receiver. Covers the output object, idempotent InferenceIds, header
-validation, S3OutputPathExtension and Filename (S3 and file://), retries of a
-poison input ending in the dead-letter stream with a failure object, and a
-worker's graceful drain.
+validation, S3OutputPathExtension and Filename (S3 and file://), a bad input
+failing at once with a failure object, and a worker's graceful drain.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, s
                      route=route, s3_env=s3_server.env(), endpoint="iris",
                      success_url=hooks.url + "/ok", error_url=hooks.url + "/error",
                      max_retries="2", visibility_timeout_s="3", notify_backoff_s="0.05",
-                     notify_attempts="3")
+                     notify_attempts="3", transient_budget_s="2")
     s = AsyncStack("iris", route, tmp_path_factory.mktemp("async-e2e"), env)
     s.start_gateway(redis_server.url)
     s.start_worker()
@@ -265,22 +264,23 @@ def test_missing_input_ends_in_a_failure_object(stack: AsyncStack, s3_server: An
                            for n in hooks.snapshot()), 10, "the error notification")
 
 
-def test_poison_input_is_dead_lettered_after_max_retries(stack: AsyncStack, s3_server: Any,
-                                                         redis_server: RedisServer) -> None:
+def test_a_bad_input_fails_at_once_without_retries(stack: AsyncStack, s3_server: Any,
+                                                   redis_server: RedisServer) -> None:
+    """A wrong shape fails the same way every time: one attempt, a failure object, no
+    retry and no dead letter (retries are for what may succeed the next time)."""
     input_uri = _put(s3_server, "in/poison.json", b'{"instances": [[1, 2]]}')  # wrong shape
     resp = _runtime(stack).invoke_endpoint_async(EndpointName="iris", InputLocation=input_uri)
     inference_id = resp["InferenceId"]
     failure = json.loads(_wait_object(s3_server, resp["FailureLocation"]))
     assert failure["ErrorCode"] == "ValidationError"
-    assert "maxRetries 2" in failure["Message"]
-    assert failure["attempts"] == 3  # the first try and 2 retries
+    assert "not retried" in failure["Message"] and "expects shape" in failure["Message"]
+    assert failure["attempts"] == 1
     keys = AsyncQueueKeys(queue="e2e")
     r = redis_server.client()
-    wait_until(lambda: any(f.get("inference_id") == inference_id
-                           for _, f in r.xrange(keys.dead_letter)), 10, "dead-letter entry")
-    entry = next(f for _, f in r.xrange(keys.dead_letter)
-                 if f.get("inference_id") == inference_id)
-    assert "ValidationError" in entry["error"]
+    wait_until(lambda: r.hget(keys.inference(inference_id), "done") == "failure", 10, "done")
+    assert r.hget(keys.inference(inference_id), "attempts") == "1"
+    assert r.hget(keys.writes, inference_id) == "1"
+    assert not any(f.get("inference_id") == inference_id for _, f in r.xrange(keys.dead_letter))
     assert _get(s3_server, resp["OutputLocation"]) is None
 
 
@@ -364,8 +364,9 @@ def test_failed_notifications_are_retried_until_delivered(stack: AsyncStack, s3_
 def test_a_dead_webhook_is_given_up_after_max_retries_deliveries(
         stack: AsyncStack, s3_server: Any, hooks: WebhookReceiver,
         redis_server: RedisServer) -> None:
-    """The output exists; the notification is retried on each redelivery, then the entry
-    is dead-lettered saying so, instead of holding the backlog (and the workers) forever."""
+    """The output exists; the notification is retried on each redelivery, then — past the
+    transient budget (2 s here) — the entry is dead-lettered saying so, instead of holding
+    the backlog (and the workers) forever."""
     input_uri = _put(s3_server, "in/deadhook.json", json.dumps({"instances": ROWS}).encode())
     hooks.fail_first = hooks.failed + 10_000  # the receiver refuses everything
     try:

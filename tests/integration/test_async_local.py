@@ -4,12 +4,16 @@ The real CLI, supervisor, gateway, redis-server and async workers; file://
 input and output so no object store is needed. The policy itself is
 unit-tested against a fake clock (tests/unit/test_async_scaling.py); here the
 supervisor must carry it out: the idle worker stops, and a new request starts
-one from zero that processes it.
+one from zero that processes it. The private redis-server is supervised: when
+it is SIGKILLed with 100 requests queued, it comes back on the same port from
+its append-only file, the endpoint is Ready again, and every request finishes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import httpx
@@ -89,5 +93,65 @@ def test_async_endpoint_scales_to_zero_and_back_on_new_work(local: Local, models
     assert "private redis-server" in events
 
     result = local.run("down", "aq", timeout=60)
+    assert result.returncode == 0, result.stderr
+    local.wait_no_processes()
+
+
+def _redis(state: dict[str, object]) -> dict[str, object]:
+    procs = state["processes"]
+    assert isinstance(procs, list)
+    [redis] = [p for p in procs if p["role"] == "redis"]
+    assert isinstance(redis, dict)
+    return redis
+
+
+def test_a_sigkilled_private_redis_comes_back_and_loses_no_request(
+        local: Local, models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(5):
+        (inputs / f"{i}.json").write_text(json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]}))
+    spec = local.write("ar.yaml", _manifest("ar", models_dir / "iris.onnx", out))
+    result = local.run("up", "-d", "-f", str(spec), "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    # No worker: the 100 requests stay queued in Redis when it is killed.
+    state = wait_for(local, "ar", lambda s: not _workers(s), "scale to zero", timeout=30)
+    url = state["url"]
+    ids = [f"req-{i:03d}" for i in range(100)]
+    with httpx.Client(base_url=url, trust_env=False) as client:
+        for i, rid in enumerate(ids):
+            r = client.post("/endpoints/ar/async-invocations", headers={
+                "X-Amzn-SageMaker-InputLocation": f"file://{inputs}/{i % 5}.json",
+                "X-Amzn-SageMaker-Inference-Id": rid})
+            assert r.status_code == 202, r.text
+
+    redis = _redis(local.endpoint("ar"))
+    pid = redis["pid"]
+    assert isinstance(pid, int)
+    assert b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    os.kill(pid, signal.SIGKILL)
+    finished = len(list(out.glob("*.out"))) if out.exists() else 0
+    assert finished < len(ids), "every request finished before Redis was killed"
+
+    # Restarted (new pid, same port), and the endpoint is Ready again by itself.
+    state = wait_for(local, "ar", lambda s: s["phase"] == "Ready"
+                     and _redis(s)["restarts"] == 1 and _redis(s)["pid"] not in (None, pid),
+                     "Ready with a restarted redis-server", timeout=60)
+    assert _redis(state)["port"] == redis["port"]
+    # The gateway queues again by itself (its Redis client reconnects).
+    r = httpx.post(f"{url}/endpoints/ar/async-invocations", headers={
+        "X-Amzn-SageMaker-InputLocation": f"file://{inputs}/0.json",
+        "X-Amzn-SageMaker-Inference-Id": "after-restart"})
+    assert r.status_code == 202, r.text
+    ids.append("after-restart")
+    wait_until(lambda: all((out / f"{rid}.out").exists() for rid in ids), 90,
+               "all 100 outputs after the restart", interval=0.2)
+    events = (local.home / "local" / "ar" / "events.jsonl").read_text()
+    assert f"Private redis-server (pid {pid}) exited (killed by SIGKILL)" in events
+    assert "Restarted the private redis-server (restart 1)" in events
+    assert "redis" in local.run("status").stdout
+
+    result = local.run("down", "ar", timeout=60)
     assert result.returncode == 0, result.stderr
     local.wait_no_processes()

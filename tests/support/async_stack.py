@@ -76,6 +76,19 @@ class AsyncStack:
 
             wait_until(up, timeout, f"async worker on port {worker.port}")
 
+    def submit(self, inputs: list[str], ids: list[str]) -> None:
+        """Queue one request per id (input ``inputs[i % len]``) from one keep-alive client;
+        every one must be accepted (202)."""
+        import httpx
+
+        assert self.gateway is not None
+        with httpx.Client(base_url=self.gateway.url, trust_env=False) as client:
+            for i, rid in enumerate(ids):
+                r = client.post(f"/endpoints/{self.name}/async-invocations", headers={
+                    "X-Amzn-SageMaker-InputLocation": inputs[i % len(inputs)],
+                    "X-Amzn-SageMaker-Inference-Id": rid})
+                assert r.status_code == 202, r.text
+
     def kill_worker(self, worker: RuntimeProcess) -> None:
         worker.proc.send_signal(signal.SIGKILL)
         worker.proc.wait()

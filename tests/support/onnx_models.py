@@ -27,3 +27,72 @@ def reshape_to_3_model(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def _save(graph: object, path: Path) -> Path:
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def fails_every_inference_model(path: Path) -> Path:
+    """Iris's signature (``X`` float32 [N, 4]) but a Reshape of X to [5]: 4N is never 5.
+
+    onnxruntime loads it (N is symbolic, so no shape check can refuse it) and
+    then every run fails with "cannot be reshaped": a model that loads but
+    answers no request.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["X", "s"], ["y"])], "fails_every_inference",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5])],
+        [numpy_helper.from_array(np.array([5], np.int64), "s")],
+    )
+    return _save(graph, path)
+
+
+def add_3_model(path: Path) -> Path:
+    """``x`` float32 [N] plus a constant [3]: answers N == 1 (broadcast) and N == 3, fails inside
+    (ModelError) for any other N, so it passes its warm-up and then fails some requests."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "c"], ["y"])], "add3",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+        [numpy_helper.from_array(np.zeros(3, np.float32), "c")],
+    )
+    return _save(graph, path)
+
+
+def int_divide_model(path: Path) -> Path:
+    """``a // b`` on int64 [N]: onnxruntime fails on a zero divisor, so zeros fail, ones pass."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Div", ["a", "b"], ["y"])], "intdiv",
+        [helper.make_tensor_value_info("a", TensorProto.INT64, ["N"]),
+         helper.make_tensor_value_info("b", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, ["N"])],
+    )
+    return _save(graph, path)
+
+
+def conv3x3_model(path: Path) -> Path:
+    """A 3x3 convolution, no padding, over ``img`` float32 [N, 1, H, W]: fails for H or W < 3."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["img", "w"], ["y"], kernel_shape=[3, 3])], "conv3x3",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, None, None])],
+        [numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "w")],
+    )
+    return _save(graph, path)

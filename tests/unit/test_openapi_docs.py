@@ -28,12 +28,16 @@ def test_model_server_documents_invocations_and_v2_infer() -> None:
     doc = openapi(create_server(ModelServerSettings(model_uri="file:///m.onnx")))
     op = doc["paths"]["/invocations"]["post"]
     assert set(op["requestBody"]["content"]) == {"application/json", "text/csv",
-                                                  "application/x-npy"}
-    assert {p["name"] for p in op["parameters"]} == {"Content-Type", "Accept"}
+                                                  "application/x-npy", "application/x-npz"}
+    assert {p["name"] for p in op["parameters"]} == {"Content-Type", "Accept",
+                                                     "X-Amzn-SageMaker-Custom-Attributes"}
     assert {"200", "400", "413", "424", "503"} <= set(op["responses"])
     v2 = doc["paths"]["/v2/models/{name}/infer"]["post"]
     assert v2["parameters"][0] == {"name": "name", "in": "path", "required": True,
                                    "schema": {"type": "string"}}
+    # The binary data extension: a JSON header, then raw tensors.
+    assert "application/octet-stream" in v2["requestBody"]["content"]
+    assert "Inference-Header-Content-Length" in v2["description"]
     assert "/ping" in doc["paths"]  # FastAPI's own routes are still there
 
 
@@ -52,8 +56,9 @@ def test_multi_model_server_documents_target_model(tmp_path: Path) -> None:
     app = create_server(ModelServerSettings(multi_model_prefix=f"file://{tmp_path}/",
                                             model_cache_dir=str(tmp_path / "cache")))
     doc = openapi(app)
-    [target] = doc["paths"]["/invocations"]["post"]["parameters"]
-    assert target["name"] == "X-Amzn-SageMaker-Target-Model" and target["required"]
+    [target] = [p for p in doc["paths"]["/invocations"]["post"]["parameters"]
+                if p.get("required")]
+    assert target["name"] == "X-Amzn-SageMaker-Target-Model"
     assert "/models/{name}/invoke" in doc["paths"]
 
 

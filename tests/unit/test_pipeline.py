@@ -170,6 +170,9 @@ def test_unimportable_handler_keeps_the_pipeline_not_ready(pool: ThreadPoolExecu
     reason = pipeline.not_ready()
     assert reason is not None and reason.startswith('Step 1 ("pre") is not ready: Handler')
     assert "missing_mod" in reason
+    # The words local mode gives a rollout up on at once (not at --timeout).
+    assert "Handler 'missing_mod:f' failed to load: module 'missing_mod' cannot be " \
+        "imported" in reason
     with pytest.raises(RuntimeServiceError) as info:
         run(pipeline, b"{}")
     assert info.value.status == 503

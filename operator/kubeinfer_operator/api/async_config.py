@@ -101,8 +101,16 @@ class AsyncConfig(_Spec):
     maxConcurrentInvocationsPerReplica: Annotated[
         int, Field(description="Requests one worker processes at once.", ge=1, le=1000)] = 4
     maxRetries: Annotated[
-        int, Field(description="Attempts after the first before a request is dead-lettered "
-                               "with a failure object.", ge=0, le=100)] = 3
+        int, Field(description="Attempts after the first, for failures that may pass (a "
+                               "crash, a timeout), before a request is dead-lettered with a "
+                               "failure object. A bad input or a model error fails at once; "
+                               "an unreachable object store or webhook is waited out (see "
+                               "transientRetryBudget).", ge=0, le=100)] = 3
+    transientRetryBudget: Annotated[
+        float, Field(description="Seconds a request may spend failing on an unreachable object "
+                                 "store, Redis or webhook (retried with backoff, workers "
+                                 "pausing new work) before those failures count against "
+                                 "maxRetries.", ge=0, le=86400)] = 600.0
     requestTTL: Annotated[
         int, Field(description="Default seconds a request may wait in the queue "
                                "(RequestTTLSeconds overrides it per request).",

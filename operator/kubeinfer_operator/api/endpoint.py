@@ -426,6 +426,23 @@ class AutoScaling(_Spec):
         return self
 
 
+class AdmissionLimits(_Spec):
+    """How much of a burst the gateway lets through to a real-time variant; the rest is
+    refused at once with 429 ThrottlingException (boto3 retries it with backoff)."""
+
+    maxInFlightPerReplica: Annotated[
+        int | None,
+        Field(description="Requests sent to each ready replica at a time (default: as many "
+                          "as the replicas finish within half a second at their measured "
+                          "rate, at least 8 each).", ge=1, le=10000),
+    ] = None
+    maxQueueWaitSeconds: Annotated[
+        float | None,
+        Field(description="Longest a request waits at the gateway for its turn before 429 "
+                          "(default: the gateway's, 1 s).", ge=0, le=60),
+    ] = None
+
+
 class ProductionVariant(_Spec):
     """One production variant: a model served by N replicas, receiving a share of traffic."""
 
@@ -482,6 +499,11 @@ class ProductionVariant(_Spec):
     autoscaling: Annotated[
         AutoScaling | None,
         Field(description="Scale replicas with load; replicas is then the starting count."),
+    ] = None
+    admission: Annotated[
+        AdmissionLimits | None,
+        Field(description="Real-time endpoints: requests in flight per replica and the "
+                          "longest wait at the gateway; beyond them, 429 at once."),
     ] = None
 
     @model_validator(mode="after")

@@ -5,8 +5,10 @@ Inside an endpoint's supervisor. For ``type: Async``:
 * **Redis**: ``KUBEINFER_REDIS_URL`` from the environment of ``kubeinfer up``
   when set; otherwise a private ``redis-server`` (when on PATH) started by the
   supervisor in the endpoint's state directory, with an append-only file, so
-  queued requests survive a supervisor restart. Without either, the spec is
-  not applied and the error says how to fix it.
+  queued requests survive a supervisor restart. It is supervised
+  (``private_redis``): a dead one is restarted on the same port from the same
+  file, with backoff and events, and ``kubeinfer up`` again restarts it at once.
+  Without either, the spec is not applied and the error says how to fix it.
 * **Workers**: the variant's replicas run the runtime's ``async-worker`` role
   with the plan's queue env (``render.async_plan``) instead of model servers.
 * **Scaling**: every ``interval_s`` the backlog is read from Redis and
@@ -22,13 +24,14 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from kubeinfer_operator.local.process import free_port, spawn
+from kubeinfer_operator.local.private_redis import PrivateRedis, RedisStartError
+from kubeinfer_operator.local.process import free_port
 from kubeinfer_operator.local.scaler import ReasonLog
+from kubeinfer_operator.local.state import ProcessState, ProcState
 from kubeinfer_operator.queue_backlog import read_backlog
 from kubeinfer_operator.reconcile.async_scaling import BacklogState, decide
 from kubeinfer_operator.render.async_plan import AsyncPlan
@@ -36,8 +39,6 @@ from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_runtime.contract import AsyncBacklog, Role
 
 if TYPE_CHECKING:
-    import subprocess
-
     from kubeinfer_operator.local.supervisor import Supervisor
 
 log = logging.getLogger("kubeinfer.local")
@@ -47,6 +48,8 @@ INTERVAL_S = float(os.environ.get("KUBEINFER_ASYNC_SCALE_INTERVAL_S", "1"))
 #: Workers must finish or release in-flight requests within the supervisor's
 #: stop grace (10 s) after SIGTERM.
 WORKER_DRAIN_S = 8.0
+#: Seconds between checks that the private redis-server is alive.
+REDIS_WATCH_S = 0.25
 
 
 class AsyncConfigError(Exception):
@@ -61,7 +64,7 @@ class AsyncLocal:
         self.redis_url: str | None = None
         self.state = BacklogState()
         self.reasons = ReasonLog()
-        self._redis_proc: subprocess.Popen[bytes] | None = None
+        self.redis: PrivateRedis | None = None
         self._client: Any = None
 
     # -- what the supervisor asks --------------------------------------------------------
@@ -75,7 +78,7 @@ class AsyncLocal:
         """The Redis URL the route table names: the private server's (no password), or
         None for one from ``KUBEINFER_REDIS_URL``, which the gateway inherits as env, so a
         password in it never lands in routes.json."""
-        return self.redis_url if self._redis_proc is not None else None
+        return self.redis_url if self.redis is not None else None
 
     def worker_env(self) -> dict[str, str]:
         if self.plan is None:
@@ -90,7 +93,13 @@ class AsyncLocal:
             return plan
         if self.redis_url is None:
             self.redis_url = os.environ.get("KUBEINFER_REDIS_URL") or await self._start_redis()
+        else:
+            await self.watch_redis(force=True)  # `up` again: a dead Redis comes back now
         return replace(plan, redis_url=self.route_redis_url)
+
+    def processes(self) -> list[ProcessState]:
+        """What ``kubeinfer status`` lists besides the children: the private Redis."""
+        return [self.redis.snapshot()] if self.redis is not None else []
 
     # -- private redis-server ------------------------------------------------------------
 
@@ -101,35 +110,37 @@ class AsyncLocal:
                 f"Endpoint {self.sup.name} is type Async and needs Redis: set "
                 "KUBEINFER_REDIS_URL (redis://host:6379/0) before kubeinfer up, or install "
                 "redis-server so kubeinfer starts a private one")
-        data = self.sup.paths.root / "redis"
-        data.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        # Append-only file, fsynced every second: queued requests survive a restart.
-        self._redis_proc = spawn(
-            [exe, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-            env=os.environ, log_path=self.sup.paths.log_file("redis"))
-        url = f"redis://127.0.0.1:{port}/0"
-        import redis.asyncio
-
-        client = redis.asyncio.from_url(url)
+        server = PrivateRedis(exe, self.sup.paths.root / "redis",
+                              self.sup.paths.log_file("redis"), free_port(), env=os.environ,
+                              policy=self.sup.policy)
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    await client.ping()
-                    break
-                except Exception:
-                    if self._redis_proc.poll() is not None or time.monotonic() > deadline:
-                        raise AsyncConfigError(
-                            f"Private redis-server for endpoint {self.sup.name} did not start; "
-                            f"see {self.sup.paths.log_file('redis')}") from None
-                    await asyncio.sleep(0.02)
-        finally:
-            await client.aclose()
-        self.sup.event(f"Started a private redis-server (pid {self._redis_proc.pid}) on "
-                       f"{url} for the async queue; data in {data}")
-        return url
+            await server.start()
+        except RedisStartError as exc:
+            await server.stop()
+            raise AsyncConfigError(f"Endpoint {self.sup.name}: {exc}") from None
+        self.redis = server
+        self.sup.event(f"Started a private redis-server (pid {server.pid}) on {server.url} "
+                       f"for the async queue; data in {server.data}", process="redis")
+        return server.url
+
+    async def watch_redis(self, *, force: bool = False) -> None:
+        """Restart the private redis-server when it died (after its backoff, or now)."""
+        server = self.redis
+        if server is None:
+            return
+        now = time.monotonic()
+        report = server.collect_exit(now)
+        if report:
+            self.sup.event(report, level="error", process="redis")
+        try:
+            restarted = await server.restart_if_due(now, force=force)
+        except RedisStartError as exc:
+            self.sup.event(f"{exc}; trying again after a backoff", level="error",
+                           process="redis")
+            return
+        if restarted:
+            self.sup.event(restarted, process="redis")
+            self.sup.write_state()
 
     async def stop(self) -> None:
         """After the workers stopped: close the client and stop the private Redis."""
@@ -137,16 +148,9 @@ class AsyncLocal:
             with contextlib.suppress(Exception):
                 await self._client.aclose()
             self._client = None
-        proc = self._redis_proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            for _ in range(250):
-                if proc.poll() is not None:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                proc.kill()
-        self._redis_proc = None
+        if self.redis is not None:
+            await self.redis.stop()
+        self.redis = None
 
     # -- scaling -------------------------------------------------------------------------
 
@@ -159,18 +163,36 @@ class AsyncLocal:
         return await read_backlog(self._client, self.plan.queue)
 
     async def run(self) -> None:
+        watch = asyncio.create_task(self._watch_loop(), name="private-redis-watch")
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                try:
+                    await self.tick()
+                except Exception:  # one bad round must not end scaling
+                    log.exception("async scaling round failed")
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    async def _watch_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(REDIS_WATCH_S)
+            if self.sup.stopping:
+                continue  # shutdown stops it on purpose
             try:
-                await self.tick()
-            except Exception:  # one bad round must not end scaling
-                log.exception("async scaling round failed")
+                await self.watch_redis()
+            except Exception:  # one bad round must not end supervision
+                log.exception("private redis-server check failed")
 
     async def tick(self) -> None:
         sup = self.sup
         plan = self.plan
         if plan is None or self.redis_url is None or sup.applying or not sup.started:
             return
+        if self.redis is not None and self.redis.state is not ProcState.READY:
+            return  # no backlog to read while the private Redis restarts
         names = list(sup.running)
         if not names:
             return

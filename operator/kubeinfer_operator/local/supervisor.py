@@ -73,8 +73,11 @@ log = logging.getLogger("kubeinfer.local")
 EXIT_ALREADY_RUNNING = 3
 #: A rollout gives up early when a new server crashed this many times in a row.
 CRASH_LIMIT = 3
-#: What the model server's /ping says when loading failed for good (it never
-#: retries: a new model means a new process), as opposed to "still loading".
+#: What the model server's /ping says when its model will never be ready (it
+#: never retries: a new model means a new process), as opposed to "still
+#: loading": the model failed to load, or loaded and failed its warm-up
+#: inference, or a pipeline's handler cannot be imported. Same words as the
+#: runtime's ``server.state.LOAD_FAILED_MARKER`` (a unit test keeps them equal).
 LOAD_FAILED = "failed to load"
 #: How often model servers are measured against their memory limits (seconds;
 #: 0 or less switches enforcement off). Reading /proc costs microseconds, in the
@@ -224,7 +227,8 @@ class Supervisor:
             self._routes_json = text
 
     def snapshot(self) -> EndpointState:
-        procs = [c.snapshot() for c in self.children]
+        # The private redis-server of an async endpoint is listed (and judged) too.
+        procs = [c.snapshot() for c in self.children] + self.async_local.processes()
         variants = []
         for plan in self.current_plan().variants:
             ready = sum(1 for c in self.children if c.spec.variant == plan.name and c.routed)

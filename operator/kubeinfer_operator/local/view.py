@@ -54,6 +54,10 @@ def summarize(*, gateway: ProcessState | None, variants: Sequence[VariantState],
             detail = "; ".join(f"{p.name}: {p.reason or p.state.value}" for p in missing[:3])
             problems.append(f"variant {variant.name}: {variant.ready}/{variant.replicas} "
                             "replicas ready" + (f" ({detail})" if detail else ""))
+    for p in processes:
+        # The private redis-server of an async endpoint: nothing is queued without it.
+        if p.role == "redis" and p.state is not ProcState.READY:
+            problems.append(f"{p.name}: {p.reason or p.state.value}")
     if apply_error:
         problems.append(f"last spec not applied: {apply_error}")
     message = "; ".join(problems)

@@ -88,6 +88,10 @@ def diff_variant(old: VariantPlan, new: VariantPlan) -> Change | None:
         fields.append(f"replicas {old.replicas} → {new.replicas}")
     if old.weight != new.weight:
         fields.append(f"weight {_num(old.weight)} → {_num(new.weight)}")
+    if ((old.max_in_flight_per_replica, old.max_queue_wait_s)
+            != (new.max_in_flight_per_replica, new.max_queue_wait_s)):
+        # A route-table change, like a weight: no model server restarts.
+        fields.append("admission limits")
     if not fields:
         return None
     if server:

@@ -34,6 +34,7 @@ class AsyncPlan:
     #: Folders InputLocation may name (normalized, default applied).
     input_paths: tuple[str, ...] = ()
     max_input_bytes: int = 1 << 30
+    transient_budget_s: float = 600.0
 
     def route(self, redis_url: str | None) -> AsyncRoute:
         return AsyncRoute(queue=self.queue, redis_url=redis_url, output_path=self.output_path,
@@ -59,6 +60,7 @@ class AsyncPlan:
             # An input is one request body: decoding bounds derive from it (4x), not
             # from the 6 MB real-time payload limit.
             "KUBEINFER_MAX_PAYLOAD_BYTES": str(self.max_input_bytes),
+            "KUBEINFER_TRANSIENT_BUDGET_S": str(self.transient_budget_s),
         }
         if redis_url:
             env["KUBEINFER_REDIS_URL"] = redis_url
@@ -94,6 +96,7 @@ def plan_async(endpoint: Endpoint) -> AsyncPlan | None:
         visibility_timeout_s=cfg.visibilityTimeout,
         input_paths=tuple(cfg.input_paths),
         max_input_bytes=cfg.maxInputBytes,
+        transient_budget_s=cfg.transientRetryBudget,
         policy=BacklogPolicy(target_per_replica=scaling.targetBacklogPerReplica,
                              min_replicas=scaling.minReplicas,
                              max_replicas=scaling.maxReplicas,

@@ -68,6 +68,9 @@ class VariantPlan:
     #: Auto scaling policy (None: replicas stay as set). Not part of
     #: ``server_hash``: changing a policy never restarts a model server.
     autoscaling: autoscale.Policy | None = None
+    #: Gateway admission overrides (None: the gateway's defaults); not in ``server_hash``.
+    max_in_flight_per_replica: int | None = None
+    max_queue_wait_s: float | None = None
 
     @property
     def server_hash(self) -> str:
@@ -148,7 +151,9 @@ class EndpointPlan:
             name=self.name,
             variants=[
                 VariantRoute(name=v.name, weight=v.weight,
-                             upstreams=list(upstreams.get(v.name, [])), discovery=discovery)
+                             upstreams=list(upstreams.get(v.name, [])), discovery=discovery,
+                             max_in_flight_per_upstream=v.max_in_flight_per_replica,
+                             max_queue_wait_s=v.max_queue_wait_s)
                 for v in self.variants
             ],
             **({"type": "Serverless", "serverless": serverless,
@@ -274,6 +279,8 @@ def _variant_plan(v: ProductionVariant, base_dir: str | None,
         steps=steps,
         execution=execution,
         autoscaling=policy_from_spec(v.autoscaling) if v.autoscaling else None,
+        max_in_flight_per_replica=v.admission.maxInFlightPerReplica if v.admission else None,
+        max_queue_wait_s=v.admission.maxQueueWaitSeconds if v.admission else None,
     )
 
 

@@ -112,6 +112,11 @@ class VariantRoute(_Strict):
     #: a headless Service; the gateway resolves it to the ready pods' addresses
     #: and routes, balances and health-checks per pod.
     discovery: Literal["static", "dns"] = "static"
+    #: Admission (real-time endpoints): a fixed number of requests in flight per
+    #: model server instead of the adaptive limit, and the longest wait for a slot
+    #: before 429; None: the gateway's defaults.
+    max_in_flight_per_upstream: int | None = Field(default=None, ge=1)
+    max_queue_wait_s: float | None = Field(default=None, ge=0)
 
 
 #: SageMaker's limits for asynchronous requests (RequestTTLSeconds up to 6 h,
@@ -347,7 +352,40 @@ class S3Settings(BaseModel):
     region: str | None = None
 
 
-class _RoleSettings(BaseSettings):
+class HttpSettings(BaseSettings):
+    """The HTTP server's own bounds, shared by every role (``http_limits`` enforces them).
+
+    Every connection and every request head has a bound in size, count and
+    time, so slow or oversized clients cost a bounded amount and are closed.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    #: Answer clean inference requests inside the HTTP protocol, without ASGI
+    #: (``inline_http``). False serves every request through uvicorn's ASGI
+    #: path: a switch for A/B measurements, or to rule the inline path out.
+    inline_http: bool = True
+    #: The request line and headers together, bytes (over: 431, closed).
+    http_max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    #: One header (name and value), bytes (over: 431, closed).
+    http_max_header_line_bytes: int = Field(default=16 * 1024, ge=256)
+    #: Headers per request (over: 431, closed).
+    http_max_headers: int = Field(default=100, ge=8)
+    #: From a request's first byte (or the connection's opening) to the end of its
+    #: headers, seconds (over: 408, closed): slow headers (slowloris) end here.
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    #: Longest silence while a request body is expected, seconds (over: 408,
+    #: closed): a body shorter than its Content-Length ends here.
+    http_body_timeout_s: float = Field(default=10.0, gt=0)
+    #: Idle time allowed between requests on a kept-alive connection, seconds.
+    http_keepalive_timeout_s: float = Field(default=5.0, gt=0)
+    #: Open connections per process; beyond it the longest-idle connection is
+    #: closed, or the new one answered 503 when none is idle. None: three
+    #: quarters of the open-file limit, at most 10,000.
+    http_max_connections: int | None = Field(default=None, ge=1)
+
+
+class _RoleSettings(HttpSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     host: str = "0.0.0.0"
@@ -355,10 +393,6 @@ class _RoleSettings(BaseSettings):
     #: uvicorn worker processes. One is the default: scale with replicas.
     workers: int = Field(default=1, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    #: Answer clean inference requests inside the HTTP protocol, without ASGI
-    #: (``inline_http``). False serves every request through uvicorn's ASGI
-    #: path: a switch for A/B measurements, or to rule the inline path out.
-    inline_http: bool = True
     #: A second listener serving only ``GET /metrics`` (NetworkPolicies let
     #: scrapers reach it and nothing else); None: metrics on ``port`` only.
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
@@ -528,6 +562,17 @@ class GatewaySettings(_RoleSettings):
     scaler_url: str | None = None
     #: Namespace of the gateway's Endpoint, sent with scale requests (Kubernetes).
     namespace: str | None = None
+    #: Admission of real-time variants (``gateway.shedding``): as many requests in
+    #: flight as the model servers finish within ``admission_target_latency_s`` (at
+    #: least ``admission_floor_per_upstream`` per ready model server), a line of
+    #: waiting requests bounded in time, count per model server and body bytes;
+    #: beyond them, 429 at once. False: everything is forwarded.
+    admission: bool = True
+    admission_target_latency_s: float = Field(default=0.5, gt=0)
+    admission_floor_per_upstream: int = Field(default=8, ge=1)
+    admission_max_wait_s: float = Field(default=1.0, ge=0)
+    admission_queue_per_upstream: int = Field(default=256, ge=0)
+    admission_max_queue_bytes: int = Field(default=64 << 20, ge=0)
     #: Bearer token of scale requests: the scaler honours them only for Endpoints
     #: of the namespace the token was issued for (the operator's runtime Secret, or
     #: the local supervisor).
@@ -569,3 +614,10 @@ class AsyncWorkerSettings(ModelServerSettings):
     #: Outbound calls (notification webhooks) may reach these otherwise refused
     #: addresses: comma-separated CIDRs or host names (``contract.outbound``).
     outbound_allow: str = ""
+    #: Transient failures (object store or Redis unreachable, a 5xx from S3) are
+    #: retried with exponential backoff and jitter, from ``transient_backoff_s`` up
+    #: to ``transient_backoff_max_s``, without using up ``max_retries``, until a
+    #: request has spent this long failing that way; then they count as attempts.
+    transient_budget_s: float = Field(default=600.0, ge=0)
+    transient_backoff_s: float = Field(default=1.0, gt=0)
+    transient_backoff_max_s: float = Field(default=30.0, gt=0)

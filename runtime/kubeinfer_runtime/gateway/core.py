@@ -21,6 +21,7 @@ from kubeinfer_runtime.gateway.credentials import CallerCredentials, Credentials
 from kubeinfer_runtime.gateway.health import HealthTable
 from kubeinfer_runtime.gateway.routefile import Outcome, PollResult, RouteTableFile
 from kubeinfer_runtime.gateway.routing import RouteState, compile_table
+from kubeinfer_runtime.gateway.shedding import ShedPolicy
 from kubeinfer_runtime.gateway.upstream import UpstreamClient
 
 log = logging.getLogger("kubeinfer.gateway")
@@ -38,6 +39,14 @@ class GatewayCore:
         self.health = HealthTable()
         self.client = UpstreamClient(max_idle=settings.upstream_pool_size)
         self.rng = rng or random.Random()
+        #: Default admission bounds of real-time variants (None: admission off).
+        self.admission = (ShedPolicy(
+            target_latency_s=settings.admission_target_latency_s,
+            floor_per_upstream=settings.admission_floor_per_upstream,
+            max_wait_s=settings.admission_max_wait_s,
+            queue_per_upstream=settings.admission_queue_per_upstream,
+            max_queue_bytes=settings.admission_max_queue_bytes)
+            if settings.admission else None)
         self.source = RouteTableFile(Path(settings.route_table_path))
         self._announced_missing = False
         #: DNS upstream URL -> pod URLs last resolved (``discovery: dns`` variants).
@@ -64,7 +73,7 @@ class GatewayCore:
 
     def apply(self, table: RouteTable) -> list[str]:
         """Put ``table`` in force; returns upstreams not tracked before (to check now)."""
-        routes = compile_table(discovery.expand(table, self.resolved))
+        routes = compile_table(discovery.expand(table, self.resolved), self.admission)
         upstreams = routes.upstreams()
         added = self.health.track(upstreams)
         self.auth = self._auth_of(table)

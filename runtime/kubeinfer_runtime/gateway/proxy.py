@@ -9,7 +9,8 @@ the gateway's budget is 0.3 ms at p50. Steps, each delegated to pure code:
 3. authenticate the caller (``auth``: SigV4 or a bearer token, when the
    endpoint asks for it) before anything else happens for the request, a
    serverless cold start included;
-4. choose a variant and upstream (``routing.choose``, health-aware);
+4. choose a variant and upstream (``routing.choose``, health-aware), and take
+   one of the variant's slots (``shedding``: a bounded wait, else 429 at once);
 5. forward over a pooled keep-alive connection (``upstream``) and answer with
    the model server's status, body and headers, plus
    ``x-Amzn-Invoked-Production-Variant``.
@@ -40,6 +41,7 @@ from kubeinfer_runtime.errors import (
 from kubeinfer_runtime.gateway import recorder
 from kubeinfer_runtime.gateway.activator import Activator
 from kubeinfer_runtime.gateway.affinity import pick_for_key
+from kubeinfer_runtime.gateway.body import ClientGone, read_body
 from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.headers import (
     InboundHeaders,
@@ -54,6 +56,7 @@ from kubeinfer_runtime.gateway.routing import (
     choose,
     unknown_endpoint,
 )
+from kubeinfer_runtime.gateway.shedding import Ticket, VariantGate
 from kubeinfer_runtime.gateway.upstream import (
     ConnectFailed,
     ConnectionLost,
@@ -74,33 +77,6 @@ _INVOCATIONS_PATH = b"/invocations"
 #: What the inline path decided from the headers: the endpoint, the headers it
 #: forwards, and the raw headers (a caller's signature covers some of them).
 InlinePlan = tuple[EndpointState, InboundHeaders, list[tuple[bytes, bytes]]]
-
-
-class _ClientGone(Exception):
-    """The client disconnected before sending its whole body."""
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None as soon as it exceeds ``limit`` bytes."""
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise _ClientGone
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body if len(body) <= limit else None
-    chunks = [body]
-    size = len(body)
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _error(err: RuntimeServiceError, endpoint: str, variant: str,
@@ -126,6 +102,8 @@ class InvocationHandler:
         self.core = core
         #: Serverless endpoints only: maxConcurrency and holding on a cold start.
         self.activator = Activator(core)
+        #: Real-time variants' admission: (endpoint, variant) -> slots and waiters.
+        self.gates: dict[tuple[str, str], VariantGate] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
         started = time.perf_counter()
@@ -154,8 +132,8 @@ class InvocationHandler:
                                      endpoint.name, ""))
             return
         try:
-            body = await _read_body(receive, limit)
-        except _ClientGone:
+            body = await read_body(receive, limit)
+        except ClientGone:
             return
         if body is None:
             await _send(send, _error(_too_large(endpoint, None), endpoint.name, ""))
@@ -228,6 +206,16 @@ class InvocationHandler:
             # Multi-model: the same model always goes to the same replica (warm cache).
             upstream = pick_for_key(variant.upstreams, inbound.target_model,
                                     core.health.down) or upstream
+        policy = variant.admission
+        gate = ticket = None
+        if policy is not None:
+            gate = self._gate(endpoint.name, variant.name)
+            admitted = await gate.enter(policy, variant.healthy_count(core.health.down),
+                                        len(body))
+            if not isinstance(admitted, Ticket):
+                # Counted as errors{code="ThrottlingException"} by _error.
+                return _error(admitted, endpoint.name, variant.name, variant.header_value)
+            ticket = admitted
         upstream_started = time.perf_counter()
         try:
             response = await self._forward(endpoint, variant, upstream,
@@ -240,6 +228,9 @@ class InvocationHandler:
                 f'Gateway failed forwarding to variant "{variant.name}" of endpoint '
                 f'"{endpoint.name}": retry; report a bug if it persists'),
                 endpoint.name, variant.name, variant.header_value)
+        finally:
+            if gate is not None and ticket is not None and policy is not None:
+                gate.leave(ticket, policy, variant.healthy_count(core.health.down))
         upstream_s = time.perf_counter() - upstream_started
         recorder.invocation(endpoint.name, variant.name,
                             time.perf_counter() - started - upstream_s, upstream_s)
@@ -248,6 +239,12 @@ class InvocationHandler:
         return (response.status,
                 response_headers(response.headers, variant.header_value, len(response.body)),
                 response.body)
+
+    def _gate(self, endpoint: str, variant: str) -> VariantGate:
+        gate = self.gates.get((endpoint, variant))
+        if gate is None:
+            gate = self.gates[(endpoint, variant)] = VariantGate(endpoint, variant)
+        return gate
 
     async def _forward(self, endpoint: EndpointState, variant: VariantState, url: str,
                        headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:

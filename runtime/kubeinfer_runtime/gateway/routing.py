@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Container, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from kubeinfer_runtime.contract import EndpointRoute, RouteTable, ServerlessRoute
+from kubeinfer_runtime.contract import EndpointRoute, RouteTable, ServerlessRoute, VariantRoute
 from kubeinfer_runtime.errors import NotFound, NotReady, RuntimeServiceError
+from kubeinfer_runtime.gateway.shedding import ShedPolicy
 
 
 @dataclass(slots=True, eq=False)
@@ -36,12 +37,17 @@ class VariantState:
     #: The variant name as a header value, encoded once per reload.
     header_value: bytes = b""
     _cursor: int = 0
+    #: Admission bounds (None: none, e.g. serverless endpoints, bounded by the activator).
+    admission: ShedPolicy | None = None
 
     def __post_init__(self) -> None:
         self.header_value = self.name.encode("latin-1", "replace")
 
     def has_healthy(self, down: Container[str]) -> bool:
         return any(u not in down for u in self.upstreams)
+
+    def healthy_count(self, down: Container[str]) -> int:
+        return sum(1 for u in self.upstreams if u not in down)
 
     def next_upstream(self, down: Container[str], exclude: str | None = None) -> str | None:
         """The next healthy upstream in round-robin order (None when none is)."""
@@ -87,11 +93,20 @@ class RouteState:
         return {u for ep in self.endpoints.values() for v in ep.variants for u in v.upstreams}
 
 
-def compile_endpoint(route: EndpointRoute) -> EndpointState:
+def compile_endpoint(route: EndpointRoute, admission: ShedPolicy | None = None) -> EndpointState:
+    """``admission``: the gateway's default bounds for real-time variants (None: none)."""
+    def bounds(v: VariantRoute) -> ShedPolicy | None:
+        if admission is None or route.serverless is not None or route.type == "Async":
+            return None
+        wait = admission.max_wait_s if v.max_queue_wait_s is None else v.max_queue_wait_s
+        return replace(admission, fixed_per_upstream=v.max_in_flight_per_upstream,
+                       max_wait_s=wait)
+
     return EndpointState(
         name=route.name,
         variants=tuple(
-            VariantState(name=v.name, weight=v.weight, upstreams=tuple(dict.fromkeys(v.upstreams)))
+            VariantState(name=v.name, weight=v.weight, upstreams=tuple(dict.fromkeys(v.upstreams)),
+                         admission=bounds(v))
             for v in route.variants
         ),
         max_payload_bytes=route.max_payload_bytes,
@@ -99,14 +114,15 @@ def compile_endpoint(route: EndpointRoute) -> EndpointState:
     )
 
 
-def compile_table(table: RouteTable) -> RouteState:
+def compile_table(table: RouteTable, admission: ShedPolicy | None = None) -> RouteState:
     """Turn a validated route table into the state the hot path reads.
 
     Endpoints are keyed by their ``name`` field (what clients put in the URL),
     not by the dictionary key, so a table whose key and name differ still
     routes by the name users know.
     """
-    endpoints = {route.name: compile_endpoint(route) for route in table.endpoints.values()}
+    endpoints = {route.name: compile_endpoint(route, admission)
+                 for route in table.endpoints.values()}
     return RouteState(revision=table.revision, endpoints=endpoints)
 
 

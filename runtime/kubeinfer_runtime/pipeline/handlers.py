@@ -21,6 +21,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+#: In every import failure's message: the step will never be ready in this
+#: process, and the local supervisor gives a rollout up at once on these words.
+from kubeinfer_runtime.server.state import LOAD_FAILED_MARKER as LOAD_FAILED
+
 Handler = Callable[[bytes, str | None], tuple[bytes, str]]
 
 
@@ -33,8 +37,8 @@ def parse_handler(ref: str) -> tuple[str, str]:
     module, sep, func = ref.partition(":")
     if not sep or not module or not func or not all(
             p.isidentifier() for p in (*module.split("."), *func.split("."))):
-        raise HandlerImportError(f"Handler {ref!r} must look like module:function, e.g. "
-                                 "iris_steps:preprocess")
+        raise HandlerImportError(f"Handler {ref!r} {LOAD_FAILED}: it must look like "
+                                 "module:function, e.g. iris_steps:preprocess")
     return module, func
 
 
@@ -44,15 +48,16 @@ def import_handler(ref: str, code_dir: str | None = None) -> Handler:
         sys.path.insert(0, code_dir)
     try:
         module = importlib.import_module(module_name)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # user code may even call sys.exit at import
         where = f" (looked in {code_dir} and the Python path)" if code_dir else ""
-        raise HandlerImportError(f"Handler {ref!r}: module {module_name!r} cannot be imported"
-                                 f"{where}: {type(e).__name__}: {e}") from None
+        raise HandlerImportError(f"Handler {ref!r} {LOAD_FAILED}: module {module_name!r} cannot "
+                                 f"be imported{where}: {type(e).__name__}: {e}; check the "
+                                 "module name and codeUri") from None
     obj: Any = module
     for part in func_name.split("."):
         obj = getattr(obj, part, None)
     if not callable(obj):
-        raise HandlerImportError(f"Handler {ref!r}: {module_name} has no callable "
+        raise HandlerImportError(f"Handler {ref!r} {LOAD_FAILED}: {module_name} has no callable "
                                  f"{func_name!r}: define def {func_name}(body, content_type)")
     fn: Handler = obj
     return fn

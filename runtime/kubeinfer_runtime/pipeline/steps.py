@@ -2,13 +2,17 @@
 
 Each step takes a body and its Content-Type and answers a body and a
 Content-Type, like a SageMaker container's ``/invocations``. Steps get ready
-in the background (a model loads, a handler imports) and say why they are not
-ready, so ``/ping`` can report the step that holds the variant back.
+in the background (a model loads and answers a warm-up inference, a handler
+imports) and say why they are not ready, so ``/ping`` can report the step that
+holds the variant back. A step that can never get ready (a model that fails to
+load or to warm up, a handler that cannot be imported) says so at once, with
+the load-failed words the local supervisor gives a rollout up on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +31,17 @@ from kubeinfer_runtime.pipeline.handlers import (
     import_handler,
 )
 from kubeinfer_runtime.server.hotpath import invocations_work
-from kubeinfer_runtime.server.state import ModelSlot, decode_limits, start_loading
+from kubeinfer_runtime.server.state import (
+    LOAD_FAILED_MARKER,
+    ModelSlot,
+    decode_limits,
+    start_loading,
+)
 from kubeinfer_runtime.storage.uri import FileLocation, parse_model_uri
 
 Result = tuple[bytes, str]
+
+log = logging.getLogger("kubeinfer.server")
 
 
 class Step(ABC):
@@ -87,7 +98,7 @@ class ModelStep(Step):
         return payload, encoding.content_type.decode()
 
     async def close(self) -> None:
-        model, self.slot.model = self.slot.model, None
+        model = self.slot.unload()
         if model is not None:
             model.backend.unload()
 
@@ -117,10 +128,16 @@ class HandlerStep(Step):
         threading.Thread(target=self._import, name=f"import-{self.name}", daemon=True).start()
 
     def _import(self) -> None:
+        # Any failure is final and reported at once (with the load-failed
+        # words), so local mode gives up a rollout now rather than at --timeout.
         try:
             self.fn = import_handler(self.ref, self.code_dir)
         except HandlerImportError as e:
             self.reason = str(e)
+        except BaseException as e:  # a bug of ours: still say so, never hang "importing"
+            self.reason = f"Handler {self.ref!r} {LOAD_FAILED_MARKER}: {type(e).__name__}: {e}"
+        if self.fn is None:
+            log.error("Pipeline step %s: %s", self.name, self.reason)
 
     def not_ready(self) -> str | None:
         return None if self.fn is not None else self.reason

@@ -5,7 +5,10 @@
 * ``submit``: the gateway's raw ASGI handler of ``/endpoints/{name}/async-invocations``;
 * ``objects``: read input / write output objects (``s3://`` or ``file://``);
 * ``notifier``: webhook POSTs with retries and backoff;
-* ``worker``: XREADGROUP / XAUTOCLAIM loop, retries, dead-letter, graceful drain;
+* ``retry_policy``: PURE — failure classes, backoff with jitter, transient budget, breaker;
+* ``processing``: one try at one request (state, inference, objects, notification, XACK);
+* ``gate``: the worker's circuit breaker on the object store (probe, wake-up);
+* ``worker``: XREADGROUP / XAUTOCLAIM loop, retry timing, circuit breaker, graceful drain;
 * ``backlog``: the scaling signal (queued + in flight) read from Redis;
 * ``app``: the async-worker role's process (``/ping``, ``/metrics``, the loop).
 """

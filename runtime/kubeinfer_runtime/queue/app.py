@@ -101,7 +101,10 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
         except NotReady as err:
             return error_response(err)
         body = orjson.dumps({"status": "ok", "queue": settings.queue,
-                             "consumer": worker.consumer, "in_flight": len(worker.inflight)})
+                             "consumer": worker.consumer, "in_flight": len(worker.inflight),
+                             # Not a readiness failure: the worker holds its requests.
+                             "paused": ("object store unreachable: taking no new requests"
+                                        if worker.gate.is_open else "")})
         return Response(body, media_type="application/json")
 
     @api.get("/metrics", summary="Prometheus metrics")

@@ -14,12 +14,18 @@ connection goes through the guarded connector (no link-local, metadata or
 API-server address, however the name resolves) and redirects are never
 followed (a 3xx is a failed delivery). A refused URL is not retried: it fails
 the delivery at once, logged once per URL. URLs are logged redacted.
+
+:meth:`Notifier.deliver` says how a delivery ended, so the worker can tell a
+receiver that is down (connection refused, timeout, 5xx, 429: an outage, which
+does not use up the request's attempts within the transient budget) from one
+that refuses the notification (3xx, 4xx, a refused destination).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from enum import StrEnum
 
 import aiohttp
 
@@ -37,6 +43,16 @@ log = logging.getLogger("kubeinfer.queue")
 def backoff_s(attempt: int, first_s: float, cap_s: float = 30.0) -> float:
     """Delay before retry ``attempt`` (1-based): first_s, 2*first_s, 4*first_s, ... capped."""
     return float(min(first_s * (2 ** (attempt - 1)), cap_s))
+
+
+class Delivery(StrEnum):
+    DELIVERED = "delivered"
+    #: Not reachable, timed out, or answered 5xx / 429: worth trying again later.
+    UNREACHABLE = "unreachable"
+    #: Answered 3xx or 4xx: the receiver does not take it.
+    REJECTED = "rejected"
+    #: The outbound policy refuses the destination: nothing was sent.
+    REFUSED = "refused"
 
 
 def _describe(error: BaseException) -> str:
@@ -78,27 +94,36 @@ class Notifier:
 
         False at once, without a connection, when the outbound policy refuses ``url``.
         """
+        return await self.deliver(url, body, inference_id) is Delivery.DELIVERED
+
+    async def deliver(self, url: str, body: bytes, inference_id: str) -> Delivery:
+        """As :meth:`send`, saying how the last attempt ended."""
         if (problem := url_problem(url, self.policy, "Notification webhook")) is not None:
             return self._refuse(url, inference_id, problem)
         headers = {"content-type": "application/json",
                    "x-amzn-sagemaker-inference-id": inference_id}
         shown = redact_url(url)
+        outcome = Delivery.UNREACHABLE
         for attempt in range(1, self.attempts + 1):
             try:
                 async with self._client().post(url, data=body, headers=headers,
                                                allow_redirects=False) as response:
                     await response.read()
                     if 200 <= response.status < 300:
-                        return True
+                        return Delivery.DELIVERED
                     detail = f"HTTP {response.status}"
                     if 300 <= response.status < 400:
                         detail += " (redirects are not followed)"
+                    down = response.status >= 500 or response.status == 429
+                    outcome = Delivery.UNREACHABLE if down else Delivery.REJECTED
             except aiohttp.ClientConnectorError as e:
                 if isinstance(e.os_error, OutboundRefused):  # resolved to a refused address
                     return self._refuse(url, inference_id, str(e.os_error))
                 detail = _describe(e)
+                outcome = Delivery.UNREACHABLE
             except (aiohttp.ClientError, TimeoutError) as e:
                 detail = _describe(e)
+                outcome = Delivery.UNREACHABLE
             if attempt < self.attempts:
                 delay = backoff_s(attempt, self.backoff_first_s)
                 log.warning("Notification of %s to %s failed (%s): retry %d in %.1fs",
@@ -108,9 +133,9 @@ class Notifier:
                 log.error("Notification of %s to %s failed %d times (%s): the request stays "
                           "pending and is notified again when reclaimed", inference_id, shown,
                           self.attempts, detail)
-        return False
+        return outcome
 
-    def _refuse(self, url: str, inference_id: str, problem: str) -> bool:
+    def _refuse(self, url: str, inference_id: str, problem: str) -> Delivery:
         """A refused destination fails the delivery for good: no retries, one log line per URL."""
         if url not in self._refused:
             self._refused.add(url)
@@ -118,4 +143,4 @@ class Notifier:
                       "dead-lettered after maxRetries reclaims", inference_id, problem)
         else:
             log.debug("Notification of %s not sent: %s", inference_id, problem)
-        return False
+        return Delivery.REFUSED

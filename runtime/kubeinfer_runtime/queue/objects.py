@@ -29,8 +29,11 @@ from kubeinfer_runtime.storage.fetch import s3_client
 
 if TYPE_CHECKING:
     from minio import Minio
+    from minio.error import S3Error
 
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"}
+#: S3 error codes of a store that is down or overloaded rather than refusing this request.
+_OUTAGE_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
 #: Reads go in chunks of this size, so a bound is enforced within one chunk.
 _CHUNK = 1 << 20
 
@@ -40,7 +43,12 @@ class InputNotFound(NotFound):
 
 
 class ObjectStoreError(NotReady):
-    """The object store failed or refused; another attempt may succeed."""
+    """The object store failed or refused; another attempt may succeed (transient)."""
+
+
+class StoreUnreachable(ObjectStoreError):
+    """The object store cannot be reached, or answers 5xx: the whole store is down, not one
+    object (workers pause taking new requests and probe it, see ``retry_policy``)."""
 
 
 class InputTooLarge(PayloadTooLarge):
@@ -57,6 +65,11 @@ def _split(uri: str) -> tuple[str, str, str]:
     if parsed.scheme == "s3":
         return "s3", parsed.netloc, unquote(parsed.path.lstrip("/"))
     return "file", "", unquote(parsed.path)
+
+
+def _outage(error: S3Error) -> bool:
+    status = getattr(error.response, "status", 0) or 0
+    return error.code in _OUTAGE_CODES or int(status) >= 500
 
 
 class ObjectStore:
@@ -88,10 +101,16 @@ class ObjectStore:
             if e.code in _MISSING_CODES:
                 raise InputNotFound(f"Input object {uri} does not exist ({e.code}): upload it "
                                     "before invoking, or fix the InputLocation") from None
+            if _outage(e):
+                raise StoreUnreachable(f"Object store failed reading {uri} ({e.code}): "
+                                       "retrying until it recovers") from None
             raise ObjectStoreError(f"Input object {uri} cannot be read ({e.code}): check the "
                                    "worker's S3 credentials and the bucket policy") from None
+        except ValueError as e:  # refused by the SDK before any request (a bad bucket name)
+            raise InputRefused(f"Input object {uri} cannot be named in S3 ({e}): fix the "
+                               "InputLocation") from None
         except Exception as e:
-            raise ObjectStoreError(f"Object store is unreachable reading {uri} "
+            raise StoreUnreachable(f"Object store is unreachable reading {uri} "
                                    f"({type(e).__name__}): check KUBEINFER_S3_ENDPOINT_URL"
                                    ) from None
         try:
@@ -102,7 +121,7 @@ class ObjectStore:
         except (InputTooLarge, InputRefused):
             raise
         except Exception as e:
-            raise ObjectStoreError(f"Reading {uri} failed midway ({type(e).__name__}): "
+            raise StoreUnreachable(f"Reading {uri} failed midway ({type(e).__name__}): "
                                    "retrying") from None
         finally:
             resp.close()
@@ -176,8 +195,33 @@ class ObjectStore:
             self._minio().put_object(bucket, key, io.BytesIO(data), len(data),
                                      content_type=content_type or "application/octet-stream")
         except S3Error as e:
+            if _outage(e):
+                raise StoreUnreachable(f"Object store failed writing {uri} ({e.code}): "
+                                       "retrying until it recovers") from None
             raise ObjectStoreError(f"Output object {uri} cannot be written ({e.code}): check "
                                    "the bucket exists and the worker may write to it") from None
         except Exception as e:
-            raise ObjectStoreError(f"Object store is unreachable writing {uri} ({e}): check "
-                                   "KUBEINFER_S3_ENDPOINT_URL") from None
+            raise StoreUnreachable(f"Object store is unreachable writing {uri} "
+                                   f"({type(e).__name__}): check KUBEINFER_S3_ENDPOINT_URL"
+                                   ) from None
+
+    def probe(self, uri: str) -> None:
+        """Whether the store holding ``uri`` answers: StoreUnreachable when it does not.
+
+        One cheap call (does the bucket exist); any answer from the server counts,
+        a refusal included: the probe asks "is it up", not "may I write". file://
+        locations are local folders: always up.
+        """
+        scheme, bucket, _ = _split(uri)
+        if scheme == "file":
+            return
+        from minio.error import S3Error
+
+        try:
+            self._minio().bucket_exists(bucket)
+        except S3Error as e:
+            if _outage(e):
+                raise StoreUnreachable(f"Object store answers {e.code}") from None
+        except Exception as e:
+            raise StoreUnreachable(f"Object store is unreachable ({type(e).__name__})"
+                                   ) from None

@@ -32,32 +32,13 @@ from kubeinfer_runtime.errors import (
     ValidationError,
     render_error,
 )
+from kubeinfer_runtime.gateway.body import ClientGone, read_body
 from kubeinfer_runtime.gateway.headers import request_target
 from kubeinfer_runtime.queue.producer import Producer
 from kubeinfer_runtime.queue.request import parse_async_request
 
 log = logging.getLogger("kubeinfer.gateway")
 
-
-class _ClientGone(Exception):
-    """The client disconnected before its request was whole."""
-
-
-async def _read_small_body(receive: Receive) -> bytes | None:
-    """The whole body, or None once it exceeds ``MAX_BODY_BYTES``."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -113,7 +94,7 @@ class AsyncSubmitHandler:
     async def __call__(self, scope: Scope, receive: Receive, send: Send,
                        endpoint: EndpointRoute | None, name: str) -> None:
         try:
-            body = await _read_small_body(receive)
+            body = await read_body(receive, MAX_BODY_BYTES)
             if body is None:
                 raise PayloadTooLarge(
                     f'InvokeEndpointAsync request to endpoint "{name}" has a body over '
@@ -126,7 +107,7 @@ class AsyncSubmitHandler:
                 status, headers, body = denied
             else:
                 status, headers, body = await self._handle(scope, endpoint, name)
-        except _ClientGone:
+        except ClientGone:
             return
         except RuntimeServiceError as err:
             status, headers, body = render_error(err)

@@ -1,28 +1,32 @@
-"""The async worker loop: Redis Stream in, objects and notifications out.
+"""The async worker loop: Redis Stream in, one task per request, retries timed by policy.
 
-Per request (one asyncio task each, at most ``max_concurrency`` at once):
+The loop reads entries (``XREADGROUP``, at most ``max_concurrency`` in flight)
+and runs each in its own task, which calls ``processing.Processor.process``
+(one try) until the entry is settled. What a failed try does is the retry
+policy's (``retry_policy``):
 
-1. if the request's id hash says it already finished (a previous attempt died
-   after writing its object), only notify and acknowledge — no second inference;
-2. count the attempt; past ``max_retries`` retries, or with a malformed entry,
-   dead-letter it: failure object, error notification, XADD to the
-   dead-letter stream and XACK in one transaction;
-3. a request older than its RequestTTLSeconds fails without running;
-4. read the input object, infer (bounded by InvocationTimeoutSeconds), write
-   the output object where the gateway said (``<outputPath>/<InferenceId>.out``,
-   or as the client's S3OutputPathExtension and Filename placed it: the
-   location travels in the entry); on error with retries left, re-queue a
-   copy and acknowledge the original in one transaction (a fast retry, no
-   visibility timeout to wait for);
-5. record completion in the id hash, POST the notification (retries, backoff),
-   then XACK + XDEL. An unacknowledged entry survives any crash.
+* a TRANSIENT failure (object store, Redis or model not reachable) keeps the
+  entry with this worker and tries again after an exponential backoff with
+  full jitter; the attempt it used is given back (``attempts`` in the id hash
+  is decremented) until the request has failed that way for
+  ``transient_budget_s`` (``transient_since`` in the id hash, so the budget
+  survives restarts and reclaims);
+* when the store itself is unreachable, the worker's circuit breaker opens: no
+  new entry is read or reclaimed until a probe of the store succeeds, so a
+  queue is not churned through during an outage; the waiting tasks try again
+  as soon as it closes;
+* an undelivered notification (the request's object was written) leaves the
+  entry pending for redelivery after the visibility timeout, counted only
+  past the budget (or when the receiver refused it).
 
 Crashed workers' entries stay pending; ``XAUTOCLAIM`` hands the ones idle
 longer than the visibility timeout to a live worker. A live worker touches its
-in-flight entries (``XCLAIM ... JUSTID``) every third of the timeout, so a
-slow request is never reclaimed from a healthy worker. On shutdown the worker
-stops reading, lets in-flight requests finish for ``drain_timeout_s``, and
-releases the rest (marks them idle so another worker takes them at once).
+in-flight entries (``XCLAIM ... JUSTID``) every third of the timeout — the ones
+waiting on a backoff included, so they are never taken as abandoned — and at
+once after an outage of Redis. On shutdown the worker stops reading, lets
+in-flight requests finish for ``drain_timeout_s`` (requests waiting on a
+backoff stop waiting), and releases the rest (marks them idle so another
+worker takes them at once).
 
 Guarantees: every accepted request ends with exactly one final object (output
 or failure, at a deterministic key) — a re-processed request overwrites the
@@ -35,25 +39,30 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from kubeinfer_runtime import codec, metrics
 from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncWorkerSettings
 from kubeinfer_runtime.contract.locations import default_input_paths
-from kubeinfer_runtime.errors import ModelError, RuntimeServiceError
+from kubeinfer_runtime.queue.gate import StoreGate
 from kubeinfer_runtime.queue.notifier import Notifier
 from kubeinfer_runtime.queue.objects import ObjectStore
-from kubeinfer_runtime.queue.request import (
-    AsyncRequest,
-    Confinement,
-    failure_body,
-    notification,
+from kubeinfer_runtime.queue.processing import Processor, Ticket
+from kubeinfer_runtime.queue.request import Confinement
+from kubeinfer_runtime.queue.retry_policy import (
+    Action,
+    Failure,
+    NotificationUndelivered,
+    RetryPolicy,
+    Rng,
+    classify,
+    decide,
+    trips_breaker,
 )
-from kubeinfer_runtime.server.hotpath import invocations_work
 from kubeinfer_runtime.server.state import ModelSlot
 
 log = logging.getLogger("kubeinfer.queue")
@@ -80,25 +89,33 @@ def consumer_name() -> str:
 
 class Worker:
     def __init__(self, settings: AsyncWorkerSettings, slot: ModelSlot, redis: Any,
-                 store: ObjectStore, notifier: Notifier, pool: ThreadPoolExecutor) -> None:
+                 store: ObjectStore, notifier: Notifier, pool: ThreadPoolExecutor, *,
+                 rng: Rng = random.random) -> None:
         self.settings = settings
         self.slot = slot
         self.redis = redis
         self.store = store
-        self.notifier = notifier
-        self.pool = pool
         self.keys = AsyncQueueKeys(queue=settings.queue)
         self.confinement = worker_confinement(settings)
+        self.processor = Processor(settings, slot, redis, store, notifier, pool,
+                                   self.confinement)
+        self.policy = RetryPolicy(budget_s=settings.transient_budget_s,
+                                  first_s=settings.transient_backoff_s,
+                                  max_s=settings.transient_backoff_max_s,
+                                  max_retries=settings.max_retries)
+        self.rng = rng
         self.consumer = consumer_name()
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.stopping = asyncio.Event()
+        #: The circuit breaker on the object store (its probe: the output location).
+        self.gate = StoreGate(store, settings.output_path, self.policy, rng)
+        #: Entries whose task stopped waiting on a backoff at shutdown: released.
+        self._parked: set[str] = set()
+        #: Touch in-flight entries before reclaiming anything (Redis was unreachable).
+        self._touch_first = False
         self._claim_cursor = "0-0"
         self._last_claim = 0.0
-        endpoint = settings.endpoint_name or settings.queue
-        self._outcomes = {o: metrics.ASYNC_REQUESTS.labels(endpoint, o)
-                          for o in ("success", "failure", "dead_letter", "expired")}
-        self._retries = metrics.ASYNC_RETRIES.labels(endpoint)
-        self._processing = metrics.ASYNC_PROCESSING_SECONDS.labels(endpoint)
+        self._reclaim_after = 0.0
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -119,6 +136,7 @@ class Worker:
         log.info("Async worker %s consuming %s (concurrency %d, visibility %gs)",
                  self.consumer, self.keys.stream, self.settings.max_concurrency,
                  self.settings.visibility_timeout_s)
+        failing_since: float | None = None
         try:
             while not self.stopping.is_set():
                 try:
@@ -126,10 +144,24 @@ class Worker:
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
-                    # Redis restarting, a network blip: keep going, never exit.
-                    log.warning("Async worker loop error (%s: %s): retrying in 1s",
-                                type(e).__name__, e)
+                    # Redis restarting, a network blip: keep going, never exit. Logged
+                    # once per outage, not once a second.
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.warning("Async worker loop error (%s: %s): retrying every 1s",
+                                    type(e).__name__, e)
+                    else:
+                        log.debug("Async worker loop error (%s: %s)", type(e).__name__, e)
+                    self._touch_first = True
+                    if "NOGROUP" in str(e):  # Redis came back without our group
+                        with contextlib.suppress(Exception):
+                            await self.ensure_group()
                     await self._sleep(1.0)
+                    continue
+                if failing_since is not None:
+                    log.warning("Async worker loop recovered after %.1fs",
+                                time.monotonic() - failing_since)
+                    failing_since = None
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -144,6 +176,15 @@ class Worker:
         if self.slot.model is None:
             # Not ready (loading, or failed for good): take nothing, /ping says why.
             await self._sleep(0.05 if not self.slot.failed else 1.0)
+            return
+        if self._touch_first:
+            await self._touch()
+            self._touch_first = False
+            # Redis is back: give every worker a heartbeat to touch its entries before
+            # taking any that only look abandoned because Redis was away.
+            self._reclaim_after = time.monotonic() + self.settings.visibility_timeout_s / 3 + 1
+        if self.gate.is_open:
+            await self._paused()
             return
         free = self.settings.max_concurrency - len(self.inflight)
         if free <= 0:
@@ -168,11 +209,22 @@ class Worker:
             if t is task:
                 del self.inflight[msg_id]
 
+    async def _paused(self) -> None:
+        """While the breaker is open: no reads, no reclaims; probe the store when due."""
+        wait = self.gate.wait_s(time.monotonic())
+        if wait > 0:
+            await self._sleep(min(wait, BLOCK_MS / 1000))
+            return
+        await self.gate.probe()
+
+    # -- reclaiming and leases -------------------------------------------------------------
+
     async def _reclaim(self, count: int) -> list[tuple[str, dict[str, str]]]:
         """Entries idle past the visibility timeout on any consumer (crashed workers')."""
         now = time.monotonic()
         interval = min(self.settings.visibility_timeout_s / 2, 5.0)
-        if now - self._last_claim < interval and self._claim_cursor == "0-0":
+        if now < self._reclaim_after or (now - self._last_claim < interval
+                                         and self._claim_cursor == "0-0"):
             return []
         self._last_claim = now
         reply = await self.redis.xautoclaim(
@@ -197,22 +249,29 @@ class Worker:
                 await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group,
                                                     c["name"])
 
+    async def _touch(self) -> None:
+        """Reset the idle time of our in-flight entries (those waiting on a backoff too)."""
+        ids = list(self.inflight)
+        if ids:
+            await self.redis.xclaim(self.keys.stream, self.keys.group, self.consumer,
+                                    min_idle_time=0, message_ids=ids, justid=True)
+
     async def _heartbeat(self) -> None:
-        """Keep our in-flight entries from looking abandoned (resets their idle time)."""
+        """Keep our in-flight entries from looking abandoned."""
         period = self.settings.visibility_timeout_s / 3
         while True:
             await asyncio.sleep(period)
-            ids = list(self.inflight)
-            if ids:
-                with contextlib.suppress(Exception):
-                    await self.redis.xclaim(self.keys.stream, self.keys.group, self.consumer,
-                                            min_idle_time=0, message_ids=ids, justid=True)
+            try:
+                await self._touch()
+            except Exception:
+                self._touch_first = True  # Redis is away: touch them as soon as it is back
 
     async def stop(self) -> None:
         self.stopping.set()
 
     async def _drain(self) -> None:
         if not self.inflight:
+            await self._release(sorted(self._parked))
             await self._forget_consumer()
             return
         tasks = list(self.inflight.values())
@@ -223,12 +282,13 @@ class Worker:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        if released:
-            await self._release(released)
+        await self._release(released + sorted(self._parked))
         await self._forget_consumer()
 
     async def _release(self, ids: list[str]) -> None:
         """Hand unfinished entries back: idle enough for any worker to reclaim at once."""
+        if not ids:
+            return
         with contextlib.suppress(Exception):
             await self.redis.xclaim(self.keys.stream, self.keys.group, self.consumer,
                                     min_idle_time=0, message_ids=ids, idle=RELEASED_IDLE_MS,
@@ -245,179 +305,76 @@ class Worker:
                 await self.redis.xgroup_delconsumer(self.keys.stream, self.keys.group,
                                                     self.consumer)
 
-    # -- one request -----------------------------------------------------------------------
+    # -- one request: tries until settled -------------------------------------------------
 
     async def _guarded(self, msg_id: str, fields: dict[str, str]) -> None:
-        try:
-            await self.process(msg_id, fields)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            # Redis or the object store failed mid-way: the entry stays pending and
-            # is reclaimed after the visibility timeout.
-            log.warning("Async request %s left pending (%s: %s): it is retried after %gs",
-                        msg_id, type(e).__name__, e, self.settings.visibility_timeout_s)
+        ticket = Ticket()
+        while True:
+            try:
+                await self.processor.process(msg_id, fields, ticket)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if classify(e) is not Failure.TRANSIENT:
+                    # E.g. a notification the receiver refused: the entry stays pending
+                    # and is delivered again after the visibility timeout.
+                    if isinstance(e, NotificationUndelivered) and e.redelivery:
+                        await self.processor.charge(ticket)
+                    log.warning("Async request %s left pending (%s: %s): it is retried "
+                                "after %gs", msg_id, type(e).__name__, e,
+                                self.settings.visibility_timeout_s)
+                    return
+                if not await self._back_off(msg_id, ticket, e):
+                    return
+                continue
+            if ticket.store_down:
+                # It read its input and wrote its object: the store answers again.
+                self.gate.close("a request went through")
+            self.gate.succeeded()
+            return
 
-    async def process(self, msg_id: str, fields: dict[str, str]) -> None:
-        try:
-            req = AsyncRequest.from_fields(fields)
-        except ValueError as e:
-            await self._dead_letter_malformed(msg_id, fields, str(e))
-            return
-        forged = self.confinement.destination_problem(req)
-        if forged:
-            # Not written anywhere: a location outside the endpoint's paths did not
-            # come from our gateway.
-            await self._dead_letter_malformed(msg_id, fields, forged)
-            return
-        id_key = self.keys.inference(req.inference_id)
-        # One round trip: the state, and this attempt counted (harmless when done).
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(id_key)
-        pipe.hincrby(id_key, "attempts", 1)
-        state, attempts = await pipe.execute()
-        if state.get("done"):
-            # An earlier attempt finished and wrote its object, then died before
-            # acknowledging, or could not deliver its notification: notify again
-            # (at least once) and acknowledge. Past maxRetries deliveries the
-            # webhook is given up on (the object exists; the entry is dead-lettered
-            # saying so) so a dead receiver cannot hold the backlog forever.
-            give_up = int(attempts) > self.settings.max_retries + 1
-            reason = state.get("last_error", "")
-            if give_up:
-                reason = (f"Notification of request {req.inference_id} undeliverable after "
-                          f"{int(attempts) - 1} deliveries: check the webhook receiver")
-                log.error("%s", reason)
-            await self._notify_and_ack(msg_id, req, ok=state["done"] == "success",
-                                       note=state["note"].encode(),
-                                       dead_letter=state.get("dlq", "") == "1" or give_up,
-                                       reason=reason, notify=not give_up)
-            return
-        retries = self.settings.max_retries
-        if attempts > retries + 1:
-            last = state.get("last_error") or ("the worker processing it stopped (crashed or "
-                                               "was killed) on every attempt")
-            await self._fail(msg_id, req, "ModelError",
-                             f"Request {req.inference_id} failed {attempts - 1} times, more "
-                             f"than maxRetries ({retries}); last error: {last}: fix the input "
-                             "or the model, then submit again with a new InferenceId",
-                             attempts - 1, dead_letter=True)
-            return
-        if req.expired(time.time()):
-            await self._fail(msg_id, req, "RequestExpired",
-                             f"Request {req.inference_id} expired: no worker took it within "
-                             f"its RequestTTLSeconds ({req.expires_at - req.received_at:g}s): "
-                             "add workers, or send a longer RequestTTLSeconds", attempts,
-                             dead_letter=False, outcome="expired")
-            return
-        refused = self.confinement.input_problem(req)
-        if refused:
-            await self._fail(msg_id, req, "ValidationError", refused, attempts,
-                             dead_letter=False, outcome="failure")
-            return
-        started = time.perf_counter()
-        try:
-            payload, content_type = await self._infer(req)
-            await asyncio.to_thread(self.store.write, req.output_location, payload,
-                                    content_type)
-        except RuntimeServiceError as e:
-            code, message = e.code, e.message
-        except Exception as e:
-            # The exception's text stays in the log: it may quote what was read.
-            log.exception("Async request %s failed unexpectedly", req.inference_id)
-            code, message = "InternalFailure", (f"The worker failed processing the request "
-                                                f"({type(e).__name__}): see its log")
+    async def _back_off(self, msg_id: str, ticket: Ticket, error: Exception) -> bool:
+        """After a transient failure: True to try again now, False when the task ends
+        (the entry left pending for redelivery, or parked for release at shutdown)."""
+        ticket.tries += 1
+        undelivered = isinstance(error, NotificationUndelivered)
+        d = decide(self.policy, now=time.time(), transient_since=ticket.transient_since,
+                   tries=ticket.tries, attempts=ticket.attempts, hold=not undelivered,
+                   rng=self.rng)
+        ticket.transient_since = d.transient_since
+        # A try that ran the request and only failed to notify stays counted; a failed
+        # redelivery (no attempt by itself) is charged one past the budget.
+        give_back = charge = False
+        if isinstance(error, NotificationUndelivered):
+            charge = error.redelivery and d.counted
         else:
-            self._processing.observe(time.perf_counter() - started)
-            note = notification(req, ok=True, now=time.time(),
-                                region=self.settings.s3_region or "",
-                                output_content_type=content_type)
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hincrby(self.keys.writes, req.inference_id, 1)
-            pipe.hset(id_key, mapping={"done": "success", "note": note})
-            await pipe.execute()
-            self._outcomes["success"].inc()
-            await self._notify_and_ack(msg_id, req, ok=True, note=note)
-            return
-        reason = f"{code}: {message}"
-        await self.redis.hset(id_key, "last_error", reason)
-        if attempts <= retries:
-            log.info("Async request %s attempt %d failed (%s): re-queued", req.inference_id,
-                     attempts, reason)
-            await self._requeue(msg_id, req)
-            return
-        await self._fail(msg_id, req, code,
-                         f"Request {req.inference_id} failed on all {attempts} attempt(s) "
-                         f"(maxRetries {retries}); last error: {reason}", attempts,
-                         dead_letter=True)
-
-    async def _infer(self, req: AsyncRequest) -> tuple[bytes, str]:
-        model = self.slot.get()
-        body = await asyncio.to_thread(self.store.read, req.input_location)
-        encoding = codec.negotiate(req.accept or None)
-        loop = asyncio.get_running_loop()
-        timeout = req.invocation_timeout_s
-        limits = codec.DecodeLimits.for_settings(self.settings.max_payload_bytes,
-                                                 self.settings.max_decoded_bytes)
+            give_back = not d.counted
+        await self.processor.record_transient(ticket, d.transient_since, give_back=give_back,
+                                              charge=charge, error=error)
+        # The next try counts again: with the same token when this one was given back
+        # (a no-op if giving back did not reach Redis), with a new one when it was used.
+        ticket.counted = False
+        if d.counted:
+            ticket.token = None
+        name = ticket.req.inference_id if ticket.req is not None else msg_id
+        if d.action is Action.LEAVE:
+            log.warning("Async request %s: %s: left pending for redelivery after %gs; %s",
+                        name, error, self.settings.visibility_timeout_s, d.reason)
+            return False
+        if trips_breaker(error):
+            ticket.store_down = True
+            self.gate.trip(error)
+        log.warning("Async request %s: %s: retry %d in %.1fs; %s", name, error, ticket.tries,
+                    d.delay_s, d.reason)
+        waits = [asyncio.ensure_future(self.stopping.wait())]
+        if not self.gate.up.is_set():
+            waits.append(asyncio.ensure_future(self.gate.up.wait()))
         try:
-            payload, _ = await asyncio.wait_for(
-                loop.run_in_executor(self.pool, invocations_work, model, body,
-                                     req.content_type or None, encoding, limits), timeout)
-        except TimeoutError:
-            raise ModelError(f"Model did not finish request {req.inference_id} within its "
-                             f"InvocationTimeoutSeconds ({timeout:g}s): send a longer "
-                             "timeout or a smaller input") from None
-        return payload, encoding.content_type.decode()
-
-    async def _requeue(self, msg_id: str, req: AsyncRequest) -> None:
-        """A fresh copy at the tail, the original acknowledged: atomically."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(self.keys.stream, req.to_fields())
-        pipe.xack(self.keys.stream, self.keys.group, msg_id)
-        pipe.xdel(self.keys.stream, msg_id)
-        await pipe.execute()
-        self._retries.inc()
-
-    async def _fail(self, msg_id: str, req: AsyncRequest, code: str, message: str,
-                    attempts: int, *, dead_letter: bool, outcome: str = "") -> None:
-        body = failure_body(req, code, message, attempts)
-        await asyncio.to_thread(self.store.write, req.failure_location, body, "application/json")
-        note = notification(req, ok=False, now=time.time(), region=self.settings.s3_region or "",
-                            failure_reason=message)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hincrby(self.keys.writes, req.inference_id, 1)
-        pipe.hset(self.keys.inference(req.inference_id), mapping={
-            "done": "failure", "note": note, "dlq": "1" if dead_letter else "",
-            "last_error": message})
-        await pipe.execute()
-        self._outcomes[outcome or ("dead_letter" if dead_letter else "failure")].inc()
-        log.warning("Async request %s failed%s: %s", req.inference_id,
-                    " (dead-lettered)" if dead_letter else "", message)
-        await self._notify_and_ack(msg_id, req, ok=False, note=note, dead_letter=dead_letter,
-                                   reason=message)
-
-    async def _notify_and_ack(self, msg_id: str, req: AsyncRequest, *, ok: bool, note: bytes,
-                              dead_letter: bool = False, reason: str = "",
-                              notify: bool = True) -> None:
-        url = self.settings.success_url if ok else self.settings.error_url
-        if notify and url and not await self.notifier.send(url, note, req.inference_id):
-            return  # stays pending: reclaimed later and notified again
-        pipe = self.redis.pipeline(transaction=True)
-        if dead_letter:
-            pipe.xadd(self.keys.dead_letter, {**req.to_fields(), "error": reason,
-                                              "original_id": msg_id})
-        pipe.xack(self.keys.stream, self.keys.group, msg_id)
-        # Finished entries leave the stream: its length stays the backlog.
-        pipe.xdel(self.keys.stream, msg_id)
-        await pipe.execute()
-
-    async def _dead_letter_malformed(self, msg_id: str, fields: dict[str, str],
-                                     problem: str) -> None:
-        log.error("Async queue entry %s is malformed (%s): dead-lettered", msg_id, problem)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(self.keys.dead_letter, {**fields, "error": f"Malformed entry: {problem}",
-                                          "original_id": msg_id})
-        pipe.xack(self.keys.stream, self.keys.group, msg_id)
-        pipe.xdel(self.keys.stream, msg_id)
-        await pipe.execute()
-        self._outcomes["dead_letter"].inc()
+            await asyncio.wait(waits, timeout=d.delay_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self.stopping.is_set():
+            self._parked.add(msg_id)
+            return False
+        return True

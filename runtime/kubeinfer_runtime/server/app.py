@@ -57,14 +57,13 @@ def create_app(settings: ModelServerSettings | None = None) -> ASGIApp:
             yield
         # uvicorn has drained in-flight requests by now (graceful shutdown).
         pool.shutdown(wait=False, cancel_futures=True)
-        slot.reason = f'Model "{slot.name}" is unloaded: the server is shutting down'
-        model, slot.model = slot.model, None
+        model = slot.unload()
         metrics.loaded.set(0)
         if model is not None:
             model.backend.unload()
         log.info('Model "%s" unloaded, shutting down', slot.name)
 
-    api = build_api(slot, settings.model_name, lifespan)
+    api = build_api(slot, settings.model_name, lifespan, metrics)
     service = InferenceService(slot, metrics, pool, settings.max_payload_bytes,
                                decode_limits(settings))
     return HotPath(api, service, settings.model_name)
@@ -100,7 +99,7 @@ def create_multimodel_app(settings: ModelServerSettings) -> ASGIApp:
         pool.shutdown(wait=False, cancel_futures=True)
         loaders.shutdown(wait=False, cancel_futures=True)
 
-    api = build_multimodel_api(cache, prefix, lifespan, lambda: store.not_ready,
+    api = build_multimodel_api(cache, store.prefix, lifespan, lambda: store.not_ready,
                                admin=settings.admin_api)
     service = InferenceService(ModelSlot(settings.model_name, prefix),
                                metrics, pool, settings.max_payload_bytes,

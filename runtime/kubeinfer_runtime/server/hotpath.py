@@ -12,6 +12,11 @@ as ASGI: the HTTP protocol (``inline_http``) asks :meth:`HotPath.inline_plan`
 when the headers are in and :meth:`HotPath.respond_inline` when the body is,
 and writes the reply itself. Both paths share the planning and the work, so
 they answer alike (tests/integration/test_inline_http.py).
+
+What a success carries besides its body is decided with it: the content type,
+for CSV and .npy the output they carry (``X-Kubeinfer-Output``), for a V2
+answer with binary outputs ``Inference-Header-Content-Length``. Errors on V2
+routes have V2's body, ``{"error": ...}``; SageMaker routes keep theirs.
 """
 
 from __future__ import annotations
@@ -32,10 +37,22 @@ from kubeinfer_runtime.errors import (
     RuntimeServiceError,
     ValidationError,
     render_error,
+    render_v2_error,
 )
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.server.json_lane import LANE_CONTENT_TYPES
 from kubeinfer_runtime.server.state import LoadedModel, ModelSlot
+from kubeinfer_runtime.server.work import (
+    V2_JSON,
+    OutHeaders,
+    invocations_output,
+    ok_headers,
+    v2_headers,
+)
+
+# Re-exported: the pipeline and the async worker import them from here.
+from kubeinfer_runtime.server.work import invocations_work as invocations_work
+from kubeinfer_runtime.server.work import v2_work as v2_work
 
 log = logging.getLogger("kubeinfer.server")
 
@@ -48,7 +65,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _V2_PREFIX = "/v2/models/"
 _V2_SUFFIX = "/infer"
-_JSON = b"application/json"
 
 
 class ClientDisconnected(Exception):
@@ -70,41 +86,22 @@ class InferenceService:
                        else codec.DecodeLimits.for_settings(max_payload_bytes, None))
 
 
-# The work of one request, decode -> predict -> encode, as one plain function:
-# called directly when the model runs inline, or handed to the pool whole (one
-# thread hop for all three steps). Returns (response body, model seconds).
-
-
-def invocations_work(model: LoadedModel, body: bytes, content_type: str | None,
-                     encoding: codec.Encoding,
-                     limits: codec.DecodeLimits = codec.DEFAULT_LIMITS) -> tuple[bytes, float]:
-    inputs = codec.decode_request(body, content_type, model.meta.inputs, limits)
-    t0 = time.perf_counter()
-    outputs = model.backend.predict(inputs)
-    model_s = time.perf_counter() - t0
-    return codec.encode_response(outputs, encoding), model_s
-
-
-def v2_work(model: LoadedModel, body: bytes, model_name: str,
-            limits: codec.DecodeLimits = codec.DEFAULT_LIMITS) -> tuple[bytes, float]:
-    req = codec.decode_v2(body, model.meta, limits)
-    t0 = time.perf_counter()
-    outputs = model.backend.predict(req.inputs, req.output_names)
-    model_s = time.perf_counter() - t0
-    return codec.encode_v2(outputs, model_name, model.version, req.id), model_s
-
-
 class Plan(NamedTuple):
     """A request the hot path accepted, decided from its headers before its body is read."""
 
     #: None for ``/invocations``; the ``{m}[/versions/{v}]`` part of a V2 infer path.
     v2_target: str | None
     content_type: str | None
-    #: The negotiated ``/invocations`` response encoding (V2 always answers JSON).
+    #: The negotiated ``/invocations`` response encoding (V2 decides from the body).
     encoding: codec.Encoding
-    out_type: bytes
+    #: The success's headers, Content-Length aside (V2 binary answers bring their own).
+    out_headers: OutHeaders
     model: LoadedModel
     declared_length: int | None
+    #: The output a CSV or .npy answer carries; None: every output (or the only one).
+    output: str | None = None
+    #: V2: Inference-Header-Content-Length (binary data extension); None: all JSON.
+    header_length: int | None = None
 
 
 class HotPath:
@@ -142,37 +139,49 @@ class HotPath:
         """Everything decided from the request line and headers; raises what to answer."""
         if method != "POST":
             raise ValidationError(f"{method} is not allowed on {path}: use POST", status=405)
-        content_type, accept, length = _headers(raw_headers)
         if v2_target is None:
+            content_type, accept, length = _headers(raw_headers)
             # Negotiate before reading and running anything: a request we
             # cannot answer should cost nothing.
             encoding = codec.negotiate(accept)
-            out_type = encoding.content_type
-        else:
-            self._check_v2_target(v2_target)
-            encoding, out_type = codec.Encoding.JSON, _JSON
-        return Plan(v2_target, content_type, encoding, out_type, self.service.slot.get(), length)
+            model = self.service.slot.get()
+            if not encoding.one_output:
+                return Plan(None, content_type, encoding, encoding.headers, model, length)
+            output, out_headers = invocations_output(encoding, model.meta.outputs, raw_headers)
+            return Plan(None, content_type, encoding, out_headers, model, length, output)
+        content_type, length, header_length = v2_headers(raw_headers)
+        self._check_v2_target(v2_target)
+        return Plan(v2_target, content_type, codec.Encoding.JSON, V2_JSON,
+                    self.service.slot.get(), length, None, header_length)
 
-    def _compute_inline(self, plan: Plan, body: bytes) -> tuple[bytes, float]:
-        """(response body, model seconds), on the calling thread."""
-        model = plan.model
+    def _compute_inline(self, plan: Plan, body: bytes) -> tuple[bytes, float, OutHeaders]:
+        """(response body, model seconds, its headers), on the calling thread."""
         if plan.v2_target is not None:
-            return v2_work(model, body, self.model_name, self.service.limits)
+            return v2_work(plan.model, body, self.model_name, self.service.limits,
+                           plan.header_length)
+        payload, model_s = self._invocations_inline(plan, body)
+        return payload, model_s, plan.out_headers
+
+    def _invocations_inline(self, plan: Plan, body: bytes) -> tuple[bytes, float]:
+        """(response body, model seconds) of ``/invocations``, on the calling thread."""
+        model = plan.model
         lane = model.json_lane
         done = (lane(body) if lane is not None and plan.encoding is codec.Encoding.JSON
                 and codec.media_type(plan.content_type) in LANE_CONTENT_TYPES else None)
         return done if done is not None else invocations_work(
-            model, body, plan.content_type, plan.encoding, self.service.limits)
+            model, body, plan.content_type, plan.encoding, self.service.limits, plan.output)
 
-    async def _compute_pooled(self, plan: Plan, body: bytes) -> tuple[bytes, float]:
-        """(response body, model seconds), from an inference thread."""
+    async def _compute_pooled(self, plan: Plan, body: bytes) -> tuple[bytes, float, OutHeaders]:
+        """(response body, model seconds, its headers), from an inference thread."""
         loop = asyncio.get_running_loop()
         svc = self.service
         if plan.v2_target is None:
-            return await loop.run_in_executor(svc.pool, invocations_work, plan.model, body,
-                                              plan.content_type, plan.encoding, svc.limits)
+            payload, model_s = await loop.run_in_executor(
+                svc.pool, invocations_work, plan.model, body, plan.content_type, plan.encoding,
+                svc.limits, plan.output)
+            return payload, model_s, plan.out_headers
         return await loop.run_in_executor(svc.pool, v2_work, plan.model, body,
-                                          self.model_name, svc.limits)
+                                          self.model_name, svc.limits, plan.header_length)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send,
                       v2_target: str | None) -> None:
@@ -183,13 +192,14 @@ class HotPath:
             plan = self._plan(scope["method"], scope["path"], v2_target, scope["headers"])
             body = await read_body(receive, plan.declared_length, svc.max_payload_bytes)
             if plan.model.inline:
-                payload, model_s = self._compute_inline(plan, body)
+                payload, model_s, headers = self._compute_inline(plan, body)
             else:
-                payload, model_s = await self._compute_pooled(plan, body)
+                payload, model_s, headers = await self._compute_pooled(plan, body)
         except Exception as exc:
-            await answer_error(send, svc.metrics, scope["path"], exc)
+            await answer_error(send, svc.metrics, scope["path"], exc,
+                               v2=v2_target is not None)
             return
-        await answer(send, svc.metrics, t0, payload, plan.out_type, model_s)
+        await answer(send, svc.metrics, t0, payload, headers, model_s)
 
     # -- InlineResponder: the protocol's path, no ASGI, no task, no await
 
@@ -227,25 +237,31 @@ class HotPath:
         if not plan.model.inline:
             return self._respond_pooled(plan, body, t0, url)
         try:
-            payload, model_s = self._compute_inline(plan, body)
+            if plan.v2_target is None:  # the commonest request: no tuple built to pass on
+                payload, model_s = self._invocations_inline(plan, body)
+                headers = plan.out_headers
+            else:
+                payload, model_s, headers = v2_work(plan.model, body, self.model_name,
+                                                    self.service.limits, plan.header_length)
         except Exception as exc:
-            return self._error(url, exc)
-        return self._ok(plan, t0, payload, model_s)
+            return self._error(plan, url, exc)
+        return self._ok(t0, payload, model_s, headers)
 
     async def _respond_pooled(self, plan: Plan, body: bytes, t0: float, url: bytes) -> Reply:
         try:
-            payload, model_s = await self._compute_pooled(plan, body)
+            payload, model_s, headers = await self._compute_pooled(plan, body)
         except Exception as exc:
-            return self._error(url, exc)
-        return self._ok(plan, t0, payload, model_s)
+            return self._error(plan, url, exc)
+        return self._ok(t0, payload, model_s, headers)
 
-    def _ok(self, plan: Plan, t0: float, payload: bytes, model_s: float) -> Reply:
+    def _ok(self, t0: float, payload: bytes, model_s: float, headers: OutHeaders) -> Reply:
         record_success(self.service.metrics, t0, model_s)
-        return 200, [(b"content-type", plan.out_type),
-                     (b"content-length", str(len(payload)).encode())], payload
+        # ok_headers, inlined (same order): this runs for every inline answer.
+        return 200, [*headers, (b"content-length", str(len(payload)).encode())], payload
 
-    def _error(self, url: bytes, exc: Exception) -> Reply:
-        reply = error_reply(self.service.metrics, url.decode("latin-1"), exc)
+    def _error(self, plan: Plan, url: bytes, exc: Exception) -> Reply:
+        reply = error_reply(self.service.metrics, url.decode("latin-1"), exc,
+                            v2=plan.v2_target is not None)
         # A body in hand cannot be a client that went away: there is a reply.
         assert reply is not None
         return reply
@@ -294,27 +310,28 @@ async def read_body(receive: Receive, declared: int | None, limit: int) -> bytes
     return body
 
 
-#: What an inference route computes: (response body, content type, model seconds).
-Work = Callable[[], Awaitable[tuple[bytes, bytes, float]]]
+#: What an inference route computes: (response body, content type or all its headers
+#: but Content-Length, model seconds).
+Work = Callable[[], Awaitable[tuple[bytes, bytes | OutHeaders, float]]]
 
 
 async def serve_guarded(send: Send, metrics: ModelServerMetrics, what: str, t0: float,
-                        work: Work) -> None:
-    """Run ``work`` and answer with its result, or with the SageMaker-style error."""
+                        work: Work, *, v2: bool = False) -> None:
+    """Run ``work`` and answer with its result, or with the error (V2's body when ``v2``)."""
     try:
-        payload, out_type, model_s = await work()
+        payload, out, model_s = await work()
     except Exception as exc:
-        await answer_error(send, metrics, what, exc)
+        await answer_error(send, metrics, what, exc, v2=v2)
         return
-    await answer(send, metrics, t0, payload, out_type, model_s)
+    await answer(send, metrics, t0, payload,
+                 ((b"content-type", out),) if isinstance(out, bytes) else out, model_s)
 
 
 async def answer(send: Send, metrics: ModelServerMetrics, t0: float, payload: bytes,
-                 out_type: bytes, model_s: float) -> None:
+                 headers: OutHeaders, model_s: float) -> None:
     """Send a 200 with ``payload`` and record the request's model and overhead latency."""
-    await send({"type": "http.response.start", "status": 200, "headers": [
-        (b"content-type", out_type), (b"content-length", str(len(payload)).encode()),
-    ]})
+    await send({"type": "http.response.start", "status": 200,
+                "headers": ok_headers(headers, payload)})
     await send({"type": "http.response.body", "body": payload})
     record_success(metrics, t0, model_s)
 
@@ -326,23 +343,23 @@ def record_success(metrics: ModelServerMetrics, t0: float, model_s: float) -> No
 
 
 async def answer_error(send: Send, metrics: ModelServerMetrics, what: str,
-                       exc: Exception) -> None:
+                       exc: Exception, *, v2: bool = False) -> None:
     """Answer a failed inference request the same way on every route (see error_reply)."""
-    reply = error_reply(metrics, what, exc)
+    reply = error_reply(metrics, what, exc, v2=v2)
     if reply is not None:
         status, headers, body = reply
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
-def error_reply(metrics: ModelServerMetrics, what: str,
-                exc: Exception) -> Reply | None:
+def error_reply(metrics: ModelServerMetrics, what: str, exc: Exception, *,
+                v2: bool = False) -> Reply | None:
     """(status, headers, body) for a failed inference request, counted in the metrics.
 
     Every inference route (single model, multi-model, pipeline) answers alike:
     our errors with their status, a client that went away with nothing (None,
     counted as 499), anything unexpected as a logged 500 that never takes the
-    server down.
+    server down. ``v2``: a V2 route, whose clients read ``{"error": ...}``.
     """
     if isinstance(exc, ClientDisconnected):
         metrics.error(499)
@@ -351,7 +368,7 @@ def error_reply(metrics: ModelServerMetrics, what: str,
         log.error("Unexpected failure serving %s", what, exc_info=exc)
         exc = Internal("Internal failure while serving the request: see the model server's log")
     metrics.error(exc.status)
-    return render_error(exc)
+    return render_v2_error(exc) if v2 else render_error(exc)
 
 
 async def _read_rest(receive: Receive, first: Message, body: bytes, limit: int) -> bytes:

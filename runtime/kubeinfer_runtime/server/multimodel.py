@@ -5,6 +5,12 @@ stat of the object (or file) before anything is downloaded, so a model that
 cannot fit is refused without reading it; downloads go through the bounded
 ``DiskCache``; loading and warm-up reuse the single-model procedure. Every
 slow step runs in the loader thread pool, never on the event loop.
+
+The server's readiness stays "the model store is reachable" (models load on
+demand), but a model's own readiness means "answers", as for a single model:
+one that loads and then fails its warm-up inference is a failed load (424
+with the reason to the requests that waited for it), never cached, so the
+next request tries again.
 """
 
 from __future__ import annotations
@@ -22,7 +28,14 @@ from kubeinfer_runtime.errors import ModelError, NotFound
 from kubeinfer_runtime.metrics import MultiModelMetrics
 from kubeinfer_runtime.models.base import ModelLoadError
 from kubeinfer_runtime.models.registry import create_backend
-from kubeinfer_runtime.server.state import LoadedModel, choose_inline, warm_up
+from kubeinfer_runtime.models.warmup import WarmupStatus, run_warmup
+from kubeinfer_runtime.server.state import (
+    LOAD_FAILED_MARKER,
+    LoadedModel,
+    choose_inline,
+    log_warmup,
+    warmup_failure,
+)
 from kubeinfer_runtime.storage.diskcache import DiskCache
 from kubeinfer_runtime.storage.fetch import StorageUnavailable, fetch_model, s3_client
 from kubeinfer_runtime.storage.target import (
@@ -116,10 +129,13 @@ class MultiModelStore:
             except Exception as e:
                 raise StorageUnavailable(f"Object store is unreachable while looking up {where} "
                                          f"({e}): check KUBEINFER_S3_ENDPOINT_URL") from None
-        path = self._safe_path(name, loc.path)
-        if not path.is_file():
-            raise _unknown(name, where)
-        return path.stat().st_size
+        try:
+            path = self._safe_path(name, loc.path)
+            if not path.is_file():
+                raise _unknown(name, where)
+            return path.stat().st_size
+        except OSError as e:  # a name the filesystem refuses (too long, not a directory...)
+            raise _unknown(name, f"{where} ({e.strerror})") from None
 
     def _safe_path(self, name: str, path: str) -> Path:
         """The real path of a file:// model; refuses symlinks that leave the prefix."""
@@ -154,11 +170,19 @@ class MultiModelStore:
             except ModelLoadError as e:
                 raise ModelError(f'Model "{name}" cannot be loaded: {e}') from None
             meta = backend.metadata()
-            warmup_s = warm_up(backend, meta)
+            result = run_warmup(backend, meta)
         finally:
             if pinned:
                 self.disk.unpin(name)
         self.metrics.load_seconds.observe(time.perf_counter() - t1)
+        if result.status is WarmupStatus.FAILED:
+            del backend  # only this frame held it: the session is freed now
+            reason = (f'Model "{name}" {LOAD_FAILED_MARKER}: ' + warmup_failure(
+                result, "fix the model, or upload a working one under the same name"))
+            log.error("%s", reason)
+            raise ModelError(reason)
+        log_warmup(name, result)
+        warmup_s = result.latency_s
         log.info('Model "%s" loaded into the multi-model cache (%d bytes)', name, size)
         # The version is the file's identity; hashing every model would cost a
         # second read of each file for a field only metadata calls show.

@@ -7,7 +7,8 @@ one only by where the model comes from: a lease on the cache, held for the
 whole request so eviction never unloads a model in use. The rest is FastAPI:
 SageMaker's multi-model container API (``GET/POST /models``,
 ``GET/DELETE /models/{name}``) and the V2 repository extension (index, load,
-unload).
+unload). V2 model readiness never loads anything: 200 for a loaded model,
+400 for any other name (``tritonclient``'s ``is_model_ready`` reads the status).
 """
 
 from __future__ import annotations
@@ -33,8 +34,17 @@ from kubeinfer_runtime.errors import (
     ValidationError,
 )
 from kubeinfer_runtime.models.cache import ModelCache
-from kubeinfer_runtime.openapi_docs import V2_CONTENT, Header, Route, document_routes
-from kubeinfer_runtime.server.api import Lifespan, _json, _v2_metadata
+from kubeinfer_runtime.openapi_docs import (
+    INFERENCE_CONTENT,
+    INVOCATION_HEADERS,
+    V2_CONTENT,
+    V2_INFER_DESCRIPTION,
+    Header,
+    Route,
+    document_routes,
+)
+from kubeinfer_runtime.server import v2_model
+from kubeinfer_runtime.server.api import Lifespan, _json, v2_not_ready
 from kubeinfer_runtime.server.hotpath import (
     ASGIApp,
     InferenceService,
@@ -42,13 +52,18 @@ from kubeinfer_runtime.server.hotpath import (
     Scope,
     Send,
     _headers,
-    invocations_work,
     read_body,
     serve_guarded,
-    v2_work,
 )
 from kubeinfer_runtime.server.state import LoadedModel
-from kubeinfer_runtime.storage.target import check_target
+from kubeinfer_runtime.server.work import (
+    OutHeaders,
+    invocations_output,
+    invocations_work,
+    v2_headers,
+    v2_work,
+)
+from kubeinfer_runtime.storage.target import ModelPrefix, check_target
 
 log = logging.getLogger("kubeinfer.server")
 
@@ -57,7 +72,6 @@ _MODELS = "/models/"
 _INVOKE = "/invoke"
 _V2_PREFIX = "/v2/models/"
 _V2_SUFFIX = "/infer"
-_JSON = b"application/json"
 
 Cache = ModelCache[LoadedModel]
 
@@ -106,11 +120,17 @@ class MultiModelHotPath:
         t0 = time.perf_counter()
         svc.metrics.invocations.value += 1
 
-        async def work() -> tuple[bytes, bytes, float]:
+        async def work() -> tuple[bytes, OutHeaders, float]:
             nonlocal name
-            content_type, accept, length = _headers(scope["headers"])
+            raw_headers = scope["headers"]
+            accept: str | None = None
+            if v2:
+                content_type, length, header_length = v2_headers(raw_headers)
+            else:
+                content_type, accept, length = _headers(raw_headers)
+                header_length = None
             if name is None:
-                name = _target_header(scope["headers"])
+                name = _target_header(raw_headers)
                 if name is None:
                     raise ValidationError(
                         "Header X-Amzn-SageMaker-Target-Model is missing: this is a "
@@ -118,7 +138,6 @@ class MultiModelHotPath:
                         "relative to the endpoint's prefix")
             check_target(name)
             encoding = codec.negotiate(accept) if not v2 else codec.Encoding.JSON
-            out_type = encoding.content_type if not v2 else _JSON
             body = await read_body(receive, length, svc.max_payload_bytes)
             # The lease keeps the model from eviction until predict is done.
             lease = await self.cache.acquire(name)
@@ -127,25 +146,28 @@ class MultiModelHotPath:
                 loop = asyncio.get_running_loop()
                 if v2:
                     if model.inline:
-                        payload, model_s = v2_work(model, body, name, svc.limits)
+                        payload, model_s, headers = v2_work(model, body, name, svc.limits,
+                                                            header_length)
                     else:
-                        payload, model_s = await loop.run_in_executor(
-                            svc.pool, v2_work, model, body, name, svc.limits)
-                elif model.inline:
+                        payload, model_s, headers = await loop.run_in_executor(
+                            svc.pool, v2_work, model, body, name, svc.limits, header_length)
+                    return payload, headers, model_s
+                output, headers = invocations_output(encoding, model.meta.outputs, raw_headers)
+                if model.inline:
                     payload, model_s = invocations_work(model, body, content_type, encoding,
-                                                        svc.limits)
+                                                        svc.limits, output)
                 else:
                     payload, model_s = await loop.run_in_executor(
                         svc.pool, invocations_work, model, body, content_type, encoding,
-                        svc.limits)
+                        svc.limits, output)
             finally:
                 lease.release()
-            return payload, out_type, model_s
+            return payload, headers, model_s
 
-        await serve_guarded(send, svc.metrics, scope["path"], t0, work)
+        await serve_guarded(send, svc.metrics, scope["path"], t0, work, v2=v2)
 
 
-def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
+def build_multimodel_api(cache: Cache, prefix: ModelPrefix, lifespan: Lifespan,
                          not_ready: Callable[[], str | None] = lambda: None, *,
                          admin: bool = False) -> FastAPI:
     """FastAPI app of a multi-model server: health, model management, metadata, metrics.
@@ -162,14 +184,16 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
     document_routes(app, [
         Route("/invocations", "SageMaker multi-model inference",
               "Loads the target model on first use (LRU cache bounded by bytes).",
-              headers=target),
-        Route("/models/{name}/invoke", "SageMaker MME container API: invoke a model"),
+              request=INFERENCE_CONTENT, response=INFERENCE_CONTENT,
+              headers=(*target, *INVOCATION_HEADERS)),
+        Route("/models/{name}/invoke", "SageMaker MME container API: invoke a model",
+              headers=INVOCATION_HEADERS),
         Route("/v2/models/{name}/infer", "Open Inference Protocol V2 inference",
-              request=V2_CONTENT, response=V2_CONTENT),
+              V2_INFER_DESCRIPTION, request=V2_CONTENT, response=V2_CONTENT),
     ])
 
     def described(name: str) -> dict[str, Any]:
-        return {"modelName": name, "modelUrl": prefix + name}
+        return {"modelName": name, "modelUrl": prefix.describe(name)}
 
     def loaded_or_404(name: str) -> None:
         check_target(name)
@@ -199,15 +223,16 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
     async def live() -> Response:
         return _json({"live": True})
 
-    @app.get("/v2/health/ready")
+    @app.get("/v2/health/ready", summary="V2 readiness: 200 once models can load, else 400")
     async def ready() -> Response:
-        check_ready()
+        reason = not_ready()
+        if reason is not None:
+            return v2_not_ready(reason)
         return _json({"ready": True})
 
     @app.get("/v2", summary="V2 server metadata")
     async def server_metadata() -> Response:
-        return _json({"name": "kubeinfer", "version": __version__,
-                      "extensions": ["model_repository"]})
+        return _json(v2_model.server_metadata("model_repository"))
 
     @app.get("/models", summary="SageMaker MME: list loaded models")
     async def list_models() -> Response:
@@ -226,10 +251,11 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
                                   'the prefix>"}')
         name = doc["model_name"]
         url = doc.get("url")
-        if url not in (None, name, prefix + name):
+        joined = prefix.uri.rstrip("/") + "/" + name  # as written, whatever its trailing "/"
+        if url not in (None, name, prefix.describe(name), joined):
             raise ValidationError(f'Model "{name}": url {url!r} differs from the model name; '
                                   "models are named by their path under the prefix "
-                                  f"({prefix}), so omit url or set it to that path")
+                                  f"({prefix.uri}), so omit url or set it to that path")
         check_target(name)
         if not await cache.preload(name):
             return _error(ValidationError(f'Model "{name}" is already loaded', status=409))
@@ -265,19 +291,37 @@ def build_multimodel_api(cache: Cache, prefix: str, lifespan: Lifespan,
         cache.unload(name)
         return _json({"name": name, "state": "UNAVAILABLE"})
 
-    @app.get("/v2/models/{name:path}/ready", summary="V2 model readiness")
+    @app.get("/v2/models/{name:path}/ready",
+             summary="V2 model readiness: 200 when loaded, else 400 (never loads it)")
     async def model_ready(name: str) -> Response:
         check_target(name)
-        return _json({"name": name, "ready": cache.is_loaded(name)})
+        if not cache.is_loaded(name):
+            return v2_not_ready(f'Model "{name}" is not loaded: it loads on first use (infer), '
+                                f"or with POST /v2/repository/models/{name}/load", name)
+        return _json({"name": name, "ready": True})
 
-    @app.get("/v2/models/{name:path}", summary="V2 model metadata (loads the model)")
-    async def model_metadata(name: str) -> Response:
+    @app.get("/v2/models/{name:path}/stats", summary="Not per model here: see /metrics")
+    async def model_stats(name: str) -> Response:
+        check_target(name)
+        raise NotFound("Inference statistics are kept per server on a multi-model endpoint, "
+                       "not per model: read /metrics (kubeinfer_invocations_total, "
+                       "kubeinfer_model_latency_seconds, kubeinfer_multimodel_*)")
+
+    async def with_model(name: str, document: Callable[[str, LoadedModel], Any]) -> Response:
         check_target(name)
         lease = await cache.acquire(name)
         try:
-            return _json(_v2_metadata(name, lease.value))
+            return _json(document(name, lease.value))
         finally:
             lease.release()
+
+    @app.get("/v2/models/{name:path}/config", summary="Model configuration (loads the model)")
+    async def model_config(name: str) -> Response:
+        return await with_model(name, v2_model.config)
+
+    @app.get("/v2/models/{name:path}", summary="V2 model metadata (loads the model)")
+    async def model_metadata(name: str) -> Response:
+        return await with_model(name, v2_model.metadata)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus() -> Response:

@@ -6,26 +6,33 @@ and ``/v2/health/ready`` instead of crash-looping with the reason buried in a
 log. ``ModelSlot`` holds that state; ``load_into`` is the loading procedure
 run on a daemon thread (a daemon, so SIGTERM during a long download still exits
 promptly).
+
+Readiness means "answers": the slot goes Loading → WarmingUp → Ready, and only
+Ready publishes the model (``slot.model``), which every reader of readiness
+(``/ping``, the V2 ready routes, the hot path, the async worker, pipeline
+steps) already checks. A warm-up inference that fails (see ``models.warmup``)
+ends in Failed, for good, with a reason holding :data:`LOAD_FAILED_MARKER`: the
+local supervisor abandons a rollout at once on it, and on Kubernetes the
+readiness probe keeps failing, so the Deployment never replaces the old pods.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import statistics
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import Literal
-
-import numpy as np
 
 from kubeinfer_runtime.codec import DecodeLimits
 from kubeinfer_runtime.contract import ModelServerSettings
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError
 from kubeinfer_runtime.metrics import ModelServerMetrics
-from kubeinfer_runtime.models.base import Backend, ModelMetadata, Tensors
+from kubeinfer_runtime.models.base import Backend, ModelMetadata
 from kubeinfer_runtime.models.registry import create_backend
+from kubeinfer_runtime.models.warmup import WarmupResult, WarmupStatus, run_warmup
 from kubeinfer_runtime.server.json_lane import JsonLane, build_json_lane
 from kubeinfer_runtime.storage.fetch import fetch_model
 
@@ -39,7 +46,11 @@ log = logging.getLogger("kubeinfer.server")
 #: read) for the model's whole run, while onnxruntime releases the GIL in a
 #: thread, so slower models go to the inference thread pool.
 INLINE_THRESHOLD_S = 0.001
-_WARMUP_RUNS = 5
+#: In every reason of a model that will never be ready in this process (it
+#: never retries: a new model means a new process). The local supervisor
+#: matches it (``kubeinfer_operator.local.supervisor.LOAD_FAILED``) to give up
+#: a rollout at once instead of waiting for ``--timeout``; keep them equal.
+LOAD_FAILED_MARKER = "failed to load"
 
 
 @dataclass(frozen=True)
@@ -60,21 +71,89 @@ class LoadedModel:
         return self.sha256[:12]
 
 
+class Phase(Enum):
+    """Where a slot's model is; only READY serves."""
+
+    LOADING = "Loading"
+    WARMING_UP = "WarmingUp"
+    READY = "Ready"
+    FAILED = "Failed"
+    UNLOADED = "Unloaded"
+
+
+#: The phases each phase may move to. FAILED and UNLOADED are final: a new
+#: model means a new process (or, in a multi-model cache, a new slot).
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.LOADING: frozenset({Phase.WARMING_UP, Phase.FAILED, Phase.UNLOADED}),
+    Phase.WARMING_UP: frozenset({Phase.READY, Phase.FAILED, Phase.UNLOADED}),
+    Phase.READY: frozenset({Phase.UNLOADED}),
+    Phase.FAILED: frozenset({Phase.UNLOADED}),
+    Phase.UNLOADED: frozenset(),
+}
+
+
+class SlotStateError(RuntimeError):
+    """A transition the readiness state machine does not allow (a bug, not a user error)."""
+
+
 class ModelSlot:
-    """Where the served model lives; read lock-free by the hot path."""
+    """Where the served model lives; read lock-free by the hot path.
+
+    ``model`` is set only in READY (by :meth:`publish`), so ``model is not
+    None`` is readiness; ``reason`` says why not otherwise. One loader thread
+    writes, any thread reads (single attribute writes, atomic in CPython).
+    """
 
     def __init__(self, name: str, uri: str) -> None:
         self.name = name
         self.uri = uri
+        self.phase = Phase.LOADING
         #: Set once, when the model is ready; never unset except at shutdown.
         self.model: LoadedModel | None = None
         self.reason = f'Model "{name}" is still loading from {uri}'
-        self.failed = False
+
+    @property
+    def failed(self) -> bool:
+        """True once loading or warm-up failed for good."""
+        return self.phase is Phase.FAILED
 
     def get(self) -> LoadedModel:
         model = self.model
         if model is None:
             raise NotReady(self.reason)
+        return model
+
+    def _move(self, to: Phase) -> None:
+        if to not in TRANSITIONS[self.phase]:
+            raise SlotStateError(f'Model "{self.name}" cannot go from {self.phase.value} to '
+                                 f"{to.value}")
+        self.phase = to
+
+    def warming_up(self) -> None:
+        """The model loaded; a warm-up inference must answer before it serves."""
+        self._move(Phase.WARMING_UP)
+        self.reason = (f'Model "{self.name}" is loaded from {self.uri} and warming up: it '
+                       "takes traffic once a first inference answers")
+
+    def publish(self, model: LoadedModel) -> None:
+        """Warm-up passed (or could not be tried): serve ``model``."""
+        self._move(Phase.READY)
+        self.reason = ""
+        self.model = model
+
+    def fail(self, detail: str) -> str:
+        """Loading or warm-up failed for good; the reason (with the marker) is returned."""
+        self._move(Phase.FAILED)
+        self.reason = f'Model "{self.name}" {LOAD_FAILED_MARKER} from {self.uri}: {detail}'
+        return self.reason
+
+    def unload(self) -> LoadedModel | None:
+        """Shutting down: stop serving; returns the model to release, if any (once)."""
+        if self.phase is Phase.UNLOADED:
+            return None
+        self._move(Phase.UNLOADED)
+        self.reason = f'Model "{self.name}" is unloaded: the server is shutting down'
+        model, self.model = self.model, None
         return model
 
 
@@ -90,47 +169,27 @@ def choose_inline(mode: Literal["auto", "inline", "thread"], warmup_s: float | N
     return warmup_s is not None and warmup_s < INLINE_THRESHOLD_S
 
 
-def sample_inputs(meta: ModelMetadata) -> Tensors | None:
-    """Zeros of batch 1 for every input, or None when a shape is unknown."""
-    out: Tensors = {}
-    for spec in meta.inputs:
-        if spec.shape is None:
-            return None
-        shape = tuple(1 if d is None else d for d in spec.shape)
-        if spec.dtype.kind == "O":
-            out[spec.name] = np.full(shape, "", dtype=object)
-        else:
-            out[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return out
+#: The fix a failed warm-up's reason names for a served model.
+ROLLBACK_FIX = ("fix the model or its declared input shapes; the previous version, if any, "
+                "keeps serving")
 
 
-def warm_up(backend: Backend, meta: ModelMetadata) -> float | None:
-    """Run the model a few times; the median warm latency, or None if it cannot run.
+def warmup_failure(result: WarmupResult, fix: str = ROLLBACK_FIX) -> str:
+    """The detail of a failed warm-up for a reason or error: what failed, and ``fix``."""
+    return f"{result.failure()}; every request would fail the same way: {fix}"
 
-    The first run also pays onnxruntime's lazy allocations, so the first real
-    request does not.
-    """
-    sample = sample_inputs(meta)
-    if sample is None:
-        return None
-    try:
-        backend.predict(sample)
-        times = []
-        for _ in range(_WARMUP_RUNS):
-            t0 = time.perf_counter()
-            backend.predict(sample)
-            times.append(time.perf_counter() - t0)
-    except RuntimeServiceError as e:
-        # Zeros are not valid input for every model; serving still works.
-        log.warning("Warm-up of the model failed (%s): predicting in the thread pool",
-                    e.message)
-        return None
-    return statistics.median(times)
+
+def log_warmup(name: str, result: WarmupResult) -> None:
+    """The one log line of a warm-up that could not be tried."""
+    if result.status is WarmupStatus.SKIPPED:
+        log.warning('Model "%s" is served without a warm-up inference: %s; the first request '
+                    "pays the warm-up and predicts in the thread pool", name, result.detail)
 
 
 def load_into(slot: ModelSlot, settings: ModelServerSettings,
               metrics: ModelServerMetrics) -> None:
     """Fetch, load and warm up the model, then publish it in ``slot``. Never raises."""
+    stage = "load"
     try:
         t0 = time.perf_counter()
         fetched = fetch_model(settings.model_uri, base_dir=settings.model_base_dir,
@@ -141,27 +200,43 @@ def load_into(slot: ModelSlot, settings: ModelServerSettings,
                                  intra_op_threads=settings.intra_op_threads)
         backend.load(fetched.path)
         meta = backend.metadata()
-        warmup_s = warm_up(backend, meta)
-        inline = choose_inline(settings.inference_mode, warmup_s)
+        slot.warming_up()
+        stage = "warmup"
+        result = run_warmup(backend, meta)
         metrics.load_seconds.observe(time.perf_counter() - t1)
+        if result.status is WarmupStatus.FAILED:
+            backend.unload()
+            raise _WarmupFailed(warmup_failure(result))
+        log_warmup(slot.name, result)
+        inline = choose_inline(settings.inference_mode, result.latency_s)
+        lane = build_json_lane(backend, meta, decode_limits(settings))
     except Exception as e:
+        if slot.phase is Phase.UNLOADED:
+            return  # the server shut down while the model loaded
         detail = e.message if isinstance(e, RuntimeServiceError) else str(e) or type(e).__name__
-        slot.reason = f'Model "{slot.name}" failed to load from {slot.uri}: {detail}'
-        slot.failed = True
-        log.error("%s", slot.reason)
+        log.error("%s", slot.fail(detail))
+        metrics.load_failed(stage)
         return
     # Everything alive now (FastAPI, pydantic, onnxruntime, the model) lives as
     # long as the process: move it out of the collector's sight so full
     # collections stay short (they showed as 100 ms p99 spikes under load).
     gc.collect()
     gc.freeze()
-    slot.model = LoadedModel(backend, meta, fetched.sha256, inline, warmup_s,
-                             build_json_lane(backend, meta, decode_limits(settings)))
+    warmup_s = result.latency_s
+    try:
+        slot.publish(LoadedModel(backend, meta, fetched.sha256, inline, warmup_s, lane))
+    except SlotStateError:
+        backend.unload()  # the server shut down while the model warmed up
+        return
     metrics.loaded.set(1)
     log.info('Model "%s" ready from %s (sha256 %s, warm-up %s, predict %s)', slot.name,
              slot.uri, fetched.sha256,
              "n/a" if warmup_s is None else f"{warmup_s * 1e6:.0f} µs",
              "inline" if inline else "in the thread pool")
+
+
+class _WarmupFailed(Exception):
+    """Carries a failed warm-up's detail to ``load_into``'s one failure path."""
 
 
 def start_loading(slot: ModelSlot, settings: ModelServerSettings,

@@ -19,6 +19,8 @@ from kubeinfer_runtime.storage.uri import FileLocation, Location, S3Location
 
 #: SageMaker's limit on TargetModel.
 MAX_TARGET_LENGTH = 1024
+#: A file name's limit on common filesystems (NAME_MAX): longer segments cannot exist.
+MAX_SEGMENT_BYTES = 255
 
 #: Characters that only ever appear in a name to play URL or shell tricks:
 #: percent-encoding, query/fragment, scheme separators, backslashes, and any
@@ -103,4 +105,8 @@ def check_target(target: str) -> str:
         if segment in ("", ".", ".."):
             raise InvalidTargetModel(f"Target model {shown!r} has an empty, '.' or '..' path "
                                      "segment: name the model by a path inside the prefix")
+        if len(segment.encode()) > MAX_SEGMENT_BYTES:
+            raise InvalidTargetModel(f"Target model {shown!r} has a path segment longer than "
+                                     f"{MAX_SEGMENT_BYTES} bytes: use shorter folder and file "
+                                     "names")
     return target

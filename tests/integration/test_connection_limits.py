@@ -1,0 +1,228 @@
+"""Hostile connections against real runtime processes: every bound of ``http_limits``.
+
+Each case is what a hostile or broken client did to the code before: connections that never
+finish their request, slow headers, bodies shorter than their Content-Length, one huge
+header, 100,000 headers, unfinished 8 MB headers on many connections, and enough idle
+connections to exhaust a 1,024 file-descriptor limit. Checked on the model server (inline
+and ASGI paths) and the gateway, with raw sockets: the server answers 431/408/503 (or closes
+a connection that never spoke), stays small, and keeps serving normal requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kubeinfer_runtime.contract import EndpointRoute, RouteTable, VariantRoute
+from tests.support.procs import RuntimeProcess, start_runtime
+
+BODY = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+LIMITS = {"KUBEINFER_HTTP_HEADER_TIMEOUT_S": "1", "KUBEINFER_HTTP_BODY_TIMEOUT_S": "1",
+          "KUBEINFER_HTTP_KEEPALIVE_TIMEOUT_S": "1"}
+
+
+@pytest.fixture(scope="module")
+def servers(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[dict[str, tuple[RuntimeProcess, str]]]:
+    """role -> (process, inference path)."""
+    tmp = tmp_path_factory.mktemp("limits")
+    model = {"KUBEINFER_MODEL_URI": f"file://{models_dir / 'iris.onnx'}",
+             "KUBEINFER_ENDPOINT_NAME": "iris", "KUBEINFER_VARIANT_NAME": "main", **LIMITS}
+    out: dict[str, tuple[RuntimeProcess, str]] = {}
+    try:
+        ms = start_runtime("model-server", model, tmp / "logs")
+        out["model-server"] = (ms, "/invocations")
+        asgi = start_runtime("model-server", {**model, "KUBEINFER_INLINE_HTTP": "false"},
+                             tmp / "logs")
+        out["model-server (ASGI path)"] = (asgi, "/invocations")
+        routes = tmp / "routes.json"
+        RouteTable(endpoints={"iris": EndpointRoute(name="iris", variants=[
+            VariantRoute(name="main", weight=1, upstreams=[ms.url])])}).write_atomic(routes)
+        gw = start_runtime("gateway", {"KUBEINFER_ROUTE_TABLE_PATH": str(routes), **LIMITS},
+                           tmp / "logs")
+        out["gateway"] = (gw, "/endpoints/iris/invocations")
+        yield out
+    finally:
+        for proc, _ in out.values():
+            proc.stop()
+
+
+ROLES = ["model-server", "model-server (ASGI path)", "gateway"]
+
+
+def rss_mb(proc: RuntimeProcess) -> float:
+    for line in Path(f"/proc/{proc.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def connect(proc: RuntimeProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", proc.port), timeout=15)
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (b"" when it closed without a word)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    return b"".join(chunks)
+
+
+def send_all(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        sock.sendall(data)  # refused midway: the reply says why
+
+
+def assert_serves(proc: RuntimeProcess, path: str) -> None:
+    r = httpx.post(proc.url + path, content=BODY, headers={"Content-Type": "application/json"},
+                   timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def status_of(reply: bytes) -> int:
+    assert reply.startswith(b"HTTP/1.1 "), reply[:200]
+    return int(reply.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_silent_connection_is_closed(servers: dict[str, tuple[RuntimeProcess, str]],
+                                       role: str) -> None:
+    proc, _ = servers[role]
+    with connect(proc) as sock:
+        started = time.monotonic()
+        assert read_reply(sock) == b""
+        assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_slow_headers_get_408(servers: dict[str, tuple[RuntimeProcess, str]],
+                              role: str) -> None:
+    proc, path = servers[role]
+    with connect(proc) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode())
+        started = time.monotonic()
+        for _ in range(20):  # one header every 0.2 s: never done within the timeout
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            time.sleep(0.2)
+            if time.monotonic() - started > 3:
+                break
+        reply = read_reply(sock)
+    assert status_of(reply) == 408
+    assert b"KUBEINFER_HTTP_HEADER_TIMEOUT_S" in reply and b"connection: close" in reply
+    assert_serves(proc, path)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_body_shorter_than_its_length_gets_408(
+        servers: dict[str, tuple[RuntimeProcess, str]], role: str) -> None:
+    proc, path = servers[role]
+    with connect(proc) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(BODY) + 50}\r\n\r\n".encode() + BODY)
+        started = time.monotonic()
+        reply = read_reply(sock)
+    assert status_of(reply) == 408 and b"KUBEINFER_HTTP_BODY_TIMEOUT_S" in reply
+    assert time.monotonic() - started < 10
+    assert_serves(proc, path)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_one_huge_header_gets_431_without_being_buffered(
+        servers: dict[str, tuple[RuntimeProcess, str]], role: str) -> None:
+    proc, path = servers[role]
+    before = rss_mb(proc)
+    with connect(proc) as sock:
+        send_all(sock, f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Big: ".encode()
+                 + b"a" * (8 << 20) + b"\r\n\r\n")
+        reply = read_reply(sock)
+    assert status_of(reply) == 431 and b"KUBEINFER_HTTP_MAX_HEADER" in reply
+    assert rss_mb(proc) - before < 30
+    assert_serves(proc, path)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_too_many_headers_get_431(servers: dict[str, tuple[RuntimeProcess, str]],
+                                  role: str) -> None:
+    proc, path = servers[role]
+    with connect(proc) as sock:
+        send_all(sock, f"POST {path} HTTP/1.1\r\nHost: x\r\n".encode()
+                 + b"X-A: 1\r\n" * 100_000 + b"\r\n")
+        reply = read_reply(sock)
+    assert status_of(reply) == 431
+    assert b"KUBEINFER_HTTP_MAX_HEADER" in reply  # the count or the total, whichever first
+    with connect(proc) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n"
+                     + b"X-A: 1\r\n" * 101 + b"\r\n")
+        reply = read_reply(sock)
+    assert status_of(reply) == 431 and b"KUBEINFER_HTTP_MAX_HEADERS" in reply
+    assert_serves(proc, path)
+
+
+def test_unfinished_huge_headers_on_many_connections_stay_bounded(
+        servers: dict[str, tuple[RuntimeProcess, str]]) -> None:
+    proc, path = servers["gateway"]
+    before = rss_mb(proc)
+    socks = [connect(proc) for _ in range(40)]
+    try:
+        for sock in socks:  # 8 MB each, never finished
+            send_all(sock, f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Big: ".encode()
+                     + b"a" * (8 << 20))
+        assert rss_mb(proc) - before < 50
+        replies = [read_reply(sock) for sock in socks]
+        assert all(status_of(r) == 431 for r in replies if r)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert_serves(proc, path)
+
+
+@pytest.mark.parametrize("role", ["model-server", "gateway"])
+def test_an_idle_kept_alive_connection_is_closed(
+        servers: dict[str, tuple[RuntimeProcess, str]], role: str) -> None:
+    proc, _ = servers[role]
+    with connect(proc) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        reply = read_reply(sock)  # the answer, then the close after the keep-alive timeout
+    assert status_of(reply) == 200
+    assert 0.5 < time.monotonic() - started < 10
+
+
+def test_idle_connections_cannot_exhaust_the_descriptors(
+        models_dir: Path, tmp_path: Path) -> None:
+    """A 1,024 fd limit and 1,100 idle connections: normal requests still succeed."""
+    proc = start_runtime("model-server", {
+        "KUBEINFER_MODEL_URI": f"file://{models_dir / 'iris.onnx'}",
+        "KUBEINFER_ENDPOINT_NAME": "iris", "KUBEINFER_VARIANT_NAME": "main",
+        # Idle connections must stay open through the test: only the cap closes them.
+        "KUBEINFER_HTTP_HEADER_TIMEOUT_S": "300"}, tmp_path / "logs", open_files=1024)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(1100):
+            socks.append(socket.create_connection(("127.0.0.1", proc.port), timeout=15))
+        ok = 0
+        with httpx.Client(timeout=10) as client:
+            for _ in range(35):
+                r = client.post(proc.url + "/invocations", content=BODY,
+                                headers={"Content-Type": "application/json"})
+                ok += r.status_code == 200
+        assert ok == 35
+        assert proc.proc.poll() is None
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.stop()
