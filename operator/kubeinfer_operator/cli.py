@@ -18,16 +18,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
-import httpx
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from kubeinfer_operator import __version__
+from kubeinfer_operator import __version__, cli_transform
 from kubeinfer_operator.api.endpoint import AuthConfig
 from kubeinfer_operator.errors import KubeinferError, SpecError
 from kubeinfer_operator.local.control import (
@@ -52,9 +51,14 @@ from kubeinfer_operator.local.state import (
     read_events,
     read_state,
 )
+from kubeinfer_operator.local.transform_manifest import has_transform_jobs
+from kubeinfer_operator.local.transform_state import JobPaths, known_jobs
 from kubeinfer_operator.local.usage import async_usage_text, sample_body, usage_text
 from kubeinfer_operator.local.view import process_rows, status_document, variant_rows
 from kubeinfer_runtime.contract.auth import AuthMode
+
+if TYPE_CHECKING:
+    import httpx
 
 app = typer.Typer(
     name="kubeinfer", no_args_is_help=True, add_completion=False,
@@ -168,6 +172,8 @@ def _sample_for(state: EndpointState) -> str | None:
     prints the placeholder instead of making the server look the name up (a
     cache miss and a failed load in its metrics before any request).
     """
+    import httpx  # here: it costs every other command a quarter second to import
+
     for p in state.processes:
         if p.role == "model-server" and p.routed and p.variant:
             model = f"{p.url}/v2/models/{quote(p.variant, safe='')}"
@@ -248,7 +254,13 @@ def up(
         help="Gateway port when the endpoint starts (default: a free port).", min=1,
         max=65535)] = None,
 ) -> None:
-    """Run the Endpoints of FILE as local processes, or update them when they already run."""
+    """Run the Endpoints of FILE as local processes, or update them when they already run.
+
+    A file holding TransformJobs runs them to completion instead (exit 0: complete,
+    1: failed); -d leaves them running in the background.
+    """
+    if has_transform_jobs(file):
+        raise typer.Exit(_up_jobs(file, detach=detach, port=port))
     try:
         loaded = load_manifest_file(file)
     except SpecError as exc:
@@ -315,6 +327,18 @@ def up(
     raise typer.Exit(code)
 
 
+def _up_jobs(file: Path, *, detach: bool, port: int | None) -> int:
+    if port is not None:
+        raise _fail(f"--port sets a gateway port; {file} holds TransformJobs, which serve "
+                    "nothing: drop --port", 2)
+    with _stop_signals_as_exceptions():
+        try:
+            return cli_transform.up(file, detach=detach,
+                                    interrupts=(KeyboardInterrupt, _Terminated))
+        except SpecError as exc:
+            raise _fail(f"Invalid manifest {file}:\n{exc}", 2) from exc
+
+
 def _report(outcomes: dict[str, Outcome], updated: set[str]) -> list[str]:
     failed = []
     for name, outcome in outcomes.items():
@@ -348,15 +372,20 @@ def status(
     name: Annotated[str | None, typer.Argument(help="Endpoint name (default: all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show local endpoints: URL, variants, and every process with its pid, port and state."""
+    """Show local endpoints (URL, variants, every process with its pid, port and state) and
+    TransformJobs (phase, progress, records, rate)."""
     states, notes = _running_states(name)
+    jobs = cli_transform.job_rows(name)
     if as_json:
-        typer.echo(json.dumps(status_document(states, notes), indent=2))
+        typer.echo(json.dumps({**status_document(states, notes), "jobs": jobs}, indent=2))
     else:
         for note in notes:
             err.print(note)
-        _print_status(states)
-    if name and not states:
+        if states or not jobs:
+            _print_status(states)
+        if jobs:
+            cli_transform.print_jobs(jobs)
+    if name and not states and not jobs:
         raise _fail(f"Endpoint {name} is not running; start it with kubeinfer up -f FILE")
 
 
@@ -440,6 +469,8 @@ def invoke(
         headers["X-Amzn-SageMaker-Target-Model"] = target_model
     if target_container:
         headers["X-Amzn-SageMaker-Target-Container-Hostname"] = target_container
+    import httpx
+
     url = f"{states[0].url}/endpoints/{name}/invocations"
     try:
         headers = caller_headers(_auth_of(name), "POST", url, data, headers)
@@ -487,20 +518,35 @@ def down(
     all_: Annotated[bool, typer.Option("--all", help="Stop every local endpoint.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait before killing.")] = 30,
 ) -> None:
-    """Stop a local endpoint and every process it runs. Stopping a stopped one is fine."""
+    """Stop a local endpoint and every process it runs, or a TransformJob (a later up
+    resumes it; down on a finished job forgets it). Stopping a stopped one is fine."""
     if name and all_:
         raise _fail("Give an endpoint name or --all, not both", 2)
+    jobs: list[JobPaths] = []
     if all_:
         targets = known_endpoints()
+        jobs = known_jobs()
     elif name:
         targets = [EndpointPaths.for_endpoint(name)]
+        jobs = [JobPaths.for_job(name)] if JobPaths.for_job(name).root.is_dir() else []
+        if jobs and liveness(targets[0]) is Liveness.STOPPED:
+            targets = []
     else:
         targets = [p for p in known_endpoints() if liveness(p) is not Liveness.STOPPED]
-        if len(targets) > 1:
-            names = ", ".join(p.name for p in targets)
-            raise _fail(f"Several endpoints run ({names}): name one or use --all", 2)
+        jobs = cli_transform.running_jobs()
+        if len(targets) + len(jobs) > 1:
+            names = ", ".join([p.name for p in targets] + [p.name for p in jobs])
+            raise _fail(f"Several endpoints or jobs run ({names}): name one or use --all", 2)
+    for job in jobs:
+        try:
+            message = cli_transform.down(job, timeout=timeout)
+        except KubeinferError as exc:
+            raise _fail(str(exc)) from exc
+        if message:
+            out.print(message)
     if not targets:
-        out.print("No local endpoint is running")
+        if not jobs:
+            out.print("No local endpoint is running")
         return
     for paths in targets:
         try:

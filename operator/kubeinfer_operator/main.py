@@ -1,6 +1,6 @@
 """Entry point of the Kubernetes operator: ``run(settings)`` (``kubeinfer operator``).
 
-Builds a kopf registry with the login, start-up and Endpoint handlers and runs
+Builds a kopf registry with the login, start-up, Endpoint and TransformJob handlers and runs
 kopf in the current thread until SIGTERM/SIGINT. Tests use ``operate()`` to
 run the same operator inside their own event loop with stop/ready flags.
 
@@ -22,8 +22,10 @@ from pydantic import SecretStr
 
 from kubeinfer_operator.errors import ClusterError
 from kubeinfer_operator.handlers import endpoint as endpoint_handlers
+from kubeinfer_operator.handlers import transform_job as transform_handlers
 from kubeinfer_operator.handlers.scaler import ClusterScaler
 from kubeinfer_operator.handlers.sync import EndpointSync
+from kubeinfer_operator.handlers.transform_sync import TransformSync
 from kubeinfer_operator.k8s.client import KubeClient
 from kubeinfer_operator.k8s.login import login_handler
 from kubeinfer_operator.render import k8s_secrets
@@ -90,6 +92,7 @@ def build_registry(settings: OperatorSettings,
         await kube.close()
 
     endpoint_handlers.register(registry, sync, ours.status_interval_s)
+    transform_handlers.register(registry, TransformSync(kube, ours), ours.status_interval_s)
     return registry
 
 

@@ -1,5 +1,8 @@
 """``python -m kubeinfer_runtime serve --role model-server|gateway``: the image's entry point.
 
+``python -m kubeinfer_runtime batch plan|work|finalize`` runs one step of a
+Batch Transform job (``kubeinfer_runtime.batch``) and exits with its code.
+
 Settings come from ``KUBEINFER_*`` env vars (see ``contract``). They are
 validated here first so a misconfigured pod fails at once with a readable
 message, then uvicorn runs the role's app factory (an import string with
@@ -13,10 +16,8 @@ import argparse
 import sys
 from typing import Any
 
-import uvicorn
 from pydantic import ValidationError as SettingsError
 
-from kubeinfer_runtime import accept
 from kubeinfer_runtime.contract import (
     ENV_PREFIX,
     AsyncWorkerSettings,
@@ -24,7 +25,6 @@ from kubeinfer_runtime.contract import (
     ModelServerSettings,
     Role,
 )
-from kubeinfer_runtime.inline_http import InlineHttpProtocol
 
 #: Seconds uvicorn waits for in-flight requests after SIGTERM. Kubernetes sends
 #: SIGKILL after terminationGracePeriodSeconds (30 s by default): stay under it.
@@ -71,11 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve one runtime role over HTTP")
     serve.add_argument("--role", required=True, choices=[r.value for r in Role])
+    batch = sub.add_parser("batch", help="run one step of a Batch Transform job")
+    batch.add_argument("step", choices=["plan", "work", "finalize"])
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "batch":
+        from kubeinfer_runtime.batch.main import run
+
+        return run(args.step)
     target, settings_cls = _FACTORIES[Role(args.role)]
     try:
         settings = settings_cls()
@@ -84,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Invalid {args.role} settings ({problems}): set the environment variables",
               file=sys.stderr)
         return 2
+    # Imported here, not above: a batch step (a short-lived process, one per Job pod)
+    # would pay for uvicorn and httptools at every start without using them.
+    import uvicorn
+
+    from kubeinfer_runtime import accept
+    from kubeinfer_runtime.inline_http import InlineHttpProtocol
+
     # uvicorn's run, with a listener that accepts every pending connection at once
     # (``accept``: uvloop's own drained its backlog at ~50 connections a second under load).
     accept.run(uvicorn.Config(

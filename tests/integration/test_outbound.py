@@ -16,7 +16,8 @@ import pytest
 from aiohttp import web
 
 from kubeinfer_operator.handlers.scaler import ClusterScaler
-from kubeinfer_runtime.contract.outbound import OutboundPolicy, OutboundRefused, guarded_connector
+from kubeinfer_runtime.contract.outbound import OutboundPolicy, OutboundRefused
+from kubeinfer_runtime.contract.outbound_io import guarded_connector
 from kubeinfer_runtime.queue.notifier import Notifier
 
 OPEN = OutboundPolicy.parse("", env={})

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubeinfer_runtime.contract import AsyncRoute, EndpointRoute, RouteTable, VariantRoute
+from tests.support.orphans import die_with_parent
 from tests.support.ports import free_port, http_ok, wait_until
 from tests.support.procs import RuntimeProcess, start_runtime
 
@@ -54,7 +55,7 @@ class AsyncStack:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role", "async-worker"],
-                env=env, stdout=log, stderr=subprocess.STDOUT)
+                env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         worker = RuntimeProcess(proc, port, log_path)
         self.workers.append(worker)
         if wait:

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from tests.support.orphans import die_with_parent
 from tests.support.ports import free_port, http_ok, wait_until
 from tests.support.procs import RuntimeProcess
 
@@ -89,6 +90,7 @@ def start_fake_upstream(name: str, log_dir: Path, *, port: int | None = None,
              "--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop",
              "--http", "httptools", "--no-access-log", "--timeout-graceful-shutdown", "5"],
             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
     rp = RuntimeProcess(proc, port, log_path)
 

@@ -31,7 +31,8 @@ tests depend on:
   register their resources for discovery.
 
 Not emulated: controllers (no Pods/ReplicaSets, Deployments never become
-available: tests patch their status), strategic merge patch (treated as a
+available and Jobs never run: tests patch their status and create the pods a
+Job controller would), strategic merge patch (treated as a
 merge patch; fine for the flat patches our tests and kubectl send to CRs),
 server-side apply (415), admission webhooks, RBAC.
 """
@@ -91,6 +92,9 @@ BUILTINS = [
                 short_names=("deploy",)),
     ResourceDef("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler",
                 status_subresource=True, short_names=("hpa",)),
+    # TransformJobs: their Jobs, and the pods tests create in the Job controller's place.
+    ResourceDef("batch", "v1", "jobs", "Job", status_subresource=True),
+    ResourceDef("", "v1", "pods", "Pod", status_subresource=True, short_names=("po",)),
     ResourceDef("apiextensions.k8s.io", "v1", "customresourcedefinitions",
                 "CustomResourceDefinition", namespaced=False, status_subresource=True,
                 short_names=("crd",)),

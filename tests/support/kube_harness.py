@@ -105,6 +105,9 @@ RESOURCES = {
     "Event": "/api/v1/namespaces/{ns}/events",
     "Secret": "/api/v1/namespaces/{ns}/secrets",
     "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+    "TransformJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/transformjobs",
+    "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+    "Pod": "/api/v1/namespaces/{ns}/pods",
 }
 
 

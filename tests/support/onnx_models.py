@@ -96,3 +96,17 @@ def conv3x3_model(path: Path) -> Path:
         [numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "w")],
     )
     return _save(graph, path)
+
+
+def row_sum_model(path: Path, width: int = 2) -> Path:
+    """``X`` float32 [N, width] -> ``Y`` [N, 1], the sum of each row: outputs anyone can
+    check by eye (``1,2`` -> ``3.0``), for golden files of batch jobs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "w"], ["Y"])], "row_sum",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.ones((width, 1), np.float32), "w")],
+    )
+    return _save(graph, path)

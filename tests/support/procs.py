@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.orphans import then_die_with_parent
 from tests.support.ports import free_port, http_ok, stop_process, wait_until
 
 
@@ -51,7 +52,7 @@ def start_runtime(role: str, env: dict[str, str], log_dir: Path, *,
         proc = subprocess.Popen(
             [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role", role],
             env=full_env, stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=limit if open_files is not None else None,
+            preexec_fn=then_die_with_parent(limit if open_files is not None else None),
         )
     rp = RuntimeProcess(proc, port, log_path)
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.orphans import die_with_parent
 from tests.support.ports import free_port, stop_process
 
 
@@ -61,7 +62,7 @@ def _launch(workdir: Path, port: int, persistent: bool) -> subprocess.Popen[byte
     return subprocess.Popen(
         [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", *durability,
          "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
     )
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.support.orphans import die_with_parent
 from tests.support.ports import free_port, stop_process
 
 ACCESS_KEY = "kubeinfer-test"
@@ -116,7 +117,7 @@ def _launch(workdir: Path, sp: int, ports: tuple[int, int, int]) -> subprocess.P
              f"-master.port={mp}", f"-volume.port={vp}", f"-filer.port={fp}",
              f"-s3.port={sp}", f"-s3.config={workdir / 's3.json'}", "-webdav=false",
              "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+            stdout=log, stderr=subprocess.STDOUT, cwd=workdir, preexec_fn=die_with_parent,
         )
 
 

@@ -139,8 +139,8 @@ def test_chart_crds_are_valid_and_loaded_by_helm(chart: helm.Chart) -> None:
         for crd in yaml.safe_load_all(entry["data"]):
             kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
             names.add(crd["metadata"]["name"])
-    assert names == {"endpoints.kubeinfer.io", "kopfpeerings.kopf.dev",
-                     "clusterkopfpeerings.kopf.dev"}
+    assert names == {"endpoints.kubeinfer.io", "transformjobs.kubeinfer.io",
+                     "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
 
 
 # -- lint and values schema --------------------------------------------------------------
@@ -292,7 +292,15 @@ def test_rbac_is_least_privilege(chart: helm.Chart, values: dict[str, Any] | Non
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], f"{role['metadata']['name']}: wildcard {rule}"
-            assert not {"pods", "pods/exec"} & set(rule["resources"]), rule
+            # Pods are read (a TransformJob's reports are their termination messages),
+            # never created, changed, deleted or exec'ed into.
+            assert not {"pods/exec", "pods/attach", "pods/portforward", "pods/eviction",
+                        "pods/log"} & set(rule["resources"]), rule
+            if "pods" in rule["resources"]:
+                assert rule["resources"] == ["pods"], rule
+                assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+            if "jobs" in rule["resources"]:
+                assert rule["apiGroups"] == ["batch"] and "patch" not in rule["verbs"], rule
             if "secrets" in rule["resources"]:
                 # One Secret name only; create cannot be limited by name but reads nothing.
                 assert rule["resources"] == ["secrets"], rule

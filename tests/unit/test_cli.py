@@ -53,8 +53,9 @@ def test_crds_writes_then_check_passes_and_detects_drift(tmp_path: Path) -> None
     out = tmp_path / "crds"
     result = runner.invoke(app, ["crds", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    [crd] = list(out.iterdir())
-    assert crd.name == "endpoints.kubeinfer.io.yaml"
+    assert sorted(p.name for p in out.iterdir()) == ["endpoints.kubeinfer.io.yaml",
+                                                     "transformjobs.kubeinfer.io.yaml"]
+    crd = out / "endpoints.kubeinfer.io.yaml"
     assert "kind: CustomResourceDefinition" in crd.read_text()
     assert runner.invoke(app, ["crds", "--out", str(out), "--check"]).exit_code == 0
     crd.write_text(crd.read_text() + "# edited\n")
@@ -103,7 +104,7 @@ def test_status_and_down_with_nothing_running() -> None:
     assert result.exit_code == 0
     assert "No local endpoint is running" in result.output
     result = runner.invoke(app, ["status", "--json"])
-    assert json.loads(result.stdout) == {"endpoints": [], "stale": []}
+    assert json.loads(result.stdout) == {"endpoints": [], "stale": [], "jobs": []}
     result = runner.invoke(app, ["status", "iris"])
     assert result.exit_code == 1
     assert "Endpoint iris is not running" in result.output

@@ -12,16 +12,15 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from kubeinfer_runtime.contract.outbound import (
-    GuardedResolver,
     OutboundPolicy,
     OutboundRefused,
     address_problem,
-    guarded_connector,
     host_problem,
     literal_address,
     redact_url,
     url_problem,
 )
+from kubeinfer_runtime.contract.outbound_io import GuardedResolver, guarded_connector
 from kubeinfer_runtime.queue.notifier import Notifier
 
 ENV = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_PORT_443_TCP_ADDR": "10.96.0.2"}

@@ -23,7 +23,9 @@ from kubeinfer_runtime.contract import RouteTable
 from kubeinfer_runtime.contract.auth import CREDENTIALS_MOUNT, AuthMode
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+#: The Endpoint examples (the TransformJob ones are rendered in test_transform_render.py).
+EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml")
+                  if "kind: Endpoint" in p.read_text())
 PASSWORD = "redis-pass-7d3f1b2e9c"
 SECRET_KEY = "caller-secret-58a1c3"
 TOKEN = "caller-token-0f9e8d"

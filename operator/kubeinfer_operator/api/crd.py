@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 from kubeinfer_operator.api import endpoint as ep
+from kubeinfer_operator.api import transform_job as tj
 
 _DROP_KEYS = {"title"}
 
@@ -77,55 +78,35 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     return result
 
 
-def endpoint_crd() -> dict[str, Any]:
-    spec_schema = openapi_schema(ep.EndpointSpec)
-    spec_schema["x-kubernetes-validations"] = [
-        {
-            "rule": "self.variants.exists(v, v.weight > 0.0)",
-            "message": "spec.variants[*].weight: all weights are 0; give at least one "
-            "variant a weight above 0",
-        }
-    ]
-    status_schema = openapi_schema(ep.EndpointStatus)
+def _crd(*, plural: str, group: str, kind: str, singular: str, short_names: list[str],
+         version: str, description: str, spec_schema: dict[str, Any],
+         status_schema: dict[str, Any], columns: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{ep.PLURAL}.{ep.GROUP}"},
+        "metadata": {"name": f"{plural}.{group}"},
         "spec": {
-            "group": ep.GROUP,
+            "group": group,
             "names": {
-                "kind": ep.KIND,
-                "listKind": f"{ep.KIND}List",
-                "plural": ep.PLURAL,
-                "singular": ep.SINGULAR,
-                "shortNames": ep.SHORT_NAMES,
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": short_names,
                 "categories": ["kubeinfer"],
             },
             "scope": "Namespaced",
             "versions": [
                 {
-                    "name": ep.VERSION,
+                    "name": version,
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Type", "type": "string", "jsonPath": ".spec.type"},
-                        {
-                            "name": "Ready",
-                            "type": "string",
-                            "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status",
-                        },
-                        {"name": "Variants", "type": "string",
-                         "jsonPath": ".status.readyVariants"},
-                        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
-                        {"name": "Age", "type": "date",
-                         "jsonPath": ".metadata.creationTimestamp"},
-                    ],
+                    "additionalPrinterColumns": columns,
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "An inference endpoint: SageMaker CreateEndpoint "
-                            "as a Kubernetes resource.",
+                            "description": description,
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},
@@ -142,10 +123,71 @@ def endpoint_crd() -> dict[str, Any]:
     }
 
 
+_AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+
+
+def endpoint_crd() -> dict[str, Any]:
+    spec_schema = openapi_schema(ep.EndpointSpec)
+    spec_schema["x-kubernetes-validations"] = [
+        {
+            "rule": "self.variants.exists(v, v.weight > 0.0)",
+            "message": "spec.variants[*].weight: all weights are 0; give at least one "
+            "variant a weight above 0",
+        }
+    ]
+    return _crd(
+        plural=ep.PLURAL, group=ep.GROUP, kind=ep.KIND, singular=ep.SINGULAR,
+        short_names=ep.SHORT_NAMES, version=ep.VERSION,
+        description="An inference endpoint: SageMaker CreateEndpoint as a Kubernetes resource.",
+        spec_schema=spec_schema, status_schema=openapi_schema(ep.EndpointStatus),
+        columns=[
+            {"name": "Type", "type": "string", "jsonPath": ".spec.type"},
+            {
+                "name": "Ready",
+                "type": "string",
+                "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status",
+            },
+            {"name": "Variants", "type": "string", "jsonPath": ".status.readyVariants"},
+            {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+            _AGE,
+        ],
+    )
+
+
+#: The API server refuses any change of a TransformJob's spec (its Jobs cannot change).
+IMMUTABLE_SPEC_MESSAGE = ("spec is immutable: a TransformJob runs the spec it was created with; "
+                          "delete it and create a new one (outputs and done shards are kept)")
+
+
+def transform_job_crd() -> dict[str, Any]:
+    spec_schema = openapi_schema(tj.TransformJobSpec)
+    spec_schema["x-kubernetes-validations"] = [
+        {"rule": "self == oldSelf", "message": IMMUTABLE_SPEC_MESSAGE},
+        {
+            "rule": "[has(self.model), has(self.containers), has(self.endpointRef)]"
+                    ".filter(x, x).size() == 1",
+            "message": "spec: set exactly one of model, containers, endpointRef",
+        },
+    ]
+    return _crd(
+        plural=tj.PLURAL, group=tj.GROUP, kind=tj.KIND, singular=tj.SINGULAR,
+        short_names=tj.SHORT_NAMES, version=tj.VERSION,
+        description="A batch transform job: SageMaker CreateTransformJob as a Kubernetes "
+                    "resource.",
+        spec_schema=spec_schema, status_schema=openapi_schema(tj.TransformJobStatus),
+        columns=[
+            {"name": "Status", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
+            {"name": "Records", "type": "integer", "jsonPath": ".status.records"},
+            _AGE,
+        ],
+    )
+
+
 def all_crds() -> dict[str, dict[str, Any]]:
     """File name → CRD object, for every kind this operator serves."""
-    crd = endpoint_crd()
-    return {f"{crd['metadata']['name']}.yaml": crd}
+    return {f"{crd['metadata']['name']}.yaml": crd
+            for crd in (endpoint_crd(), transform_job_crd())}
 
 
 def to_yaml(obj: dict[str, Any]) -> str:

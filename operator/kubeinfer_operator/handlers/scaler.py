@@ -81,10 +81,10 @@ from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_runtime.contract import ScaleRequest
 from kubeinfer_runtime.contract.outbound import (
     OutboundPolicy,
-    guarded_connector,
     redact_url,
     url_problem,
 )
+from kubeinfer_runtime.contract.outbound_io import guarded_connector
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,17 @@ autoscaling         horizontalpodautoscalers           get, list, create, patch,
                                                        scaled on CPUUtilization alone; the
                                                        HPA, not the operator, then writes
                                                        that Deployment's replicas)
+kubeinfer.io        transformjobs                      get (KubeClient: fresh spec), list, watch
+                                                       (kopf), patch (kopf's annotations; the
+                                                       model pinned from an endpointRef)
+kubeinfer.io        transformjobs/status               patch (KubeClient: phase, progress, ...)
+kubeinfer.io        transformjobs/finalizers           update (the Jobs' ownerReferences)
+batch               jobs                               get, list, watch (kopf: a finished Job
+                                                       starts the next step), create, delete
+                                                       (KubeClient: planner, workers, finalizer;
+                                                       TTL clean-up, stop on failure)
+"" (core)           pods                               get, list (KubeClient: the batch pods'
+                                                       termination messages are their reports)
 "" (core)           events                             create (kopf: handler errors as events)
 kopf.dev            kopfpeerings (namespaced scope)    get, list, watch, patch (kopf peering)
                     or clusterkopfpeerings (cluster)
@@ -38,7 +49,7 @@ apiextensions.k8s.io customresourcedefinitions        list, watch (kopf: notices
                                                        KUBEINFER_NAMESPACES is set)
 ==================  =================================  ==========================================
 
-No Secrets (model servers get the S3 Secret by name through ``envFrom``), no
-Pods, no wildcards. Writes use JSON merge patch (``PATCH``, never ``PUT``);
+No Secrets (model servers get the S3 Secret by name through ``envFrom``), Pods
+read-only, no wildcards. Writes use JSON merge patch (``PATCH``, never ``PUT``);
 deletes use propagationPolicy Background.
 """

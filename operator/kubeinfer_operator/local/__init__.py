@@ -15,4 +15,13 @@ on free 127.0.0.1 ports. One supervisor process per endpoint owns them:
 * ``children``   one supervised runtime process: spawn, health, crash bookkeeping
 * ``supervisor`` the per-endpoint supervisor loop (applies ``reconcile.local_diff``)
 * ``control``    what the CLI does to supervisors: start, hand over a spec, wait, stop
+
+TransformJobs run to completion instead, under one runner process per job:
+
+* ``transform_manifest``  TransformJob documents → validated, model-resolved plans
+* ``transform_state``     $KUBEINFER_HOME/jobs/<name>/: job.json, state.json, progress
+* ``transform_policy``    PURE: what a batch process's exit means (the podFailurePolicy's rules)
+* ``transform_view``      PURE: progress (bar, ETA) and ``status`` rows
+* ``transform_runner``    the runner: planner, workers, finalizer as processes
+* ``transform_control``   what the CLI does to runners: start, watch, stop
 """

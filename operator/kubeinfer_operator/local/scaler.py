@@ -52,7 +52,8 @@ from kubeinfer_operator.reconcile.autoscale_metrics import (
 )
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_runtime.contract import ScaleRequest
-from kubeinfer_runtime.contract.outbound import guarded_connector, redact_url, url_problem
+from kubeinfer_runtime.contract.outbound import redact_url, url_problem
+from kubeinfer_runtime.contract.outbound_io import guarded_connector
 
 if TYPE_CHECKING:
     from kubeinfer_operator.local.children import Child

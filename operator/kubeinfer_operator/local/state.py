@@ -209,8 +209,13 @@ def events_size(paths: EndpointPaths) -> int:
 
 def lock_is_held(paths: EndpointPaths) -> bool:
     """True while a live supervisor holds the endpoint's lock."""
+    return lock_file_held(paths.lock)
+
+
+def lock_file_held(path: Path) -> bool:
+    """True while a live process holds an flock on ``path``."""
     try:
-        fd = os.open(paths.lock, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         return False
     try:

@@ -20,6 +20,9 @@ import posixpath
 from collections.abc import Iterable, Sequence
 from urllib.parse import unquote, urlsplit
 
+#: Characters that make ``split_location`` parse with urlsplit rather than by hand.
+_SPECIAL = frozenset("%?#[]@ ")
+
 
 def split_location(uri: str) -> tuple[str, str, str] | None:
     """``(scheme, bucket, decoded path)`` of an s3:// or file:// URI; None if unparsable.
@@ -27,6 +30,15 @@ def split_location(uri: str) -> tuple[str, str, str] | None:
     For file:// the bucket is "" and the path absolute; for s3:// the path is
     the key without its leading '/'.
     """
+    # The common plain URI without urlsplit (a batch job parses two per object: 10,000
+    # objects spent a third of a second here); anything urlsplit would treat specially
+    # (escapes, queries, fragments, brackets, whitespace it strips) takes its path.
+    if uri.isascii() and uri.isprintable() and not _SPECIAL.intersection(uri):
+        if uri.startswith("file:///"):
+            return "file", "", uri[7:]
+        if uri.startswith("s3://"):
+            bucket, _, key = uri[5:].partition("/")
+            return "s3", bucket, key.lstrip("/")
     try:
         parts = urlsplit(uri)
     except ValueError:  # e.g. "s3://[bucket/key": urlsplit refuses bad IPv6 hosts

@@ -32,10 +32,10 @@ import aiohttp
 from kubeinfer_runtime.contract.outbound import (
     OutboundPolicy,
     OutboundRefused,
-    guarded_connector,
     redact_url,
     url_problem,
 )
+from kubeinfer_runtime.contract.outbound_io import guarded_connector
 
 log = logging.getLogger("kubeinfer.queue")
 

@@ -1,0 +1,365 @@
+"""The runner of one local TransformJob: the three steps as processes, to the end.
+
+``python -m kubeinfer_operator.local.transform_runner --state-dir DIR`` (started by
+``kubeinfer up``, in the foreground or detached) holds the job's lock, reads
+``job.json`` and runs what the cluster runs as Jobs, with the same env:
+
+1. ``kubeinfer-runtime batch plan`` → the PlanReport (shards, objects, bytes);
+2. ``min(instanceCount, shards)`` ``batch work`` processes, worker ``i`` taking
+   ``KUBEINFER_SHARDS=i/n`` (every n-th shard), each rewriting its progress file;
+3. ``batch finalize`` → the JobSummary.
+
+Exits follow ``transform_policy`` (the podFailurePolicy's rules). It rewrites
+``state.json`` as things change and exits 0 (Complete), 1 (Failed) or 2
+(stopped: SIGTERM/SIGINT stop every child, SIGTERM then SIGKILL). Nothing of
+the job's own progress lives here: the plan and done markers are under the
+output URI, so a later run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TypeVar
+
+from pydantic import BaseModel
+
+from kubeinfer_operator.local.process import signal_exit_name, spawn, stop_popen, tail
+from kubeinfer_operator.local.state import process_start_time
+from kubeinfer_operator.local.transform_policy import (
+    STEP_RETRIES,
+    ExitDecision,
+    Next,
+    on_exit,
+)
+from kubeinfer_operator.local.transform_state import (
+    JobPaths,
+    JobPhase,
+    JobState,
+    LocalJob,
+    ProcessRecord,
+    WorkerState,
+    first_errors,
+    read_job,
+    read_progress,
+    write_job_state,
+)
+from kubeinfer_operator.local.transform_view import add
+from kubeinfer_operator.reconcile.transform_observe import detail, parse_report
+from kubeinfer_operator.reconcile.transform_status import REASON_DEADLINE, REASON_NO_REPORT
+from kubeinfer_runtime.contract.batch import (
+    ERRORS_NAME,
+    JobSummary,
+    PlanReport,
+    WorkerReport,
+)
+
+log = logging.getLogger("kubeinfer.transform")
+
+EXIT_COMPLETE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 2
+#: Exit status of a runner that found another one running the job.
+EXIT_ALREADY_RUNNING = 3
+R = TypeVar("R", bound=BaseModel)
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT: stop every child and exit."""
+
+
+@dataclass
+class _Failure(Exception):
+    reason: str
+    message: str
+
+
+class Runner:
+    def __init__(self, paths: JobPaths, job: LocalJob, *, tick_s: float = 0.1,
+                 grace_s: float = 10.0) -> None:
+        self.paths = paths
+        self.job = job
+        self.tick_s = tick_s
+        self.grace_s = grace_s
+        self.stopping = False
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.state = JobState(name=job.name, runner_pid=os.getpid(),
+                              runner_start_time=process_start_time(os.getpid()),
+                              model=job.model, output_uri=job.output_uri,
+                              started_at=time.time())
+        self._lock_fd: int | None = None
+
+    # -- files -----------------------------------------------------------------------------
+
+    def save(self) -> None:
+        self.state.updated_at = time.time()
+        write_job_state(self.paths, self.state)
+
+    def _env(self, name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        report = self.paths.report_file(name)
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.unlink(missing_ok=True)
+        env = {**os.environ, **self.job.env,
+               "KUBEINFER_REPORT_FILE": str(report),
+               "KUBEINFER_MODEL_CACHE_DIR": str(self.paths.root / "cache"),
+               **(extra or {})}
+        env.pop("JOB_COMPLETION_INDEX", None)
+        return env
+
+    def _read_report(self, name: str, model: type[R]) -> tuple[R | None, str]:
+        try:
+            text = self.paths.report_file(name).read_text()
+        except OSError:
+            text = ""
+        return parse_report(text, model), text
+
+    def _why(self, name: str, code: int | None) -> str:
+        _, text = self._read_report(name, WorkerReport)
+        said = detail(text) or detail(tail(self.paths.log_file(name), lines=6))
+        how = signal_exit_name(code)
+        return f"{said} ({how}; log: {self.paths.log_file(name)})" if said else (
+            f"{how}; see {self.paths.log_file(name)}")
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, step: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "kubeinfer_runtime", "batch", step]
+        with open(self.paths.log_file(name), "ab") as fh:
+            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv[2:])}\n".encode())
+        proc = spawn(argv, env=env, log_path=self.paths.log_file(name))
+        self.children[name] = proc
+        return proc
+
+    def _tick(self) -> None:
+        if self.stopping:
+            raise _Stop()
+        deadline = self.job.active_deadline_s
+        if deadline is not None and time.time() - self.state.started_at > deadline:
+            raise _Failure(REASON_DEADLINE, f"The job ran longer than activeDeadlineSeconds "
+                                            f"({deadline}); raise it or add instances")
+        time.sleep(self.tick_s)
+
+    def stop_children(self) -> None:
+        for proc in list(self.children.values()):
+            stop_popen(proc, timeout=self.grace_s)
+        self.children.clear()
+
+    def _step(self, name: str, step: str, phase: JobPhase) -> None:
+        """Run the planner or the finalizer to its end, restarting it on transient failures."""
+        self.state.phase = phase
+        restarts = 0
+        while True:
+            proc = self._spawn(name, step, self._env(name))
+            self.state.step = ProcessRecord(name=name, pid=proc.pid, restarts=restarts,
+                                            start_time=process_start_time(proc.pid))
+            self.save()
+            while proc.poll() is None:
+                self._tick()
+            self.children.pop(name, None)
+            decision = on_exit(proc.returncode, restarts=restarts, retries=STEP_RETRIES)
+            if decision.next is Next.DONE:
+                self.state.step = None
+                return
+            if decision.next is not Next.RESTART:
+                raise _Failure(decision.reason, f"{phase.value} failed: "
+                               f"{self._why(name, proc.returncode)}")
+            restarts += 1
+            log.warning("%s exited (%s); restart %d in %.0f s", name,
+                        signal_exit_name(proc.returncode), restarts, decision.delay_s)
+            self._sleep(decision.delay_s)
+
+    def _sleep(self, seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            self._tick()
+
+    # -- the steps -------------------------------------------------------------------------
+
+    def plan(self) -> PlanReport:
+        self._step("planner", "plan", JobPhase.PLANNING)
+        report, text = self._read_report("planner", PlanReport)
+        if report is None:
+            raise _Failure(REASON_NO_REPORT, "The planner exited 0 without a PlanReport in "
+                           f"{self.paths.report_file('planner')} ({detail(text) or 'empty'})")
+        self.state.plan = report
+        self.save()
+        return report
+
+    def work(self, plan: PlanReport) -> None:
+        count = min(self.job.instance_count, plan.shards)
+        self.state.phase = JobPhase.RUNNING
+        self.state.work_started_at = time.time()
+        self.state.workers = [WorkerState(index=i) for i in range(count)]
+        due: dict[int, float] = {i: 0.0 for i in range(count)}
+        failures: list[_Failure] = []
+        while due or any(w.state == "running" for w in self.state.workers):
+            now = time.monotonic()
+            for index, at in list(due.items()):
+                if now >= at:
+                    del due[index]
+                    self._start_worker(index, count)
+            for worker in self.state.workers:
+                if worker.state != "running":
+                    continue
+                proc = self.children[f"worker-{worker.index}"]
+                if proc.poll() is None:
+                    continue
+                decision = self._worker_exited(worker, proc)
+                if decision.next is Next.RESTART:
+                    due[worker.index] = time.monotonic() + decision.delay_s
+                elif decision.next in (Next.FAIL, Next.STOP_JOB):
+                    failure = _Failure(decision.reason, f"Worker {worker.index} failed: "
+                                       f"{worker.error}")
+                    if decision.next is Next.STOP_JOB:
+                        raise failure
+                    failures.append(failure)
+            self.save()
+            self._tick()
+        if failures:
+            raise failures[0]
+
+    def _start_worker(self, index: int, count: int) -> None:
+        name = f"worker-{index}"
+        progress = self.paths.progress_file(index)
+        progress.parent.mkdir(parents=True, exist_ok=True)
+        progress.unlink(missing_ok=True)
+        proc = self._spawn(name, "work", self._env(name, {
+            "KUBEINFER_SHARDS": f"{index}/{count}", "KUBEINFER_PROGRESS_FILE": str(progress)}))
+        worker = self.state.workers[index]
+        worker.pid, worker.start_time = proc.pid, process_start_time(proc.pid)
+        worker.state, worker.exit_code = "running", None
+
+    def _worker_exited(self, worker: WorkerState, proc: subprocess.Popen[bytes]) -> ExitDecision:
+        name = f"worker-{worker.index}"
+        self.children.pop(name, None)
+        code = proc.returncode
+        report, _ = self._read_report(name, WorkerReport)
+        current = report or read_progress(self.paths.progress_file(worker.index))
+        worker.exit_code, worker.pid = code, None
+        decision = on_exit(code, restarts=worker.restarts, retries=self.job.retries,
+                           tolerant=self.job.max_failed_records > 0)
+        if decision.next is Next.DONE:
+            worker.state = "done"
+            # The final report is the attempt's last word: it becomes its progress.
+            if report is not None:
+                self.paths.progress_file(worker.index).write_text(report.model_dump_json())
+            return decision
+        worker.earlier = add(worker.earlier, current or WorkerReport())
+        self.paths.progress_file(worker.index).unlink(missing_ok=True)
+        worker.error = self._why(name, code)
+        if decision.next is Next.RESTART:
+            worker.restarts += 1
+            worker.state = "backoff"
+            log.warning("%s exited (%s); restart %d in %.0f s", name, signal_exit_name(code),
+                        worker.restarts, decision.delay_s)
+        else:
+            worker.state = "failed"
+        return decision
+
+    def finalize(self) -> JobSummary:
+        try:
+            self._step("finalizer", "finalize", JobPhase.FINALIZING)
+        except _Failure:
+            summary, _ = self._read_report("finalizer", JobSummary)
+            if summary is not None and summary.failed:
+                self.state.summary = summary
+                raise _Failure(summary.reason or "TooManyFailedRecords",
+                               summary.message or "Too many records failed") from None
+            raise
+        summary, text = self._read_report("finalizer", JobSummary)
+        if summary is None:
+            raise _Failure(REASON_NO_REPORT, "The finalizer exited 0 without a JobSummary in "
+                           f"{self.paths.report_file('finalizer')} ({detail(text) or 'empty'})")
+        self.state.summary = summary
+        if summary.failed:
+            raise _Failure(summary.reason or "TooManyFailedRecords",
+                           summary.message or "Too many records failed")
+        return summary
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def acquire_lock(self) -> bool:
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        if not self.acquire_lock():
+            log.error("TransformJob %s already has a running runner", self.job.name)
+            return EXIT_ALREADY_RUNNING
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        self.save()
+        try:
+            plan = self.plan()
+            if plan.shards:
+                self.work(plan)
+            summary = self.finalize()
+            self._finish(JobPhase.COMPLETE, "Completed",
+                         f"{summary.records} record(s) from {summary.objects} object(s) in "
+                         f"{summary.shards} shard(s)"
+                         + (f"; {summary.failed_records} bad record(s) in "
+                            f"{self.job.output_uri.rstrip('/')}/{ERRORS_NAME}"
+                            if summary.failed_records else ""))
+            return EXIT_COMPLETE
+        except _Failure as failure:
+            self.stop_children()
+            self._finish(JobPhase.FAILED, failure.reason, failure.message)
+            return EXIT_FAILED
+        except _Stop:
+            self.stop_children()
+            self._finish(JobPhase.STOPPED, "Stopped", "Stopped; kubeinfer up -f "
+                         f"{self.job.source or 'FILE'} resumes it (done shards are kept)")
+            return EXIT_STOPPED
+        finally:
+            self.stop_children()
+
+    def _finish(self, phase: JobPhase, reason: str, message: str) -> None:
+        self.state.phase, self.state.reason, self.state.message = phase, reason, message
+        self.state.finished_at = time.time()
+        self.state.step = None
+        for worker in self.state.workers:
+            if worker.state in ("running", "backoff", "pending"):
+                worker.state, worker.pid = "stopped", None
+        if phase is not JobPhase.STOPPED:
+            self.state.first_errors = first_errors(self.job.output_uri)
+        self.save()
+        log.info("TransformJob %s: %s (%s) %s", self.job.name, phase.value, reason, message)
+
+
+def run_runner(state_dir: Path) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    paths = JobPaths(state_dir)
+    job = read_job(paths)
+    if job is None:
+        log.error("No readable job at %s; start TransformJobs with kubeinfer up -f", paths.job)
+        return 2
+    return Runner(paths, job).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubeinfer-transform-runner")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    return run_runner(parser.parse_args(argv).state_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

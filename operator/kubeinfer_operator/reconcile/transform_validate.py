@@ -1,0 +1,123 @@
+"""Semantic validation of a TransformJob before anything runs: PURE.
+
+The CRD schema refuses structural errors at ``kubectl apply`` time; this finds
+what needs the whole object or the backend: a name that would make Job names
+too long, resource quantities, model URIs the runtime would refuse, image
+steps sharing a port, and what only one backend can run (``file://`` data on
+Kubernetes is private to each pod, so the planner, workers and finalizer would
+not see each other's files; image steps need a pod). Every problem at once,
+each naming its field and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+
+from kubeinfer_operator.api.endpoint import ContainerStep, ObjectMeta, format_validation_error
+from kubeinfer_operator.api.transform_job import TransformJob, TransformJobSpec
+from kubeinfer_operator.errors import SpecError
+from kubeinfer_operator.reconcile.transform_status import REASON_INVALID_SPEC
+from kubeinfer_operator.reconcile.validate import _resource_problems, _uri_problems
+from kubeinfer_operator.render.plan_steps import FIRST_IMAGE_PORT
+
+#: Job names add ``-finalize`` and pod names a suffix to this: DNS labels of <= 63.
+MAX_NAME = 40
+_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+class InvalidTransformJob(SpecError):
+    """The TransformJob cannot run as written; ``problems`` name each field and fix."""
+
+    reason = REASON_INVALID_SPEC
+
+    def __init__(self, job: str, problems: list[str]) -> None:
+        self.job = job
+        self.problems = problems
+        super().__init__(f"TransformJob {job} is invalid: " + "; ".join(problems))
+
+
+def _clean(problem: str) -> str:
+    problem = re.sub(r"^spec: (spec\.)", r"\1", problem.strip())
+    return problem.rstrip(".")
+
+
+def name_problems(name: str) -> list[str]:
+    if len(name) > MAX_NAME or not _NAME.match(name):
+        return [f"metadata.name: {name!r} must start with a letter, use only lowercase letters, "
+                f"digits and '-', and have at most {MAX_NAME} characters; create the "
+                "TransformJob under such a name"]
+    return []
+
+
+def image_step_problem(path: str, step: ContainerStep) -> str:
+    """Local mode's refusal of an image step (the Endpoint's local mode says the same)."""
+    return (f"{path}.image: image steps run only on Kubernetes (as extra containers of the "
+            f"pod); locally, replace step {step.name!r} with a model or handler step, or "
+            "deploy with kubectl")
+
+
+def _step_problems(containers: list[ContainerStep] | None, path: str,
+                   on_kubernetes: bool) -> list[str]:
+    problems: list[str] = []
+    steps = containers or []
+    ports = [c.port or FIRST_IMAGE_PORT + k for k, c in enumerate(steps) if c.image]
+    for j, step in enumerate(steps):
+        if step.model is not None:
+            problems += _uri_problems(f"{path}[{j}].model.uri", step.model.uri)
+        if step.image and ports.count(step.port or FIRST_IMAGE_PORT + j) > 1:
+            problems.append(f"{path}[{j}].port: {step.port or FIRST_IMAGE_PORT + j} is used by "
+                            "another image step; give each image its own port")
+        if step.image and not on_kubernetes:
+            problems.append(image_step_problem(f"{path}[{j}]", step))
+    return problems
+
+
+def _kubernetes_problems(spec: TransformJobSpec) -> list[str]:
+    problems = []
+    for field, uri in (("spec.input.uri", spec.input.uri), ("spec.output.uri", spec.output.uri)):
+        if urlparse(uri).scheme == "file":
+            problems.append(
+                f"{field}: {uri!r} is a path inside one pod on Kubernetes, so the planner, "
+                "workers and finalizer would not see each other's files; use "
+                "s3://bucket/prefix (kubeinfer up -f runs file:// jobs locally)")
+    return problems
+
+
+def spec_problems(spec: TransformJobSpec, *, on_kubernetes: bool) -> list[str]:
+    """What a parsed spec cannot run on the backend at hand."""
+    problems = _resource_problems("spec.resources", spec.resources.requests,
+                                  spec.resources.limits)
+    if spec.model is not None:
+        problems += _uri_problems("spec.model.uri", spec.model.uri)
+    problems += _step_problems(spec.containers, "spec.containers", on_kubernetes)
+    if on_kubernetes:
+        problems += _kubernetes_problems(spec)
+    return problems
+
+
+def model_problems(containers: list[ContainerStep] | None, source: str,
+                   on_kubernetes: bool) -> list[str]:
+    """What an Endpoint variant's containers (endpointRef) add: image steps run only there."""
+    return [f"{source}: {p}" for p in _step_problems(containers, "containers", on_kubernetes)]
+
+
+def validate_transform_job(name: str, namespace: str | None, spec: Any, *,
+                           on_kubernetes: bool = True) -> TransformJob:
+    """Parse and check a TransformJob's spec; raise ``InvalidTransformJob`` listing every
+    problem."""
+    qualified = f"{namespace}/{name}" if namespace else name
+    problems = name_problems(name)
+    try:
+        parsed = TransformJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        problems += [_clean(p) for p in format_validation_error(exc, "spec").splitlines()]
+        raise InvalidTransformJob(qualified, problems) from exc
+    problems += spec_problems(parsed, on_kubernetes=on_kubernetes)
+    if problems:
+        raise InvalidTransformJob(qualified, [_clean(p) for p in problems])
+    return TransformJob(apiVersion="kubeinfer.io/v1alpha1", kind="TransformJob",
+                        metadata=ObjectMeta(name=name, namespace=namespace), spec=parsed)
