@@ -227,11 +227,18 @@ class ShardRun:
         self.group_limit = group_bytes(s)
         self._inflight: deque[_Call | _PartEnd] = deque()
         self._commits: list[Future[int]] = []
+        self._t0 = time.monotonic()
 
     # -- the pipeline ----------------------------------------------------------------
 
     def run(self) -> ShardReport:
-        t0 = time.monotonic()
+        self.start()
+        return self.finish()
+
+    def start(self) -> None:
+        """Read the shard and send its requests, leaving up to ``maxConcurrentTransforms``
+        of them in flight: the worker reads the next shard while they finish."""
+        self._t0 = time.monotonic()
         job = self.job
         self._inflight.clear()
         self._commits.clear()
@@ -266,6 +273,10 @@ class ShardRun:
             self._settle_ready()
         if group:
             self._flush(group, ends)
+
+    def finish(self) -> ShardReport:
+        """Wait for the shard's requests, write its outputs; its done marker's content."""
+        job = self.job
         while self._inflight:
             self._settle(self._inflight.popleft(), self._commits)
         for commit in self._commits:
@@ -275,7 +286,7 @@ class ShardRun:
         return ShardReport(shard=self.shard.index, records=self.report["records"],
                            failed_records=self.report["failed"],
                            bytes_in=self.report["bytes_in"], bytes_out=self.report["bytes_out"],
-                           seconds=round(time.monotonic() - t0, 3),
+                           seconds=round(time.monotonic() - self._t0, 3),
                            part_records=self.part_records)
 
     def _flush(self, group: list[_Member], ends: list[_PartEnd]) -> None:

@@ -131,20 +131,36 @@ def _run_shards(settings: BatchSettings, store: Store, *, plan_shards: list[Shar
             ThreadPoolExecutor(8, thread_name_prefix="batch-io") as io_pool:
         job = Job(settings, plan, store, model, processor, output_folder(settings), pool,
                   io_pool, stop, progress.tally, progress.tick)
+        # One shard ahead: the next shard is read and its first requests sent while the
+        # previous one's last requests run (with one request in flight per shard, a
+        # worker would otherwise alternate between reading and inferring). A worker
+        # killed now re-does at most these two shards.
+        previous: ShardRun | None = None
         for shard in plan_shards:
             progress.shards_started += 1
             progress.tick(force=True)
             run = ShardRun(job, shard)
-            report = run.run()
-            if run.failures:
-                store.write_bytes(errors_uri(settings, shard.index),
-                                  b"".join(orjson.dumps(f.line()) + b"\n"
-                                           for f in run.failures), "application/x-ndjson")
-            else:
-                store.delete(errors_uri(settings, shard.index))  # a stale one of a dead run
-            store.write_bytes(done_uri(settings, shard.index), report.model_dump_json().encode(),
-                              "application/json")
-            progress.done += 1
-            progress.tick(force=True)
-            log.info("Shard %d done: %d records (%d failed) in %.1f s", shard.index,
-                     report.records, report.failed_records, report.seconds)
+            run.start()
+            if previous is not None:
+                _finish(previous, settings, store, progress)
+            previous = run
+        if previous is not None:
+            _finish(previous, settings, store, progress)
+
+
+def _finish(run: ShardRun, settings: BatchSettings, store: Store, progress: Progress) -> None:
+    """Wait for a shard's last requests, then write its errors and its done marker."""
+    report = run.finish()
+    shard = run.shard
+    if run.failures:
+        store.write_bytes(errors_uri(settings, shard.index),
+                          b"".join(orjson.dumps(f.line()) + b"\n"
+                                   for f in run.failures), "application/x-ndjson")
+    else:
+        store.delete(errors_uri(settings, shard.index))  # a stale one of a dead run
+    store.write_bytes(done_uri(settings, shard.index), report.model_dump_json().encode(),
+                      "application/json")
+    progress.done += 1
+    progress.tick(force=True)
+    log.info("Shard %d done: %d records (%d failed) in %.1f s", shard.index,
+             report.records, report.failed_records, report.seconds)
