@@ -1,15 +1,18 @@
 # syntax=docker/dockerfile:1
 #
-# kubeinfer images. Two final targets from one build:
+# kubeinfer images. Three final targets from one build:
 #
 #   docker build --target operator -t kubeinfer/operator:dev .   # `kubeinfer operator` (kopf)
 #   docker build --target runtime  -t kubeinfer/runtime:dev .    # `kubeinfer-runtime serve --role ...`
+#   docker build --target compiler -t kubeinfer/compiler:dev .   # `kubeinfer-runtime compile`
 #
 # Stages: `builder` (compilers, pip) installs kubeinfer and its pinned
 # dependencies into a virtual environment at /opt/kubeinfer; `models` builds the
 # example ONNX models with scikit-learn in a throwaway environment. The final
 # stages start again from the bare base image and copy only those results in:
-# no compiler, no pip cache, no scikit-learn, no source tree.
+# no compiler, no pip cache, no scikit-learn, no source tree. The third target,
+# `compiler`, is the runtime image plus g++ (TVM links each compiled model into
+# a shared library with it): only the compile step runs it, never a server.
 #
 # The base is pinned by digest (the multi-architecture index of
 # python:3.11.14-slim-bookworm), so a rebuild uses exactly the same OS and
@@ -42,6 +45,15 @@ COPY runtime runtime
 RUN /opt/kubeinfer/bin/pip install --no-deps -c requirements/constraints.txt . \
  && /opt/kubeinfer/bin/kubeinfer --version \
  && /opt/kubeinfer/bin/python -c "import kubeinfer_runtime.__main__, kubeinfer_operator.cli"
+
+# ---------------------------------------------------------------------------
+# The runtime's venv: the operator's plus the `compile` extra (TVM, which also
+# serves compiled artifacts, and MetaSchedule's cost model). The operator image
+# does not carry it.
+FROM builder AS runtime-builder
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['compile']))" > /tmp/compile.txt \
+ && /opt/kubeinfer/bin/pip install -c requirements/constraints.txt -r /tmp/compile.txt \
+ && /opt/kubeinfer/bin/python -c "import tvm, tvm_ffi, kubeinfer_runtime.compile.main"
 
 # ---------------------------------------------------------------------------
 # From the bare base, not from builder: source edits do not rebuild the models.
@@ -77,7 +89,6 @@ FROM ${PYTHON_IMAGE} AS base
 RUN groupadd --system --gid 65532 kubeinfer \
  && useradd --system --uid 65532 --gid 65532 --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin kubeinfer
-COPY --from=builder /opt/kubeinfer /opt/kubeinfer
 ENV PATH=/opt/kubeinfer/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
@@ -85,6 +96,7 @@ WORKDIR /
 
 # ---------------------------------------------------------------------------
 FROM base AS operator
+COPY --from=builder /opt/kubeinfer /opt/kubeinfer
 LABEL org.opencontainers.image.title="kubeinfer operator" \
       org.opencontainers.image.description="Turns kubeinfer.io Endpoints into Deployments, Services and route tables" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -96,6 +108,7 @@ CMD ["operator"]
 
 # ---------------------------------------------------------------------------
 FROM base AS runtime
+COPY --from=runtime-builder /opt/kubeinfer /opt/kubeinfer
 LABEL org.opencontainers.image.title="kubeinfer runtime" \
       org.opencontainers.image.description="kubeinfer data plane: SageMaker-compatible gateway and ONNX model server" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -107,3 +120,21 @@ EXPOSE 8080
 # The operator passes the role: `serve --role model-server` or `serve --role gateway`.
 ENTRYPOINT ["kubeinfer-runtime"]
 CMD ["serve", "--role", "model-server"]
+
+# ---------------------------------------------------------------------------
+# The compile step (CompilationJobs, `model.compile` init containers): the
+# runtime image plus g++, which TVM's export_library runs to link each compiled
+# model into a shared library. Kept out of the serving image. Cross targets
+# (aarch64, armv7) also need cross compilers and qemu-user: compile those with
+# `kubeinfer compile` on a machine set up by `scripts/setup test`.
+FROM runtime AS compiler
+LABEL org.opencontainers.image.title="kubeinfer compiler" \
+      org.opencontainers.image.description="kubeinfer compile step: ONNX to TVM or onnxruntime artifacts, measured against onnxruntime" \
+      org.opencontainers.image.licenses="Apache-2.0"
+USER 0:0
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
+USER 65532:65532
+ENTRYPOINT ["kubeinfer-runtime"]
+CMD ["compile"]

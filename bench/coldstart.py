@@ -1,9 +1,25 @@
-"""Serverless cold start in local mode: request arrival → first response, split in parts.
+"""Cold start: a fresh model-server process, and scale from zero in local mode.
 
-Runs a ``type: Serverless`` endpoint serving the bench MLP with ``kubeinfer up``
-(real supervisor, gateway and model-server processes), waits until the variant
-has scaled to zero, then times one request through the gateway. Repeated
-``--trials`` times. Each trial is split with the processes' own metrics:
+**Fresh process** (first row): the time from starting a process to its first
+answered inference request (a 200 to ``POST /invocations`` with the bench MLP),
+for our model server (``python -m kubeinfer_runtime serve --role
+model-server``, as a pod runs it) and for the bare ASGI app
+(``bench/baselines/bare_asgi.py`` on uvicorn, which loads the model before it
+listens). The two take turns, trial after trial (interleaved: this machine's
+speed drifts), and the client polls each every 2 ms from the moment it
+starts: connect, ``POST``, again after a refused connection or a 503. Also
+reported for ours: when the port first answered ``/ping`` (503 while the model
+loads: readiness stays honest) and when ``/ping`` turned 200. Every Kubernetes
+pod pays this on each scale-from-zero and rollout. Our packages are
+byte-compiled first, as an installed package is (``PYTHONDONTWRITEBYTECODE``
+is set on the development machine, so otherwise every start would compile
+them from source).
+
+**Serverless, local mode**: runs a ``type: Serverless`` endpoint serving the
+bench MLP with ``kubeinfer up`` (real supervisor, gateway and model-server
+processes), waits until the variant has scaled to zero, then times one
+request through the gateway. Each trial is split with the processes' own
+metrics:
 
 * **model load**: the new model server's ``kubeinfer_model_load_seconds``
   (onnxruntime session creation + warm-up);
@@ -16,25 +32,32 @@ has scaled to zero, then times one request through the gateway. Repeated
 Model servers come from the supervisor's fork server (the runtime already
 imported); ``--no-prefork`` measures plain process starts instead.
 
-Usage: ``python -m bench.coldstart [--trials 5] [--no-prefork]``. Prints a table; not a test.
+Usage: ``python -m bench.coldstart [--trials 5] [--no-prefork] [--only fresh|serverless]``.
+Prints tables; not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 from examples.build_models import build_mlp
 from prometheus_client.parser import text_string_to_metric_families
+
+from bench.common import REPO, free_port, uvicorn_cmd
 
 SPEC = """\
 apiVersion: kubeinfer.io/v1alpha1
@@ -85,12 +108,8 @@ def wait(pred: object, timeout: float, what: str) -> None:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--no-prefork", action="store_true",
-                        help="start model servers as fresh processes (no fork server)")
-    args = parser.parse_args()
+def serverless(args: argparse.Namespace) -> None:
+    """Scale from zero through the gateway in local mode (fork server or fresh processes)."""
     work = Path(tempfile.mkdtemp(prefix="kubeinfer-coldstart-"))
     home = work / "home"
     model = build_mlp(work / "mlp.onnx")
@@ -139,6 +158,154 @@ def main() -> int:
     med = [statistics.median(col) for col in zip(*rows, strict=True)]
     print(f"{'p50':>5} {med[0] * 1e3:>9.0f} {med[1] * 1e3:>17.0f} {med[2] * 1e3:>14.0f} "
           f"{med[3] * 1e3:>19.1f}")
+
+
+# ------------------------------------------------------------------ fresh process
+
+
+@dataclass
+class Start:
+    """One fresh start: seconds from spawning the process to each milestone (None: never)."""
+
+    first_answer: float
+    #: Our server only: the first answer to /ping (any status), and the first 200.
+    ping_any: float | None = None
+    ping_ok: float | None = None
+
+
+def _request(sock: socket.socket, raw: bytes) -> int:
+    """Send one request on a keep-alive connection; the response's status (body read off)."""
+    sock.sendall(raw)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        rest += chunk
+    return int(head.split(b" ", 2)[1])
+
+
+def post(path: str, body: bytes) -> bytes:
+    """A keep-alive JSON ``POST`` as raw bytes."""
+    return (b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+
+
+def time_start(cmd: list[str], env: dict[str, str], port: int, request: bytes, log: Path,
+               ping: bool, timeout: float = 60.0) -> Start:
+    """Spawn ``cmd``; poll it every 2 ms until ``request`` (raw HTTP) is answered 200."""
+    get_ping = b"GET /ping HTTP/1.1\r\nHost: bench\r\n\r\n"
+    ping_any = ping_ok = None
+    with open(log, "ab") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    try:
+        sock: socket.socket | None = None
+        while time.perf_counter() - t0 < timeout:
+            if proc.poll() is not None:
+                raise SystemExit(f"{cmd} exited with {proc.returncode}: see {log}")
+            try:
+                if sock is None:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if ping and ping_ok is None:
+                    status = _request(sock, get_ping)
+                    now = time.perf_counter() - t0
+                    ping_any = now if ping_any is None else ping_any
+                    ping_ok = now if status == 200 else None
+                if _request(sock, request) == 200:
+                    return Start(time.perf_counter() - t0, ping_any, ping_ok)
+            except OSError:
+                if sock is not None:
+                    sock.close()
+                sock = None
+            time.sleep(0.002)
+        raise SystemExit(f"{cmd} gave no answer in {timeout:.0f} s: see {log}")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def fresh(args: argparse.Namespace) -> None:
+    """Fresh processes, ours and the bare ASGI app's, in turns: start to first answer."""
+    for package in ("runtime", "operator"):
+        compileall.compile_dir(REPO / package, quiet=1)
+    work = Path(tempfile.mkdtemp(prefix="kubeinfer-fresh-"))
+    model = build_mlp(work / "mlp.onnx")
+    body = json.dumps({"instances": np.random.default_rng(0).random((1, 256)).tolist()}).encode()
+    request = post("/invocations", body)
+    ours_cmd = [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role", "model-server"]
+    rows: dict[str, list[Start]] = {"bare ASGI app (uvicorn)": [], "kubeinfer model server": []}
+    for trial in range(args.trials):
+        # Alternate who goes first: the second start of a pair finds a warmer page cache.
+        order = list(rows) if trial % 2 == 0 else list(reversed(rows))
+        for label in order:
+            port = free_port()
+            if label.startswith("bare"):
+                start = time_start(uvicorn_cmd("bench.baselines.bare_asgi:app", port),
+                                   {"BENCH_MODEL": str(model)}, port, request, work / "bare.log",
+                                   ping=False)
+            else:
+                env = {"KUBEINFER_HOST": "127.0.0.1", "KUBEINFER_PORT": str(port),
+                       "KUBEINFER_MODEL_URI": f"file://{model}", "KUBEINFER_MODEL_NAME": "m",
+                       "KUBEINFER_LOG_LEVEL": "warning"}
+                start = time_start(ours_cmd, env, port, request, work / "ours.log", ping=True)
+            rows[label].append(start)
+    bare, ours = rows.values()
+    ratios = sorted(o.first_answer / b.first_answer for o, b in zip(ours, bare, strict=True))
+    print(f"Fresh process: start to first answered request (bench MLP, "
+          f"{model.stat().st_size // 1024} KiB ONNX), {args.trials} interleaved trials, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'process':<26} {'p50 ms':>7} {'min ms':>7} {'max ms':>7} "
+          f"{'port answers /ping ms':>22} {'/ping 200 ms':>13}")
+    lines = []
+    for label, starts in rows.items():
+        first = sorted(s.first_answer for s in starts)
+        pings = [s.ping_any for s in starts if s.ping_any is not None]
+        oks = [s.ping_ok for s in starts if s.ping_ok is not None]
+        ping_col = f"{statistics.median(pings) * 1e3:.0f}" if pings else "-"
+        ok_col = f"{statistics.median(oks) * 1e3:.0f}" if oks else "-"
+        print(f"{label:<26} {statistics.median(first) * 1e3:>7.0f} {first[0] * 1e3:>7.0f} "
+              f"{first[-1] * 1e3:>7.0f} {ping_col:>22} {ok_col:>13}")
+        lines.append(f"| {label} | {statistics.median(first) * 1e3:.0f} | "
+                     f"{first[0] * 1e3:.0f}-{first[-1] * 1e3:.0f} | {ping_col} | {ok_col} |")
+    print(f"ours / bare: {statistics.median(ratios):.2f}x median of {len(ratios)} paired trials "
+          f"(range {ratios[0]:.2f}-{ratios[-1]:.2f}x; target <= 1.5x)")
+    if args.markdown:
+        print("\n| process | p50 first answer ms | range ms | port answers /ping ms | "
+              "/ping 200 ms |")
+        print("|---|---:|---:|---:|---:|")
+        print("\n".join(lines))
+    print()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--no-prefork", action="store_true",
+                        help="serverless: start model servers as fresh processes (no fork "
+                             "server)")
+    parser.add_argument("--only", choices=("fresh", "serverless"),
+                        help="run one of the two benchmarks (default: both)")
+    parser.add_argument("--markdown", action="store_true", help="also print markdown rows")
+    args = parser.parse_args()
+    if args.only != "serverless":
+        fresh(args)
+    if args.only != "fresh":
+        serverless(args)
     return 0
 
 

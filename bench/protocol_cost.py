@@ -11,7 +11,9 @@ the minimum is the run least disturbed by it.
 
 Rows: the bare ASGI app (bench/baselines/bare_asgi.py) through uvicorn's
 protocol, our model server through uvicorn's protocol (the ASGI path), and
-our model server through ``InlineHttpProtocol`` (the inline path). Run it
+our model server through ``InlineHttpProtocol`` (the inline path); then the
+same inference through Open Inference Protocol V2 (``POST /v2/models/m/infer``,
+JSON tensors, and binary tensors as ``tritonclient`` sends them) on both paths. Run it
 under ``valgrind --tool=callgrind`` with ``--batches 1`` to count
 instructions instead of time.
 """
@@ -123,6 +125,11 @@ async def ours(model: Path) -> tuple[Any, LifespanOn]:
     raise RuntimeError("the model did not load")
 
 
+def _post(target: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n%s"
+            b"Content-Length: %d\r\n\r\n%s" % (target, extra, len(body), body))
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("sklearn", "mlp"), default="sklearn")
@@ -136,8 +143,15 @@ async def main() -> None:
         path = build_mlp(tmp / "m.onnx")
         x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
     body = orjson.dumps({"instances": x.tolist()})
-    request = (b"POST /invocations HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json"
-               b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    request = _post(b"/invocations", body)
+    name = "X" if args.model == "sklearn" else "input"
+    v2 = {"name": name, "shape": list(x.shape), "datatype": "FP32"}
+    v2_json = _post(b"/v2/models/m/infer",
+                    orjson.dumps({"inputs": [{**v2, "data": x.reshape(-1).tolist()}]}))
+    header = orjson.dumps({"inputs": [{**v2, "parameters": {"binary_data_size": x.nbytes}}],
+                           "parameters": {"binary_data_output": True}})
+    v2_binary = _post(b"/v2/models/m/infer", header + x.tobytes(),
+                      b"Inference-Header-Content-Length: %d\r\n" % len(header))
 
     os.environ["BENCH_MODEL"] = str(path)
     from bench.baselines import bare_asgi
@@ -145,16 +159,20 @@ async def main() -> None:
 
     model_server, lifespan = await ours(path)
     rows = [
-        ("bare ASGI app, uvicorn protocol", bare_asgi.app, HttpToolsProtocol),
-        ("kubeinfer model server, ASGI path", model_server, HttpToolsProtocol),
-        ("kubeinfer model server, inline path", model_server, InlineHttpProtocol),
+        ("bare ASGI app, uvicorn protocol", bare_asgi.app, HttpToolsProtocol, request),
+        ("kubeinfer model server, ASGI path", model_server, HttpToolsProtocol, request),
+        ("kubeinfer model server, inline path", model_server, InlineHttpProtocol, request),
+        ("model server, V2 JSON, ASGI path", model_server, HttpToolsProtocol, v2_json),
+        ("model server, V2 JSON, inline path", model_server, InlineHttpProtocol, v2_json),
+        ("model server, V2 binary, ASGI path", model_server, HttpToolsProtocol, v2_binary),
+        ("model server, V2 binary, inline path", model_server, InlineHttpProtocol, v2_binary),
     ]
     table = Table(title=f"Python cost per request through uvicorn's protocol ({args.model}; "
                         f"best of {args.batches} x {args.requests})")
     table.add_column("app")
     table.add_column("µs / request", justify="right")
-    for label, app, protocol_class in rows:
-        us, sample = await measure(app, protocol_class, request, args.requests, args.batches)
+    for label, app, protocol_class, raw in rows:
+        us, sample = await measure(app, protocol_class, raw, args.requests, args.batches)
         if not sample.startswith(b"HTTP/1.1 200 OK"):
             raise RuntimeError(f"{label} answered {sample[:200]!r}")
         table.add_row(label, f"{us:.1f}")

@@ -6,7 +6,10 @@ One run measures, on the same models with the same load generator (wrk):
     issue's target baseline: our model server must reach >= 90% of it at c=64,
   * a minimal hand-written FastAPI + onnxruntime app,
   * our model server (``kubeinfer-runtime serve --role model-server``) direct
-    (with ``--asgi-path``, also with its inline HTTP path switched off),
+    (with ``--asgi-path``, also with its inline HTTP path switched off), through
+    ``/invocations`` and through Open Inference Protocol V2
+    (``POST /v2/models/m/infer``, JSON tensors; with ``--v2-binary`` also the
+    binary tensor extension, as ``tritonclient`` sends by default),
   * our gateway -> model server (SageMaker Runtime API path), and the same hop to
     an endpoint that authenticates callers with SigV4 (each wrk run replays a
     request signed with botocore just before it; the gateway verifies every one
@@ -14,9 +17,9 @@ One run measures, on the same models with the same load generator (wrk):
 Models: a small scikit-learn classifier (skl2onnx) and an MLP 256-512-512-10.
 
     .venv/bin/python bench/serving.py [--duration 3] [--rounds 3] [--concurrency 1,8,64]
-                                      [--markdown] [--asgi-path]
+                                      [--markdown] [--asgi-path] [--v2-binary]
 
-It prints a table (rps, p50, p99) and the two target checks. It is never run
+It prints a table (rps, p50, p99) and the target checks. It is never run
 as a test: speed is measured, not asserted.
 """
 
@@ -27,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +64,8 @@ def inprocess(model: Path, x: np.ndarray, seconds: float) -> LoadResult:
                       p99_ms=lat[int(len(lat) * 0.99)] * 1e3, errors=0)
 
 
-def start_servers(model: Path, log_dir: Path,
-                  asgi_path: bool = False) -> dict[str, tuple[Server, str]]:
+def start_servers(model: Path, log_dir: Path, asgi_path: bool = False,
+                  v2_binary: bool = False) -> dict[str, tuple[Server, str]]:
     """name -> (server, invocation URL). The gateway is started last, in front of ours.
 
     ``asgi_path`` adds our model server with the inline HTTP path switched off
@@ -83,6 +87,9 @@ def start_servers(model: Path, log_dir: Path,
     cmd = [sys.executable, "-m", "kubeinfer_runtime", "serve", "--role", "model-server"]
     ms = start("model-server", cmd, ms_env, p, "/ping", log_dir)
     servers["kubeinfer model server"] = (ms, f"{ms.url}/invocations")
+    servers[V2_LABEL] = (ms, f"{ms.url}/v2/models/m/infer")
+    if v2_binary:
+        servers[V2_BINARY_LABEL] = (ms, f"{ms.url}/v2/models/m/infer")
     if asgi_path:
         p = free_port()
         asgi = start("model-server-asgi", cmd, {**ms_env, "KUBEINFER_PORT": str(p),
@@ -116,6 +123,39 @@ def start_servers(model: Path, log_dir: Path,
 
 BENCH_KEY = ("AKIAKUBEINFERBENCH01", "bench-secret-key-0123456789abcdefghijkl")
 SIGV4_LABEL = "kubeinfer gateway (SigV4) -> server"
+V2_LABEL = "kubeinfer model server, V2 JSON"
+V2_BINARY_LABEL = "kubeinfer model server, V2 binary"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What wrk sends to one server: body, content type, extra headers."""
+
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict[str, str] | None = None
+
+
+def requests_for(x: np.ndarray, input_name: str) -> dict[str, Request]:
+    """The same inference as each protocol spells it (the V2 ones as stock clients send)."""
+    v2 = {"name": input_name, "shape": list(x.shape), "datatype": "FP32"}
+    header = orjson.dumps({"inputs": [{**v2, "parameters": {"binary_data_size": x.nbytes}}],
+                           "parameters": {"binary_data_output": True}})
+    return {
+        "invocations": Request(orjson.dumps({"instances": x.tolist()})),
+        V2_LABEL: Request(orjson.dumps({"inputs": [{**v2, "data": x.reshape(-1).tolist()}]})),
+        V2_BINARY_LABEL: Request(header + x.astype("<f4").tobytes(), "application/octet-stream",
+                                 {"Inference-Header-Content-Length": str(len(header))}),
+    }
+
+
+def load(label: str, url: str, requests: dict[str, Request], connections: int,
+         seconds: float) -> LoadResult:
+    """One wrk run of the request ``label`` sends (SigV4: signed just before it)."""
+    req = requests.get(label, requests["invocations"])
+    headers = (sigv4_headers(url, req.body, req.content_type) if label == SIGV4_LABEL
+               else req.headers)
+    return wrk(url, req.body, req.content_type, connections, seconds, headers)
 
 
 def sigv4_headers(url: str, body: bytes, content_type: str) -> dict[str, str]:
@@ -140,6 +180,8 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="also print a markdown table")
     ap.add_argument("--asgi-path", action="store_true",
                     help="also measure our model server with the inline HTTP path off")
+    ap.add_argument("--v2-binary", action="store_true",
+                    help="also measure V2 with the binary tensor extension")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     console = Console()
@@ -150,24 +192,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         models = {
-            "sklearn": (build_sklearn(tmpdir / "sklearn.onnx"), np.full((1, 4), 5.0, np.float32)),
+            "sklearn": (build_sklearn(tmpdir / "sklearn.onnx"), np.full((1, 4), 5.0, np.float32),
+                        "X"),
             "mlp": (build_mlp(tmpdir / "mlp.onnx"),
-                    np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)),
+                    np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32),
+                    "input"),
         }
         for model_name in args.models.split(","):
-            path, x = models[model_name]
-            body = orjson.dumps({"instances": x.tolist()})
+            path, x, input_name = models[model_name]
+            requests = requests_for(x, input_name)
             rows.append((model_name, "in-process onnxruntime (limit)", 1,
                          inprocess(path, x, args.duration)))
             log_dir = tmpdir / f"logs-{model_name}"
             log_dir.mkdir()
-            servers = start_servers(path, log_dir, args.asgi_path)
+            servers = start_servers(path, log_dir, args.asgi_path, args.v2_binary)
             try:
                 for label, (_, url) in servers.items():
                     # Warm up connection pools and caches before measuring.
-                    headers = (sigv4_headers(url, body, "application/json")
-                               if label == SIGV4_LABEL else None)
-                    wrk(url, body, "application/json", 8, 1.0, headers)
+                    load(label, url, requests, 8, 1.0)
                 # Servers take turns within each round, and each cell reports its
                 # median round: this VM's speed drifts over minutes, and measuring
                 # one server after the other would compare different machines.
@@ -175,10 +217,7 @@ def main() -> None:
                     runs: dict[str, list[LoadResult]] = {label: [] for label in servers}
                     for _ in range(args.rounds):
                         for label, (_, url) in servers.items():
-                            headers = (sigv4_headers(url, body, "application/json")
-                                       if label == SIGV4_LABEL else None)
-                            runs[label].append(wrk(url, body, "application/json", c,
-                                                   args.duration, headers))
+                            runs[label].append(load(label, url, requests, c, args.duration))
                     for label, results in runs.items():
                         raw[(model_name, label, c)] = results
                         res = sorted(results, key=lambda r: r.rps)[len(results) // 2]
@@ -222,6 +261,18 @@ def main() -> None:
             checks.append(f"{model_name}: gateway hop at c=1 adds "
                           f"{statistics.median(hops):.3f} ms p50, median of {len(hops)} paired "
                           f"rounds (range {hops[0]:.3f}-{hops[-1]:.3f}; target <= 0.3 ms)")
+        for label in (V2_LABEL, V2_BINARY_LABEL):
+            v2 = raw.get((model_name, label, top))
+            if v2 and ours:
+                ratios = sorted(v.rps / o.rps for v, o in zip(v2, ours, strict=True))
+                checks.append(f"{model_name}: {label.split(', ')[1]} / /invocations at c={top}: "
+                              f"{statistics.median(ratios):.0%} median of {len(ratios)} paired "
+                              f"rounds (range {ratios[0]:.0%}-{ratios[-1]:.0%}; target >= 90%)")
+            if v2 and bare:
+                ratios = sorted(v.rps / b.rps for v, b in zip(v2, bare, strict=True))
+                checks.append(f"{model_name}: {label.split(', ')[1]} / bare ASGI at c={top}: "
+                              f"{statistics.median(ratios):.0%} median of {len(ratios)} paired "
+                              f"rounds (range {ratios[0]:.0%}-{ratios[-1]:.0%}; target >= 90%)")
         signed = raw.get((model_name, SIGV4_LABEL, 1))
         if signed and via:
             extra = sorted(s.p50_ms - v.p50_ms for s, v in zip(signed, via, strict=True))

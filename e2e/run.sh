@@ -34,6 +34,7 @@ PYTHON="${PYTHON:-.venv/bin/python}"
 TAG="e2e"
 OPERATOR_IMAGE="kubeinfer/operator:${TAG}"
 RUNTIME_IMAGE="kubeinfer/runtime:${TAG}"
+COMPILER_IMAGE="kubeinfer/compiler:${TAG}"
 RELEASE="kubeinfer"
 RELEASE_NS="kubeinfer-system"
 ASYNC="${KUBEINFER_E2E_ASYNC:-1}"
@@ -100,9 +101,10 @@ kind create cluster --name "$CLUSTER" --image "$NODE_IMAGE" --kubeconfig "$KUBEC
 log "building images"
 docker build --target operator -t "$OPERATOR_IMAGE" .
 docker build --target runtime -t "$RUNTIME_IMAGE" .
+docker build --target compiler -t "$COMPILER_IMAGE" .
 
 log "loading images into kind"
-kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$RUNTIME_IMAGE"
+kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$RUNTIME_IMAGE" "$COMPILER_IMAGE"
 
 async_values=()
 if [ "$ASYNC" = "1" ]; then
@@ -122,6 +124,8 @@ helm install "$RELEASE" charts/kubeinfer \
   --set runtime.image.repository=kubeinfer/runtime \
   --set runtime.image.tag="$TAG" \
   --set runtime.image.pullPolicy=Never \
+  --set runtime.compilerImage.repository=kubeinfer/compiler \
+  --set runtime.compilerImage.tag="$TAG" \
   ${async_values[@]+"${async_values[@]}"} \
   --wait --timeout 5m
 

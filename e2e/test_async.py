@@ -5,8 +5,9 @@ SeaweedFS S3 server in namespace kubeinfer-e2e-deps) and the chart values it
 sets for them (``runtime.redis.url``, ``runtime.s3.secretName``); skipped when
 run.sh did not (``KUBEINFER_E2E_ASYNC=0``, or a kept cluster without them).
 
-The example writes to ``file:///tmp/...``, which on a cluster is each worker
-pod's private emptyDir, so it is applied with ``outputPath`` and
+The example writes to ``file:///tmp/...``, which on a cluster would be each
+worker pod's private emptyDir (the operator refuses it as InvalidSpec), so it
+is applied with ``outputPath`` and
 ``failurePath`` in a bucket of this test's own, and ``scaleInCooldown`` 15 s
 instead of 120 s so the idle workers reach zero quickly; the rest as is.
 Then: the idle queue takes the workers to zero; two requests (one good, one

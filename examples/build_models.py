@@ -2,7 +2,8 @@
 
 Models are built, never downloaded: a scikit-learn classifier trained on a
 synthetic iris-like data set (converted with skl2onnx) and an MLP
-256→512→512→10 written directly with onnx.helper. Deterministic seeds make the
+256→512→512→10 written directly with onnx.helper (plus a small convnet,
+``build_convnet``, for the compiler's tests and benchmark). Deterministic seeds make the
 files reproducible, so tests can compare predictions with in-process
 onnxruntime.
 
@@ -67,6 +68,56 @@ def build_mlp(path: Path, *, seed: int = 0, sizes: tuple[int, ...] = MLP_SIZES) 
         "mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", sizes[0]])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", sizes[-1]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def build_convnet(path: Path, *, seed: int = 0, channels: tuple[int, int] = (16, 32),
+                  size: int = 32, classes: int = 10) -> Path:
+    """A small convnet: ``image`` float32 [N, 3, size, size] -> ``logits`` [N, classes].
+
+    Conv 3x3 + ReLU, 2x2 max-pool, conv 3x3 + ReLU, global average pool, dense:
+    the shape of an image classifier, small enough to compile and check in seconds.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c1, c2 = channels
+
+    def weight(name: str, shape: tuple[int, ...], fan_in: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(
+            (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32), name)
+
+    inits = [
+        weight("w1", (c1, 3, 3, 3), 27), numpy_helper.from_array(np.zeros(c1, np.float32), "b1"),
+        weight("w2", (c2, c1, 3, 3), 9 * c1),
+        numpy_helper.from_array(np.zeros(c2, np.float32), "b2"),
+        weight("w3", (classes, c2), c2),
+        numpy_helper.from_array((rng.standard_normal(classes) * 0.01).astype(np.float32), "b3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "convnet",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -26,9 +26,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from kubeinfer_operator import __version__, cli_transform
+from kubeinfer_operator import __version__, cli_compile, cli_transform
 from kubeinfer_operator.api.endpoint import AuthConfig
 from kubeinfer_operator.errors import KubeinferError, SpecError
+from kubeinfer_operator.local.compile_manifest import has_compilation_jobs
+from kubeinfer_operator.local.compile_state import CompilePaths, known_compile_jobs
 from kubeinfer_operator.local.control import (
     Liveness,
     Outcome,
@@ -66,6 +68,7 @@ app = typer.Typer(
 )
 local_app = typer.Typer(hidden=True, help="Local-mode internals.")
 app.add_typer(local_app, name="local")
+app.command("compile")(cli_compile.compile_command)
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -256,15 +259,23 @@ def up(
 ) -> None:
     """Run the Endpoints of FILE as local processes, or update them when they already run.
 
-    A file holding TransformJobs runs them to completion instead (exit 0: complete,
-    1: failed); -d leaves them running in the background.
+    A file holding TransformJobs or CompilationJobs runs them to completion instead
+    (exit 0: complete, 1: failed); -d leaves them running in the background.
     """
+    if has_compilation_jobs(file):
+        raise typer.Exit(_up_jobs(file, detach=detach, port=port, kind="CompilationJobs",
+                                  run=cli_compile.up))
     if has_transform_jobs(file):
-        raise typer.Exit(_up_jobs(file, detach=detach, port=port))
+        raise typer.Exit(_up_jobs(file, detach=detach, port=port, kind="TransformJobs",
+                                  run=cli_transform.up))
     try:
         loaded = load_manifest_file(file)
     except SpecError as exc:
         raise _fail(f"Invalid manifest {file}:\n{exc}", 2) from exc
+    try:  # variants whose model says compile: compiled first, then served as the artifact
+        loaded = cli_compile.compile_variants(loaded)
+    except cli_compile.Refused as exc:
+        raise _fail(str(exc)) from exc
     if port is not None and len(loaded) > 1:
         raise _fail(f"--port sets one gateway port but {file} holds {len(loaded)} endpoints; "
                     "drop --port", 2)
@@ -327,14 +338,14 @@ def up(
     raise typer.Exit(code)
 
 
-def _up_jobs(file: Path, *, detach: bool, port: int | None) -> int:
+def _up_jobs(file: Path, *, detach: bool, port: int | None, kind: str,
+             run: Callable[..., int]) -> int:
     if port is not None:
-        raise _fail(f"--port sets a gateway port; {file} holds TransformJobs, which serve "
+        raise _fail(f"--port sets a gateway port; {file} holds {kind}, which serve "
                     "nothing: drop --port", 2)
     with _stop_signals_as_exceptions():
         try:
-            return cli_transform.up(file, detach=detach,
-                                    interrupts=(KeyboardInterrupt, _Terminated))
+            return run(file, detach=detach, interrupts=(KeyboardInterrupt, _Terminated))
         except SpecError as exc:
             raise _fail(f"Invalid manifest {file}:\n{exc}", 2) from exc
 
@@ -372,20 +383,25 @@ def status(
     name: Annotated[str | None, typer.Argument(help="Endpoint name (default: all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show local endpoints (URL, variants, every process with its pid, port and state) and
-    TransformJobs (phase, progress, records, rate)."""
+    """Show local endpoints (URL, variants, every process with its pid, port and state),
+    TransformJobs (phase, progress, records, rate) and CompilationJobs (phase, target,
+    backend, speedup)."""
     states, notes = _running_states(name)
     jobs = cli_transform.job_rows(name)
+    compiles = cli_compile.job_rows(name)
     if as_json:
-        typer.echo(json.dumps({**status_document(states, notes), "jobs": jobs}, indent=2))
+        typer.echo(json.dumps({**status_document(states, notes), "jobs": jobs,
+                               "compilation_jobs": compiles}, indent=2))
     else:
         for note in notes:
             err.print(note)
-        if states or not jobs:
+        if states or not (jobs or compiles):
             _print_status(states)
         if jobs:
             cli_transform.print_jobs(jobs)
-    if name and not states and not jobs:
+        if compiles:
+            cli_compile.print_jobs(compiles)
+    if name and not states and not jobs and not compiles:
         raise _fail(f"Endpoint {name} is not running; start it with kubeinfer up -f FILE")
 
 
@@ -518,34 +534,42 @@ def down(
     all_: Annotated[bool, typer.Option("--all", help="Stop every local endpoint.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait before killing.")] = 30,
 ) -> None:
-    """Stop a local endpoint and every process it runs, or a TransformJob (a later up
-    resumes it; down on a finished job forgets it). Stopping a stopped one is fine."""
+    """Stop a local endpoint and every process it runs, or a TransformJob or CompilationJob
+    (a later up resumes or recompiles it; down on a finished job forgets it). Stopping a
+    stopped one is fine."""
     if name and all_:
         raise _fail("Give an endpoint name or --all, not both", 2)
     jobs: list[JobPaths] = []
+    compiles: list[CompilePaths] = []
     if all_:
         targets = known_endpoints()
-        jobs = known_jobs()
+        jobs, compiles = known_jobs(), known_compile_jobs()
     elif name:
         targets = [EndpointPaths.for_endpoint(name)]
         jobs = [JobPaths.for_job(name)] if JobPaths.for_job(name).root.is_dir() else []
-        if jobs and liveness(targets[0]) is Liveness.STOPPED:
+        compiles = [CompilePaths.for_job(name)] if CompilePaths.for_job(name).root.is_dir() \
+            else []
+        if (jobs or compiles) and liveness(targets[0]) is Liveness.STOPPED:
             targets = []
     else:
         targets = [p for p in known_endpoints() if liveness(p) is not Liveness.STOPPED]
-        jobs = cli_transform.running_jobs()
-        if len(targets) + len(jobs) > 1:
-            names = ", ".join([p.name for p in targets] + [p.name for p in jobs])
+        jobs, compiles = cli_transform.running_jobs(), cli_compile.running_jobs()
+        if len(targets) + len(jobs) + len(compiles) > 1:
+            names = ", ".join([p.name for p in targets] + [p.name for p in jobs]
+                              + [p.name for p in compiles])
             raise _fail(f"Several endpoints or jobs run ({names}): name one or use --all", 2)
-    for job in jobs:
+    stops: list[Callable[[], str | None]] = [
+        *(lambda j=j: cli_transform.down(j, timeout=timeout) for j in jobs),
+        *(lambda c=c: cli_compile.down(c, timeout=timeout) for c in compiles)]
+    for stop in stops:
         try:
-            message = cli_transform.down(job, timeout=timeout)
+            message = stop()
         except KubeinferError as exc:
             raise _fail(str(exc)) from exc
         if message:
             out.print(message)
     if not targets:
-        if not jobs:
+        if not (jobs or compiles):
             out.print("No local endpoint is running")
         return
     for paths in targets:

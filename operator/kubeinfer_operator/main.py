@@ -1,7 +1,7 @@
 """Entry point of the Kubernetes operator: ``run(settings)`` (``kubeinfer operator``).
 
-Builds a kopf registry with the login, start-up, Endpoint and TransformJob handlers and runs
-kopf in the current thread until SIGTERM/SIGINT. Tests use ``operate()`` to
+Builds a kopf registry with the login, start-up, Endpoint, TransformJob and CompilationJob
+handlers and runs kopf in the current thread until SIGTERM/SIGINT. Tests use ``operate()`` to
 run the same operator inside their own event loop with stop/ready flags.
 
 Peering: with ``standalone=False`` (the default) kopf uses the KopfPeering
@@ -21,14 +21,16 @@ import kopf
 from pydantic import SecretStr
 
 from kubeinfer_operator.errors import ClusterError
+from kubeinfer_operator.handlers import compilation_job as compile_handlers
 from kubeinfer_operator.handlers import endpoint as endpoint_handlers
 from kubeinfer_operator.handlers import transform_job as transform_handlers
-from kubeinfer_operator.handlers.scaler import ClusterScaler
+from kubeinfer_operator.handlers.compile_sync import CompileSync
 from kubeinfer_operator.handlers.sync import EndpointSync
 from kubeinfer_operator.handlers.transform_sync import TransformSync
 from kubeinfer_operator.k8s.client import KubeClient
 from kubeinfer_operator.k8s.login import login_handler
 from kubeinfer_operator.render import k8s_secrets
+from kubeinfer_operator.scaling.cluster import ClusterScaler
 from kubeinfer_operator.settings import OperatorSettings
 
 
@@ -91,8 +93,10 @@ def build_registry(settings: OperatorSettings,
         await scaler.close()
         await kube.close()
 
-    endpoint_handlers.register(registry, sync, ours.status_interval_s)
+    endpoint_handlers.register(registry, sync, ours.status_interval_s,
+                               ours.resync_interval_s)
     transform_handlers.register(registry, TransformSync(kube, ours), ours.status_interval_s)
+    compile_handlers.register(registry, CompileSync(kube, ours), ours.status_interval_s)
     return registry
 
 

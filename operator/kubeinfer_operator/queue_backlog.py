@@ -1,6 +1,6 @@
 """Read an async endpoint's queue backlog from Redis: one place for both backends.
 
-The operator's scaler (``handlers/async_scaler.py``) and local mode
+The operator's scaler (``scaling/backlog.py``) and local mode
 (``local/async_local.py``) scale workers on the same number, so they read it
 the same way: XINFO GROUPS / CONSUMERS and XLEN of the endpoint's stream,
 turned into ``contract.AsyncBacklog``.

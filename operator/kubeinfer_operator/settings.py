@@ -22,6 +22,10 @@ class OperatorSettings(BaseSettings):
     namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Image of the runtime (model server + gateway roles).
     runtime_image: str = "ghcr.io/kubeinfer/runtime:0.1.0"
+    #: Image of the compile step (CompilationJobs, a variant's ``model.compile`` init
+    #: container): the runtime image plus the C compiler TVM links models with, kept
+    #: out of the serving image (Dockerfile target ``compiler``).
+    compiler_image: str = "ghcr.io/kubeinfer/compiler:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     #: Replicas of each Endpoint's gateway Deployment.
     gateway_replicas: int = Field(default=1, ge=1)
@@ -31,8 +35,12 @@ class OperatorSettings(BaseSettings):
     default_memory_limit: str = "1Gi"
     #: kopf peering object name (two operator replicas never both act).
     peering_name: str = "kubeinfer"
-    #: How often actual state (Deployment availability) is re-checked, seconds.
+    #: How often the scaler evaluates each scaled Endpoint (scrapes its gateways, reads
+    #: its queue), seconds. Deployment changes reach status through a watch, not this.
     status_interval_s: float = Field(default=10.0, gt=0)
+    #: The safety net: every Endpoint is fully reconciled this often even when no event
+    #: came (a missed watch event, a Service or ConfigMap edited by hand), seconds.
+    resync_interval_s: float = Field(default=300.0, gt=0)
     #: Port every runtime container listens on.
     runtime_port: int = 8080
     #: Secret holding s3 credentials (keys AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY),

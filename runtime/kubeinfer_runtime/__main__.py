@@ -3,6 +3,9 @@
 ``python -m kubeinfer_runtime batch plan|work|finalize`` runs one step of a
 Batch Transform job (``kubeinfer_runtime.batch``) and exits with its code.
 
+``python -m kubeinfer_runtime compile [MODEL --target T --out DIR ...]`` compiles
+a model (``kubeinfer_runtime.compile``; settings from env, flags win).
+
 Settings come from ``KUBEINFER_*`` env vars (see ``contract``). They are
 validated here first so a misconfigured pod fails at once with a readable
 message, then uvicorn runs the role's app factory (an import string with
@@ -59,6 +62,18 @@ _FACTORIES = {
 }
 
 
+def _preload(settings: ModelServerSettings) -> None:
+    """Start loading a single model now, while uvicorn is imported (``server.preload``).
+
+    One worker only: with several, each worker process loads its own in its app factory.
+    """
+    if (settings.workers == 1 and settings.multi_model_prefix is None
+            and settings.pipeline is None):
+        from kubeinfer_runtime.server import preload
+
+        preload.start(settings)
+
+
 def _env_name(loc: tuple[int | str, ...]) -> str:
     """The env var behind a settings error (aliased fields already carry their name)."""
     name = "_".join(str(p) for p in loc).upper()
@@ -73,10 +88,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--role", required=True, choices=[r.value for r in Role])
     batch = sub.add_parser("batch", help="run one step of a Batch Transform job")
     batch.add_argument("step", choices=["plan", "work", "finalize"])
+    # Listed for --help only: main() hands ``compile ...`` to its own parser before this
+    # one runs, so a server start never imports the compiler's settings.
+    sub.add_parser("compile", add_help=False,
+                   help="compile an ONNX model for a target (SageMaker Neo); "
+                        "compile --help for its flags")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compile"]:
+        from kubeinfer_runtime.compile.main import main as compile_main
+
+        return compile_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "batch":
         from kubeinfer_runtime.batch.main import run
@@ -90,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Invalid {args.role} settings ({problems}): set the environment variables",
               file=sys.stderr)
         return 2
+    if isinstance(settings, ModelServerSettings):
+        _preload(settings)
     # Imported here, not above: a batch step (a short-lived process, one per Job pod)
     # would pay for uvicorn and httptools at every start without using them.
     import uvicorn
@@ -109,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         # httptools with connection limits, plus inline answers for clean inference
         # requests unless KUBEINFER_INLINE_HTTP=false (http_limits, inline_http).
         http=InlineHttpProtocol,
+        # No role serves websockets: "auto" would import a websocket library at every start.
+        ws="none",
         access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,

@@ -211,17 +211,24 @@ def _to_npz(outputs: Tensors) -> bytes:
 
 def encode_v2(outputs: Tensors, model_name: str, model_version: str | None,
               request_id: str | None) -> bytes:
-    doc: dict[str, Any] = {"model_name": model_name}
-    if model_version is not None:
-        doc["model_version"] = model_version
-    if request_id is not None:
-        doc["id"] = request_id
-    doc["outputs"] = [
-        {"name": name, "shape": list(arr.shape), "datatype": v2_datatype(arr.dtype),
-         "data": arr.reshape(-1)}
-        for name, arr in outputs.items()
-    ]
-    return dumps(doc)
+    """A V2 JSON answer: what ``dumps`` writes for ``{"model_name", "model_version", "id",
+    "outputs": [{"name", "shape", "datatype", "data"}, ...]}``, flat ``data``.
+
+    Written from pieces (the constant ones cached) rather than from that
+    document: building the dicts cost more than serializing them, on every
+    answer to a small model. tests/unit/test_v2_lane.py checks the bytes
+    against the document's.
+    """
+    parts = _v2_parts(model_name, model_version, request_id)
+    sep = b""
+    for name, arr in outputs.items():
+        name_part, type_part = _v2_output_head(name, arr.dtype)
+        # ravel: flat, a view when it can be (any order serializes alike: dumps copies).
+        parts += (sep, name_part, orjson.dumps(arr.shape), type_part, b',"data":',
+                  dumps(arr.ravel()), b"}")
+        sep = b","
+    parts.append(b"]}")
+    return b"".join(parts)
 
 
 def encode_v2_binary(outputs: Tensors, model_name: str, model_version: str | None,
@@ -230,25 +237,47 @@ def encode_v2_binary(outputs: Tensors, model_name: str, model_version: str | Non
 
     The binary data extension's answer: each such output has
     ``parameters.binary_data_size`` instead of ``data``, its bytes following
-    the JSON in the order of ``outputs``; the others keep ``data``.
+    the JSON in the order of ``outputs``; the others keep ``data``. The header
+    is written from pieces, as by :func:`encode_v2`.
     """
-    doc: dict[str, Any] = {"model_name": model_name}
-    if model_version is not None:
-        doc["model_version"] = model_version
-    if request_id is not None:
-        doc["id"] = request_id
-    items: list[dict[str, Any]] = []
+    parts = _v2_parts(model_name, model_version, request_id)
     raws: list[bytes] = []
+    sep = b""
     for name, arr in outputs.items():
-        item: dict[str, Any] = {"name": name, "shape": list(arr.shape),
-                                "datatype": v2_datatype(arr.dtype)}
+        name_part, type_part = _v2_output_head(name, arr.dtype)
+        parts += (sep, name_part, orjson.dumps(arr.shape), type_part)
         if name in binary:
             raw = tensor_bytes(arr)
             raws.append(raw)
-            item["parameters"] = {"binary_data_size": len(raw)}
+            parts += (b',"parameters":{"binary_data_size":', str(len(raw)).encode(), b"}}")
         else:
-            item["data"] = arr.reshape(-1)
-        items.append(item)
-    doc["outputs"] = items
-    header = dumps(doc)
+            parts += (b',"data":', dumps(arr.ravel()), b"}")
+        sep = b","
+    parts.append(b"]}")
+    header = b"".join(parts)
     return b"".join([header, *raws]), len(header)
+
+
+def _v2_parts(model_name: str, model_version: str | None, request_id: str | None) -> list[bytes]:
+    """A V2 answer's start, up to its first output: ``{"model_name":...,"outputs":[``."""
+    parts = [_v2_head(model_name, model_version)]
+    if request_id is not None:
+        parts += (b',"id":', orjson.dumps(request_id))
+    parts.append(b',"outputs":[')
+    return parts
+
+
+@lru_cache(maxsize=256)
+def _v2_head(model_name: str, model_version: str | None) -> bytes:
+    """``{"model_name":...,"model_version":...`` (unclosed)."""
+    doc = {"model_name": model_name}
+    if model_version is not None:
+        doc["model_version"] = model_version
+    return orjson.dumps(doc)[:-1]
+
+
+@lru_cache(maxsize=1024)
+def _v2_output_head(name: str, dtype: np.dtype[Any]) -> tuple[bytes, bytes]:
+    """An output's ``{"name":...,"shape":`` and ``,"datatype":...``."""
+    return (b'{"name":' + orjson.dumps(name) + b',"shape":',
+            b',"datatype":' + orjson.dumps(v2_datatype(dtype)))

@@ -22,6 +22,7 @@ the model's own input and output names (checked before), never the body.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +42,9 @@ _FIX = ("send Inference-Header-Content-Length with the byte length of the JSON p
 _MAX_DIGITS = 18
 _LENGTH = struct.Struct("<I")
 _OBJECT_JSON = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+#: dtype byte orders that are little-endian as they are: "<", "|" (one byte), and
+#: "=" (native) on a little-endian machine.
+_LITTLE = ("<", "|", "=") if sys.byteorder == "little" else ("<", "|")
 
 
 def parse_header_length(value: bytes) -> int:
@@ -200,5 +204,7 @@ def tensor_bytes(arr: Array) -> bytes:
                 else orjson.dumps(value, default=str, option=_OBJECT_JSON))
             parts += (_LENGTH.pack(len(raw)), raw)
         return b"".join(parts)
+    if arr.dtype.byteorder in _LITTLE:  # already little-endian: C order is all it takes
+        return arr.tobytes()
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
 

@@ -43,7 +43,9 @@ def _preload() -> None:
     import uvloop  # noqa: F401
 
     import kubeinfer_runtime.__main__
-    import kubeinfer_runtime.server.app  # noqa: F401
+    import kubeinfer_runtime.server.api  # built on first use: forked servers find it here
+    import kubeinfer_runtime.server.app
+    import kubeinfer_runtime.server.preload  # noqa: F401
 
 
 def _libc() -> ctypes.CDLL | None:

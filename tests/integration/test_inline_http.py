@@ -15,6 +15,7 @@ how the comparison reaches it.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -27,10 +28,15 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from kubeinfer_runtime.models.base import ModelMetadata
+from kubeinfer_runtime.models.onnx import OnnxBackend
 from tests.integration.test_gateway import Gateway, start_gateway
 from tests.support.fake_upstream import start_fake_upstream
 from tests.support.procs import RuntimeProcess, start_runtime
+from tests.support.v2_requests import requests
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 
@@ -165,6 +171,101 @@ def test_inline_and_asgi_paths_answer_alike(server: RuntimeProcess, target: str,
         r.headers.pop("date", None)
     assert (inline.status, inline.headers, inline.body) == (asgi.status, asgi.headers, asgi.body)
     assert inline.headers["content-length"] == str(len(inline.body))
+
+
+# ------------------------------------------------------------------ V2, generated
+# The inline path decodes V2 requests with the model's V2 lane (``codec_v2_fast``);
+# the ASGI path, all of it with KUBEINFER_INLINE_HTTP=false, with the general
+# decoder. Generated requests, clean and not (tests/support/v2_requests.py), to
+# both servers: every answer alike, byte for byte, and none a 500. The servers
+# live for the module, so the lane's learned layouts carry over between examples.
+
+V2_EXAMPLES = int(os.environ.get("KUBEINFER_V2_HTTP_EXAMPLES", "150"))
+V2_TARGETS = ["/v2/models/primary/infer"] * 6 + [
+    "/v2/models/primary/versions/1/infer", "/v2/models/other/infer", "/v2/models/primary/infer?x=1"]
+
+
+@pytest.fixture(scope="module")
+def asgi_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[RuntimeProcess]:
+    proc = start_runtime("model-server", _env(models_dir, KUBEINFER_MAX_PAYLOAD_BYTES="4096",
+                                              KUBEINFER_INLINE_HTTP="false"),
+                         tmp_path_factory.mktemp("asgi-logs"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def pooled_servers(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[tuple[RuntimeProcess, RuntimeProcess]]:
+    """The same pair with the model in the inference thread pool (the inline path's task)."""
+    logs = tmp_path_factory.mktemp("pooled-logs")
+    env = {"KUBEINFER_MAX_PAYLOAD_BYTES": "4096", "KUBEINFER_INFERENCE_MODE": "thread"}
+    inline = start_runtime("model-server", _env(models_dir, **env), logs)
+    try:
+        asgi = start_runtime("model-server",
+                             _env(models_dir, **env, KUBEINFER_INLINE_HTTP="false"), logs)
+    except Exception:
+        inline.stop()
+        raise
+    yield inline, asgi
+    inline.stop()
+    asgi.stop()
+
+
+@st.composite
+def _v2_http(draw: st.DrawFn, meta: ModelMetadata) -> bytes:
+    body, header_length = draw(requests(meta))
+    headers = []
+    if draw(st.integers(0, 3)):
+        headers.append("Content-Type: " + draw(st.sampled_from(
+            ["application/json", "application/octet-stream", "text/plain"])))
+    if header_length is not None:
+        value = (draw(st.sampled_from(["abc", "-1", " 12", "9" * 20, ""]))
+                 if draw(st.integers(0, 19)) == 0 else str(header_length))
+        headers.append(f"Inference-Header-Content-Length: {value}")
+    if draw(st.integers(0, 19)) == 0:
+        body += b" " * 4096  # over KUBEINFER_MAX_PAYLOAD_BYTES
+    return _post(draw(st.sampled_from(V2_TARGETS)), body, *headers)
+
+
+def _answer(proc: RuntimeProcess, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    sock, reader = _connect(proc)
+    with sock:
+        sock.sendall(raw)
+        got = reader.read(1)
+    assert got, f"no answer to {raw[:200]!r}"
+    r = got[0]
+    r.headers.pop("date", None)
+    return r.status, r.headers, r.body
+
+
+@pytest.mark.parametrize("mode", ["inline", "thread"])
+def test_v2_requests_answer_alike_on_both_paths(
+        request: pytest.FixtureRequest, server: RuntimeProcess, models_dir: Path,
+        mode: str) -> None:
+    if mode == "inline":
+        inline, asgi = server, request.getfixturevalue("asgi_server")
+    else:
+        inline, asgi = request.getfixturevalue("pooled_servers")
+    backend = OnnxBackend()
+    backend.load(models_dir / "iris.onnx")
+    meta = backend.metadata()
+    statuses: list[int] = []
+
+    @settings(max_examples=V2_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow,
+                                     HealthCheck.function_scoped_fixture])
+    @given(raw=_v2_http(meta))
+    def check(raw: bytes) -> None:
+        fast = _answer(inline, raw)
+        assert fast == _answer(asgi, raw), raw[:300]
+        assert fast[0] < 500, (raw[:300], fast)
+        statuses.append(fast[0])
+
+    check()
+    # The generator is not all errors: a good share of the answers are successes.
+    assert statuses.count(200) >= len(statuses) // 8, statuses
 
 
 def test_pipelined_requests_come_back_in_order_across_both_paths(server: RuntimeProcess) -> None:

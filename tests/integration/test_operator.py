@@ -36,8 +36,11 @@ from tests.support.kube_harness import (
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE: dict[str, Any] = yaml.safe_load((REPO / "examples" / "realtime-endpoint.yaml").read_text())
-SETTINGS = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
-                            runtime_image="example.test/runtime:1", s3_secret_name=None)
+# A fast resync: some tests here are about the safety net (a deleted Service, a refused
+# write fixed elsewhere), which no Deployment event announces.
+SETTINGS = OperatorSettings(standalone=True, status_interval_s=0.3, resync_interval_s=0.3,
+                            namespaces=[], runtime_image="example.test/runtime:1",
+                            s3_secret_name=None)
 CHILD_KINDS = ("Deployment", "Service", "ConfigMap")
 _ids = itertools.count()
 
@@ -384,3 +387,72 @@ def test_namespaced_operator_ignores_other_namespaces(tmp_path: Path) -> None:
         kube.close()
         emulator.stop()
         env.undo()
+
+
+def _canary_container(kube: Kube, ns: str) -> dict[str, Any]:
+    dep = kube.get("Deployment", ns, "iris-canary")
+    assert dep is not None
+    container: dict[str, Any] = dep["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def test_edits_to_owned_fields_are_undone(kube: Kube, ns: str) -> None:
+    _deployed(kube, ns)
+    image = _canary_container(kube, ns)["image"]
+    routes = kube.get("ConfigMap", ns, "iris-routes")
+    assert routes is not None
+    selector = (kube.get("Service", ns, "iris-primary") or {})["spec"]["selector"]
+
+    # 1. kubectl set image
+    dep = kube.get("Deployment", ns, "iris-canary")
+    assert dep is not None
+    containers = copy.deepcopy(dep["spec"]["template"]["spec"]["containers"])
+    containers[0]["image"] = "evil.example/runtime:latest"
+    assert kube.patch("Deployment", ns, "iris-canary", {"spec": {"template": {"spec": {
+        "containers": containers}}}}).status_code == 200
+    # 2. kubectl scale of a variant nobody autoscales
+    assert kube.patch("Deployment", ns, "iris-primary",
+                      {"spec": {"replicas": 5}}).status_code == 200
+    # 3. the route table edited with the canary removed
+    table = json.loads(routes["data"]["routes.json"])
+    table["endpoints"]["iris"]["variants"] = table["endpoints"]["iris"]["variants"][:1]
+    assert kube.patch("ConfigMap", ns, "iris-routes", {"data": {
+        "routes.json": json.dumps(table), "extra.json": "{}"}}).status_code == 200
+    # 4. a Service selector pointed elsewhere (a key changed, one added)
+    assert kube.patch("Service", ns, "iris-primary", {"spec": {"selector": {
+        "kubeinfer.io/variant": "canary", "team": "other"}}}).status_code == 200
+    # 5. a Service deleted
+    assert kube.delete("Service", ns, "iris-canary").status_code == 200
+
+    wait_for(lambda: _canary_container(kube, ns)["image"] == image, 5, "the image restored")
+    wait_for(lambda: (kube.get("Deployment", ns, "iris-primary") or {})["spec"]["replicas"] == 1,
+             5, "the replicas restored")
+    wait_for(lambda: (kube.get("ConfigMap", ns, "iris-routes") or {}).get("data")
+             == routes["data"], 5, "the route table restored")
+    wait_for(lambda: (kube.get("Service", ns, "iris-primary") or {})["spec"]["selector"]
+             == selector, 5, "the selector restored")
+    wait_for(lambda: kube.get("Service", ns, "iris-canary"), 5, "the Service re-created")
+    # The two Deployments were re-templated twice; their controller (played here) settles.
+    for name in ("iris-canary", "iris-primary"):
+        kube.make_available(ns, name)
+    _wait_condition(kube, ns, status="True")
+
+
+def test_fields_others_own_are_left_alone(kube: Kube, ns: str) -> None:
+    _deployed(kube, ns)
+    # kubectl rollout restart and kubectl apply add annotations; neither is ours.
+    restarted = {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"}
+    applied = {"kubectl.kubernetes.io/last-applied-configuration": "{}"}
+    assert kube.patch("Deployment", ns, "iris-canary", {
+        "metadata": {"annotations": applied},
+        "spec": {"template": {"metadata": {"annotations": restarted}}}}).status_code == 200
+    edited = kube.get("Deployment", ns, "iris-canary")
+    assert edited is not None
+    # The Deployment's own events re-evaluate the Endpoint; nothing is patched back.
+    kube.make_available(ns, "iris-canary")
+    _wait_condition(kube, ns, status="True")
+    after = kube.get("Deployment", ns, "iris-canary")
+    assert after is not None
+    assert after["spec"] == edited["spec"]
+    assert after["metadata"]["annotations"] == edited["metadata"]["annotations"]
+    assert after["metadata"]["generation"] == edited["metadata"]["generation"]

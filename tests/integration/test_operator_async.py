@@ -52,8 +52,22 @@ def _replicas(kube: Kube) -> int | None:
     return None if dep is None else int(dep["spec"].get("replicas", 1))
 
 
+def _on_cluster(doc: dict[str, Any]) -> dict[str, Any]:
+    """The example with object-store locations, as a cluster needs (it ships file:// ones)."""
+    doc = copy.deepcopy(doc)
+    doc["spec"]["async"]["outputPath"] = "s3://async-bucket/out"
+    doc["spec"]["async"]["failurePath"] = "s3://async-bucket/failed"
+    return doc
+
+
+def _ready(kube: Kube, ns: str, name: str) -> dict[str, Any]:
+    obj = kube.get("Endpoint", ns, name) or {}
+    return next((c for c in (obj.get("status") or {}).get("conditions", [])
+                 if c["type"] == "Ready"), {})
+
+
 def test_backlog_scales_workers_from_zero_and_back(kube: Kube, redis: RedisServer) -> None:
-    doc = copy.deepcopy(EXAMPLE)
+    doc = _on_cluster(EXAMPLE)
     doc["spec"]["async"]["scaling"] = {"targetBacklogPerReplica": 5, "minReplicas": 0,
                                        "maxReplicas": 4, "scaleOutCooldown": 0,
                                        "scaleInCooldown": 0}
@@ -78,3 +92,21 @@ def test_backlog_scales_workers_from_zero_and_back(kube: Kube, redis: RedisServe
     assert len(ids) == 12
     rds.xack(keys.stream, keys.group, *ids)
     wait_for(lambda: _replicas(kube) == 0, 15, "workers scaled back to zero when drained")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("outputPath", "file:///tmp/kubeinfer-async/out"),
+    ("failurePath", "file:///tmp/kubeinfer-async/failed"),
+])
+def test_a_file_location_is_invalid_on_a_cluster(kube: Kube, field: str, value: str) -> None:
+    ns = f"async-file-{field.lower()}"
+    kube.create_namespace(ns)
+    doc = _on_cluster(EXAMPLE)
+    doc["spec"]["async"][field] = value
+    assert kube.create(doc, ns).status_code == 201
+    ready = wait_for(lambda: (c := _ready(kube, ns, NAME)).get("reason") == "InvalidSpec" and c,
+                     10, f"InvalidSpec for a file:// {field}")
+    assert ready["status"] == "False"
+    assert f"spec.async.{field}: {value} is a file:// path; on Kubernetes" in ready["message"]
+    assert "use s3://bucket/prefix" in ready["message"]
+    assert kube.list("Deployment", ns) == []

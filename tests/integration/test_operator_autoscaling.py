@@ -24,8 +24,9 @@ import pytest
 from aiohttp import web
 
 from kubeinfer_operator.api.endpoint import Endpoint
-from kubeinfer_operator.handlers.scaler import ClusterScaler, discover_pods
+from kubeinfer_operator.render.k8s import Owner, render_endpoint
 from kubeinfer_operator.render.plan import plan_endpoint
+from kubeinfer_operator.scaling.cluster import ClusterScaler, discover_pods
 from kubeinfer_operator.settings import OperatorSettings
 from tests.support.kube_harness import (
     Kube,
@@ -47,11 +48,13 @@ def endpoint(name: str, autoscaling: dict[str, Any],
                                    "env": env or [], "autoscaling": autoscaling}]}}
 
 
+SETTINGS = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
+                            runtime_image="example.test/runtime:1")
+
+
 @pytest.fixture(scope="module")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
-    settings = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
-                                runtime_image="example.test/runtime:1")
-    with operator_on_emulator(settings, tmp_path_factory.mktemp("kube")) as (client, _):
+    with operator_on_emulator(SETTINGS, tmp_path_factory.mktemp("kube")) as (client, _):
         yield client
 
 
@@ -90,10 +93,19 @@ def test_cpu_only_variant_gets_an_hpa_that_owns_the_replicas(kube: Kube) -> None
     assert dep["spec"]["replicas"] == 2
     assert "cpu-gateway-pods" not in kube.names("Service", ns)
 
-    # With no spec change, the next reconcile re-applies the Deployment once:
-    # from now on without spec.replicas (they belong to the HPA).
-    wait_for(lambda: applied_hash(kube.get("Deployment", ns, "cpu-main")) != applied_hash(dep),
-             what="the Deployment re-applied without replicas")
+    # With no spec change, the next reconcile (at once: the Deployment's own event
+    # triggers it) re-applies the Deployment once, from now on without spec.replicas
+    # (they belong to the HPA).
+    doc = endpoint("cpu", CPU_ONLY)
+    doc["metadata"]["namespace"] = ns
+    plan = plan_endpoint(Endpoint.model_validate(doc), generation=1)
+    without_replicas = next(
+        m for m in render_endpoint(plan, Owner("cpu", ns, ep["metadata"]["uid"]), SETTINGS,
+                                   set(), {"main"})
+        if m["kind"] == "Deployment" and m["metadata"]["name"] == "cpu-main")
+    assert "replicas" not in without_replicas["spec"]
+    wait_for(lambda: applied_hash(kube.get("Deployment", ns, "cpu-main"))
+             == applied_hash(without_replicas), what="the Deployment re-applied without replicas")
     # The HPA scales to 4; a spec change re-renders the Deployment and must keep the 4.
     kube.patch("Deployment", ns, "cpu-main", {"spec": {"replicas": 4}})
     before = applied_hash(kube.get("Deployment", ns, "cpu-main"))

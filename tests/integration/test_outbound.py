@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from kubeinfer_operator.handlers.scaler import ClusterScaler
+from kubeinfer_operator.scaling.cluster import ClusterScaler
 from kubeinfer_runtime.contract.outbound import OutboundPolicy, OutboundRefused
 from kubeinfer_runtime.contract.outbound_io import guarded_connector
 from kubeinfer_runtime.queue.notifier import Notifier

@@ -150,6 +150,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
     failures: list[str] = attrs.field(factory=list, init=False)
     #: Injected errors: [method, path, status, times left] (see ``inject``).
     injected: list[list[Any]] = attrs.field(factory=list, init=False)
+    #: Every request served: (method, path and query, User-Agent), for API-load checks.
+    requests: list[tuple[str, str, str]] = attrs.field(factory=list, init=False)
 
     def inject(self, method: str, path: str, status: int, times: int = 1) -> list[Any]:
         """Answer the next ``times`` ``method`` requests to ``path`` with ``status``.
@@ -239,6 +241,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         return d, ns, (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None)
 
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        self.requests.append((raw.method, raw.path_qs, raw.headers.get("User-Agent", "")))
         if (injected := self._injected(raw)) is not None:
             await raw.read()
             return await self._render_error(injected)

@@ -106,6 +106,7 @@ RESOURCES = {
     "Secret": "/api/v1/namespaces/{ns}/secrets",
     "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
     "TransformJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/transformjobs",
+    "CompilationJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/compilationjobs",
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
     "Pod": "/api/v1/namespaces/{ns}/pods",
 }

@@ -110,3 +110,21 @@ def row_sum_model(path: Path, width: int = 2) -> Path:
         [numpy_helper.from_array(np.ones((width, 1), np.float32), "w")],
     )
     return _save(graph, path)
+
+
+def mixed_inputs_model(path: Path) -> Path:
+    """Three inputs of three kinds: ``a`` int64 [N, 2], ``b`` float32 [N, 2], ``c`` bool [N];
+    outputs ``y`` = float(a) + b (float32 [N, 2]) and ``z`` = not c (bool [N])."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["a"], ["af"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["af", "b"], ["y"]),
+         helper.make_node("Not", ["c"], ["z"])], "mixed",
+        [helper.make_tensor_value_info("a", TensorProto.INT64, ["N", 2]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 2]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2]),
+         helper.make_tensor_value_info("z", TensorProto.BOOL, ["N"])],
+    )
+    return _save(graph, path)

@@ -12,11 +12,10 @@ import yaml
 from pydantic import ValidationError
 
 from kubeinfer_operator.api.endpoint import Endpoint, format_validation_error
-from kubeinfer_operator.handlers.async_scaler import evaluate_async
-from kubeinfer_operator.handlers.scaler import ClusterScaler
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.k8s import Owner, render_endpoint
 from kubeinfer_operator.render.plan import plan_endpoint
+from kubeinfer_operator.scaling.cluster import ClusterScaler
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import AsyncBacklog, AsyncWorkerSettings
 from tests.support.kube_schema import schema_errors
@@ -126,30 +125,35 @@ def test_worker_deployment_renders_valid_async_workers(doc: dict[str, Any]) -> N
 
 def test_operator_scales_workers_on_the_backlog(doc: dict[str, Any]) -> None:
     plan = plan_endpoint(Endpoint.model_validate(doc))
-    scaler = ClusterScaler()
+    clock = [100.0]
+    scaler = ClusterScaler(monotonic=lambda: clock[0])
     backlog = {"now": AsyncBacklog(queued=12, in_flight=0)}
-    states: dict[tuple[str, str], Any] = {}
 
     async def read(queue: str) -> AsyncBacklog:
         assert queue == "ml.iris-async"
         return backlog["now"]
 
+    scaler.read_backlog = read
+
     async def run() -> None:
-        out = await evaluate_async(scaler, plan, "ml", {"main": 0}, read, states, now=100.0)
+        out = await scaler.evaluate_backlog(plan, "ml", {"main": 0})
         assert out == ["Variant main: backlog 12 (target 5 per worker), no worker runs: "
                        "scaling out to 3"]
         scaled = scaler.replicas_for(plan, "ml", {})
         assert scaled.variants[0].replicas == 3
         backlog["now"] = AsyncBacklog()
-        assert await evaluate_async(scaler, plan, "ml", {"main": 3}, read, states, now=150.0) == []
-        out = await evaluate_async(scaler, plan, "ml", {"main": 3}, read, states, now=300.0)
+        clock[0] = 150.0
+        assert await scaler.evaluate_backlog(plan, "ml", {"main": 3}) == []
+        clock[0] = 300.0
+        out = await scaler.evaluate_backlog(plan, "ml", {"main": 3})
         assert out and "scaling in to 0" in out[0]
         assert scaler.replicas_for(plan, "ml", {}).variants[0].replicas == 0
 
         async def broken(queue: str) -> AsyncBacklog:
             raise ConnectionError("refused")
 
-        assert await evaluate_async(scaler, plan, "ml", {"main": 0}, broken, states) == []
+        scaler.read_backlog = broken
+        assert await scaler.evaluate_backlog(plan, "ml", {"main": 0}) == []
 
     asyncio.run(run())
 

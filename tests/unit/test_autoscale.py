@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from kubeinfer_operator.api.cron import cron_matches, parse_cron
 from kubeinfer_operator.reconcile.autoscale import (
     Decision,
     Metric,
@@ -16,10 +17,8 @@ from kubeinfer_operator.reconcile.autoscale import (
     Step,
     StepScaling,
     TargetTracking,
-    cron_matches,
     decide,
     decide_serverless,
-    parse_cron,
 )
 
 IPR = Metric.INVOCATIONS_PER_REPLICA.value

@@ -140,6 +140,7 @@ def test_chart_crds_are_valid_and_loaded_by_helm(chart: helm.Chart) -> None:
             kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
             names.add(crd["metadata"]["name"])
     assert names == {"endpoints.kubeinfer.io", "transformjobs.kubeinfer.io",
+                     "compilationjobs.kubeinfer.io",
                      "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
 
 
@@ -292,7 +293,8 @@ def test_rbac_is_least_privilege(chart: helm.Chart, values: dict[str, Any] | Non
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], f"{role['metadata']['name']}: wildcard {rule}"
-            # Pods are read (a TransformJob's reports are their termination messages),
+            # Pods are read (a TransformJob's and a CompilationJob's reports are their
+            # termination messages),
             # never created, changed, deleted or exec'ed into.
             assert not {"pods/exec", "pods/attach", "pods/portforward", "pods/eviction",
                         "pods/log"} & set(rule["resources"]), rule
@@ -310,6 +312,18 @@ def test_rbac_is_least_privilege(chart: helm.Chart, values: dict[str, Any] | Non
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
             if rule["resources"] == ["customresourcedefinitions"]:
                 assert set(rule["verbs"]) <= {"get", "list", "watch"}
+
+
+@pytest.mark.parametrize("values", [None, NAMESPACED], ids=["cluster", "ns"])
+def test_the_operator_may_run_every_kind(chart: helm.Chart, values: dict[str, Any] | None) -> None:
+    for role in by_kind(render(chart, values), "ClusterRole" if values is None else "Role"):
+        granted = {(r, v) for rule in role["rules"] for r in rule["resources"]
+                   for v in rule["verbs"]}
+        for kind in ("endpoints", "transformjobs", "compilationjobs"):
+            assert {(kind, "watch"), (kind, "patch"), (f"{kind}/status", "patch"),
+                    (f"{kind}/finalizers", "update")} <= granted, kind
+        assert {("jobs", "create"), ("jobs", "watch"), ("jobs", "delete"),
+                ("pods", "list")} <= granted
 
 
 def test_every_rbac_rule_has_a_comment_saying_why() -> None:
@@ -357,6 +371,7 @@ def test_operator_env_is_read_by_operator_settings(
         "security": {"outboundAllowList": ["169.254.170.2/32", "metrics.internal"]},
         "peering": {"name": "ml-peering"},
         "statusIntervalSeconds": 2.5,
+        "resyncIntervalSeconds": 120,
     }
     deployment = one(render(chart, values), "Deployment")
     env = env_of(deployment)
@@ -378,6 +393,7 @@ def test_operator_env_is_read_by_operator_settings(
     assert settings.redis_url == "redis://redis.infra:6379/0"
     assert settings.peering_name == "ml-peering"
     assert settings.status_interval_s == 2.5
+    assert settings.resync_interval_s == 120
     assert settings.liveness_endpoint == "http://0.0.0.0:8080/healthz"
     assert settings.standalone is False  # peering objects are rendered for it
     assert settings.runtime_uid == 65532
@@ -403,6 +419,7 @@ def test_image_digest_pins_and_tag_defaults_to_app_version(chart: helm.Chart) ->
     env = env_of(one(objects, "Deployment"))
     app_version = chart.metadata["appVersion"]
     assert env["KUBEINFER_RUNTIME_IMAGE"] == f"ghcr.io/kubeinfer/runtime:{app_version}"
+    assert env["KUBEINFER_COMPILER_IMAGE"] == f"ghcr.io/kubeinfer/compiler:{app_version}"
 
 
 def test_service_monitor_is_off_by_default_and_selects_runtime_services(

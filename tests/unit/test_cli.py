@@ -53,7 +53,8 @@ def test_crds_writes_then_check_passes_and_detects_drift(tmp_path: Path) -> None
     out = tmp_path / "crds"
     result = runner.invoke(app, ["crds", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["endpoints.kubeinfer.io.yaml",
+    assert sorted(p.name for p in out.iterdir()) == ["compilationjobs.kubeinfer.io.yaml",
+                                                     "endpoints.kubeinfer.io.yaml",
                                                      "transformjobs.kubeinfer.io.yaml"]
     crd = out / "endpoints.kubeinfer.io.yaml"
     assert "kind: CustomResourceDefinition" in crd.read_text()
@@ -104,7 +105,8 @@ def test_status_and_down_with_nothing_running() -> None:
     assert result.exit_code == 0
     assert "No local endpoint is running" in result.output
     result = runner.invoke(app, ["status", "--json"])
-    assert json.loads(result.stdout) == {"endpoints": [], "stale": [], "jobs": []}
+    assert json.loads(result.stdout) == {"endpoints": [], "stale": [], "jobs": [],
+                                         "compilation_jobs": []}
     result = runner.invoke(app, ["status", "iris"])
     assert result.exit_code == 1
     assert "Endpoint iris is not running" in result.output

@@ -17,7 +17,6 @@ import kubernetes_validate
 import pytest
 
 from kubeinfer_operator.api.endpoint import Endpoint
-from kubeinfer_operator.handlers.scaler import ClusterScaler
 from kubeinfer_operator.reconcile.autoscale_metrics import CounterSum, GatewayView, sum_views
 from kubeinfer_operator.reconcile.diff import ObjectKey, diff_children
 from kubeinfer_operator.reconcile.validate import InvalidSpec, validate_endpoint
@@ -25,6 +24,7 @@ from kubeinfer_operator.render import k8s_autoscaling as ka
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.k8s import Owner, gateway_pods_url, render_endpoint
 from kubeinfer_operator.render.plan import EndpointPlan, plan_endpoint
+from kubeinfer_operator.scaling.cluster import ClusterScaler
 from kubeinfer_operator.settings import OperatorSettings
 from tests.support.kube_schema import schema_errors
 
@@ -440,3 +440,23 @@ async def test_hpa_variants_are_left_to_the_hpa() -> None:
     scaler.hand_over_to_hpas(other, "ml")
     assert scaler.reason_for("ml", "ep", "main") is None
     assert scaler.replicas_for(other, "ml", deployments).variants[0].replicas == 5
+
+
+def test_an_honoured_scale_request_does_not_wake_the_variant_again() -> None:
+    """Pure decisions (``ScalerMemory``): one cold start per request, no 0 -> 1 -> 0 flapping."""
+    from datetime import timedelta
+
+    from kubeinfer_operator.reconcile.cluster_scaling import ScalerMemory
+
+    plan = plan_of(None, extra={"type": "Serverless", "serverless": {"idleTimeout": 1}})
+    memory = ScalerMemory()
+    quiet = {"http://10.0.0.1:8080": GatewayView(invocations={}, held={}, in_flight=0.0)}
+    memory.mark_requested(("ml", "ep", "main"), 0.0)
+    [woke] = memory.decide_scraped(plan, "ml", {"main": 0}, quiet, {}, now=NOW, now_m=0.5)
+    assert "Scaled out from 0 to 1" in woke
+    [slept] = memory.decide_scraped(plan, "ml", {"main": 1}, quiet, {},
+                                    now=NOW + timedelta(seconds=3), now_m=3.0)
+    assert "Scaled in from 1 to 0" in slept
+    # 4 s after the request (still "fresh" for 10 s) and nothing held: stays at zero.
+    assert memory.decide_scraped(plan, "ml", {"main": 0}, quiet, {},
+                                 now=NOW + timedelta(seconds=4), now_m=4.0) == []

@@ -18,7 +18,9 @@ from kubeinfer_runtime.server.app import create_app as create_server
 
 
 def openapi(app: Any) -> dict[str, Any]:
-    fastapi = app if isinstance(app, FastAPI) else next(
+    # The single-model server builds its FastAPI app on first use (server.control).
+    inner = getattr(getattr(app, "app", None), "api", None)
+    fastapi = app if isinstance(app, FastAPI) else inner if isinstance(inner, FastAPI) else next(
         v for v in vars(app).values() if isinstance(v, FastAPI))
     doc: dict[str, Any] = fastapi.openapi()
     return doc

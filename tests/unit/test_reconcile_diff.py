@@ -89,3 +89,43 @@ def test_an_object_without_the_hash_annotation_is_patched() -> None:
     actual = _as_stored(desired)
     del actual[0]["metadata"]["annotations"]
     assert [key_of(m) for m in _diff(desired, actual).patch] == [key_of(desired[0])]
+
+
+def _stored(kind: str, name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    desired = _desired()
+    actual = _as_stored(desired)
+    obj = next(o for o in actual if o["kind"] == kind and o["metadata"]["name"] == name)
+    return actual, obj
+
+
+def test_an_edited_owned_field_is_patched_back() -> None:
+    actual, dep = _stored("Deployment", "iris-v0")
+    dep["spec"]["template"]["spec"]["containers"][0]["image"] = "other:1"
+    changes = _diff(_desired(), actual)
+    assert [key_of(m) for m in changes.patch] == [ObjectKey("Deployment", "iris-v0")]
+    assert changes.drifted == [ObjectKey("Deployment", "iris-v0")]
+    assert _diff(_desired(), _as_stored(_desired())).empty
+
+
+def test_keys_added_to_maps_we_own_whole_are_removed() -> None:
+    actual, svc = _stored("Service", "iris-v0")
+    svc["spec"]["selector"]["team"] = "other"
+    [patch] = _diff(_desired(), actual).patch
+    assert patch["spec"]["selector"]["team"] is None
+    actual, cm = _stored("ConfigMap", "iris-routes")
+    cm["data"]["extra.json"] = "{}"
+    [patch] = _diff(_desired(), actual).patch
+    assert patch["data"]["extra.json"] is None
+
+
+def test_what_others_add_or_normalise_is_not_drift() -> None:
+    actual, dep = _stored("Deployment", "iris-v0")
+    dep["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = "{}"
+    dep["spec"]["template"]["metadata"].setdefault("annotations", {})[
+        "kubectl.kubernetes.io/restartedAt"] = "2026-01-01T00:00:00Z"
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    container["terminationMessagePath"] = "/dev/termination-log"
+    requests = container.setdefault("resources", {}).setdefault("requests", {})
+    if "cpu" in requests:  # the API server writes quantities canonically: 0.1 is 100m
+        requests["cpu"] = "0.1" if requests["cpu"] == "100m" else requests["cpu"]
+    assert _diff(_desired(), actual).empty

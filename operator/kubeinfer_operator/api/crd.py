@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from kubeinfer_operator.api import compilation_job as cj
 from kubeinfer_operator.api import endpoint as ep
 from kubeinfer_operator.api import transform_job as tj
 
@@ -60,6 +61,11 @@ def _structural(schema: Any) -> Any:
         # fields are refused by the API server's strict field validation instead
         # (kubectl's default) and pruned otherwise.
         del schema["additionalProperties"]
+    for bound, keyword in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        # JSON Schema 2020-12 gives the bound itself; OpenAPI v3 (Draft 4) a flag beside it.
+        if isinstance(schema.get(bound), int | float) and not isinstance(schema[bound], bool):
+            schema[keyword] = schema.pop(bound)
+            schema[bound] = True
     if "const" in schema:
         schema["enum"] = [schema.pop("const")]
     if "enum" in schema and "type" not in schema:
@@ -184,10 +190,37 @@ def transform_job_crd() -> dict[str, Any]:
     )
 
 
+#: The API server refuses any change of a CompilationJob's spec (its Job cannot change).
+IMMUTABLE_COMPILE_SPEC_MESSAGE = ("spec is immutable: a CompilationJob runs the spec it was "
+                                  "created with; delete it and create a new one (the tuning "
+                                  "cache keeps what tuning found)")
+
+
+def compilation_job_crd() -> dict[str, Any]:
+    spec_schema = openapi_schema(cj.CompilationJobSpec)
+    spec_schema["x-kubernetes-validations"] = [
+        {"rule": "self == oldSelf", "message": IMMUTABLE_COMPILE_SPEC_MESSAGE},
+    ]
+    return _crd(
+        plural=cj.PLURAL, group=cj.GROUP, kind=cj.KIND, singular=cj.SINGULAR,
+        short_names=cj.SHORT_NAMES, version=cj.VERSION,
+        description="A model compilation job: SageMaker CreateCompilationJob (Neo) as a "
+                    "Kubernetes resource.",
+        spec_schema=spec_schema, status_schema=openapi_schema(cj.CompilationJobStatus),
+        columns=[
+            {"name": "Target", "type": "string", "jsonPath": ".spec.target"},
+            {"name": "Status", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Backend", "type": "string", "jsonPath": ".status.backend"},
+            {"name": "Speedup", "type": "number", "jsonPath": ".status.speedup"},
+            _AGE,
+        ],
+    )
+
+
 def all_crds() -> dict[str, dict[str, Any]]:
     """File name → CRD object, for every kind this operator serves."""
     return {f"{crd['metadata']['name']}.yaml": crd
-            for crd in (endpoint_crd(), transform_job_crd())}
+            for crd in (endpoint_crd(), transform_job_crd(), compilation_job_crd())}
 
 
 def to_yaml(obj: dict[str, Any]) -> str:

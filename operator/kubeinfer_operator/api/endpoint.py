@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kubeinfer_operator.api.async_config import AsyncConfig
+from kubeinfer_operator.api.compile_options import ModelCompile
+from kubeinfer_operator.api.cron import parse_cron
 from kubeinfer_runtime.contract.auth import AuthMode
 
 GROUP = "kubeinfer.io"
@@ -61,6 +63,11 @@ class EndpointType(StrEnum):
 
 class ModelFormat(StrEnum):
     ONNX = "onnx"
+    #: An artifact of ``kubeinfer compile`` or a CompilationJob (its ``artifact.tar.gz``,
+    #: or the unpacked folder with ``manifest.json``): served by the backend its
+    #: manifest names (TVM for a shared library, onnxruntime for an optimised or
+    #: quantized ONNX model), after checking it was built for this CPU.
+    COMPILED = "compiled"
 
 
 class ModelSource(_Spec):
@@ -80,7 +87,19 @@ class ModelSource(_Spec):
             json_schema_extra={"pattern": "^(s3|file)://.+"},
         ),
     ]
-    format: Annotated[ModelFormat, Field(description="Model format.")] = ModelFormat.ONNX
+    format: Annotated[
+        ModelFormat,
+        Field(description="onnx (an ONNX model) or compiled (an artifact of kubeinfer "
+                          "compile or a CompilationJob: its artifact.tar.gz, or the unpacked "
+                          "artifact folder)."),
+    ] = ModelFormat.ONNX
+    compile: Annotated[
+        ModelCompile | None,
+        Field(description="Variants only: compile the ONNX model for the node that serves it "
+                          "before serving it (SageMaker Neo), cached by content; when nothing "
+                          "beats onnxruntime fp32 the ONNX model is served and the variant's "
+                          "status says why."),
+    ] = None
 
     @field_validator("uri")
     @classmethod
@@ -89,6 +108,13 @@ class ModelSource(_Spec):
         if problem:
             raise ValueError(problem)
         return uri
+
+    @model_validator(mode="after")
+    def _compile_onnx(self) -> ModelSource:
+        if self.compile is not None and self.format is not ModelFormat.ONNX:
+            raise ValueError(f"compile: compiles an ONNX model, and format {self.format.value} "
+                             "is already compiled; remove compile or set format: onnx")
+        return self
 
 
 def model_uri_problem(uri: str) -> str | None:
@@ -380,8 +406,6 @@ class ScheduledScaling(_Spec):
     @field_validator("cron")
     @classmethod
     def _check_cron(cls, cron: str) -> str:
-        from kubeinfer_operator.reconcile.autoscale import parse_cron
-
         parse_cron(cron)
         return cron
 
@@ -606,33 +630,74 @@ class Condition(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    type: str
-    status: ConditionStatus
-    reason: str
-    message: str = ""
-    lastTransitionTime: str
-    observedGeneration: int | None = None
+    type: str = Field(description="What the condition reports, e.g. Ready; unique in the list.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word a program can match on, e.g. "
+                                    "ProgressDeadlineExceeded.")
+    message: str = Field(default="", description="What a person should know: the object, "
+                                                 "the field and the fix.")
+    lastTransitionTime: str = Field(description="When status last changed (RFC 3339).")
+    observedGeneration: int | None = Field(default=None, description="The "
+                                           "metadata.generation this condition was computed "
+                                           "for; older means stale.")
+
+
+#: ``status.conditions`` as the API server should merge it: one entry per type
+#: (a list-map, so server-side apply and strategic merges key on ``type``).
+LIST_MAP_BY_TYPE: dict[str, Any] = {"x-kubernetes-list-type": "map",
+                                    "x-kubernetes-list-map-keys": ["type"]}
+
+
+class VariantCompileStatus(BaseModel):
+    """What a variant's compile step did (``model.compile``), from its newest pod."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    phase: str = Field(description="Compiling, Compiled or Failed.")
+    message: str = Field(default="", description="What was chosen, how it compares with "
+                                                 "onnxruntime fp32 and why; or why it failed.")
+    pod: str | None = None
+    chosen: str | None = Field(default=None, description="The candidate served; "
+                                                         "onnxruntime-fp32: the ONNX model.")
+    backend: str | None = Field(default=None, description="tvm or onnx.")
+    speedup: float | None = Field(default=None, description="vs onnxruntime fp32.")
+    maxAbsDiff: float | None = None
+    top1Agreement: float | None = None
+    artifactUri: str | None = None
+    cacheHit: bool | None = Field(default=None, description="The artifact came from "
+                                                            "compile.cacheUri.")
 
 
 class VariantStatus(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    desiredReplicas: int = 0
-    readyReplicas: int = 0
-    weight: float = 0.0
+    name: str = Field(description="The variant (spec.variants[*].name).")
+    desiredReplicas: int = Field(default=0, description="Replicas the operator asks for.")
+    readyReplicas: int = Field(default=0, description="Replicas whose pods are ready.")
+    weight: float = Field(default=0.0, description="Traffic weight in the route table.")
     lastScaling: str | None = Field(default=None, description="Why the scaler last changed "
                                                               "this variant's replicas.")
+    compiled: VariantCompileStatus | None = Field(default=None, description="model.compile: "
+                                                  "what the compile step chose.")
 
 
 class EndpointStatus(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    observedGeneration: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    observedGeneration: int | None = Field(
+        default=None, description="The metadata.generation the operator last acted on; the "
+        "conditions describe that spec. Below metadata.generation: not reconciled yet.")
+    conditions: list[Condition] = Field(
+        default_factory=list, json_schema_extra=LIST_MAP_BY_TYPE,
+        description="Ready: the gateway and every variant have rolled out this generation and "
+        "are available. Progressing: True while Deployments roll out. Reconciling / Stalled: "
+        "kstatus's pair (work left / stuck until a person acts: InvalidSpec, "
+        "ProgressDeadlineExceeded, NameConflict, RejectedByAPI). VariantReady-<variant>: one "
+        "per variant, with its Deployment's reason and message.")
     url: str | None = Field(default=None, description="Base URL of the endpoint's gateway.")
-    variants: list[VariantStatus] = Field(default_factory=list)
-    readyVariants: str | None = Field(default=None, description="Ready/total variants.")
+    variants: list[VariantStatus] = Field(default_factory=list, description="Per variant: "
+                                          "replicas, weight and what the scaler last did.")
+    readyVariants: str | None = Field(default=None, description="Rolled-out/total variants.")
 
 
 class ObjectMeta(BaseModel):

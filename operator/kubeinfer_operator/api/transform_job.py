@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from kubeinfer_operator.api.endpoint import (
     _ENV_NAME,
     DNS_LABEL,
+    LIST_MAP_BY_TYPE,
     Condition,
     ContainerStep,
     ModelSource,
@@ -368,7 +369,7 @@ class TransformJobStatus(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     observedGeneration: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=LIST_MAP_BY_TYPE)
     phase: str | None = Field(default=None, description="Pending, Planning, Running, "
                                                         "Finalizing, Complete or Failed.")
     progress: str | None = Field(default=None, description="Shards done / shards.")

@@ -19,11 +19,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubeinfer_operator.errors import ClusterError
-from kubeinfer_operator.handlers.scaler import ClusterScaler, scaling_event
 from kubeinfer_operator.k8s import kinds
 from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient, Rejected
 from kubeinfer_operator.reconcile import status as st
-from kubeinfer_operator.reconcile.diff import Changes, conflict_message, diff_children, owned_by
+from kubeinfer_operator.reconcile.async_validate import async_cluster_problems
+from kubeinfer_operator.reconcile.cluster_scaling import scaling_event
+from kubeinfer_operator.reconcile.compile_status import variant_compile_status
+from kubeinfer_operator.reconcile.compile_validate import variant_compile_problems
+from kubeinfer_operator.reconcile.diff import (
+    Changes,
+    conflict_message,
+    diff_children,
+    key_of,
+    owned_by,
+)
 from kubeinfer_operator.reconcile.validate import (
     REASON_INVALID_SPEC,
     InvalidSpec,
@@ -39,6 +48,7 @@ from kubeinfer_operator.render.k8s import (
 )
 from kubeinfer_operator.render.k8s_autoscaling import autoscaling_problems
 from kubeinfer_operator.render.plan import EndpointPlan, plan_endpoint
+from kubeinfer_operator.scaling.cluster import ClusterScaler
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.outbound import OutboundPolicy
 
@@ -65,10 +75,13 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _check_on_kubernetes(plan: EndpointPlan, namespace: str, name: str) -> None:
+def _check_on_kubernetes(plan: EndpointPlan, namespace: str, name: str,
+                         redis_url: str | None) -> None:
     """Refuse what local mode runs but a cluster cannot (CPUUtilization beside other
-    policies: the operator reads no pod metrics) as InvalidSpec, naming field and fix."""
-    problems = autoscaling_problems(plan)
+    policies: the operator reads no pod metrics; a relative file:// model to compile; an
+    async queue without Redis or with file:// outputs) as InvalidSpec, naming field and fix."""
+    problems = autoscaling_problems(plan) + variant_compile_problems(plan)
+    problems += async_cluster_problems(plan, redis_url=redis_url)
     if problems:
         raise InvalidSpec(f"{namespace}/{name}", problems)
 
@@ -90,6 +103,8 @@ class EndpointSync:
         # Weak values: a lock nobody holds or waits on is dropped with its Endpoint.
         self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
             weakref.WeakValueDictionary())
+        #: Endpoints with a child-triggered sync waiting for the lock (see ``resync``).
+        self._resync_waiting: set[tuple[str, str]] = set()
 
     def _lock(self, namespace: str, name: str) -> asyncio.Lock:
         lock = self._locks.get((namespace, name))
@@ -114,6 +129,26 @@ class EndpointSync:
                 return
             await self._sync(obj, namespace, name)
 
+    async def resync(self, namespace: str, name: str) -> None:
+        """``sync`` after a child changed, coalesced: a rollout's burst of Deployment
+        events costs one sync per Endpoint, not one per event.
+
+        A sync that has not read the cluster yet will see every change made before it
+        does, so while one waits for the lock, further calls return at once.
+        """
+        key = (namespace, name)
+        if key in self._resync_waiting:
+            return
+        self._resync_waiting.add(key)
+        try:
+            async with self._lock(namespace, name):
+                self._resync_waiting.discard(key)
+                obj = await self.kube.get(kinds.ENDPOINT, namespace, name)
+                if obj is not None and not obj["metadata"].get("deletionTimestamp"):
+                    await self._sync(obj, namespace, name)
+        finally:
+            self._resync_waiting.discard(key)
+
     async def _sync(self, obj: dict[str, Any], namespace: str, name: str) -> None:
         metadata = obj["metadata"]
         generation = int(metadata.get("generation") or 0)
@@ -122,7 +157,7 @@ class EndpointSync:
             endpoint = validate_endpoint(name, namespace, obj.get("spec"),
                                          outbound=self.outbound)
             plan = plan_endpoint(endpoint, generation=generation)
-            _check_on_kubernetes(plan, namespace, name)
+            _check_on_kubernetes(plan, namespace, name, self.settings.redis_url)
         except InvalidSpec as exc:
             await self._fail(obj, REASON_INVALID_SPEC, str(exc))
             raise
@@ -159,7 +194,22 @@ class EndpointSync:
                 reason = self.scaler.reason_for(namespace, name, variant["name"])
                 if reason:
                     variant["lastScaling"] = reason
+        await self._compile_outcomes(plan, namespace, status)
         await self._write_status(obj, status)
+
+    async def _compile_outcomes(self, plan: EndpointPlan, namespace: str,
+                                status: dict[str, Any]) -> None:
+        """Variants compiling before they serve: their pods' compile reports into status."""
+        for variant in status["variants"]:
+            v = plan.variant(variant["name"])
+            if v is None or v.compile is None:
+                continue
+            selector = meta.label_selector(meta.pod_selector(plan.name,
+                                                             meta.COMPONENT_MODEL_SERVER, v.name))
+            outcome = variant_compile_status(await self.kube.list(kinds.POD, namespace,
+                                                                  selector), v.server_hash)
+            if outcome is not None:
+                variant["compiled"] = outcome
 
     async def autoscale(self, namespace: str, name: str) -> None:
         """Run the scaler's policies for one Endpoint, then apply what they decided.
@@ -183,7 +233,7 @@ class EndpointSync:
         try:
             plan = plan_endpoint(validate_endpoint(name, namespace, obj.get("spec"),
                                                    outbound=self.outbound))
-            _check_on_kubernetes(plan, namespace, name)
+            _check_on_kubernetes(plan, namespace, name, self.settings.redis_url)
         except InvalidSpec:
             return  # reported by sync
         owner = Owner(name=name, namespace=namespace, uid=str(obj["metadata"]["uid"]))
@@ -290,8 +340,9 @@ class EndpointSync:
                                                   manifest["metadata"]["name"], manifest)
             if patched is not None:
                 written.append(patched)
-                log.info("Updated %s %s/%s", manifest["kind"], owner.namespace,
-                         manifest["metadata"]["name"])
+                log.info("%s %s %s/%s", "Restored (changed outside its Endpoint)"
+                         if key_of(manifest) in changes.drifted else "Updated",
+                         manifest["kind"], owner.namespace, manifest["metadata"]["name"])
         for key in changes.delete:
             await self.kube.delete(kinds.BY_KIND[key.kind], owner.namespace, key.name)
             log.info("Deleted %s %s/%s (no longer in the spec)", key.kind, owner.namespace,

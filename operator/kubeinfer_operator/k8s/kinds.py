@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from kubeinfer_operator.api import compilation_job as cj
 from kubeinfer_operator.api import endpoint as ep
 from kubeinfer_operator.api import transform_job as tj
 
@@ -43,15 +44,18 @@ ENDPOINT = Kind(ep.API_VERSION, ep.KIND, ep.PLURAL)
 #: Events the scaler posts on Endpoints (reason Scaled).
 EVENT = Kind("v1", "Event", "events")
 TRANSFORM_JOB = Kind(tj.API_VERSION, tj.KIND, tj.PLURAL)
-#: A TransformJob's planner, workers and finalizer (render.transform_jobs).
+COMPILATION_JOB = Kind(cj.API_VERSION, cj.KIND, cj.PLURAL)
+#: A TransformJob's planner, workers and finalizer (render.transform_jobs); a
+#: CompilationJob's compiler (render.compile_jobs).
 JOB = Kind("batch/v1", "Job", "jobs")
-#: Read only: the termination messages of a TransformJob's pods (their reports).
+#: Read only: the termination messages of a TransformJob's or CompilationJob's pods
+#: (their reports).
 POD = Kind("v1", "Pod", "pods")
 
 #: Every kind an Endpoint's children can be, in the order they are listed.
 CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT, HPA, NETWORK_POLICY)
 BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, HPA, NETWORK_POLICY, SECRET,
-                               ENDPOINT, EVENT, TRANSFORM_JOB, JOB, POD)}
+                               ENDPOINT, EVENT, TRANSFORM_JOB, COMPILATION_JOB, JOB, POD)}
 
 
 def kind_of(manifest: dict[str, object]) -> Kind:

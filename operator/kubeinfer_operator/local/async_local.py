@@ -26,8 +26,9 @@ import os
 import shutil
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kubeinfer_operator.local.host import AsyncHost
 from kubeinfer_operator.local.private_redis import PrivateRedis, RedisStartError
 from kubeinfer_operator.local.process import free_port
 from kubeinfer_operator.local.scaler import ReasonLog
@@ -37,9 +38,6 @@ from kubeinfer_operator.reconcile.async_scaling import BacklogState, decide
 from kubeinfer_operator.render.async_plan import AsyncPlan
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_runtime.contract import AsyncBacklog, Role
-
-if TYPE_CHECKING:
-    from kubeinfer_operator.local.supervisor import Supervisor
 
 log = logging.getLogger("kubeinfer.local")
 
@@ -57,7 +55,7 @@ class AsyncConfigError(Exception):
 
 
 class AsyncLocal:
-    def __init__(self, supervisor: Supervisor, *, interval_s: float = INTERVAL_S) -> None:
+    def __init__(self, supervisor: AsyncHost, *, interval_s: float = INTERVAL_S) -> None:
         self.sup = supervisor
         self.interval_s = interval_s
         self.plan: AsyncPlan | None = None

@@ -42,6 +42,7 @@ import httpx
 from aiohttp import web
 from pydantic import ValidationError
 
+from kubeinfer_operator.local.host import EndpointHost
 from kubeinfer_operator.local.memory import OOM_KILLED
 from kubeinfer_operator.local.prefork import ForkServer
 from kubeinfer_operator.reconcile import autoscale
@@ -57,7 +58,6 @@ from kubeinfer_runtime.contract.outbound_io import guarded_connector
 
 if TYPE_CHECKING:
     from kubeinfer_operator.local.children import Child
-    from kubeinfer_operator.local.supervisor import Supervisor
 
 log = logging.getLogger("kubeinfer.local")
 
@@ -131,7 +131,7 @@ class _VariantMemory:
 
 
 class LocalScaler:
-    def __init__(self, supervisor: Supervisor, *, window_s: float = WINDOW_S,
+    def __init__(self, supervisor: EndpointHost, *, window_s: float = WINDOW_S,
                  interval_s: float = INTERVAL_S) -> None:
         self.sup = supervisor
         self.window_s = window_s

@@ -2,9 +2,21 @@
 
 State-based and idempotent: the same desired and actual objects always give
 the same plan, and a second run after applying it gives an empty plan. A child
-is patched only when its ``kubeinfer.io/applied-hash`` annotation differs from
-the desired manifest's (never by comparing whole objects: the API server adds
-defaults and normalises quantities, which would look like drift forever).
+is patched when its ``kubeinfer.io/applied-hash`` annotation differs from the
+desired manifest's (the spec changed), or when what we set no longer holds in
+the live object (drift: ``kubectl edit`` of an image, a replica count, a
+Service selector, the route table).
+
+Drift is judged on what we own only, so the operator never fights another
+writer: every field of the desired manifest must be present and equal in the
+live object (a dict may hold more keys: API-server defaults, ``kubectl``
+annotations such as ``restartedAt``; lists must match item by item;
+quantities compare by value, ``1.5`` = ``1500m``). Fields we leave out are not
+ours: ``spec.replicas`` of a variant an HPA scales is never rendered, and a
+scaled variant's replicas are rendered as the scaler decided. Two maps are
+ours entirely, because an extra key changes what they mean: a ConfigMap's
+``data`` (the route table) and a Service's ``spec.selector``; their patches
+remove keys we did not set.
 
 Only objects owned by this Endpoint (an ownerReference carrying its uid) are
 ever patched or deleted. An object with a wanted name but another owner is a
@@ -13,11 +25,16 @@ conflict: reported, never overwritten.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubeinfer_operator.reconcile.quantity import parse_quantity
 from kubeinfer_operator.render import k8s_meta as meta
+
+#: (kind, path) of maps we own whole: a key someone added is drift too.
+EXACT_MAPS = {("ConfigMap", ("data",)), ("Service", ("spec", "selector"))}
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,8 @@ class Changes:
     delete: list[ObjectKey] = field(default_factory=list)
     #: Human-readable reasons some desired objects cannot be applied.
     conflicts: list[str] = field(default_factory=list)
+    #: Children patched back because someone changed what we set.
+    drifted: list[ObjectKey] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -55,6 +74,51 @@ def conflict_message(obj: dict[str, Any], namespace: str, endpoint: str) -> str:
     k = key_of(obj)
     return (f"{k.kind} {namespace}/{k.name} already exists and is not owned by Endpoint "
             f"{endpoint}; delete or rename it, or rename the Endpoint")
+
+
+def _same_scalar(want: Any, have: Any) -> bool:
+    if want == have:
+        return True
+    if isinstance(want, str) and isinstance(have, str):
+        a, b = parse_quantity(want), parse_quantity(have)
+        return a is not None and a == b
+    return False
+
+
+def _holds(want: Any, have: Any) -> bool:
+    """Whether every field of ``want`` is in ``have`` with the same value."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(
+            k in have and _holds(v, have[k]) for k, v in want.items())
+    if isinstance(want, list):
+        return (isinstance(have, list) and len(want) == len(have)
+                and all(_holds(w, h) for w, h in zip(want, have, strict=True)))
+    return _same_scalar(want, have)
+
+
+def _at(obj: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def drift_patch(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that undoes drift of ``live`` from ``desired``; None if none."""
+    extra: dict[tuple[str, ...], list[str]] = {}
+    for kind, path in EXACT_MAPS:
+        want, have = _at(desired, path), _at(live, path)
+        if kind == desired.get("kind") and isinstance(want, dict) and isinstance(have, dict):
+            keys = sorted(k for k in have if k not in want)
+            if keys:
+                extra[path] = keys
+    if not extra and _holds(desired, live):
+        return None
+    patch = copy.deepcopy(desired)
+    for path, keys in extra.items():
+        target = _at(patch, path)
+        assert isinstance(target, dict)
+        target.update(dict.fromkeys(keys))  # null: a merge patch removes the key
+    return patch
 
 
 def diff_children(desired: Iterable[dict[str, Any]], actual: Iterable[dict[str, Any]], *,
@@ -77,6 +141,9 @@ def diff_children(desired: Iterable[dict[str, Any]], actual: Iterable[dict[str, 
             changes.conflicts.append(conflict_message(existing, namespace, owner_name))
         elif meta.applied_hash(existing) != meta.applied_hash(manifest):
             changes.patch.append(manifest)
+        elif (undo := drift_patch(manifest, existing)) is not None:
+            changes.patch.append(undo)
+            changes.drifted.append(k)
     for k, existing in sorted(by_key.items(), key=lambda kv: (kv[0].kind, kv[0].name)):
         if k not in wanted and owned_by(existing, owner_uid):
             changes.delete.append(k)

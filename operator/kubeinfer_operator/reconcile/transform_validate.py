@@ -24,6 +24,9 @@ from kubeinfer_operator.reconcile.transform_status import REASON_INVALID_SPEC
 from kubeinfer_operator.reconcile.validate import _resource_problems, _uri_problems
 from kubeinfer_operator.render.plan_steps import FIRST_IMAGE_PORT
 
+#: A TransformJob runs the model as given: compiling is a CompilationJob's (or a variant's).
+_NO_COMPILE = ("{}: a TransformJob runs its model as given; run a CompilationJob and give the "
+               "job its artifact (model.format: compiled)")
 #: Job names add ``-finalize`` and pod names a suffix to this: DNS labels of <= 63.
 MAX_NAME = 40
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -68,6 +71,8 @@ def _step_problems(containers: list[ContainerStep] | None, path: str,
     for j, step in enumerate(steps):
         if step.model is not None:
             problems += _uri_problems(f"{path}[{j}].model.uri", step.model.uri)
+            if step.model.compile is not None:
+                problems.append(_NO_COMPILE.format(f"{path}[{j}].model.compile"))
         if step.image and ports.count(step.port or FIRST_IMAGE_PORT + j) > 1:
             problems.append(f"{path}[{j}].port: {step.port or FIRST_IMAGE_PORT + j} is used by "
                             "another image step; give each image its own port")
@@ -93,6 +98,8 @@ def spec_problems(spec: TransformJobSpec, *, on_kubernetes: bool) -> list[str]:
                                   spec.resources.limits)
     if spec.model is not None:
         problems += _uri_problems("spec.model.uri", spec.model.uri)
+        if spec.model.compile is not None:
+            problems.append(_NO_COMPILE.format("spec.model.compile"))
     problems += _step_problems(spec.containers, "spec.containers", on_kubernetes)
     if on_kubernetes:
         problems += _kubernetes_problems(spec)

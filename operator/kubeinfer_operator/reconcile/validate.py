@@ -119,6 +119,10 @@ def _variant_problems(endpoint: str, index: int, v: ProductionVariant) -> list[s
     for j, step in enumerate(v.containers or []):
         if step.model is not None:
             problems += _uri_problems(f"{path}.containers[{j}].model.uri", step.model.uri)
+            if step.model.compile is not None:
+                problems.append(f"{path}.containers[{j}].model.compile: only a variant's own "
+                                "model compiles before it is served; run a CompilationJob and "
+                                "give the step its artifact (model.format: compiled)")
         ports = [c.port or 8081 + k for k, c in enumerate(v.containers or []) if c.image]
         if step.image and ports.count(step.port or 8081 + j) > 1:
             problems.append(f"{path}.containers[{j}].port: {step.port or 8081 + j} is used by "

@@ -16,6 +16,7 @@ from collections.abc import Collection
 from typing import Any
 
 from kubeinfer_operator.render import k8s_autoscaling as autoscaling
+from kubeinfer_operator.render import k8s_compile
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render import k8s_network as policies
 from kubeinfer_operator.render import k8s_secrets as secrets
@@ -75,7 +76,9 @@ def render_endpoint(plan: EndpointPlan, owner: Owner, settings: OperatorSettings
     ]
     for variant in plan.variants:
         manifests.append(w.model_server_service(owner, variant, settings))
-        deployment = w.model_server_deployment(owner, variant, settings, plan.async_config)
+        deployment = k8s_compile.with_compile_step(
+            w.model_server_deployment(owner, variant, settings, plan.async_config), variant,
+            settings)
         hpa = autoscaling.horizontal_pod_autoscaler(owner, plan, variant)
         if hpa is not None and variant.name in existing_variants:
             del deployment["spec"]["replicas"]

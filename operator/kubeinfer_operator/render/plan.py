@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from kubeinfer_operator.api.endpoint import (
@@ -22,6 +22,7 @@ from kubeinfer_operator.api.endpoint import (
     Endpoint,
     EndpointType,
     InferenceExecution,
+    ModelSource,
     ProductionVariant,
     ServerlessConfig,
 )
@@ -44,6 +45,50 @@ from kubeinfer_runtime.contract import (
     VariantRoute,
 )
 from kubeinfer_runtime.contract.auth import AuthRoute
+
+
+@dataclass(frozen=True)
+class VariantCompile:
+    """A variant's ``model.compile``: the compiler's settings for its ONNX model.
+
+    Where the artifact goes is each backend's choice (an emptyDir of the pod on
+    Kubernetes, the local artifact cache in local mode), so it is not here.
+    """
+
+    #: ``CompileSettings`` values: model_uri, target, batch sizes, tuning, quantization.
+    values: tuple[tuple[str, Any], ...]
+    #: ``model.compile.cacheUri``: the artifact cache shared by replicas (None: none).
+    cache_uri: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def variant_compile(source: ModelSource, env: dict[str, str],
+                    base_dir: str | None) -> VariantCompile | None:
+    """The compile step of a variant's model (None: it has no ``compile``)."""
+    options = source.compile
+    if options is None:
+        return None
+    values: dict[str, Any] = {
+        "model_uri": resolve_file_uri(source.uri, base_dir),
+        "target": options.target.value,
+        "tuning_budget_s": options.tuning.budgetSeconds,
+        "allow_quantization": options.quantization.allowed,
+        "min_top1_agreement": options.quantization.minTop1Agreement,
+        # Measured with the threads the model server will use.
+        "threads": int(env.get("KUBEINFER_INTRA_OP_THREADS", "1") or 1),
+    }
+    if options.batchSizes is not None:
+        values["batch_sizes"] = list(options.batchSizes)
+    if options.tuning.trials is not None:
+        values["tuning_trials"] = options.tuning.trials
+    if options.quantization.calibrationUri is not None:
+        values["calibration_uri"] = resolve_file_uri(options.quantization.calibrationUri,
+                                                     base_dir)
+    cache = resolve_file_uri(options.cacheUri, base_dir) if options.cacheUri else None
+    return VariantCompile(values=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                              for k, v in values.items())), cache_uri=cache)
 
 
 @dataclass(frozen=True)
@@ -71,6 +116,8 @@ class VariantPlan:
     #: Gateway admission overrides (None: the gateway's defaults); not in ``server_hash``.
     max_in_flight_per_replica: int | None = None
     max_queue_wait_s: float | None = None
+    #: ``model.compile``: compiled before it is served (``model_uri`` is then the source).
+    compile: VariantCompile | None = None
 
     @property
     def server_hash(self) -> str:
@@ -84,6 +131,7 @@ class VariantPlan:
             # Appended only when set, so single-model hashes (and pods) stay unchanged.
             + ([repr(self.multi_model)] if self.multi_model else [])
             + ([repr(self.steps), self.execution] if self.steps else [])
+            + ([repr(self.compile)] if self.compile else [])
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -281,6 +329,8 @@ def _variant_plan(v: ProductionVariant, base_dir: str | None,
         autoscaling=policy_from_spec(v.autoscaling) if v.autoscaling else None,
         max_in_flight_per_replica=v.admission.maxInFlightPerReplica if v.admission else None,
         max_queue_wait_s=v.admission.maxQueueWaitSeconds if v.admission else None,
+        compile=variant_compile(v.model, {e.name: e.value for e in v.env}, base_dir)
+        if v.model is not None else None,
     )
 
 

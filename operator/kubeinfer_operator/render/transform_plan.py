@@ -11,12 +11,10 @@ into processes — so a job behaves the same on a laptop and on a cluster.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from kubeinfer_operator.api.endpoint import (
     ContainerStep,
@@ -30,6 +28,7 @@ from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.plan import _step_plan, resolve_file_uri
 from kubeinfer_operator.render.plan_steps import StepPlan
+from kubeinfer_operator.render.settings_env import rendered_env
 from kubeinfer_runtime.contract import (
     ENV_PREFIX,
     InferenceExecution,
@@ -119,31 +118,10 @@ def model_from_endpoint(spec: TransformJobSpec, endpoint: Endpoint | None, names
                          env=variant.env, base_dir=base_dir)
 
 
-class _RenderedSettings(BatchSettings):
-    """``BatchSettings`` from the given values only: rendering never reads the renderer's
-    own environment (which may hold credentials or other settings)."""
-
-    @classmethod
-    def settings_customise_sources(
-            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
-
-
 def settings_env(values: dict[str, Any]) -> dict[str, str]:
     """``KUBEINFER_*`` env of exactly ``values`` (BatchSettings fields), validated by the
     runtime's own model; a ValueError names what the runtime would refuse."""
-    settings = _RenderedSettings(**values)
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump(mode="json", include=set(values)).items():
-        if value is None:
-            continue
-        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
-        env[ENV_PREFIX + name.upper()] = text
-    return env
+    return rendered_env(BatchSettings, values)
 
 
 @dataclass(frozen=True)

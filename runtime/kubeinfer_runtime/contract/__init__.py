@@ -93,6 +93,9 @@ class Role(StrEnum):
 
 class ModelFormat(StrEnum):
     ONNX = "onnx"
+    #: An artifact of ``kubeinfer compile`` (a folder with ``manifest.json``, or its
+    #: ``.tar.gz``): served by the TVM or the onnx backend its manifest names.
+    COMPILED = "compiled"
 
 
 class _Strict(BaseModel):

@@ -1,9 +1,12 @@
 """The model server's control surface on FastAPI: health, metadata, metrics, docs.
 
 These routes are cheap and rarely called, so they get FastAPI's conveniences
-(OpenAPI at ``/docs``). The inference routes are only described in the
-OpenAPI document: :mod:`kubeinfer_runtime.server.hotpath` answers them before
-FastAPI ever sees the request. Handlers stay thin: they read the model slot and
+(OpenAPI at ``/docs``). The single-model server builds this app only when a
+route other than the probes and ``/metrics`` is first asked for
+(``server.control`` answers those, alike, without importing FastAPI). The
+inference routes are only described in the OpenAPI document:
+:mod:`kubeinfer_runtime.server.hotpath` answers them before FastAPI ever sees
+the request. Handlers stay thin: they read the model slot and
 render (documents in ``v2_model``). V2 readiness is the status code, as the
 protocol says and ``tritonclient`` reads it: 200 ready, 400 not (with why).
 """
@@ -51,9 +54,14 @@ def v2_not_ready(message: str, name: str | None = None) -> Response:
                     headers={"x-amzn-errortype": f"{NotReady(message).code}:"})
 
 
-def build_api(slot: ModelSlot, model_name: str, lifespan: Lifespan,
+def build_api(slot: ModelSlot, model_name: str, lifespan: Lifespan | None,
               server_metrics: ModelServerMetrics | None = None) -> FastAPI:
-    """The control routes; ``server_metrics`` feed V2 statistics (none: no /stats route)."""
+    """The control routes; ``server_metrics`` feed V2 statistics (none: no /stats route).
+
+    ``lifespan`` None: the caller runs the server's lifespan (``server.control``,
+    which also answers the probe and scrape routes itself and builds this app
+    only when another control route is asked for).
+    """
     app = FastAPI(title="kubeinfer model server", version=__version__, lifespan=lifespan)
     install_error_handlers(app, "see /docs for the model server's API")
 

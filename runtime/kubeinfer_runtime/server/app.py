@@ -1,9 +1,12 @@
-"""Assemble the model-server ASGI app: FastAPI control routes behind the hot path.
+"""Assemble the model-server ASGI app: the hot path, then the control routes.
 
 ``create_app`` is the uvicorn factory (``factory=True``): with no argument it
 reads ``ModelServerSettings`` from the environment, so every uvicorn worker
-builds its own app the same way. Loading starts in the lifespan, in the
-background, so the port answers (liveness) while a large model downloads.
+builds its own app the same way. Loading runs in the background, so the port
+answers (liveness, and ``/ping`` 503 until the model is warm) while a large
+model downloads: started by the entry point before uvicorn was even imported
+(``server.preload``), else at startup, in the lifespan. The single-model
+server imports no FastAPI to start (``server.control``).
 """
 
 from __future__ import annotations
@@ -12,13 +15,13 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-
-from fastapi import FastAPI
+from typing import Any
 
 from kubeinfer_runtime.contract import ModelServerSettings
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.metrics_listener import metrics_listener
-from kubeinfer_runtime.server.api import build_api
+from kubeinfer_runtime.server import preload
+from kubeinfer_runtime.server.control import ControlRoutes
 from kubeinfer_runtime.server.hotpath import ASGIApp, HotPath, InferenceService
 from kubeinfer_runtime.server.state import ModelSlot, decode_limits, start_loading
 
@@ -43,16 +46,21 @@ def create_app(settings: ModelServerSettings | None = None) -> ASGIApp:
         from kubeinfer_runtime.pipeline.app import create_pipeline_app
 
         return create_pipeline_app(settings)
-    slot = ModelSlot(settings.model_name, settings.model_uri)
-    metrics = ModelServerMetrics(settings.endpoint_name, settings.variant_name,
-                                 settings.model_name)
-    metrics.loaded.set(0)
+    preloaded = preload.take(settings)
+    if preloaded is not None:
+        slot, metrics = preloaded.slot, preloaded.metrics
+    else:
+        slot = ModelSlot(settings.model_name, settings.model_uri)
+        metrics = ModelServerMetrics(settings.endpoint_name, settings.variant_name,
+                                     settings.model_name)
+        metrics.loaded.set(0)
     pool = ThreadPoolExecutor(max_workers=settings.inference_threads,
                               thread_name_prefix="inference")
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        start_loading(slot, settings, metrics)
+    async def lifespan() -> AsyncIterator[None]:
+        if preloaded is None:
+            start_loading(slot, settings, metrics)
         async with metrics_listener(settings.host, settings.metrics_port):
             yield
         # uvicorn has drained in-flight requests by now (graceful shutdown).
@@ -63,10 +71,10 @@ def create_app(settings: ModelServerSettings | None = None) -> ASGIApp:
             model.backend.unload()
         log.info('Model "%s" unloaded, shutting down', slot.name)
 
-    api = build_api(slot, settings.model_name, lifespan, metrics)
+    control = ControlRoutes(slot, settings.model_name, lifespan, metrics)
     service = InferenceService(slot, metrics, pool, settings.max_payload_bytes,
                                decode_limits(settings))
-    return HotPath(api, service, settings.model_name)
+    return HotPath(control, service, settings.model_name)
 
 
 def create_multimodel_app(settings: ModelServerSettings) -> ASGIApp:
@@ -90,7 +98,7 @@ def create_multimodel_app(settings: ModelServerSettings) -> ASGIApp:
     mme_metrics.watch(cache)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: Any) -> AsyncIterator[None]:
         if store.not_ready is not None:
             # Import minio and build the client now, not on the first request.
             loaders.submit(store.warm_up)

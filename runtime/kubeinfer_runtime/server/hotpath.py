@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _V2_PREFIX = "/v2/models/"
 _V2_SUFFIX = "/infer"
+#: Model names that travel in a URL as they are (RFC 3986's unreserved characters).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 class ClientDisconnected(Exception):
@@ -116,6 +119,10 @@ class HotPath:
         self.app = app
         self.service = service
         self.model_name = model_name
+        #: The V2 infer target V2 clients send (the unversioned one), as it arrives; None
+        #: for a name a client must percent-encode (the general route decodes it).
+        self._v2_url = (f"{_V2_PREFIX}{model_name}{_V2_SUFFIX}".encode("ascii")
+                        if _PLAIN_NAME.fullmatch(model_name) else None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -171,8 +178,12 @@ class HotPath:
         return done if done is not None else invocations_work(
             model, body, plan.content_type, plan.encoding, self.service.limits, plan.output)
 
-    async def _compute_pooled(self, plan: Plan, body: bytes) -> tuple[bytes, float, OutHeaders]:
-        """(response body, model seconds, its headers), from an inference thread."""
+    async def _compute_pooled(self, plan: Plan, body: bytes,
+                              lane: bool = False) -> tuple[bytes, float, OutHeaders]:
+        """(response body, model seconds, its headers), from an inference thread.
+
+        ``lane``: V2 requests may take the model's V2 lane (the inline path's choice).
+        """
         loop = asyncio.get_running_loop()
         svc = self.service
         if plan.v2_target is None:
@@ -181,7 +192,8 @@ class HotPath:
                 svc.limits, plan.output)
             return payload, model_s, plan.out_headers
         return await loop.run_in_executor(svc.pool, v2_work, plan.model, body,
-                                          self.model_name, svc.limits, plan.header_length)
+                                          self.model_name, svc.limits, plan.header_length,
+                                          lane)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send,
                       v2_target: str | None) -> None:
@@ -211,7 +223,11 @@ class HotPath:
         declared length within the limit, to a loaded model. Anything else,
         errors decided from the headers included, takes the ASGI path.
         """
-        if method != b"POST" or b"?" in url or b"%" in url:
+        if method != b"POST":
+            return None
+        if url == self._v2_url:
+            return self._inline_v2_plan(raw_headers)
+        if b"?" in url or b"%" in url:
             return None
         path = url.decode("latin-1")
         ours, v2_target = self._route(path)
@@ -226,6 +242,20 @@ class HotPath:
             return None
         self.service.metrics.invocations.value += 1
         return plan
+
+    def _inline_v2_plan(self, raw_headers: list[tuple[bytes, bytes]]) -> Plan | None:
+        """``inline_plan`` for the commonest V2 target, in fewer steps: the same Plan."""
+        try:
+            content_type, length, header_length = v2_headers(raw_headers)
+        except Exception:
+            return None
+        svc = self.service
+        model = svc.slot.model
+        if model is None or length is None or length > svc.max_payload_bytes:
+            return None
+        svc.metrics.invocations.value += 1
+        return Plan(self.model_name, content_type, codec.Encoding.JSON, V2_JSON, model, length,
+                    None, header_length)
 
     def respond_inline(self, plan: Plan, body: bytes, t0: float,
                        url: bytes) -> Reply | Awaitable[Reply]:
@@ -242,14 +272,15 @@ class HotPath:
                 headers = plan.out_headers
             else:
                 payload, model_s, headers = v2_work(plan.model, body, self.model_name,
-                                                    self.service.limits, plan.header_length)
+                                                    self.service.limits, plan.header_length,
+                                                    True)
         except Exception as exc:
             return self._error(plan, url, exc)
         return self._ok(t0, payload, model_s, headers)
 
     async def _respond_pooled(self, plan: Plan, body: bytes, t0: float, url: bytes) -> Reply:
         try:
-            payload, model_s, headers = await self._compute_pooled(plan, body)
+            payload, model_s, headers = await self._compute_pooled(plan, body, True)
         except Exception as exc:
             return self._error(plan, url, exc)
         return self._ok(t0, payload, model_s, headers)

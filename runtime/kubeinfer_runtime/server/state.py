@@ -27,6 +27,7 @@ from enum import Enum
 from typing import Literal
 
 from kubeinfer_runtime.codec import DecodeLimits
+from kubeinfer_runtime.codec_v2_fast import V2Lane, build_v2_lane
 from kubeinfer_runtime.contract import ModelServerSettings
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError
 from kubeinfer_runtime.metrics import ModelServerMetrics
@@ -64,6 +65,8 @@ class LoadedModel:
     warmup_s: float | None
     #: The commonest request as one function (``json_lane``); None: general path only.
     json_lane: JsonLane | None = None
+    #: The commonest V2 requests' decoder (``codec_v2_fast``); None: general decoder only.
+    v2_lane: V2Lane | None = None
 
     @property
     def version(self) -> str:
@@ -209,7 +212,9 @@ def load_into(slot: ModelSlot, settings: ModelServerSettings,
             raise _WarmupFailed(warmup_failure(result))
         log_warmup(slot.name, result)
         inline = choose_inline(settings.inference_mode, result.latency_s)
-        lane = build_json_lane(backend, meta, decode_limits(settings))
+        limits = decode_limits(settings)
+        lane = build_json_lane(backend, meta, limits)
+        v2_lane = build_v2_lane(meta, limits)
     except Exception as e:
         if slot.phase is Phase.UNLOADED:
             return  # the server shut down while the model loaded
@@ -224,7 +229,7 @@ def load_into(slot: ModelSlot, settings: ModelServerSettings,
     gc.freeze()
     warmup_s = result.latency_s
     try:
-        slot.publish(LoadedModel(backend, meta, fetched.sha256, inline, warmup_s, lane))
+        slot.publish(LoadedModel(backend, meta, fetched.sha256, inline, warmup_s, lane, v2_lane))
     except SlotStateError:
         backend.unload()  # the server shut down while the model warmed up
         return

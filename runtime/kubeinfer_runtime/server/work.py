@@ -49,9 +49,18 @@ def invocations_work(model: LoadedModel, body: bytes, content_type: str | None,
 
 def v2_work(model: LoadedModel, body: bytes, model_name: str,
             limits: codec.DecodeLimits = codec.DEFAULT_LIMITS,
-            header_length: int | None = None) -> tuple[bytes, float, OutHeaders]:
-    """``header_length``: the request's Inference-Header-Content-Length (binary extension)."""
-    req = codec.decode_v2(body, model.meta, limits, header_length)
+            header_length: int | None = None,
+            lane: bool = False) -> tuple[bytes, float, OutHeaders]:
+    """``header_length``: the request's Inference-Header-Content-Length (binary extension).
+
+    ``lane``: decode with the model's V2 lane (``codec_v2_fast``) when it takes the
+    request. The inline HTTP path asks for it; the ASGI path does not, so that
+    serving one request both ways compares the lane with the general decoder.
+    """
+    fast = model.v2_lane if lane else None
+    req = fast(body, header_length) if fast is not None else None
+    if req is None:
+        req = codec.decode_v2(body, model.meta, limits, header_length)
     t0 = time.perf_counter()
     outputs = model.backend.predict(req.inputs, req.output_names)
     model_s = time.perf_counter() - t0

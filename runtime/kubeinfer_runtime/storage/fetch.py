@@ -1,10 +1,11 @@
 """Fetch a model into local storage: the I/O half of ``storage`` (parsing is in ``uri``).
 
 ``file://`` models are read where they are (copying a multi-GB file into the
-cache would double disk use for nothing); ``s3://`` models are streamed into
-the cache directory under a temporary name, hashed on the way, fsynced and
-renamed into place, so a crash never leaves a half-written model that looks
-complete. The sha256 is returned and written next to the file.
+cache would double disk use for nothing; a compiled artifact may be a folder);
+``s3://`` models are streamed into the cache directory under a temporary
+name, hashed on the way, fsynced and renamed into place, so a crash never
+leaves a half-written model that looks complete. The sha256 is returned and
+written next to the file.
 """
 
 from __future__ import annotations
@@ -56,7 +57,15 @@ def fetch_model(uri: str, *, base_dir: str, cache_dir: str, s3: S3Settings) -> F
     return _download(uri, loc, Path(cache_dir), s3)
 
 
+#: A folder holding this file is a compiled artifact (``contract.compile.MANIFEST_NAME``):
+#: it is served in place and identified by its manifest, which lists every file's sha256.
+ARTIFACT_MANIFEST = "manifest.json"
+
+
 def _local(uri: str, path: Path) -> FetchedModel:
+    if path.is_dir() and (path / ARTIFACT_MANIFEST).is_file():
+        manifest = _local(uri, path / ARTIFACT_MANIFEST)
+        return FetchedModel(uri, path, manifest.sha256, manifest.size)
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
         raise ModelNotFoundError(f"Model file {path} {what}: "

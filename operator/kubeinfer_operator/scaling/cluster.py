@@ -1,4 +1,4 @@
-"""The operator's scaler: auto scaling and serverless scale-to-zero on Kubernetes.
+"""The operator's scaler: auto scaling and serverless scale-to-zero on Kubernetes (I/O).
 
 Chosen channel (README "Serverless"): gateways never talk to the Kubernetes
 API. A gateway holding requests for a cold variant POSTs a
@@ -7,11 +7,12 @@ the chart's ``<release>-scaler`` Service in front of the operator pod); the
 operator, which already owns the Deployments, sets their ``replicas``. So no
 Role for the runtime, and one writer of ``replicas``.
 
-Decisions are the pure ``reconcile.autoscale`` functions. Every refresh of an
-Endpoint (its status daemon) calls :meth:`ClusterScaler.evaluate`, which
-scrapes ``/metrics`` of every ready gateway pod (invocations, held and
-in-flight requests), asks Prometheus for Custom queries, and stores the
-desired replicas. ``sync`` then renders the variant Deployments with
+Decisions are pure (``reconcile.cluster_scaling`` over ``reconcile.autoscale``);
+this module only gathers their inputs. Every refresh of an Endpoint (its
+status daemon) calls :meth:`ClusterScaler.evaluate`, which scrapes
+``/metrics`` of every ready gateway pod (invocations, held and in-flight
+requests), asks Prometheus for Custom queries, and stores the desired
+replicas. ``sync`` then renders the variant Deployments with
 :meth:`replicas_for` (a new spec never undoes the scaler: without a decision
 yet, the Deployment's current replicas are kept) and :meth:`reason_for` goes
 into ``status.variants[].lastScaling``; each change is also a Kubernetes Event
@@ -50,13 +51,11 @@ own session, apart from the gateway scrapes) and redirects are not followed.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -65,20 +64,16 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from kubeinfer_operator.handlers.async_scaler import BacklogReader, evaluate_async
-from kubeinfer_operator.reconcile import autoscale
-from kubeinfer_operator.reconcile.autoscale_metrics import (
-    CounterSum,
-    GatewayView,
-    MetricWindow,
-    parse_gateway_metrics,
-    sum_views,
+from kubeinfer_operator.reconcile.autoscale_metrics import GatewayView, parse_gateway_metrics
+from kubeinfer_operator.reconcile.cluster_scaling import (
+    ScalerMemory,
+    authorized_scale,
+    custom_metric_variants,
 )
 from kubeinfer_operator.render import k8s_autoscaling
-from kubeinfer_operator.render import k8s_meta as meta
-from kubeinfer_operator.render.k8s_secrets import scaler_token
 from kubeinfer_operator.render.plan import EndpointPlan
-from kubeinfer_runtime.contract import ScaleRequest
+from kubeinfer_operator.scaling.backlog import BacklogReader
+from kubeinfer_runtime.contract import AsyncBacklog, ScaleRequest
 from kubeinfer_runtime.contract.outbound import (
     OutboundPolicy,
     redact_url,
@@ -88,57 +83,16 @@ from kubeinfer_runtime.contract.outbound_io import guarded_connector
 
 log = logging.getLogger(__name__)
 
-#: Metrics window of the policies on Kubernetes (SageMaker evaluates per minute).
-WINDOW_S = 60.0
-REQUEST_FRESH_S = 10.0
 #: Longest wait for one gateway pod's /metrics: a dead pod is skipped after this.
 SCRAPE_TIMEOUT_S = 2.0
-
-Key = tuple[str, str, str]  # namespace, endpoint, variant
 #: Largest scale-request body accepted, bytes.
 MAX_REQUEST_BYTES = 4096
-
-
-def authorized_scale(token: str, signing_key: bytes, namespace: str) -> bool:
-    """Whether ``token`` is the one issued to gateways of ``namespace`` (constant time)."""
-    expected = scaler_token(signing_key, namespace)
-    return hmac.compare_digest(token.encode(), expected.encode())
-
-
-@dataclass
-class _Memory:
-    window: MetricWindow = field(default_factory=lambda: MetricWindow(WINDOW_S))
-    #: Invocations summed over the gateway pods (by pod URL).
-    invocations: CounterSum = field(default_factory=CounterSum)
-    state: autoscale.ScaleState = field(default_factory=autoscale.ScaleState)
-    desired: int | None = None
-    reason: str = ""
-    last_activity: float | None = None
-    last_invocations: float | None = None
-    requested_at: float | None = None
-    #: An HPA scales this variant (``reason`` says which).
-    by_hpa: bool = False
-
-
-def scaling_event(namespace: str, endpoint: str, uid: str, message: str,
-                  now: datetime) -> dict[str, Any]:
-    """A core/v1 Event on the Endpoint (``kubectl describe kie NAME`` shows it): PURE."""
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
-        "apiVersion": "v1", "kind": "Event",
-        "metadata": {"generateName": f"{endpoint}.", "namespace": namespace},
-        "involvedObject": {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint",
-                           "name": endpoint, "namespace": namespace, "uid": uid},
-        "reason": "Scaled", "message": message[:1024], "type": "Normal",
-        "source": {"component": "kubeinfer-operator"},
-        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
-    }
-
 
 Fetch = Callable[[str], Awaitable[str | None]]
 #: Base URLs (``http://10.0.0.7:8080``) of the pods behind a headless Service URL;
 #: None when its name does not resolve.
 Discover = Callable[[str], Awaitable[list[str] | None]]
+ReadBacklog = Callable[[str], Awaitable[AsyncBacklog]]
 
 
 async def discover_pods(service_url: str) -> list[str] | None:
@@ -157,24 +111,25 @@ async def discover_pods(service_url: str) -> list[str] | None:
     return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses]
 
 
-class ClusterScaler:
+class ClusterScaler(ScalerMemory):
+    """The scale-request server and the scrapes and queries behind each decision."""
+
     def __init__(self, *, port: int | None = None, redis_url: str | None = None,
                  monotonic: Callable[[], float] = time.monotonic,
                  outbound: OutboundPolicy | None = None,
                  signing_key: bytes | None = None) -> None:
+        super().__init__()
         self.port = port
         #: Scale requests carry ``scaler_token(signing_key, namespace)``.
         self.signing_key = signing_key if signing_key is not None else secrets.token_bytes(32)
-        #: Scaled Endpoints the operator reconciles, and their variants: a scale
-        #: request for anything else is refused at once, and leaves nothing behind.
-        self.known: dict[tuple[str, str], frozenset[str]] = {}
         #: Where Prometheus queries may go (None: the default policy, no allow-list).
         self.outbound = outbound if outbound is not None else OutboundPolicy.parse()
         #: Times the metrics window and scale requests (tests pass a fake clock).
         self.monotonic = monotonic
         #: Async endpoints' queue backlogs (the operator's KUBEINFER_REDIS_URL).
-        self.read_backlog = BacklogReader(redis_url)
-        self.memory: dict[Key, _Memory] = {}
+        self.backlog_reader = BacklogReader(redis_url)
+        #: Reads a queue's backlog (tests put their own in).
+        self.read_backlog: ReadBacklog = self.backlog_reader
         #: Called with (namespace, endpoint) when a scale request arrives.
         self.on_request: Callable[[str, str], Coroutine[Any, Any, None]] | None = None
         self._runner: web.AppRunner | None = None
@@ -205,7 +160,7 @@ class ClusterScaler:
         for session in (self._session, self._prometheus_session):
             if session is not None:
                 await session.close()
-        await self.read_backlog.close()
+        await self.backlog_reader.close()
 
     async def _on_scale(self, request: web.Request) -> web.Response:
         """Honour a gateway's scale request: only with its namespace's token, only for a
@@ -248,27 +203,8 @@ class ClusterScaler:
             task.add_done_callback(self._pending.discard)
         return web.json_response({"accepted": True}, status=202)
 
-    def register(self, namespace: str, endpoint: str, variants: frozenset[str] | None) -> None:
-        """Record which variants of an Endpoint scale requests may name (None: none)."""
-        if variants:
-            self.known[(namespace, endpoint)] = variants
-        else:
-            self.known.pop((namespace, endpoint), None)
-
-    def forget(self, namespace: str, endpoint: str) -> None:
-        """A deleted Endpoint: nothing about it stays in memory."""
-        self.known.pop((namespace, endpoint), None)
-        for k in [k for k in self.memory if k[:2] == (namespace, endpoint)]:
-            del self.memory[k]
-
     def request(self, namespace: str, endpoint: str, variant: str) -> None:
-        self._mem((namespace, endpoint, variant)).requested_at = self.monotonic()
-
-    def _mem(self, key: Key) -> _Memory:
-        mem = self.memory.get(key)
-        if mem is None:
-            mem = self.memory[key] = _Memory()
-        return mem
+        self.mark_requested((namespace, endpoint, variant), self.monotonic())
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -349,117 +285,30 @@ class ClusterScaler:
         headless Service over the gateway pods (None: scrape ``gateway_url``).
         """
         if plan.async_config is not None:  # scaled on the queue backlog instead
-            return await evaluate_async(self, plan, namespace, current, self.read_backlog,
-                                        self.read_backlog.states)
+            return await self.evaluate_backlog(plan, namespace, current)
         self.hand_over_to_hpas(plan, namespace)
         if not k8s_autoscaling.scrapes_gateway(plan):
             return []
         views = await self.scrape(plan.name, gateway_url, pods_url, fetch or self._fetch)
-        answered = {url: v for url, v in views.items() if v is not None}
-        summed = sum_views(answered.values())
-        now = now or datetime.now(UTC)
-        now_m = self.monotonic()
-        offset = now.timestamp() - now_m
-        hpa = k8s_autoscaling.hpa_variants(plan)
-        messages = []
-        for index, variant in enumerate(plan.variants):
-            if (plan.serverless is None and variant.autoscaling is None) or variant.name in hpa:
-                continue
-            key = (namespace, plan.name, variant.name)
-            mem = self._mem(key)
-            replicas = current.get(variant.name, variant.replicas)
-            # A pod that answered without the variant's series counts 0 (restarted).
-            invocations = mem.invocations.update(
-                {url: v.invocations.get(variant.name, 0.0) for url, v in answered.items()},
-                keep=views.keys())
-            mem.window.add(now_m, invocations, {})
-            if mem.last_invocations is not None and invocations != mem.last_invocations:
-                mem.last_activity = now_m
-            mem.last_invocations = invocations
-            waiting = summed.held.get(variant.name, 0.0) > 0 or (
-                mem.requested_at is not None and now_m - mem.requested_at < REQUEST_FRESH_S
-                and replicas == 0)
-            if waiting:  # per variant; in-flight is per endpoint (see local.scaler)
-                mem.last_activity = now_m
-            values: dict[str, float | None] = {
-                autoscale.Metric.INVOCATIONS_PER_REPLICA.value:
-                    mem.window.invocations_per_replica_per_minute(replicas)}
-            policy = variant.autoscaling
-            if policy is not None and policy.prometheus_url:
-                field = (f"Endpoint {namespace}/{plan.name}: spec.variants[{index}]"
-                         ".autoscaling.prometheusUrl")
-                for k in policy.metric_keys():
-                    if k.startswith("custom:"):
-                        values[k] = await self._prometheus(policy.prometheus_url,
-                                                           k[len("custom:"):], field)
-            serverless = plan.serverless_policy
-            if serverless is not None:
-                last = None if mem.last_activity is None else mem.last_activity + offset
-                decision = autoscale.decide_serverless(serverless, policy, replicas, values,
-                                                       mem.state, last, waiting, now)
-            else:
-                assert policy is not None
-                decision = autoscale.decide(policy, replicas, values, mem.state, now)
-            mem.state = decision.state
-            if decision.desired != replicas:
-                # Remembered only when the scaler changes something: until then
-                # the Deployment's own replicas are the truth (replicas_for).
-                mem.desired = decision.desired
-                mem.reason = decision.reason
-                message = f"Variant {variant.name}: {decision.reason}"
-                log.info("Endpoint %s/%s: %s", namespace, plan.name, message)
-                messages.append(message)
-        return messages
+        custom: dict[str, dict[str, float | None]] = {}
+        for index, variant, url, queries in custom_metric_variants(plan):
+            field = f"Endpoint {namespace}/{plan.name}: spec.variants[{index}]" \
+                    ".autoscaling.prometheusUrl"
+            custom[variant] = {f"custom:{q}": await self._prometheus(url, q, field)
+                               for q in queries}
+        return self.decide_scraped(plan, namespace, current, views, custom,
+                                   now=now or datetime.now(UTC), now_m=self.monotonic())
 
-    def hand_over_to_hpas(self, plan: EndpointPlan, namespace: str) -> None:
-        """Forget our decisions for variants an HPA scales; :meth:`reason_for` then says so.
-
-        ``sync`` calls it before :meth:`replicas_for`, so a variant whose spec just
-        turned CPU-only never gets a stale decision of ours, and if it comes
-        back to our policies they start from the Deployment's replicas.
-        """
-        for variant in plan.variants:
-            reason = k8s_autoscaling.hpa_reason(plan.name, namespace, plan, variant)
-            key = (namespace, plan.name, variant.name)
-            mem = self.memory.get(key)
-            if reason is not None and (mem is None or mem.reason != reason):
-                self.memory[key] = _Memory(reason=reason, by_hpa=True)
-            elif reason is None and mem is not None and mem.by_hpa:
-                del self.memory[key]  # back to our policies: a fresh start
-
-    def replicas_for(self, plan: EndpointPlan, namespace: str,
-                     deployments: Mapping[str, Mapping[str, Any]]) -> EndpointPlan:
-        """``plan`` with the scaler's replicas for scaled variants (PURE given memory).
-
-        A variant an HPA scales keeps its Deployment's replicas as they are
-        (render leaves them out of the manifest anyway).
-        """
-        from dataclasses import replace
-
-        hpa = k8s_autoscaling.hpa_variants(plan)
-        variants = []
-        for v in plan.variants:
-            scaled = (plan.serverless is not None or v.autoscaling is not None
-                      or plan.async_config is not None)
-            mem = self.memory.get((namespace, plan.name, v.name))
-            if v.name in hpa:
-                existing = deployments.get(meta.variant_object_name(plan.name, v.name))
-                n = ((existing or {}).get("spec") or {}).get("replicas")
-                if isinstance(n, int):
-                    v = replace(v, replicas=n)
-            elif scaled and mem is not None and mem.desired is not None:
-                v = replace(v, replicas=mem.desired)
-            elif scaled:
-                existing = deployments.get(meta.variant_object_name(plan.name, v.name))
-                spec = (existing or {}).get("spec") or {}
-                if isinstance(spec.get("replicas"), int):
-                    n = int(spec["replicas"])
-                    if v.autoscaling is not None:
-                        n = min(max(n, v.autoscaling.min_replicas), v.autoscaling.max_replicas)
-                    v = replace(v, replicas=n)
-            variants.append(v)
-        return replace(plan, variants=tuple(variants))
-
-    def reason_for(self, namespace: str, endpoint: str, variant: str) -> str | None:
-        mem = self.memory.get((namespace, endpoint, variant))
-        return mem.reason if mem is not None and mem.reason else None
+    async def evaluate_backlog(self, plan: EndpointPlan, namespace: str,
+                               current: Mapping[str, int]) -> list[str]:
+        """Decide an async ``plan``'s workers from its queue backlog (read from Redis)."""
+        cfg = plan.async_config
+        if cfg is None or not plan.variants:
+            return []
+        try:
+            backlog = await self.read_backlog(cfg.queue)
+        except Exception as exc:
+            log.warning("Endpoint %s/%s: cannot read the async backlog (%s); replicas "
+                        "unchanged", namespace, plan.name, exc)
+            return []
+        return self.decide_backlog(plan, namespace, current, backlog.total, self.monotonic())

@@ -1,0 +1,79 @@
+"""kopf handlers of the ``CompilationJob`` kind: thin triggers around ``CompileSync.sync``.
+
+* create / resume / update (of ``spec``) → one sync: the first creates the Job.
+  (The CRD refuses spec changes; should one get through, the Job's hash no
+  longer matches and the job fails with SpecChanged.)
+* every event of a Job labelled ``kubeinfer.io/compilation-job`` → a sync of the
+  CompilationJob the label names: a finished Job's report reaches the status at
+  once.
+* a daemon per CompilationJob re-runs the sync every ``status_interval_s``:
+  events lost during a watch restart cost one interval, not the job; it also
+  deletes the Job ``ttlSecondsAfterFinished`` after the end, then exits.
+* deletion: no handler. The Job carries an ownerReference to the
+  CompilationJob, so the garbage collector removes it and its pods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from kubeinfer_operator.api import compilation_job as cj
+from kubeinfer_operator.errors import ClusterError, SpecError
+from kubeinfer_operator.handlers.compile_sync import CompileSync
+from kubeinfer_operator.handlers.endpoint import MAX_BACKOFF_S, Logger, backoff_delay
+from kubeinfer_operator.render.compile_jobs import LABEL_COMPILATION_JOB
+
+
+def register(registry: kopf.OperatorRegistry, sync: CompileSync, interval_s: float) -> None:
+    """Register the CompilationJob handlers on ``registry``."""
+    resource = (cj.GROUP, cj.VERSION, cj.PLURAL)
+
+    @kopf.on.create(*resource, id="reconcile", registry=registry, backoff=MAX_BACKOFF_S)
+    @kopf.on.update(*resource, id="reconcile", registry=registry, field="spec",
+                    backoff=MAX_BACKOFF_S)
+    @kopf.on.resume(*resource, id="reconcile", registry=registry, backoff=MAX_BACKOFF_S)
+    async def reconcile_compilation_job(*, namespace: str | None, name: str, retry: int,
+                                        body: kopf.Body, logger: Logger, **_: Any) -> None:
+        try:
+            await sync.sync(namespace or "", name)
+        except SpecError as exc:
+            kopf.warn(body, reason=getattr(exc, "reason", "InvalidSpec"), message=str(exc))
+            raise kopf.PermanentError(str(exc)) from exc
+        except ClusterError as exc:
+            delay = backoff_delay(retry)
+            logger.warning("%s; retrying in %.0f s", exc, delay)
+            raise kopf.TemporaryError(str(exc), delay=delay) from exc
+
+    @kopf.on.event("batch", "v1", "jobs", registry=registry,
+                   labels={LABEL_COMPILATION_JOB: kopf.PRESENT})
+    async def compile_job_changed(*, namespace: str | None, labels: kopf.Labels,
+                                  logger: Logger, **_: Any) -> None:
+        owner = labels.get(LABEL_COMPILATION_JOB)
+        if not owner:
+            return
+        try:
+            await sync.sync(namespace or "", owner)
+        except SpecError:
+            pass  # reported in the CompilationJob's status
+        except ClusterError as exc:
+            logger.warning("Sync of CompilationJob %s after a Job event failed: %s; the "
+                           "refresh retries", owner, exc)
+
+    @kopf.daemon(*resource, id="refresh", registry=registry, initial_delay=interval_s,
+                 cancellation_timeout=5.0)
+    async def refresh_compilation_job(*, namespace: str | None, name: str,
+                                      stopped: kopf.DaemonStopped, logger: Logger,
+                                      **_: Any) -> None:
+        while not stopped:
+            try:
+                decision = await sync.sync(namespace or "", name)
+                if decision is None or decision.done:
+                    return  # gone, or finished and cleaned up: nothing can change any more
+            except SpecError:
+                return  # Failed (InvalidSpec) in status; the spec cannot change
+            except ClusterError as exc:
+                logger.warning("Status refresh failed: %s; next try in %.0f s", exc,
+                               interval_s)
+            await stopped.wait(interval_s)
