@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +31,8 @@ from rich.console import Console
 from rich.status import Status
 from rich.table import Table
 
+from kubeinfer_operator.cli_jobs import KindCli, up_jobs, wait_any
+from kubeinfer_operator.cli_jobs import Refused as Refused  # cli.py catches it from here
 from kubeinfer_operator.local.compile_control import (
     CompileView,
     local_compile_job,
@@ -158,10 +159,6 @@ class _Target:
     result: CompileView | None = field(default=None)
 
 
-class Refused(Exception):
-    """The job cannot be started as asked (exit 1, with the message)."""
-
-
 def _last_stage_of(log: Path) -> str:
     """The compiler's latest finished stage (its last progress line in ``log``)."""
     lines = [ln.strip() for ln in tail(log, lines=40).splitlines()]
@@ -254,32 +251,12 @@ def _follow(targets: list[_Target], source: Path) -> int:
             if status is not None:
                 status.update("; ".join(lines))
             if remaining:
-                _wait_any(remaining, 0.25)
+                wait_any(remaining, 0.25)
     finally:
         if status is not None:
             status.stop()
     ok = [_report(t.result, source) for t in targets if t.result is not None]
     return 0 if ok and all(ok) else 1
-
-
-def _wait_any(targets: list[_Target], timeout: float) -> None:
-    procs = [t.proc for t in targets if t.proc is not None]
-    if len(targets) == 1 and len(procs) == 1:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            procs[0].wait(timeout)
-        return
-    time.sleep(timeout)
-
-
-def _stop_started(targets: list[_Target], source: Path) -> None:
-    for target in targets:
-        if target.started:
-            stop_job(target.paths, proc=target.proc)
-            out.print(f"Stopped CompilationJob {target.paths.name}; kubeinfer up -f {source} "
-                      "compiles it again", soft_wrap=True)
-        else:
-            out.print(f"CompilationJob {target.paths.name} keeps running in the background "
-                      f"(kubeinfer down {target.paths.name} stops it)", soft_wrap=True)
 
 
 def _start(item: LoadedCompileJob, file: Path, *, detach: bool) -> _Target:
@@ -300,33 +277,18 @@ def _start(item: LoadedCompileJob, file: Path, *, detach: bool) -> _Target:
     return _Target(paths, proc, started=True)
 
 
+_CLI: KindCli[LoadedCompileJob, _Target] = KindCli(
+    kind="CompilationJob", again="compiles it again", doing="Compiling",
+    start=lambda item, file, detach: _start(item, file, detach=detach),
+    stop=lambda target: stop_job(target.paths, proc=target.proc),
+    wait_started=lambda target, proc: wait_started(target.paths, proc),
+    follow=_follow)
+
+
 def up(file: Path, *, detach: bool, interrupts: tuple[type[BaseException], ...]) -> int:
     """Run the CompilationJobs of ``file``; the exit status. Raises SpecError (exit 2)."""
-    loaded = load_compile_file(file)
-    targets: list[_Target] = []
-    try:
-        for item in loaded:
-            try:
-                targets.append(_start(item, file, detach=detach))
-            except Refused as exc:
-                err.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
-                _stop_started(targets, file)
-                return 1
-        if detach:
-            for target in targets:
-                if target.proc is not None and not wait_started(target.paths, target.proc):
-                    err.print(f"[red]CompilationJob {target.paths.name} did not start; see "
-                              f"{target.paths.runner_log}[/red]", soft_wrap=True)
-                    return 1
-            names = " ".join(t.paths.name for t in targets)
-            out.print(f"Compiling in the background; follow with: kubeinfer status {names}; "
-                      f"stop with: kubeinfer down {names}", soft_wrap=True)
-            return 0
-        return _follow(targets, file)
-    except interrupts:
-        err.print("Interrupted: stopping what this command started")
-        _stop_started(targets, file)
-        return 130
+    return up_jobs(_CLI, load_compile_file(file), file, detach=detach, interrupts=interrupts,
+                   out=out, err=err)
 
 
 # -- up -f on Endpoints whose variants compile -----------------------------------------------

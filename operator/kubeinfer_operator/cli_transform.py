@@ -10,7 +10,6 @@ reason and the first bad records), or returns at once with ``-d``.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 from rich.table import Table
 
+from kubeinfer_operator.cli_jobs import KindCli, Refused, up_jobs, wait_any
 from kubeinfer_operator.local.transform_control import (
     JobView,
     local_job,
@@ -136,59 +136,15 @@ def _follow(targets: list[_Target], source: Path) -> int:
                     bars.update(target, target.result)
                     remaining.remove(target)
             if remaining:
-                _wait_any(remaining, 0.25)
+                wait_any(remaining, 0.25)
     ok = [_report(t.result, source) for t in targets if t.result is not None]
     return 0 if ok and all(ok) else 1
 
 
-def _wait_any(targets: list[_Target], timeout: float) -> None:
-    """Up to ``timeout``, less when the one runner this command started exits sooner."""
-    procs = [t.proc for t in targets if t.proc is not None]
-    if len(targets) == 1 and len(procs) == 1:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            procs[0].wait(timeout)
-        return
-    time.sleep(timeout)
-
-
-def _stop_started(targets: list[_Target], source: Path) -> None:
-    for target in targets:
-        if target.started:
-            stop_job(target.paths, proc=target.proc)
-            out.print(f"Stopped TransformJob {target.paths.name}; kubeinfer up -f {source} "
-                      "resumes it", soft_wrap=True)
-        else:
-            out.print(f"TransformJob {target.paths.name} keeps running in the background "
-                      f"(kubeinfer down {target.paths.name} stops it)", soft_wrap=True)
-
-
 def up(file: Path, *, detach: bool, interrupts: tuple[type[BaseException], ...]) -> int:
     """Run the TransformJobs of ``file``; the exit status. Raises SpecError (exit 2)."""
-    loaded = load_transform_file(file)
-    targets: list[_Target] = []
-    try:
-        for item in loaded:
-            try:
-                targets.append(_start(item, file, detach=detach))
-            except Refused as exc:
-                err.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
-                _stop_started(targets, file)
-                return 1
-        if detach:
-            for target in targets:
-                if target.proc is not None and not wait_started(target.paths, target.proc):
-                    err.print(f"[red]TransformJob {target.paths.name} did not start; see "
-                              f"{target.paths.runner_log}[/red]", soft_wrap=True)
-                    return 1
-            names = " ".join(t.paths.name for t in targets)
-            out.print(f"Running in the background; follow with: kubeinfer status {names}; "
-                      f"stop with: kubeinfer down {names}", soft_wrap=True)
-            return 0
-        return _follow(targets, file)
-    except interrupts:
-        err.print("Interrupted: stopping what this command started")
-        _stop_started(targets, file)
-        return 130
+    return up_jobs(_CLI, load_transform_file(file), file, detach=detach, interrupts=interrupts,
+                   out=out, err=err)
 
 
 def _start(item: LoadedJob, file: Path, *, detach: bool) -> _Target:
@@ -211,8 +167,12 @@ def _start(item: LoadedJob, file: Path, *, detach: bool) -> _Target:
     return _Target(paths, proc, started=True)
 
 
-class Refused(Exception):
-    """The job cannot be started as asked (exit 1, with the message)."""
+_CLI: KindCli[LoadedJob, _Target] = KindCli(
+    kind="TransformJob", again="resumes it", doing="Running",
+    start=lambda item, file, detach: _start(item, file, detach=detach),
+    stop=lambda target: stop_job(target.paths, proc=target.proc),
+    wait_started=lambda target, proc: wait_started(target.paths, proc),
+    follow=_follow)
 
 
 # -- status and down ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import kopf
 from kubeinfer_operator.api import compilation_job as cj
 from kubeinfer_operator.errors import ClusterError, SpecError
 from kubeinfer_operator.handlers.compile_sync import CompileSync
-from kubeinfer_operator.handlers.endpoint import MAX_BACKOFF_S, Logger, backoff_delay
+from kubeinfer_operator.handlers.retry import Logger, on_reconcile, reconcile_or_raise
 from kubeinfer_operator.render.compile_jobs import LABEL_COMPILATION_JOB
 
 
@@ -30,21 +30,11 @@ def register(registry: kopf.OperatorRegistry, sync: CompileSync, interval_s: flo
     """Register the CompilationJob handlers on ``registry``."""
     resource = (cj.GROUP, cj.VERSION, cj.PLURAL)
 
-    @kopf.on.create(*resource, id="reconcile", registry=registry, backoff=MAX_BACKOFF_S)
-    @kopf.on.update(*resource, id="reconcile", registry=registry, field="spec",
-                    backoff=MAX_BACKOFF_S)
-    @kopf.on.resume(*resource, id="reconcile", registry=registry, backoff=MAX_BACKOFF_S)
+    @on_reconcile(registry, resource)
     async def reconcile_compilation_job(*, namespace: str | None, name: str, retry: int,
                                         body: kopf.Body, logger: Logger, **_: Any) -> None:
-        try:
-            await sync.sync(namespace or "", name)
-        except SpecError as exc:
-            kopf.warn(body, reason=getattr(exc, "reason", "InvalidSpec"), message=str(exc))
-            raise kopf.PermanentError(str(exc)) from exc
-        except ClusterError as exc:
-            delay = backoff_delay(retry)
-            logger.warning("%s; retrying in %.0f s", exc, delay)
-            raise kopf.TemporaryError(str(exc), delay=delay) from exc
+        await reconcile_or_raise(sync.sync(namespace or "", name), body=body, retry=retry,
+                                 logger=logger)
 
     @kopf.on.event("batch", "v1", "jobs", registry=registry,
                    labels={LABEL_COMPILATION_JOB: kopf.PRESENT})

@@ -11,18 +11,14 @@ and calls for one CompilationJob are serialised by a per-object lock.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import weakref
-from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
 from kubeinfer_operator.api.compilation_job import CompilationJob
 from kubeinfer_operator.errors import ClusterError, SpecError
+from kubeinfer_operator.handlers.plumbing import JobSync, create_owned_job
 from kubeinfer_operator.k8s import kinds
-from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient
 from kubeinfer_operator.reconcile import compile_status as cs
 from kubeinfer_operator.reconcile.compile_validate import (
     InvalidCompilationJob,
@@ -33,13 +29,8 @@ from kubeinfer_operator.reconcile.transform_observe import job_view
 from kubeinfer_operator.render import compile_jobs as cjobs
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.compile_plan import CompilePlan, plan_compile
-from kubeinfer_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class CompileJobConflict(ClusterError):
@@ -47,33 +38,11 @@ class CompileJobConflict(ClusterError):
     (transient when that is a deleted namesake's Job not garbage-collected yet)."""
 
 
-class CompileSync:
-    def __init__(self, client: KubeClient, settings: OperatorSettings,
-                 clock: Callable[[], datetime] = _utcnow) -> None:
-        self.kube = client
-        self.settings = settings
-        self.clock = clock
-        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
-            weakref.WeakValueDictionary())
+class CompileSync(JobSync[cs.Decision]):
+    """Syncs CompilationJobs; ``sync`` raises ``InvalidCompilationJob`` for a spec that cannot
+    run."""
 
-    def _lock(self, namespace: str, name: str) -> asyncio.Lock:
-        lock = self._locks.get((namespace, name))
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[(namespace, name)] = lock
-        return lock
-
-    async def sync(self, namespace: str, name: str) -> cs.Decision | None:
-        """Take the CompilationJob one step further. None when it is gone.
-
-        Raises ``InvalidCompilationJob`` (permanent: the status says Failed, InvalidSpec)
-        or a ``ClusterError`` (transient: retry later).
-        """
-        async with self._lock(namespace, name):
-            obj = await self.kube.get(kinds.COMPILATION_JOB, namespace, name)
-            if obj is None or obj["metadata"].get("deletionTimestamp"):
-                return None  # owner references take its Job and pods
-            return await self._sync(obj, namespace, name)
+    kind = kinds.COMPILATION_JOB
 
     def _info(self, obj: dict[str, Any], job: CompilationJob | None,
               plan: CompilePlan | None) -> cs.JobInfo:
@@ -139,27 +108,11 @@ class CompileSync:
         return cs.Observed(job=job_view(found), pods=views)
 
     async def _create(self, manifest: dict[str, Any], uid: str, owner: str) -> None:
-        namespace = manifest["metadata"]["namespace"]
-        name = manifest["metadata"]["name"]
-        try:
-            await self.kube.create(manifest)
-            log.info("Created Job %s/%s", namespace, name)
-        except AlreadyExists:
-            existing = await self.kube.get(kinds.JOB, namespace, name)
-            if existing is not None and not owned_by(existing, uid):
-                raise CompileJobConflict(
-                    f"Job {namespace}/{name} exists and is not owned by CompilationJob "
-                    f"{owner} (a deleted namesake's, still being garbage-collected?); "
-                    "retrying") from None
+        await create_owned_job(self.kube, manifest, uid, log=log, conflict=lambda ns, job: (
+            CompileJobConflict(f"Job {ns}/{job} exists and is not owned by CompilationJob "
+                               f"{owner} (a deleted namesake's, still being "
+                               "garbage-collected?); retrying")))
 
     async def _delete(self, namespace: str, name: str, why: str) -> None:
         if await self.kube.delete(kinds.JOB, namespace, cjobs.job_name(name)):
             log.info("Deleted Job %s/%s (%s)", namespace, cjobs.job_name(name), why)
-
-    async def _write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
-        old = obj.get("status") or {}
-        if all(old.get(k) == v for k, v in status.items()):
-            return
-        meta_ = obj["metadata"]
-        await self.kube.merge_patch(kinds.COMPILATION_JOB, meta_["namespace"], meta_["name"],
-                                    {"status": status}, subresource="status")

@@ -25,25 +25,20 @@ Deployment in the watched namespaces), the price of the event-driven status.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import kopf
 
 from kubeinfer_operator.api import endpoint as ep
 from kubeinfer_operator.errors import ClusterError, SpecError
+
+# MAX_BACKOFF_S and backoff_delay are re-exported ("as"): they were defined here first,
+# and callers still import them from here.
+from kubeinfer_operator.handlers.retry import MAX_BACKOFF_S as MAX_BACKOFF_S
+from kubeinfer_operator.handlers.retry import Logger, on_reconcile, reconcile_or_raise
+from kubeinfer_operator.handlers.retry import backoff_delay as backoff_delay
 from kubeinfer_operator.handlers.sync import EndpointSync
 from kubeinfer_operator.render import k8s_meta as meta
-
-MAX_BACKOFF_S = 60.0
-
-#: What kopf passes as ``logger``.
-Logger = logging.Logger | logging.LoggerAdapter[Any]
-
-
-def backoff_delay(retry: int) -> float:
-    """Seconds before retry number ``retry`` (0-based): 1, 2, 4, … capped at a minute."""
-    return float(min(MAX_BACKOFF_S, 2.0 ** max(0, retry)))
 
 
 def scaled(spec: Any) -> bool:
@@ -73,22 +68,11 @@ def register(registry: kopf.OperatorRegistry, sync: EndpointSync, interval_s: fl
     resource = (ep.GROUP, ep.VERSION, ep.PLURAL)
     resync_s = interval_s if resync_s is None else resync_s
 
-    @kopf.on.create(*resource, id="reconcile", registry=registry, backoff=MAX_BACKOFF_S)
-    @kopf.on.update(*resource, id="reconcile", registry=registry, field="spec",
-                    backoff=MAX_BACKOFF_S)
-    @kopf.on.resume(*resource, id="reconcile", registry=registry, backoff=MAX_BACKOFF_S)
+    @on_reconcile(registry, resource)
     async def reconcile_endpoint(*, namespace: str | None, name: str, retry: int,
                                  body: kopf.Body, logger: Logger, **_: Any) -> None:
-        try:
-            await sync.sync(namespace or "", name)
-        except SpecError as exc:
-            # A Warning Event too, so `kubectl describe endpoint` shows why.
-            kopf.warn(body, reason=getattr(exc, "reason", "InvalidSpec"), message=str(exc))
-            raise kopf.PermanentError(str(exc)) from exc
-        except ClusterError as exc:
-            delay = backoff_delay(retry)
-            logger.warning("%s; retrying in %.0f s", exc, delay)
-            raise kopf.TemporaryError(str(exc), delay=delay) from exc
+        await reconcile_or_raise(sync.sync(namespace or "", name), body=body, retry=retry,
+                                 logger=logger)
 
     @kopf.on.event("apps", "v1", "deployments", id="child-changed", registry=registry,
                    labels={meta.LABEL_MANAGED_BY: meta.MANAGED_BY,

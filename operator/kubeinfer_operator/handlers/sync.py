@@ -11,14 +11,13 @@ status timer never interleave their writes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from kubeinfer_operator.errors import ClusterError
+from kubeinfer_operator.handlers.plumbing import ObjectLocks, write_status
 from kubeinfer_operator.k8s import kinds
 from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient, Rejected
 from kubeinfer_operator.reconcile import status as st
@@ -100,18 +99,10 @@ class EndpointSync:
         self.scaler = scaler
         #: namespace -> ((content hash, Endpoint uid), when) of the last runtime Secret check.
         self._secrets_ensured: dict[str, tuple[tuple[str, str], datetime]] = {}
-        # Weak values: a lock nobody holds or waits on is dropped with its Endpoint.
-        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
-            weakref.WeakValueDictionary())
+        # One lock per Endpoint, dropped when nobody holds or waits on it.
+        self._lock = ObjectLocks()
         #: Endpoints with a child-triggered sync waiting for the lock (see ``resync``).
         self._resync_waiting: set[tuple[str, str]] = set()
-
-    def _lock(self, namespace: str, name: str) -> asyncio.Lock:
-        lock = self._locks.get((namespace, name))
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[(namespace, name)] = lock
-        return lock
 
     async def sync(self, namespace: str, name: str) -> None:
         """Bring one Endpoint's children and status in line with its spec.
@@ -356,9 +347,4 @@ class EndpointSync:
         await self._write_status(obj, status)
 
     async def _write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
-        old = obj.get("status") or {}
-        if all(old.get(k) == v for k, v in status.items()):
-            return  # unchanged: no write, no event, no resourceVersion churn
-        meta_ = obj["metadata"]
-        await self.kube.merge_patch(kinds.ENDPOINT, meta_["namespace"], meta_["name"],
-                                    {"status": status}, subresource="status")
+        await write_status(self.kube, kinds.ENDPOINT, obj, status)

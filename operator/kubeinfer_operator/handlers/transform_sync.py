@@ -16,12 +16,8 @@ if the Endpoint changes meanwhile.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import weakref
-from collections.abc import Callable
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,8 +25,8 @@ from pydantic import ValidationError
 from kubeinfer_operator.api.endpoint import Endpoint, format_validation_error
 from kubeinfer_operator.api.transform_job import TransformJob
 from kubeinfer_operator.errors import ClusterError, SpecError
+from kubeinfer_operator.handlers.plumbing import JobSync, create_owned_job
 from kubeinfer_operator.k8s import kinds
-from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient
 from kubeinfer_operator.reconcile import transform_observe as obs
 from kubeinfer_operator.reconcile import transform_status as ts
 from kubeinfer_operator.reconcile.diff import owned_by
@@ -49,13 +45,8 @@ from kubeinfer_operator.render.transform_plan import (
     own_model,
     plan_transform,
 )
-from kubeinfer_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class JobConflict(ClusterError):
@@ -63,33 +54,10 @@ class JobConflict(ClusterError):
     when that is a deleted namesake's Job the garbage collector has not removed yet)."""
 
 
-class TransformSync:
-    def __init__(self, client: KubeClient, settings: OperatorSettings,
-                 clock: Callable[[], datetime] = _utcnow) -> None:
-        self.kube = client
-        self.settings = settings
-        self.clock = clock
-        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
-            weakref.WeakValueDictionary())
+class TransformSync(JobSync[ts.Decision]):
+    """Syncs TransformJobs; ``sync`` raises ``InvalidTransformJob`` for a spec that cannot run."""
 
-    def _lock(self, namespace: str, name: str) -> asyncio.Lock:
-        lock = self._locks.get((namespace, name))
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[(namespace, name)] = lock
-        return lock
-
-    async def sync(self, namespace: str, name: str) -> ts.Decision | None:
-        """Take the TransformJob one step further. None when it is gone.
-
-        Raises ``InvalidTransformJob`` (permanent: the status says Failed, InvalidSpec)
-        or a ``ClusterError`` (transient: retry later).
-        """
-        async with self._lock(namespace, name):
-            obj = await self.kube.get(kinds.TRANSFORM_JOB, namespace, name)
-            if obj is None or obj["metadata"].get("deletionTimestamp"):
-                return None  # owner references take its Jobs and pods
-            return await self._sync(obj, namespace, name)
+    kind = kinds.TRANSFORM_JOB
 
     def _info(self, obj: dict[str, Any], job: TransformJob | None, plan: TransformPlan | None,
               model: str = "") -> ts.JobInfo:
@@ -203,28 +171,12 @@ class TransformSync:
         return obs.Observed(jobs=jobs, pods=tuple(views))
 
     async def _create(self, manifest: dict[str, Any], uid: str, owner: str) -> None:
-        namespace = manifest["metadata"]["namespace"]
-        name = manifest["metadata"]["name"]
-        try:
-            await self.kube.create(manifest)
-            log.info("Created Job %s/%s", namespace, name)
-        except AlreadyExists:
-            existing = await self.kube.get(kinds.JOB, namespace, name)
-            if existing is not None and not owned_by(existing, uid):
-                raise JobConflict(f"Job {namespace}/{name} exists and is not owned by "
-                                  f"TransformJob {owner} (a deleted namesake's, still being "
-                                  "garbage-collected?); retrying") from None
+        await create_owned_job(self.kube, manifest, uid, log=log, conflict=lambda ns, job: (
+            JobConflict(f"Job {ns}/{job} exists and is not owned by TransformJob {owner} "
+                        "(a deleted namesake's, still being garbage-collected?); retrying")))
 
     async def _delete(self, namespace: str, name: str, steps: tuple[tj.Step, ...],
                       why: str) -> None:
         for step in steps:
             if await self.kube.delete(kinds.JOB, namespace, tj.job_name(name, step)):
                 log.info("Deleted Job %s/%s (%s)", namespace, tj.job_name(name, step), why)
-
-    async def _write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
-        old = obj.get("status") or {}
-        if all(old.get(k) == v for k, v in status.items()):
-            return
-        meta_ = obj["metadata"]
-        await self.kube.merge_patch(kinds.TRANSFORM_JOB, meta_["namespace"], meta_["name"],
-                                    {"status": status}, subresource="status")

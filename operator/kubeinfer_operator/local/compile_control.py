@@ -8,15 +8,13 @@ compiler it recorded is not left running.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from kubeinfer_operator.errors import LocalRunError
+from kubeinfer_operator.local import job_control
 from kubeinfer_operator.local.compile_manifest import LoadedCompileJob
 from kubeinfer_operator.local.compile_state import (
     CompilePaths,
@@ -26,11 +24,10 @@ from kubeinfer_operator.local.compile_state import (
     compile_cache_root,
     read_compile_job,
     read_compile_state,
-    runner_alive,
     write_compile_job,
     write_compile_state,
 )
-from kubeinfer_operator.local.process import signal_group, spawn
+from kubeinfer_operator.local.process import signal_group
 from kubeinfer_operator.local.state import process_alive
 from kubeinfer_runtime.contract import ENV_PREFIX
 
@@ -58,8 +55,7 @@ def start_runner(paths: CompilePaths, job: LocalCompileJob, *,
     paths.state.unlink(missing_ok=True)  # a previous run's result is not this run's
     paths.report.unlink(missing_ok=True)
     write_compile_job(paths, job)
-    return spawn(runner_argv(paths), env=os.environ, log_path=paths.runner_log,
-                 die_with_parent=not detach)
+    return job_control.spawn_runner(paths, runner_argv(paths), detach=detach)
 
 
 @dataclass(frozen=True)
@@ -81,34 +77,11 @@ def running_spec(paths: CompilePaths) -> LocalCompileJob | None:
 def stop_job(paths: CompilePaths, *, timeout: float = 30.0,
              proc: subprocess.Popen[bytes] | None = None) -> bool:
     """Stop the job's runner and its compiler; False when none was running."""
-    if not paths.running():
+    stopped = job_control.stop_runner(paths, read_compile_state, "CompilationJob",
+                                      timeout=timeout, proc=proc)
+    if stopped is None:
         return False
-    deadline = time.monotonic() + timeout
-    state = read_compile_state(paths)
-    while (state is None or not runner_alive(state)) and paths.running() and (
-            time.monotonic() < deadline):
-        time.sleep(0.05)  # a runner too young to have written its state
-        state = read_compile_state(paths)
-    pid = proc.pid if proc is not None else (state.runner_pid if runner_alive(state) and state
-                                             else None)
-    if pid is None:
-        raise LocalRunError(f"CompilationJob {paths.name} is locked by a runner whose pid is "
-                            f"unknown; stop it by hand (see {paths.runner_log})")
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    while paths.running() and time.monotonic() < deadline:
-        if proc is not None:
-            proc.poll()
-        time.sleep(0.05)
-    if paths.running():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        killed = time.monotonic()
-        while paths.running() and time.monotonic() - killed < 10:
-            time.sleep(0.05)
-    if proc is not None:
-        proc.wait()
-    latest = read_compile_state(paths) or state
+    latest = stopped.latest or stopped.state
     if latest is not None and process_alive(latest.pid, latest.start_time):
         assert latest.pid is not None
         signal_group(latest.pid, signal.SIGKILL)  # its runner died before stopping it
@@ -123,12 +96,4 @@ def stop_job(paths: CompilePaths, *, timeout: float = 30.0,
 def wait_started(paths: CompilePaths, proc: subprocess.Popen[bytes],
                  timeout: float = 10.0) -> bool:
     """Whether the runner came up (wrote its state) within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = read_compile_state(paths)
-        if state is not None and state.runner_pid == proc.pid:
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
+    return job_control.wait_started(paths, read_compile_state, proc, timeout)

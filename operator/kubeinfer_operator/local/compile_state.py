@@ -21,15 +21,23 @@ artifact.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from kubeinfer_operator.local.job_state import (
+    JobDir,
+    forget_dir,
+    known_job_dirs,
+    read_model,
+    write_model,
+)
+
+# Re-exported: the runner, control and CLI ask this kind's module whether its runner lives.
+from kubeinfer_operator.local.job_state import runner_alive as runner_alive
 from kubeinfer_operator.local.paths import kubeinfer_home
-from kubeinfer_operator.local.state import lock_file_held, process_alive, write_atomic
 from kubeinfer_operator.reconcile.transform_observe import parse_report
 from kubeinfer_runtime.contract.compile import CompileReport
 
@@ -44,52 +52,24 @@ def compile_cache_root(home: Path | None = None) -> Path:
 
 
 @dataclass(frozen=True)
-class CompilePaths:
-    root: Path
+class CompilePaths(JobDir):
+    """The shared files (``JobDir``) plus the compiler's report, log and scratch space."""
 
     @classmethod
     def for_job(cls, name: str, home: Path | None = None) -> CompilePaths:
         return cls(compile_jobs_root(home) / name)
 
     @property
-    def name(self) -> str:
-        return self.root.name
-
-    @property
-    def job(self) -> Path:
-        return self.root / "job.json"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
     def report(self) -> Path:
         return self.root / "report.json"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "runner.lock"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
 
     @property
     def compiler_log(self) -> Path:
         return self.logs / "compiler.log"
 
     @property
-    def runner_log(self) -> Path:
-        return self.logs / "runner.log"
-
-    @property
     def work(self) -> Path:
         return self.root / "work"
-
-    def running(self) -> bool:
-        """True while a live runner holds the job's lock."""
-        return lock_file_held(self.lock)
 
 
 class _Model(BaseModel):
@@ -153,25 +133,19 @@ class CompileState(_Model):
 
 
 def write_compile_job(paths: CompilePaths, job: LocalCompileJob) -> None:
-    write_atomic(paths.job, job.model_dump_json(indent=2))
+    write_model(paths.job, job)
 
 
 def read_compile_job(paths: CompilePaths) -> LocalCompileJob | None:
-    try:
-        return LocalCompileJob.model_validate_json(paths.job.read_bytes())
-    except (OSError, ValidationError):
-        return None
+    return read_model(paths.job, LocalCompileJob)
 
 
 def write_compile_state(paths: CompilePaths, state: CompileState) -> None:
-    write_atomic(paths.state, state.model_dump_json(indent=2))
+    write_model(paths.state, state)
 
 
 def read_compile_state(paths: CompilePaths) -> CompileState | None:
-    try:
-        return CompileState.model_validate_json(paths.state.read_bytes())
-    except (OSError, ValidationError):
-        return None
+    return read_model(paths.state, CompileState)
 
 
 def read_report(path: Path) -> CompileReport | None:
@@ -184,17 +158,9 @@ def read_report(path: Path) -> CompileReport | None:
 
 
 def known_compile_jobs(home: Path | None = None) -> list[CompilePaths]:
-    root = compile_jobs_root(home)
-    if not root.is_dir():
-        return []
-    return [CompilePaths(c) for c in sorted(root.iterdir())
-            if c.is_dir() and (CompilePaths(c).state.exists() or CompilePaths(c).job.exists())]
-
-
-def runner_alive(state: CompileState | None) -> bool:
-    return state is not None and process_alive(state.runner_pid, state.runner_start_time)
+    return known_job_dirs(compile_jobs_root(home), CompilePaths)
 
 
 def forget(paths: CompilePaths) -> None:
     """Remove the job's local state (its artifact stays under its output URI)."""
-    shutil.rmtree(paths.root, ignore_errors=True)
+    forget_dir(paths)

@@ -212,6 +212,18 @@ def lock_is_held(paths: EndpointPaths) -> bool:
     return lock_file_held(paths.lock)
 
 
+def take_lock_file(path: Path) -> int | None:
+    """An flock on ``path`` for as long as the returned fd stays open (the kernel drops it
+    when its holder dies, even by SIGKILL); None when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def lock_file_held(path: Path) -> bool:
     """True while a live process holds an flock on ``path``."""
     try:

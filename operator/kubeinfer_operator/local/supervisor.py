@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -57,6 +56,7 @@ from kubeinfer_operator.local.state import (
     append_event,
     process_start_time,
     read_desired,
+    take_lock_file,
     write_state,
 )
 from kubeinfer_operator.local.view import summarize
@@ -519,14 +519,8 @@ class Supervisor:
 
     def acquire_lock(self) -> bool:
         self.paths.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        return True
+        self._lock_fd = take_lock_file(self.paths.lock)
+        return self._lock_fd is not None
 
     async def run(self) -> int:
         if not self.acquire_lock():

@@ -8,16 +8,14 @@ SIGKILL) and makes sure no child it recorded is left.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from kubeinfer_operator.errors import LocalRunError
-from kubeinfer_operator.local.process import signal_group, spawn
+from kubeinfer_operator.local import job_control
+from kubeinfer_operator.local.process import signal_group
 from kubeinfer_operator.local.state import process_alive
 from kubeinfer_operator.local.transform_manifest import LoadedJob
 from kubeinfer_operator.local.transform_state import (
@@ -28,7 +26,6 @@ from kubeinfer_operator.local.transform_state import (
     read_job,
     read_job_state,
     read_progress,
-    runner_alive,
     write_job,
     write_job_state,
 )
@@ -56,8 +53,7 @@ def start_runner(paths: JobPaths, job: LocalJob, *, detach: bool) -> subprocess.
     paths.logs.mkdir(parents=True, exist_ok=True)
     paths.state.unlink(missing_ok=True)  # a previous run's result is not this run's
     write_job(paths, job)
-    return spawn(runner_argv(paths), env=os.environ, log_path=paths.runner_log,
-                 die_with_parent=not detach)
+    return job_control.spawn_runner(paths, runner_argv(paths), detach=detach)
 
 
 @dataclass(frozen=True)
@@ -103,35 +99,13 @@ def stop_job(paths: JobPaths, *, timeout: float = 30.0,
 
     The job's state stays (phase Stopped): a later ``up`` resumes it.
     """
-    if not paths.running():
+    stopped = job_control.stop_runner(paths, read_job_state, "TransformJob", timeout=timeout,
+                                      proc=proc)
+    if stopped is None:
         return False
-    deadline = time.monotonic() + timeout
-    state = read_job_state(paths)
-    while (state is None or not runner_alive(state)) and paths.running() and (
-            time.monotonic() < deadline):
-        time.sleep(0.05)  # a runner too young to have written its state
-        state = read_job_state(paths)
-    pid = proc.pid if proc is not None else (state.runner_pid if runner_alive(state) and state
-                                             else None)
-    if pid is None:
-        raise LocalRunError(f"TransformJob {paths.name} is locked by a runner whose pid is "
-                            f"unknown; stop it by hand (see {paths.runner_log})")
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    while paths.running() and time.monotonic() < deadline:
-        if proc is not None:
-            proc.poll()
-        time.sleep(0.05)
-    if paths.running():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        killed = time.monotonic()
-        while paths.running() and time.monotonic() - killed < 10:
-            time.sleep(0.05)
-    if proc is not None:
-        proc.wait()
-    latest = read_job_state(paths)
-    _kill_children(latest or state, timeout=max(1.0, deadline - time.monotonic()))
+    latest = stopped.latest
+    _kill_children(latest or stopped.state,
+                   timeout=max(1.0, stopped.deadline - time.monotonic()))
     if latest is not None and not latest.phase.finished:
         # Killed before it could say so itself.
         latest.phase, latest.reason = JobPhase.STOPPED, "Stopped"
@@ -143,12 +117,4 @@ def stop_job(paths: JobPaths, *, timeout: float = 30.0,
 
 def wait_started(paths: JobPaths, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bool:
     """Whether the runner came up (wrote its state) within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = read_job_state(paths)
-        if state is not None and state.runner_pid == proc.pid:
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
+    return job_control.wait_started(paths, read_job_state, proc, timeout)

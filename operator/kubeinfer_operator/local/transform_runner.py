@@ -18,21 +18,22 @@ output URI, so a later run resumes.
 
 from __future__ import annotations
 
-import argparse
-import fcntl
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TypeVar
 
 from pydantic import BaseModel
 
+from kubeinfer_operator.local.job_runner import (
+    Failure,
+    JobRunner,
+    runner_main,
+    setup_logging,
+)
 from kubeinfer_operator.local.process import signal_exit_name, spawn, stop_popen, tail
 from kubeinfer_operator.local.state import process_start_time
 from kubeinfer_operator.local.transform_policy import (
@@ -65,36 +66,23 @@ from kubeinfer_runtime.contract.batch import (
 
 log = logging.getLogger("kubeinfer.transform")
 
-EXIT_COMPLETE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 2
-#: Exit status of a runner that found another one running the job.
-EXIT_ALREADY_RUNNING = 3
 R = TypeVar("R", bound=BaseModel)
 
 
-class _Stop(Exception):
-    """SIGTERM or SIGINT: stop every child and exit."""
+class Runner(JobRunner[JobPaths, LocalJob, JobState]):
+    kind = "TransformJob"
+    log = logging.getLogger("kubeinfer.transform")
+    deadline_reason = REASON_DEADLINE
 
-
-@dataclass
-class _Failure(Exception):
-    reason: str
-    message: str
-
-
-class Runner:
     def __init__(self, paths: JobPaths, job: LocalJob, *, tick_s: float = 0.1,
                  grace_s: float = 10.0) -> None:
-        self.paths = paths
-        self.job = job
-        self.tick_s = tick_s
-        self.grace_s = grace_s
-        self.stopping = False
+        super().__init__(paths, job,
+                         JobState(name=job.name, runner_pid=os.getpid(),
+                                  runner_start_time=process_start_time(os.getpid()),
+                                  model=job.model, output_uri=job.output_uri,
+                                  started_at=time.time()),
+                         tick_s=tick_s, grace_s=grace_s)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.state = JobState(name=job.name, runner_pid=os.getpid(),
-                              runner_start_time=process_start_time(os.getpid()),
-                              model=job.model, output_uri=job.output_uri,
-                              started_at=time.time())
-        self._lock_fd: int | None = None
 
     # -- files -----------------------------------------------------------------------------
 
@@ -137,14 +125,9 @@ class Runner:
         self.children[name] = proc
         return proc
 
-    def _tick(self) -> None:
-        if self.stopping:
-            raise _Stop()
-        deadline = self.job.active_deadline_s
-        if deadline is not None and time.time() - self.state.started_at > deadline:
-            raise _Failure(REASON_DEADLINE, f"The job ran longer than activeDeadlineSeconds "
-                                            f"({deadline}); raise it or add instances")
-        time.sleep(self.tick_s)
+    def deadline_message(self, deadline: int) -> str:
+        return (f"The job ran longer than activeDeadlineSeconds ({deadline}); "
+                "raise it or add instances")
 
     def stop_children(self) -> None:
         for proc in list(self.children.values()):
@@ -168,8 +151,8 @@ class Runner:
                 self.state.step = None
                 return
             if decision.next is not Next.RESTART:
-                raise _Failure(decision.reason, f"{phase.value} failed: "
-                               f"{self._why(name, proc.returncode)}")
+                raise Failure(decision.reason, f"{phase.value} failed: "
+                              f"{self._why(name, proc.returncode)}")
             restarts += 1
             log.warning("%s exited (%s); restart %d in %.0f s", name,
                         signal_exit_name(proc.returncode), restarts, decision.delay_s)
@@ -186,8 +169,8 @@ class Runner:
         self._step("planner", "plan", JobPhase.PLANNING)
         report, text = self._read_report("planner", PlanReport)
         if report is None:
-            raise _Failure(REASON_NO_REPORT, "The planner exited 0 without a PlanReport in "
-                           f"{self.paths.report_file('planner')} ({detail(text) or 'empty'})")
+            raise Failure(REASON_NO_REPORT, "The planner exited 0 without a PlanReport in "
+                          f"{self.paths.report_file('planner')} ({detail(text) or 'empty'})")
         self.state.plan = report
         self.save()
         return report
@@ -198,7 +181,7 @@ class Runner:
         self.state.work_started_at = time.time()
         self.state.workers = [WorkerState(index=i) for i in range(count)]
         due: dict[int, float] = {i: 0.0 for i in range(count)}
-        failures: list[_Failure] = []
+        failures: list[Failure] = []
         while due or any(w.state == "running" for w in self.state.workers):
             now = time.monotonic()
             for index, at in list(due.items()):
@@ -215,8 +198,8 @@ class Runner:
                 if decision.next is Next.RESTART:
                     due[worker.index] = time.monotonic() + decision.delay_s
                 elif decision.next in (Next.FAIL, Next.STOP_JOB):
-                    failure = _Failure(decision.reason, f"Worker {worker.index} failed: "
-                                       f"{worker.error}")
+                    failure = Failure(decision.reason, f"Worker {worker.index} failed: "
+                                      f"{worker.error}")
                     if decision.next is Next.STOP_JOB:
                         raise failure
                     failures.append(failure)
@@ -266,70 +249,43 @@ class Runner:
     def finalize(self) -> JobSummary:
         try:
             self._step("finalizer", "finalize", JobPhase.FINALIZING)
-        except _Failure:
+        except Failure:
             summary, _ = self._read_report("finalizer", JobSummary)
             if summary is not None and summary.failed:
                 self.state.summary = summary
-                raise _Failure(summary.reason or "TooManyFailedRecords",
-                               summary.message or "Too many records failed") from None
+                raise Failure(summary.reason or "TooManyFailedRecords",
+                              summary.message or "Too many records failed") from None
             raise
         summary, text = self._read_report("finalizer", JobSummary)
         if summary is None:
-            raise _Failure(REASON_NO_REPORT, "The finalizer exited 0 without a JobSummary in "
-                           f"{self.paths.report_file('finalizer')} ({detail(text) or 'empty'})")
+            raise Failure(REASON_NO_REPORT, "The finalizer exited 0 without a JobSummary in "
+                          f"{self.paths.report_file('finalizer')} ({detail(text) or 'empty'})")
         self.state.summary = summary
         if summary.failed:
-            raise _Failure(summary.reason or "TooManyFailedRecords",
-                           summary.message or "Too many records failed")
+            raise Failure(summary.reason or "TooManyFailedRecords",
+                          summary.message or "Too many records failed")
         return summary
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def acquire_lock(self) -> bool:
-        self.paths.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        return True
+    def run_to_end(self) -> None:
+        plan = self.plan()
+        if plan.shards:
+            self.work(plan)
+        summary = self.finalize()
+        self._finish(JobPhase.COMPLETE, "Completed",
+                     f"{summary.records} record(s) from {summary.objects} object(s) in "
+                     f"{summary.shards} shard(s)"
+                     + (f"; {summary.failed_records} bad record(s) in "
+                        f"{self.job.output_uri.rstrip('/')}/{ERRORS_NAME}"
+                        if summary.failed_records else ""))
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.stopping = True
+    def finish_failed(self, failure: Failure) -> None:
+        self._finish(JobPhase.FAILED, failure.reason, failure.message)
 
-    def run(self) -> int:
-        if not self.acquire_lock():
-            log.error("TransformJob %s already has a running runner", self.job.name)
-            return EXIT_ALREADY_RUNNING
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-        self.paths.logs.mkdir(parents=True, exist_ok=True)
-        self.save()
-        try:
-            plan = self.plan()
-            if plan.shards:
-                self.work(plan)
-            summary = self.finalize()
-            self._finish(JobPhase.COMPLETE, "Completed",
-                         f"{summary.records} record(s) from {summary.objects} object(s) in "
-                         f"{summary.shards} shard(s)"
-                         + (f"; {summary.failed_records} bad record(s) in "
-                            f"{self.job.output_uri.rstrip('/')}/{ERRORS_NAME}"
-                            if summary.failed_records else ""))
-            return EXIT_COMPLETE
-        except _Failure as failure:
-            self.stop_children()
-            self._finish(JobPhase.FAILED, failure.reason, failure.message)
-            return EXIT_FAILED
-        except _Stop:
-            self.stop_children()
-            self._finish(JobPhase.STOPPED, "Stopped", "Stopped; kubeinfer up -f "
-                         f"{self.job.source or 'FILE'} resumes it (done shards are kept)")
-            return EXIT_STOPPED
-        finally:
-            self.stop_children()
+    def finish_stopped(self) -> None:
+        self._finish(JobPhase.STOPPED, "Stopped", "Stopped; kubeinfer up -f "
+                     f"{self.job.source or 'FILE'} resumes it (done shards are kept)")
 
     def _finish(self, phase: JobPhase, reason: str, message: str) -> None:
         self.state.phase, self.state.reason, self.state.message = phase, reason, message
@@ -345,8 +301,7 @@ class Runner:
 
 
 def run_runner(state_dir: Path) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     paths = JobPaths(state_dir)
     job = read_job(paths)
     if job is None:
@@ -356,9 +311,7 @@ def run_runner(state_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kubeinfer-transform-runner")
-    parser.add_argument("--state-dir", type=Path, required=True)
-    return run_runner(parser.parse_args(argv).state_dir)
+    return runner_main(argv, "kubeinfer-transform-runner", run_runner)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ removing this folder never loses work, and a later ``up`` resumes.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -28,8 +27,17 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kubeinfer_operator.local.job_state import (
+    JobDir,
+    forget_dir,
+    known_job_dirs,
+    read_model,
+    write_model,
+)
+
+# Re-exported: the runner, control and CLI ask this kind's module whether its runner lives.
+from kubeinfer_operator.local.job_state import runner_alive as runner_alive
 from kubeinfer_operator.local.paths import kubeinfer_home
-from kubeinfer_operator.local.state import lock_file_held, process_alive, write_atomic
 from kubeinfer_runtime.contract.batch import (
     ERRORS_NAME,
     STATE_FOLDER,
@@ -44,49 +52,21 @@ def jobs_root(home: Path | None = None) -> Path:
 
 
 @dataclass(frozen=True)
-class JobPaths:
-    root: Path
+class JobPaths(JobDir):
+    """The shared files (``JobDir``) plus each process's log, report and progress file."""
 
     @classmethod
     def for_job(cls, name: str, home: Path | None = None) -> JobPaths:
         return cls(jobs_root(home) / name)
 
-    @property
-    def name(self) -> str:
-        return self.root.name
-
-    @property
-    def job(self) -> Path:
-        return self.root / "job.json"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / "runner.lock"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
     def log_file(self, process: str) -> Path:
         return self.logs / f"{process}.log"
-
-    @property
-    def runner_log(self) -> Path:
-        return self.log_file("runner")
 
     def report_file(self, process: str) -> Path:
         return self.root / "reports" / f"{process}.json"
 
     def progress_file(self, index: int) -> Path:
         return self.root / "progress" / f"worker-{index}.json"
-
-    def running(self) -> bool:
-        """True while a live runner holds the job's lock."""
-        return lock_file_held(self.lock)
 
 
 class _Model(BaseModel):
@@ -179,25 +159,19 @@ class JobState(_Model):
 
 
 def write_job(paths: JobPaths, job: LocalJob) -> None:
-    write_atomic(paths.job, job.model_dump_json(indent=2))
+    write_model(paths.job, job)
 
 
 def read_job(paths: JobPaths) -> LocalJob | None:
-    try:
-        return LocalJob.model_validate_json(paths.job.read_bytes())
-    except (OSError, ValidationError):
-        return None
+    return read_model(paths.job, LocalJob)
 
 
 def write_job_state(paths: JobPaths, state: JobState) -> None:
-    write_atomic(paths.state, state.model_dump_json(indent=2))
+    write_model(paths.state, state)
 
 
 def read_job_state(paths: JobPaths) -> JobState | None:
-    try:
-        return JobState.model_validate_json(paths.state.read_bytes())
-    except (OSError, ValidationError):
-        return None
+    return read_model(paths.state, JobState)
 
 
 def read_progress(path: Path) -> WorkerReport | None:
@@ -209,20 +183,12 @@ def read_progress(path: Path) -> WorkerReport | None:
 
 
 def known_jobs(home: Path | None = None) -> list[JobPaths]:
-    root = jobs_root(home)
-    if not root.is_dir():
-        return []
-    return [JobPaths(c) for c in sorted(root.iterdir())
-            if c.is_dir() and (JobPaths(c).state.exists() or JobPaths(c).job.exists())]
-
-
-def runner_alive(state: JobState | None) -> bool:
-    return state is not None and process_alive(state.runner_pid, state.runner_start_time)
+    return known_job_dirs(jobs_root(home), JobPaths)
 
 
 def forget(paths: JobPaths) -> None:
     """Remove the job's local state (its outputs and done markers stay where they are)."""
-    shutil.rmtree(paths.root, ignore_errors=True)
+    forget_dir(paths)
 
 
 #: How many bad records ``up`` and ``status`` show.

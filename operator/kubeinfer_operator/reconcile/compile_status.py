@@ -26,7 +26,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from kubeinfer_operator.reconcile.status import condition, merge_conditions, timestamp
+from kubeinfer_operator.reconcile.job_status import COMPLETE as COMPLETE
+from kubeinfer_operator.reconcile.job_status import FAILED as FAILED
+from kubeinfer_operator.reconcile.job_status import StatusBuilder
+from kubeinfer_operator.reconcile.job_status import is_terminal as is_terminal
+from kubeinfer_operator.reconcile.status import condition, timestamp
 from kubeinfer_operator.reconcile.transform_observe import (
     JobView,
     detail,
@@ -38,8 +42,6 @@ from kubeinfer_operator.render.compile_jobs import CONTAINER, job_name
 from kubeinfer_runtime.contract.compile import EXIT_BAD_INPUT, CandidateName, CompileReport
 
 RUNNING = "Running"
-COMPLETE = "Complete"
-FAILED = "Failed"
 
 PHASE_PENDING = "Pending"
 PHASE_COMPILING = "Compiling"
@@ -121,15 +123,6 @@ class Decision:
     done: bool = False
 
 
-def _true(status: Mapping[str, Any], type_: str) -> bool:
-    return any(c.get("type") == type_ and c.get("status") == "True"
-               for c in status.get("conditions") or [] if isinstance(c, Mapping))
-
-
-def is_terminal(status: Mapping[str, Any] | None) -> bool:
-    return bool(status) and (_true(status or {}, COMPLETE) or _true(status or {}, FAILED))
-
-
 # -- what a report says ---------------------------------------------------------------------
 
 
@@ -190,25 +183,13 @@ def complete_reason(report: CompileReport) -> str:
 # -- the decision ---------------------------------------------------------------------------
 
 
-class _Builder:
+class _Builder(StatusBuilder[JobInfo]):
     """The new status, built from the old one (what was learnt stays)."""
 
     def __init__(self, info: JobInfo, now: datetime) -> None:
-        self.info = info
-        self.now = now
-        old = dict(info.status or {})
-        self.old_conditions = list(old.pop("conditions", None) or [])
-        self.status: dict[str, Any] = old
-        self.status["observedGeneration"] = info.generation
-        if info.model:
-            self.status["model"] = info.model
+        super().__init__(info, now)
         if info.target:
             self.status.setdefault("target", info.target)
-
-    def finish(self, conditions: list[dict[str, Any]], phase: str) -> dict[str, Any]:
-        self.status["phase"] = phase
-        self.status["conditions"] = merge_conditions(self.old_conditions, conditions, self.now)
-        return self.status
 
     def running(self, message: str) -> dict[str, Any]:
         gen = self.info.generation

@@ -10,46 +10,30 @@ there). Every problem at once, each naming its field and the fix.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import urlparse
 
-from pydantic import ValidationError
-
 from kubeinfer_operator.api.compilation_job import CompilationJob, CompilationJobSpec
-from kubeinfer_operator.api.endpoint import ObjectMeta, format_validation_error
-from kubeinfer_operator.errors import SpecError
+from kubeinfer_operator.api.endpoint import ObjectMeta
 from kubeinfer_operator.reconcile.compile_status import REASON_INVALID_SPEC
+from kubeinfer_operator.reconcile.job_validate import (
+    InvalidJob,
+    job_name_problems,
+    parse_job_spec,
+)
 from kubeinfer_operator.reconcile.validate import _resource_problems, _uri_problems
 from kubeinfer_operator.render.plan import EndpointPlan
 
-#: The Job's name adds ``-compile`` and pod names a suffix to this: DNS labels of <= 63.
-MAX_NAME = 40
-_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
-
-class InvalidCompilationJob(SpecError):
+class InvalidCompilationJob(InvalidJob):
     """The CompilationJob cannot run as written; ``problems`` name each field and fix."""
 
     reason = REASON_INVALID_SPEC
-
-    def __init__(self, job: str, problems: list[str]) -> None:
-        self.job = job
-        self.problems = problems
-        super().__init__(f"CompilationJob {job} is invalid: " + "; ".join(problems))
-
-
-def _clean(problem: str) -> str:
-    problem = re.sub(r"^spec: (spec\.)", r"\1", problem.strip())
-    return problem.rstrip(".")
+    kind = "CompilationJob"
 
 
 def name_problems(name: str) -> list[str]:
-    if len(name) > MAX_NAME or not _NAME.match(name):
-        return [f"metadata.name: {name!r} must start with a letter, use only lowercase letters, "
-                f"digits and '-', and have at most {MAX_NAME} characters; create the "
-                "CompilationJob under such a name"]
-    return []
+    return job_name_problems(name, "CompilationJob")
 
 
 def _kubernetes_problems(spec: CompilationJobSpec) -> list[str]:
@@ -103,15 +87,8 @@ def validate_compilation_job(name: str, namespace: str | None, spec: Any, *,
                              on_kubernetes: bool = True) -> CompilationJob:
     """Parse and check a CompilationJob's spec; raise ``InvalidCompilationJob`` listing every
     problem."""
-    qualified = f"{namespace}/{name}" if namespace else name
-    problems = name_problems(name)
-    try:
-        parsed = CompilationJobSpec.model_validate(spec)
-    except ValidationError as exc:
-        problems += [_clean(p) for p in format_validation_error(exc, "spec").splitlines()]
-        raise InvalidCompilationJob(qualified, problems) from exc
-    problems += spec_problems(parsed, on_kubernetes=on_kubernetes)
-    if problems:
-        raise InvalidCompilationJob(qualified, [_clean(p) for p in problems])
+    parsed = parse_job_spec(name, namespace, spec, CompilationJobSpec,
+                            lambda s: spec_problems(s, on_kubernetes=on_kubernetes),
+                            InvalidCompilationJob)
     return CompilationJob(apiVersion="kubeinfer.io/v1alpha1", kind="CompilationJob",
                           metadata=ObjectMeta(name=name, namespace=namespace), spec=parsed)

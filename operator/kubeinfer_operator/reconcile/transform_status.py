@@ -30,7 +30,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from kubeinfer_operator.reconcile.status import condition, merge_conditions, timestamp
+from kubeinfer_operator.reconcile.job_status import COMPLETE as COMPLETE
+from kubeinfer_operator.reconcile.job_status import FAILED as FAILED
+from kubeinfer_operator.reconcile.job_status import StatusBuilder
+from kubeinfer_operator.reconcile.job_status import is_terminal as is_terminal
+from kubeinfer_operator.reconcile.status import condition, timestamp
 from kubeinfer_operator.reconcile.transform_observe import (
     ExitKind,
     JobView,
@@ -53,8 +57,6 @@ from kubeinfer_runtime.contract.batch import (
 )
 
 RUNNING = "Running"
-COMPLETE = "Complete"
-FAILED = "Failed"
 
 PHASE_PENDING = "Pending"
 PHASE_PLANNING = "Planning"
@@ -103,30 +105,14 @@ class Decision:
         return is_terminal(self.status)
 
 
-def _true(status: Mapping[str, Any], type_: str) -> bool:
-    return any(c.get("type") == type_ and c.get("status") == "True"
-               for c in status.get("conditions") or [] if isinstance(c, Mapping))
-
-
-def is_terminal(status: Mapping[str, Any] | None) -> bool:
-    return bool(status) and (_true(status or {}, COMPLETE) or _true(status or {}, FAILED))
-
-
 # -- the decision ---------------------------------------------------------------------------
 
 
-class _Builder:
+class _Builder(StatusBuilder[JobInfo]):
     """The new status, built from the old one (what was learnt stays)."""
 
     def __init__(self, info: JobInfo, now: datetime) -> None:
-        self.info = info
-        self.now = now
-        old = dict(info.status or {})
-        self.old_conditions = list(old.pop("conditions", None) or [])
-        self.status: dict[str, Any] = old
-        self.status["observedGeneration"] = info.generation
-        if info.model:
-            self.status["model"] = info.model
+        super().__init__(info, now)
         #: When the workers started and ended (their Job's times): the rate's window.
         self.work_start: str | None = None
         self.work_end: datetime | None = None
@@ -135,11 +121,6 @@ class _Builder:
         for key, value in values.items():
             if value is not None:
                 self.status[key] = value
-
-    def finish(self, conditions: list[dict[str, Any]], phase: str) -> dict[str, Any]:
-        self.status["phase"] = phase
-        self.status["conditions"] = merge_conditions(self.old_conditions, conditions, self.now)
-        return self.status
 
     def running(self, phase: str, reason: str, message: str) -> dict[str, Any]:
         gen = self.info.generation

@@ -11,15 +11,16 @@ each naming its field and the fix.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import urlparse
 
-from pydantic import ValidationError
-
-from kubeinfer_operator.api.endpoint import ContainerStep, ObjectMeta, format_validation_error
+from kubeinfer_operator.api.endpoint import ContainerStep, ObjectMeta
 from kubeinfer_operator.api.transform_job import TransformJob, TransformJobSpec
-from kubeinfer_operator.errors import SpecError
+from kubeinfer_operator.reconcile.job_validate import (
+    InvalidJob,
+    job_name_problems,
+    parse_job_spec,
+)
 from kubeinfer_operator.reconcile.transform_status import REASON_INVALID_SPEC
 from kubeinfer_operator.reconcile.validate import _resource_problems, _uri_problems
 from kubeinfer_operator.render.plan_steps import FIRST_IMAGE_PORT
@@ -27,33 +28,17 @@ from kubeinfer_operator.render.plan_steps import FIRST_IMAGE_PORT
 #: A TransformJob runs the model as given: compiling is a CompilationJob's (or a variant's).
 _NO_COMPILE = ("{}: a TransformJob runs its model as given; run a CompilationJob and give the "
                "job its artifact (model.format: compiled)")
-#: Job names add ``-finalize`` and pod names a suffix to this: DNS labels of <= 63.
-MAX_NAME = 40
-_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
-class InvalidTransformJob(SpecError):
+class InvalidTransformJob(InvalidJob):
     """The TransformJob cannot run as written; ``problems`` name each field and fix."""
 
     reason = REASON_INVALID_SPEC
-
-    def __init__(self, job: str, problems: list[str]) -> None:
-        self.job = job
-        self.problems = problems
-        super().__init__(f"TransformJob {job} is invalid: " + "; ".join(problems))
-
-
-def _clean(problem: str) -> str:
-    problem = re.sub(r"^spec: (spec\.)", r"\1", problem.strip())
-    return problem.rstrip(".")
+    kind = "TransformJob"
 
 
 def name_problems(name: str) -> list[str]:
-    if len(name) > MAX_NAME or not _NAME.match(name):
-        return [f"metadata.name: {name!r} must start with a letter, use only lowercase letters, "
-                f"digits and '-', and have at most {MAX_NAME} characters; create the "
-                "TransformJob under such a name"]
-    return []
+    return job_name_problems(name, "TransformJob")
 
 
 def image_step_problem(path: str, step: ContainerStep) -> str:
@@ -116,15 +101,8 @@ def validate_transform_job(name: str, namespace: str | None, spec: Any, *,
                            on_kubernetes: bool = True) -> TransformJob:
     """Parse and check a TransformJob's spec; raise ``InvalidTransformJob`` listing every
     problem."""
-    qualified = f"{namespace}/{name}" if namespace else name
-    problems = name_problems(name)
-    try:
-        parsed = TransformJobSpec.model_validate(spec)
-    except ValidationError as exc:
-        problems += [_clean(p) for p in format_validation_error(exc, "spec").splitlines()]
-        raise InvalidTransformJob(qualified, problems) from exc
-    problems += spec_problems(parsed, on_kubernetes=on_kubernetes)
-    if problems:
-        raise InvalidTransformJob(qualified, [_clean(p) for p in problems])
+    parsed = parse_job_spec(name, namespace, spec, TransformJobSpec,
+                            lambda s: spec_problems(s, on_kubernetes=on_kubernetes),
+                            InvalidTransformJob)
     return TransformJob(apiVersion="kubeinfer.io/v1alpha1", kind="TransformJob",
                         metadata=ObjectMeta(name=name, namespace=namespace), spec=parsed)

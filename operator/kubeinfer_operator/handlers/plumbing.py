@@ -1,0 +1,106 @@
+"""The API plumbing that every kind's sync (Endpoint, TransformJob, CompilationJob) shares.
+
+Each sync serialises the calls for one object, writes its status only when it
+differs (no write, no event, no resourceVersion churn), and creates its Jobs so
+that a namesake's leftover is told apart from its own. The kinds differ in what
+they decide, not in how they talk to the API, so that part lives here once.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Generic, TypeVar
+
+from kubeinfer_operator.errors import ClusterError
+from kubeinfer_operator.k8s import kinds
+from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient
+from kubeinfer_operator.reconcile.diff import owned_by
+from kubeinfer_operator.settings import OperatorSettings
+
+DecisionT = TypeVar("DecisionT")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ObjectLocks:
+    """One ``asyncio.Lock`` per (namespace, name): calls for one object never overlap."""
+
+    def __init__(self) -> None:
+        # Weak values: a lock nobody holds or waits on is dropped with its object.
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary())
+
+    def __call__(self, namespace: str, name: str) -> asyncio.Lock:
+        lock = self._locks.get((namespace, name))
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[(namespace, name)] = lock
+        return lock
+
+
+async def write_status(kube: KubeClient, kind: kinds.Kind, obj: dict[str, Any],
+                       status: dict[str, Any]) -> None:
+    """Merge ``status`` into the object's status subresource unless it already says so."""
+    old = obj.get("status") or {}
+    if all(old.get(k) == v for k, v in status.items()):
+        return  # unchanged: no write, no event, no resourceVersion churn
+    meta_ = obj["metadata"]
+    await kube.merge_patch(kind, meta_["namespace"], meta_["name"],
+                           {"status": status}, subresource="status")
+
+
+async def create_owned_job(kube: KubeClient, manifest: dict[str, Any], uid: str, *,
+                           log: logging.Logger,
+                           conflict: Callable[[str, str], ClusterError]) -> None:
+    """Create a Job; one that exists already is fine if ``uid`` owns it, else
+    ``conflict(namespace, name)`` is raised (a deleted namesake's, not collected yet)."""
+    namespace = manifest["metadata"]["namespace"]
+    name = manifest["metadata"]["name"]
+    try:
+        await kube.create(manifest)
+        log.info("Created Job %s/%s", namespace, name)
+    except AlreadyExists:
+        existing = await kube.get(kinds.JOB, namespace, name)
+        if existing is not None and not owned_by(existing, uid):
+            raise conflict(namespace, name) from None
+
+
+class JobSync(abc.ABC, Generic[DecisionT]):
+    """A batch kind's sync (TransformJob, CompilationJob): one call at a time per object,
+    nothing to do once it is gone or being deleted (owner references take its Jobs)."""
+
+    #: The kind this sync reconciles.
+    kind: ClassVar[kinds.Kind]
+
+    def __init__(self, client: KubeClient, settings: OperatorSettings,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.kube = client
+        self.settings = settings
+        self.clock = clock
+        self._lock = ObjectLocks()
+
+    async def sync(self, namespace: str, name: str) -> DecisionT | None:
+        """Take the job one step further. None when it is gone.
+
+        Raises the kind's ``SpecError`` (permanent: the status says Failed, InvalidSpec)
+        or a ``ClusterError`` (transient: retry later).
+        """
+        async with self._lock(namespace, name):
+            obj = await self.kube.get(self.kind, namespace, name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return None  # owner references take its Jobs and pods
+            return await self._sync(obj, namespace, name)
+
+    @abc.abstractmethod
+    async def _sync(self, obj: dict[str, Any], namespace: str, name: str) -> DecisionT:
+        """One step of a job that exists."""
+
+    async def _write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> None:
+        await write_status(self.kube, self.kind, obj, status)
