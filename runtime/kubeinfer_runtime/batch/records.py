@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -203,7 +204,7 @@ class LineReader:
             raise _too_large(self.where, self._records + 1, at, self.bound)
 
 
-class _FramedReader:
+class _FramedReader(ABC):
     """Shared by the binary formats: a buffer, a sync phase, records until ``end``."""
 
     def __init__(self, where: Where, start: int, end: int | None, bound: int) -> None:
@@ -259,13 +260,13 @@ class _FramedReader:
         self._pos += i
         return out
 
+    @abstractmethod
     def _sync(self) -> int | None:
         """Index in ``_buf`` of the first record start at or after ``start``; None: need more."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _parse(self, buf: bytes, i: int) -> tuple[int, bytes] | None:
         """(framed size, payload) of the record at ``buf[i]``; None: need more bytes."""
-        raise NotImplementedError
 
     def _here(self, i: int) -> str:
         return self.where.record(self._number + 1, self._pos + i)
