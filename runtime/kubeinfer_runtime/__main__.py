@@ -52,7 +52,7 @@ def async_worker_app() -> Any:
     """uvicorn factory of the async-worker role (queue consumer with /ping, /metrics)."""
     from kubeinfer_runtime.queue.app import create_app
 
-    return create_app(AsyncWorkerSettings())
+    return create_app(AsyncWorkerSettings.from_env())
 
 
 _FACTORIES = {

@@ -122,6 +122,9 @@ class Child:
     last_termination_message: str = ""
     #: Set when the supervisor killed the current run for its memory; read at its exit.
     oom_message: str | None = None
+    #: A kill verdict ``check`` reached (measured as the process turned ready) that the
+    #: supervisor has not reported yet.
+    unreported_kill: Verdict | None = None
 
     @property
     def name(self) -> str:
@@ -222,6 +225,14 @@ class Child:
                 self.reason = "starting (port not answering yet)"
             return
         if response.status_code == 200:
+            # On Kubernetes a process over its memory limit is killed when it allocates,
+            # so it never answers a probe. Memory is measured here between rounds, and a
+            # quick server could turn ready (and end its crash loop) first: measure it
+            # the moment it would turn ready, before anything routes to it.
+            verdict = self.check_memory()
+            if verdict.kill:
+                self.unreported_kill = verdict
+                return
             self.state = ProcState.READY
             self.reason = ""
             self.ever_ready = True

@@ -43,7 +43,7 @@ from kubeinfer_operator.local.backoff import BackoffPolicy
 from kubeinfer_operator.local.children import Child, ChildSpec, poll_until
 from kubeinfer_operator.local.credentials import LocalAuthError, resolve_auth
 from kubeinfer_operator.local.manifest import outbound_policy, parse_endpoint
-from kubeinfer_operator.local.memory import OOM_KILLED, memory_limit, oom_event
+from kubeinfer_operator.local.memory import OOM_KILLED, Verdict, memory_limit, oom_event
 from kubeinfer_operator.local.paths import EndpointPaths
 from kubeinfer_operator.local.process import tail
 from kubeinfer_operator.local.scaler import LocalScaler, keep_scaled_replicas
@@ -172,8 +172,10 @@ class Supervisor:
                  **self.async_local.worker_env()},
             log_path=self.paths.log_file(f"{name}-{plan.server_hash[:8]}"),
             variant=plan.name, replica=replica, server_hash=plan.server_hash,
+            # KUBEINFER_LOCAL_MEMORY_INTERVAL_S=0 turns enforcement off altogether.
             memory_limit=memory_limit(dict(plan.limits), self.serverless.memory
-                                      if self.serverless else None),
+                                      if self.serverless else None)
+            if self.memory_interval_s > 0 else None,
         )
         child = Child(spec, launcher=self.scaler.launcher())
         child.start()
@@ -310,6 +312,13 @@ class Supervisor:
                            f"{child.pid} on port {child.port}", process=child.name)
         before = {id(c): c.ready for c in self.children}
         await asyncio.gather(*(c.check(client) for c in list(self.children)))
+        killed = [c for c in self.children if c.unreported_kill is not None]
+        for child in killed:
+            assert child.unreported_kill is not None
+            self.report_oom(child, child.unreported_kill)
+            child.unreported_kill = None
+        if killed:
+            await self.after_oom_kills(killed)
         for child in self.children:
             if not child.ready or before.get(id(child), False):
                 continue
@@ -339,17 +348,23 @@ class Supervisor:
             verdict = child.check_memory()
             if verdict.kill:
                 killed.append(child)
-                self.event(oom_event(verdict, process=child.name, variant=child.spec.variant,
-                                     replica=child.spec.replica),
-                           level="error", process=child.name)
+                self.report_oom(child, verdict)
         if killed:
-            # Take them out of the route table now, not at the next monitor tick:
-            # SIGKILL takes effect at once, the exit status a moment later.
-            await poll_until(lambda: all(not c.running for c in killed), 2.0)
-            self.collect_exits(time.monotonic())
-            self.sync_routes()
-            self.write_state()
+            await self.after_oom_kills(killed)
         return killed
+
+    def report_oom(self, child: Child, verdict: Verdict) -> None:
+        self.event(oom_event(verdict, process=child.name, variant=child.spec.variant,
+                             replica=child.spec.replica),
+                   level="error", process=child.name)
+
+    async def after_oom_kills(self, killed: list[Child]) -> None:
+        # Take them out of the route table now, not at the next monitor tick:
+        # SIGKILL takes effect at once, the exit status a moment later.
+        await poll_until(lambda: all(not c.running for c in killed), 2.0)
+        self.collect_exits(time.monotonic())
+        self.sync_routes()
+        self.write_state()
 
     async def watch_memory(self) -> None:
         while True:

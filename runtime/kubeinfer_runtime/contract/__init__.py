@@ -39,9 +39,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kubeinfer_runtime.contract.auth import AuthRoute
+from kubeinfer_runtime.contract.env_settings import EnvSettings
 from kubeinfer_runtime.contract.locations import default_input_paths, normalize_prefix
 
 CONTRACT_VERSION: Literal["v1alpha1"] = "v1alpha1"
@@ -355,14 +355,14 @@ class S3Settings(BaseModel):
     region: str | None = None
 
 
-class HttpSettings(BaseSettings):
+class HttpSettings(EnvSettings):
     """The HTTP server's own bounds, shared by every role (``http_limits`` enforces them).
 
     Every connection and every request head has a bound in size, count and
     time, so slow or oversized clients cost a bounded amount and are closed.
     """
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    env_prefix = ENV_PREFIX
 
     #: Answer clean inference requests inside the HTTP protocol, without ASGI
     #: (``inline_http``). False serves every request through uvicorn's ASGI
@@ -389,8 +389,6 @@ class HttpSettings(BaseSettings):
 
 
 class _RoleSettings(HttpSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
-
     host: str = "0.0.0.0"
     port: int = 8080
     #: uvicorn worker processes. One is the default: scale with replicas.

@@ -44,9 +44,9 @@ from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import NoDecode
 
 from kubeinfer_runtime.contract import _RoleSettings
+from kubeinfer_runtime.contract.env_settings import NoDecode
 
 #: The model or the settings are bad (not ONNX, unreadable calibration set, bad
 #: target): retrying cannot help, fail the job at once.

@@ -40,7 +40,7 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
     """uvicorn factory: settings from ``KUBEINFER_*`` env when None."""
     import redis.asyncio
 
-    settings = settings or AsyncWorkerSettings()
+    settings = settings or AsyncWorkerSettings.from_env()
     configure_logging(settings.log_level)
     # Parsed before anything starts: a bad KUBEINFER_OUTBOUND_ALLOW fails the process
     # at once with the entry named, instead of refusing every notification later.
