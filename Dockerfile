@@ -6,8 +6,13 @@
 #   docker build --target runtime  -t kubeinfer/runtime:dev .    # `kubeinfer-runtime serve --role ...`
 #   docker build --target compiler -t kubeinfer/compiler:dev .   # `kubeinfer-runtime compile`
 #
-# Stages: `builder` (compilers, pip) installs kubeinfer and its pinned
-# dependencies into a virtual environment at /opt/kubeinfer; `models` builds the
+# Stages: `builder` (compilers, pip, the dependency selector) is the common
+# start of `operator-builder` and `runtime-builder`, each of which installs
+# kubeinfer and its own share of the pinned dependencies into a virtual
+# environment at /opt/kubeinfer: the operator's has no onnxruntime, numpy or
+# web server, the runtime's no kopf or Kubernetes client (OPERATOR_DEPS and
+# RUNTIME_DEPS below name each share; tests/unit/test_chart_images.py checks
+# the split). `models` builds the
 # example ONNX models with scikit-learn in a throwaway environment. The final
 # stages start again from the bare base image and copy only those results in:
 # no compiler, no pip cache, no scikit-learn, no source tree. The third target,
@@ -19,12 +24,21 @@
 # Python; Renovate/Dependabot can bump tag and digest together.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 
+# Each image's share of pyproject.toml's [project] dependencies, by
+# distribution name (versions from pyproject.toml, pins from constraints.txt).
+# Every dependency is in at least one list; a name pyproject.toml does not list
+# fails the build. The operator (kopf, `kubeinfer operator` and the CLI) needs
+# no model-serving library; the runtime (gateway, model servers, batch and
+# queue workers, the compile step) never talks to the Kubernetes API.
+ARG OPERATOR_DEPS="kopf kubernetes typer rich pyyaml pydantic pydantic-settings aiohttp httpx redis prometheus-client"
+ARG RUNTIME_DEPS="fastapi uvicorn uvloop httptools orjson numpy onnxruntime minio prometheus-client pydantic pydantic-settings aiohttp httpx redis botocore jsonpath-ng google-crc32c rich"
+
 # ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# Compilers for any dependency without a wheel for this platform. Only this
-# stage has them.
+# Compilers for any dependency without a wheel for this platform. Only the
+# builder stages have them.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
  && rm -rf /var/lib/apt/lists/*
@@ -33,27 +47,49 @@ WORKDIR /src
 # constraints.txt pins every transitive version (uv pip compile output).
 COPY requirements/constraints.txt requirements/constraints.txt
 COPY pyproject.toml README.md ./
+# Prints the requirement lines of pyproject.toml's [project] dependencies named
+# on its command line (or of an extra, with --extra NAME), one per line.
+COPY scripts/select-deps.py /usr/local/bin/select-deps
+RUN chmod 0755 /usr/local/bin/select-deps
+
+# ---------------------------------------------------------------------------
+# The operator's venv: its share of the dependencies, then kubeinfer itself.
+FROM builder AS operator-builder
+ARG OPERATOR_DEPS
 RUN python -m venv /opt/kubeinfer \
  && /opt/kubeinfer/bin/pip install --upgrade pip \
- && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/deps.txt \
- && /opt/kubeinfer/bin/pip install -c requirements/constraints.txt -r /tmp/deps.txt
+ && select-deps ${OPERATOR_DEPS} > /tmp/operator.txt \
+ && /opt/kubeinfer/bin/pip install -c requirements/constraints.txt -r /tmp/operator.txt
 COPY operator operator
 COPY runtime runtime
 # A regular (not editable) install: the final stages do not have /src. pip
 # byte-compiles the packages here, so read-only root filesystems need no
-# .pyc writes at run time.
+# .pyc writes at run time. --no-deps: the share above is all it gets, and the
+# checks below prove it is enough and carries no serving library.
 RUN /opt/kubeinfer/bin/pip install --no-deps -c requirements/constraints.txt . \
  && /opt/kubeinfer/bin/kubeinfer --version \
- && /opt/kubeinfer/bin/python -c "import kubeinfer_runtime.__main__, kubeinfer_operator.cli"
+ && /opt/kubeinfer/bin/python -c "import kubeinfer_operator.main, kubeinfer_operator.cli" \
+ && ! /opt/kubeinfer/bin/python -c "import onnxruntime" 2>/dev/null \
+ && ! /opt/kubeinfer/bin/python -c "import numpy" 2>/dev/null
 
 # ---------------------------------------------------------------------------
-# The runtime's venv: the operator's plus the `compile` extra (TVM, which also
-# serves compiled artifacts, and MetaSchedule's cost model). The operator image
-# does not carry it.
+# The runtime's venv: its share of the dependencies plus the `compile` extra
+# (TVM, which also serves compiled artifacts, and MetaSchedule's cost model),
+# then kubeinfer itself. No kopf, no Kubernetes client.
 FROM builder AS runtime-builder
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['compile']))" > /tmp/compile.txt \
- && /opt/kubeinfer/bin/pip install -c requirements/constraints.txt -r /tmp/compile.txt \
- && /opt/kubeinfer/bin/python -c "import tvm, tvm_ffi, kubeinfer_runtime.compile.main"
+ARG RUNTIME_DEPS
+RUN python -m venv /opt/kubeinfer \
+ && /opt/kubeinfer/bin/pip install --upgrade pip \
+ && select-deps ${RUNTIME_DEPS} > /tmp/runtime.txt \
+ && select-deps --extra compile >> /tmp/runtime.txt \
+ && /opt/kubeinfer/bin/pip install -c requirements/constraints.txt -r /tmp/runtime.txt
+COPY operator operator
+COPY runtime runtime
+RUN /opt/kubeinfer/bin/pip install --no-deps -c requirements/constraints.txt . \
+ && /opt/kubeinfer/bin/python -c "import kubeinfer_runtime.__main__, kubeinfer_runtime.server, kubeinfer_runtime.gateway" \
+ && /opt/kubeinfer/bin/python -c "import tvm, tvm_ffi, kubeinfer_runtime.compile.main" \
+ && ! /opt/kubeinfer/bin/python -c "import kopf" 2>/dev/null \
+ && ! /opt/kubeinfer/bin/python -c "import kubernetes" 2>/dev/null
 
 # ---------------------------------------------------------------------------
 # From the bare base, not from builder: source edits do not rebuild the models.
@@ -96,7 +132,7 @@ WORKDIR /
 
 # ---------------------------------------------------------------------------
 FROM base AS operator
-COPY --from=builder /opt/kubeinfer /opt/kubeinfer
+COPY --from=operator-builder /opt/kubeinfer /opt/kubeinfer
 LABEL org.opencontainers.image.title="kubeinfer operator" \
       org.opencontainers.image.description="Turns kubeinfer.io Endpoints into Deployments, Services and route tables" \
       org.opencontainers.image.licenses="Apache-2.0"

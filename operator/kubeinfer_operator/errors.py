@@ -19,3 +19,8 @@ class ClusterError(KubeinferError):
 
 class LocalRunError(KubeinferError):
     """Local mode could not start or manage a process."""
+
+
+class ConflictError(ClusterError):
+    """A name the operator needs is taken by an object it does not own (retried: often a
+    deleted namesake's, not garbage-collected yet)."""

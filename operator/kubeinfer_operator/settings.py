@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kubeinfer_operator.api.placement import validated as validated_pod_template
 from kubeinfer_runtime.contract.auth import AuthMode
 from kubeinfer_runtime.contract.outbound import OutboundPolicy
 
@@ -98,6 +99,26 @@ class OperatorSettings(BaseSettings):
     outbound_allow: str = ""
     #: Annotation/label prefix kopf keeps its handler progress under.
     kopf_state_prefix: str = "kubeinfer.io"
+    #: Port of the operator's own Prometheus listener (``GET /metrics``: reconciles by
+    #: kind and result, durations, scale decisions, pending scale requests); None: off.
+    operator_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    #: Placement and identity applied to every gateway and model-server pod (JSON of a
+    #: ``podTemplate`` block: nodeSelector, tolerations, affinity,
+    #: topologySpreadConstraints, priorityClassName, serviceAccountName,
+    #: imagePullSecrets, labels, annotations). An Endpoint's own podTemplate wins field
+    #: by field (the chart's ``runtime.podTemplate``).
+    default_pod_template: dict[str, Any] = Field(default_factory=dict)
+    #: Endpoints whose Deployments roll to a new runtime image at the same time (an
+    #: operator upgrade); the others wait until one finishes. 0: no limit.
+    max_concurrent_upgrades: int = Field(default=3, ge=0)
+    #: kopf peering priority of this replica. With several operator replicas the one
+    #: of highest priority acts and the others stand by; None: a random priority
+    #: per process, so replicas never tie (kopf pauses every replica of a tie).
+    peering_priority: int | None = Field(default=None, ge=0)
+    #: Seconds a replica's peering heartbeat stays valid: a standby takes over this long
+    #: after the active replica died without saying goodbye (a clean stop hands over
+    #: at once). kopf renews it every 1-5 s at 10.
+    peering_lifetime_s: int = Field(default=10, ge=5, le=300)
 
     @field_validator("namespaces", mode="before")
     @classmethod
@@ -118,6 +139,12 @@ class OperatorSettings(BaseSettings):
     def _allow_list_parses(cls, v: str) -> str:
         OutboundPolicy.parse(v, env={})  # ValueError naming the bad entry, at startup
         return v
+
+    @field_validator("default_pod_template")
+    @classmethod
+    def _pod_template_valid(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # At startup, as the CRD checks an Endpoint's: syntax, reserved label keys.
+        return validated_pod_template(v, "KUBEINFER_DEFAULT_POD_TEMPLATE")
 
     def outbound_policy(self) -> OutboundPolicy:
         """The outbound policy of the operator's own calls and of its admission checks."""

@@ -197,6 +197,9 @@ def test_scale_requests_must_prove_their_namespace(cluster: tuple[Kube, str]) ->
     assert kube.create(ep, ns).status_code == 201
     wait_for(lambda: (kube.get("Deployment", ns, "quiet-main") or {}).get("spec", {})
              .get("replicas") == 0, what="the variant at zero")
+    # The first reconcile's Created Event is posted after its Deployments exist.
+    wait_for(lambda: any(e["reason"] == "Created" for e in kube.list("Event", ns)),
+             what="the Created Event")
     events_before = len(kube.list("Event", ns))
 
     def post(body: ScaleRequest, headers: dict[str, str]) -> httpx.Response:

@@ -90,6 +90,8 @@ BUILTINS = [
                 short_names=("netpol",)),
     ResourceDef("apps", "v1", "deployments", "Deployment", status_subresource=True,
                 short_names=("deploy",)),
+    ResourceDef("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget",
+                status_subresource=True, short_names=("pdb",)),
     ResourceDef("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler",
                 status_subresource=True, short_names=("hpa",)),
     # TransformJobs: their Jobs, and the pods tests create in the Job controller's place.

@@ -105,6 +105,7 @@ RESOURCES = {
     "Event": "/api/v1/namespaces/{ns}/events",
     "Secret": "/api/v1/namespaces/{ns}/secrets",
     "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+    "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
     "TransformJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/transformjobs",
     "CompilationJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/compilationjobs",
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",

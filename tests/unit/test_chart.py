@@ -2,7 +2,8 @@
 
 Rendered offline with helm-python-sdk (the Helm 4 SDK in a wheel, no helm
 binary, no cluster), then every object is checked with kubernetes-validate in
-strict mode (unknown fields are errors) against Kubernetes 1.33. Objects of
+strict mode (unknown fields are errors) against Kubernetes 1.30 (the oldest
+minor the chart is tested on) and 1.33. Objects of
 custom kinds that schema set does not know (kopf's peering objects, the
 Prometheus Operator's ServiceMonitor) are checked against their CRD schema or
 for their shape instead.
@@ -10,6 +11,7 @@ for their shape instead.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +28,65 @@ from kubeinfer_operator.settings import OperatorSettings
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubeinfer"
 K8S_VERSION = "1.33.0"
+#: Every Kubernetes version the rendered chart is validated (and linted) against.
+K8S_VERSIONS = ["1.30.0", "1.33.0"]
 RELEASE, RELEASE_NS = "kubeinfer", "kubeinfer-system"
 #: CRDs the chart ships that kubeinfer's API models do not generate.
 CHART_ONLY_CRDS = {"kopf-peering.yaml"}
 
 NAMESPACED = {"watch": {"scope": "namespaces", "namespaces": ["team-a", "team-b"]}}
 MONITORED = {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
+HA = {"operator": {"replicas": 3}}
+POD_TEMPLATE = {
+    "nodeSelector": {"pool": "inference"},
+    "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                   "whenUnsatisfiable": "ScheduleAnyway"}],
+    "priorityClassName": "serving",
+    "serviceAccountName": "model-reader",
+    "imagePullSecrets": [{"name": "regcred"}],
+    "labels": {"team": "ml"},
+    "annotations": {"cost-center": "42"},
+}
+#: Placement, identity and every other override a platform team sets.
+PLACED = {
+    "fullnameOverride": "ki",
+    "imagePullSecrets": [{"name": "regcred"}, "legacy-regcred"],
+    "operator": {
+        "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
+        "tolerations": [{"key": "node-role.kubernetes.io/control-plane",
+                         "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"topologyKey": "kubernetes.io/hostname",
+             "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "operator"}}}]}},
+        "priorityClassName": "system-cluster-critical",
+        "podAnnotations": {"a": "b"}, "podLabels": {"c": "d"},
+        "resources": {"requests": {"cpu": 0.5, "memory": "1.5e8"}, "limits": {"cpu": 1}},
+        "extraEnv": [{"name": "KUBEINFER_LOG_LEVEL", "value": "DEBUG"}],
+        "healthPort": 9080, "scalerPort": 9090, "metricsPort": 9070,
+    },
+    "runtime": {"podTemplate": POD_TEMPLATE, "upgrade": {"maxConcurrentEndpoints": 0},
+                "gatewayResources": {"cpuRequest": 1}},
+    "networkPolicy": {"enabled": True, "metricsFrom": [{"namespaceSelector": {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+    "serviceAccount": {"create": True, "name": "ops", "annotations": {"iam": "role"}},
+    "commonLabels": {"owner": "platform"},
+}
+#: Value sets every check below renders (ids name them in test output).
+VALUE_SETS = {
+    "default": None,
+    "namespaced": NAMESPACED,
+    "ha": HA,
+    "monitored": MONITORED,
+    "placed": PLACED,
+    "ns+ha+monitored": {**NAMESPACED, **HA, **MONITORED},
+    "no-rbac": {"rbac": {"create": False, "clusterReads": False},
+                "serviceAccount": {"create": False, "name": "ops-sa"},
+                "networkPolicy": {"enabled": False, "metricsFrom": []}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +127,8 @@ def chart_crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     return schemas
 
 
-def validate(obj: dict[str, Any]) -> None:
-    """Schema-check one rendered object; raises on any problem."""
+def validate(obj: dict[str, Any], k8s_version: str = K8S_VERSION) -> None:
+    """Schema-check one rendered object against ``k8s_version``; raises on any problem."""
     api_version, kind = obj["apiVersion"], obj["kind"]
     if api_version.startswith("kopf.dev/"):
         jsonschema.Draft4Validator(chart_crd_schemas()[(api_version, kind)]).validate(obj)
@@ -81,7 +136,7 @@ def validate(obj: dict[str, Any]) -> None:
     if api_version == "monitoring.coreos.com/v1":
         assert_service_monitor_shape(obj)
         return
-    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    kubernetes_validate.validate(obj, k8s_version, strict=True)
 
 
 def assert_service_monitor_shape(obj: dict[str, Any]) -> None:
@@ -99,6 +154,21 @@ def assert_service_monitor_shape(obj: dict[str, Any]) -> None:
             assert re.fullmatch(r"[0-9]+(ms|s|m|h)", endpoint[key])
     selector = spec["namespaceSelector"]
     assert selector == {"any": True} or (set(selector) == {"matchNames"} and selector["matchNames"])
+
+
+def named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [o for o in by_kind(objects, kind) if o["metadata"]["name"] == name]
+    return found
+
+
+def is_aggregated(role: dict[str, Any]) -> bool:
+    """An aggregated user-facing ClusterRole (aggregate-roles.yaml), not the operator's own."""
+    return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-")
+               for k in role["metadata"].get("labels", {}))
+
+
+def operator_role(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return named(objects, "ClusterRole", f"{RELEASE}-operator")
 
 
 def env_of(deployment: dict[str, Any]) -> dict[str, str]:
@@ -133,11 +203,12 @@ def test_chart_crds_are_the_repository_crds_byte_for_byte() -> None:
         )
 
 
-def test_chart_crds_are_valid_and_loaded_by_helm(chart: helm.Chart) -> None:
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_chart_crds_are_valid_and_loaded_by_helm(chart: helm.Chart, k8s_version: str) -> None:
     names = set()
     for entry in chart.crds:
         for crd in yaml.safe_load_all(entry["data"]):
-            kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
+            kubernetes_validate.validate(crd, k8s_version, strict=True)
             names.add(crd["metadata"]["name"])
     assert names == {"endpoints.kubeinfer.io", "transformjobs.kubeinfer.io",
                      "compilationjobs.kubeinfer.io",
@@ -147,10 +218,11 @@ def test_chart_crds_are_valid_and_loaded_by_helm(chart: helm.Chart) -> None:
 # -- lint and values schema --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [None, NAMESPACED, MONITORED], ids=["default", "ns", "sm"])
-def test_lint_passes_strict(values: dict[str, Any] | None) -> None:
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+@pytest.mark.parametrize("values", list(VALUE_SETS.values()), ids=list(VALUE_SETS))
+def test_lint_passes_strict(values: dict[str, Any] | None, k8s_version: str) -> None:
     report = helm.lint(CHART, values, strict=True, namespace=RELEASE_NS,
-                       kube_version=f"v{K8S_VERSION}")
+                       kube_version=f"v{k8s_version}")
     assert report["errors"] == []
     # Severity 2 is a warning, 3 an error; 1 (info) is "icon is recommended".
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
@@ -161,9 +233,31 @@ def test_lint_passes_strict(values: dict[str, Any] | None) -> None:
     {"operator": {"imag": {"repository": "x"}}},
     {"watch": {"scope": "everywhere"}},
     {"watch": {"scope": "namespaces", "namespaces": ["Not_A_Namespace"]}},
-    {"operator": {"replicas": 2}},
+    {"operator": {"replicas": -1}},
     {"operator": {"image": {"digest": "latest"}}},
     {"runtime": {"defaultResources": {"memoryLimit": "lots"}}},
+    {"runtime": {"defaultResources": {"cpuRequest": "1.2.3"}}},
+    {"runtime": {"gatewayResources": {"memoryLimit": "1Gb"}}},
+    {"operator": {"resources": {"limits": {"cpu": "1.2.3"}}}},
+    {"operator": {"resources": {"limits": {"cpu": -1}}}},
+    {"operator": {"resources": {"requests": {"memory": "12 Mi"}}}},
+    {"fullnameOverride": "Kube_Infer"},
+    {"fullnameOverride": "1kubeinfer"},
+    {"fullnameOverride": "k" * 47},
+    {"nameOverride": "Kube_Infer"},
+    {"nameOverride": "-kubeinfer"},
+    {"imagePullSecrets": [{"nam": "regcred"}]},
+    {"imagePullSecrets": [""]},
+    {"operator": {"metricsPort": 80}},
+    {"peering": {"lifetimeSeconds": 4}},
+    {"peering": {"lifetimeSeconds": 301}},
+    {"runtime": {"upgrade": {"maxConcurrentEndpoints": -1}}},
+    {"runtime": {"upgrade": {"maxConcurrentEndpoints": 1.5}}},
+    {"runtime": {"podTemplate": {"nodeSelecter": {"a": "b"}}}},
+    {"runtime": {"podTemplate": {"tolerations": {"key": "gpu"}}}},
+    {"runtime": {"podTemplate": {"imagePullSecrets": ["regcred"]}}},
+    {"runtime": {"podTemplate": {"labels": {"a": 1}}}},
+    {"rbac": {"aggregateToDefaultRoles": "yes"}},
     {"metrics": {"serviceMonitor": {"interval": "every minute"}}},
 ], ids=lambda v: str(v))
 def test_values_schema_refuses(chart: helm.Chart, bad: dict[str, Any]) -> None:
@@ -213,13 +307,14 @@ def test_every_values_key_is_in_the_schema(chart: helm.Chart) -> None:
 # -- rendered objects --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("values", [None, NAMESPACED, MONITORED, {**NAMESPACED, **MONITORED}],
-                         ids=["default", "ns", "sm", "ns+sm"])
-def test_every_rendered_object_is_valid(chart: helm.Chart, values: dict[str, Any] | None) -> None:
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+@pytest.mark.parametrize("values", list(VALUE_SETS.values()), ids=list(VALUE_SETS))
+def test_every_rendered_object_is_valid(chart: helm.Chart, values: dict[str, Any] | None,
+                                        k8s_version: str) -> None:
     objects = render(chart, values)
     assert objects
     for obj in objects:
-        validate(obj)
+        validate(obj, k8s_version)
 
 
 def test_validation_catches_a_typo_in_a_rendered_object(chart: helm.Chart) -> None:
@@ -233,16 +328,17 @@ def test_validation_catches_a_typo_in_a_rendered_object(chart: helm.Chart) -> No
 def test_default_render_is_cluster_wide(chart: helm.Chart) -> None:
     objects = render(chart)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment",
-                     "NetworkPolicy", "Secret", "Service", "ServiceAccount"]
+    assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRole", "ClusterRole",
+                     "ClusterRoleBinding", "Deployment", "NetworkPolicy", "Secret", "Service",
+                     "Service", "ServiceAccount"]
     assert env_of(one(objects, "Deployment"))["KUBEINFER_NAMESPACES"] == ""
     # The operator's scaler (serverless scale-from-zero), and where gateways reach it.
-    scaler = one(objects, "Service")
+    scaler = named(objects, "Service", f"{RELEASE}-scaler")
     assert scaler["spec"]["ports"][0]["targetPort"] == "scaler"
     assert env_of(one(objects, "Deployment"))["KUBEINFER_SCALER_URL"] == (
         f"http://{scaler['metadata']['name']}.{RELEASE_NS}.svc:8090/scale")
     binding = one(objects, "ClusterRoleBinding")
-    assert binding["roleRef"]["name"] == one(objects, "ClusterRole")["metadata"]["name"]
+    assert binding["roleRef"]["name"] == operator_role(objects)["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubeinfer",
                                     "namespace": RELEASE_NS}]
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == (
@@ -258,7 +354,7 @@ def test_namespaced_scope_grants_nothing_cluster_wide_but_reads(chart: helm.Char
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for b in bindings:
         assert b["subjects"][0]["namespace"] == RELEASE_NS
-    (cluster_role,) = by_kind(objects, "ClusterRole")
+    (cluster_role,) = [r for r in by_kind(objects, "ClusterRole") if not is_aggregated(r)]
     verbs = {v for rule in cluster_role["rules"] for v in rule["verbs"]}
     assert verbs == {"list", "watch"}
     peerings = by_kind(objects, "KopfPeering")
@@ -274,7 +370,8 @@ def test_namespaced_scope_defaults_to_the_release_namespace(chart: helm.Chart) -
 
 
 def test_namespaced_scope_without_cluster_reads_is_fully_namespaced(chart: helm.Chart) -> None:
-    objects = render(chart, {**NAMESPACED, "rbac": {"create": True, "clusterReads": False}})
+    objects = render(chart, {**NAMESPACED, "rbac": {"create": True, "clusterReads": False,
+                                                     "aggregateToDefaultRoles": False}})
     assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
 
 
@@ -282,7 +379,8 @@ def test_rbac_can_be_left_to_the_cluster_admin(chart: helm.Chart) -> None:
     objects = render(chart, {"rbac": {"create": False, "clusterReads": True},
                              "serviceAccount": {"create": False, "name": "ops-sa"}})
     assert sorted(o["kind"] for o in objects) == ["ClusterKopfPeering", "Deployment",
-                                                  "NetworkPolicy", "Secret", "Service"]
+                                                  "NetworkPolicy", "Secret", "Service",
+                                                  "Service"]
     assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops-sa"
 
 
@@ -316,7 +414,8 @@ def test_rbac_is_least_privilege(chart: helm.Chart, values: dict[str, Any] | Non
 
 @pytest.mark.parametrize("values", [None, NAMESPACED], ids=["cluster", "ns"])
 def test_the_operator_may_run_every_kind(chart: helm.Chart, values: dict[str, Any] | None) -> None:
-    for role in by_kind(render(chart, values), "ClusterRole" if values is None else "Role"):
+    roles = by_kind(render(chart, values), "ClusterRole" if values is None else "Role")
+    for role in [r for r in roles if not is_aggregated(r)]:
         granted = {(r, v) for rule in role["rules"] for r in rule["resources"]
                    for v in rule["verbs"]}
         for kind in ("endpoints", "transformjobs", "compilationjobs"):
@@ -350,9 +449,10 @@ def test_operator_pod_is_locked_down(chart: helm.Chart) -> None:
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
-    health, scaler = container["ports"]
+    health, scaler, metrics = container["ports"]
     assert (health["name"], health["containerPort"]) == ("health", 8080)
     assert (scaler["name"], scaler["containerPort"]) == ("scaler", 8090)
+    assert (metrics["name"], metrics["containerPort"]) == ("metrics", 8070)
     assert env_of(deployment)["KUBEINFER_LIVENESS_ENDPOINT"] == "http://0.0.0.0:8080/healthz"
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
 
@@ -366,10 +466,13 @@ def test_operator_env_is_read_by_operator_settings(
                               "pullPolicy": "Always"},
                     "gatewayReplicas": 3, "s3": {"secretName": "s3-creds"},
                     "redis": {"url": "redis://redis.infra:6379/0"},
-                    "gatewayResources": {"cpuRequest": "250m"}},
+                    "gatewayResources": {"cpuRequest": "250m"},
+                    "podTemplate": POD_TEMPLATE,
+                    "upgrade": {"maxConcurrentEndpoints": 5}},
         "networkPolicy": {"enabled": True, "metricsFrom": [{"namespaceSelector": {}}]},
         "security": {"outboundAllowList": ["169.254.170.2/32", "metrics.internal"]},
-        "peering": {"name": "ml-peering"},
+        "peering": {"name": "ml-peering", "lifetimeSeconds": 30},
+        "operator": {"metricsPort": 9100},
         "statusIntervalSeconds": 2.5,
         "resyncIntervalSeconds": 120,
     }
@@ -402,6 +505,18 @@ def test_operator_env_is_read_by_operator_settings(
     assert settings.metrics_from == [{"namespaceSelector": {}}]
     assert settings.outbound_allow == "169.254.170.2/32,metrics.internal"
     assert settings.runtime_secret_name == "kubeinfer-runtime"
+    assert settings.operator_metrics_port == 9100
+    assert settings.default_pod_template == POD_TEMPLATE
+    # The chart's schema and the operator's podTemplate model know the same fields.
+    from kubeinfer_operator.api.placement import PodTemplate
+
+    assert set(PodTemplate.model_fields) == set(
+        chart.schema["properties"]["runtime"]["properties"]["podTemplate"]["properties"])
+    PodTemplate.model_validate(settings.default_pod_template)
+    assert settings.max_concurrent_upgrades == 5
+    assert settings.peering_lifetime_s == 30
+    # Not set by the chart: each replica draws its own, so replicas never tie.
+    assert settings.peering_priority is None
     credentials = f"{RELEASE}-credentials"
     assert secret_env_of(deployment) == {
         "KUBEINFER_CALLER_ACCESS_KEY_ID": (credentials, "AWS_ACCESS_KEY_ID"),
@@ -425,7 +540,7 @@ def test_image_digest_pins_and_tag_defaults_to_app_version(chart: helm.Chart) ->
 def test_service_monitor_is_off_by_default_and_selects_runtime_services(
         chart: helm.Chart) -> None:
     assert not by_kind(render(chart), "ServiceMonitor")
-    monitor = one(render(chart, MONITORED), "ServiceMonitor")
+    monitor = named(render(chart, MONITORED), "ServiceMonitor", f"{RELEASE}-runtime")
     assert monitor["metadata"]["labels"]["release"] == "prom"
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
     # The labels and port name the operator puts on every gateway/model-server Service.
@@ -436,7 +551,8 @@ def test_service_monitor_is_off_by_default_and_selects_runtime_services(
         assert operator_labels[key] == value
     assert monitor["spec"]["endpoints"][0]["port"] == k8s_workloads.METRICS_PORT_NAME
 
-    namespaced = one(render(chart, {**NAMESPACED, **MONITORED}), "ServiceMonitor")
+    namespaced = named(render(chart, {**NAMESPACED, **MONITORED}), "ServiceMonitor",
+                       f"{RELEASE}-runtime")
     assert namespaced["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
 
 
@@ -480,12 +596,14 @@ def test_a_redis_password_never_enters_the_chart_as_a_value(chart: helm.Chart) -
 def test_the_scaler_accepts_only_gateway_pods(chart: helm.Chart) -> None:
     policy = one(render(chart), "NetworkPolicy")
     validate(policy)
-    scaler_rule, health_rule = policy["spec"]["ingress"]
+    scaler_rule, health_rule, metrics_rule = policy["spec"]["ingress"]
     assert scaler_rule["ports"] == [{"port": "scaler", "protocol": "TCP"}]
     (peer,) = scaler_rule["from"]
     assert peer["namespaceSelector"] == {}
     assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
     assert health_rule == {"ports": [{"port": "health", "protocol": "TCP"}]}
+    # The operator's /metrics: any source unless networkPolicy.metricsFrom names some.
+    assert metrics_rule == {"ports": [{"port": "metrics", "protocol": "TCP"}]}
     selector = policy["spec"]["podSelector"]["matchLabels"]
     labels = one(render(chart), "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= labels.items()
@@ -498,3 +616,186 @@ def test_notes_tell_how_to_read_the_generated_keys(chart: helm.Chart) -> None:
     assert (f"kubectl -n {RELEASE_NS} get secret {RELEASE}-credentials "
             "-o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d") in notes
     assert "SigV4" in notes
+
+
+# -- values refused or accepted at install (issue 14) ------------------------------------
+
+
+@pytest.mark.parametrize(("ports", "a", "b"), [
+    ({"scalerPort": 8080}, "operator.healthPort", "operator.scalerPort"),
+    ({"metricsPort": 8080}, "operator.healthPort", "operator.metricsPort"),
+    ({"metricsPort": 8090}, "operator.metricsPort", "operator.scalerPort"),
+    ({"healthPort": 9000, "scalerPort": 9000, "metricsPort": 9000},
+     "operator.healthPort", "operator.metricsPort"),
+])
+def test_equal_operator_ports_are_refused_naming_both(
+        chart: helm.Chart, ports: dict[str, int], a: str, b: str) -> None:
+    with pytest.raises(helm.HelmRenderError) as err:
+        chart.render({"operator": ports}, name=RELEASE, namespace=RELEASE_NS)
+    message = str(err.value)
+    assert f"Values {a} and {b} are both" in message
+    assert "give them different ports" in message
+
+
+def test_quantities_follow_the_kubernetes_grammar(chart: helm.Chart) -> None:
+    """`--set operator.resources.limits.cpu=1` (a number) is accepted; `1.2.3` is not."""
+    values = helm.parse_set_string("operator.resources.limits.cpu=1")
+    assert values == {"operator": {"resources": {"limits": {"cpu": 1}}}}
+    deployment = one(render(chart, values), "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"] == {"cpu": 1, "memory": "256Mi"}
+    for good in ["100m", "1.5Gi", "2e3", ".5", "1.", "+1k", "128974848", 0.25]:
+        chart.validate_schema({**chart.values, "operator": {
+            **chart.values["operator"], "resources": {"requests": {"cpu": good}}}})
+    for bad in ["1.2.3", "1Gb", "1 Gi", "m", "1KI", ""]:
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({**chart.values, "operator": {
+                **chart.values["operator"], "resources": {"requests": {"cpu": bad}}}})
+
+
+def test_image_pull_secrets_take_the_pod_spec_form_and_plain_names(chart: helm.Chart) -> None:
+    objects = render(chart, {"imagePullSecrets": [{"name": "regcred"}, "legacy"]})
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "legacy"}]
+    assert "imagePullSecrets" not in one(render(chart), "Deployment")["spec"]["template"]["spec"]
+
+
+def test_a_release_name_too_long_for_service_names_is_refused_with_the_fix(
+        chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmRenderError, match="set fullnameOverride"):
+        chart.render(None, name="a" * 40, namespace=RELEASE_NS)
+    names = [o["metadata"]["name"] for o in render(chart, {"fullnameOverride": "k" * 46})]
+    assert max(len(n) for n in names) <= 63
+
+
+# -- HA, metrics, placement, staged upgrades ---------------------------------------------
+
+
+def test_one_replica_is_recreated_and_has_no_budget(chart: helm.Chart) -> None:
+    for replicas in (0, 1):
+        objects = render(chart, {"operator": {"replicas": replicas}})
+        deployment = one(objects, "Deployment")
+        assert deployment["spec"]["replicas"] == replicas
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+        assert "affinity" not in deployment["spec"]["template"]["spec"]
+        assert not by_kind(objects, "PodDisruptionBudget")
+
+
+def test_ha_replicas_roll_one_at_a_time_with_a_budget_and_spread(chart: helm.Chart) -> None:
+    objects = render(chart, HA)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    pdb = one(objects, "PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1,
+                           "selector": deployment["spec"]["selector"]}
+    assert pdb["metadata"]["namespace"] == RELEASE_NS
+    (term,) = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    # The operator's own affinity replaces the default.
+    own = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "preference": {"matchExpressions": [
+            {"key": "pool", "operator": "In", "values": ["system"]}]}}]}}
+    deployment = one(render(chart, {"operator": {"replicas": 2, "affinity": own}}), "Deployment")
+    assert deployment["spec"]["template"]["spec"]["affinity"] == own
+    env = env_of(deployment)
+    assert env["KUBEINFER_PEERING_LIFETIME_S"] == "10"
+    assert "KUBEINFER_PEERING_PRIORITY" not in env  # random per process
+
+
+def test_operator_metrics_are_served_and_scraped(chart: helm.Chart) -> None:
+    objects = render(chart, MONITORED)
+    deployment = one(objects, "Deployment")
+    assert env_of(deployment)["KUBEINFER_OPERATOR_METRICS_PORT"] == "8070"
+    service = named(objects, "Service", f"{RELEASE}-operator-metrics")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8070,
+                                         "targetPort": "metrics", "protocol": "TCP"}]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    monitor = named(objects, "ServiceMonitor", f"{RELEASE}-operator")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NS]}
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    # It selects the metrics Service, and not the scaler's.
+    selector = monitor["spec"]["selector"]["matchLabels"].items()
+    matching = [s["metadata"]["name"] for s in by_kind(objects, "Service")
+                if selector <= s["metadata"]["labels"].items()]
+    assert matching == [f"{RELEASE}-operator-metrics"]
+
+
+def test_the_operator_metrics_port_admits_metrics_from(chart: helm.Chart) -> None:
+    peers = PLACED["networkPolicy"]["metricsFrom"]
+    policy = one(render(chart, {"networkPolicy": {"enabled": True, "metricsFrom": peers}}),
+                 "NetworkPolicy")
+    assert policy["spec"]["ingress"][2] == {
+        "ports": [{"port": "metrics", "protocol": "TCP"}], "from": peers}
+
+
+def test_runtime_pod_template_and_upgrade_pace_reach_the_operator(chart: helm.Chart) -> None:
+    env = env_of(one(render(chart), "Deployment"))
+    assert env["KUBEINFER_DEFAULT_POD_TEMPLATE"] == "{}"
+    assert env["KUBEINFER_MAX_CONCURRENT_UPGRADES"] == "3"
+    env = env_of(one(render(chart, PLACED), "Deployment"))
+    assert json.loads(env["KUBEINFER_DEFAULT_POD_TEMPLATE"]) == POD_TEMPLATE
+    assert env["KUBEINFER_MAX_CONCURRENT_UPGRADES"] == "0"
+
+
+def test_notes_explain_ha(chart: helm.Chart) -> None:
+    notes = chart.render(HA, name=RELEASE, namespace=RELEASE_NS)["kubeinfer/templates/NOTES.txt"]
+    assert "3 operator replicas, one active" in notes
+    assert "kubectl get clusterkopfpeering kubeinfer" in notes
+    assert "resource.customizations.health.kubeinfer.io_Endpoint" in notes
+    notes = chart.render(None, name=RELEASE, namespace=RELEASE_NS)[
+        "kubeinfer/templates/NOTES.txt"]
+    assert "operator.replicas=2" in notes
+
+
+# -- aggregated user roles ---------------------------------------------------------------
+
+
+def shipped_kinds(chart: helm.Chart) -> dict[str, set[str]]:
+    """API group -> plurals of every CRD the chart ships, kopf's own peering kinds aside."""
+    kinds: dict[str, set[str]] = {}
+    for entry in chart.crds:
+        for crd in yaml.safe_load_all(entry["data"]):
+            if crd["spec"]["group"] != "kopf.dev":
+                kinds.setdefault(crd["spec"]["group"], set()).add(crd["spec"]["names"]["plural"])
+    return kinds
+
+
+def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+            for r in rule["resources"] for v in rule["verbs"]}
+
+
+@pytest.mark.parametrize("values", [None, NAMESPACED], ids=["cluster", "ns"])
+def test_aggregated_roles_cover_every_shipped_kind(
+        chart: helm.Chart, values: dict[str, Any] | None) -> None:
+    objects = render(chart, values)
+    edit = named(objects, "ClusterRole", f"{RELEASE}-edit")
+    view = named(objects, "ClusterRole", f"{RELEASE}-view")
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    kinds = shipped_kinds(chart)
+    assert kinds["kubeinfer.io"] >= {"endpoints", "transformjobs", "compilationjobs"}
+    edit_verbs = {"create", "delete", "deletecollection", "get", "list", "patch", "update",
+                  "watch"}
+    expected_edit = {(g, p, v) for g, plurals in kinds.items() for p in plurals
+                     for v in edit_verbs}
+    expected_view = {(g, r, v) for g, plurals in kinds.items() for p in plurals
+                     for r in (p, f"{p}/status") for v in ("get", "list", "watch")}
+    assert grants(edit) == expected_edit
+    assert grants(view) == expected_view
+
+
+def test_aggregated_roles_can_be_turned_off(chart: helm.Chart) -> None:
+    for rbac in ({"create": True, "clusterReads": True, "aggregateToDefaultRoles": False},
+                 {"create": False, "clusterReads": True, "aggregateToDefaultRoles": True}):
+        roles = by_kind(render(chart, {"rbac": rbac}), "ClusterRole")
+        assert not [r for r in roles if is_aggregated(r)], rbac

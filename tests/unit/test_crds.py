@@ -78,3 +78,51 @@ def test_printer_columns() -> None:
     crd = all_crds()["endpoints.kubeinfer.io.yaml"]
     names = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
     assert names[:2] == ["Type", "Ready"] and "URL" in names and "Age" in names
+
+
+def _undescribed(schema: dict[str, Any], path: str) -> list[str]:
+    """Properties below ``schema`` without a description (what `kubectl explain` shows)."""
+    missing: list[str] = []
+    for key, sub in schema.get("properties", {}).items():
+        here = f"{path}.{key}".lstrip(".")
+        if not sub.get("description"):
+            missing.append(here)
+        missing += _undescribed(sub, here)
+    if isinstance(schema.get("items"), dict):
+        missing += _undescribed(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        missing += _undescribed(schema["additionalProperties"], f"{path}.*")
+    return missing
+
+
+def test_every_field_has_a_description() -> None:
+    for name, crd in all_crds().items():
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        assert schema["description"], name
+        assert _undescribed(schema, "") == [], name
+
+
+def test_keyed_lists_merge_by_their_key() -> None:
+    """Server-side apply and `kubectl patch` merge these lists entry by entry."""
+    keyed = {"endpoints.kubeinfer.io.yaml": [("spec", "variants", "name"),
+                                             ("status", "variants", "name"),
+                                             ("status", "conditions", "type")],
+             "transformjobs.kubeinfer.io.yaml": [("status", "conditions", "type")],
+             "compilationjobs.kubeinfer.io.yaml": [("status", "conditions", "type")]}
+    crds = all_crds()
+    for name, lists in keyed.items():
+        props = crds[name]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+        for part, field, key in lists:
+            schema = props[part]["properties"][field]
+            assert schema["x-kubernetes-list-type"] == "map", (name, part, field)
+            assert schema["x-kubernetes-list-map-keys"] == [key], (name, part, field)
+            # A map key must always be present: required in every item.
+            assert key in schema["items"]["required"], (name, part, field)
+
+
+def test_root_metadata_declares_only_the_name() -> None:
+    for crd in all_crds().values():
+        metadata = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+            "metadata"]
+        # The API server allows restrictions of metadata.name and generateName only.
+        assert set(metadata.get("properties", {})) <= {"name", "generateName"}

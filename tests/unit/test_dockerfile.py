@@ -131,8 +131,8 @@ def test_final_stages_have_no_build_tools_and_no_source_tree(
             assert not BUILD_TOOLS.search(run), f"{stage.name}: RUN {run}"
         for copy in stage.args("COPY"):
             assert copy.startswith("--from="), f"{stage.name}: COPY {copy} copies the build context"
-            assert copy.split()[0].removeprefix("--from=") in {"builder", "runtime-builder",
-                                                               "models"}
+            assert copy.split()[0].removeprefix("--from=") in {
+                "operator-builder", "runtime-builder", "models"}
 
 
 @pytest.mark.parametrize("target", ["operator", "runtime"])
@@ -197,14 +197,15 @@ def test_dockerignore_lets_every_copied_path_through(
 
 def test_only_the_runtime_carries_tvm(dockerfile: Parsed) -> None:
     """The runtime's venv adds the compile extra (TVM serves compiled artifacts); the
-    operator's venv is the builder's, without it."""
+    operator's venv is its own, without it."""
     _, stages = dockerfile
     froms = {name: {c.split()[0].removeprefix("--from=") for c in stages[name].args("COPY")}
              for name in ("operator", "runtime")}
-    assert "builder" in froms["operator"] and "runtime-builder" not in froms["operator"]
-    assert "runtime-builder" in froms["runtime"] and "builder" not in froms["runtime"]
-    assert any("optional-dependencies']['compile']" in run
+    assert "operator-builder" in froms["operator"] and "runtime-builder" not in froms["operator"]
+    assert "runtime-builder" in froms["runtime"] and "operator-builder" not in froms["runtime"]
+    assert any("select-deps --extra compile" in run
                for run in stages["runtime-builder"].args("RUN"))
+    assert not any("compile" in run for run in stages["operator-builder"].args("RUN"))
 
 
 def test_the_compiler_is_the_runtime_plus_gxx_only(dockerfile: Parsed) -> None:

@@ -246,6 +246,9 @@ def test_replica_change_does_not_roll_pods(doc: dict[str, Any]) -> None:
     before = _render(doc)
     doc["spec"]["variants"][1]["replicas"] = 4
     after = _render(doc)
+    # Two replicas or more: the variant gets a PodDisruptionBudget too.
+    budget = after.pop(("PodDisruptionBudget", "iris-canary"))
+    assert budget["spec"]["maxUnavailable"] == 1
     assert _changed(before, after) == {("Deployment", "iris-canary")}
     old, new = before[("Deployment", "iris-canary")], after[("Deployment", "iris-canary")]
     assert new["spec"]["replicas"] == 4

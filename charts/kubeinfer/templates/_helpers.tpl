@@ -77,3 +77,30 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- toJson $namespaces -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Cross-field checks JSON Schema cannot express; fails the install with the values and the fix. Included once, by deployment.yaml. */}}
+{{- define "kubeinfer.validateValues" -}}
+{{- $ports := dict "operator.healthPort" .Values.operator.healthPort "operator.scalerPort" .Values.operator.scalerPort "operator.metricsPort" .Values.operator.metricsPort -}}
+{{- $names := keys $ports | sortAlpha -}}
+{{- range $i, $a := $names -}}
+{{- range $b := slice $names (add1 $i) -}}
+{{- if eq (int (get $ports $a)) (int (get $ports $b)) -}}
+{{- fail (printf "Values %s and %s are both %d: the operator listens on each of its ports separately; give them different ports" $a $b (int (get $ports $a))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $fullname := include "kubeinfer.fullname" . -}}
+{{- if gt (len $fullname) 46 -}}
+{{- fail (printf "The object-name prefix %q is %d characters long: Service names such as %q must fit in 63; set fullnameOverride to a name of at most 46 characters" $fullname (len $fullname) (printf "%s-operator-metrics" $fullname)) -}}
+{{- end -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $fullname) -}}
+{{- fail (printf "The object-name prefix %q is not a DNS-1035 label (lower-case letters, digits and '-', starting with a letter): Service names start with it; set fullnameOverride to such a name" $fullname) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* imagePullSecrets as a list of {name}: takes [{name: x}] (the Kubernetes form) or plain names ["x"] (older values files). Call with the list. */}}
+{{- define "kubeinfer.imagePullSecrets" -}}
+{{- range . }}
+- name: {{ if kindIs "string" . }}{{ . | quote }}{{ else }}{{ .name | quote }}{{ end }}
+{{- end }}
+{{- end -}}

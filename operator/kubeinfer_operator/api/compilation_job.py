@@ -205,14 +205,22 @@ class CandidateStatus(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: CandidateName
-    speedup: float | None = Field(default=None, description="vs onnxruntime fp32 "
-                                                            "(geometric mean over batch sizes).")
-    maxAbsDiff: float | None = None
-    top1Agreement: float | None = None
-    accurate: bool = False
-    chosen: bool = False
-    note: str = ""
+    name: CandidateName = Field(description="The candidate: onnxruntime-fp32 (the baseline), "
+                                            "onnxruntime-optimized, onnxruntime-int8, "
+                                            "tvm-untuned or tvm-tuned.")
+    speedup: float | None = Field(default=None, description="Speed over onnxruntime fp32 "
+                                                            "(geometric mean over batch sizes; "
+                                                            "unset: not timed).")
+    maxAbsDiff: float | None = Field(default=None, description="Largest absolute difference "
+                                                               "of its outputs from "
+                                                               "onnxruntime fp32's.")
+    top1Agreement: float | None = Field(default=None, description="Share of rows whose top-1 "
+                                                                  "class matches fp32's.")
+    accurate: bool = Field(default=False, description="Passed the accuracy gate "
+                                                      "(max-abs-diff, or top-1 agreement for "
+                                                      "INT8).")
+    chosen: bool = Field(default=False, description="This candidate is the one published.")
+    note: str = Field(default="", description="Why it was not chosen, or what failed.")
 
 
 class CompilationJobStatus(BaseModel):
@@ -220,18 +228,27 @@ class CompilationJobStatus(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    observedGeneration: int | None = None
-    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=LIST_MAP_BY_TYPE)
+    observedGeneration: int | None = Field(
+        default=None, description="The metadata.generation the operator last acted on; the "
+        "conditions describe that spec.")
+    conditions: list[Condition] = Field(
+        default_factory=list, json_schema_extra=LIST_MAP_BY_TYPE,
+        description="Running: the compiler's Job is at work. Complete / Failed: how it ended "
+        "(monotonic: once True, never changed), with the reason and message.")
     phase: str | None = Field(default=None, description="Pending, Compiling, Complete or "
                                                         "Failed.")
     model: str | None = Field(default=None, description="The model compiled.")
-    startTime: str | None = None
-    completionTime: str | None = None
+    startTime: str | None = Field(default=None, description="When the operator started the "
+                                                            "job (RFC 3339).")
+    completionTime: str | None = Field(default=None, description="When the job completed or "
+                                                                 "failed (RFC 3339).")
     artifactUri: str | None = Field(default=None, description="<output>/artifact.tar.gz: "
                                                               "serve it with format: compiled.")
     sha256: str | None = Field(default=None, description="sha256 of the artifact tarball.")
     sourceSha256: str | None = Field(default=None, description="sha256 of the ONNX model.")
-    target: str | None = None
+    target: str | None = Field(default=None, description="The target compiled for "
+                                                         "(spec.target); targetCpu names its "
+                                                         "CPU.")
     targetCpu: str | None = Field(default=None, description="The target's CPU as LLVM "
                                                             "names it.")
     chosen: str | None = Field(default=None, description="The candidate published.")
@@ -250,11 +267,17 @@ class CompilationJobStatus(BaseModel):
                                                          "why the ONNX model is served.")
     tvmStatus: str | None = Field(default=None, description="Set when TVM cannot import the "
                                                             "model (the ops it lacks).")
-    batchSizes: list[int] | None = None
-    tuningTrials: int | None = None
-    tuningCacheHit: bool | None = None
-    compileSeconds: float | None = None
-    candidates: list[CandidateStatus] | None = None
+    batchSizes: list[int] | None = Field(default=None, description="The batch sizes compiled "
+                                                                   "and measured.")
+    tuningTrials: int | None = Field(default=None, description="MetaSchedule trials run "
+                                                               "(0 with a warm tuning cache).")
+    tuningCacheHit: bool | None = Field(default=None, description="Tuning records came from "
+                                                                  "tuning.cacheUri.")
+    compileSeconds: float | None = Field(default=None, description="Wall-clock seconds the "
+                                                                   "compiler ran.")
+    candidates: list[CandidateStatus] | None = Field(default=None, description="Every "
+                                                     "candidate measured, with its speed, "
+                                                     "accuracy and why it won or lost.")
 
 
 class CompilationJob(BaseModel):

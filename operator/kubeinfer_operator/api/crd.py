@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from kubeinfer_operator.api import cel_rules
 from kubeinfer_operator.api import compilation_job as cj
 from kubeinfer_operator.api import endpoint as ep
 from kubeinfer_operator.api import transform_job as tj
@@ -70,6 +71,12 @@ def _structural(schema: Any) -> Any:
         schema["enum"] = [schema.pop("const")]
     if "enum" in schema and "type" not in schema:
         schema["type"] = "string"
+    if schema.get("type") == "string" and isinstance(schema.get("enum"), list) and (
+        "maxLength" not in schema
+    ):
+        # Redundant for validation, but the API server sizes strings by maxLength (not by
+        # enum) when it estimates what a CEL rule comparing them may cost.
+        schema["maxLength"] = max(len(str(v)) for v in schema["enum"])
     if schema.get("type") == "object" and "properties" not in schema and (
         "additionalProperties" not in schema
     ):
@@ -84,9 +91,42 @@ def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     return result
 
 
+#: What ``kubectl explain <kind>`` says of the fields every object has.
+_API_VERSION = ("APIVersion defines the versioned schema of this representation of an object "
+                "(kubeinfer.io/v1alpha1). Servers should convert recognized schemas to the "
+                "latest internal value, and may reject unrecognized values.")
+_KIND = ("Kind is a string value representing the REST resource this object represents. "
+         "Servers may infer this from the endpoint the client submits requests to. In "
+         "CamelCase; cannot be updated.")
+_METADATA = ("Standard object metadata: name, namespace, labels, annotations. The name "
+             "becomes part of the names of the objects the operator creates.")
+
+_NAME = ("Name of the object, unique in its namespace: a letter first, then lowercase letters, "
+         "digits and '-', at most 40 characters (the operator adds suffixes to it).")
+
+
 def _crd(*, plural: str, group: str, kind: str, singular: str, short_names: list[str],
          version: str, description: str, spec_schema: dict[str, Any],
-         status_schema: dict[str, Any], columns: list[dict[str, Any]]) -> dict[str, Any]:
+         status_schema: dict[str, Any], columns: list[dict[str, Any]],
+         rules: tuple[cel_rules.CelRule, ...]) -> dict[str, Any]:
+    root: dict[str, Any] = {
+        "type": "object",
+        "description": description,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": _API_VERSION},
+            "kind": {"type": "string", "description": _KIND},
+            # Root metadata may declare name (and generateName) only; declaring it lets the
+            # name rule's fieldPath (.metadata.name) point at it, and its maxLength (the API
+            # server's own limit) bounds the cost of that rule's regex.
+            "metadata": {"type": "object", "description": _METADATA,
+                         "properties": {"name": {"type": "string", "maxLength": 253,
+                                                 "description": _NAME}}},
+            "spec": spec_schema,
+            "status": status_schema,
+        },
+    }
+    cel_rules.attach(root, rules)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -109,20 +149,7 @@ def _crd(*, plural: str, group: str, kind: str, singular: str, short_names: list
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": columns,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": description,
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec_schema,
-                                "status": status_schema,
-                            },
-                        }
-                    },
+                    "schema": {"openAPIV3Schema": root},
                 }
             ],
         },
@@ -133,19 +160,12 @@ _AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"
 
 
 def endpoint_crd() -> dict[str, Any]:
-    spec_schema = openapi_schema(ep.EndpointSpec)
-    spec_schema["x-kubernetes-validations"] = [
-        {
-            "rule": "self.variants.exists(v, v.weight > 0.0)",
-            "message": "spec.variants[*].weight: all weights are 0; give at least one "
-            "variant a weight above 0",
-        }
-    ]
     return _crd(
         plural=ep.PLURAL, group=ep.GROUP, kind=ep.KIND, singular=ep.SINGULAR,
         short_names=ep.SHORT_NAMES, version=ep.VERSION,
         description="An inference endpoint: SageMaker CreateEndpoint as a Kubernetes resource.",
-        spec_schema=spec_schema, status_schema=openapi_schema(ep.EndpointStatus),
+        spec_schema=openapi_schema(ep.EndpointSpec),
+        status_schema=openapi_schema(ep.EndpointStatus), rules=cel_rules.ENDPOINT_RULES,
         columns=[
             {"name": "Type", "type": "string", "jsonPath": ".spec.type"},
             {
@@ -169,11 +189,6 @@ def transform_job_crd() -> dict[str, Any]:
     spec_schema = openapi_schema(tj.TransformJobSpec)
     spec_schema["x-kubernetes-validations"] = [
         {"rule": "self == oldSelf", "message": IMMUTABLE_SPEC_MESSAGE},
-        {
-            "rule": "[has(self.model), has(self.containers), has(self.endpointRef)]"
-                    ".filter(x, x).size() == 1",
-            "message": "spec: set exactly one of model, containers, endpointRef",
-        },
     ]
     return _crd(
         plural=tj.PLURAL, group=tj.GROUP, kind=tj.KIND, singular=tj.SINGULAR,
@@ -181,6 +196,7 @@ def transform_job_crd() -> dict[str, Any]:
         description="A batch transform job: SageMaker CreateTransformJob as a Kubernetes "
                     "resource.",
         spec_schema=spec_schema, status_schema=openapi_schema(tj.TransformJobStatus),
+        rules=cel_rules.TRANSFORM_JOB_RULES,
         columns=[
             {"name": "Status", "type": "string", "jsonPath": ".status.phase"},
             {"name": "Progress", "type": "string", "jsonPath": ".status.progress"},
@@ -207,6 +223,7 @@ def compilation_job_crd() -> dict[str, Any]:
         description="A model compilation job: SageMaker CreateCompilationJob (Neo) as a "
                     "Kubernetes resource.",
         spec_schema=spec_schema, status_schema=openapi_schema(cj.CompilationJobStatus),
+        rules=cel_rules.COMPILATION_JOB_RULES,
         columns=[
             {"name": "Target", "type": "string", "jsonPath": ".spec.target"},
             {"name": "Status", "type": "string", "jsonPath": ".status.phase"},

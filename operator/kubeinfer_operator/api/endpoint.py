@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from kubeinfer_operator.api.async_config import AsyncConfig
 from kubeinfer_operator.api.compile_options import ModelCompile
 from kubeinfer_operator.api.cron import parse_cron
+from kubeinfer_operator.api.placement import GatewaySettings, PodTemplate
 from kubeinfer_runtime.contract.auth import AuthMode
 
 GROUP = "kubeinfer.io"
@@ -145,9 +146,19 @@ class ResourceRequirements(_Spec):
     )
 
 
+#: Longest environment variable name (bounds what the CRD's CEL rules may cost).
+MAX_ENV_NAME = 1024
+#: Most environment variables of one container (bounds the CRD's CEL rules' cost).
+MAX_ENV_VARS = 128
+
+
 class EnvVar(_Spec):
-    name: Annotated[str, Field(pattern=_ENV_NAME, min_length=1)]
-    value: str = ""
+    """One environment variable of a container."""
+
+    name: Annotated[str, Field(description="Variable name: letters, digits, '_', '-' and '.', "
+                                           "not starting with a digit.",
+                               pattern=_ENV_NAME, min_length=1, max_length=MAX_ENV_NAME)]
+    value: Annotated[str, Field(description="Its value (default: the empty string).")] = ""
 
 
 class InferenceExecution(StrEnum):
@@ -240,6 +251,12 @@ class ContainerStep(_Spec):
     env: Annotated[
         list[EnvVar], Field(description="Environment variables of the image's container."),
     ] = Field(default_factory=list)
+    resources: Annotated[
+        ResourceRequirements | None,
+        Field(description="Resources of the image's container (default: the operator's "
+                          "default requests and memory limit); missing cpu and memory "
+                          "requests and the memory limit are filled in."),
+    ] = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> ContainerStep:
@@ -250,6 +267,9 @@ class ContainerStep(_Spec):
         if (self.port is not None or self.env) and self.image is None:
             raise ValueError(f"step {self.name!r}: port and env apply to image steps only; "
                              "remove them")
+        if self.resources is not None and self.image is None:
+            raise ValueError(f"step {self.name!r}: resources apply to image steps only (the "
+                             "variant's resources size the model server); remove it")
         return self
 
     @property
@@ -376,6 +396,8 @@ class TargetTrackingPolicy(_MetricRef):
 
 
 class StepAdjustment(_Spec):
+    """One band of a step scaling policy: the metric's range and the change it makes."""
+
     lowerBound: Annotated[
         float | None, Field(description="Applies when the metric is >= this (none: -inf)."),
     ] = None
@@ -390,18 +412,27 @@ class StepAdjustment(_Spec):
 class StepScalingPolicy(_MetricRef):
     """Add or remove a fixed number of replicas depending on the metric's band."""
 
-    steps: Annotated[list[StepAdjustment], Field(min_length=1, max_length=20)]
+    steps: Annotated[
+        list[StepAdjustment],
+        Field(description="Bands of the metric (1 to 20) and the replicas each adds or "
+                          "removes; the band holding the current value applies.",
+              min_length=1, max_length=20),
+    ]
 
 
 class ScheduledScaling(_Spec):
+    """Replica bounds that replace the variant's own while a cron schedule is in force."""
+
     cron: Annotated[
         str,
         Field(description="Five-field cron expression (UTC) of the minutes during which these "
                           "bounds apply, e.g. '* 9-17 * * 1-5' for office hours.",
               min_length=9),
     ]
-    minReplicas: Annotated[int, Field(ge=0, le=1000)]
-    maxReplicas: Annotated[int, Field(ge=1, le=1000)]
+    minReplicas: Annotated[int, Field(description="Fewest replicas while the schedule is in "
+                                                  "force.", ge=0, le=1000)]
+    maxReplicas: Annotated[int, Field(description="Most replicas while the schedule is in "
+                                                  "force.", ge=1, le=1000)]
 
     @field_validator("cron")
     @classmethod
@@ -420,11 +451,30 @@ class ScheduledScaling(_Spec):
 class AutoScaling(_Spec):
     """Scale a variant's replicas with its load (SageMaker Application Auto Scaling)."""
 
-    minReplicas: Annotated[int, Field(ge=0, le=1000)] = 1
-    maxReplicas: Annotated[int, Field(ge=1, le=1000)]
-    targetTracking: list[TargetTrackingPolicy] = Field(default_factory=list)
-    stepScaling: list[StepScalingPolicy] = Field(default_factory=list)
-    scheduled: list[ScheduledScaling] = Field(default_factory=list)
+    minReplicas: Annotated[
+        int, Field(description="Fewest replicas the scaler leaves (SageMaker MinCapacity); 0 "
+                               "lets the variant scale to zero.", ge=0, le=1000),
+    ] = 1
+    maxReplicas: Annotated[
+        int, Field(description="Most replicas the scaler adds (SageMaker MaxCapacity).",
+                   ge=1, le=1000),
+    ]
+    targetTracking: Annotated[
+        list[TargetTrackingPolicy],
+        Field(description="Policies keeping a metric near a target (at most 20); with "
+                          "several, the largest replica count wins.", max_length=20),
+    ] = Field(default_factory=list)
+    stepScaling: Annotated[
+        list[StepScalingPolicy],
+        Field(description="Policies adding or removing replicas by the metric's band (at "
+                          "most 20).", max_length=20),
+    ] = Field(default_factory=list)
+    scheduled: Annotated[
+        list[ScheduledScaling],
+        Field(description="Replica bounds by time of day or week (at most 50); the first "
+                          "schedule in force replaces minReplicas and maxReplicas.",
+              max_length=50),
+    ] = Field(default_factory=list)
     scaleInCooldown: Annotated[
         float, Field(description="Seconds after any scaling before a scale-in.", ge=0),
     ] = 300.0
@@ -518,7 +568,8 @@ class ProductionVariant(_Spec):
         Field(description="Resources of each replica."),
     ] = Field(default_factory=ResourceRequirements)
     env: Annotated[
-        list[EnvVar], Field(description="Extra environment variables for the model server.")
+        list[EnvVar], Field(description="Extra environment variables for the model server "
+                                        "(at most 128).", max_length=MAX_ENV_VARS)
     ] = Field(default_factory=list)
     autoscaling: Annotated[
         AutoScaling | None,
@@ -528,6 +579,14 @@ class ProductionVariant(_Spec):
         AdmissionLimits | None,
         Field(description="Real-time endpoints: requests in flight per replica and the "
                           "longest wait at the gateway; beyond them, 429 at once."),
+    ] = None
+    podTemplate: Annotated[
+        PodTemplate | None,
+        Field(description="Placement and identity of this variant's pods (Kubernetes only): "
+                          "nodeSelector, tolerations, affinity, topologySpreadConstraints, "
+                          "priorityClassName, serviceAccountName, imagePullSecrets, labels, "
+                          "annotations; over the operator's default podTemplate, field by "
+                          "field."),
     ] = None
 
     @model_validator(mode="after")
@@ -569,6 +628,10 @@ class EndpointSpec(_Spec):
         AuthConfig | None,
         Field(description="How callers authenticate (default: the cluster's default mode "
                           "with the chart's generated credentials; local mode: none)."),
+    ] = None
+    gateway: Annotated[
+        GatewaySettings | None,
+        Field(description="The gateway's pods: placement and identity (podTemplate)."),
     ] = None
     variants: Annotated[
         list[ProductionVariant],
@@ -646,6 +709,9 @@ class Condition(BaseModel):
 #: (a list-map, so server-side apply and strategic merges key on ``type``).
 LIST_MAP_BY_TYPE: dict[str, Any] = {"x-kubernetes-list-type": "map",
                                     "x-kubernetes-list-map-keys": ["type"]}
+#: ``status.variants``: one entry per variant name.
+LIST_MAP_BY_NAME: dict[str, Any] = {"x-kubernetes-list-type": "map",
+                                    "x-kubernetes-list-map-keys": ["name"]}
 
 
 class VariantCompileStatus(BaseModel):
@@ -656,19 +722,27 @@ class VariantCompileStatus(BaseModel):
     phase: str = Field(description="Compiling, Compiled or Failed.")
     message: str = Field(default="", description="What was chosen, how it compares with "
                                                  "onnxruntime fp32 and why; or why it failed.")
-    pod: str | None = None
+    pod: str | None = Field(default=None, description="The pod whose compile step this "
+                                                      "reports.")
     chosen: str | None = Field(default=None, description="The candidate served; "
                                                          "onnxruntime-fp32: the ONNX model.")
     backend: str | None = Field(default=None, description="tvm or onnx.")
     speedup: float | None = Field(default=None, description="vs onnxruntime fp32.")
-    maxAbsDiff: float | None = None
-    top1Agreement: float | None = None
-    artifactUri: str | None = None
+    maxAbsDiff: float | None = Field(default=None, description="Largest absolute difference "
+                                                               "of the served candidate's "
+                                                               "outputs from onnxruntime fp32.")
+    top1Agreement: float | None = Field(default=None, description="Share of rows whose top-1 "
+                                                                  "class matches fp32's "
+                                                                  "(quantized candidates).")
+    artifactUri: str | None = Field(default=None, description="Where the compiled artifact "
+                                                              "was cached (compile.cacheUri).")
     cacheHit: bool | None = Field(default=None, description="The artifact came from "
                                                             "compile.cacheUri.")
 
 
 class VariantStatus(BaseModel):
+    """What one variant runs now: its replicas, weight and last scaling decision."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="The variant (spec.variants[*].name).")
@@ -682,6 +756,8 @@ class VariantStatus(BaseModel):
 
 
 class EndpointStatus(BaseModel):
+    """What the operator observed of the Endpoint: conditions, URL and each variant."""
+
     model_config = ConfigDict(extra="forbid")
 
     observedGeneration: int | None = Field(
@@ -695,8 +771,10 @@ class EndpointStatus(BaseModel):
         "ProgressDeadlineExceeded, NameConflict, RejectedByAPI). VariantReady-<variant>: one "
         "per variant, with its Deployment's reason and message.")
     url: str | None = Field(default=None, description="Base URL of the endpoint's gateway.")
-    variants: list[VariantStatus] = Field(default_factory=list, description="Per variant: "
-                                          "replicas, weight and what the scaler last did.")
+    variants: list[VariantStatus] = Field(
+        default_factory=list, json_schema_extra=LIST_MAP_BY_NAME,
+        description="Per variant, one entry by name: replicas, weight and what the scaler "
+        "last did.")
     readyVariants: str | None = Field(default=None, description="Rolled-out/total variants.")
 
 

@@ -368,24 +368,39 @@ class TransformJobStatus(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    observedGeneration: int | None = None
-    conditions: list[Condition] = Field(default_factory=list, json_schema_extra=LIST_MAP_BY_TYPE)
+    observedGeneration: int | None = Field(
+        default=None, description="The metadata.generation the operator last acted on; the "
+        "conditions describe that spec.")
+    conditions: list[Condition] = Field(
+        default_factory=list, json_schema_extra=LIST_MAP_BY_TYPE,
+        description="Running: the job's Jobs are at work. Complete / Failed: how it ended "
+        "(monotonic: once True, never changed), with the reason and message.")
     phase: str | None = Field(default=None, description="Pending, Planning, Running, "
                                                         "Finalizing, Complete or Failed.")
     progress: str | None = Field(default=None, description="Shards done / shards.")
     model: str | None = Field(default=None, description="The model the job runs.")
-    startTime: str | None = None
-    completionTime: str | None = None
+    startTime: str | None = Field(default=None, description="When the operator started the "
+                                                            "job (RFC 3339).")
+    completionTime: str | None = Field(default=None, description="When the job completed or "
+                                                                 "failed (RFC 3339).")
     objects: int | None = Field(default=None, description="Input objects.")
     inputBytes: int | None = Field(default=None, description="Bytes of input, as listed.")
-    shards: int | None = None
-    shardsDone: int | None = None
-    shardsFailed: int | None = None
+    shards: int | None = Field(default=None, description="Pieces of the input the planner "
+                                                         "cut, each one worker pod's work.")
+    shardsDone: int | None = Field(default=None, description="Shards finished (their outputs "
+                                                             "written).")
+    shardsFailed: int | None = Field(default=None, description="Shards whose worker failed "
+                                                               "for good (retries spent).")
     records: int | None = Field(default=None, description="Records transformed so far.")
-    failedRecords: int | None = None
-    bytesIn: int | None = None
-    bytesOut: int | None = None
-    recordsPerSecond: float | None = None
+    failedRecords: int | None = Field(default=None, description="Bad records so far, each "
+                                                                "listed in "
+                                                                "<output>/_errors.jsonl.")
+    bytesIn: int | None = Field(default=None, description="Bytes of records sent to the "
+                                                          "model so far.")
+    bytesOut: int | None = Field(default=None, description="Bytes of output written so far.")
+    recordsPerSecond: float | None = Field(default=None, description="Records per second "
+                                                                     "since the workers "
+                                                                     "started.")
 
 
 class TransformJob(BaseModel):

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from kubeinfer_operator.api.compilation_job import CompilationJob
-from kubeinfer_operator.errors import ClusterError, SpecError
+from kubeinfer_operator.errors import ConflictError, SpecError
 from kubeinfer_operator.handlers.plumbing import JobSync, create_owned_job
 from kubeinfer_operator.k8s import kinds
 from kubeinfer_operator.reconcile import compile_status as cs
@@ -33,7 +33,7 @@ from kubeinfer_operator.render.compile_plan import CompilePlan, plan_compile
 log = logging.getLogger(__name__)
 
 
-class CompileJobConflict(ClusterError):
+class CompileJobConflict(ConflictError):
     """The Job name this CompilationJob needs is taken by an object it does not own
     (transient when that is a deleted namesake's Job not garbage-collected yet)."""
 

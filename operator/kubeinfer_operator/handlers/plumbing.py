@@ -14,15 +14,26 @@ import logging
 import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from kubeinfer_operator.errors import ClusterError
 from kubeinfer_operator.k8s import kinds
 from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient
+from kubeinfer_operator.k8s.events import post_events
+from kubeinfer_operator.observability import OperatorMetrics
 from kubeinfer_operator.reconcile.diff import owned_by
+from kubeinfer_operator.reconcile.events import job_events
 from kubeinfer_operator.settings import OperatorSettings
 
-DecisionT = TypeVar("DecisionT")
+
+class HasStatus(Protocol):
+    """A batch kind's decision: the status it writes (its Events follow from it)."""
+
+    @property
+    def status(self) -> dict[str, Any]: ...
+
+
+DecisionT = TypeVar("DecisionT", bound=HasStatus)
 
 
 def utcnow() -> datetime:
@@ -80,10 +91,13 @@ class JobSync(abc.ABC, Generic[DecisionT]):
     kind: ClassVar[kinds.Kind]
 
     def __init__(self, client: KubeClient, settings: OperatorSettings,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow,
+                 metrics: OperatorMetrics | None = None) -> None:
         self.kube = client
         self.settings = settings
         self.clock = clock
+        #: Reconciles counted and timed by kind and result (observability).
+        self.metrics = metrics if metrics is not None else OperatorMetrics()
         self._lock = ObjectLocks()
 
     async def sync(self, namespace: str, name: str) -> DecisionT | None:
@@ -96,7 +110,13 @@ class JobSync(abc.ABC, Generic[DecisionT]):
             obj = await self.kube.get(self.kind, namespace, name)
             if obj is None or obj["metadata"].get("deletionTimestamp"):
                 return None  # owner references take its Jobs and pods
-            return await self._sync(obj, namespace, name)
+            with self.metrics.reconcile(self.kind.kind):
+                decision = await self._sync(obj, namespace, name)
+            # Started / Completed / Failed, once each: decided from the status change.
+            await post_events(self.kube, self.kind, namespace, name, str(obj["metadata"]["uid"]),
+                              job_events(self.kind.kind, obj.get("status"), decision.status),
+                              self.clock())
+            return decision
 
     @abc.abstractmethod
     async def _sync(self, obj: dict[str, Any], namespace: str, name: str) -> DecisionT:

@@ -11,15 +11,18 @@ status timer never interleave their writes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from kubeinfer_operator.errors import ClusterError
+from kubeinfer_operator.errors import ClusterError, ConflictError
 from kubeinfer_operator.handlers.plumbing import ObjectLocks, write_status
 from kubeinfer_operator.k8s import kinds
 from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient, Rejected
+from kubeinfer_operator.k8s.events import post_events
+from kubeinfer_operator.observability import KIND_ENDPOINT, OperatorMetrics
 from kubeinfer_operator.reconcile import status as st
 from kubeinfer_operator.reconcile.async_validate import async_cluster_problems
 from kubeinfer_operator.reconcile.cluster_scaling import scaling_event
@@ -31,6 +34,13 @@ from kubeinfer_operator.reconcile.diff import (
     diff_children,
     key_of,
     owned_by,
+)
+from kubeinfer_operator.reconcile.events import EndpointEventMemory, EventSpec
+from kubeinfer_operator.reconcile.upgrades import (
+    REASON_UPGRADE_QUEUED,
+    UpgradeSlots,
+    hold_images,
+    image_drift,
 )
 from kubeinfer_operator.reconcile.validate import (
     REASON_INVALID_SPEC,
@@ -62,7 +72,7 @@ def accepts_scale_requests(plan: EndpointPlan) -> bool:
     return plan.serverless is not None or any(v.autoscaling for v in plan.variants)
 
 
-class ChildConflict(ClusterError):
+class ChildConflict(ConflictError):
     """A wanted child name is taken by an object this Endpoint does not own.
 
     Transient when the other owner is being garbage-collected (an Endpoint
@@ -89,8 +99,12 @@ class EndpointSync:
     def __init__(self, client: KubeClient, settings: OperatorSettings,
                  clock: Callable[[], datetime] = _utcnow,
                  scaler: ClusterScaler | None = None,
-                 outbound: OutboundPolicy | None = None) -> None:
+                 outbound: OutboundPolicy | None = None,
+                 metrics: OperatorMetrics | None = None) -> None:
         self.kube = client
+        #: Reconciles counted and timed (observability); Events decided (reconcile.events).
+        self.metrics = metrics if metrics is not None else OperatorMetrics()
+        self.events = EndpointEventMemory()
         self.settings = settings
         #: Which destinations spec URLs may name (None: from ``settings.outbound_allow``).
         self.outbound = outbound if outbound is not None else settings.outbound_policy()
@@ -103,6 +117,12 @@ class EndpointSync:
         self._lock = ObjectLocks()
         #: Endpoints with a child-triggered sync waiting for the lock (see ``resync``).
         self._resync_waiting: set[tuple[str, str]] = set()
+        #: Staged upgrades: which Endpoints may roll to a new runtime image now.
+        self.upgrades = UpgradeSlots(settings.max_concurrent_upgrades)
+        self._managed_images = frozenset({settings.runtime_image, settings.compiler_image})
+        #: Endpoints told (by an Event) that their upgrade waits for a slot.
+        self._queued_noted: set[tuple[str, str]] = set()
+        self._woken: set[asyncio.Task[None]] = set()
 
     async def sync(self, namespace: str, name: str) -> None:
         """Bring one Endpoint's children and status in line with its spec.
@@ -117,8 +137,11 @@ class EndpointSync:
                 # the runtime Secret with the namespace's last Endpoint).
                 if self.scaler is not None:
                     self.scaler.forget(namespace, name)
+                self.events.forget(namespace, name)
+                self._upgrade_done((namespace, name))
                 return
-            await self._sync(obj, namespace, name)
+            with self.metrics.reconcile(KIND_ENDPOINT):
+                await self._sync(obj, namespace, name)
 
     async def resync(self, namespace: str, name: str) -> None:
         """``sync`` after a child changed, coalesced: a rollout's burst of Deployment
@@ -136,7 +159,8 @@ class EndpointSync:
                 self._resync_waiting.discard(key)
                 obj = await self.kube.get(kinds.ENDPOINT, namespace, name)
                 if obj is not None and not obj["metadata"].get("deletionTimestamp"):
-                    await self._sync(obj, namespace, name)
+                    with self.metrics.reconcile(KIND_ENDPOINT):
+                        await self._sync(obj, namespace, name)
         finally:
             self._resync_waiting.discard(key)
 
@@ -150,6 +174,7 @@ class EndpointSync:
             plan = plan_endpoint(endpoint, generation=generation)
             _check_on_kubernetes(plan, namespace, name, self.settings.redis_url)
         except InvalidSpec as exc:
+            self._upgrade_done((namespace, name))
             await self._fail(obj, REASON_INVALID_SPEC, str(exc))
             raise
         owner = Owner(name=name, namespace=namespace, uid=str(metadata["uid"]))
@@ -166,6 +191,10 @@ class EndpointSync:
                     if meta.variant_object_name(name, v.name) in deployments}
         desired = render_endpoint(plan, owner, self.settings,
                                   st.serving_variants(plan, deployments), existing)
+        upgrading = image_drift(desired, actual, self._managed_images)
+        if upgrading and not self.upgrades.admit((namespace, name)):
+            desired = hold_images(desired, actual, self._managed_images)
+            await self._note_queued(owner)
         changes = diff_children(desired, actual, owner_uid=owner.uid, owner_name=name,
                                 namespace=namespace)
         try:
@@ -187,6 +216,42 @@ class EndpointSync:
                     variant["lastScaling"] = reason
         await self._compile_outcomes(plan, namespace, status)
         await self._write_status(obj, status)
+        # Created / Updated / RolloutComplete, decided from what this reconcile did.
+        await post_events(self.kube, kinds.ENDPOINT, namespace, name, owner.uid,
+                          self.events.decide(namespace, name, old_status, status, changes),
+                          self.clock())
+        if not upgrading and st.condition_true(status, st.READY):
+            self._upgrade_done((namespace, name))
+
+    # -- staged runtime upgrades ---------------------------------------------------------
+
+    def _upgrade_done(self, key: tuple[str, str]) -> None:
+        """``key`` rolled out (or is gone): wake the Endpoints waiting for its slot."""
+        self._queued_noted.discard(key)
+        for namespace, name in self.upgrades.finish(key):
+            task = asyncio.create_task(self._wake(namespace, name))
+            self._woken.add(task)
+            task.add_done_callback(self._woken.discard)
+
+    async def _wake(self, namespace: str, name: str) -> None:
+        try:
+            await self.resync(namespace, name)
+        except ClusterError as exc:
+            log.warning("Upgrade of %s/%s could not start: %s; the next reconcile retries",
+                        namespace, name, exc)
+
+    async def _note_queued(self, owner: Owner) -> None:
+        """Say once per wait, on the Endpoint, why its new runtime image is not rolling."""
+        key = (owner.namespace, owner.name)
+        if key in self._queued_noted:
+            return
+        self._queued_noted.add(key)
+        message = (f"Runtime image upgrade queued: {len(self.upgrades.rolling)} Endpoint(s) "
+                   f"are rolling (at most {self.upgrades.limit} at a time); this one keeps "
+                   "its current image until a slot frees")
+        log.info("%s/%s: %s", owner.namespace, owner.name, message)
+        await post_events(self.kube, kinds.ENDPOINT, owner.namespace, owner.name, owner.uid,
+                          [EventSpec(REASON_UPGRADE_QUEUED, message)], self.clock())
 
     async def _compile_outcomes(self, plan: EndpointPlan, namespace: str,
                                 status: dict[str, Any]) -> None:

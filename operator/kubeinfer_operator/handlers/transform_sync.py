@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from kubeinfer_operator.api.endpoint import Endpoint, format_validation_error
 from kubeinfer_operator.api.transform_job import TransformJob
-from kubeinfer_operator.errors import ClusterError, SpecError
+from kubeinfer_operator.errors import ConflictError, SpecError
 from kubeinfer_operator.handlers.plumbing import JobSync, create_owned_job
 from kubeinfer_operator.k8s import kinds
 from kubeinfer_operator.reconcile import transform_observe as obs
@@ -49,7 +49,7 @@ from kubeinfer_operator.render.transform_plan import (
 log = logging.getLogger(__name__)
 
 
-class JobConflict(ClusterError):
+class JobConflict(ConflictError):
     """A Job name this TransformJob needs is taken by an object it does not own (transient
     when that is a deleted namesake's Job the garbage collector has not removed yet)."""
 

@@ -30,6 +30,9 @@ autoscaling         horizontalpodautoscalers           get, list, create, patch,
                                                        scaled on CPUUtilization alone; the
                                                        HPA, not the operator, then writes
                                                        that Deployment's replicas)
+policy              poddisruptionbudgets               get, list, create, patch, delete
+                                                   (KubeClient: the budget of a gateway or
+                                                   variant Deployment of 2+ replicas)
 kubeinfer.io        transformjobs                      get (KubeClient: fresh spec), list, watch
                                                        (kopf), patch (kopf's annotations; the
                                                        model pinned from an endpointRef)

@@ -121,6 +121,12 @@ class KubeClient:
         status, body = await self._call("GET", kind.path(namespace, name))
         return None if status == 404 else _with_kind(body, kind)
 
+    async def get_path(self, path: str) -> dict[str, Any] | None:
+        """GET an object by its API path (kinds this module has no ``Kind`` for, such as
+        kopf's cluster-scoped peering object); None when it does not exist."""
+        status, body = await self._call("GET", path)
+        return body if status != 404 and isinstance(body, dict) else None
+
     async def list(self, kind: Kind, namespace: str,
                    label_selector: str | None = None) -> list[dict[str, Any]]:
         params = {"labelSelector": label_selector} if label_selector else None

@@ -38,6 +38,8 @@ CONFIGMAP = Kind("v1", "ConfigMap", "configmaps")
 #: Variants scaled on CPUUtilization alone (render.k8s_autoscaling).
 HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
 NETWORK_POLICY = Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies")
+#: Gateways and variants of two replicas or more (render.k8s_disruption).
+PDB = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 #: The per-namespace runtime Secret (render.k8s_secrets); not a labelled child.
 SECRET = Kind("v1", "Secret", "secrets")
 ENDPOINT = Kind(ep.API_VERSION, ep.KIND, ep.PLURAL)
@@ -53,8 +55,8 @@ JOB = Kind("batch/v1", "Job", "jobs")
 POD = Kind("v1", "Pod", "pods")
 
 #: Every kind an Endpoint's children can be, in the order they are listed.
-CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT, HPA, NETWORK_POLICY)
-BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, HPA, NETWORK_POLICY, SECRET,
+CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT, HPA, NETWORK_POLICY, PDB)
+BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, HPA, NETWORK_POLICY, PDB, SECRET,
                                ENDPOINT, EVENT, TRANSFORM_JOB, COMPILATION_JOB, JOB, POD)}
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -30,6 +30,7 @@ from kubeinfer_operator.reconcile.autoscale_metrics import (
     MetricWindow,
     sum_views,
 )
+from kubeinfer_operator.reconcile.events import REASON_SCALED, EventSpec, event_manifest
 from kubeinfer_operator.render import k8s_autoscaling
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.k8s_secrets import scaler_token
@@ -44,6 +45,30 @@ REQUEST_FRESH_S = 10.0
 
 Key = tuple[str, str, str]  # namespace, endpoint, variant
 
+#: Which policy changed replicas (the ``reason`` of ``kubeinfer_operator_scale_decisions_total``;
+#: a small fixed set, unlike the decision's free-text reason).
+POLICY_AUTOSCALING = "autoscaling"
+POLICY_SERVERLESS = "serverless"
+POLICY_ASYNC_BACKLOG = "async_backlog"
+
+
+@dataclass(frozen=True)
+class ScaleChange:
+    """A replica change the scaler decided, as metrics count it."""
+
+    #: ``from_zero`` (a cold start), ``to_zero``, ``up`` or ``down``.
+    direction: str
+    #: One of the ``POLICY_*`` values.
+    policy: str
+
+
+def scale_direction(current: int, desired: int) -> str:
+    if current == 0:
+        return "from_zero"
+    if desired == 0:
+        return "to_zero"
+    return "up" if desired > current else "down"
+
 
 def authorized_scale(token: str, signing_key: bytes, namespace: str) -> bool:
     """Whether ``token`` is the one issued to gateways of ``namespace`` (constant time)."""
@@ -54,16 +79,9 @@ def authorized_scale(token: str, signing_key: bytes, namespace: str) -> bool:
 def scaling_event(namespace: str, endpoint: str, uid: str, message: str,
                   now: datetime) -> dict[str, Any]:
     """A core/v1 Event on the Endpoint (``kubectl describe kie NAME`` shows it)."""
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
-        "apiVersion": "v1", "kind": "Event",
-        "metadata": {"generateName": f"{endpoint}.", "namespace": namespace},
-        "involvedObject": {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint",
-                           "name": endpoint, "namespace": namespace, "uid": uid},
-        "reason": "Scaled", "message": message[:1024], "type": "Normal",
-        "source": {"component": "kubeinfer-operator"},
-        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
-    }
+    return event_manifest(api_version="kubeinfer.io/v1alpha1", kind="Endpoint",
+                          namespace=namespace, name=endpoint, uid=uid,
+                          event=EventSpec(REASON_SCALED, message), now=now)
 
 
 @dataclass
@@ -105,6 +123,12 @@ class ScalerMemory:
         self.memory: dict[Key, VariantMemory] = {}
         #: The async backlog policy's memory per (namespace, endpoint), between rounds.
         self.backlog_states: dict[tuple[str, str], BacklogState] = {}
+        #: Told of every replica change decided (the operator's metrics); None: nobody.
+        self.on_change: Callable[[ScaleChange], None] | None = None
+
+    def _changed(self, current: int, desired: int, policy: str) -> None:
+        if self.on_change is not None:
+            self.on_change(ScaleChange(scale_direction(current, desired), policy))
 
     def register(self, namespace: str, endpoint: str, variants: frozenset[str] | None) -> None:
         """Record which variants of an Endpoint scale requests may name (None: none)."""
@@ -190,6 +214,8 @@ class ScalerMemory:
                 message = f"Variant {variant.name}: {decision.reason}"
                 log.info("Endpoint %s/%s: %s", namespace, plan.name, message)
                 messages.append(message)
+                self._changed(replicas, decision.desired, POLICY_SERVERLESS
+                              if serverless is not None else POLICY_AUTOSCALING)
         return messages
 
     def decide_backlog(self, plan: EndpointPlan, namespace: str, current: Mapping[str, int],
@@ -211,6 +237,7 @@ class ScalerMemory:
         mem.reason = d.reason
         message = f"Variant {variant.name}: {d.reason}"
         log.info("Endpoint %s/%s: %s", namespace, plan.name, message)
+        self._changed(replicas, d.desired, POLICY_ASYNC_BACKLOG)
         return [message]
 
     def hand_over_to_hpas(self, plan: EndpointPlan, namespace: str) -> None:

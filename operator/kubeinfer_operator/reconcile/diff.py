@@ -15,8 +15,14 @@ quantities compare by value, ``1.5`` = ``1500m``). Fields we leave out are not
 ours: ``spec.replicas`` of a variant an HPA scales is never rendered, and a
 scaled variant's replicas are rendered as the scaler decided. Two maps are
 ours entirely, because an extra key changes what they mean: a ConfigMap's
-``data`` (the route table) and a Service's ``spec.selector``; their patches
-remove keys we did not set.
+``data`` (the route table), a Service's ``spec.selector``, a PodDisruptionBudget's
+selector and a Deployment's pod labels and nodeSelector; their patches remove
+keys we did not set. The placement fields of a Deployment's pods (nodeSelector, tolerations,
+affinity, serviceAccountName, ...) are ours too when they are absent: a field
+the spec no longer sets is removed (a merge patch of the desired manifest alone
+would leave it), and so are the pod annotations a ``podTemplate`` set before
+(recorded in the Deployment's ``kubeinfer.io/pod-annotations`` annotation; other
+writers' annotations, ``kubectl rollout restart``'s, are kept).
 
 Only objects owned by this Endpoint (an ownerReference carrying its uid) are
 ever patched or deleted. An object with a wanted name but another owner is a
@@ -34,7 +40,17 @@ from kubeinfer_operator.reconcile.quantity import parse_quantity
 from kubeinfer_operator.render import k8s_meta as meta
 
 #: (kind, path) of maps we own whole: a key someone added is drift too.
-EXACT_MAPS = {("ConfigMap", ("data",)), ("Service", ("spec", "selector"))}
+EXACT_MAPS = {("ConfigMap", ("data",)), ("Service", ("spec", "selector")),
+              ("PodDisruptionBudget", ("spec", "selector", "matchLabels")),
+              ("Deployment", ("spec", "template", "metadata", "labels")),
+              ("Deployment", ("spec", "template", "spec", "nodeSelector"))}
+#: Where a Deployment's pod spec is, and the fields of it we own even when we leave
+#: them out (placement and identity; ``serviceAccount`` is the deprecated twin the API
+#: server fills from ``serviceAccountName`` and back).
+POD_SPEC = ("spec", "template", "spec")
+OWNED_POD_FIELDS = ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints",
+                    "priorityClassName", "serviceAccountName", "serviceAccount",
+                    "imagePullSecrets", "automountServiceAccountToken")
 
 
 @dataclass(frozen=True)
@@ -102,23 +118,64 @@ def _at(obj: Any, path: tuple[str, ...]) -> Any:
     return obj
 
 
-def drift_patch(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any] | None:
-    """The merge patch that undoes drift of ``live`` from ``desired``; None if none."""
+def recorded_keys(obj: dict[str, Any]) -> set[str]:
+    """The pod annotation keys a ``podTemplate`` set, as recorded on a Deployment."""
+    value = ((obj.get("metadata") or {}).get("annotations") or {}).get(
+        meta.ANNOTATION_POD_ANNOTATIONS)
+    return {k for k in value.split(",") if k} if isinstance(value, str) else set()
+
+
+def _removals(desired: dict[str, Any], live: dict[str, Any]) -> dict[tuple[str, ...], list[str]]:
+    """Keys of ``live`` we own but no longer want, by the path of the map holding them."""
     extra: dict[tuple[str, ...], list[str]] = {}
-    for kind, path in EXACT_MAPS:
+    kind = desired.get("kind")
+    for exact_kind, path in EXACT_MAPS:
         want, have = _at(desired, path), _at(live, path)
-        if kind == desired.get("kind") and isinstance(want, dict) and isinstance(have, dict):
+        if exact_kind == kind and isinstance(want, dict) and isinstance(have, dict):
             keys = sorted(k for k in have if k not in want)
             if keys:
                 extra[path] = keys
-    if not extra and _holds(desired, live):
-        return None
+    if kind == "Deployment":
+        want, have = _at(desired, POD_SPEC), _at(live, POD_SPEC)
+        if isinstance(want, dict) and isinstance(have, dict):
+            keys = sorted(k for k in OWNED_POD_FIELDS if k not in want and k in have)
+            if keys:
+                extra[POD_SPEC] = keys
+        path = (*POD_SPEC[:-1], "metadata", "annotations")
+        have = _at(live, path)
+        stale = recorded_keys(live) - set(_at(desired, path) or {})
+        if isinstance(have, dict) and (keys := sorted(k for k in stale if k in have)):
+            extra[path] = keys
+        if recorded_keys(live) and not recorded_keys(desired):
+            extra[("metadata", "annotations")] = [meta.ANNOTATION_POD_ANNOTATIONS]
+    return extra
+
+
+def _with_nulls(desired: dict[str, Any],
+                removals: dict[tuple[str, ...], list[str]]) -> dict[str, Any]:
+    """``desired`` as a merge patch that also removes the ``removals`` (null values)."""
+    if not removals:
+        return desired
     patch = copy.deepcopy(desired)
-    for path, keys in extra.items():
-        target = _at(patch, path)
-        assert isinstance(target, dict)
+    for path, keys in removals.items():
+        target = patch
+        for part in path:
+            target = target.setdefault(part, {})
         target.update(dict.fromkeys(keys))  # null: a merge patch removes the key
     return patch
+
+
+def update_patch(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch that makes ``live`` what ``desired`` (a changed spec) says."""
+    return _with_nulls(desired, _removals(desired, live))
+
+
+def drift_patch(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that undoes drift of ``live`` from ``desired``; None if none."""
+    extra = _removals(desired, live)
+    if not extra and _holds(desired, live):
+        return None
+    return _with_nulls(desired, extra)
 
 
 def diff_children(desired: Iterable[dict[str, Any]], actual: Iterable[dict[str, Any]], *,
@@ -140,7 +197,7 @@ def diff_children(desired: Iterable[dict[str, Any]], actual: Iterable[dict[str, 
         elif not owned_by(existing, owner_uid):
             changes.conflicts.append(conflict_message(existing, namespace, owner_name))
         elif meta.applied_hash(existing) != meta.applied_hash(manifest):
-            changes.patch.append(manifest)
+            changes.patch.append(update_patch(manifest, existing))
         elif (undo := drift_patch(manifest, existing)) is not None:
             changes.patch.append(undo)
             changes.drifted.append(k)

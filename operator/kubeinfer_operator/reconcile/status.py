@@ -152,6 +152,12 @@ def condition(type_: str, status: bool, reason: str, message: str,
 
 
 #: Endpoint-level condition types this module owns (written on every reconcile).
+def condition_true(status: Mapping[str, Any], type_: str) -> bool:
+    """Whether ``status.conditions`` holds ``type_`` with status "True"."""
+    return any(c.get("type") == type_ and c.get("status") == "True"
+               for c in status.get("conditions") or [] if isinstance(c, Mapping))
+
+
 ENDPOINT_CONDITIONS = (READY, PROGRESSING, RECONCILING, STALLED)
 #: Reasons that need a person (a spec change, a freed name, a fixed rollout): Stalled=True.
 STALL_REASONS = frozenset({"InvalidSpec", REASON_REJECTED, REASON_NAME_CONFLICT,

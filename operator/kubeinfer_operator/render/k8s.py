@@ -7,7 +7,8 @@ The route table sends traffic only to variants that are ready (a Deployment
 with at least one available replica): the gateway never routes to a variant
 that cannot answer. Scaled Endpoints also get a headless Service over their
 gateway pods (the scaler scrapes each one) and CPU-only variants an HPA
-(``k8s_autoscaling``).
+(``k8s_autoscaling``); Deployments of two replicas or more a PodDisruptionBudget
+(``k8s_disruption``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from kubeinfer_operator.render import k8s_autoscaling as autoscaling
 from kubeinfer_operator.render import k8s_compile
+from kubeinfer_operator.render import k8s_disruption as disruption
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render import k8s_network as policies
 from kubeinfer_operator.render import k8s_secrets as secrets
@@ -89,7 +91,9 @@ def render_endpoint(plan: EndpointPlan, owner: Owner, settings: OperatorSettings
     if autoscaling.scrapes_gateway(plan):
         manifests.append(w.gateway_pods_service(owner, settings))
     manifests.append(w.gateway_deployment(owner, settings,
-                                          secrets.resolve_auth(plan.auth, settings)))
+                                          secrets.resolve_auth(plan.auth, settings),
+                                          plan.gateway_pod_template))
+    manifests += disruption.disruption_budgets(plan, owner, settings.gateway_replicas)
     if settings.network_policy:
         manifests += policies.network_policies(owner, plan, settings)
     return [meta.with_applied_hash(m) for m in manifests]

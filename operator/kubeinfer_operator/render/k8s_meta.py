@@ -52,6 +52,10 @@ ANNOTATION_SERVER_HASH = "kubeinfer.io/server-hash"
 #: fields the API server defaults or normalises never cause a patch loop.
 ANNOTATION_APPLIED_HASH = "kubeinfer.io/applied-hash"
 
+#: Deployment annotation: the pod annotation keys its ``podTemplate`` set (comma-separated),
+#: so the reconciler removes one the spec drops and keeps other writers' (``reconcile.diff``).
+ANNOTATION_POD_ANNOTATIONS = "kubeinfer.io/pod-annotations"
+
 #: Suffix of the headless Service over the gateway pods (after ``-gateway``).
 GATEWAY_PODS_SUFFIX = "pods"
 

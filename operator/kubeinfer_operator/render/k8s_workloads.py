@@ -15,6 +15,11 @@ from typing import Any
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render import k8s_secrets as secrets
 from kubeinfer_operator.render.async_plan import AsyncPlan
+from kubeinfer_operator.render.k8s_placement import (
+    apply_pod_template,
+    complete_resources,
+    effective_template,
+)
 from kubeinfer_operator.render.plan import VariantPlan
 from kubeinfer_operator.render.plan_steps import StepPlan
 from kubeinfer_operator.settings import OperatorSettings
@@ -90,23 +95,18 @@ def _env(values: dict[str, str]) -> list[dict[str, str]]:
 
 
 def variant_resources(variant: VariantPlan, settings: OperatorSettings) -> dict[str, Any]:
-    """The spec's resources when it sets any, else the operator's defaults.
+    """The spec's resources, with what it leaves out filled in from the operator's
+    defaults (cpu and memory requests, a memory limit; ``complete_resources``): a
+    serverless variant's memory alone still gets a CPU request."""
+    return default_resources(dict(variant.requests), dict(variant.limits), settings)
 
-    All-or-nothing on purpose: mixing a user's memory request with a default
-    limit could produce a limit below the request, which the API refuses.
-    """
-    if variant.requests or variant.limits:
-        out: dict[str, Any] = {}
-        if variant.requests:
-            out["requests"] = dict(variant.requests)
-        if variant.limits:
-            out["limits"] = dict(variant.limits)
-        return out
-    return {
-        "requests": {"cpu": settings.default_cpu_request,
-                     "memory": settings.default_memory_request},
-        "limits": {"memory": settings.default_memory_limit},
-    }
+
+def default_resources(requests: dict[str, str], limits: dict[str, str],
+                      settings: OperatorSettings) -> dict[str, Any]:
+    """``requests``/``limits`` completed with the operator's default requests and limit."""
+    return complete_resources(requests, limits, cpu=settings.default_cpu_request,
+                              memory=settings.default_memory_request,
+                              memory_limit=settings.default_memory_limit)
 
 
 def _pod_spec(settings: OperatorSettings, container: dict[str, Any],
@@ -125,15 +125,24 @@ def _pod_spec(settings: OperatorSettings, container: dict[str, Any],
 
 def _deployment(owner: Owner, name: str, component: str, variant: str | None,
                 replicas: int, pod_annotations: dict[str, str],
-                pod_spec: dict[str, Any]) -> dict[str, Any]:
+                pod_spec: dict[str, Any],
+                pod_template: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``pod_template``: placement and identity (``podTemplate``, already merged)."""
     selector = meta.pod_selector(owner.name, component, variant)
     template_meta: dict[str, Any] = {"labels": meta.labels(owner.name, component, variant)}
     if pod_annotations:
         template_meta["annotations"] = pod_annotations
+    template = apply_pod_template({"metadata": template_meta, "spec": pod_spec},
+                                  pod_template or {}, selector)
+    metadata = object_metadata(owner, name, component, variant)
+    user_annotations = (pod_template or {}).get("annotations") or {}
+    if user_annotations:
+        metadata["annotations"] = {meta.ANNOTATION_POD_ANNOTATIONS: ",".join(
+            sorted(user_annotations))}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": object_metadata(owner, name, component, variant),
+        "metadata": metadata,
         "spec": {
             "replicas": replicas,
             "revisionHistoryLimit": 3,
@@ -141,7 +150,7 @@ def _deployment(owner: Owner, name: str, component: str, variant: str | None,
             # Surge, never go below the wanted capacity while a variant rolls.
             "strategy": {"type": "RollingUpdate",
                          "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {"metadata": template_meta, "spec": pod_spec},
+            "template": template,
         },
     }
 
@@ -213,7 +222,7 @@ def model_server_deployment(owner: Owner, variant: VariantPlan,
     pod_spec = _pod_spec(settings, container, [tmp_volume])
     # Multi-container image steps: extra containers in the same pod, each on its
     # own port; the runtime container reaches them on 127.0.0.1.
-    pod_spec["containers"] += [_image_step_container(s, tmp_mount)
+    pod_spec["containers"] += [_image_step_container(s, tmp_mount, settings)
                                for s in variant.steps if s.kind == "image"]
     annotations = {meta.ANNOTATION_SERVER_HASH: variant.server_hash}
     if async_plan is not None and settings.redis_url:
@@ -225,15 +234,29 @@ def model_server_deployment(owner: Owner, variant: VariantPlan,
         # Only what must restart a model server changes the pod template.
         annotations,
         pod_spec,
+        effective_template(settings.default_pod_template, variant.pod_template),
     )
 
 
-def _image_step_container(step: StepPlan, tmp_mount: dict[str, Any]) -> dict[str, Any]:
+def image_step_probes(port_name: str) -> dict[str, dict[str, Any]]:
+    """Probes of a SageMaker-contract image: ``GET /ping`` (the contract's health check).
+
+    Its startup probe gives the image 10 minutes to load its model before the
+    liveness probe may restart it.
+    """
+    ping = {"httpGet": {"path": "/ping", "port": port_name}, "timeoutSeconds": 2}
+    return {
+        "startupProbe": {**ping, "periodSeconds": 5, "failureThreshold": 120},
+        "readinessProbe": {**ping, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {**ping, "periodSeconds": 10, "failureThreshold": 6},
+    }
+
+
+def _image_step_container(step: StepPlan, tmp_mount: dict[str, Any],
+                          settings: OperatorSettings) -> dict[str, Any]:
     """A user image speaking the SageMaker container contract on ``step.port``."""
     assert step.image is not None and step.port is not None
     port_name = f"step-{step.port}"
-    probe = {"httpGet": {"path": "/ping", "port": port_name}, "periodSeconds": 5,
-             "timeoutSeconds": 2, "failureThreshold": 3}
     security = _container_security()
     # Third-party serving images commonly write outside /tmp.
     security["readOnlyRootFilesystem"] = False
@@ -243,7 +266,8 @@ def _image_step_container(step: StepPlan, tmp_mount: dict[str, Any]) -> dict[str
         "ports": [{"name": port_name, "containerPort": step.port, "protocol": "TCP"}],
         # SageMaker tells each container of a multi-container endpoint its port so.
         "env": _env({**dict(step.env), "SAGEMAKER_BIND_TO_PORT": str(step.port)}),
-        "readinessProbe": probe,
+        **image_step_probes(port_name),
+        "resources": default_resources(dict(step.requests), dict(step.limits), settings),
         "securityContext": security,
         "volumeMounts": [tmp_mount],
     }
@@ -261,7 +285,9 @@ def model_server_service(owner: Owner, variant: VariantPlan,
 
 
 def gateway_deployment(owner: Owner, settings: OperatorSettings,
-                       auth: secrets.ResolvedAuth | None = None) -> dict[str, Any]:
+                       auth: secrets.ResolvedAuth | None = None,
+                       pod_template: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``pod_template``: the Endpoint's ``spec.gateway.podTemplate`` as written."""
     tmp_volume, tmp_mount = _tmp_volume()
     routes_volume = {"name": "routes",
                      "configMap": {"name": meta.routes_name(owner.name)}}
@@ -297,7 +323,8 @@ def gateway_deployment(owner: Owner, settings: OperatorSettings,
                                                                redis=True, scaler=True)
     return _deployment(owner, meta.gateway_name(owner.name), meta.COMPONENT_GATEWAY, None,
                        settings.gateway_replicas, annotations,
-                       _pod_spec(settings, container, volumes))
+                       _pod_spec(settings, container, volumes),
+                       effective_template(settings.default_pod_template, pod_template))
 
 
 def gateway_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:

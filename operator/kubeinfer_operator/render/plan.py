@@ -118,6 +118,9 @@ class VariantPlan:
     max_queue_wait_s: float | None = None
     #: ``model.compile``: compiled before it is served (``model_uri`` is then the source).
     compile: VariantCompile | None = None
+    #: ``podTemplate`` as written (placement and identity; Kubernetes only, merged over
+    #: the operator's default when rendered). Not in ``server_hash``.
+    pod_template: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def server_hash(self) -> str:
@@ -132,6 +135,8 @@ class VariantPlan:
             + ([repr(self.multi_model)] if self.multi_model else [])
             + ([repr(self.steps), self.execution] if self.steps else [])
             + ([repr(self.compile)] if self.compile else [])
+            + ([[(s.requests, s.limits) for s in self.steps]]
+               if any(s.requests or s.limits for s in self.steps) else [])
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -170,6 +175,8 @@ class EndpointPlan:
     #: ``spec.auth`` as written (None: the backend's default); each backend
     #: resolves it into the route table's ``AuthRoute`` (where credentials live).
     auth: AuthConfig | None = None
+    #: ``spec.gateway.podTemplate`` as written (Kubernetes only).
+    gateway_pod_template: dict[str, Any] = field(default_factory=dict, hash=False)
 
     @property
     def serverless_policy(self) -> autoscale.Serverless | None:
@@ -256,6 +263,8 @@ def _step_plan(index: int, c: ContainerStep, base_dir: str | None) -> StepPlan:
         image=c.image,
         port=(c.port or FIRST_IMAGE_PORT + index) if c.image else None,
         env=tuple((e.name, e.value) for e in c.env),
+        requests=tuple(sorted(c.resources.requests.items())) if c.resources else (),
+        limits=tuple(sorted(c.resources.limits.items())) if c.resources else (),
     )
 
 
@@ -331,6 +340,7 @@ def _variant_plan(v: ProductionVariant, base_dir: str | None,
         max_queue_wait_s=v.admission.maxQueueWaitSeconds if v.admission else None,
         compile=variant_compile(v.model, {e.name: e.value for e in v.env}, base_dir)
         if v.model is not None else None,
+        pod_template=v.podTemplate.written() if v.podTemplate else {},
     )
 
 
@@ -355,4 +365,6 @@ def plan_endpoint(endpoint: Endpoint, *, base_dir: str | None = None,
         type=spec.type.value,
         serverless=serverless,
         auth=spec.auth,
+        gateway_pod_template=(spec.gateway.podTemplate.written()
+                              if spec.gateway and spec.gateway.podTemplate else {}),
     )

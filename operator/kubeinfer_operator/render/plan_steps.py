@@ -9,7 +9,7 @@ the model server's ``KUBEINFER_*`` settings, through the runtime's contract
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kubeinfer_runtime.contract import (
     InferenceExecution,
@@ -49,6 +49,11 @@ class StepPlan:
     image: str | None = None
     port: int | None = None
     env: tuple[tuple[str, str], ...] = ()
+    #: Image steps: the spec's resources of its container (empty: the operator's defaults).
+    #: Out of ``repr`` (``VariantPlan.server_hash`` hashes steps by it) so pods of image steps
+    #: that set none keep their hash.
+    requests: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    limits: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def url(self) -> str | None:

@@ -64,6 +64,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from kubeinfer_operator.k8s.peering import Peering
 from kubeinfer_operator.reconcile.autoscale_metrics import GatewayView, parse_gateway_metrics
 from kubeinfer_operator.reconcile.cluster_scaling import (
     ScalerMemory,
@@ -132,6 +133,8 @@ class ClusterScaler(ScalerMemory):
         self.read_backlog: ReadBacklog = self.backlog_reader
         #: Called with (namespace, endpoint) when a scale request arrives.
         self.on_request: Callable[[str, str], Coroutine[Any, Any, None]] | None = None
+        #: Which replica acts (HA); None: this one always does (a single replica).
+        self.peering: Peering | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         #: Prometheus queries: URLs from specs, so through the guarded connector.
@@ -191,6 +194,14 @@ class ClusterScaler(ScalerMemory):
                 {"message": f"Scale request token is not valid for namespace "
                             f"{scale.namespace[:63]!r}: a gateway may only scale Endpoints of "
                             "its own namespace"}, status=403)
+        if self.peering is not None and not await self.peering.active(scale.namespace):
+            # A standby's kopf is paused and knows no Endpoint. Closing the connection
+            # makes the gateway's next try (it repeats every second while it holds
+            # requests) open a new one, which the Service may send to the active replica.
+            return web.json_response(
+                {"message": "This operator replica is a standby; the active replica scales "
+                            "(retry)"},
+                status=503, headers={"Retry-After": "1", "Connection": "close"})
         variants = self.known.get((scale.namespace, scale.endpoint))
         if variants is None or scale.variant not in variants:
             return web.json_response(

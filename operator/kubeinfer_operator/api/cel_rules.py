@@ -1,0 +1,268 @@
+"""The cross-field rules of the CRDs, as CEL ``x-kubernetes-validations``: PURE data.
+
+The API models check these rules too (pydantic validators in ``api/*.py`` and
+``reconcile/*validate.py``), but only after the object is stored: the operator
+then reports ``InvalidSpec``. As CEL the API server refuses them at
+``kubectl apply`` time, naming the field, so a GitOps sync fails where the
+mistake is. The operator's checks stay: clusters without CEL (before 1.25),
+the emulator and local mode (``kubeinfer up -f``) rely on them.
+
+Each rule sits on the schema node its operator message names (``at``), or names
+the field below it with ``fieldPath``; its message is the operator's, less the
+values CEL cannot print, so ``kubectl apply`` and the InvalidSpec condition say
+the same thing about the same field. ``tests/unit/test_cel_rules.py`` runs every
+rule from the generated CRDs against specs the operator refuses and accepts.
+
+Written to mean the same in Kubernetes' CEL and in cel-python (the tests'
+evaluator): an absent optional field is tested with ``has()`` one level at a
+time (``has(self.a) && has(self.a.b)``: in Kubernetes ``has(self.a.b)`` is an
+error when ``a`` is absent, in cel-python it is false), and a field with a
+default is read as ``has(f) ? f : <default>`` although the API server applies
+defaults before it runs the rules. Cost: every list a rule sits in or walks has
+``maxItems`` and every string it compares a ``maxLength`` (or an enum), so the
+API server's estimate stays far below its per-rule limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from kubeinfer_operator.api import async_config as ac
+from kubeinfer_operator.api import endpoint as ep
+from kubeinfer_operator.api import transform_job as tj
+from kubeinfer_operator.api.compile_options import CROSS_TARGETS
+
+#: Operator limits the rules repeat (``api`` cannot import ``reconcile`` or ``render``;
+#: tests/unit/test_cel_rules.py checks each against its source).
+MAX_RESOURCE_NAME = 40  # reconcile.validate.MAX_ENDPOINT_NAME, reconcile.job_validate.MAX_NAME
+MAX_OBJECT_NAME = 63  # render.k8s_meta.MAX_NAME: <endpoint>-<variant> is a DNS label
+RESERVED_VARIANT_NAMES = ("gateway", "gateway-pods")  # render.k8s_meta.RESERVED_VARIANT_NAMES
+OPERATOR_ENV = ("KUBEINFER_HOST", "KUBEINFER_PORT")  # reconcile.validate._OPERATOR_ENV
+NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"  # reconcile.validate._ENDPOINT_NAME
+
+
+@dataclass(frozen=True)
+class CelRule:
+    """One ``x-kubernetes-validations`` entry and where it goes."""
+
+    #: Schema node, from the object's root: ``spec.variants[].model`` ('[]': the items);
+    #: '' is the root (the only node whose rules may read ``self.metadata.name``).
+    at: str
+    rule: str
+    message: str
+    #: The field the API server names, relative to ``at`` (``.async``); no list indexes.
+    field_path: str | None = None
+
+    def entry(self) -> dict[str, str]:
+        out = {"rule": self.rule, "message": self.message}
+        if self.field_path is not None:
+            out["fieldPath"] = self.field_path
+        return out
+
+
+def _or_default(model: type[BaseModel], field: str, var: str = "self") -> str:
+    """``field`` of ``var`` as CEL, its model default when absent."""
+    default = model.model_fields[field].default
+    literal = f"'{default}'" if isinstance(default, str) else repr(default)
+    return f"(has({var}.{field}) ? {var}.{field} : {literal})"
+
+
+def _strings(values: Any) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in sorted(str(x) for x in values)) + "]"
+
+
+def _exactly_one(fields: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"has(self.{f})" for f in fields) + "].filter(x, x).size() == 1"
+
+
+def _unique(items: str, key: str = "") -> str:
+    """Each element of the list ``items`` once (by ``key``, a '.field' suffix)."""
+    return f"{items}.all(a, {items}.exists_one(b, b{key} == a{key}))"
+
+
+def name_rule(kind: str, how: str) -> CelRule:
+    """``metadata.name`` must extend into child names (``how``: the fix's verb)."""
+    return CelRule(
+        "",
+        f"size(self.metadata.name) <= {MAX_RESOURCE_NAME} && "
+        f"self.metadata.name.matches('{NAME_PATTERN}')",
+        f"must start with a letter, use only lowercase letters, digits and '-', and have at "
+        f"most {MAX_RESOURCE_NAME} characters; {how} the {kind} under such a name",
+        ".metadata.name")
+
+
+def _model_source(at: str) -> CelRule:
+    return CelRule(
+        at, "!has(self.compile) || !has(self.format) || self.format == 'onnx'",
+        "compile: compiles an ONNX model, and format compiled is already compiled; remove "
+        "compile or set format: onnx")
+
+
+def _step_rules(at: str) -> list[CelRule]:
+    """A multi-container step (``api.endpoint.ContainerStep._one_kind``)."""
+    return [
+        CelRule(at, _exactly_one(("model", "handler", "image")),
+                "set exactly one of model, handler, image"),
+        CelRule(at, "!has(self.codeUri) || has(self.handler)",
+                "codeUri applies to handler steps only; remove it"),
+        CelRule(at, "has(self.image) || (!has(self.port) && "
+                    "(!has(self.env) || size(self.env) == 0))",
+                "port and env apply to image steps only; remove them"),
+        CelRule(at, "has(self.image) || !has(self.resources)",
+                "resources apply to image steps only (the variant's resources size the model "
+                "server); remove it"),
+    ]
+
+
+def _min_max(at: str, model: type[BaseModel], message: str) -> CelRule:
+    return CelRule(at, f"{_or_default(model, 'minReplicas')} <= "
+                       f"{_or_default(model, 'maxReplicas')}", message)
+
+
+_MIN_MAX = "minReplicas exceeds maxReplicas; lower minReplicas or raise maxReplicas"
+_TYPE = f"(has(self.type) ? self.type : '{ep.EndpointType.REAL_TIME.value}')"
+
+
+def _custom_metric(policies: str) -> str:
+    return f"(has(self.{policies}) && self.{policies}.exists(p, p.metric == 'Custom'))"
+
+
+ENDPOINT_RULES: tuple[CelRule, ...] = (
+    name_rule("Endpoint", "recreate"),
+    CelRule("", f"self.spec.variants.all(v, size(self.metadata.name) + 1 + size(v.name) <= "
+                f"{MAX_OBJECT_NAME})",
+            f"name: a variant's object name <endpoint>-<variant> would be longer than "
+            f"{MAX_OBJECT_NAME} characters; shorten the variant or Endpoint name",
+            ".spec.variants"),
+    # spec (api.endpoint.EndpointSpec._check_variants and _check_async)
+    CelRule("spec.variants", "self.exists(v, !has(v.weight) || v.weight > 0.0)",
+            "weight: all weights are 0; give at least one variant a weight above 0"),
+    CelRule("spec", f"!has(self.async) || {_TYPE} == 'Async'",
+            "applies to type Async only; remove it or set type: Async", ".async"),
+    CelRule("spec", f"{_TYPE} != 'Async' || has(self.async)",
+            "is required for type Async: set at least async.outputPath (s3://bucket/prefix)",
+            ".async"),
+    CelRule("spec", f"{_TYPE} != 'Async' || size(self.variants) == 1",
+            "an Async endpoint takes exactly one variant; split them into separate endpoints",
+            ".variants"),
+    CelRule("spec", f"{_TYPE} != 'Async' || self.variants.all(v, !has(v.autoscaling))",
+            "autoscaling: Async endpoints scale on the queue backlog; use spec.async.scaling "
+            "instead", ".variants"),
+    CelRule("spec", f"!has(self.serverless) || {_TYPE} == 'Serverless'",
+            "applies to type Serverless only; remove it or set type: Serverless",
+            ".serverless"),
+    CelRule("spec.serverless", f"{_or_default(ep.ServerlessConfig, 'provisionedConcurrency')} "
+                               f"<= {_or_default(ep.ServerlessConfig, 'maxConcurrency')}",
+            "provisionedConcurrency exceeds maxConcurrency; lower it or raise maxConcurrency"),
+    CelRule("spec.auth", "!has(self.mode) || self.mode != 'None' || (!has(self.secretName) "
+                         "&& (!has(self.regions) || size(self.regions) == 0))",
+            "auth.secretName and auth.regions apply to modes SigV4 and Token; remove them or "
+            "set auth.mode"),
+    CelRule("spec.auth", "!has(self.mode) || self.mode != 'Token' || !has(self.regions) || "
+                         "size(self.regions) == 0",
+            "auth.regions applies to mode SigV4 only; remove it"),
+    _min_max("spec.async.scaling", ac.AsyncScaling, _MIN_MAX),
+    # one variant (api.endpoint.ProductionVariant, reconcile.validate._variant_problems)
+    CelRule("spec.variants[]", _exactly_one(("model", "multiModel", "containers")),
+            "set exactly one of model, multiModel, containers"),
+    CelRule("spec.variants[]", "!has(self.inferenceExecution) || has(self.containers)",
+            "inferenceExecution applies to containers only; remove it"),
+    CelRule("spec.variants[]", "!has(self.containers) || "
+                               + _unique("self.containers", ".name"),
+            "duplicate container name(s); give each step a unique name"),
+    CelRule("spec.variants[]", f"!(self.name in {_strings(RESERVED_VARIANT_NAMES)})",
+            "is reserved for the Endpoint's own gateway objects; rename the variant", ".name"),
+    CelRule("spec.variants[].env[]", f"!(self.name in {_strings(OPERATOR_ENV)})",
+            "is set by the operator; remove it from the spec", ".name"),
+    _model_source("spec.variants[].model"),
+    CelRule("spec.variants[].model.compile",
+            f"!has(self.target) || !(self.target in {_strings(t.value for t in CROSS_TARGETS)})",
+            "is cross-compiled and cannot be timed where it is compiled, and a variant "
+            "compiles on the node that serves it: use native, or a CompilationJob for another "
+            "machine", ".target"),
+    CelRule("spec.variants[].model.compile",
+            "!has(self.batchSizes) || " + _unique("self.batchSizes"),
+            "repeats a size; list each once, e.g. [1, 64]", ".batchSizes"),
+    *_step_rules("spec.variants[].containers[]"),
+    # (so ModelSource's format rule is moot on a step's model)
+    CelRule("spec.variants[].containers[]", "!has(self.model) || !has(self.model.compile)",
+            "only a variant's own model compiles before it is served; run a CompilationJob "
+            "and give the step its artifact (model.format: compiled)", ".model.compile"),
+    # auto scaling (api.endpoint.AutoScaling, ScheduledScaling, _MetricRef)
+    _min_max("spec.variants[].autoscaling", ep.AutoScaling, _MIN_MAX),
+    CelRule("spec.variants[].autoscaling",
+            f"has(self.prometheusUrl) || !({_custom_metric('targetTracking')} || "
+            f"{_custom_metric('stepScaling')})",
+            "a Custom metric needs prometheusUrl; set it to your Prometheus server"),
+    *(CelRule(f"spec.variants[].autoscaling.{policies}[]",
+              "(self.metric == 'Custom') == has(self.query)",
+              "set query exactly when metric is Custom")
+      for policies in ("targetTracking", "stepScaling")),
+    CelRule("spec.variants[].autoscaling.scheduled[]",
+            "self.minReplicas <= self.maxReplicas", _MIN_MAX),
+)
+
+_NO_COMPILE = ("a TransformJob runs its model as given; run a CompilationJob and give the job "
+               "its artifact (model.format: compiled)")
+_FILTERABLE = "|".join(tj.FILTERABLE_TYPES)
+_DATA_PROCESSING_ACTIVE = (
+    "has(self.dataProcessing) && ("
+    "(has(self.dataProcessing.inputFilter) && self.dataProcessing.inputFilter != '$') || "
+    "(has(self.dataProcessing.outputFilter) && self.dataProcessing.outputFilter != '$') || "
+    "(has(self.dataProcessing.joinSource) && self.dataProcessing.joinSource != 'None'))")
+
+TRANSFORM_JOB_RULES: tuple[CelRule, ...] = (
+    name_rule("TransformJob", "create"),
+    # api.transform_job.TransformJobSpec._check and spec_problems
+    CelRule("spec", _exactly_one(("model", "containers", "endpointRef")),
+            "spec.model, spec.containers, spec.endpointRef: set exactly one"),
+    CelRule("spec.containers", _unique("self", ".name"),
+            "duplicate container name(s); give each step a unique name"),
+    # Python strips the parameters and blanks and lowercases; (?i:) and \s say the same.
+    CelRule("spec", f"!({_DATA_PROCESSING_ACTIVE}) || (has(self.input.contentType) && "
+                    f"self.input.contentType.matches('^\\\\s*(?i:{_FILTERABLE})\\\\s*(?s:;.*)?$'))",
+            "cannot be filtered or joined; dataProcessing needs one of "
+            + ", ".join(tj.FILTERABLE_TYPES) + " (or remove the filters and joinSource)",
+            ".input.contentType"),
+    CelRule("spec", "!has(self.maxPayloadInMB) || self.maxPayloadInMB != 0 || "
+                    "!has(self.input.splitType) || self.input.splitType == 'None'",
+            "0 sends each object whole, which a splitType other than None contradicts; set "
+            "splitType None or a payload limit of 1 to 100 MB", ".maxPayloadInMB"),
+    # The operator compares parsed locations; this compares the strings with a '/' closing
+    # each, which agrees on every URI without repeated slashes (s3://b//p).
+    CelRule("spec", "(has(self.input.dataType) && self.input.dataType != 'S3Prefix') || "
+                    "!(self.output.uri + '/').startsWith(self.input.uri.endsWith('/') ? "
+                    "self.input.uri : self.input.uri + '/')",
+            "is inside the input, so outputs would be read as input by a later run; "
+            "write outputs under another prefix", ".output.uri"),
+    # reconcile.transform_validate (a step's or the job's model never compiles, whatever
+    # its format: the rule ModelSource has on variants is moot here)
+    CelRule("spec.model", "!has(self.compile)", _NO_COMPILE, ".compile"),
+    *_step_rules("spec.containers[]"),
+    CelRule("spec.containers[]", "!has(self.model) || !has(self.model.compile)", _NO_COMPILE,
+            ".model.compile"),
+)
+
+COMPILATION_JOB_RULES: tuple[CelRule, ...] = (
+    name_rule("CompilationJob", "create"),
+    CelRule("spec.batchSizes", _unique("self"), "repeats a size; list each once, e.g. [1, 64]"),
+)
+
+
+def _node(schema: dict[str, Any], at: str) -> dict[str, Any]:
+    node = schema
+    for part in at.split(".") if at else []:
+        items = part.endswith("[]")
+        node = node["properties"][part.removesuffix("[]")]
+        if items:
+            node = node["items"]
+    return node
+
+
+def attach(schema: dict[str, Any], rules: tuple[CelRule, ...]) -> None:
+    """Append each rule to the ``x-kubernetes-validations`` of its node of ``schema``."""
+    for rule in rules:
+        _node(schema, rule.at).setdefault("x-kubernetes-validations", []).append(rule.entry())

@@ -1,0 +1,294 @@
+"""Placement and identity of runtime pods: the ``podTemplate`` block (and its merge). PURE.
+
+An Endpoint's gateway (``spec.gateway.podTemplate``), each of its variants
+(``spec.variants[*].podTemplate``) and a TransformJob's pods
+(``spec.podTemplate``) take the same block: where the pods may run
+(nodeSelector, tolerations, affinity, topologySpreadConstraints), how they rank
+(priorityClassName), who they run as (serviceAccountName, imagePullSecrets)
+and extra pod labels and annotations. The operator-wide default (the chart's
+``runtime.podTemplate``, env ``KUBEINFER_DEFAULT_POD_TEMPLATE``) sits under it:
+``merge_pod_templates`` gives the object's own value per field, and the union
+of both for the three maps, key by key (the object's value wins).
+
+Kubernetes-shaped sub-objects (a toleration, an affinity, a spread constraint)
+stay free-form here, and in the CRD (``x-kubernetes-preserve-unknown-fields``):
+their schemas are large and the API server checks the rendered pod anyway.
+What is cheap to check is checked when the object is read: label and
+annotation syntax, DNS names, the enums of a toleration and a spread
+constraint, and the labels the operator selects pods by, which a template may
+never set (``app.kubernetes.io/*`` and ``kubeinfer.io/*``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+#: Label (and annotation) keys the operator's selectors and hashes use: never the user's.
+RESERVED_PREFIXES = ("app.kubernetes.io/", "kubeinfer.io/")
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_NAME_PART = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+#: The fields of a ``podTemplate``, by their YAML names.
+FIELDS = ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints",
+          "priorityClassName", "serviceAccountName", "imagePullSecrets", "labels",
+          "annotations")
+#: The fields merged key by key (the others: the object's own value replaces the default).
+MAP_FIELDS = ("nodeSelector", "labels", "annotations")
+
+_FREE_FORM: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+
+def _free_form(schema: dict[str, Any]) -> None:
+    """A Kubernetes-shaped object kept as is: no ``additionalProperties`` beside
+    ``x-kubernetes-preserve-unknown-fields`` (a structural schema allows one of them)."""
+    schema.pop("additionalProperties", None)
+    schema.update(_FREE_FORM)
+
+
+def dns_subdomain_problem(value: str) -> str | None:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+        return (f"{value!r} is not a DNS subdomain name: lower-case letters, digits, '-' and "
+                "'.', starting and ending with a letter or digit, at most 253 characters")
+    return None
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` is not a valid label or annotation key (``[prefix/]name``), or None."""
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and not prefix:
+        return f"key {key!r} has an empty prefix before '/'"
+    if prefix and dns_subdomain_problem(prefix):
+        return f"key {key!r}: prefix {prefix!r} must be a DNS subdomain (example.com)"
+    if not name or len(name) > 63 or not _NAME_PART.match(name):
+        return (f"key {key!r}: name {name!r} must be 1 to 63 characters of letters, digits, "
+                "'-', '_' and '.', starting and ending with a letter or digit")
+    return None
+
+
+def label_value_problem(key: str, value: str) -> str | None:
+    if len(value) > 63 or not _LABEL_VALUE.match(value):
+        return (f"value {value!r} of {key!r} must be at most 63 characters of letters, digits, "
+                "'-', '_' and '.', starting and ending with a letter or digit")
+    return None
+
+
+def reserved_key_problem(key: str, what: str) -> str | None:
+    if key.startswith(RESERVED_PREFIXES):
+        return (f"{what} {key!r} is reserved: the operator selects and tracks its pods with "
+                f"the {' and '.join(p + '*' for p in RESERVED_PREFIXES)} keys; use another "
+                "key (example.com/team)")
+    return None
+
+
+def _check_map(values: dict[str, str], what: str, *, label_values: bool,
+               reserved: bool) -> dict[str, str]:
+    problems: list[str] = []
+    for key, value in values.items():
+        problems += [p for p in (key_problem(key),
+                                 reserved_key_problem(key, what) if reserved else None,
+                                 label_value_problem(key, value) if label_values else None)
+                     if p]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return values
+
+
+class LocalObjectReference(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Annotated[str, Field(description="Name of a Secret in the object's namespace.",
+                               min_length=1, max_length=253)]
+
+    @field_validator("name")
+    @classmethod
+    def _dns(cls, name: str) -> str:
+        problem = dns_subdomain_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
+
+_TOLERATION_OPERATORS = ("Exists", "Equal")
+_TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+_UNSATISFIABLE = ("DoNotSchedule", "ScheduleAnyway")
+
+
+class PodTemplate(BaseModel):
+    """Placement and identity of runtime pods (a subset of a Kubernetes pod template)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    nodeSelector: Annotated[
+        dict[str, str],
+        Field(description="Node labels the pods' nodes must have (pod spec nodeSelector), "
+                          "e.g. {kubernetes.io/arch: amd64}; merged key by key with the "
+                          "operator's default."),
+    ] = Field(default_factory=dict)
+    tolerations: Annotated[
+        list[dict[str, Any]],
+        Field(description="Taints the pods tolerate (Kubernetes Toleration objects: key, "
+                          "operator Exists/Equal, value, effect, tolerationSeconds); replaces "
+                          "the operator's default list.",
+              json_schema_extra={"items": _FREE_FORM}),
+    ] = Field(default_factory=list)
+    affinity: Annotated[
+        dict[str, Any],
+        Field(description="Node, pod and pod anti-affinity (a Kubernetes Affinity object); "
+                          "replaces the operator's default.",
+              json_schema_extra=_free_form),
+    ] = Field(default_factory=dict)
+    topologySpreadConstraints: Annotated[
+        list[dict[str, Any]],
+        Field(description="How replicas spread over zones or nodes (Kubernetes "
+                          "TopologySpreadConstraint objects). A constraint without "
+                          "labelSelector selects the pods of its own Deployment.",
+              json_schema_extra={"items": _FREE_FORM}),
+    ] = Field(default_factory=list)
+    priorityClassName: Annotated[
+        str | None,
+        Field(description="PriorityClass of the pods (scheduling order and preemption).",
+              max_length=253),
+    ] = None
+    serviceAccountName: Annotated[
+        str | None,
+        Field(description="ServiceAccount the pods run as (workload identity: IRSA, GKE "
+                          "Workload Identity). Without it the pods mount no API token; with "
+                          "it the ServiceAccount's automountServiceAccountToken decides.",
+              max_length=253),
+    ] = None
+    imagePullSecrets: Annotated[
+        list[LocalObjectReference],
+        Field(description="Secrets holding registry credentials for the pods' images, as "
+                          "[{name: regcred}].", max_length=32),
+    ] = Field(default_factory=list)
+    labels: Annotated[
+        dict[str, str],
+        Field(description="Extra pod labels. Keys under app.kubernetes.io/ and kubeinfer.io/ "
+                          "are the operator's and refused."),
+    ] = Field(default_factory=dict)
+    annotations: Annotated[
+        dict[str, str],
+        Field(description="Extra pod annotations (e.g. for a service mesh or a log "
+                          "shipper). Keys under app.kubernetes.io/ and kubeinfer.io/ are "
+                          "the operator's and refused."),
+    ] = Field(default_factory=dict)
+
+    @field_validator("nodeSelector")
+    @classmethod
+    def _node_selector(cls, values: dict[str, str]) -> dict[str, str]:
+        return _check_map(values, "nodeSelector key", label_values=True, reserved=False)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, values: dict[str, str]) -> dict[str, str]:
+        return _check_map(values, "label", label_values=True, reserved=True)
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations(cls, values: dict[str, str]) -> dict[str, str]:
+        if sum(len(k) + len(v) for k, v in values.items()) > 256 * 1024:
+            raise ValueError("annotations total more than 256 KiB, the API server's limit")
+        return _check_map(values, "annotation", label_values=False, reserved=True)
+
+    @field_validator("priorityClassName", "serviceAccountName")
+    @classmethod
+    def _names(cls, name: str | None) -> str | None:
+        problem = dns_subdomain_problem(name) if name is not None else None
+        if problem:
+            raise ValueError(problem)
+        return name
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, t in enumerate(items):
+            op = t.get("operator", "Equal")
+            if op not in _TOLERATION_OPERATORS:
+                raise ValueError(f"tolerations[{i}].operator {op!r} must be Exists or Equal")
+            effect = t.get("effect")
+            if effect not in (None, "", *_TAINT_EFFECTS):
+                raise ValueError(f"tolerations[{i}].effect {effect!r} must be one of "
+                                 f"{', '.join(_TAINT_EFFECTS)} (or empty: all effects)")
+            if op == "Exists" and t.get("value"):
+                raise ValueError(f"tolerations[{i}]: operator Exists takes no value; remove "
+                                 "value or use operator Equal")
+            key = t.get("key")
+            if key and key_problem(str(key)):
+                raise ValueError(f"tolerations[{i}].{key_problem(str(key))}")
+        return items
+
+    @field_validator("topologySpreadConstraints")
+    @classmethod
+    def _spread(cls, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, c in enumerate(items):
+            where = f"topologySpreadConstraints[{i}]"
+            skew = c.get("maxSkew")
+            if not isinstance(skew, int) or isinstance(skew, bool) or skew < 1:
+                raise ValueError(f"{where}.maxSkew must be an integer of at least 1")
+            if not isinstance(c.get("topologyKey"), str) or not c["topologyKey"]:
+                raise ValueError(f"{where}.topologyKey is required, e.g. "
+                                 "topology.kubernetes.io/zone")
+            if c.get("whenUnsatisfiable") not in _UNSATISFIABLE:
+                raise ValueError(f"{where}.whenUnsatisfiable must be DoNotSchedule or "
+                                 "ScheduleAnyway")
+        return items
+
+    def written(self) -> dict[str, Any]:
+        """The fields the object sets, as written (YAML names): what the merge layers."""
+        out: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_unset=True,
+                                              exclude_none=True)
+        return out
+
+
+class GatewaySettings(BaseModel):
+    """The Endpoint's gateway pods."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    podTemplate: Annotated[
+        PodTemplate | None,
+        Field(description="Placement and identity of the gateway pods (Kubernetes only), "
+                          "over the operator's default podTemplate."),
+    ] = None
+
+
+def merge_pod_templates(default: dict[str, Any] | None,
+                        own: dict[str, Any] | None) -> dict[str, Any]:
+    """``own`` over ``default``, field by field; the three maps merged key by key.
+
+    Both are ``podTemplate`` dicts as written (``PodTemplate.written``): a field
+    absent from ``own`` takes the default's value, one present replaces it (an
+    empty ``tolerations: []`` clears the default's), and nodeSelector, labels
+    and annotations hold the keys of both, ``own``'s value winning.
+    """
+    default = default or {}
+    own = own or {}
+    out: dict[str, Any] = {}
+    for name in FIELDS:
+        if name in MAP_FIELDS:
+            merged = {**(default.get(name) or {}), **(own.get(name) or {})}
+            if merged:
+                out[name] = merged
+        elif name in own:
+            out[name] = own[name]
+        elif name in default:
+            out[name] = default[name]
+    return out
+
+
+def validated(template: dict[str, Any] | None, where: str) -> dict[str, Any]:
+    """``template`` checked as a ``PodTemplate`` and returned as written (ValueError names
+    ``where``, e.g. the setting it came from)."""
+    if not template:
+        return {}
+    try:
+        return PodTemplate.model_validate(template).written()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: "
+            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise ValueError(f"{where}: {problems}") from None
