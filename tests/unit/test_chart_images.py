@@ -144,3 +144,15 @@ def test_the_runtime_imports_no_kubernetes_library() -> None:
     imported = imported_distributions("kubeinfer_runtime.*")
     assert "onnxruntime" in imported
     assert imported & operator_only == set()
+
+
+def test_e2e_third_party_images_are_pinned_by_digest() -> None:
+    """A tag can be moved to another image; the e2e run must get what it was written
+    against (the kind node image in e2e/run.sh included)."""
+    images = []
+    for manifest in sorted((REPO / "e2e" / "manifests").glob("*.yaml")):
+        images += re.findall(r"^\s*image:\s*(\S+)", manifest.read_text(), re.M)
+    images += re.findall(r"kindest/node:[^\s\"}]+", (REPO / "e2e" / "run.sh").read_text())
+    assert images
+    for image in images:
+        assert re.search(r"@sha256:[0-9a-f]{64}$", image.strip("\"'")), image
