@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from kubeinfer_operator import __version__, cli_compile, cli_transform
+from kubeinfer_operator import __version__, cli_compile, cli_shadow, cli_transform
 from kubeinfer_operator.api.endpoint import AuthConfig
 from kubeinfer_operator.errors import KubeinferError, SpecError
 from kubeinfer_operator.local.compile_manifest import has_compilation_jobs
@@ -69,6 +69,8 @@ app = typer.Typer(
 local_app = typer.Typer(hidden=True, help="Local-mode internals.")
 app.add_typer(local_app, name="local")
 app.command("compile")(cli_compile.compile_command)
+app.add_typer(cli_shadow.shadow_app, name="shadow")
+app.command("promote")(cli_shadow.promote_command)
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -424,6 +426,17 @@ def _print_status(states: list[EndpointState]) -> None:
             variants.add_row(*(row[c] for c in ("endpoint", "variant", "weight", "replicas",
                                                 "model")))
     out.print(variants)
+    if any(s.rollouts for s in states):  # spec.deploymentConfig
+        rollouts = Table(title="Rollouts", title_justify="left")
+        for col in ("endpoint", "variant", "phase", "step", "on green", "message"):
+            rollouts.add_column(col)
+        for s in states:
+            for r in s.rollouts:
+                rollouts.add_row(s.endpoint, str(r.get("variant")), str(r.get("phase")),
+                                 f"{r.get('step', 0)}/{r.get('steps', 0)}",
+                                 f"{float(r.get('trafficToGreen', 0)):.4g}%",
+                                 str(r.get("message", "")))
+        out.print(rollouts)
     procs = Table(title="Processes", title_justify="left")
     columns = ("endpoint", "process", "pid", "port", "state", "restarts", "last exit", "reason")
     for col in columns:

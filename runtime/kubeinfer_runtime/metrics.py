@@ -17,7 +17,14 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+)
 from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -378,6 +385,71 @@ GATEWAY_HELD = Gauge(
 GATEWAY_COLD_START_WAIT_SECONDS = Histogram(
     "kubeinfer_gateway_cold_start_wait_seconds", "Time a request was held for a replica",
     _GATEWAY_LABELS, buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60),
+)
+
+
+# Data capture (``gateway.capture_writer``). No CloudWatch counterpart: SageMaker
+# does not count captured records.
+
+#: Records of sampled-in requests written to the destination (``written``), dropped
+#: because the buffer was full while the store was slow or down (``dropped``), or
+#: requests not drawn by the sampling rate (``sampled_out``).
+CAPTURE_RECORDS = Counter(
+    "kubeinfer_capture_records", "Data capture records by outcome: written, dropped, "
+    "sampled_out", (*_GATEWAY_LABELS, "result"),
+)
+#: Bytes of captured records held in memory waiting for upload (within
+#: KUBEINFER_CAPTURE_BUFFER_BYTES).
+CAPTURE_BUFFER_BYTES = Gauge(
+    "kubeinfer_capture_buffer_bytes", "Captured bytes held in memory waiting for upload",
+    ("endpoint",),
+)
+#: Uploads of capture objects that failed (they are retried; see ``dropped``).
+CAPTURE_UPLOAD_FAILURES = Counter(
+    "kubeinfer_capture_upload_failures", "Failed uploads of capture objects (retried)",
+    ("endpoint",),
+)
+
+
+# Shadow variants and mirrors (``gateway.shadow``; names in ``contract.shadow``). No
+# CloudWatch counterpart beyond the shadow variant's own Invocations/ModelLatency.
+# ``variant`` is the production variant that answered the client, ``peer`` the shadow
+# (or the mirror's peer variant): both come from the route table, never from a client.
+
+_PAIR_LABELS = ("endpoint", "variant", "peer")
+
+#: Copies by ``result``: sent (answered), failed (no answer in time, refused), dropped
+#: (the peer's bounded queue was full).
+SHADOW_COPIES = Counter(
+    "kubeinfer_shadow_copies", "Sampled copies of production requests by outcome: sent, "
+    "failed, dropped", (*_PAIR_LABELS, "result"),
+)
+SHADOW_COMPARED = Counter(
+    "kubeinfer_shadow_compared", "Pairs of 2xx answers compared", _PAIR_LABELS,
+)
+SHADOW_AGREED = Counter(
+    "kubeinfer_shadow_agreed", "Compared pairs that agreed (labels, argmax or within "
+    "tolerance)", _PAIR_LABELS,
+)
+SHADOW_DISAGREED = Counter(
+    "kubeinfer_shadow_disagreed", "Compared pairs that did not agree", _PAIR_LABELS,
+)
+#: Error answers of sampled requests, by ``side``: production or peer.
+SHADOW_ERRORS = Counter(
+    "kubeinfer_shadow_errors", "Error answers of sampled requests by side", (*_PAIR_LABELS,
+                                                                            "side"),
+)
+SHADOW_LATENCY_SECONDS = Histogram(
+    "kubeinfer_shadow_latency_seconds", "Upstream latency of sampled requests by side",
+    (*_PAIR_LABELS, "side"), buckets=LATENCY_BUCKETS,
+)
+SHADOW_ABS_DIFF = Summary(
+    "kubeinfer_shadow_abs_diff", "Largest absolute difference of each numeric pair",
+    _PAIR_LABELS,
+)
+SHADOW_REL_DIFF = Summary(
+    "kubeinfer_shadow_rel_diff", "Largest relative difference of each numeric pair",
+    _PAIR_LABELS,
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -126,5 +127,42 @@ def mixed_inputs_model(path: Path) -> Path:
          helper.make_tensor_value_info("c", TensorProto.BOOL, ["N"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2]),
          helper.make_tensor_value_info("z", TensorProto.BOOL, ["N"])],
+    )
+    return _save(graph, path)
+
+
+def identity_model(path: Path) -> Path:
+    """``x`` float32 [N] -> ``y`` = x: answers every request (add_3_model's healthy twin)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+    )
+    return _save(graph, path)
+
+
+def label_model(path: Path, flip_percent: float = 0.0) -> Path:
+    """``x`` float32 [N] (whole numbers i >= 0) -> ``y`` int64 [N] class labels ``i % 3``,
+    except ``(i + 1) % 3`` where ``i % 100 < flip_percent``: over any 100 consecutive
+    ``i`` exactly ``flip_percent`` % of the labels differ from the unflipped model's."""
+    from onnx import TensorProto, helper
+
+    def const(name: str, value: float) -> Any:
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(
+            name, TensorProto.FLOAT, [], [value]))
+
+    graph = helper.make_graph(
+        [const("hundred", 100.0), const("three", 3.0), const("p", float(flip_percent)),
+         helper.make_node("Mod", ["x", "hundred"], ["m100"], fmod=1),
+         helper.make_node("Less", ["m100", "p"], ["flip_b"]),
+         helper.make_node("Cast", ["flip_b"], ["flip"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["x", "flip"], ["shifted"]),
+         helper.make_node("Mod", ["shifted", "three"], ["label_f"], fmod=1),
+         helper.make_node("Cast", ["label_f"], ["y"], to=TensorProto.INT64)],
+        "labels",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, ["N"])],
     )
     return _save(graph, path)

@@ -192,6 +192,18 @@ def variant(**fields: Any) -> dict[str, Any]:
     return endpoint(variants=[{k: x for k, x in v.items() if x is not None}])
 
 
+def shadow(type: str | None = None, **fields: Any) -> dict[str, Any]:
+    """An Endpoint with variant 'a' and one shadow variant 'b' (``fields`` over it)."""
+    sv: dict[str, Any] = {"name": "b", "model": {"uri": "s3://m/b.onnx"}}
+    sv.update(fields)
+    async_spec = fields.pop("async", None)
+    sv.pop("async", None)
+    extra: dict[str, Any] = {"type": type} if type else {}
+    if async_spec is not None:
+        extra["async"] = async_spec
+    return endpoint(shadowVariants=[{k: x for k, x in sv.items() if x is not None}], **extra)
+
+
 def steps(*containers: dict[str, Any]) -> dict[str, Any]:
     return variant(model=None, containers=list(containers))
 
@@ -224,6 +236,7 @@ def _async(config: dict[str, Any]) -> dict[str, Any]:
     return {"async": config}  # a Python keyword: passed as **_async(...)
 
 
+CAPTURE: dict[str, Any] = {"destination": "s3://captures/iris", "samplingPercentage": 30}
 CUSTOM = {"metric": "Custom", "query": "sum(rate(x[1m]))", "target": 10}
 STEP = [{"lowerBound": 0, "change": 1}]
 HANDLER = {"name": "pre", "handler": "pre:handle"}
@@ -231,6 +244,16 @@ MODEL_STEP = {"name": "m", "model": {"uri": "s3://m/a.onnx"}}
 IMAGE_STEP = {"name": "img", "image": "example.com/model:1"}
 
 #: (case id, object, the field the CEL rule and the operator name; None: both accept).
+CANARY = {"trafficRouting": {"type": "Canary", "waitIntervalInSeconds": 5,
+                             "canarySize": {"type": "CapacityPercent", "value": 10}}}
+
+
+def guarded(config: dict[str, Any]) -> dict[str, Any]:
+    obj = variant()
+    obj["spec"]["deploymentConfig"] = config
+    return obj
+
+
 CASES: list[tuple[str, dict[str, Any], str | None]] = [
     # metadata.name (root)
     ("name-ok", endpoint("iris-2"), None),
@@ -278,6 +301,33 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
      "spec.auth"),
     ("token-with-regions", endpoint(auth={"mode": "Token", "regions": ["eu-west-1"]}),
      "spec.auth"),
+    ("capture-ok", endpoint(dataCapture={**CAPTURE, "captureOptions": ["Output"],
+                                         "csvContentTypes": ["text/plain"]}), None),
+    ("capture-serverless", endpoint(type="Serverless", dataCapture=CAPTURE), None),
+    ("capture-on-async", endpoint(type="Async", **_async(ASYNC), dataCapture=CAPTURE),
+     "spec.dataCapture"),
+    ("capture-repeated-mode", endpoint(dataCapture={**CAPTURE,
+                                                    "captureOptions": ["Input", "Input"]}),
+     "spec.dataCapture"),
+    ("capture-type-in-both", endpoint(dataCapture={**CAPTURE,
+                                                   "jsonContentTypes": ["text/csv"]}),
+     "spec.dataCapture"),
+    ("capture-type-in-both-by-default", endpoint(dataCapture={
+        **CAPTURE, "csvContentTypes": ["application/json"]}), "spec.dataCapture"),
+    # shadow variants
+    ("shadow-ok", shadow(samplingPercentage=25), None),
+    ("shadow-serverless", shadow(type="Serverless"), None),
+    ("shadow-on-async", shadow(type="Async", **_async(ASYNC)), "spec.shadowVariants"),
+    ("shadow-named-as-variant", shadow(name="a"), "spec.shadowVariants"),
+    ("shadow-no-model-source", shadow(model=None), "spec.shadowVariants"),
+    ("shadow-inference-execution-with-model", shadow(inferenceExecution="Direct"),
+     "spec.shadowVariants"),
+    ("shadow-admission", shadow(admission={"maxInFlightPerReplica": 2}),
+     "spec.shadowVariants"),
+    ("shadow-autoscaling", shadow(autoscaling={"maxReplicas": 3}), "spec.shadowVariants"),
+    ("shadow-named-gateway", shadow(name="gateway"), "spec.shadowVariants.name"),
+    ("shadow-operator-env", shadow(env=[{"name": "KUBEINFER_HOST"}]),
+     "spec.shadowVariants.env.name"),
     # a variant
     ("no-model-source", variant(model=None), "spec.variants"),
     ("model-and-multi-model", variant(multiModel={"prefix": "s3://m/models/"}),
@@ -339,6 +389,44 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("schedule-min-above-max", scaled(scheduled=[{"cron": "* 9-17 * * 1-5",
                                                   "minReplicas": 3, "maxReplicas": 2}]),
      "spec.variants.autoscaling.scheduled"),
+    # deployment guardrails
+    ("guardrails-ok", guarded({"blueGreen": CANARY, "autoRollback": {
+        "alarms": [{"name": "e", "errorRate": 0.1}]}}), None),
+    ("guardrails-both", guarded({"blueGreen": CANARY, "rolling": {
+        "maximumBatchSize": {"type": "InstanceCount", "value": 1}}}), "spec.deploymentConfig"),
+    ("guardrails-canary-without-size", guarded({"blueGreen": {"trafficRouting": {
+        "type": "Canary"}}}), "spec.deploymentConfig.blueGreen.trafficRouting"),
+    ("guardrails-alarm-two-kinds", guarded({"blueGreen": CANARY, "autoRollback": {
+        "alarms": [{"name": "e", "errorRate": 0.1, "latencyP99Ms": 5}]}}),
+     "spec.deploymentConfig.autoRollback.alarms"),
+    ("guardrails-disagreement-ok", guarded({"blueGreen": CANARY, "autoRollback": {
+        "alarms": [{"name": "d", "disagreement": 2, "mirrorSamplingPercentage": 50}]}}), None),
+    ("guardrails-disagreement-and-error-rate", guarded({"blueGreen": CANARY, "autoRollback": {
+        "alarms": [{"name": "e", "errorRate": 0.1, "disagreement": 5}]}}),
+     "spec.deploymentConfig.autoRollback.alarms"),
+    ("guardrails-mirror-sampling-without-disagreement", guarded({
+        "blueGreen": CANARY, "autoRollback": {
+            "alarms": [{"name": "e", "errorRate": 0.1, "mirrorSamplingPercentage": 5}]}}),
+     "spec.deploymentConfig.autoRollback.alarms"),
+    ("guardrails-promql-without-url", guarded({"blueGreen": CANARY, "autoRollback": {
+        "alarms": [{"name": "e", "promQL": {"query": "x", "threshold": 1}}]}}),
+     "spec.deploymentConfig.autoRollback"),
+    ("guardrails-on-serverless", endpoint(type="Serverless", deploymentConfig={
+        "blueGreen": CANARY}), "spec.deploymentConfig"),
+    ("guardrails-on-async", endpoint(type="Async", **_async(ASYNC), deploymentConfig={
+        "blueGreen": CANARY}), "spec.deploymentConfig"),
+    ("guardrails-rolling-two-variants", endpoint(
+        variants=[{"name": "a", "model": {"uri": "s3://m/a.onnx"}},
+                  {"name": "b", "model": {"uri": "s3://m/b.onnx"}}],
+        deploymentConfig={"rolling": {"maximumBatchSize": {"type": "InstanceCount",
+                                                           "value": 1}}}),
+     "spec.deploymentConfig.rolling"),
+    ("guardrails-blue-green-two-variants", endpoint(
+        variants=[{"name": "a", "model": {"uri": "s3://m/a.onnx"}},
+                  {"name": "b", "model": {"uri": "s3://m/b.onnx"}}],
+        deploymentConfig={"blueGreen": CANARY}), None),
+    ("guardrails-autoscaled", {**scaled(), "spec": {**scaled()["spec"], "deploymentConfig": {
+        "blueGreen": CANARY}}}, "spec.deploymentConfig"),
     # TransformJob
     ("job-name-ok", transform("score-2"), None),
     ("job-name-uppercase", transform("Score"), "metadata.name"),

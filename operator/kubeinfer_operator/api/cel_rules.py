@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from kubeinfer_operator.api import async_config as ac
+from kubeinfer_operator.api import data_capture as dc
 from kubeinfer_operator.api import endpoint as ep
 from kubeinfer_operator.api import transform_job as tj
 from kubeinfer_operator.api.compile_options import CROSS_TARGETS
@@ -68,6 +69,13 @@ def _or_default(model: type[BaseModel], field: str, var: str = "self") -> str:
     default = model.model_fields[field].default
     literal = f"'{default}'" if isinstance(default, str) else repr(default)
     return f"(has({var}.{field}) ? {var}.{field} : {literal})"
+
+
+def _or_default_list(model: type[BaseModel], field: str, var: str = "self") -> str:
+    """A list-of-strings ``field`` of ``var`` as CEL, its model default when absent."""
+    info = model.model_fields[field]
+    default = info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
+    return f"(has({var}.{field}) ? {var}.{field} : {_strings(default)})"
 
 
 def _strings(values: Any) -> str:
@@ -165,6 +173,18 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
                          "size(self.regions) == 0",
             "auth.regions applies to mode SigV4 only; remove it"),
     _min_max("spec.async.scaling", ac.AsyncScaling, _MIN_MAX),
+    # data capture (api.endpoint.EndpointSpec._check_variants, api.data_capture.DataCapture)
+    CelRule("spec", f"!has(self.dataCapture) || {_TYPE} != 'Async'",
+            "applies to RealTime and Serverless endpoints; remove it (Async endpoints keep "
+            "every input and output in the object store already)", ".dataCapture"),
+    CelRule("spec.dataCapture", "!has(self.captureOptions) || "
+                                + _unique("self.captureOptions"),
+            "captureOptions repeats a mode; list Input and/or Output once each"),
+    CelRule("spec.dataCapture",
+            f"!{_or_default_list(dc.DataCapture, 'csvContentTypes')}.exists(c, "
+            f"{_or_default_list(dc.DataCapture, 'jsonContentTypes')}.exists(j, j == c))",
+            "a content type is in both csvContentTypes and jsonContentTypes; list each in one "
+            "of them"),
     # one variant (api.endpoint.ProductionVariant, reconcile.validate._variant_problems)
     CelRule("spec.variants[]", _exactly_one(("model", "multiModel", "containers")),
             "set exactly one of model, multiModel, containers"),
@@ -191,6 +211,28 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
     CelRule("spec.variants[].containers[]", "!has(self.model) || !has(self.model.compile)",
             "only a variant's own model compiles before it is served; run a CompilationJob "
             "and give the step its artifact (model.format: compiled)", ".model.compile"),
+    # shadow variants (api.endpoint._check_shadows, ShadowVariant, reconcile.validate)
+    CelRule("spec", f"!has(self.shadowVariants) || size(self.shadowVariants) == 0 || "
+                    f"{_TYPE} != 'Async'",
+            "applies to RealTime and Serverless endpoints; remove it (an Async endpoint's "
+            "requests are queued, not answered synchronously)", ".shadowVariants"),
+    CelRule("spec", "!has(self.shadowVariants) || "
+                    "self.shadowVariants.all(s, !self.variants.exists(v, v.name == s.name))",
+            "a shadow variant's name is already used by a variant; give each a unique name",
+            ".shadowVariants"),
+    CelRule("spec.shadowVariants[]", _exactly_one(("model", "multiModel", "containers")),
+            "set exactly one of model, multiModel, containers"),
+    CelRule("spec.shadowVariants[]", "!has(self.inferenceExecution) || has(self.containers)",
+            "inferenceExecution applies to containers only; remove it"),
+    CelRule("spec.shadowVariants[]", "!has(self.admission)",
+            "admission applies to production variants; remove it"),
+    CelRule("spec.shadowVariants[]", "!has(self.autoscaling)",
+            "autoscaling applies to production variants (a shadow keeps its replicas); remove "
+            "it and set replicas"),
+    CelRule("spec.shadowVariants[]", f"!(self.name in {_strings(RESERVED_VARIANT_NAMES)})",
+            "is reserved for the Endpoint's own gateway objects; rename the variant", ".name"),
+    CelRule("spec.shadowVariants[].env[]", f"!(self.name in {_strings(OPERATOR_ENV)})",
+            "is set by the operator; remove it from the spec", ".name"),
     # auto scaling (api.endpoint.AutoScaling, ScheduledScaling, _MetricRef)
     _min_max("spec.variants[].autoscaling", ep.AutoScaling, _MIN_MAX),
     CelRule("spec.variants[].autoscaling",
@@ -203,6 +245,37 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
       for policies in ("targetTracking", "stepScaling")),
     CelRule("spec.variants[].autoscaling.scheduled[]",
             "self.minReplicas <= self.maxReplicas", _MIN_MAX),
+    # deployment guardrails (api.deployment_config, api.endpoint._check_guardrails)
+    CelRule("spec", f"!has(self.deploymentConfig) || {_TYPE} == "
+                    f"'{ep.EndpointType.REAL_TIME.value}'",
+            "applies to RealTime endpoints; remove it: Serverless and Async endpoints update "
+            "their variants in place", ".deploymentConfig"),
+    CelRule("spec", "!has(self.deploymentConfig) || !has(self.deploymentConfig.rolling) || "
+                    "size(self.variants) == 1",
+            "applies to endpoints with one variant (as in SageMaker); use "
+            "deploymentConfig.blueGreen, or keep one of variants", ".deploymentConfig.rolling"),
+    CelRule("spec", "!has(self.deploymentConfig) || self.variants.all(v, !has(v.autoscaling))",
+            "cannot roll out variants with autoscaling: the scaler sees one fleet per variant; "
+            "remove autoscaling from the variants or remove deploymentConfig",
+            ".deploymentConfig"),
+    CelRule("spec.deploymentConfig", _exactly_one(("blueGreen", "rolling")),
+            "set exactly one of blueGreen, rolling"),
+    CelRule("spec.deploymentConfig.blueGreen.trafficRouting",
+            "has(self.canarySize) == (self.type == 'Canary') && "
+            "has(self.linearStepSize) == (self.type == 'Linear')",
+            "set canarySize exactly when type is Canary, linearStepSize exactly when type is "
+            "Linear"),
+    CelRule("spec.deploymentConfig.autoRollback.alarms[]",
+            _exactly_one(("errorRate", "latencyP99Ms", "promQL", "disagreement")),
+            "set exactly one of errorRate, latencyP99Ms, promQL, disagreement"),
+    CelRule("spec.deploymentConfig.autoRollback.alarms[]",
+            "!has(self.mirrorSamplingPercentage) || has(self.disagreement)",
+            "mirrorSamplingPercentage applies to disagreement alarms; remove it or set "
+            "disagreement"),
+    CelRule("spec.deploymentConfig.autoRollback",
+            "has(self.prometheusUrl) || !has(self.alarms) || "
+            "!self.alarms.exists(a, has(a.promQL))",
+            "a promQL alarm needs prometheusUrl; set it to your Prometheus server"),
 )
 
 _NO_COMPILE = ("a TransformJob runs its model as given; run a CompilationJob and give the job "

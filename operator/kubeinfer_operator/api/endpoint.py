@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from kubeinfer_operator.api.async_config import AsyncConfig
 from kubeinfer_operator.api.compile_options import ModelCompile
 from kubeinfer_operator.api.cron import parse_cron
+from kubeinfer_operator.api.data_capture import DataCapture
+from kubeinfer_operator.api.deployment_config import DeploymentConfig, RolloutStatus
 from kubeinfer_operator.api.placement import GatewaySettings, PodTemplate
 from kubeinfer_runtime.contract.auth import AuthMode
 
@@ -517,8 +519,8 @@ class AdmissionLimits(_Spec):
     ] = None
 
 
-class ProductionVariant(_Spec):
-    """One production variant: a model served by N replicas, receiving a share of traffic."""
+class VariantFleet(_Spec):
+    """What a production or shadow variant runs: a model served by N replicas."""
 
     name: Annotated[
         str,
@@ -529,16 +531,6 @@ class ProductionVariant(_Spec):
             max_length=40,
         ),
     ]
-    weight: Annotated[
-        float,
-        Field(
-            description=(
-                "Relative share of traffic (SageMaker InitialVariantWeight). The share is "
-                "weight / sum of weights; 0 receives traffic only when targeted."
-            ),
-            ge=0,
-        ),
-    ] = 1.0
     model: Annotated[
         ModelSource | None,
         Field(description="The model this variant serves (set exactly one of model, "
@@ -590,7 +582,7 @@ class ProductionVariant(_Spec):
     ] = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> ProductionVariant:
+    def _one_source(self) -> VariantFleet:
         _require_exactly_one(self, f"variant {self.name!r}",
                              ("model", "multiModel", "containers"))
         if self.inferenceExecution is not None and self.containers is None:
@@ -602,6 +594,62 @@ class ProductionVariant(_Spec):
             if dupes:
                 raise ValueError(f"variant {self.name!r}: duplicate container name(s) "
                                  f"{', '.join(dupes)}; give each step a unique name")
+        return self
+
+
+class ProductionVariant(VariantFleet):
+    """One production variant: a model served by N replicas, receiving a share of traffic."""
+
+    weight: Annotated[
+        float,
+        Field(
+            description=(
+                "Relative share of traffic (SageMaker InitialVariantWeight). The share is "
+                "weight / sum of weights; 0 receives traffic only when targeted."
+            ),
+            ge=0,
+        ),
+    ] = 1.0
+
+
+class ShadowVariant(VariantFleet):
+    """A shadow variant (SageMaker ShadowProductionVariants): its own model servers get a
+    sampled copy of answered production requests; its answers are compared with
+    production's and discarded, never returned to a client."""
+
+    name: Annotated[
+        str,
+        Field(
+            description="Shadow variant name (DNS label), unique across variants and shadow "
+                        "variants; it labels the comparison in status.shadow and metrics.",
+            pattern=DNS_LABEL,
+            min_length=1,
+            max_length=40,
+        ),
+    ]
+    samplingPercentage: Annotated[
+        float,
+        Field(description="Share of answered production requests copied to this shadow, 0 "
+                          "to 100 (SageMaker SamplingPercentage); each request is drawn at "
+                          "random.", ge=0, le=100),
+    ] = 100.0
+    timeoutSeconds: Annotated[
+        float,
+        Field(description="Longest the gateway waits for the shadow's answer to a copy; "
+                          "past it the copy counts as a shadow error. Production never "
+                          "waits for it.", gt=0, le=3600),
+    ] = 10.0
+
+    @model_validator(mode="after")
+    def _no_admission(self) -> ShadowVariant:
+        if self.admission is not None:
+            raise ValueError(f"shadow variant {self.name!r}: admission applies to production "
+                             "variants (a shadow's copies are bounded by the gateway's queue "
+                             "per shadow); remove it")
+        if self.autoscaling is not None:
+            raise ValueError(f"shadow variant {self.name!r}: autoscaling applies to production "
+                             "variants (a shadow keeps its replicas); remove it and set "
+                             "replicas")
         return self
 
 
@@ -633,6 +681,19 @@ class EndpointSpec(_Spec):
         GatewaySettings | None,
         Field(description="The gateway's pods: placement and identity (podTemplate)."),
     ] = None
+    dataCapture: Annotated[
+        DataCapture | None,
+        Field(description="Capture a sample of requests and responses in SageMaker's "
+                          "capture format (SageMaker DataCaptureConfig); RealTime and "
+                          "Serverless endpoints."),
+    ] = None
+    deploymentConfig: Annotated[
+        DeploymentConfig | None,
+        Field(description="Deployment guardrails (SageMaker DeploymentConfig): a variant "
+                          "whose model servers change rolls out blue/green or in batches, "
+                          "with alarms that roll it back. Unset: a plain rolling update of "
+                          "the variant's Deployment."),
+    ] = None
     variants: Annotated[
         list[ProductionVariant],
         Field(
@@ -645,6 +706,20 @@ class EndpointSpec(_Spec):
             },
         ),
     ]
+    shadowVariants: Annotated[
+        list[ShadowVariant],
+        Field(
+            description="Shadow variants (SageMaker ShadowProductionVariants): each gets a "
+                        "sampled copy of answered production requests, off the client's path; "
+                        "both answers are compared (status.shadow). RealTime and Serverless "
+                        "endpoints; names unique across variants and shadow variants.",
+            max_length=10,
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+            },
+        ),
+    ] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_variants(self) -> EndpointSpec:
@@ -657,10 +732,64 @@ class EndpointSpec(_Spec):
             raise ValueError("spec.variants[*].weight: all weights are 0; give at least one "
                              "variant a weight above 0")
         _check_async(self)
+        _check_shadows(self)
+        if self.deploymentConfig is not None:
+            _check_guardrails(self, self.deploymentConfig)
         if self.serverless is not None and self.type is not EndpointType.SERVERLESS:
             raise ValueError(f"spec.serverless applies to type Serverless only (type is "
                              f"{self.type.value}); remove it or set type: Serverless")
+        if self.dataCapture is not None and self.type is EndpointType.ASYNC:
+            raise ValueError("spec.dataCapture applies to RealTime and Serverless endpoints; "
+                             "remove it (Async endpoints keep every input and output in the "
+                             "object store already)")
         return self
+
+
+def _check_guardrails(spec: EndpointSpec, config: DeploymentConfig) -> None:
+    """Where ``deploymentConfig`` works: RealTime endpoints (an Async endpoint's workers
+    share one queue, a Serverless variant's replicas follow its own traffic), variants
+    without autoscaling (the scaler and HPAs see one fleet per variant), and ``rolling``
+    on one variant only (SageMaker excludes rolling deployments of multi-variant and
+    Serverless endpoints too)."""
+    if spec.type is not EndpointType.REAL_TIME:
+        raise ValueError(f"spec.deploymentConfig applies to RealTime endpoints (type is "
+                         f"{spec.type.value}); remove it: {spec.type.value} endpoints update "
+                         "their variants in place")
+    if config.rolling is not None and len(spec.variants) > 1:
+        raise ValueError("spec.deploymentConfig.rolling applies to endpoints with one variant "
+                         "(as in SageMaker); use deploymentConfig.blueGreen, or keep one of "
+                         "spec.variants")
+    scaled = [v.name for v in spec.variants if v.autoscaling is not None]
+    if scaled:
+        raise ValueError(f"spec.deploymentConfig cannot roll out variants with autoscaling "
+                         f"({', '.join(scaled)}): the scaler sees one fleet per variant; remove "
+                         "autoscaling from the variants or remove deploymentConfig")
+    _check_fleet_names(spec)
+
+
+def _check_shadows(spec: EndpointSpec) -> None:
+    """Shadows: synchronous endpoints only, names unique across variants and shadows."""
+    if not spec.shadowVariants:
+        return
+    if spec.type is EndpointType.ASYNC:
+        raise ValueError("spec.shadowVariants applies to RealTime and Serverless endpoints; "
+                         "remove it (an Async endpoint's requests are queued, not answered "
+                         "synchronously), or test the model on a separate Async endpoint")
+    production = {v.name for v in spec.variants}
+    names = [s.name for s in spec.shadowVariants]
+    clash = sorted({n for n in names if n in production or names.count(n) > 1})
+    if clash:
+        raise ValueError(f"spec.shadowVariants: name(s) {', '.join(clash)} already used by a "
+                         "variant or another shadow variant; give each a unique name")
+
+
+def _check_fleet_names(spec: EndpointSpec) -> None:
+    """Under a deploymentConfig, variant ``v``'s green fleet is named ``v-green``."""
+    names = {v.name for v in spec.variants}
+    taken = sorted(n for n in names if n.endswith("-green") and n[:-len("-green")] in names)
+    if taken:
+        raise ValueError(f"spec.variants: {', '.join(taken)} would share its name with the "
+                         "green fleet of another variant under deploymentConfig; rename it")
 
 
 def _check_async(spec: EndpointSpec) -> None:
@@ -755,6 +884,41 @@ class VariantStatus(BaseModel):
                                                   "what the compile step chose.")
 
 
+class ShadowStatus(BaseModel):
+    """One shadow variant's running comparison with production (totals since the gateways
+    started), read from the gateways' metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The shadow variant (spec.shadowVariants[*].name).")
+    copiesSent: int = Field(default=0, description="Copies the shadow answered.")
+    copiesFailed: int = Field(default=0, description="Copies the shadow did not answer "
+                              "(timed out, refused, no ready model server).")
+    copiesDropped: int = Field(default=0, description="Copies never sent: the gateway's "
+                               "queue for the shadow was full (the shadow is too slow).")
+    requestsCompared: int = Field(default=0, description="Requests both sides answered "
+                                  "with 2xx, compared.")
+    agreementPercent: float | None = Field(default=None, description="Share of compared "
+                                           "requests whose answers agree: same labels or "
+                                           "argmax, or numbers within tolerance.")
+    productionErrors: int = Field(default=0, description="Error answers of production to "
+                                  "sampled requests.")
+    shadowErrors: int = Field(default=0, description="Error answers (or none) of the shadow "
+                              "to copies.")
+    productionLatencyP50Ms: float | None = Field(default=None, description="Production's "
+                                                 "median latency on sampled requests, ms.")
+    productionLatencyP99Ms: float | None = Field(default=None, description="Production's "
+                                                 "99th percentile latency, ms.")
+    shadowLatencyP50Ms: float | None = Field(default=None, description="The shadow's median "
+                                             "latency on copies, ms.")
+    shadowLatencyP99Ms: float | None = Field(default=None, description="The shadow's 99th "
+                                             "percentile latency, ms.")
+    meanMaxAbsDiff: float | None = Field(default=None, description="Numeric answers: mean "
+                                         "over requests of the largest absolute difference.")
+    meanMaxRelDiff: float | None = Field(default=None, description="Numeric answers: mean "
+                                         "over requests of the largest relative difference.")
+
+
 class EndpointStatus(BaseModel):
     """What the operator observed of the Endpoint: conditions, URL and each variant."""
 
@@ -776,6 +940,15 @@ class EndpointStatus(BaseModel):
         description="Per variant, one entry by name: replicas, weight and what the scaler "
         "last did.")
     readyVariants: str | None = Field(default=None, description="Rolled-out/total variants.")
+    rollouts: list[RolloutStatus] = Field(
+        default_factory=list, json_schema_extra={"x-kubernetes-list-type": "map",
+                                                 "x-kubernetes-list-map-keys": ["variant"]},
+        description="spec.deploymentConfig: each variant's latest guarded rollout (phase, "
+        "step, traffic on green, last alarm evaluation).")
+    shadow: list[ShadowStatus] = Field(
+        default_factory=list, json_schema_extra=LIST_MAP_BY_NAME,
+        description="spec.shadowVariants: each shadow's running comparison with production "
+        "(kubeinfer shadow report NAME shows the same).")
 
 
 class ObjectMeta(BaseModel):

@@ -62,6 +62,16 @@ def compiling(spec: Any) -> bool:
         for v in variants)
 
 
+def guarded(spec: Any) -> bool:
+    """Whether an Endpoint has deployment guardrails (its rollouts advance on the clock)."""
+    return isinstance(spec, dict) and bool(spec.get("deploymentConfig"))
+
+
+def shadowed(spec: Any) -> bool:
+    """Whether an Endpoint has shadow variants (status.shadow is read at the scaler's pace)."""
+    return isinstance(spec, dict) and bool(spec.get("shadowVariants"))
+
+
 def register(registry: kopf.OperatorRegistry, sync: EndpointSync, interval_s: float,
              resync_s: float | None = None) -> None:
     """Register the Endpoint handlers on ``registry`` (no module-level global state)."""
@@ -101,7 +111,10 @@ def register(registry: kopf.OperatorRegistry, sync: EndpointSync, interval_s: fl
             # kopf keeps a daemon's body current: only scaled Endpoints pay for
             # the scaler's reads.
             is_scaled = scaled(body.get("spec"))
-            polled = compiling(body.get("spec"))
+            # Compiling variants, and guarded rollouts (deploymentConfig: steps, bakes and
+            # alarms advance on the clock), are followed at the scaler's pace.
+            polled = (compiling(body.get("spec")) or guarded(body.get("spec"))
+                      or shadowed(body.get("spec")))  # status.shadow follows the gateways
             try:
                 if is_scaled:
                     await sync.autoscale(namespace or "", name)

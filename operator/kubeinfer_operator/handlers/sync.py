@@ -23,6 +23,7 @@ from kubeinfer_operator.k8s import kinds
 from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient, Rejected
 from kubeinfer_operator.k8s.events import post_events
 from kubeinfer_operator.observability import KIND_ENDPOINT, OperatorMetrics
+from kubeinfer_operator.reconcile import rollout_status
 from kubeinfer_operator.reconcile import status as st
 from kubeinfer_operator.reconcile.async_validate import async_cluster_problems
 from kubeinfer_operator.reconcile.cluster_scaling import scaling_event
@@ -45,6 +46,7 @@ from kubeinfer_operator.reconcile.upgrades import (
 from kubeinfer_operator.reconcile.validate import (
     REASON_INVALID_SPEC,
     InvalidSpec,
+    capture_cluster_problems,
     validate_endpoint,
 )
 from kubeinfer_operator.render import k8s_meta as meta
@@ -57,7 +59,15 @@ from kubeinfer_operator.render.k8s import (
 )
 from kubeinfer_operator.render.k8s_autoscaling import autoscaling_problems
 from kubeinfer_operator.render.plan import EndpointPlan, plan_endpoint
+from kubeinfer_operator.render.rollout import (
+    expand_plan,
+    gateway_pods_for_alarms,
+    keep_live,
+    kept_fleets,
+)
 from kubeinfer_operator.scaling.cluster import ClusterScaler
+from kubeinfer_operator.scaling.rollouts import RolloutGuard
+from kubeinfer_operator.scaling.shadows import read_shadow_status, shadow_names
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.outbound import OutboundPolicy
 
@@ -91,6 +101,7 @@ def _check_on_kubernetes(plan: EndpointPlan, namespace: str, name: str,
     async queue without Redis or with file:// outputs) as InvalidSpec, naming field and fix."""
     problems = autoscaling_problems(plan) + variant_compile_problems(plan)
     problems += async_cluster_problems(plan, redis_url=redis_url)
+    problems += capture_cluster_problems(plan.capture_destination)
     if problems:
         raise InvalidSpec(f"{namespace}/{name}", problems)
 
@@ -123,6 +134,8 @@ class EndpointSync:
         #: Endpoints told (by an Event) that their upgrade waits for a slot.
         self._queued_noted: set[tuple[str, str]] = set()
         self._woken: set[asyncio.Task[None]] = set()
+        #: Guarded rollouts (spec.deploymentConfig): alarm windows and their scrapes.
+        self.rollouts = RolloutGuard(scaler)
 
     async def sync(self, namespace: str, name: str) -> None:
         """Bring one Endpoint's children and status in line with its spec.
@@ -137,6 +150,7 @@ class EndpointSync:
                 # the runtime Secret with the namespace's last Endpoint).
                 if self.scaler is not None:
                     self.scaler.forget(namespace, name)
+                self.rollouts.forget(namespace, name)
                 self.events.forget(namespace, name)
                 self._upgrade_done((namespace, name))
                 return
@@ -187,10 +201,19 @@ class EndpointSync:
                 v.name for v in plan.variants) if accepts_scale_requests(plan) else None)
             self.scaler.hand_over_to_hpas(plan, namespace)
             plan = self.scaler.replicas_for(plan, namespace, deployments)
-        existing = {v.name for v in plan.variants
+        decisions = await self.rollouts.decide(
+            plan, endpoint.spec.deploymentConfig, namespace, deployments, old_status,
+            self.clock(), endpoint_url(owner, self.settings),
+            gateway_pods_url(owner, self.settings))
+        # plan itself without a rollout
+        fleets = expand_plan(plan, decisions, endpoint.spec.deploymentConfig)
+        existing = {v.name for v in fleets.variants
                     if meta.variant_object_name(name, v.name) in deployments}
-        desired = render_endpoint(plan, owner, self.settings,
-                                  st.serving_variants(plan, deployments), existing)
+        desired = keep_live(render_endpoint(fleets, owner, self.settings,
+                                            st.serving_variants(fleets, deployments), existing),
+                            name, kept_fleets(decisions), deployments)
+        desired += gateway_pods_for_alarms(endpoint.spec.deploymentConfig, fleets,
+                                                  desired, owner, self.settings)
         upgrading = image_drift(desired, actual, self._managed_images)
         if upgrading and not self.upgrades.admit((namespace, name)):
             desired = hold_images(desired, actual, self._managed_images)
@@ -207,19 +230,27 @@ class EndpointSync:
             await self._fail(obj, st.REASON_NAME_CONFLICT, message)
             raise ChildConflict(message)
         deployments = {**deployments, **st.deployments_by_name(written)}
-        status = st.endpoint_status(plan, deployments, url=endpoint_url(owner, self.settings),
+        status = st.endpoint_status(plan, rollout_status.serving_aliases(name, deployments,
+                                                                         decisions),
+                                    url=endpoint_url(owner, self.settings),
                                     old=old_status, now=self.clock())
+        rollout_events = rollout_status.apply(status, decisions, generation, old_status,
+                                              self.clock())
         if self.scaler is not None:
             for variant in status["variants"]:
                 reason = self.scaler.reason_for(namespace, name, variant["name"])
                 if reason:
                     variant["lastScaling"] = reason
+        if self.scaler is not None and shadow_names(plan):  # spec.shadowVariants
+            shadow = await read_shadow_status(self.scaler, plan, endpoint_url(owner, self.settings),
+                                              gateway_pods_url(owner, self.settings))
+            status["shadow"] = shadow if shadow is not None else old_status.get("shadow", [])
         await self._compile_outcomes(plan, namespace, status)
         await self._write_status(obj, status)
         # Created / Updated / RolloutComplete, decided from what this reconcile did.
         await post_events(self.kube, kinds.ENDPOINT, namespace, name, owner.uid,
-                          self.events.decide(namespace, name, old_status, status, changes),
-                          self.clock())
+                          self.events.decide(namespace, name, old_status, status, changes)
+                          + rollout_events, self.clock())
         if not upgrading and st.condition_true(status, st.READY):
             self._upgrade_done((namespace, name))
 

@@ -266,6 +266,8 @@ class LocalScaler:
         now_m = time.monotonic()
         plan = sup.current_plan()
         for variant in plan.variants:
+            if variant.shadow_sampling is not None:
+                continue  # shadows keep their replicas (never scaled to zero)
             children = sup._variant_children(variant.name, active=True)
             cpu: dict[str, float] = {}
             for child in children:

@@ -127,6 +127,9 @@ class EndpointState(_Model):
     last_apply: ApplyResult | None = None
     variants: list[VariantState] = Field(default_factory=list)
     processes: list[ProcessState] = Field(default_factory=list)
+    #: spec.deploymentConfig: each variant's latest guarded rollout (as the operator's
+    #: ``status.rollouts``: phase, step, traffic on green, last alarm evaluation).
+    rollouts: list[dict[str, Any]] = Field(default_factory=list)
     updated_at: float = 0.0
 
 

@@ -46,6 +46,7 @@ from kubeinfer_operator.local.manifest import outbound_policy, parse_endpoint
 from kubeinfer_operator.local.memory import OOM_KILLED, Verdict, memory_limit, oom_event
 from kubeinfer_operator.local.paths import EndpointPaths
 from kubeinfer_operator.local.process import tail
+from kubeinfer_operator.local.rollout import LocalRollouts
 from kubeinfer_operator.local.scaler import LocalScaler, keep_scaled_replicas
 from kubeinfer_operator.local.state import (
     ApplyResult,
@@ -65,6 +66,7 @@ from kubeinfer_operator.reconcile.validate import outbound_problems
 from kubeinfer_operator.render.plan import EndpointPlan, VariantPlan, plan_endpoint
 from kubeinfer_runtime.contract import Role, RouteTable
 from kubeinfer_runtime.contract.auth import AuthRoute
+from kubeinfer_runtime.contract.capture import CaptureRoute
 from kubeinfer_runtime.contract.outbound import OutboundPolicy
 
 log = logging.getLogger("kubeinfer.local")
@@ -113,6 +115,8 @@ class Supervisor:
         self.memory_interval_s = memory_interval_s
         self.children: list[Child] = []
         self.gateway: Child | None = None
+        #: ``spec.dataCapture`` as the gateway gets it (route table), None: off.
+        self.capture: CaptureRoute | None = None
         #: Variants the route table serves, by name, and their order in the spec.
         self.running: dict[str, VariantPlan] = {}
         self.order: list[str] = []
@@ -141,6 +145,8 @@ class Supervisor:
         self.async_local = AsyncLocal(self)
         #: How the gateway authenticates callers (None: it does not; local default).
         self.auth_route: AuthRoute | None = None
+        #: Deployment guardrails (spec.deploymentConfig): blue/green and rolling rollouts.
+        self.rollouts = LocalRollouts(self)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -209,20 +215,24 @@ class Supervisor:
                             type="Serverless" if self.serverless else "RealTime",
                             serverless=self.serverless,
                             async_config=self.async_local.plan,
-                            redis_url=self.async_local.route_redis_url)
+                            redis_url=self.async_local.route_redis_url,
+                            capture=self.capture)
 
     def sync_routes(self) -> None:
         """Route every ready, active server of a running variant; write the table if changed."""
         upstreams: dict[str, list[str]] = {}
+        # A variant under a guarded rollout is routed as its two fleets (``local.rollout``).
+        plan = self.rollouts.expand(self.current_plan())
+        fleets = {v.name for v in plan.variants}
         for child in self.children:
             variant = child.spec.variant
             # Async workers take no traffic from the gateway but count as serving.
             routed = (child.spec.role in (Role.MODEL_SERVER, Role.ASYNC_WORKER) and child.active
-                      and child.ready and variant in self.running)
+                      and child.ready and variant in fleets)
             child.routed = routed
             if routed and variant is not None and child.spec.role is Role.MODEL_SERVER:
                 upstreams.setdefault(variant, []).append(child.url)
-        table = self.current_plan().route_table(upstreams, auth=self.auth_route)
+        table = plan.route_table(upstreams, auth=self.auth_route)
         text = table.to_json()
         if text != self._routes_json:
             table.write_atomic(self.paths.routes)
@@ -232,7 +242,7 @@ class Supervisor:
         # The private redis-server of an async endpoint is listed (and judged) too.
         procs = [c.snapshot() for c in self.children] + self.async_local.processes()
         variants = []
-        for plan in self.current_plan().variants:
+        for plan in self.rollouts.expand(self.current_plan()).variants:
             ready = sum(1 for c in self.children if c.spec.variant == plan.name and c.routed)
             variants.append(VariantState(name=plan.name, weight=plan.weight,
                                          replicas=plan.replicas, ready=ready,
@@ -251,7 +261,7 @@ class Supervisor:
             url=self.gateway.url if self.gateway else None, phase=summary.phase,
             message=summary.message, generation=self.generation,
             observed_generation=self.observed, last_apply=self.last_apply,
-            variants=variants, processes=procs,
+            variants=variants, processes=procs, rollouts=self.rollouts.status(),
         )
 
     def write_state(self) -> None:
@@ -495,19 +505,24 @@ class Supervisor:
                 errors.append(str(exc))
                 return
             changes = diff_plans(old_plan, new_plan)
+            self.rollouts.config = endpoint.spec.deploymentConfig
+            carried = self.rollouts.split(changes, new_plan)
             self.namespace = new_plan.namespace
             self.serverless = new_plan.serverless
+            self.capture = new_plan.capture
             self.order = [v.name for v in new_plan.variants]
             deadline = time.monotonic() + desired.timeout_s
             for change in changes:
                 self.event(f"Applying generation {desired.generation}: {change.describe()}")
             # Capacity first (in parallel across variants), removals last.
-            first = [c for c in changes if c.kind is not ChangeKind.REMOVE]
-            last = [c for c in changes if c.kind is ChangeKind.REMOVE]
+            first = [c for c in carried if c.kind is not ChangeKind.REMOVE]
+            last = [c for c in carried if c.kind is ChangeKind.REMOVE]
             for batch in (first, last):
                 results = await asyncio.gather(
                     *(self.apply_change(c, deadline, desired.timeout_s) for c in batch))
                 errors += [r for r in results if r]
+            if self.rollouts.targets:  # guarded rollouts start now, then step on their own
+                await self.rollouts.step_all()
             self.sync_routes()
             # `up` reports success only once the gateway routes with the new table.
             await self.wait_gateway_synced(limit_s=max(5.0, desired.timeout_s / 4))
@@ -562,7 +577,8 @@ class Supervisor:
             monitor = asyncio.create_task(self.monitor(client))
             scaler = asyncio.create_task(self.scaler.run(client))
             async_scaler = asyncio.create_task(self.async_local.run())
-            tasks = [async_scaler, scaler, monitor]
+            rollouts = asyncio.create_task(self.rollouts.run())
+            tasks = [rollouts, async_scaler, scaler, monitor]
             if self.memory_interval_s > 0:
                 tasks.insert(0, asyncio.create_task(self.watch_memory()))
             try:

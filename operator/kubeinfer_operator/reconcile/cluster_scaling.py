@@ -170,7 +170,8 @@ class ScalerMemory:
         hpa = k8s_autoscaling.hpa_variants(plan)
         messages = []
         for variant in plan.variants:
-            if (plan.serverless is None and variant.autoscaling is None) or variant.name in hpa:
+            if ((plan.serverless is None and variant.autoscaling is None) or variant.name in hpa
+                    or variant.shadow_sampling is not None):  # shadows keep their replicas
                 continue
             mem = self._mem((namespace, plan.name, variant.name))
             replicas = current.get(variant.name, variant.replicas)

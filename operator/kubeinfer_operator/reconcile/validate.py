@@ -8,7 +8,8 @@ once, so the operator can set ``Ready=False, reason=InvalidSpec`` with one
 message naming every field and its fix, and create nothing half-way.
 
 URLs our own processes will call (``spec.async.notification.successUrl`` /
-``errorUrl``, ``spec.variants[].autoscaling.prometheusUrl``) are checked
+``errorUrl``, ``spec.variants[].autoscaling.prometheusUrl``,
+``spec.deploymentConfig.autoRollback.prometheusUrl``) are checked
 against the outbound policy (``contract.outbound``): a link-local, cloud
 metadata or API-server destination is refused here, naming the field, unless
 the allow-list lets it through. (Names that only *resolve* to such addresses
@@ -27,7 +28,7 @@ from kubeinfer_operator.api.endpoint import (
     Endpoint,
     EndpointSpec,
     ObjectMeta,
-    ProductionVariant,
+    VariantFleet,
     format_validation_error,
 )
 from kubeinfer_operator.errors import SpecError
@@ -104,8 +105,10 @@ def _resource_problems(path: str, requests: dict[str, str],
     return problems
 
 
-def _variant_problems(endpoint: str, index: int, v: ProductionVariant) -> list[str]:
-    path = f"spec.variants[{index}]"
+def _variant_problems(endpoint: str, index: int, v: VariantFleet,
+                      field: str = "variants") -> list[str]:
+    """``field``: variants, or shadowVariants (a shadow runs what a variant runs)."""
+    path = f"spec.{field}[{index}]"
     problems: list[str] = []
     object_name = meta.variant_object_name(endpoint, v.name)
     if v.name in meta.RESERVED_VARIANT_NAMES:
@@ -147,6 +150,13 @@ def outbound_problems(spec: EndpointSpec, policy: OutboundPolicy) -> list[str]:
         if variant.autoscaling is not None:
             urls.append((f"spec.variants[{i}].autoscaling.prometheusUrl",
                          variant.autoscaling.prometheusUrl))
+    for i, shadow in enumerate(spec.shadowVariants):
+        if shadow.autoscaling is not None:
+            urls.append((f"spec.shadowVariants[{i}].autoscaling.prometheusUrl",
+                         shadow.autoscaling.prometheusUrl))
+    if spec.deploymentConfig is not None and spec.deploymentConfig.autoRollback is not None:
+        urls.append(("spec.deploymentConfig.autoRollback.prometheusUrl",
+                     spec.deploymentConfig.autoRollback.prometheusUrl))
     return [problem for path, url in urls
             if url and (problem := url_problem(url, policy, path)) is not None]
 
@@ -166,6 +176,8 @@ def validate_endpoint(name: str, namespace: str, spec: Any, *,
         raise InvalidSpec(qualified, problems) from exc
     for i, variant in enumerate(parsed.variants):
         problems += _variant_problems(name, i, variant)
+    for i, shadow in enumerate(parsed.shadowVariants):
+        problems += _variant_problems(name, i, shadow, "shadowVariants")
     problems += outbound_problems(parsed, outbound if outbound is not None
                                   else OutboundPolicy.parse())
     if problems:
@@ -173,3 +185,13 @@ def validate_endpoint(name: str, namespace: str, spec: Any, *,
     # The name passed _name_problems, so ObjectMeta's own pattern accepts it.
     return Endpoint(apiVersion="kubeinfer.io/v1alpha1", kind="Endpoint",
                     metadata=ObjectMeta(name=name, namespace=namespace), spec=parsed)
+
+
+def capture_cluster_problems(destination: str) -> list[str]:
+    """On Kubernetes, ``spec.dataCapture.destination`` (as written) must be s3://: a file://
+    folder would be inside the gateway's pod, lost with it."""
+    if not destination or destination.startswith("s3://"):
+        return []
+    return [f"spec.dataCapture.destination: {destination} is a folder inside the gateway's "
+            "pod on Kubernetes, lost when the pod goes; use s3://bucket/prefix (file:// is "
+            "for local mode)"]

@@ -92,7 +92,9 @@ def render_endpoint(plan: EndpointPlan, owner: Owner, settings: OperatorSettings
         manifests.append(w.gateway_pods_service(owner, settings))
     manifests.append(w.gateway_deployment(owner, settings,
                                           secrets.resolve_auth(plan.auth, settings),
-                                          plan.gateway_pod_template))
+                                          plan.gateway_pod_template,
+                                          s3=plan.capture is not None
+                                          and plan.capture.destination.startswith("s3://")))
     manifests += disruption.disruption_budgets(plan, owner, settings.gateway_replicas)
     if settings.network_policy:
         manifests += policies.network_policies(owner, plan, settings)

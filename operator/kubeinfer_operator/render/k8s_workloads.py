@@ -286,8 +286,11 @@ def model_server_service(owner: Owner, variant: VariantPlan,
 
 def gateway_deployment(owner: Owner, settings: OperatorSettings,
                        auth: secrets.ResolvedAuth | None = None,
-                       pod_template: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``pod_template``: the Endpoint's ``spec.gateway.podTemplate`` as written."""
+                       pod_template: dict[str, Any] | None = None,
+                       s3: bool = False) -> dict[str, Any]:
+    """``pod_template``: the Endpoint's ``spec.gateway.podTemplate`` as written; ``s3``: the
+    gateway writes to the object store (data capture to s3://), with the model servers'
+    S3 credentials."""
     tmp_volume, tmp_mount = _tmp_volume()
     routes_volume = {"name": "routes",
                      "configMap": {"name": meta.routes_name(owner.name)}}
@@ -309,6 +312,8 @@ def gateway_deployment(owner: Owner, settings: OperatorSettings,
                                    secrets.runtime_env(settings, redis=True, scaler=True))
     container["readinessProbe"] = _probe(GATEWAY_HEALTH_PATH, period=5, failures=3)
     container["livenessProbe"] = _probe(GATEWAY_HEALTH_PATH, period=10, failures=3)
+    if s3 and settings.s3_secret_name:
+        container["envFrom"] = [{"secretRef": {"name": settings.s3_secret_name}}]
     container["resources"] = {
         "requests": {"cpu": settings.gateway_cpu_request,
                      "memory": settings.gateway_memory_request},

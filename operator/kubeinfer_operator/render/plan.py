@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from kubeinfer_operator.api.data_capture import DataCapture
 from kubeinfer_operator.api.endpoint import (
     AuthConfig,
     AutoScaling,
@@ -25,6 +26,7 @@ from kubeinfer_operator.api.endpoint import (
     ModelSource,
     ProductionVariant,
     ServerlessConfig,
+    VariantFleet,
 )
 from kubeinfer_operator.reconcile import autoscale
 from kubeinfer_operator.render.async_plan import AsyncPlan, plan_async
@@ -45,6 +47,8 @@ from kubeinfer_runtime.contract import (
     VariantRoute,
 )
 from kubeinfer_runtime.contract.auth import AuthRoute
+from kubeinfer_runtime.contract.capture import CaptureRoute
+from kubeinfer_runtime.contract.shadow import MirrorRoute, ShadowRoute
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,16 @@ class VariantPlan:
     #: ``podTemplate`` as written (placement and identity; Kubernetes only, merged over
     #: the operator's default when rendered). Not in ``server_hash``.
     pod_template: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: One fleet of a guarded rollout (``render.rollout.expand_plan``): the production
+    #: variant it serves, as clients see it (``name`` is then the fleet's slot). Not in
+    #: ``server_hash``.
+    production_variant: str | None = None
+    #: A shadow variant (``spec.shadowVariants``): the share of answered production
+    #: requests copied to it (None: a production variant). Shadows are never in the
+    #: route's weights, and never scaled (``replicas`` as written). Not in ``server_hash``.
+    shadow_sampling: float | None = None
+    #: Shadows only: how long the gateway waits for the shadow's answer to a copy.
+    shadow_timeout_s: float = 10.0
 
     @property
     def server_hash(self) -> str:
@@ -177,6 +191,13 @@ class EndpointPlan:
     auth: AuthConfig | None = None
     #: ``spec.gateway.podTemplate`` as written (Kubernetes only).
     gateway_pod_template: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: ``spec.dataCapture`` as the gateway gets it (None: off); file:// resolved.
+    capture: CaptureRoute | None = None
+    #: ``spec.dataCapture.destination`` as written ("" without dataCapture).
+    capture_destination: str = ""
+    #: Copies of one production route's requests to another (a guarded rollout's blue and
+    #: green fleets while a ``disagreement`` alarm bakes: ``render.rollout.expand_plan``).
+    mirrors: tuple[MirrorRoute, ...] = ()
 
     @property
     def serverless_policy(self) -> autoscale.Serverless | None:
@@ -208,13 +229,20 @@ class EndpointPlan:
                 VariantRoute(name=v.name, weight=v.weight,
                              upstreams=list(upstreams.get(v.name, [])), discovery=discovery,
                              max_in_flight_per_upstream=v.max_in_flight_per_replica,
-                             max_queue_wait_s=v.max_queue_wait_s)
-                for v in self.variants
+                             max_queue_wait_s=v.max_queue_wait_s,
+                             production_variant=v.production_variant)
+                for v in self.variants if v.shadow_sampling is None
             ],
+            shadows=[ShadowRoute(name=v.name, sampling_percentage=v.shadow_sampling,
+                                 timeout_s=v.shadow_timeout_s,
+                                 upstreams=list(upstreams.get(v.name, [])), discovery=discovery)
+                     for v in self.variants if v.shadow_sampling is not None],
+            mirrors=list(self.mirrors),
             **({"type": "Serverless", "serverless": serverless,
                 "max_payload_bytes": SERVERLESS_MAX_PAYLOAD_BYTES} if serverless else
                {"max_payload_bytes": REALTIME_MAX_PAYLOAD_BYTES}),
             auth=auth,
+            capture=self.capture,
         )
         if self.async_config is not None:
             route = route.model_copy(update={
@@ -290,7 +318,7 @@ def policy_from_spec(spec: AutoScaling) -> autoscale.Policy:
     )
 
 
-def _initial_replicas(v: ProductionVariant, serverless: ServerlessConfig | None) -> int:
+def _initial_replicas(v: VariantFleet, serverless: ServerlessConfig | None) -> int:
     """Replicas at creation: serverless starts with its provisioned ones (often
     zero); auto scaled variants start with ``replicas`` kept inside the bounds."""
     if serverless is not None:
@@ -300,7 +328,7 @@ def _initial_replicas(v: ProductionVariant, serverless: ServerlessConfig | None)
     return v.replicas
 
 
-def _variant_plan(v: ProductionVariant, base_dir: str | None,
+def _variant_plan(v: VariantFleet, base_dir: str | None,
                   serverless: ServerlessConfig | None = None) -> VariantPlan:
     multi_model: MultiModelPlan | None = None
     steps: tuple[StepPlan, ...] = ()
@@ -325,7 +353,7 @@ def _variant_plan(v: ProductionVariant, base_dir: str | None,
         limits.setdefault("memory", serverless.memory)
     return VariantPlan(
         name=v.name,
-        weight=v.weight,
+        weight=v.weight if isinstance(v, ProductionVariant) else 0.0,
         replicas=_initial_replicas(v, serverless),
         model_uri=model_uri,
         model_format=model_format,
@@ -352,6 +380,11 @@ def plan_endpoint(endpoint: Endpoint, *, base_dir: str | None = None,
     if spec.type is EndpointType.SERVERLESS:
         serverless = spec.serverless or ServerlessConfig()
     variants = tuple(_variant_plan(v, base_dir, serverless) for v in spec.variants)
+    # Shadows run model servers as variants do (never scaled: no serverless policy).
+    variants += tuple(replace(_variant_plan(sv, base_dir), weight=0.0,
+                              shadow_sampling=sv.samplingPercentage,
+                              shadow_timeout_s=sv.timeoutSeconds)
+                      for sv in spec.shadowVariants)
     async_config = plan_async(endpoint)
     if async_config is not None:
         variants = tuple(replace(v, replicas=async_config.initial_replicas(v.replicas))
@@ -367,4 +400,17 @@ def plan_endpoint(endpoint: Endpoint, *, base_dir: str | None = None,
         auth=spec.auth,
         gateway_pod_template=(spec.gateway.podTemplate.written()
                               if spec.gateway and spec.gateway.podTemplate else {}),
+        capture=_capture(spec.dataCapture, base_dir),
+        capture_destination=spec.dataCapture.destination if spec.dataCapture else "",
     )
+
+
+def _capture(config: DataCapture | None, base_dir: str | None) -> CaptureRoute | None:
+    """The gateway's capture settings; a relative file:// destination is resolved against
+    ``base_dir`` (local mode) and otherwise left as written (``validate`` refuses it)."""
+    if config is None:
+        return None
+    destination = resolve_file_uri(config.destination, base_dir)
+    if destination.startswith("file://") and not destination.startswith("file:///"):
+        return None
+    return config.route(destination)

@@ -251,6 +251,10 @@ class ClusterScaler(ScalerMemory):
             log.warning("Prometheus query %r on %s failed: %s", query, redact_url(base), exc)
             return None
 
+    async def query_prometheus(self, base: str, query: str, field: str) -> float | None:
+        """``query``'s value on ``base`` (outbound policy checked; None: unknown/refused)."""
+        return await self._prometheus(base, query, field)
+
     async def scrape(self, endpoint: str, gateway_url: str, pods_url: str | None,
                      fetch: Fetch) -> dict[str, GatewayView | None]:
         """Each gateway pod's view of ``endpoint``, by pod URL (None: its scrape failed).

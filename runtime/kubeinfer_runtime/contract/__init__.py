@@ -41,8 +41,10 @@ from pydantic import (
 )
 
 from kubeinfer_runtime.contract.auth import AuthRoute
+from kubeinfer_runtime.contract.capture import CaptureRoute
 from kubeinfer_runtime.contract.env_settings import EnvSettings
 from kubeinfer_runtime.contract.locations import default_input_paths, normalize_prefix
+from kubeinfer_runtime.contract.shadow import MirrorRoute, ShadowRoute
 
 CONTRACT_VERSION: Literal["v1alpha1"] = "v1alpha1"
 ENV_PREFIX = "KUBEINFER_"
@@ -120,6 +122,12 @@ class VariantRoute(_Strict):
     #: before 429; None: the gateway's defaults.
     max_in_flight_per_upstream: int | None = Field(default=None, ge=1)
     max_queue_wait_s: float | None = Field(default=None, ge=0)
+    #: The production variant this route serves when it is one fleet of a guarded rollout
+    #: (``<variant>`` and ``<variant>-green`` split its weight): answers carry it in
+    #: ``x-Amzn-Invoked-Production-Variant`` and ``TargetVariant=<variant>`` reaches
+    #: every route of it, split by their weights. None: the route's own ``name``.
+    #: Metrics stay labelled by ``name``, so each fleet keeps its own series.
+    production_variant: str | None = None
 
 
 #: SageMaker's limits for asynchronous requests (RequestTTLSeconds up to 6 h,
@@ -296,6 +304,12 @@ class EndpointRoute(_Strict):
     async_config: AsyncRoute | None = None
     #: Set exactly when ``type`` is Serverless.
     serverless: ServerlessRoute | None = None
+    #: Data capture (``contract.capture``); None: nothing is captured.
+    capture: CaptureRoute | None = None
+    #: Shadow variants (``contract.shadow``): sampled copies, never a client's answer.
+    shadows: list[ShadowRoute] = Field(default_factory=list)
+    #: Mirrors between production variants (``contract.shadow``), e.g. blue to green.
+    mirrors: list[MirrorRoute] = Field(default_factory=list)
 
     @field_validator("variants")
     @classmethod
@@ -578,6 +592,15 @@ class GatewaySettings(_RoleSettings):
     #: of the namespace the token was issued for (the operator's runtime Secret, or
     #: the local supervisor).
     scaler_token: SecretStr | None = None
+    #: Data capture (``gateway.capture``): captured records held in memory at most, bytes,
+    #: across endpoints; past it (a slow or unreachable store) the oldest are dropped and
+    #: counted. Uploads go in objects of up to ``capture_batch_bytes``, at least every
+    #: ``capture_flush_interval_s``; on shutdown what is left gets
+    #: ``capture_shutdown_timeout_s`` to be written.
+    capture_buffer_bytes: int = Field(default=32 << 20, ge=1024)
+    capture_batch_bytes: int = Field(default=4 << 20, ge=1024)
+    capture_flush_interval_s: float = Field(default=10.0, gt=0)
+    capture_shutdown_timeout_s: float = Field(default=10.0, ge=0)
 
 
 class AsyncWorkerSettings(ModelServerSettings):

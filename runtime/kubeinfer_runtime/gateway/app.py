@@ -201,6 +201,7 @@ class GatewayApp:
         ]
         self._tasks.append(asyncio.create_task(backlog_loop(self._async_queues),
                                                name="async-backlog"))
+        core.capture.start()
         if core.settings.metrics_port:
             self._metrics_server = await start_metrics_listener(core.settings.host,
                                                                 core.settings.metrics_port)
@@ -217,6 +218,10 @@ class GatewayApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        # In-flight requests have finished (uvicorn drains them first): write what they
+        # captured, within a bound.
+        await self.core.capture.close(self.core.settings.capture_shutdown_timeout_s)
+        await self.core.shadows.close()
         await self.core.client.close()
         await self.async_invocations.close()
         await self.invocations.activator.close()

@@ -17,10 +17,12 @@ from kubeinfer_runtime.contract import GatewaySettings, RouteTable
 from kubeinfer_runtime.contract.auth import AuthMode
 from kubeinfer_runtime.gateway import discovery, recorder
 from kubeinfer_runtime.gateway.auth import Authenticator
+from kubeinfer_runtime.gateway.capture_writer import CaptureTaps
 from kubeinfer_runtime.gateway.credentials import CallerCredentials, CredentialsDirectory
 from kubeinfer_runtime.gateway.health import HealthTable
 from kubeinfer_runtime.gateway.routefile import Outcome, PollResult, RouteTableFile
 from kubeinfer_runtime.gateway.routing import RouteState, compile_table
+from kubeinfer_runtime.gateway.shadow import ShadowTaps
 from kubeinfer_runtime.gateway.shedding import ShedPolicy
 from kubeinfer_runtime.gateway.upstream import UpstreamClient
 
@@ -55,6 +57,12 @@ class GatewayCore:
         self.auth: dict[str, Authenticator] = {}
         self._credentials: dict[str, CredentialsDirectory] = {}
         self._authenticators: dict[tuple[str, str | None, tuple[str, ...]], Authenticator] = {}
+        #: Data capture: a tap provider (see ``gateway.taps``); its upload loop runs
+        #: while the app serves.
+        self.capture = CaptureTaps(settings)
+        #: Shadow variants and mirrors: a tap provider (``gateway.shadow``) whose workers
+        #: send copies with their own connections.
+        self.shadows = ShadowTaps(rng=self.rng)
 
     async def rediscover(self) -> list[str]:
         """Re-resolve the table's DNS upstreams; re-apply it when the pods changed."""
@@ -77,6 +85,16 @@ class GatewayCore:
         upstreams = routes.upstreams()
         added = self.health.track(upstreams)
         self.auth = self._auth_of(table)
+        # Taps are set before the routes go live: no request sees an endpoint without them.
+        # Capture first: a shadow tap reads whether capture sampled the same exchange.
+        for name, taps in self.capture.apply(table).items():
+            endpoint = routes.endpoints.get(name)
+            if endpoint is not None:
+                endpoint.taps = taps
+        for name, taps in self.shadows.apply(table, routes, self.capture.taps).items():
+            endpoint = routes.endpoints.get(name)
+            if endpoint is not None:
+                endpoint.taps = (*endpoint.taps, *taps)
         self.routes = routes
         self.table = table
         self.client.forget(upstreams)

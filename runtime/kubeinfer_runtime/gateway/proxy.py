@@ -57,6 +57,7 @@ from kubeinfer_runtime.gateway.routing import (
     unknown_endpoint,
 )
 from kubeinfer_runtime.gateway.shedding import Ticket, VariantGate
+from kubeinfer_runtime.gateway.taps import make_exchange, observe_all
 from kubeinfer_runtime.gateway.upstream import (
     ConnectFailed,
     ConnectionLost,
@@ -72,6 +73,7 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("kubeinfer.gateway")
 
 _ERROR_TYPE = b"x-amzn-errortype"
+_CONTENT_TYPE = b"content-type"
 _INVOCATIONS_PATH = b"/invocations"
 
 #: What the inline path decided from the headers: the endpoint, the headers it
@@ -236,6 +238,10 @@ class InvocationHandler:
                             time.perf_counter() - started - upstream_s, upstream_s)
         if response.status >= 400:
             recorder.error(endpoint.name, variant.name, _error_code(response))
+        if endpoint.taps:  # data capture, shadows (gateway.taps): never delay the client
+            observe_all(endpoint.taps, make_exchange(
+                endpoint.name, variant.name, inbound.forwarded, body, response.status,
+                response.body, response.header(_CONTENT_TYPE), upstream_s))
         return (response.status,
                 response_headers(response.headers, variant.header_value, len(response.body)),
                 response.body)

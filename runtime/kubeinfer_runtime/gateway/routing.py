@@ -11,6 +11,11 @@ pydantic work. Choosing follows SageMaker:
   among the variants that have one, so a dead canary does not fail its share
   of the traffic while the primary is fine.
 
+During a guarded rollout a production variant is served by two routes (its
+blue and green fleets, ``VariantRoute.production_variant``): answers name the
+production variant, and pinning it draws between its routes by their weights
+(the first healthy one when the variant's weight is 0).
+
 Inside a variant, requests go round-robin over its healthy upstreams. Health
 comes in as the set of upstream URLs that are down (``HealthTable.down``), so
 this module stays testable with plain sets and a seeded ``random.Random``.
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from kubeinfer_runtime.contract import EndpointRoute, RouteTable, ServerlessRoute, VariantRoute
 from kubeinfer_runtime.errors import NotFound, NotReady, RuntimeServiceError
 from kubeinfer_runtime.gateway.shedding import ShedPolicy
+from kubeinfer_runtime.gateway.taps import Tap
 
 
 @dataclass(slots=True, eq=False)
@@ -39,9 +45,12 @@ class VariantState:
     _cursor: int = 0
     #: Admission bounds (None: none, e.g. serverless endpoints, bounded by the activator).
     admission: ShedPolicy | None = None
+    #: The production variant clients see (``VariantRoute.production_variant``); "": ``name``.
+    production: str = ""
 
     def __post_init__(self) -> None:
-        self.header_value = self.name.encode("latin-1", "replace")
+        self.production = self.production or self.name
+        self.header_value = self.production.encode("latin-1", "replace")
 
     def has_healthy(self, down: Container[str]) -> bool:
         return any(u not in down for u in self.upstreams)
@@ -72,14 +81,22 @@ class EndpointState:
     #: Variants that take unpinned traffic (weight above 0), in table order.
     weighted: tuple[VariantState, ...] = ()
     weights: tuple[float, ...] = ()
+    #: What sees each answered invocation (``gateway.taps``); set by ``GatewayCore.apply``.
+    #: Empty for most endpoints: the hot path checks it and does nothing more.
+    taps: tuple[Tap, ...] = ()
+    #: Production variant name -> its routes (two during a guarded rollout), for
+    #: ``TargetVariant``.
+    targets: dict[str, tuple[VariantState, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.by_name = {v.name: v for v in self.variants}
+        for v in self.variants:
+            self.targets[v.production] = (*self.targets.get(v.production, ()), v)
         self.weighted = tuple(v for v in self.variants if v.weight > 0)
         self.weights = tuple(v.weight for v in self.weighted)
 
     def variant_names(self) -> str:
-        return ", ".join(v.name for v in self.variants) or "(none)"
+        return ", ".join(self.targets) or "(none)"
 
 
 @dataclass(slots=True, eq=False)
@@ -106,7 +123,7 @@ def compile_endpoint(route: EndpointRoute, admission: ShedPolicy | None = None) 
         name=route.name,
         variants=tuple(
             VariantState(name=v.name, weight=v.weight, upstreams=tuple(dict.fromkeys(v.upstreams)),
-                         admission=bounds(v))
+                         admission=bounds(v), production=v.production_variant or "")
             for v in route.variants
         ),
         max_payload_bytes=route.max_payload_bytes,
@@ -173,14 +190,24 @@ def _no_healthy(endpoint: EndpointState, variant: VariantState) -> Refusal:
                     "model server: retry later, or set TargetVariant to another variant")
 
 
+def _pick_in(group: tuple[VariantState, ...], down: Container[str],
+             rng: random.Random) -> VariantState:
+    """One route of a production variant served by several (a guarded rollout): drawn by
+    weight among the healthy ones; the first healthy (else the first) when none weighs."""
+    healthy = [v for v in group if v.has_healthy(down)] or list(group)
+    i = pick_weighted([v.weight for v in healthy], rng.random())
+    return healthy[i if i is not None else 0]
+
+
 def choose(endpoint: EndpointState, target: str | None, down: Container[str],
            rng: random.Random) -> Pick | Refusal:
     """Choose the variant and upstream for one request."""
     if target is not None:
-        variant = endpoint.by_name.get(target)
-        if variant is None:
+        group = endpoint.targets.get(target)
+        if group is None:
             return NotFound(f'Variant "{target}" not found on endpoint "{endpoint.name}": set '
                             f"TargetVariant to one of {endpoint.variant_names()}")
+        variant = group[0] if len(group) == 1 else _pick_in(group, down, rng)
         url = variant.next_upstream(down)
         if url is None:
             return _no_healthy(endpoint, variant)

@@ -1,0 +1,245 @@
+"""How two answers to the same request compare: PURE, no I/O.
+
+Used by the shadow and mirror taps (``gateway.shadow``) on each pair of 2xx
+answers: production's and the peer's. What "agree" means is decided from the
+shapes of the answers, output by output (outputs present in both):
+
+* **labels** — every value is a string, integer or boolean (a list of class
+  labels, V2 outputs of datatype INT*/UINT*/BOOL/BYTES): agree when equal.
+* **probability vectors** — rows of two or more numbers (a list of vectors, a
+  V2 FP output of shape ``[n, k]`` with ``k`` > 1, scikit-learn ZipMap rows
+  ``{label: probability}``): agree when each row's argmax is the same; the
+  numbers are also diffed.
+* **regression** — other numbers (a flat list, a scalar): agree when every
+  value is within ``atol + rtol * |production|``; diffed.
+* anything else (binary bodies, mismatched shapes): agree when the bodies are
+  byte for byte the same, or, for parsed answers, equal.
+
+A request agrees when all its rows and outputs agree. Numeric pairs also give
+the largest absolute and relative difference (relative to production's value),
+which the metrics keep as summaries. Bodies are parsed as JSON when their
+content type says JSON (or none is given and the body looks like it), as CSV
+when it says text/csv; every parse is bounded by the body (already bounded by
+the endpoint's payload limit) and a depth limit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+#: Default tolerances of regression agreement.
+RTOL = 1e-3
+ATOL = 1e-6
+#: Nesting deeper than this is not compared element-wise (compared as a whole).
+MAX_DEPTH = 8
+_LABEL_DATATYPES = ("INT", "UINT", "BOOL", "BYTES")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The comparison of one pair of answers."""
+
+    agreed: bool
+    #: Largest |production - peer| over numeric values (None: nothing numeric compared).
+    max_abs: float | None = None
+    #: Largest |production - peer| / |production| (None: nothing numeric compared).
+    max_rel: float | None = None
+
+
+class _Unparsed:
+    """An answer that is neither JSON nor CSV: compared as bytes."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+
+def parse(body: bytes, content_type: str | None) -> Any:
+    """The answer as data: JSON value, CSV rows (numbers where they parse), or opaque."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if "json" in kind or (not kind and body[:1] in (b"[", b"{")):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _Unparsed(body)
+    if kind == "text/csv":
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return _Unparsed(body)
+        rows = [[_cell(c) for c in line.split(",")] for line in text.splitlines() if line]
+        # One column: a flat list (one value per row), as a JSON answer would be.
+        if rows and all(len(r) == 1 for r in rows):
+            return [r[0] for r in rows]
+        return rows
+    return _Unparsed(body)
+
+
+def _cell(text: str) -> Any:
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _outputs(value: Any) -> dict[str, tuple[Any, str | None]]:
+    """Named outputs of an answer: name -> (values, V2 datatype or None)."""
+    if isinstance(value, dict):
+        v2 = value.get("outputs")
+        if isinstance(v2, list) and all(isinstance(o, dict) and "data" in o for o in v2):
+            out: dict[str, tuple[Any, str | None]] = {}
+            for i, o in enumerate(v2):
+                data = o["data"]
+                shape = o.get("shape")
+                if (isinstance(shape, list) and len(shape) == 2 and isinstance(data, list)
+                        and all(isinstance(x, int) for x in shape) and shape[1] > 1
+                        and len(data) == shape[0] * shape[1]):
+                    data = [data[r * shape[1]:(r + 1) * shape[1]] for r in range(shape[0])]
+                out[str(o.get("name", i))] = (data, str(o.get("datatype", "")) or None)
+            return out
+        if "predictions" in value and len(value) == 1:
+            return _outputs(value["predictions"])
+        return {str(k): (v, None) for k, v in value.items()}
+    return {"": (value, None)}
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _is_label(x: Any) -> bool:
+    return isinstance(x, str | bool) or (isinstance(x, int) and not isinstance(x, bool))
+
+
+def _flat(value: Any, depth: int = 0) -> list[Any] | None:
+    """Leaves of nested lists in order (None: too deep, or a dict inside)."""
+    if depth > MAX_DEPTH:
+        return None
+    if isinstance(value, list):
+        out: list[Any] = []
+        for item in value:
+            leaves = _flat(item, depth + 1)
+            if leaves is None:
+                return None
+            out.extend(leaves)
+        return out
+    if isinstance(value, dict):
+        return None
+    return [value]
+
+
+def _zipmap_labels(value: Any) -> list[Any] | None:
+    """scikit-learn ZipMap rows (``[{label: p, ...}, ...]``) as each row's most likely
+    label; None when ``value`` is not that shape."""
+    if not (isinstance(value, list) and value and all(isinstance(r, dict) and r for r in value)):
+        return None
+    labels: list[Any] = []
+    for row in value:
+        best: Any = None
+        best_p = -math.inf
+        for label, p in row.items():
+            if not _is_number(p):
+                return None
+            if p > best_p:
+                best, best_p = label, p
+        labels.append(best)
+    return labels
+
+
+def _argmax(row: list[Any]) -> int:
+    best = 0
+    for i, x in enumerate(row):
+        if x > row[best]:
+            best = i
+    return best
+
+
+def _diffs(a: list[Any], b: list[Any]) -> tuple[float, float]:
+    max_abs = max_rel = 0.0
+    for x, y in zip(a, b, strict=True):
+        d = abs(float(x) - float(y))
+        if math.isnan(d):
+            d = 0.0 if (math.isnan(float(x)) and math.isnan(float(y))) else math.inf
+        max_abs = max(max_abs, d)
+        scale = abs(float(x))
+        max_rel = max(max_rel, d / scale if scale > 0 else (0.0 if d == 0 else math.inf))
+    return max_abs, max_rel
+
+
+def _compare_output(a: Any, b: Any, datatype: str | None, rtol: float,
+                    atol: float) -> Verdict:
+    zip_a, zip_b = _zipmap_labels(a), _zipmap_labels(b)
+    if zip_a is not None and zip_b is not None:
+        return Verdict(zip_a == zip_b)
+    if datatype is not None and datatype.upper().startswith(_LABEL_DATATYPES):
+        return Verdict(a == b)
+    rows_a = a if isinstance(a, list) and a and all(isinstance(r, list) for r in a) else None
+    rows_b = b if isinstance(b, list) and b and all(isinstance(r, list) for r in b) else None
+    flat_a, flat_b = _flat(a), _flat(b)
+    if flat_a is None or flat_b is None or len(flat_a) != len(flat_b):
+        return Verdict(a == b)
+    if not flat_a:
+        return Verdict(True)
+    numeric = all(_is_number(x) for x in flat_a) and all(_is_number(x) for x in flat_b)
+    if numeric and datatype is None and all(
+            isinstance(x, int) for x in (*flat_a, *flat_b)):
+        return Verdict(flat_a == flat_b)  # integers only: class labels
+    if not numeric:
+        if all(_is_label(x) for x in (*flat_a, *flat_b)):
+            return Verdict(flat_a == flat_b)
+        return Verdict(a == b)
+    max_abs, max_rel = _diffs(flat_a, flat_b)
+    if (rows_a is not None and rows_b is not None and len(rows_a) == len(rows_b)
+            and all(len(ra) == len(rb) and len(ra) > 1
+                    for ra, rb in zip(rows_a, rows_b, strict=True))
+            and all(_is_number(x) for r in rows_a for x in r)):
+        agreed = all(_argmax(ra) == _argmax(rb) for ra, rb in zip(rows_a, rows_b, strict=True))
+        return Verdict(agreed, max_abs, max_rel)
+    agreed = all(abs(float(x) - float(y)) <= atol + rtol * abs(float(x))
+                 for x, y in zip(flat_a, flat_b, strict=True))
+    return Verdict(agreed, max_abs, max_rel)
+
+
+def compare(production: bytes, production_type: str | None, peer: bytes,
+            peer_type: str | None, *, rtol: float = RTOL, atol: float = ATOL) -> Verdict:
+    """Compare two 2xx answers to the same request (see the module's docstring)."""
+    if production == peer:
+        a = parse(production, production_type)
+        if isinstance(a, _Unparsed):
+            return Verdict(True)
+        return _merge([_compare_output(v, v, t, rtol, atol)
+                       for v, t in _outputs(a).values()]) or Verdict(True)
+    a = parse(production, production_type)
+    b = parse(peer, peer_type)
+    if isinstance(a, _Unparsed) or isinstance(b, _Unparsed):
+        return Verdict(False)
+    outputs_a, outputs_b = _outputs(a), _outputs(b)
+    common = [n for n in outputs_a if n in outputs_b]
+    if not common:
+        return Verdict(False)
+    verdicts = [_compare_output(outputs_a[n][0], outputs_b[n][0],
+                                outputs_a[n][1] or outputs_b[n][1], rtol, atol)
+                for n in common]
+    merged = _merge(verdicts)
+    assert merged is not None
+    return merged
+
+
+def _merge(verdicts: list[Verdict]) -> Verdict | None:
+    if not verdicts:
+        return None
+    abs_values = [v.max_abs for v in verdicts if v.max_abs is not None]
+    rel_values = [v.max_rel for v in verdicts if v.max_rel is not None]
+    return Verdict(all(v.agreed for v in verdicts),
+                   max(abs_values) if abs_values else None,
+                   max(rel_values) if rel_values else None)

@@ -1,0 +1,330 @@
+"""Shadow variants and mirrors, the I/O: a tap that copies, workers that send and compare.
+
+``ShadowTap.observe`` runs on the request path (see ``taps``): for each peer
+of the endpoint (a shadow variant, ``contract.ShadowRoute``, or a mirror,
+``contract.MirrorRoute``) one sampling draw, then a ``put_nowait`` of the
+shared ``Exchange`` on the peer's bounded queue; a full queue drops the copy
+and counts it (``result="dropped"``). Nothing else happens there.
+
+Each peer has ``concurrency`` worker tasks. A worker sends the copy (the
+request body and the headers production got) to the peer's model servers
+round-robin, with the peer's own ``UpstreamClient`` (its own connections:
+never production's pool, admission slots or health table) and the peer's
+``timeout_s`` around the whole attempt. Then it records, labelled
+(endpoint, production variant, peer): the copy's outcome, each side's latency
+and errors, and, when both answered 2xx, the comparison (``compare``):
+compared / agreed / disagreed pairs and the numeric differences. Comparing
+large bodies runs in a thread so the event loop (production's) never stalls
+on it. So a slow, failing or absent peer costs production one draw and one
+queue append per request, nothing more.
+
+Capture of comparisons: when the endpoint captures (``capture_writer``) and
+captured this request's production answer, a shadow's answer to the copy is
+captured too, as a record of the shadow (``<destination>/<endpoint>/<shadow>/
+yyyy/mm/dd/hh/``) with the same ``eventMetadata.eventId`` as production's
+record: join the two folders on eventId. Mirrors are not captured (their peer
+is a production variant, whose own records are in its folder).
+
+Metrics: ``metrics.SHADOW_*`` (names in ``contract.shadow``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kubeinfer_runtime import metrics
+from kubeinfer_runtime.contract import RouteTable
+from kubeinfer_runtime.contract.shadow import (
+    SIDE_PEER,
+    SIDE_PRODUCTION,
+    MirrorRoute,
+    ShadowRoute,
+)
+from kubeinfer_runtime.gateway.capture_writer import CaptureTap
+from kubeinfer_runtime.gateway.compare import Verdict, compare
+from kubeinfer_runtime.gateway.routing import RouteState
+from kubeinfer_runtime.gateway.taps import Exchange, Tap
+from kubeinfer_runtime.gateway.upstream import UpstreamClient, UpstreamError
+
+log = logging.getLogger("kubeinfer.gateway")
+
+_INVOCATIONS_PATH = b"/invocations"
+_CONTENT_TYPE = b"content-type"
+#: Pairs whose bodies together exceed this are compared in a thread.
+INLINE_COMPARE_BYTES = 64 << 10
+
+SENT = "sent"
+FAILED = "failed"
+DROPPED = "dropped"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """Where one peer's copies go and how (a shadow or a mirror, resolved)."""
+
+    #: The shadow's name, or the mirror's peer variant.
+    name: str
+    upstreams: tuple[str, ...]
+    sampling_percentage: float
+    timeout_s: float
+    queue_size: int
+    concurrency: int
+    #: Mirrors only: the production variant whose requests are copied (None: any).
+    source: str | None = None
+    #: Capture the peer's answers when production's were (shadows only).
+    capture: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one copy: the peer's answer (or none) and the comparison."""
+
+    result: str
+    status: int | None = None
+    latency_s: float | None = None
+    verdict: Verdict | None = None
+
+
+class Peer:
+    """One peer of one endpoint: its queue, its workers and its counters."""
+
+    def __init__(self, endpoint: str, config: PeerConfig, client: UpstreamClient) -> None:
+        self.endpoint = endpoint
+        self.config = config
+        self.client = client
+        self.queue: asyncio.Queue[tuple[Exchange, CaptureTap | None]] = asyncio.Queue(
+            config.queue_size)
+        self.workers: list[asyncio.Task[None]] = []
+        self._cursor = 0
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    # -- the request path ------------------------------------------------------------------
+
+    def offer(self, exchange: Exchange, capture: CaptureTap | None) -> None:
+        """Queue a copy of ``exchange`` (never blocks: a full queue drops and counts)."""
+        if not self.workers:
+            self.start()
+        try:
+            self.queue.put_nowait((exchange, capture))
+        except asyncio.QueueFull:
+            self._counter(metrics.SHADOW_COPIES, exchange.variant, DROPPED).inc()
+
+    # -- the workers -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.workers = [asyncio.create_task(self._work(), name=f"shadow-{self.config.name}-{i}")
+                        for i in range(self.config.concurrency)]
+
+    async def stop(self) -> None:
+        for task in self.workers:
+            task.cancel()
+        for task in self.workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.workers = []
+
+    async def _work(self) -> None:
+        while True:
+            exchange, capture = await self.queue.get()
+            try:
+                outcome = await self.send(exchange, capture)
+                self.record(exchange, outcome)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("Endpoint %s: comparing with %s failed unexpectedly (reported "
+                              "per copy; production is unaffected)", self.endpoint,
+                              self.config.name)
+
+    def _next_upstream(self) -> str | None:
+        upstreams = self.config.upstreams
+        if not upstreams:
+            return None
+        url = upstreams[self._cursor % len(upstreams)]
+        self._cursor += 1
+        return url
+
+    async def send(self, exchange: Exchange, capture: CaptureTap | None) -> Outcome:
+        """Send the copy, compare the answers; never raises for the peer's failures."""
+        config = self.config
+        url = self._next_upstream()
+        if url is None:
+            return Outcome(FAILED)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(config.timeout_s):
+                response = await self.client.request(url, b"POST", _INVOCATIONS_PATH,
+                                                     list(exchange.forwarded),
+                                                     exchange.request_body, config.timeout_s)
+        except (TimeoutError, UpstreamError, OSError):
+            return Outcome(FAILED, latency_s=time.perf_counter() - started)
+        latency = time.perf_counter() - started
+        content_type_raw = response.header(_CONTENT_TYPE)
+        content_type = content_type_raw.decode("latin-1") if content_type_raw else None
+        if capture is not None and not capture.retired:
+            capture.add(replace(exchange, variant=config.name, status=response.status,
+                                response_body=response.body,
+                                response_content_type=content_type, upstream_latency_s=latency))
+        verdict = None
+        if exchange.status < 300 and response.status < 300:
+            size = len(exchange.response_body) + len(response.body)
+            args = (exchange.response_body, exchange.response_content_type, response.body,
+                    content_type)
+            verdict = (compare(*args) if size <= INLINE_COMPARE_BYTES
+                       else await asyncio.to_thread(compare, *args))
+        return Outcome(SENT, response.status, latency, verdict)
+
+    def _counter(self, family: Any, variant: str, *extra: str) -> Any:
+        key = (family, variant, *extra)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(self.endpoint, variant,
+                                                        self.config.name, *extra)
+        return child
+
+    def record(self, exchange: Exchange, outcome: Outcome) -> None:
+        variant = exchange.variant
+        self._counter(metrics.SHADOW_COPIES, variant, outcome.result).inc()
+        self._counter(metrics.SHADOW_LATENCY_SECONDS, variant, SIDE_PRODUCTION).observe(
+            exchange.upstream_latency_s)
+        if exchange.status >= 400:
+            self._counter(metrics.SHADOW_ERRORS, variant, SIDE_PRODUCTION).inc()
+        if outcome.latency_s is not None:
+            self._counter(metrics.SHADOW_LATENCY_SECONDS, variant, SIDE_PEER).observe(
+                outcome.latency_s)
+        if outcome.result == FAILED or (outcome.status or 0) >= 400:
+            self._counter(metrics.SHADOW_ERRORS, variant, SIDE_PEER).inc()
+        verdict = outcome.verdict
+        if verdict is None:
+            return
+        self._counter(metrics.SHADOW_COMPARED, variant).inc()
+        if verdict.agreed:
+            self._counter(metrics.SHADOW_AGREED, variant).inc()
+        else:
+            self._counter(metrics.SHADOW_DISAGREED, variant).inc()
+        if verdict.max_abs is not None:
+            self._counter(metrics.SHADOW_ABS_DIFF, variant).observe(verdict.max_abs)
+        if verdict.max_rel is not None:
+            self._counter(metrics.SHADOW_REL_DIFF, variant).observe(verdict.max_rel)
+
+
+class ShadowTap:
+    """One endpoint's shadows and mirrors: samples and queues on the request path."""
+
+    def __init__(self, endpoint: str, rng: random.Random) -> None:
+        self.endpoint = endpoint
+        self.peers: dict[tuple[str, str], Peer] = {}
+        self.capture: CaptureTap | None = None
+        self._rng = rng
+
+    def observe(self, exchange: Exchange) -> None:
+        capture = self.capture
+        captured = capture if (capture is not None
+                               and capture.last_event_id == exchange.event_id) else None
+        rng = self._rng
+        for peer in self.peers.values():
+            config = peer.config
+            if config.source is not None and config.source != exchange.variant:
+                continue
+            if rng.random() * 100.0 < config.sampling_percentage:
+                peer.offer(exchange, captured if config.capture else None)
+
+
+def _shadow_config(route: ShadowRoute) -> PeerConfig:
+    return PeerConfig(name=route.name, upstreams=tuple(dict.fromkeys(route.upstreams)),
+                      sampling_percentage=route.sampling_percentage, timeout_s=route.timeout_s,
+                      queue_size=route.queue_size, concurrency=route.concurrency, capture=True)
+
+
+def _mirror_config(route: MirrorRoute, upstreams: tuple[str, ...]) -> PeerConfig:
+    return PeerConfig(name=route.peer, upstreams=upstreams,
+                      sampling_percentage=route.sampling_percentage, timeout_s=route.timeout_s,
+                      queue_size=route.queue_size, concurrency=route.concurrency,
+                      source=route.source)
+
+
+class ShadowTaps:
+    """The gateway's shadow taps, by endpoint: a tap provider for ``GatewayCore.apply``.
+
+    ``apply`` keeps an endpoint's tap, and each peer's queue and workers, across
+    reloads (a peer whose settings changed gets them in place; a new queue size
+    or concurrency restarts its workers); peers and endpoints that went away are
+    stopped.
+    """
+
+    def __init__(self, *, rng: random.Random | None = None, max_idle: int = 32) -> None:
+        self.rng = rng or random.Random()
+        self.taps: dict[str, ShadowTap] = {}
+        #: The peers' own connections (never production's ``GatewayCore.client``).
+        self.client = UpstreamClient(max_idle=max_idle)
+
+    def apply(self, table: RouteTable, routes: RouteState,
+              capture: dict[str, CaptureTap]) -> dict[str, tuple[Tap, ...]]:
+        """Each endpoint's shadow tap under ``table`` (endpoints with shadows or mirrors)."""
+        out: dict[str, tuple[Tap, ...]] = {}
+        seen: set[str] = set()
+        for route in table.endpoints.values():
+            compiled = routes.endpoints.get(route.name)
+            configs: dict[tuple[str, str], PeerConfig] = {}
+            for shadow in route.shadows:
+                configs[("shadow", shadow.name)] = _shadow_config(shadow)
+            for mirror in route.mirrors:
+                peer_variant = compiled.by_name.get(mirror.peer) if compiled else None
+                if peer_variant is None or mirror.source == mirror.peer:
+                    log.warning("Endpoint %s: mirror %s -> %s names no other variant: skipped",
+                                route.name, mirror.source, mirror.peer)
+                    continue
+                configs[("mirror", f"{mirror.source}>{mirror.peer}")] = _mirror_config(
+                    mirror, peer_variant.upstreams)
+            if not configs:
+                continue
+            seen.add(route.name)
+            tap = self.taps.get(route.name)
+            if tap is None:
+                tap = self.taps[route.name] = ShadowTap(route.name, self.rng)
+            self._update(tap, configs)
+            tap.capture = capture.get(route.name)
+            out[route.name] = (tap,)
+        for name in [n for n in self.taps if n not in seen]:
+            for peer in self.taps.pop(name).peers.values():
+                self._stop(peer)
+        return out
+
+    def _update(self, tap: ShadowTap, configs: dict[tuple[str, str], PeerConfig]) -> None:
+        for key in [k for k in tap.peers if k not in configs]:
+            self._stop(tap.peers.pop(key))
+        for key, config in configs.items():
+            peer = tap.peers.get(key)
+            if peer is not None and (peer.config.queue_size, peer.config.concurrency) == (
+                    config.queue_size, config.concurrency):
+                if peer.config != config:
+                    peer.config = config
+                continue
+            if peer is not None:
+                self._stop(peer)
+            else:
+                log.info("Endpoint %s: %s gets %g%% of answered requests as copies (%d "
+                         "upstream(s), timeout %gs)", tap.endpoint, config.name,
+                         config.sampling_percentage, len(config.upstreams), config.timeout_s)
+            tap.peers[key] = Peer(tap.endpoint, config, self.client)
+
+    @staticmethod
+    def _stop(peer: Peer) -> None:
+        """Cancel ``peer``'s workers (copies still queued are not sent)."""
+        for task in peer.workers:
+            task.cancel()
+        peer.workers = []
+
+    async def close(self) -> None:
+        """Stop every worker; copies still queued are not sent."""
+        for tap in self.taps.values():
+            for peer in tap.peers.values():
+                await peer.stop()
+        self.taps = {}
+        await self.client.close()

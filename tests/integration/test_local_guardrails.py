@@ -1,0 +1,165 @@
+"""Deployment guardrails in local mode, with real processes (``kubeinfer up -f``).
+
+One endpoint, one variant, blue an identity model. Requests go at a steady rate
+from a thread for the whole test, two numbers each (x of shape [2]). First a
+canary to ``add_3_model``, which passes its warm-up (one number) and then fails
+every real request with a model error: the errorRate alarm over the gateway's
+own metrics of the green route rolls it back, all traffic goes back to blue and
+green's servers stop; every request was answered, the only failures the model
+errors of the canary's share before the rollback, none after. Then a canary to a
+healthy model completes: traffic shifts, blue stops, every request succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from kubeinfer_operator.local.paths import EndpointPaths
+from tests.integration.test_local import Local, local, runtime_client
+from tests.support.onnx_models import add_3_model, identity_model
+from tests.support.ports import wait_until
+
+#: The local-mode fixture (tests.integration.test_local), shared.
+__all__ = ["local"]
+
+NAME = "guard"
+
+
+def manifest(model: Path, wait_s: int) -> str:
+    return f"""\
+apiVersion: kubeinfer.io/v1alpha1
+kind: Endpoint
+metadata:
+  name: {NAME}
+spec:
+  variants:
+    - name: primary
+      replicas: 1
+      model:
+        uri: file://{model}
+  deploymentConfig:
+    blueGreen:
+      trafficRouting:
+        type: Canary
+        canarySize: {{type: CapacityPercent, value: 50}}
+        waitIntervalInSeconds: {wait_s}
+    autoRollback:
+      alarms:
+        - name: green-errors
+          errorRate: 0.1
+          windowSeconds: 10
+          minRequests: 10
+"""
+
+
+class Load:
+    """Requests at a steady rate; each outcome recorded: (time, variant or error code)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = runtime_client(url)
+        self.outcomes: list[tuple[float, str]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        body = json.dumps({"instances": [1.0, 2.0]})
+        while not self.stopped.is_set():
+            try:
+                r = self.client.invoke_endpoint(EndpointName=NAME, Body=body,
+                                                ContentType="application/json")
+                assert json.loads(r["Body"].read()) is not None
+                outcome = "ok:" + r["InvokedProductionVariant"]
+            except ClientError as exc:
+                outcome = "error:" + str(exc.response["Error"].get("Code"))
+            except Exception as exc:  # connection refused, reset: never expected
+                outcome = "broken:" + type(exc).__name__
+            self.outcomes.append((time.monotonic(), outcome))
+            self.stopped.wait(0.02)
+
+    def since(self, t: float) -> list[str]:
+        return [o for when, o in list(self.outcomes) if when >= t]
+
+
+def state(local: Local) -> dict[str, Any]:
+    path = EndpointPaths.for_endpoint(NAME, local.home).state
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc
+
+
+def rollout(local: Local) -> dict[str, Any]:
+    found: list[dict[str, Any]] = state(local).get("rollouts") or [{}]
+    return found[0]
+
+
+def servers(local: Local) -> dict[str, int | None]:
+    """Model servers: name -> pid (from state.json)."""
+    return {p["name"]: p.get("pid") for p in state(local).get("processes", [])
+            if p["name"] != "gateway"}
+
+
+def up(local: Local, model: Path, wait_s: int) -> None:
+    path = local.write("guard.yaml", manifest(model, wait_s))
+    result = local.run("up", "-d", "-f", str(path), "--timeout", "60", timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_bad_canary_rolls_back_and_a_good_one_completes(local: Local, tmp_path: Path) -> None:
+    blue = identity_model(tmp_path / "blue.onnx")
+    up(local, blue, 3)
+    load = Load(state(local)["url"])
+    load.thread.start()
+    try:
+        wait_until(lambda: len(load.outcomes) >= 10, 10, "blue answering")
+        # 1. A canary whose model fails every request: rolled back by the errorRate alarm.
+        up(local, add_3_model(tmp_path / "bad.onnx"), 3)
+        started = time.monotonic()
+        wait_until(lambda: rollout(local).get("phase") == "RolledBack", 30, "rolled back",
+                   interval=0.1)
+        rolled_back = time.monotonic()
+        got = rollout(local)
+        [evaluation] = got["lastAlarmEvaluation"]
+        assert evaluation["name"] == "green-errors" and evaluation["tripped"]
+        assert evaluation["value"] == 1.0 and evaluation["threshold"] == 0.1
+        assert "rolled back to fleet primary" in got["message"]
+        wait_until(lambda: not any(n.startswith("primary-green") for n in servers(local)),
+                   10, "green's servers stopped")
+        wait_until(lambda: len(load.since(rolled_back + 1)) >= 20, 10, "requests after")
+        during = load.since(started)
+        # Every request was answered; the only failures are the canary's model errors,
+        # and from shortly after the rollback on, blue answers everything.
+        assert set(during) <= {"ok:primary", "error:ModelError"}, set(during)
+        assert "error:ModelError" in during
+        assert set(load.since(rolled_back + 1)) == {"ok:primary"}
+        assert json.loads((EndpointPaths.for_endpoint(NAME, local.home).routes).read_text())[
+            "endpoints"][NAME]["variants"][0]["name"] == "primary"
+
+        # 2. A healthy canary completes: blue's servers stop, green's serve as primary.
+        good = identity_model(tmp_path / "good.onnx")
+        before = servers(local)
+        mark = time.monotonic()
+        up(local, good, 1)
+        seen: list[float] = []
+
+        def complete() -> bool:
+            r = rollout(local)
+            seen.append(float(r.get("trafficToGreen", 0)))
+            return bool(r.get("phase") == "Complete")
+
+        wait_until(complete, 30, "rollout complete", interval=0.1)
+        assert 50.0 in seen
+        wait_until(lambda: set(servers(local)) == {"primary-0"}
+                   and servers(local) != before, 10, "green renamed into slot primary")
+        assert set(load.since(mark)) == {"ok:primary"}
+    finally:
+        load.stopped.set()
+        load.thread.join(5)
+    assert not [o for _, o in load.outcomes if o.startswith("broken:")]

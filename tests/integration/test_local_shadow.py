@@ -1,0 +1,76 @@
+"""A shadow variant in local mode, with real processes (``kubeinfer up -f``).
+
+Production is a classifier (``label_model``: label ``i % 3`` for input ``i``); the
+shadow flips the label of exactly 10% of inputs (``i % 100 < 10``). Every answered
+request is copied (samplingPercentage 100), so over inputs 0..299 the shadow
+report must say 300 copies sent, 300 pairs compared, 90% agreement, no errors;
+clients only ever see production's answers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.integration.test_local import Local, local, runtime_client
+from tests.support.onnx_models import label_model
+from tests.support.ports import wait_until
+
+#: The local-mode fixture (tests.integration.test_local), shared.
+__all__ = ["local"]
+
+NAME = "shadowed"
+N = 300
+
+
+def manifest(production: Path, shadow: Path) -> str:
+    return f"""\
+apiVersion: kubeinfer.io/v1alpha1
+kind: Endpoint
+metadata:
+  name: {NAME}
+spec:
+  variants:
+    - name: primary
+      model:
+        uri: file://{production}
+  shadowVariants:
+    - name: candidate
+      samplingPercentage: 100
+      model:
+        uri: file://{shadow}
+"""
+
+
+def report(local: Local) -> dict[str, Any]:
+    result = local.run("shadow", "report", NAME, "--json", timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def test_copies_are_sent_compared_and_reported(local: Local, tmp_path: Path) -> None:
+    path = local.write("shadow.yaml", manifest(label_model(tmp_path / "prod.onnx"),
+                                               label_model(tmp_path / "cand.onnx", 10)))
+    result = local.run("up", "-d", "-f", str(path), "--timeout", "60", timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = runtime_client(local.endpoint(NAME)["url"])
+    for i in range(N):
+        r = client.invoke_endpoint(EndpointName=NAME, Body=json.dumps({"instances": [i]}),
+                                   ContentType="application/json")
+        assert r["InvokedProductionVariant"] == "primary"
+        assert json.loads(r["Body"].read())["predictions"] == [i % 3]  # production's
+    rows: list[dict[str, Any]] = []
+
+    def all_compared() -> bool:
+        rows[:] = report(local)["shadow"]
+        return bool(rows and rows[0].get("requestsCompared") == N)
+
+    wait_until(all_compared, 10, "every copy compared", interval=0.2)
+    [row] = rows
+    assert row["name"] == "candidate"
+    assert row["copiesSent"] == N and row["copiesDropped"] == 0 and row["copiesFailed"] == 0
+    assert row["agreementPercent"] == 90.0
+    assert row["shadowErrors"] == 0 and row["productionErrors"] == 0
+    assert row["productionLatencyP50Ms"] > 0 and row["shadowLatencyP99Ms"] > 0

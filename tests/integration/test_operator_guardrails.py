@@ -1,0 +1,75 @@
+"""Deployment guardrails with the real kopf operator against the emulator.
+
+A canary rollout moves the variant's traffic in the route ConfigMap through its
+steps (blue ``iris-primary`` keeps serving and keeps its old pods), then green
+``iris-primary-green`` takes all traffic and blue is removed. The tests play
+the Deployment controller (``make_available``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kubeinfer_operator.settings import OperatorSettings
+from tests.support.kube_harness import Kube, operator_on_emulator, wait_for
+
+NS = "guard"
+SETTINGS = OperatorSettings(standalone=True, status_interval_s=0.2, namespaces=[],
+                            runtime_image="example.test/runtime:1", s3_secret_name=None)
+
+
+def endpoint(uri: str) -> dict[str, Any]:
+    return {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint",
+            "metadata": {"name": "iris"},
+            "spec": {"variants": [{"name": "primary", "replicas": 2,
+                                   "model": {"uri": uri}}],
+                     "deploymentConfig": {"blueGreen": {"trafficRouting": {
+                         "type": "Canary", "waitIntervalInSeconds": 1,
+                         "canarySize": {"type": "CapacityPercent", "value": 50}}}}}}
+
+
+@pytest.fixture(scope="module")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    with operator_on_emulator(SETTINGS, tmp_path_factory.mktemp("kube")) as (kube, _):
+        kube.create_namespace(NS)
+        yield kube
+
+
+def weights(kube: Kube) -> dict[str, float]:
+    cm = kube.get("ConfigMap", NS, "iris-routes") or {}
+    data = next(iter((cm.get("data") or {}).values()), "{}")
+    routes = json.loads(data).get("endpoints", {}).get("iris", {}).get("variants", [])
+    return {v["name"]: v["weight"] for v in routes if v["upstreams"]}
+
+
+def test_a_canary_rollout_shifts_traffic_in_steps_and_removes_blue(kube: Kube) -> None:
+    kube.create(endpoint("s3://m/v1.onnx"), NS)
+    wait_for(lambda: kube.get("Deployment", NS, "iris-primary"), what="blue Deployment")
+    kube.make_available(NS, "iris-primary")
+    kube.make_available(NS, "iris-gateway")
+    wait_for(lambda: weights(kube) == {"primary": 1.0}, what="blue routed")
+    blue_template = copy.deepcopy(kube.get("Deployment", NS, "iris-primary")["spec"][  # type: ignore[index]
+        "template"])
+    kube.patch("Endpoint", NS, "iris", {"spec": {"variants": [
+        {"name": "primary", "replicas": 2, "model": {"uri": "s3://m/v2.onnx"}}]}})
+    wait_for(lambda: kube.get("Deployment", NS, "iris-primary-green"), what="green fleet")
+    kube.make_available(NS, "iris-primary-green")
+    seen: list[dict[str, float]] = []
+
+    def shifted() -> bool:
+        w = weights(kube)
+        if not seen or seen[-1] != w:
+            seen.append(w)
+        return w == {"primary-green": 1.0}
+
+    wait_for(shifted, timeout=15, what="all traffic on green")
+    assert {"primary": 0.5, "primary-green": 0.5} in seen
+    wait_for(lambda: kube.get("Deployment", NS, "iris-primary") is None, what="blue removed")
+    assert kube.get("Deployment", NS, "iris-primary-green")["spec"]["template"] != blue_template  # type: ignore[index]
+    status = (kube.get("Endpoint", NS, "iris") or {}).get("status", {})
+    assert status["rollouts"][0]["phase"] == "Complete"
