@@ -14,7 +14,7 @@ they act, side by side in one run.
    20 ms). Target <= 30 s.
 3. Pairs the disagreement alarm needs (local mode): a canary whose green flips
    5% of labels (random inputs, so each answer flips with probability 5%),
-   alarm ``disagreement: 2`` (%) with ``minRequests`` = --min-pairs, every
+   alarm ``disagreement: 0.02`` (2 %) with ``minRequests`` = --min-pairs, every
    request mirrored. Reported: the compared pairs in the alarm's window when it
    tripped (``lastAlarmEvaluation.requests``), and the value it saw. Target
    <= 2,000.
@@ -275,7 +275,7 @@ class Pairs:
 def disagreement_pairs(local: LocalMode, tmp: Path, min_pairs: int, rps: float) -> Pairs:
     name = "guard-flip"
     path = tmp / f"{name}.yaml"
-    alarm = (f"        - {{name: green-disagrees, disagreement: 2, windowSeconds: 600, "
+    alarm = (f"        - {{name: green-disagrees, disagreement: 0.02, windowSeconds: 600, "
              f"minRequests: {min_pairs}}}\n")
     path.write_text(manifest(name, label_model(tmp / "labels.onnx"), alarm))
     local.up(path)
@@ -291,7 +291,8 @@ def disagreement_pairs(local: LocalMode, tmp: Path, min_pairs: int, rps: float) 
                       60 + 3 * min_pairs / rps, "rolled back", interval=0.05)
     got = local.rollout(name)
     evaluation = (got.get("lastAlarmEvaluation") or [{}])[0]
-    return Pairs(int(evaluation.get("requests") or 0), float(evaluation.get("value") or 0.0),
+    return Pairs(int(evaluation.get("requests") or 0),
+                 100 * float(evaluation.get("value") or 0.0),  # the alarm's fraction, as %
                  t_back - t_green, str(got.get("phase")))
 
 

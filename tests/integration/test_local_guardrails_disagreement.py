@@ -45,7 +45,7 @@ spec:
     autoRollback:
       alarms:
         - name: green-disagrees
-          disagreement: 2
+          disagreement: 0.02
           windowSeconds: 30
           minRequests: 200
 """
@@ -96,7 +96,7 @@ def test_a_canary_flipping_5_percent_of_labels_is_rolled_back(local: Local,
         [evaluation] = got["lastAlarmEvaluation"]
         assert evaluation["name"] == "green-disagrees" and evaluation["tripped"]
         assert evaluation["kind"] == "disagreement" and evaluation["requests"] >= 200
-        assert 2.0 < evaluation["value"] < 10.0, evaluation
+        assert 0.02 < evaluation["value"] < 0.10, evaluation
         assert "rolled back to fleet primary" in got["message"]
         wait_until(lambda: not any(n.startswith("primary-green") for n in servers(local)),
                    10, "green's servers stopped")

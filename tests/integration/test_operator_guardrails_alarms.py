@@ -229,10 +229,10 @@ def test_a_latency_alarm_rolls_back_to_blue_at_once(kube: Kube) -> None:
 
 def test_a_disagreement_alarm_mirrors_blue_and_green_and_rolls_back(kube: Kube) -> None:
     mirrored: list[list[tuple[str, str, float]]] = []
-    cond, event = roll_back(kube, "flip", {"name": "green-flips", "disagreement": 5,
+    cond, event = roll_back(kube, "flip", {"name": "green-flips", "disagreement": 0.05,
                                            "mirrorSamplingPercentage": 50}, mirrored)
     for text in (cond["message"], event):
-        assert "alarm green-flips: disagreement 10 vs threshold 5" in text
+        assert "alarm green-flips: disagreement 0.1 vs threshold 0.05" in text
         assert "all traffic is on primary" in text
     # While the canary baked, the gateway mirrored each fleet's requests to the other.
     assert [("primary", "primary-green", 50.0), ("primary-green", "primary", 50.0)] in mirrored

@@ -400,9 +400,9 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
         "alarms": [{"name": "e", "errorRate": 0.1, "latencyP99Ms": 5}]}}),
      "spec.deploymentConfig.autoRollback.alarms"),
     ("guardrails-disagreement-ok", guarded({"blueGreen": CANARY, "autoRollback": {
-        "alarms": [{"name": "d", "disagreement": 2, "mirrorSamplingPercentage": 50}]}}), None),
+        "alarms": [{"name": "d", "disagreement": 0.02, "mirrorSamplingPercentage": 50}]}}), None),
     ("guardrails-disagreement-and-error-rate", guarded({"blueGreen": CANARY, "autoRollback": {
-        "alarms": [{"name": "e", "errorRate": 0.1, "disagreement": 5}]}}),
+        "alarms": [{"name": "e", "errorRate": 0.1, "disagreement": 0.05}]}}),
      "spec.deploymentConfig.autoRollback.alarms"),
     ("guardrails-mirror-sampling-without-disagreement", guarded({
         "blueGreen": CANARY, "autoRollback": {

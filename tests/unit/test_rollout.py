@@ -286,8 +286,8 @@ def test_mirrored_pairs_count_for_both_fleets_and_never_a_shadows() -> None:
 
 
 def test_disagreement_alarm_needs_min_pairs_then_trips_on_the_percentage() -> None:
-    alarm = Alarm(name="dis", disagreement=2.0, minRequests=200)
-    assert alarm.kind == "disagreement" and alarm.threshold == 2.0
+    alarm = Alarm(name="dis", disagreement=0.02, minRequests=200)
+    assert alarm.kind == "disagreement" and alarm.threshold == 0.02
     window = FleetWindow()
     window.add(0, {"pod": pairs(0, 0, 0, 0)["a-green"]})
     window.add(5, {"pod": pairs(100, 0, 5, 0)["a-green"]})
@@ -296,9 +296,9 @@ def test_disagreement_alarm_needs_min_pairs_then_trips_on_the_percentage() -> No
     assert "100/200 mirrored pairs" in first.describe()
     window.add(10, {"pod": pairs(150, 50, 5, 0)["a-green"]})
     low = evaluate(alarm, window, since=0)  # 5 of 200: 2.5%
-    assert low.tripped and low.value == 2.5 and low.requests == 200
-    lenient = evaluate(Alarm(name="d", disagreement=5.0, minRequests=200), window, since=0)
-    assert lenient.value == 2.5 and not lenient.tripped
+    assert low.tripped and low.value == 0.025 and low.requests == 200
+    lenient = evaluate(Alarm(name="d", disagreement=0.05, minRequests=200), window, since=0)
+    assert lenient.value == 0.025 and not lenient.tripped
     # Two gateway pods add up; a restarted one never counts twice.
     window2 = FleetWindow()
     window2.add(0, {"p1": pairs(100, 0, 0, 0)["a-green"], "p2": pairs(100, 0, 0, 0)["a-green"]})
@@ -312,13 +312,13 @@ def test_disagreement_alarm_validation() -> None:
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="set exactly one"):
-        Alarm.model_validate({"name": "x", "disagreement": 1, "errorRate": 0.1})
+        Alarm.model_validate({"name": "x", "disagreement": 0.01, "errorRate": 0.1})
     with pytest.raises(ValidationError, match="mirrorSamplingPercentage"):
         Alarm.model_validate({"name": "x", "errorRate": 0.1, "mirrorSamplingPercentage": 50})
     with pytest.raises(ValidationError):
-        Alarm.model_validate({"name": "x", "disagreement": 101})
-    cfg = config(CANARY, alarms=[{"name": "d", "disagreement": 1},
-                                 {"name": "e", "disagreement": 2,
+        Alarm.model_validate({"name": "x", "disagreement": 1.5})
+    cfg = config(CANARY, alarms=[{"name": "d", "disagreement": 0.01},
+                                 {"name": "e", "disagreement": 0.02,
                                   "mirrorSamplingPercentage": 10}])
     assert cfg.mirror_sampling == 100.0
     assert config(CANARY, alarms=[{"name": "e", "errorRate": 0.1}]).mirror_sampling is None
@@ -327,7 +327,7 @@ def test_disagreement_alarm_validation() -> None:
 def test_disagreement_mirrors_both_ways_only_while_baking() -> None:
     from kubeinfer_operator.reconcile.rollout_alarms import mirrors
 
-    cfg = config(CANARY, alarms=[{"name": "d", "disagreement": 1,
+    cfg = config(CANARY, alarms=[{"name": "d", "disagreement": 0.01,
                                   "mirrorSamplingPercentage": 25}])
     run = Run(cfg)
     provisioning = run.tick(0).state
@@ -339,9 +339,9 @@ def test_disagreement_mirrors_both_ways_only_while_baking() -> None:
     assert {(m.source, m.peer, m.sampling_percentage) for m in got} == {
         ("a", "a-green", 25.0), ("a-green", "a", 25.0)}
     assert mirrors(config(CANARY), baking) == []  # no disagreement alarm: no copies
-    dis = ro.AlarmEvaluation("d", "disagreement", 1.0, 5.0, tripped=True, requests=400)
+    dis = ro.AlarmEvaluation("d", "disagreement", 0.01, 0.05, tripped=True, requests=400)
     rolled = run.tick(2, evaluations=(dis,))
     assert rolled.state is not None and rolled.state.phase is ro.Phase.ROLLED_BACK
     assert rolled.weights == {"a": 1.0}
-    assert "disagreement 5 vs threshold 1 over 400 requests" in rolled.state.message
+    assert "disagreement 0.05 vs threshold 0.01 over 400 requests" in rolled.state.message
     assert mirrors(cfg, rolled.state) == []

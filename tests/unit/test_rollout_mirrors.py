@@ -40,7 +40,7 @@ def baking(cfg: DeploymentConfig, new_hash: str) -> dict[str, ro.Decision]:
 
 
 def test_expand_plan_mirrors_blue_and_green_while_a_disagreement_alarm_bakes() -> None:
-    ep = endpoint({"name": "d", "disagreement": 2, "mirrorSamplingPercentage": 40})
+    ep = endpoint({"name": "d", "disagreement": 0.02, "mirrorSamplingPercentage": 40})
     cfg = ep.spec.deploymentConfig
     assert cfg is not None
     plan = plan_endpoint(ep)
@@ -67,6 +67,6 @@ def test_expand_plan_mirrors_blue_and_green_while_a_disagreement_alarm_bakes() -
 
 
 def test_expand_plan_without_a_rollout_leaves_the_plan_as_it_was() -> None:
-    ep = endpoint({"name": "d", "disagreement": 2})
+    ep = endpoint({"name": "d", "disagreement": 0.02})
     plan = plan_endpoint(ep)
     assert expand_plan(plan, {}, ep.spec.deploymentConfig) == plan

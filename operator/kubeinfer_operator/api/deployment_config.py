@@ -210,12 +210,13 @@ class Alarm(_Spec):
     ] = None
     disagreement: Annotated[
         float | None,
-        Field(description="Trips when green and blue disagree on more than this percentage "
-                          "(0 to 100) of the requests both answered over windowSeconds: while "
+        Field(description="Trips when green and blue disagree on more than this fraction "
+                          "(0 to 1, as errorRate) of the requests both answered over "
+                          "windowSeconds: while "
                           "a step bakes the gateway mirrors each fleet's requests to the other "
                           "(mirrorSamplingPercentage of them) and compares the two answers as "
                           "for a shadow variant (same label or argmax; numbers within "
-                          "tolerance).", ge=0, le=100),
+                          "tolerance).", ge=0, le=1),
     ] = None
     mirrorSamplingPercentage: Annotated[
         float | None,

@@ -18,7 +18,7 @@ labelled ``variant=<one fleet>, peer=<the other>`` count the pairs both
 answered and those whose answers differ. ``parse_fleet_metrics`` credits a
 pair to both fleets' routes (the pair is the same seen from either side), and
 only pairs between the two fleets of one variant: a shadow variant's pairs
-never count. The alarm's rate is ``100 * disagreed / compared`` over its
+never count. The alarm's rate is ``disagreed / compared`` (a fraction, as errorRate's) over its
 window, evaluable from ``minRequests`` compared pairs.
 """
 
@@ -204,7 +204,7 @@ def evaluate(alarm: Alarm, window: FleetWindow | None, *, since: float,
             return AlarmEvaluation(alarm.name, "disagreement", threshold, None, requests=pairs,
                                    detail=f"{pairs}/{alarm.minRequests} mirrored pairs "
                                           "compared in the window")
-        rate = 100.0 * d.disagreed / pairs
+        rate = d.disagreed / pairs
         return AlarmEvaluation(alarm.name, "disagreement", threshold, rate,
                                tripped=rate > threshold, requests=pairs)
     requests = int(max(d.invocations, d.errors))

@@ -28,6 +28,7 @@ the hour (UTC) of the records' inference time, as SageMaker names them.
 from __future__ import annotations
 
 import base64
+import functools
 import time
 import uuid
 from collections import deque
@@ -63,9 +64,15 @@ def encode_payload(body: bytes, content_type: str | None, mode: str,
     return {"observedContentType": observed, "mode": mode, "data": data, "encoding": encoding}
 
 
+@functools.lru_cache(maxsize=64)
+def _utc(second: int, fmt: str) -> str:
+    return time.strftime(fmt, time.gmtime(second))
+
+
 def inference_time(wall_time: float) -> str:
-    """ISO 8601 UTC to the second, as SageMaker writes ``inferenceTime``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall_time))
+    """ISO 8601 UTC to the second, as SageMaker writes ``inferenceTime`` (formatted once
+    per second: a batch holds thousands of records of the same few seconds)."""
+    return _utc(int(wall_time), "%Y-%m-%dT%H:%M:%SZ")
 
 
 def capture_record(exchange: Exchange, route: CaptureRoute) -> dict[str, object]:
@@ -94,7 +101,7 @@ def capture_line(exchange: Exchange, route: CaptureRoute) -> bytes:
 
 def hour_folder(wall_time: float) -> str:
     """``yyyy/mm/dd/hh`` (UTC) of a record written at ``wall_time``."""
-    return time.strftime("%Y/%m/%d/%H", time.gmtime(wall_time))
+    return _utc(int(wall_time), "%Y/%m/%d/%H")
 
 
 def object_uri(destination: str, endpoint: str, variant: str, folder: str,

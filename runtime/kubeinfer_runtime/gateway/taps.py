@@ -36,6 +36,7 @@ the shadow's (capture writes it as ``eventMetadata.eventId``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -116,8 +117,28 @@ def make_exchange(endpoint: str, variant: str, forwarded: Sequence[tuple[bytes, 
         response_content_type=(response_content_type.decode("latin-1")
                                if response_content_type is not None else None),
         upstream_latency_s=upstream_s, inference_id=inference_id, custom_attributes=custom,
-        event_id=str(uuid.uuid4()), wall_time=time.time(), forwarded=tuple(forwarded))
+        event_id=new_event_id(), wall_time=time.time(), forwarded=tuple(forwarded))
 
+
+class EventIds:
+    """uuid4-shaped event ids at a fraction of ``uuid.uuid4()``'s cost on the request path.
+
+    A random 80-bit prefix per process, with the version (4) and variant bits of a
+    uuid4, and a 48-bit counter as the last group: unique within the process, and
+    across gateway replicas as far as 80 random bits go. ``str(uuid.uuid4())`` costs
+    ~2 µs per request (a syscall for 16 random bytes); this costs a format.
+    """
+
+    def __init__(self) -> None:
+        head = uuid.uuid4().hex
+        self._prefix = f"{head[:8]}-{head[8:12]}-{head[12:16]}-{head[16:20]}-"
+        self._next = itertools.count(int(head[20:], 16))
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._next) & 0xFFFFFFFFFFFF:012x}"
+
+
+new_event_id = EventIds()
 
 _failed: set[type] = set()
 
