@@ -162,10 +162,12 @@ class Batch:
     """Records taken from the buffer for one upload attempt, grouped into objects."""
 
     records: tuple[Record, ...]
+    #: Memory its records hold, summed once: ``CaptureBuffer.bytes`` reads it on every
+    #: append, and a batch holds thousands of records.
+    size: int = field(init=False)
 
-    @property
-    def size(self) -> int:
-        return sum(r.size for r in self.records)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", sum(r.size for r in self.records))
 
     def objects(self) -> dict[tuple[str, str, str], list[Record]]:
         """(destination, variant, hour folder) -> its records, in order: one object each."""
