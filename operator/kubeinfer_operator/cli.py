@@ -26,7 +26,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from kubeinfer_operator import __version__, cli_compile, cli_shadow, cli_transform
+from kubeinfer_operator import (
+    __version__,
+    cli_compile,
+    cli_recommend,
+    cli_shadow,
+    cli_transform,
+)
 from kubeinfer_operator.api.endpoint import AuthConfig
 from kubeinfer_operator.errors import KubeinferError, SpecError
 from kubeinfer_operator.local.compile_manifest import has_compilation_jobs
@@ -69,6 +75,7 @@ app = typer.Typer(
 local_app = typer.Typer(hidden=True, help="Local-mode internals.")
 app.add_typer(local_app, name="local")
 app.command("compile")(cli_compile.compile_command)
+app.command("recommend")(cli_recommend.recommend_command)
 app.add_typer(cli_shadow.shadow_app, name="shadow")
 app.command("promote")(cli_shadow.promote_command)
 

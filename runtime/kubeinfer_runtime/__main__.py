@@ -6,6 +6,9 @@ Batch Transform job (``kubeinfer_runtime.batch``) and exits with its code.
 ``python -m kubeinfer_runtime compile [MODEL --target T --out DIR ...]`` compiles
 a model (``kubeinfer_runtime.compile``; settings from env, flags win).
 
+``python -m kubeinfer_runtime recommend --request FILE`` load-tests candidate
+settings and recommends one (``kubeinfer_runtime.recommend``).
+
 Settings come from ``KUBEINFER_*`` env vars (see ``contract``). They are
 validated here first so a misconfigured pod fails at once with a readable
 message, then uvicorn runs the role's app factory (an import string with
@@ -93,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("compile", add_help=False,
                    help="compile an ONNX model for a target (SageMaker Neo); "
                         "compile --help for its flags")
+    sub.add_parser("recommend", add_help=False,
+                   help="load-test candidate settings and recommend one (Inference "
+                        "Recommender); recommend --help for its flags")
     return p
 
 
@@ -102,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from kubeinfer_runtime.compile.main import main as compile_main
 
         return compile_main(argv[1:])
+    if argv[:1] == ["recommend"]:
+        from kubeinfer_runtime.recommend.main import main as recommend_main
+
+        return recommend_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "batch":
         from kubeinfer_runtime.batch.main import run
