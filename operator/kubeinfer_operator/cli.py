@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 import typer
+import yaml
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -271,6 +272,11 @@ def up(
     A file holding TransformJobs or CompilationJobs runs them to completion instead
     (exit 0: complete, 1: failed); -d leaves them running in the background.
     """
+    if _has_kind(file, "RecommendationJob"):
+        raise _fail(f"{file} holds a RecommendationJob, which runs on Kubernetes (kubectl "
+                    "apply -f). Locally, run the same search with `kubeinfer recommend -f "
+                    "ENDPOINT.yaml --candidates CANDIDATES.yaml` (see examples/"
+                    "recommend-endpoint.yaml and examples/recommend-candidates.yaml)", 2)
     if has_compilation_jobs(file):
         raise typer.Exit(_up_jobs(file, detach=detach, port=port, kind="CompilationJobs",
                                   run=cli_compile.up))
@@ -345,6 +351,15 @@ def up(
             _stop_started(started)
             return
     raise typer.Exit(code)
+
+
+def _has_kind(file: Path, kind: str) -> bool:
+    """Whether ``file`` holds an object of ``kind`` (unreadable: no; the loader says why)."""
+    try:
+        docs = list(yaml.safe_load_all(file.read_text()))
+    except (OSError, yaml.YAMLError):
+        return False
+    return any(isinstance(d, dict) and d.get("kind") == kind for d in docs)
 
 
 def _up_jobs(file: Path, *, detach: bool, port: int | None, kind: str,

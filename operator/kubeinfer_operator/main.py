@@ -29,8 +29,10 @@ from pydantic import SecretStr
 from kubeinfer_operator.errors import ClusterError
 from kubeinfer_operator.handlers import compilation_job as compile_handlers
 from kubeinfer_operator.handlers import endpoint as endpoint_handlers
+from kubeinfer_operator.handlers import recommendation_job as recommend_handlers
 from kubeinfer_operator.handlers import transform_job as transform_handlers
 from kubeinfer_operator.handlers.compile_sync import CompileSync
+from kubeinfer_operator.handlers.recommend_sync import RecommendSync
 from kubeinfer_operator.handlers.sync import EndpointSync
 from kubeinfer_operator.handlers.transform_sync import TransformSync
 from kubeinfer_operator.k8s.client import KubeClient
@@ -157,6 +159,8 @@ def build_registry(settings: OperatorSettings, client: KubeClient | None = None,
                                 ours.status_interval_s)
     compile_handlers.register(registry, CompileSync(kube, ours, metrics=metrics),
                               ours.status_interval_s)
+    recommend_handlers.register(registry, RecommendSync(kube, ours, metrics=metrics),
+                                ours.status_interval_s)
     return registry
 
 

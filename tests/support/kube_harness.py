@@ -108,6 +108,7 @@ RESOURCES = {
     "PodDisruptionBudget": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
     "TransformJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/transformjobs",
     "CompilationJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/compilationjobs",
+    "RecommendationJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/recommendationjobs",
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
     "Pod": "/api/v1/namespaces/{ns}/pods",
 }

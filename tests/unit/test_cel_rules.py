@@ -31,6 +31,7 @@ from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.reconcile import job_validate
 from kubeinfer_operator.reconcile import validate as endpoint_validate
 from kubeinfer_operator.reconcile.compile_validate import validate_compilation_job
+from kubeinfer_operator.reconcile.recommend_validate import validate_recommendation_job
 from kubeinfer_operator.reconcile.transform_validate import validate_transform_job
 from kubeinfer_operator.render import k8s_meta
 
@@ -126,6 +127,8 @@ def _validator(kind: str) -> Callable[[str, dict[str, Any]], object]:
         return lambda name, spec: endpoint_validate.validate_endpoint(name, "ml", spec)
     if kind == "TransformJob":
         return lambda name, spec: validate_transform_job(name, "ml", spec)
+    if kind == "RecommendationJob":
+        return lambda name, spec: validate_recommendation_job(name, "ml", spec)
     return lambda name, spec: validate_compilation_job(name, "ml", spec)
 
 
@@ -227,6 +230,13 @@ def compilation(name: str = "mlp", **spec: Any) -> dict[str, Any]:
     base.update(spec)
     return {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "CompilationJob",
             "metadata": {"name": name}, "spec": base}
+
+
+def recommendation(name: str = "mlp", **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"model": {"uri": "s3://models/mlp.onnx"}}
+    base.update(spec)
+    return {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "RecommendationJob",
+            "metadata": {"name": name}, "spec": {k: v for k, v in base.items() if v is not None}}
 
 
 ASYNC: dict[str, Any] = {"outputPath": "s3://out/iris"}
@@ -493,6 +503,14 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("compile-job-ok", compilation(batchSizes=[1, 64]), None),
     ("compile-job-name", compilation("mlp_v2"), "metadata.name"),
     ("compile-job-repeated-size", compilation(batchSizes=[64, 1, 64]), "spec.batchSizes"),
+    # RecommendationJob
+    ("recommend-job-ok", recommendation(candidates=[{"name": "a"}]), None),
+    ("recommend-job-ref-ok", recommendation(model=None, endpointRef={"name": "mlp"}), None),
+    ("recommend-job-name", recommendation("mlp_v2"), "metadata.name"),
+    ("recommend-job-no-source", recommendation(model=None), "spec"),
+    ("recommend-job-two-sources", recommendation(endpointRef={"name": "mlp"}), "spec"),
+    ("recommend-job-list-and-grid", recommendation(candidates=[{"name": "a"}],
+                                                   grid={"threads": [1, 2]}), "spec"),
 ]
 
 

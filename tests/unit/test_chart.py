@@ -211,7 +211,7 @@ def test_chart_crds_are_valid_and_loaded_by_helm(chart: helm.Chart, k8s_version:
             kubernetes_validate.validate(crd, k8s_version, strict=True)
             names.add(crd["metadata"]["name"])
     assert names == {"endpoints.kubeinfer.io", "transformjobs.kubeinfer.io",
-                     "compilationjobs.kubeinfer.io",
+                     "compilationjobs.kubeinfer.io", "recommendationjobs.kubeinfer.io",
                      "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
 
 
@@ -418,7 +418,7 @@ def test_the_operator_may_run_every_kind(chart: helm.Chart, values: dict[str, An
     for role in [r for r in roles if not is_aggregated(r)]:
         granted = {(r, v) for rule in role["rules"] for r in rule["resources"]
                    for v in rule["verbs"]}
-        for kind in ("endpoints", "transformjobs", "compilationjobs"):
+        for kind in ("endpoints", "transformjobs", "compilationjobs", "recommendationjobs"):
             assert {(kind, "watch"), (kind, "patch"), (f"{kind}/status", "patch"),
                     (f"{kind}/finalizers", "update")} <= granted, kind
         assert {("jobs", "create"), ("jobs", "watch"), ("jobs", "delete"),

@@ -55,6 +55,7 @@ def test_crds_writes_then_check_passes_and_detects_drift(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["compilationjobs.kubeinfer.io.yaml",
                                                      "endpoints.kubeinfer.io.yaml",
+                                                     "recommendationjobs.kubeinfer.io.yaml",
                                                      "transformjobs.kubeinfer.io.yaml"]
     crd = out / "endpoints.kubeinfer.io.yaml"
     assert "kind: CustomResourceDefinition" in crd.read_text()

@@ -108,7 +108,8 @@ def test_keyed_lists_merge_by_their_key() -> None:
                                              ("status", "variants", "name"),
                                              ("status", "conditions", "type")],
              "transformjobs.kubeinfer.io.yaml": [("status", "conditions", "type")],
-             "compilationjobs.kubeinfer.io.yaml": [("status", "conditions", "type")]}
+             "compilationjobs.kubeinfer.io.yaml": [("status", "conditions", "type")],
+             "recommendationjobs.kubeinfer.io.yaml": [("status", "conditions", "type")]}
     crds = all_crds()
     for name, lists in keyed.items():
         props = crds[name]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]

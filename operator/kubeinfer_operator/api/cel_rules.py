@@ -324,6 +324,14 @@ COMPILATION_JOB_RULES: tuple[CelRule, ...] = (
     CelRule("spec.batchSizes", _unique("self"), "repeats a size; list each once, e.g. [1, 64]"),
 )
 
+RECOMMENDATION_JOB_RULES: tuple[CelRule, ...] = (
+    name_rule("RecommendationJob", "create"),
+    CelRule("spec", "has(self.model) != has(self.endpointRef)",
+            "set exactly one of model and endpointRef"),
+    CelRule("spec", "!(has(self.candidates) && has(self.grid))",
+            "set candidates or grid, not both"),
+)
+
 
 def _node(schema: dict[str, Any], at: str) -> dict[str, Any]:
     node = schema

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from kubeinfer_operator.api import cel_rules
 from kubeinfer_operator.api import compilation_job as cj
 from kubeinfer_operator.api import endpoint as ep
+from kubeinfer_operator.api import recommendation_job as rj
 from kubeinfer_operator.api import transform_job as tj
 
 _DROP_KEYS = {"title"}
@@ -234,10 +235,38 @@ def compilation_job_crd() -> dict[str, Any]:
     )
 
 
+#: The API server refuses any change of a RecommendationJob's spec (its candidates and Job
+#: cannot change).
+IMMUTABLE_RECOMMEND_SPEC_MESSAGE = ("spec is immutable: a RecommendationJob runs the spec it "
+                                    "was created with; delete it and create a new one")
+
+
+def recommendation_job_crd() -> dict[str, Any]:
+    spec_schema = openapi_schema(rj.RecommendationJobSpec)
+    spec_schema["x-kubernetes-validations"] = [
+        {"rule": "self == oldSelf", "message": IMMUTABLE_RECOMMEND_SPEC_MESSAGE},
+    ]
+    return _crd(
+        plural=rj.PLURAL, group=rj.GROUP, kind=rj.KIND, singular=rj.SINGULAR,
+        short_names=rj.SHORT_NAMES, version=rj.VERSION,
+        description="An inference recommendation job: SageMaker Inference Recommender as a "
+                    "Kubernetes resource.",
+        spec_schema=spec_schema, status_schema=openapi_schema(rj.RecommendationJobStatus),
+        rules=cel_rules.RECOMMENDATION_JOB_RULES,
+        columns=[
+            {"name": "Winner", "type": "string", "jsonPath": ".status.recommended"},
+            {"name": "Throughput", "type": "number", "jsonPath": ".status.maxThroughput"},
+            {"name": "Status", "type": "string", "jsonPath": ".status.phase"},
+            _AGE,
+        ],
+    )
+
+
 def all_crds() -> dict[str, dict[str, Any]]:
     """File name → CRD object, for every kind this operator serves."""
     return {f"{crd['metadata']['name']}.yaml": crd
-            for crd in (endpoint_crd(), transform_job_crd(), compilation_job_crd())}
+            for crd in (endpoint_crd(), transform_job_crd(), compilation_job_crd(),
+                        recommendation_job_crd())}
 
 
 def to_yaml(obj: dict[str, Any]) -> str:

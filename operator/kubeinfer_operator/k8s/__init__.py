@@ -38,6 +38,14 @@ kubeinfer.io        transformjobs                      get (KubeClient: fresh sp
                                                        model pinned from an endpointRef)
 kubeinfer.io        transformjobs/status               patch (KubeClient: phase, progress, ...)
 kubeinfer.io        transformjobs/finalizers           update (the Jobs' ownerReferences)
+kubeinfer.io        compilationjobs,                   get, list, watch, patch (as transformjobs)
+                    recommendationjobs
+kubeinfer.io        compilationjobs/status,            patch (KubeClient: phase, report, ...)
+                    recommendationjobs/status
+kubeinfer.io        compilationjobs/finalizers,        update (their Jobs', and a
+                    recommendationjobs/finalizers      RecommendationJob's candidate
+                                                       Deployments' and Services',
+                                                       ownerReferences)
 batch               jobs                               get, list, watch (kopf: a finished Job
                                                        starts the next step), create, delete
                                                        (KubeClient: planner, workers, finalizer;

@@ -7,6 +7,7 @@ from urllib.parse import quote
 
 from kubeinfer_operator.api import compilation_job as cj
 from kubeinfer_operator.api import endpoint as ep
+from kubeinfer_operator.api import recommendation_job as rj
 from kubeinfer_operator.api import transform_job as tj
 
 
@@ -47,6 +48,7 @@ ENDPOINT = Kind(ep.API_VERSION, ep.KIND, ep.PLURAL)
 EVENT = Kind("v1", "Event", "events")
 TRANSFORM_JOB = Kind(tj.API_VERSION, tj.KIND, tj.PLURAL)
 COMPILATION_JOB = Kind(cj.API_VERSION, cj.KIND, cj.PLURAL)
+RECOMMENDATION_JOB = Kind(rj.API_VERSION, rj.KIND, rj.PLURAL)
 #: A TransformJob's planner, workers and finalizer (render.transform_jobs); a
 #: CompilationJob's compiler (render.compile_jobs).
 JOB = Kind("batch/v1", "Job", "jobs")
@@ -57,7 +59,8 @@ POD = Kind("v1", "Pod", "pods")
 #: Every kind an Endpoint's children can be, in the order they are listed.
 CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT, HPA, NETWORK_POLICY, PDB)
 BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, HPA, NETWORK_POLICY, PDB, SECRET,
-                               ENDPOINT, EVENT, TRANSFORM_JOB, COMPILATION_JOB, JOB, POD)}
+                               ENDPOINT, EVENT, TRANSFORM_JOB, COMPILATION_JOB,
+                               RECOMMENDATION_JOB, JOB, POD)}
 
 
 def kind_of(manifest: dict[str, object]) -> Kind:

@@ -105,6 +105,18 @@ def recommended_endpoint(document: dict[str, Any], report: RecommendReport, *,
     target = next((v for v in variants if variant is None or v.get("name") == variant), None)
     if target is None:
         raise RecommendPlanError(f"Endpoint has no variant {variant!r}")
+    if model_uri is not None and isinstance(target.get("model"), dict):
+        target["model"] = {**target["model"], "uri": model_uri}
+    apply_candidate(target, cand, compiled_uri=compiled_uri,
+                    autoscaling_target=report.autoscalingTarget)
+    return doc
+
+
+def apply_candidate(target: dict[str, Any], cand: Candidate, *, compiled_uri: str | None,
+                    autoscaling_target: float | None) -> None:
+    """Write ``cand``'s settings into the variant document ``target`` (in place): replicas,
+    resources, threads and workers (env), the compiled artifact, and auto scaling at
+    ``autoscaling_target`` (none when unset)."""
     target["replicas"] = cand.replicas
     resources: dict[str, Any] = {}
     if cand.resources.requests:
@@ -117,15 +129,12 @@ def recommended_endpoint(document: dict[str, Any], report: RecommendReport, *,
     env = _set_env(env, ENV_THREADS, str(cand.threads))
     env = _set_env(env, ENV_WORKERS, str(cand.workers))
     target["env"] = env
-    if model_uri is not None and isinstance(target.get("model"), dict):
-        target["model"] = {**target["model"], "uri": model_uri}
     if cand.artifact == "compiled" and compiled_uri:
         target["model"] = {"uri": compiled_uri, "format": "compiled"}
-    if report.autoscalingTarget and report.autoscalingTarget > 0:
+    if autoscaling_target and autoscaling_target > 0:
         target["autoscaling"] = {
             "minReplicas": cand.replicas,
             "maxReplicas": cand.replicas * MAX_REPLICAS_FACTOR,
             "targetTracking": [{"metric": "InvocationsPerReplica",
-                                "target": report.autoscalingTarget}],
+                                "target": autoscaling_target}],
         }
-    return doc

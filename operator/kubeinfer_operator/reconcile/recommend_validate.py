@@ -1,0 +1,53 @@
+"""Semantic validation of a RecommendationJob before anything runs: PURE.
+
+The CRD schema refuses structural errors at ``kubectl apply`` time; this finds
+what needs the whole object: a name that would make its children's names too
+long, resource quantities of the candidates, and relative ``file://`` paths
+(meaningless inside a pod). Every problem at once, each naming its field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+from kubeinfer_operator.api.endpoint import ObjectMeta
+from kubeinfer_operator.api.recommendation_job import RecommendationJob, RecommendationJobSpec
+from kubeinfer_operator.reconcile.job_validate import InvalidJob, parse_job_spec
+from kubeinfer_operator.reconcile.validate import _resource_problems
+
+REASON_INVALID_SPEC = "InvalidSpec"
+
+
+class InvalidRecommendationJob(InvalidJob):
+    """The RecommendationJob cannot run as written; ``problems`` name each field and fix."""
+
+    reason = REASON_INVALID_SPEC
+    kind = "RecommendationJob"
+
+
+def spec_problems(spec: RecommendationJobSpec, *, on_kubernetes: bool = True) -> list[str]:
+    problems: list[str] = []
+    for i, cand in enumerate(spec.search().expand()):
+        problems += _resource_problems(f"spec.candidates[{i}].resources",
+                                       cand.resources.requests, cand.resources.limits)
+    if on_kubernetes:
+        for field, uri in (("spec.model.uri", spec.model.uri if spec.model else None),
+                           ("spec.compiledModelUri", spec.compiledModelUri)):
+            parsed = urlparse(uri or "")
+            if parsed.scheme == "file" and parsed.netloc:
+                problems.append(f"{field}: {uri!r} is a relative path, which means nothing "
+                                "inside a pod; use s3://bucket/key or an absolute "
+                                "file:///path inside the runtime image")
+    return problems
+
+
+def validate_recommendation_job(name: str, namespace: str | None, spec: Any, *,
+                                on_kubernetes: bool = True) -> RecommendationJob:
+    """Parse and check a RecommendationJob's spec; raise ``InvalidRecommendationJob``
+    listing every problem."""
+    parsed = parse_job_spec(name, namespace, spec, RecommendationJobSpec,
+                            lambda s: spec_problems(s, on_kubernetes=on_kubernetes),
+                            InvalidRecommendationJob)
+    return RecommendationJob(apiVersion="kubeinfer.io/v1alpha1", kind="RecommendationJob",
+                             metadata=ObjectMeta(name=name, namespace=namespace), spec=parsed)
