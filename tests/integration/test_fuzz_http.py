@@ -115,7 +115,12 @@ def bodies(draw: st.DrawFn) -> bytes:
     if kind == "npz":
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as z:
-            for name in draw(st.lists(st.text(min_size=1, max_size=8), max_size=3, unique=True)):
+            # No NUL: zipfile cuts a member name at it, and a name that starts with one
+            # makes zipfile itself raise while the test builds the body.
+            names = st.text(st.characters(blacklist_categories=("Cs",),
+                                          blacklist_characters="\x00"), min_size=1,
+                            max_size=8)
+            for name in draw(st.lists(names, max_size=3, unique=True)):
                 z.writestr(name + ".npy", _npy((1, 4), "f4")[: draw(st.integers(0, 200))])
         return buf.getvalue()
     doc: dict[str, Any] = {"inputs": [{
