@@ -22,6 +22,7 @@ import kopf
 from kubeinfer_operator.api import compilation_job as cj
 from kubeinfer_operator.errors import ClusterError, SpecError
 from kubeinfer_operator.handlers.compile_sync import CompileSync
+from kubeinfer_operator.handlers.plumbing import sync_owner_of
 from kubeinfer_operator.handlers.retry import Logger, on_reconcile, reconcile_or_raise
 from kubeinfer_operator.render.compile_jobs import LABEL_COMPILATION_JOB
 
@@ -40,16 +41,8 @@ def register(registry: kopf.OperatorRegistry, sync: CompileSync, interval_s: flo
                    labels={LABEL_COMPILATION_JOB: kopf.PRESENT})
     async def compile_job_changed(*, namespace: str | None, labels: kopf.Labels,
                                   logger: Logger, **_: Any) -> None:
-        owner = labels.get(LABEL_COMPILATION_JOB)
-        if not owner:
-            return
-        try:
-            await sync.sync(namespace or "", owner)
-        except SpecError:
-            pass  # reported in the CompilationJob's status
-        except ClusterError as exc:
-            logger.warning("Sync of CompilationJob %s after a Job event failed: %s; the "
-                           "refresh retries", owner, exc)
+        await sync_owner_of(labels, LABEL_COMPILATION_JOB, "CompilationJob", namespace,
+                            sync.sync, logger)
 
     @kopf.daemon(*resource, id="refresh", registry=registry, initial_delay=interval_s,
                  cancellation_timeout=5.0)

@@ -12,11 +12,11 @@ import abc
 import asyncio
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from kubeinfer_operator.errors import ClusterError
+from kubeinfer_operator.errors import ClusterError, SpecError
 from kubeinfer_operator.k8s import kinds
 from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient
 from kubeinfer_operator.k8s.events import post_events
@@ -34,6 +34,24 @@ class HasStatus(Protocol):
 
 
 DecisionT = TypeVar("DecisionT", bound=HasStatus)
+
+
+async def sync_owner_of(child_labels: Mapping[str, str], owner_label: str, kind: str,
+                        namespace: str | None, sync: Callable[[str, str], Awaitable[object]],
+                        logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    """Re-sync the job resource a child (its Job, a candidate Deployment) belongs to,
+    after that child changed. Problems of the spec are in the owner's status already;
+    a transient failure is logged and left to the owner's refresh."""
+    owner = child_labels.get(owner_label)
+    if not owner:
+        return
+    try:
+        await sync(namespace or "", owner)
+    except SpecError:
+        pass
+    except ClusterError as exc:
+        logger.warning("Sync of %s %s after a child's event failed: %s; the refresh retries",
+                       kind, owner, exc)
 
 
 def utcnow() -> datetime:

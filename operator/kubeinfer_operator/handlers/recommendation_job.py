@@ -17,6 +17,7 @@ import kopf
 
 from kubeinfer_operator.api import recommendation_job as rj
 from kubeinfer_operator.errors import ClusterError, SpecError
+from kubeinfer_operator.handlers.plumbing import sync_owner_of
 from kubeinfer_operator.handlers.recommend_sync import RecommendSync
 from kubeinfer_operator.handlers.retry import Logger, on_reconcile, reconcile_or_raise
 from kubeinfer_operator.render.recommend_jobs import LABEL_RECOMMENDATION_JOB
@@ -35,16 +36,8 @@ def register(registry: kopf.OperatorRegistry, sync: RecommendSync, interval_s: f
 
     async def child_changed(namespace: str | None, labels: kopf.Labels,
                             logger: Logger) -> None:
-        owner = labels.get(LABEL_RECOMMENDATION_JOB)
-        if not owner:
-            return
-        try:
-            await sync.sync(namespace or "", owner)
-        except SpecError:
-            pass  # reported in the RecommendationJob's status
-        except ClusterError as exc:
-            logger.warning("Sync of RecommendationJob %s after a child's event failed: %s; "
-                           "the refresh retries", owner, exc)
+        await sync_owner_of(labels, LABEL_RECOMMENDATION_JOB, "RecommendationJob", namespace,
+                            sync.sync, logger)
 
     @kopf.on.event("batch", "v1", "jobs", registry=registry,
                    labels={LABEL_RECOMMENDATION_JOB: kopf.PRESENT})

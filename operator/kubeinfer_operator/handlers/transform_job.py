@@ -22,6 +22,7 @@ import kopf
 
 from kubeinfer_operator.api import transform_job as tj
 from kubeinfer_operator.errors import ClusterError, SpecError
+from kubeinfer_operator.handlers.plumbing import sync_owner_of
 from kubeinfer_operator.handlers.retry import Logger, on_reconcile, reconcile_or_raise
 from kubeinfer_operator.handlers.transform_sync import TransformSync
 from kubeinfer_operator.render.transform_jobs import LABEL_TRANSFORM_JOB
@@ -41,16 +42,8 @@ def register(registry: kopf.OperatorRegistry, sync: TransformSync, interval_s: f
                    labels={LABEL_TRANSFORM_JOB: kopf.PRESENT})
     async def job_changed(*, namespace: str | None, labels: kopf.Labels, logger: Logger,
                           **_: Any) -> None:
-        owner = labels.get(LABEL_TRANSFORM_JOB)
-        if not owner:
-            return
-        try:
-            await sync.sync(namespace or "", owner)
-        except SpecError:
-            pass  # reported in the TransformJob's status
-        except ClusterError as exc:
-            logger.warning("Sync of TransformJob %s after a Job event failed: %s; the "
-                           "refresh retries", owner, exc)
+        await sync_owner_of(labels, LABEL_TRANSFORM_JOB, "TransformJob", namespace, sync.sync,
+                            logger)
 
     @kopf.daemon(*resource, id="refresh", registry=registry, initial_delay=interval_s,
                  cancellation_timeout=5.0)
