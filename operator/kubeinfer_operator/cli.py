@@ -30,6 +30,7 @@ from rich.table import Table
 from kubeinfer_operator import (
     __version__,
     cli_compile,
+    cli_edge,
     cli_recommend,
     cli_shadow,
     cli_transform,
@@ -50,6 +51,7 @@ from kubeinfer_operator.local.control import (
     wait_applied,
 )
 from kubeinfer_operator.local.credentials import LocalAuthError, caller_headers
+from kubeinfer_operator.local.edge_state import FleetPaths, known_fleets
 from kubeinfer_operator.local.manifest import load_manifest_file
 from kubeinfer_operator.local.paths import EndpointPaths, known_endpoints
 from kubeinfer_operator.local.process import port_free
@@ -78,6 +80,7 @@ app.add_typer(local_app, name="local")
 app.command("compile")(cli_compile.compile_command)
 app.command("recommend")(cli_recommend.recommend_command)
 app.add_typer(cli_shadow.shadow_app, name="shadow")
+app.add_typer(cli_edge.edge_app, name="edge")
 app.command("promote")(cli_shadow.promote_command)
 
 out = Console(highlight=False)
@@ -277,6 +280,13 @@ def up(
                     "apply -f). Locally, run the same search with `kubeinfer recommend -f "
                     "ENDPOINT.yaml --candidates CANDIDATES.yaml` (see examples/"
                     "recommend-endpoint.yaml and examples/recommend-candidates.yaml)", 2)
+    if cli_edge.has_fleets(file):
+        with _stop_signals_as_exceptions():
+            try:
+                raise typer.Exit(cli_edge.up(file, detach=detach, port=port, timeout=timeout,
+                                             interrupts=(KeyboardInterrupt, _Terminated)))
+            except SpecError as exc:
+                raise _fail(f"Invalid manifest {file}:\n{exc}", 2) from exc
     if has_compilation_jobs(file):
         raise typer.Exit(_up_jobs(file, detach=detach, port=port, kind="CompilationJobs",
                                   run=cli_compile.up))
@@ -413,19 +423,23 @@ def status(
     states, notes = _running_states(name)
     jobs = cli_transform.job_rows(name)
     compiles = cli_compile.job_rows(name)
+    fleets = cli_edge.fleet_rows(name)
     if as_json:
         typer.echo(json.dumps({**status_document(states, notes), "jobs": jobs,
-                               "compilation_jobs": compiles}, indent=2))
+                               "compilation_jobs": compiles, "edge_fleets": fleets},
+                              indent=2))
     else:
         for note in notes:
             err.print(note)
-        if states or not (jobs or compiles):
+        if states or not (jobs or compiles or fleets):
             _print_status(states)
         if jobs:
             cli_transform.print_jobs(jobs)
         if compiles:
             cli_compile.print_jobs(compiles)
-    if name and not states and not jobs and not compiles:
+        if fleets:
+            cli_edge.print_fleets(fleets)
+    if name and not states and not jobs and not compiles and not fleets:
         raise _fail(f"Endpoint {name} is not running; start it with kubeinfer up -f FILE")
 
 
@@ -576,26 +590,32 @@ def down(
         raise _fail("Give an endpoint name or --all, not both", 2)
     jobs: list[JobPaths] = []
     compiles: list[CompilePaths] = []
+    fleets: list[FleetPaths] = []
     if all_:
         targets = known_endpoints()
         jobs, compiles = known_jobs(), known_compile_jobs()
+        fleets = [f for f in known_fleets() if f.running()]
     elif name:
         targets = [EndpointPaths.for_endpoint(name)]
         jobs = [JobPaths.for_job(name)] if JobPaths.for_job(name).root.is_dir() else []
         compiles = [CompilePaths.for_job(name)] if CompilePaths.for_job(name).root.is_dir() \
             else []
-        if (jobs or compiles) and liveness(targets[0]) is Liveness.STOPPED:
+        fleets = [FleetPaths.for_fleet(name)] if FleetPaths.for_fleet(name).root.is_dir() \
+            else []
+        if (jobs or compiles or fleets) and liveness(targets[0]) is Liveness.STOPPED:
             targets = []
     else:
         targets = [p for p in known_endpoints() if liveness(p) is not Liveness.STOPPED]
         jobs, compiles = cli_transform.running_jobs(), cli_compile.running_jobs()
-        if len(targets) + len(jobs) + len(compiles) > 1:
+        fleets = [f for f in known_fleets() if f.running()]
+        if len(targets) + len(jobs) + len(compiles) + len(fleets) > 1:
             names = ", ".join([p.name for p in targets] + [p.name for p in jobs]
-                              + [p.name for p in compiles])
+                              + [p.name for p in compiles] + [p.name for p in fleets])
             raise _fail(f"Several endpoints or jobs run ({names}): name one or use --all", 2)
     stops: list[Callable[[], str | None]] = [
         *(lambda j=j: cli_transform.down(j, timeout=timeout) for j in jobs),
-        *(lambda c=c: cli_compile.down(c, timeout=timeout) for c in compiles)]
+        *(lambda c=c: cli_compile.down(c, timeout=timeout) for c in compiles),
+        *(lambda f=f: cli_edge.down(f, timeout=timeout) for f in fleets)]
     for stop in stops:
         try:
             message = stop()
@@ -604,7 +624,7 @@ def down(
         if message:
             out.print(message)
     if not targets:
-        if not (jobs or compiles):
+        if not (jobs or compiles or fleets):
             out.print("No local endpoint is running")
         return
     for paths in targets:

@@ -1,8 +1,9 @@
 """Entry point of the Kubernetes operator: ``run(settings)`` (``kubeinfer operator``).
 
-Builds a kopf registry with the login, start-up, Endpoint, TransformJob and CompilationJob
-handlers and runs kopf in the current thread until SIGTERM/SIGINT. Tests use ``operate()`` to
-run the same operator inside their own event loop with stop/ready flags.
+Builds a kopf registry with the login, start-up, Endpoint, TransformJob, CompilationJob,
+RecommendationJob and EdgeFleet handlers and runs kopf in the current thread until
+SIGTERM/SIGINT. Tests use ``operate()`` to run the same operator inside their own event loop
+with stop/ready flags.
 
 HA: with ``standalone=False`` (the default) kopf uses the KopfPeering
 (namespaced) or ClusterKopfPeering (cluster-wide) object named
@@ -21,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from typing import Any, cast
 
 import kopf
@@ -28,10 +30,12 @@ from pydantic import SecretStr
 
 from kubeinfer_operator.errors import ClusterError
 from kubeinfer_operator.handlers import compilation_job as compile_handlers
+from kubeinfer_operator.handlers import edge_fleet as edge_handlers
 from kubeinfer_operator.handlers import endpoint as endpoint_handlers
 from kubeinfer_operator.handlers import recommendation_job as recommend_handlers
 from kubeinfer_operator.handlers import transform_job as transform_handlers
 from kubeinfer_operator.handlers.compile_sync import CompileSync
+from kubeinfer_operator.handlers.edge_sync import EdgeSync
 from kubeinfer_operator.handlers.recommend_sync import RecommendSync
 from kubeinfer_operator.handlers.sync import EndpointSync
 from kubeinfer_operator.handlers.transform_sync import TransformSync
@@ -109,7 +113,11 @@ async def _follow_role(peering: Peering, metrics: OperatorMetrics,
 
 def build_registry(settings: OperatorSettings, client: KubeClient | None = None,
                    peering: Peering | None = None,
-                   metrics: OperatorMetrics | None = None) -> kopf.OperatorRegistry:
+                   metrics: OperatorMetrics | None = None,
+                   fleet_url: Callable[[str, str], str] | None = None
+                   ) -> kopf.OperatorRegistry:
+    """``fleet_url``: (namespace, name) → an EdgeFleet's fleet server URL (default: its
+    Service's cluster DNS name; tests point it at a fake fleet server)."""
     registry = kopf.OperatorRegistry()
     kube = client or KubeClient()
     ours = with_signing_key(settings)
@@ -161,6 +169,8 @@ def build_registry(settings: OperatorSettings, client: KubeClient | None = None,
                               ours.status_interval_s)
     recommend_handlers.register(registry, RecommendSync(kube, ours, metrics=metrics),
                                 ours.status_interval_s)
+    edge_handlers.register(registry, EdgeSync(kube, ours, server_url=fleet_url,
+                                              metrics=metrics), ours.status_interval_s)
     return registry
 
 
@@ -171,12 +181,13 @@ def _scope(settings: OperatorSettings) -> dict[str, Any]:
 
 
 async def operate(settings: OperatorSettings, *, stop_flag: Any = None,
-                  ready_flag: Any = None) -> None:
+                  ready_flag: Any = None,
+                  fleet_url: Callable[[str, str], str] | None = None) -> None:
     """Run the operator in the current event loop until ``stop_flag`` is set."""
     kube = KubeClient()
     peering = peering_of(settings, kube)
     await kopf.operator(
-        registry=build_registry(settings, kube, peering),
+        registry=build_registry(settings, kube, peering, fleet_url=fleet_url),
         standalone=settings.standalone,
         # kopf types the identity as its private NewType of str.
         identity=cast(Any, peering.identity),

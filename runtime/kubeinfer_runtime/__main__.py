@@ -1,4 +1,7 @@
-"""``python -m kubeinfer_runtime serve --role model-server|gateway``: the image's entry point.
+"""``python -m kubeinfer_runtime serve --role ROLE``: the image's entry point.
+
+Roles: model-server, gateway, async-worker and fleet-server (edge fleets:
+``kubeinfer_runtime.edge.server``).
 
 ``python -m kubeinfer_runtime batch plan|work|finalize`` runs one step of a
 Batch Transform job (``kubeinfer_runtime.batch``) and exits with its code.
@@ -8,6 +11,9 @@ a model (``kubeinfer_runtime.compile``; settings from env, flags win).
 
 ``python -m kubeinfer_runtime recommend --request FILE`` load-tests candidate
 settings and recommends one (``kubeinfer_runtime.recommend``).
+
+``python -m kubeinfer_runtime edge package|keygen|agent ...`` builds signed edge
+packages, makes signing keys and runs the device agent (``kubeinfer_runtime.edge``).
 
 Settings come from ``KUBEINFER_*`` env vars (see ``contract``). They are
 validated here first so a misconfigured pod fails at once with a readable
@@ -31,6 +37,7 @@ from kubeinfer_runtime.contract import (
     ModelServerSettings,
     Role,
 )
+from kubeinfer_runtime.contract.edge import FleetServerSettings
 
 #: Seconds uvicorn waits for in-flight requests after SIGTERM. Kubernetes sends
 #: SIGKILL after terminationGracePeriodSeconds (30 s by default): stay under it.
@@ -58,10 +65,18 @@ def async_worker_app() -> Any:
     return create_app(AsyncWorkerSettings.from_env())
 
 
-_FACTORIES = {
+def fleet_server_app() -> Any:
+    """uvicorn factory of the fleet-server role (edge device API + rollout controller)."""
+    from kubeinfer_runtime.edge.server import create_app
+
+    return create_app()  # settings from the environment
+
+
+_FACTORIES: dict[Role, tuple[str, type[Any]]] = {
     Role.MODEL_SERVER: ("kubeinfer_runtime.__main__:model_server_app", ModelServerSettings),
     Role.GATEWAY: ("kubeinfer_runtime.__main__:gateway_app", GatewaySettings),
     Role.ASYNC_WORKER: ("kubeinfer_runtime.__main__:async_worker_app", AsyncWorkerSettings),
+    Role.FLEET_SERVER: ("kubeinfer_runtime.__main__:fleet_server_app", FleetServerSettings),
 }
 
 
@@ -99,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recommend", add_help=False,
                    help="load-test candidate settings and recommend one (Inference "
                         "Recommender); recommend --help for its flags")
+    sub.add_parser("edge", add_help=False,
+                   help="edge fleets: package, keygen, agent (Edge Manager); edge --help")
     return p
 
 
@@ -112,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         from kubeinfer_runtime.recommend.main import main as recommend_main
 
         return recommend_main(argv[1:])
+    if argv[:1] == ["edge"]:
+        from kubeinfer_runtime.edge.main import main as edge_main
+
+        return edge_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "batch":
         from kubeinfer_runtime.batch.main import run
@@ -141,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         factory=True,
         host=settings.host,
         port=settings.port,
-        workers=settings.workers,
+        # The fleet server has no workers setting: one process, scaled with replicas.
+        workers=getattr(settings, "workers", 1),
         loop="uvloop",
         # httptools with connection limits, plus inline answers for clean inference
         # requests unless KUBEINFER_INLINE_HTTP=false (http_limits, inline_http).

@@ -496,6 +496,52 @@ ASYNC_NOTIFY_FAILURES = Counter(
 )
 
 
+# ============================================================ edge fleet server
+# ``kubeinfer_runtime.edge``. SageMaker Edge Manager publishes no CloudWatch metrics for
+# the fleet itself (its console shows device counts and deployment status): these stand
+# in for that view. ``fleet`` is the EdgeFleet's name from the fleet config, never a
+# value a device sends; ``reason`` and ``state`` are fixed sets.
+
+#: Heartbeats answered (a device's DescribeDevice "LatestHeartbeat" updates).
+EDGE_HEARTBEATS = Counter(
+    "kubeinfer_edge_heartbeats", "Device heartbeats answered", ("fleet",),
+)
+#: Registrations accepted (RegisterDevices), re-registrations included.
+EDGE_REGISTRATIONS = Counter(
+    "kubeinfer_edge_registrations", "Device registrations accepted (credential issued)",
+    ("fleet",),
+)
+#: Device API requests refused, by ``reason``: unauthorized, invalid, too_large,
+#: not_found, unavailable.
+EDGE_REFUSED = Counter(
+    "kubeinfer_edge_refused_requests", "Device API requests refused, by reason",
+    ("fleet", "reason"),
+)
+#: Devices by state (Online, Offline, Updating, Stalled, Failed), as in GET /v1/fleet.
+EDGE_DEVICES = Gauge(
+    "kubeinfer_edge_devices", "Registered devices by state", ("fleet", "state"),
+)
+#: Index of the rollout's wave in progress (== waves once every wave passed).
+EDGE_ROLLOUT_WAVE = Gauge(
+    "kubeinfer_edge_rollout_wave", "Wave in progress of the fleet's rollout", ("fleet",),
+)
+#: 1 for the rollout's phase (Progressing, Complete, RolledBack, Paused), 0 for the others.
+EDGE_ROLLOUT_PHASE = Gauge(
+    "kubeinfer_edge_rollout_phase", "The fleet's rollout phase (1 for the phase in force)",
+    ("fleet", "phase"),
+)
+#: Capture records uploaded by devices and written to the fleet's destination.
+EDGE_CAPTURE_RECORDS = Counter(
+    "kubeinfer_edge_capture_records", "Capture records uploaded by devices and written",
+    ("fleet",),
+)
+#: 1 while this replica holds the rollout controller's lease.
+EDGE_CONTROLLER_LEADER = Gauge(
+    "kubeinfer_edge_controller_leader", "1 while this replica runs the rollout controller",
+    ("fleet",),
+)
+
+
 # ============================================================ exposition
 
 

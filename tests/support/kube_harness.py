@@ -109,6 +109,7 @@ RESOURCES = {
     "TransformJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/transformjobs",
     "CompilationJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/compilationjobs",
     "RecommendationJob": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/recommendationjobs",
+    "EdgeFleet": "/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/edgefleets",
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
     "Pod": "/api/v1/namespaces/{ns}/pods",
 }
@@ -176,8 +177,10 @@ class Kube:
 class OperatorThread:
     """The real operator (``main.operate``) in a background thread with its own loop."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, **operate_kwargs: Any) -> None:
         self.settings = settings
+        #: More keyword arguments of ``operate`` (``fleet_url``: a fake fleet server).
+        self.operate_kwargs = operate_kwargs
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -187,7 +190,8 @@ class OperatorThread:
         from kubeinfer_operator.main import operate
 
         try:
-            asyncio.run(operate(self.settings, stop_flag=self._stop, ready_flag=self._ready))
+            asyncio.run(operate(self.settings, stop_flag=self._stop, ready_flag=self._ready,
+                                **self.operate_kwargs))
         except BaseException as exc:
             self._error = exc
             self._ready.set()
@@ -206,7 +210,8 @@ class OperatorThread:
 
 
 @contextmanager
-def operator_on_emulator(settings: Any, kube_dir: Path) -> Iterator[tuple[Kube, EmulatorThread]]:
+def operator_on_emulator(settings: Any, kube_dir: Path,
+                         **operate_kwargs: Any) -> Iterator[tuple[Kube, EmulatorThread]]:
     """The real operator with ``settings`` against a fresh emulator, KUBECONFIG set.
 
     What every operator test module's fixture needs. On exit both stop, and the
@@ -216,7 +221,7 @@ def operator_on_emulator(settings: Any, kube_dir: Path) -> Iterator[tuple[Kube, 
     kubeconfig = write_kubeconfig(kube_dir / "config", emulator.url)
     env = pytest.MonkeyPatch()
     env.setenv("KUBECONFIG", str(kubeconfig))
-    operator = OperatorThread(settings).start()
+    operator = OperatorThread(settings, **operate_kwargs).start()
     kube = Kube(emulator.url)
     try:
         yield kube, emulator

@@ -212,6 +212,7 @@ def test_chart_crds_are_valid_and_loaded_by_helm(chart: helm.Chart, k8s_version:
             names.add(crd["metadata"]["name"])
     assert names == {"endpoints.kubeinfer.io", "transformjobs.kubeinfer.io",
                      "compilationjobs.kubeinfer.io", "recommendationjobs.kubeinfer.io",
+                     "edgefleets.kubeinfer.io",
                      "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
 
 
@@ -402,11 +403,13 @@ def test_rbac_is_least_privilege(chart: helm.Chart, values: dict[str, Any] | Non
             if "jobs" in rule["resources"]:
                 assert rule["apiGroups"] == ["batch"] and "patch" not in rule["verbs"], rule
             if "secrets" in rule["resources"]:
-                # One Secret name only; create cannot be limited by name but reads nothing.
+                # Changed by one name only; create cannot be limited by name but reads
+                # nothing; EdgeFleets' Secrets (user-named) are only read (get).
                 assert rule["resources"] == ["secrets"], rule
                 assert ((rule.get("resourceNames") == ["kubeinfer-runtime"]
                         and set(rule["verbs"]) <= {"get", "patch", "update"})
-                        or (rule["verbs"] == ["create"] and "resourceNames" not in rule)), rule
+                        or (rule["verbs"] in (["create"], ["get"])
+                            and "resourceNames" not in rule)), rule
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
             if rule["resources"] == ["customresourcedefinitions"]:
                 assert set(rule["verbs"]) <= {"get", "list", "watch"}
@@ -418,7 +421,8 @@ def test_the_operator_may_run_every_kind(chart: helm.Chart, values: dict[str, An
     for role in [r for r in roles if not is_aggregated(r)]:
         granted = {(r, v) for rule in role["rules"] for r in rule["resources"]
                    for v in rule["verbs"]}
-        for kind in ("endpoints", "transformjobs", "compilationjobs", "recommendationjobs"):
+        for kind in ("endpoints", "transformjobs", "compilationjobs", "recommendationjobs",
+                     "edgefleets"):
             assert {(kind, "watch"), (kind, "patch"), (f"{kind}/status", "patch"),
                     (f"{kind}/finalizers", "update")} <= granted, kind
         assert {("jobs", "create"), ("jobs", "watch"), ("jobs", "delete"),

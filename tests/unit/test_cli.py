@@ -54,6 +54,7 @@ def test_crds_writes_then_check_passes_and_detects_drift(tmp_path: Path) -> None
     result = runner.invoke(app, ["crds", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["compilationjobs.kubeinfer.io.yaml",
+                                                     "edgefleets.kubeinfer.io.yaml",
                                                      "endpoints.kubeinfer.io.yaml",
                                                      "recommendationjobs.kubeinfer.io.yaml",
                                                      "transformjobs.kubeinfer.io.yaml"]
@@ -107,7 +108,7 @@ def test_status_and_down_with_nothing_running() -> None:
     assert "No local endpoint is running" in result.output
     result = runner.invoke(app, ["status", "--json"])
     assert json.loads(result.stdout) == {"endpoints": [], "stale": [], "jobs": [],
-                                         "compilation_jobs": []}
+                                         "compilation_jobs": [], "edge_fleets": []}
     result = runner.invoke(app, ["status", "iris"])
     assert result.exit_code == 1
     assert "Endpoint iris is not running" in result.output

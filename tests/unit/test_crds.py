@@ -109,7 +109,9 @@ def test_keyed_lists_merge_by_their_key() -> None:
                                              ("status", "conditions", "type")],
              "transformjobs.kubeinfer.io.yaml": [("status", "conditions", "type")],
              "compilationjobs.kubeinfer.io.yaml": [("status", "conditions", "type")],
-             "recommendationjobs.kubeinfer.io.yaml": [("status", "conditions", "type")]}
+             "recommendationjobs.kubeinfer.io.yaml": [("status", "conditions", "type")],
+             "edgefleets.kubeinfer.io.yaml": [("spec", "targets", "name"),
+                                              ("status", "conditions", "type")]}
     crds = all_crds()
     for name, lists in keyed.items():
         props = crds[name]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
@@ -127,3 +129,28 @@ def test_root_metadata_declares_only_the_name() -> None:
             "metadata"]
         # The API server allows restrictions of metadata.name and generateName only.
         assert set(metadata.get("properties", {})) <= {"name", "generateName"}
+
+
+def test_edge_fleet_printer_columns_and_short_name() -> None:
+    crd = all_crds()["edgefleets.kubeinfer.io.yaml"]
+    assert crd["spec"]["names"]["shortNames"] == ["kef"]
+    columns = {c["name"]: c for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert [n for n, c in columns.items() if not c.get("priority")] == [
+        "Version", "Devices", "Online", "Wave", "Age"]
+    assert columns["Devices"]["jsonPath"] == ".status.devices"
+    assert columns["Online"]["jsonPath"] == ".status.online"
+    assert columns["Wave"]["jsonPath"] == ".status.wave"
+
+
+def test_edge_fleet_example_passes_the_crd_schema() -> None:
+    crd = all_crds()["edgefleets.kubeinfer.io.yaml"]
+    validator = jsonschema.Draft4Validator(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    docs = [d for d in yaml.safe_load_all((REPO / "examples" / "edge-fleet.yaml").read_text())
+            if d and d.get("kind") == "EdgeFleet"]
+    assert docs
+    for doc in docs:
+        assert [e.message for e in validator.iter_errors(doc)] == []
+    bad = dict(docs[0], spec={**docs[0]["spec"], "heartbeatIntervalSeconds": 0,
+                              "targets": [{"name": "Bad_Name"}]})
+    messages = " ".join(e.message for e in validator.iter_errors(bad))
+    assert "less than the minimum of 1" in messages and "does not match" in messages

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from kubeinfer_operator.api import cel_rules
 from kubeinfer_operator.api import compilation_job as cj
+from kubeinfer_operator.api import edge_fleet as ef
 from kubeinfer_operator.api import endpoint as ep
 from kubeinfer_operator.api import recommendation_job as rj
 from kubeinfer_operator.api import transform_job as tj
@@ -262,11 +263,32 @@ def recommendation_job_crd() -> dict[str, Any]:
     )
 
 
+def edge_fleet_crd() -> dict[str, Any]:
+    return _crd(
+        plural=ef.PLURAL, group=ef.GROUP, kind=ef.KIND, singular=ef.SINGULAR,
+        short_names=ef.SHORT_NAMES, version=ef.VERSION,
+        description="A fleet of edge devices running one model: SageMaker Edge Manager "
+                    "(device fleet, packaging, over-the-air rollout in waves, edge data "
+                    "capture) as a Kubernetes resource.",
+        spec_schema=openapi_schema(ef.EdgeFleetSpec),
+        status_schema=openapi_schema(ef.EdgeFleetStatus), rules=(),
+        columns=[
+            {"name": "Version", "type": "string", "jsonPath": ".status.version"},
+            {"name": "Devices", "type": "integer", "jsonPath": ".status.devices"},
+            {"name": "Online", "type": "integer", "jsonPath": ".status.online"},
+            {"name": "Wave", "type": "string", "jsonPath": ".status.wave"},
+            {"name": "Status", "type": "string", "jsonPath": ".status.phase",
+             "priority": 1},
+            _AGE,
+        ],
+    )
+
+
 def all_crds() -> dict[str, dict[str, Any]]:
     """File name → CRD object, for every kind this operator serves."""
     return {f"{crd['metadata']['name']}.yaml": crd
             for crd in (endpoint_crd(), transform_job_crd(), compilation_job_crd(),
-                        recommendation_job_crd())}
+                        recommendation_job_crd(), edge_fleet_crd())}
 
 
 def to_yaml(obj: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from kubeinfer_operator.api import compilation_job as cj
+from kubeinfer_operator.api import edge_fleet as ef
 from kubeinfer_operator.api import endpoint as ep
 from kubeinfer_operator.api import recommendation_job as rj
 from kubeinfer_operator.api import transform_job as tj
@@ -49,6 +50,8 @@ EVENT = Kind("v1", "Event", "events")
 TRANSFORM_JOB = Kind(tj.API_VERSION, tj.KIND, tj.PLURAL)
 COMPILATION_JOB = Kind(cj.API_VERSION, cj.KIND, cj.PLURAL)
 RECOMMENDATION_JOB = Kind(rj.API_VERSION, rj.KIND, rj.PLURAL)
+#: Edge fleets (render.edge_fleet): package Jobs, the fleet server and its config.
+EDGE_FLEET = Kind(ef.API_VERSION, ef.KIND, ef.PLURAL)
 #: A TransformJob's planner, workers and finalizer (render.transform_jobs); a
 #: CompilationJob's compiler (render.compile_jobs).
 JOB = Kind("batch/v1", "Job", "jobs")
@@ -60,7 +63,7 @@ POD = Kind("v1", "Pod", "pods")
 CHILD_KINDS = (CONFIGMAP, SERVICE, DEPLOYMENT, HPA, NETWORK_POLICY, PDB)
 BY_KIND = {k.kind: k for k in (DEPLOYMENT, SERVICE, CONFIGMAP, HPA, NETWORK_POLICY, PDB, SECRET,
                                ENDPOINT, EVENT, TRANSFORM_JOB, COMPILATION_JOB,
-                               RECOMMENDATION_JOB, JOB, POD)}
+                               RECOMMENDATION_JOB, EDGE_FLEET, JOB, POD)}
 
 
 def kind_of(manifest: dict[str, object]) -> Kind:

@@ -91,6 +91,8 @@ class Role(StrEnum):
     GATEWAY = "gateway"
     #: Asynchronous inference: reads the endpoint's Redis Stream, writes objects.
     ASYNC_WORKER = "async-worker"
+    #: Edge fleets: the device API, durable state in Redis, the rollout in waves.
+    FLEET_SERVER = "fleet-server"
 
 
 class ModelFormat(StrEnum):

@@ -1,0 +1,306 @@
+"""One reconcile of one EdgeFleet: read, decide (pure code), apply, report.
+
+``EdgeSync.sync`` reads the EdgeFleet fresh from the API, lists its package Jobs
+and their pods (label ``kubeinfer.io/edge-fleet``), reads its fleet server
+Deployment, checks the Secrets it names exist (a missing one is reported, not
+left to a pod stuck in CreateContainerConfigError), fetches the fleet's status
+from the fleet server (``GET /v1/fleet`` with the bootstrap token), asks
+``reconcile.edge_status.decide`` what to do, does exactly that (delete stale
+package Jobs, create missing ones, apply the fleet config ConfigMap and the fleet
+server Deployment, Service and PodDisruptionBudget) and writes the status only
+when it differs.
+
+The fetch is injectable (``fetch``, ``server_url``): tests point it at a fake
+fleet server. The bootstrap token is read from its Secret for that one request
+and never logged or stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from kubeinfer_operator.errors import ConflictError
+from kubeinfer_operator.handlers.plumbing import (
+    ObjectLocks,
+    create_owned_job,
+    utcnow,
+    write_status,
+)
+from kubeinfer_operator.k8s import kinds
+from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient
+from kubeinfer_operator.observability import OperatorMetrics
+from kubeinfer_operator.reconcile import edge_status as es
+from kubeinfer_operator.reconcile.compile_status import pod_view
+from kubeinfer_operator.reconcile.diff import drift_patch, owned_by, update_patch
+from kubeinfer_operator.reconcile.edge_validate import InvalidEdgeFleet, validate_edge_fleet
+from kubeinfer_operator.reconcile.status import deployment_state
+from kubeinfer_operator.reconcile.transform_observe import job_view
+from kubeinfer_operator.render import edge_fleet as rf
+from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render.edge_plan import FleetPlan, fleet_config, plan_fleet
+from kubeinfer_operator.settings import OperatorSettings
+from kubeinfer_runtime.contract.edge import FleetStatus
+
+log = logging.getLogger(__name__)
+
+#: (base URL, bootstrap token) → the fleet's status; raises ``FleetStatusError``.
+FleetFetch = Callable[[str, str], Awaitable[FleetStatus]]
+#: Largest FleetStatus body read (counters by state and version: small).
+MAX_FLEET_STATUS_BYTES = 1024 * 1024
+FETCH_TIMEOUT_S = 5.0
+
+
+class FleetStatusError(Exception):
+    """The fleet server's status could not be read (the message says why, no secret)."""
+
+
+class EdgeNameConflict(ConflictError):
+    """An object name this EdgeFleet needs is taken by one it does not own."""
+
+
+async def fetch_fleet_status(base_url: str, token: str) -> FleetStatus:
+    """``GET <base_url>/v1/fleet`` with the bootstrap token, bounded in time and size."""
+    url = f"{base_url.rstrip('/')}/v1/fleet"
+    try:
+        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S) as client, client.stream(
+                "GET", url, headers={"Authorization": f"Bearer {token}"}) as response:
+            if response.status_code != 200:
+                raise FleetStatusError(f"GET {url} answered {response.status_code}")
+            body = b""
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_FLEET_STATUS_BYTES:
+                    raise FleetStatusError(f"GET {url} answered more than "
+                                           f"{MAX_FLEET_STATUS_BYTES} bytes")
+    except httpx.HTTPError as exc:
+        raise FleetStatusError(f"GET {url} failed: {type(exc).__name__}") from exc
+    try:
+        return FleetStatus.model_validate_json(body)
+    except ValidationError as exc:
+        raise FleetStatusError(f"GET {url} answered no FleetStatus ({exc.error_count()} "
+                               "problems); check that the runtime image matches the "
+                               "operator's version") from exc
+
+
+class EdgeSync:
+    """Syncs EdgeFleets; ``sync`` raises ``InvalidEdgeFleet`` for a spec that cannot run."""
+
+    kind = kinds.EDGE_FLEET
+
+    def __init__(self, client: KubeClient, settings: OperatorSettings, *,
+                 fetch: FleetFetch = fetch_fleet_status,
+                 server_url: Callable[[str, str], str] | None = None,
+                 clock: Callable[[], datetime] = utcnow,
+                 metrics: OperatorMetrics | None = None) -> None:
+        self.kube = client
+        self.settings = settings
+        self.fetch = fetch
+        self.server_url = server_url or (
+            lambda namespace, name: rf.server_url(name, namespace, settings))
+        self.clock = clock
+        self.metrics = metrics if metrics is not None else OperatorMetrics()
+        self._lock = ObjectLocks()
+
+    async def sync(self, namespace: str, name: str) -> es.Decision | None:
+        """Take the fleet one step further. None when it is gone."""
+        async with self._lock(namespace, name):
+            obj = await self.kube.get(self.kind, namespace, name)
+            if obj is None or obj["metadata"].get("deletionTimestamp"):
+                return None  # owner references take its Jobs, ConfigMap, Deployment, Service
+            with self.metrics.reconcile(self.kind.kind):
+                return await self._sync(obj, namespace, name)
+
+    def _info(self, obj: dict[str, Any], plan: FleetPlan | None) -> es.FleetInfo:
+        md = obj["metadata"]
+        return es.FleetInfo(
+            name=md["name"], namespace=md["namespace"],
+            generation=int(md.get("generation") or 0),
+            version=plan.version if plan else "", model=plan.model_uri if plan else "",
+            run_hashes={b.target: b.run_hash for b in plan.builds} if plan else {},
+            job_names={b.target: b.job_name for b in plan.builds} if plan else {},
+            status=obj.get("status") or {},
+            replicas=plan.spec.server.replicas if plan else 1,
+            url=self.server_url(md["namespace"], md["name"]) if plan else "")
+
+    async def _sync(self, obj: dict[str, Any], namespace: str, name: str) -> es.Decision:
+        uid = str(obj["metadata"]["uid"])
+        try:
+            fleet = validate_edge_fleet(name, namespace, obj.get("spec"))
+            plan = plan_fleet(fleet, namespace)
+        except InvalidEdgeFleet as exc:
+            await write_status(self.kube, self.kind, obj, es.invalid_status(
+                self._info(obj, None), str(exc), self.clock()))
+            raise
+        info = self._info(obj, plan)
+        observed, stale = await self._observe(plan, info, uid)
+        decision = es.decide(info, observed, self.clock())
+        created = await self._apply(plan, decision, uid, stale)
+        if created and await self._owner_gone(namespace, name, uid):
+            # Deleted while this sync ran: the garbage collector may have passed already,
+            # so what was just created would be orphaned until its next sweep.
+            for kind, child in created:
+                await self.kube.delete(kind, namespace, child)
+            return decision
+        await write_status(self.kube, self.kind, obj, decision.status)
+        return decision
+
+    async def _owner_gone(self, namespace: str, name: str, uid: str) -> bool:
+        now = await self.kube.get(self.kind, namespace, name)
+        return (now is None or str(now["metadata"].get("uid")) != uid
+                or bool(now["metadata"].get("deletionTimestamp")))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def _secret_value(self, namespace: str, name: str, key: str,
+                            field: str) -> tuple[str | None, str | None]:
+        """(value, problem) of one Secret key; the problem names ``field`` and the fix."""
+        secret = await self.kube.get(kinds.SECRET, namespace, name)
+        if secret is None:
+            return None, (f"Secret {namespace}/{name} named by {field} does not exist; create "
+                          f"it with key {key}")
+        raw = (secret.get("data") or {}).get(key)
+        if raw is None:
+            return None, f"Secret {namespace}/{name} named by {field} has no key {key}; add it"
+        try:
+            return base64.b64decode(raw, validate=True).decode(), None
+        except (binascii.Error, UnicodeDecodeError):
+            return None, f"Secret {namespace}/{name} key {key} ({field}) is not valid text"
+
+    def _needs_packaging(self, info: es.FleetInfo) -> bool:
+        return not any((info.status.get(k) or {}).get("version") == info.version
+                       for k in ("current", "previous") if isinstance(info.status.get(k), dict))
+
+    async def _observe(self, plan: FleetPlan, info: es.FleetInfo,
+                       uid: str) -> tuple[es.Observed, list[str]]:
+        """What exists, and the package Jobs of no wanted build (another version's)."""
+        namespace, spec = plan.namespace, plan.spec
+        selector = meta.label_selector(rf.selector(plan.name))
+        jobs = {j["metadata"]["name"]: j for j in await self.kube.list(kinds.JOB, namespace,
+                                                                        selector)
+                if owned_by(j, uid)}
+        stale = sorted(set(jobs) - {b.job_name for b in plan.builds})
+        pods: list[dict[str, Any]] = []
+        if any(job_view(jobs.get(b.job_name)).finished for b in plan.builds):
+            pods = await self.kube.list(kinds.POD, namespace, selector)
+        builds = {}
+        for b in plan.builds:
+            mine = tuple(pod_view(p, rf.PACKAGE_CONTAINER) for p in pods
+                         if ((p.get("metadata") or {}).get("labels") or {}).get(
+                             "batch.kubernetes.io/job-name", "") == b.job_name
+                         or str((p.get("metadata") or {}).get("name", "")).startswith(
+                             b.job_name + "-"))
+            builds[b.target] = es.Build(job=job_view(jobs.get(b.job_name)), pods=mine)
+        signing_problem = None
+        if self._needs_packaging(info):
+            ref = spec.signing.keySecret
+            _, signing_problem = await self._secret_value(namespace, ref.name, ref.key,
+                                                          "spec.signing.keySecret")
+        ref = spec.registration.bootstrapTokenSecret
+        token, server_problem = await self._secret_value(
+            namespace, ref.name, ref.key, "spec.registration.bootstrapTokenSecret")
+        if server_problem is None and spec.redis.urlSecret is not None:
+            r = spec.redis.urlSecret
+            _, server_problem = await self._secret_value(namespace, r.name, r.key,
+                                                         "spec.redis.urlSecret")
+        server_reason = es.REASON_SECRET_NOT_FOUND
+        conflict = await self._conflict(plan, uid)
+        if conflict is not None:
+            server_problem, server_reason = conflict, es.REASON_NAME_CONFLICT
+        deployment = await self.kube.get(kinds.DEPLOYMENT, namespace, rf.server_name(plan.name))
+        if deployment is not None and not owned_by(deployment, uid):
+            deployment = None
+        state = deployment_state(deployment)
+        fleet, fleet_error = None, None
+        if deployment is None:
+            fleet_error = "the fleet server is not deployed yet"
+        elif token is None:
+            fleet_error = "no bootstrap token to ask with"
+        else:
+            try:
+                fleet = await self.fetch(info.url, token)
+            except FleetStatusError as exc:
+                fleet_error = str(exc)
+        return es.Observed(builds=builds, server_exists=deployment is not None,
+                           server_available=state.available if deployment else 0,
+                           fleet=fleet, fleet_error=fleet_error,
+                           signing_problem=signing_problem, server_problem=server_problem,
+                           server_reason=server_reason), stale
+
+    async def _conflict(self, plan: FleetPlan, uid: str) -> str | None:
+        names = ((kinds.CONFIGMAP, rf.config_name(plan.name)),
+                 (kinds.DEPLOYMENT, rf.server_name(plan.name)),
+                 (kinds.SERVICE, rf.server_name(plan.name)))
+        for kind, name in names:
+            existing = await self.kube.get(kind, plan.namespace, name)
+            if existing is not None and not owned_by(existing, uid):
+                return (f"{kind.kind} {plan.namespace}/{name} already exists and is not owned "
+                        f"by EdgeFleet {plan.name}; delete or rename it, or rename the "
+                        "EdgeFleet")
+        return None
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def _apply(self, plan: FleetPlan, decision: es.Decision, uid: str,
+                     stale: list[str]) -> list[tuple[kinds.Kind, str]]:
+        """Do what ``decision`` says; return what was created (kind, name)."""
+        namespace = plan.namespace
+        created: list[tuple[kinds.Kind, str]] = []
+        for name in stale:  # another version's: done, or no longer wanted
+            if await self.kube.delete(kinds.JOB, namespace, name):
+                log.info("Deleted Job %s/%s (not of version %s)", namespace, name, plan.version)
+        for target in decision.delete:
+            name = plan.build(target).job_name
+            if await self.kube.delete(kinds.JOB, namespace, name):
+                log.info("Deleted Job %s/%s (made from another spec)", namespace, name)
+        for target in decision.create:
+            build = plan.build(target)
+            await create_owned_job(
+                self.kube, rf.package_job(plan, build, uid=uid, settings=self.settings),
+                uid, log=log, conflict=lambda ns, job: EdgeNameConflict(
+                    f"Job {ns}/{job} exists and is not owned by EdgeFleet {plan.name}; "
+                    "retrying"))
+            created.append((kinds.JOB, build.job_name))
+        if decision.current is None:
+            return created
+        config = fleet_config(plan, decision.current, decision.previous)
+        desired = rf.fleet_server_objects(plan, config, uid=uid, settings=self.settings)
+        for manifest in desired:
+            if await self._put(manifest, uid):
+                created.append((kinds.kind_of(manifest), manifest["metadata"]["name"]))
+        if plan.spec.server.replicas < 2:
+            pdb = await self.kube.get(kinds.PDB, namespace, rf.server_name(plan.name))
+            if pdb is not None and owned_by(pdb, uid):
+                await self.kube.delete(kinds.PDB, namespace, rf.server_name(plan.name))
+        return created
+
+    async def _put(self, manifest: dict[str, Any], uid: str) -> bool:
+        """Create ``manifest`` or patch it where it changed or drifted; True: created."""
+        kind = kinds.kind_of(manifest)
+        md = manifest["metadata"]
+        existing = await self.kube.get(kind, md["namespace"], md["name"])
+        if existing is None:
+            try:
+                await self.kube.create(manifest)
+                log.info("Created %s %s/%s", kind.kind, md["namespace"], md["name"])
+                return True
+            except AlreadyExists:
+                existing = await self.kube.get(kind, md["namespace"], md["name"])
+        if existing is None or not owned_by(existing, uid):
+            return False  # another owner's: reported in status (NameConflict), never touched
+        if meta.applied_hash(existing) != meta.applied_hash(manifest):
+            patch: dict[str, Any] | None = update_patch(manifest, existing)
+        else:
+            patch = drift_patch(manifest, existing)
+        if patch is not None:
+            await self.kube.merge_patch(kind, md["namespace"], md["name"], patch)
+            log.info("Updated %s %s/%s", kind.kind, md["namespace"], md["name"])
+        return False
+

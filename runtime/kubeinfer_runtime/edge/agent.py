@@ -1,0 +1,449 @@
+"""The device agent (``kubeinfer-runtime edge agent``): register, heartbeat, install, serve.
+
+One asyncio process per device. It registers once with the bootstrap token
+(keeping the per-device credential and the fleet's public key in the state
+dir, 0600), then heartbeats every ``heartbeatIntervalSeconds`` (jittered, with
+exponential backoff while the server is unreachable: the device keeps serving
+offline). When ``DesiredState`` names a version it does not serve, it installs
+it (``agent_install``: download bounded by the announced size, sha256 and
+signature checked with the pinned key before extracting, inactive slot, child
+model server, warm-up, atomic switch) and reports the outcome in the next
+heartbeat. The local front (``agent_proxy``) serves the current version and
+samples captures, which are uploaded when the server answers and removed from
+the buffer only after a 2xx.
+
+Key pinning: the first public key seen (``--public-key`` or the server's at
+registration) is pinned; a server that later registers the device with another
+key is refused, unless ``--public-key`` is given, which always wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from pydantic import ValidationError
+
+from kubeinfer_runtime.contract.edge import (
+    MAX_CAPTURE_UPLOAD_BYTES,
+    DeploymentOutcome,
+    DeploymentResult,
+    DesiredState,
+    EdgeCapture,
+    Heartbeat,
+    HeartbeatResponse,
+    RegisterRequest,
+    RegisterResponse,
+    valid_name,
+)
+from kubeinfer_runtime.edge import agent_install as inst
+from kubeinfer_runtime.edge import package as pkg
+from kubeinfer_runtime.edge import signing
+from kubeinfer_runtime.edge.agent_proxy import Proxy
+from kubeinfer_runtime.edge.capture_buffer import CaptureBuffer
+from kubeinfer_runtime.edge.errors import EdgeError
+
+log = logging.getLogger("kubeinfer.edge.agent")
+
+AGENT_VERSION = "1"
+CREDENTIAL_FILE = "credential.json"
+MAX_BACKOFF_S = 60.0
+REQUEST_TIMEOUT_S = 30.0
+#: The largest package the agent downloads, whatever the fleet announces.
+MAX_PACKAGE_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: str
+    device_id: str
+    target: str
+    state_dir: Path
+    bootstrap_token: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    #: base64 ed25519 key given on the command line: always wins over the server's.
+    public_key: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AgentConfig:
+        for what, value in (("--device-id", args.device_id), ("--target", args.target)):
+            if not valid_name(value):
+                raise EdgeError(f"{what} {value[:70]!r} must be a DNS-label-like name "
+                                "(lower case letters, digits, '-', '.', '_')")
+        labels: dict[str, str] = {}
+        for item in filter(None, (args.labels or "").split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise EdgeError(f"--labels item {item[:70]!r} is not k=v")
+            labels[key.strip()] = value.strip()
+        host, sep, port = args.listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise EdgeError(f"--listen {args.listen[:70]!r} is not HOST:PORT")
+        public_key = None
+        if args.public_key:
+            text = args.public_key
+            if text.startswith("@"):
+                try:
+                    text = Path(text[1:]).read_text()
+                except OSError as e:
+                    raise EdgeError(f"--public-key file {text[1:]} cannot be read "
+                                    f"({e.strerror})") from None
+            signing.public_key(text)  # refuse a malformed key now
+            public_key = text.strip()
+        return cls(server=args.server.rstrip("/"), device_id=args.device_id,
+                   target=args.target, state_dir=args.state_dir,
+                   bootstrap_token=args.bootstrap_token, labels=labels,
+                   listen_host=host or "127.0.0.1", listen_port=int(port),
+                   public_key=public_key)
+
+
+#: The fleet's last capture settings (``EdgeCapture``), kept across restarts.
+CAPTURE_FILE = "capture.json"
+
+
+class Unauthorized(EdgeError):
+    """The server refused the device's credential: register again."""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.dir = config.state_dir
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state = inst.recover(self.dir)
+        # The fleet's last capture settings survive a restart: a device rebooted while
+        # offline samples and bounds its buffer as the fleet said, not by defaults.
+        capture = self._load_capture()
+        self.buffer = CaptureBuffer(self.dir / "captures", capture.bufferBytes)
+        self.buffer.configure(capture.bufferBytes, capture.onFull)
+        self.proxy = Proxy(config.device_id, self.buffer)
+        self.proxy.sampling_percentage = capture.samplingPercentage
+        self.client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S)
+        self.child: inst.ModelChild | None = None
+        self.credential: dict[str, object] | None = self._load_credential()
+        self.interval = 30.0
+        self.started = time.monotonic()
+        self.stopping = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.install_task: asyncio.Task[None] | None = None
+        self.updating_to = ""
+
+    # -- credential and key pinning ---------------------------------------------------------
+
+    def _load_credential(self) -> dict[str, object] | None:
+        try:
+            data = json.loads((self.dir / CREDENTIAL_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            log.error("%s is unreadable: registering again", CREDENTIAL_FILE)
+            return None
+        return data if isinstance(data, dict) else None
+
+    @property
+    def public_key(self) -> str:
+        if self.config.public_key:
+            return self.config.public_key
+        key = (self.credential or {}).get("publicKey")
+        if not isinstance(key, str):
+            raise EdgeError("No public key pinned: register first or pass --public-key")
+        return key
+
+    def _auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {(self.credential or {}).get('credential', '')}"}
+
+    async def register(self) -> None:
+        if not self.config.bootstrap_token:
+            raise EdgeError("The device is not registered and has no --bootstrap-token: pass "
+                            "one (or KUBEINFER_EDGE_BOOTSTRAP_TOKEN)")
+        body = RegisterRequest(deviceId=self.config.device_id, target=self.config.target,
+                               labels=self.config.labels, agentVersion=AGENT_VERSION)
+        r = await self.client.post(
+            self.config.server + "/v1/register", content=body.model_dump_json(),
+            headers={"authorization": f"Bearer {self.config.bootstrap_token}",
+                     "content-type": "application/json"})
+        if r.status_code in (401, 403):
+            raise EdgeError(f"Registration refused (HTTP {r.status_code}): check "
+                            "--bootstrap-token")
+        r.raise_for_status()
+        reply = RegisterResponse.model_validate_json(r.content)
+        signing.public_key(reply.publicKey)  # a malformed key is refused before pinning
+        pinned = (self.credential or {}).get("publicKey")
+        if not self.config.public_key and isinstance(pinned, str) and pinned != reply.publicKey:
+            raise EdgeError("The fleet server registered the device with a public key other "
+                            "than the pinned one: refused (pass --public-key to trust a new "
+                            "key, or remove credential.json from the state dir)")
+        self.credential = {"deviceId": reply.deviceId, "credential": reply.credential,
+                           "fleet": reply.fleet,
+                           "publicKey": pinned if isinstance(pinned, str) else reply.publicKey,
+                           "registeredAt": time.time()}
+        inst.write_private(self.dir / CREDENTIAL_FILE, json.dumps(self.credential).encode())
+        self.interval = float(reply.heartbeatIntervalSeconds)
+        log.info("Registered %s with fleet %s", reply.deviceId, reply.fleet)
+
+    # -- heartbeat ----------------------------------------------------------------------------
+
+    def heartbeat_body(self) -> Heartbeat:
+        current = self.state.current
+        return Heartbeat(
+            version=current.version if current else "",
+            updating=bool(self.updating_to), updatingTo=self.updating_to,
+            lastDeployment=self.state.lastDeployment,
+            lastInferenceAt=self.proxy.stats.last_inference_at,
+            requests=self.proxy.stats.requests, errors=self.proxy.stats.errors,
+            latencyP99Ms=self.proxy.stats.p99_ms(), capturesDropped=self.buffer.dropped,
+            capturesBuffered=self.buffer.buffered,
+            uptimeSeconds=time.monotonic() - self.started)
+
+    async def heartbeat(self) -> HeartbeatResponse:
+        r = await self.client.post(
+            f"{self.config.server}/v1/devices/{self.config.device_id}/heartbeat",
+            content=self.heartbeat_body().model_dump_json(),
+            headers={**self._auth(), "content-type": "application/json"})
+        if r.status_code in (401, 403, 404):
+            raise Unauthorized(f"Heartbeat refused (HTTP {r.status_code})")
+        r.raise_for_status()
+        return HeartbeatResponse.model_validate_json(r.content)
+
+    async def upload_captures(self) -> None:
+        """Upload buffered records batch by batch; each is removed only after a 2xx."""
+        while (batch := self.buffer.take_batch(MAX_CAPTURE_UPLOAD_BYTES)) is not None:
+            r = await self.client.post(
+                f"{self.config.server}/v1/devices/{self.config.device_id}/captures",
+                content=batch.jsonl(),
+                headers={**self._auth(), "content-type": "application/jsonl"})
+            if not 200 <= r.status_code < 300:
+                log.warning("Capture upload answered HTTP %d: kept for a retry", r.status_code)
+                return
+            self.buffer.ack(batch)
+
+    async def loop(self) -> None:
+        backoff = 1.0
+        while not self.stopping.is_set():
+            try:
+                if not (self.credential or {}).get("credential"):
+                    await self.register()
+                reply = await self.heartbeat()
+                self.apply(reply)
+                await self.upload_captures()
+                backoff = 1.0
+                # After the reply: it may have changed the interval.
+                delay = self.interval * random.uniform(0.8, 1.2)
+            except Unauthorized as e:
+                # The pinned key stays: only the credential is replaced.
+                log.warning("%s: registering again", e.message)
+                if self.credential is not None:
+                    self.credential.pop("credential", None)
+                delay = min(backoff, self.interval)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            except (httpx.HTTPError, ValidationError, EdgeError, OSError) as e:
+                message = e.message if isinstance(e, EdgeError) else type(e).__name__
+                if isinstance(e, ValidationError):  # our own models: say which field
+                    message += f": {e.errors()[0].get('loc')} {e.errors()[0].get('msg')}"
+                log.warning("Fleet server unreachable or refused (%s): retrying in %.0f s",
+                            message, backoff)
+                delay = backoff * random.uniform(0.8, 1.2)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wait_any()
+
+    async def _wait_any(self) -> None:
+        stop = asyncio.ensure_future(self.stopping.wait())
+        wake = asyncio.ensure_future(self.wake.wait())
+        try:
+            await asyncio.wait([stop, wake], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            wake.cancel()
+
+    def _load_capture(self) -> EdgeCapture:
+        try:
+            return EdgeCapture.model_validate_json((self.dir / CAPTURE_FILE).read_bytes())
+        except (OSError, ValueError):
+            return EdgeCapture()
+
+    def apply(self, reply: HeartbeatResponse) -> None:
+        self.interval = float(reply.heartbeatIntervalSeconds)
+        if reply.capture != self._load_capture():
+            inst.write_private(self.dir / CAPTURE_FILE, reply.capture.model_dump_json().encode())
+        self.buffer.configure(reply.capture.bufferBytes, reply.capture.onFull)
+        self.proxy.sampling_percentage = reply.capture.samplingPercentage
+        desired = reply.desired
+        if desired is None or self.install_task is not None:
+            return
+        current = self.state.current
+        if current is not None and current.version == desired.version \
+                and current.sha256 in ("", desired.sha256):
+            return
+        if (self.state.failedVersion, self.state.failedSha256) == (desired.version,
+                                                                  desired.sha256):
+            return  # failed before: wait for the fleet to name another package
+        self.install_task = asyncio.create_task(self._install(desired))
+
+    # -- install ------------------------------------------------------------------------------
+
+    async def _install(self, desired: DesiredState) -> None:
+        self.updating_to = desired.version
+        try:
+            await self.install(desired)
+        except asyncio.CancelledError:
+            raise
+        except (EdgeError, OSError) as e:
+            message = e.message if isinstance(e, EdgeError) else f"{e.strerror} ({e.filename})"
+            log.error("Install of %s failed: %s", desired.version, message)
+            self.state.lastDeployment = DeploymentResult(
+                version=desired.version, outcome=DeploymentOutcome.FAILED,
+                message=message[:1024], at=time.time())
+            self.state.failedVersion, self.state.failedSha256 = desired.version, desired.sha256
+            self.state.pending = None
+            inst.save_state(self.dir, self.state)
+        finally:
+            self.updating_to = ""
+            self.install_task = None
+            self.wake.set()  # report the outcome now, not one interval later
+
+    async def install(self, desired: DesiredState) -> None:
+        slot = self.state.inactive_slot()
+        root = inst.slot_dir(self.dir, slot)
+        self.state.pending = inst.Pending(slot=slot, version=desired.version,
+                                          sha256=desired.sha256, startedAt=time.time())
+        inst.save_state(self.dir, self.state)
+        new: inst.ModelChild | None = None
+        try:
+            if desired.target != self.config.target:
+                raise inst.InstallError(f"The fleet sent a package for target "
+                                        f"{desired.target!r}, the device is "
+                                        f"{self.config.target!r}")
+            if not 0 < desired.size <= MAX_PACKAGE_BYTES:
+                raise inst.InstallError(f"Package size {desired.size} is outside (0, "
+                                        f"{MAX_PACKAGE_BYTES}]")
+            part = self.dir / "downloads" / "package.tar.gz"
+            url = desired.packageUrl if desired.packageUrl.startswith(("http://", "https://")) \
+                else self.config.server + desired.packageUrl
+            await inst.download(self.client, url, part, desired.size, self._auth())
+            fleet = str((self.credential or {}).get("fleet", ""))
+            # Checked before a single byte is extracted: size, sha256, then the signature.
+            await asyncio.to_thread(
+                pkg.verify_download, part, sha256=desired.sha256, size=desired.size,
+                signature=desired.signature, public_key=self.public_key, fleet=fleet,
+                version=desired.version, target=desired.target)
+            manifest = await asyncio.to_thread(pkg.extract, part, root)
+            part.unlink(missing_ok=True)
+            if (manifest.fleet, manifest.version, manifest.target) != \
+                    (fleet, desired.version, desired.target):
+                raise inst.InstallError("The package's manifest names another fleet, version "
+                                        "or target than the signed announcement")
+            installed = inst.Installed(slot=slot, version=desired.version,
+                                       sha256=desired.sha256, format=manifest.format,
+                                       model=manifest.model)
+            new = inst.ModelChild.start(self.dir, slot, installed)
+            await new.wait_ready(self.client, inst.READY_TIMEOUT_S)
+            await new.warm_up(self.client)
+        except BaseException:
+            if new is not None:
+                await new.stop()
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        # The switch: the proxy first (callers see the new version at once), then the
+        # journal, then the old child stops (its in-flight requests finish first).
+        old = self.child
+        self.child = new
+        self.proxy.upstream, self.proxy.version = new.url, desired.version
+        self.state.current = installed
+        self.state.pending = None
+        self.state.lastDeployment = DeploymentResult(
+            version=desired.version, outcome=DeploymentOutcome.SUCCEEDED, at=time.time())
+        self.state.failedVersion = self.state.failedSha256 = ""
+        inst.save_state(self.dir, self.state)
+        log.info("Now serving %s from slot %s", desired.version, slot)
+        if old is not None:
+            await old.stop()
+            shutil.rmtree(inst.slot_dir(self.dir, old.slot), ignore_errors=True)
+
+    async def start_current(self) -> None:
+        """Serve what state.json says is current (after a restart)."""
+        current = self.state.current
+        if current is None:
+            return
+        child = inst.ModelChild.start(self.dir, current.slot, current)
+        try:
+            await child.wait_ready(self.client, inst.READY_TIMEOUT_S)
+        except inst.InstallError as e:
+            log.error("Installed version %s does not start: %s", current.version, e.message)
+            await child.stop()
+            return
+        self.child = child
+        self.proxy.upstream, self.proxy.version = child.url, current.version
+
+    async def close(self) -> None:
+        if self.install_task is not None:
+            self.install_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.install_task
+        if self.child is not None:
+            await self.child.stop()
+        await self.client.aclose()
+        await self.proxy.aclose()
+
+
+# -- process ------------------------------------------------------------------------------------
+
+
+async def _main(config: AgentConfig) -> int:
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        # The agent owns SIGTERM/SIGINT (to stop its children too); uvicorn's own capture
+        # would re-raise the signal after its shutdown.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stopping.set)
+    server = _Server(uvicorn.Config(agent.proxy, host=config.listen_host,
+                                    port=config.listen_port, lifespan="on", access_log=False,
+                                    log_level="warning", ws="none"))
+    serving = asyncio.create_task(server.serve())
+    heartbeats: asyncio.Task[None] | None = None
+    try:
+        # Before the first heartbeat: an install must not race the restart of the current
+        # version for the proxy.
+        await agent.start_current()
+        heartbeats = asyncio.create_task(agent.loop())
+        await agent.stopping.wait()
+    finally:
+        log.info("Stopping: the listener, the install in progress, the model server")
+        server.should_exit = True
+        if heartbeats is not None:
+            heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeats
+        await agent.close()
+        await serving
+    return 0
+
+
+def run_agent(config: AgentConfig) -> int:
+    try:
+        return asyncio.run(_main(config))
+    except EdgeError as e:
+        log.error("%s", e.message)
+        return 2

@@ -1,0 +1,374 @@
+"""The fleet server (``kubeinfer-runtime serve --role fleet-server``) against a real Redis.
+
+Devices are simulated with plain httpx clients speaking the device API, so these
+tests exercise the server alone: registration, heartbeats, downloads, refusals,
+two replicas sharing one Redis, restarts, and rollouts in waves driven over HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.ports import wait_until
+from tests.support.procs import RuntimeProcess, start_runtime
+from tests.support.redis_server import RedisServer, start_redis
+
+BOOTSTRAP = "bootstrap-token-0123456789"
+KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+class Fleet:
+    """A fleet config file with packages on disk, rewritten like the operator does."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / "fleet.json"
+        self.blobs: dict[str, bytes] = {}
+
+    def package(self, version: str, target: str = "arm64") -> dict[str, Any]:
+        data = f"package {version} {target} ".encode() * 1000
+        path = self.root / "packages" / version / f"{target}.tar"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.blobs[version] = data
+        return {"uri": f"file://{path}", "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data), "signature": "c2ln"}
+
+    def write(self, current: str, previous: str | None = None,
+              waves: list[dict[str, Any]] | None = None, **extra: Any) -> None:
+        doc: dict[str, Any] = {
+            "name": "fleet", "current": {"version": current,
+                                         "packages": {"arm64": self.package(current)}},
+            "rollout": {"waves": waves or [], "deviceDeploymentTimeoutSeconds": 30},
+            "heartbeatIntervalSeconds": 1, "publicKey": KEY,
+            "capture": {"destination": f"file://{self.root / 'captures'}"}, **extra}
+        if previous is not None:
+            doc["previous"] = {"version": previous, "packages": {"arm64": self.package(previous)}}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.path)  # atomically, as the operator does
+
+
+class Device:
+    """A device agent reduced to the protocol: heartbeat, install what it is told."""
+
+    def __init__(self, url: str, device_id: str, labels: dict[str, str] | None = None) -> None:
+        self.url = url
+        self.id = device_id
+        self.http = httpx.Client(base_url=url, timeout=5.0)
+        r = self.http.post("/v1/register", headers={"authorization": f"Bearer {BOOTSTRAP}"},
+                           json={"deviceId": device_id, "target": "arm64",
+                                 "labels": labels or {}})
+        assert r.status_code == 200, r.text
+        self.credential = r.json()["credential"]
+        self.version = ""
+        self.last: dict[str, Any] | None = None
+        self.fail: set[str] = set()
+        self.received: list[str] = []
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.credential}"}
+
+    def beat(self) -> dict[str, Any] | None:
+        r = self.http.post(f"/v1/devices/{self.id}/heartbeat", headers=self.auth,
+                           json={"version": self.version, "lastDeployment": self.last})
+        assert r.status_code == 200, r.text
+        desired: dict[str, Any] | None = r.json()["desired"]
+        return desired
+
+    def act(self) -> None:
+        desired = self.beat()
+        if desired is None or desired["version"] == self.version:
+            return
+        version = desired["version"]
+        if self.last is not None and self.last["version"] == version \
+                and self.last["outcome"] == "Failed":
+            return  # already failed this one
+        self.received.append(version)
+        blob = self.http.get(desired["packageUrl"], headers=self.auth)
+        assert blob.status_code == 200
+        assert hashlib.sha256(blob.content).hexdigest() == desired["sha256"]
+        if version in self.fail:
+            self.last = {"version": version, "outcome": "Failed", "message": "warm-up failed"}
+        else:
+            self.version = version
+            self.last = {"version": version, "outcome": "Succeeded"}
+        self.beat()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path / "redis", persistent=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    f = Fleet(tmp_path)
+    f.write("v1")
+    return f
+
+
+def _env(fleet: Fleet, redis_server: RedisServer) -> dict[str, str]:
+    return {"KUBEINFER_FLEET_CONFIG_FILE": str(fleet.path),
+            "KUBEINFER_REDIS_URL": redis_server.url,
+            "KUBEINFER_BOOTSTRAP_TOKEN": BOOTSTRAP,
+            "KUBEINFER_CONTROLLER_INTERVAL_SECONDS": "0.2",
+            "KUBEINFER_CONTROLLER_LEASE_SECONDS": "1"}
+
+
+@pytest.fixture
+def server(tmp_path: Path, fleet: Fleet, redis_server: RedisServer
+           ) -> Iterator[RuntimeProcess]:
+    proc = start_runtime("fleet-server", _env(fleet, redis_server), tmp_path / "logs")
+    yield proc
+    proc.stop()
+
+
+def _status(url: str) -> dict[str, Any]:
+    r = httpx.get(url + "/v1/fleet", headers={"authorization": f"Bearer {BOOTSTRAP}"})
+    assert r.status_code == 200, r.text
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def _error(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    message: str = r.json()["message"]
+    return message
+
+
+def test_device_api_and_refusals(server: RuntimeProcess, fleet: Fleet) -> None:
+    url = server.url
+    boot = {"authorization": f"Bearer {BOOTSTRAP}"}
+    # Registration: the bootstrap token, a valid body.
+    assert _error(httpx.post(url + "/v1/register", json={"deviceId": "a", "target": "arm64"}),
+                  401).startswith("Bootstrap token")
+    msg = _error(httpx.post(url + "/v1/register", headers={"authorization": "Bearer wrong"},
+                            json={"deviceId": "a", "target": "arm64"}), 401)
+    assert "wrong" not in msg
+    msg = _error(httpx.post(url + "/v1/register", headers=boot,
+                            json={"deviceId": "Bad_Id!", "target": "arm64"}), 400)
+    assert "deviceId" in msg and "Bad_Id" not in msg
+    assert "Invalid JSON" in _error(httpx.post(url + "/v1/register", headers=boot,
+                                               content=b"{not json"), 400)
+    _error(httpx.post(url + "/v1/register", headers=boot,
+                      content=b'{"deviceId": "' + b"a" * 70_000 + b'"}'), 413)
+
+    dev = Device(url, "dev-1", {"ring": "canary"})
+    # The first version reaches the device once the controller has run.
+    wait_until(lambda: dev.beat() is not None, 10, "a desired state for dev-1")
+    desired = dev.beat()
+    assert desired is not None and desired["version"] == "v1"
+    assert desired["packageUrl"] == "/v1/packages/v1/arm64"
+    blob = dev.http.get("/v1/packages/v1/arm64", headers=dev.auth)
+    assert blob.content == fleet.blobs["v1"]
+    assert blob.headers["x-kubeinfer-sha256"] == desired["sha256"]
+
+    # Credentials: wrong, missing, another device's, unknown device: one 401 message.
+    other = Device(url, "dev-2")
+    wrong = _error(dev.http.post("/v1/devices/dev-1/heartbeat",
+                                 headers={"authorization": "Bearer nope"}, json={}), 401)
+    assert wrong == _error(dev.http.post("/v1/devices/ghost/heartbeat", headers=dev.auth,
+                                         json={}), 401)
+    assert wrong == _error(dev.http.post("/v1/devices/dev-1/heartbeat", headers=other.auth,
+                                         json={}), 401)
+    assert wrong == _error(dev.http.post("/v1/devices/dev-1/heartbeat", json={}), 401)
+    assert "deviceId" in _error(dev.http.post("/v1/devices/UPPER/heartbeat", headers=dev.auth,
+                                              json={}), 400)
+    assert "requests" in _error(dev.http.post("/v1/devices/dev-1/heartbeat", headers=dev.auth,
+                                              json={"requests": -1}), 400)
+    _error(dev.http.post("/v1/devices/dev-1/heartbeat", headers=dev.auth,
+                         content=b" " * 70_000), 413)
+
+    # Packages: only the config's versions; names validated; a credential required.
+    _error(dev.http.get("/v1/packages/v9/arm64", headers=dev.auth), 404)
+    _error(dev.http.get("/v1/packages/v1/x86", headers=dev.auth), 404)
+    assert "target" in _error(dev.http.get("/v1/packages/v1/ARM64", headers=dev.auth), 400)
+    assert "version" in _error(dev.http.get("/v1/packages/-v1/arm64", headers=dev.auth), 400)
+    # An encoded traversal matches no route at all.
+    _error(dev.http.get("/v1/packages/v1/..%2F..%2Fetc", headers=dev.auth), 404)
+    _error(dev.http.get("/v1/packages/v1/arm64"), 401)
+
+    # Captures: JSON Lines of objects, bounded, written under the fleet's destination.
+    r = dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
+                      content=b'{"a": 1}\n\n{"b": 2}\n')
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["accepted"] == 2
+    written = Path(body["uri"].removeprefix("file://"))
+    assert written.read_text() == '{"a": 1}\n{"b": 2}\n'
+    assert written.relative_to(fleet.root / "captures").parts[:2] == ("fleet", "dev-1")
+    assert "line 2" in _error(dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
+                                            content=b'{"a": 1}\n[1]\n'), 400)
+    assert "line 1" in _error(dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
+                                            content=b'secret-bytes\n'), 400)
+    _error(dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
+                         content=b"{}\n" * (3 * 1024 * 1024)), 413)
+
+    # Fleet-wide reads: the bootstrap token; paging.
+    _error(httpx.get(url + "/v1/fleet", headers=dev.auth), 401)
+    status = _status(url)
+    assert status["devices"] == 2 and status["rollout"]["version"] == "v1"
+    assert status["counters"]["registrations"] == 2
+    assert status["counters"]["refused_unauthorized"] >= 5
+    page = httpx.get(url + "/v1/devices?limit=1", headers=boot).json()
+    assert [d["deviceId"] for d in page["devices"]] == ["dev-1"] and page["next"] == "dev-1"
+    page = httpx.get(url + "/v1/devices?limit=1&after=dev-1", headers=boot).json()
+    assert [d["deviceId"] for d in page["devices"]] == ["dev-2"] and page["next"] is None
+    assert "limit" in _error(httpx.get(url + "/v1/devices?limit=0", headers=boot), 400)
+
+    # Re-registering rotates the credential: the old one stops working.
+    old = dev.credential
+    again = Device(url, "dev-1")
+    assert again.credential != old
+    _error(dev.http.post("/v1/devices/dev-1/heartbeat",
+                         headers={"authorization": f"Bearer {old}"}, json={}), 401)
+    assert again.beat() is not None
+
+    metrics = httpx.get(url + "/metrics").text
+    assert 'kubeinfer_edge_heartbeats_total{fleet="fleet"}' in metrics
+    assert 'kubeinfer_edge_refused_requests_total{fleet="fleet",reason="unauthorized"}' \
+        in metrics
+    assert "Traceback" not in server.log()
+
+
+def test_restart_loses_no_registration(tmp_path: Path, fleet: Fleet,
+                                       redis_server: RedisServer) -> None:
+    env = _env(fleet, redis_server)
+    first = start_runtime("fleet-server", env, tmp_path / "logs")
+    try:
+        dev = Device(first.url, "dev-1")
+        wait_until(lambda: dev.beat() is not None, 10, "a desired state")
+    finally:
+        first.stop()
+    redis_server.down()  # Redis restarts too: its append-only file keeps everything
+    redis_server.up()
+    second = start_runtime("fleet-server", env, tmp_path / "logs")
+    try:
+        dev.http = httpx.Client(base_url=second.url, timeout=5.0)
+        desired = dev.beat()
+        assert desired is not None and desired["version"] == "v1"
+    finally:
+        second.stop()
+
+
+def test_two_replicas_share_one_controller(tmp_path: Path, fleet: Fleet,
+                                           redis_server: RedisServer) -> None:
+    env = _env(fleet, redis_server)
+    servers = [start_runtime("fleet-server", env, tmp_path / "logs") for _ in range(2)]
+    try:
+        def leaders() -> list[bool]:
+            return [httpx.get(s.url + "/ping").json()["leader"] for s in servers]
+
+        wait_until(lambda: sum(leaders()) == 1, 10, "one controller among two replicas")
+        for _ in range(10):  # and it stays one
+            assert sum(leaders()) == 1
+        devices = [Device(servers[i % 2].url, f"dev-{i}") for i in range(4)]
+        for d in devices:
+            d.act()
+        fleet.write("v2", "v1", waves=[{"percentage": 50, "bakeSeconds": 1},
+                                       {"percentage": 100}])
+        # Both replicas answer every device the same desired state, all along: ask A, B,
+        # A again; when A's answer held still meanwhile, B's must be the same.
+        clients = [httpx.Client(base_url=s.url, timeout=5.0) for s in servers]
+        compared = 0
+        for _ in range(15):
+            for d in devices:
+                answers = []
+                for c in (clients[0], clients[1], clients[0]):
+                    d.http = c
+                    answers.append(d.beat())
+                if answers[0] == answers[2]:
+                    compared += 1
+                    assert answers[1] == answers[0], (d.id, answers)
+                d.act()
+        assert compared > 30
+        leader = leaders().index(True)
+        servers[leader].proc.kill()  # no goodbye: the lease must expire
+        servers[leader].proc.wait()
+        survivor = servers[1 - leader]
+        wait_until(lambda: httpx.get(survivor.url + "/ping").json()["leader"], 10,
+                   "the surviving replica to take the lease")
+        for d in devices:
+            d.http = httpx.Client(base_url=survivor.url, timeout=5.0)
+
+        def done() -> bool:
+            for d in devices:
+                d.act()
+            return bool(_status(survivor.url)["rollout"]["phase"] == "Complete")
+
+        wait_until(done, 20, "the rollout to finish on the surviving replica")
+        assert {d.version for d in devices} == {"v2"}
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _drive(url: str, devices: list[Device], phase: str, timeout: float = 30
+           ) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+
+    def step() -> bool:
+        for d in devices:
+            d.act()
+        status = _status(url)
+        seen.append(status)
+        return bool(status["rollout"]["phase"] == phase
+                    and status["rollout"]["version"] == "v2")
+
+    wait_until(step, timeout, f"the rollout to reach {phase}")
+    return seen
+
+
+def test_three_waves_reach_every_device(server: RuntimeProcess, fleet: Fleet) -> None:
+    devices = [Device(server.url, f"dev-{i}") for i in range(6)]
+    wait_until(lambda: all(d.act() is None and d.version == "v1" for d in devices), 10,
+               "every device on v1")
+    fleet.write("v2", "v1", waves=[{"percentage": 34, "bakeSeconds": 1},
+                                   {"percentage": 67, "bakeSeconds": 1},
+                                   {"percentage": 100}])
+    seen = _drive(server.url, devices, "Complete")
+    # A bad config file keeps the last good one in force, and the server keeps serving.
+    fleet.path.write_text('{"name": "fleet", "current": ')
+    wait_until(lambda: "is invalid" in server.log(), 10, "the bad config to be reported")
+    assert devices[0].beat() is not None
+    assert _status(server.url)["rollout"]["version"] == "v2"
+    assert {d.version for d in devices} == {"v2"}
+    on_v2 = [s["byVersion"].get("v2", 0) for s in seen]
+    waves = {s["rollout"]["wave"] for s in seen if s["rollout"]["version"] == "v2"}
+    # Progressive: some observations had part of the fleet on v2, in several waves.
+    assert any(0 < n < 6 for n in on_v2), on_v2
+    assert {0, 1, 2} <= waves, waves
+    assert _status(server.url)["byState"]["Online"] == 6
+
+
+def test_failing_first_wave_rolls_back(server: RuntimeProcess, fleet: Fleet) -> None:
+    devices = [Device(server.url, f"dev-{i}") for i in range(6)]
+    wait_until(lambda: all(d.act() is None and d.version == "v1" for d in devices), 10,
+               "every device on v1")
+    for d in devices:
+        d.fail = {"v2"}
+    fleet.write("v2", "v1", waves=[{"percentage": 33}, {"percentage": 100}])
+    _drive(server.url, devices, "RolledBack")
+    status = _status(server.url)
+    assert status["rollout"]["wave"] == 0
+    assert "rolled back to v1" in status["rollout"]["message"]
+    tried = [d for d in devices if "v2" in d.received]
+    assert len(tried) == 2  # wave 1 only (33 % of 6, rounded up)
+    assert status["byState"]["Failed"] == 2
+    for d in devices:
+        desired = d.beat()
+        assert desired is not None and desired["version"] == "v1"
+        assert d.version == "v1"
