@@ -4,10 +4,11 @@ Nothing runs Jobs or pods here, so the tests play the Job controller and the
 kubelet (a package Job's pod with the report the package command leaves in its
 termination message, then the Job's Complete condition) and the Deployment
 controller; a fake fleet server (a real HTTP server on 127.0.0.1) answers
-``GET /v1/fleet`` with a FleetStatus, checking the bootstrap token. The operator
-must create exactly the rendered package Jobs, then the fleet config, fleet server
-Deployment, Service and PodDisruptionBudget, roll the fleet's status up into the
-EdgeFleet's, and lose everything with the EdgeFleet.
+``GET /v1/fleet`` with a FleetStatus, checking the status token the operator keeps
+in the namespace's ``kubeinfer-runtime`` Secret. The operator must create exactly
+the rendered package Jobs, then the fleet config, fleet server Deployment, Service
+and PodDisruptionBudget, roll the fleet's status up into the EdgeFleet's, never
+read a Secret but ``kubeinfer-runtime``, and lose everything with the EdgeFleet.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 import pytest
 
 from kubeinfer_operator.api.edge_fleet import EdgeFleet
+from kubeinfer_operator.k8s import kinds
+from kubeinfer_operator.k8s.client import KubeClient
 from kubeinfer_operator.render import edge_fleet as rf
 from kubeinfer_operator.render.edge_plan import plan_fleet
 from kubeinfer_operator.settings import OperatorSettings
@@ -48,10 +51,12 @@ _ids = itertools.count()
 
 
 class FakeFleetServer:
-    """``GET /v1/fleet`` answering ``self.status`` to the bootstrap token, 401 otherwise."""
+    """``GET /v1/fleet`` answering ``self.status`` to a token of ``self.tokens`` (the status
+    tokens the test read from the runtime Secret), 401 otherwise."""
 
     def __init__(self) -> None:
         self.status: FleetStatus | None = None
+        self.tokens: set[str] = set()
         self.auth: list[str] = []
         outer = self
 
@@ -61,7 +66,8 @@ class FakeFleetServer:
                 if self.path != "/v1/fleet" or outer.status is None:
                     self.send_error(404)
                     return
-                if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                if self.headers.get("Authorization") not in {f"Bearer {t}"
+                                                             for t in outer.tokens}:
                     self.send_error(401)
                     return
                 body = outer.status.model_dump_json().encode()
@@ -96,6 +102,36 @@ def kube(tmp_path_factory: pytest.TempPathFactory, fake: FakeFleetServer) -> Ite
     with operator_on_emulator(SETTINGS, tmp_path_factory.mktemp("kube"),
                               fleet_url=lambda namespace, name: fake.url) as (kube, _):
         yield kube
+
+
+@pytest.fixture
+def secret_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the Secrets the operator reads (GET or LIST) during the test."""
+    reads: list[str] = []
+    get, listed = KubeClient.get, KubeClient.list
+
+    async def spy_get(self: KubeClient, kind: kinds.Kind, namespace: str,
+                      name: str) -> dict[str, Any] | None:
+        if kind is kinds.SECRET:
+            reads.append(name)
+        return await get(self, kind, namespace, name)
+
+    async def spy_list(self: KubeClient, kind: kinds.Kind, *args: Any,
+                       **kwargs: Any) -> list[dict[str, Any]]:
+        if kind is kinds.SECRET:
+            reads.append("(list)")
+        return await listed(self, kind, *args, **kwargs)
+
+    monkeypatch.setattr(KubeClient, "get", spy_get)
+    monkeypatch.setattr(KubeClient, "list", spy_list)
+    return reads
+
+
+def _status_token(kube: Kube, ns: str) -> str:
+    """The fleet's status token in the runtime Secret ("" while the key is missing)."""
+    secret = wait_for(lambda: kube.get("Secret", ns, SETTINGS.runtime_secret_name), 10,
+                      "the runtime Secret")
+    return base64.b64decode(secret.get("data", {}).get("edge-status-sensors", "")).decode()
 
 
 @pytest.fixture
@@ -200,7 +236,8 @@ def _fleet_status(version: str, phase: RolloutPhase, *, failed: int = 0) -> Flee
 
 
 def test_an_edge_fleet_packages_serves_and_rolls_up(kube: Kube, ns: str,
-                                                    fake: FakeFleetServer) -> None:
+                                                    fake: FakeFleetServer,
+                                                    secret_reads: list[str]) -> None:
     _secrets(kube, ns)
     created = kube.create(fleet_doc(), ns)
     assert created.status_code == 201, created.text
@@ -238,14 +275,32 @@ def test_an_edge_fleet_packages_serves_and_rolls_up(kube: Kube, ns: str,
     env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "KUBEINFER_BOOTSTRAP_TOKEN",
             "valueFrom": {"secretKeyRef": {"name": "boot", "key": "token"}}} in env
-    assert TOKEN not in json.dumps([dep, cm, svc]) and TOKEN not in json.dumps(
-        kube.get("EdgeFleet", ns, "sensors"))
+    assert {"name": "KUBEINFER_STATUS_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "kubeinfer-runtime",
+                                           "key": "edge-status-sensors",
+                                           "optional": True}}} in env
+    # The status token: generated by the operator, kept in the runtime Secret (owned by the
+    # EdgeFleet too, not as its controller), never written anywhere else.
+    status_token = _status_token(kube, ns)
+    assert len(status_token) >= 32 and status_token != TOKEN
+    runtime = kube.get("Secret", ns, "kubeinfer-runtime") or {}
+    assert [(r["kind"], r["uid"], r["controller"]) for r in
+            runtime["metadata"]["ownerReferences"]] == [("EdgeFleet", uid, False)]
+    for secret in (TOKEN, status_token):
+        assert secret not in json.dumps([dep, cm, svc, kube.get("EdgeFleet", ns, "sensors")])
+    # Unavailable: Ready names the Secrets the fleet server's pods read (the operator does
+    # not read them itself).
+    ready = wait_for(lambda: _condition(kube, ns, "Ready").get("reason") == "ServerUnavailable"
+                     and _condition(kube, ns, "Ready"), 10, "ServerUnavailable")
+    assert (f"check Secret {ns}/boot key token (spec.registration.bootstrapTokenSecret)"
+            in ready["message"])
     packaged = wait_for(lambda: _condition(kube, ns, "Packaged").get("status") == "True"
                         and _status(kube, ns), 10, "Packaged")
     assert packaged["version"] == plan.version
     assert [p["target"] for p in packaged["current"]["packages"]] == ["x86", "arm"]
 
     # The fleet server comes up and reports a rollout in progress.
+    fake.tokens.add(status_token)
     fake.status = _fleet_status(plan.version, RolloutPhase.PROGRESSING)
     kube.make_available(ns, "sensors-fleet-server")
     status = wait_for(lambda: (s := _status(kube, ns)).get("devices") == 8 and
@@ -255,8 +310,21 @@ def test_an_edge_fleet_packages_serves_and_rolls_up(kube: Kube, ns: str,
     assert status["devicesByState"] == {"Offline": 1, "Online": 7}
     assert status["currentWave"]["successPercent"] == 100.0
     assert _condition(kube, ns, "RolloutComplete")["reason"] == "Progressing"
-    assert f"Bearer {TOKEN}" in fake.auth
+    assert f"Bearer {status_token}" in fake.auth
+    assert f"Bearer {TOKEN}" not in fake.auth  # the bootstrap token never leaves its Secret
 
+    # A lost status token is replaced, and the fleet server's pods roll to read it.
+    hash_before = dep["spec"]["template"]["metadata"]["annotations"][
+        "kubeinfer.io/runtime-secret-hash"]
+    assert kube.patch("Secret", ns, "kubeinfer-runtime",
+                      {"data": {"edge-status-sensors": None}}).status_code == 200
+    new_token = wait_for(lambda: (t := _status_token(kube, ns)) != status_token and t, 10,
+                         "a new status token")
+    wait_for(lambda: (kube.get("Deployment", ns, "sensors-fleet-server") or {})["spec"][
+        "template"]["metadata"]["annotations"]["kubeinfer.io/runtime-secret-hash"]
+        != hash_before, 10, "the fleet server's pods rolled")
+    fake.tokens.add(new_token)
+    wait_for(lambda: f"Bearer {new_token}" in fake.auth, 10, "a poll with the new token")
     # The wave trips: the fleet rolled back.
     fake.status = _fleet_status(plan.version, RolloutPhase.ROLLED_BACK, failed=2)
     back = wait_for(lambda: _condition(kube, ns, "RolledBack").get("status") == "True"
@@ -293,21 +361,28 @@ def test_an_edge_fleet_packages_serves_and_rolls_up(kube: Kube, ns: str,
     wait_for(lambda: not kube.names("Job", ns) and not kube.names("Deployment", ns)
              and not kube.names("ConfigMap", ns) - {"kube-root-ca.crt"}
              and not kube.names("Service", ns) and not kube.names("PodDisruptionBudget", ns)
-             and not kube.names("Pod", ns), 10, "children garbage-collected")
+             and not kube.names("Pod", ns)
+             and kube.names("Secret", ns) == {"boot", "signing"}, 10,
+             "children garbage-collected")
+    # Of Secrets, the operator read only its own.
+    assert secret_reads and set(secret_reads) == {"kubeinfer-runtime"}
 
 
-def test_a_missing_signing_secret_is_reported_and_starts_nothing(kube: Kube, ns: str) -> None:
-    _secret(kube, ns, "boot", "token", TOKEN)
+def test_missing_secrets_are_left_to_the_pods_and_named_in_status(
+        kube: Kube, ns: str, secret_reads: list[str]) -> None:
+    # No bootstrap-token or signing-key Secret: the operator does not look (it may read
+    # the runtime Secret only); the package Jobs start, their pods would wait in
+    # CreateContainerConfigError, and the status says which Secret to check.
     assert kube.create(fleet_doc(), ns).status_code == 201
-    packaged = wait_for(lambda: _condition(kube, ns, "Packaged").get("reason") ==
-                        "SecretNotFound" and _condition(kube, ns, "Packaged"), 10,
-                        "SecretNotFound")
-    assert packaged["message"] == (f"Secret {ns}/signing named by spec.signing.keySecret does "
-                                   "not exist; create it with key key")
-    assert kube.names("Job", ns) == set()
-    # Created: the Jobs start at the next refresh.
-    _secret(kube, ns, "signing", "key", base64.b64encode(b"k" * 32).decode())
     _package_jobs(kube, ns)
+    packaged = wait_for(lambda: _condition(kube, ns, "Packaged").get("reason") == "Packaging"
+                        and "check Secret" in _condition(kube, ns, "Packaged")["message"]
+                        and _condition(kube, ns, "Packaged"), 10, "Packaging")
+    assert packaged["message"].endswith(
+        f"if a package Job's pod does not start (CreateContainerConfigError), check Secret "
+        f"{ns}/signing key key (spec.signing.keySecret)")
+    assert _status(kube, ns)["phase"] == "Packaging"
+    assert set(secret_reads) == {"kubeinfer-runtime"}
 
 
 def test_an_invalid_spec_is_reported_and_creates_nothing(kube: Kube, ns: str) -> None:

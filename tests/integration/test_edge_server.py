@@ -17,12 +17,16 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError as PydanticValidationError
 
+from kubeinfer_runtime.contract.edge import FleetServerSettings
 from tests.support.ports import wait_until
 from tests.support.procs import RuntimeProcess, start_runtime
 from tests.support.redis_server import RedisServer, start_redis
 
 BOOTSTRAP = "bootstrap-token-0123456789"
+#: The operator's read-only token (``KUBEINFER_STATUS_TOKEN``).
+STATUS = "status-token-abcdefghijklmnop"
 KEY = base64.b64encode(bytes(range(32))).decode()
 
 
@@ -124,6 +128,7 @@ def _env(fleet: Fleet, redis_server: RedisServer) -> dict[str, str]:
     return {"KUBEINFER_FLEET_CONFIG_FILE": str(fleet.path),
             "KUBEINFER_REDIS_URL": redis_server.url,
             "KUBEINFER_BOOTSTRAP_TOKEN": BOOTSTRAP,
+            "KUBEINFER_STATUS_TOKEN": STATUS,
             "KUBEINFER_CONTROLLER_INTERVAL_SECONDS": "0.2",
             "KUBEINFER_CONTROLLER_LEASE_SECONDS": "1"}
 
@@ -242,6 +247,47 @@ def test_device_api_and_refusals(server: RuntimeProcess, fleet: Fleet) -> None:
     assert 'kubeinfer_edge_refused_requests_total{fleet="fleet",reason="unauthorized"}' \
         in metrics
     assert "Traceback" not in server.log()
+
+
+def test_the_status_token_reads_the_fleet_and_nothing_else(server: RuntimeProcess,
+                                                           fleet: Fleet) -> None:
+    url = server.url
+    reader = {"authorization": f"Bearer {STATUS}"}
+    dev = Device(url, "dev-1")
+    wait_until(lambda: dev.beat() is not None, 10, "a desired state for dev-1")
+    # The two fleet-wide reads: the status token, and still the bootstrap token.
+    r = httpx.get(url + "/v1/fleet", headers=reader)
+    assert r.status_code == 200, r.text
+    assert r.json()["devices"] == 1 and r.json()["rollout"]["version"] == "v1"
+    r = httpx.get(url + "/v1/devices", headers=reader)
+    assert r.status_code == 200, r.text
+    assert [d["deviceId"] for d in r.json()["devices"]] == ["dev-1"]
+    assert _status(url)["devices"] == 1
+    # Nothing else: no registering, no heartbeats, no packages, no captures.
+    msg = _error(httpx.post(url + "/v1/register", headers=reader,
+                            json={"deviceId": "intruder", "target": "arm64"}), 401)
+    assert msg.startswith("Bootstrap token") and STATUS not in msg
+    _error(httpx.post(url + "/v1/devices/dev-1/heartbeat", headers=reader, json={}), 401)
+    _error(httpx.get(url + "/v1/packages/v1/arm64", headers=reader), 401)
+    _error(httpx.post(url + "/v1/devices/dev-1/captures", headers=reader,
+                      content=b'{"a": 1}\n'), 401)
+    # A wrong token (one character off), none, or a device's credential: 401, unquoted.
+    wrong = {"authorization": f"Bearer {STATUS[:-1]}x"}
+    for path in ("/v1/fleet", "/v1/devices"):
+        msg = _error(httpx.get(url + path, headers=wrong), 401)
+        assert "status token" in msg and STATUS[:-1] not in msg
+        _error(httpx.get(url + path), 401)
+        _error(httpx.get(url + path, headers=dev.auth), 401)
+    assert _status(url)["devices"] == 1  # the refused registration left nothing
+    assert "Traceback" not in server.log()
+
+
+def test_a_status_token_is_optional_and_bounded(fleet: Fleet) -> None:
+    base = {"fleet_config_file": str(fleet.path), "redis_url": "redis://127.0.0.1:1/0",
+            "bootstrap_token": BOOTSTRAP}
+    assert FleetServerSettings(**base).status_token is None
+    with pytest.raises(PydanticValidationError, match="status_token"):
+        FleetServerSettings(**base, status_token="too-short")
 
 
 def test_restart_loses_no_registration(tmp_path: Path, fleet: Fleet,

@@ -403,13 +403,11 @@ def test_rbac_is_least_privilege(chart: helm.Chart, values: dict[str, Any] | Non
             if "jobs" in rule["resources"]:
                 assert rule["apiGroups"] == ["batch"] and "patch" not in rule["verbs"], rule
             if "secrets" in rule["resources"]:
-                # Changed by one name only; create cannot be limited by name but reads
-                # nothing; EdgeFleets' Secrets (user-named) are only read (get).
+                # One Secret name only; create cannot be limited by name but reads nothing.
                 assert rule["resources"] == ["secrets"], rule
                 assert ((rule.get("resourceNames") == ["kubeinfer-runtime"]
                         and set(rule["verbs"]) <= {"get", "patch", "update"})
-                        or (rule["verbs"] in (["create"], ["get"])
-                            and "resourceNames" not in rule)), rule
+                        or (rule["verbs"] == ["create"] and "resourceNames" not in rule)), rule
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
             if rule["resources"] == ["customresourcedefinitions"]:
                 assert set(rule["verbs"]) <= {"get", "list", "watch"}

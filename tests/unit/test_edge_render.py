@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 from pathlib import Path
@@ -14,7 +15,9 @@ import yaml
 from kubeinfer_operator.api.edge_fleet import EdgeFleet, PackageStatus, VersionStatus
 from kubeinfer_operator.reconcile.edge_validate import InvalidEdgeFleet, validate_edge_fleet
 from kubeinfer_operator.render import edge_fleet as rf
+from kubeinfer_operator.render import k8s_secrets as secrets
 from kubeinfer_operator.render.edge_plan import FleetPlan, fleet_config, plan_fleet
+from kubeinfer_operator.render.k8s_workloads import ANNOTATION_SECRET_HASH
 from kubeinfer_operator.render.transform_jobs import ANNOTATION_RUN_HASH
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.edge import FleetConfig, FleetServerSettings
@@ -183,17 +186,23 @@ def test_the_server_env_is_what_the_fleet_server_reads(monkeypatch: pytest.Monke
         secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]
                   if "valueFrom" in e}
         assert secret["KUBEINFER_BOOTSTRAP_TOKEN"] == {"name": "boot", "key": "token"}
+        # The status token: the operator's, in the runtime Secret (optional: the fleet
+        # server starts without it, and then only the bootstrap token reads).
+        assert secret["KUBEINFER_STATUS_TOKEN"] == {"name": "kubeinfer-runtime",
+                                                    "key": "edge-status-sensors",
+                                                    "optional": True}
         if redis is None:
             assert secret["KUBEINFER_REDIS_URL"] == {"name": "r", "key": "url"}
             assert "KUBEINFER_REDIS_URL" not in literal
         else:
-            assert literal["KUBEINFER_REDIS_URL"] == redis and len(secret) == 1
+            assert literal["KUBEINFER_REDIS_URL"] == redis and len(secret) == 2
         assert literal["KUBEINFER_FLEET_CONFIG_FILE"] == "/etc/kubeinfer/fleet/fleet.json"
         for name, value in literal.items():
             monkeypatch.setenv(name, value)
         for name in secret:
             monkeypatch.setenv(name, "redis://r:6379/1" if "REDIS" in name else "t" * 24)
         settings = FleetServerSettings()  # type: ignore[call-arg]
+        assert settings.status_token is not None
         assert settings.fleet_config_file == "/etc/kubeinfer/fleet/fleet.json"
         assert settings.port == SETTINGS.runtime_port
         mount = next(m for m in c["volumeMounts"] if m["name"] == "fleet-config")
@@ -206,6 +215,50 @@ def test_secrets_are_only_ever_referenced(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("KUBEINFER_EDGE_SIGNING_KEY", "key-leak")
     text = json.dumps(objects(planned(doc())))
     assert "leak" not in text
+
+
+def test_the_status_token_rolls_the_fleet_server_and_is_never_written_out() -> None:
+    plan = planned(doc())
+    config = fleet_config(plan, version(plan), None)
+
+    def deployment(token: str | None) -> dict[str, Any]:
+        return next(m for m in rf.fleet_server_objects(plan, config, uid=UID, settings=SETTINGS,
+                                                       status_token=token)
+                    if m["kind"] == "Deployment")
+
+    one, two = "s" * 43, "t" * 43
+    a, b = deployment(one), deployment(two)
+    hashes = [d["spec"]["template"]["metadata"]["annotations"][ANNOTATION_SECRET_HASH]
+              for d in (a, b)]
+    assert hashes[0] != hashes[1]  # a new token rolls the pods (env is read at start)
+    assert hashes[0] == rf.status_token_hash(one)
+    assert one not in json.dumps(a) and two not in json.dumps(b)
+    assert a["metadata"]["annotations"]["kubeinfer.io/applied-hash"] != \
+        b["metadata"]["annotations"]["kubeinfer.io/applied-hash"]
+    assert ANNOTATION_SECRET_HASH not in (
+        deployment(None)["spec"]["template"]["metadata"].get("annotations") or {})
+    assert schema_errors(a) == []
+
+
+def test_the_runtime_secret_keeps_status_tokens_apart_from_endpoint_keys() -> None:
+    settings = OperatorSettings(redis_url="redis://:pw@redis:6379/0")
+    owner = rf.runtime_secret_owner("sensors", UID)
+    assert (owner["kind"], owner["uid"], owner["controller"],
+            owner["blockOwnerDeletion"]) == ("EdgeFleet", UID, False, False)
+    token = "u" * 43
+    secret = secrets.runtime_secret("ml", settings, [owner],
+                                    extra={secrets.edge_status_key("sensors"): token})
+    assert secret["metadata"]["name"] == "kubeinfer-runtime"
+    data = secret["data"]
+    assert set(data) == {"redis-url", "edge-status-sensors"}
+    assert base64.b64decode(data["edge-status-sensors"]).decode() == token
+    assert secrets.status_token_of(data, "sensors") == token
+    assert secrets.status_token_of(data, "other") is None
+    # Unreadable or too short: replaced by the operator.
+    assert secrets.status_token_of({"edge-status-x": "not base64!"}, "x") is None
+    assert secrets.status_token_of({"edge-status-x": secrets.encode("short")}, "x") is None
+    # Endpoints compare and prune only their own keys: a fleet's token is never dropped.
+    assert secrets.endpoint_keys(data) == secrets.runtime_secret_data("ml", settings)
 
 
 def test_one_replica_gets_no_disruption_budget() -> None:

@@ -23,6 +23,9 @@ KEY = "A" * 43 + "="
 V1, V2 = "aaaaaaaaaa", "bbbbbbbbbb"
 HASHES = {"x86": "h-x86", "arm": "h-arm"}
 JOBS = {"x86": "sensors-pkg-1", "arm": "sensors-pkg-2"}
+SIGNING = "Secret ml/signing key key (spec.signing.keySecret)"
+SERVER_SECRETS = ("Secret ml/boot key token (spec.registration.bootstrapTokenSecret)",
+                  "Secret ml/redis key url (spec.redis.urlSecret)")
 
 
 def info(status: dict[str, Any] | None = None, *, version: str = V1,
@@ -30,7 +33,8 @@ def info(status: dict[str, Any] | None = None, *, version: str = V1,
     return es.FleetInfo(name="sensors", namespace="ml", generation=generation,
                         version=version, model="s3://models/mlp.onnx", run_hashes=HASHES,
                         job_names=JOBS, status=status or {}, replicas=2,
-                        url="http://sensors-fleet-server.ml.svc:8080")
+                        url="http://sensors-fleet-server.ml.svc:8080",
+                        signing_secret=SIGNING, server_secrets=SERVER_SECRETS)
 
 
 def report(target: str, version: str = V1, key: str = KEY) -> str:
@@ -176,13 +180,41 @@ def test_a_failed_package_job_fails_packaged(build: es.Build, reason: str,
     assert summary(d.status)[es.READY] == ("False", "Packaging")
 
 
-def test_a_missing_signing_secret_starts_no_job() -> None:
-    problem = ("Secret ml/signing named by spec.signing.keySecret does not exist; create it "
-               "with key key")
-    d = es.decide(info(), es.Observed(signing_problem=problem), NOW)
-    assert d.create == ()
-    assert cond(d.status, es.PACKAGED)["reason"] == "SecretNotFound"
-    assert cond(d.status, es.PACKAGED)["message"] == problem
+def test_a_running_package_job_names_the_signing_secret_to_check() -> None:
+    # The operator does not read the signing key's Secret: a missing one leaves the Job's
+    # pod in CreateContainerConfigError, so the Packaging message says what to check.
+    d = es.decide(info(), es.Observed(builds={"x86": running("x86")}), NOW)
+    assert d.create == ("arm",)
+    packaging = cond(d.status, es.PACKAGED)
+    assert packaging["reason"] == "Packaging"
+    assert packaging["message"] == (
+        f"Packaging version {V1}: 0 of 2 targets built (waiting for x86, arm); if a package "
+        "Job's pod does not start (CreateContainerConfigError), check Secret ml/signing key "
+        "key (spec.signing.keySecret)")
+    # Nothing started yet: nothing to check.
+    fresh = es.decide(info(), es.Observed(), NOW)
+    assert "Secret" not in cond(fresh.status, es.PACKAGED)["message"]
+
+
+def test_a_package_job_past_its_deadline_names_the_signing_secret() -> None:
+    stuck = es.Build(job=JobView(exists=True, run_hash=HASHES["x86"],
+                                 failure=(es.REASON_DEADLINE, "")))
+    d = es.decide(info(), es.Observed(builds={"x86": stuck, "arm": running("arm")}), NOW)
+    packaged_ = cond(d.status, es.PACKAGED)
+    assert packaged_["reason"] == "DeadlineExceeded"
+    assert "check Secret ml/signing key key (spec.signing.keySecret)" in packaged_["message"]
+
+
+def test_an_unavailable_fleet_server_names_the_secrets_its_pods_read() -> None:
+    d = es.decide(info(packaged()), es.Observed(server_exists=True, server_available=0), NOW)
+    ready = cond(d.status, es.READY)
+    assert ready["reason"] == "ServerUnavailable"
+    assert ready["message"] == (
+        "Fleet server Deployment ml/sensors-fleet-server has no available replica (0/2); if "
+        "its pods do not start (CreateContainerConfigError), check Secret ml/boot key token "
+        "(spec.registration.bootstrapTokenSecret) and Secret ml/redis key url "
+        "(spec.redis.urlSecret); kubectl describe deployment -n ml sensors-fleet-server says "
+        "why")
 
 
 # -- serving and rolling out -------------------------------------------------------------------
@@ -204,9 +236,9 @@ def test_a_missing_signing_secret_starts_no_job() -> None:
     (es.Observed(server_available=1, fleet=fleet(RolloutPhase.PROGRESSING, version=V2)),
      ("True", "Serving"), ("False", "WaitingForFleetServer"), ("False", "NotRolledBack"),
      "RollingOut"),
-    (es.Observed(server_available=1, server_problem="Secret ml/boot named by "
-                 "spec.registration.bootstrapTokenSecret does not exist; create it"),
-     ("False", "SecretNotFound"), ("Unknown", "FleetStatusUnavailable"),
+    (es.Observed(server_available=1, server_problem="Secret ml/kubeinfer-runtime exists and "
+                 "is not managed by kubeinfer", fleet_error="no status token to ask with"),
+     ("False", "NameConflict"), ("Unknown", "FleetStatusUnavailable"),
      ("False", "NotRolledBack"), "RollingOut"),
 ], ids=["no-server", "progressing", "complete", "rolled-back", "paused", "stale-config",
         "no-token"])

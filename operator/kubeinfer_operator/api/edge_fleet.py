@@ -132,8 +132,9 @@ class Registration(_Spec):
     bootstrapTokenSecret: Annotated[
         SecretKeyRef,
         Field(description="The bootstrap token devices register with (at least 16 "
-                          "characters); it also authorizes the fleet-wide reads the operator "
-                          "makes for this status."),
+                          "characters); it also authorizes the fleet server's fleet-wide "
+                          "reads. The operator never reads it: it asks for this status with "
+                          "a read-only status token of its own."),
     ]
 
 

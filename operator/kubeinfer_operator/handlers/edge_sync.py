@@ -1,25 +1,31 @@
 """One reconcile of one EdgeFleet: read, decide (pure code), apply, report.
 
-``EdgeSync.sync`` reads the EdgeFleet fresh from the API, lists its package Jobs
-and their pods (label ``kubeinfer.io/edge-fleet``), reads its fleet server
-Deployment, checks the Secrets it names exist (a missing one is reported, not
-left to a pod stuck in CreateContainerConfigError), fetches the fleet's status
-from the fleet server (``GET /v1/fleet`` with the bootstrap token), asks
-``reconcile.edge_status.decide`` what to do, does exactly that (delete stale
+``EdgeSync.sync`` reads the EdgeFleet fresh from the API, makes sure the
+namespace's runtime Secret (``kubeinfer-runtime``) holds the fleet's status token
+(key ``edge-status-<fleet>``, generated once; the EdgeFleet becomes one more owner
+of the Secret), lists its package Jobs and their pods (label
+``kubeinfer.io/edge-fleet``), reads its fleet server Deployment, fetches the
+fleet's status from the fleet server (``GET /v1/fleet`` with the status token),
+asks ``reconcile.edge_status.decide`` what to do, does exactly that (delete stale
 package Jobs, create missing ones, apply the fleet config ConfigMap and the fleet
 server Deployment, Service and PodDisruptionBudget) and writes the status only
 when it differs.
 
+The operator never reads the Secrets the EdgeFleet names (bootstrap token,
+signing key, Redis URL; its RBAC allows the runtime Secret only): pods read them
+by reference, and a missing one shows as a pod that does not start, which the
+status names. The status token authorizes the fleet server's two reads and
+nothing else (no registering, no heartbeats, no packages); it is never logged or
+written anywhere but the runtime Secret.
+
 The fetch is injectable (``fetch``, ``server_url``): tests point it at a fake
-fleet server. The bootstrap token is read from its Secret for that one request
-and never logged or stored.
+fleet server.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
+import secrets as pysecrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -27,7 +33,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from kubeinfer_operator.errors import ConflictError
+from kubeinfer_operator.errors import ClusterError, ConflictError
 from kubeinfer_operator.handlers.plumbing import (
     ObjectLocks,
     create_owned_job,
@@ -45,17 +51,20 @@ from kubeinfer_operator.reconcile.status import deployment_state
 from kubeinfer_operator.reconcile.transform_observe import job_view
 from kubeinfer_operator.render import edge_fleet as rf
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render import k8s_secrets as secrets
 from kubeinfer_operator.render.edge_plan import FleetPlan, fleet_config, plan_fleet
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.edge import FleetStatus
 
 log = logging.getLogger(__name__)
 
-#: (base URL, bootstrap token) → the fleet's status; raises ``FleetStatusError``.
+#: (base URL, status token) → the fleet's status; raises ``FleetStatusError``.
 FleetFetch = Callable[[str, str], Awaitable[FleetStatus]]
 #: Largest FleetStatus body read (counters by state and version: small).
 MAX_FLEET_STATUS_BYTES = 1024 * 1024
 FETCH_TIMEOUT_S = 5.0
+#: Random bytes of a status token (``secrets.token_urlsafe``: 43 characters).
+STATUS_TOKEN_BYTES = 32
 
 
 class FleetStatusError(Exception):
@@ -67,7 +76,7 @@ class EdgeNameConflict(ConflictError):
 
 
 async def fetch_fleet_status(base_url: str, token: str) -> FleetStatus:
-    """``GET <base_url>/v1/fleet`` with the bootstrap token, bounded in time and size."""
+    """``GET <base_url>/v1/fleet`` with the status token, bounded in time and size."""
     url = f"{base_url.rstrip('/')}/v1/fleet"
     try:
         async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S) as client, client.stream(
@@ -120,6 +129,18 @@ class EdgeSync:
 
     def _info(self, obj: dict[str, Any], plan: FleetPlan | None) -> es.FleetInfo:
         md = obj["metadata"]
+        signing = ""
+        server_secrets: tuple[str, ...] = ()
+        if plan is not None:
+            ns, spec = md["namespace"], plan.spec
+            ref = spec.signing.keySecret
+            signing = f"Secret {ns}/{ref.name} key {ref.key} (spec.signing.keySecret)"
+            named = [(spec.registration.bootstrapTokenSecret,
+                      "spec.registration.bootstrapTokenSecret")]
+            if spec.redis.urlSecret is not None:
+                named.append((spec.redis.urlSecret, "spec.redis.urlSecret"))
+            server_secrets = tuple(f"Secret {ns}/{r.name} key {r.key} ({field})"
+                                   for r, field in named)
         return es.FleetInfo(
             name=md["name"], namespace=md["namespace"],
             generation=int(md.get("generation") or 0),
@@ -128,7 +149,8 @@ class EdgeSync:
             job_names={b.target: b.job_name for b in plan.builds} if plan else {},
             status=obj.get("status") or {},
             replicas=plan.spec.server.replicas if plan else 1,
-            url=self.server_url(md["namespace"], md["name"]) if plan else "")
+            url=self.server_url(md["namespace"], md["name"]) if plan else "",
+            signing_secret=signing, server_secrets=server_secrets)
 
     async def _sync(self, obj: dict[str, Any], namespace: str, name: str) -> es.Decision:
         uid = str(obj["metadata"]["uid"])
@@ -140,9 +162,11 @@ class EdgeSync:
                 self._info(obj, None), str(exc), self.clock()))
             raise
         info = self._info(obj, plan)
-        observed, stale = await self._observe(plan, info, uid)
+        # Before the fleet server: its pods read the token (secretKeyRef) at start.
+        token, token_problem = await self._status_token(plan, uid)
+        observed, stale = await self._observe(plan, info, uid, token, token_problem)
         decision = es.decide(info, observed, self.clock())
-        created = await self._apply(plan, decision, uid, stale)
+        created = await self._apply(plan, decision, uid, stale, token)
         if created and await self._owner_gone(namespace, name, uid):
             # Deleted while this sync ran: the garbage collector may have passed already,
             # so what was just created would be orphaned until its next sweep.
@@ -159,29 +183,57 @@ class EdgeSync:
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def _secret_value(self, namespace: str, name: str, key: str,
-                            field: str) -> tuple[str | None, str | None]:
-        """(value, problem) of one Secret key; the problem names ``field`` and the fix."""
-        secret = await self.kube.get(kinds.SECRET, namespace, name)
-        if secret is None:
-            return None, (f"Secret {namespace}/{name} named by {field} does not exist; create "
-                          f"it with key {key}")
-        raw = (secret.get("data") or {}).get(key)
-        if raw is None:
-            return None, f"Secret {namespace}/{name} named by {field} has no key {key}; add it"
-        try:
-            return base64.b64decode(raw, validate=True).decode(), None
-        except (binascii.Error, UnicodeDecodeError):
-            return None, f"Secret {namespace}/{name} key {key} ({field}) is not valid text"
+    async def _status_token(self, plan: FleetPlan, uid: str) -> tuple[str | None, str | None]:
+        """(status token, problem): the fleet's status token from the namespace's runtime
+        Secret, written there first when missing (the Secret created if need be, this
+        EdgeFleet added to its owners), as Endpoints keep that Secret (``handlers.sync``).
+        The problem: the Secret's name is taken by one kubeinfer does not manage."""
+        namespace, fleet = plan.namespace, plan.name
+        name = self.settings.runtime_secret_name
+        key = secrets.edge_status_key(fleet)
+        ref = rf.runtime_secret_owner(fleet, uid)
+        existing = await self.kube.get(kinds.SECRET, namespace, name)
+        if existing is None:
+            token = pysecrets.token_urlsafe(STATUS_TOKEN_BYTES)
+            try:
+                await self.kube.create(secrets.runtime_secret(namespace, self.settings, [ref],
+                                                              extra={key: token}))
+            except AlreadyExists:
+                raise ClusterError(f"Secret {namespace}/{name} appeared while being created; "
+                                   "retrying") from None
+            log.info("Created Secret %s/%s (runtime credentials, EdgeFleet %s's status "
+                     "token)", namespace, name, fleet)
+            return token, None
+        labels = existing["metadata"].get("labels") or {}
+        if labels.get(meta.LABEL_MANAGED_BY) != meta.MANAGED_BY:
+            return None, (f"Secret {namespace}/{name} exists and is not managed by kubeinfer "
+                          "(the operator keeps the fleet's status token there); delete or "
+                          "rename it, or set the chart's runtime.secretName")
+        owners = existing["metadata"].get("ownerReferences") or []
+        merged = secrets.merged_owners(owners, ref)
+        stored = secrets.status_token_of(existing.get("data") or {}, fleet)
+        data: dict[str, str] = {}
+        if stored is None:
+            stored = pysecrets.token_urlsafe(STATUS_TOKEN_BYTES)
+            data[key] = secrets.encode(stored)
+        if merged != owners or data:
+            patch: dict[str, Any] = {"metadata": {
+                "ownerReferences": merged,
+                # Optimistic: an Endpoint or another EdgeFleet adding itself at once must
+                # not drop this reference (or this one theirs).
+                "resourceVersion": existing["metadata"].get("resourceVersion")}}
+            if data:
+                patch["data"] = data
+            await self.kube.merge_patch(kinds.SECRET, namespace, name, patch)
+            log.info("Updated Secret %s/%s (EdgeFleet %s's status token)", namespace, name,
+                     fleet)
+        return stored, None
 
-    def _needs_packaging(self, info: es.FleetInfo) -> bool:
-        return not any((info.status.get(k) or {}).get("version") == info.version
-                       for k in ("current", "previous") if isinstance(info.status.get(k), dict))
-
-    async def _observe(self, plan: FleetPlan, info: es.FleetInfo,
-                       uid: str) -> tuple[es.Observed, list[str]]:
+    async def _observe(self, plan: FleetPlan, info: es.FleetInfo, uid: str,
+                       token: str | None, token_problem: str | None
+                       ) -> tuple[es.Observed, list[str]]:
         """What exists, and the package Jobs of no wanted build (another version's)."""
-        namespace, spec = plan.namespace, plan.spec
+        namespace = plan.namespace
         selector = meta.label_selector(rf.selector(plan.name))
         jobs = {j["metadata"]["name"]: j for j in await self.kube.list(kinds.JOB, namespace,
                                                                         selector)
@@ -198,22 +250,7 @@ class EdgeSync:
                          or str((p.get("metadata") or {}).get("name", "")).startswith(
                              b.job_name + "-"))
             builds[b.target] = es.Build(job=job_view(jobs.get(b.job_name)), pods=mine)
-        signing_problem = None
-        if self._needs_packaging(info):
-            ref = spec.signing.keySecret
-            _, signing_problem = await self._secret_value(namespace, ref.name, ref.key,
-                                                          "spec.signing.keySecret")
-        ref = spec.registration.bootstrapTokenSecret
-        token, server_problem = await self._secret_value(
-            namespace, ref.name, ref.key, "spec.registration.bootstrapTokenSecret")
-        if server_problem is None and spec.redis.urlSecret is not None:
-            r = spec.redis.urlSecret
-            _, server_problem = await self._secret_value(namespace, r.name, r.key,
-                                                         "spec.redis.urlSecret")
-        server_reason = es.REASON_SECRET_NOT_FOUND
-        conflict = await self._conflict(plan, uid)
-        if conflict is not None:
-            server_problem, server_reason = conflict, es.REASON_NAME_CONFLICT
+        server_problem = await self._conflict(plan, uid) or token_problem
         deployment = await self.kube.get(kinds.DEPLOYMENT, namespace, rf.server_name(plan.name))
         if deployment is not None and not owned_by(deployment, uid):
             deployment = None
@@ -222,7 +259,7 @@ class EdgeSync:
         if deployment is None:
             fleet_error = "the fleet server is not deployed yet"
         elif token is None:
-            fleet_error = "no bootstrap token to ask with"
+            fleet_error = "no status token to ask with"
         else:
             try:
                 fleet = await self.fetch(info.url, token)
@@ -231,8 +268,8 @@ class EdgeSync:
         return es.Observed(builds=builds, server_exists=deployment is not None,
                            server_available=state.available if deployment else 0,
                            fleet=fleet, fleet_error=fleet_error,
-                           signing_problem=signing_problem, server_problem=server_problem,
-                           server_reason=server_reason), stale
+                           server_problem=server_problem,
+                           server_reason=es.REASON_NAME_CONFLICT), stale
 
     async def _conflict(self, plan: FleetPlan, uid: str) -> str | None:
         names = ((kinds.CONFIGMAP, rf.config_name(plan.name)),
@@ -249,7 +286,7 @@ class EdgeSync:
     # -- writing ------------------------------------------------------------------------------
 
     async def _apply(self, plan: FleetPlan, decision: es.Decision, uid: str,
-                     stale: list[str]) -> list[tuple[kinds.Kind, str]]:
+                     stale: list[str], token: str | None) -> list[tuple[kinds.Kind, str]]:
         """Do what ``decision`` says; return what was created (kind, name)."""
         namespace = plan.namespace
         created: list[tuple[kinds.Kind, str]] = []
@@ -271,7 +308,8 @@ class EdgeSync:
         if decision.current is None:
             return created
         config = fleet_config(plan, decision.current, decision.previous)
-        desired = rf.fleet_server_objects(plan, config, uid=uid, settings=self.settings)
+        desired = rf.fleet_server_objects(plan, config, uid=uid, settings=self.settings,
+                                          status_token=token)
         for manifest in desired:
             if await self._put(manifest, uid):
                 created.append((kinds.kind_of(manifest), manifest["metadata"]["name"]))

@@ -387,7 +387,8 @@ class EndpointSync:
                                     "runtime.secretName")
             owners = existing["metadata"].get("ownerReferences") or []
             merged = secrets.merged_owners(owners, ref)
-            old = existing.get("data") or {}
+            # EdgeFleets' status tokens are theirs: never compared, never removed here.
+            old = secrets.endpoint_keys(existing.get("data") or {})
             if merged != owners or old != data:
                 patch: dict[str, Any] = {"data": {**{k: None for k in old if k not in data},
                                                   **data}}

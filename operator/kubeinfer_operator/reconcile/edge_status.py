@@ -8,7 +8,9 @@ One call of ``decide`` per reconcile (the clock is an argument):
   in ``status.building`` as they come, so a Job cleaned up by its TTL is never
   needed again. A Job that is missing is created; one of other arguments is
   deleted (and created again next time); a failed one fails ``Packaged``,
-  naming the pod, what it said and the fix.
+  naming the pod, what it said and the fix. The operator does not read the
+  signing key's Secret: while a Job runs, the message names that Secret (a pod
+  that cannot start for want of it waits in CreateContainerConfigError).
 * **Promotion.** Once every target is packaged the version becomes
   ``status.current`` and the one it replaces ``status.previous`` (the rollback
   target of the ``FleetConfig``). A spec that goes back to the previous version
@@ -18,6 +20,10 @@ One call of ``decide`` per reconcile (the clock is an argument):
   ``RolloutComplete`` / ``RolledBack`` conditions. Both are monotonic within a
   generation: once True for the current version, a fleet server that cannot be
   reached does not turn them back.
+* **Serving.** ``Ready`` follows the fleet server Deployment's available
+  replicas; with none, the message names the Secrets its pods need (the
+  operator never reads them: a missing one shows as pods in
+  CreateContainerConfigError).
 """
 
 from __future__ import annotations
@@ -50,7 +56,6 @@ REASON_BAD_INPUT = "BadInput"
 REASON_DEADLINE = "DeadlineExceeded"
 REASON_NO_REPORT = "NoReport"
 REASON_INVALID_SPEC = "InvalidSpec"
-REASON_SECRET_NOT_FOUND = "SecretNotFound"
 REASON_NAME_CONFLICT = "NameConflict"
 REASON_SERVER_UNAVAILABLE = "ServerUnavailable"
 REASON_FLEET_STATUS_UNAVAILABLE = "FleetStatusUnavailable"
@@ -102,6 +107,11 @@ class FleetInfo:
     replicas: int = 1
     #: The fleet server's in-cluster URL.
     url: str = ""
+    #: The user's Secrets, as messages name them ("Secret ns/name key k (field)"): the
+    #: signing key the package Jobs read, and what the fleet server reads (bootstrap
+    #: token, Redis URL). The operator never reads them; a pod does, or fails to start.
+    signing_secret: str = ""
+    server_secrets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,11 +131,9 @@ class Observed:
     #: What GET /v1/fleet answered, or why it could not be read.
     fleet: FleetStatus | None = None
     fleet_error: str | None = None
-    #: Why the package Jobs cannot start (the signing key's Secret), and why the fleet
-    #: server cannot (the bootstrap token's or the Redis URL's Secret).
-    signing_problem: str | None = None
+    #: Why the fleet server cannot be served (an object name taken by another owner).
     server_problem: str | None = None
-    server_reason: str = "SecretNotFound"
+    server_reason: str = "NameConflict"
 
 
 @dataclass(frozen=True)
@@ -175,7 +183,7 @@ def _failure(info: FleetInfo, target: str, build: Build) -> tuple[str, str]:
     job_reason, job_message = build.job.failure or ("Failed", "")
     if job_reason == REASON_DEADLINE:
         return REASON_DEADLINE, (f"Packaging target {target} ran past its deadline ({where})"
-                                 + retry)
+                                 + _signing_hint(info) + retry)
     pod = _failed_pod(build.pods)
     if pod is None:
         return REASON_PACKAGING_FAILED, (f"Packaging target {target} failed ({where}, "
@@ -190,6 +198,21 @@ def _failure(info: FleetInfo, target: str, build: Build) -> tuple[str, str]:
     return REASON_PACKAGING_FAILED, (
         f"Packaging target {target} failed: {said} (pod {info.namespace}/{pod.name}, exit code "
         f"{pod.exit_code}; kubectl logs -n {info.namespace} {pod.name})" + retry)
+
+
+def _signing_hint(info: FleetInfo, pod: str = "its pod") -> str:
+    """What to check when a package Job's pod does not start."""
+    if not info.signing_secret:
+        return ""
+    return (f"; if {pod} does not start (CreateContainerConfigError), check "
+            f"{info.signing_secret}")
+
+
+def _server_hint(info: FleetInfo) -> str:
+    if not info.server_secrets:
+        return ""
+    return (f"; if its pods do not start (CreateContainerConfigError), check "
+            f"{' and '.join(info.server_secrets)}")
 
 
 def _package(report: PackageReport) -> PackageStatus:
@@ -239,9 +262,6 @@ def _package_step(info: FleetInfo, observed: Observed) -> _Packaging:
     for target in info.run_hashes:
         if target in known:
             continue
-        if observed.signing_problem is not None:
-            step.failure = (REASON_SECRET_NOT_FOUND, observed.signing_problem)
-            break
         build = observed.builds.get(target, Build())
         if not build.job.exists:
             step.create.append(target)
@@ -418,9 +438,12 @@ def decide(info: FleetInfo, observed: Observed, now: datetime) -> Decision:
                                     gen))
     else:
         built = len(info.run_hashes) - len(step.waiting)
+        running = any(observed.builds.get(t, Build()).job.exists for t in step.waiting
+                      if t not in step.create and t not in step.delete)
         conditions.append(condition(PACKAGED, False, REASON_PACKAGING, (
             f"Packaging version {info.version}: {built} of {len(info.run_hashes)} targets "
-            f"built (waiting for {', '.join(step.waiting)})"), gen))
+            f"built (waiting for {', '.join(step.waiting)})"
+            + (_signing_hint(info, "a package Job's pod") if running else "")), gen))
     if current is None:
         why = (step.failure[1] if step.failure is not None
                else f"Packaging version {info.version} for targets {targets}")
@@ -442,8 +465,8 @@ def decide(info: FleetInfo, observed: Observed, now: datetime) -> Decision:
         else:
             conditions.append(condition(READY, False, REASON_SERVER_UNAVAILABLE, (
                 f"Fleet server Deployment {info.namespace}/{info.name}-fleet-server has no "
-                f"available replica (0/{info.replicas}); kubectl describe deployment -n "
-                f"{info.namespace} {info.name}-fleet-server says why"), gen))
+                f"available replica (0/{info.replicas}){_server_hint(info)}; kubectl describe "
+                f"deployment -n {info.namespace} {info.name}-fleet-server says why"), gen))
         rollout, phase = _rollout_conditions(info, observed, current, previous)
         conditions += rollout
         if step.failure is not None:

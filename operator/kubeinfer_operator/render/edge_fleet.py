@@ -10,8 +10,14 @@
 * ``<fleet>-fleet-config``: a ConfigMap holding the ``FleetConfig`` JSON;
 * ``<fleet>-fleet-server``: the fleet server Deployment (role ``fleet-server``,
   ``FleetServerSettings`` env: the config file mounted from the ConfigMap, the
-  Redis URL, the bootstrap token from its Secret), its ClusterIP Service and, at
-  two replicas or more, a PodDisruptionBudget.
+  Redis URL, the bootstrap token from the user's Secret, and the status token
+  from the namespace's runtime Secret, key ``edge-status-<fleet>``; a hash of the
+  status token in the pod template rolls the pods when it changes), its ClusterIP
+  Service and, at two replicas or more, a PodDisruptionBudget.
+
+The operator never reads the user's Secrets (bootstrap token, signing key, Redis
+URL): pods get them by reference, and the operator asks the fleet server for its
+status with the status token it keeps in the runtime Secret (``render.k8s_secrets``).
 
 Everything is owned by the EdgeFleet (deleting it deletes them) and labelled
 ``kubeinfer.io/edge-fleet``.
@@ -23,6 +29,7 @@ from typing import Any
 
 from kubeinfer_operator.api import edge_fleet as ef
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render import k8s_secrets as secrets
 from kubeinfer_operator.render.compile_jobs import (
     DEFAULT_MEMORY_LIMIT,
     DEFAULT_MEMORY_REQUEST,
@@ -31,6 +38,7 @@ from kubeinfer_operator.render.compile_jobs import (
 from kubeinfer_operator.render.edge_plan import FleetPlan, PackageBuild
 from kubeinfer_operator.render.k8s_placement import apply_pod_template, effective_template
 from kubeinfer_operator.render.k8s_workloads import (
+    ANNOTATION_SECRET_HASH,
     GATEWAY_HEALTH_PATH,
     PORT_NAME,
     _container_security,
@@ -107,6 +115,18 @@ def pod_selector(fleet: str, component: str) -> dict[str, str]:
 
 def owner_reference(fleet: str, uid: str) -> dict[str, Any]:
     return {**meta.owner_reference(fleet, uid), "apiVersion": ef.API_VERSION, "kind": ef.KIND}
+
+
+def runtime_secret_owner(fleet: str, uid: str) -> dict[str, Any]:
+    """The EdgeFleet as one more owner of the namespace's runtime Secret (not its
+    controller: the Secret is shared and goes away with the last of its owners)."""
+    return {**owner_reference(fleet, uid), "controller": False, "blockOwnerDeletion": False}
+
+
+def status_token_hash(token: str) -> str:
+    """What the fleet server's pod template carries of its status token (it rolls the pods
+    when the token changes: env is read only at start)."""
+    return meta.content_hash({"edge-status-token": token})
 
 
 def _metadata(plan: FleetPlan, uid: str, name: str, component: str) -> dict[str, Any]:
@@ -212,11 +232,15 @@ def server_env(plan: FleetPlan, settings: OperatorSettings) -> list[dict[str, An
         out.append(_secret_env(_settings_env("redis_url"), spec.redis.urlSecret))
     out.append(_secret_env(_settings_env("bootstrap_token"),
                            spec.registration.bootstrapTokenSecret))
+    # Optional: without the key the fleet server still starts (only the bootstrap token
+    # reads its status then); the operator writes it before the Deployment.
+    out.append(secrets.secret_env(_settings_env("status_token"), settings.runtime_secret_name,
+                                  secrets.edge_status_key(plan.name)))
     return out
 
 
-def fleet_server_deployment(plan: FleetPlan, *, uid: str,
-                            settings: OperatorSettings) -> dict[str, Any]:
+def fleet_server_deployment(plan: FleetPlan, *, uid: str, settings: OperatorSettings,
+                            status_token: str | None = None) -> dict[str, Any]:
     spec = plan.spec
     tmp_volume, tmp_mount = _tmp_volume()
     config_volume = {"name": "fleet-config", "configMap": {"name": config_name(plan.name)}}
@@ -250,8 +274,11 @@ def fleet_server_deployment(plan: FleetPlan, *, uid: str,
     select = pod_selector(plan.name, COMPONENT_FLEET_SERVER)
     own_template = (spec.server.podTemplate.written()
                     if spec.server.podTemplate is not None else None)
+    template_meta: dict[str, Any] = {"labels": labels(plan.name, COMPONENT_FLEET_SERVER)}
+    if status_token is not None:
+        template_meta["annotations"] = {ANNOTATION_SECRET_HASH: status_token_hash(status_token)}
     template = apply_pod_template(
-        {"metadata": {"labels": labels(plan.name, COMPONENT_FLEET_SERVER)}, "spec": pod_spec},
+        {"metadata": template_meta, "spec": pod_spec},
         effective_template(settings.default_pod_template, own_template), select)
     metadata = _metadata(plan, uid, server_name(plan.name), COMPONENT_FLEET_SERVER)
     user_annotations = (own_template or {}).get("annotations") or {}
@@ -299,11 +326,15 @@ def fleet_server_pdb(plan: FleetPlan, *, uid: str) -> dict[str, Any]:
 
 
 def fleet_server_objects(plan: FleetPlan, config: FleetConfig, *, uid: str,
-                         settings: OperatorSettings) -> list[dict[str, Any]]:
+                         settings: OperatorSettings,
+                         status_token: str | None = None) -> list[dict[str, Any]]:
     """ConfigMap, Deployment, Service and (two replicas or more) PodDisruptionBudget, each
-    stamped with its applied hash (the operator patches only what changed)."""
+    stamped with its applied hash (the operator patches only what changed).
+    ``status_token``: the fleet's status token as the runtime Secret holds it (only its
+    hash goes into the Deployment)."""
     out = [fleet_configmap(plan, config, uid=uid),
-           fleet_server_deployment(plan, uid=uid, settings=settings),
+           fleet_server_deployment(plan, uid=uid, settings=settings,
+                                   status_token=status_token),
            fleet_server_service(plan, uid=uid, settings=settings)]
     if plan.spec.server.replicas >= 2:
         out.append(fleet_server_pdb(plan, uid=uid))

@@ -23,7 +23,8 @@ The device API (JSON over HTTP, ``/v1/...``; OpenAPI at ``/openapi.json``):
 * ``POST /v1/devices/{id}/captures`` (credential) → JSON Lines of capture
   records, ``CaptureUploadResponse``;
 * ``GET /v1/fleet`` → ``FleetStatus`` and ``GET /v1/devices`` → ``DeviceList`` (the
-  operator's and the CLI's view; ``Authorization: Bearer <bootstrap token>``).
+  operator's and the CLI's view; ``Authorization: Bearer <bootstrap token>`` or
+  ``<status token>``: the status token authorizes these two reads and nothing else).
 
 Field names are camelCase: the EdgeFleet CRD embeds ``RolloutSpec`` and
 ``EdgeCapture``. The operator imports this module (no heavy dependencies here).
@@ -201,6 +202,12 @@ class FleetServerSettings(HttpSettings):
     #: The bootstrap token devices register with (from a Secret); it also authorizes the
     #: fleet-wide reads (``GET /v1/fleet``, ``GET /v1/devices``). Compared in constant time.
     bootstrap_token: SecretStr = Field(min_length=16)
+    #: A read-only token (``KUBEINFER_STATUS_TOKEN``): it authorizes ``GET /v1/fleet`` and
+    #: ``GET /v1/devices`` only, never registering, heartbeats, packages or captures. On
+    #: Kubernetes the operator generates it per fleet and keeps it in the namespace's
+    #: ``kubeinfer-runtime`` Secret, so it polls status without reading the user's
+    #: bootstrap-token Secret. None: only the bootstrap token reads. Constant-time compare.
+    status_token: SecretStr | None = Field(default=None, min_length=16)
     #: Seconds between two steps of the rollout controller.
     controller_interval_seconds: float = Field(default=1.0, gt=0, le=60)
     #: A replica holds the controller's lease this long without renewing it.

@@ -11,9 +11,10 @@ Callers are hostile until authenticated, and even then:
 * bodies are read within ``MAX_DEVICE_REQUEST_BYTES`` / ``MAX_CAPTURE_UPLOAD_BYTES``
   (413 beyond, checked as bytes arrive), then validated field by field (400 naming
   the field; messages never quote tokens or body bytes);
-* tokens are compared in constant time (the bootstrap token with
+* tokens are compared in constant time (the bootstrap and status tokens with
   ``hmac.compare_digest``; credentials by their sha256), and a wrong credential and
-  an unknown device get the same 401;
+  an unknown device get the same 401; the status token (optional) authorizes the two
+  fleet-wide reads (``GET /v1/fleet``, ``GET /v1/devices``) and nothing else;
 * path parameters must match ``NAME_PATTERN`` before they reach a Redis key or an
   object name; only the config's current and previous versions are downloadable;
 * Redis or object-store outages answer 503, never 500.
@@ -84,6 +85,8 @@ _BAD_CREDENTIAL = ("Device credential is missing or invalid: send Authorization:
                    "<credential> from POST /v1/register, or register the device again")
 _BAD_BOOTSTRAP = ("Bootstrap token is missing or invalid: send Authorization: Bearer <token> "
                   "with the fleet's bootstrap token")
+_BAD_READER = ("Token is missing or invalid: send Authorization: Bearer <token> with the "
+               "fleet's bootstrap token or status token")
 
 
 def _reason(status: int) -> str:
@@ -176,6 +179,11 @@ def _split_captures(body: bytes) -> list[bytes]:
     return lines
 
 
+#: Connections to Redis per fleet server process, and how long a request waits for one.
+REDIS_CONNECTIONS = 64
+REDIS_WAIT_S = 10.0
+
+
 def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
     """uvicorn factory: settings from ``KUBEINFER_*`` env when None."""
     import redis.asyncio
@@ -187,13 +195,19 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
     # Raises at start on a bad config file: a fleet server without a config serves nothing.
     watcher = ConfigWatcher(settings.fleet_config_file)
     fleet = watcher.config.name
-    client = redis.asyncio.from_url(settings.redis_url, decode_responses=True)
+    # A bounded pool that makes requests wait for a connection: redis-py's default pool
+    # refuses (MaxConnectionsError) past its size, which a burst of registrations hit.
+    client = redis.asyncio.Redis(connection_pool=redis.asyncio.BlockingConnectionPool.from_url(
+        settings.redis_url, decode_responses=True, max_connections=REDIS_CONNECTIONS,
+        timeout=REDIS_WAIT_S))
     store = FleetStore(client, fleet, watcher.config.namespace,
                        history_length=settings.history_length)
     controller = Controller(store, watcher, interval_s=settings.controller_interval_seconds,
                             lease_s=settings.controller_lease_seconds)
     blobs = Blobs(settings.s3())
     bootstrap = settings.bootstrap_token.get_secret_value().encode()
+    status_token = (settings.status_token.get_secret_value().encode()
+                    if settings.status_token is not None else None)
     heartbeats = metrics.EDGE_HEARTBEATS.labels(fleet)
     registrations = metrics.EDGE_REGISTRATIONS.labels(fleet)
     captured = metrics.EDGE_CAPTURE_RECORDS.labels(fleet)
@@ -232,6 +246,15 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
     def _check_bootstrap(request: Request) -> None:
         if not hmac.compare_digest(_bearer(request).encode(), bootstrap):
             raise Unauthorized(_BAD_BOOTSTRAP)
+
+    def _check_reader(request: Request) -> None:
+        """The fleet-wide reads: the bootstrap token or the status token (both compared,
+        so the time taken does not tell which one was tried)."""
+        token = _bearer(request).encode()
+        as_bootstrap = hmac.compare_digest(token, bootstrap)
+        as_status = status_token is not None and hmac.compare_digest(token, status_token)
+        if not (as_bootstrap or as_status):
+            raise Unauthorized(_BAD_READER)
 
     async def _check_device(request: Request, device_id: str) -> None:
         token = _bearer(request)
@@ -318,9 +341,9 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
         captured.inc(len(lines))
         return _json(CaptureUploadResponse(accepted=len(lines), uri=uri))
 
-    @api.get("/v1/fleet", summary="The fleet's status (bootstrap token)")
+    @api.get("/v1/fleet", summary="The fleet's status (bootstrap or status token)")
     async def fleet_view(request: Request) -> Response:
-        _check_bootstrap(request)
+        _check_reader(request)
         with _redis_guard():
             state = await store.rollout()
             records = await store.devices()
@@ -329,9 +352,10 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
                               counters)
         return _json(status)
 
-    @api.get("/v1/devices", summary="Devices, by id, a page at a time (bootstrap token)")
+    @api.get("/v1/devices", summary="Devices, by id, a page at a time (bootstrap or status "
+                                    "token)")
     async def devices(request: Request) -> Response:
-        _check_bootstrap(request)
+        _check_reader(request)
         raw_limit = request.query_params.get("limit", str(DEFAULT_PAGE))
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
             raise ValidationError(f"Query parameter limit must be an integer from 1 to "

@@ -118,6 +118,8 @@ class FleetStore:
         self.redis: Any = client
         self.fleet = fleet
         self.history_length = history_length
+        #: Device records parsed at the last ``devices()``, by their stored JSON.
+        self._parsed: dict[str, DeviceRecord] = {}
         prefix = f"edge:{{{namespace}/{fleet}}}:"
         self.k_devices = prefix + "devices"
         self.k_credentials = prefix + "credentials"
@@ -176,7 +178,18 @@ class FleetStore:
 
     async def devices(self) -> list[DeviceRecord]:
         raw: Mapping[str, str] = await self.redis.hgetall(self.k_devices)
-        return [DeviceRecord.model_validate_json(v) for _, v in sorted(raw.items())]
+        # The controller reads every device each tick, and between two ticks only the
+        # devices that heartbeated changed: parse those, reuse the others' records.
+        cache, fresh = self._parsed, {}
+        records = []
+        for _, value in sorted(raw.items()):
+            record = cache.get(value)
+            if record is None:
+                record = DeviceRecord.model_validate_json(value)
+            fresh[value] = record
+            records.append(record)
+        self._parsed = fresh
+        return records
 
     async def heartbeat(self, device_id: str, heartbeat: Heartbeat,
                         now: float | None = None) -> DeviceRecord | None:
