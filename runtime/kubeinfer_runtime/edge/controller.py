@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from kubeinfer_runtime import metrics
 from kubeinfer_runtime.contract.edge import FleetConfig, FleetStatus, RolloutPhase
 from kubeinfer_runtime.edge.errors import EdgeError
-from kubeinfer_runtime.edge.store import FleetStore
+from kubeinfer_runtime.edge.store import DeviceRecord, FleetStore
 from kubeinfer_runtime.edge.waves import (
     DeviceView,
     RolloutState,
@@ -160,6 +160,8 @@ class Controller:
         #: The desired states this replica last wrote as leader (None: read them from Redis,
         #: as after taking the lease: another replica may have written since).
         self._written: dict[str, str] | None = None
+        #: Device views of the last tick, by their stored JSON (``_views``).
+        self._view_cache: dict[str, DeviceView] = {}
         #: Seconds the last tick took: the loop waits a multiple of it (``TICK_SHARE``).
         self.last_tick_s = 0.0
         self._stop = asyncio.Event()
@@ -179,14 +181,15 @@ class Controller:
         self.leader = leader
         self._leader_gauge.set(1 if leader else 0)
         state = await self.store.rollout()
-        records = await self.store.devices()
-        views = [r.view() for r in records]
+        raw = await self.store.raw_devices()
+        # Everything over every device (parsing, views, the step, the status) is CPU work,
+        # tens of ms at 10,000 devices: in a thread, so the event loop keeps answering
+        # heartbeats between its GIL slices instead of queueing them behind a tick.
+        views = await asyncio.to_thread(self._views, raw)
         now = self.clock()
         if leader:
             stored = self._written if self._written is not None \
                 else await self.store.all_desired()
-            # The pure step over every device is CPU work (tens of ms at 10,000 devices):
-            # in a thread, so heartbeats keep being answered between its GIL slices.
             result, desired = await asyncio.to_thread(_decide, config, state, views, now)
             if result.state != state or desired != stored:
                 if await self.store.write_rollout(self.token, result.state, desired, stored):
@@ -203,6 +206,20 @@ class Controller:
         self.status = await asyncio.to_thread(fleet_status, config, state, views, now)
         self._export(self.status)
         return wrote
+
+    def _views(self, raw: Mapping[str, str]) -> list[DeviceView]:
+        """Every device's view; only the devices that changed since the last tick (those
+        that heartbeated) are parsed again."""
+        cache, fresh = self._view_cache, {}
+        views = []
+        for _, value in sorted(raw.items()):
+            view = cache.get(value)
+            if view is None:
+                view = DeviceRecord.model_validate_json(value).view()
+            fresh[value] = view
+            views.append(view)
+        self._view_cache = fresh
+        return views
 
     def _export(self, status: FleetStatus) -> None:
         fleet = status.fleet

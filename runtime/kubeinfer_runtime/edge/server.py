@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TypeVar
@@ -179,6 +180,8 @@ def _split_captures(body: bytes) -> list[bytes]:
     return lines
 
 
+#: The interpreter's thread switch interval in the fleet server process.
+GIL_SLICE_S = 0.001
 #: Connections to Redis per fleet server process, and how long a request waits for one.
 REDIS_CONNECTIONS = 64
 REDIS_WAIT_S = 10.0
@@ -189,6 +192,10 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
     import redis.asyncio
 
     settings = settings or FleetServerSettings()  # type: ignore[call-arg]  # from env
+    # The controller's tick computes over every device in a thread; the event loop waits
+    # for the GIL at each await while it runs. 1 ms slices (not 5) keep a heartbeat's
+    # handful of awaits from queueing behind it (p99 at 10,000 devices: docs/benchmarks.md).
+    sys.setswitchinterval(GIL_SLICE_S)
     logging.getLogger("kubeinfer").setLevel(settings.log_level.upper())
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")

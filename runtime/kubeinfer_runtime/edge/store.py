@@ -177,9 +177,17 @@ class FleetStore:
         return DeviceRecord.model_validate_json(raw) if raw is not None else None
 
     async def devices(self) -> list[DeviceRecord]:
+        return self.parse_devices(await self.raw_devices())
+
+    async def raw_devices(self) -> Mapping[str, str]:
+        """Every device's stored JSON (``parse_devices`` turns it into records)."""
         raw: Mapping[str, str] = await self.redis.hgetall(self.k_devices)
-        # The controller reads every device each tick, and between two ticks only the
-        # devices that heartbeated changed: parse those, reuse the others' records.
+        return raw
+
+    def parse_devices(self, raw: Mapping[str, str]) -> list[DeviceRecord]:
+        """Records of ``raw_devices``. The controller reads every device each tick, and
+        between two ticks only the devices that heartbeated changed: those are parsed, the
+        others' records reused (one caller at a time: the controller's tick)."""
         cache, fresh = self._parsed, {}
         records = []
         for _, value in sorted(raw.items()):
