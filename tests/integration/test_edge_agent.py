@@ -39,7 +39,7 @@ from kubeinfer_runtime.contract.edge import (
 from kubeinfer_runtime.edge import package as pkg
 from kubeinfer_runtime.edge import signing
 from kubeinfer_runtime.edge.capture_buffer import capture_record
-from tests.support.onnx_models import fails_every_inference_model
+from tests.support.onnx_models import fails_every_inference_model, scale_sum_model
 from tests.support.orphans import die_with_parent
 from tests.support.ports import free_port, http_ok, stop_process, wait_until
 
@@ -47,24 +47,6 @@ FLEET = "fleet-a"
 TARGET = "rpi4"
 DEVICE = "dev-1"
 BOOTSTRAP = "bootstrap-token-0123456789"
-
-
-def scale_sum_model(path: Path, factor: float) -> Path:
-    """``X`` float32 [N, 2] -> ``Y`` [N, 1] = factor * (x0 + x1): versions answer differently."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "w"], ["Y"])], "scale_sum",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1])],
-        [numpy_helper.from_array(np.full((2, 1), factor, np.float32), "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 @dataclass

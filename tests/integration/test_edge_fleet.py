@@ -45,14 +45,15 @@ from kubeinfer_runtime.contract.edge import RegisterResponse, Wave
 from kubeinfer_runtime.edge import package as pkg
 from kubeinfer_runtime.edge.waves import DeviceView, assign_waves
 from tests.conftest import REPO
-from tests.integration.test_edge_agent import scale_sum_model
-from tests.support.onnx_models import fails_every_inference_model
+from tests.support.onnx_models import fails_every_inference_model, scale_sum_model
 from tests.support.orphans import die_with_parent
 from tests.support.ports import free_port, stop_process, wait_until
 
 DEVICES = 20
 HEARTBEAT_S = 1
-TIMEOUT_S = 6
+#: deviceDeploymentTimeoutSeconds: an install (download, unpack, a model server's start and
+#: warm-up) must fit in it on a loaded 2-core runner, or a live device counts as Stalled.
+TIMEOUT_S = 20
 TOKEN = "edge-fleet-test-bootstrap-token-0123"
 #: Unpacked by scripts/setup test from the aarch64 wheels (as the compile tests use it).
 AARCH64_RUNTIME = REPO / ".cache" / "aarch64-tvm"

@@ -166,3 +166,17 @@ def label_model(path: Path, flip_percent: float = 0.0) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.INT64, ["N"])],
     )
     return _save(graph, path)
+
+
+def scale_sum_model(path: Path, factor: float) -> Path:
+    """``X`` float32 [N, 2] -> ``Y`` [N, 1] = factor * (x0 + x1): versions of a model that
+    answer differently, so a caller can tell which one served it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "w"], ["Y"])], "scale_sum",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.full((2, 1), factor, np.float32), "w")],
+    )
+    return _save(graph, path)
