@@ -46,17 +46,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import REPO
+from bench.common import REPO, free_port
 
 TOKEN = "bench-bootstrap-token-0123456789"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fake_version(name: str, tmp: Path) -> dict[str, object]:

@@ -280,7 +280,7 @@ def up(
                     "apply -f). Locally, run the same search with `kubeinfer recommend -f "
                     "ENDPOINT.yaml --candidates CANDIDATES.yaml` (see examples/"
                     "recommend-endpoint.yaml and examples/recommend-candidates.yaml)", 2)
-    if cli_edge.has_fleets(file):
+    if _has_kind(file, "EdgeFleet"):
         with _stop_signals_as_exceptions():
             try:
                 raise typer.Exit(cli_edge.up(file, detach=detach, port=port, timeout=timeout,

@@ -23,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kubeinfer_operator.cli_jobs import Refused
 from kubeinfer_operator.local.edge_control import (
     LoadedFleet,
     load_fleet_file,
@@ -45,20 +46,6 @@ edge_app = typer.Typer(help="Edge fleets: the device agent and a fleet's devices
 
 #: Seconds between the rollout lines ``up`` prints while it follows a fleet.
 FOLLOW_INTERVAL_S = 2.0
-
-
-class Refused(Exception):
-    """The fleet cannot be started as asked (exit 1, with the message)."""
-
-
-def has_fleets(file: Path) -> bool:
-    import yaml
-
-    try:
-        docs = list(yaml.safe_load_all(file.read_text()))
-    except (OSError, yaml.YAMLError):
-        return False
-    return any(isinstance(d, dict) and d.get("kind") == "EdgeFleet" for d in docs)
 
 
 # -- up ------------------------------------------------------------------------------------

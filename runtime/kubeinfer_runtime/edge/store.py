@@ -118,8 +118,6 @@ class FleetStore:
         self.redis: Any = client
         self.fleet = fleet
         self.history_length = history_length
-        #: Device records parsed at the last ``devices()``, by their stored JSON.
-        self._parsed: dict[str, DeviceRecord] = {}
         prefix = f"edge:{{{namespace}/{fleet}}}:"
         self.k_devices = prefix + "devices"
         self.k_credentials = prefix + "credentials"
@@ -177,27 +175,13 @@ class FleetStore:
         return DeviceRecord.model_validate_json(raw) if raw is not None else None
 
     async def devices(self) -> list[DeviceRecord]:
-        return self.parse_devices(await self.raw_devices())
+        raw = await self.raw_devices()
+        return [DeviceRecord.model_validate_json(v) for _, v in sorted(raw.items())]
 
     async def raw_devices(self) -> Mapping[str, str]:
-        """Every device's stored JSON (``parse_devices`` turns it into records)."""
+        """Every device's stored JSON, by id (the controller parses what changed)."""
         raw: Mapping[str, str] = await self.redis.hgetall(self.k_devices)
         return raw
-
-    def parse_devices(self, raw: Mapping[str, str]) -> list[DeviceRecord]:
-        """Records of ``raw_devices``. The controller reads every device each tick, and
-        between two ticks only the devices that heartbeated changed: those are parsed, the
-        others' records reused (one caller at a time: the controller's tick)."""
-        cache, fresh = self._parsed, {}
-        records = []
-        for _, value in sorted(raw.items()):
-            record = cache.get(value)
-            if record is None:
-                record = DeviceRecord.model_validate_json(value)
-            fresh[value] = record
-            records.append(record)
-        self._parsed = fresh
-        return records
 
     async def heartbeat(self, device_id: str, heartbeat: Heartbeat,
                         now: float | None = None) -> DeviceRecord | None:
