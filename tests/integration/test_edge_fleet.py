@@ -41,6 +41,7 @@ import httpx
 import numpy as np
 import pytest
 
+from kubeinfer_operator.local.edge_control import parse_fleets
 from kubeinfer_runtime.contract.edge import RegisterResponse, Wave
 from kubeinfer_runtime.edge import package as pkg
 from kubeinfer_runtime.edge.waves import DeviceView, assign_waves
@@ -130,6 +131,11 @@ class Fleet:
         [row] = [r for r in rows if r["name"] == "fleet"]
         self.url = str(row["url"])
         return str(row["version"])
+
+    def version_of(self, model: Path, *, arm: bool = False) -> str:
+        """The version ``up`` of this model will roll out (known before applying it)."""
+        [loaded] = parse_fleets(manifest(model, arm=arm), source="t", base_dir="/")
+        return loaded.fleet.version
 
     def get(self, path: str) -> dict[str, Any]:
         r = httpx.get(self.url + path, headers={"Authorization": f"Bearer {TOKEN}"},
@@ -262,10 +268,12 @@ def test_failing_warm_up_trips_the_first_wave(fleet: Fleet) -> None:
 
 
 def test_a_stalled_agent_does_not_block_the_wave(fleet: Fleet) -> None:
-    version = fleet.up(fleet.models["v4"])
+    # Frozen before the version is applied: after, it could take it before the SIGSTOP.
+    version = fleet.version_of(fleet.models["v4"])
     [frozen, *_] = fleet.first_wave(version)
     assert frozen.proc is not None
     os.kill(frozen.proc.pid, signal.SIGSTOP)
+    assert fleet.up(fleet.models["v4"]) == version
     try:
         wait_until(lambda: fleet.alive() and fleet.rollout().get("phase") == "Complete", 240,
                    "the v4 rollout to complete without the frozen agent")
@@ -279,12 +287,14 @@ def test_a_stalled_agent_does_not_block_the_wave(fleet: Fleet) -> None:
 
 
 def test_a_tripped_wave_rolls_updated_devices_back(fleet: Fleet) -> None:
-    version = fleet.up(fleet.models["v5"])
+    # Frozen before the version is applied: after, one could take it before the SIGSTOP.
+    version = fleet.version_of(fleet.models["v5"])
     first = fleet.first_wave(version)
     frozen, took = first[:2], first[2:]
     for a in frozen:
         assert a.proc is not None
         os.kill(a.proc.pid, signal.SIGSTOP)
+    assert fleet.up(fleet.models["v5"]) == version
     try:
         # The others of the wave install v5 before the frozen two time out.
         wait_until(lambda: fleet.alive() and fleet.serving(5.0, took), 120,
