@@ -6,8 +6,8 @@ import base64
 import calendar
 import json
 import random
-from dataclasses import replace
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -16,6 +16,7 @@ from kubeinfer_runtime.contract.capture import CaptureRoute, destination_problem
 from kubeinfer_runtime.gateway.capture import (
     RECORD_OVERHEAD_BYTES,
     CaptureBuffer,
+    Heads,
     Record,
     capture_line,
     capture_record,
@@ -35,11 +36,21 @@ ROUTE = CaptureRoute(destination="s3://bucket/capture", sampling_percentage=100)
 def _exchange(body: bytes = b"1,2,3\n", ct: str | None = "text/csv",
               out: bytes = b'{"predictions": [1]}',
               out_ct: str | None = "application/json", **kw: object) -> Exchange:
+    headers = {"content-type": ct, "accept": "application/json",
+               "x-amzn-sagemaker-inference-id": "inf-1",
+               "x-amzn-sagemaker-custom-attributes": "c=1"}
+    for name in ("request_content_type", "accept", "inference_id", "custom_attributes"):
+        if name in kw:
+            key = {"request_content_type": "content-type",
+                   "inference_id": "x-amzn-sagemaker-inference-id",
+                   "custom_attributes": "x-amzn-sagemaker-custom-attributes"}.get(name, name)
+            headers[key] = kw.pop(name)  # type: ignore[assignment]
     values: dict[str, object] = dict(
-        endpoint="iris", variant="primary", request_body=body, request_content_type=ct,
-        accept="application/json", status=200, response_body=out, response_content_type=out_ct,
-        upstream_latency_s=0.001, inference_id="inf-1", custom_attributes="c=1",
-        event_id=EVENT, wall_time=WALL)
+        endpoint="iris", variant="primary", request_body=body, status=200,
+        response_body=out, response_content_type=out_ct, upstream_latency_s=0.001,
+        event_id=EVENT, wall_time=WALL,
+        forwarded=tuple((k.encode(), v.encode("latin-1")) for k, v in headers.items()
+                        if v is not None))
     values.update(kw)
     return Exchange(**values)  # type: ignore[arg-type]
 
@@ -178,14 +189,43 @@ def test_batch_objects_by_destination_variant_and_hour() -> None:
     other_hour = WALL + 3600
     records = [Record.of(_exchange(variant=v, wall_time=t), ROUTE, 0)
                for v, t in (("a", WALL), ("b", WALL), ("a", other_hour), ("a", WALL))]
-    from kubeinfer_runtime.gateway.capture import Batch
+    from kubeinfer_runtime.gateway.capture import Objects, encode_into, object_folder
 
-    objects = Batch(tuple(records)).objects()
-    assert list(objects) == [("s3://bucket/capture", "a", "2026/01/02/03"),
-                             ("s3://bucket/capture", "b", "2026/01/02/03"),
-                             ("s3://bucket/capture", "a", "2026/01/02/04")]
-    body = encode_object(objects[("s3://bucket/capture", "a", "2026/01/02/03")])
-    assert len(body.splitlines()) == 2
+    objects: Objects = {}
+    encode_into(objects, records[:1], {})  # in slices, as the writer does
+    encode_into(objects, records[1:], {})
+    assert [(d, v, object_folder(h)) for d, v, h in objects] == [
+        ("s3://bucket/capture", "a", "2026/01/02/03"),
+        ("s3://bucket/capture", "b", "2026/01/02/03"),
+        ("s3://bucket/capture", "a", "2026/01/02/04")]
+    lines, members = objects[("s3://bucket/capture", "a", int(WALL) // 3600)]
+    assert members == [records[0], records[3]]
+    assert b"".join(lines) == encode_object([records[0], records[3]])
+    assert len(b"".join(lines).splitlines()) == 2
+
+
+def test_line_is_the_record_as_json() -> None:
+    """``capture_line`` writes pieces; the record's dict is the reference."""
+    rng = random.Random(7)
+    routes = [ROUTE, replace_route(capture_input=False), replace_route(capture_output=False),
+              replace_route(csv_content_types=("text/plain",), json_content_types=())]
+    types = [None, "text/csv", "application/json", "application/json; charset=utf-8",
+             "Text/CSV", "application/x-npy", 'text/plain; q="1"', "é/x"]
+    bodies = [b"", b"1,2\n", b'{"a": "\\u00e9\\""}', "é\u2028x".encode(), b"\xff\x00",
+              bytes(range(256))]
+    heads: Heads = {}
+    for _ in range(300):
+        route = rng.choice(routes)
+        kw: dict[str, object] = {}
+        if rng.random() < 0.5:
+            kw["inference_id"] = rng.choice(["id-1", 'q"uote', "\u00e9"])
+        if rng.random() < 0.5:
+            kw["custom_attributes"] = rng.choice(["c=1", "a\\b"])
+        ex = _exchange(rng.choice(bodies), rng.choice(types), rng.choice(bodies),
+                       rng.choice(types), wall_time=WALL + rng.random() * 7200, **kw)
+        expected = orjson.dumps(capture_record(ex, route), option=orjson.OPT_APPEND_NEWLINE)
+        assert capture_line(ex, route, heads) == expected
+        assert capture_line(ex, route) == expected
 
 
 def test_exchange_from_forwarded_headers() -> None:
@@ -245,4 +285,4 @@ def test_route_table_carries_capture() -> None:
     table = _table(replace_route(capture_input=False))
     again = RouteTable.from_json(table.to_json())
     assert again.endpoints["iris"].capture == table.endpoints["iris"].capture
-    assert replace(_exchange(), status=500).status == 500
+    assert _exchange()._replace(status=500).status == 500

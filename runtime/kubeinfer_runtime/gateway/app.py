@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -205,6 +206,10 @@ class GatewayApp:
         if core.settings.metrics_port:
             self._metrics_server = await start_metrics_listener(core.settings.host,
                                                                 core.settings.metrics_port)
+        # Everything alive now (FastAPI, pydantic, the route table) lives as long as
+        # the process: out of the collector's sight, full collections stay short.
+        gc.collect()
+        gc.freeze()
         log.info("Gateway serving route table %s (revision %d), checking model servers "
                  "every %gs", core.source.path, core.routes.revision,
                  core.settings.health_interval_s)

@@ -35,7 +35,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from kubeinfer_runtime import metrics
@@ -168,7 +168,7 @@ class Peer:
         content_type_raw = response.header(_CONTENT_TYPE)
         content_type = content_type_raw.decode("latin-1") if content_type_raw else None
         if capture is not None and not capture.retired:
-            capture.add(replace(exchange, variant=config.name, status=response.status,
+            capture.add(exchange._replace(variant=config.name, status=response.status,
                                 response_body=response.body,
                                 response_content_type=content_type, upstream_latency_s=latency))
         verdict = None

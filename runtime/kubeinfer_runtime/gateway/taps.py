@@ -41,8 +41,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from kubeinfer_runtime.contract import H_CUSTOM_ATTRIBUTES, H_INFERENCE_ID
 
@@ -54,29 +53,24 @@ _INFERENCE_ID = H_INFERENCE_ID.encode()
 _CUSTOM_ATTRIBUTES = H_CUSTOM_ATTRIBUTES.encode()
 
 
-@dataclass(frozen=True, slots=True)
-class Exchange:
+class Exchange(NamedTuple):
     """One answered invocation: the request as forwarded, the model server's answer.
 
     Immutable and shared by every tap of the endpoint: taps must not expect
-    a copy of their own. Header values are decoded as latin-1 (what HTTP
+    a copy of their own. A tuple, built on the request path of every endpoint
+    with taps: the request's header values are read from ``forwarded`` when a
+    tap asks (most copies are only queued), decoded as latin-1 (what HTTP
     carries), None when the client sent none.
     """
 
     endpoint: str
     variant: str
     request_body: bytes
-    request_content_type: str | None
-    accept: str | None
     status: int
     response_body: bytes
     response_content_type: str | None
     #: The upstream round trip (the model server's time plus the hop), seconds.
     upstream_latency_s: float
-    #: X-Amzn-SageMaker-Inference-Id, as the client sent it.
-    inference_id: str | None
-    #: X-Amzn-SageMaker-Custom-Attributes, as the client sent it.
-    custom_attributes: str | None
     #: A uuid4 naming this exchange (capture's eventId; pairs shadow and production).
     event_id: str
     #: Wall time (``time.time()``) when the answer arrived.
@@ -84,6 +78,30 @@ class Exchange:
     #: The headers sent upstream (the gateway's allowlist, ``headers.FORWARDED``): what a
     #: shadow's copy is sent with (TargetModel and TargetContainerHostname included).
     forwarded: tuple[tuple[bytes, bytes], ...] = ()
+
+    def _header(self, name: bytes) -> str | None:
+        for key, value in self.forwarded:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    @property
+    def request_content_type(self) -> str | None:
+        return self._header(_CONTENT_TYPE)
+
+    @property
+    def accept(self) -> str | None:
+        return self._header(_ACCEPT)
+
+    @property
+    def inference_id(self) -> str | None:
+        """X-Amzn-SageMaker-Inference-Id, as the client sent it."""
+        return self._header(_INFERENCE_ID)
+
+    @property
+    def custom_attributes(self) -> str | None:
+        """X-Amzn-SageMaker-Custom-Attributes, as the client sent it."""
+        return self._header(_CUSTOM_ATTRIBUTES)
 
 
 class Tap(Protocol):
@@ -100,24 +118,10 @@ def make_exchange(endpoint: str, variant: str, forwarded: Sequence[tuple[bytes, 
                   body: bytes, status: int, response_body: bytes,
                   response_content_type: bytes | None, upstream_s: float) -> Exchange:
     """The :class:`Exchange` of a request (``forwarded``: the headers sent upstream)."""
-    content_type = accept = inference_id = custom = None
-    for name, value in forwarded:
-        if name == _CONTENT_TYPE:
-            content_type = value.decode("latin-1")
-        elif name == _ACCEPT:
-            accept = value.decode("latin-1")
-        elif name == _INFERENCE_ID:
-            inference_id = value.decode("latin-1")
-        elif name == _CUSTOM_ATTRIBUTES:
-            custom = value.decode("latin-1")
-    return Exchange(
-        endpoint=endpoint, variant=variant, request_body=body,
-        request_content_type=content_type, accept=accept, status=status,
-        response_body=response_body,
-        response_content_type=(response_content_type.decode("latin-1")
-                               if response_content_type is not None else None),
-        upstream_latency_s=upstream_s, inference_id=inference_id, custom_attributes=custom,
-        event_id=new_event_id(), wall_time=time.time(), forwarded=tuple(forwarded))
+    return Exchange(endpoint, variant, body, status, response_body,
+                    (response_content_type.decode("latin-1")
+                     if response_content_type is not None else None),
+                    upstream_s, new_event_id(), time.time(), tuple(forwarded))
 
 
 class EventIds:
