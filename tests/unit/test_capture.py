@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from kubeinfer_runtime.contract import EndpointRoute, GatewaySettings, RouteTable, VariantRoute
 from kubeinfer_runtime.contract.capture import CaptureRoute, destination_problem
 from kubeinfer_runtime.gateway.capture import (
+    INLINE_ENCODE_BYTES,
     RECORD_OVERHEAD_BYTES,
     CaptureBuffer,
     Heads,
@@ -142,10 +143,23 @@ def test_sampling_decision() -> None:
 
 
 def _record(size: int, variant: str = "v", at: float = 0.0) -> Record:
-    body = b"x" * (size - RECORD_OVERHEAD_BYTES)
-    rec = Record.of(_exchange(body, out=b"", variant=variant), replace_route(), at)
-    assert rec.size == size
-    return rec
+    line = b"x" * (size - RECORD_OVERHEAD_BYTES)
+    return Record(line, None, ROUTE, variant, WALL, at, size)
+
+
+def test_small_records_are_encoded_as_they_are_buffered() -> None:
+    small = Record.of(_exchange(variant="v"), ROUTE, 5.0)
+    assert small.line == capture_line(_exchange(variant="v"), ROUTE)
+    assert small.exchange is None and small.size == len(small.line) + RECORD_OVERHEAD_BYTES
+    big_body = b"x" * (INLINE_ENCODE_BYTES + 1)
+    big = Record.of(_exchange(big_body), ROUTE, 5.0)
+    assert big.line is None and big.exchange is not None
+    assert big.size == len(big_body) + len(big.exchange.response_body) + RECORD_OVERHEAD_BYTES
+    # Only what is captured counts: the input alone here.
+    only_in = replace_route(capture_output=False)
+    assert Record.of(_exchange(b"x" * INLINE_ENCODE_BYTES, out=b"y" * 99), only_in, 0).line
+    # Encoded now or later, the object's bytes are the same.
+    assert encode_object([big]) == capture_line(_exchange(big_body), ROUTE)
 
 
 def test_buffer_drops_oldest_within_its_bound() -> None:

@@ -73,6 +73,9 @@ class CaptureTap:
         #: eventId of the last exchange sampled in: a shadow tap, which observes right
         #: after this one, captures its copy's answer exactly when production's was.
         self.last_event_id = ""
+        #: ``capture_line``'s cache for the records encoded as they are buffered (keyed
+        #: by the route's id: emptied when the route changes).
+        self.heads: Heads = {}
 
     def observe(self, exchange: Exchange) -> None:
         route = self.route
@@ -89,7 +92,7 @@ class CaptureTap:
         """Buffer ``exchange`` without a sampling draw (a shadow's answer to a request
         whose production answer was captured: same eventId, the shadow as variant)."""
         buffer = self.buffer
-        dropped = buffer.append(Record.of(exchange, self.route, time.monotonic()))
+        dropped = buffer.append(Record.of(exchange, self.route, time.monotonic(), self.heads))
         if dropped:
             for variant in dropped:
                 self.count(variant, DROPPED)
@@ -173,6 +176,7 @@ class CaptureTaps:
                 log.info("Endpoint %s now captures %g%% of requests to %s", name,
                          route.capture.sampling_percentage, route.capture.destination)
                 tap.route = route.capture
+                tap.heads = {}
             out[name] = (tap,)
         return out
 
