@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -28,11 +30,13 @@ def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProcess]:
 
 
 async def post(client: UpstreamClient, url: str, body: bytes = b"{}",
-               attributes: str | None = None, timeout_s: float = 10) -> UpstreamResponse:
+               attributes: str | None = None, timeout_s: float = 10,
+               total: bool = False) -> UpstreamResponse:
     headers = [(b"content-type", b"application/json")]
     if attributes:
         headers.append((b"x-amzn-sagemaker-custom-attributes", attributes.encode()))
-    return await client.request(url, b"POST", b"/invocations", headers, body, timeout_s)
+    return await client.request(url, b"POST", b"/invocations", headers, body, timeout_s,
+                                total=total)
 
 
 def test_keep_alive_connection_is_reused(echo: RuntimeProcess) -> None:
@@ -125,6 +129,28 @@ def test_timeout_closes_the_connection_and_the_next_request_works(echo: RuntimeP
         return response
 
     assert asyncio.run(run()).status == 200
+
+
+def test_a_total_timeout_counts_the_time_spent_connecting(echo: RuntimeProcess) -> None:
+    """``total=True`` (a shadow's copy): connecting takes from the same budget, so the
+    answer gets only what is left (the timeout it reports), not the whole timeout."""
+
+    class SlowConnect(UpstreamClient):
+        async def _connect(self, origin: Any, deadline: float | None = None) -> Any:
+            await asyncio.sleep(0.2)
+            return await super()._connect(origin, deadline)
+
+    async def run() -> str:
+        client = SlowConnect()
+        with pytest.raises(UpstreamTimeout) as exc:
+            await post(client, echo.url, attributes="sleep=1", timeout_s=0.3, total=True)
+        await client.close()
+        return exc.value.detail
+
+    detail = asyncio.run(run())
+    found = re.fullmatch(r"did not answer within ([0-9.e-]+)s", detail)
+    assert found is not None, detail
+    assert float(found.group(1)) <= 0.1 + 1e-6, detail
 
 
 def test_forgotten_upstream_closes_connections_in_flight_on_release(

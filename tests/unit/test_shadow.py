@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kubeinfer_operator.api.endpoint import Endpoint
 from kubeinfer_operator.reconcile import shadow_status
 from kubeinfer_operator.reconcile.promote import PromoteError, promote
 from kubeinfer_operator.render.plan import plan_endpoint
+from kubeinfer_runtime.gateway import compare as compare_module
 from kubeinfer_runtime.gateway.compare import compare
 
 JSON = "application/json"
@@ -36,6 +40,42 @@ JSON = "application/json"
 ])
 def test_agreement_follows_the_answers_shape(a: bytes, b: bytes, agreed: bool) -> None:
     assert compare(a, JSON, b, JSON).agreed is agreed
+
+
+_leaf = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+                  st.booleans(), st.text(max_size=3), st.none())
+_value = st.recursive(_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=2), inner, max_size=3)),
+    max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_value, datatype=st.sampled_from([None, "FP32", "INT64", "BYTES", "bool"]))
+def test_identical_answers_take_a_shortcut_to_the_same_verdict(value: Any,
+                                                               datatype: str | None) -> None:
+    """A shadow answering byte for byte as production does is compared in half the
+    steps; the verdict (agreement and the 0 differences, or none) is the general one."""
+    def general() -> Any:
+        return compare_module._compare_output(value, value, datatype, compare_module.RTOL,
+                                              compare_module.ATOL)
+
+    def same() -> Any:
+        return compare_module._same_output(value, datatype, compare_module.RTOL,
+                                           compare_module.ATOL)
+
+    try:
+        expected = general()
+    except (OverflowError, ValueError) as e:
+        with pytest.raises(type(e)):
+            same()
+        return
+    got = same()
+    assert got.agreed == expected.agreed
+    for field in ("max_abs", "max_rel"):
+        a, b = getattr(got, field), getattr(expected, field)
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a == b or (math.isnan(a) and math.isnan(b))
 
 
 def test_numeric_differences() -> None:

@@ -210,6 +210,39 @@ def _compare_output(a: Any, b: Any, datatype: str | None, rtol: float,
     return Verdict(agreed, max_abs, max_rel)
 
 
+_AGREED = Verdict(True)
+_AGREED_EQUAL = Verdict(True, 0.0, 0.0)
+
+
+def _same_output(a: Any, datatype: str | None, rtol: float, atol: float) -> Verdict:
+    """``_compare_output(a, a, ...)`` in half the steps: the common case of a shadow
+    that answers byte for byte as production does. Only whether the numeric branch
+    is reached matters (its differences are then 0); values that are not finite
+    (CSV ``inf``) take the general function, which handles them."""
+    if _zipmap_labels(a) is not None:
+        return _AGREED
+    if datatype is not None and datatype.upper().startswith(_LABEL_DATATYPES):
+        return _AGREED
+    flat = _flat(a)
+    if not flat:
+        return _AGREED
+    ints = True
+    for x in flat:
+        kind = type(x)
+        if kind is float:
+            ints = False
+        elif kind is not int:
+            return _AGREED  # not all numbers: labels or other values, equal to themselves
+    if ints and datatype is None:
+        return _AGREED  # integers only: class labels
+    try:
+        if math.isfinite(sum(flat)):
+            return _AGREED_EQUAL
+    except OverflowError:
+        pass  # an integer past float's range: the general function says what it makes of it
+    return _compare_output(a, a, datatype, rtol, atol)
+
+
 def compare(production: bytes, production_type: str | None, peer: bytes,
             peer_type: str | None, *, rtol: float = RTOL, atol: float = ATOL) -> Verdict:
     """Compare two 2xx answers to the same request (see the module's docstring)."""
@@ -217,7 +250,7 @@ def compare(production: bytes, production_type: str | None, peer: bytes,
         a = parse(production, production_type)
         if isinstance(a, _Unparsed):
             return Verdict(True)
-        return _merge([_compare_output(v, v, t, rtol, atol)
+        return _merge([_same_output(v, t, rtol, atol)
                        for v, t in _outputs(a).values()]) or Verdict(True)
     a = parse(production, production_type)
     b = parse(peer, peer_type)

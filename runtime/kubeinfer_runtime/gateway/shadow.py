@@ -36,7 +36,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubeinfer_runtime import metrics
 from kubeinfer_runtime.contract import RouteTable
@@ -103,6 +103,7 @@ class Peer:
         self.workers: list[asyncio.Task[None]] = []
         self._cursor = 0
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._by_variant: dict[str, _Series] = {}
 
     # -- the request path ------------------------------------------------------------------
 
@@ -158,10 +159,9 @@ class Peer:
             return Outcome(FAILED)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(config.timeout_s):
-                response = await self.client.request(url, b"POST", _INVOCATIONS_PATH,
-                                                     list(exchange.forwarded),
-                                                     exchange.request_body, config.timeout_s)
+            response = await self.client.request(url, b"POST", _INVOCATIONS_PATH,
+                                                 exchange.forwarded, exchange.request_body,
+                                                 config.timeout_s, total=True)
         except (TimeoutError, UpstreamError, OSError):
             return Outcome(FAILED, latency_s=time.perf_counter() - started)
         latency = time.perf_counter() - started
@@ -188,30 +188,59 @@ class Peer:
                                                         self.config.name, *extra)
         return child
 
+    def _series(self, variant: str) -> _Series:
+        series = self._by_variant.get(variant)
+        if series is None:
+            c = self._counter
+            series = self._by_variant[variant] = _Series(
+                sent=c(metrics.SHADOW_COPIES, variant, SENT),
+                failed=c(metrics.SHADOW_COPIES, variant, FAILED),
+                latency_production=c(metrics.SHADOW_LATENCY_SECONDS, variant, SIDE_PRODUCTION),
+                latency_peer=c(metrics.SHADOW_LATENCY_SECONDS, variant, SIDE_PEER),
+                errors_production=c(metrics.SHADOW_ERRORS, variant, SIDE_PRODUCTION),
+                errors_peer=c(metrics.SHADOW_ERRORS, variant, SIDE_PEER),
+                compared=c(metrics.SHADOW_COMPARED, variant),
+                agreed=c(metrics.SHADOW_AGREED, variant),
+                disagreed=c(metrics.SHADOW_DISAGREED, variant),
+                abs_diff=c(metrics.SHADOW_ABS_DIFF, variant),
+                rel_diff=c(metrics.SHADOW_REL_DIFF, variant))
+        return series
+
     def record(self, exchange: Exchange, outcome: Outcome) -> None:
-        variant = exchange.variant
-        self._counter(metrics.SHADOW_COPIES, variant, outcome.result).inc()
-        self._counter(metrics.SHADOW_LATENCY_SECONDS, variant, SIDE_PRODUCTION).observe(
-            exchange.upstream_latency_s)
+        m = self._series(exchange.variant)
+        (m.sent if outcome.result == SENT else m.failed).inc()
+        m.latency_production.observe(exchange.upstream_latency_s)
         if exchange.status >= 400:
-            self._counter(metrics.SHADOW_ERRORS, variant, SIDE_PRODUCTION).inc()
+            m.errors_production.inc()
         if outcome.latency_s is not None:
-            self._counter(metrics.SHADOW_LATENCY_SECONDS, variant, SIDE_PEER).observe(
-                outcome.latency_s)
+            m.latency_peer.observe(outcome.latency_s)
         if outcome.result == FAILED or (outcome.status or 0) >= 400:
-            self._counter(metrics.SHADOW_ERRORS, variant, SIDE_PEER).inc()
+            m.errors_peer.inc()
         verdict = outcome.verdict
         if verdict is None:
             return
-        self._counter(metrics.SHADOW_COMPARED, variant).inc()
-        if verdict.agreed:
-            self._counter(metrics.SHADOW_AGREED, variant).inc()
-        else:
-            self._counter(metrics.SHADOW_DISAGREED, variant).inc()
+        m.compared.inc()
+        (m.agreed if verdict.agreed else m.disagreed).inc()
         if verdict.max_abs is not None:
-            self._counter(metrics.SHADOW_ABS_DIFF, variant).observe(verdict.max_abs)
+            m.abs_diff.observe(verdict.max_abs)
         if verdict.max_rel is not None:
-            self._counter(metrics.SHADOW_REL_DIFF, variant).observe(verdict.max_rel)
+            m.rel_diff.observe(verdict.max_rel)
+
+
+class _Series(NamedTuple):
+    """One variant's shadow metrics, looked up once (each copy updates up to nine)."""
+
+    sent: Any
+    failed: Any
+    latency_production: Any
+    latency_peer: Any
+    errors_production: Any
+    errors_peer: Any
+    compared: Any
+    agreed: Any
+    disagreed: Any
+    abs_diff: Any
+    rel_diff: Any
 
 
 class ShadowTap:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import urlsplit
@@ -206,19 +207,24 @@ class UpstreamClient:
             origin = self._origins[url] = _parse_origin(url)
         return origin
 
-    async def request(self, url: str, method: bytes, path: bytes, headers: Headers,
-                      body: bytes, timeout_s: float) -> UpstreamResponse:
+    async def request(self, url: str, method: bytes, path: bytes,
+                      headers: Sequence[tuple[bytes, bytes]], body: bytes, timeout_s: float, *,
+                      total: bool = False) -> UpstreamResponse:
         """Send one request and read the whole response.
 
+        ``timeout_s`` bounds the exchange (sending and the answer); with ``total``
+        it bounds the whole call, connecting (and a second connection after a
+        stale idle one) included, without a context manager per call.
         Raises ``ConnectFailed``, ``ConnectionLost`` or ``UpstreamTimeout``.
         """
         origin = self._origin(url)
         head = _request_head(origin, method, path, headers, len(body))
         data: bytes | list[bytes] = head + body if len(body) <= _CONCAT_LIMIT else [head, body]
+        deadline = time.monotonic() + timeout_s if total else None
         conn = self._take_idle(origin)
         if conn is None:
-            conn = await self._connect(origin)
-            return await self._exchange(origin, conn, data, timeout_s)
+            conn = await self._connect(origin, deadline)
+            return await self._exchange(origin, conn, data, _left(timeout_s, deadline))
         try:
             return await self._exchange(origin, conn, data, timeout_s)
         except ConnectionLost as lost:
@@ -230,10 +236,10 @@ class UpstreamClient:
             # running it, so a failed reconnect is no proof of "not
             # delivered": report the loss, not ConnectFailed.)
             try:
-                conn = await self._connect(origin)
+                conn = await self._connect(origin, deadline)
             except ConnectFailed as exc:
                 raise ConnectionLost(origin.url, f"{lost.detail}, then {exc.detail}") from None
-            return await self._exchange(origin, conn, data, timeout_s)
+            return await self._exchange(origin, conn, data, _left(timeout_s, deadline))
 
     async def _exchange(self, origin: _Origin, conn: _Connection, data: bytes | list[bytes],
                         timeout_s: float) -> UpstreamResponse:
@@ -272,15 +278,17 @@ class UpstreamClient:
         conn.idle_since = time.monotonic()
         origin.idle.append(conn)
 
-    async def _connect(self, origin: _Origin) -> _Connection:
+    async def _connect(self, origin: _Origin, deadline: float | None = None) -> _Connection:
         loop = asyncio.get_running_loop()
+        limit = self.connect_timeout_s
+        if deadline is not None:
+            limit = min(limit, max(0.0, deadline - time.monotonic()))
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
+            async with asyncio.timeout(limit):
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop), origin.host, origin.port)
         except TimeoutError:
-            raise ConnectFailed(origin.url, "could not be reached within "
-                                f"{self.connect_timeout_s:g}s") from None
+            raise ConnectFailed(origin.url, f"could not be reached within {limit:g}s") from None
         except OSError as exc:
             raise ConnectFailed(origin.url,
                                 f"could not be reached ({exc.strerror or exc})") from None
@@ -303,8 +311,13 @@ class UpstreamClient:
         self.forget(set())
 
 
-def _request_head(origin: _Origin, method: bytes, path: bytes, headers: Headers,
-                  length: int) -> bytes:
+def _left(timeout_s: float, deadline: float | None) -> float:
+    """The exchange's timeout: what is left before ``deadline`` (None: ``timeout_s``)."""
+    return timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _request_head(origin: _Origin, method: bytes, path: bytes,
+                  headers: Sequence[tuple[bytes, bytes]], length: int) -> bytes:
     parts = [method, b" ", origin.path_prefix, path, b" HTTP/1.1\r\nhost: ", origin.host_header,
              b"\r\ncontent-length: ", b"%d" % length, b"\r\n"]
     for name, value in headers:
