@@ -14,13 +14,13 @@ One run, side by side, on the same data (CSV rows on local disk):
   (``.venv-ray`` from requirements/ray-bench.txt), when ``ray`` installs.
 
 Models: iris (scikit-learn logistic regression, 4 features) and the MLP
-256-512-512-10. Then the small-objects case: the iris rows cut into 10,000
+256-512-512-10. Then the small-objects case: each model's rows cut into 10,000
 objects (SageMaker never batches records of different objects into one
-request) against the same rows in one object, both through our job with one
-worker. Each run's outputs are compared with the loop's.
+request) against the same rows in one object, through the loop and our job.
+Each run's outputs are compared with the loop's.
 
     .venv/bin/python bench/batch.py [--rows 1000000] [--objects 10000] [--models iris,mlp]
-                                   [--no-ray] [--markdown]
+                                   [--objects-models iris,mlp] [--no-ray] [--markdown]
 
 Every process gets one onnxruntime thread per worker (the loop and each of our
 workers alike), so "1 worker vs the loop" compares the same compute. Never a
@@ -325,6 +325,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--objects", type=int, default=10_000)
     ap.add_argument("--models", default="iris,mlp")
+    ap.add_argument("--objects-models", default="iris,mlp",
+                    help="models whose rows are also cut into --objects objects")
     ap.add_argument("--rounds", type=int, default=3,
                     help="runs of each (Ray: one); the table shows the median by work time")
     ap.add_argument("--no-ray", action="store_true")
@@ -357,7 +359,7 @@ def main() -> None:
                                      work / key / "out-ray")
                 results.append(Result("one object", m.name, "Ray Data map_batches (2 CPUs)",
                                       args.rows, wall, busy))
-            if key == "iris" and args.objects:
+            if key in args.objects_models.split(",") and args.objects:
                 case = f"{args.objects:,} objects"
                 many = work / key / "many"
                 split_objects(one / "data.csv", many, args.objects)

@@ -10,9 +10,10 @@ through ``reply``. Endpoints without taps pay one falsy attribute check: the
 The contract of a tap (``Tap.observe``) is strict, because it runs on the
 event loop between the model's answer and the client's:
 
-* never block: no I/O, no awaiting, no locks held for long. Do O(1) work
-  (a sampling draw, an append to a bounded deque, a ``put_nowait`` on a
-  bounded queue) and let a background task do the rest;
+* never block: no I/O, no awaiting, no locks held for long. Do small, bounded
+  work (a sampling draw, an append to a bounded deque, a ``put_nowait`` on a
+  bounded queue; capture encodes a record of at most a few KiB, cheaper there
+  than later, cold) and let a background task do the rest;
 * never raise: a tap's failure must not change the client's answer (the
   call site still guards it, and logs the first failure of each tap type);
 * never hold unbounded memory: when the background side falls behind, drop
@@ -21,13 +22,12 @@ event loop between the model's answer and the client's:
 
 Where taps come from: ``GatewayCore.apply`` compiles the route table, then
 asks each tap provider for an endpoint's taps (data capture:
-``capture_writer.CaptureTaps.taps_for``) and sets ``EndpointState.taps``.
-A provider keeps its taps across reloads (so buffers survive a new
-revision) and drains them when an endpoint goes away.
+``capture_writer.CaptureTaps.apply``; shadows and mirrors:
+``shadow.ShadowTaps.apply``) and sets ``EndpointState.taps``. A provider keeps
+its taps across reloads (so buffers survive a new revision) and drains them
+when an endpoint goes away.
 
-Shadow variants are meant to be another provider: a ``ShadowTap`` whose
-``observe`` samples, then ``put_nowait``s ``(exchange.request_body,
-content type, accept, inference id, custom attributes)`` on a bounded
+A ``shadow.ShadowTap`` samples and ``put_nowait``s the exchange on a bounded
 per-shadow queue, dropped and counted when full; a worker task sends the copy
 to the shadow with its own timeout and compares its answer with
 ``exchange.response_body``. The ``event_id`` pairs the production record with
