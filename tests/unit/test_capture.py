@@ -218,6 +218,16 @@ def test_batch_objects_by_destination_variant_and_hour() -> None:
     assert len(b"".join(lines).splitlines()) == 2
 
 
+def test_the_encoding_cache_stays_bounded_whatever_content_types_clients_send() -> None:
+    from kubeinfer_runtime.gateway.capture import HEADS_MAX
+
+    heads: Heads = {}
+    for i in range(HEADS_MAX * 5):
+        ex = _exchange(b"1", f"text/x-{i}")
+        assert capture_line(ex, ROUTE, heads) == capture_line(ex, ROUTE)
+        assert len(heads) <= HEADS_MAX
+
+
 def test_line_is_the_record_as_json() -> None:
     """``capture_line`` writes pieces; the record's dict is the reference."""
     rng = random.Random(7)

@@ -165,6 +165,8 @@ def _payload_head(content_type: str | None, mode: str,
 
 
 _BASE64_TAIL = b'","encoding":"BASE64"}'
+#: Entries a ``heads`` cache keeps (one per route, content type and side).
+HEADS_MAX = 64
 
 
 def _payload_bytes(body: bytes, content_type: str | None, mode: str, route: CaptureRoute,
@@ -174,6 +176,8 @@ def _payload_bytes(body: bytes, content_type: str | None, mode: str, route: Capt
     key = (id(route), content_type, mode)
     found = heads.get(key)
     if found is None:
+        if len(heads) >= HEADS_MAX:
+            heads.clear()  # content types are the client's: keep the cache bounded
         found = heads[key] = _payload_head(content_type, mode, route)
     head, text = found
     if text is not None:

@@ -1,16 +1,18 @@
 """Data capture, the I/O: a tap per capturing endpoint, and the task that uploads.
 
 ``CaptureTap.observe`` runs on the request path (see ``taps``): one sampling
-draw, then an append to the endpoint's bounded ``CaptureBuffer``; nothing is
-encoded or written there. ``CaptureTaps.run`` (a background task of the
-gateway) uploads a batch when an endpoint's buffer reaches
-``capture_batch_bytes`` or its oldest record ``capture_flush_interval_s``:
-records are encoded (``capture.encode_object``) on the loop in slices and
-written in a thread (``queue.objects.ObjectStore``: the minio SDK for s3://,
-temp file + rename for file://). A failed upload puts its records back and is retried with a
-backoff; meanwhile new records still go into the buffer, which drops its
-oldest past ``capture_buffer_bytes`` (counted as ``dropped``). On shutdown
-what is buffered gets ``capture_shutdown_timeout_s`` to be written.
+draw, then an append to the endpoint's bounded ``CaptureBuffer``; a record
+whose bodies are small is encoded there too (``capture.Record.of``: a few µs,
+half of what the same work costs later, cold), a larger one later. Nothing is
+written there. ``CaptureTaps.run`` (a background task of the gateway) uploads a
+batch when an endpoint's buffer reaches ``capture_batch_bytes`` or its oldest
+record ``capture_flush_interval_s``: what is not encoded yet is encoded on the
+loop in slices, and each object is written in a thread
+(``queue.objects.ObjectStore``: the minio SDK for s3://, temp file + rename for
+file://). A failed upload puts its records back and is retried with a backoff;
+meanwhile new records still go into the buffer, which drops its oldest past
+``capture_buffer_bytes`` (counted as ``dropped``). On shutdown what is buffered
+gets ``capture_shutdown_timeout_s`` to be written.
 
 Nothing here logs or quotes captured bytes: messages name the endpoint, the
 destination, counts and error types.
