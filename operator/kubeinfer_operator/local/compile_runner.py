@@ -107,7 +107,7 @@ class Runner(JobRunner[CompilePaths, LocalCompileJob, CompileState]):
             self.state.exit_code = None
             self.save()
             while self.child.poll() is None:
-                self._tick()
+                self._tick(self.child)
             code = self.child.returncode
             self.child = None
             self.state.pid, self.state.exit_code = None, code

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import logging
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,13 +101,19 @@ class JobRunner(abc.ABC, Generic[D, J, S]):
     def deadline_message(self, deadline: int) -> str:
         """Why the job failed after ``deadline`` seconds, and what to change."""
 
-    def _tick(self) -> None:
+    def _tick(self, child: subprocess.Popen[bytes] | None = None) -> None:
+        """Check for a stop and the deadline, then wait a tick, or less: until ``child``
+        exits (a step's end is seen at once, not up to a tick later)."""
         if self.stopping:
             raise Stop()
         deadline = self.job.active_deadline_s
         if deadline is not None and time.time() - self.state.started_at > deadline:
             raise Failure(self.deadline_reason, self.deadline_message(deadline))
-        time.sleep(self.tick_s)
+        if child is None:
+            time.sleep(self.tick_s)
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(self.tick_s)
 
     def acquire_lock(self) -> bool:
         self.paths.root.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
                                             start_time=process_start_time(proc.pid))
             self.save()
             while proc.poll() is None:
-                self._tick()
+                self._tick(proc)
             self.children.pop(name, None)
             decision = on_exit(proc.returncode, restarts=restarts, retries=STEP_RETRIES)
             if decision.next is Next.DONE:
@@ -204,7 +204,10 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
                         raise failure
                     failures.append(failure)
             self.save()
-            self._tick()
+            # With one worker (or the first still running) its exit is seen at once.
+            running = [self.children[f"worker-{w.index}"] for w in self.state.workers
+                       if w.state == "running"]
+            self._tick(running[0] if running and not due else None)
         if failures:
             raise failures[0]
 
