@@ -18,10 +18,11 @@ from kubeinfer_runtime.gateway.capture import (
     RECORD_OVERHEAD_BYTES,
     CaptureBuffer,
     Heads,
+    Objects,
     Record,
     capture_line,
     capture_record,
-    encode_object,
+    encode_into,
     object_uri,
     sampled,
 )
@@ -147,6 +148,13 @@ def _record(size: int, variant: str = "v", at: float = 0.0) -> Record:
     return Record(line, None, ROUTE, variant, WALL, at, size)
 
 
+def encode_object(records: list[Record]) -> bytes:
+    """One object's body, as the writer builds it."""
+    objects: Objects = {}
+    encode_into(objects, records, {})
+    return b"".join(line for lines, _ in objects.values() for line in lines)
+
+
 def test_small_records_are_encoded_as_they_are_buffered() -> None:
     small = Record.of(_exchange(variant="v"), ROUTE, 5.0)
     assert small.line == capture_line(_exchange(variant="v"), ROUTE)
@@ -203,7 +211,7 @@ def test_batch_objects_by_destination_variant_and_hour() -> None:
     other_hour = WALL + 3600
     records = [Record.of(_exchange(variant=v, wall_time=t), ROUTE, 0)
                for v, t in (("a", WALL), ("b", WALL), ("a", other_hour), ("a", WALL))]
-    from kubeinfer_runtime.gateway.capture import Objects, encode_into, object_folder
+    from kubeinfer_runtime.gateway.capture import object_folder
 
     objects: Objects = {}
     encode_into(objects, records[:1], {})  # in slices, as the writer does

@@ -36,7 +36,7 @@ from kubeinfer_operator.render.compile_jobs import (
     pod_failure_policy,
 )
 from kubeinfer_operator.render.edge_plan import FleetPlan, PackageBuild
-from kubeinfer_operator.render.k8s_placement import apply_pod_template, effective_template
+from kubeinfer_operator.render.k8s_placement import effective_template
 from kubeinfer_operator.render.k8s_workloads import (
     ANNOTATION_SECRET_HASH,
     GATEWAY_HEALTH_PATH,
@@ -47,6 +47,8 @@ from kubeinfer_operator.render.k8s_workloads import (
     _probe,
     _tmp_volume,
     default_resources,
+    deployment,
+    runtime_pod_spec,
     service_url,
 )
 from kubeinfer_operator.render.transform_jobs import ANNOTATION_RUN_HASH
@@ -263,41 +265,16 @@ def fleet_server_deployment(plan: FleetPlan, *, uid: str, settings: OperatorSett
     if settings.s3_secret_name:
         # The fleet server reads packages (and writes captures) in the object store.
         container["envFrom"] = [{"secretRef": {"name": settings.s3_secret_name}}]
-    pod_spec = {
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": _pod_security(settings),
-        "terminationGracePeriodSeconds": 30,
-        "containers": [container],
-        "volumes": [tmp_volume, config_volume],
-    }
-    select = pod_selector(plan.name, COMPONENT_FLEET_SERVER)
+    pod_spec = runtime_pod_spec(settings, container, [tmp_volume, config_volume])
     own_template = (spec.server.podTemplate.written()
                     if spec.server.podTemplate is not None else None)
     template_meta: dict[str, Any] = {"labels": labels(plan.name, COMPONENT_FLEET_SERVER)}
     if status_token is not None:
         template_meta["annotations"] = {ANNOTATION_SECRET_HASH: status_token_hash(status_token)}
-    template = apply_pod_template(
-        {"metadata": template_meta, "spec": pod_spec},
-        effective_template(settings.default_pod_template, own_template), select)
-    metadata = _metadata(plan, uid, server_name(plan.name), COMPONENT_FLEET_SERVER)
-    user_annotations = (own_template or {}).get("annotations") or {}
-    if user_annotations:
-        metadata["annotations"] = {meta.ANNOTATION_POD_ANNOTATIONS: ",".join(
-            sorted(user_annotations))}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata,
-        "spec": {
-            "replicas": spec.server.replicas,
-            "revisionHistoryLimit": 3,
-            "selector": {"matchLabels": select},
-            "strategy": {"type": "RollingUpdate",
-                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": template,
-        },
-    }
+    return deployment(_metadata(plan, uid, server_name(plan.name), COMPONENT_FLEET_SERVER),
+                      pod_selector(plan.name, COMPONENT_FLEET_SERVER), template_meta, pod_spec,
+                      effective_template(settings.default_pod_template, own_template),
+                      spec.server.replicas)
 
 
 def fleet_server_service(plan: FleetPlan, *, uid: str,

@@ -109,8 +109,9 @@ def default_resources(requests: dict[str, str], limits: dict[str, str],
                               memory_limit=settings.default_memory_limit)
 
 
-def _pod_spec(settings: OperatorSettings, container: dict[str, Any],
-              volumes: list[dict[str, Any]]) -> dict[str, Any]:
+def runtime_pod_spec(settings: OperatorSettings, container: dict[str, Any],
+                     volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pod spec of a runtime container (model server, gateway, fleet server)."""
     return {
         # The runtime never calls the Kubernetes API: no token in its pods.
         "automountServiceAccountToken": False,
@@ -123,18 +124,14 @@ def _pod_spec(settings: OperatorSettings, container: dict[str, Any],
     }
 
 
-def _deployment(owner: Owner, name: str, component: str, variant: str | None,
-                replicas: int, pod_annotations: dict[str, str],
-                pod_spec: dict[str, Any],
-                pod_template: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``pod_template``: placement and identity (``podTemplate``, already merged)."""
-    selector = meta.pod_selector(owner.name, component, variant)
-    template_meta: dict[str, Any] = {"labels": meta.labels(owner.name, component, variant)}
-    if pod_annotations:
-        template_meta["annotations"] = pod_annotations
+def deployment(metadata: dict[str, Any], selector: dict[str, str],
+               template_meta: dict[str, Any], pod_spec: dict[str, Any],
+               pod_template: dict[str, Any] | None, replicas: int) -> dict[str, Any]:
+    """A Deployment of ``pod_spec`` with ``pod_template`` (placement and identity, already
+    merged with the chart's default) applied; ``metadata`` records which pod annotations
+    are the user's, so a later render can remove the ones they drop."""
     template = apply_pod_template({"metadata": template_meta, "spec": pod_spec},
                                   pod_template or {}, selector)
-    metadata = object_metadata(owner, name, component, variant)
     user_annotations = (pod_template or {}).get("annotations") or {}
     if user_annotations:
         metadata["annotations"] = {meta.ANNOTATION_POD_ANNOTATIONS: ",".join(
@@ -153,6 +150,19 @@ def _deployment(owner: Owner, name: str, component: str, variant: str | None,
             "template": template,
         },
     }
+
+
+def _deployment(owner: Owner, name: str, component: str, variant: str | None,
+                replicas: int, pod_annotations: dict[str, str],
+                pod_spec: dict[str, Any],
+                pod_template: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``pod_template``: placement and identity (``podTemplate``, already merged)."""
+    template_meta: dict[str, Any] = {"labels": meta.labels(owner.name, component, variant)}
+    if pod_annotations:
+        template_meta["annotations"] = pod_annotations
+    return deployment(object_metadata(owner, name, component, variant),
+                      meta.pod_selector(owner.name, component, variant), template_meta,
+                      pod_spec, pod_template, replicas)
 
 
 def _service(owner: Owner, name: str, component: str, variant: str | None,
@@ -219,7 +229,7 @@ def model_server_deployment(owner: Owner, variant: VariantPlan,
         # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_ENDPOINT_URL) from the
         # Secret: the runtime's settings read these standard names.
         container["envFrom"] = [{"secretRef": {"name": settings.s3_secret_name}}]
-    pod_spec = _pod_spec(settings, container, [tmp_volume])
+    pod_spec = runtime_pod_spec(settings, container, [tmp_volume])
     # Multi-container image steps: extra containers in the same pod, each on its
     # own port; the runtime container reaches them on 127.0.0.1.
     pod_spec["containers"] += [_image_step_container(s, tmp_mount, settings)
@@ -328,7 +338,7 @@ def gateway_deployment(owner: Owner, settings: OperatorSettings,
                                                                redis=True, scaler=True)
     return _deployment(owner, meta.gateway_name(owner.name), meta.COMPONENT_GATEWAY, None,
                        settings.gateway_replicas, annotations,
-                       _pod_spec(settings, container, volumes),
+                       runtime_pod_spec(settings, container, volumes),
                        effective_template(settings.default_pod_template, pod_template))
 
 

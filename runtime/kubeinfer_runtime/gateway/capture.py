@@ -302,13 +302,6 @@ def object_folder(hour: int) -> str:
     return hour_folder(hour * 3600)
 
 
-def encode_object(records: list[Record]) -> bytes:
-    """The JSON Lines body of records of one object."""
-    objects: Objects = {}
-    encode_into(objects, records, {})
-    return b"".join(line for lines, _ in objects.values() for line in lines)
-
-
 @dataclass(slots=True)
 class CaptureBuffer:
     """Records waiting for upload, within ``max_bytes`` (in-flight batch included).
