@@ -10,7 +10,6 @@ place, so both kinds answer ``up`` and Ctrl-C alike.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -21,6 +20,7 @@ from typing import Generic, Protocol, TypeVar
 from rich.console import Console
 
 from kubeinfer_operator.local.job_state import JobDir
+from kubeinfer_operator.local.process import wait_exit
 
 
 class Refused(Exception):
@@ -69,8 +69,7 @@ def wait_any(targets: Sequence[Target], timeout: float) -> None:
     """Up to ``timeout``, less when the one runner this command started exits sooner."""
     procs = [t.proc for t in targets if t.proc is not None]
     if len(targets) == 1 and len(procs) == 1:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            procs[0].wait(timeout)
+        wait_exit(procs[0], timeout)
         return
     time.sleep(timeout)
 

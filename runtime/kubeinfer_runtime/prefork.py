@@ -49,10 +49,14 @@ def _preload() -> None:
 
 
 def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
+    # glibc's soname first: find_library runs ``ldconfig -p`` (a process start).
+    with contextlib.suppress(OSError):
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(name, use_errno=True)
+    return None
 
 
 def _become_child(request: dict[str, Any], listener: socket.socket, intermediate: int) -> None:

@@ -320,3 +320,35 @@ def test_invalid_settings_are_refused_readably(tmp_path: Path) -> None:
     assert result.rc == EXIT_BAD_INPUT
     assert "KUBEINFER_MAX_CONCURRENT_TRANSFORMS" in result.log
     assert "KUBEINFER_MAX_CONCURRENT_TRANSFORMS" in result.report["error"]
+
+
+def test_a_gated_step_waits_for_its_word_and_leaves_on_eof(models_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """Local mode starts a step ahead (KUBEINFER_START_GATE): it runs only on a line on
+    stdin, and an EOF sends it away before it touches anything."""
+    (tmp_path / "in").mkdir()
+    x, data = csv_rows(100)
+    (tmp_path / "in/a.csv").write_bytes(data)
+    env = batch_env(tmp_path, model_uri=f"file://{models_dir / 'iris.onnx'}",
+                    input_uri=f"file://{tmp_path}/in/", output_uri=f"file://{tmp_path}/out/",
+                    start_gate="true")
+
+    def gated(step: str, word: bytes) -> tuple[int, str]:
+        report = tmp_path / f"{step}.json"
+        proc = subprocess.Popen([sys.executable, "-m", "kubeinfer_runtime", "batch", step],
+                                env={**env, "KUBEINFER_REPORT_FILE": str(report)},
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        out, _ = proc.communicate(word, timeout=120)
+        return proc.returncode, out.decode(errors="replace")
+
+    # EOF: nothing planned, nothing written.
+    rc, log = gated("plan", b"")
+    assert rc == 143, log
+    assert not (tmp_path / "out").exists() and not (tmp_path / "plan.json").exists()
+    # A line: each step runs as it would have.
+    for step in ("plan", "work", "finalize"):
+        rc, log = gated(step, b"go\n")
+        assert rc == 0, f"{step}: {log}"
+    assert (tmp_path / "out/a.csv.out").read_bytes() == \
+        iris_labels(models_dir / "iris.onnx", x)

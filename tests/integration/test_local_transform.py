@@ -143,6 +143,45 @@ def test_the_jsonl_example_filters_and_joins(cli: Cli, models_dir: Path, tmp_pat
     assert predicted == labels(models_dir, [r["features"] for r in records])
 
 
+def test_more_instances_than_shards_and_workers_started_ahead(cli: Cli, models_dir: Path,
+                                                             tmp_path: Path) -> None:
+    # The runner starts instanceCount workers while the plan is made; one 4.5 MB object
+    # makes two shards, so two of the four are sent away and two do the work.
+    data = tmp_path / "in"
+    data.mkdir()
+    rows = np.random.default_rng(5).uniform(0.1, 7.0, size=(290_000, 4))
+    (data / "big.csv").write_text("\n".join(",".join(f"{v:.1f}" for v in r) for r in rows)
+                                  + "\n")
+    out = tmp_path / "out"
+    doc = example("transform-job.yaml", models_dir, out)
+    doc["spec"]["input"]["uri"] = f"file://{data}/"
+    doc["spec"]["resources"] = {"instanceCount": 4}
+    result = cli.run("up", "-f", str(write(tmp_path / "job.yaml", doc)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "290000 record(s) from 1 object(s) in 2 shard(s)" in result.stdout
+    reports = {p.stem: json.loads(p.read_text())
+               for p in (cli.home / "jobs" / "iris-batch" / "reports").glob("worker-*.json")}
+    assert sorted(reports) == ["worker-0", "worker-1"]
+    assert [reports[w]["shards_done"] for w in sorted(reports)] == [1, 1]
+    assert (out / "big.csv.out").read_text().count("\n") == len(rows)
+    assert not cli.our_processes()
+
+
+def test_a_failed_plan_leaves_no_worker_started_ahead(cli: Cli, models_dir: Path,
+                                                       tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    doc = example("transform-job.yaml", models_dir, tmp_path / "out")
+    doc["spec"]["input"]["uri"] = f"file://{empty}/"
+    doc["spec"]["resources"] = {"instanceCount": 2}
+    result = cli.run("up", "-f", str(write(tmp_path / "job.yaml", doc)))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "holds no objects" in result.stderr
+    assert cli.job("iris-batch")["reason"] == "BadInput"
+    assert not cli.our_processes()
+    assert not list((cli.home / "jobs" / "iris-batch" / "reports").glob("worker-*.json"))
+
+
 def test_a_bad_record_fails_the_job_naming_it(cli: Cli, models_dir: Path,
                                               tmp_path: Path) -> None:
     data = tmp_path / "in"

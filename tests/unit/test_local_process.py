@@ -10,7 +10,16 @@ import textwrap
 import time
 from pathlib import Path
 
-from kubeinfer_operator.local.process import signal_exit_name, spawn, stop_popen, tail
+import pytest
+
+from kubeinfer_operator.local.process import (
+    load_libc,
+    signal_exit_name,
+    spawn,
+    stop_popen,
+    tail,
+    wait_exit,
+)
 from kubeinfer_operator.local.state import process_alive
 
 
@@ -71,3 +80,30 @@ def test_exit_names() -> None:
     assert signal_exit_name(3) == "exit code 3"
     assert signal_exit_name(-9) == "killed by SIGKILL"
     assert signal_exit_name(None) == "still running"
+
+
+def test_wait_exit_returns_when_the_child_exits_not_at_the_timeout(tmp_path: Path) -> None:
+    proc = spawn([sys.executable, "-c", "import sys; sys.stdin.readline()"], env=os.environ,
+                 log_path=tmp_path / "child.log", stdin_pipe=True)
+    try:
+        assert not wait_exit(proc, 0.05)  # still waiting on its stdin
+        assert proc.stdin is not None
+        proc.stdin.close()  # EOF: it exits now
+        started = time.monotonic()
+        assert wait_exit(proc, 30.0)
+        assert time.monotonic() - started < 10.0
+        assert proc.returncode == 0
+        assert wait_exit(proc, 0.0)  # an exited child answers at once
+    finally:
+        stop_popen(proc)
+
+
+def test_libc_loads_without_running_ldconfig(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes.util
+
+    def no_ldconfig(name: str) -> str | None:
+        raise AssertionError("find_library runs ldconfig -p: glibc's soname comes first")
+
+    monkeypatch.setattr(ctypes.util, "find_library", no_ldconfig)
+    libc = load_libc()
+    assert libc is not None and libc.getpid() == os.getpid()

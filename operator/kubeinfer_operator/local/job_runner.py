@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import argparse
-import contextlib
 import logging
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from types import FrameType
 from typing import ClassVar, Generic, Protocol, TypeVar
 
 from kubeinfer_operator.local.job_state import JobDir
+from kubeinfer_operator.local.process import wait_exit
 from kubeinfer_operator.local.state import take_lock_file
 
 EXIT_COMPLETE, EXIT_FAILED, EXIT_STOPPED = 0, 1, 2
@@ -112,8 +112,7 @@ class JobRunner(abc.ABC, Generic[D, J, S]):
         if child is None:
             time.sleep(self.tick_s)
             return
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(self.tick_s)
+        wait_exit(child, self.tick_s)
 
     def acquire_lock(self) -> bool:
         self.paths.root.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,6 @@ environment of ``kubeinfer up`` switches the fork server off.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -28,7 +26,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kubeinfer_operator.local.process import spawn, stop_popen
+from kubeinfer_operator.local.process import load_libc, spawn, stop_popen
 
 log = logging.getLogger("kubeinfer.local")
 
@@ -37,9 +35,8 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 def become_subreaper() -> bool:
     """Adopt orphaned descendants (Linux), so forked model servers are our children."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
+    libc = load_libc()
+    if libc is None:
         return False
     return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 

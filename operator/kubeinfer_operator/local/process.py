@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -26,15 +27,20 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
+def load_libc() -> ctypes.CDLL | None:
+    """The C library; glibc's soname first, because ``find_library`` runs ``ldconfig -p``
+    (a process start, at every import of this module: every CLI command and runner)."""
+    with contextlib.suppress(OSError):
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    name = ctypes.util.find_library("c")
+    if name:
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(name, use_errno=True)
+    return None
 
 
 # Loaded once here: a preexec function should not import or load libraries.
-_LIBC = _load_libc()
+_LIBC = load_libc()
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
@@ -50,15 +56,39 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
 
 
 def spawn(argv: Sequence[str], *, env: Mapping[str, str], log_path: Path,
-          die_with_parent: bool = True, cwd: str | None = None) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a new session, stdout+stderr appended to ``log_path``."""
+          die_with_parent: bool = True, cwd: str | None = None,
+          stdin_pipe: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new session, stdout+stderr appended to ``log_path``; its stdin
+    is a pipe from us with ``stdin_pipe`` (a start gate), else /dev/null."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
+            list(argv), env=dict(env),
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
             preexec_fn=_die_with_parent(os.getpid()) if die_with_parent else None,
         )
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``proc`` to exit; whether it has.
+
+    ``Popen.wait(timeout)`` polls with sleeps growing to 50 ms, so a step's end
+    was seen up to 50 ms late; a pidfd (Linux 5.3+) wakes us the moment it exits.
+    """
+    if proc.poll() is not None:
+        return True
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+        return proc.poll() is not None
+    try:
+        select.select([fd], [], [], max(0.0, timeout))
+    finally:
+        os.close(fd)
+    return proc.poll() is not None
 
 
 def signal_group(pid: int, sig: int) -> bool:

@@ -18,6 +18,7 @@ output URI, so a later run resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -83,6 +84,8 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
                                   started_at=time.time()),
                          tick_s=tick_s, grace_s=grace_s)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        #: Steps started ahead of their turn, waiting at their gate (also in children).
+        self.ahead: dict[str, subprocess.Popen[bytes]] = {}
 
     # -- files -----------------------------------------------------------------------------
 
@@ -117,29 +120,53 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
 
     # -- processes -------------------------------------------------------------------------
 
-    def _spawn(self, name: str, step: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, step: str, env: dict[str, str], *,
+               gated: bool = False) -> subprocess.Popen[bytes]:
+        """Start a step; a ``gated`` one imports what it needs, then waits for ``_go``."""
         argv = [sys.executable, "-m", "kubeinfer_runtime", "batch", step]
         with open(self.paths.log_file(name), "ab") as fh:
             fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv[2:])}\n".encode())
-        proc = spawn(argv, env=env, log_path=self.paths.log_file(name))
+        if gated:
+            env = {**env, "KUBEINFER_START_GATE": "true"}
+        proc = spawn(argv, env=env, log_path=self.paths.log_file(name), stdin_pipe=gated)
         self.children[name] = proc
         return proc
+
+    @staticmethod
+    def _go(proc: subprocess.Popen[bytes], go: bool = True) -> None:
+        """Open a gated step's gate (``go``) or send it away (EOF: it exits 143)."""
+        if proc.stdin is None:
+            return
+        # A step that died before its gate opened is seen by whoever waits on it.
+        with contextlib.suppress(OSError):
+            if go:
+                proc.stdin.write(b"go\n")
+            proc.stdin.close()
 
     def deadline_message(self, deadline: int) -> str:
         return (f"The job ran longer than activeDeadlineSeconds ({deadline}); "
                 "raise it or add instances")
 
     def stop_children(self) -> None:
+        for proc in self.ahead.values():
+            self._go(proc, go=False)
+        self.ahead.clear()
         for proc in list(self.children.values()):
             stop_popen(proc, timeout=self.grace_s)
         self.children.clear()
 
     def _step(self, name: str, step: str, phase: JobPhase) -> None:
-        """Run the planner or the finalizer to its end, restarting it on transient failures."""
+        """Run the planner or the finalizer to its end, restarting it on transient failures
+        (its first run may be a process started ahead, gated: ``_prestart_finalizer``)."""
         self.state.phase = phase
         restarts = 0
         while True:
-            proc = self._spawn(name, step, self._env(name))
+            ahead = self.ahead.pop(name, None)
+            if ahead is not None:
+                proc = ahead
+                self._go(proc)
+            else:
+                proc = self._spawn(name, step, self._env(name))
             self.state.step = ProcessRecord(name=name, pid=proc.pid, restarts=restarts,
                                             start_time=process_start_time(proc.pid))
             self.save()
@@ -166,6 +193,10 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
     # -- the steps -------------------------------------------------------------------------
 
     def plan(self) -> PlanReport:
+        # The workers start now and import while the plan is made (gated until it is).
+        for index in range(self.job.instance_count):
+            self.ahead[f"worker-{index}"] = self._spawn_worker(index, self.job.instance_count,
+                                                               gated=True)
         self._step("planner", "plan", JobPhase.PLANNING)
         report, text = self._read_report("planner", PlanReport)
         if report is None:
@@ -175,8 +206,20 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
         self.save()
         return report
 
+    def _send_away_ahead(self, names: list[str]) -> None:
+        """Stop processes started ahead that will not be needed."""
+        for name in names:
+            proc = self.ahead.pop(name, None)
+            if proc is not None:
+                self._go(proc, go=False)
+                stop_popen(proc, timeout=self.grace_s)
+                self.children.pop(name, None)
+
     def work(self, plan: PlanReport) -> None:
+        # Worker i of instanceCount takes every instanceCount-th shard from i; with fewer
+        # shards than instances that is shard i alone, as with i/shards.
         count = min(self.job.instance_count, plan.shards)
+        self._send_away_ahead([f"worker-{i}" for i in range(count, self.job.instance_count)])
         self.state.phase = JobPhase.RUNNING
         self.state.work_started_at = time.time()
         self.state.workers = [WorkerState(index=i) for i in range(count)]
@@ -187,7 +230,11 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
             for index, at in list(due.items()):
                 if now >= at:
                     del due[index]
-                    self._start_worker(index, count)
+                    self._start_worker(index, self.job.instance_count)
+            if "finalizer" not in self.ahead and "finalizer" not in self.children:
+                # The finalizer imports while the workers run (gated until they are done).
+                self.ahead["finalizer"] = self._spawn("finalizer", "finalize",
+                                                      self._env("finalizer"), gated=True)
             for worker in self.state.workers:
                 if worker.state != "running":
                     continue
@@ -207,17 +254,28 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
             # With one worker (or the first still running) its exit is seen at once.
             running = [self.children[f"worker-{w.index}"] for w in self.state.workers
                        if w.state == "running"]
+            if not running and not due:
+                break  # the last worker's exit: no tick to wait before finalizing
             self._tick(running[0] if running and not due else None)
         if failures:
             raise failures[0]
 
-    def _start_worker(self, index: int, count: int) -> None:
+    def _spawn_worker(self, index: int, count: int, *,
+                      gated: bool = False) -> subprocess.Popen[bytes]:
         name = f"worker-{index}"
         progress = self.paths.progress_file(index)
         progress.parent.mkdir(parents=True, exist_ok=True)
         progress.unlink(missing_ok=True)
-        proc = self._spawn(name, "work", self._env(name, {
-            "KUBEINFER_SHARDS": f"{index}/{count}", "KUBEINFER_PROGRESS_FILE": str(progress)}))
+        return self._spawn(name, "work", self._env(name, {
+            "KUBEINFER_SHARDS": f"{index}/{count}", "KUBEINFER_PROGRESS_FILE": str(progress)}),
+            gated=gated)
+
+    def _start_worker(self, index: int, count: int) -> None:
+        proc = self.ahead.pop(f"worker-{index}", None)
+        if proc is not None:
+            self._go(proc)
+        else:
+            proc = self._spawn_worker(index, count)
         worker = self.state.workers[index]
         worker.pid, worker.start_time = proc.pid, process_start_time(proc.pid)
         worker.state, worker.exit_code = "running", None
@@ -275,6 +333,8 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
         plan = self.plan()
         if plan.shards:
             self.work(plan)
+        else:
+            self._send_away_ahead(list(self.ahead))
         summary = self.finalize()
         self._finish(JobPhase.COMPLETE, "Completed",
                      f"{summary.records} record(s) from {summary.objects} object(s) in "

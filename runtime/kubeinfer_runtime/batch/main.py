@@ -11,6 +11,7 @@ with the contract's codes: 0, ``EXIT_BAD_INPUT`` (42), ``EXIT_MODEL_FAILED`` (43
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from kubeinfer_runtime.batch.store import Store
 from kubeinfer_runtime.contract import ENV_PREFIX
 from kubeinfer_runtime.contract.batch import (
     EXIT_BAD_INPUT,
+    EXIT_STOPPED,
     TERMINATION_LOG,
     BatchSettings,
     JobSummary,
@@ -79,9 +81,37 @@ def run(step: str) -> int:
         write_report(path, report)
         return EXIT_BAD_INPUT
     logging.getLogger().setLevel(settings.log_level.upper())
+    if settings.start_gate and not wait_for_gate(step, settings):
+        return EXIT_STOPPED
     steps: dict[str, Callable[[BatchSettings], int]] = {
         "plan": _plan, "work": _work, "finalize": _finalize}
     return steps[step](settings)
+
+
+def wait_for_gate(step: str, settings: BatchSettings) -> bool:
+    """Import what ``step`` will use, then wait for the runner's word on stdin: True
+    on a line (go on), False on EOF (the runner no longer needs this process).
+
+    Only imports happen before the gate: a model is loaded (and can fail) only once
+    the step runs, as without a gate.
+    """
+    if step == "work":
+        import kubeinfer_runtime.batch.worker
+
+        if settings.model_uri and settings.model_url is None and settings.pipeline is None:
+            from kubeinfer_runtime.models.registry import create_backend
+
+            # The backend's module and its runtime (onnxruntime, NumPy), not the model.
+            with contextlib.suppress(Exception):
+                create_backend(settings.model_format)
+    elif step == "finalize":
+        import kubeinfer_runtime.batch.finalize
+    else:
+        import kubeinfer_runtime.batch.plan  # noqa: F401
+    try:
+        return bool(sys.stdin.buffer.readline())
+    except (OSError, ValueError, AttributeError):
+        return False  # no stdin to wait on: nobody can open the gate
 
 
 def _store(settings: BatchSettings) -> Store:

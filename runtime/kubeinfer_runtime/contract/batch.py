@@ -330,6 +330,10 @@ class BatchSettings(ModelServerSettings):
     progress_file: str | None = None
     #: Where the report goes (Kubernetes reads the termination log).
     report_file: str = TERMINATION_LOG
+    #: Local mode: the step is started before it may run (a worker while the plan is
+    #: made, the finalizer while the workers run) so that its imports overlap the step
+    #: before; it waits for a line on stdin to go on, and exits ``EXIT_STOPPED`` on EOF.
+    start_gate: bool = False
     #: How long the model may take to load and answer (in-process: fetch, load and
     #: warm-up; image: ``GET /ping`` answering 200), seconds; then the worker exits
     #: ``EXIT_MODEL_FAILED``.
