@@ -9,6 +9,12 @@
    ``KUBEINFER_SHARDS=i/n`` (every n-th shard), each rewriting its progress file;
 3. ``batch finalize`` → the JobSummary.
 
+A step's process is started a step early (the workers while the plan is made, the
+finalizer while the workers run) with ``KUBEINFER_START_GATE``: it imports what it
+needs, then waits for a line on its stdin, so a job does not pay each step's
+interpreter and library start-up in turn. Workers beyond ``min(instanceCount,
+shards)`` and steps a failure makes unneeded get EOF instead and exit.
+
 Exits follow ``transform_policy`` (the podFailurePolicy's rules). It rewrites
 ``state.json`` as things change and exits 0 (Complete), 1 (Failed) or 2
 (stopped: SIGTERM/SIGINT stop every child, SIGTERM then SIGKILL). Nothing of
