@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.test_local import Local, local, runtime_client
+from tests.integration.test_serverless import read_state
 from tests.support.onnx_models import label_model
 from tests.support.ports import wait_until
 
@@ -74,3 +75,51 @@ def test_copies_are_sent_compared_and_reported(local: Local, tmp_path: Path) -> 
     assert row["agreementPercent"] == 90.0
     assert row["shadowErrors"] == 0 and row["productionErrors"] == 0
     assert row["productionLatencyP50Ms"] > 0 and row["shadowLatencyP99Ms"] > 0
+
+
+def test_a_shadow_with_autoscaling_scales_on_its_copies(local: Local, models_dir: Path) -> None:
+    """The shadow's InvocationsPerReplica is the copies it is offered: 10 requests/s
+    copied at 100 % are 600 a minute, two replicas' worth at target 300, while
+    production (no policy) keeps its one replica; without load it scales back in."""
+    from bench.local_autoscale import StepLoad, scale_events
+
+    from tests.integration.test_serverless import pids, replicas
+
+    local.env["KUBEINFER_AUTOSCALE_INTERVAL_S"] = "0.5"
+    local.env["KUBEINFER_AUTOSCALE_WINDOW_S"] = "2"
+    iris = models_dir / "iris.onnx"
+    path = local.write("scaled-shadow.yaml", f"""\
+apiVersion: kubeinfer.io/v1alpha1
+kind: Endpoint
+metadata:
+  name: {NAME}
+spec:
+  variants:
+    - name: primary
+      model: {{uri: "file://{iris}"}}
+  shadowVariants:
+    - name: candidate
+      samplingPercentage: 100
+      model: {{uri: "file://{iris}"}}
+      autoscaling:
+        minReplicas: 1
+        maxReplicas: 2
+        targetTracking: [{{metric: InvocationsPerReplica, target: 300}}]
+        scaleOutCooldown: 1
+        scaleInCooldown: 2
+""")
+    result = local.run("up", "-d", "-f", str(path), "--timeout", "60", timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = read_state(local, NAME)
+    assert replicas(state, "candidate") == (1, 1)
+    with StepLoad(state["url"], NAME, rate=10.0, clients=4):
+        wait_until(lambda: replicas(read_state(local, NAME), "candidate") == (2, 2), 60,
+                   "the shadow scaled out to 2 ready replicas")
+        assert "primary-1" not in pids(local, NAME)
+    wait_until(lambda: replicas(read_state(local, NAME), "candidate")[0] == 1, 60,
+               "the shadow scaled back in to minReplicas 1")
+    timeline = [m for _, m in scale_events(local.home, NAME)]
+    assert any(m.startswith("Variant candidate: Scaled out from 1 to 2") for m in timeline), \
+        timeline
+    assert not any(m.startswith("Variant primary") for m in timeline), timeline
+    assert report(local)["shadow"][0]["copiesSent"] > 0

@@ -158,6 +158,42 @@ def test_cpu_mixed_with_another_policy_is_invalid_on_kubernetes(kube: Kube) -> N
              what="InvalidSpec cleared")
 
 
+def test_a_shadow_scales_with_its_own_policy(kube: Kube) -> None:
+    """A shadow's autoscaling on Kubernetes: CPU alone is an HPA on the shadow's
+    Deployment; our own policy brings the gateway-pods Service the scaler reads the
+    copies from; CPU mixed with another policy is InvalidSpec naming the shadow."""
+    ns = "shadow-scaling"
+    kube.create_namespace(ns)
+
+    def shadowed(autoscaling: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint",
+                "metadata": {"name": "sh"},
+                "spec": {"variants": [{"name": "main", "model": {"uri": "s3://b/iris.onnx"}}],
+                         "shadowVariants": [{"name": "cand", "samplingPercentage": 50,
+                                             "model": {"uri": "s3://b/iris2.onnx"},
+                                             "autoscaling": autoscaling}]}}
+
+    assert kube.create(shadowed(CPU_ONLY), ns).status_code == 201
+    hpa = wait_for(lambda: kube.get(HPA, ns, "sh-cand"), what="the shadow's HPA")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "sh-cand"
+    assert kube.get(HPA, ns, "sh-main") is None  # production has no policy
+    dep = wait_for(lambda: kube.get("Deployment", ns, "sh-cand"), what="shadow Deployment")
+    assert dep["spec"]["replicas"] == 2  # minReplicas
+
+    kube.patch("Endpoint", ns, "sh", {"spec": shadowed(
+        {"minReplicas": 1, "maxReplicas": 4, "targetTracking": [INVOCATIONS]})["spec"]})
+    wait_for(lambda: kube.get(HPA, ns, "sh-cand") is None, what="the HPA deleted")
+    wait_for(lambda: "sh-gateway-pods" in kube.names("Service", ns),
+             what="the gateway-pods Service the scaler reads copies from")
+
+    kube.patch("Endpoint", ns, "sh", {"spec": shadowed(
+        {"maxReplicas": 3, "targetTracking": [INVOCATIONS, {"metric": "CPUUtilization",
+                                                            "target": 70}]})["spec"]})
+    cond = wait_for(lambda: (c := ready_condition(kube, ns, "sh")).get("reason")
+                    == "InvalidSpec" and c, what="InvalidSpec")
+    assert "spec.shadowVariants[0].autoscaling.targetTracking[1]" in cond["message"]
+
+
 # -- the scaler scraping every gateway pod over HTTP --------------------------------------------
 
 

@@ -334,7 +334,28 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
      "spec.shadowVariants"),
     ("shadow-admission", shadow(admission={"maxInFlightPerReplica": 2}),
      "spec.shadowVariants"),
-    ("shadow-autoscaling", shadow(autoscaling={"maxReplicas": 3}), "spec.shadowVariants"),
+    ("shadow-autoscaling", shadow(autoscaling={"maxReplicas": 3}), None),
+    ("shadow-autoscaling-to-zero", shadow(autoscaling={"minReplicas": 0, "maxReplicas": 3}),
+     "spec.shadowVariants"),
+    ("shadow-schedule-to-zero", shadow(autoscaling={"maxReplicas": 3, "scheduled": [
+        {"cron": "* 0-6 * * *", "minReplicas": 0, "maxReplicas": 1}]}), "spec.shadowVariants"),
+    ("shadow-autoscaling-min-above-max", shadow(autoscaling={"minReplicas": 5, "maxReplicas": 4}),
+     "spec.shadowVariants.autoscaling"),
+    ("shadow-custom-without-prometheus", shadow(autoscaling={
+        "maxReplicas": 4, "targetTracking": [CUSTOM]}), "spec.shadowVariants.autoscaling"),
+    ("shadow-custom-step-without-prometheus", shadow(autoscaling={
+        "maxReplicas": 4, "stepScaling": [{"metric": "Custom", "query": "x", "steps": STEP}]}),
+     "spec.shadowVariants.autoscaling"),
+    ("shadow-query-without-custom", shadow(autoscaling={
+        "maxReplicas": 4, "targetTracking": [{**CUSTOM, "metric": "CPUUtilization"}]}),
+     "spec.shadowVariants.autoscaling.targetTracking"),
+    ("shadow-custom-without-query", shadow(autoscaling={
+        "maxReplicas": 4, "prometheusUrl": "http://prometheus:9090",
+        "stepScaling": [{"metric": "Custom", "steps": STEP}]}),
+     "spec.shadowVariants.autoscaling.stepScaling"),
+    ("shadow-schedule-min-above-max", shadow(autoscaling={"maxReplicas": 4, "scheduled": [
+        {"cron": "* 9-17 * * 1-5", "minReplicas": 3, "maxReplicas": 2}]}),
+     "spec.shadowVariants.autoscaling.scheduled"),
     ("shadow-named-gateway", shadow(name="gateway"), "spec.shadowVariants.name"),
     ("shadow-operator-env", shadow(env=[{"name": "KUBEINFER_HOST"}]),
      "spec.shadowVariants.env.name"),

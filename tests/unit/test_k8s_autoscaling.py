@@ -460,3 +460,110 @@ def test_an_honoured_scale_request_does_not_wake_the_variant_again() -> None:
     # 4 s after the request (still "fresh" for 10 s) and nothing held: stays at zero.
     assert memory.decide_scraped(plan, "ml", {"main": 0}, quiet, {},
                                  now=NOW + timedelta(seconds=4), now_m=4.0) == []
+
+
+# -- shadows: their own autoscaling, on the copies they are offered ---------------------------
+
+
+def shadow_plan(autoscaling: dict[str, Any] | None, extra: dict[str, Any] | None = None,
+                replicas: int = 1) -> EndpointPlan:
+    shadow: dict[str, Any] = {"name": "cand", "model": {"uri": "s3://b/c.onnx"},
+                              "replicas": replicas, "samplingPercentage": 100}
+    if autoscaling is not None:
+        shadow["autoscaling"] = autoscaling
+    return plan_of(None, extra={"shadowVariants": [shadow], **(extra or {})})
+
+
+def copies(sent: float, dropped: float = 0.0) -> str:
+    labels = 'endpoint="ep",variant="main",peer="cand"'
+    return (metrics(main=5000) + "# TYPE kubeinfer_shadow_copies counter\n"
+            f'kubeinfer_shadow_copies_total{{{labels},result="sent"}} {sent}\n'
+            f'kubeinfer_shadow_copies_total{{{labels},result="dropped"}} {dropped}\n')
+
+
+async def test_a_shadow_scales_on_the_copies_it_is_offered_dropped_ones_included() -> None:
+    gw = Gateways()
+    scaler = gw.scaler()
+    plan = shadow_plan({"minReplicas": 1, "maxReplicas": 5, "scaleOutCooldown": 0,
+                        "targetTracking": [INVOCATIONS]})
+    assert ka.scrapes_gateway(plan)
+    current = {"main": 1, "cand": 1}
+
+    async def evaluate_both() -> list[str]:
+        return await scaler.evaluate(plan, "ml", "http://ep-gateway.ml.svc:8080", current,
+                                     now=NOW, fetch=gw.fetch,
+                                     pods_url="http://ep-gateway-pods.ml.svc:8080")
+
+    gw.bodies = {"http://10.0.0.1:8080": copies(sent=100)}
+    assert await evaluate_both() == []
+    gw.t = 30.0
+    # 60 copies offered in 30 s (50 answered, 10 dropped on a full queue) = 120/min on one
+    # replica, target 60: two replicas. Production's own invocations did not move.
+    gw.bodies = {"http://10.0.0.1:8080": copies(sent=150, dropped=10)}
+    [message] = await evaluate_both()
+    assert message.startswith("Variant cand: Scaled out from 1 to 2"), message
+    assert "InvocationsPerReplica 120" in message
+    assert scaler.replicas_for(plan, "ml", {}).variants[1].replicas == 2
+    assert ("ml", "ep", "main") not in scaler.memory  # production has no policy
+
+
+async def test_a_shadow_of_a_serverless_endpoint_is_never_scaled_to_zero() -> None:
+    gw = Gateways()
+    scaler = gw.scaler()
+    fixed = shadow_plan(None, {"type": "Serverless"}, replicas=2)
+    scaled = shadow_plan({"minReplicas": 1, "maxReplicas": 3, "scaleInCooldown": 0,
+                          "targetTracking": [INVOCATIONS]}, {"type": "Serverless"})
+    for plan in (fixed, scaled):
+        assert plan.scales_to_zero(plan.variants[0])
+        assert not plan.scales_to_zero(plan.variants[1])
+        assert plan.variants[1].replicas == (2 if plan is fixed else 1)
+    # A fixed shadow's replicas follow the spec, not the Deployment's (an edit applies).
+    deployments = {"ep-cand": {"spec": {"replicas": 7}}}
+    assert scaler.replicas_for(fixed, "ml", deployments).variants[1].replicas == 2
+    # Idle for minutes: production goes to zero, the shadow stays at its minimum.
+    for t in range(0, 1200, 30):
+        gw.t = float(t)
+        gw.bodies = {"http://10.0.0.1:8080": copies(sent=0)}
+        await scaler.evaluate(scaled, "ml", "http://ep-gateway.ml.svc:8080",
+                              {"main": 1, "cand": 1}, now=NOW, fetch=gw.fetch)
+    main = scaler.memory[("ml", "ep", "main")]
+    assert main.desired == 0
+    cand = scaler.memory.get(("ml", "ep", "cand"))
+    assert cand is None or cand.desired in (None, 1)
+
+
+def test_a_cpu_only_shadow_becomes_an_hpa_and_problems_name_the_shadow_field() -> None:
+    plan = shadow_plan(CPU_ONLY, {"type": "Serverless"})
+    assert ka.hpa_variants(plan) == {"cand"}  # a shadow never scales to zero: an HPA can
+    assert ("HorizontalPodAutoscaler", "ep-cand") in rendered(plan)
+    mixed = shadow_plan({**CPU_ONLY, "stepScaling": [
+        {"metric": "CPUUtilization", "steps": [{"lowerBound": 1, "change": 1}]}]})
+    problems = ka.autoscaling_problems(mixed)
+    assert [p.split(":")[0] for p in problems] == [
+        "spec.shadowVariants[0].autoscaling.targetTracking[0]",
+        "spec.shadowVariants[0].autoscaling.stepScaling[0]"], problems
+
+
+@pytest.mark.parametrize("autoscaling", [
+    {"minReplicas": 0, "maxReplicas": 3, "targetTracking": [INVOCATIONS]},
+    {"minReplicas": 1, "maxReplicas": 3, "targetTracking": [INVOCATIONS],
+     "scheduled": [{"cron": "* 0-6 * * *", "minReplicas": 0, "maxReplicas": 1}]},
+])
+def test_a_shadow_cannot_scale_to_zero(autoscaling: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="cannot scale a shadow to zero"):
+        shadow_plan(autoscaling)
+
+
+def test_gateway_views_count_the_copies_each_shadow_was_offered() -> None:
+    from kubeinfer_operator.reconcile.autoscale_metrics import parse_gateway_metrics
+
+    text = copies(sent=7, dropped=3) + (
+        'kubeinfer_shadow_copies_total{endpoint="ep",variant="other",peer="cand",'
+        'result="failed"} 2\n'
+        'kubeinfer_shadow_copies_total{endpoint="ep2",variant="main",peer="cand",'
+        'result="sent"} 100\n')
+    view = parse_gateway_metrics(text, "ep")
+    assert view.copies == {"cand": 12.0}
+    assert view.offered("cand", shadow=True) == 12.0
+    assert view.offered("main", shadow=False) == 5000.0
+    assert sum_views([view, view]).copies == {"cand": 24.0}

@@ -131,6 +131,21 @@ def _min_max(at: str, model: type[BaseModel], message: str) -> CelRule:
 
 
 _MIN_MAX = "minReplicas exceeds maxReplicas; lower minReplicas or raise maxReplicas"
+
+
+def _autoscaling(fleets: str) -> list[CelRule]:
+    """The rules of an ``autoscaling`` block under ``spec.<fleets>[]``."""
+    at = f"spec.{fleets}[].autoscaling"
+    return [
+        _min_max(at, ep.AutoScaling, _MIN_MAX),
+        CelRule(at, f"has(self.prometheusUrl) || !({_custom_metric('targetTracking')} || "
+                    f"{_custom_metric('stepScaling')})",
+                "a Custom metric needs prometheusUrl; set it to your Prometheus server"),
+        *(CelRule(f"{at}.{policies}[]", "(self.metric == 'Custom') == has(self.query)",
+                  "set query exactly when metric is Custom")
+          for policies in ("targetTracking", "stepScaling")),
+        CelRule(f"{at}.scheduled[]", "self.minReplicas <= self.maxReplicas", _MIN_MAX),
+    ]
 _TYPE = f"(has(self.type) ? self.type : '{ep.EndpointType.REAL_TIME.value}')"
 
 
@@ -226,25 +241,20 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
             "inferenceExecution applies to containers only; remove it"),
     CelRule("spec.shadowVariants[]", "!has(self.admission)",
             "admission applies to production variants; remove it"),
-    CelRule("spec.shadowVariants[]", "!has(self.autoscaling)",
-            "autoscaling applies to production variants (a shadow keeps its replicas); remove "
-            "it and set replicas"),
+    CelRule("spec.shadowVariants[]",
+            "!has(self.autoscaling) || "
+            f"({_or_default(ep.AutoScaling, 'minReplicas', 'self.autoscaling')} >= 1 && "
+            "(!has(self.autoscaling.scheduled) || "
+            "self.autoscaling.scheduled.all(s, s.minReplicas >= 1)))",
+            "autoscaling cannot scale a shadow to zero (its copies would all be dropped); set "
+            "minReplicas (and each schedule's) to 1 or more"),
     CelRule("spec.shadowVariants[]", f"!(self.name in {_strings(RESERVED_VARIANT_NAMES)})",
             "is reserved for the Endpoint's own gateway objects; rename the variant", ".name"),
     CelRule("spec.shadowVariants[].env[]", f"!(self.name in {_strings(OPERATOR_ENV)})",
             "is set by the operator; remove it from the spec", ".name"),
-    # auto scaling (api.endpoint.AutoScaling, ScheduledScaling, _MetricRef)
-    _min_max("spec.variants[].autoscaling", ep.AutoScaling, _MIN_MAX),
-    CelRule("spec.variants[].autoscaling",
-            f"has(self.prometheusUrl) || !({_custom_metric('targetTracking')} || "
-            f"{_custom_metric('stepScaling')})",
-            "a Custom metric needs prometheusUrl; set it to your Prometheus server"),
-    *(CelRule(f"spec.variants[].autoscaling.{policies}[]",
-              "(self.metric == 'Custom') == has(self.query)",
-              "set query exactly when metric is Custom")
-      for policies in ("targetTracking", "stepScaling")),
-    CelRule("spec.variants[].autoscaling.scheduled[]",
-            "self.minReplicas <= self.maxReplicas", _MIN_MAX),
+    # auto scaling (api.endpoint.AutoScaling, ScheduledScaling, _MetricRef), of variants
+    # and shadow variants alike
+    *(rule for fleets in ("variants", "shadowVariants") for rule in _autoscaling(fleets)),
     # deployment guardrails (api.deployment_config, api.endpoint._check_guardrails)
     CelRule("spec", f"!has(self.deploymentConfig) || {_TYPE} == "
                     f"'{ep.EndpointType.REAL_TIME.value}'",

@@ -615,7 +615,9 @@ class ProductionVariant(VariantFleet):
 class ShadowVariant(VariantFleet):
     """A shadow variant (SageMaker ShadowProductionVariants): its own model servers get a
     sampled copy of answered production requests; its answers are compared with
-    production's and discarded, never returned to a client."""
+    production's and discarded, never returned to a client. With ``autoscaling`` it
+    scales on the copies it is offered (InvocationsPerReplica), its CPU or a PromQL
+    query, never to zero."""
 
     name: Annotated[
         str,
@@ -641,15 +643,19 @@ class ShadowVariant(VariantFleet):
     ] = 10.0
 
     @model_validator(mode="after")
-    def _no_admission(self) -> ShadowVariant:
+    def _fleet_limits(self) -> ShadowVariant:
         if self.admission is not None:
             raise ValueError(f"shadow variant {self.name!r}: admission applies to production "
                              "variants (a shadow's copies are bounded by the gateway's queue "
                              "per shadow); remove it")
-        if self.autoscaling is not None:
-            raise ValueError(f"shadow variant {self.name!r}: autoscaling applies to production "
-                             "variants (a shadow keeps its replicas); remove it and set "
-                             "replicas")
+        scaling = self.autoscaling
+        if scaling is not None and (scaling.minReplicas < 1
+                                    or any(s.minReplicas < 1 for s in scaling.scheduled)):
+            # Copies are sampled off answered requests and never held for a cold start:
+            # a shadow at zero would drop every one (and never see load to scale out on).
+            raise ValueError(f"shadow variant {self.name!r}: autoscaling cannot scale a "
+                             "shadow to zero (its copies would all be dropped); set "
+                             "minReplicas (and each schedule's) to 1 or more")
         return self
 
 

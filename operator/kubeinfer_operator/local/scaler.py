@@ -85,7 +85,7 @@ def keep_scaled_replicas(old: EndpointPlan | None, new: EndpointPlan) -> Endpoin
         if before is not None and v.autoscaling is not None:
             n = min(max(before.replicas, v.autoscaling.min_replicas), v.autoscaling.max_replicas)
             v = replace(v, replicas=n)
-        elif before is not None and new.serverless is not None:
+        elif before is not None and new.serverless is not None and new.scales_to_zero(v):
             v = replace(v, replicas=max(before.replicas, new.serverless.provisionedConcurrency))
         variants.append(v)
     return replace(new, variants=tuple(variants))
@@ -266,8 +266,9 @@ class LocalScaler:
         now_m = time.monotonic()
         plan = sup.current_plan()
         for variant in plan.variants:
-            if variant.shadow_sampling is not None:
-                continue  # shadows keep their replicas (never scaled to zero)
+            shadow = variant.shadow_sampling is not None
+            if shadow and variant.autoscaling is None:
+                continue  # a shadow keeps its replicas unless it has its own autoscaling
             children = sup._variant_children(variant.name, active=True)
             cpu: dict[str, float] = {}
             for child in children:
@@ -276,15 +277,15 @@ class LocalScaler:
                 if seconds is not None:
                     cpu[child.url] = seconds
             mem = self._memory(variant.name)
-            invocations = view.invocations.get(variant.name, 0.0)
+            invocations = view.offered(variant.name, shadow)
             mem.window.add(now_m, invocations, cpu)
             if mem.last_invocations is not None and invocations != mem.last_invocations:
                 mem.last_activity = now_m
             mem.last_invocations = invocations
             held = view.held.get(variant.name, 0.0)
-            waiting = held > 0 or (mem.requested_at is not None
-                                   and now_m - mem.requested_at < REQUEST_FRESH_S
-                                   and not children)
+            waiting = not shadow and (held > 0 or (mem.requested_at is not None
+                                                   and now_m - mem.requested_at < REQUEST_FRESH_S
+                                                   and not children))
             # Activity is per variant: answered requests (the counter moved) or
             # requests held for it. (In-flight is per endpoint: a request held
             # for another variant must not keep this one warm.)
@@ -319,7 +320,7 @@ class LocalScaler:
         now = datetime.now(UTC)
         offset = now.timestamp() - now_m
         last_activity = None if mem.last_activity is None else mem.last_activity + offset
-        serverless = plan.serverless_policy
+        serverless = plan.serverless_policy if plan.scales_to_zero(variant) else None
         if serverless is not None:
             decision = autoscale.decide_serverless(serverless, variant.autoscaling, current,
                                                    metrics, mem.state, last_activity, waiting,

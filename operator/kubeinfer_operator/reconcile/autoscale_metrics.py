@@ -113,11 +113,20 @@ class GatewayView:
     invocations: dict[str, float]
     held: dict[str, float]
     in_flight: float
+    #: Copies offered to each shadow (or mirror peer), whatever became of them: sent,
+    #: failed or dropped on a full queue. A shadow's load, as invocations are a variant's
+    #: (dropped copies count: they are load the shadow was too small to take).
+    copies: dict[str, float] = field(default_factory=dict)
+
+    def offered(self, variant: str, shadow: bool) -> float:
+        """The counter a variant's InvocationsPerReplica comes from."""
+        return (self.copies if shadow else self.invocations).get(variant, 0.0)
 
 
 def parse_gateway_metrics(text: str, endpoint: str) -> GatewayView:
     invocations: dict[str, float] = {}
     held: dict[str, float] = {}
+    copies: dict[str, float] = {}
     in_flight = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -130,7 +139,10 @@ def parse_gateway_metrics(text: str, endpoint: str) -> GatewayView:
                 held[labels["variant"]] = sample.value
             elif sample.name == "kubeinfer_gateway_in_flight_requests":
                 in_flight = sample.value
-    return GatewayView(invocations, held, in_flight)
+            elif sample.name == "kubeinfer_shadow_copies_total" and "peer" in labels:
+                # One series per (production variant, result): their sum still only grows.
+                copies[labels["peer"]] = copies.get(labels["peer"], 0.0) + sample.value
+    return GatewayView(invocations, held, in_flight, copies)
 
 
 def sum_views(views: Iterable[GatewayView]) -> GatewayView:
@@ -141,14 +153,17 @@ def sum_views(views: Iterable[GatewayView]) -> GatewayView:
     """
     invocations: dict[str, float] = {}
     held: dict[str, float] = {}
+    copies: dict[str, float] = {}
     in_flight = 0.0
     for view in views:
         for name, value in view.invocations.items():
             invocations[name] = invocations.get(name, 0.0) + value
         for name, value in view.held.items():
             held[name] = held.get(name, 0.0) + value
+        for name, value in view.copies.items():
+            copies[name] = copies.get(name, 0.0) + value
         in_flight += view.in_flight
-    return GatewayView(invocations, held, in_flight)
+    return GatewayView(invocations, held, in_flight, copies)
 
 
 def parse_cpu_seconds(text: str) -> float | None:

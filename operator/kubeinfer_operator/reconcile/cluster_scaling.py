@@ -99,17 +99,18 @@ class VariantMemory:
     by_hpa: bool = False
 
 
-def custom_metric_variants(plan: EndpointPlan) -> list[tuple[int, str, str, list[str]]]:
-    """(index, variant, prometheusUrl, PromQL queries) the gateway-scaled variants need."""
+def custom_metric_variants(plan: EndpointPlan) -> list[tuple[str, str, str, list[str]]]:
+    """(field path, variant, prometheusUrl, PromQL queries) the gateway-scaled variants
+    (and shadows) need."""
     hpa = k8s_autoscaling.hpa_variants(plan)
     out = []
-    for index, v in enumerate(plan.variants):
+    for v in plan.variants:
         policy = v.autoscaling
         if policy is None or not policy.prometheus_url or v.name in hpa:
             continue
         queries = [k[len("custom:"):] for k in policy.metric_keys() if k.startswith("custom:")]
         if queries:
-            out.append((index, v.name, policy.prometheus_url, queries))
+            out.append((plan.field_path(v.name), v.name, policy.prometheus_url, queries))
     return out
 
 
@@ -170,22 +171,23 @@ class ScalerMemory:
         hpa = k8s_autoscaling.hpa_variants(plan)
         messages = []
         for variant in plan.variants:
-            if ((plan.serverless is None and variant.autoscaling is None) or variant.name in hpa
-                    or variant.shadow_sampling is not None):  # shadows keep their replicas
-                continue
+            shadow = variant.shadow_sampling is not None
+            serverless = plan.serverless_policy if plan.scales_to_zero(variant) else None
+            if (serverless is None and variant.autoscaling is None) or variant.name in hpa:
+                continue  # fixed replicas (a shadow without autoscaling too), or an HPA's
             mem = self._mem((namespace, plan.name, variant.name))
             replicas = current.get(variant.name, variant.replicas)
             # A pod that answered without the variant's series counts 0 (restarted).
             invocations = mem.invocations.update(
-                {url: v.invocations.get(variant.name, 0.0) for url, v in answered.items()},
+                {url: v.offered(variant.name, shadow) for url, v in answered.items()},
                 keep=views.keys())
             mem.window.add(now_m, invocations, {})
             if mem.last_invocations is not None and invocations != mem.last_invocations:
                 mem.last_activity = now_m
             mem.last_invocations = invocations
-            waiting = summed.held.get(variant.name, 0.0) > 0 or (
+            waiting = not shadow and (summed.held.get(variant.name, 0.0) > 0 or (
                 mem.requested_at is not None and now_m - mem.requested_at < REQUEST_FRESH_S
-                and replicas == 0)
+                and replicas == 0))
             if waiting:  # per variant; in-flight is per endpoint (see local.scaler)
                 mem.last_activity = now_m
             values: dict[str, float | None] = {
@@ -193,7 +195,6 @@ class ScalerMemory:
                     mem.window.invocations_per_replica_per_minute(replicas)}
             values.update(custom.get(variant.name, {}))
             policy = variant.autoscaling
-            serverless = plan.serverless_policy
             if serverless is not None:
                 last = None if mem.last_activity is None else mem.last_activity + offset
                 decision = autoscale.decide_serverless(serverless, policy, replicas, values,
@@ -267,7 +268,7 @@ class ScalerMemory:
         hpa = k8s_autoscaling.hpa_variants(plan)
         variants = []
         for v in plan.variants:
-            scaled = (plan.serverless is not None or v.autoscaling is not None
+            scaled = (plan.scales_to_zero(v) or v.autoscaling is not None
                       or plan.async_config is not None)
             mem = self.memory.get((namespace, plan.name, v.name))
             if v.name in hpa:

@@ -38,7 +38,7 @@ MAX_STABILIZATION_S = 3600
 def hpa_cpu_target(plan: EndpointPlan, variant: VariantPlan) -> float | None:
     """The CPUUtilization target of a variant an HPA scales, or None (our scaler, if any)."""
     policy = variant.autoscaling
-    if (policy is None or plan.serverless is not None or plan.async_config is not None
+    if (policy is None or plan.scales_to_zero(variant) or plan.async_config is not None
             or not policy.target_tracking or policy.step_scaling or policy.scheduled
             or policy.min_replicas < 1
             or any(tt.metric is not CPU for tt in policy.target_tracking)):
@@ -121,10 +121,11 @@ _CPU_FIX = ("use CPUUtilization alone in targetTracking (no stepScaling, schedul
             "container_cpu_usage_seconds_total")
 
 
-def _conflicts(plan: EndpointPlan, policy: autoscale.Policy) -> list[str]:
+def _conflicts(plan: EndpointPlan, variant: VariantPlan,
+               policy: autoscale.Policy) -> list[str]:
     """What keeps a policy using CPUUtilization from becoming an HPA."""
     out = []
-    if plan.serverless is not None:
+    if plan.scales_to_zero(variant):
         out.append("a Serverless endpoint (an HPA cannot scale to zero)")
     if policy.min_replicas < 1:
         out.append("minReplicas 0 (an HPA cannot scale to zero)")
@@ -143,12 +144,12 @@ def autoscaling_problems(plan: EndpointPlan) -> list[str]:
     Each problem names the field (``spec.variants[i].autoscaling...``) and the fix.
     """
     problems: list[str] = []
-    for i, variant in enumerate(plan.variants):
+    for variant in plan.variants:
         policy = variant.autoscaling
         if policy is None or hpa_cpu_target(plan, variant) is not None:
             continue
-        path = f"spec.variants[{i}].autoscaling"
-        conflicts = _conflicts(plan, policy)
+        path = f"{plan.field_path(variant.name)}.autoscaling"
+        conflicts = _conflicts(plan, variant, policy)
         for j, tt in enumerate(policy.target_tracking):
             if tt.metric is CPU:
                 problems.append(

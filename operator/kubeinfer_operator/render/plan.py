@@ -210,6 +210,21 @@ class EndpointPlan:
     def variant(self, name: str) -> VariantPlan | None:
         return next((v for v in self.variants if v.name == name), None)
 
+    def scales_to_zero(self, variant: VariantPlan) -> bool:
+        """Whether the serverless policy scales ``variant``: every production variant of
+        a Serverless endpoint; never a shadow (its copies are not held for a cold start,
+        so it keeps its replicas, or its own autoscaling with minReplicas 1 or more)."""
+        return self.serverless is not None and variant.shadow_sampling is None
+
+    def field_path(self, name: str) -> str:
+        """Where variant ``name`` is written in the spec: ``spec.variants[i]`` or
+        ``spec.shadowVariants[j]`` (the plan lists shadows after the variants)."""
+        shadows = [v.name for v in self.variants if v.shadow_sampling is not None]
+        if name in shadows:
+            return f"spec.shadowVariants[{shadows.index(name)}]"
+        production = [v.name for v in self.variants if v.shadow_sampling is None]
+        return f"spec.variants[{production.index(name)}]"
+
     def route_table(self, upstreams: dict[str, list[str]],
                     discovery: Literal["static", "dns"] = "static",
                     auth: AuthRoute | None = None) -> RouteTable:
@@ -380,7 +395,8 @@ def plan_endpoint(endpoint: Endpoint, *, base_dir: str | None = None,
     if spec.type is EndpointType.SERVERLESS:
         serverless = spec.serverless or ServerlessConfig()
     variants = tuple(_variant_plan(v, base_dir, serverless) for v in spec.variants)
-    # Shadows run model servers as variants do (never scaled: no serverless policy).
+    # Shadows run model servers as variants do, outside the serverless policy (never
+    # scaled to zero): fixed replicas, or their own autoscaling.
     variants += tuple(replace(_variant_plan(sv, base_dir), weight=0.0,
                               shadow_sampling=sv.samplingPercentage,
                               shadow_timeout_s=sv.timeoutSeconds)

@@ -306,9 +306,8 @@ class ClusterScaler(ScalerMemory):
             return []
         views = await self.scrape(plan.name, gateway_url, pods_url, fetch or self._fetch)
         custom: dict[str, dict[str, float | None]] = {}
-        for index, variant, url, queries in custom_metric_variants(plan):
-            field = f"Endpoint {namespace}/{plan.name}: spec.variants[{index}]" \
-                    ".autoscaling.prometheusUrl"
+        for path, variant, url, queries in custom_metric_variants(plan):
+            field = f"Endpoint {namespace}/{plan.name}: {path}.autoscaling.prometheusUrl"
             custom[variant] = {f"custom:{q}": await self._prometheus(url, q, field)
                                for q in queries}
         return self.decide_scraped(plan, namespace, current, views, custom,
