@@ -51,7 +51,8 @@ SIDE_PEER = "peer"
 DEFAULT_TIMEOUT_S = 10.0
 #: Copies waiting per peer by default; past it new copies are dropped and counted.
 DEFAULT_QUEUE_SIZE = 256
-#: Copies in flight per peer by default (the peer's own connections, never production's).
+#: Copies in flight per model server of a peer by default (the peer's own connections, never
+#: production's): a peer with N servers has N times as many workers.
 DEFAULT_CONCURRENCY = 8
 
 

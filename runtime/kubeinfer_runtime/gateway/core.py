@@ -81,7 +81,8 @@ class GatewayCore:
 
     def apply(self, table: RouteTable) -> list[str]:
         """Put ``table`` in force; returns upstreams not tracked before (to check now)."""
-        routes = compile_table(discovery.expand(table, self.resolved), self.admission)
+        expanded = discovery.expand(table, self.resolved)
+        routes = compile_table(expanded, self.admission)
         upstreams = routes.upstreams()
         added = self.health.track(upstreams)
         self.auth = self._auth_of(table)
@@ -91,7 +92,7 @@ class GatewayCore:
             endpoint = routes.endpoints.get(name)
             if endpoint is not None:
                 endpoint.taps = taps
-        for name, taps in self.shadows.apply(table, routes, self.capture.taps).items():
+        for name, taps in self.shadows.apply(expanded, routes, self.capture.taps).items():
             endpoint = routes.endpoints.get(name)
             if endpoint is not None:
                 endpoint.taps = (*endpoint.taps, *taps)

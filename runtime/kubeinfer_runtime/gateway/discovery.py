@@ -20,9 +20,11 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 from urllib.parse import urlsplit
 
-from kubeinfer_runtime.contract import RouteTable
+from kubeinfer_runtime.contract import RouteTable, VariantRoute
+from kubeinfer_runtime.contract.shadow import ShadowRoute
 
 log = logging.getLogger("kubeinfer.gateway")
 
@@ -33,32 +35,40 @@ _NO_ADDRESS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAM
 
 def dns_upstreams(table: RouteTable) -> set[str]:
     """The upstream URLs the table asks the gateway to resolve per pod."""
-    return {
-        url
-        for endpoint in table.endpoints.values()
-        for variant in endpoint.variants
-        if variant.discovery == "dns"
-        for url in variant.upstreams
-    }
+    urls: set[str] = set()
+    for endpoint in table.endpoints.values():
+        for variant in endpoint.variants:
+            if variant.discovery == "dns":
+                urls.update(variant.upstreams)
+        for shadow in endpoint.shadows:
+            if shadow.discovery == "dns":
+                urls.update(shadow.upstreams)
+    return urls
 
 
 def expand(table: RouteTable, resolved: Mapping[str, Sequence[str]]) -> RouteTable:
-    """``table`` with every resolved DNS upstream replaced by its pod URLs."""
+    """``table`` with every resolved DNS upstream replaced by its pod URLs (variants'
+    and shadows': a shadow's copies are spread over its pods as requests are)."""
     if not resolved:
         return table
     endpoints = {}
     for name, endpoint in table.endpoints.items():
-        variants = []
-        for variant in endpoint.variants:
-            if variant.discovery != "dns":
-                variants.append(variant)
-                continue
-            urls: list[str] = []
-            for url in variant.upstreams:
-                urls.extend(resolved.get(url, (url,)))
-            variants.append(variant.model_copy(update={"upstreams": urls}))
-        endpoints[name] = endpoint.model_copy(update={"variants": variants})
+        endpoints[name] = endpoint.model_copy(update={
+            "variants": [_expanded(v, resolved) for v in endpoint.variants],
+            "shadows": [_expanded(s, resolved) for s in endpoint.shadows]})
     return table.model_copy(update={"endpoints": endpoints})
+
+
+F = TypeVar("F", VariantRoute, ShadowRoute)
+
+
+def _expanded(fleet: F, resolved: Mapping[str, Sequence[str]]) -> F:
+    if fleet.discovery != "dns":
+        return fleet
+    urls: list[str] = []
+    for url in fleet.upstreams:
+        urls.extend(resolved.get(url, (url,)))
+    return fleet.model_copy(update={"upstreams": urls})
 
 
 def pod_urls(url: str, addresses: Iterable[str]) -> tuple[str, ...]:

@@ -6,7 +6,9 @@ of the endpoint (a shadow variant, ``contract.ShadowRoute``, or a mirror,
 shared ``Exchange`` on the peer's bounded queue; a full queue drops the copy
 and counts it (``result="dropped"``). Nothing else happens there.
 
-Each peer has ``concurrency`` worker tasks. A worker sends the copy (the
+Each peer has ``concurrency`` worker tasks per model server (per upstream URL:
+a shadow that scales out gets the workers to feed its new replicas, and its
+pods are resolved one by one as a variant's are). A worker sends the copy (the
 request body and the headers production got) to the peer's model servers
 round-robin, with the peer's own ``UpstreamClient`` (its own connections:
 never production's pool, admission slots or health table) and the peer's
@@ -59,6 +61,9 @@ _CONTENT_TYPE = b"content-type"
 #: Pairs whose bodies together exceed this are compared in a thread.
 INLINE_COMPARE_BYTES = 64 << 10
 
+#: Workers of one peer at most, however many model servers it has.
+MAX_WORKERS = 1024
+
 SENT = "sent"
 FAILED = "failed"
 DROPPED = "dropped"
@@ -80,6 +85,11 @@ class PeerConfig:
     #: Capture the peer's answers when production's were (shadows only).
     capture: bool = False
 
+    @property
+    def workers(self) -> int:
+        """Copies in flight at most: ``concurrency`` per model server."""
+        return min(MAX_WORKERS, self.concurrency * max(1, len(self.upstreams)))
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -100,7 +110,10 @@ class Peer:
         self.client = client
         self.queue: asyncio.Queue[tuple[Exchange, CaptureTap | None]] = asyncio.Queue(
             config.queue_size)
-        self.workers: list[asyncio.Task[None]] = []
+        #: The worker tasks in service; one leaves this set to retire after its copy.
+        self.workers: set[asyncio.Task[None]] = set()
+        #: Retired workers still finishing a copy (referenced until done).
+        self._retiring: set[asyncio.Task[None]] = set()
         self._cursor = 0
         self._children: dict[tuple[Any, ...], Any] = {}
         self._by_variant: dict[str, _Series] = {}
@@ -119,19 +132,36 @@ class Peer:
     # -- the workers -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self.workers = [asyncio.create_task(self._work(), name=f"shadow-{self.config.name}-{i}")
-                        for i in range(self.config.concurrency)]
+        self.resize()
+
+    def resize(self) -> None:
+        """Match the workers to the config (its model servers came or went): add them,
+        or retire the surplus, each once its copy in hand is done (none is lost)."""
+        want = self.config.workers
+        while len(self.workers) < want:
+            self.workers.add(asyncio.create_task(
+                self._work(), name=f"shadow-{self.config.name}-{len(self.workers)}"))
+        while len(self.workers) > want:
+            task = self.workers.pop()
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    def cancel(self) -> list[asyncio.Task[None]]:
+        """Cancel every worker (copies still queued are not sent); the tasks."""
+        tasks = [*self.workers, *self._retiring]
+        for task in tasks:
+            task.cancel()
+        self.workers, self._retiring = set(), set()
+        return tasks
 
     async def stop(self) -> None:
-        for task in self.workers:
-            task.cancel()
-        for task in self.workers:
+        for task in self.cancel():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self.workers = []
 
     async def _work(self) -> None:
-        while True:
+        me = asyncio.current_task()
+        while me in self.workers:
             exchange, capture = await self.queue.get()
             try:
                 outcome = await self.send(exchange, capture)
@@ -282,9 +312,9 @@ class ShadowTaps:
     """The gateway's shadow taps, by endpoint: a tap provider for ``GatewayCore.apply``.
 
     ``apply`` keeps an endpoint's tap, and each peer's queue and workers, across
-    reloads (a peer whose settings changed gets them in place; a new queue size
-    or concurrency restarts its workers); peers and endpoints that went away are
-    stopped.
+    reloads (a peer whose settings changed gets them in place, its workers resized
+    to its model servers; a new queue size restarts them); peers and endpoints that
+    went away are stopped.
     """
 
     def __init__(self, *, rng: random.Random | None = None, max_idle: int = 32) -> None:
@@ -330,10 +360,11 @@ class ShadowTaps:
             self._stop(tap.peers.pop(key))
         for key, config in configs.items():
             peer = tap.peers.get(key)
-            if peer is not None and (peer.config.queue_size, peer.config.concurrency) == (
-                    config.queue_size, config.concurrency):
+            if peer is not None and peer.config.queue_size == config.queue_size:
                 if peer.config != config:
                     peer.config = config
+                    if peer.workers:  # started (lazily, by its first copy)
+                        peer.resize()
                 continue
             if peer is not None:
                 self._stop(peer)
@@ -346,9 +377,7 @@ class ShadowTaps:
     @staticmethod
     def _stop(peer: Peer) -> None:
         """Cancel ``peer``'s workers (copies still queued are not sent)."""
-        for task in peer.workers:
-            task.cancel()
-        peer.workers = []
+        peer.cancel()
 
     async def close(self) -> None:
         """Stop every worker; copies still queued are not sent."""

@@ -1,0 +1,108 @@
+"""A shadow's copies follow its model servers: pods resolved one by one, and
+``concurrency`` workers per server, resized in place when it scales (no copy lost).
+
+In-process: ``Peer`` with a stand-in upstream client that holds each request
+until the test lets it answer, so how many copies are in flight is observable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+from kubeinfer_runtime.contract import EndpointRoute, RouteTable, VariantRoute
+from kubeinfer_runtime.contract.shadow import ShadowRoute
+from kubeinfer_runtime.gateway import shadow as shadow_module
+from kubeinfer_runtime.gateway.discovery import dns_upstreams, expand
+from kubeinfer_runtime.gateway.shadow import Peer, PeerConfig
+from kubeinfer_runtime.gateway.taps import Exchange
+from kubeinfer_runtime.gateway.upstream import UpstreamResponse
+
+SVC = "http://iris-cand.ns.svc:8080"
+#: Its own endpoint name: the metrics are process-wide, counted from zero here.
+ENDPOINT = "shadow-workers-test"
+
+
+def config(*upstreams: str, concurrency: int = 2) -> PeerConfig:
+    return PeerConfig(name="cand", upstreams=upstreams, sampling_percentage=100.0,
+                      timeout_s=5.0, queue_size=1000, concurrency=concurrency)
+
+
+def exchange(i: int) -> Exchange:
+    return Exchange(endpoint=ENDPOINT, variant="primary", request_body=b"%d" % i, status=200,
+                    response_body=b"[0]", response_content_type="application/json",
+                    upstream_latency_s=0.001, event_id=str(i), wall_time=0.0)
+
+
+class HeldClient:
+    """Answers each request only when ``release`` is called; counts them by URL."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.by_url: Counter[str] = Counter()
+        self.gate = asyncio.Event()
+
+    async def request(self, url: str, *args: Any, **kw: Any) -> UpstreamResponse:
+        self.by_url[url] += 1
+        self.in_flight += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.in_flight -= 1
+        return UpstreamResponse(200, [(b"content-type", b"application/json")], b"[0]")
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_workers_are_concurrency_per_model_server_capped() -> None:
+    assert config().workers == 2  # no server yet: still one set (copies fail fast)
+    assert config("a", "b", "c").workers == 6
+    assert config(*(f"u{i}" for i in range(300)), concurrency=8).workers == \
+        shadow_module.MAX_WORKERS
+
+
+async def test_a_scaled_shadow_gets_workers_for_its_new_servers_and_loses_no_copy() -> None:
+    client = HeldClient()
+    peer = Peer(ENDPOINT, config("http://a"), client)  # type: ignore[arg-type]
+    for i in range(40):
+        peer.offer(exchange(i), None)
+    await settle()
+    assert (len(peer.workers), client.in_flight) == (2, 2)
+
+    # Scaled out to three servers: six in flight, spread round-robin over them.
+    peer.config = config("http://a", "http://b", "http://c")
+    peer.resize()
+    await settle()
+    assert (len(peer.workers), client.in_flight) == (6, 6)
+
+    # Back to one: the surplus workers finish the copy in hand, then leave.
+    peer.config = config("http://a")
+    peer.resize()
+    assert len(peer.workers) == 2
+    client.gate.set()
+    for _ in range(200):
+        await settle()
+        if peer.queue.empty() and client.in_flight == 0:
+            break
+    sent = peer._series("primary").sent
+    assert sent._value.get() == 40  # every copy sent once: none lost to the resize
+    assert len(peer._retiring) == 0 or all(t.done() for t in peer._retiring)
+    assert {url for url in client.by_url} >= {"http://a", "http://b", "http://c"}
+    await peer.stop()
+    assert not peer.workers and not peer._retiring
+
+
+def test_shadows_behind_headless_services_are_resolved_per_pod() -> None:
+    table = RouteTable(revision=1, endpoints={"iris": EndpointRoute(
+        name="iris",
+        variants=[VariantRoute(name="primary", weight=1, upstreams=["http://p:8080"])],
+        shadows=[ShadowRoute(name="cand", upstreams=[SVC], discovery="dns")])})
+    assert dns_upstreams(table) == {SVC}
+    out = expand(table, {SVC: ("http://10.0.0.1:8080", "http://10.0.0.2:8080")})
+    [shadow] = out.endpoints["iris"].shadows
+    assert shadow.upstreams == ["http://10.0.0.1:8080", "http://10.0.0.2:8080"]
+    assert out.endpoints["iris"].variants[0].upstreams == ["http://p:8080"]
