@@ -163,3 +163,32 @@ def test_a_bad_canary_rolls_back_and_a_good_one_completes(local: Local, tmp_path
         load.stopped.set()
         load.thread.join(5)
     assert not [o for _, o in load.outcomes if o.startswith("broken:")]
+
+
+def test_a_canary_that_cannot_load_its_model_rolls_back_at_once(local: Local,
+                                                                 tmp_path: Path) -> None:
+    """Green's model server gives up on its model ("failed to load"): the rollout is
+    RolledBack (GreenFailed) at once instead of Provisioning until the 8-hour default
+    maximumExecutionTimeoutInSeconds; blue answers every request throughout."""
+    up(local, identity_model(tmp_path / "blue.onnx"), 3)
+    load = Load(state(local)["url"])
+    load.thread.start()
+    try:
+        wait_until(lambda: len(load.outcomes) >= 10, 10, "blue answering")
+        broken = tmp_path / "broken.onnx"
+        broken.write_bytes(b"not an onnx model")
+        path = local.write("guard.yaml", manifest(broken, 3))
+        local.run("up", "-d", "-f", str(path), "--timeout", "60", timeout=90)
+        wait_until(lambda: rollout(local).get("phase") == "RolledBack", 60, "rolled back",
+                   interval=0.1)
+        got = rollout(local)
+        assert got["reason"] == "GreenFailed", got
+        assert "cannot become ready" in got["message"] and "failed to load" in got["message"]
+        wait_until(lambda: not any(n.startswith("primary-green") for n in servers(local)),
+                   10, "green's servers stopped")
+        mark = time.monotonic()
+        wait_until(lambda: len(load.since(mark)) >= 10, 10, "requests after the rollback")
+    finally:
+        load.stopped.set()
+        load.thread.join(5)
+    assert {o for _, o in load.outcomes} == {"ok:primary"}

@@ -74,3 +74,39 @@ def test_a_canary_rollout_shifts_traffic_in_steps_and_removes_blue(kube: Kube) -
     # The status patch follows the deletion of blue; on a loaded runner it comes later.
     wait_for(lambda: ((kube.get("Endpoint", NS, "iris") or {}).get("status", {}).get(
         "rollouts") or [{}])[0].get("phase") == "Complete", what="the rollout Complete")
+
+
+def test_a_green_fleet_past_its_progress_deadline_is_rolled_back_at_once(kube: Kube) -> None:
+    """Green's Deployment reports Progressing=False (ProgressDeadlineExceeded: its pods
+    never became ready): the rollout is RolledBack (GreenFailed), not left Provisioning
+    until maximumExecutionTimeoutInSeconds (8 h by default); blue serves throughout."""
+    doc = endpoint("s3://m/v1.onnx")
+    doc["metadata"]["name"] = "stuck"
+    kube.create(doc, NS)
+    wait_for(lambda: kube.get("Deployment", NS, "stuck-primary"), what="blue Deployment")
+    kube.make_available(NS, "stuck-primary")
+    kube.patch("Endpoint", NS, "stuck", {"spec": {"variants": [
+        {"name": "primary", "replicas": 2, "model": {"uri": "s3://m/broken.onnx"}}]}})
+    green = wait_for(lambda: kube.get("Deployment", NS, "stuck-primary-green"),
+                     what="green fleet")
+    r = kube.patch("Deployment", NS, "stuck-primary-green", {"status": {
+        "observedGeneration": green["metadata"]["generation"], "replicas": 2,
+        "updatedReplicas": 2, "readyReplicas": 0, "availableReplicas": 0,
+        "conditions": [{"type": "Progressing", "status": "False",
+                        "reason": "ProgressDeadlineExceeded",
+                        "message": 'ReplicaSet "stuck-primary-green-5d8" has timed out '
+                                   "progressing."}]}}, sub="status")
+    assert r.status_code == 200, r.text
+
+    def rolled_back() -> dict[str, Any] | None:
+        status = (kube.get("Endpoint", NS, "stuck") or {}).get("status") or {}
+        conds = {c["type"]: c for c in status.get("conditions") or []}
+        cond = conds.get("RolledBack")
+        return cond if cond and cond.get("status") == "True" else None
+
+    cond = wait_for(rolled_back, timeout=15, what="RolledBack")
+    assert cond["reason"] == "GreenFailed", cond
+    assert "ProgressDeadlineExceeded" in cond["message"], cond
+    wait_for(lambda: kube.get("Deployment", NS, "stuck-primary-green") is None,
+             what="green removed")
+    assert kube.get("Deployment", NS, "stuck-primary") is not None

@@ -204,6 +204,7 @@ def roll_back(kube: Kube, name: str, alarm: dict[str, Any],
     assert after["metadata"]["generation"] == before["metadata"]["generation"]
     status = (kube.get("Endpoint", NS, name) or {}).get("status") or {}
     assert status["rollouts"][0]["phase"] == "RolledBack"
+    assert status["rollouts"][0]["reason"] == "AlarmTripped"
     assert status["rollouts"][0]["trafficToGreen"] == 0
     events = wait_for(lambda: [e for e in kube.list("Event", NS)
                                if e["reason"] == "RolledBack"
@@ -218,7 +219,7 @@ def test_an_error_rate_alarm_rolls_back_to_blue_at_once(kube: Kube) -> None:
     for text in (cond["message"], event):
         assert "alarm green-errors: errorRate 0.5 vs threshold 0.1" in text
         assert "all traffic is on primary" in text
-    assert cond["reason"] == "RolledBack"
+    assert cond["reason"] == "AlarmTripped"
 
 
 def test_a_latency_alarm_rolls_back_to_blue_at_once(kube: Kube) -> None:

@@ -184,6 +184,31 @@ def test_a_green_fleet_that_never_gets_ready_times_out() -> None:
     assert d.state and d.state.phase is ro.Phase.ROLLED_BACK and d.weights == {"a": 1.0}
 
 
+def test_a_green_fleet_that_cannot_become_ready_rolls_back_at_once() -> None:
+    for phase_at in ("provisioning", "baking"):
+        run = Run(config(CANARY))  # the default timeout: 8 hours
+        run.tick(0)
+        if phase_at == "baking":
+            assert run.tick(1).state.phase is ro.Phase.BAKING  # type: ignore[union-attr]
+        why = "model server a-green-0 is not ready: model failed to load"
+        # A failure reported for a fleet running another spec is not this rollout's.
+        run.fleets["a-green"] = ro.Fleet(OLD, 0, why)
+        d = ro.decide(variant="a", config=run.cfg, replicas=4, desired_hash=NEW,
+                      previous=run.state, fleets=run.fleets, now=T0 + timedelta(seconds=2))
+        assert d.state and d.state.phase is not ro.Phase.ROLLED_BACK
+        run.fleets["a-green"] = ro.Fleet(NEW, 0, why)
+        d = ro.decide(variant="a", config=run.cfg, replicas=4, desired_hash=NEW,
+                      previous=run.state, fleets=run.fleets, now=T0 + timedelta(seconds=2))
+        assert d.state and d.state.phase is ro.Phase.ROLLED_BACK, phase_at
+        assert d.weights == {"a": 1.0} and d.fleets == {"a": ro.FleetPlan(4, keep=True)}
+        assert d.extra == {"reason": ro.REASON_GREEN_FAILED}
+        assert f"fleet a-green cannot become ready: {why}" in d.state.message
+        assert d.events[0][0] == "RolledBack" and d.events[0][2] == "Warning"
+        cond = ro.conditions({"a": d}, 3)[0]
+        assert (cond["status"], cond["reason"]) == ("True", "GreenFailed")
+        assert ro.RolloutState.from_status(d.state.to_status()) == d.state
+
+
 def test_a_new_spec_supersedes_the_rollout_in_the_same_green_slot() -> None:
     run = Run(config(CANARY))
     run.tick(0)

@@ -374,5 +374,9 @@ class RolloutStatus(BaseModel):
     startedAt: str | None = Field(default=None, description="When the rollout started.")
     stepStartedAt: str | None = Field(default=None, description="When the step started.")
     message: str = Field(default="", description="What is happening, in words.")
+    reason: str | None = Field(default=None, description="Why a RolledBack rollout was "
+                                                         "rolled back: AlarmTripped, Timeout "
+                                                         "or GreenFailed (the green fleet "
+                                                         "cannot become ready).")
     lastAlarmEvaluation: list[AlarmEvaluationStatus] = Field(
         default_factory=list, description="Each alarm's latest evaluation.")

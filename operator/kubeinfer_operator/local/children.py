@@ -43,6 +43,14 @@ from kubeinfer_operator.local.state import ProcessState, ProcState, process_star
 from kubeinfer_runtime.contract import Role
 
 HOST = "127.0.0.1"
+#: Crashes in a row after which a new server is given up on (a rollout, an apply).
+CRASH_LIMIT = 3
+#: What the model server's /ping says when its model will never be ready (it
+#: never retries: a new model means a new process), as opposed to "still
+#: loading": the model failed to load, or loaded and failed its warm-up
+#: inference, or a pipeline's handler cannot be imported. Same words as the
+#: runtime's ``server.state.LOAD_FAILED_MARKER`` (a unit test keeps them equal).
+LOAD_FAILED = "failed to load"
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,22 @@ class Child:
     @property
     def ready(self) -> bool:
         return self.state is ProcState.READY and self.running
+
+    def failure(self) -> str | None:
+        """Why this server will not become ready by waiting (None: it may): it gave up on
+        its model for good, or crashed ``CRASH_LIMIT`` times in a row."""
+        if self.running and self.state is ProcState.NOT_READY and LOAD_FAILED in self.reason:
+            return f"model server {self.name} is not ready: {self.reason}"
+        streak = self.crash.streak
+        if streak >= CRASH_LIMIT and self.last_termination == OOM_KILLED:
+            return (f"model server {self.name} was {OOM_KILLED} {streak} times in a row: "
+                    f"{self.last_termination_message}")
+        if streak >= CRASH_LIMIT:
+            last = tail(self.spec.log_path, lines=6)
+            return (f"model server {self.name} crashed {streak} times in a row (last: "
+                    f"{self.reason}); see {self.spec.log_path}"
+                    + (f"; last lines:\n{last}" if last else ""))
+        return None
 
     def start(self, *, port: int | None = None) -> None:
         """Spawn the process, on ``port``, else its previous port while free, else a free one."""

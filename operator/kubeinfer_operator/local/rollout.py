@@ -153,8 +153,9 @@ class LocalRollouts:
         if not children:
             return None
         newest = children[-1].spec.server_hash
-        return ro.Fleet(newest, sum(1 for c in children
-                                    if c.spec.server_hash == newest and c.ready))
+        current = [c for c in children if c.spec.server_hash == newest]
+        failure = next((f for c in current if (f := c.failure()) is not None), None)
+        return ro.Fleet(newest, sum(1 for c in current if c.ready), failure)
 
     def _for_machine(self, v: str) -> ro.RolloutState | None:
         state = self.states.get(v)

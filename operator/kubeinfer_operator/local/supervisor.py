@@ -40,19 +40,18 @@ from kubeinfer_operator.api.endpoint import ServerlessConfig, format_validation_
 from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.local.async_local import AsyncConfigError, AsyncLocal
 from kubeinfer_operator.local.backoff import BackoffPolicy
+from kubeinfer_operator.local.children import LOAD_FAILED as LOAD_FAILED
 from kubeinfer_operator.local.children import Child, ChildSpec, poll_until
 from kubeinfer_operator.local.credentials import LocalAuthError, resolve_auth
 from kubeinfer_operator.local.manifest import outbound_policy, parse_endpoint
-from kubeinfer_operator.local.memory import OOM_KILLED, Verdict, memory_limit, oom_event
+from kubeinfer_operator.local.memory import Verdict, memory_limit, oom_event
 from kubeinfer_operator.local.paths import EndpointPaths
-from kubeinfer_operator.local.process import tail
 from kubeinfer_operator.local.rollout import LocalRollouts
 from kubeinfer_operator.local.scaler import LocalScaler, keep_scaled_replicas
 from kubeinfer_operator.local.state import (
     ApplyResult,
     DesiredSpec,
     EndpointState,
-    ProcState,
     VariantState,
     append_event,
     process_start_time,
@@ -73,14 +72,6 @@ log = logging.getLogger("kubeinfer.local")
 
 #: Exit status of a supervisor that found another one running for the endpoint.
 EXIT_ALREADY_RUNNING = 3
-#: A rollout gives up early when a new server crashed this many times in a row.
-CRASH_LIMIT = 3
-#: What the model server's /ping says when its model will never be ready (it
-#: never retries: a new model means a new process), as opposed to "still
-#: loading": the model failed to load, or loaded and failed its warm-up
-#: inference, or a pipeline's handler cannot be imported. Same words as the
-#: runtime's ``server.state.LOAD_FAILED_MARKER`` (a unit test keeps them equal).
-LOAD_FAILED = "failed to load"
 #: How often model servers are measured against their memory limits (seconds;
 #: 0 or less switches enforcement off). Reading /proc costs microseconds, in the
 #: supervisor, never on a model server's request path.
@@ -393,17 +384,9 @@ class Supervisor:
             if all(c.ready for c in children):
                 return None
             for c in children:
-                if c.running and c.state is ProcState.NOT_READY and LOAD_FAILED in c.reason:
-                    # The model server gave up on its model for good; waiting is pointless.
-                    return f"{label}: model server {c.name} is not ready: {c.reason}"
-                if c.crash.streak >= CRASH_LIMIT and c.last_termination == OOM_KILLED:
-                    return (f"{label}: model server {c.name} was {OOM_KILLED} {c.crash.streak} "
-                            f"times in a row: {c.last_termination_message}")
-                if c.crash.streak >= CRASH_LIMIT:
-                    last = tail(c.spec.log_path, lines=6)
-                    return (f"{label}: model server {c.name} crashed {c.crash.streak} times in a "
-                            f"row (last: {c.reason}); see {c.spec.log_path}"
-                            + (f"; last lines:\n{last}" if last else ""))
+                failure = c.failure()
+                if failure is not None:
+                    return f"{label}: {failure}"
             if time.monotonic() >= deadline:
                 waiting = [c for c in children if not c.ready]
                 detail = "; ".join(f"{c.name}: {c.reason or c.state.value}" for c in waiting)

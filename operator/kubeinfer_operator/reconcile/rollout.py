@@ -20,6 +20,7 @@ condition and Events out. Phases::
     Baking(k) ──baked, alarms evaluable──▶ Provisioning(k+1) | Baking(k+1) | Terminating
     Terminating ──terminationWait──▶ Complete (green slot serves, blue removed)
     any of them ──alarm tripped / timeout──▶ RolledBack (all traffic on blue, green removed)
+    Provisioning, Baking ──green cannot become ready──▶ RolledBack (reason GreenFailed)
     any of them ──spec changes again──▶ Provisioning(1) of the new hash (same green slot),
                                         or Complete on blue when it goes back to blue's hash
 
@@ -49,6 +50,11 @@ CONDITION_ROLLED_BACK = "RolledBack"
 #: Progressing reasons while a rollout runs / after one was rolled back.
 REASON_ROLLING_OUT = "RollingOut"
 REASON_ROLLED_BACK = "RolledBack"
+#: RolledBack reasons: an alarm tripped, maximumExecutionTimeoutInSeconds passed, the
+#: green fleet cannot become ready.
+REASON_ALARM_TRIPPED = "AlarmTripped"
+REASON_TIMEOUT = "Timeout"
+REASON_GREEN_FAILED = "GreenFailed"
 #: Event reasons.
 EVENT_STARTED = "RolloutStarted"
 EVENT_SHIFTED = "TrafficShifted"
@@ -140,6 +146,9 @@ class RolloutState:
     step_started_at: float = 0.0
     message: str = ""
     last_evaluation: tuple[dict[str, Any], ...] = ()
+    #: RolledBack only: why (``REASON_ALARM_TRIPPED``, ``REASON_TIMEOUT``,
+    #: ``REASON_GREEN_FAILED``); the RolledBack condition's reason.
+    reason: str = ""
 
     @property
     def serving(self) -> str:
@@ -158,6 +167,8 @@ class RolloutState:
             out["fromHash"] = self.from_hash
         if self.last_evaluation:
             out["lastAlarmEvaluation"] = list(self.last_evaluation)
+        if self.reason:
+            out["reason"] = self.reason
         return out
 
     @classmethod
@@ -171,7 +182,8 @@ class RolloutState:
                        started_at=_epoch(data.get("startedAt")),
                        step_started_at=_epoch(data.get("stepStartedAt")),
                        message=str(data.get("message", "")),
-                       last_evaluation=tuple(data.get("lastAlarmEvaluation") or ()))
+                       last_evaluation=tuple(data.get("lastAlarmEvaluation") or ()),
+                       reason=str(data.get("reason") or ""))
         except (KeyError, ValueError, TypeError):
             return None
 
@@ -193,6 +205,10 @@ class Fleet:
 
     server_hash: str | None
     ready: int = 0
+    #: Why the fleet cannot become ready, when that is certain rather than slow (its
+    #: model failed to load, a server crash-loops, the Deployment's progress deadline
+    #: passed); None: it may still come up.
+    failure: str | None = None
 
 
 @dataclass(frozen=True)
@@ -352,7 +368,8 @@ def _rollback(state: RolloutState, replicas: int, reason: str, why: str) -> Deci
     message = (f"Variant {state.variant}: rolled back to fleet {state.blue} at step "
                f"{state.step}/{state.steps}: {why}; all traffic is on {state.blue}. Fix the "
                f"new model and change the spec to try again")
-    rolled = replace(state, phase=Phase.ROLLED_BACK, traffic=0.0, message=message)
+    rolled = replace(state, phase=Phase.ROLLED_BACK, traffic=0.0, message=message,
+                     reason=reason)
     return Decision(rolled, {state.blue: FleetPlan(replicas, keep=True)}, {state.blue: 1.0},
                     ((EVENT_ROLLED_BACK, message, "Warning"),), extra={"reason": reason})
 
@@ -380,9 +397,16 @@ def _in_progress(state: RolloutState, config: DeploymentConfig | None, replicas:
     if state.phase in (Phase.BAKING, Phase.TERMINATING):
         for e in evaluations:
             if e.tripped:
-                return _rollback(state, replicas, "AlarmTripped", e.describe())
+                return _rollback(state, replicas, REASON_ALARM_TRIPPED, e.describe())
+    green = fleets.get(state.green)
+    if (state.phase in (Phase.PROVISIONING, Phase.BAKING) and green is not None
+            and green.server_hash == state.to_hash and green.failure):
+        # Blue serves throughout; waiting for maximumExecutionTimeoutInSeconds (8 h by
+        # default) would only keep the rollout stuck.
+        return _rollback(state, replicas, REASON_GREEN_FAILED,
+                         f"fleet {state.green} cannot become ready: {green.failure}")
     if state.phase is not Phase.TERMINATING and t - state.started_at >= config.timeout_s:
-        return _rollback(state, replicas, "Timeout",
+        return _rollback(state, replicas, REASON_TIMEOUT,
                          f"maximumExecutionTimeoutInSeconds ({config.timeout_s} s) passed")
     steps = plan_steps(config, replicas)
     if state.steps != len(steps):  # replicas changed: re-plan, keep the progress made
@@ -432,7 +456,11 @@ def conditions(decisions: Mapping[str, Decision], generation: int) -> list[dict[
     rolled = [d.state for d in decisions.values()
               if d.state is not None and d.state.phase is Phase.ROLLED_BACK]
     if rolled:
-        return [{"type": CONDITION_ROLLED_BACK, "status": "True", "reason": REASON_ROLLED_BACK,
+        reasons = {s.reason for s in rolled}
+        # One cause (AlarmTripped, Timeout, GreenFailed) is the reason; several variants
+        # rolled back for different causes: RolledBack, each named in the message.
+        reason = reasons.pop() if len(reasons) == 1 and "" not in reasons else REASON_ROLLED_BACK
+        return [{"type": CONDITION_ROLLED_BACK, "status": "True", "reason": reason,
                  "message": "; ".join(s.message for s in rolled if s),
                  "observedGeneration": generation}]
     return [{"type": CONDITION_ROLLED_BACK, "status": "False", "reason": "NoRollback",

@@ -37,14 +37,18 @@ log = logging.getLogger(__name__)
 
 
 def fleet_of(deployment: Mapping[str, Any] | None) -> ro.Fleet | None:
-    """What a slot's Deployment runs: its pods' server hash and replicas rolled out."""
+    """What a slot's Deployment runs: its pods' server hash, replicas rolled out, and
+    its progress deadline passed (Progressing=False) as the fleet's failure."""
     if deployment is None:
         return None
     annotations = ((((deployment.get("spec") or {}).get("template") or {}).get("metadata")
                     or {}).get("annotations") or {})
     state = deployment_state(deployment)
     ready = min(state.updated, state.available) if state.observed else 0
-    return ro.Fleet(annotations.get(meta.ANNOTATION_SERVER_HASH), ready)
+    failure = (f"Deployment {(deployment.get('metadata') or {}).get('name')} "
+               f"{state.stall_reason}" + (f": {state.stall_message}" if state.stall_message
+                                          else "")) if state.stalled else None
+    return ro.Fleet(annotations.get(meta.ANNOTATION_SERVER_HASH), ready, failure)
 
 
 def previous_rollouts(status: Mapping[str, Any]) -> dict[str, ro.RolloutState]:
