@@ -13,11 +13,14 @@ healthy model completes: traffic shifts, blue stops, every request succeeds.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+from bench.local_autoscale import StepLoad, scale_events
 from botocore.exceptions import ClientError
 
 from kubeinfer_operator.local.paths import EndpointPaths
@@ -192,3 +195,53 @@ def test_a_canary_that_cannot_load_its_model_rolls_back_at_once(local: Local,
         load.stopped.set()
         load.thread.join(5)
     assert {o for _, o in load.outcomes} == {"ok:primary"}
+
+
+def test_an_autoscaled_variant_rolls_out_at_its_scaled_size(local: Local, models_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """Scaled out to 2 under load, the variant's canary starts green at 2 (not the spec's
+    1). The load doubles as the rollout starts (3 replicas' worth): scaling holds while
+    the rollout runs and catches up afterwards; without load it scales back in to 1."""
+    local.env["KUBEINFER_AUTOSCALE_INTERVAL_S"] = "0.5"
+    local.env["KUBEINFER_AUTOSCALE_WINDOW_S"] = "2"
+
+    def write(model: Path) -> Path:
+        return local.write("auto.yaml", yaml.safe_dump({
+            "apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint",
+            "metadata": {"name": NAME},
+            "spec": {"variants": [{"name": "main", "model": {"uri": f"file://{model}"},
+                                   "autoscaling": {
+                                       "minReplicas": 1, "maxReplicas": 3,
+                                       "scaleOutCooldown": 1, "scaleInCooldown": 2,
+                                       "targetTracking": [{"metric": "InvocationsPerReplica",
+                                                           "target": 300}]}}],
+                     "deploymentConfig": {"blueGreen": {"trafficRouting": {
+                         "type": "Canary", "waitIntervalInSeconds": 3,
+                         "canarySize": {"type": "CapacityPercent", "value": 50}}}}}}))
+
+    v2 = tmp_path / "iris-v2.onnx"
+    shutil.copy(models_dir / "iris.onnx", v2)
+    result = local.run("up", "-d", "-f", str(write(models_dir / "iris.onnx")), "--timeout",
+                       "60", timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with StepLoad(state(local)["url"], NAME, rate=10.0, clients=4) as load:
+        wait_until(lambda: set(servers(local)) == {"main-0", "main-1"}, 60,
+                   "scaled out to 2 under 600 requests a minute")
+        started = time.time()
+        result = local.run("up", "-d", "-f", str(write(v2)), "--timeout", "60", timeout=90)
+        assert result.returncode == 0, result.stdout + result.stderr
+        load.rate = 20.0
+        greens: set[str] = set()
+
+        def complete() -> bool:
+            greens.update(n for n in servers(local) if n.startswith("main-green"))
+            return rollout(local).get("phase") == "Complete"
+
+        wait_until(complete, 60, "the rollout complete", interval=0.1)
+        finished = time.time()
+        assert greens == {"main-green-0", "main-green-1"}, greens  # green at blue's 2
+        during = [m for t, m in scale_events(local.home, NAME) if started <= t <= finished]
+        assert during == [], during  # scaling held while the rollout ran
+        wait_until(lambda: set(servers(local)) == {"main-0", "main-1", "main-2"}, 60,
+                   "scaled out to 3 once the rollout is over")
+    wait_until(lambda: set(servers(local)) == {"main-0"}, 60, "scaled back in to 1")

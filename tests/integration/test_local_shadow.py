@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.local_autoscale import StepLoad, scale_events
+
 from tests.integration.test_local import Local, local, runtime_client
-from tests.integration.test_serverless import read_state
+from tests.integration.test_serverless import pids, read_state, replicas
 from tests.support.onnx_models import label_model
 from tests.support.ports import wait_until
 
@@ -81,10 +83,6 @@ def test_a_shadow_with_autoscaling_scales_on_its_copies(local: Local, models_dir
     """The shadow's InvocationsPerReplica is the copies it is offered: 10 requests/s
     copied at 100 % are 600 a minute, two replicas' worth at target 300, while
     production (no policy) keeps its one replica; without load it scales back in."""
-    from bench.local_autoscale import StepLoad, scale_events
-
-    from tests.integration.test_serverless import pids, replicas
-
     local.env["KUBEINFER_AUTOSCALE_INTERVAL_S"] = "0.5"
     local.env["KUBEINFER_AUTOSCALE_WINDOW_S"] = "2"
     iris = models_dir / "iris.onnx"

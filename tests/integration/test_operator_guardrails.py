@@ -110,3 +110,48 @@ def test_a_green_fleet_past_its_progress_deadline_is_rolled_back_at_once(kube: K
     wait_for(lambda: kube.get("Deployment", NS, "stuck-primary-green") is None,
              what="green removed")
     assert kube.get("Deployment", NS, "stuck-primary") is not None
+
+
+def test_an_autoscaled_variant_rolls_out_at_its_current_size(kube: Kube) -> None:
+    """An autoscaled variant under deploymentConfig: green starts at blue's current
+    replicas (what the scaler set, here 3), not the spec's starting count; after the
+    rollout the green slot serves with them, and the next rollout goes back to slot
+    ``primary`` at the same size (as SageMaker keeps DesiredInstanceCount)."""
+    def scaled(uri: str) -> dict[str, Any]:
+        doc = endpoint(uri)
+        doc["metadata"]["name"] = "auto"
+        doc["spec"]["variants"][0]["replicas"] = 1
+        doc["spec"]["variants"][0]["autoscaling"] = {
+            "minReplicas": 1, "maxReplicas": 5,
+            "targetTracking": [{"metric": "InvocationsPerReplica", "target": 600}]}
+        return doc
+
+    kube.create(scaled("s3://m/v1.onnx"), NS)
+    wait_for(lambda: kube.get("Deployment", NS, "auto-primary"), what="blue Deployment")
+    # The scaler scaled blue out to 3 (played here: its decision lands on the Deployment).
+    kube.patch("Deployment", NS, "auto-primary", {"spec": {"replicas": 3}})
+    kube.make_available(NS, "auto-primary")
+    kube.patch("Endpoint", NS, "auto", {"spec": scaled("s3://m/v2.onnx")["spec"]})
+    green = wait_for(lambda: kube.get("Deployment", NS, "auto-primary-green"),
+                     what="green fleet")
+    assert green["spec"]["replicas"] in (2, 3), green["spec"]  # canary 50 %: 2 of 3, then 3
+
+    def green_at_three() -> bool:
+        if (kube.get("Deployment", NS, "auto-primary-green") or {})["spec"]["replicas"] == 3:
+            return True
+        kube.make_available(NS, "auto-primary-green")  # the canary's pods come up
+        return False
+
+    wait_for(green_at_three, timeout=15, what="green at blue's 3 replicas")
+    kube.make_available(NS, "auto-primary-green")
+    wait_for(lambda: kube.get("Deployment", NS, "auto-primary") is None, timeout=20,
+             what="blue removed")
+    assert (kube.get("Deployment", NS, "auto-primary-green") or {})["spec"]["replicas"] == 3
+
+    # The next rollout goes back to slot primary, still at 3.
+    doc = scaled("s3://m/v3.onnx")
+    kube.patch("Endpoint", NS, "auto", {"spec": doc["spec"]})
+    blue_again = wait_for(lambda: kube.get("Deployment", NS, "auto-primary"),
+                          what="the next green, in slot primary")
+    assert blue_again["spec"]["replicas"] in (2, 3)
+    assert (kube.get("Deployment", NS, "auto-primary-green") or {})["spec"]["replicas"] == 3

@@ -457,7 +457,7 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
                   {"name": "b", "model": {"uri": "s3://m/b.onnx"}}],
         deploymentConfig={"blueGreen": CANARY}), None),
     ("guardrails-autoscaled", {**scaled(), "spec": {**scaled()["spec"], "deploymentConfig": {
-        "blueGreen": CANARY}}}, "spec.deploymentConfig"),
+        "blueGreen": CANARY}}}, None),
     # TransformJob
     ("job-name-ok", transform("score-2"), None),
     ("job-name-uppercase", transform("Score"), "metadata.name"),

@@ -525,7 +525,8 @@ async def test_a_shadow_of_a_serverless_endpoint_is_never_scaled_to_zero() -> No
         gw.t = float(t)
         gw.bodies = {"http://10.0.0.1:8080": copies(sent=0)}
         await scaler.evaluate(scaled, "ml", "http://ep-gateway.ml.svc:8080",
-                              {"main": 1, "cand": 1}, now=NOW, fetch=gw.fetch)
+                              {"main": 1, "cand": 1}, now=NOW, fetch=gw.fetch,
+                              pods_url="http://ep-gateway-pods.ml.svc:8080")
     main = scaler.memory[("ml", "ep", "main")]
     assert main.desired == 0
     cand = scaler.memory.get(("ml", "ep", "cand"))
@@ -567,3 +568,64 @@ def test_gateway_views_count_the_copies_each_shadow_was_offered() -> None:
     assert view.offered("cand", shadow=True) == 12.0
     assert view.offered("main", shadow=False) == 5000.0
     assert sum_views([view, view]).copies == {"cand": 24.0}
+
+
+# -- autoscaled variants under deploymentConfig -------------------------------------------------
+
+GUARDED = {"deploymentConfig": {"blueGreen": {"trafficRouting": {
+    "type": "Canary", "waitIntervalInSeconds": 10,
+    "canarySize": {"type": "CapacityPercent", "value": 50}}}}}
+
+
+def guarded_plan() -> EndpointPlan:
+    return plan_of({"minReplicas": 1, "maxReplicas": 10, "scaleOutCooldown": 0,
+                    "targetTracking": [INVOCATIONS]}, extra=GUARDED)
+
+
+async def test_a_guarded_variant_scales_on_both_fleets_and_holds_while_it_rolls() -> None:
+    gw = Gateways()
+    scaler = gw.scaler()
+    plan = guarded_plan()
+    assert plan.guarded and plan.routes_of(plan.variants[0]) == ("main", "main-green")
+
+    def both(blue: float, green: float) -> str:
+        return metrics(main=blue) + (
+            f'kubeinfer_gateway_invocations_total{{endpoint="ep",variant="main-green"}} '
+            f"{green}\n")
+
+    async def evaluate_held(held: frozenset[str]) -> list[str]:
+        return await scaler.evaluate(plan, "ml", "http://ep-gateway.ml.svc:8080",
+                                     {"main": 1}, now=NOW, fetch=gw.fetch, held=held,
+                                     pods_url="http://ep-gateway-pods.ml.svc:8080")
+
+    gw.bodies = {"http://10.0.0.1:8080": both(100, 0)}
+    assert await evaluate_held(frozenset()) == []
+    # Rolling out: 60 + 60 requests in 30 s on the two fleets = 240/min, but held.
+    gw.t = 30.0
+    gw.bodies = {"http://10.0.0.1:8080": both(160, 60)}
+    assert await evaluate_held(frozenset({"main"})) == []
+    assert scaler.memory[("ml", "ep", "main")].desired is None
+    # The rollout is over (green serves): the same window now decides, both series summed.
+    gw.t = 45.0
+    gw.bodies = {"http://10.0.0.1:8080": both(160, 120)}
+    [message] = await evaluate_held(frozenset())
+    assert "Scaled out from 1 to 4" in message, message  # 180 in 45 s = 240/min, target 60
+
+
+def test_a_guarded_variant_keeps_the_replicas_of_the_fleet_that_serves() -> None:
+    scaler = ClusterScaler(monotonic=lambda: 0.0)
+    plan = guarded_plan()
+    # After a rollout the green slot serves (blue removed), scaled to 6 meanwhile: a new
+    # spec or an operator restart must not fall back to the spec's starting replicas.
+    deployments = {"ep-main-green": {"spec": {"replicas": 6}}}
+    assert scaler.replicas_for(plan, "ml", deployments).variants[0].replicas == 6
+    both = {"ep-main": {"spec": {"replicas": 3}}, "ep-main-green": {"spec": {"replicas": 2}}}
+    assert scaler.replicas_for(plan, "ml", both).variants[0].replicas == 3
+
+
+def test_cpu_alone_under_deployment_config_is_not_an_hpa_and_says_why() -> None:
+    plan = plan_of(CPU_ONLY, extra=GUARDED)
+    assert ka.hpa_variants(plan) == set()
+    [problem] = ka.autoscaling_problems(plan)
+    assert problem.startswith("spec.variants[0].autoscaling.targetTracking[0]")
+    assert "deploymentConfig" in problem

@@ -264,10 +264,6 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
                     "size(self.variants) == 1",
             "applies to endpoints with one variant (as in SageMaker); use "
             "deploymentConfig.blueGreen, or keep one of variants", ".deploymentConfig.rolling"),
-    CelRule("spec", "!has(self.deploymentConfig) || self.variants.all(v, !has(v.autoscaling))",
-            "cannot roll out variants with autoscaling: the scaler sees one fleet per variant; "
-            "remove autoscaling from the variants or remove deploymentConfig",
-            ".deploymentConfig"),
     CelRule("spec.deploymentConfig", _exactly_one(("blueGreen", "rolling")),
             "set exactly one of blueGreen, rolling"),
     CelRule("spec.deploymentConfig.blueGreen.trafficRouting",

@@ -753,10 +753,11 @@ class EndpointSpec(_Spec):
 
 def _check_guardrails(spec: EndpointSpec, config: DeploymentConfig) -> None:
     """Where ``deploymentConfig`` works: RealTime endpoints (an Async endpoint's workers
-    share one queue, a Serverless variant's replicas follow its own traffic), variants
-    without autoscaling (the scaler and HPAs see one fleet per variant), and ``rolling``
-    on one variant only (SageMaker excludes rolling deployments of multi-variant and
-    Serverless endpoints too)."""
+    share one queue, a Serverless variant's replicas follow its own traffic), and
+    ``rolling`` on one variant only (SageMaker excludes rolling deployments of
+    multi-variant and Serverless endpoints too). Autoscaled variants roll out as
+    SageMaker's do: scaling holds while a rollout runs, green starts at blue's current
+    replicas, and scaling goes on with the fleet that serves after it."""
     if spec.type is not EndpointType.REAL_TIME:
         raise ValueError(f"spec.deploymentConfig applies to RealTime endpoints (type is "
                          f"{spec.type.value}); remove it: {spec.type.value} endpoints update "
@@ -765,11 +766,6 @@ def _check_guardrails(spec: EndpointSpec, config: DeploymentConfig) -> None:
         raise ValueError("spec.deploymentConfig.rolling applies to endpoints with one variant "
                          "(as in SageMaker); use deploymentConfig.blueGreen, or keep one of "
                          "spec.variants")
-    scaled = [v.name for v in spec.variants if v.autoscaling is not None]
-    if scaled:
-        raise ValueError(f"spec.deploymentConfig cannot roll out variants with autoscaling "
-                         f"({', '.join(scaled)}): the scaler sees one fleet per variant; remove "
-                         "autoscaling from the variants or remove deploymentConfig")
     _check_fleet_names(spec)
 
 

@@ -37,6 +37,7 @@ from kubeinfer_operator.reconcile.diff import (
     owned_by,
 )
 from kubeinfer_operator.reconcile.events import EndpointEventMemory, EventSpec
+from kubeinfer_operator.reconcile.rollout import TERMINAL
 from kubeinfer_operator.reconcile.upgrades import (
     REASON_UPGRADE_QUEUED,
     UpgradeSlots,
@@ -66,7 +67,7 @@ from kubeinfer_operator.render.rollout import (
     kept_fleets,
 )
 from kubeinfer_operator.scaling.cluster import ClusterScaler
-from kubeinfer_operator.scaling.rollouts import RolloutGuard
+from kubeinfer_operator.scaling.rollouts import RolloutGuard, previous_rollouts
 from kubeinfer_operator.scaling.shadows import read_shadow_status, shadow_names
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.outbound import OutboundPolicy
@@ -327,10 +328,15 @@ class EndpointSync:
         deployments = st.deployments_by_name(await self._children(namespace, name))
         current = {v.name: v.replicas
                    for v in self.scaler.replicas_for(plan, namespace, deployments).variants}
+        # A variant's guarded rollout holds its scaling (green starts at blue's replicas).
+        rolling = {variant for variant, state in previous_rollouts(obj.get("status") or {}
+                                                                     ).items()
+                   if state.phase not in TERMINAL}
         messages = await self.scaler.evaluate(plan, namespace,
                                               endpoint_url(owner, self.settings), current,
                                               now=self.clock(),
-                                              pods_url=gateway_pods_url(owner, self.settings))
+                                              pods_url=gateway_pods_url(owner, self.settings),
+                                              held=rolling)
         for message in messages:
             try:
                 await self.kube.create(scaling_event(namespace, name, owner.uid, message,

@@ -52,6 +52,10 @@ class EndpointHost(Protocol):
 
     def current_plan(self) -> EndpointPlan: ...
 
+    def rolling_out(self, variant: str) -> bool:
+        """Whether ``variant``'s guarded rollout runs (its scaling holds meanwhile)."""
+        ...
+
     def _variant_children(self, variant: str, *,
                           active: bool | None = None) -> list[Child]: ...
 

@@ -277,7 +277,7 @@ class LocalScaler:
                 if seconds is not None:
                     cpu[child.url] = seconds
             mem = self._memory(variant.name)
-            invocations = view.offered(variant.name, shadow)
+            invocations = view.offered(variant.name, shadow, plan.routes_of(variant))
             mem.window.add(now_m, invocations, cpu)
             if mem.last_invocations is not None and invocations != mem.last_invocations:
                 mem.last_activity = now_m
@@ -291,6 +291,8 @@ class LocalScaler:
             # for another variant must not keep this one warm.)
             if waiting:
                 mem.last_activity = now_m
+            if sup.rolling_out(variant.name):
+                continue  # green starts at blue's replicas; scaling resumes after the rollout
             metrics = await self._metric_values(variant.name, variant.autoscaling, mem,
                                                 len(children))
             await self._decide(plan, variant.name, len(children), metrics, mem, waiting, now_m)

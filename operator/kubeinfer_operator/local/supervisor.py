@@ -207,7 +207,11 @@ class Supervisor:
                             serverless=self.serverless,
                             async_config=self.async_local.plan,
                             redis_url=self.async_local.route_redis_url,
-                            capture=self.capture)
+                            capture=self.capture,
+                            guarded=self.rollouts.config is not None)
+
+    def rolling_out(self, variant: str) -> bool:
+        return self.rollouts.active(variant)
 
     def sync_routes(self) -> None:
         """Route every ready, active server of a running variant; write the table if changed."""

@@ -13,7 +13,7 @@ increments.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -118,9 +118,13 @@ class GatewayView:
     #: (dropped copies count: they are load the shadow was too small to take).
     copies: dict[str, float] = field(default_factory=dict)
 
-    def offered(self, variant: str, shadow: bool) -> float:
-        """The counter a variant's InvocationsPerReplica comes from."""
-        return (self.copies if shadow else self.invocations).get(variant, 0.0)
+    def offered(self, variant: str, shadow: bool, routes: Sequence[str] = ()) -> float:
+        """The counter a variant's InvocationsPerReplica comes from: the copies offered to
+        a shadow, else the invocations of each of ``routes`` (default: the variant's own)
+        summed (a guarded variant's two fleets; only the one serving moves at rest)."""
+        if shadow:
+            return self.copies.get(variant, 0.0)
+        return sum(self.invocations.get(r, 0.0) for r in (routes or (variant,)))
 
 
 def parse_gateway_metrics(text: str, endpoint: str) -> GatewayView:

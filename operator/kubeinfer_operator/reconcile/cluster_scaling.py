@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -157,13 +157,16 @@ class ScalerMemory:
     def decide_scraped(self, plan: EndpointPlan, namespace: str, current: Mapping[str, int],
                        views: Mapping[str, GatewayView | None],
                        custom: Mapping[str, Mapping[str, float | None]], *,
-                       now: datetime, now_m: float) -> list[str]:
+                       now: datetime, now_m: float,
+                       held: Collection[str] = ()) -> list[str]:
         """Decide every gateway-scaled variant from what the gateway pods and Prometheus
         said; returns the change messages.
 
         ``views``: each gateway pod's view by URL (None: its scrape failed);
         ``custom``: per variant, ``custom:<query>`` → value; ``now_m``: the
-        monotonic clock the metrics window runs on.
+        monotonic clock the metrics window runs on; ``held``: variants whose guarded
+        rollout runs (their metrics are read, their replicas left to the rollout, as
+        SageMaker holds auto scaling during an update).
         """
         answered = {url: v for url, v in views.items() if v is not None}
         summed = sum_views(answered.values())
@@ -178,8 +181,9 @@ class ScalerMemory:
             mem = self._mem((namespace, plan.name, variant.name))
             replicas = current.get(variant.name, variant.replicas)
             # A pod that answered without the variant's series counts 0 (restarted).
+            routes = plan.routes_of(variant)
             invocations = mem.invocations.update(
-                {url: v.offered(variant.name, shadow) for url, v in answered.items()},
+                {url: v.offered(variant.name, shadow, routes) for url, v in answered.items()},
                 keep=views.keys())
             mem.window.add(now_m, invocations, {})
             if mem.last_invocations is not None and invocations != mem.last_invocations:
@@ -190,6 +194,8 @@ class ScalerMemory:
                 and replicas == 0))
             if waiting:  # per variant; in-flight is per endpoint (see local.scaler)
                 mem.last_activity = now_m
+            if variant.name in held:
+                continue
             values: dict[str, float | None] = {
                 autoscale.Metric.INVOCATIONS_PER_REPLICA.value:
                     mem.window.invocations_per_replica_per_minute(replicas)}
@@ -279,10 +285,16 @@ class ScalerMemory:
             elif scaled and mem is not None and mem.desired is not None:
                 v = replace(v, replicas=mem.desired)
             elif scaled:
-                existing = deployments.get(meta.variant_object_name(plan.name, v.name))
-                spec = (existing or {}).get("spec") or {}
-                if isinstance(spec.get("replicas"), int):
-                    n = int(spec["replicas"])
+                # The fleet serving a guarded variant may be its green slot (slots
+                # alternate); while both run, the larger one is the variant's size.
+                counts = []
+                for route in plan.routes_of(v):
+                    existing = deployments.get(meta.variant_object_name(plan.name, route))
+                    spec = (existing or {}).get("spec") or {}
+                    if isinstance(spec.get("replicas"), int):
+                        counts.append(int(spec["replicas"]))
+                if counts:
+                    n = max(counts)
                     if v.autoscaling is not None:
                         n = min(max(n, v.autoscaling.min_replicas), v.autoscaling.max_replicas)
                     v = replace(v, replicas=n)

@@ -39,6 +39,7 @@ def hpa_cpu_target(plan: EndpointPlan, variant: VariantPlan) -> float | None:
     """The CPUUtilization target of a variant an HPA scales, or None (our scaler, if any)."""
     policy = variant.autoscaling
     if (policy is None or plan.scales_to_zero(variant) or plan.async_config is not None
+            or (plan.guarded and variant.shadow_sampling is None)
             or not policy.target_tracking or policy.step_scaling or policy.scheduled
             or policy.min_replicas < 1
             or any(tt.metric is not CPU for tt in policy.target_tracking)):
@@ -129,6 +130,9 @@ def _conflicts(plan: EndpointPlan, variant: VariantPlan,
         out.append("a Serverless endpoint (an HPA cannot scale to zero)")
     if policy.min_replicas < 1:
         out.append("minReplicas 0 (an HPA cannot scale to zero)")
+    if plan.guarded and variant.shadow_sampling is None:
+        out.append("deploymentConfig (an HPA scales one Deployment; a guarded rollout moves "
+                   "the variant between two)")
     if any(tt.metric is not CPU for tt in policy.target_tracking):
         out.append("other targetTracking metrics")
     if policy.step_scaling:

@@ -29,6 +29,7 @@ from kubeinfer_operator.api.endpoint import (
     VariantFleet,
 )
 from kubeinfer_operator.reconcile import autoscale
+from kubeinfer_operator.reconcile.rollout import fleet_names
 from kubeinfer_operator.render.async_plan import AsyncPlan, plan_async
 from kubeinfer_operator.render.plan_steps import (
     FIRST_IMAGE_PORT,
@@ -182,6 +183,9 @@ class EndpointPlan:
     type: str = "RealTime"
     #: Serverless endpoints only.
     serverless: ServerlessConfig | None = None
+    #: ``spec.deploymentConfig`` is set: a variant may be served by two fleets (routes
+    #: ``v`` and ``v-green``, ``reconcile.rollout``), and its scaling holds while it rolls.
+    guarded: bool = False
     #: Async endpoints only: queue, workers, backlog scaling.
     async_config: AsyncPlan | None = None
     #: The async queue's Redis as the gateway reaches it (None: its own setting).
@@ -209,6 +213,13 @@ class EndpointPlan:
 
     def variant(self, name: str) -> VariantPlan | None:
         return next((v for v in self.variants if v.name == name), None)
+
+    def routes_of(self, variant: VariantPlan) -> tuple[str, ...]:
+        """The gateway routes (and metric series) that serve ``variant``: both fleet slots
+        of a guarded endpoint's production variant (one of them, at rest), else itself."""
+        if self.guarded and variant.shadow_sampling is None:
+            return fleet_names(variant.name)
+        return (variant.name,)
 
     def scales_to_zero(self, variant: VariantPlan) -> bool:
         """Whether the serverless policy scales ``variant``: every production variant of
@@ -413,6 +424,7 @@ def plan_endpoint(endpoint: Endpoint, *, base_dir: str | None = None,
         async_config=async_config,
         type=spec.type.value,
         serverless=serverless,
+        guarded=spec.deploymentConfig is not None,
         auth=spec.auth,
         gateway_pod_template=(spec.gateway.podTemplate.written()
                               if spec.gateway and spec.gateway.podTemplate else {}),

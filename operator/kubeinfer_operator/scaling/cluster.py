@@ -55,7 +55,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -293,11 +293,13 @@ class ClusterScaler(ScalerMemory):
     async def evaluate(self, plan: EndpointPlan, namespace: str, gateway_url: str,
                        current: Mapping[str, int], now: datetime | None = None,
                        fetch: Fetch | None = None,
-                       pods_url: str | None = None) -> list[str]:
+                       pods_url: str | None = None,
+                       held: Collection[str] = ()) -> list[str]:
         """Decide every scaled variant of ``plan``; returns the change messages.
 
         ``current``: each variant Deployment's replicas now. ``pods_url``: the
         headless Service over the gateway pods (None: scrape ``gateway_url``).
+        ``held``: variants whose guarded rollout runs (not scaled meanwhile).
         """
         if plan.async_config is not None:  # scaled on the queue backlog instead
             return await self.evaluate_backlog(plan, namespace, current)
@@ -311,7 +313,8 @@ class ClusterScaler(ScalerMemory):
             custom[variant] = {f"custom:{q}": await self._prometheus(url, q, field)
                                for q in queries}
         return self.decide_scraped(plan, namespace, current, views, custom,
-                                   now=now or datetime.now(UTC), now_m=self.monotonic())
+                                   now=now or datetime.now(UTC), now_m=self.monotonic(),
+                                   held=held)
 
     async def evaluate_backlog(self, plan: EndpointPlan, namespace: str,
                                current: Mapping[str, int]) -> list[str]:
