@@ -145,8 +145,9 @@ def test_the_jsonl_example_filters_and_joins(cli: Cli, models_dir: Path, tmp_pat
 
 def test_more_instances_than_shards_and_workers_started_ahead(cli: Cli, models_dir: Path,
                                                              tmp_path: Path) -> None:
-    # The runner starts instanceCount workers while the plan is made; one 4.5 MB object
-    # makes two shards, so two of the four are sent away and two do the work.
+    # The runner starts workers while the plan is made (instanceCount of them, at most one
+    # per core); one 4.5 MB object makes two shards: two workers do the work, each taking
+    # every fourth shard from its index.
     data = tmp_path / "in"
     data.mkdir()
     rows = np.random.default_rng(5).uniform(0.1, 7.0, size=(290_000, 4))
@@ -164,6 +165,18 @@ def test_more_instances_than_shards_and_workers_started_ahead(cli: Cli, models_d
     assert sorted(reports) == ["worker-0", "worker-1"]
     assert [reports[w]["shards_done"] for w in sorted(reports)] == [1, 1]
     assert (out / "big.csv.out").read_text().count("\n") == len(rows)
+    assert not cli.our_processes()
+
+    # The example's two small objects make one shard: every worker started ahead but
+    # the first is sent away before it reads anything.
+    small = example("transform-job.yaml", models_dir, tmp_path / "out-small")
+    small["metadata"]["name"] = "one-shard"
+    small["spec"]["resources"] = {"instanceCount": 4}
+    result = cli.run("up", "-f", str(write(tmp_path / "small.yaml", small)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "150 record(s) from 2 object(s) in 1 shard(s)" in result.stdout
+    reports = list((cli.home / "jobs" / "one-shard" / "reports").glob("worker-*.json"))
+    assert [p.stem for p in reports] == ["worker-0"]
     assert not cli.our_processes()
 
 

@@ -24,11 +24,11 @@ import pytest
 import yaml
 
 from kubeinfer_operator.api.transform_job import TransformJob
-from kubeinfer_operator.render.transform_jobs import (
+from kubeinfer_operator.render.transform_jobs import render_job
+from kubeinfer_operator.render.transform_names import (
     ANNOTATION_RESOLVED_MODEL,
     INDEX_ANNOTATION,
     Step,
-    render_job,
 )
 from kubeinfer_operator.render.transform_plan import own_model, plan_transform
 from kubeinfer_operator.settings import OperatorSettings

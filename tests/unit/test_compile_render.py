@@ -17,7 +17,7 @@ from kubeinfer_operator.render.compile_jobs import (
     render_job,
 )
 from kubeinfer_operator.render.compile_plan import CompilePlan, plan_compile
-from kubeinfer_operator.render.transform_jobs import ANNOTATION_RUN_HASH
+from kubeinfer_operator.render.transform_names import ANNOTATION_RUN_HASH
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.compile import EXIT_BAD_INPUT, CompileSettings
 from tests.support.kube_schema import schema_errors

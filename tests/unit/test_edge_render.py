@@ -18,7 +18,7 @@ from kubeinfer_operator.render import edge_fleet as rf
 from kubeinfer_operator.render import k8s_secrets as secrets
 from kubeinfer_operator.render.edge_plan import FleetPlan, fleet_config, plan_fleet
 from kubeinfer_operator.render.k8s_workloads import ANNOTATION_SECRET_HASH
-from kubeinfer_operator.render.transform_jobs import ANNOTATION_RUN_HASH
+from kubeinfer_operator.render.transform_names import ANNOTATION_RUN_HASH
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.edge import FleetConfig, FleetServerSettings
 from tests.support.kube_schema import schema_errors

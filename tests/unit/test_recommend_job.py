@@ -23,7 +23,7 @@ from kubeinfer_operator.reconcile.recommend_validate import (
 )
 from kubeinfer_operator.reconcile.transform_observe import JobView
 from kubeinfer_operator.render import recommend_jobs as rjobs
-from kubeinfer_operator.render.transform_jobs import ANNOTATION_RUN_HASH
+from kubeinfer_operator.render.transform_names import ANNOTATION_RUN_HASH
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.recommend import (
     EXIT_NO_RECOMMENDATION,

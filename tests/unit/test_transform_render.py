@@ -13,11 +13,11 @@ import yaml
 from kubeinfer_operator.api.endpoint import Endpoint
 from kubeinfer_operator.api.transform_job import TransformJob
 from kubeinfer_operator.errors import SpecError
-from kubeinfer_operator.render.transform_jobs import (
+from kubeinfer_operator.render.transform_jobs import render_job
+from kubeinfer_operator.render.transform_names import (
     ANNOTATION_RUN_HASH,
     LABEL_TRANSFORM_JOB,
     Step,
-    render_job,
 )
 from kubeinfer_operator.render.transform_plan import (
     ModelRefError,

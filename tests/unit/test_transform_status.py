@@ -33,7 +33,7 @@ from kubeinfer_operator.reconcile.transform_status import (
     is_terminal,
     waiting_status,
 )
-from kubeinfer_operator.render.transform_jobs import Step
+from kubeinfer_operator.render.transform_names import Step
 from kubeinfer_runtime.contract.batch import JobSummary, PlanReport, WorkerReport
 
 T0 = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)

@@ -25,7 +25,7 @@ from kubeinfer_operator.errors import ClusterError, SpecError
 from kubeinfer_operator.handlers.plumbing import sync_owner_of
 from kubeinfer_operator.handlers.retry import Logger, on_reconcile, reconcile_or_raise
 from kubeinfer_operator.handlers.transform_sync import TransformSync
-from kubeinfer_operator.render.transform_jobs import LABEL_TRANSFORM_JOB
+from kubeinfer_operator.render.transform_names import LABEL_TRANSFORM_JOB
 
 
 def register(registry: kopf.OperatorRegistry, sync: TransformSync, interval_s: float) -> None:

@@ -37,6 +37,7 @@ from kubeinfer_operator.reconcile.transform_validate import (
 )
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render import transform_jobs as tj
+from kubeinfer_operator.render import transform_names as names
 from kubeinfer_operator.render.transform_plan import (
     ModelRefError,
     ResolvedModel,
@@ -99,7 +100,7 @@ class TransformSync(JobSync[ts.Decision]):
             return ts.Decision(status)
         except SpecError as exc:
             await self._write_status(obj, ts.invalid_status(
-                self._info(obj, job, None), ts.REASON_INVALID_SPEC, str(exc), self.clock()))
+                self._info(obj, job, None), names.REASON_INVALID_SPEC, str(exc), self.clock()))
             raise InvalidTransformJob(f"{namespace}/{name}", [str(exc)]) from exc
         info = self._info(obj, job, plan, model.source)
         observed = await self._observe(namespace, name, uid)
@@ -117,13 +118,13 @@ class TransformSync(JobSync[ts.Decision]):
         """The model this run uses: pinned in the annotation, the spec's, or the Endpoint's
         variant's (then pinned)."""
         annotations = obj["metadata"].get("annotations") or {}
-        pinned = annotations.get(tj.ANNOTATION_RESOLVED_MODEL)
+        pinned = annotations.get(names.ANNOTATION_RESOLVED_MODEL)
         if pinned:
             try:
                 return ResolvedModel.model_validate_json(pinned)
             except ValidationError:
                 log.warning("Annotation %s of TransformJob %s is not readable; resolving "
-                            "the model again", tj.ANNOTATION_RESOLVED_MODEL, job.name)
+                            "the model again", names.ANNOTATION_RESOLVED_MODEL, job.name)
         own = own_model(job.spec)
         if own is not None:
             return own
@@ -148,14 +149,14 @@ class TransformSync(JobSync[ts.Decision]):
         if problems:
             raise ModelRefError("spec.endpointRef: " + "; ".join(problems))
         await self.kube.merge_patch(kinds.TRANSFORM_JOB, namespace, job.name, {"metadata": {
-            "annotations": {tj.ANNOTATION_RESOLVED_MODEL: model.to_json()}}})
+            "annotations": {names.ANNOTATION_RESOLVED_MODEL: model.to_json()}}})
         return model
 
     async def _observe(self, namespace: str, name: str, uid: str, *,
                        pods: bool = True) -> obs.Observed:
         selector = meta.label_selector(tj.selector(name))
-        steps = {tj.job_name(name, s): s for s in tj.Step}
-        jobs: dict[tj.Step, obs.JobView] = {}
+        steps = {names.job_name(name, s): s for s in names.Step}
+        jobs: dict[names.Step, obs.JobView] = {}
         for obj in await self.kube.list(kinds.JOB, namespace, selector):
             step = steps.get(str(obj["metadata"].get("name")))
             # A namesake's Job (an earlier TransformJob being garbage-collected) is not ours.
@@ -163,7 +164,7 @@ class TransformSync(JobSync[ts.Decision]):
                 jobs[step] = obs.job_view(obj)
         views: list[obs.PodView] = []
         if pods and jobs:
-            components = {s.component: s for s in tj.Step}
+            components = {s.component: s for s in names.Step}
             for pod in await self.kube.list(kinds.POD, namespace, selector):
                 component = (pod["metadata"].get("labels") or {}).get(meta.LABEL_COMPONENT)
                 if component in components:
@@ -175,8 +176,8 @@ class TransformSync(JobSync[ts.Decision]):
             JobConflict(f"Job {ns}/{job} exists and is not owned by TransformJob {owner} "
                         "(a deleted namesake's, still being garbage-collected?); retrying")))
 
-    async def _delete(self, namespace: str, name: str, steps: tuple[tj.Step, ...],
+    async def _delete(self, namespace: str, name: str, steps: tuple[names.Step, ...],
                       why: str) -> None:
         for step in steps:
-            if await self.kube.delete(kinds.JOB, namespace, tj.job_name(name, step)):
-                log.info("Deleted Job %s/%s (%s)", namespace, tj.job_name(name, step), why)
+            if await self.kube.delete(kinds.JOB, namespace, names.job_name(name, step)):
+                log.info("Deleted Job %s/%s (%s)", namespace, names.job_name(name, step), why)

@@ -20,7 +20,7 @@ from enum import StrEnum
 
 from kubeinfer_operator.local.backoff import BackoffPolicy
 from kubeinfer_operator.reconcile.transform_observe import ExitKind, classify_exit
-from kubeinfer_operator.reconcile.transform_status import REASON_BAD_INPUT, REASON_MODEL_FAILED
+from kubeinfer_operator.render.transform_names import REASON_BAD_INPUT, REASON_MODEL_FAILED
 
 REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
 #: Restarts of the planner and the finalizer, as their Jobs' backoffLimit.

@@ -63,7 +63,7 @@ from kubeinfer_operator.local.transform_state import (
 )
 from kubeinfer_operator.local.transform_view import add
 from kubeinfer_operator.reconcile.transform_observe import detail, parse_report
-from kubeinfer_operator.reconcile.transform_status import REASON_DEADLINE, REASON_NO_REPORT
+from kubeinfer_operator.render.transform_names import REASON_DEADLINE, REASON_NO_REPORT
 from kubeinfer_runtime.contract.batch import (
     ERRORS_NAME,
     JobSummary,
@@ -163,7 +163,7 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
 
     def _step(self, name: str, step: str, phase: JobPhase) -> None:
         """Run the planner or the finalizer to its end, restarting it on transient failures
-        (its first run may be a process started ahead, gated: ``_prestart_finalizer``)."""
+        (the finalizer's first run is the process ``work`` started ahead, gated)."""
         self.state.phase = phase
         restarts = 0
         while True:
@@ -199,8 +199,10 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
     # -- the steps -------------------------------------------------------------------------
 
     def plan(self) -> PlanReport:
-        # The workers start now and import while the plan is made (gated until it is).
-        for index in range(self.job.instance_count):
+        # The workers start now and import while the plan is made (gated until it is);
+        # no more than there are cores: more would not start sooner, and a plan with few
+        # shards sends the surplus away.
+        for index in range(min(self.job.instance_count, os.cpu_count() or 1)):
             self.ahead[f"worker-{index}"] = self._spawn_worker(index, self.job.instance_count,
                                                                gated=True)
         self._step("planner", "plan", JobPhase.PLANNING)

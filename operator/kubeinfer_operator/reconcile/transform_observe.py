@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from kubeinfer_operator.render.transform_jobs import (
+from kubeinfer_operator.render.transform_names import (
     ANNOTATION_RUN_HASH,
     CONTAINER,
     INDEX_ANNOTATION,

@@ -47,7 +47,17 @@ from kubeinfer_operator.reconcile.transform_observe import (
     parse_report,
     parse_time,
 )
-from kubeinfer_operator.render.transform_jobs import CONTAINER, Step, job_name
+from kubeinfer_operator.render.transform_names import (
+    CONTAINER,
+    REASON_BAD_INPUT,
+    REASON_COMPLETED,
+    REASON_DEADLINE,
+    REASON_MODEL_FAILED,
+    REASON_NO_REPORT,
+    REASON_SPEC_CHANGED,
+    Step,
+    job_name,
+)
 from kubeinfer_runtime.contract.batch import (
     EXIT_BAD_INPUT,
     EXIT_MODEL_FAILED,
@@ -63,13 +73,6 @@ PHASE_PLANNING = "Planning"
 PHASE_RUNNING = "Running"
 PHASE_FINALIZING = "Finalizing"
 
-REASON_INVALID_SPEC = "InvalidSpec"
-REASON_SPEC_CHANGED = "SpecChanged"
-REASON_DEADLINE = "DeadlineExceeded"
-REASON_BAD_INPUT = "BadInput"
-REASON_MODEL_FAILED = "ModelFailed"
-REASON_NO_REPORT = "NoReport"
-REASON_COMPLETED = "Completed"
 
 @dataclass(frozen=True)
 class JobInfo:

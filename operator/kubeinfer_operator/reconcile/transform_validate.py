@@ -21,9 +21,9 @@ from kubeinfer_operator.reconcile.job_validate import (
     job_name_problems,
     parse_job_spec,
 )
-from kubeinfer_operator.reconcile.transform_status import REASON_INVALID_SPEC
 from kubeinfer_operator.reconcile.validate import _resource_problems, _uri_problems
 from kubeinfer_operator.render.plan_steps import FIRST_IMAGE_PORT
+from kubeinfer_operator.render.transform_names import REASON_INVALID_SPEC
 
 #: A TransformJob runs the model as given: compiling is a CompilationJob's (or a variant's).
 _NO_COMPILE = ("{}: a TransformJob runs its model as given; run a CompilationJob and give the "

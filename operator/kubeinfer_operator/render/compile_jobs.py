@@ -30,7 +30,7 @@ from kubeinfer_operator.render.k8s_workloads import (
     _pod_security,
     _tmp_volume,
 )
-from kubeinfer_operator.render.transform_jobs import ANNOTATION_RUN_HASH
+from kubeinfer_operator.render.transform_names import ANNOTATION_RUN_HASH
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.compile import EXIT_BAD_INPUT
 

@@ -51,7 +51,7 @@ from kubeinfer_operator.render.k8s_workloads import (
     runtime_pod_spec,
     service_url,
 )
-from kubeinfer_operator.render.transform_jobs import ANNOTATION_RUN_HASH
+from kubeinfer_operator.render.transform_names import ANNOTATION_RUN_HASH
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import ENV_PREFIX, Role
 from kubeinfer_runtime.contract.edge import FleetConfig, FleetServerSettings

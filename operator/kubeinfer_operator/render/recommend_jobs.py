@@ -36,7 +36,7 @@ from kubeinfer_operator.render.recommend_plan import (
     pick_variant,
     recommend_request,
 )
-from kubeinfer_operator.render.transform_jobs import ANNOTATION_RUN_HASH
+from kubeinfer_operator.render.transform_names import ANNOTATION_RUN_HASH
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.recommend import (
     EXIT_BAD_INPUT,

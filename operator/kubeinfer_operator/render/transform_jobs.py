@@ -25,7 +25,6 @@ the worker does).
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 from kubeinfer_operator.api import transform_job as tj
@@ -37,39 +36,21 @@ from kubeinfer_operator.render.k8s_workloads import (
     _tmp_volume,
 )
 from kubeinfer_operator.render.plan_steps import StepPlan
+from kubeinfer_operator.render.transform_names import (
+    ANNOTATION_RUN_HASH,
+    CONTAINER,
+    LABEL_TRANSFORM_JOB,
+    Step,
+    job_name,
+)
 from kubeinfer_operator.render.transform_plan import TransformPlan
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.batch import EXIT_BAD_INPUT, EXIT_MODEL_FAILED
 
-#: kubeinfer's label on every object of a TransformJob (to list and watch them).
-LABEL_TRANSFORM_JOB = "kubeinfer.io/transform-job"
-#: Annotation: hash of the spec and resolved model the Job was rendered from.
-ANNOTATION_RUN_HASH = "kubeinfer.io/run-hash"
-#: Annotation on the TransformJob: the model pinned when it started (JSON).
-ANNOTATION_RESOLVED_MODEL = "kubeinfer.io/resolved-model"
-#: Name of the batch container in every pod (the podFailurePolicy names it).
-CONTAINER = "batch"
-#: Label and annotation Kubernetes puts on Indexed Job pods.
-INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 #: Retries of the planner and the finalizer (transient failures only).
 STEP_BACKOFF_LIMIT = 3
 #: A sidecar image gets this long to answer GET /ping before the worker starts.
 SIDECAR_STARTUP_S = 600
-
-
-class Step(StrEnum):
-    PLAN = "plan"
-    WORK = "work"
-    FINALIZE = "finalize"
-
-    @property
-    def component(self) -> str:
-        return {"plan": "batch-planner", "work": "batch-worker",
-                "finalize": "batch-finalizer"}[self.value]
-
-
-def job_name(name: str, step: Step) -> str:
-    return f"{name}-{step.value}"
 
 
 def labels(name: str, step: Step) -> dict[str, str]:
