@@ -27,7 +27,8 @@ NAME = "shadowed"
 N = 300
 
 
-def manifest(production: Path, shadow: Path) -> str:
+def manifest(production: Path, shadow: Path, shadow_extra: str = "") -> str:
+    """``shadow_extra``: more YAML lines of the shadow variant (indented six spaces)."""
     return f"""\
 apiVersion: kubeinfer.io/v1alpha1
 kind: Endpoint
@@ -43,7 +44,7 @@ spec:
       samplingPercentage: 100
       model:
         uri: file://{shadow}
-"""
+""" + shadow_extra
 
 
 def report(local: Local) -> dict[str, Any]:
@@ -86,26 +87,14 @@ def test_a_shadow_with_autoscaling_scales_on_its_copies(local: Local, models_dir
     local.env["KUBEINFER_AUTOSCALE_INTERVAL_S"] = "0.5"
     local.env["KUBEINFER_AUTOSCALE_WINDOW_S"] = "2"
     iris = models_dir / "iris.onnx"
-    path = local.write("scaled-shadow.yaml", f"""\
-apiVersion: kubeinfer.io/v1alpha1
-kind: Endpoint
-metadata:
-  name: {NAME}
-spec:
-  variants:
-    - name: primary
-      model: {{uri: "file://{iris}"}}
-  shadowVariants:
-    - name: candidate
-      samplingPercentage: 100
-      model: {{uri: "file://{iris}"}}
+    path = local.write("scaled-shadow.yaml", manifest(iris, iris, """\
       autoscaling:
         minReplicas: 1
         maxReplicas: 2
-        targetTracking: [{{metric: InvocationsPerReplica, target: 300}}]
+        targetTracking: [{metric: InvocationsPerReplica, target: 300}]
         scaleOutCooldown: 1
         scaleInCooldown: 2
-""")
+"""))
     result = local.run("up", "-d", "-f", str(path), "--timeout", "60", timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     state = read_state(local, NAME)
