@@ -238,7 +238,9 @@ def test_a_pipeline_with_image_steps_calls_them_on_localhost() -> None:
 
 
 def test_the_operator_refuses_env_it_sets_itself() -> None:
-    for name in ("KUBEINFER_INPUT_URI", "JOB_COMPLETION_INDEX", "SAGEMAKER_BATCH"):
+    # KUBEINFER_START_GATE: a step would wait on a stdin nobody writes to (local runner only).
+    for name in ("KUBEINFER_INPUT_URI", "JOB_COMPLETION_INDEX", "SAGEMAKER_BATCH",
+                 "KUBEINFER_START_GATE"):
         with pytest.raises(SpecError) as exc:
             planned(doc(environment={name: "x"}))
         assert f"spec.environment.{name}: set by kubeinfer itself; remove it" in str(exc.value)

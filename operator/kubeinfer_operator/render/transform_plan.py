@@ -46,7 +46,8 @@ MB = 1024 * 1024
 #: What Kubernetes injects into Indexed Job pods (the worker's shard), and what
 #: local mode sets per worker: never from the spec.
 SHARD_ENV = ("JOB_COMPLETION_INDEX", f"{ENV_PREFIX}SHARDS", f"{ENV_PREFIX}REPORT_FILE",
-             f"{ENV_PREFIX}PROGRESS_FILE", f"{ENV_PREFIX}HOST", f"{ENV_PREFIX}PORT")
+             f"{ENV_PREFIX}PROGRESS_FILE", f"{ENV_PREFIX}HOST", f"{ENV_PREFIX}PORT",
+             f"{ENV_PREFIX}START_GATE")
 
 
 class ModelRefError(SpecError):
