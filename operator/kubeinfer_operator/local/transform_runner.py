@@ -108,6 +108,7 @@ class Runner(JobRunner[JobPaths, LocalJob, JobState]):
                "KUBEINFER_MODEL_CACHE_DIR": str(self.paths.root / "cache"),
                **(extra or {})}
         env.pop("JOB_COMPLETION_INDEX", None)
+        env.pop("KUBEINFER_START_GATE", None)  # only ``_spawn(gated=True)`` sets it
         return env
 
     def _read_report(self, name: str, model: type[R]) -> tuple[R | None, str]:
