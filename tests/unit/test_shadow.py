@@ -131,6 +131,15 @@ def test_shadows_get_model_servers_but_no_weight() -> None:
     [shadow] = route.shadows
     assert (shadow.name, shadow.sampling_percentage, shadow.upstreams) == (
         "b", 30.0, ["http://b:8080"])
+    # Its version: what restarts its servers restarts its comparison (not its replicas).
+    assert shadow.revision == plan.variants[1].server_hash
+    more = plan_endpoint(_endpoint(shadowVariants=[{
+        "name": "b", "model": {"uri": "s3://m/b.onnx"}, "replicas": 5,
+        "samplingPercentage": 60}]))
+    assert more.route_table({}).endpoints["iris"].shadows[0].revision == shadow.revision
+    newer = plan_endpoint(_endpoint(shadowVariants=[{
+        "name": "b", "model": {"uri": "s3://m/b2.onnx"}, "samplingPercentage": 30}]))
+    assert newer.route_table({}).endpoints["iris"].shadows[0].revision != shadow.revision
 
 
 def test_promote_copies_the_model_and_keeps_the_variant() -> None:

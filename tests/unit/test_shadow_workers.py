@@ -24,9 +24,11 @@ SVC = "http://iris-cand.ns.svc:8080"
 ENDPOINT = "shadow-workers-test"
 
 
-def config(*upstreams: str, concurrency: int = 2) -> PeerConfig:
-    return PeerConfig(name="cand", upstreams=upstreams, sampling_percentage=100.0,
-                      timeout_s=5.0, queue_size=1000, concurrency=concurrency)
+def config(*upstreams: str, concurrency: int = 2, revision: str = "",
+           sampling: float = 100.0) -> PeerConfig:
+    return PeerConfig(name="cand", upstreams=upstreams, sampling_percentage=sampling,
+                      timeout_s=5.0, queue_size=1000, concurrency=concurrency,
+                      revision=revision)
 
 
 def exchange(i: int) -> Exchange:
@@ -106,3 +108,43 @@ def test_shadows_behind_headless_services_are_resolved_per_pod() -> None:
     [shadow] = out.endpoints["iris"].shadows
     assert shadow.upstreams == ["http://10.0.0.1:8080", "http://10.0.0.2:8080"]
     assert out.endpoints["iris"].variants[0].upstreams == ["http://p:8080"]
+
+
+async def test_a_new_shadow_version_starts_its_comparison_over() -> None:
+    """The shadow's counts describe one version of it: a new revision (its servers'
+    spec changed) drops the peer's series; other config changes keep them."""
+    from prometheus_client import REGISTRY
+
+    from kubeinfer_runtime.gateway.shadow import ShadowTap, ShadowTaps
+
+    endpoint = "shadow-revision-test"
+    taps = ShadowTaps()
+    tap = ShadowTap(endpoint, taps.rng)
+    key = ("shadow", "cand")
+    client = HeldClient()
+    client.gate.set()
+
+    def sent() -> float | None:
+        return REGISTRY.get_sample_value("kubeinfer_shadow_copies_total", {
+            "endpoint": endpoint, "variant": "primary", "peer": "cand", "result": "sent"})
+
+    async def copies(n: int, expected: float) -> None:
+        peer = tap.peers[key]
+        peer.client = client  # type: ignore[assignment]
+        for i in range(n):
+            peer.offer(exchange(i)._replace(endpoint=endpoint), None)
+        for _ in range(200):
+            await settle()
+            if sent() == expected:
+                return
+        raise AssertionError(f"sent {sent()}, expected {expected}")
+
+    taps._update(tap, {key: config("http://a", revision="r1")})
+    await copies(5, 5.0)
+    taps._update(tap, {key: config("http://a", "http://b", revision="r1", sampling=50.0)})
+    assert sent() == 5.0  # scaled, resampled: the same version, the same comparison
+    taps._update(tap, {key: config("http://a", revision="r2")})
+    assert sent() is None  # a new version: its series start over
+    await copies(2, 2.0)
+    for peer in tap.peers.values():
+        await peer.stop()

@@ -7,8 +7,10 @@ counters, latency histograms and difference summaries named in
 sums several gateways (pods); ``entries`` turns the totals into
 ``status.shadow`` entries, one per shadow variant of the spec, in its order.
 
-The numbers are totals since the gateways started (a restarted gateway starts
-its counts again), which is what a running comparison needs: requests
+The numbers are totals since the gateways started or the shadow's version last
+changed (a restarted gateway starts its counts again, and so does every gateway
+when the route table gives the shadow a new ``revision``: its comparison then
+describes the version running now), which is what a running comparison needs: requests
 compared, agreement, each side's p50/p99 latency (from the histogram buckets,
 interpolated as Prometheus' ``histogram_quantile`` does) and errors, and the
 copies dropped. The same function serves ``kubeinfer shadow report`` in local

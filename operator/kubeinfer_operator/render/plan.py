@@ -261,7 +261,8 @@ class EndpointPlan:
             ],
             shadows=[ShadowRoute(name=v.name, sampling_percentage=v.shadow_sampling,
                                  timeout_s=v.shadow_timeout_s,
-                                 upstreams=list(upstreams.get(v.name, [])), discovery=discovery)
+                                 upstreams=list(upstreams.get(v.name, [])), discovery=discovery,
+                                 revision=v.server_hash)
                      for v in self.variants if v.shadow_sampling is not None],
             mirrors=list(self.mirrors),
             **({"type": "Serverless", "serverless": serverless,

@@ -73,6 +73,9 @@ class ShadowRoute(_Peer):
     #: Base URLs of the shadow's model servers (as ``VariantRoute.upstreams``).
     upstreams: list[str] = Field(default_factory=list)
     discovery: Literal["static", "dns"] = "static"
+    #: What the shadow's model servers run (their server hash). When it changes, the
+    #: gateways start the shadow's comparison over: its counts describe one version.
+    revision: str = ""
 
 
 class MirrorRoute(_Peer):

@@ -63,6 +63,9 @@ INLINE_COMPARE_BYTES = 64 << 10
 
 #: Workers of one peer at most, however many model servers it has.
 MAX_WORKERS = 1024
+#: The metric series created for each (endpoint, peer), by every ``Peer`` that counted
+#: for it (a peer restarted for a new queue size included): what ``restart_counts`` drops.
+_SERIES: dict[tuple[str, str], set[tuple[Any, tuple[str, ...]]]] = {}
 
 SENT = "sent"
 FAILED = "failed"
@@ -84,6 +87,8 @@ class PeerConfig:
     source: str | None = None
     #: Capture the peer's answers when production's were (shadows only).
     capture: bool = False
+    #: Shadows: what its model servers run (``ShadowRoute.revision``).
+    revision: str = ""
 
     @property
     def workers(self) -> int:
@@ -214,9 +219,19 @@ class Peer:
         key = (family, variant, *extra)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = family.labels(self.endpoint, variant,
-                                                        self.config.name, *extra)
+            labels = (self.endpoint, variant, self.config.name, *extra)
+            child = self._children[key] = family.labels(*labels)
+            _SERIES.setdefault((self.endpoint, self.config.name), set()).add((family, labels))
         return child
+
+    def restart_counts(self) -> None:
+        """Drop every series of this peer (a new shadow version: its comparison starts
+        over, as after a gateway restart; Prometheus reads it as a counter reset)."""
+        for family, labels in _SERIES.pop((self.endpoint, self.config.name), set()):
+            with contextlib.suppress(KeyError):
+                family.remove(*labels)
+        self._children.clear()
+        self._by_variant.clear()
 
     def _series(self, variant: str) -> _Series:
         series = self._by_variant.get(variant)
@@ -298,7 +313,8 @@ class ShadowTap:
 def _shadow_config(route: ShadowRoute) -> PeerConfig:
     return PeerConfig(name=route.name, upstreams=tuple(dict.fromkeys(route.upstreams)),
                       sampling_percentage=route.sampling_percentage, timeout_s=route.timeout_s,
-                      queue_size=route.queue_size, concurrency=route.concurrency, capture=True)
+                      queue_size=route.queue_size, concurrency=route.concurrency, capture=True,
+                      revision=route.revision)
 
 
 def _mirror_config(route: MirrorRoute, upstreams: tuple[str, ...]) -> PeerConfig:
@@ -360,6 +376,10 @@ class ShadowTaps:
             self._stop(tap.peers.pop(key))
         for key, config in configs.items():
             peer = tap.peers.get(key)
+            if peer is not None and peer.config.revision != config.revision:
+                log.info("Endpoint %s: shadow %s runs a new version (%s): its comparison "
+                         "starts over", tap.endpoint, config.name, config.revision)
+                peer.restart_counts()
             if peer is not None and peer.config.queue_size == config.queue_size:
                 if peer.config != config:
                     peer.config = config
