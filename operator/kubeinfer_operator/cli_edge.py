@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -37,7 +38,7 @@ from kubeinfer_operator.local.edge_state import (
     known_fleets,
     read_fleet_state,
 )
-from kubeinfer_runtime.contract.edge import DeviceList, FleetStatus
+from kubeinfer_runtime.contract.edge import DeviceHistory, DeviceList, FleetStatus
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -249,6 +250,36 @@ def devices_command(
     out.print(table)
     if page.next:
         out.print(f"More devices: --limit {limit} and the server's next page ({page.next})")
+
+
+@edge_app.command("history")
+def history_command(
+    name: Annotated[str, typer.Argument(help="The EdgeFleet's name.")],
+    device: Annotated[str, typer.Argument(help="The device's id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """A device's recent versions and deployment results, newest first (what the fleet
+    server kept: the last entries, each a heartbeat that changed something)."""
+    try:
+        history = DeviceHistory.model_validate_json(
+            _get(name, f"/v1/devices/{quote(device, safe='')}/history"))
+    except Refused as exc:
+        err.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(history.model_dump_json(indent=2))
+        return
+    table = Table(title=f"{name} / {history.deviceId}", title_justify="left")
+    for column in ("when (UTC)", "version", "updating to", "last deployment"):
+        table.add_column(column)
+    for e in history.entries:
+        result = e.lastDeployment
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at)), e.version or "-",
+                      e.updatingTo or "-",
+                      f"{result.version} {result.outcome}" + (f": {result.message}"
+                                                              if result.message else "")
+                      if result is not None else "-")
+    out.print(table)
 
 
 @edge_app.command("agent", context_settings={"allow_extra_args": True,

@@ -267,6 +267,20 @@ def test_failing_warm_up_trips_the_first_wave(fleet: Fleet) -> None:
     wait_until(lambda: all(d["desiredVersion"] != version for d in fleet.devices().values()),
                10, "every device's desired version back to v2")
     assert fleet.serving(2.0)
+    # `kubeinfer edge history` shows a failed device's attempt; `edge devices` lists all.
+    device = sorted(failed)[0]
+    shown = fleet.cli("edge", "history", "fleet", device, "--json")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    entries = json.loads(shown.stdout)["entries"]
+    assert any((e.get("lastDeployment") or {}).get("version") == version
+               and e["lastDeployment"]["outcome"] == "Failed" for e in entries), entries
+    table = fleet.cli("edge", "history", "fleet", device)
+    assert table.returncode == 0 and f"{version} Failed" in table.stdout, table.stdout
+    missing = fleet.cli("edge", "history", "fleet", "no-such-device")
+    assert missing.returncode == 1 and "404" in missing.stderr, missing.stderr
+    listed = fleet.cli("edge", "devices", "fleet", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)["devices"]) == DEVICES
 
 
 def test_a_stalled_agent_does_not_block_the_wave(fleet: Fleet) -> None:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from pydantic import ValidationError as PydanticValidationError
 
-from kubeinfer_runtime.contract.edge import FleetServerSettings
+from kubeinfer_runtime.contract.edge import DeviceHistory, FleetServerSettings
 from tests.support.ports import wait_until
 from tests.support.procs import RuntimeProcess, start_runtime
 from tests.support.redis_server import RedisServer, start_redis
@@ -418,3 +418,28 @@ def test_failing_first_wave_rolls_back(server: RuntimeProcess, fleet: Fleet) -> 
         desired = d.beat()
         assert desired is not None and desired["version"] == "v1"
         assert d.version == "v1"
+    # Each device's history, newest first: the failed v2 attempt on a first-wave device.
+    boot = {"authorization": f"Bearer {BOOTSTRAP}"}
+    r = httpx.get(f"{server.url}/v1/devices/{tried[0].id}/history", headers=boot)
+    assert r.status_code == 200, r.text
+    history = DeviceHistory.model_validate_json(r.content)
+    assert history.deviceId == tried[0].id
+    failed = [e for e in history.entries if e.lastDeployment is not None
+              and e.lastDeployment.version == "v2"]
+    assert failed and failed[0].lastDeployment is not None
+    assert failed[0].lastDeployment.outcome == "Failed"
+    assert [e.at for e in history.entries] == sorted((e.at for e in history.entries),
+                                                     reverse=True)
+    assert history.entries[-1].version == ""  # the first heartbeat, before any install
+    # The status token reads it too; a device credential, no token or an unknown device
+    # do not (401 / 404, the token never quoted); the id is checked before Redis.
+    r = httpx.get(f"{server.url}/v1/devices/{tried[0].id}/history",
+                  headers={"authorization": f"Bearer {STATUS}"})
+    assert r.status_code == 200, r.text
+    _error(httpx.get(f"{server.url}/v1/devices/{tried[0].id}/history",
+                     headers=tried[0].auth), 401)
+    _error(httpx.get(f"{server.url}/v1/devices/{tried[0].id}/history"), 401)
+    assert "ghost" in _error(httpx.get(f"{server.url}/v1/devices/ghost/history",
+                                       headers=boot), 404)
+    assert "deviceId" in _error(httpx.get(f"{server.url}/v1/devices/UPPER/history",
+                                          headers=boot), 400)

@@ -378,3 +378,20 @@ class DeviceList(_Strict):
     devices: list[DeviceSummary]
     #: Set when the list was cut at the request's ``limit``: pass it as ``after``.
     next: str | None = None
+
+
+class HistoryEntry(_Strict):
+    """A heartbeat that changed what the device runs or its last deployment's result."""
+
+    #: When the fleet server received it (epoch seconds).
+    at: float
+    version: str
+    updatingTo: str = ""
+    lastDeployment: DeploymentResult | None = None
+
+
+class DeviceHistory(_Strict):
+    """``GET /v1/devices/{id}/history``: newest first, the fleet server's last entries."""
+
+    deviceId: str
+    entries: list[HistoryEntry]

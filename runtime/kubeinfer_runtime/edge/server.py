@@ -13,8 +13,9 @@ Callers are hostile until authenticated, and even then:
   the field; messages never quote tokens or body bytes);
 * tokens are compared in constant time (the bootstrap and status tokens with
   ``hmac.compare_digest``; credentials by their sha256), and a wrong credential and
-  an unknown device get the same 401; the status token (optional) authorizes the two
-  fleet-wide reads (``GET /v1/fleet``, ``GET /v1/devices``) and nothing else;
+  an unknown device get the same 401; the status token (optional) authorizes the
+  fleet-wide reads (``GET /v1/fleet``, ``GET /v1/devices``, ``GET /v1/devices/{id}/
+  history``) and nothing else;
 * path parameters must match ``NAME_PATTERN`` before they reach a Redis key or an
   object name; only the config's current and previous versions are downloadable;
 * Redis or object-store outages answer 503, never 500.
@@ -43,6 +44,7 @@ from kubeinfer_runtime.contract.edge import (
     MAX_DEVICE_REQUEST_BYTES,
     CaptureUploadResponse,
     DesiredState,
+    DeviceHistory,
     DeviceList,
     DeviceSummary,
     FleetServerSettings,
@@ -237,8 +239,8 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
     api = FastAPI(title="kubeinfer fleet server", version=__version__, lifespan=lifespan,
                   description="Edge fleets (SageMaker Edge Manager): the device API.")
     install_error_handlers(api, "the fleet server serves /v1/register, /v1/devices/{id}/"
-                                "heartbeat, /v1/packages/{version}/{target}, /v1/fleet "
-                                "(see /docs)")
+                                "heartbeat, /v1/packages/{version}/{target}, /v1/fleet, "
+                                "/v1/devices, /v1/devices/{id}/history (see /docs)")
 
     @api.exception_handler(RuntimeServiceError)
     async def _refused(request: Request, exc: RuntimeServiceError) -> Response:
@@ -388,6 +390,20 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
             for r in page]
         return _json(DeviceList(devices=summaries,
                                 next=page[-1].deviceId if more and page else None))
+
+    @api.get("/v1/devices/{device_id}/history", response_model=DeviceHistory,
+             summary="A device's recent versions and deployment results, newest first "
+                     "(bootstrap or status token)")
+    async def device_history(device_id: str, request: Request) -> Response:
+        _check_reader(request)
+        _name(device_id, "deviceId")
+        with _redis_guard():
+            record = await store.device(device_id)
+            entries = await store.history(device_id) if record is not None else []
+        if record is None:
+            raise NotFound(f"No device {device_id!r} is registered in fleet "
+                           f"{fleet}")
+        return _json(DeviceHistory(deviceId=device_id, entries=entries))
 
     @api.get("/ping", summary="Ready while Redis answers")
     async def ping() -> Response:

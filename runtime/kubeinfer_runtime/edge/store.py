@@ -37,7 +37,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kubeinfer_runtime.contract.edge import DeploymentResult, DesiredState, Heartbeat
+from kubeinfer_runtime.contract.edge import (
+    DesiredState,
+    Heartbeat,
+    HistoryEntry,
+)
 from kubeinfer_runtime.edge.waves import DeviceView, RolloutState
 
 #: Heartbeat fields that make a history entry when they change.
@@ -91,13 +95,6 @@ class DeviceRecord(BaseModel):
                           updating=hb.updating, updating_to=hb.updatingTo,
                           last_deployment=hb.lastDeployment, last_seen=self.lastSeen,
                           registered_at=self.registeredAt)
-
-
-class HistoryEntry(BaseModel):
-    at: float
-    version: str
-    updatingTo: str = ""
-    lastDeployment: DeploymentResult | None = None
 
 
 def hash_credential(credential: str) -> str:
