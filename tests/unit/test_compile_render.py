@@ -235,3 +235,20 @@ def test_a_variant_serves_a_compiled_artifact(monkeypatch: pytest.MonkeyPatch) -
                                                        "model": {"uri": "s3://compiled/mlp/"
                                                                         "artifact.tar.gz"}}]}}))
     assert other.variants[0].server_hash != plan.variants[0].server_hash
+
+
+def test_pod_template_places_the_compile_pod() -> None:
+    # target native compiles for the CPU of the node the pod lands on: nodeSelector
+    # picks that node's kind.
+    template = {"nodeSelector": {"node.kubernetes.io/instance-type": "c7i.4xlarge"},
+                "tolerations": [{"key": "compile", "operator": "Exists"}],
+                "labels": {"team": "ml"}}
+    job = rendered(planned(doc(podTemplate=template)))
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == template["nodeSelector"]
+    assert pod["tolerations"] == template["tolerations"]
+    assert job["spec"]["template"]["metadata"]["labels"]["team"] == "ml"
+    assert pod["automountServiceAccountToken"] is False
+    assert schema_errors(job) == []
+    kubernetes_validate.validate(job, "1.33.0", strict=True)
+    assert planned(doc(podTemplate=template)).run_hash != planned(doc()).run_hash

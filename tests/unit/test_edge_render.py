@@ -321,3 +321,15 @@ def test_invalid_specs_name_the_field(change: dict[str, Any], fragment: str) -> 
 def test_a_name_too_long_is_refused() -> None:
     with pytest.raises(InvalidEdgeFleet, match=r"metadata\.name"):
         validate_edge_fleet("x" * 41, "ml", copy.deepcopy(doc()["spec"]))
+
+
+def test_package_jobs_take_the_operators_default_placement() -> None:
+    settings = SETTINGS.model_copy(update={"default_pod_template": {
+        "nodeSelector": {"pool": "build"}, "imagePullSecrets": [{"name": "registry"}]}})
+    plan = planned(doc())
+    for build in plan.builds:
+        job = rf.package_job(plan, build, uid=UID, settings=settings)
+        pod = job["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"pool": "build"}
+        assert pod["imagePullSecrets"] == [{"name": "registry"}]
+        assert schema_errors(job) == []

@@ -257,3 +257,12 @@ def test_up_points_a_recommendation_job_to_kubeinfer_recommend() -> None:
                                                       "recommendation-job.yaml")])
     assert result.exit_code == 2
     assert "kubeinfer recommend -f" in " ".join(result.output.split())
+
+
+def test_the_job_takes_the_operators_default_placement() -> None:
+    settings = SETTINGS.model_copy(update={"default_pod_template": {
+        "tolerations": [{"key": "load-test", "operator": "Exists"}]}})
+    job = rjobs.render_job(planned(doc()), uid=UID, settings=settings)
+    assert job["spec"]["template"]["spec"]["tolerations"] == [
+        {"key": "load-test", "operator": "Exists"}]
+    assert schema_errors(job) == []

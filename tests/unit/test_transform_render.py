@@ -291,3 +291,47 @@ def test_a_multi_model_variant_cannot_be_referenced() -> None:
     with pytest.raises(ModelRefError) as exc:
         model_from_endpoint(job.spec, mme, "ml")
     assert "is multi-model; a TransformJob runs one model" in str(exc.value)
+
+
+POD_TEMPLATE: dict[str, Any] = {
+    "nodeSelector": {"node-pool": "batch"},
+    "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+    "serviceAccountName": "scorer",
+    "priorityClassName": "low",
+    "labels": {"team": "risk"},
+    "annotations": {"cost-center": "42"},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                   "whenUnsatisfiable": "ScheduleAnyway"}],
+}
+
+
+def test_pod_template_places_every_jobs_pods_over_the_operators_default() -> None:
+    settings = SETTINGS.model_copy(update={"default_pod_template": {
+        "nodeSelector": {"kubernetes.io/arch": "amd64"},
+        "imagePullSecrets": [{"name": "registry"}]}})
+    plan = planned(doc(podTemplate=POD_TEMPLATE))
+    for step, job in jobs(plan, settings).items():
+        template = job["spec"]["template"]
+        pod = template["spec"]
+        assert pod["nodeSelector"] == {"kubernetes.io/arch": "amd64", "node-pool": "batch"}
+        assert pod["tolerations"] == POD_TEMPLATE["tolerations"]
+        assert pod["imagePullSecrets"] == [{"name": "registry"}]
+        assert (pod["serviceAccountName"], pod["priorityClassName"]) == ("scorer", "low")
+        # The ServiceAccount decides about its token (e.g. for cloud storage identity).
+        assert "automountServiceAccountToken" not in pod
+        # A spread without a selector counts this step's pods.
+        [spread] = pod["topologySpreadConstraints"]
+        selected = spread["labelSelector"]["matchLabels"]
+        assert selected["app.kubernetes.io/component"] == step.component
+        assert "team" not in selected  # the operator's labels select, not the user's
+        assert template["metadata"]["labels"]["team"] == "risk"
+        assert template["metadata"]["labels"]["app.kubernetes.io/component"] == \
+            step.component  # the operator's labels stay
+        assert template["metadata"]["annotations"] == {"cost-center": "42"}
+        assert schema_errors(job) == []
+        kubernetes_validate.validate(job, "1.33.0", strict=True)
+    # Without one: the operator's default alone, and still no API token.
+    pod = jobs(planned(doc()), settings)[Step.WORK]["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/arch": "amd64"}
+    assert pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod

@@ -35,6 +35,7 @@ from kubeinfer_operator.api.endpoint import (
     _Spec,
     model_uri_problem,
 )
+from kubeinfer_operator.api.placement import PodTemplate
 from kubeinfer_operator.api.transform_job import _DATA_URI, data_uri_problem
 from kubeinfer_runtime.contract.compile import CandidateName, CompileTarget
 
@@ -175,6 +176,14 @@ class CompilationJobSpec(_Spec):
         Field(description="Seconds after the job completes or fails when its Kubernetes Job "
                           "and pod are deleted (the CompilationJob and its status stay). "
                           "Default: kept until the CompilationJob is deleted.", ge=0),
+    ] = None
+    podTemplate: Annotated[
+        PodTemplate | None,
+        Field(description="Placement and identity of the job's pods (Kubernetes only): "
+                          "nodeSelector, tolerations, affinity, topologySpreadConstraints, "
+                          "priorityClassName, serviceAccountName, imagePullSecrets, labels, "
+                          "annotations; over the operator's default podTemplate, field by "
+                          "field."),
     ] = None
 
     @field_validator("environment")

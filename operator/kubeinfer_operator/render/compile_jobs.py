@@ -24,6 +24,7 @@ from typing import Any
 from kubeinfer_operator.api import compilation_job as cj
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.compile_plan import CompilePlan
+from kubeinfer_operator.render.k8s_placement import apply_pod_template, effective_template
 from kubeinfer_operator.render.k8s_workloads import (
     _container_security,
     _env,
@@ -139,6 +140,9 @@ def render_job(plan: CompilePlan, *, namespace: str, uid: str,
             "backoffLimit": plan.backoff_limit,
             "activeDeadlineSeconds": plan.active_deadline_s,
             "podFailurePolicy": pod_failure_policy(),
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+            "template": apply_pod_template(
+                {"metadata": {"labels": pod_labels}, "spec": pod},
+                effective_template(settings.default_pod_template, plan.pod_template),
+                pod_labels),
         },
     }

@@ -10,7 +10,7 @@ compilation behaves the same on a laptop and on a cluster.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -49,6 +49,8 @@ class CompilePlan:
     ttl_s: int | None
     #: Hash of the spec: the Job carries it, so a Job of another spec is never adopted.
     run_hash: str
+    #: ``spec.podTemplate`` as written (placement and identity; Kubernetes only).
+    pod_template: dict[str, Any] = field(default_factory=dict)
 
     @property
     def artifact_uri(self) -> str:
@@ -115,4 +117,5 @@ def plan_compile(job: CompilationJob, *, base_dir: str | None = None) -> Compile
         active_deadline_s=spec.max_runtime_s,
         ttl_s=spec.ttlSecondsAfterFinished,
         run_hash=run_hash(spec),
+        pod_template=spec.podTemplate.written() if spec.podTemplate else {},
     )

@@ -36,7 +36,7 @@ from kubeinfer_operator.render.compile_jobs import (
     pod_failure_policy,
 )
 from kubeinfer_operator.render.edge_plan import FleetPlan, PackageBuild
-from kubeinfer_operator.render.k8s_placement import effective_template
+from kubeinfer_operator.render.k8s_placement import apply_pod_template, effective_template
 from kubeinfer_operator.render.k8s_workloads import (
     ANNOTATION_SECRET_HASH,
     GATEWAY_HEALTH_PATH,
@@ -196,7 +196,10 @@ def package_job(plan: FleetPlan, build: PackageBuild, *, uid: str,
                                       else PACKAGE_DEADLINE_S),
             "ttlSecondsAfterFinished": PACKAGE_TTL_S,
             "podFailurePolicy": pod_failure_policy(PACKAGE_CONTAINER),
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+            # The chart's default placement (a package Job has no podTemplate of its own).
+            "template": apply_pod_template({"metadata": {"labels": pod_labels}, "spec": pod},
+                                           effective_template(settings.default_pod_template,
+                                                              None), pod_labels),
         },
     }
 

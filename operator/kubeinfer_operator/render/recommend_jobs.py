@@ -20,6 +20,7 @@ from kubeinfer_operator.api import recommendation_job as rj
 from kubeinfer_operator.api.endpoint import Endpoint
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.compile_jobs import pod_failure_policy
+from kubeinfer_operator.render.k8s_placement import apply_pod_template, effective_template
 from kubeinfer_operator.render.k8s_workloads import (
     Owner,
     _container_security,
@@ -241,6 +242,10 @@ def render_job(plan: RecommendPlan, *, uid: str,
             "backoffLimit": 1,
             "activeDeadlineSeconds": plan.deadline_s,
             "podFailurePolicy": policy,
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+            # The chart's default placement (the load generator has no podTemplate of its
+            # own; the candidates take the variant's).
+            "template": apply_pod_template({"metadata": {"labels": pod_labels}, "spec": pod},
+                                           effective_template(settings.default_pod_template,
+                                                              None), pod_labels),
         },
     }

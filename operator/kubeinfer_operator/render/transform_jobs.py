@@ -29,6 +29,7 @@ from typing import Any
 
 from kubeinfer_operator.api import transform_job as tj
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render.k8s_placement import apply_pod_template, effective_template
 from kubeinfer_operator.render.k8s_workloads import (
     _container_security,
     _env,
@@ -167,7 +168,9 @@ def render_job(plan: TransformPlan, step: Step, *, namespace: str, uid: str,
         pod["initContainers"] = [_sidecar(plan, s, settings, tmp_mount) for s in plan.images]
     spec: dict[str, Any] = {
         "podFailurePolicy": _pod_failure_policy(step),
-        "template": {"metadata": {"labels": pod_labels}, "spec": pod},
+        "template": apply_pod_template(
+            {"metadata": {"labels": pod_labels}, "spec": pod},
+            effective_template(settings.default_pod_template, plan.pod_template), pod_labels),
     }
     if step is Step.WORK:
         spec.update({

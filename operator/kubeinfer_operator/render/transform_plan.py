@@ -11,7 +11,7 @@ into processes — so a job behaves the same on a laptop and on a cluster.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -147,6 +147,8 @@ class TransformPlan:
     ttl_s: int | None
     #: Hash of the spec and the resolved model: the Jobs of one run carry it.
     run_hash: str
+    #: ``spec.podTemplate`` as written (placement and identity; Kubernetes only).
+    pod_template: dict[str, Any] = field(default_factory=dict)
 
     @property
     def inputs_on_object_store(self) -> bool:
@@ -267,4 +269,5 @@ def plan_transform(job: TransformJob, model: ResolvedModel, *,
         active_deadline_s=spec.activeDeadlineSeconds,
         ttl_s=spec.ttlSecondsAfterFinished,
         run_hash=run_hash(spec, model),
+        pod_template=spec.podTemplate.written() if spec.podTemplate else {},
     )
