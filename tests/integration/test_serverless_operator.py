@@ -34,10 +34,13 @@ SIGNING_KEY = "test-scaler-signing-key"
 
 def token_for(namespace: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {scaler_token(SIGNING_KEY.encode(), namespace)}"}
+IDLE_S = 6
 ENDPOINT: dict[str, Any] = {
     "apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint", "metadata": {"name": "cold"},
     "spec": {"type": "Serverless",
-             "serverless": {"maxConcurrency": 3, "idleTimeout": 1, "memory": "1Gi"},
+             # Long enough for the cold start's reason and replica to reach status before
+             # the idle variant goes back to zero (at 1 s a loaded runner raced it).
+             "serverless": {"maxConcurrency": 3, "idleTimeout": IDLE_S, "memory": "1Gi"},
              "variants": [{"name": "main", "model": {"uri": "s3://b/iris.onnx"}}]},
 }
 
@@ -145,8 +148,8 @@ def test_scale_from_zero_and_back(cluster: tuple[Kube, str]) -> None:
     wait_for(lambda: '"readyReplicas": 1' in json.dumps(
         (kube.get("Endpoint", NS, "cold") or {}).get("status")), what="the replica in status")
 
-    # No traffic for idleTimeout (1 s): back to zero, with the reason recorded.
-    wait_for(lambda: replicas(kube) == 0, timeout=15, what="scale to zero")
+    # No traffic for idleTimeout: back to zero, with the reason recorded.
+    wait_for(lambda: replicas(kube) == 0, timeout=IDLE_S + 15, what="scale to zero")
     assert any("Scaled in from 1 to 0" in m for m in scaled_events(kube))
     # Ready again once the Deployment controller (played here) has seen the scale-in.
     kube.make_available(NS, "cold-main")
