@@ -16,11 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 from urllib.parse import quote
 
 import httpx
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
@@ -39,6 +40,8 @@ from kubeinfer_operator.local.edge_state import (
     read_fleet_state,
 )
 from kubeinfer_runtime.contract.edge import DeviceHistory, DeviceList, FleetStatus
+
+M = TypeVar("M", bound=BaseModel)
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -172,6 +175,16 @@ def fleet_status(name: str) -> FleetStatus:
     return FleetStatus.model_validate_json(_get(name, "/v1/fleet"))
 
 
+def _read_or_exit(model: type[M], name: str, path: str,
+                  params: dict[str, str] | None = None) -> M:
+    """A command's read of the fleet server: on refusal, the reason and exit 1."""
+    try:
+        return model.model_validate_json(_get(name, path, params))
+    except Refused as exc:
+        err.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
 def fleet_rows(name: str | None) -> list[dict[str, object]]:
     """Local fleets for ``kubeinfer status``: name, phase, version, URL."""
     rows: list[dict[str, object]] = []
@@ -197,11 +210,7 @@ def status_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """A local fleet's devices by state and version, and its rollout."""
-    try:
-        status = fleet_status(name)
-    except Refused as exc:
-        err.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    status = _read_or_exit(FleetStatus, name, "/v1/fleet")
     if as_json:
         typer.echo(status.model_dump_json(indent=2))
         return
@@ -232,11 +241,7 @@ def devices_command(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """A local fleet's devices: state, version, desired version, last heartbeat."""
-    try:
-        page = DeviceList.model_validate_json(_get(name, "/v1/devices", {"limit": str(limit)}))
-    except Refused as exc:
-        err.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    page = _read_or_exit(DeviceList, name, "/v1/devices", {"limit": str(limit)})
     if as_json:
         typer.echo(page.model_dump_json(indent=2))
         return
@@ -260,12 +265,8 @@ def history_command(
 ) -> None:
     """A device's recent versions and deployment results, newest first (what the fleet
     server kept: the last entries, each a heartbeat that changed something)."""
-    try:
-        history = DeviceHistory.model_validate_json(
-            _get(name, f"/v1/devices/{quote(device, safe='')}/history"))
-    except Refused as exc:
-        err.print(f"[red]Error:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    history = _read_or_exit(DeviceHistory, name,
+                            f"/v1/devices/{quote(device, safe='')}/history")
     if as_json:
         typer.echo(history.model_dump_json(indent=2))
         return

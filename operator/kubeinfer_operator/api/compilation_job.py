@@ -35,7 +35,7 @@ from kubeinfer_operator.api.endpoint import (
     _Spec,
     model_uri_problem,
 )
-from kubeinfer_operator.api.placement import PodTemplate
+from kubeinfer_operator.api.placement import JobPodTemplate
 from kubeinfer_operator.api.transform_job import _DATA_URI, data_uri_problem
 from kubeinfer_runtime.contract.compile import CandidateName, CompileTarget
 
@@ -177,14 +177,7 @@ class CompilationJobSpec(_Spec):
                           "and pod are deleted (the CompilationJob and its status stay). "
                           "Default: kept until the CompilationJob is deleted.", ge=0),
     ] = None
-    podTemplate: Annotated[
-        PodTemplate | None,
-        Field(description="Placement and identity of the job's pods (Kubernetes only): "
-                          "nodeSelector, tolerations, affinity, topologySpreadConstraints, "
-                          "priorityClassName, serviceAccountName, imagePullSecrets, labels, "
-                          "annotations; over the operator's default podTemplate, field by "
-                          "field."),
-    ] = None
+    podTemplate: JobPodTemplate = None
 
     @field_validator("environment")
     @classmethod

@@ -292,3 +292,15 @@ def validated(template: dict[str, Any] | None, where: str) -> dict[str, Any]:
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: "
             f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
         raise ValueError(f"{where}: {problems}") from None
+
+
+#: ``spec.podTemplate`` of the job kinds (TransformJob, CompilationJob): one field type,
+#: so their schemas and descriptions cannot drift apart.
+JobPodTemplate = Annotated[
+    PodTemplate | None,
+    Field(description="Placement and identity of the job's pods (Kubernetes only): "
+                      "nodeSelector, tolerations, affinity, topologySpreadConstraints, "
+                      "priorityClassName, serviceAccountName, imagePullSecrets, labels, "
+                      "annotations; over the operator's default podTemplate, field by "
+                      "field."),
+]

@@ -29,7 +29,7 @@ from kubeinfer_operator.api.endpoint import (
     ResourceRequirements,
     _Spec,
 )
-from kubeinfer_operator.api.placement import PodTemplate
+from kubeinfer_operator.api.placement import JobPodTemplate
 from kubeinfer_runtime.contract.batch import (
     AssembleWith,
     BatchStrategy,
@@ -303,14 +303,7 @@ class TransformJobSpec(_Spec):
                           "Jobs and pods are deleted (the TransformJob and its status stay). "
                           "Default: kept until the TransformJob is deleted.", ge=0),
     ] = None
-    podTemplate: Annotated[
-        PodTemplate | None,
-        Field(description="Placement and identity of the job's pods (Kubernetes only): "
-                          "nodeSelector, tolerations, affinity, topologySpreadConstraints, "
-                          "priorityClassName, serviceAccountName, imagePullSecrets, labels, "
-                          "annotations; over the operator's default podTemplate, field by "
-                          "field."),
-    ] = None
+    podTemplate: JobPodTemplate = None
 
     @field_validator("environment")
     @classmethod

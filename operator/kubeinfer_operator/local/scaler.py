@@ -42,6 +42,7 @@ import httpx
 from aiohttp import web
 from pydantic import ValidationError
 
+from kubeinfer_operator.local.children import LOAD_FAILED
 from kubeinfer_operator.local.host import EndpointHost
 from kubeinfer_operator.local.memory import OOM_KILLED
 from kubeinfer_operator.local.prefork import ForkServer
@@ -70,8 +71,6 @@ REQUEST_FRESH_S = 5.0
 #: After a failed scale-out (model does not load, crash), wait this long before
 #: trying that variant again, rather than starting a failing server every round.
 RETRY_AFTER_FAILURE_S = 10.0
-#: What a model server's /ping says when its model failed to load for good.
-LOAD_FAILED = "failed to load"
 
 
 def keep_scaled_replicas(old: EndpointPlan | None, new: EndpointPlan) -> EndpointPlan:

@@ -128,16 +128,13 @@ class Peer:
     def offer(self, exchange: Exchange, capture: CaptureTap | None) -> None:
         """Queue a copy of ``exchange`` (never blocks: a full queue drops and counts)."""
         if not self.workers:
-            self.start()
+            self.resize()  # started on its first copy
         try:
             self.queue.put_nowait((exchange, capture))
         except asyncio.QueueFull:
             self._counter(metrics.SHADOW_COPIES, exchange.variant, DROPPED).inc()
 
     # -- the workers -----------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.resize()
 
     def resize(self) -> None:
         """Match the workers to the config (its model servers came or went): add them,
