@@ -1,10 +1,13 @@
-"""The raw-ASGI inference routes, described in each FastAPI app's OpenAPI (``/docs``).
+"""What FastAPI cannot see of our routes, described in each app's OpenAPI (``/docs``).
 
 Every runtime role serves its inference routes on a lean raw-ASGI path in
 front of FastAPI (see ``server/hotpath.py``), so FastAPI never sees them and
 would leave them out of ``/docs`` and ``/openapi.json``. Users look there
 first, so :func:`document_routes` adds them to the generated document: no
-stub handlers, nothing FastAPI could route to.
+stub handlers, nothing FastAPI could route to. Routes FastAPI does serve but
+whose bodies they read themselves (to bound their size before parsing and to
+word their refusals) name their body's model with :func:`json_body`, and
+:func:`document_models` puts those models in the document's components.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 #: What the model server accepts on ``/invocations`` (and returns, by Accept).
 INFERENCE_CONTENT: dict[str, Any] = {
@@ -114,6 +118,50 @@ def document_routes(app: FastAPI, routes: Sequence[Route]) -> None:
             paths = schema.setdefault("paths", {})
             for route in routes:
                 paths.setdefault(route.path, {})["post"] = route.operation()
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+#: Where a model's schema lives in the document (and where nested models point).
+_COMPONENT = "#/components/schemas/{model}"
+
+
+def json_body(model: type[BaseModel], media_type: str = "application/json",
+              description: str = "") -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads its body itself: ``model`` is what it takes.
+
+    The schema is referenced, not inlined: :func:`document_models` must add ``model``.
+    """
+    body: dict[str, Any] = {"required": True, "content": {
+        media_type: {"schema": {"$ref": _COMPONENT.format(model=model.__name__)}}}}
+    if description:
+        body["description"] = description
+    return {"requestBody": body}
+
+
+def text_body(media_type: str, description: str) -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads a text body itself (JSON Lines, CSV...)."""
+    return {"requestBody": {"required": True, "description": description,
+                            "content": {media_type: {"schema": {"type": "string"}}}}}
+
+
+def document_models(app: FastAPI, models: Sequence[type[BaseModel]]) -> None:
+    """Make ``app``'s OpenAPI document hold ``models`` (and the models they nest) as
+    components, for the references :func:`json_body` writes (built once, on first request).
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                doc = model.model_json_schema(ref_template=_COMPONENT)
+                for name, nested in doc.pop("$defs", {}).items():
+                    components.setdefault(name, nested)
+                components.setdefault(model.__name__, doc)
             app.openapi_schema = schema
         return app.openapi_schema
 

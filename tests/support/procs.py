@@ -32,19 +32,23 @@ class RuntimeProcess:
 
 def start_runtime(role: str, env: dict[str, str], log_dir: Path, *,
                   ready_path: str = "/ping", expect_ready: bool = True,
-                  timeout: float = 30.0, open_files: int | None = None) -> RuntimeProcess:
-    """Run ``python -m kubeinfer_runtime serve --role ROLE`` on a free port.
+                  timeout: float = 30.0, open_files: int | None = None,
+                  port: int | None = None) -> RuntimeProcess:
+    """Run ``python -m kubeinfer_runtime serve --role ROLE`` on a free port (or ``port``).
 
     ``env`` holds the role's ``KUBEINFER_*`` settings. When ``expect_ready`` is
     False only liveness (the port answering at all) is awaited, for tests of
     servers that must report not-ready. ``open_files`` sets the process's
-    RLIMIT_NOFILE (soft and hard), as a container's ulimit would.
+    RLIMIT_NOFILE (soft and hard), as a container's ulimit would. ``port`` restarts a
+    server at the address its clients already know (its log is appended to, so the earlier
+    run's output stays readable).
     """
-    port = free_port()
+    restart = port is not None
+    port = port if port is not None else free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{role}-{port}.log"
     full_env = {**os.environ, **env, "KUBEINFER_HOST": "127.0.0.1", "KUBEINFER_PORT": str(port)}
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab" if restart else "wb") as log:
         def limit() -> None:
             if open_files is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))

@@ -237,11 +237,14 @@ class Agent:
                 if not (self.credential or {}).get("credential"):
                     await self.register()
                 reply = await self.heartbeat()
-                self.apply(reply)
+                started = self.apply(reply)
                 await self.upload_captures()
                 backoff = 1.0
-                # After the reply: it may have changed the interval.
-                delay = self.interval * random.uniform(0.8, 1.2)
+                # After the reply: it may have changed the interval. An install that just
+                # started is reported at once (Updating, to what), so the fleet sees the
+                # device took its desired state within the interval it was given, not the
+                # next one.
+                delay = 0.0 if started else self.interval * random.uniform(0.8, 1.2)
             except Unauthorized as e:
                 # The pinned key stays: only the credential is replaced.
                 log.warning("%s: registering again", e.message)
@@ -277,7 +280,8 @@ class Agent:
         except (OSError, ValueError):
             return EdgeCapture()
 
-    def apply(self, reply: HeartbeatResponse) -> None:
+    def apply(self, reply: HeartbeatResponse) -> bool:
+        """Take the fleet's answer; True when it started an install."""
         self.interval = float(reply.heartbeatIntervalSeconds)
         if reply.capture != self._load_capture():
             inst.write_private(self.dir / CAPTURE_FILE, reply.capture.model_dump_json().encode())
@@ -285,15 +289,18 @@ class Agent:
         self.proxy.sampling_percentage = reply.capture.samplingPercentage
         desired = reply.desired
         if desired is None or self.install_task is not None:
-            return
+            return False
         current = self.state.current
         if current is not None and current.version == desired.version \
                 and current.sha256 in ("", desired.sha256):
-            return
+            return False
         if (self.state.failedVersion, self.state.failedSha256) == (desired.version,
                                                                   desired.sha256):
-            return  # failed before: wait for the fleet to name another package
+            return False  # failed before: wait for the fleet to name another package
+        # Set before the task runs: the heartbeat that follows at once reports it.
+        self.updating_to = desired.version
         self.install_task = asyncio.create_task(self._install(desired))
+        return True
 
     # -- install ------------------------------------------------------------------------------
 

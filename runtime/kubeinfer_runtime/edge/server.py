@@ -66,6 +66,7 @@ from kubeinfer_runtime.errors import (
     RuntimeServiceError,
     ValidationError,
 )
+from kubeinfer_runtime.openapi_docs import document_models, json_body, text_body
 
 log = logging.getLogger("kubeinfer.edge")
 
@@ -273,7 +274,8 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
             raise Unauthorized(_BAD_CREDENTIAL)
 
     @api.post("/v1/register", summary="Register a device (bootstrap token); returns its "
-                                      "credential", response_model=RegisterResponse)
+                                      "credential", response_model=RegisterResponse,
+              openapi_extra=json_body(RegisterRequest))
     async def register(request: Request) -> Response:
         _check_bootstrap(request)
         body = await _body(request, MAX_DEVICE_REQUEST_BYTES, "Registration")
@@ -291,7 +293,8 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
                                       publicKey=config.publicKey, fleet=fleet))
 
     @api.post("/v1/devices/{device_id}/heartbeat", response_model=HeartbeatResponse,
-              summary="A device's heartbeat (credential); returns its desired state")
+              summary="A device's heartbeat (credential); returns its desired state",
+              openapi_extra=json_body(Heartbeat))
     async def heartbeat(device_id: str, request: Request) -> Response:
         _name(device_id, "deviceId")
         await _check_device(request, device_id)
@@ -334,7 +337,10 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
                                  headers=headers)
 
     @api.post("/v1/devices/{device_id}/captures", response_model=CaptureUploadResponse,
-              summary="Upload capture records (credential): JSON Lines, one object each")
+              summary="Upload capture records (credential): JSON Lines, one object each",
+              openapi_extra=text_body(
+                  "application/jsonl", "Capture records as JSON Lines: one JSON object per "
+                  "line (SageMaker's capture format, as the agent buffers them)."))
     async def captures(device_id: str, request: Request) -> Response:
         _name(device_id, "deviceId")
         await _check_device(request, device_id)
@@ -425,4 +431,6 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
 
     api.state.controller = controller
     api.state.store = store
+    # The device API's bodies are read by hand (bounded, refusals worded): name their models.
+    document_models(api, [RegisterRequest, Heartbeat])
     return api
