@@ -297,3 +297,32 @@ def test_binary_outputs_are_little_endian_whatever_the_array() -> None:
     values = np.arange(6, dtype=np.float32).reshape(2, 3)
     for arr in (values, values.T, values.astype(">f4"), values.astype(">f4").T):
         assert tensor_bytes(arr) == np.ascontiguousarray(arr, "<f4").tobytes()
+
+
+def test_a_learned_layout_keeps_the_general_rounding_of_integers(models_dir: Path) -> None:
+    # The template path casts straight to FP32 when the data holds a float; integers only
+    # take numpy's two steps, which round 2**54 + 2**30 + 1 differently (int64 -> float32
+    # once, 2**54 + 2**31) from float64 first (2**54). Both must answer as the general one.
+    # The default limits: under this module's small ones a 256-value body is refused by
+    # the lane's bound before any cast.
+    backend = OnnxBackend()
+    backend.load(models_dir / "mlp.onnx")
+    meta = backend.metadata()
+    lane = build_v2_lane(meta, codec.DEFAULT_LIMITS)
+    assert lane is not None
+    model = LoadedModel(backend, meta, "0" * 64, True, None, None, lane)
+
+    def body(data: list[Any]) -> bytes:
+        return orjson.dumps({"inputs": [{"name": "input", "shape": [1, 256],
+                                         "datatype": "FP32", "data": data}]})
+
+    floats = np.random.default_rng(3).standard_normal(256).tolist()
+    assert lane(body(floats), None) is not None  # learns the layout
+    n = 2**54 + 2**30 + 1
+    for data in ([n] * 256, [n] * 255 + [0.5], floats[:128] + [n] * 128,
+                 [*floats[:255], None], [*floats[:255], True]):
+        same(model, body(data))
+        assert lane(body(data), None) is not None or None in data
+    request = lane(body([n] * 256), None)
+    assert request is not None
+    assert int(next(iter(request.inputs.values()))[0, 0]) == 2**54 + 2**31
