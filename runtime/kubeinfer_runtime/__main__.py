@@ -37,7 +37,6 @@ from kubeinfer_runtime.contract import (
     ModelServerSettings,
     Role,
 )
-from kubeinfer_runtime.contract.edge import FleetServerSettings
 
 #: Seconds uvicorn waits for in-flight requests after SIGTERM. Kubernetes sends
 #: SIGKILL after terminationGracePeriodSeconds (30 s by default): stay under it.
@@ -76,8 +75,15 @@ _FACTORIES: dict[Role, tuple[str, type[Any]]] = {
     Role.MODEL_SERVER: ("kubeinfer_runtime.__main__:model_server_app", ModelServerSettings),
     Role.GATEWAY: ("kubeinfer_runtime.__main__:gateway_app", GatewaySettings),
     Role.ASYNC_WORKER: ("kubeinfer_runtime.__main__:async_worker_app", AsyncWorkerSettings),
-    Role.FLEET_SERVER: ("kubeinfer_runtime.__main__:fleet_server_app", FleetServerSettings),
 }
+
+
+def _fleet_server_settings() -> type[Any]:
+    # Imported for that role only: building the edge contract's models is ~16 ms that
+    # every model server's start (each pod's scale-from-zero) would pay for nothing.
+    from kubeinfer_runtime.contract.edge import FleetServerSettings
+
+    return FleetServerSettings
 
 
 def _preload(settings: ModelServerSettings) -> None:
@@ -138,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         from kubeinfer_runtime.batch.main import run
 
         return run(args.step)
-    target, settings_cls = _FACTORIES[Role(args.role)]
+    role = Role(args.role)
+    target, settings_cls = (("kubeinfer_runtime.__main__:fleet_server_app",
+                             _fleet_server_settings()) if role is Role.FLEET_SERVER
+                            else _FACTORIES[role])
     try:
         settings = settings_cls()
     except SettingsError as e:

@@ -240,22 +240,43 @@ def encode_v2_binary(outputs: Tensors, model_name: str, model_version: str | Non
     the JSON in the order of ``outputs``; the others keep ``data``. The header
     is written from pieces, as by :func:`encode_v2`.
     """
+    key: tuple[Any, ...] | None = None
+    if request_id is None:
+        key = (model_name, model_version, binary,
+               *[(name, arr.shape, arr.dtype) for name, arr in outputs.items()])
+        header = _BINARY_HEADERS.get(key)
+        if header is not None:
+            return b"".join([header, *[tensor_bytes(a) for a in outputs.values()]]), len(header)
     parts = _v2_parts(model_name, model_version, request_id)
     raws: list[bytes] = []
     sep = b""
+    fixed = True  # every output binary and numeric: the header is a function of the key
     for name, arr in outputs.items():
         name_part, type_part = _v2_output_head(name, arr.dtype)
         parts += (sep, name_part, orjson.dumps(arr.shape), type_part)
         if name in binary:
             raw = tensor_bytes(arr)
             raws.append(raw)
+            fixed = fixed and arr.dtype.kind in "biuf"
             parts += (b',"parameters":{"binary_data_size":', str(len(raw)).encode(), b"}}")
         else:
+            fixed = False
             parts += (b',"data":', dumps(arr.ravel()), b"}")
         sep = b","
     parts.append(b"]}")
     header = b"".join(parts)
+    if key is not None and fixed:
+        if len(_BINARY_HEADERS) >= _BINARY_HEADERS_MAX:
+            _BINARY_HEADERS.clear()  # shapes vary by batch size; a client has few
+        _BINARY_HEADERS[key] = header
     return b"".join([header, *raws]), len(header)
+
+
+#: JSON headers of binary answers whose outputs are all binary and numeric, by what they
+#: are made of (names, shapes, dtypes: the sizes follow): a client sending the same
+#: request shape gets the same header every time, so it is written once, not per answer.
+_BINARY_HEADERS: dict[tuple[Any, ...], bytes] = {}
+_BINARY_HEADERS_MAX = 256
 
 
 def _v2_parts(model_name: str, model_version: str | None, request_id: str | None) -> list[bytes]:

@@ -291,6 +291,38 @@ def test_encode_v2_binary_writes_the_document_byte_for_byte(
     binary = frozenset(data.draw(st.lists(st.sampled_from(sorted(outputs) or ["-"]))))
     assert (codec.encode_v2_binary(outputs, "m", version, request_id, binary)
             == _reference_encode_v2_binary(outputs, "m", version, request_id, binary))
+    # Again with other values of the same names, shapes and dtypes: the header may now
+    # come from the cache of headers; the answer must not.
+    other = {name: _other_values(arr) for name, arr in outputs.items()}
+    assert (codec.encode_v2_binary(other, "m", version, request_id, binary)
+            == _reference_encode_v2_binary(other, "m", version, request_id, binary))
+
+
+def _other_values(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind == "b":
+        return np.logical_not(arr)
+    if arr.dtype.kind in "iuf":
+        with np.errstate(all="ignore"):  # integers wrap: still other values
+            return np.asarray(arr + 1, dtype=arr.dtype).reshape(arr.shape)
+    return arr
+
+
+def test_a_cached_binary_header_is_only_reused_for_the_same_layout() -> None:
+    probabilities = np.array([[0.1, 0.2, 0.7]], np.float32)
+    label = np.array([2], np.int64)
+    layouts = [
+        {"label": label, "probabilities": probabilities},
+        {"probabilities": probabilities, "label": label},  # another order
+        {"label": label, "probabilities": np.repeat(probabilities, 2, 0)},  # batch of 2
+        {"label": label.astype(np.int32), "probabilities": probabilities},
+    ]
+    for binary in (frozenset({"label", "probabilities"}), frozenset({"label"})):
+        for _ in range(2):  # the second pass reads what the first one cached
+            for outputs in layouts:
+                for version, request_id in ((None, None), ("7", None), (None, "id-1")):
+                    assert (codec.encode_v2_binary(outputs, "m", version, request_id, binary)
+                            == _reference_encode_v2_binary(outputs, "m", version, request_id,
+                                                           binary)), (outputs, binary)
 
 
 def test_binary_outputs_are_little_endian_whatever_the_array() -> None:
