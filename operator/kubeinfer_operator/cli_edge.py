@@ -11,9 +11,7 @@ or processes here — run ``kubeinfer edge agent`` against the server's URL.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -25,6 +23,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from kubeinfer_operator.agent_exec import exec_agent
 from kubeinfer_operator.cli_jobs import Refused
 from kubeinfer_operator.local.edge_control import (
     LoadedFleet,
@@ -305,17 +304,15 @@ def agent_command(
              "server names at first registration, pinned after.")] = None,
 ) -> None:
     """Run the device agent: register, heartbeat, install signed packages, serve locally."""
-    argv = [sys.executable, "-m", "kubeinfer_runtime", "edge", "agent", "--server", server,
-            "--device-id", device_id, "--target", target, "--state-dir", str(state_dir)]
-    for flag, value in (("--labels", labels), ("--listen", listen),
-                        ("--public-key", public_key)):
+    # `kubeinfer edge agent` reaches this only for --help (kubeinfer_operator.entry hands
+    # the agent over before the CLI is imported); `python -m kubeinfer_operator.cli` here.
+    args = ["--server", server, "--device-id", device_id, "--target", target,
+            "--state-dir", str(state_dir)]
+    for flag, value in (("--bootstrap-token", bootstrap_token), ("--labels", labels),
+                        ("--listen", listen), ("--public-key", public_key)):
         if value is not None:
-            argv += [flag, value]
-    env = dict(os.environ)
-    if bootstrap_token is not None:
-        env["KUBEINFER_EDGE_BOOTSTRAP_TOKEN"] = bootstrap_token  # not in the child's argv
-    argv += ctx.args
-    os.execvpe(argv[0], argv, env)
+            args += [flag, value]
+    exec_agent([*args, *ctx.args])
 
 
 def down(paths: FleetPaths, *, timeout: float) -> str:

@@ -118,7 +118,7 @@ class Fleet:
                 "KUBEINFER_CROSS_RUNTIME_DIR": str(AARCH64_RUNTIME)}
 
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "kubeinfer_operator.cli", *args],
+        return subprocess.run([sys.executable, "-m", "kubeinfer_operator", *args],
                               env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def up(self, model: Path, *, arm: bool = False) -> str:
@@ -153,7 +153,7 @@ class Fleet:
     def start(self, agent: Agent) -> None:
         with open(agent.log, "ab") as out:
             agent.proc = subprocess.Popen(
-                [sys.executable, "-m", "kubeinfer_operator.cli", "edge", "agent",
+                [sys.executable, "-m", "kubeinfer_operator", "edge", "agent",
                  "--server", self.url, "--device-id", agent.device, "--target", "x86-64",
                  "--state-dir", str(agent.state), "--listen", f"127.0.0.1:{agent.port}"],
                 env={**self.env, "KUBEINFER_EDGE_BOOTSTRAP_TOKEN": TOKEN},

@@ -201,7 +201,7 @@ def test_a_green_fleet_that_cannot_become_ready_rolls_back_at_once() -> None:
                       previous=run.state, fleets=run.fleets, now=T0 + timedelta(seconds=2))
         assert d.state and d.state.phase is ro.Phase.ROLLED_BACK, phase_at
         assert d.weights == {"a": 1.0} and d.fleets == {"a": ro.FleetPlan(4, keep=True)}
-        assert d.extra == {"reason": ro.REASON_GREEN_FAILED}
+        assert d.state.reason == ro.REASON_GREEN_FAILED
         assert f"fleet a-green cannot become ready: {why}" in d.state.message
         assert d.events[0][0] == "RolledBack" and d.events[0][2] == "Warning"
         cond = ro.conditions({"a": d}, 3)[0]

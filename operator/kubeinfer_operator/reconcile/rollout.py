@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -231,7 +231,6 @@ class Decision:
     events: tuple[tuple[str, str, str], ...] = ()
     #: When to look again at the latest (seconds), while a rollout runs.
     wake_s: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -371,7 +370,7 @@ def _rollback(state: RolloutState, replicas: int, reason: str, why: str) -> Deci
     rolled = replace(state, phase=Phase.ROLLED_BACK, traffic=0.0, message=message,
                      reason=reason)
     return Decision(rolled, {state.blue: FleetPlan(replicas, keep=True)}, {state.blue: 1.0},
-                    ((EVENT_ROLLED_BACK, message, "Warning"),), extra={"reason": reason})
+                    ((EVENT_ROLLED_BACK, message, "Warning"),))
 
 
 def _in_progress(state: RolloutState, config: DeploymentConfig | None, replicas: int,
