@@ -172,3 +172,16 @@ def test_integers_only_keep_the_two_pass_rounding() -> None:
     assert got is not None and int(got[0, 0]) == 2**54 + 2**31
     want = _two_pass(body, spec, (4,))
     assert want is not None and got.tobytes() == want.tobytes()
+
+
+def test_a_number_in_quotes_is_never_cast() -> None:
+    # numpy would parse "2.5" into 2.5 when converting straight to float32: the one-pass
+    # cast must not see a string at all (the general path refuses strings for a float
+    # input and names them).
+    spec = TensorSpec("x", np.dtype(np.float32), (None, 4))
+    for row in ([1.5, "2.5", 3.0, 4.0], [1.5, 2.0, 3.0, "4"]):
+        body = orjson.dumps({"instances": [row] * 300})
+        assert len(body) > codec.DEFAULT_LIMITS.small_json_bytes
+        assert codec.fast_float_json(body, spec, (4,)) is None
+        plain = orjson.dumps([row] * 300)
+        assert codec.fast_float_json(plain, spec, (4,)) is None

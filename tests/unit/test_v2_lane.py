@@ -358,3 +358,23 @@ def test_a_learned_layout_keeps_the_general_rounding_of_integers(models_dir: Pat
     request = lane(body([n] * 256), None)
     assert request is not None
     assert int(next(iter(request.inputs.values()))[0, 0]) == 2**54 + 2**31
+
+
+def test_a_number_in_quotes_is_never_cast_by_a_learned_layout(models_dir: Path) -> None:
+    backend = OnnxBackend()
+    backend.load(models_dir / "mlp.onnx")
+    meta = backend.metadata()
+    lane = build_v2_lane(meta, codec.DEFAULT_LIMITS)
+    assert lane is not None
+    model = LoadedModel(backend, meta, "0" * 64, True, None, None, lane)
+    floats = np.random.default_rng(4).standard_normal(256).tolist()
+
+    def body(data: list[Any]) -> bytes:
+        return orjson.dumps({"inputs": [{"name": "input", "shape": [1, 256],
+                                         "datatype": "FP32", "data": data}]})
+
+    assert lane(body(floats), None) is not None  # learns the layout
+    quoted = body([*floats[:255], "2.5"])
+    assert lane(quoted, None) is None
+    status = same(model, quoted)[0]
+    assert status == 400
