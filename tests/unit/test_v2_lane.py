@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from kubeinfer_runtime import codec
 from kubeinfer_runtime.codec_encode import dumps
 from kubeinfer_runtime.codec_v2_binary import tensor_bytes
-from kubeinfer_runtime.codec_v2_fast import build_v2_lane
+from kubeinfer_runtime.codec_v2_fast import V2Lane, build_v2_lane
 from kubeinfer_runtime.errors import RuntimeServiceError
 from kubeinfer_runtime.models.base import v2_datatype
 from kubeinfer_runtime.models.onnx import OnnxBackend
@@ -331,50 +331,44 @@ def test_binary_outputs_are_little_endian_whatever_the_array() -> None:
         assert tensor_bytes(arr) == np.ascontiguousarray(arr, "<f4").tobytes()
 
 
-def test_a_learned_layout_keeps_the_general_rounding_of_integers(models_dir: Path) -> None:
-    # The template path casts straight to FP32 when the data holds a float; integers only
-    # take numpy's two steps, which round 2**54 + 2**30 + 1 differently (int64 -> float32
-    # once, 2**54 + 2**31) from float64 first (2**54). Both must answer as the general one.
-    # The default limits: under this module's small ones a 256-value body is refused by
-    # the lane's bound before any cast.
+def _mlp_with_default_limits(models_dir: Path) -> tuple[LoadedModel, V2Lane]:
+    """The MLP with a lane under the default limits: under this module's small ones a
+    256-value body is refused by the lane's bound before any cast."""
     backend = OnnxBackend()
     backend.load(models_dir / "mlp.onnx")
     meta = backend.metadata()
     lane = build_v2_lane(meta, codec.DEFAULT_LIMITS)
     assert lane is not None
-    model = LoadedModel(backend, meta, "0" * 64, True, None, None, lane)
+    return LoadedModel(backend, meta, "0" * 64, True, None, None, lane), lane
 
-    def body(data: list[Any]) -> bytes:
-        return orjson.dumps({"inputs": [{"name": "input", "shape": [1, 256],
-                                         "datatype": "FP32", "data": data}]})
 
+def _mlp_body(data: list[Any]) -> bytes:
+    return orjson.dumps({"inputs": [{"name": "input", "shape": [1, 256], "datatype": "FP32",
+                                     "data": data}]})
+
+
+def test_a_learned_layout_keeps_the_general_rounding_of_integers(models_dir: Path) -> None:
+    # The template path casts straight to FP32 when the data holds a float; integers only
+    # take numpy's two steps, which round 2**54 + 2**30 + 1 differently (int64 -> float32
+    # once, 2**54 + 2**31) from float64 first (2**54). Both must answer as the general one.
+    model, lane = _mlp_with_default_limits(models_dir)
     floats = np.random.default_rng(3).standard_normal(256).tolist()
-    assert lane(body(floats), None) is not None  # learns the layout
+    assert lane(_mlp_body(floats), None) is not None  # learns the layout
     n = 2**54 + 2**30 + 1
     for data in ([n] * 256, [n] * 255 + [0.5], floats[:128] + [n] * 128,
                  [*floats[:255], None], [*floats[:255], True]):
-        same(model, body(data))
-        assert lane(body(data), None) is not None or None in data
-    request = lane(body([n] * 256), None)
+        same(model, _mlp_body(data))
+        assert lane(_mlp_body(data), None) is not None or None in data
+    request = lane(_mlp_body([n] * 256), None)
     assert request is not None
     assert int(next(iter(request.inputs.values()))[0, 0]) == 2**54 + 2**31
 
 
 def test_a_number_in_quotes_is_never_cast_by_a_learned_layout(models_dir: Path) -> None:
-    backend = OnnxBackend()
-    backend.load(models_dir / "mlp.onnx")
-    meta = backend.metadata()
-    lane = build_v2_lane(meta, codec.DEFAULT_LIMITS)
-    assert lane is not None
-    model = LoadedModel(backend, meta, "0" * 64, True, None, None, lane)
+    model, lane = _mlp_with_default_limits(models_dir)
     floats = np.random.default_rng(4).standard_normal(256).tolist()
-
-    def body(data: list[Any]) -> bytes:
-        return orjson.dumps({"inputs": [{"name": "input", "shape": [1, 256],
-                                         "datatype": "FP32", "data": data}]})
-
-    assert lane(body(floats), None) is not None  # learns the layout
-    quoted = body([*floats[:255], "2.5"])
+    assert lane(_mlp_body(floats), None) is not None  # learns the layout
+    quoted = _mlp_body([*floats[:255], "2.5"])
     assert lane(quoted, None) is None
     status = same(model, quoted)[0]
     assert status == 400
