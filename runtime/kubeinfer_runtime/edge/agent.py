@@ -305,7 +305,7 @@ class Agent:
     # -- install ------------------------------------------------------------------------------
 
     async def _install(self, desired: DesiredState) -> None:
-        # ``updating_to`` was set by ``apply``, the one place an install starts.
+        self.updating_to = desired.version
         try:
             await self.install(desired)
         except asyncio.CancelledError:
