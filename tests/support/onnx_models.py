@@ -143,6 +143,20 @@ def identity_model(path: Path) -> Path:
     return _save(graph, path)
 
 
+def identity_of(path: Path, dtype: str) -> Path:
+    """``x`` ``dtype`` [N, 3] -> ``y`` = x: one input of any numeric dtype (numpy's name)."""
+    import numpy as np
+    from onnx import helper
+
+    kind = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "identity_of",
+        [helper.make_tensor_value_info("x", kind, ["N", 3])],
+        [helper.make_tensor_value_info("y", kind, ["N", 3])],
+    )
+    return _save(graph, path)
+
+
 def label_model(path: Path, flip_percent: float = 0.0) -> Path:
     """``x`` float32 [N] (whole numbers i >= 0) -> ``y`` int64 [N] class labels ``i % 3``,
     except ``(i + 1) % 3`` where ``i % 100 < flip_percent``: over any 100 consecutive

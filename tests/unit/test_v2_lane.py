@@ -35,7 +35,7 @@ from kubeinfer_runtime.models.base import v2_datatype
 from kubeinfer_runtime.models.onnx import OnnxBackend
 from kubeinfer_runtime.server.state import LoadedModel
 from kubeinfer_runtime.server.work import v2_work
-from tests.support.onnx_models import mixed_inputs_model
+from tests.support.onnx_models import identity_of, mixed_inputs_model
 from tests.support.v2_requests import requests
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -191,6 +191,42 @@ def test_the_lane_takes_the_common_requests_and_learns_their_layout(
     assert lane.__self__.binary is not None  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("dtype", ["int8", "uint16", "int32", "int64", "float16", "float64",
+                                   "bool"])
+def test_a_learned_binary_layout_of_one_input_reads_as_the_general_decoder(
+        tmp_path: Path, dtype: str) -> None:
+    """One input of each numeric dtype, its binary layout learned, then new bytes in it.
+
+    Every dtype but BOOL (whose bytes must be 0 or 1) is read in one step; the
+    answers must be the general decoder's, bytes that are not numbers (NaN,
+    infinities) and BOOL bytes over 1 included.
+    """
+    model = _load(identity_of(tmp_path / f"{dtype}.onnx", dtype))
+    lane = model.v2_lane
+    assert lane is not None
+    x = np.arange(6).astype(dtype).reshape(2, 3)
+    head = orjson.dumps({"inputs": [{"name": "x", "shape": [2, 3],
+                                     "datatype": v2_datatype(x.dtype),
+                                     "parameters": {"binary_data_size": x.nbytes}}],
+                         "parameters": {"binary_data_output": True}})
+    assert same(model, head + x.tobytes(), len(head))[0] == 200
+    learned = lane.__self__.binary  # type: ignore[attr-defined]
+    assert learned is not None and (learned.one is None) == (dtype == "bool")
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        raw = rng.integers(0, 256, x.nbytes, dtype=np.uint8).tobytes()
+        if dtype == "bool" and _ % 2:
+            raw = bytes(b & 1 for b in raw)
+        assert lane(head + raw, len(head)) is not None or dtype == "bool"
+        answer = same(model, head + raw, len(head))
+        if answer[0] == 200:
+            # The answer's bytes are the request's (an identity model), after its header.
+            assert answer[1].endswith(raw)
+    for wrong in (head + x.tobytes()[:-1], head + x.tobytes() + b"\0"):
+        assert lane(wrong, len(head)) is None
+        assert same(model, wrong, len(head))[0] == 400
+
+
 @pytest.mark.parametrize("body", [
     b'{"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}',
     b'{"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}],'
@@ -315,6 +351,9 @@ def test_a_cached_binary_header_is_only_reused_for_the_same_layout() -> None:
         {"probabilities": probabilities, "label": label},  # another order
         {"label": label, "probabilities": np.repeat(probabilities, 2, 0)},  # batch of 2
         {"label": label.astype(np.int32), "probabilities": probabilities},
+        # Same datatypes and shapes in another memory order: the cached header fits,
+        # and the bytes must still be in C order.
+        {"label": label, "probabilities": np.asfortranarray(np.repeat(probabilities, 2, 0))},
     ]
     for binary in (frozenset({"label", "probabilities"}), frozenset({"label"})):
         for _ in range(2):  # the second pass reads what the first one cached
@@ -323,6 +362,11 @@ def test_a_cached_binary_header_is_only_reused_for_the_same_layout() -> None:
                     assert (codec.encode_v2_binary(outputs, "m", version, request_id, binary)
                             == _reference_encode_v2_binary(outputs, "m", version, request_id,
                                                            binary)), (outputs, binary)
+            # A byte-swapped array has no V2 datatype: refused as before anything was
+            # cached, though its datatype number and shape match a cached header.
+            swapped = {"label": label.astype(">i8"), "probabilities": probabilities}
+            with pytest.raises(ValueError, match="no V2 datatype"):
+                codec.encode_v2_binary(swapped, "m", None, None, binary)
 
 
 def test_binary_outputs_are_little_endian_whatever_the_array() -> None:

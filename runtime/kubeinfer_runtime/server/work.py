@@ -68,8 +68,13 @@ def v2_work(model: LoadedModel, body: bytes, model_name: str,
         return codec.encode_v2(outputs, model_name, model.version, req.id), model_s, V2_JSON
     payload, json_length = codec.encode_v2_binary(outputs, model_name, model.version, req.id,
                                                   req.binary_outputs)
-    return payload, model_s, ((b"content-type", OCTET_STREAM),
-                              (HEADER_LENGTH, str(json_length).encode()))
+    return payload, model_s, _binary_headers(json_length)
+
+
+@lru_cache(maxsize=256)
+def _binary_headers(json_length: int) -> OutHeaders:
+    """A binary answer's headers: a client's answers mostly share one header length."""
+    return (b"content-type", OCTET_STREAM), (HEADER_LENGTH, str(json_length).encode())
 
 
 def invocations_output(encoding: codec.Encoding, outputs: tuple[TensorSpec, ...],
