@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError as SettingsError
@@ -71,19 +72,23 @@ def fleet_server_app() -> Any:
     return create_app()  # settings from the environment
 
 
-_FACTORIES: dict[Role, tuple[str, type[Any]]] = {
-    Role.MODEL_SERVER: ("kubeinfer_runtime.__main__:model_server_app", ModelServerSettings),
-    Role.GATEWAY: ("kubeinfer_runtime.__main__:gateway_app", GatewaySettings),
-    Role.ASYNC_WORKER: ("kubeinfer_runtime.__main__:async_worker_app", AsyncWorkerSettings),
-}
-
-
 def _fleet_server_settings() -> type[Any]:
     # Imported for that role only: building the edge contract's models is ~16 ms that
     # every model server's start (each pod's scale-from-zero) would pay for nothing.
     from kubeinfer_runtime.contract.edge import FleetServerSettings
 
     return FleetServerSettings
+
+
+#: Role -> (app factory, its settings class, resolved when the role starts).
+_FACTORIES: dict[Role, tuple[str, Callable[[], type[Any]]]] = {
+    Role.MODEL_SERVER: ("kubeinfer_runtime.__main__:model_server_app",
+                        lambda: ModelServerSettings),
+    Role.GATEWAY: ("kubeinfer_runtime.__main__:gateway_app", lambda: GatewaySettings),
+    Role.ASYNC_WORKER: ("kubeinfer_runtime.__main__:async_worker_app",
+                        lambda: AsyncWorkerSettings),
+    Role.FLEET_SERVER: ("kubeinfer_runtime.__main__:fleet_server_app", _fleet_server_settings),
+}
 
 
 def _preload(settings: ModelServerSettings) -> None:
@@ -144,12 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         from kubeinfer_runtime.batch.main import run
 
         return run(args.step)
-    role = Role(args.role)
-    target, settings_cls = (("kubeinfer_runtime.__main__:fleet_server_app",
-                             _fleet_server_settings()) if role is Role.FLEET_SERVER
-                            else _FACTORIES[role])
+    target, settings_class = _FACTORIES[Role(args.role)]
     try:
-        settings = settings_cls()
+        settings = settings_class()()
     except SettingsError as e:
         problems = "; ".join(f"{_env_name(err['loc'])}: {err['msg']}" for err in e.errors())
         print(f"Invalid {args.role} settings ({problems}): set the environment variables",

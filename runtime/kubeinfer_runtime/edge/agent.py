@@ -305,7 +305,7 @@ class Agent:
     # -- install ------------------------------------------------------------------------------
 
     async def _install(self, desired: DesiredState) -> None:
-        self.updating_to = desired.version
+        # ``updating_to`` was set by ``apply``, the one place an install starts.
         try:
             await self.install(desired)
         except asyncio.CancelledError:
