@@ -278,3 +278,66 @@ def test_a_webhook_outage_dead_letters_nothing_that_was_written(
     assert r.xlen(KEYS.dead_letter) == 0
     assert {r.hget(KEYS.inference(i), "attempts") for i in ids} == {"1"}
     assert {r.hget(KEYS.writes, i) for i in ids} == {"1"}
+
+
+def test_a_worker_started_while_redis_is_down_consumes_once_it_is_back(
+        tmp_path: Path, s3_server: S3Server, models_dir: Path) -> None:
+    """Its first step (creating the consumer group) failing must not end its loop.
+
+    A worker that starts while Redis is away (a restart, a failover, a fresh install)
+    used to end its consuming loop at once and then idle for good, while /ping, which
+    only pings Redis, said it was ready once Redis was back.
+    """
+    bucket = "async-late-redis"
+    s3_server.minio().make_bucket(bucket)
+    redis_server = start_redis(tmp_path / "redis", persistent=True)
+    route = AsyncRoute(queue="late", output_path=f"s3://{bucket}/out",
+                       failure_path=f"s3://{bucket}/failed")
+    env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
+                     route=route, s3_env=s3_server.env(), endpoint="late")
+    stack = AsyncStack("late", route, tmp_path / "stack", env)
+    try:
+        redis_server.down()
+        worker = stack.start_worker(wait=False)
+        # The process serves, its loop found Redis down (and keeps trying).
+        wait_until(lambda: "Async worker loop error" in worker.log(), 30,
+                   "the worker to find Redis down")
+        assert worker.proc.poll() is None
+        redis_server.up()
+        stack.wait_workers(30)
+        stack.start_gateway(redis_server.url)
+        data = json.dumps({"instances": ROWS}).encode()
+        s3_server.minio().put_object(bucket, "in/0.json", io.BytesIO(data), len(data))
+        ids = [f"late-{i}" for i in range(3)]
+        stack.submit([f"s3://{bucket}/in/0.json"], ids)
+        wait_until(lambda: {f"{i}.out" for i in ids} <= {
+            o.object_name.rsplit("/", 1)[1] for o in s3_server.minio().list_objects(
+                bucket, prefix="out/", recursive=True)}, 30, "every output", interval=0.2)
+        assert httpx.get(worker.url + "/v2/health/live").status_code == 200
+    finally:
+        stack.stop()
+        redis_server.stop()
+
+
+def test_the_gateways_redis_client_outlives_a_redis_restart(tmp_path: Path) -> None:
+    """Its pooled connection dies with the server; the next command must still work
+    (a new connection), not turn one client's request into a 503."""
+    import asyncio
+
+    from kubeinfer_runtime.queue.submit import AsyncSubmitHandler
+
+    server = start_redis(tmp_path / "redis")
+    handler = AsyncSubmitHandler(server.url)
+
+    async def restart_between_two_commands() -> None:
+        client, _ = handler.client(server.url)
+        assert await client.set("before", "1")
+        server.down()
+        server.up()
+        assert await client.set("after", "1")
+        await handler.close()
+
+    try:
+        asyncio.run(restart_between_two_commands())
+    finally:
+        server.stop()

@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLE: dict[str, Any] = yaml.safe_load((REPO / "examples" / "realtime-endpoint.yaml").read_text())
 V1, V2 = "example.test/runtime:1", "example.test/runtime:2"
 NAMES = [f"e{i}" for i in range(5)]
+#: Deployments of one Endpoint: one per variant, and the gateway.
+CHILDREN = len(EXAMPLE["spec"]["variants"]) + 1
 NS = "upgrade"
 
 
@@ -83,7 +85,11 @@ def test_a_new_runtime_image_rolls_two_endpoints_at_a_time(tmp_path: Path,
                 obj = copy.deepcopy(EXAMPLE)
                 obj["metadata"] = {"name": name}
                 assert kube.create(obj, NS).status_code == 201
-            wait_for(lambda: on(kube, V1) == set(NAMES), 30, "every Endpoint on v1")
+            # Every child, not only the first: the operator creates an Endpoint's
+            # Deployments one after another, and this test plays the Deployment
+            # controller once, so one created after roll_out would never be Ready.
+            wait_for(lambda: all(len(deployments(kube, n)) == CHILDREN for n in NAMES)
+                     and on(kube, V1) == set(NAMES), 30, "every Endpoint's Deployments on v1")
             for name in NAMES:
                 roll_out(kube, name)
             wait_for(lambda: all(ready(kube, n) for n in NAMES), 30, "every Endpoint Ready")

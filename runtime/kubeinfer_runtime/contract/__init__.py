@@ -103,7 +103,10 @@ class ModelFormat(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: a model's validator is built when first used, not at import. Most
+    # of these models are the gateway's (route tables); a model server, whose start
+    # every scale-from-zero pays, uses none of them (~15 ms of imports, issue 18).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class VariantRoute(_Strict):
@@ -560,6 +563,8 @@ class ModelServerSettings(_RoleSettings):
 class GatewaySettings(_RoleSettings):
     """Settings of the gateway role (SageMaker Runtime API front door)."""
 
+    model_config = ConfigDict(defer_build=True)  # _Strict says why
+
     #: Path of the route-table JSON (a mounted ConfigMap on Kubernetes).
     route_table_path: str = "/etc/kubeinfer/" + ROUTE_TABLE_FILENAME
     #: How often the route-table file is checked for changes, seconds.
@@ -610,6 +615,8 @@ class AsyncWorkerSettings(ModelServerSettings):
 
     The worker still listens on ``host:port`` for ``/ping`` and ``/metrics``.
     """
+
+    model_config = ConfigDict(defer_build=True)  # _Strict says why
 
     redis_url: str
     #: The endpoint's queue (``AsyncQueueKeys.queue``).

@@ -35,7 +35,7 @@ class AuthMode(StrEnum):
 class AuthRoute(BaseModel):
     """What the gateway needs to authenticate one endpoint's callers."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # see contract._Strict
 
     mode: AuthMode = AuthMode.NONE
     #: Directory holding the credentials (``gateway.credentials`` reads it).

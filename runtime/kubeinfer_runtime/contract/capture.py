@@ -43,7 +43,7 @@ def destination_problem(destination: str) -> str | None:
 class CaptureRoute(BaseModel):
     """What the gateway captures for one endpoint, and where it writes it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # see contract._Strict
 
     #: ``s3://bucket/prefix`` or ``file:///dir``; objects go to
     #: ``<destination>/<endpoint>/<variant>/yyyy/mm/dd/hh/<mm-ss-mmm-uuid>.jsonl``.

@@ -57,7 +57,7 @@ DEFAULT_CONCURRENCY = 8
 
 
 class _Peer(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)  # see contract._Strict
 
     #: Share of answered production requests copied, 0 to 100 (a random draw each).
     sampling_percentage: Annotated[float, Field(ge=0, le=100)] = 100.0

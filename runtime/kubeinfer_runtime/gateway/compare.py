@@ -222,7 +222,9 @@ def _same_output(a: Any, datatype: str | None, rtol: float, atol: float) -> Verd
     if _zipmap_labels(a) is not None:
         return _AGREED
     if datatype is not None and datatype.upper().startswith(_LABEL_DATATYPES):
-        return _AGREED
+        # The general verdict is ``a == b``: not always true of one value and itself
+        # (a NaN where labels were declared, as no real model answers).
+        return _AGREED if a == a else Verdict(False)
     flat = _flat(a)
     if not flat:
         return _AGREED

@@ -36,6 +36,18 @@ from kubeinfer_runtime.server.state import ModelSlot, start_loading
 log = logging.getLogger("kubeinfer.queue")
 
 
+def _log_end(task: asyncio.Task[None], worker: Worker) -> None:
+    """Say why the consuming loop ended, when it did on its own or failed while stopping."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("Async worker %s stopped consuming its queue (%s: %s)", worker.consumer,
+                  type(exc).__name__, exc, exc_info=exc)
+    elif not worker.stopping.is_set():
+        log.error("Async worker %s stopped consuming its queue", worker.consumer)
+
+
 def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
     """uvicorn factory: settings from ``KUBEINFER_*`` env when None."""
     import redis.asyncio
@@ -49,6 +61,7 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
     model_metrics = ModelServerMetrics(settings.endpoint_name, settings.variant_name,
                                        settings.model_name)
     state: dict[str, Worker] = {}
+    tasks: dict[str, asyncio.Task[None]] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -65,11 +78,13 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
         pool = ThreadPoolExecutor(max_workers=settings.inference_threads,
                                   thread_name_prefix="inference")
         worker = state["worker"] = Worker(settings, slot, client, store, notifier, pool)
-        task = asyncio.create_task(worker.run(), name="async-worker")
+        task = tasks["worker"] = asyncio.create_task(worker.run(), name="async-worker")
+        task.add_done_callback(lambda t: _log_end(t, worker))
         async with metrics_listener(settings.host, settings.metrics_port):
             yield
         await worker.stop()
-        with contextlib.suppress(asyncio.CancelledError):
+        # Its error, if any, was logged when it ended (_log_end).
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
         await notifier.close()
         await client.aclose()
@@ -80,8 +95,21 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
     install_error_handlers(api, "the async worker serves /ping, /v2/health/* and /metrics; "
                                 "requests go to the gateway's async-invocations")
 
-    @api.get("/v2/health/live", summary="Liveness: 200 while the process serves")
+    def loop_ended() -> bool:
+        """The consuming loop ended though nobody stopped it (it never does by itself)."""
+        worker, task = state.get("worker"), tasks.get("worker")
+        return (worker is not None and task is not None and task.done()
+                and not worker.stopping.is_set())
+
+    #: Both probes fail when the loop ended: this process takes no work, so nothing may
+    #: count it as a worker, and the kubelet (liveness) restarts it; the logs say why.
+    _ENDED = "Async worker stopped consuming its queue: restart it (its log says why)"
+
+    @api.get("/v2/health/live",
+             summary="Liveness: 200 while the process serves and consumes its queue")
     async def live() -> Response:
+        if loop_ended():
+            return error_response(NotReady(_ENDED))
         return Response(orjson.dumps({"live": True}), media_type="application/json")
 
     @api.get("/v2/health/ready", summary="Readiness, as /ping (the kubelet probes this)")
@@ -89,6 +117,8 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
     async def ping() -> Response:
         worker = state.get("worker")
         try:
+            if loop_ended():
+                raise NotReady(_ENDED)
             slot.get()
             if worker is None:
                 raise NotReady("Async worker is starting")

@@ -70,8 +70,15 @@ class AsyncSubmitHandler:
         found = self._clients.get(url)
         if found is None:
             import redis.asyncio
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
 
-            client = redis.asyncio.from_url(url, decode_responses=True)
+            # One retry on a new connection: after Redis restarts, each pooled
+            # connection fails its next command at once, and without it that command
+            # would be a client's 503. The submit script is idempotent per
+            # InferenceId, so a command that ran but lost its reply is safe to resend.
+            client = redis.asyncio.from_url(url, decode_responses=True,
+                                            retry=Retry(NoBackoff(), 1))
             found = self._clients[url] = (client, Producer(client))
         return found
 

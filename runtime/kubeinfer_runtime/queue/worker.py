@@ -131,15 +131,22 @@ class Worker:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; then drain or release in-flight requests."""
-        await self.ensure_group()
         heartbeat = asyncio.create_task(self._heartbeat(), name="async-heartbeat")
         log.info("Async worker %s consuming %s (concurrency %d, visibility %gs)",
                  self.consumer, self.keys.stream, self.settings.max_concurrency,
                  self.settings.visibility_timeout_s)
         failing_since: float | None = None
+        # The group is made inside the loop that outlasts outages: a worker that starts
+        # while Redis is away (a restart, a failover, a fresh install) retries it with
+        # everything else instead of ending its loop and idling forever while /ping,
+        # which only pings Redis, says it is ready.
+        group_ready = False
         try:
             while not self.stopping.is_set():
                 try:
+                    if not group_ready:
+                        await self.ensure_group()
+                        group_ready = True
                     await self._step()
                 except asyncio.CancelledError:
                     raise
@@ -154,8 +161,7 @@ class Worker:
                         log.debug("Async worker loop error (%s: %s)", type(e).__name__, e)
                     self._touch_first = True
                     if "NOGROUP" in str(e):  # Redis came back without our group
-                        with contextlib.suppress(Exception):
-                            await self.ensure_group()
+                        group_ready = False
                     await self._sleep(1.0)
                     continue
                 if failing_since is not None:
