@@ -8,15 +8,17 @@ that runs until stopped (the control: the probes must tell them apart).
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import httpx
 import pytest
-from fastapi.testclient import TestClient
+from uvicorn.config import Config
+from uvicorn.lifespan.on import LifespanOn
 
 from kubeinfer_runtime.contract import AsyncWorkerSettings
 from kubeinfer_runtime.queue import app as queue_app
 from kubeinfer_runtime.queue.worker import Worker
-from tests.support.ports import wait_until
 
 
 def _settings(models_dir: Path, tmp_path: Path) -> AsyncWorkerSettings:
@@ -37,15 +39,29 @@ def test_the_probes_fail_once_the_loop_ends(models_dir: Path, tmp_path: Path,
         await self.stopping.wait()
 
     monkeypatch.setattr(Worker, "run", run)
-    with TestClient(queue_app.create_app(_settings(models_dir, tmp_path))) as client:
-        if ends:
-            wait_until(lambda: client.get("/v2/health/live").status_code == 503, 10,
-                       "liveness to fail")
-            ping = client.get("/ping")
-            assert ping.status_code == 503
-            assert "stopped consuming its queue" in ping.text
-        else:
-            assert client.get("/v2/health/live").status_code == 200
-            ping = client.get("/ping")
-            # Not ready for another reason (no Redis at that address), never this one.
-            assert "stopped consuming" not in ping.text
+    app = queue_app.create_app(_settings(models_dir, tmp_path))
+
+    async def probe() -> None:
+        lifespan = LifespanOn(Config(app, log_level="warning"))
+        await lifespan.startup()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app),
+                                         base_url="http://worker") as client:
+                if ends:
+                    for _ in range(200):  # the loop's task ends on its first step
+                        if (await client.get("/v2/health/live")).status_code == 503:
+                            break
+                        await asyncio.sleep(0.05)
+                    ping = await client.get("/ping")
+                    assert ping.status_code == 503
+                    assert "stopped consuming its queue" in ping.text
+                    assert (await client.get("/v2/health/live")).status_code == 503
+                else:
+                    assert (await client.get("/v2/health/live")).status_code == 200
+                    ping = await client.get("/ping")
+                    # Not ready for another reason (no Redis there), never this one.
+                    assert "stopped consuming" not in ping.text
+        finally:
+            await lifespan.shutdown()
+
+    asyncio.run(probe())
