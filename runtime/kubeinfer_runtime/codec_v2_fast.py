@@ -113,12 +113,10 @@ class _BinaryTemplate(NamedTuple):
     layout: tuple[tuple[str, _Input, list[int], int, int, int], ...]
     binary_bytes: int
     rest: V2Request
-    #: The whole body's length.
-    total: int
     #: One numeric input whose wire bytes are the model's dtype as it is (little-endian,
-    #: not BOOL): (name, dtype, shape, values, where its bytes start in the body), read
+    #: not BOOL): (name, dtype, shape, values), its bytes right after the header, read
     #: in one step; None: ``read_tensor`` reads each input.
-    one: tuple[str, np.dtype[Any], tuple[int, ...], int, int] | None
+    one: tuple[str, np.dtype[Any], tuple[int, ...], int] | None
 
 
 class _Lane:
@@ -157,13 +155,13 @@ class _Lane:
                     one = b.one
                     if one is None:
                         return self._from_binary_template(b, body)
-                    if len(body) != b.total:
+                    if len(body) != header_length + b.binary_bytes:
                         return None
-                    name, dtype, shape, size, start = one
+                    name, dtype, shape, size = one
                     # read_tensor's answer for this input, in one step: a copy (aligned,
                     # writable, independent of the body) of the bytes as they are.
                     rest = b.rest
-                    return V2Request({name: np.frombuffer(body, dtype, size, start)
+                    return V2Request({name: np.frombuffer(body, dtype, size, header_length)
                                       .reshape(shape).copy()},
                                      rest.output_names, rest.id, rest.binary_outputs)
                 self.binary_misses += 1
@@ -297,14 +295,13 @@ class _Lane:
         elif self.binary is None or self.binary_misses >= _RELEARN_AFTER:
             rest = req._replace(inputs={})
             one = None
-            if len(layout) == 1:
-                name, inp, shape, size, _, nbytes = layout[0]
+            if len(layout) == 1:  # its size was checked by read_tensor
+                name, inp, shape, size, _, _ = layout[0]
                 dtype = inp.dtype
-                if dtype.kind != "b" and dtype.newbyteorder("<") == dtype \
-                        and nbytes == size * dtype.itemsize:
-                    one = (name, dtype, tuple(shape), size, n - offset)
+                if dtype.kind != "b" and dtype.newbyteorder("<") == dtype:
+                    one = (name, dtype, tuple(shape), size)
             self.binary = _BinaryTemplate(bytes(body[:header_length]), tuple(layout),
-                                          offset, rest, n, one)
+                                          offset, rest, one)
             self.binary_misses = 0
         return req
 
