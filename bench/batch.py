@@ -275,8 +275,9 @@ def ray_python() -> Path | None:
         try:
             if not py.exists():
                 subprocess.run([sys.executable, "-m", "venv", str(RAY_VENV)], check=True)
-            subprocess.run([str(REPO / ".venv/bin/uv"), "pip", "install", "-q", "--python",
-                            str(py), "-r", str(RAY_REQUIREMENTS)], check=True)
+            subprocess.run([str(REPO / ".venv/bin/uv"), "pip", "install", "-q",
+                            "--compile-bytecode", "--python", str(py), "-r",
+                            str(RAY_REQUIREMENTS)], check=True)
             stamp.touch()
         except (subprocess.CalledProcessError, OSError) as e:
             print(f"Ray Data not measured: installing it into {RAY_VENV} failed ({e})",
