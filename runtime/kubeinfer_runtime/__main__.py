@@ -15,7 +15,8 @@ settings and recommends one (``kubeinfer_runtime.recommend``).
 ``python -m kubeinfer_runtime edge package|keygen|agent ...`` builds signed edge
 packages, makes signing keys and runs the device agent (``kubeinfer_runtime.edge``).
 
-Settings come from ``KUBEINFER_*`` env vars (see ``contract``). They are
+Settings come from ``KUBEINFER_*`` env vars (see ``contract``; a single-model
+server reads them through ``server_env``, which imports no pydantic). They are
 validated here first so a misconfigured pod fails at once with a readable
 message, then uvicorn runs the role's app factory (an import string with
 ``factory=True``, so ``workers > 1`` works: each worker calls the factory and
@@ -29,15 +30,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import ValidationError as SettingsError
-
-from kubeinfer_runtime.contract import (
-    ENV_PREFIX,
-    AsyncWorkerSettings,
-    GatewaySettings,
-    ModelServerSettings,
-    Role,
-)
+from kubeinfer_runtime.server_env import ServerConfig, model_server_settings
+from kubeinfer_runtime.wire import ENV_PREFIX, Role
 
 #: Seconds uvicorn waits for in-flight requests after SIGTERM. Kubernetes sends
 #: SIGKILL after terminationGracePeriodSeconds (30 s by default): stay under it.
@@ -48,11 +42,12 @@ def model_server_app() -> Any:
     """uvicorn factory of the model-server role."""
     from kubeinfer_runtime.server.app import create_app
 
-    return create_app(ModelServerSettings())  # from the environment
+    return create_app(model_server_settings())  # from the environment
 
 
 def gateway_app() -> Any:
     """uvicorn factory of the gateway role."""
+    from kubeinfer_runtime.contract import GatewaySettings
     from kubeinfer_runtime.gateway.app import create_app
 
     return create_app(GatewaySettings())
@@ -60,6 +55,7 @@ def gateway_app() -> Any:
 
 def async_worker_app() -> Any:
     """uvicorn factory of the async-worker role (queue consumer with /ping, /metrics)."""
+    from kubeinfer_runtime.contract import AsyncWorkerSettings
     from kubeinfer_runtime.queue.app import create_app
 
     return create_app(AsyncWorkerSettings.from_env())
@@ -72,26 +68,36 @@ def fleet_server_app() -> Any:
     return create_app()  # settings from the environment
 
 
-def _fleet_server_settings() -> type[Any]:
-    # Imported for that role only: building the edge contract's models is ~16 ms that
-    # every model server's start (each pod's scale-from-zero) would pay for nothing.
+def _gateway_settings() -> Any:
+    from kubeinfer_runtime.contract import GatewaySettings
+
+    return GatewaySettings()
+
+
+def _async_worker_settings() -> Any:
+    from kubeinfer_runtime.contract import AsyncWorkerSettings
+
+    return AsyncWorkerSettings.from_env()
+
+
+def _fleet_server_settings() -> Any:
     from kubeinfer_runtime.contract.edge import FleetServerSettings
 
-    return FleetServerSettings
+    return FleetServerSettings.from_env()
 
 
-#: Role -> (app factory, its settings class, resolved when the role starts).
-_FACTORIES: dict[Role, tuple[str, Callable[[], type[Any]]]] = {
-    Role.MODEL_SERVER: ("kubeinfer_runtime.__main__:model_server_app",
-                        lambda: ModelServerSettings),
-    Role.GATEWAY: ("kubeinfer_runtime.__main__:gateway_app", lambda: GatewaySettings),
-    Role.ASYNC_WORKER: ("kubeinfer_runtime.__main__:async_worker_app",
-                        lambda: AsyncWorkerSettings),
+#: Role -> (app factory, its settings read from the environment). Each role imports
+#: only its own: a model server's start (each pod's scale-from-zero) imports no
+#: pydantic at all (``server_env``), the others no other role's contract models.
+_FACTORIES: dict[Role, tuple[str, Callable[[], Any]]] = {
+    Role.MODEL_SERVER: ("kubeinfer_runtime.__main__:model_server_app", model_server_settings),
+    Role.GATEWAY: ("kubeinfer_runtime.__main__:gateway_app", _gateway_settings),
+    Role.ASYNC_WORKER: ("kubeinfer_runtime.__main__:async_worker_app", _async_worker_settings),
     Role.FLEET_SERVER: ("kubeinfer_runtime.__main__:fleet_server_app", _fleet_server_settings),
 }
 
 
-def _preload(settings: ModelServerSettings) -> None:
+def _preload(settings: ServerConfig) -> None:
     """Start loading a single model now, while uvicorn is imported (``server.preload``).
 
     One worker only: with several, each worker process loads its own in its app factory.
@@ -149,15 +155,20 @@ def main(argv: list[str] | None = None) -> int:
         from kubeinfer_runtime.batch.main import run
 
         return run(args.step)
-    target, settings_class = _FACTORIES[Role(args.role)]
+    role = Role(args.role)
+    target, read_settings = _FACTORIES[role]
     try:
-        settings = settings_class()()
-    except SettingsError as e:
+        settings = read_settings()
+    except Exception as e:
+        from pydantic import ValidationError
+
+        if not isinstance(e, ValidationError):
+            raise
         problems = "; ".join(f"{_env_name(err['loc'])}: {err['msg']}" for err in e.errors())
         print(f"Invalid {args.role} settings ({problems}): set the environment variables",
               file=sys.stderr)
         return 2
-    if isinstance(settings, ModelServerSettings):
+    if role is Role.MODEL_SERVER:
         _preload(settings)
     # Imported here, not above: a batch step (a short-lived process, one per Job pod)
     # would pay for uvicorn and httptools at every start without using them.

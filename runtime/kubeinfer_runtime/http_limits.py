@@ -41,8 +41,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from kubeinfer_runtime.contract import HttpSettings
 from kubeinfer_runtime.errors import NotReady, Reply, RuntimeServiceError, render_error
+from kubeinfer_runtime.server_env import HttpConfig, http_settings
 
 log = logging.getLogger("kubeinfer.http")
 
@@ -76,9 +76,9 @@ def auto_max_connections(open_files: int) -> int:
 
 
 @functools.cache
-def current_settings() -> HttpSettings:
+def current_settings() -> HttpConfig:
     """This process's HTTP bounds, from ``KUBEINFER_*`` env (read once)."""
-    return HttpSettings()
+    return http_settings()
 
 
 @functools.cache
@@ -90,7 +90,7 @@ def max_connections() -> int:
     return auto_max_connections(soft if soft != resource.RLIM_INFINITY else 65536)
 
 
-def sweep_interval(settings: HttpSettings) -> float:
+def sweep_interval(settings: HttpConfig) -> float:
     shortest = min(settings.http_header_timeout_s, settings.http_body_timeout_s)
     return max(0.05, min(1.0, shortest / 4))
 

@@ -46,60 +46,31 @@ from kubeinfer_runtime.contract.env_settings import EnvSettings
 from kubeinfer_runtime.contract.locations import default_input_paths, normalize_prefix
 from kubeinfer_runtime.contract.shadow import MirrorRoute, ShadowRoute
 
+# Re-exported (`X as X`): the contract's plain names live in wire.py, which says why.
+from kubeinfer_runtime.wire import ENV_PREFIX as ENV_PREFIX
+from kubeinfer_runtime.wire import FORWARDED_REQUEST_HEADERS as FORWARDED_REQUEST_HEADERS
+from kubeinfer_runtime.wire import H_ASYNC_ACCEPT as H_ASYNC_ACCEPT
+from kubeinfer_runtime.wire import H_ASYNC_CONTENT_TYPE as H_ASYNC_CONTENT_TYPE
+from kubeinfer_runtime.wire import H_CUSTOM_ATTRIBUTES as H_CUSTOM_ATTRIBUTES
+from kubeinfer_runtime.wire import H_ERROR_TYPE as H_ERROR_TYPE
+from kubeinfer_runtime.wire import H_FAILURE_LOCATION as H_FAILURE_LOCATION
+from kubeinfer_runtime.wire import H_FILENAME as H_FILENAME
+from kubeinfer_runtime.wire import H_INFERENCE_ID as H_INFERENCE_ID
+from kubeinfer_runtime.wire import H_INPUT_LOCATION as H_INPUT_LOCATION
+from kubeinfer_runtime.wire import H_INVOCATION_TIMEOUT as H_INVOCATION_TIMEOUT
+from kubeinfer_runtime.wire import H_INVOKED_VARIANT as H_INVOKED_VARIANT
+from kubeinfer_runtime.wire import H_OUTPUT_LOCATION as H_OUTPUT_LOCATION
+from kubeinfer_runtime.wire import H_REQUEST_TTL as H_REQUEST_TTL
+from kubeinfer_runtime.wire import H_S3_OUTPUT_PATH_EXTENSION as H_S3_OUTPUT_PATH_EXTENSION
+from kubeinfer_runtime.wire import H_TARGET_CONTAINER as H_TARGET_CONTAINER
+from kubeinfer_runtime.wire import H_TARGET_MODEL as H_TARGET_MODEL
+from kubeinfer_runtime.wire import H_TARGET_VARIANT as H_TARGET_VARIANT
+from kubeinfer_runtime.wire import REALTIME_MAX_PAYLOAD_BYTES as REALTIME_MAX_PAYLOAD_BYTES
+from kubeinfer_runtime.wire import SERVERLESS_MAX_PAYLOAD_BYTES as SERVERLESS_MAX_PAYLOAD_BYTES
+from kubeinfer_runtime.wire import ModelFormat as ModelFormat
+from kubeinfer_runtime.wire import Role as Role
+
 CONTRACT_VERSION: Literal["v1alpha1"] = "v1alpha1"
-ENV_PREFIX = "KUBEINFER_"
-
-#: SageMaker's synchronous payload limit (InvokeEndpoint): 6 MB.
-REALTIME_MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
-#: SageMaker's serverless payload limit: 4 MB.
-SERVERLESS_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
-
-#: Header names of the SageMaker Runtime API (lower case, as ASGI gives them).
-H_TARGET_VARIANT = "x-amzn-sagemaker-target-variant"
-H_INVOKED_VARIANT = "x-amzn-invoked-production-variant"
-H_CUSTOM_ATTRIBUTES = "x-amzn-sagemaker-custom-attributes"
-H_INFERENCE_ID = "x-amzn-sagemaker-inference-id"
-H_TARGET_MODEL = "x-amzn-sagemaker-target-model"
-H_TARGET_CONTAINER = "x-amzn-sagemaker-target-container-hostname"
-H_ERROR_TYPE = "x-amzn-errortype"
-#: InvokeEndpointAsync headers (botocore's sagemaker-runtime service model).
-H_INPUT_LOCATION = "x-amzn-sagemaker-inputlocation"
-H_ASYNC_CONTENT_TYPE = "x-amzn-sagemaker-content-type"
-H_ASYNC_ACCEPT = "x-amzn-sagemaker-accept"
-H_REQUEST_TTL = "x-amzn-sagemaker-requestttlseconds"
-H_INVOCATION_TIMEOUT = "x-amzn-sagemaker-invocationtimeoutseconds"
-H_OUTPUT_LOCATION = "x-amzn-sagemaker-outputlocation"
-H_FAILURE_LOCATION = "x-amzn-sagemaker-failurelocation"
-H_S3_OUTPUT_PATH_EXTENSION = "x-amzn-sagemaker-s3outputpathextension"
-H_FILENAME = "x-amzn-sagemaker-filename"
-
-#: Headers the gateway forwards from the client to the model server.
-FORWARDED_REQUEST_HEADERS = (
-    "content-type",
-    "accept",
-    H_CUSTOM_ATTRIBUTES,
-    H_INFERENCE_ID,
-    H_TARGET_MODEL,
-    H_TARGET_CONTAINER,
-)
-
-
-class Role(StrEnum):
-    """The roles one runtime image can play (``kubeinfer-runtime serve --role``)."""
-
-    MODEL_SERVER = "model-server"
-    GATEWAY = "gateway"
-    #: Asynchronous inference: reads the endpoint's Redis Stream, writes objects.
-    ASYNC_WORKER = "async-worker"
-    #: Edge fleets: the device API, durable state in Redis, the rollout in waves.
-    FLEET_SERVER = "fleet-server"
-
-
-class ModelFormat(StrEnum):
-    ONNX = "onnx"
-    #: An artifact of ``kubeinfer compile`` (a folder with ``manifest.json``, or its
-    #: ``.tar.gz``): served by the TVM or the onnx backend its manifest names.
-    COMPILED = "compiled"
 
 
 class _Strict(BaseModel):

@@ -9,8 +9,8 @@ uses.
 
 from __future__ import annotations
 
-from kubeinfer_runtime.contract import ModelFormat
 from kubeinfer_runtime.models.base import Backend
+from kubeinfer_runtime.wire import ModelFormat
 
 
 def create_backend(fmt: ModelFormat, *, intra_op_threads: int = 1) -> Backend:

@@ -1,7 +1,7 @@
 """Assemble the model-server ASGI app: the hot path, then the control routes.
 
 ``create_app`` is the uvicorn factory (``factory=True``): with no argument it
-reads ``ModelServerSettings`` from the environment, so every uvicorn worker
+reads its settings from the environment (``server_env``), so every uvicorn worker
 builds its own app the same way. Loading runs in the background, so the port
 answers (liveness, and ``/ping`` 503 until the model is warm) while a large
 model downloads: started by the entry point before uvicorn was even imported
@@ -15,15 +15,18 @@ import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubeinfer_runtime.contract import ModelServerSettings
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.metrics_listener import metrics_listener
 from kubeinfer_runtime.server import preload
 from kubeinfer_runtime.server.control import ControlRoutes
 from kubeinfer_runtime.server.hotpath import ASGIApp, HotPath, InferenceService
 from kubeinfer_runtime.server.state import ModelSlot, decode_limits, start_loading
+from kubeinfer_runtime.server_env import ServerConfig, model_server_settings
+
+if TYPE_CHECKING:
+    from kubeinfer_runtime.contract import ModelServerSettings
 
 log = logging.getLogger("kubeinfer.server")
 
@@ -36,13 +39,17 @@ def configure_logging(level: str) -> None:
     logging.getLogger("kubeinfer").setLevel(level.upper())
 
 
-def create_app(settings: ModelServerSettings | None = None) -> ASGIApp:
+def create_app(settings: ServerConfig | None = None) -> ASGIApp:
     if settings is None:
-        settings = ModelServerSettings()  # from the environment
+        settings = model_server_settings()  # from the environment
     configure_logging(settings.log_level)
-    if settings.multi_model_prefix is not None:
-        return create_multimodel_app(settings)
-    if settings.pipeline is not None:
+    if settings.multi_model_prefix is not None or settings.pipeline is not None:
+        # server_env reads one model only: these settings are the contract's.
+        from kubeinfer_runtime.contract import ModelServerSettings
+
+        assert isinstance(settings, ModelServerSettings)
+        if settings.pipeline is None:
+            return create_multimodel_app(settings)
         from kubeinfer_runtime.pipeline.app import create_pipeline_app
 
         return create_pipeline_app(settings)

@@ -18,16 +18,16 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from kubeinfer_runtime.contract import ModelServerSettings
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.server.state import ModelSlot, start_loading
+from kubeinfer_runtime.server_env import ServerConfig
 
 
 @dataclass(frozen=True)
 class Preloaded:
     """A model being loaded for ``settings`` before the app existed."""
 
-    settings: ModelServerSettings
+    settings: ServerConfig
     slot: ModelSlot
     metrics: ModelServerMetrics
     thread: threading.Thread
@@ -37,7 +37,7 @@ _pending: Preloaded | None = None
 _lock = threading.Lock()
 
 
-def start(settings: ModelServerSettings) -> Preloaded:
+def start(settings: ServerConfig) -> Preloaded:
     """Start loading the model of a single-model server now (on a daemon thread)."""
     global _pending
     from kubeinfer_runtime.server.app import configure_logging
@@ -53,7 +53,7 @@ def start(settings: ModelServerSettings) -> Preloaded:
     return loaded
 
 
-def take(settings: ModelServerSettings) -> Preloaded | None:
+def take(settings: ServerConfig) -> Preloaded | None:
     """The model being loaded for these settings, once (None: none was started)."""
     global _pending
     with _lock:

@@ -28,13 +28,13 @@ from typing import Literal
 
 from kubeinfer_runtime.codec import DecodeLimits
 from kubeinfer_runtime.codec_v2_fast import V2Lane, build_v2_lane
-from kubeinfer_runtime.contract import ModelServerSettings
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.models.base import Backend, ModelMetadata
 from kubeinfer_runtime.models.registry import create_backend
 from kubeinfer_runtime.models.warmup import WarmupResult, WarmupStatus, run_warmup
 from kubeinfer_runtime.server.json_lane import JsonLane, build_json_lane
+from kubeinfer_runtime.server_env import ServerConfig
 from kubeinfer_runtime.storage.fetch import fetch_model
 
 log = logging.getLogger("kubeinfer.server")
@@ -160,7 +160,7 @@ class ModelSlot:
         return model
 
 
-def decode_limits(settings: ModelServerSettings) -> DecodeLimits:
+def decode_limits(settings: ServerConfig) -> DecodeLimits:
     """What one request may decode to: ``max_decoded_bytes``, or 4 x ``max_payload_bytes``."""
     return DecodeLimits.for_settings(settings.max_payload_bytes, settings.max_decoded_bytes)
 
@@ -189,7 +189,7 @@ def log_warmup(name: str, result: WarmupResult) -> None:
                     "pays the warm-up and predicts in the thread pool", name, result.detail)
 
 
-def load_into(slot: ModelSlot, settings: ModelServerSettings,
+def load_into(slot: ModelSlot, settings: ServerConfig,
               metrics: ModelServerMetrics) -> None:
     """Fetch, load and warm up the model, then publish it in ``slot``. Never raises."""
     stage = "load"
@@ -244,7 +244,7 @@ class _WarmupFailed(Exception):
     """Carries a failed warm-up's detail to ``load_into``'s one failure path."""
 
 
-def start_loading(slot: ModelSlot, settings: ModelServerSettings,
+def start_loading(slot: ModelSlot, settings: ServerConfig,
                   metrics: ModelServerMetrics) -> threading.Thread:
     thread = threading.Thread(target=load_into, args=(slot, settings, metrics),
                               name="model-loader", daemon=True)

@@ -19,10 +19,10 @@ from urllib.parse import quote
 
 from kubeinfer_runtime import codec
 from kubeinfer_runtime.codec_v2_binary import HEADER_LENGTH, OCTET_STREAM, parse_header_length
-from kubeinfer_runtime.contract import H_CUSTOM_ATTRIBUTES
 from kubeinfer_runtime.errors import Headers, ValidationError
 from kubeinfer_runtime.models.base import TensorSpec
 from kubeinfer_runtime.server.state import LoadedModel
+from kubeinfer_runtime.wire import H_CUSTOM_ATTRIBUTES
 
 _JSON = b"application/json"
 _CUSTOM_ATTRIBUTES = H_CUSTOM_ATTRIBUTES.encode()

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from kubeinfer_runtime.contract import S3Settings
 from kubeinfer_runtime.errors import NotFound, NotReady
+from kubeinfer_runtime.server_env import S3Config
 from kubeinfer_runtime.storage.uri import FileLocation, S3Location, parse_model_uri
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class FetchedModel:
     size: int
 
 
-def fetch_model(uri: str, *, base_dir: str, cache_dir: str, s3: S3Settings) -> FetchedModel:
+def fetch_model(uri: str, *, base_dir: str, cache_dir: str, s3: S3Config) -> FetchedModel:
     """Make the model at ``uri`` available as a local file and hash it."""
     loc = parse_model_uri(uri, base_dir)
     if isinstance(loc, FileLocation):
@@ -79,7 +79,7 @@ def _local(uri: str, path: Path) -> FetchedModel:
     return FetchedModel(uri, path, h.hexdigest(), size)
 
 
-def s3_client(s3: S3Settings, *, maxsize: int = 10) -> Minio:
+def s3_client(s3: S3Config, *, maxsize: int = 10) -> Minio:
     """A minio client for ``s3``: https unless the endpoint URL says http.
 
     Without explicit keys, credentials come from the usual AWS chain (env,
@@ -126,7 +126,7 @@ def cache_path(cache_dir: Path, loc: S3Location) -> Path:
     return cache_dir / digest / posixpath.basename(loc.key)
 
 
-def _download(uri: str, loc: S3Location, cache_dir: Path, s3: S3Settings) -> FetchedModel:
+def _download(uri: str, loc: S3Location, cache_dir: Path, s3: S3Config) -> FetchedModel:
     import urllib3
     from minio.error import S3Error
 
