@@ -91,7 +91,6 @@ _PIPELINE = '{"steps": [{"name": "a", "model_uri": "file:///a.onnx"}]}'
 
 
 def _values(name: str) -> st.SearchStrategy[str]:
-    parse = _FIELDS[name][0]
     if name in _LITERALS:
         return st.one_of(st.sampled_from(_LITERALS[name]), _TEXT)
     if name == "pipeline":
@@ -100,7 +99,7 @@ def _values(name: str) -> st.SearchStrategy[str]:
         return _BOOLS
     if name.endswith("_s"):
         return _FLOATS
-    if getattr(parse, "__name__", "") == "_str" or name == "multi_model_prefix":
+    if ModelServerSettings.model_fields[name].annotation in (str, str | None):
         return _STRS
     # Around the model's own bounds, where a wrong bound in the light reader shows.
     edges = [int(getattr(m, a)) for m in ModelServerSettings.model_fields[name].metadata

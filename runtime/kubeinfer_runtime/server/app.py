@@ -43,16 +43,12 @@ def create_app(settings: ServerConfig | None = None) -> ASGIApp:
     if settings is None:
         settings = model_server_settings()  # from the environment
     configure_logging(settings.log_level)
-    if settings.multi_model_prefix is not None or settings.pipeline is not None:
-        # server_env reads one model only: these settings are the contract's.
-        from kubeinfer_runtime.contract import ModelServerSettings
-
-        assert isinstance(settings, ModelServerSettings)
-        if settings.pipeline is None:
-            return create_multimodel_app(settings)
+    if settings.multi_model_prefix is not None:
+        return create_multimodel_app(_contract_settings(settings))
+    if settings.pipeline is not None:
         from kubeinfer_runtime.pipeline.app import create_pipeline_app
 
-        return create_pipeline_app(settings)
+        return create_pipeline_app(_contract_settings(settings))
     preloaded = preload.take(settings)
     if preloaded is not None:
         slot, metrics = preloaded.slot, preloaded.metrics
@@ -82,6 +78,15 @@ def create_app(settings: ServerConfig | None = None) -> ASGIApp:
     service = InferenceService(slot, metrics, pool, settings.max_payload_bytes,
                                decode_limits(settings))
     return HotPath(control, service, settings.model_name)
+
+
+def _contract_settings(settings: ServerConfig) -> ModelServerSettings:
+    """A multi-model or pipeline variant's settings: always the contract's model
+    (``server_env`` reads single-model servers only)."""
+    from kubeinfer_runtime.contract import ModelServerSettings
+
+    assert isinstance(settings, ModelServerSettings)
+    return settings
 
 
 def create_multimodel_app(settings: ModelServerSettings) -> ASGIApp:
