@@ -299,6 +299,9 @@ def test_delete_removes_every_child(kube: Kube, ns: str) -> None:
     _deployed(kube, ns)
     assert kube.delete("Endpoint", ns, "iris").status_code == 200
     wait_for(lambda: kube.get("Endpoint", ns, "iris") is None, 10, "Endpoint gone")
+    # Owned children go by garbage collection after their owner, not with it: wait for it
+    # (asserting at once failed on a loaded CI run with three Deployments still there).
+    wait_for(lambda: _children(kube, ns) == {}, 30, "every child gone")
     assert _children(kube, ns) == {}
 
 
