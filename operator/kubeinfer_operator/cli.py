@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,21 +25,11 @@ from urllib.parse import quote
 import typer
 import yaml
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
+from typer.core import TyperGroup
 
-from kubeinfer_operator import (
-    __version__,
-    cli_compile,
-    cli_edge,
-    cli_recommend,
-    cli_shadow,
-    cli_transform,
-)
-from kubeinfer_operator.api.endpoint import AuthConfig
+from kubeinfer_operator import __version__
 from kubeinfer_operator.errors import KubeinferError, SpecError
-from kubeinfer_operator.local.compile_manifest import has_compilation_jobs
-from kubeinfer_operator.local.compile_state import CompilePaths, known_compile_jobs
 from kubeinfer_operator.local.control import (
     Liveness,
     Outcome,
@@ -50,10 +41,14 @@ from kubeinfer_operator.local.control import (
     stop_endpoint,
     wait_applied,
 )
-from kubeinfer_operator.local.credentials import LocalAuthError, caller_headers
-from kubeinfer_operator.local.edge_state import FleetPaths, known_fleets
-from kubeinfer_operator.local.manifest import load_manifest_file
-from kubeinfer_operator.local.paths import EndpointPaths, known_endpoints
+from kubeinfer_operator.local.paths import (
+    COMPILE_JOBS_DIR,
+    FLEETS_DIR,
+    TRANSFORM_JOBS_DIR,
+    EndpointPaths,
+    has_kind_state,
+    known_endpoints,
+)
 from kubeinfer_operator.local.process import port_free
 from kubeinfer_operator.local.state import (
     EndpointState,
@@ -62,26 +57,65 @@ from kubeinfer_operator.local.state import (
     read_events,
     read_state,
 )
-from kubeinfer_operator.local.transform_manifest import has_transform_jobs
-from kubeinfer_operator.local.transform_state import JobPaths, known_jobs
 from kubeinfer_operator.local.usage import async_usage_text, sample_body, usage_text
 from kubeinfer_operator.local.view import process_rows, status_document, variant_rows
-from kubeinfer_runtime.contract.auth import AuthMode
 
 if TYPE_CHECKING:
     import httpx
+    from rich.live import Live
+    from typer._click.core import Command, Context  # typer 0.29 vendors click
+
+    from kubeinfer_operator.api.endpoint import AuthConfig
+    from kubeinfer_operator.local.compile_state import CompilePaths
+    from kubeinfer_operator.local.edge_state import FleetPaths
+    from kubeinfer_operator.local.transform_state import JobPaths
+
+#: Commands of the other kinds, by name: their modules (each kind's API models, renderers
+#: and validators) are imported when the command runs or its help is shown, so that
+#: ``kubeinfer status`` or ``down`` does not pay for every kind at every start.
+_LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "compile": ("kubeinfer_operator.cli_compile", "compile_command"),
+    "recommend": ("kubeinfer_operator.cli_recommend", "recommend_command"),
+    "shadow": ("kubeinfer_operator.cli_shadow", "shadow_app"),
+    "edge": ("kubeinfer_operator.cli_edge", "edge_app"),
+    "promote": ("kubeinfer_operator.cli_shadow", "promote_command"),
+}
+
+
+def _lazy_command(name: str) -> Command:
+    module, attribute = _LAZY_COMMANDS[name]
+    target = getattr(importlib.import_module(module), attribute)
+    if isinstance(target, typer.Typer):
+        command: Command = typer.main.get_group(target)
+    else:
+        holder = typer.Typer(add_completion=False)
+        holder.command(name)(target)
+        command = typer.main.get_command(holder)
+    command.name = name
+    return command
+
+
+class _LazyGroup(TyperGroup):
+    """The top-level group: its own commands, then the lazily imported ones."""
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        # The order help always had: commands first (the kinds' ones leading), then groups.
+        own = super().list_commands(ctx)
+        at = own.index("secret") if "secret" in own else len(own)
+        return ["compile", "recommend", "promote", *own[:at], "shadow", "edge", *own[at:]]
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        if cmd_name in _LAZY_COMMANDS:
+            return _lazy_command(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
 
 app = typer.Typer(
-    name="kubeinfer", no_args_is_help=True, add_completion=False,
+    name="kubeinfer", cls=_LazyGroup, no_args_is_help=True, add_completion=False,
     help="SageMaker-style inference endpoints on Kubernetes, or as local processes.",
 )
 local_app = typer.Typer(hidden=True, help="Local-mode internals.")
 app.add_typer(local_app, name="local")
-app.command("compile")(cli_compile.compile_command)
-app.command("recommend")(cli_recommend.recommend_command)
-app.add_typer(cli_shadow.shadow_app, name="shadow")
-app.add_typer(cli_edge.edge_app, name="edge")
-app.command("promote")(cli_shadow.promote_command)
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -147,13 +181,15 @@ class _Progress:
     """Live table on a terminal; one line per change otherwise (logs, CI, tests)."""
 
     def __init__(self, generations: dict[str, int]) -> None:
-        self.live: Live | None = None
+        self.live: Live | None = None  # rich.live: imported only on a terminal
         self.last: dict[str, str] = {}
         #: The generation ``up`` waits for, per endpoint: an older state is not news.
         self.generations = generations
 
     def __enter__(self) -> _Progress:
         if out.is_terminal:
+            from rich.live import Live
+
             self.live = Live(_progress_table({}), console=out, transient=True,
                              refresh_per_second=8)
             self.live.__enter__()
@@ -275,32 +311,45 @@ def up(
     A file holding TransformJobs or CompilationJobs runs them to completion instead
     (exit 0: complete, 1: failed); -d leaves them running in the background.
     """
-    if _has_kind(file, "RecommendationJob"):
+    kinds = _kinds(file)
+    if "RecommendationJob" in kinds:
         raise _fail(f"{file} holds a RecommendationJob, which runs on Kubernetes (kubectl "
                     "apply -f). Locally, run the same search with `kubeinfer recommend -f "
                     "ENDPOINT.yaml --candidates CANDIDATES.yaml` (see examples/"
                     "recommend-endpoint.yaml and examples/recommend-candidates.yaml)", 2)
-    if _has_kind(file, "EdgeFleet"):
+    if "EdgeFleet" in kinds:
+        from kubeinfer_operator import cli_edge
+
         with _stop_signals_as_exceptions():
             try:
                 raise typer.Exit(cli_edge.up(file, detach=detach, port=port, timeout=timeout,
                                              interrupts=(KeyboardInterrupt, _Terminated)))
             except SpecError as exc:
                 raise _fail(f"Invalid manifest {file}:\n{exc}", 2) from exc
-    if has_compilation_jobs(file):
+    if "CompilationJob" in kinds:
+        from kubeinfer_operator import cli_compile
+
         raise typer.Exit(_up_jobs(file, detach=detach, port=port, kind="CompilationJobs",
                                   run=cli_compile.up))
-    if has_transform_jobs(file):
+    if "TransformJob" in kinds:
+        from kubeinfer_operator import cli_transform
+
         raise typer.Exit(_up_jobs(file, detach=detach, port=port, kind="TransformJobs",
                                   run=cli_transform.up))
+    from kubeinfer_operator.local.manifest import load_manifest_file
+    from kubeinfer_runtime.contract.auth import AuthMode
+
     try:
         loaded = load_manifest_file(file)
     except SpecError as exc:
         raise _fail(f"Invalid manifest {file}:\n{exc}", 2) from exc
-    try:  # variants whose model says compile: compiled first, then served as the artifact
-        loaded = cli_compile.compile_variants(loaded)
-    except cli_compile.Refused as exc:
-        raise _fail(str(exc)) from exc
+    if any(item.compiles for item in loaded):
+        from kubeinfer_operator import cli_compile
+
+        try:  # variants whose model says compile: compiled first, then served as the artifact
+            loaded = cli_compile.compile_variants(loaded)
+        except cli_compile.Refused as exc:
+            raise _fail(str(exc)) from exc
     if port is not None and len(loaded) > 1:
         raise _fail(f"--port sets one gateway port but {file} holds {len(loaded)} endpoints; "
                     "drop --port", 2)
@@ -363,13 +412,13 @@ def up(
     raise typer.Exit(code)
 
 
-def _has_kind(file: Path, kind: str) -> bool:
-    """Whether ``file`` holds an object of ``kind`` (unreadable: no; the loader says why)."""
+def _kinds(file: Path) -> set[str]:
+    """The kinds of the objects ``file`` holds (unreadable: none; the loader says why)."""
     try:
         docs = list(yaml.safe_load_all(file.read_text()))
     except (OSError, yaml.YAMLError):
-        return False
-    return any(isinstance(d, dict) and d.get("kind") == kind for d in docs)
+        return set()
+    return {d["kind"] for d in docs if isinstance(d, dict) and isinstance(d.get("kind"), str)}
 
 
 def _up_jobs(file: Path, *, detach: bool, port: int | None, kind: str,
@@ -421,9 +470,23 @@ def status(
     TransformJobs (phase, progress, records, rate) and CompilationJobs (phase, target,
     backend, speedup)."""
     states, notes = _running_states(name)
-    jobs = cli_transform.job_rows(name)
-    compiles = cli_compile.job_rows(name)
-    fleets = cli_edge.fleet_rows(name)
+    # Each kind's module only where local mode holds state of that kind: importing one
+    # costs more than the command's own work.
+    jobs: list[dict[str, Any]] = []
+    compiles: list[dict[str, Any]] = []
+    fleets: list[dict[str, Any]] = []
+    if has_kind_state(TRANSFORM_JOBS_DIR):
+        from kubeinfer_operator import cli_transform
+
+        jobs = cli_transform.job_rows(name)
+    if has_kind_state(COMPILE_JOBS_DIR):
+        from kubeinfer_operator import cli_compile
+
+        compiles = cli_compile.job_rows(name)
+    if has_kind_state(FLEETS_DIR):
+        from kubeinfer_operator import cli_edge
+
+        fleets = cli_edge.fleet_rows(name)
     if as_json:
         typer.echo(json.dumps({**status_document(states, notes), "jobs": jobs,
                                "compilation_jobs": compiles, "edge_fleets": fleets},
@@ -536,6 +599,8 @@ def invoke(
         headers["X-Amzn-SageMaker-Target-Container-Hostname"] = target_container
     import httpx
 
+    from kubeinfer_operator.local.credentials import LocalAuthError, caller_headers
+
     url = f"{states[0].url}/endpoints/{name}/invocations"
     try:
         headers = caller_headers(_auth_of(name), "POST", url, data, headers)
@@ -555,6 +620,8 @@ def invoke(
 
 def _auth_of(name: str) -> AuthConfig | None:
     """The running endpoint's ``spec.auth``, from the spec its supervisor was handed."""
+    from kubeinfer_operator.api.endpoint import AuthConfig
+
     desired = read_desired(EndpointPaths.for_endpoint(name))
     auth = ((desired.manifest.get("spec") or {}).get("auth")
             if desired is not None else None)
@@ -588,34 +655,32 @@ def down(
     stopped one is fine."""
     if name and all_:
         raise _fail("Give an endpoint name or --all, not both", 2)
-    jobs: list[JobPaths] = []
-    compiles: list[CompilePaths] = []
-    fleets: list[FleetPaths] = []
     if all_:
         targets = known_endpoints()
-        jobs, compiles = known_jobs(), known_compile_jobs()
-        fleets = [f for f in known_fleets() if f.running()]
     elif name:
         targets = [EndpointPaths.for_endpoint(name)]
-        jobs = [JobPaths.for_job(name)] if JobPaths.for_job(name).root.is_dir() else []
-        compiles = [CompilePaths.for_job(name)] if CompilePaths.for_job(name).root.is_dir() \
-            else []
-        fleets = [FleetPaths.for_fleet(name)] if FleetPaths.for_fleet(name).root.is_dir() \
-            else []
-        if (jobs or compiles or fleets) and liveness(targets[0]) is Liveness.STOPPED:
-            targets = []
     else:
         targets = [p for p in known_endpoints() if liveness(p) is not Liveness.STOPPED]
-        jobs, compiles = cli_transform.running_jobs(), cli_compile.running_jobs()
-        fleets = [f for f in known_fleets() if f.running()]
-        if len(targets) + len(jobs) + len(compiles) + len(fleets) > 1:
-            names = ", ".join([p.name for p in targets] + [p.name for p in jobs]
-                              + [p.name for p in compiles] + [p.name for p in fleets])
-            raise _fail(f"Several endpoints or jobs run ({names}): name one or use --all", 2)
-    stops: list[Callable[[], str | None]] = [
-        *(lambda j=j: cli_transform.down(j, timeout=timeout) for j in jobs),
-        *(lambda c=c: cli_compile.down(c, timeout=timeout) for c in compiles),
-        *(lambda f=f: cli_edge.down(f, timeout=timeout) for f in fleets)]
+    jobs, compiles, fleets = _jobs_to_stop(name, all_=all_)
+    if name and (jobs or compiles or fleets) and liveness(targets[0]) is Liveness.STOPPED:
+        targets = []
+    if not name and not all_ and len(targets) + len(jobs) + len(compiles) + len(fleets) > 1:
+        names = ", ".join([p.name for p in targets] + [p.name for p in jobs]
+                          + [p.name for p in compiles] + [p.name for p in fleets])
+        raise _fail(f"Several endpoints or jobs run ({names}): name one or use --all", 2)
+    stops: list[Callable[[], str | None]] = []
+    if jobs:
+        from kubeinfer_operator import cli_transform
+
+        stops += [partial(cli_transform.down, j, timeout=timeout) for j in jobs]
+    if compiles:
+        from kubeinfer_operator import cli_compile
+
+        stops += [partial(cli_compile.down, c, timeout=timeout) for c in compiles]
+    if fleets:
+        from kubeinfer_operator import cli_edge
+
+        stops += [partial(cli_edge.down, f, timeout=timeout) for f in fleets]
     for stop in stops:
         try:
             message = stop()
@@ -634,6 +699,36 @@ def down(
             raise _fail(str(exc)) from exc
         out.print(f"Stopped endpoint {paths.name}" if stopped
                   else f"Endpoint {paths.name} is not running")
+
+
+def _jobs_to_stop(name: str | None, *, all_: bool) \
+        -> tuple[list[JobPaths], list[CompilePaths], list[FleetPaths]]:
+    """The TransformJobs, CompilationJobs and EdgeFleets ``down`` stops: NAME's, every one
+    (--all) or the running ones (neither). A kind's modules are imported only where local
+    mode holds state of that kind."""
+    jobs: list[JobPaths] = []
+    compiles: list[CompilePaths] = []
+    fleets: list[FleetPaths] = []
+    if has_kind_state(TRANSFORM_JOBS_DIR):
+        from kubeinfer_operator import cli_transform
+        from kubeinfer_operator.local.transform_state import JobPaths, known_jobs
+
+        jobs = (known_jobs() if all_ else cli_transform.running_jobs() if not name
+                else [JobPaths.for_job(name)] if JobPaths.for_job(name).root.is_dir() else [])
+    if has_kind_state(COMPILE_JOBS_DIR):
+        from kubeinfer_operator import cli_compile
+        from kubeinfer_operator.local.compile_state import CompilePaths, known_compile_jobs
+
+        compiles = (known_compile_jobs() if all_ else cli_compile.running_jobs() if not name
+                    else [CompilePaths.for_job(name)] if CompilePaths.for_job(name).root.is_dir()
+                    else [])
+    if has_kind_state(FLEETS_DIR):
+        from kubeinfer_operator.local.edge_state import FleetPaths, known_fleets
+
+        fleets = ([f for f in known_fleets() if f.running()] if not name
+                  else [FleetPaths.for_fleet(name)] if FleetPaths.for_fleet(name).root.is_dir()
+                  else [])
+    return jobs, compiles, fleets
 
 
 # -- secret ----------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ from enum import StrEnum
 
 ENV_PREFIX = "KUBEINFER_"
 
+#: Name of the route-table file inside the ConfigMap / local state directory.
+ROUTE_TABLE_FILENAME = "routes.json"
+
 #: SageMaker's synchronous payload limit (InvokeEndpoint): 6 MB.
 REALTIME_MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 #: SageMaker's serverless payload limit: 4 MB.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,3 +176,37 @@ def test_up_refuses_a_busy_port(tmp_path: Path) -> None:
         result = runner.invoke(app, ["up", "-f", str(spec), "--port", str(port)])
     assert result.exit_code == 2
     assert f"Port {port} on 127.0.0.1 is in use" in result.output
+
+
+LAZY_KINDS = ("kubeinfer_operator.cli_compile", "kubeinfer_operator.cli_edge",
+              "kubeinfer_operator.cli_recommend", "kubeinfer_operator.cli_shadow",
+              "kubeinfer_operator.cli_transform", "kubeinfer_operator.api.endpoint",
+              "kubeinfer_operator.api.transform_job", "kubeinfer_runtime.contract")
+
+
+def test_status_and_down_import_no_kind_they_do_not_show(tmp_path: Path) -> None:
+    """Each kind's CLI module (its API models, validators, renderers) is imported only when
+    a command needs it: `status` and `down` with nothing local import none of them."""
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from kubeinfer_operator.cli import app\n"
+            "for args in (['status'], ['down'], ['status', '--json']):\n"
+            "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+            f"print(sorted(m for m in {LAZY_KINDS!r} if m in sys.modules))\n")
+    env = {**os.environ, "KUBEINFER_HOME": str(tmp_path / "empty")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_every_lazily_imported_command_is_listed_and_runs() -> None:
+    from kubeinfer_operator.cli import _LAZY_COMMANDS
+
+    listed = runner.invoke(app, ["--help"])
+    assert listed.exit_code == 0
+    for name in _LAZY_COMMANDS:
+        assert f" {name} " in listed.output, name
+        shown = runner.invoke(app, [name, "--help"])
+        assert shown.exit_code == 0, (name, shown.output)
+        assert f"Usage: kubeinfer {name}" in " ".join(shown.output.split()), name

@@ -257,3 +257,17 @@ def test_local_mode_serves_the_artifact_in_place(tmp_path: Path) -> None:
                             report=REPORT.model_copy(update={
                                 "artifact_dir_uri": "s3://cache/compiled/k1/artifact"}))
     assert remote.served_uri == "s3://cache/compiled/k1/artifact.tar.gz"
+
+
+@pytest.mark.parametrize("where", ["none", "variant", "shadow", "both"])
+def test_the_clis_compile_check_agrees_with_the_plan(where: str, tmp_path: Path) -> None:
+    """``up`` imports the compile step only when ``LoadedEndpoint.compiles`` says a model
+    compiles: it must say so exactly when the plan has a compile step."""
+    compiled = {"uri": "file://models/mlp.onnx", "compile": {"batchSizes": [1, 8]}}
+    plain = {"uri": "file://models/mlp.onnx"}
+    doc = endpoint(compiled if where in ("variant", "both") else plain)
+    doc["spec"]["shadowVariants"] = [{
+        "name": "shadow", "samplingPercentage": 50,
+        "model": compiled if where in ("shadow", "both") else plain}]
+    item = LoadedEndpoint(Endpoint.model_validate(doc), doc, str(tmp_path))
+    assert item.compiles is bool(to_compile(item)) is (where != "none")

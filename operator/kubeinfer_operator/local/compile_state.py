@@ -37,13 +37,13 @@ from kubeinfer_operator.local.job_state import (
 
 # Re-exported: the runner, control and CLI ask this kind's module whether its runner lives.
 from kubeinfer_operator.local.job_state import runner_alive as runner_alive
-from kubeinfer_operator.local.paths import kubeinfer_home
+from kubeinfer_operator.local.paths import COMPILE_JOBS_DIR, kubeinfer_home
 from kubeinfer_operator.reconcile.transform_observe import parse_report
 from kubeinfer_runtime.contract.compile import CompileReport
 
 
 def compile_jobs_root(home: Path | None = None) -> Path:
-    return (home or kubeinfer_home()) / "compile-jobs"
+    return (home or kubeinfer_home()) / COMPILE_JOBS_DIR
 
 
 def compile_cache_root(home: Path | None = None) -> Path:

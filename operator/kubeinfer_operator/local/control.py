@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from kubeinfer_operator.errors import LocalRunError
-from kubeinfer_operator.local.manifest import LoadedEndpoint
 from kubeinfer_operator.local.paths import EndpointPaths, known_endpoints
 from kubeinfer_operator.local.process import signal_exit_name, signal_group, spawn, tail
 from kubeinfer_operator.local.state import (
@@ -32,6 +32,9 @@ from kubeinfer_operator.local.state import (
     read_state,
     write_desired,
 )
+
+if TYPE_CHECKING:
+    from kubeinfer_operator.local.manifest import LoadedEndpoint
 
 
 class Liveness(StrEnum):

@@ -23,12 +23,12 @@ from kubeinfer_operator.local.job_state import (
     read_model,
     write_model,
 )
-from kubeinfer_operator.local.paths import kubeinfer_home
+from kubeinfer_operator.local.paths import FLEETS_DIR, kubeinfer_home
 from kubeinfer_runtime.contract.edge import EdgeCapture, FleetVersion, RolloutSpec
 
 
 def fleets_root(home: Path | None = None) -> Path:
-    return (home or kubeinfer_home()) / "fleets"
+    return (home or kubeinfer_home()) / FLEETS_DIR
 
 
 class FleetPaths(JobDir):

@@ -41,6 +41,14 @@ class LoadedEndpoint:
     def name(self) -> str:
         return self.endpoint.name
 
+    @property
+    def compiles(self) -> bool:
+        """Whether a variant or shadow says ``model.compile`` (``up`` compiles it first):
+        a check that needs none of the compile step's modules."""
+        spec = self.endpoint.spec
+        return any(v.model is not None and v.model.compile is not None
+                   for v in (*spec.variants, *spec.shadowVariants))
+
 
 def _doc_label(source: str, index: int, doc: Any) -> str:
     name = None

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubeinfer_runtime.contract import ROUTE_TABLE_FILENAME
+from kubeinfer_runtime.wire import ROUTE_TABLE_FILENAME
 
 HOME_ENV = "KUBEINFER_HOME"
 
@@ -21,6 +21,21 @@ def kubeinfer_home() -> Path:
     """``$KUBEINFER_HOME``, default ``~/.kubeinfer``."""
     value = os.environ.get(HOME_ENV)
     return Path(value).expanduser() if value else Path.home() / ".kubeinfer"
+
+
+#: The folders under ``$KUBEINFER_HOME`` holding each job-like kind's local state.
+TRANSFORM_JOBS_DIR = "jobs"
+COMPILE_JOBS_DIR = "compile-jobs"
+FLEETS_DIR = "fleets"
+
+
+def has_kind_state(folder: str, home: Path | None = None) -> bool:
+    """Whether ``$KUBEINFER_HOME/<folder>`` holds anything: the CLI imports a kind's
+    modules (its API models and validators) only when it does."""
+    try:
+        return any((home or kubeinfer_home()).joinpath(folder).iterdir())
+    except OSError:
+        return False
 
 
 def local_root(home: Path | None = None) -> Path:

@@ -37,7 +37,7 @@ from kubeinfer_operator.local.job_state import (
 
 # Re-exported: the runner, control and CLI ask this kind's module whether its runner lives.
 from kubeinfer_operator.local.job_state import runner_alive as runner_alive
-from kubeinfer_operator.local.paths import kubeinfer_home
+from kubeinfer_operator.local.paths import TRANSFORM_JOBS_DIR, kubeinfer_home
 from kubeinfer_runtime.contract.batch import (
     ERRORS_NAME,
     STATE_FOLDER,
@@ -48,7 +48,7 @@ from kubeinfer_runtime.contract.batch import (
 
 
 def jobs_root(home: Path | None = None) -> Path:
-    return (home or kubeinfer_home()) / "jobs"
+    return (home or kubeinfer_home()) / TRANSFORM_JOBS_DIR
 
 
 @dataclass(frozen=True)

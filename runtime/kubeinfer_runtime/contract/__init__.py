@@ -66,6 +66,7 @@ from kubeinfer_runtime.wire import H_TARGET_CONTAINER as H_TARGET_CONTAINER
 from kubeinfer_runtime.wire import H_TARGET_MODEL as H_TARGET_MODEL
 from kubeinfer_runtime.wire import H_TARGET_VARIANT as H_TARGET_VARIANT
 from kubeinfer_runtime.wire import REALTIME_MAX_PAYLOAD_BYTES as REALTIME_MAX_PAYLOAD_BYTES
+from kubeinfer_runtime.wire import ROUTE_TABLE_FILENAME as ROUTE_TABLE_FILENAME
 from kubeinfer_runtime.wire import SERVERLESS_MAX_PAYLOAD_BYTES as SERVERLESS_MAX_PAYLOAD_BYTES
 from kubeinfer_runtime.wire import ModelFormat as ModelFormat
 from kubeinfer_runtime.wire import Role as Role
@@ -326,10 +327,6 @@ class RouteTable(_Strict):
         with os.fdopen(fd, "w") as fh:
             fh.write(self.to_json())
         os.replace(tmp, path)
-
-
-#: Name of the route-table file inside the ConfigMap / local state directory.
-ROUTE_TABLE_FILENAME = "routes.json"
 
 
 class S3Settings(BaseModel):
