@@ -32,9 +32,8 @@ import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 
 from kubeinfer_runtime import codec
@@ -44,6 +43,9 @@ from kubeinfer_runtime.contract.batch import BatchSettings, BatchStrategy, media
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError, ValidationError
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.models.base import Tensors
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("kubeinfer.batch")
 
@@ -266,6 +268,8 @@ class ImageModel(Model):
     """An image speaking the SageMaker container contract at ``model_url``."""
 
     def __init__(self, settings: BatchSettings) -> None:
+        import httpx  # here: a job of a model in process never needs it (0.1 s of imports)
+
         assert settings.model_url is not None
         self.settings = settings
         self.url = settings.model_url.rstrip("/")
@@ -278,6 +282,8 @@ class ImageModel(Model):
             self.headers["accept"] = settings.accept
 
     def start(self) -> None:
+        import httpx
+
         deadline = time.monotonic() + self.settings.startup_timeout_s
         last = "it did not answer"
         while True:
@@ -304,6 +310,8 @@ class ImageModel(Model):
             pass  # optional in the contract: the job's settings (or defaults) apply
 
     def invoke(self, body: bytes, *, lines: bool) -> Answer:
+        import httpx
+
         attempts = self.settings.invocation_retries + 1
         for attempt in range(1, attempts + 1):
             try:
