@@ -6,12 +6,14 @@ started through ``Child``'s launcher hook, measured from /proc and killed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from kubeinfer_operator.errors import SpecError
@@ -306,3 +308,41 @@ async def test_supervisor_reports_the_oom_kill_and_records_it(tmp_path: Path) ->
             if c.proc is not None and c.proc.poll() is None:
                 c.proc.kill()
                 c.proc.wait()
+
+
+class _HeldPing:
+    """An httpx client whose ``/ping`` answers 200 only when the test lets it."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def get(self, url: str, **_: object) -> httpx.Response:
+        self.asked.set()
+        await self.answer.wait()
+        return httpx.Response(200, request=httpx.Request("GET", url))
+
+
+async def test_a_probe_answered_after_the_oom_kill_was_collected_counts_no_second_crash(
+        tmp_path: Path) -> None:
+    """The OOM kill and its exit's collection can land while a /ping is in flight (the
+    server answered just before it was killed): the answer must not mark the dead process
+    ready, or the next round collects the same exit again as a crash of its own."""
+    child = _child(tmp_path, TINY)
+    policy = BackoffPolicy(initial_s=0.5)
+    client = _HeldPing()
+    try:
+        probe = asyncio.create_task(child.check(client))  # type: ignore[arg-type]
+        await client.asked.wait()
+        assert child.check_memory().kill
+        _wait_exit(child)
+        assert child.collect_exit(policy, time.monotonic()) is not None
+        client.answer.set()
+        await probe
+        assert child.state is ProcState.BACKOFF
+        assert child.collect_exit(policy, time.monotonic()) is None  # counted once
+        assert (child.crash.streak, child.last_termination) == (1, OOM_KILLED)
+    finally:
+        if child.proc is not None and child.proc.poll() is None:
+            child.proc.kill()
+            child.proc.wait()

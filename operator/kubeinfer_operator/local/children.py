@@ -238,15 +238,20 @@ class Child:
         """Update readiness from ``GET /ping`` (both roles answer it)."""
         if not self.wanted or self.state is ProcState.BACKOFF or not self.running:
             return
+        probed = self.proc
         try:
             response = await client.get(self.url + "/ping", timeout=2.0)
         except httpx.HTTPError as exc:
+            if not self._still_probed(probed):
+                return
             if self.ever_ready:
                 self.state = ProcState.NOT_READY
                 self.reason = f"/ping failed: {type(exc).__name__}"
             else:
                 self.state = ProcState.STARTING
                 self.reason = "starting (port not answering yet)"
+            return
+        if not self._still_probed(probed):
             return
         if response.status_code == 200:
             # On Kubernetes a process over its memory limit is killed when it allocates,
@@ -263,6 +268,15 @@ class Child:
         else:
             self.state = ProcState.NOT_READY
             self.reason = not_ready_reason(response)
+
+    def _still_probed(self, probed: subprocess.Popen[bytes] | Adopted | None) -> bool:
+        """Whether a probe's answer still describes this child: while it was in flight the
+        process may have been OOM-killed and its exit collected (BACKOFF), restarted or
+        stopped. Applied anyway, it would mark a dead process STARTING or READY, and the
+        next round would collect the same exit again, as a second crash (and without its
+        OOMKilled reason, so a crash loop of OOM kills was reported as crashes)."""
+        return (probed is self.proc and self.wanted and self.state is not ProcState.BACKOFF
+                and self.running)
 
     async def stop(self, *, grace_s: float = 10.0) -> None:
         """SIGTERM the process group (graceful: in-flight requests finish), then SIGKILL."""
