@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -184,10 +184,21 @@ async def download(client: httpx.AsyncClient, url: str, dest: Path, size: int,
 # -- the model-server child ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def reserve_port() -> socket.socket:
+    """A loopback port held for a child to listen on: bound with SO_REUSEADDR, never listening.
+
+    A port picked by binding port 0 and closing at once is free only until someone else
+    binds port 0 (another agent's child, any process on the device): the kernel may hand
+    it out again before the child binds it, and the child then exits unable to listen,
+    which failed the install for good. While this socket is open the kernel gives the
+    port to no other ``bind(0)`` nor outgoing connection, yet the child's own bind
+    (uvicorn sets SO_REUSEADDR) and listen succeed. Closed once the child answers
+    (``ModelChild.release_port``); an exception before that drops it with the object.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 def _die_with_agent() -> None:
@@ -202,6 +213,8 @@ class ModelChild:
     port: int
     slot: str
     version: str
+    #: Holds ``port`` until the child listens on it (``reserve_port``).
+    reservation: socket.socket | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -209,7 +222,8 @@ class ModelChild:
 
     @classmethod
     def start(cls, state_dir: Path, slot: str, installed: Installed) -> ModelChild:
-        port = free_port()
+        reservation = reserve_port()
+        port = int(reservation.getsockname()[1])
         root = slot_dir(state_dir, slot)
         env = {
             **os.environ,
@@ -230,7 +244,13 @@ class ModelChild:
                 preexec_fn=_die_with_agent)
         log.info("Started model server for %s (slot %s) on port %d, pid %d",
                  installed.version, slot, port, proc.pid)
-        return cls(proc, port, slot, installed.version)
+        return cls(proc, port, slot, installed.version, reservation)
+
+    def release_port(self) -> None:
+        """The child listens (or is stopping): the reservation is no longer needed."""
+        if self.reservation is not None:
+            self.reservation.close()
+            self.reservation = None
 
     async def wait_ready(self, client: httpx.AsyncClient, within: float) -> None:
         deadline = time.monotonic() + within
@@ -246,6 +266,7 @@ class ModelChild:
                 pass
             else:
                 if r.status_code == 200:
+                    self.release_port()
                     return
                 if LOAD_FAILED_MARKER in r.text:
                     # Failed for good: waiting out the timeout would only delay the report.
@@ -281,6 +302,7 @@ class ModelChild:
                                f"{r.status_code}: {detail}")
 
     async def stop(self) -> None:
+        self.release_port()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
