@@ -25,14 +25,17 @@ file order and each starts from the previous one's end):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +45,14 @@ import numpy as np
 import pytest
 
 from kubeinfer_operator.local.edge_control import parse_fleets
+from kubeinfer_operator.local.edge_state import FleetPaths, read_fleet_state
 from kubeinfer_runtime.contract.edge import RegisterResponse, Wave
 from kubeinfer_runtime.edge import package as pkg
 from kubeinfer_runtime.edge.waves import DeviceView, assign_waves
 from tests.conftest import REPO
 from tests.support.onnx_models import fails_every_inference_model, scale_sum_model
 from tests.support.orphans import die_with_parent
-from tests.support.ports import free_port, stop_process, wait_until
+from tests.support.ports import reserve_port, stop_process, wait_until
 
 DEVICES = 20
 HEARTBEAT_S = 1
@@ -61,6 +65,58 @@ AARCH64_RUNTIME = REPO / ".cache" / "aarch64-tvm"
 WAVES = [{"percentage": 20, "maxFailurePercent": 25, "bakeSeconds": 1},
          {"percentage": 60, "maxFailurePercent": 25},
          {"percentage": 100, "maxFailurePercent": 25}]
+#: Lines of an agent's log (and of the fleet's logs) a timed-out wait shows.
+LOG_LINES = 20
+#: What an agent logs at every heartbeat (httpx logs each request at INFO) and at every
+#: request the test sends through it: left out of the tails, or they would be nothing else.
+ROUTINE = re.compile(r' httpx HTTP Request: \S+ \S+/(heartbeat|invocations) "HTTP/[\d.]+ 2\d\d ')
+
+
+@functools.cache
+def _http() -> httpx.Client:
+    """The client of every request the test makes. ``httpx.post`` builds a client, and its
+    TLS context, per call (~50 ms of CPU): polling 20 agents every 0.05 s could keep one
+    core of a 2-core runner busy while the agents installed. No keep-alive: each request
+    opens a connection of its own, as ``httpx.post`` did."""
+    return httpx.Client(timeout=10, limits=httpx.Limits(max_keepalive_connections=0))
+
+
+def _tail(path: Path, lines: int = LOG_LINES) -> str:
+    """The last ``lines`` lines of a log but the ``ROUTINE`` ones, indented (what it says
+    when it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 256 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError as e:
+        return f"    ({e.strerror})"
+    kept = [line for line in text.splitlines() if not ROUTINE.search(line)]
+    return "\n".join("    " + line for line in kept[-lines:]) or "    (empty)"
+
+
+def _process(proc: subprocess.Popen[bytes] | None) -> str:
+    """``running``, ``frozen`` (SIGSTOP) or how it exited."""
+    if proc is None:
+        return "not started"
+    if proc.poll() is not None:
+        return f"pid {proc.pid} EXITED {proc.returncode}"
+    try:  # the state letter follows the command name, which may hold spaces
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        state = "?"
+    return f"pid {proc.pid} " + ("frozen (SIGSTOP)" if state == "T" else f"running ({state})")
+
+
+def _device_line(d: dict[str, Any], now: float) -> str:
+    """One device as the fleet server sees it (``GET /v1/devices``)."""
+    last = d.get("lastDeployment") or {}
+    result = (f"{last.get('version')} {last.get('outcome')}"
+              + (f": {str(last['message'])[:300]}" if last.get("message") else "")
+              if last else "-")
+    seen = now - float(d.get("lastSeen") or 0)
+    return (f"state {d.get('state')}, version {d.get('version') or '-'}, desired "
+            f"{d.get('desiredVersion') or '-'}, last seen {seen:.1f} s ago, last deployment "
+            f"{result}")
 
 
 def manifest(model: Path, *, arm: bool = False) -> str:
@@ -88,20 +144,57 @@ class Agent:
     port: int
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: Holds ``port`` for the agent from the start of the module to its end (the agent's
+    #: own bind succeeds beside it): no server started meanwhile is given it.
+    reservation: socket.socket | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def answer(self) -> float | None:
+    def answer(self, timeout: float = 5) -> float | None:
         """What the served model answers for [[1, 2]] (None: nothing served now)."""
         try:
-            r = httpx.post(self.url + "/invocations", json=[[1, 2]], timeout=5)
+            r = _http().post(self.url + "/invocations", json=[[1, 2]], timeout=timeout)
         except httpx.HTTPError:
             return None
         if r.status_code != 200:
             return None
         return float(np.asarray(r.json()["predictions"]).ravel()[0])
+
+    def ping(self) -> str:
+        """The agent's ``GET /ping`` (what it serves, or why nothing), as text."""
+        try:
+            r = _http().get(self.url + "/ping", timeout=2)
+        except httpx.HTTPError as e:
+            return type(e).__name__
+        return f"{r.status_code} {r.text[:300]}"
+
+    def journal(self) -> str:
+        """The agent's own state.json: current, pending install, last deployment, failure."""
+        try:
+            doc = json.loads((self.state / "state.json").read_text())
+        except FileNotFoundError:
+            return "(none yet)"
+        except (OSError, ValueError) as e:
+            return f"(unreadable: {e})"
+        current = doc.get("current") or {}
+        return json.dumps({"current": f"{current.get('version')} in slot {current.get('slot')}"
+                           if current else None, "pending": doc.get("pending"),
+                           "lastDeployment": doc.get("lastDeployment"),
+                           "failedVersion": doc.get("failedVersion") or None})
+
+    def describe(self, answer: float | None, seen_by_server: str) -> str:
+        """What a timed-out wait shows of the agent: its process, what it answers, its own
+        state, the fleet server's view of it and the tails of its logs."""
+        lines = [f"- {self.device} on {self.url}: process {_process(self.proc)}; answers "
+                 f"{answer}; /ping {self.ping()}",
+                 f"  fleet server: {seen_by_server}",
+                 f"  state.json: {self.journal()}",
+                 f"  {self.log} (last {LOG_LINES} lines):", _tail(self.log)]
+        for child in sorted((self.state / "logs").glob("model-server-*.log")):
+            lines += [f"  {child.name} (last 8 lines):", _tail(child, 8)]
+        return "\n".join(lines)
 
 
 @dataclass
@@ -138,8 +231,8 @@ class Fleet:
         return loaded.fleet.version
 
     def get(self, path: str) -> dict[str, Any]:
-        r = httpx.get(self.url + path, headers={"Authorization": f"Bearer {TOKEN}"},
-                      params={"limit": "1000"}, timeout=10)
+        r = _http().get(self.url + path, headers={"Authorization": f"Bearer {TOKEN}"},
+                        params={"limit": "1000"}, timeout=10)
         assert r.status_code == 200, r.text
         doc: dict[str, Any] = r.json()
         return doc
@@ -176,6 +269,65 @@ class Fleet:
                                      + a.log.read_text(errors="replace")[-3000:])
         return True
 
+    def wait(self, predicate: Callable[[], bool], timeout: float, what: str, *,
+             expect: float | None = None, agents: Sequence[Agent] | None = None,
+             interval: float = 0.05) -> None:
+        """``wait_until``; on a timeout the error also shows the fleet and each agent (of
+        ``agents``, default all) that does not serve version factor ``expect`` (None: that
+        serves nothing), so that a run that timed out can be diagnosed from its output."""
+        try:
+            wait_until(predicate, timeout, what, interval=interval)
+        except TimeoutError as e:
+            try:
+                report = self.report(expect, agents)
+            except Exception as failed:  # the report must never hide the timeout
+                report = f"(the fleet's report failed: {failed!r})"
+            raise TimeoutError(f"{e}\n{report}") from None
+
+    def report(self, expect: float | None, agents: Sequence[Agent] | None = None) -> str:
+        """The runner's state, the server's rollout and devices, the agents that do not serve
+        ``expect`` (described in full) and the tails of the runner's and server's logs."""
+        paths = FleetPaths.for_fleet("fleet", self.home)
+        out = [f"---- fleet {paths.root} ----"]
+        state = read_fleet_state(paths)
+        if state is None:
+            out.append("runner state.json: missing or unreadable")
+        else:
+            out.append(
+                f"runner: phase {state.phase.value}, url {state.url}, server pid "
+                f"{state.server_pid} ({state.server_restarts} restarts), current "
+                f"{state.current.version if state.current else '-'}, previous "
+                f"{state.previous.version if state.previous else '-'}, failed "
+                f"{state.failed_version or '-'}, rollout {state.rollout_version} "
+                f"{state.rollout_phase}, {state.devices} devices; message {state.message!r}")
+            out += [f"  event: {event}" for event in state.events[-8:]]
+        try:
+            status = self.get("/v1/fleet")
+            out.append(f"server: byState {status.get('byState')}, byVersion "
+                       f"{status.get('byVersion')}, rollout {json.dumps(status.get('rollout'))}")
+            devices = self.devices()
+        except (AssertionError, httpx.HTTPError, ValueError) as e:
+            out.append(f"server: unreadable ({type(e).__name__}: {str(e)[:300]})")
+            devices = {}
+        now = time.time()
+        if expect is None:
+            out.append("agents that serve nothing:")
+        else:
+            out.append(f"agents that do not serve {3.0 * expect} (version factor {expect}):")
+        fine = []
+        for a in agents or self.agents:
+            got = a.answer(timeout=2)
+            if got is not None if expect is None else got == 3.0 * expect:
+                fine.append(a.device)
+                continue
+            d = devices.get(a.device)
+            out.append(a.describe(got, _device_line(d, now) if d else "not registered"))
+        out.append(f"the others ({len(fine)}) serve as expected: {', '.join(fine) or '-'}")
+        out += [f"{paths.runner_log} (last {LOG_LINES} lines):", _tail(paths.runner_log),
+                f"{paths.log_file('fleet-server')} (last {LOG_LINES} lines):",
+                _tail(paths.log_file("fleet-server"))]
+        return "\n".join(out)
+
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
@@ -186,8 +338,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     f.models["v3"] = fails_every_inference_model(work / "v3.onnx")
     # Local Secrets the manifest names (kubeinfer secret create), so the token is known.
     assert f.cli("secret", "create", "boot", "--from-literal", f"token={TOKEN}").returncode == 0
-    f.agents = [Agent(f"dev-{i:02d}", work / f"agent-{i:02d}", free_port(),
-                      work / f"agent-{i:02d}.log") for i in range(DEVICES)]
+    for i in range(DEVICES):
+        held = reserve_port()
+        f.agents.append(Agent(f"dev-{i:02d}", work / f"agent-{i:02d}", held.getsockname()[1],
+                              work / f"agent-{i:02d}.log", reservation=held))
     try:
         yield f
     finally:
@@ -196,6 +350,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 if a.proc.poll() is None:
                     os.kill(a.proc.pid, signal.SIGCONT)  # a frozen agent cannot stop
                 stop_process(a.proc, timeout=15)
+            if a.reservation is not None:
+                a.reservation.close()
         f.cli("down", "--all", timeout=120)
 
 
@@ -203,11 +359,12 @@ def test_first_version_reaches_every_device(fleet: Fleet) -> None:
     fleet.up(fleet.models["v1"])
     for agent in fleet.agents:
         fleet.start(agent)
-    wait_until(lambda: fleet.alive() and fleet.serving(1.0), 180, "20 agents serving v1")
+    fleet.wait(lambda: fleet.alive() and fleet.serving(1.0), 180, "20 agents serving v1",
+               expect=1.0)
     # An agent serves the new version before its next heartbeat reports the install, so
     # the server may still count it Updating for up to one interval.
-    wait_until(lambda: {d["state"] for d in fleet.devices().values()} == {"Online"}, 60,
-               "every device reported Online")
+    fleet.wait(lambda: {d["state"] for d in fleet.devices().values()} == {"Online"}, 60,
+               "every device reported Online", expect=1.0)
     assert len(fleet.devices()) == DEVICES
     # Each agent keeps its own credential, readable by its user only.
     for agent in fleet.agents:
@@ -222,7 +379,7 @@ def test_three_waves_and_an_agent_killed_mid_install(fleet: Fleet) -> None:
     assert len(first) == 4  # 20 % of 20
     victim = first[0]
     # Wave 1 first: its devices turn Updating (or already v2) while the others wait.
-    wait_until(lambda: fleet.devices()[victim.device]["desiredVersion"] == version, 60,
+    fleet.wait(lambda: fleet.devices()[victim.device]["desiredVersion"] == version, 60,
                "the first wave's desired version")
     assert victim.proc is not None
     victim.proc.kill()  # mid-install (or just after): a restart must resume or roll back
@@ -238,17 +395,18 @@ def test_three_waves_and_an_agent_killed_mid_install(fleet: Fleet) -> None:
         mixed = mixed or len(versions) > 1
         return rollout.get("phase") != "Progressing" or int(rollout.get("wave", 0)) >= 1
 
-    wait_until(progress, 120, "the first wave to pass")
+    fleet.wait(progress, 120, "the first wave to pass")
     # The killed agent comes back on a consistent version (v1 or v2, never half of one).
     fleet.start(victim)
-    wait_until(lambda: victim.answer() in (3.0, 6.0), 60, "the restarted agent serving")
+    fleet.wait(lambda: victim.answer() in (3.0, 6.0), 60, "the restarted agent serving",
+               agents=[victim])
 
     def done() -> bool:
         fleet.alive()
         progress()
         return fleet.rollout().get("phase") == "Complete" and fleet.serving(2.0)
 
-    wait_until(done, 240, "v2 on every device")
+    fleet.wait(done, 240, "v2 on every device", expect=2.0)
     assert {0, 1, 2} <= seen_waves | {3}, seen_waves
     assert mixed, "the rollout never had v1 and v2 side by side (not in waves)"
     assert victim.answer() == 6.0
@@ -257,14 +415,14 @@ def test_three_waves_and_an_agent_killed_mid_install(fleet: Fleet) -> None:
 def test_failing_warm_up_trips_the_first_wave(fleet: Fleet) -> None:
     version = fleet.up(fleet.models["v3"])
     first = {a.device for a in fleet.first_wave(version)}
-    wait_until(lambda: fleet.alive() and fleet.rollout().get("phase") == "RolledBack", 120,
+    fleet.wait(lambda: fleet.alive() and fleet.rollout().get("phase") == "RolledBack", 120,
                "the v3 rollout to roll back")
     devices = fleet.devices()
     failed = {d for d, v in devices.items() if (v.get("lastDeployment") or {}).get(
         "version") == version and v["lastDeployment"]["outcome"] == "Failed"}
     assert failed and failed <= first, (failed, first)
     # Nobody outside the first wave was ever told v3; everyone is told v2 again.
-    wait_until(lambda: all(d["desiredVersion"] != version for d in fleet.devices().values()),
+    fleet.wait(lambda: all(d["desiredVersion"] != version for d in fleet.devices().values()),
                10, "every device's desired version back to v2")
     assert fleet.serving(2.0)
     # `kubeinfer edge history` shows a failed device's attempt; `edge devices` lists all.
@@ -291,15 +449,17 @@ def test_a_stalled_agent_does_not_block_the_wave(fleet: Fleet) -> None:
     os.kill(frozen.proc.pid, signal.SIGSTOP)
     assert fleet.up(fleet.models["v4"]) == version
     try:
-        wait_until(lambda: fleet.alive() and fleet.rollout().get("phase") == "Complete", 240,
+        fleet.wait(lambda: fleet.alive() and fleet.rollout().get("phase") == "Complete", 240,
                    "the v4 rollout to complete without the frozen agent")
         assert fleet.devices()[frozen.device]["state"] in ("Stalled", "Offline")
         others = [a for a in fleet.agents if a is not frozen]
-        wait_until(lambda: fleet.serving(4.0, others), 60, "v4 on the 19 other devices")
+        fleet.wait(lambda: fleet.serving(4.0, others), 60, "v4 on the 19 other devices",
+                   expect=4.0, agents=others)
     finally:
         os.kill(frozen.proc.pid, signal.SIGCONT)
     # Thawed, it takes the fleet's version as any late device does.
-    wait_until(lambda: frozen.answer() == 12.0, 120, "the thawed agent on v4")
+    fleet.wait(lambda: frozen.answer() == 12.0, 120, "the thawed agent on v4", expect=4.0,
+               agents=[frozen])
 
 
 def test_a_tripped_wave_rolls_updated_devices_back(fleet: Fleet) -> None:
@@ -313,16 +473,17 @@ def test_a_tripped_wave_rolls_updated_devices_back(fleet: Fleet) -> None:
     assert fleet.up(fleet.models["v5"]) == version
     try:
         # The others of the wave install v5 before the frozen two time out.
-        wait_until(lambda: fleet.alive() and fleet.serving(5.0, took), 120,
-                   "v5 on the first wave's live devices")
-        wait_until(lambda: fleet.rollout().get("phase") == "RolledBack", TIMEOUT_S * 6,
+        fleet.wait(lambda: fleet.alive() and fleet.serving(5.0, took), 120,
+                   "v5 on the first wave's live devices", expect=5.0, agents=took)
+        fleet.wait(lambda: fleet.rollout().get("phase") == "RolledBack", TIMEOUT_S * 6,
                    "the trip (two of four stalled: 50 % > 25 %)")
         tripped = time.monotonic()
         rollout = fleet.rollout()
         trip_at, previous = float(rollout["finishedAt"]), str(rollout["previousVersion"])
         assert all(d["version"] != version for d in fleet.devices().values()
                    if d["deviceId"] not in {a.device for a in first})
-        wait_until(lambda: fleet.serving(4.0, took), 60, "the updated devices back on v4")
+        fleet.wait(lambda: fleet.serving(4.0, took), 60, "the updated devices back on v4",
+                   expect=4.0, agents=took)
         assert time.monotonic() - tripped < 60
         # Reached within 2 heartbeat intervals, by the server's own clock: a device learns
         # the rollback at its first heartbeat after the trip and reports at once that it
@@ -340,7 +501,7 @@ def test_a_tripped_wave_rolls_updated_devices_back(fleet: Fleet) -> None:
                     reached[a.device] = min(times)
             return len(reached) == len(took)
 
-        wait_until(reported, 30, "the updated devices to report the rollback")
+        fleet.wait(reported, 30, "the updated devices to report the rollback", agents=took)
         late = {d: round(at - trip_at, 2) for d, at in reached.items()
                 if at - trip_at > 2 * HEARTBEAT_S * 1.2 + 1.5}
         assert not late, (trip_at, late)
@@ -349,7 +510,8 @@ def test_a_tripped_wave_rolls_updated_devices_back(fleet: Fleet) -> None:
             assert a.proc is not None
             os.kill(a.proc.pid, signal.SIGCONT)
     others = [a for a in fleet.agents if a not in took]
-    wait_until(lambda: fleet.serving(4.0, others), 120, "every device on v4")
+    fleet.wait(lambda: fleet.serving(4.0, others), 120, "every device on v4", expect=4.0,
+               agents=others)
 
 
 @pytest.mark.skipif(not (AARCH64_RUNTIME / "lib" / "libtvm_runtime.so").is_file(),
@@ -357,8 +519,9 @@ def test_a_tripped_wave_rolls_updated_devices_back(fleet: Fleet) -> None:
 def test_an_aarch64_package_from_the_compile_step(fleet: Fleet) -> None:
     # A registered arm64 board (an HTTP client here: its package cannot run on this x86
     # host) downloads and verifies its package through the fleet server, as an agent does.
-    r = httpx.post(fleet.url + "/v1/register", json={"deviceId": "board-1", "target": "arm64"},
-                   headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    r = _http().post(fleet.url + "/v1/register", json={"deviceId": "board-1",
+                                                       "target": "arm64"},
+                     headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert r.status_code == 200, r.text
     reg = RegisterResponse.model_validate_json(r.content)
     headers = {"Authorization": f"Bearer {reg.credential}"}
@@ -367,8 +530,8 @@ def test_an_aarch64_package_from_the_compile_step(fleet: Fleet) -> None:
     got: dict[str, Any] = {}
 
     def beat() -> bool:
-        answer = httpx.post(f"{fleet.url}/v1/devices/board-1/heartbeat", json=report,
-                            headers=headers, timeout=10)
+        answer = _http().post(f"{fleet.url}/v1/devices/board-1/heartbeat", json=report,
+                              headers=headers, timeout=10)
         assert answer.status_code == 200, answer.text
         desired = answer.json()["desired"]
         if desired and desired["version"] == version:
@@ -376,9 +539,9 @@ def test_an_aarch64_package_from_the_compile_step(fleet: Fleet) -> None:
             return True
         return False
 
-    wait_until(lambda: fleet.alive() and beat(), 240, "the arm64 board's desired version",
+    fleet.wait(lambda: fleet.alive() and beat(), 240, "the arm64 board's desired version",
                interval=HEARTBEAT_S / 2)
-    data = httpx.get(fleet.url + got["packageUrl"], headers=headers, timeout=60).content
+    data = _http().get(fleet.url + got["packageUrl"], headers=headers, timeout=60).content
     blob = fleet.work / "arm64.tar.gz"
     blob.write_bytes(data)
     pkg.verify_download(blob, sha256=got["sha256"], size=got["size"],
@@ -400,6 +563,6 @@ def test_an_aarch64_package_from_the_compile_step(fleet: Fleet) -> None:
         beat()
         return fleet.alive() and fleet.rollout().get("phase") == "Complete"
 
-    wait_until(complete, 240, "the rollout of the two-target version", interval=HEARTBEAT_S / 2)
+    fleet.wait(complete, 240, "the rollout of the two-target version", interval=HEARTBEAT_S / 2)
     assert fleet.serving(4.0)
     assert fleet.devices()["board-1"]["version"] == version
