@@ -65,6 +65,8 @@ class FakeFleet:
     #: Package downloads wait while this is set (a device killed mid-install).
     stall: threading.Event = field(default_factory=threading.Event)
     downloads: list[str] = field(default_factory=list)
+    #: The next this many package downloads answer 503 (a fleet server busy or restarting).
+    fail_downloads: int = 0
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -100,6 +102,9 @@ class FakeFleet:
             if not authorized(request):
                 return Response(status_code=401)
             self.downloads.append(version)
+            if self.fail_downloads > 0:
+                self.fail_downloads -= 1
+                return Response(status_code=503)
             while self.stall.is_set():  # noqa: ASYNC110 (set and cleared by the test thread)
                 await asyncio.sleep(0.05)
             data = self.packages.get((version, target))
@@ -329,6 +334,25 @@ def test_install_switch_refuse_and_capture(fleet: Built, tmp_path: Path) -> None
         assert agent.proc.wait(30) == 0
         wait_until(lambda: all(not Path(f"/proc/{p}").exists() for p in child), 15,
                    "model server stopped")
+    finally:
+        stop_process(agent.proc)
+
+
+def test_a_download_that_fails_transiently_is_tried_again(fleet: Built, tmp_path: Path) -> None:
+    """A 503 (or a broken connection) says "later": the version is tried again after a
+    delay, not failed for good, which left the device on nothing until a new version."""
+    agent = start_agent(fleet, tmp_path / "state")
+    try:
+        wait_until(lambda: _alive(agent) and fleet.fleet.last() is not None, 30, "heartbeat")
+        fleet.fleet.fail_downloads = 2
+        fleet.publish("v1", scale_sum_model(tmp_path / "m1.onnx", 1.0))
+        wait_deployed(fleet, agent, "v1", "Succeeded")
+        assert fleet.fleet.downloads.count("v1") == 3
+        assert not [hb for hb in fleet.fleet.heartbeats
+                    if hb.lastDeployment and hb.lastDeployment.outcome == "Failed"]
+        assert invoke(agent, [[1, 2]]) == [3.0]
+        assert "Install of v1 failed (Package download answered HTTP 503), try 2 of 5" \
+            in agent.text()
     finally:
         stop_process(agent.proc)
 

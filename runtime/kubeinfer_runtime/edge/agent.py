@@ -118,6 +118,15 @@ class Unauthorized(EdgeError):
     """The server refused the device's credential: register again."""
 
 
+@dataclass(frozen=True)
+class _Retry:
+    """A version whose tries so far all failed transiently, and when to try it again."""
+
+    key: tuple[str, str]  # (version, sha256)
+    attempts: int
+    at: float  # time.monotonic()
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -140,6 +149,7 @@ class Agent:
         self.wake = asyncio.Event()
         self.install_task: asyncio.Task[None] | None = None
         self.updating_to = ""
+        self.retry: _Retry | None = None
 
     # -- credential and key pinning ---------------------------------------------------------
 
@@ -297,6 +307,9 @@ class Agent:
         if (self.state.failedVersion, self.state.failedSha256) == (desired.version,
                                                                   desired.sha256):
             return False  # failed before: wait for the fleet to name another package
+        if self.retry is not None and self.retry.key == (desired.version, desired.sha256) \
+                and time.monotonic() < self.retry.at:
+            return False  # failed transiently: try again once its delay has passed
         # Set before the task runs: the heartbeat that follows at once reports it.
         self.updating_to = desired.version
         self.install_task = asyncio.create_task(self._install(desired))
@@ -310,19 +323,39 @@ class Agent:
             await self.install(desired)
         except asyncio.CancelledError:
             raise
+        except inst.TransientInstallError as e:
+            key = (desired.version, desired.sha256)
+            attempts = (self.retry.attempts if self.retry and self.retry.key == key else 0) + 1
+            delay = inst.retry_delay(attempts)
+            if delay is not None:
+                log.warning("Install of %s failed (%s), try %d of %d: trying again in %.0f s",
+                            desired.version, e.message, attempts, inst.INSTALL_ATTEMPTS, delay)
+                self.retry = _Retry(key, attempts, time.monotonic() + delay)
+                self.state.pending = None
+                inst.save_state(self.dir, self.state)
+            else:
+                self._failed(desired, f"{e.message} ({attempts} tries)")
         except (EdgeError, OSError) as e:
             message = e.message if isinstance(e, EdgeError) else f"{e.strerror} ({e.filename})"
-            log.error("Install of %s failed: %s", desired.version, message)
-            self.state.lastDeployment = DeploymentResult(
-                version=desired.version, outcome=DeploymentOutcome.FAILED,
-                message=message[:1024], at=time.time())
-            self.state.failedVersion, self.state.failedSha256 = desired.version, desired.sha256
-            self.state.pending = None
-            inst.save_state(self.dir, self.state)
+            self._failed(desired, message)
+        else:
+            self.retry = None
         finally:
             self.updating_to = ""
             self.install_task = None
             self.wake.set()  # report the outcome now, not one interval later
+
+    def _failed(self, desired: DesiredState, message: str) -> None:
+        """``desired`` failed for good: reported, and not tried again until the fleet names
+        another package."""
+        log.error("Install of %s failed: %s", desired.version, message)
+        self.state.lastDeployment = DeploymentResult(
+            version=desired.version, outcome=DeploymentOutcome.FAILED,
+            message=message[:1024], at=time.time())
+        self.state.failedVersion, self.state.failedSha256 = desired.version, desired.sha256
+        self.retry = None
+        self.state.pending = None
+        inst.save_state(self.dir, self.state)
 
     async def install(self, desired: DesiredState) -> None:
         slot = self.state.inactive_slot()
@@ -430,22 +463,33 @@ async def _main(config: AgentConfig) -> int:
                                     log_level="warning", ws="none"))
     serving = asyncio.create_task(server.serve())
     heartbeats: asyncio.Task[None] | None = None
+    code = 0
     try:
         # Before the first heartbeat: an install must not race the restart of the current
         # version for the proxy.
         await agent.start_current()
         heartbeats = asyncio.create_task(agent.loop())
-        await agent.stopping.wait()
+        stopping = asyncio.create_task(agent.stopping.wait())
+        await asyncio.wait({heartbeats, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if heartbeats.done() and not agent.stopping.is_set():
+            # The loop outlasts every error it expects; anything else ended it. Serving on
+            # without heartbeats would leave the device invisible to its fleet and deaf to
+            # new versions: exit non-zero so the service manager starts a fresh agent.
+            error = None if heartbeats.cancelled() else heartbeats.exception()
+            log.error("The heartbeat loop stopped (%s): exiting so the agent is restarted",
+                      f"{type(error).__name__}: {error}" if error else "it returned")
+            code = 1
     finally:
         log.info("Stopping: the listener, the install in progress, the model server")
         server.should_exit = True
-        if heartbeats is not None:
+        if heartbeats is not None and not heartbeats.done():  # a finished one was logged
             heartbeats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeats
         await agent.close()
         await serving
-    return 0
+    return code
 
 
 def run_agent(config: AgentConfig) -> int:

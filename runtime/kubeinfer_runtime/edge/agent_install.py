@@ -59,6 +59,27 @@ class InstallError(EdgeError):
     """A version could not be installed; the current one keeps serving."""
 
 
+class TransientInstallError(InstallError):
+    """An install failed on something that may pass by itself (the network, the fleet
+    server busy or restarting): tried again later (``retry_delay``), not held against the
+    version at once."""
+
+
+#: Answers of a package download that say "later", not "never".
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: Tries of one version whose failures are all transient before it is failed for good.
+INSTALL_ATTEMPTS = 5
+
+
+def retry_delay(attempts: int) -> float | None:
+    """PURE: seconds before trying again a version whose ``attempts`` tries all failed
+    transiently; None once ``INSTALL_ATTEMPTS`` were made (then it fails for good, and the
+    fleet sees it: a wave must not wait forever on a device that cannot download)."""
+    if attempts >= INSTALL_ATTEMPTS:
+        return None
+    return min(2.0 ** (attempts - 1), 60.0)
+
+
 class Installed(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -166,7 +187,9 @@ async def download(client: httpx.AsyncClient, url: str, dest: Path, size: int,
     try:
         async with client.stream("GET", url, headers=headers) as r:
             if r.status_code != 200:
-                raise InstallError(f"Package download answered HTTP {r.status_code}")
+                kind = TransientInstallError if r.status_code in _TRANSIENT_STATUS \
+                    else InstallError
+                raise kind(f"Package download answered HTTP {r.status_code}")
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 async for chunk in r.aiter_bytes(1 << 20):
@@ -178,7 +201,7 @@ async def download(client: httpx.AsyncClient, url: str, dest: Path, size: int,
             finally:
                 os.close(fd)
     except httpx.HTTPError as e:
-        raise InstallError(f"Package download failed ({type(e).__name__})") from None
+        raise TransientInstallError(f"Package download failed ({type(e).__name__})") from None
 
 
 # -- the model-server child ---------------------------------------------------------------------
