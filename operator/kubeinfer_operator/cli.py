@@ -599,13 +599,15 @@ def invoke(
         headers["X-Amzn-SageMaker-Target-Container-Hostname"] = target_container
     import httpx
 
-    from kubeinfer_operator.local.credentials import LocalAuthError, caller_headers
-
     url = f"{states[0].url}/endpoints/{name}/invocations"
-    try:
-        headers = caller_headers(_auth_of(name), "POST", url, data, headers)
-    except (LocalAuthError, OSError) as exc:
-        raise _fail(f"Cannot sign the request to endpoint {name}: {exc}") from exc
+    auth = _auth_of(name)
+    if auth is not None:  # credentials' models and botocore only for an endpoint that asks
+        from kubeinfer_operator.local.credentials import LocalAuthError, caller_headers
+
+        try:
+            headers = caller_headers(auth, "POST", url, data, headers)
+        except (LocalAuthError, OSError) as exc:
+            raise _fail(f"Cannot sign the request to endpoint {name}: {exc}") from exc
     try:
         response = httpx.post(url, content=data, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
@@ -620,13 +622,15 @@ def invoke(
 
 def _auth_of(name: str) -> AuthConfig | None:
     """The running endpoint's ``spec.auth``, from the spec its supervisor was handed."""
-    from kubeinfer_operator.api.endpoint import AuthConfig
-
     desired = read_desired(EndpointPaths.for_endpoint(name))
     auth = ((desired.manifest.get("spec") or {}).get("auth")
             if desired is not None else None)
+    if not isinstance(auth, dict):
+        return None
+    from kubeinfer_operator.api.endpoint import AuthConfig
+
     try:
-        return AuthConfig.model_validate(auth) if isinstance(auth, dict) else None
+        return AuthConfig.model_validate(auth)
     except ValueError:
         return None
 
