@@ -57,17 +57,24 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(0.05)  # long enough for requests to overlap
             lines = [line for line in body.decode().splitlines() if line.strip()]
             try:
-                sums = [sum(float(v) for v in line.split(",")) for line in lines]
+                sums: list[float] | None = [sum(float(v) for v in line.split(","))
+                                            for line in lines]
             except ValueError:
-                self._answer(400, b'{"ErrorCode": "ValidationError", '
-                                  b'"Message": "a value is not a number"}')
-                return
-            with _lock, open(self.log_path, "a") as log:
-                log.write(json.dumps({"records": len(lines), "in_flight": in_flight}) + "\n")
-            self._answer(200, "".join(f"{s}\n" for s in sums).encode(), "text/csv")
+                sums = None
+            else:
+                with _lock, open(self.log_path, "a") as log:
+                    log.write(json.dumps({"records": len(lines), "in_flight": in_flight})
+                              + "\n")
         finally:
+            # Before the answer is written: once the client has it, it may send the next
+            # request at once, which must not find this one still counted.
             with _lock:
                 _in_flight -= 1
+        if sums is None:
+            self._answer(400, b'{"ErrorCode": "ValidationError", '
+                              b'"Message": "a value is not a number"}')
+        else:
+            self._answer(200, "".join(f"{s}\n" for s in sums).encode(), "text/csv")
 
 
 def main() -> None:
