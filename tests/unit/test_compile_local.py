@@ -11,12 +11,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from kubeinfer_operator.cli import app
+from kubeinfer_operator.cli import _kinds, app
 from kubeinfer_operator.cli_compile import compile_argv, job_rows
 from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.local.compile_control import local_compile_job
 from kubeinfer_operator.local.compile_manifest import (
-    has_compilation_jobs,
     load_compile_file,
     parse_compilation_jobs,
 )
@@ -61,7 +60,7 @@ def test_exits_follow_the_pod_failure_policy() -> None:
 def test_loading_resolves_relative_uris_against_the_file(tmp_path: Path) -> None:
     path = tmp_path / "compile.yaml"
     path.write_text(yaml.safe_dump(doc(quantization={"allowed": True})))
-    assert has_compilation_jobs(path)
+    assert _kinds(path) == {"CompilationJob"}  # what `up` dispatches on
     (item,) = load_compile_file(path)
     assert item.plan.env["KUBEINFER_MODEL_URI"] == f"file://{tmp_path}/models/mlp.onnx"
     assert item.plan.output_uri == f"file://{tmp_path}/out/mlp"

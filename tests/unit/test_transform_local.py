@@ -10,12 +10,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from kubeinfer_operator.cli import app
+from kubeinfer_operator.cli import _kinds, app
 from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.local.paths import EndpointPaths
 from kubeinfer_operator.local.state import DesiredSpec, write_desired
 from kubeinfer_operator.local.transform_manifest import (
-    has_transform_jobs,
     load_transform_file,
     parse_transform_jobs,
 )
@@ -129,8 +128,9 @@ def test_examples_load_with_paths_resolved_against_the_file() -> None:
     assert env["KUBEINFER_MODEL_URI"] == f"file://{REPO}/examples/models/iris.onnx"
     assert env["KUBEINFER_INPUT_URI"] == f"file://{REPO}/examples/data/iris-csv/"
     assert env["KUBEINFER_OUTPUT_URI"] == "file:///tmp/kubeinfer-examples/iris-csv/"
-    assert has_transform_jobs(REPO / "examples" / "transform-job.yaml")
-    assert not has_transform_jobs(REPO / "examples" / "realtime-endpoint.yaml")
+    # What `up` dispatches on: the manifest's kinds.
+    assert _kinds(REPO / "examples" / "transform-job.yaml") == {"TransformJob"}
+    assert _kinds(REPO / "examples" / "realtime-endpoint.yaml") == {"Endpoint"}
 
 
 def test_endpoint_ref_resolves_in_the_same_file(tmp_path: Path) -> None:

@@ -36,15 +36,6 @@ class LoadedCompileJob:
         return self.job.name
 
 
-def has_compilation_jobs(path: Path) -> bool:
-    """Whether the file holds a CompilationJob (``up`` then compiles, not serves)."""
-    try:
-        docs = list(yaml.safe_load_all(path.read_text()))
-    except (OSError, yaml.YAMLError):
-        return False  # the endpoint loader reports it
-    return any(isinstance(d, dict) and d.get("kind") == cj.KIND for d in docs)
-
-
 def parse_compilation_jobs(text: str, *, source: str, base_dir: str) -> list[LoadedCompileJob]:
     """Every CompilationJob in ``text``, planned; SpecError listing every problem."""
     try:

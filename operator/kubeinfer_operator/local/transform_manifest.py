@@ -51,15 +51,6 @@ class LoadedJob:
         return self.job.name
 
 
-def has_transform_jobs(path: Path) -> bool:
-    """Whether the file holds a TransformJob (``up`` then runs jobs, not endpoints)."""
-    try:
-        docs = list(yaml.safe_load_all(path.read_text()))
-    except (OSError, yaml.YAMLError):
-        return False  # the endpoint loader reports it
-    return any(isinstance(d, dict) and d.get("kind") == tj.KIND for d in docs)
-
-
 def _label(source: str, index: int, doc: Any) -> str:
     name = ((doc.get("metadata") or {}).get("name") if isinstance(doc, dict)
             and isinstance(doc.get("metadata"), dict) else None)
