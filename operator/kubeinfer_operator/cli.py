@@ -70,20 +70,26 @@ if TYPE_CHECKING:
     from kubeinfer_operator.local.edge_state import FleetPaths
     from kubeinfer_operator.local.transform_state import JobPaths
 
-#: Commands of the other kinds, by name: their modules (each kind's API models, renderers
-#: and validators) are imported when the command runs or its help is shown, so that
-#: ``kubeinfer status`` or ``down`` does not pay for every kind at every start.
+#: Commands and command groups of the other kinds, by name: their modules (each kind's API
+#: models, renderers and validators) are imported when the command runs or its help is
+#: shown, so that ``kubeinfer status`` or ``down`` does not pay for every kind at every start.
 _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "compile": ("kubeinfer_operator.cli_compile", "compile_command"),
     "recommend": ("kubeinfer_operator.cli_recommend", "recommend_command"),
-    "shadow": ("kubeinfer_operator.cli_shadow", "shadow_app"),
-    "edge": ("kubeinfer_operator.cli_edge", "edge_app"),
     "promote": ("kubeinfer_operator.cli_shadow", "promote_command"),
 }
+_LAZY_GROUPS: dict[str, tuple[str, str]] = {
+    "shadow": ("kubeinfer_operator.cli_shadow", "shadow_app"),
+    "edge": ("kubeinfer_operator.cli_edge", "edge_app"),
+}
+#: Every module the CLI imports only when a command needs it (``up`` and ``status`` load
+#: cli_transform too): what checks of the CLI's imports must import themselves.
+LAZY_MODULES = frozenset({m for m, _ in (*_LAZY_COMMANDS.values(), *_LAZY_GROUPS.values())}
+                         | {"kubeinfer_operator.cli_transform"})
 
 
 def _lazy_command(name: str) -> Command:
-    module, attribute = _LAZY_COMMANDS[name]
+    module, attribute = _LAZY_COMMANDS.get(name) or _LAZY_GROUPS[name]
     target = getattr(importlib.import_module(module), attribute)
     if isinstance(target, typer.Typer):
         command: Command = typer.main.get_group(target)
@@ -102,10 +108,10 @@ class _LazyGroup(TyperGroup):
         # The order help always had: commands first (the kinds' ones leading), then groups.
         own = super().list_commands(ctx)
         at = own.index("secret") if "secret" in own else len(own)
-        return ["compile", "recommend", "promote", *own[:at], "shadow", "edge", *own[at:]]
+        return [*_LAZY_COMMANDS, *own[:at], *_LAZY_GROUPS, *own[at:]]
 
     def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
-        if cmd_name in _LAZY_COMMANDS:
+        if cmd_name in _LAZY_COMMANDS or cmd_name in _LAZY_GROUPS:
             return _lazy_command(cmd_name)
         return super().get_command(ctx, cmd_name)
 

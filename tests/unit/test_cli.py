@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from kubeinfer_operator.cli import app
+from kubeinfer_operator.cli import LAZY_MODULES, app
 from kubeinfer_operator.local.paths import EndpointPaths
 from kubeinfer_operator.local.state import (
     EndpointState,
@@ -178,9 +178,7 @@ def test_up_refuses_a_busy_port(tmp_path: Path) -> None:
     assert f"Port {port} on 127.0.0.1 is in use" in result.output
 
 
-LAZY_KINDS = ("kubeinfer_operator.cli_compile", "kubeinfer_operator.cli_edge",
-              "kubeinfer_operator.cli_recommend", "kubeinfer_operator.cli_shadow",
-              "kubeinfer_operator.cli_transform", "kubeinfer_operator.api.endpoint",
+LAZY_KINDS = (*sorted(LAZY_MODULES), "kubeinfer_operator.api.endpoint",
               "kubeinfer_operator.api.transform_job", "kubeinfer_runtime.contract")
 
 
@@ -201,11 +199,11 @@ def test_status_and_down_import_no_kind_they_do_not_show(tmp_path: Path) -> None
 
 
 def test_every_lazily_imported_command_is_listed_and_runs() -> None:
-    from kubeinfer_operator.cli import _LAZY_COMMANDS
+    from kubeinfer_operator.cli import _LAZY_COMMANDS, _LAZY_GROUPS
 
     listed = runner.invoke(app, ["--help"])
     assert listed.exit_code == 0
-    for name in _LAZY_COMMANDS:
+    for name in (*_LAZY_COMMANDS, *_LAZY_GROUPS):
         assert f" {name} " in listed.output, name
         shown = runner.invoke(app, [name, "--help"])
         assert shown.exit_code == 0, (name, shown.output)
