@@ -1,7 +1,8 @@
-"""The edge agent's answer to failures that pass by themselves: a package download that
-fails on the network or a busy fleet server is tried again (``retry_delay``), and a
-heartbeat loop that ends on an error it does not expect stops the agent (exit 1, so the
-service manager restarts it) instead of leaving a device that serves but never reports."""
+"""How the edge agent and the fleet controller ride out trouble that passes by itself: a
+package download that fails on the network or a busy fleet server is tried again
+(``retry_delay``); a heartbeat loop that ends on an error it does not expect stops the
+agent (exit 1, so the service manager restarts it) instead of leaving a device that serves
+but never reports; one slow controller tick does not stall the next ones."""
 
 from __future__ import annotations
 
@@ -64,3 +65,14 @@ async def test_a_stop_signal_still_exits_0(tmp_path: Path,
     await asyncio.wait_for(started.wait(), 60)
     os.kill(os.getpid(), signal.SIGTERM)  # the agent's handler (on this loop) takes it
     assert await asyncio.wait_for(main, 60) == 0
+
+
+def test_one_slow_tick_does_not_stretch_the_controllers_next_pause() -> None:
+    from kubeinfer_runtime.edge.controller import TICK_WINDOW, tick_pause
+
+    assert tick_pause([], 1.0) == 1.0
+    quick = [0.01] * (TICK_WINDOW - 1)
+    # A hiccup (a busy CPU, a slow Redis answer): the fleet's typical tick decides.
+    assert tick_pause([*quick, 3.0], 1.0) == 1.0
+    # A big fleet whose ticks are all long: they stay a tenth of the server's time.
+    assert tick_pause([0.5] * TICK_WINDOW, 1.0) == pytest.approx(4.5)

@@ -22,8 +22,10 @@ import hashlib
 import logging
 import os
 import secrets
+import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -125,6 +127,17 @@ class ConfigWatcher:
 
 #: Most of the server's time the controller's ticks take (a 200 ms tick: one every 2 s).
 TICK_SHARE = 0.1
+#: Ticks whose median sets the pause: one slowed by a busy CPU or a slow Redis answer
+#: must not stretch the next pause nine times over (a rollout would stall that long).
+TICK_WINDOW = 5
+
+
+def tick_pause(recent_s: Sequence[float], interval_s: float) -> float:
+    """PURE: seconds to wait before the next tick, given the last ticks' durations: the
+    interval, or longer so ticks take at most ``TICK_SHARE`` of the time, judged by the
+    median of ``recent_s`` (a big fleet's ticks are all long; a hiccup is one)."""
+    typical = statistics.median(recent_s) if recent_s else 0.0
+    return max(interval_s, typical * (1 - TICK_SHARE) / TICK_SHARE)
 
 
 def _decide(config: FleetConfig, state: RolloutState | None, views: list[DeviceView],
@@ -162,8 +175,8 @@ class Controller:
         self._written: dict[str, str] | None = None
         #: Device views of the last tick, by their stored JSON (``_views``).
         self._view_cache: dict[str, DeviceView] = {}
-        #: Seconds the last tick took: the loop waits a multiple of it (``TICK_SHARE``).
-        self.last_tick_s = 0.0
+        #: Seconds the last ticks took: the loop waits a multiple of them (``tick_pause``).
+        self.recent_ticks_s: deque[float] = deque(maxlen=TICK_WINDOW)
         self._stop = asyncio.Event()
         fleet = watcher.config.name
         self._leader_gauge = metrics.EDGE_CONTROLLER_LEADER.labels(fleet)
@@ -246,10 +259,10 @@ class Controller:
                 if failures == 1 or failures % 60 == 0:
                     log.warning("Fleet %s: controller step failed (%s: %s); retrying",
                                 self.watcher.config.name, type(e).__name__, e)
-            self.last_tick_s = time.monotonic() - started
+            self.recent_ticks_s.append(time.monotonic() - started)
             # A big fleet's tick reads and decides over every device: keep it to a share of
             # the server's time, so heartbeats are not queued behind back-to-back ticks.
-            pause = max(self.interval_s, self.last_tick_s * (1 - TICK_SHARE) / TICK_SHARE)
+            pause = tick_pause(self.recent_ticks_s, self.interval_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), pause)
 
