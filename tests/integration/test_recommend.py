@@ -139,7 +139,9 @@ CANDIDATES = {
         {"name": "w2", "workers": 2,
          "resources": {"requests": {"cpu": "2", "memory": "1Gi"}}},
     ],
-    "load": {"sloP99Ms": 50, "startRate": 150, "rateFactor": 2, "maxRate": 600,
+    # 100 ms: what the candidates meet even with three test processes on two cores (at 50 ms
+    # the 1-thread candidate met it at no rate there, and rightly measured 0 rps).
+    "load": {"sloP99Ms": 100, "startRate": 150, "rateFactor": 2, "maxRate": 600,
              "stepSeconds": 0.5, "warmupSeconds": 0.3},
 }
 
@@ -167,7 +169,7 @@ def test_recommend_three_candidates_on_the_mlp(mlp: Path, tmp_path: Path) -> Non
         assert r.state != "Failed", r.error
         assert r.maxThroughput > 0 and r.atMax is not None
         q = r.atMax.p99
-        assert q.low <= q.value <= q.high and r.atMax.p99.value <= 50
+        assert q.low <= q.value <= q.high and r.atMax.p99.value <= 100
         assert r.atMax.p50.value <= r.atMax.p90.value <= q.value <= r.atMax.p999.value
         assert r.costPerMillion == pytest.approx(
             r.costPerHour / (r.maxThroughput * 3600) * 1e6)  # type: ignore[operator]

@@ -46,8 +46,10 @@ from tests.support.procs import start_runtime
 #: contract's models, 2.99 before issue 18).
 MODULE_RATIO_BUDGET = 2.05
 #: Import time (sum of self times) / uvicorn's. Recorded 2.8 on a slow 2-core machine
-#: (3.9 with pydantic, 7.6 with FastAPI); the margin absorbs that machine's noise.
-TIME_RATIO_BUDGET = 4.5
+#: (3.9 with pydantic, 7.6 with FastAPI), 4.5 there with three test processes on its two
+#: cores: a clock-based ratio, so its budget only catches a gross regression (FastAPI at
+#: start); the module budget and ``FORBIDDEN`` are the exact checks.
+TIME_RATIO_BUDGET = 6.0
 #: Never imported to start and serve a single file:// model: no pydantic at all (the
 #: settings come through ``server_env``; building the contract's models was ~60 ms of a
 #: quiet machine's start, ~230 ms of a slow one's).
@@ -141,7 +143,7 @@ def test_a_fresh_model_server_stays_within_its_import_budget(models_dir: Path,
     import_uvicorn(env)  # warm the bytecode cache: every later run reads it
     start_and_serve(env, model, tmp_path / "warm.log")
     uvicorn_runs = [import_uvicorn(env) for _ in range(3)]
-    ours_runs = [start_and_serve(env, model, tmp_path / f"run{i}.log") for i in range(2)]
+    ours_runs = [start_and_serve(env, model, tmp_path / f"run{i}.log") for i in range(3)]
     uvicorn, ours = uvicorn_runs[0], ours_runs[0]
 
     leaked = sorted({m for m in ours.modules for f in FORBIDDEN
