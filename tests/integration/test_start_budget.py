@@ -7,11 +7,10 @@ by importing nothing the first answer does not need (FastAPI, pydantic and the
 contract's models, a websocket library, the S3 client for a file:// model).
 This test keeps it so: it starts a real model server under ``python -X
 importtime``, lets it answer an inference request, stops it, and counts what it
-imported (main thread and model loader alike) and the import time, each as a
-ratio to ``python -X importtime -c "import uvicorn"`` on the same machine, so
-that a loaded machine moves both sides alike. The module count is exact and
-gets the tight budget; time is noisy and gets a wide one (it catches a big
-import coming back, like FastAPI's ~0.3 s).
+imported (main thread and model loader alike), as a ratio to ``python -X importtime -c
+"import uvicorn"``, and names modules it must never import. Both are exact. The import
+time is printed, not asserted: a clock ratio that another test process on the same cores
+moved from 2.8 to 6.3 (the start's speed is measured by ``bench/coldstart.py``).
 
 Also here: while its model is still loading (an object store that never
 answers), a fresh server's port already answers, and honestly: /ping 503 with
@@ -45,11 +44,6 @@ from tests.support.procs import start_runtime
 #: 2026-12 with the pinned dependencies: 445 / 233 = 1.91 (2.32 with pydantic and the
 #: contract's models, 2.99 before issue 18).
 MODULE_RATIO_BUDGET = 2.05
-#: Import time (sum of self times) / uvicorn's. Recorded 2.8 on a slow 2-core machine
-#: (3.9 with pydantic, 7.6 with FastAPI), 4.5 there with three test processes on its two
-#: cores: a clock-based ratio, so its budget only catches a gross regression (FastAPI at
-#: start); the module budget and ``FORBIDDEN`` are the exact checks.
-TIME_RATIO_BUDGET = 6.0
 #: Never imported to start and serve a single file:// model: no pydantic at all (the
 #: settings come through ``server_env``; building the contract's models was ~60 ms of a
 #: quiet machine's start, ~230 ms of a slow one's).
@@ -142,28 +136,20 @@ def test_a_fresh_model_server_stays_within_its_import_budget(models_dir: Path,
     model = models_dir / "iris.onnx"
     import_uvicorn(env)  # warm the bytecode cache: every later run reads it
     start_and_serve(env, model, tmp_path / "warm.log")
-    uvicorn_runs = [import_uvicorn(env) for _ in range(3)]
-    ours_runs = [start_and_serve(env, model, tmp_path / f"run{i}.log") for i in range(3)]
-    uvicorn, ours = uvicorn_runs[0], ours_runs[0]
+    uvicorn = import_uvicorn(env)
+    ours = start_and_serve(env, model, tmp_path / "run.log")
 
     leaked = sorted({m for m in ours.modules for f in FORBIDDEN
                      if m == f or m.startswith(f + ".")})
     assert not leaked, f"imported to start and serve: {leaked}"
     print(f"modules {len(set(ours.modules))} / {len(set(uvicorn.modules))}, import time "
-          f"{min(r.self_us for r in ours_runs) / 1000:.0f} / "
-          f"{min(r.self_us for r in uvicorn_runs) / 1000:.0f} ms")
+          f"{ours.self_us / 1000:.0f} / {uvicorn.self_us / 1000:.0f} ms")
 
     module_ratio = len(set(ours.modules)) / len(set(uvicorn.modules))
     biggest = ", ".join(f"{name} {us / 1000:.0f} ms" for us, name in ours.top)
     assert module_ratio <= MODULE_RATIO_BUDGET, (
         f"{len(set(ours.modules))} modules, {module_ratio:.2f}x uvicorn's "
         f"{len(set(uvicorn.modules))} (budget {MODULE_RATIO_BUDGET}x); biggest: {biggest}")
-    # Fastest of each: the runs least disturbed by the rest of the machine.
-    time_ratio = (min(r.self_us for r in ours_runs)
-                  / min(r.self_us for r in uvicorn_runs))
-    assert time_ratio <= TIME_RATIO_BUDGET, (
-        f"import time {time_ratio:.1f}x uvicorn's (budget {TIME_RATIO_BUDGET}x); "
-        f"biggest: {biggest}")
 
 
 def test_the_port_answers_while_the_model_loads_and_says_not_ready(tmp_path: Path) -> None:
