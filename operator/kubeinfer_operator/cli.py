@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import quote
 
 import typer
@@ -68,7 +68,10 @@ if TYPE_CHECKING:
     from kubeinfer_operator.api.endpoint import AuthConfig
     from kubeinfer_operator.local.compile_state import CompilePaths
     from kubeinfer_operator.local.edge_state import FleetPaths
+    from kubeinfer_operator.local.job_state import JobDir
     from kubeinfer_operator.local.transform_state import JobPaths
+
+D = TypeVar("D", bound="JobDir")
 
 #: Commands and command groups of the other kinds, by name: their modules (each kind's API
 #: models, renderers and validators) are imported when the command runs or its help is
@@ -723,22 +726,28 @@ def _jobs_to_stop(name: str | None, *, all_: bool) \
         from kubeinfer_operator import cli_transform
         from kubeinfer_operator.local.transform_state import JobPaths, known_jobs
 
-        jobs = (known_jobs() if all_ else cli_transform.running_jobs() if not name
-                else [JobPaths.for_job(name)] if JobPaths.for_job(name).root.is_dir() else [])
+        jobs = _pick(name, JobPaths.for_job, known_jobs if all_ else cli_transform.running_jobs)
     if has_kind_state(COMPILE_JOBS_DIR):
         from kubeinfer_operator import cli_compile
         from kubeinfer_operator.local.compile_state import CompilePaths, known_compile_jobs
 
-        compiles = (known_compile_jobs() if all_ else cli_compile.running_jobs() if not name
-                    else [CompilePaths.for_job(name)] if CompilePaths.for_job(name).root.is_dir()
-                    else [])
+        compiles = _pick(name, CompilePaths.for_job,
+                         known_compile_jobs if all_ else cli_compile.running_jobs)
     if has_kind_state(FLEETS_DIR):
         from kubeinfer_operator.local.edge_state import FleetPaths, known_fleets
 
-        fleets = ([f for f in known_fleets() if f.running()] if not name
-                  else [FleetPaths.for_fleet(name)] if FleetPaths.for_fleet(name).root.is_dir()
-                  else [])
+        fleets = _pick(name, FleetPaths.for_fleet,
+                       lambda: [f for f in known_fleets() if f.running()])
     return jobs, compiles, fleets
+
+
+def _pick(name: str | None, named: Callable[[str], D], others: Callable[[], list[D]]) \
+        -> list[D]:
+    """NAME's folder when it exists (none when it does not), else ``others()``."""
+    if name:
+        one = named(name)
+        return [one] if one.root.is_dir() else []
+    return others()
 
 
 # -- secret ----------------------------------------------------------------------------------

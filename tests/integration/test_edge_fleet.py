@@ -48,11 +48,12 @@ from kubeinfer_operator.local.edge_control import parse_fleets
 from kubeinfer_operator.local.edge_state import FleetPaths, read_fleet_state
 from kubeinfer_runtime.contract.edge import RegisterResponse, Wave
 from kubeinfer_runtime.edge import package as pkg
+from kubeinfer_runtime.edge.agent_install import reserve_port
 from kubeinfer_runtime.edge.waves import DeviceView, assign_waves
 from tests.conftest import REPO
 from tests.support.onnx_models import fails_every_inference_model, scale_sum_model
 from tests.support.orphans import die_with_parent
-from tests.support.ports import reserve_port, stop_process, wait_until
+from tests.support.ports import stop_process, wait_until
 
 DEVICES = 20
 HEARTBEAT_S = 1

@@ -16,19 +16,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def reserve_port() -> socket.socket:
-    """A loopback port held for a process started later: bound with SO_REUSEADDR, never
-    listening. ``free_port`` forgets its port at once, so a later ``bind(0)`` (another
-    server of the test, a model server an agent starts) may be given it before its
-    process binds it; while this socket is open the kernel gives the port to no other
-    ``bind(0)``, yet a server's own bind (uvicorn and asyncio set SO_REUSEADDR) and
-    listen succeed. Close it when the test is done with the port."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", 0))
-    return s
-
-
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
                interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
