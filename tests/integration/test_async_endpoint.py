@@ -347,8 +347,11 @@ def test_a_request_that_keeps_killing_workers_is_dead_lettered(
     assert _get(s3_server, req.output_location) is None
     wait_until(lambda: any(f.get("error", "").startswith("Malformed entry")
                            for _, f in r.xrange(keys.dead_letter)), 10, "malformed dead letter")
-    dead = {f.get("inference_id") for _, f in r.xrange(keys.dead_letter)}
-    assert "crashes-workers" in dead
+    # The failure object is written before the entry is dead-lettered, and another worker
+    # may dead-letter the malformed entry first: wait for it as for the other.
+    wait_until(lambda: "crashes-workers" in {f.get("inference_id")
+                                             for _, f in r.xrange(keys.dead_letter)},
+               10, "the request's dead letter")
 
 
 def test_failed_notifications_are_retried_until_delivered(stack: AsyncStack, s3_server: Any,
