@@ -27,6 +27,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from kubeinfer_runtime.contract.edge import (
+    DEVICE_CREDENTIAL_HEADER,
     CaptureUploadResponse,
     DesiredState,
     EdgeCapture,
@@ -59,6 +60,8 @@ class FakeFleet:
     heartbeats: list[Heartbeat] = field(default_factory=list)
     captures: list[dict[str, Any]] = field(default_factory=list)
     registrations: int = 0
+    #: What each registration sent in DEVICE_CREDENTIAL_HEADER (None: nothing).
+    proofs: list[str | None] = field(default_factory=list)
     credentials: set[str] = field(default_factory=set)
     capture: EdgeCapture = field(default_factory=EdgeCapture)
     fail_captures: bool = False
@@ -81,6 +84,7 @@ class FakeFleet:
                 return Response(status_code=401)
             body = RegisterRequest.model_validate_json(await request.body())
             self.registrations += 1
+            self.proofs.append(request.headers.get(DEVICE_CREDENTIAL_HEADER))
             cred = f"cred-{self.registrations}"
             self.credentials.add(cred)
             reply = RegisterResponse(deviceId=body.deviceId, credential=cred,
@@ -427,6 +431,10 @@ def test_pinned_key_survives_a_server_with_another_key(fleet: Built, tmp_path: P
                    "registrations refused")
         assert json.loads((state / "credential.json").read_text())["publicKey"] == pinned
         assert "public key other than the pinned one" in agent.text()
+        # Each registration after the first sent the credential the device held, which a
+        # real fleet server requires to register an active device's id again.
+        assert fleet.fleet.proofs[0] is None
+        assert set(fleet.fleet.proofs[1:]) == {"cred-1"}
         seen = len(fleet.fleet.heartbeats)
         stop_process(agent.proc)
 

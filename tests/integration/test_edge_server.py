@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,11 @@ import httpx
 import pytest
 from pydantic import ValidationError as PydanticValidationError
 
-from kubeinfer_runtime.contract.edge import DeviceHistory, FleetServerSettings
+from kubeinfer_runtime.contract.edge import (
+    DEVICE_CREDENTIAL_HEADER,
+    DeviceHistory,
+    FleetServerSettings,
+)
 from tests.support.ports import wait_until
 from tests.support.procs import RuntimeProcess, start_runtime
 from tests.support.redis_server import RedisServer, start_redis
@@ -62,14 +67,23 @@ class Fleet:
         os.replace(tmp, self.path)  # atomically, as the operator does
 
 
+def _register_headers(proof: str | None = None) -> dict[str, str]:
+    """The bootstrap token, and the id's current credential when registering it again."""
+    headers = {"authorization": f"Bearer {BOOTSTRAP}"}
+    if proof is not None:
+        headers[DEVICE_CREDENTIAL_HEADER] = proof
+    return headers
+
+
 class Device:
     """A device agent reduced to the protocol: heartbeat, install what it is told."""
 
-    def __init__(self, url: str, device_id: str, labels: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, device_id: str, labels: dict[str, str] | None = None,
+                 proof: str | None = None) -> None:
         self.url = url
         self.id = device_id
         self.http = httpx.Client(base_url=url, timeout=5.0)
-        r = self.http.post("/v1/register", headers={"authorization": f"Bearer {BOOTSTRAP}"},
+        r = self.http.post("/v1/register", headers=_register_headers(proof),
                            json={"deviceId": device_id, "target": "arm64",
                                  "labels": labels or {}})
         assert r.status_code == 200, r.text
@@ -234,9 +248,13 @@ def test_device_api_and_refusals(server: RuntimeProcess, fleet: Fleet) -> None:
     assert [d["deviceId"] for d in page["devices"]] == ["dev-2"] and page["next"] is None
     assert "limit" in _error(httpx.get(url + "/v1/devices?limit=0", headers=boot), 400)
 
-    # Re-registering rotates the credential: the old one stops working.
+    # Re-registering an active device takes its credential (the bootstrap token alone is
+    # refused: 409), and rotates it: the old one stops working.
+    msg = _error(httpx.post(url + "/v1/register", headers=boot,
+                            json={"deviceId": "dev-1", "target": "arm64"}), 409)
+    assert "already registered" in msg
     old = dev.credential
-    again = Device(url, "dev-1")
+    again = Device(url, "dev-1", proof=old)
     assert again.credential != old
     _error(dev.http.post("/v1/devices/dev-1/heartbeat",
                          headers={"authorization": f"Bearer {old}"}, json={}), 401)
@@ -288,6 +306,128 @@ def test_a_status_token_is_optional_and_bounded(fleet: Fleet) -> None:
     assert FleetServerSettings(**base).status_token is None
     with pytest.raises(PydanticValidationError, match="status_token"):
         FleetServerSettings(**base, status_token="too-short")
+
+
+def test_registration_settings_have_bounds(fleet: Fleet) -> None:
+    base: dict[str, Any] = {"fleet_config_file": str(fleet.path),
+                            "redis_url": "redis://127.0.0.1:1/0", "bootstrap_token": BOOTSTRAP}
+    settings = FleetServerSettings(**base)
+    assert settings.reregister_after_seconds == 600 and settings.max_devices == 100_000
+    for field, value in (("reregister_after_seconds", 0), ("reregister_after_seconds", 1e9),
+                         ("max_devices", 0), ("max_devices", 10**9)):
+        with pytest.raises(PydanticValidationError, match=field):
+            FleetServerSettings(**base, **{field: value})
+
+
+def test_non_finite_numbers_are_refused_and_a_bad_record_costs_its_device_alone(
+        server: RuntimeProcess, fleet: Fleet, redis_server: RedisServer) -> None:
+    """1e400, NaN and Infinity used to be stored as null, and every read of the record then
+    failed: 500s on the fleet-wide reads and the device's own requests, and a controller
+    that stopped rolling out. They are refused naming the field; a record already stored
+    that way (by an older server) is skipped by the fleet's views, with one warning naming
+    the device, until that device's next heartbeat rewrites it."""
+    url = server.url
+    boot = {"authorization": f"Bearer {BOOTSTRAP}"}
+    good, evil = Device(url, "dev-good"), Device(url, "dev-evil")
+
+    def good_on(version: str) -> bool:
+        good.act()
+        return good.version == version
+
+    wait_until(lambda: good_on("v1"), 10, "dev-good on v1")
+    evil.act()
+    for body, field in ((b'{"uptimeSeconds": 1e400}', "uptimeSeconds"),
+                        (b'{"latencyP99Ms": NaN}', "latencyP99Ms"),
+                        (b'{"lastInferenceAt": -Infinity}', "lastInferenceAt"),
+                        (b'{"lastDeployment": {"version": "v1", "outcome": "Failed", '
+                         b'"at": 1e400}}', "lastDeployment.at")):
+        msg = _error(evil.http.post("/v1/devices/dev-evil/heartbeat", content=body,
+                                    headers={**evil.auth, "content-type": "application/json"}),
+                     400)
+        assert field in msg and "finite" in msg, msg
+    # What an older server stored for such a heartbeat (null where a number goes), and a
+    # record that is not even JSON.
+    client = redis_server.client()  # type: ignore[no-untyped-call]
+    key = "edge:{default/fleet}:devices"
+    stored = json.loads(client.hget(key, "dev-evil"))
+    stored["heartbeat"]["uptimeSeconds"] = None
+    client.hset(key, "dev-evil", json.dumps(stored))
+    client.hset(key, "dev-junk", "{not json")
+
+    status = _status(url)
+    assert status["devices"] == 1 and status["byVersion"] == {"v1": 1}
+    r = httpx.get(url + "/v1/devices", headers=boot)
+    assert r.status_code == 200, r.text
+    assert [d["deviceId"] for d in r.json()["devices"]] == ["dev-good"]
+    assert _error(httpx.get(url + "/v1/devices/dev-junk/history", headers=boot), 404)
+    # The controller goes on rolling out to the devices it can read.
+    fleet.write("v2", "v1")
+    wait_until(lambda: good_on("v2"), 20, "dev-good on v2")
+    assert _status(url)["rollout"]["version"] == "v2"
+    # The device's own heartbeat rewrites its record; its history still reads.
+    evil.beat()
+    r = httpx.get(url + "/v1/devices", headers=boot)
+    assert [d["deviceId"] for d in r.json()["devices"]] == ["dev-evil", "dev-good"]
+    assert httpx.get(url + "/v1/devices/dev-evil/history", headers=boot).status_code == 200
+    wait_until(lambda: _status(url)["devices"] == 2, 10, "dev-evil back in the fleet's status")
+    log = server.log()
+    for device in ("dev-evil", "dev-junk"):
+        assert log.count(f"the stored record of device {device} cannot be read") == 1, device
+    assert "not json" not in log and "Traceback" not in log
+
+
+def test_a_registered_id_is_taken_over_only_with_its_credential_or_once_silent(
+        tmp_path: Path, fleet: Fleet, redis_server: RedisServer) -> None:
+    """Whoever held the bootstrap token could register a live device's id again, which
+    rotated its credential: the device locked out, and its reports forged. Now only the
+    device holding the credential, or anyone once the id has been silent
+    ``reregister_after_seconds`` (a reflashed device); and a new id only within
+    ``max_devices``."""
+    env = {**_env(fleet, redis_server), "KUBEINFER_REREGISTER_AFTER_SECONDS": "2",
+           "KUBEINFER_MAX_DEVICES": "3"}
+    proc = start_runtime("fleet-server", env, tmp_path / "logs")
+    try:
+        url = proc.url
+        victim = Device(url, "dev-1", {"ring": "canary"})
+        victim.beat()
+        body = {"deviceId": "dev-1", "target": "x86", "labels": {"owner": "attacker"}}
+        for proof in (None, "a-guessed-credential", ""):
+            r = httpx.post(url + "/v1/register", headers=_register_headers(proof), json=body)
+            msg = _error(r, 409)
+            assert "dev-1 is already registered" in msg
+            assert DEVICE_CREDENTIAL_HEADER in msg and "KUBEINFER_REREGISTER_AFTER_SECONDS" \
+                in msg
+            assert "a-guessed-credential" not in msg
+        victim.beat()  # its credential still works: nothing was rotated
+        page = httpx.get(url + "/v1/devices", headers={"authorization": f"Bearer {BOOTSTRAP}"})
+        assert page.json()["devices"][0]["labels"] == {"ring": "canary"}
+
+        # The device itself registers again with its credential: a new one, the old one dead.
+        again = Device(url, "dev-1", {"ring": "canary"}, proof=victim.credential)
+        _error(victim.http.post("/v1/devices/dev-1/heartbeat", headers=victim.auth, json={}),
+               401)
+        again.beat()
+
+        # Silent past reregister_after_seconds: the id is free for a reflashed device.
+        silent_since = time.monotonic()
+        wait_until(lambda: httpx.post(url + "/v1/register", headers=_register_headers(),
+                                      json=body).status_code == 200, 15, "the id freed")
+        assert time.monotonic() - silent_since >= 1.5
+        _error(again.http.post("/v1/devices/dev-1/heartbeat", headers=again.auth, json={}),
+               401)
+
+        # At most max_devices ids; ids already registered still register again.
+        second = Device(url, "dev-2")
+        Device(url, "dev-3")
+        msg = _error(httpx.post(url + "/v1/register", headers=_register_headers(),
+                                json={"deviceId": "dev-4", "target": "arm64"}), 403)
+        assert "maximum of 3 devices" in msg and "KUBEINFER_MAX_DEVICES" in msg
+        Device(url, "dev-2", proof=second.credential)
+        counters = _status(url)["counters"]
+        assert counters["refused_conflict"] >= 3 and counters["refused_forbidden"] == 1
+        assert "Traceback" not in proc.log()
+    finally:
+        proc.stop()
 
 
 def test_restart_loses_no_registration(tmp_path: Path, fleet: Fleet,

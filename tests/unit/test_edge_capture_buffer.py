@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kubeinfer_runtime.contract.edge import OnFull
+from kubeinfer_runtime.contract.edge import MAX_CAPTURE_UPLOAD_BYTES, OnFull
 from kubeinfer_runtime.edge.capture_buffer import CaptureBuffer, capture_record
 
 
@@ -51,6 +51,34 @@ def test_record_over_the_bound_is_dropped(tmp_path: Path) -> None:
     buf = CaptureBuffer(tmp_path, max_bytes=4096)
     assert not buf.append({"big": "y" * 5000})
     assert buf.dropped == 1 and buf.buffered == 0
+
+
+def test_a_record_larger_than_one_upload_is_dropped(tmp_path: Path) -> None:
+    """The fleet refuses an upload over MAX_CAPTURE_UPLOAD_BYTES (413), so such a record
+    would be refused at every try and hold back every record after it: it is dropped (and
+    counted) on append, even when the buffer has room for it."""
+    buf = CaptureBuffer(tmp_path, max_bytes=64 << 20, on_full=OnFull.REJECT_NEW)
+    assert buf.append(rec(10))
+    assert not buf.append({"big": "y" * MAX_CAPTURE_UPLOAD_BYTES})
+    assert buf.append(rec(11))
+    assert buf.dropped == 1 and buf.buffered == 2
+    batch = buf.take_batch(MAX_CAPTURE_UPLOAD_BYTES)
+    assert batch is not None and batch.size <= MAX_CAPTURE_UPLOAD_BYTES
+    assert ids(buf) == [10, 11]
+    assert CaptureBuffer(tmp_path, max_bytes=64 << 20).dropped == 1  # survives a restart
+
+
+def test_a_discarded_batch_counts_as_dropped(tmp_path: Path) -> None:
+    buf = CaptureBuffer(tmp_path, max_bytes=1 << 20)
+    for i in range(10, 13):
+        buf.append(rec(i))
+    batch = buf.take_batch(LINE)  # record 10 alone
+    assert batch is not None and len(batch.records) == 1
+    buf.discard(batch)
+    buf.discard(batch)  # a repeated discard drops nothing more
+    assert buf.dropped == 1 and buf.buffered == 2
+    assert ids(buf) == [11, 12]
+    assert CaptureBuffer(tmp_path, max_bytes=1 << 20).dropped == 1
 
 
 def test_restart_keeps_records_cursor_and_count(tmp_path: Path) -> None:

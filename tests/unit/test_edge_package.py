@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -127,6 +128,37 @@ def test_unsafe_members_are_refused(tmp_path: Path, member: tarfile.TarInfo, mat
         pkg.extract(evil, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "escape").exists()
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                                  tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK])
+def test_a_huge_extension_header_is_refused_before_it_is_read(tmp_path: Path,
+                                                               kind: bytes) -> None:
+    """tarfile reads a PAX or GNU long-name header whole into memory: a signed package with a
+    2 GiB one (a few MiB of gzip) would take 2 GiB. Refused on the declared size, before any
+    read: this file declares 64 MiB and holds one header block, and no memory is spent."""
+    header = tarfile.TarInfo("././@LongLink")
+    header.type = kind
+    header.size = 64 << 20
+    path = tmp_path / "bomb.tar.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(header.tobuf(tarfile.USTAR_FORMAT))
+        f.write(b"\0" * tarfile.BLOCKSIZE * 4)
+    with pytest.raises(pkg.PackageError, match=r"extension header .* of 67108864 bytes"):
+        pkg.extract(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_names_within_the_bound_still_extract(tmp_path: Path,
+                                                   keys: signing.KeyPair) -> None:
+    # A compiled artifact whose file name needs a PAX header (over 100 characters).
+    art = tmp_path / "artifact"
+    art.mkdir()
+    (art / "manifest.json").write_text("{}")
+    (art / ("w" * 150 + ".bin")).write_bytes(b"weights")
+    report = _build(tmp_path, keys, model=art)
+    manifest = pkg.extract(Path(report.uri.removeprefix("file://")), tmp_path / "out")
+    assert f"{pkg.COMPILED_DIR}/{'w' * 150}.bin" in manifest.files
 
 
 def test_size_and_count_bounds(tmp_path: Path, keys: signing.KeyPair) -> None:

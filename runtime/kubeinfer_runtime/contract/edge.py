@@ -16,7 +16,10 @@ The device API (JSON over HTTP, ``/v1/...``; OpenAPI at ``/openapi.json``):
 
 * ``POST /v1/register`` with ``Authorization: Bearer <bootstrap token>`` and a
   ``RegisterRequest`` → ``RegisterResponse`` (a per-device credential, stored
-  hashed by the server);
+  hashed by the server). An id already registered is registered again only with
+  its current credential in ``X-Kubeinfer-Device-Credential`` or once its device
+  has been silent ``reregister_after_seconds`` (409 otherwise): the bootstrap
+  token alone cannot take over a live device;
 * ``POST /v1/devices/{id}/heartbeat`` with ``Authorization: Bearer <credential>``
   and a ``Heartbeat`` → ``HeartbeatResponse`` (the desired state);
 * ``GET /v1/packages/{version}/{target}`` (credential) → the package bytes;
@@ -53,6 +56,12 @@ MAX_DEVICE_REQUEST_BYTES = 64 * 1024
 MAX_CAPTURE_UPLOAD_BYTES = 8 * 1024 * 1024
 #: Labels a device may declare (count) and their length.
 MAX_LABELS = 32
+#: Header in which a registering device proves it holds the id's current credential.
+DEVICE_CREDENTIAL_HEADER = "X-Kubeinfer-Device-Credential"
+#: Longest ``DesiredState.packageUrl`` and package signature (an ed25519 signature is 88
+#: base64 characters): a reply over them is refused, not carried into an install.
+MAX_PACKAGE_URL_LENGTH = 2048
+MAX_SIGNATURE_LENGTH = 512
 
 
 def valid_name(value: str) -> bool:
@@ -66,14 +75,16 @@ def signing_payload(fleet: str, version: str, target: str, sha256: str) -> bytes
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Non-finite floats (1e400, NaN, Infinity) are refused naming the field: JSON cannot
+    # write them back (pydantic stores null), so an accepted one made the record unreadable.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class _Open(BaseModel):
     """Device-sent models: unknown fields are ignored, so a newer agent talks to an older
-    server."""
+    server. Non-finite floats are refused, as in ``_Strict``."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
 
 # -- the rollout (embedded in the EdgeFleet CRD) ------------------------------------------------
@@ -151,7 +162,7 @@ class PackageRef(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
     #: base64 of the ed25519 signature of ``signing_payload(fleet, version, target, sha256)``.
-    signature: str
+    signature: str = Field(max_length=MAX_SIGNATURE_LENGTH)
 
 
 class FleetVersion(_Strict):
@@ -214,6 +225,13 @@ class FleetServerSettings(HttpSettings):
     controller_lease_seconds: float = Field(default=10.0, gt=0, le=600)
     #: Device history entries kept per device.
     history_length: int = Field(default=50, ge=1, le=10_000)
+    #: Seconds a registered device must have been silent before its id may be registered
+    #: again without its current credential (a reflashed device that lost it). Until then
+    #: a registration of the id answers 409, so the bootstrap token alone cannot take over
+    #: a live device.
+    reregister_after_seconds: float = Field(default=600.0, ge=1, le=30 * 24 * 3600)
+    #: Devices the fleet holds; registering a new id beyond it answers 403.
+    max_devices: int = Field(default=100_000, ge=1, le=10_000_000)
     s3_endpoint_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("KUBEINFER_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
@@ -298,15 +316,17 @@ class Heartbeat(_Open):
 
 
 class DesiredState(_Strict):
-    """The version a device should run, and where to get it."""
+    """The version a device should run, and where to get it. Validated as strictly as what
+    the device reports back (``DeploymentResult``): a reply naming a version the device
+    could not report is refused with the reply, not discovered mid-install."""
 
-    version: str
-    target: str
+    version: str = Field(pattern=NAME_PATTERN)
+    target: str = Field(pattern=NAME_PATTERN)
     #: Path on the fleet server (``/v1/packages/{version}/{target}``).
-    packageUrl: str
-    sha256: str
-    size: int
-    signature: str
+    packageUrl: str = Field(min_length=1, max_length=MAX_PACKAGE_URL_LENGTH)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    signature: str = Field(max_length=MAX_SIGNATURE_LENGTH)
 
 
 class HeartbeatResponse(_Strict):

@@ -14,7 +14,17 @@ the buffer only after a 2xx.
 
 Key pinning: the first public key seen (``--public-key`` or the server's at
 registration) is pinned; a server that later registers the device with another
-key is refused, unless ``--public-key`` is given, which always wins.
+key is refused, unless ``--public-key`` is given, which always wins. The fleet's
+name is pinned the same way (signatures cover it, so a server that moved the
+device to another fleet could replay that fleet's packages); only removing
+``credential.json`` moves a device. Registering again sends the credential the
+device holds (``DEVICE_CREDENTIAL_HEADER``): the server lets only its holder, or a
+device whose id has been silent a while, take over a registered id.
+
+The fleet server is not trusted with the agent's memory either: every request asks
+for ``Accept-Encoding: identity`` and replies are read undecoded (a Content-Encoding
+is refused), JSON replies within ``MAX_REPLY_BYTES`` and packages within their
+announced size.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import random
 import shutil
 import signal
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +47,7 @@ import httpx
 from pydantic import ValidationError
 
 from kubeinfer_runtime.contract.edge import (
+    DEVICE_CREDENTIAL_HEADER,
     MAX_CAPTURE_UPLOAD_BYTES,
     DeploymentOutcome,
     DeploymentResult,
@@ -62,6 +74,8 @@ MAX_BACKOFF_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 #: The largest package the agent downloads, whatever the fleet announces.
 MAX_PACKAGE_BYTES = 8 << 30
+#: The largest JSON reply the agent reads from the fleet (registration, heartbeat).
+MAX_REPLY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,35 @@ class Unauthorized(EdgeError):
     """The server refused the device's credential: register again."""
 
 
+async def read_reply(r: httpx.Response, what: str) -> bytes:
+    """The body of a streamed reply, undecoded (``inst.check_identity``) and within
+    ``MAX_REPLY_BYTES``: EdgeError beyond, checked as bytes arrive."""
+    inst.check_identity(r, what)
+    too_large = EdgeError(f"{what} is over {MAX_REPLY_BYTES} bytes: refused")
+    declared = r.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_REPLY_BYTES:
+        raise too_large
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in inst.raw_chunks(r):
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise too_large
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _refusal(r: httpx.Response) -> str:
+    """The message of a refusal from the fleet server, on one line and bounded ("" when the
+    reply has none)."""
+    try:
+        body = json.loads(await read_reply(r, "Refusal"))
+    except (EdgeError, httpx.HTTPError, ValueError):
+        return ""
+    message = body.get("message") if isinstance(body, dict) else None
+    return " ".join(str(message).split())[:400] if message else ""
+
+
 @dataclass(frozen=True)
 class _Retry:
     """A version whose tries so far all failed transiently, and when to try it again."""
@@ -140,9 +183,15 @@ class Agent:
         self.buffer.configure(capture.bufferBytes, capture.onFull)
         self.proxy = Proxy(config.device_id, self.buffer)
         self.proxy.sampling_percentage = capture.samplingPercentage
-        self.client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S)
+        # Identity by default too (each request to the fleet also says so): the model
+        # server child's replies, read with this client, need no decoding either.
+        self.client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, headers=inst.IDENTITY)
         self.child: inst.ModelChild | None = None
         self.credential: dict[str, object] | None = self._load_credential()
+        #: The credential the server last refused: still sent when registering again, so
+        #: a refusal that was not the server's (a route answering 404) does not lock the
+        #: device out of its own id.
+        self.old_credential: str | None = None
         self.interval = 30.0
         self.started = time.monotonic()
         self.stopping = asyncio.Event()
@@ -173,7 +222,8 @@ class Agent:
         return key
 
     def _auth(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {(self.credential or {}).get('credential', '')}"}
+        return {"authorization": f"Bearer {(self.credential or {}).get('credential', '')}",
+                **inst.IDENTITY}
 
     async def register(self) -> None:
         if not self.config.bootstrap_token:
@@ -181,26 +231,43 @@ class Agent:
                             "one (or KUBEINFER_EDGE_BOOTSTRAP_TOKEN)")
         body = RegisterRequest(deviceId=self.config.device_id, target=self.config.target,
                                labels=self.config.labels, agentVersion=AGENT_VERSION)
-        r = await self.client.post(
-            self.config.server + "/v1/register", content=body.model_dump_json(),
-            headers={"authorization": f"Bearer {self.config.bootstrap_token}",
-                     "content-type": "application/json"})
-        if r.status_code in (401, 403):
-            raise EdgeError(f"Registration refused (HTTP {r.status_code}): check "
-                            "--bootstrap-token")
-        r.raise_for_status()
-        reply = RegisterResponse.model_validate_json(r.content)
+        headers = {"authorization": f"Bearer {self.config.bootstrap_token}",
+                   "content-type": "application/json", **inst.IDENTITY}
+        # The proof that this device holds the id: the server refuses (409) to register an
+        # id whose device is active to anyone else.
+        proof = (self.credential or {}).get("credential") or self.old_credential
+        if isinstance(proof, str) and proof:
+            headers[DEVICE_CREDENTIAL_HEADER] = proof
+        async with self.client.stream("POST", self.config.server + "/v1/register",
+                                      content=body.model_dump_json(), headers=headers) as r:
+            if r.status_code == 401:
+                raise EdgeError("Registration refused (HTTP 401): check --bootstrap-token")
+            if r.status_code in (403, 409):
+                raise EdgeError(f"Registration refused (HTTP {r.status_code}): "
+                                f"{await _refusal(r) or 'the fleet server gave no reason'}")
+            r.raise_for_status()
+            content = await read_reply(r, "Registration reply")
+        reply = RegisterResponse.model_validate_json(content)
         signing.public_key(reply.publicKey)  # a malformed key is refused before pinning
         pinned = (self.credential or {}).get("publicKey")
         if not self.config.public_key and isinstance(pinned, str) and pinned != reply.publicKey:
             raise EdgeError("The fleet server registered the device with a public key other "
                             "than the pinned one: refused (pass --public-key to trust a new "
                             "key, or remove credential.json from the state dir)")
+        # Signatures cover the fleet's name: a device moved to another fleet would accept
+        # that fleet's packages. Pinned like the key.
+        pinned_fleet = (self.credential or {}).get("fleet")
+        if isinstance(pinned_fleet, str) and pinned_fleet and pinned_fleet != reply.fleet:
+            raise EdgeError(f"The fleet server registered the device in fleet "
+                            f"{reply.fleet[:253]!r}, but it belongs to fleet {pinned_fleet!r}: "
+                            "refused (remove credential.json from the state dir to move the "
+                            "device to another fleet)")
         self.credential = {"deviceId": reply.deviceId, "credential": reply.credential,
                            "fleet": reply.fleet,
                            "publicKey": pinned if isinstance(pinned, str) else reply.publicKey,
                            "registeredAt": time.time()}
         inst.write_private(self.dir / CREDENTIAL_FILE, json.dumps(self.credential).encode())
+        self.old_credential = None
         self.interval = float(reply.heartbeatIntervalSeconds)
         log.info("Registered %s with fleet %s", reply.deviceId, reply.fleet)
 
@@ -219,24 +286,41 @@ class Agent:
             uptimeSeconds=time.monotonic() - self.started)
 
     async def heartbeat(self) -> HeartbeatResponse:
-        r = await self.client.post(
-            f"{self.config.server}/v1/devices/{self.config.device_id}/heartbeat",
-            content=self.heartbeat_body().model_dump_json(),
-            headers={**self._auth(), "content-type": "application/json"})
-        if r.status_code in (401, 403, 404):
-            raise Unauthorized(f"Heartbeat refused (HTTP {r.status_code})")
-        r.raise_for_status()
-        return HeartbeatResponse.model_validate_json(r.content)
+        async with self.client.stream(
+                "POST", f"{self.config.server}/v1/devices/{self.config.device_id}/heartbeat",
+                content=self.heartbeat_body().model_dump_json(),
+                headers={**self._auth(), "content-type": "application/json"}) as r:
+            if r.status_code in (401, 403, 404):
+                raise Unauthorized(f"Heartbeat refused (HTTP {r.status_code})")
+            r.raise_for_status()
+            content = await read_reply(r, "Heartbeat reply")
+        return HeartbeatResponse.model_validate_json(content)
 
     async def upload_captures(self) -> None:
-        """Upload buffered records batch by batch; each is removed only after a 2xx."""
-        while (batch := self.buffer.take_batch(MAX_CAPTURE_UPLOAD_BYTES)) is not None:
-            r = await self.client.post(
-                f"{self.config.server}/v1/devices/{self.config.device_id}/captures",
-                content=batch.jsonl(),
-                headers={**self._auth(), "content-type": "application/jsonl"})
-            if not 200 <= r.status_code < 300:
-                log.warning("Capture upload answered HTTP %d: kept for a retry", r.status_code)
+        """Upload buffered records batch by batch; each is removed only after a 2xx.
+
+        A batch refused as too large (413: a proxy in front of the fleet with a lower
+        limit) is sent again in halves; a single record refused so is dropped (counted as
+        dropped), since it would be refused for ever and hold back every record after it."""
+        limit = MAX_CAPTURE_UPLOAD_BYTES
+        while (batch := self.buffer.take_batch(limit)) is not None:
+            # The reply's body is not needed (a 2xx is the acknowledgement): never read.
+            async with self.client.stream(
+                    "POST", f"{self.config.server}/v1/devices/{self.config.device_id}/captures",
+                    content=batch.jsonl(),
+                    headers={**self._auth(), "content-type": "application/jsonl"}) as r:
+                status = r.status_code
+            if status == 413 and len(batch.records) > 1:
+                limit = max(1, batch.size // 2)
+                continue
+            if status == 413:
+                # Its size only: the record holds a caller's request and response.
+                log.warning("Capture upload of one record of %d bytes answered HTTP 413: the "
+                            "record is dropped", batch.size)
+                self.buffer.discard(batch)
+                continue
+            if not 200 <= status < 300:
+                log.warning("Capture upload answered HTTP %d: kept for a retry", status)
                 return
             self.buffer.ack(batch)
 
@@ -256,10 +340,12 @@ class Agent:
                 # next one.
                 delay = 0.0 if started else self.interval * random.uniform(0.8, 1.2)
             except Unauthorized as e:
-                # The pinned key stays: only the credential is replaced.
+                # The pinned key and fleet stay: only the credential is replaced.
                 log.warning("%s: registering again", e.message)
                 if self.credential is not None:
-                    self.credential.pop("credential", None)
+                    old = self.credential.pop("credential", None)
+                    if isinstance(old, str) and old:
+                        self.old_credential = old
                 delay = min(backoff, self.interval)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             except (httpx.HTTPError, ValidationError, EdgeError, OSError) as e:
@@ -338,6 +424,13 @@ class Agent:
         except (EdgeError, OSError) as e:
             message = e.message if isinstance(e, EdgeError) else f"{e.strerror} ({e.filename})"
             self._failed(desired, message)
+        except Exception as e:
+            # Anything else (a MemoryError, a bug): the version still fails for good,
+            # reported and not retried at every heartbeat, and the journal is cleared. The
+            # type and where it was raised only: an exception's text may quote payload.
+            where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+            at = f" at {Path(where[0].filename).name}:{where[0].lineno}" if where else ""
+            self._failed(desired, f"Install failed unexpectedly ({type(e).__name__}{at})")
         else:
             self.retry = None
         finally:

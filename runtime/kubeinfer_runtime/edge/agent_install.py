@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,21 +179,50 @@ def recover(state_dir: Path) -> AgentState:
 
 # -- download -----------------------------------------------------------------------------------
 
+#: Sent with every request to the fleet: its replies must come as sent, undecoded. httpx
+#: decodes a Content-Encoding (gzip, even ``gzip, gzip``) before any size check of ours
+#: sees a byte, so a few MiB on the wire could expand to gigabytes in the agent's memory.
+IDENTITY = {"accept-encoding": "identity"}
+
+
+def check_identity(r: httpx.Response, what: str) -> None:
+    """Refuse a reply with a Content-Encoding: the agent asked for ``identity`` and reads
+    raw bytes, so an encoded reply is one it cannot bound (a decompression bomb)."""
+    encoding = r.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise EdgeError(f"{what} came with Content-Encoding {encoding[:40]!r}, but the agent "
+                        "asked for identity: refused (configure the fleet server or the proxy "
+                        "in front of it not to compress device replies)")
+
+
+async def raw_chunks(r: httpx.Response, chunk_size: int | None = None
+                     ) -> AsyncIterator[bytes]:
+    """A reply's bytes as sent, undecoded (after ``check_identity``). A reply that its
+    transport handed over whole (httpx's ``MockTransport``) is in memory already: its
+    content, as one chunk."""
+    if r.is_stream_consumed:
+        yield r.content
+        return
+    async for chunk in r.aiter_raw(chunk_size):
+        yield chunk
+
 
 async def download(client: httpx.AsyncClient, url: str, dest: Path, size: int,
                    headers: dict[str, str]) -> None:
-    """Stream ``url`` into ``dest``, refusing more than ``size`` bytes (the announced size)."""
+    """Stream ``url`` into ``dest``, refusing more than ``size`` bytes (the announced size)
+    and any Content-Encoding (read undecoded: ``check_identity``)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     got = 0
     try:
-        async with client.stream("GET", url, headers=headers) as r:
+        async with client.stream("GET", url, headers={**headers, **IDENTITY}) as r:
             if r.status_code != 200:
                 kind = TransientInstallError if r.status_code in _TRANSIENT_STATUS \
                     else InstallError
                 raise kind(f"Package download answered HTTP {r.status_code}")
+            check_identity(r, "Package download")
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                async for chunk in r.aiter_bytes(1 << 20):
+                async for chunk in raw_chunks(r, 1 << 20):
                     got += len(chunk)
                     if got > size:
                         raise InstallError(f"Package download is larger than the announced "

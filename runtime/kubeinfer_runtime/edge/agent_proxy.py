@@ -11,6 +11,12 @@ It also counts what the heartbeat reports (requests, errors, p99 latency over
 the last ``LATENCY_WINDOW`` requests, last inference time) and samples
 request/response pairs into the capture buffer. A plain ASGI app: no framework
 is needed for three routes, and it keeps the agent's start fast.
+
+Paths are checked as the proxy sees them (percent-decoded, ``scope["path"]``) and
+forwarded encoded again, so the model server routes exactly the path the proxy
+checked: control characters are refused (400; httpx cannot send them), and so are
+``.`` and ``..`` segments (400), which the URL would otherwise resolve before
+sending (``/v2/../ping`` reaching the model server's ``/ping``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import logging
 import random
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -42,6 +49,18 @@ _FORWARD = {"content-type", "accept", "x-amzn-sagemaker-custom-attributes",
             "x-amzn-sagemaker-inference-id", "inference-header-content-length"}
 _DROP_REPLY = {"content-length", "transfer-encoding", "connection", "keep-alive", "server",
                "date"}
+#: Characters of a path sent as they are; every other one is percent-encoded (``?``, ``#``
+#: and ``%`` among them: a decoded one must not start a query or a fragment upstream).
+_PATH_SAFE = "/-._~!$&'()*+,;=:@"
+
+
+def path_problem(path: str) -> str | None:
+    """PURE: why a decoded request path cannot be forwarded, or None."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return "holds a control character"
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return "holds a '.' or '..' segment"
+    return None
 
 
 class Stats:
@@ -93,7 +112,14 @@ class Proxy:
             else:
                 await _json(send, 200, {"status": "Healthy", "version": self.version})
             return
-        if not ((path == "/invocations" and method == "POST") or path.startswith("/v2")):
+        problem = path_problem(path)
+        if problem is not None:
+            # Described, not quoted: the path is the caller's bytes.
+            await _json(send, 400, {"message": f"Request path {problem}: send a plain path "
+                                    "(/invocations, /ping or /v2/...)"})
+            return
+        if not ((path == "/invocations" and method == "POST") or path == "/v2"
+                or path.startswith("/v2/")):
             await _json(send, 404, {"message": f"No route {method} {path[:100]}"})
             return
         body = await _read_body(receive, REALTIME_MAX_PAYLOAD_BYTES)
@@ -114,10 +140,17 @@ class Proxy:
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
         fwd = {k: v for k, v in headers.items() if k in _FORWARD}
         query = scope.get("query_string", b"").decode("latin-1")
-        url = upstream + scope["path"] + (f"?{query}" if query else "")
+        path = urllib.parse.quote(scope["path"], safe=_PATH_SAFE)
+        url = upstream + path + (f"?{query}" if query else "")
         started = time.perf_counter()
         try:
             r = await self._client.request(scope["method"], url, content=body, headers=fwd)
+        except httpx.InvalidURL:
+            # What the path check let through and httpx still cannot send (a query string
+            # with control characters): the caller's request, a 400.
+            await _json(send, 400, {"message": "Request URL cannot be forwarded: send a "
+                                    "plain path and query string"})
+            return
         except httpx.HTTPError as e:
             if inference:
                 self.stats.observe(time.perf_counter() - started, True)

@@ -12,7 +12,9 @@ is counted, and the count survives restarts.
 upload that fails (or a crash mid-upload) loses nothing: the next batch holds
 the same records again (delivery is at least once). A record dropped to make
 room while its batch is in flight is counted as dropped even if that upload
-then succeeds.
+then succeeds. A record larger than one upload (``MAX_CAPTURE_UPLOAD_BYTES``) is
+dropped when appended: the fleet would refuse it at every try, and the records
+after it would never leave; ``discard`` drops a batch the fleet refused for good.
 
 Disk layout (``directory``): ``seg-<seq>.jsonl`` (append only; the highest is
 the one written to) and ``cursor.json`` ({segment, offset, dropped}: where the
@@ -33,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubeinfer_runtime.contract.edge import OnFull
+from kubeinfer_runtime.contract.edge import MAX_CAPTURE_UPLOAD_BYTES, OnFull
 
 _SEGMENT_RE = re.compile(r"^seg-(\d{12})\.jsonl$")
 _CURSOR = "cursor.json"
@@ -198,9 +200,10 @@ class CaptureBuffer:
         self.segment_bytes = max(4096, min(MAX_SEGMENT_BYTES, max_bytes // 8))
 
     def append(self, record: dict[str, Any]) -> bool:
-        """Add a record; False (and counted as dropped) when it was refused."""
+        """Add a record; False (and counted as dropped) when it was refused: larger than
+        the buffer or than one upload, or the buffer full with ``OnFull.REJECT_NEW``."""
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
-        if len(line) > self.max_bytes:
+        if len(line) > self.max_bytes or len(line) > MAX_CAPTURE_UPLOAD_BYTES:
             self._drop(1)
             return False
         if self.size_bytes + len(line) > self.max_bytes:
@@ -249,10 +252,21 @@ class CaptureBuffer:
 
     def ack(self, batch: Batch) -> None:
         """Remove what ``batch`` held (records dropped meanwhile are not removed twice)."""
+        if self._remove(batch):
+            self._save_cursor()
+
+    def discard(self, batch: Batch) -> None:
+        """Remove what ``batch`` held as dropped (counted): the fleet refused it for good."""
+        removed = self._remove(batch)
+        if removed:
+            self._drop(removed)
+
+    def _remove(self, batch: Batch) -> int:
+        """Move the cursor past ``batch``; the number of records that removed."""
         removed = sum(1 for e in batch.ends if e > self._cursor)
         if not removed:
-            return
+            return 0
         self._cursor = max(self._cursor, batch.ends[-1])
         self._count -= removed
         self._normalize()
-        self._save_cursor()
+        return removed

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from kubeinfer_runtime import metrics
 from kubeinfer_runtime.contract.edge import FleetConfig, FleetStatus, RolloutPhase
 from kubeinfer_runtime.edge.errors import EdgeError
-from kubeinfer_runtime.edge.store import DeviceRecord, FleetStore
+from kubeinfer_runtime.edge.store import FleetStore
 from kubeinfer_runtime.edge.waves import (
     DeviceView,
     RolloutState,
@@ -173,8 +173,9 @@ class Controller:
         #: The desired states this replica last wrote as leader (None: read them from Redis,
         #: as after taking the lease: another replica may have written since).
         self._written: dict[str, str] | None = None
-        #: Device views of the last tick, by their stored JSON (``_views``).
-        self._view_cache: dict[str, DeviceView] = {}
+        #: Device views of the last tick, by their stored JSON (``_views``); None for a
+        #: record that does not parse (not parsed again until it changes).
+        self._view_cache: dict[str, DeviceView | None] = {}
         #: Seconds the last ticks took: the loop waits a multiple of them (``tick_pause``).
         self.recent_ticks_s: deque[float] = deque(maxlen=TICK_WINDOW)
         self._stop = asyncio.Event()
@@ -222,15 +223,21 @@ class Controller:
 
     def _views(self, raw: Mapping[str, str]) -> list[DeviceView]:
         """Every device's view; only the devices that changed since the last tick (those
-        that heartbeated) are parsed again."""
-        cache, fresh = self._view_cache, {}
+        that heartbeated) are parsed again. A record that does not parse is left out (the
+        store warns once, naming the device): one device's bad record must not stop the
+        rollout of the whole fleet."""
+        cache: dict[str, DeviceView | None] = self._view_cache
+        fresh: dict[str, DeviceView | None] = {}
         views = []
-        for _, value in sorted(raw.items()):
-            view = cache.get(value)
-            if view is None:
-                view = DeviceRecord.model_validate_json(value).view()
+        for device_id, value in sorted(raw.items()):
+            if value in cache:
+                view = cache[value]
+            else:
+                record = self.store.parse_record(device_id, value)
+                view = record.view() if record is not None else None
             fresh[value] = view
-            views.append(view)
+            if view is not None:
+                views.append(view)
         self._view_cache = fresh
         return views
 

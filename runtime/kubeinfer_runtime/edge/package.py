@@ -14,6 +14,9 @@ the sha256 and the signature verified. It is still bounded and strict (a key
 can leak): only regular files (and folders) with relative names, no ``..``, no
 links or devices, a bounded member count and total size, every file hashed
 against the manifest afterwards, and no file the manifest does not list.
+``tarfile`` reads a PAX or GNU long-name extension header whole into memory
+before it yields the member it describes, so those headers are bounded too
+(``MAX_EXTENSION_HEADER_BYTES``, checked on the declared size, before reading).
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ COMPILED_DIR = "artifact"
 MAX_MEMBERS = 4096
 MAX_UNPACKED_BYTES = 8 << 30
 MAX_MANIFEST_BYTES = 1 << 20
+#: Largest PAX (``x``/``g``) or GNU long-name/link (``L``/``K``) header: ours hold a path.
+MAX_EXTENSION_HEADER_BYTES = 1 << 20
 _CHUNK = 1 << 20
+_EXTENSION_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                              tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK})
 
 
 class PackageError(EdgeError):
@@ -183,6 +190,21 @@ def verify_download(path: Path, *, sha256: str, size: int, signature: str, publi
     signing.verify(public_key, signature, fleet, version, target, sha256)
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """A ``TarInfo`` that refuses an extension header over ``MAX_EXTENSION_HEADER_BYTES``
+    before ``tarfile`` reads it (``_proc_member`` is where it would: ``_proc_pax`` and
+    ``_proc_gnulong`` read the declared size in one call; a few MiB of gzip declare GiB)."""
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENSION_TYPES and self.size > MAX_EXTENSION_HEADER_BYTES:
+            raise PackageError(f"Package holds an extension header (PAX or GNU long name) "
+                               f"of {self.size} bytes, over {MAX_EXTENSION_HEADER_BYTES}: "
+                               "refused")
+        # Private in tarfile (unchanged since Python 3.0) and absent from typeshed.
+        member: tarfile.TarInfo = super()._proc_member(archive)  # type: ignore[misc]
+        return member
+
+
 def _safe_name(name: str) -> PurePosixPath:
     p = PurePosixPath(name)
     if not name or p.is_absolute() or ".." in p.parts or "\\" in name or "\0" in name:
@@ -222,7 +244,7 @@ def extract(path: Path, dest: Path, *, max_members: int = MAX_MEMBERS,
     dest.mkdir(parents=True)
     try:
         seen: set[str] = set()
-        with tarfile.open(path, "r:gz") as tar:
+        with tarfile.open(path, "r:gz", tarinfo=_BoundedTarInfo) as tar:
             for info, name in _members(tar, max_members, max_bytes):
                 key = name.as_posix()
                 if key in seen:

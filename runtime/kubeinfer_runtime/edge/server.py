@@ -18,6 +18,11 @@ Callers are hostile until authenticated, and even then:
   history``) and nothing else;
 * path parameters must match ``NAME_PATTERN`` before they reach a Redis key or an
   object name; only the config's current and previous versions are downloadable;
+* the bootstrap token registers new ids, up to ``max_devices`` (403 beyond), but an id
+  already registered only with proof of its current credential
+  (``DEVICE_CREDENTIAL_HEADER``) or once its device has been silent
+  ``reregister_after_seconds`` (a reflashed device); otherwise 409, so whoever holds
+  the bootstrap token cannot take over a live device;
 * Redis or object-store outages answer 503, never 500.
 """
 
@@ -40,6 +45,7 @@ from pydantic import ValidationError as PydanticValidationError
 from kubeinfer_runtime import __version__, metrics
 from kubeinfer_runtime.api_errors import error_response, install_error_handlers
 from kubeinfer_runtime.contract.edge import (
+    DEVICE_CREDENTIAL_HEADER,
     MAX_CAPTURE_UPLOAD_BYTES,
     MAX_DEVICE_REQUEST_BYTES,
     CaptureUploadResponse,
@@ -85,6 +91,21 @@ class Unauthorized(RuntimeServiceError):
                          headers=[(b"www-authenticate", b"Bearer")])
 
 
+class FleetFull(RuntimeServiceError):
+    """The fleet holds ``max_devices`` devices: a new id is refused (403)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(403, "ResourceLimitExceeded", message)
+
+
+def may_register_again(*, proved: bool, last_seen: float, now: float,
+                       after_s: float) -> bool:
+    """PURE: whether an id already registered may be registered again: by the device
+    holding its current credential, or by anyone once the registered device has been
+    silent longer than ``after_s`` (it is gone: a reflashed device lost its credential)."""
+    return proved or now - last_seen > after_s
+
+
 _BAD_CREDENTIAL = ("Device credential is missing or invalid: send Authorization: Bearer "
                    "<credential> from POST /v1/register, or register the device again")
 _BAD_BOOTSTRAP = ("Bootstrap token is missing or invalid: send Authorization: Bearer <token> "
@@ -94,8 +115,8 @@ _BAD_READER = ("Token is missing or invalid: send Authorization: Bearer <token> 
 
 
 def _reason(status: int) -> str:
-    return {401: "unauthorized", 404: "not_found", 413: "too_large",
-            503: "unavailable"}.get(status, "invalid")
+    return {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
+            413: "too_large", 503: "unavailable"}.get(status, "invalid")
 
 
 def _bearer(request: Request) -> str:
@@ -283,7 +304,30 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
         now = time.time()
         record = DeviceRecord(deviceId=req.deviceId, target=req.target, labels=req.labels,
                               agentVersion=req.agentVersion, registeredAt=now, lastSeen=now)
+        presented = request.headers.get(DEVICE_CREDENTIAL_HEADER, "").strip()
         with _redis_guard():
+            last_seen = await store.last_seen(req.deviceId)
+            if last_seen is None:
+                if await store.device_count() >= settings.max_devices:
+                    raise FleetFull(f"Fleet {fleet} holds its maximum of "
+                                    f"{settings.max_devices} devices: device {req.deviceId} "
+                                    "is refused; raise KUBEINFER_MAX_DEVICES on the fleet "
+                                    "server")
+            else:
+                # Always compared (constant time), proof or not.
+                proved = await store.check_credential(req.deviceId, presented)
+                if not may_register_again(proved=proved, last_seen=last_seen, now=now,
+                                          after_s=settings.reregister_after_seconds):
+                    log.warning("Fleet %s: registration of device %s refused: the id is "
+                                "registered and active, and the request did not prove its "
+                                "credential", fleet, req.deviceId)
+                    raise ValidationError(
+                        f"Device {req.deviceId} is already registered in fleet {fleet} and "
+                        f"was seen within the last {settings.reregister_after_seconds:.0f} s: "
+                        "register it again from the device holding its credential (sent in "
+                        f"{DEVICE_CREDENTIAL_HEADER}), or wait until "
+                        f"{settings.reregister_after_seconds:.0f} s after the old device "
+                        "stopped (KUBEINFER_REREGISTER_AFTER_SECONDS)", status=409)
             credential = await store.register(record)
         registrations.inc()
         config = watcher.config

@@ -24,18 +24,25 @@ atomic write too):
 The controller's write is one Lua script that checks the lease token first, so a
 replica that lost its lease (paused, partitioned) can never overwrite the state the
 new holder wrote.
+
+A stored device record that does not parse (written by an older server that accepted
+a non-finite number, or edited by hand) costs that device alone: the fleet-wide
+readers skip it with one warning naming the device, and the device's own next
+heartbeat or registration rewrites it from what can still be read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kubeinfer_runtime.contract.edge import (
     DesiredState,
@@ -43,6 +50,8 @@ from kubeinfer_runtime.contract.edge import (
     HistoryEntry,
 )
 from kubeinfer_runtime.edge.waves import DeviceView, RolloutState
+
+log = logging.getLogger("kubeinfer.edge")
 
 #: Heartbeat fields that make a history entry when they change.
 _HISTORY_FIELDS = ("version", "updatingTo")
@@ -79,7 +88,7 @@ _NO_HASH = "0" * 64
 class DeviceRecord(BaseModel):
     """A registered device, as its own requests last described it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     deviceId: str
     target: str
@@ -95,6 +104,22 @@ class DeviceRecord(BaseModel):
                           updating=hb.updating, updating_to=hb.updatingTo,
                           last_deployment=hb.lastDeployment, last_seen=self.lastSeen,
                           registered_at=self.registeredAt)
+
+
+def _salvage(raw: str) -> DeviceRecord | None:
+    """What can still be read of a stored record that does not parse: its identity and
+    times without the last heartbeat (the part its device writes), or None."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    data.pop("heartbeat", None)
+    try:
+        return DeviceRecord.model_validate(data)
+    except ValidationError:
+        return None
 
 
 def hash_credential(credential: str) -> str:
@@ -127,11 +152,33 @@ class FleetStore:
         self._write_rollout = client.register_script(_WRITE_ROLLOUT)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        #: Devices whose stored record did not parse, already warned about (once each,
+        #: until a record of theirs parses again): a fleet-wide read every second must not
+        #: log every second.
+        self._unreadable: set[str] = set()
 
     def k_history(self, device_id: str) -> str:
         return self._history_prefix + device_id
 
     # -- devices -------------------------------------------------------------------------------
+
+    def parse_record(self, device_id: str, raw: str) -> DeviceRecord | None:
+        """A stored record, or None (with one warning per device) when it does not parse.
+
+        Pure CPU and safe from a thread (the controller parses in one)."""
+        try:
+            record = DeviceRecord.model_validate_json(raw)
+        except ValidationError as e:
+            if device_id not in self._unreadable:
+                self._unreadable.add(device_id)
+                # The device id and the count only: the stored bytes are device input.
+                log.warning("Fleet %s: the stored record of device %s cannot be read (%d "
+                            "problem(s)): left out of the fleet's views until its next "
+                            "heartbeat or registration rewrites it", self.fleet, device_id,
+                            e.error_count())
+            return None
+        self._unreadable.discard(device_id)
+        return record
 
     async def register(self, record: DeviceRecord) -> str:
         """Store the device and a new credential (rotating any old one); return it."""
@@ -140,9 +187,11 @@ class FleetStore:
         old_raw = await self.redis.hget(self.k_devices, record.deviceId)
         if old_raw is not None:
             # Re-registration keeps when the device first joined (its wave may depend on it).
-            old = DeviceRecord.model_validate_json(old_raw)
-            record = record.model_copy(update={"registeredAt": old.registeredAt,
-                                               "heartbeat": old.heartbeat})
+            # A record that does not parse is rewritten from what can still be read of it.
+            old = self.parse_record(record.deviceId, old_raw) or _salvage(old_raw)
+            if old is not None:
+                record = record.model_copy(update={"registeredAt": old.registeredAt,
+                                                   "heartbeat": old.heartbeat})
         old_digest = await self.redis.hget(self.k_credentials,
                                            record.deviceId)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -168,12 +217,30 @@ class FleetStore:
         return str(owner) if owner is not None else None
 
     async def device(self, device_id: str) -> DeviceRecord | None:
+        """The device's record; one that does not parse comes back without its last
+        heartbeat (None only when not even its identity can be read)."""
         raw = await self.redis.hget(self.k_devices, device_id)
-        return DeviceRecord.model_validate_json(raw) if raw is not None else None
+        if raw is None:
+            return None
+        return self.parse_record(device_id, raw) or _salvage(raw)
+
+    async def last_seen(self, device_id: str) -> float | None:
+        """When the device was last heard from; None when it is not registered, 0.0 when
+        its record cannot be read (which proves no recent activity)."""
+        raw = await self.redis.hget(self.k_devices, device_id)
+        if raw is None:
+            return None
+        record = self.parse_record(device_id, raw) or _salvage(raw)
+        return record.lastSeen if record is not None else 0.0
+
+    async def device_count(self) -> int:
+        return int(await self.redis.hlen(self.k_devices))
 
     async def devices(self) -> list[DeviceRecord]:
+        """Every device that parses, by id (the others are skipped, see ``parse_record``)."""
         raw = await self.raw_devices()
-        return [DeviceRecord.model_validate_json(v) for _, v in sorted(raw.items())]
+        parsed = (self.parse_record(k, v) for k, v in sorted(raw.items()))
+        return [r for r in parsed if r is not None]
 
     async def raw_devices(self) -> Mapping[str, str]:
         """Every device's stored JSON, by id (the controller parses what changed)."""
@@ -205,9 +272,17 @@ class FleetStore:
         return record
 
     async def history(self, device_id: str) -> list[HistoryEntry]:
+        """The device's entries, newest first; one that does not parse is left out."""
         raw: list[str] = await self.redis.lrange(
             self.k_history(device_id), 0, -1)
-        return [HistoryEntry.model_validate_json(r) for r in raw]
+        entries = []
+        for r in raw:
+            try:
+                entries.append(HistoryEntry.model_validate_json(r))
+            except ValidationError:
+                log.warning("Fleet %s: a stored history entry of device %s cannot be read: "
+                            "left out", self.fleet, device_id)
+        return entries
 
     # -- the rollout ---------------------------------------------------------------------------
 
