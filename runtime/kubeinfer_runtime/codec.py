@@ -83,13 +83,15 @@ _CSV_BLOCK = 1 << 18
 # --------------------------------------------------------------------------- decode
 
 
-def decode_request(body: bytes, content_type: str | None, inputs: Sequence[TensorSpec],
+def decode_request(body: bytes | bytearray, content_type: str | None,
+                   inputs: Sequence[TensorSpec],
                    limits: DecodeLimits = DEFAULT_LIMITS) -> Tensors:
     """Decode an ``/invocations`` body into checked tensors keyed by input name.
 
     A missing Content-Type is read as JSON, as most SageMaker clients send JSON.
     Raises ``ValidationError`` (400) for bad input and ``PayloadTooLarge`` (413)
-    when the body would decode past ``limits``; nothing else escapes.
+    when the body would decode past ``limits``; nothing else escapes. ``body`` may
+    be a bytearray: an async worker's input, read into one buffer and not copied.
     """
     mt = media_type(content_type)
     if len(body) > limits.max_decoded_bytes:
@@ -123,7 +125,7 @@ def decode_request(body: bytes, content_type: str | None, inputs: Sequence[Tenso
     )
 
 
-def fast_float_json(body: bytes, spec: TensorSpec, tail: tuple[int, ...],
+def fast_float_json(body: bytes | bytearray, spec: TensorSpec, tail: tuple[int, ...],
                     limits: DecodeLimits = DEFAULT_LIMITS) -> Array | None:
     """The common request in as few steps as possible, or None to take the full path.
 
@@ -174,7 +176,8 @@ def fast_float_json(body: bytes, spec: TensorSpec, tail: tuple[int, ...],
     return arr.astype(spec.dtype)
 
 
-def _decode_json(body: bytes, inputs: Sequence[TensorSpec], limits: DecodeLimits) -> Tensors:
+def _decode_json(body: bytes | bytearray, inputs: Sequence[TensorSpec],
+                 limits: DecodeLimits) -> Tensors:
     doc = load_json(body)
     if isinstance(doc, list):
         return _single(doc, inputs, limits, body, 0)
@@ -202,7 +205,7 @@ def _decode_json(body: bytes, inputs: Sequence[TensorSpec], limits: DecodeLimits
     )
 
 
-def _has_strings(body: bytes, keys: int, limits: DecodeLimits) -> bool:
+def _has_strings(body: bytes | bytearray, keys: int, limits: DecodeLimits) -> bool:
     """Whether a JSON body may hold string values (not just its ``keys`` object keys).
 
     Exactly two quotes per object key means no string values: then numpy
@@ -214,7 +217,7 @@ def _has_strings(body: bytes, keys: int, limits: DecodeLimits) -> bool:
 
 
 def _decode_instances(instances: Any, inputs: Sequence[TensorSpec], limits: DecodeLimits,
-                      body: bytes, top_keys: int) -> Tensors:
+                      body: bytes | bytearray, top_keys: int) -> Tensors:
     if isinstance(instances, list) and instances and isinstance(instances[0], dict):
         # Row-oriented multi-input form: [{"a": ..., "b": ...}, ...].
         if not all(isinstance(r, dict) for r in instances):
@@ -229,7 +232,7 @@ def _decode_instances(instances: Any, inputs: Sequence[TensorSpec], limits: Deco
 
 
 def _single(value: Any, inputs: Sequence[TensorSpec], limits: DecodeLimits,
-            body: bytes | None, keys: int = 0) -> Tensors:
+            body: bytes | bytearray | None, keys: int = 0) -> Tensors:
     """The one input's tensor; ``body``: the JSON text ``value`` came from (None: an array)."""
     if len(inputs) != 1:
         names = ", ".join(f'"{t.name}"' for t in inputs)
@@ -247,7 +250,7 @@ def _single(value: Any, inputs: Sequence[TensorSpec], limits: DecodeLimits,
 
 
 def _named(named: dict[str, Any], inputs: Sequence[TensorSpec], limits: DecodeLimits,
-           body: bytes, keys: int) -> Tensors:
+           body: bytes | bytearray, keys: int) -> Tensors:
     check_names(set(named), inputs)
     if len(inputs) > 1:
         # The request's total, before any input is built (each is checked alone too).
@@ -260,7 +263,8 @@ def _named(named: dict[str, Any], inputs: Sequence[TensorSpec], limits: DecodeLi
             for spec in inputs}
 
 
-def _decode_csv(body: bytes, inputs: Sequence[TensorSpec], limits: DecodeLimits) -> Tensors:
+def _decode_csv(body: bytes | bytearray, inputs: Sequence[TensorSpec],
+                limits: DecodeLimits) -> Tensors:
     if len(inputs) != 1:
         raise ValidationError(
             f"Content-Type {CSV} needs a model with one input, this one has {len(inputs)}: "
@@ -316,7 +320,7 @@ def _decode_csv(body: bytes, inputs: Sequence[TensorSpec], limits: DecodeLimits)
 _LINE_BREAKS = (b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e")
 
 
-def _csv_fast(body: bytes, limits: DecodeLimits,
+def _csv_fast(body: bytes | bytearray, limits: DecodeLimits,
               dtype: type[np.floating[Any]] = np.float64) -> Array | None:
     """A plain numeric CSV body through numpy's C parser (4x the exact path), or None.
 
@@ -372,7 +376,8 @@ def _is_float(s: str) -> bool:
     return True
 
 
-def _decode_numpy(body: bytes, inputs: Sequence[TensorSpec], limits: DecodeLimits) -> Tensors:
+def _decode_numpy(body: bytes | bytearray, inputs: Sequence[TensorSpec],
+                  limits: DecodeLimits) -> Tensors:
     if body.startswith(ZIP_MAGICS):
         named = read_npz(body, limits, lambda names: check_names(names, inputs))
         return {spec.name: to_tensor(named[spec.name], spec, limits) for spec in inputs}

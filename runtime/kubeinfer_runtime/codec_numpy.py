@@ -101,7 +101,7 @@ def read_npy(data: bytes | bytearray, limits: DecodeLimits,
     return flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
 
 
-def read_npz(data: bytes, limits: DecodeLimits,
+def read_npz(data: bytes | bytearray, limits: DecodeLimits,
              check_names: Callable[[list[str]], None]) -> dict[str, Array]:
     """The arrays an .npz holds, keyed by name; nothing inflated before every check.
 
@@ -167,7 +167,7 @@ def _inflate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, member: str) -> bytearr
     return buf
 
 
-def _check_directory(data: bytes, limits: DecodeLimits, what: str) -> None:
+def _check_directory(data: bytes | bytearray, limits: DecodeLimits, what: str) -> None:
     """Bound the central directory from its end record before zipfile parses all of it.
 
     zipfile builds one object per directory entry before anything can count

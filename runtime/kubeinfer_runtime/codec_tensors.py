@@ -38,7 +38,7 @@ _COUNT_CAP = 1 << 62
 _MAX_DIMS = 64
 
 
-def load_json(body: bytes | memoryview) -> Any:
+def load_json(body: bytes | bytearray | memoryview) -> Any:
     """The parsed body, or a 400 saying where the JSON breaks (never what it holds)."""
     try:
         return orjson.loads(body)

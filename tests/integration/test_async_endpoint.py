@@ -144,8 +144,31 @@ def test_same_inference_id_twice_is_one_inference(stack: AsyncStack, s3_server: 
     r = redis_server.client()
     wait_until(lambda: r.hget(keys.inference(inference_id), "done") == "success", 10, "done")
     time.sleep(0.5)  # a second inference, if queued, would have run by now
-    assert r.hget(keys.writes, inference_id) == "1"
+    assert r.hget(keys.inference(inference_id), "writes") == "1"
     assert r.hget(keys.inference(inference_id), "attempts") == "1"
+
+
+def test_the_write_audit_expires_with_its_request(stack: AsyncStack, s3_server: Any,
+                                                 redis_server: RedisServer) -> None:
+    """The objects written are counted in the request's id hash, which expires: no hash
+    per queue gaining a field per request forever (earlier versions' is deleted)."""
+    keys = AsyncQueueKeys(queue="e2e")
+    legacy = "kubeinfer:async:{e2e}:writes"
+    r = redis_server.client()
+    r.hset(legacy, mapping={"old-1": 1, "old-2": 1})
+    extra = stack.start_worker()
+    try:
+        wait_until(lambda: r.exists(legacy) == 0, 10, "the old write hash to be deleted")
+    finally:
+        extra.stop()
+        stack.workers.remove(extra)
+    input_uri = _put(s3_server, "in/audit.json", json.dumps({"instances": ROWS}).encode())
+    resp = _runtime(stack).invoke_endpoint_async(EndpointName="iris", InputLocation=input_uri)
+    id_key = keys.inference(resp["InferenceId"])
+    wait_until(lambda: r.hget(id_key, "done") == "success", 20, "done")
+    assert r.hget(id_key, "writes") == "1"
+    assert r.ttl(id_key) > 0
+    assert r.exists(legacy) == 0
 
 
 def test_bad_requests_are_refused_with_sagemaker_errors(stack: AsyncStack) -> None:
@@ -249,7 +272,7 @@ def test_same_inference_id_with_another_filename_answers_the_first_locations(
     r = redis_server.client()
     wait_until(lambda: r.hget(keys.inference(inference_id), "done") == "success", 10, "done")
     time.sleep(0.5)  # a second inference, if queued, would have run by now
-    assert r.hget(keys.writes, inference_id) == "1"
+    assert r.hget(keys.inference(inference_id), "writes") == "1"
     assert _get(s3_server, f"s3://{BUCKET}/out/other/second.json") is None
 
 
@@ -279,7 +302,7 @@ def test_a_bad_input_fails_at_once_without_retries(stack: AsyncStack, s3_server:
     r = redis_server.client()
     wait_until(lambda: r.hget(keys.inference(inference_id), "done") == "failure", 10, "done")
     assert r.hget(keys.inference(inference_id), "attempts") == "1"
-    assert r.hget(keys.writes, inference_id) == "1"
+    assert r.hget(keys.inference(inference_id), "writes") == "1"
     assert not any(f.get("inference_id") == inference_id for _, f in r.xrange(keys.dead_letter))
     assert _get(s3_server, resp["OutputLocation"]) is None
 
@@ -384,20 +407,21 @@ def test_a_dead_webhook_is_given_up_after_max_retries_deliveries(
         entry = next(f for _, f in r.xrange(keys.dead_letter)
                      if f.get("inference_id") == resp["InferenceId"])
         assert "undeliverable after 3 deliveries" in entry["error"]
-        assert r.hget(keys.writes, resp["InferenceId"]) == "1"  # inferred once
+        assert r.hget(keys.inference(resp["InferenceId"]), "writes") == "1"  # inferred once
     finally:
         hooks.fail_first = hooks.failed
 
 
 @pytest.fixture(scope="module")
 def file_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
-               models_dir: Path) -> Iterator[AsyncStack]:
+               models_dir: Path, hooks: WebhookReceiver) -> Iterator[AsyncStack]:
     """The same endpoint with file:// paths (local mode's objects): no object store."""
     root = tmp_path_factory.mktemp("async-files")
     route = AsyncRoute(queue="e2e-file", output_path=f"file://{root}/out",
                        failure_path=f"file://{root}/failed")
     env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
-                     route=route, s3_env={}, endpoint="iris-file", max_retries="0")
+                     route=route, s3_env={}, endpoint="iris-file", max_retries="0",
+                     error_url=hooks.url + "/error")
     s = AsyncStack("iris-file", route, root / "work", env)
     s.start_gateway(redis_server.url)
     s.start_worker()
@@ -438,3 +462,84 @@ def test_file_paths_take_extension_and_filename(file_stack: AsyncStack) -> None:
     written = sorted(str(p.relative_to(root)) for p in root.rglob("*")
                      if p.is_file() and "work" not in p.parts)
     assert written == ["failed/scores-error.json", "in.json", "out/tenant-b/run.1/scores.json"]
+
+
+def test_a_failure_object_that_can_never_be_written_does_not_hold_the_request(
+        file_stack: AsyncStack, redis_server: RedisServer, hooks: WebhookReceiver) -> None:
+    """Queued before the gateway refused folder names over 255 bytes (or forged): neither
+    its output nor its failure object can exist. It is dead-lettered and acknowledged
+    with the reason, and notified, instead of looping forever on a worker slot."""
+    from kubeinfer_runtime.queue.request import parse_async_request
+
+    root = file_stack.workdir.parent
+    data = file_stack.workdir / "in-long.json"
+    data.write_text(json.dumps({"instances": ROWS}))
+    req = parse_async_request("iris-file", file_stack.route, {
+        "x-amzn-sagemaker-inputlocation": f"file://{data}",
+        "x-amzn-sagemaker-inference-id": "long-segment",
+        "x-amzn-sagemaker-s3outputpathextension": "short"})
+    long = "/" + "a" * 300 + "/"
+    fields = {**req.to_fields(),
+              "output_location": req.output_location.replace("/short/", long),
+              "failure_location": req.failure_location.replace("/short/", long)}
+    keys = file_stack.route.keys
+    r = redis_server.client()
+    r.xadd(keys.stream, fields)
+
+    def dead_letter() -> dict[str, str] | None:
+        return next((f for _, f in r.xrange(keys.dead_letter)
+                     if f.get("inference_id") == "long-segment"), None)
+
+    wait_until(lambda: dead_letter() is not None, 20, "the request's dead letter")
+    error = (dead_letter() or {})["error"]
+    assert "no failure object was written" in error and "File name too long" in error
+    wait_until(lambda: r.xlen(keys.stream) == 0, 10, "the entry to leave the stream")
+    assert r.xpending(keys.stream, keys.group)["pending"] == 0
+    state = r.hgetall(keys.inference("long-segment"))
+    assert state["done"] == "failure" and state["dlq"] == "1" and "writes" not in state
+    assert state["attempts"] == "1"  # failed at once: a name that cannot exist is no outage
+    wait_until(lambda: any(n["inferenceId"] == "long-segment" for n in hooks.snapshot()), 10,
+               "the error notification")
+    note = next(n for n in hooks.snapshot() if n["inferenceId"] == "long-segment")
+    assert note["path"] == "/error" and "no failure object was written" in note["failureReason"]
+    assert not [p for p in root.rglob("*") if "a" * 300 in str(p)]
+
+
+def test_a_failure_path_that_refuses_every_write_dead_letters_after_the_attempts(
+        tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
+        models_dir: Path) -> None:
+    """A failure path the worker cannot write (here below a regular file: ENOTDIR) is
+    waited out like any refusal that may be fixed, within the transient budget and the
+    attempts; then the request is dead-lettered without its failure object, not retried
+    forever."""
+    import httpx
+
+    root = tmp_path_factory.mktemp("unwritable")
+    (root / "blocked").write_text("a file where the failure folder should be")
+    route = AsyncRoute(queue="unwritable", output_path=f"file://{root}/out",
+                       failure_path=f"file://{root}/blocked/failed")
+    env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
+                     route=route, s3_env={}, endpoint="blocked", max_retries="0",
+                     transient_budget_s="1", transient_backoff_s="0.05",
+                     transient_backoff_max_s="0.2")
+    s = AsyncStack("blocked", route, root / "work", env)
+    s.start_gateway(redis_server.url)
+    s.start_worker()
+    try:
+        assert s.gateway is not None
+        resp = httpx.post(f"{s.gateway.url}/endpoints/blocked/async-invocations",
+                          headers={"X-Amzn-SageMaker-InputLocation": f"file://{root}/none"})
+        assert resp.status_code == 202, resp.text
+        inference_id = resp.json()["InferenceId"]
+        r = redis_server.client()
+        wait_until(lambda: any(f.get("inference_id") == inference_id
+                               for _, f in r.xrange(route.keys.dead_letter)), 30,
+                   "the request's dead letter", interval=0.1)
+        entry = next(f for _, f in r.xrange(route.keys.dead_letter)
+                     if f.get("inference_id") == inference_id)
+        assert "does not exist" in entry["error"]  # why the request failed
+        assert "no failure object was written" in entry["error"]  # and why it has no object
+        wait_until(lambda: r.xlen(route.keys.stream) == 0, 10, "the entry to leave the stream")
+        assert r.hget(route.keys.inference(inference_id), "done") == "failure"
+    finally:
+        s.stop()

@@ -123,7 +123,7 @@ def _assert_all_succeeded_once(s3: S3Server, r: Any, hooks: WebhookReceiver,
     assert not failed & set(ids), f"failure objects: {sorted(failed & set(ids))}"
     attempts = {i: r.hget(KEYS.inference(i), "attempts") for i in ids}
     assert set(attempts.values()) == {"1"}, f"attempts burned: {attempts}"
-    writes = {i: r.hget(KEYS.writes, i) for i in ids}
+    writes = {i: r.hget(KEYS.inference(i), "writes") for i in ids}
     assert set(writes.values()) == {"1"}, f"objects written more than once: {writes}"
     assert r.xlen(KEYS.dead_letter) == 0
     wait_until(lambda: set(ids) <= {n["inferenceId"] for n in hooks.snapshot()}, 30,
@@ -153,7 +153,7 @@ def test_a_bad_input_fails_at_once_without_retries(stack: AsyncStack, s3: S3Serv
         assert failure["ErrorCode"] == "ValidationError"
         assert text in failure["Message"] and "not retried" in failure["Message"]
         assert r.hget(KEYS.inference(rid), "attempts") == "1"
-        assert r.hget(KEYS.writes, rid) == "1"
+        assert r.hget(KEYS.inference(rid), "writes") == "1"
     # Two submissions, no re-queue, no dead letter.
     assert _calls(r).get("xadd", 0) - before == 2
     assert r.xlen(KEYS.dead_letter) == 0
@@ -277,7 +277,7 @@ def test_a_webhook_outage_dead_letters_nothing_that_was_written(
     wait_until(lambda: r.xlen(KEYS.stream) == 0, 20, "an empty stream", interval=0.2)
     assert r.xlen(KEYS.dead_letter) == 0
     assert {r.hget(KEYS.inference(i), "attempts") for i in ids} == {"1"}
-    assert {r.hget(KEYS.writes, i) for i in ids} == {"1"}
+    assert {r.hget(KEYS.inference(i), "writes") for i in ids} == {"1"}
 
 
 def test_a_worker_started_while_redis_is_down_consumes_once_it_is_back(

@@ -8,6 +8,7 @@ same server stands for a refused one — and must see nothing at all.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
@@ -18,7 +19,7 @@ from aiohttp import web
 from kubeinfer_operator.scaling.cluster import ClusterScaler
 from kubeinfer_runtime.contract.outbound import OutboundPolicy, OutboundRefused
 from kubeinfer_runtime.contract.outbound_io import guarded_connector
-from kubeinfer_runtime.queue.notifier import Notifier
+from kubeinfer_runtime.queue.notifier import Delivery, Notifier
 
 OPEN = OutboundPolicy.parse("", env={})
 LOOPBACK_REFUSED = replace(OPEN, extra_refused=(ipaddress.ip_network("127.0.0.0/8"),
@@ -54,8 +55,22 @@ async def server() -> AsyncIterator[Server]:
         return web.json_response({"status": "success", "data": {
             "resultType": "vector", "result": [{"metric": {}, "value": [0, "42.5"]}]}})
 
+    async def endless(request: web.Request) -> web.StreamResponse:
+        """A 200 whose body never ends (until the client hangs up)."""
+        seen.hits.append(f"{request.method} {request.path}")
+        await request.read()
+        response = web.StreamResponse(status=200)
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b"x" * 65536)
+        except (ConnectionError, RuntimeError):  # the client hung up
+            pass
+        return response
+
     app = web.Application()
     app.router.add_route("*", "/hook", hook)  # a followed redirect would show here
+    app.router.add_post("/endless", endless)
     app.router.add_post("/moved", moved)
     app.router.add_get("/to-metadata", to_metadata)
     app.router.add_get("/prom/api/v1/query", query)
@@ -99,6 +114,22 @@ async def test_notifier_delivers_and_never_follows_redirects(server: Server) -> 
         assert server.hits == ["POST /hook", "POST /moved"]
     finally:
         await notifier.close()
+
+
+async def test_a_webhook_reply_is_read_only_up_to_a_bound(server: Server) -> None:
+    """Only the status counts: an endless (or huge) 2xx body neither holds the worker until
+    the timeout, turning a delivered notification into an outage, nor fills its memory."""
+    notifier = Notifier(policy=OPEN, attempts=1, backoff_first_s=0.01, timeout_s=5.0)
+    try:
+        started = time.monotonic()
+        assert await notifier.deliver(server.base + "/endless", b"{}", "id-1") \
+            is Delivery.DELIVERED
+        assert time.monotonic() - started < 3.0
+        # The cut connection is not reused: the next POST gets a fresh one.
+        assert await notifier.send(server.base + "/hook", b"{}", "id-2") is True
+    finally:
+        await notifier.close()
+    assert server.hits == ["POST /endless", "POST /hook"]
 
 
 async def test_notifier_refused_destination_gets_nothing(server: Server) -> None:

@@ -1,12 +1,19 @@
 """Async input confinement (pure): the prefixes an InputLocation must be below, at the
-gateway and again at the worker, and where a dequeued request may be written."""
+gateway and again at the worker, and where a dequeued request may be written; and the
+bounds of reading an input (the object store on local files and a fake minio response)."""
 
 from __future__ import annotations
+
+import io
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kubeinfer_operator.api.async_config import AsyncConfig
-from kubeinfer_runtime.contract import AsyncRoute
+from kubeinfer_runtime.contract import AsyncRoute, S3Settings
 from kubeinfer_runtime.contract.locations import (
     default_input_paths,
     location_problem,
@@ -15,6 +22,8 @@ from kubeinfer_runtime.contract.locations import (
     within,
 )
 from kubeinfer_runtime.errors import ValidationError
+from kubeinfer_runtime.queue import objects
+from kubeinfer_runtime.queue.objects import InputTooLarge, ObjectStore
 from kubeinfer_runtime.queue.request import AsyncRequest, Confinement, parse_async_request
 
 ROUTE = AsyncRoute(queue="q", output_path="s3://tenant-a/out", failure_path="s3://tenant-a/f")
@@ -144,3 +153,71 @@ def test_the_worker_refuses_forged_inputs() -> None:
 def test_location_problem_never_raises() -> None:
     for junk in ("s3://[", "file://[::1", "", "::", "s3:///", "x" * 5000, "file:///\n"):
         assert location_problem(junk, "X") is not None
+
+
+def test_reading_an_input_costs_its_size_once(tmp_path: Path) -> None:
+    """One buffer of the file's size, filled in place: not chunks and then their join
+    (twice the input at the peak, so a 1 GB input needed a 2 GB worker)."""
+    size = 16 << 20
+    path = tmp_path / "in.bin"
+    path.write_bytes(bytes(range(256)) * (size // 256))
+    store = ObjectStore(S3Settings(), file_roots=[str(tmp_path)])
+    tracemalloc.start()
+    try:
+        data = store.read(f"file://{path}")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data) == size and data[:256] == bytes(range(256)) and data[-1] == 255
+    assert peak < 1.3 * size, f"peak {peak / size:.2f}x the input"
+
+
+class _Response:
+    """What minio's get_object answers: a body, perhaps not the length it declares."""
+
+    def __init__(self, body: bytes, declared: int | None) -> None:
+        self.headers = {} if declared is None else {"content-length": str(declared)}
+        self._body = io.BytesIO(body)
+        self.readinto = self._body.readinto
+
+    def stream(self, amt: int) -> Iterator[bytes]:
+        return iter(lambda: self._body.read(amt), b"")
+
+    def close(self) -> None:
+        pass
+
+    def release_conn(self) -> None:
+        pass
+
+
+class _Serving:
+    def __init__(self, response: _Response) -> None:
+        self.response = response
+
+    def get_object(self, bucket: str, key: str) -> Any:
+        return self.response
+
+
+@pytest.mark.parametrize(("size", "declared"), [
+    (0, 0), (10, 10), (3 << 20, 3 << 20),  # as declared (several chunks)
+    (10, 25), (0, 7),                      # shorter: what is there
+    ((2 << 20) + 5, 100), (50, 49),        # longer (decoded, or a file that grew)
+    ((2 << 20) + 5, None), (0, None),      # nothing declared
+])
+def test_an_input_is_what_its_body_holds_whatever_was_declared(
+        monkeypatch: pytest.MonkeyPatch, size: int, declared: int | None) -> None:
+    body = bytes(i % 251 for i in range(size))
+    monkeypatch.setattr(objects, "s3_client",
+                        lambda s3, maxsize: _Serving(_Response(body, declared)))
+    store = ObjectStore(S3Settings(endpoint_url="http://s3.invalid"), max_read_bytes=4 << 20)
+    data = store.read("s3://b/in/x")
+    assert isinstance(data, bytearray) and data == body
+
+
+def test_a_body_longer_than_declared_still_meets_the_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    body = b"x" * ((1 << 20) + 1)
+    monkeypatch.setattr(objects, "s3_client", lambda s3, maxsize: _Serving(_Response(body, 10)))
+    store = ObjectStore(S3Settings(endpoint_url="http://s3.invalid"), max_read_bytes=1 << 20)
+    with pytest.raises(InputTooLarge, match=r"over the endpoint's maxInputBytes"):
+        store.read("s3://b/in/x")

@@ -79,6 +79,8 @@ def test_fields_round_trip() -> None:
     ({"x-amzn-sagemaker-requestttlseconds": "59"}, "from 60 to 21600"),
     ({"x-amzn-sagemaker-requestttlseconds": "soon"}, "not a whole number"),
     ({"x-amzn-sagemaker-invocationtimeoutseconds": "3601"}, "from 1 to 3600"),
+    # A pattern ending in '$' still matches before a final newline: fullmatch does not.
+    ({"x-amzn-sagemaker-inference-id": "abc-1\n"}, "is not valid"),
 ])
 def test_bad_headers_are_validation_errors(headers: dict[str, str], fragment: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -123,9 +125,9 @@ def test_locations_are_deterministic() -> None:
 
 def test_queue_keys_share_one_hash_tag() -> None:
     keys = AsyncQueueKeys(queue="ns.ep")
-    names = [keys.stream, keys.dead_letter, keys.inference("x"), keys.writes]
+    names = [keys.stream, keys.dead_letter, keys.inference("x")]
     assert all("{ns.ep}" in n for n in names)  # one Redis Cluster slot for the Lua script
-    assert len(set(names)) == 4
+    assert len(set(names)) == 3
 
 
 def test_backlog_from_xinfo() -> None:
@@ -205,11 +207,15 @@ def test_file_output_path_takes_the_extension() -> None:
     ("s3outputpathextension", "a b", "is not valid"),
     ("s3outputpathextension", "%2e%2e/x", "is not valid"),
     ("s3outputpathextension", "x" * 513, "1 to 512"),
+    ("s3outputpathextension", "tenant-a\n", "is not valid"),
+    ("s3outputpathextension", "x" * 256, "at most 255 bytes"),
+    ("s3outputpathextension", "ok/" + "x" * 256 + "/ok", "folder name of 256 bytes"),
     ("filename", "../x", "X-Amzn-SageMaker-Filename '../x' is not valid"),
     ("filename", "a/b", "no '/'"),
     ("filename", "a.tar.gz", "at most one '.'"),
     ("filename", "-a", "starting with a letter or digit"),
     ("filename", "x" * 33, "1 to 32"),
+    ("filename", "result.json\n", "is not valid"),
 ])
 def test_bad_extension_or_filename_is_refused(header: str, value: str, fragment: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -227,3 +233,32 @@ def test_a_queued_entry_cannot_point_outside_a_location() -> None:
         AsyncRequest.from_fields({**fields, "output_location": "s3://b/out/../../etc/x"})
     with pytest.raises(ValueError, match=r"failure_location .* unsupported scheme"):
         AsyncRequest.from_fields({**fields, "failure_location": "/etc/passwd"})
+
+
+def test_an_extension_segment_may_be_as_long_as_a_file_name() -> None:
+    """255 bytes is what a file:// output's folder may be named; one more can never be
+    written, so the gateway refuses it rather than queue a request that cannot end."""
+    req = _parse(**{"x-amzn-sagemaker-s3outputpathextension": "x" * 255 + "/" + "y" * 255})
+    assert req.output_location == f"s3://b/out/{'x' * 255}/{'y' * 255}/gen-1.out"
+
+
+def test_s3_keys_longer_than_s3_allows_are_refused() -> None:
+    """S3 refuses a key over 1024 bytes on every try: refused at the gateway instead."""
+    longest = "in/" + "k" * 1021
+    assert _parse(**{"x-amzn-sagemaker-inputlocation": f"s3://b/{longest}"})
+    for key in ("in/" + "k" * 1022, "in/" + "\u00e9" * 511):  # 1025 and 1025 bytes
+        with pytest.raises(ValidationError) as info:
+            _parse(**{"x-amzn-sagemaker-inputlocation": f"s3://b/{key}"})
+        assert info.value.status == 400
+        assert "InputLocation" in info.value.message
+        assert "names an S3 key of 1025 bytes" in info.value.message
+    assert location_problem("file:///" + "d/" * 600 + "x", "X") is None  # S3's limit only
+    # The output's key is the route's path, the extension and the name: too long, the
+    # header is named.
+    route = AsyncRoute(queue="q", output_path="s3://b/" + "o" * 600, failure_path="s3://b/f")
+    with pytest.raises(ValidationError) as info:
+        parse_async_request("iris", route, {
+            "x-amzn-sagemaker-inputlocation": "s3://b/in/x.json",
+            "x-amzn-sagemaker-s3outputpathextension": "x" * 255 + "/" + "y" * 255})
+    assert "S3OutputPathExtension" in info.value.message and "1024 bytes" in info.value.message
+    assert info.value.status == 400

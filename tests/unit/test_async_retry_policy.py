@@ -1,10 +1,17 @@
-"""The async retry policy, step by step: classes of failures, backoff, budget, breaker."""
+"""The async retry policy, step by step: classes of failures, backoff, budget, breaker;
+and which class the object store's refusals fall in (a fake minio client, a real file
+system)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import redis.exceptions
+from minio.error import S3Error
 
+from kubeinfer_runtime.contract import S3Settings
 from kubeinfer_runtime.errors import (
     Internal,
     ModelError,
@@ -13,10 +20,13 @@ from kubeinfer_runtime.errors import (
     Throttled,
     ValidationError,
 )
+from kubeinfer_runtime.queue import objects
 from kubeinfer_runtime.queue.objects import (
     InputNotFound,
     InputRefused,
     InputTooLarge,
+    LocationRefused,
+    ObjectStore,
     ObjectStoreError,
     StoreUnreachable,
 )
@@ -61,6 +71,7 @@ def top(value: float = 1.0) -> float:
     (InputNotFound("no such key"), Failure.PERMANENT),
     (InputTooLarge("over maxInputBytes"), Failure.PERMANENT),
     (InputRefused("a FIFO"), Failure.PERMANENT),
+    (LocationRefused("a name too long"), Failure.PERMANENT),
     (ModelError("model raised"), Failure.PERMANENT),
     # Unknown: counted retries, as before.
     (InferenceTimedOut("slow model"), Failure.RETRY),
@@ -161,3 +172,72 @@ def test_a_flapping_store_is_probed_less_and_less_often() -> None:
     assert firsts == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
     b = succeeded(b)
     assert trip(b, POLICY, 0.0, top).probe_at == 1.0
+
+
+class _Refusing:
+    """A minio client whose every call is answered with one S3 error code."""
+
+    def __init__(self, code: str, status: int = 400) -> None:
+        self.code = code
+        self.status = status
+
+    def _error(self) -> S3Error:
+        response: Any = type("Response", (), {"status": self.status, "headers": {}})()
+        return S3Error(response, self.code, "refused", "/b/k", "req-1", "host-1")
+
+    def get_object(self, bucket: str, key: str) -> Any:
+        raise self._error()
+
+    def put_object(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._error()
+
+
+def _store(monkeypatch: pytest.MonkeyPatch, code: str, status: int = 400) -> ObjectStore:
+    monkeypatch.setattr(objects, "s3_client", lambda s3, maxsize: _Refusing(code, status))
+    return ObjectStore(S3Settings(endpoint_url="http://s3.invalid"))
+
+
+@pytest.mark.parametrize("code", ["KeyTooLongError", "InvalidArgument", "InvalidRequest",
+                                  "InvalidObjectState", "InvalidObjectName"])
+def test_an_input_s3_refuses_as_a_bad_request_fails_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                            code: str) -> None:
+    """One bad request must not hold a worker slot for the transient budget."""
+    with pytest.raises(InputRefused) as info:
+        _store(monkeypatch, code).read("s3://b/in/x.json")
+    assert classify(info.value) is Failure.PERMANENT and not trips_breaker(info.value)
+    assert code in info.value.message and info.value.status == 400
+    assert info.value.message[0].isupper() and not info.value.message.endswith(".")
+
+
+def test_a_refusal_that_can_be_fixed_stays_transient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials and bucket policies get fixed: AccessDenied is waited out, on purpose."""
+    with pytest.raises(ObjectStoreError) as denied:
+        _store(monkeypatch, "AccessDenied", 403).read("s3://b/in/x.json")
+    assert classify(denied.value) is Failure.TRANSIENT and not trips_breaker(denied.value)
+    with pytest.raises(StoreUnreachable):
+        _store(monkeypatch, "SlowDown", 503).read("s3://b/in/x.json")
+    with pytest.raises(InputNotFound):
+        _store(monkeypatch, "NoSuchKey", 404).read("s3://b/in/x.json")
+    with pytest.raises(ObjectStoreError) as denied:
+        _store(monkeypatch, "AccessDenied", 403).write("s3://b/out/x.out", b"{}", "")
+    assert classify(denied.value) is Failure.TRANSIENT
+
+
+def test_a_name_no_store_can_hold_is_a_permanent_write_failure(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A file:// folder name over 255 bytes (ENAMETOOLONG) or a key S3 calls too long
+    fails the same way on every try: permanent, so it cannot loop as an outage would."""
+    store = ObjectStore(S3Settings())
+    long = f"file://{tmp_path}/out/{'a' * 300}/id-1.out"
+    with pytest.raises(LocationRefused) as info:
+        store.write(long, b"{}", "application/json")
+    assert classify(info.value) is Failure.PERMANENT and not trips_breaker(info.value)
+    assert "at most 255 bytes" in info.value.message
+    name = f"file://{tmp_path}/out/{'b' * 300}"
+    (tmp_path / "out").mkdir(exist_ok=True)
+    with pytest.raises(LocationRefused):  # the last segment too long: no temp file left
+        store.write(name, b"{}", "application/json")
+    assert list((tmp_path / "out").iterdir()) == []
+    with pytest.raises(LocationRefused) as info:
+        _store(monkeypatch, "KeyTooLongError").write("s3://b/out/x.out", b"{}", "")
+    assert classify(info.value) is Failure.PERMANENT

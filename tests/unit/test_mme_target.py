@@ -24,11 +24,17 @@ def test_plain_relative_names_resolve_under_the_prefix(name: str) -> None:
     "", "../secret.onnx", "tenant/../../secret.onnx", "a/./b.onnx", "a//b.onnx", "/etc/passwd",
     "%2e%2e/secret.onnx", "..%2fsecret.onnx", "s3://other-bucket/m.onnx", "file:///etc/passwd",
     "a\\..\\b", "m.onnx?x=1", "m.onnx#frag", "a b.onnx", "m\x00.onnx", "a/..", "x" * 1025,
+    # Bytes 0x80-0x9f of a header, decoded as latin-1: C1 control characters.
+    "m\x85.onnx", "tenant\x9b/m.onnx", "\x80m.onnx",
 ])
 def test_escapes_and_url_tricks_are_refused(name: str) -> None:
     with pytest.raises(InvalidTargetModel) as info:
         check_target(name)
     assert info.value.status == 400 and info.value.code == "ValidationError"
+
+
+def test_latin_1_letters_after_the_c1_controls_are_names() -> None:
+    assert check_target("caf\u00e9/m.onnx") == "caf\u00e9/m.onnx"  # 0xe9 in a header
 
 
 def test_prefixes() -> None:

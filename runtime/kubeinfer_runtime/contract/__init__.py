@@ -137,13 +137,10 @@ class AsyncQueueKeys(_Strict):
         return f"kubeinfer:async:{{{self.queue}}}:dead-letter"
 
     def inference(self, inference_id: str) -> str:
-        """Hash of one request (idempotency record, attempts, state)."""
+        """Hash of one request (idempotency record, attempts, state, and ``writes``: the
+        output or failure objects written, an audit). It expires with the request's
+        idempotency window, so nothing here grows with the number of requests."""
         return f"kubeinfer:async:{{{self.queue}}}:id:{inference_id}"
-
-    @property
-    def writes(self) -> str:
-        """Hash: inference id -> number of output/failure objects written (audit)."""
-        return f"kubeinfer:async:{{{self.queue}}}:writes"
 
 
 #: A consumer idle longer than this (ms) is not counted as a live worker.

@@ -11,7 +11,8 @@ contract, where both sides import them.
 Prefixes are folders: ``s3://bucket/in`` confines to keys below ``in/``, never
 to ``s3://bucket/input-secrets``. Locations are compared after percent-decoding
 (the worker reads the decoded key), and any ``..`` segment, raw or encoded, is
-refused rather than resolved.
+refused rather than resolved. An S3 key longer than S3 allows (1024 bytes) is
+refused too: the store would refuse it on every try.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from urllib.parse import unquote, urlsplit
 
 #: Characters that make ``split_location`` parse with urlsplit rather than by hand.
 _SPECIAL = frozenset("%?#[]@ ")
+#: S3's limit on an object key (UTF-8 bytes): a longer one is refused by the store on
+#: every try, so it is refused here, before anything is queued.
+MAX_S3_KEY_BYTES = 1024
 
 
 def split_location(uri: str) -> tuple[str, str, str] | None:
@@ -69,6 +73,9 @@ def location_problem(uri: str, what: str) -> str | None:
         return f"{what} {uri[:200]!r} contains a control character: name a plain object"
     if scheme == "s3" and (not bucket or not path.strip("/")):
         return f"{what} {uri[:200]!r} must look like s3://bucket/key"
+    if scheme == "s3" and len(key := path.encode("utf-8", "surrogatepass")) > MAX_S3_KEY_BYTES:
+        return (f"{what} {uri[:200]!r} names an S3 key of {len(key)} bytes: S3 keys are at "
+                f"most {MAX_S3_KEY_BYTES} bytes (UTF-8), so name a shorter one")
     if scheme == "file" and (bucket or not path.startswith("/") or not path.strip("/")):
         return f"{what} {uri[:200]!r} must be an absolute path: file:///absolute/path"
     if ".." in path.split("/") or ".." in uri.split("/"):
@@ -130,13 +137,29 @@ def default_input_paths(output_path: str) -> list[str]:
 
 
 def within(uri: str, prefixes: Iterable[str]) -> bool:
-    """Whether ``uri`` names an object strictly below one of ``prefixes`` (normalized)."""
+    """Whether ``uri`` names an object strictly below one of ``prefixes`` (normalized).
+
+    Compared after percent-decoding, and under both readings of its path: as
+    written (an S3 key is a name: ``in/../x`` is an object below ``in/``) and
+    normalised (a filesystem, or a store that normalises, resolves it to ``x``).
+    A path below a prefix one way but not the other is refused: decoding
+    ``%2e%2e`` into ``..`` must not let a location climb out of its folder.
+    """
     split = split_location(uri)
     if split is None:
         return False
     scheme, bucket, path = split
-    decoded = (f"s3://{bucket}/{path}" if scheme == "s3" else f"file://{path}")
-    return any(decoded.startswith(p) and len(decoded) > len(p) for p in prefixes)
+    if scheme == "file" and bucket:
+        return False  # file://host/...: another machine's file, never below a prefix here
+    if scheme == "s3":
+        # The bucket is a segment too: 's3://b/../x' normalised names bucket x, not b.
+        normal = posixpath.normpath(f"/{bucket}/{path}").lstrip("/")
+        readings = (f"s3://{bucket}/{path}", f"s3://{normal}")
+    else:
+        # normpath keeps a leading '//' (POSIX leaves its meaning to the system): one root.
+        normal = "/" + posixpath.normpath(path).lstrip("/")
+        readings = (f"file://{path}", f"file://{normal}")
+    return any(all(r.startswith(p) and len(r) > len(p) for r in readings) for p in prefixes)
 
 
 def describe_prefixes(prefixes: Sequence[str]) -> str:

@@ -13,7 +13,8 @@ outbound policy (``contract.outbound``): the URL is checked first, the
 connection goes through the guarded connector (no link-local, metadata or
 API-server address, however the name resolves) and redirects are never
 followed (a 3xx is a failed delivery). A refused URL is not retried: it fails
-the delivery at once, logged once per URL. URLs are logged redacted.
+the delivery at once, logged once per URL. URLs are logged redacted. Only
+the reply's status counts: at most ``MAX_REPLY_BYTES`` of its body is read.
 
 :meth:`Notifier.deliver` says how a delivery ended, so the worker can tell a
 receiver that is down (connection refused, timeout, 5xx, 429: an outage, which
@@ -39,6 +40,10 @@ from kubeinfer_runtime.contract.outbound_io import guarded_connector
 
 log = logging.getLogger("kubeinfer.queue")
 
+#: At most this much of a webhook's reply is read (and dropped): its status is all that
+#: counts, and a receiver answering an endless body must not hold the worker or its memory.
+MAX_REPLY_BYTES = 64 * 1024
+
 
 def backoff_s(attempt: int, first_s: float, cap_s: float = 30.0) -> float:
     """Delay before retry ``attempt`` (1-based): first_s, 2*first_s, 4*first_s, ... capped."""
@@ -62,6 +67,14 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, aiohttp.InvalidURL):
         return type(error).__name__
     return f"{type(error).__name__}: {error}"
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read and drop the reply, up to ``MAX_REPLY_BYTES``: a short reply read to its end
+    leaves the connection for the next POST; a longer one is cut (the connection closes)."""
+    left = MAX_REPLY_BYTES
+    while left > 0 and (chunk := await response.content.read(left)):
+        left -= len(chunk)
 
 
 class Notifier:
@@ -108,7 +121,7 @@ class Notifier:
             try:
                 async with self._client().post(url, data=body, headers=headers,
                                                allow_redirects=False) as response:
-                    await response.read()
+                    await _drain(response)
                     if 200 <= response.status < 300:
                         return Delivery.DELIVERED
                     detail = f"HTTP {response.status}"

@@ -10,15 +10,29 @@ Reads are bounded and confined: an input is read in chunks and refused as
 soon as it exceeds ``max_read_bytes`` (never slurped: ``/dev/zero`` or a 50 GB
 object costs one chunk), file:// inputs must be regular files whose real path
 (symlinks resolved) lies below one of ``file_roots``, and no message ever
-quotes an object's bytes.
+quotes an object's bytes. An input is read into one buffer of the size the
+store declares (Content-Length, st_size), so reading it costs its size once,
+not twice (chunks, then their join): a 1 GB input is a 1 GB worker, not 2 GB.
+The buffer is a ``bytearray``, returned as it is: ``bytes(buffer)`` would be
+the second copy the single buffer avoids, and the codec takes either.
+
+What the store refuses for one request is permanent, so a bad request fails at
+once instead of holding a worker for the transient budget: an input S3 refuses
+as a bad request (``_REFUSED_CODES``: a key too long, an archived object) is
+``InputRefused``; an output or failure object whose name cannot exist (too
+long for S3 or for a file name) is ``LocationRefused``. Everything else the
+store refuses (AccessDenied above all: credentials and bucket policies get
+fixed) stays transient.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
@@ -34,6 +48,12 @@ if TYPE_CHECKING:
 _MISSING_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"}
 #: S3 error codes of a store that is down or overloaded rather than refusing this request.
 _OUTAGE_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"}
+#: S3 error codes refusing this request's object for good (the key cannot exist, or the
+#: object cannot be read as it is): the same request fails the same way on every try.
+_BAD_NAME_CODES = {"KeyTooLongError", "InvalidObjectName"}
+_REFUSED_CODES = _BAD_NAME_CODES | {"InvalidArgument", "InvalidRequest", "InvalidObjectState"}
+#: file:// write errors of a name that cannot exist: too long, or invalid on the filesystem.
+_BAD_NAME_ERRNOS = {errno.ENAMETOOLONG, errno.EINVAL}
 #: Reads go in chunks of this size, so a bound is enforced within one chunk.
 _CHUNK = 1 << 20
 
@@ -56,7 +76,13 @@ class InputTooLarge(PayloadTooLarge):
 
 
 class InputRefused(ValidationError):
-    """The input may not be read: not a regular file, or outside the allowed folders."""
+    """The input may not be read: not a regular file, outside the allowed folders, or
+    refused by S3 as a bad request (``_REFUSED_CODES``)."""
+
+
+class LocationRefused(ValidationError):
+    """An output or failure object cannot be written under its name, on any try: the
+    name is too long or invalid for the store (permanent, unlike a store that fails)."""
 
 
 def _split(uri: str) -> tuple[str, str, str]:
@@ -89,7 +115,7 @@ class ObjectStore:
             self._client = s3_client(self._s3, maxsize=self._connections)
         return self._client
 
-    def read(self, uri: str) -> bytes:
+    def read(self, uri: str) -> bytearray:
         scheme, bucket, key = _split(uri)
         if scheme == "file":
             return self._read_file(uri, key)
@@ -104,6 +130,12 @@ class ObjectStore:
             if _outage(e):
                 raise StoreUnreachable(f"Object store failed reading {uri} ({e.code}): "
                                        "retrying until it recovers") from None
+            if e.code in _REFUSED_CODES:
+                raise InputRefused(f"Input object {uri[:300]} cannot be read: the object "
+                                   f"store refuses the request ({e.code}): fix the "
+                                   "InputLocation, or restore the object if it is "
+                                   "archived") from None
+            # AccessDenied and the like: credentials and bucket policies get fixed.
             raise ObjectStoreError(f"Input object {uri} cannot be read ({e.code}): check the "
                                    "worker's S3 credentials and the bucket policy") from None
         except ValueError as e:  # refused by the SDK before any request (a bad bucket name)
@@ -114,10 +146,12 @@ class ObjectStore:
                                    f"({type(e).__name__}): check KUBEINFER_S3_ENDPOINT_URL"
                                    ) from None
         try:
-            declared = resp.headers.get("content-length")
-            if declared is not None and declared.isdigit():
-                self._check_size(uri, int(declared))
-            return self._bounded(uri, resp.stream(_CHUNK))
+            length = resp.headers.get("content-length")
+            declared = int(length) if length is not None and length.isdigit() else None
+            if declared is not None:
+                self._check_size(uri, declared)
+            # urllib3's readinto reads into a temporary of the slice's size: one chunk.
+            return self._bounded(uri, declared, resp.readinto)
         except (InputTooLarge, InputRefused):
             raise
         except Exception as e:
@@ -133,20 +167,49 @@ class ObjectStore:
                                 f"maxInputBytes ({self.max_read_bytes} bytes): split the input, "
                                 "or raise spec.async.maxInputBytes")
 
-    def _bounded(self, uri: str, chunks: Iterable[bytes]) -> bytes:
-        """Join ``chunks`` while within the bound; refuse at the first chunk past it."""
-        parts: list[bytes] = []
-        size = 0
-        for chunk in chunks:
-            size += len(chunk)
+    def _bounded(self, uri: str, declared: int | None,
+                 readinto: Callable[[memoryview], int | None]) -> bytearray:
+        """The whole object, read with ``readinto`` a chunk at a time into one buffer of
+        the ``declared`` size; refused at the first chunk past the bound.
+
+        A shorter object is what it holds (the buffer is cut, in place). A longer
+        one (a file that grew since its size was read, a body without a declared
+        length or decoded longer than sent) goes on growing the buffer by a
+        chunk at a time, still bounded: only then can a resize copy it.
+        """
+        buf = bytearray(declared or 0)
+        size = self._fill(buf, readinto)
+        if size < len(buf):
+            del buf[size:]
+            return buf
+        # Full: the end, unless there is more than declared. One byte tells (a chunk when
+        # nothing was declared), so a small input does not cost a chunk.
+        spare = bytearray(1 if declared else _CHUNK)
+        while n := self._fill(spare, readinto):
+            size += n
             if size > self.max_read_bytes:
                 raise InputTooLarge(f"Input object {uri} is over the endpoint's maxInputBytes "
                                     f"({self.max_read_bytes} bytes): split the input, or raise "
                                     "spec.async.maxInputBytes")
-            parts.append(chunk)
-        return b"".join(parts)
+            buf += memoryview(spare)[:n]
+            if len(spare) < _CHUNK:
+                spare = bytearray(_CHUNK)
+        return buf
 
-    def _read_file(self, uri: str, path: str) -> bytes:
+    @staticmethod
+    def _fill(buf: bytearray, readinto: Callable[[memoryview], int | None]) -> int:
+        """Read into ``buf`` until it is full or the object ends; how much was read. In
+        slices of at most a chunk: a reader may allocate a temporary of the slice's size."""
+        size = 0
+        with memoryview(buf) as view:
+            while size < len(buf):
+                n = readinto(view[size:size + _CHUNK])
+                if not n:
+                    break
+                size += n
+        return size
+
+    def _read_file(self, uri: str, path: str) -> bytearray:
         real = os.path.realpath(path)
         if self.file_roots and not any(real.startswith(r) for r in self.file_roots):
             raise InputRefused(f"Input object {uri} resolves outside the endpoint's file:// "
@@ -168,7 +231,7 @@ class ObjectStore:
                                    "not a device, pipe or directory")
             self._check_size(uri, info.st_size)
             try:
-                return self._bounded(uri, iter(lambda: f.read(_CHUNK), b""))
+                return self._bounded(uri, info.st_size, f.readinto)
             except OSError as e:
                 raise ObjectStoreError(f"Input object {uri} cannot be read ({e.strerror})"
                                        ) from None
@@ -176,16 +239,7 @@ class ObjectStore:
     def write(self, uri: str, data: bytes, content_type: str) -> None:
         scheme, bucket, key = _split(uri)
         if scheme == "file":
-            path = Path(key)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".write-")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except OSError as e:
-                raise ObjectStoreError(f"Output object {uri} cannot be written ({e}): check "
-                                       "the directory's permissions and free space") from None
+            self._write_file(uri, Path(key), data)
             return
         import io
 
@@ -198,12 +252,38 @@ class ObjectStore:
             if _outage(e):
                 raise StoreUnreachable(f"Object store failed writing {uri} ({e.code}): "
                                        "retrying until it recovers") from None
+            if e.code in _BAD_NAME_CODES:
+                raise LocationRefused(f"Object {uri[:300]} cannot be written: the object "
+                                      f"store refuses its name ({e.code}): use a shorter "
+                                      "S3OutputPathExtension or outputPath") from None
             raise ObjectStoreError(f"Output object {uri} cannot be written ({e.code}): check "
                                    "the bucket exists and the worker may write to it") from None
         except Exception as e:
             raise StoreUnreachable(f"Object store is unreachable writing {uri} "
                                    f"({type(e).__name__}): check KUBEINFER_S3_ENDPOINT_URL"
                                    ) from None
+
+    @staticmethod
+    def _write_file(uri: str, path: Path, data: bytes) -> None:
+        tmp = ""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".write-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            if e.errno in _BAD_NAME_ERRNOS:
+                # No retry makes such a name exist: say so now rather than loop.
+                raise LocationRefused(f"Object {uri[:300]} cannot be written ({e.strerror}): "
+                                      "its path cannot exist on this filesystem: use "
+                                      "shorter folder and file names (at most 255 bytes "
+                                      "each)") from None
+            raise ObjectStoreError(f"Output object {uri} cannot be written ({e}): check "
+                                   "the directory's permissions and free space") from None
 
     def probe(self, uri: str) -> None:
         """Whether the store holding ``uri`` answers: StoreUnreachable when it does not.

@@ -9,7 +9,10 @@ cannot finish. A try:
    notify and acknowledge — no second inference;
 2. counts the attempt; past ``max_retries`` retries, or with a malformed entry,
    dead-letters it: failure object, error notification, XADD to the
-   dead-letter stream and XACK in one transaction;
+   dead-letter stream and XACK in one transaction. A failure object that
+   cannot be written does not hold the request (``_unwritten``): unless the
+   store is down (then it waits, as every write does), the request is
+   dead-lettered without it, the reason in its dead letter and notification;
 3. a request older than its RequestTTLSeconds fails without running;
 4. reads the input object, infers (bounded by InvocationTimeoutSeconds),
    writes the output object where the gateway said. A failure is classified
@@ -18,7 +21,8 @@ cannot finish. A try:
    acknowledges the original in one transaction while retries are left; a
    TRANSIENT one (store, Redis or webhook unreachable) is raised for the worker
    to back off without using an attempt;
-5. records completion in the id hash, POSTs the notification, then XACK + XDEL.
+5. records completion in the id hash (with ``writes``, the objects written: an
+   audit that expires with the hash), POSTs the notification, then XACK + XDEL.
 
 Every Redis or store error raised out of here leaves the entry pending: the
 worker retries it, or another worker reclaims it after a crash.
@@ -39,7 +43,7 @@ from kubeinfer_runtime import codec, metrics
 from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncWorkerSettings
 from kubeinfer_runtime.errors import RuntimeServiceError
 from kubeinfer_runtime.queue.notifier import Delivery, Notifier
-from kubeinfer_runtime.queue.objects import ObjectStore
+from kubeinfer_runtime.queue.objects import ObjectStore, ObjectStoreError
 from kubeinfer_runtime.queue.request import (
     AsyncRequest,
     Confinement,
@@ -51,6 +55,7 @@ from kubeinfer_runtime.queue.retry_policy import (
     InferenceTimedOut,
     NotificationUndelivered,
     classify,
+    trips_breaker,
 )
 from kubeinfer_runtime.server.hotpath import invocations_work
 from kubeinfer_runtime.server.state import ModelSlot
@@ -254,7 +259,7 @@ class Processor:
         note = notification(req, ok=True, now=time.time(), region=self.settings.s3_region or "",
                             output_content_type=content_type)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hincrby(self.keys.writes, req.inference_id, 1)
+        pipe.hincrby(id_key, "writes", 1)
         pipe.hset(id_key, mapping={"done": "success", "note": note})
         await pipe.execute()
         self._outcomes["success"].inc()
@@ -312,20 +317,54 @@ class Processor:
     async def _fail(self, msg_id: str, req: AsyncRequest, code: str, message: str,
                     attempts: int, *, dead_letter: bool, outcome: str = "") -> None:
         body = failure_body(req, code, message, attempts)
-        await asyncio.to_thread(self.store.write, req.failure_location, body, "application/json")
+        unwritten = ""
+        try:
+            await asyncio.to_thread(self.store.write, req.failure_location, body,
+                                    "application/json")
+        except Exception as e:
+            unwritten = self._unwritten(e, req, message, dead_letter=dead_letter)
+            # The dead letter is the only record left: the request goes there, acknowledged.
+            message = f"{message}; no failure object was written ({unwritten})"
+            dead_letter, outcome = True, "dead_letter"
         note = notification(req, ok=False, now=time.time(), region=self.settings.s3_region or "",
                             failure_reason=message)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hincrby(self.keys.writes, req.inference_id, 1)
+        if not unwritten:
+            pipe.hincrby(self.keys.inference(req.inference_id), "writes", 1)
         pipe.hset(self.keys.inference(req.inference_id), mapping={
             "done": "failure", "note": note, "dlq": "1" if dead_letter else "",
             "last_error": message})
         await pipe.execute()
         self._outcomes[outcome or ("dead_letter" if dead_letter else "failure")].inc()
-        log.warning("Async request %s failed%s: %s", req.inference_id,
-                    " (dead-lettered)" if dead_letter else "", message)
+        log.log(logging.ERROR if unwritten else logging.WARNING, "Async request %s failed%s: %s",
+                req.inference_id, " (dead-lettered)" if dead_letter else "", message)
         await self._notify_and_ack(msg_id, req, ok=False, note=note, dead_letter=dead_letter,
                                    reason=message)
+
+    @staticmethod
+    def _unwritten(error: Exception, req: AsyncRequest, message: str, *,
+                   dead_letter: bool) -> str:
+        """Why the failure object will not be written; raises to wait for it instead.
+
+        Waited for (the request stays pending, as after any transient failure) is
+        only what may pass: the store being down — the failure waits for it, as
+        every write does — and, while the request is not yet being dead-lettered,
+        a refusal that can be fixed (permissions, a full disk, credentials). Those
+        retries use the transient budget and then attempts, so the request comes
+        back here dead-lettered. Anything else — a name no store can hold, a
+        refusal outlasting every attempt — must not hold the request and a worker
+        slot forever.
+        """
+        if trips_breaker(error):
+            raise error
+        if classify(error) is Failure.TRANSIENT and not dead_letter:
+            # Recorded as the try's error: the dead letter of a later try still says why
+            # the request failed, not only why its failure object could not be written.
+            code, text = _describe(error, req.inference_id)
+            raise ObjectStoreError(f"{message}; its failure object cannot be written yet "
+                                   f"({code}: {text})") from None
+        code, text = _describe(error, req.inference_id)
+        return f"{code}: {text}"
 
     async def _notify_and_ack(self, msg_id: str, req: AsyncRequest, *, ok: bool, note: bytes,
                               dead_letter: bool = False, reason: str = "",

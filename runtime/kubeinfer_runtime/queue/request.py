@@ -40,18 +40,22 @@ from kubeinfer_runtime.contract.locations import (
     within,
 )
 from kubeinfer_runtime.errors import ValidationError
+from kubeinfer_runtime.storage.target import MAX_SEGMENT_BYTES
+
+# The header patterns below are used with ``fullmatch`` only: ``match`` with a final
+# ``$`` lets a trailing newline through.
 
 #: SageMaker's InferenceId pattern: printable, at most 64 characters. Narrower
 #: here (no '/' or whitespace) because the id becomes part of an object key.
-_INFERENCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+_INFERENCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 #: SageMaker's minimum RequestTTLSeconds.
 MIN_REQUEST_TTL_S = 60
 #: S3OutputPathExtension as botocore's model allows it (its ``(?!s3:|https:)`` guard
 #: is implied: ':' is not in the set). It may still hold '..', '.' or empty
 #: segments and a leading '/': ``path_extension`` normalises and refuses those.
-_PATH_EXTENSION = re.compile(r"^[A-Za-z0-9!_.*'()/-]{1,512}$")
+_PATH_EXTENSION = re.compile(r"[A-Za-z0-9!_.*'()/-]{1,512}")
 #: Filename as botocore's model allows it: a plain name, at most one '.', no '/'.
-_FILENAME = re.compile(r"^(?!.*\..*\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_FILENAME = re.compile(r"(?!.*\..*\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -162,12 +166,14 @@ def path_extension(value: str | None) -> str:
 
     Empty and '.' segments and leading or trailing '/' are dropped (so S3 and
     file:// name the same object); '..' is refused rather than resolved, so the
-    result always stays below the endpoint's output and failure paths.
+    result always stays below the endpoint's output and failure paths. A segment
+    longer than a file name may be (255 bytes) is refused too: on a file:// path
+    no worker could ever write below it.
     """
     if not value:
         return ""
     name = "X-Amzn-SageMaker-S3OutputPathExtension"
-    if not _PATH_EXTENSION.match(value):
+    if not _PATH_EXTENSION.fullmatch(value):
         raise ValidationError(f"Header {name} {value[:600]!r} is not valid: use 1 to 512 "
                               "letters, digits, '/' or !_.*'()- (no s3:// or https:// "
                               "prefix; it is appended to the endpoint's outputPath)")
@@ -178,6 +184,11 @@ def path_extension(value: str | None) -> str:
     if not segments:
         raise ValidationError(f"Header {name} {value!r} names no folder: send a relative "
                               "folder such as 'tenant-a/2026-05', or leave the header out")
+    longest = max(segments, key=len)
+    if len(longest.encode()) > MAX_SEGMENT_BYTES:
+        raise ValidationError(f"Header {name} has a folder name of {len(longest.encode())} "
+                              f"bytes ({longest[:40]!r}...): use folder names of at most "
+                              f"{MAX_SEGMENT_BYTES} bytes, split by '/'")
     return "/".join(segments)
 
 
@@ -185,7 +196,7 @@ def filename(value: str | None) -> str:
     """The client's Filename ("" when absent), or a ValidationError."""
     if not value:
         return ""
-    if not _FILENAME.match(value):
+    if not _FILENAME.fullmatch(value):
         raise ValidationError(f"Header X-Amzn-SageMaker-Filename {value[:100]!r} is not "
                               "valid: use 1 to 32 letters, digits, '-', '_' or '.', starting "
                               "with a letter or digit, with at most one '.' and no '/'")
@@ -195,10 +206,14 @@ def filename(value: str | None) -> str:
 def _below(base: str, location: str, header: str) -> str:
     """``location`` when it names an object strictly below ``base``; else a ValidationError.
 
-    Belt and braces: ``path_extension`` and ``filename`` already make this true.
+    Belt and braces for the place: ``path_extension`` and ``filename`` already make
+    it true. Not for the length: an extension can make an S3 key too long.
     """
     problem = location_problem(location, "Location")
-    if problem or not location.startswith(base.rstrip("/") + "/"):
+    if problem:
+        raise ValidationError(f"Header {header} would put the object where it cannot be "
+                              f"written ({problem}): send a shorter relative folder")
+    if not location.startswith(base.rstrip("/") + "/"):
         raise ValidationError(f"Header {header} would put the object at {location!r}, "
                               f"outside {base!r}: send a relative folder without '..'")
     return location
@@ -227,7 +242,7 @@ def parse_async_request(endpoint: str, route: AsyncRoute, headers: dict[str, str
             f'input paths of endpoint "{endpoint}" ({describe_prefixes(route.input_paths)}): '
             "upload the input below one of them, or add its folder to spec.async.inputPath")
     inference_id = headers.get(H_INFERENCE_ID) or new_id or str(uuid.uuid4())
-    if not _INFERENCE_ID.match(inference_id):
+    if not _INFERENCE_ID.fullmatch(inference_id):
         raise ValidationError(f"InferenceId {inference_id!r} is not valid: use 1 to 64 "
                               "letters, digits, '.', '_', ':' or '-', starting with a letter "
                               "or digit")

@@ -17,7 +17,9 @@ class                   errors                                 what happens
 ``PERMANENT``           the input is bad: 400 validation       failure object at once
                         (shape, type, JSON), 413 too large,    (attempts 1), no retry:
                         404 missing input, refused input,      the same input fails the
-                        424 model error on that input          same way
+                        424 model error on that input, an      same way
+                        S3 bad request on the input, an
+                        output name no store can hold
 ``RETRY``               anything else (500 InternalFailure,    re-queued at once, up to
                         the model timing out)                  ``maxRetries`` times
 ======================  =====================================  ==========================

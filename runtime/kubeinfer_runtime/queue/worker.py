@@ -30,7 +30,8 @@ worker takes them at once).
 
 Guarantees: every accepted request ends with exactly one final object (output
 or failure, at a deterministic key) — a re-processed request overwrites the
-same key; notifications are delivered at least once.
+same key — or, when its failure object can never be written, in the
+dead-letter stream saying why; notifications are delivered at least once.
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ class Worker:
         except redis.exceptions.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+        # Earlier versions counted writes in one hash per queue that never expired (a
+        # field per request ever processed); the count is in each id hash now.
+        await self.redis.unlink(f"kubeinfer:async:{{{self.settings.queue}}}:writes")
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; then drain or release in-flight requests."""

@@ -35,7 +35,7 @@ H_OUTPUT = b"x-kubeinfer-output"
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
-def invocations_work(model: LoadedModel, body: bytes, content_type: str | None,
+def invocations_work(model: LoadedModel, body: bytes | bytearray, content_type: str | None,
                      encoding: codec.Encoding,
                      limits: codec.DecodeLimits = codec.DEFAULT_LIMITS,
                      output: str | None = None) -> tuple[bytes, float]:

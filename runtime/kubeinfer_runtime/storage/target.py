@@ -24,8 +24,9 @@ MAX_SEGMENT_BYTES = 255
 
 #: Characters that only ever appear in a name to play URL or shell tricks:
 #: percent-encoding, query/fragment, scheme separators, backslashes, and any
-#: control or whitespace character.
-_FORBIDDEN = re.compile(r"[%?#:\\\x00-\x20\x7f]")
+#: control or whitespace character — the C1 controls (0x80-0x9f) included, which is
+#: what those bytes in a header become (headers are decoded as latin-1).
+_FORBIDDEN = re.compile(r"[%?#:\\\x00-\x20\x7f-\x9f]")
 
 
 class InvalidTargetModel(ValidationError):
