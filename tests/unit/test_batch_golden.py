@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from kubeinfer_runtime.batch import finalize
 from kubeinfer_runtime.batch import plan as plan_module
 from kubeinfer_runtime.batch.errors import BadInput, RecordTooLarge, TooManyFailures
 from kubeinfer_runtime.batch.finalize import run_finalize
@@ -146,6 +147,22 @@ def test_json_without_join_is_the_model_answer(tmp_path: Path, model: Path) -> N
     assert outputs == {"a.jsonl.out": b"[3.0]\n[7.0]\n"}
 
 
+def test_json_lines_are_one_instance_each(tmp_path: Path, model: Path) -> None:
+    # A line that is not one JSON value is a bad record, named; it cannot become two
+    # instances, or close the request's array and add to its structure. A line of
+    # spaces is a record (as for CSV) and not JSON; an empty line is no record.
+    data = (b'[1,2]\n[3,4],[5,6]\n\n[7,8]\n   \n[1,2]],"extra":[[0]\n[9,10]\n')
+    outputs, summary, errors = run_job(tmp_path, model, {"a.jsonl": data}, split_type="Line",
+                                       input_content_type=JSONL, accept=JSONL,
+                                       assemble_with="Line", max_failed_records=3)
+    assert outputs == {"a.jsonl.out": b"[3.0]\n[15.0]\n[19.0]\n"}
+    assert (summary.records, summary.failed_records) == (6, 3)
+    assert [(e["record"], e["offset"]) for e in errors] == [
+        (2, 6), (4, 25), (5, 29)]
+    assert "whitespace" in errors[1]["error"] and "not one JSON value" in errors[2]["error"]
+    assert all("extra" not in e["error"] and "[3,4]" not in e["error"] for e in errors)
+
+
 def test_split_none_sends_whole_objects(tmp_path: Path, model: Path) -> None:
     outputs, summary, _ = run_job(
         tmp_path, model, {"a.json": b'{"instances":[[1,2],[3,4]]}', "b.json": b"[[5,6]]",
@@ -186,6 +203,25 @@ def test_bad_records_tolerated_are_listed(tmp_path: Path, model: Path) -> None:
                                                                       ("a.csv", 4, 12)]
     assert "not a number" in errors[0]["error"]
     assert all("x,4" not in e["error"] and "7,y" not in e["error"] for e in errors)
+
+
+def test_many_bad_records_are_merged_in_sorted_runs(tmp_path: Path, model: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # A shard lists records its InputFilter refused as it reads them, and those the
+    # model refused as answers come: out of order. Sorted in runs of 2 on disk, then
+    # merged, they come out as one sort in memory gives.
+    monkeypatch.setattr(finalize, "MERGE_RUN_LINES", 2)
+    files = {f"{name}.jsonl": b'{"features":["x",1]}\nx\n{"features":[1,2]}\n'
+             for name in "cab"}
+    outputs, summary, errors = run_job(tmp_path, model, files, split_type="Line",
+                                       input_content_type=JSONL, accept=JSONL,
+                                       assemble_with="Line", input_filter="$.features",
+                                       max_failed_records=6)
+    assert outputs == {f"{name}.jsonl.out": b"[3.0]\n" for name in "abc"}
+    assert summary.failed_records == 6
+    assert [(e["key"], e["record"], e["offset"]) for e in errors] == [
+        (f"{name}.jsonl", record, offset) for name in "abc" for record, offset in ((1, 0),
+                                                                                   (2, 21))]
 
 
 def test_first_bad_record_fails_the_job_without_tolerance(tmp_path: Path, model: Path) -> None:

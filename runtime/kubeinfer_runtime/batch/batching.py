@@ -8,7 +8,8 @@ SageMaker's rules, as pinned by the golden tests:
   are sent as lines (``\\n``-terminated); RecordIO and TFRecord records with their
   framing (SageMaker: "padding is not removed" for MultiRecord).
 * SingleRecord: one record per request, without framing or padding.
-* MaxPayloadInMB 0: no bound on a request (the whole part in one MultiRecord request).
+* MaxPayloadInMB 0: the whole part in one MultiRecord request, up to a cap
+  (``reading.UNBOUNDED_CAP``): no request is unbounded.
 * A single record over the bound is a failure naming it (object, record, offset).
 
 The fast path (:func:`line_batches`: Line split, MultiRecord, no InputFilter) never

@@ -10,7 +10,8 @@
 * ``model_url``: an image speaking the SageMaker container contract on localhost:
   ``GET /ping`` until 200 (at most ``startup_timeout_s``), ``GET
   /execution-parameters`` (its MaxConcurrentTransforms, BatchStrategy and
-  MaxPayloadInMB apply where the job set none, as on SageMaker), then ``POST
+  MaxPayloadInMB apply where the job set none, as on SageMaker; MaxPayloadInMB 0
+  only with splitType None, as the spec allows), then ``POST
   /invocations``. A 5xx, a timeout or a dropped connection is retried
   ``invocation_retries`` times with backoff; a 4xx is an answer about the records.
 
@@ -37,9 +38,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from kubeinfer_runtime import codec
-from kubeinfer_runtime.batch.errors import ModelUnavailable, short
+from kubeinfer_runtime.batch.errors import BadRecord, ModelUnavailable, short
 from kubeinfer_runtime.codec import Encoding
-from kubeinfer_runtime.contract.batch import BatchSettings, BatchStrategy, media_type_of
+from kubeinfer_runtime.contract.batch import (
+    BatchSettings,
+    BatchStrategy,
+    SplitType,
+    media_type_of,
+)
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError, ValidationError
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.models.base import Tensors
@@ -98,8 +104,13 @@ class ExecutionParameters:
             update["max_concurrent_transforms"] = self.max_concurrent_transforms
         if settings.batch_strategy is None and self.batch_strategy is not None:
             update["batch_strategy"] = self.batch_strategy
-        if settings.max_batch_payload_bytes is None and self.max_payload_mb is not None:
-            update["max_batch_payload_bytes"] = self.max_payload_mb * 1024 * 1024
+        mb = self.max_payload_mb
+        # 0 (whole objects, unbounded) only where objects are not split: the spec
+        # refuses it with a splitType, and an image may not choose it for a job either.
+        if mb == 0 and settings.split_type is not SplitType.NONE:
+            mb = None
+        if settings.max_batch_payload_bytes is None and mb is not None:
+            update["max_batch_payload_bytes"] = mb * 1024 * 1024
         return settings.model_copy(update=update) if update else settings
 
 
@@ -141,8 +152,26 @@ def _limits(settings: BatchSettings) -> codec.DecodeLimits:
 
 
 def as_instances(body: bytes) -> bytes:
-    """Line records of JSON, as one ``{"instances": [...]}`` request."""
-    lines = [line for line in body.split(b"\n") if line.strip()]
+    """Line records of JSON, as one ``{"instances": [...]}`` request: one instance per
+    record, exactly as ``records`` counts them (a blank line, empty or a lone ``\\r``,
+    is no record; a line of spaces is one, and not JSON).
+
+    Each line must be one JSON value, else :class:`BadRecord` names it (its number in
+    the request, never its bytes): joined unchecked, ``[1,2],[3,4]`` would be two
+    instances, and ``[1,2]],"extra":[[0]`` would add to the request's structure.
+    Checked lines are joined as they are: a JSON value is self-delimiting, so the
+    array holds exactly those values (re-encoding them would cost twice as much).
+    """
+    lines = [line for line in body.split(b"\n") if line not in (b"", b"\r")]
+    loads = orjson.loads
+    for number, line in enumerate(lines, 1):
+        try:
+            loads(line)
+        except orjson.JSONDecodeError as e:
+            why = ("is blank (whitespace only)" if not line.strip() else
+                   f"is not one JSON value (invalid at character {e.pos} of its line)")
+            raise BadRecord(f"JSON Lines record {number} of the request {why}: send one "
+                            "JSON document per line") from None
     return b'{"instances":[' + b",".join(lines) + b"]}"
 
 

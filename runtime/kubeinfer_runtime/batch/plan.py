@@ -29,10 +29,12 @@ import orjson
 from pydantic import ValidationError as ModelInvalid
 
 from kubeinfer_runtime.batch.errors import BadInput, InputRefused
-from kubeinfer_runtime.batch.store import Store, key_problem
+from kubeinfer_runtime.batch.store import Store, join, key_problem
 from kubeinfer_runtime.contract.batch import (
     DONE_FOLDER,
     ERRORS_FOLDER,
+    OUTPUT_SUFFIX,
+    PARTS_FOLDER,
     PLAN_NAME,
     STATE_FOLDER,
     BatchSettings,
@@ -44,7 +46,12 @@ from kubeinfer_runtime.contract.batch import (
     ShardPlan,
     SplitType,
 )
-from kubeinfer_runtime.contract.locations import location_problem, normalize_prefix, within
+from kubeinfer_runtime.contract.locations import (
+    location_problem,
+    normalize_prefix,
+    split_location,
+    within,
+)
 
 SHARDS_PER_INSTANCE = 4
 #: A shard holds at least this much (smaller shards cost more in markers than they save).
@@ -55,6 +62,11 @@ OBJECT_OVERHEAD_BYTES = 64 << 10
 MAX_SHARDS = 10_000
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_PLAN_BYTES = 256 << 20
+#: The longest file name (bytes) and path (bytes, less its NUL) Linux filesystems take.
+NAME_MAX = 255
+PATH_MAX = 4095
+#: The longest S3 object key, in bytes.
+S3_KEY_MAX = 1024
 
 
 def cut_shards(objects: Sequence[ObjectRef], *, instance_count: int, splittable: bool,
@@ -86,14 +98,68 @@ def cut_shards(objects: Sequence[ObjectRef], *, instance_count: int, splittable:
     return [Shard(index=n, parts=parts) for n, parts in enumerate(shards)]
 
 
+def output_problem(objects: Sequence[ObjectRef], shards: Sequence[Shard],
+                   folder: str) -> str | None:
+    """Why some object's output cannot be written below ``folder``, else None (PURE).
+
+    Checked when planning, so such an input fails the job at once as bad input
+    rather than failing a shard's write, which the Indexed Job would retry in
+    vain: a name or path too long for the store, or, in a filesystem, an output
+    that would have to be a file and a folder at once (``a`` -> ``a.out``,
+    ``a.out/b`` -> ``a.out/b.out``; S3 keys may be both, so S3 outputs may).
+    """
+    split = {p.object for s in shards for p in s.parts
+             if not (p.start == 0 and p.end >= objects[p.object].size)}
+    scheme, _, base = split_location(folder) or ("", "", "")
+    names: dict[str, str] = {}  # output key -> input key
+    for i, obj in enumerate(objects):
+        name = obj.key + OUTPUT_SUFFIX
+        names[name] = obj.key
+        # The longest path it takes: a split object's parts wait under _kubeinfer/parts/.
+        longest = len((base + (f"{STATE_FOLDER}/{PARTS_FOLDER}/{name}/{0:020d}" if i in split
+                               else name)).encode())
+        if scheme == "file":
+            if max(len(s.encode()) for s in name.split("/")) > NAME_MAX:
+                return (f"Input object key {obj.key[:200]!r} is too long for its output "
+                        f"{OUTPUT_SUFFIX!r} file: a file name may have {NAME_MAX} bytes (UTF-8), "
+                        f"so a key's last segment {NAME_MAX - len(OUTPUT_SUFFIX)} as "
+                        f"{OUTPUT_SUFFIX!r} is added: shorten the key")
+            if longest > PATH_MAX:
+                return (f"Input object key {obj.key[:200]!r} is too long: its output path "
+                        f"would be {longest} bytes, over the {PATH_MAX} a file path may have: "
+                        "shorten the key, or use a shorter output.uri")
+        elif longest > S3_KEY_MAX:
+            return (f"Input object key {obj.key[:200]!r} is too long: its output key would be "
+                    f"{longest} bytes, over the {S3_KEY_MAX} an S3 key may have: shorten the "
+                    "key, or use a shorter output.uri")
+    if scheme == "file":
+        for name, key in names.items():
+            segments = name.split("/")
+            for n in range(1, len(segments)):
+                other = names.get("/".join(segments[:n]))
+                if other is not None:
+                    return (f"Input objects {other[:200]!r} and {key[:200]!r} cannot both be "
+                            f"answered: output file {other[:200] + OUTPUT_SUFFIX!r} would "
+                            f"have to be the folder of {key[:200] + OUTPUT_SUFFIX!r} too: "
+                            "rename one of them")
+    return None
+
+
 def output_folder(settings: BatchSettings) -> str:
     """The job's output folder URI, ending in ``/``; BadInput when it cannot be one."""
     problem = location_problem(settings.output_uri, "output.uri")
-    if problem is None and normalize_prefix(settings.output_uri) == "file:///":
+    folder = normalize_prefix(settings.output_uri) if problem is None else ""
+    if folder == "file:///":
         problem = "output.uri is the whole filesystem: name a folder"
+    elif folder and normalize_prefix(folder) != folder:
+        # normalize_prefix decodes the folder's name: one holding '#', '?' or an escape
+        # would no longer name itself, and outputs (keys joined to it) would go elsewhere.
+        problem = (f"output.uri {settings.output_uri[:200]!r} names a folder with '#', '?' "
+                   "or '%' in its name, which outputs cannot be addressed below: use another "
+                   "folder")
     if problem is not None:
         raise BadInput(problem[0].upper() + problem[1:])
-    return normalize_prefix(settings.output_uri)
+    return folder
 
 
 def state_uri(settings: BatchSettings, *names: str) -> str:
@@ -109,6 +175,17 @@ def done_uri(settings: BatchSettings, shard: int) -> str:
 def errors_uri(settings: BatchSettings, shard: int) -> str:
     """A shard's bad records (``_errors.jsonl`` lines), written before its marker."""
     return state_uri(settings, ERRORS_FOLDER, f"{shard}.jsonl")
+
+
+def output_uri(folder: str, key: str) -> str:
+    """Where an object's output goes: ``<output>/<key>.out``, ``folder`` its URI."""
+    return join(folder, key + OUTPUT_SUFFIX)
+
+
+def part_uri(folder: str, key: str, start: int) -> str:
+    """Where the output of a byte-range part of a split object waits for finalize:
+    ``<output>/_kubeinfer/parts/<key>.out/<start>``."""
+    return join(folder, f"{STATE_FOLDER}/{PARTS_FOLDER}/{key}{OUTPUT_SUFFIX}/{start:020d}")
 
 
 def input_root(settings: BatchSettings) -> str:
@@ -137,8 +214,13 @@ def _prefix(settings: BatchSettings, store: Store) -> list[ObjectRef]:
     uri = settings.input_uri
     if not uri.endswith("/"):
         size = store.size(uri)
-        if size is not None:  # one object
-            return [ObjectRef(uri=uri, key=posixpath.basename(uri), size=size)]
+        if size is not None:  # one object: its name, decoded, is its output's
+            key = posixpath.basename((split_location(uri) or ("", "", uri))[2])
+            problem = key_problem(key)
+            if problem is not None:
+                raise InputRefused(f"Input object name {key[:200]!r} {problem}: rename the "
+                                   "object")
+            return [ObjectRef(uri=uri, key=key, size=size)]
     folder = normalize_prefix(uri)
     out_folder = output_folder(settings)
     skip = out_folder[len(folder):] if out_folder.startswith(folder) else None
@@ -149,8 +231,20 @@ def _prefix(settings: BatchSettings, store: Store) -> list[ObjectRef]:
         problem = key_problem(key)
         if problem is not None:
             raise InputRefused(f"Input object key {key[:200]!r} {problem}: rename the object")
-        objects.append(ObjectRef(uri=folder + key, key=key, size=size))
+        objects.append(ObjectRef(uri=_key_uri(folder, key), key=key, size=size))
     return objects
+
+
+def _key_uri(folder: str, key: str) -> str:
+    """``join(folder, key)``, checked to decode back to ``key`` below ``folder``: the URI
+    a worker reads must name the object the plan lists, never a neighbour."""
+    uri = join(folder, key)
+    base, named = split_location(folder), split_location(uri)
+    if base is None or named != (*base[:2], base[2] + key):
+        raise InputRefused(f"Input folder {folder[:200]} cannot name object {key[:200]!r} "
+                           "exactly (a '#', '?' or '%' in the folder's own name?): rename "
+                           "the folder")
+    return uri
 
 
 def _manifest(settings: BatchSettings, store: Store) -> list[ObjectRef]:
@@ -164,19 +258,19 @@ def _manifest(settings: BatchSettings, store: Store) -> list[ObjectRef]:
         if problem is not None:
             raise InputRefused(f"Manifest {settings.input_uri} entry {n} {problem}: list keys "
                                "relative to the prefix, without '..'")
-        if not within(prefix + key, [prefix]):
+        if not within(_key_uri(prefix, key), [prefix]):
             raise InputRefused(f"Manifest {settings.input_uri} entry {n} lies outside its "
                                "prefix: list keys below the prefix")
     if len(set(keys)) != len(keys):
         raise BadInput(f"Manifest {settings.input_uri} lists a key twice: list each once")
     with ThreadPoolExecutor(16) as pool:
-        sizes = list(pool.map(lambda k: store.size(prefix + k), keys))
+        sizes = list(pool.map(lambda k: store.size(_key_uri(prefix, k)), keys))
     objects = []
     for n, (key, size) in enumerate(zip(keys, sizes, strict=True), 2):
         if size is None:
             raise BadInput(f"Manifest {settings.input_uri} entry {n} names no object: upload "
                            "it, or remove it from the manifest")
-        objects.append(ObjectRef(uri=prefix + key, key=key, size=size))
+        objects.append(ObjectRef(uri=_key_uri(prefix, key), key=key, size=size))
     return sorted(objects, key=lambda o: o.key)
 
 
@@ -227,12 +321,14 @@ def make_plan(settings: BatchSettings, store: Store) -> ShardPlan:
     if existing is not None:
         return existing
     objects = list_input(settings, store)
+    shards = cut_shards(objects, instance_count=settings.instance_count,
+                        splittable=splittable(settings), shard_bytes=settings.shard_bytes)
+    problem = output_problem(objects, shards, output_folder(settings))
+    if problem is not None:
+        raise InputRefused(problem)
     plan = ShardPlan(job=settings.job, input_uri=settings.input_uri,
                      output_uri=settings.output_uri, split_type=settings.split_type,
-                     compression=settings.compression, objects=objects,
-                     shards=cut_shards(objects, instance_count=settings.instance_count,
-                                       splittable=splittable(settings),
-                                       shard_bytes=settings.shard_bytes))
+                     compression=settings.compression, objects=objects, shards=shards)
     store.write_bytes(uri, plan.model_dump_json().encode(), "application/json")
     return plan
 

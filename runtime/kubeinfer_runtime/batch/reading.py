@@ -67,8 +67,10 @@ class PartReader:
         self.io_pool = io_pool
         self.parts = parts
         self.on_bad = on_bad
-        self.limit = settings.effective_max_payload_bytes
-        self.bound = self.limit or UNBOUNDED_CAP
+        #: The largest request and record: MaxPayloadInMB, or the cap when it is 0 (a
+        #: part read whole into one request has no other bound: a gzip bomb's would be
+        #: all of it).
+        self.bound = settings.effective_max_payload_bytes or UNBOUNDED_CAP
         self.single = settings.effective_batch_strategy is BatchStrategy.SINGLE_RECORD
         self.lines = settings.split_type is SplitType.LINE
         #: Records read from the part being cut (for ``ShardReport.part_records``).
@@ -141,14 +143,14 @@ class PartReader:
             reader = LineReader(where, part.start, end, self.bound)
             blocks = _line_blocks(reader, stream(reader.read_from))
             if not self.single and (self.processor is None or not self.processor.filters_input):
-                yield from line_batches(blocks, self.limit, where)
+                yield from line_batches(blocks, self.bound, where)
                 return
             records: Iterable[Record] = (r for b in blocks for r in lines_of(b))
         else:
             framed = (RecordIOReader if s.split_type is SplitType.RECORDIO
                       else TFRecordReader)(where, part.start, end, self.bound)
             records = _framed_records(framed, stream(framed.read_from))
-        yield from record_batches(self._sent(records, part, where), self.limit,
+        yield from record_batches(self._sent(records, part, where), self.bound,
                                   single=self.single, where=where)
 
     def _sent(self, records: Iterable[Record], part: ShardPart,

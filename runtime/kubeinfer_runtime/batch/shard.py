@@ -9,8 +9,9 @@ are taken in input order and written (``assemble``, ``filters``) to one spooled
 temporary file per part, uploaded atomically when the part's last answer is in:
 ``<output>/<key>.out`` for a whole object, ``_kubeinfer/parts/<key>.out/<start>``
 for a byte range of a split object (the finalizer joins those). Memory stays
-bounded: the requests in flight, the prefetched small objects, and 16 MiB of
-each output before it spills to disk.
+bounded: the requests in flight, the prefetched small objects, two batches of
+a small object (whether it shares a request: a small gzip object may inflate to
+any size), and 16 MiB of each output before it spills to disk.
 
 Bad records: a request answered with a 4xx (the model refused the input, or
 failed on it) is tried again in halves until the bad records stand alone; each is
@@ -20,20 +21,25 @@ still get their outputs; a bad record gets none (SageMaker would fail the job:
 with a tolerance, its output line is missing, and ``_errors.jsonl`` says which).
 Once more records failed in this worker than are tolerated, the shard stops
 with :class:`~kubeinfer_runtime.batch.errors.TooManyFailures` naming the record.
+The set-aside records are written out as they fail (:class:`FailureLog`): a
+tolerance of millions must not hold millions of objects.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from kubeinfer_runtime.batch.assemble import line_terminated, split_outputs
 from kubeinfer_runtime.batch.batching import (
@@ -52,6 +58,7 @@ from kubeinfer_runtime.batch.coalesce import (
 from kubeinfer_runtime.batch.errors import BadRecord, Stopped, TooManyFailures, cap, short
 from kubeinfer_runtime.batch.filters import DataProcessor
 from kubeinfer_runtime.batch.invoke import Answer, Model, is_bad_request
+from kubeinfer_runtime.batch.plan import output_uri, part_uri
 from kubeinfer_runtime.batch.reading import PartReader, whole
 from kubeinfer_runtime.batch.records import (
     Record,
@@ -59,9 +66,6 @@ from kubeinfer_runtime.batch.records import (
 )
 from kubeinfer_runtime.batch.store import Store
 from kubeinfer_runtime.contract.batch import (
-    OUTPUT_SUFFIX,
-    PARTS_FOLDER,
-    STATE_FOLDER,
     AssembleWith,
     BatchSettings,
     ObjectRef,
@@ -82,6 +86,8 @@ SPOOL_BYTES = 16 << 20
 INLINE_BODY_BYTES = 64 << 10
 #: file:// outputs up to this size are written on the worker's thread.
 INLINE_WRITE_BYTES = 1 << 20
+#: A shard's failure lines are held in memory up to this size, then in a temporary file.
+FAILURES_SPOOL_BYTES = 1 << 20
 
 
 def _done(fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -110,6 +116,33 @@ class Failure:
         return {"shard": self.shard, "object": self.object, "key": self.key,
                 "part_start": self.part_start, "record": self.record, "offset": self.offset,
                 "error": self.error}
+
+
+class FailureLog:
+    """A shard's failures as the lines of its errors file, spooled to a temporary file
+    as they come (a million held as objects took 418 MiB); uploaded by the worker."""
+
+    def __init__(self) -> None:
+        # Closed by close(), once the worker uploaded it.
+        self.file = tempfile.SpooledTemporaryFile(max_size=FAILURES_SPOOL_BYTES)  # noqa: SIM115
+        self.count = 0
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, failure: Failure) -> None:
+        line = orjson.dumps(failure.line()) + b"\n"
+        self.file.write(line)
+        self.count += 1
+        self.size += len(line)
+
+    def upload(self, store: Store, uri: str) -> None:
+        self.file.seek(0)
+        store.write(uri, self.file, self.size, "application/x-ndjson")  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @dataclass
@@ -215,7 +248,7 @@ class ShardRun:
         self.shard = shard
         s = job.settings
         self.lines = s.split_type is SplitType.LINE
-        self.failures: list[Failure] = []
+        self.failures = FailureLog()
         self.report = {"records": 0, "failed": 0, "bytes_in": 0, "bytes_out": 0}
         self.part_records: dict[str, int] = {}
         self.content_type = s.accept or "application/octet-stream"
@@ -249,23 +282,25 @@ class ShardRun:
             obj = job.plan.objects[part.object]
             sink = _Sink(self._output_uri(obj, part))
             where = Where(obj.key, part.start)
+            batches: Iterator[Batch] = self.reader.batches(n, where)
             if self.coalesce and whole(part, obj) and obj.size <= SMALL_OBJECT_BYTES:
-                batches = list(self.reader.batches(n, where))
-                if len(batches) <= 1:
-                    body = len(batches[0].body) if batches else 0
+                # At most two batches are read to tell: a small gzip object may inflate
+                # to any size, and the rest is read as it is sent.
+                head = list(itertools.islice(batches, 2))
+                if len(head) <= 1:
+                    body = len(head[0].body) if head else 0
                     if group and (size + body > self.group_limit or len(group) >= MAX_MEMBERS):
                         self._flush(group, ends)
                         group, ends, size = [], [], 0
-                    group += [_Member(b, sink, where, part) for b in batches]
+                    group += [_Member(b, sink, where, part) for b in head]
                     ends.append(_PartEnd(sink, part))
                     size += body
                     continue
-            else:
-                batches = None
+                batches = itertools.chain(head, batches)
             if group:
                 self._flush(group, ends)
                 group, ends, size = [], [], 0
-            for batch in batches if batches is not None else self.reader.batches(n, where):
+            for batch in batches:
                 self._submit([_Member(batch, sink, where, part)])
             if not whole(part, obj):
                 self.part_records[f"{part.object}:{part.start}"] = self.reader.count
@@ -375,8 +410,8 @@ class ShardRun:
 
     def _fail(self, part: ShardPart, where: Where, record: Record, error: str) -> None:
         obj = self.job.plan.objects[part.object]
-        self.failures.append(Failure(self.shard.index, part.object, obj.key, part.start,
-                                     record.number, record.offset, short(error, 300)))
+        self.failures.add(Failure(self.shard.index, part.object, obj.key, part.start,
+                                  record.number, record.offset, short(error, 300)))
         self.report["failed"] += 1
         self._count(1)
         tally = self.job.tally
@@ -441,8 +476,6 @@ class ShardRun:
         return left + self._call(make_batch(records[mid:], sent[mid:]), budget - spent, where)
 
     def _output_uri(self, obj: ObjectRef, part: ShardPart) -> str:
-        key = obj.key + OUTPUT_SUFFIX
         if whole(part, obj):
-            return self.job.output_folder + key
-        return (f"{self.job.output_folder}{STATE_FOLDER}/{PARTS_FOLDER}/{key}/"
-                f"{part.start:020d}")
+            return output_uri(self.job.output_folder, obj.key)
+        return part_uri(self.job.output_folder, obj.key, part.start)

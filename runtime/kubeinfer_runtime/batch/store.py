@@ -13,7 +13,8 @@ memory), read a small object, write an object atomically, concatenate objects.
 * Confinement: every ``file://`` path is resolved (symlinks included) and must lie
   below one of the job's roots (its input and output folders); only regular files
   are read (``O_NOFOLLOW``, ``O_NONBLOCK``: a FIFO cannot hang a worker). Keys are
-  checked for ``..``, empty segments and control characters before any I/O.
+  checked for ``..``, empty segments and non-printable characters before any I/O,
+  and percent-encoded into URIs (:func:`join`), so a key names exactly its object.
 
 Blocking calls; the minio client is thread-safe, so callers use threads.
 """
@@ -31,6 +32,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from urllib.parse import quote
 
 from kubeinfer_runtime.batch.errors import InputRefused, StoreFailed
 from kubeinfer_runtime.contract import S3Settings
@@ -52,18 +54,35 @@ _MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"}
 
 
 def key_problem(key: str) -> str | None:
-    """Why ``key`` cannot be an object key mirrored under the output folder, else None."""
-    if not key or key.startswith("/") or any(c in key for c in "\x00\r\n"):
-        return "is empty, absolute or holds a control character"
+    """Why ``key`` cannot be an object key mirrored under the output folder, else None.
+
+    ``key`` is the key as it is used: the listed name, or a manifest entry taken
+    literally (:func:`join` encodes it, so ``%2e%2e`` is a name, never ``..``).
+    Keys end up quoted in messages and termination logs, hence printable only; a
+    segment named like our temporary files would be deleted by finalize's sweep.
+    """
+    if not key or key.startswith("/"):
+        return "is empty or absolute"
+    if not key.isprintable():
+        return "holds a control or other non-printable character"
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
         return "has an empty, '.' or '..' path segment"
+    if any(p.startswith(TEMP_PREFIX) for p in parts):
+        return (f"has a segment starting with {TEMP_PREFIX!r}, the name of the worker's "
+                "temporary files (finalize deletes them)")
     return None
 
 
 def join(prefix: str, key: str) -> str:
-    """``prefix`` (a folder URI, ending in ``/``) + ``key``."""
-    return prefix + key
+    """The URI of the object ``key`` below ``prefix`` (a folder URI, ending in ``/``).
+
+    The key is percent-encoded: pasted raw, a '#', '?' or '%41' in a legal key
+    would be read by :func:`split_location` as a fragment, a query or an escape,
+    naming another object. Encoded, every key decodes back to itself, for s3://
+    and file:// alike.
+    """
+    return prefix + quote(key, safe="/")
 
 
 class Store:
@@ -125,17 +144,34 @@ class Store:
                 for o in self._minio().list_objects(bucket, prefix=path, recursive=True)
                 if o.object_name and not o.object_name.endswith("/")])
         root = self._path(path, "Input folder")
+
+        def unreadable(e: OSError) -> None:
+            # os.walk skips a folder it cannot list unless told: that would drop its objects
+            # from the job without a word. Gone is fine (a listing is a snapshot).
+            if isinstance(e, FileNotFoundError):
+                return
+            where = os.path.relpath(e.filename, root) if e.filename else "."
+            raise InputRefused(f"Input folder {where!r} in file://{root} cannot be listed "
+                               f"({e.strerror}): let the worker read it, or remove it")
+
         out: list[tuple[str, int]] = []
-        for folder, dirs, files in os.walk(root):
+        for folder, dirs, files in os.walk(root, onerror=unreadable):
             for name in sorted(dirs + files):
                 full = os.path.join(folder, name)
                 key = os.path.relpath(full, root)
-                info = os.lstat(full)
+                try:
+                    info = os.lstat(full)
+                except FileNotFoundError:
+                    continue  # removed since its folder was listed
                 if stat.S_ISLNK(info.st_mode):
                     target = self._path(full, f"Input object {key!r}:")
                     if name in dirs:
                         continue  # a link to a folder inside the root: not descended
-                    info = os.stat(target)
+                    try:
+                        info = os.stat(target)
+                    except FileNotFoundError:
+                        raise InputRefused(f"Input object {key!r} in file://{root} is a broken "
+                                           "symbolic link: remove it") from None
                 if stat.S_ISDIR(info.st_mode):
                     continue
                 if not stat.S_ISREG(info.st_mode):
@@ -298,7 +334,9 @@ class Store:
         # thread are the only writers of this name; a killed run's leftovers are
         # overwritten by the next, and swept by the finalizer (``sweep_temporary``).
         folder = real_parent.rstrip("/")
-        tmp = f"{folder}/{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{name[:150]}"
+        # The name cut to 150 bytes, not characters: 150 'é' are 300 bytes, over NAME_MAX.
+        short = name.encode(errors="surrogateescape")[:150].decode(errors="ignore")
+        tmp = f"{folder}/{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{short}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o644)

@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import orjson
-
 from kubeinfer_runtime.batch.errors import BadInput
 from kubeinfer_runtime.batch.filters import DataProcessor
 from kubeinfer_runtime.batch.invoke import Model, make_model
@@ -152,12 +150,13 @@ def _finish(run: ShardRun, settings: BatchSettings, store: Store, progress: Prog
     """Wait for a shard's last requests, then write its errors and its done marker."""
     report = run.finish()
     shard = run.shard
-    if run.failures:
-        store.write_bytes(errors_uri(settings, shard.index),
-                          b"".join(orjson.dumps(f.line()) + b"\n"
-                                   for f in run.failures), "application/x-ndjson")
-    else:
-        store.delete(errors_uri(settings, shard.index))  # a stale one of a dead run
+    try:
+        if run.failures:
+            run.failures.upload(store, errors_uri(settings, shard.index))
+        else:
+            store.delete(errors_uri(settings, shard.index))  # a stale one of a dead run
+    finally:
+        run.failures.close()
     store.write_bytes(done_uri(settings, shard.index), report.model_dump_json().encode(),
                       "application/json")
     progress.done += 1
