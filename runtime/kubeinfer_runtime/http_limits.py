@@ -14,7 +14,10 @@ both the inline and the ASGI paths are covered) adds the bounds of
   431, closed;
 * time: ``http_header_timeout_s`` from a request's first byte (or the
   connection's opening) to its last header, ``http_body_timeout_s`` of silence
-  while a body is expected: 408 (or a plain close when nothing was sent),
+  while a body is expected, and a body at least ``http_body_min_rate_bytes_s``
+  on average once that long has passed (a byte trickled just inside every
+  silence held a connection for as long as the client liked): 408 (or a plain
+  close when nothing was sent),
   ``http_keepalive_timeout_s`` of idleness between requests;
 * ``http_max_connections`` per process: past it the longest-idle connection
   (between requests, or open without a byte) is closed; when none is idle the
@@ -135,6 +138,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         #: Bytes seen since the last response completed (0: an idle connection).
         self._received = 0
         self._idle_since = self._phase_since
+        #: When the body began and ``_received`` then: its average rate is checked.
+        self._body_since = self._phase_since
+        self._body_base = 0
+        #: The sweeper's last look (time not spent reading is not the client's).
+        self._checked_at = self._phase_since
         self._defaults_src: list[tuple[bytes, bytes]] | None = None
         self._defaults = b""
 
@@ -220,7 +228,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                     return False
         self._head_bytes = 0
         self._phase = Phase.BODY
-        self._phase_since = self.loop.time()
+        self._phase_since = self._body_since = self.loop.time()
+        self._body_base = self._received
         return True
 
     def on_body(self, body: bytes) -> None:
@@ -236,6 +245,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._phase = Phase.OTHER
 
     def on_response_complete(self) -> None:
+        # A pipelined request's body may be under way: its count stays right.
+        self._body_base -= self._received
         self._received = 0
         self._idle_since = self.loop.time()
         super().on_response_complete()
@@ -243,9 +254,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     # -- time limits (the sweeper calls this)
 
     def check_deadline(self, now: float) -> None:
+        last, self._checked_at = self._checked_at, now
         if self.transport.is_closing() or self.flow.read_paused:
             # Paused: we are not reading (a pipelined request waits its turn, or the app
-            # is slow to take the body): not the client's fault.
+            # is slow to take the body): not the client's fault, nor is its body's rate.
+            self._body_since += now - last
             return
         waited = now - self._phase_since
         if self._phase is Phase.HEAD and waited > self.limits.http_header_timeout_s:
@@ -259,14 +272,26 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._refuse(RequestTimeout(
                 f"Request headers not received within {self.limits.http_header_timeout_s:g}s "
                 "(KUBEINFER_HTTP_HEADER_TIMEOUT_S): send the whole request head at once"))
-        elif self._phase is Phase.BODY and waited > self.limits.http_body_timeout_s:
-            cycle = self.cycle
-            if cycle is not None and getattr(cycle, "response_started", False):
-                self.transport.close()
+        elif self._phase is Phase.BODY:
+            limits = self.limits
+            if waited > limits.http_body_timeout_s:
+                self._body_timeout(
+                    f"Request body stalled for {limits.http_body_timeout_s:g}s "
+                    "(KUBEINFER_HTTP_BODY_TIMEOUT_S): send as many bytes as Content-Length says")
                 return
-            self._refuse(RequestTimeout(
-                f"Request body stalled for {self.limits.http_body_timeout_s:g}s "
-                "(KUBEINFER_HTTP_BODY_TIMEOUT_S): send as many bytes as Content-Length says"))
+            rate = limits.http_body_min_rate_bytes_s
+            if rate > 0 and now - self._body_since > (
+                    limits.http_body_timeout_s + (self._received - self._body_base) / rate):
+                self._body_timeout(
+                    f"Request body arrived slower than {rate:g} bytes/s on average "
+                    "(KUBEINFER_HTTP_BODY_MIN_RATE_BYTES_S): send it faster")
+
+    def _body_timeout(self, message: str) -> None:
+        cycle = self.cycle
+        if cycle is not None and getattr(cycle, "response_started", False):
+            self.transport.close()
+            return
+        self._refuse(RequestTimeout(message))
 
     # -- refusing
 

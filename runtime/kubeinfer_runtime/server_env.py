@@ -64,6 +64,8 @@ class HttpConfig(Protocol):
     @property
     def http_body_timeout_s(self) -> float: ...
     @property
+    def http_body_min_rate_bytes_s(self) -> float: ...
+    @property
     def http_keepalive_timeout_s(self) -> float: ...
     @property
     def http_max_connections(self) -> int | None: ...
@@ -130,6 +132,7 @@ class HttpEnv:
     http_max_headers: int = 100
     http_header_timeout_s: float = 10.0
     http_body_timeout_s: float = 10.0
+    http_body_min_rate_bytes_s: float = 1024.0
     http_keepalive_timeout_s: float = 5.0
     http_max_connections: int | None = None
 
@@ -199,6 +202,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    if not _FLOAT.fullmatch(text):
+        raise _NotPlain
+    value = float(text)
+    if value < 0:
+        raise _NotPlain
+    return value
+
+
 def _bool(text: str) -> bool:
     try:
         return _BOOLS[text]
@@ -238,6 +250,7 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], tuple[str, ...]]] = {
     "http_max_headers": (_int(8), ()),
     "http_header_timeout_s": (_positive_float, ()),
     "http_body_timeout_s": (_positive_float, ()),
+    "http_body_min_rate_bytes_s": (_non_negative_float, ()),
     "http_keepalive_timeout_s": (_positive_float, ()),
     "http_max_connections": (_int(1), ()),
     "host": (_str, ()),

@@ -25,7 +25,7 @@ from tests.support.procs import RuntimeProcess, start_runtime
 
 BODY = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
 LIMITS = {"KUBEINFER_HTTP_HEADER_TIMEOUT_S": "1", "KUBEINFER_HTTP_BODY_TIMEOUT_S": "1",
-          "KUBEINFER_HTTP_KEEPALIVE_TIMEOUT_S": "1"}
+          "KUBEINFER_HTTP_KEEPALIVE_TIMEOUT_S": "1", "KUBEINFER_HTTP_BODY_MIN_RATE_BYTES_S": "2000"}
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,48 @@ def test_a_body_shorter_than_its_length_gets_408(
     assert status_of(reply) == 408 and b"KUBEINFER_HTTP_BODY_TIMEOUT_S" in reply
     assert time.monotonic() - started < 10
     assert_serves(proc, path)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_body_trickled_inside_every_silence_gets_408(
+        servers: dict[str, tuple[RuntimeProcess, str]], role: str) -> None:
+    # 50 bytes every 0.3 s: never a second of silence, so only the body's average rate
+    # (166 bytes/s against 2,000) ends it: 1 s + its bytes / 2,000 after it began.
+    proc, path = servers[role]
+    with connect(proc) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 1000000\r\n\r\n".encode())
+        started = time.monotonic()
+        sock.settimeout(0.3)
+        reply = b""
+        while time.monotonic() - started < 20:
+            try:
+                reply = sock.recv(65536)
+                break  # the refusal (or a close)
+            except TimeoutError:
+                send_all(sock, b" " * 50)
+        sock.settimeout(15)
+        reply += read_reply(sock)
+    assert status_of(reply) == 408 and b"KUBEINFER_HTTP_BODY_MIN_RATE_BYTES_S" in reply
+    assert time.monotonic() - started < 20
+    assert_serves(proc, path)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_a_slow_body_above_the_rate_is_served(
+        servers: dict[str, tuple[RuntimeProcess, str]], role: str) -> None:
+    # 2.4 s of body (past the 1 s silence and 1 s rate grace), at ~8 KB/s: served.
+    proc, path = servers[role]
+    body = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]] * 900}).encode()
+    pieces = [body[i:i + len(body) // 12 + 1] for i in range(0, len(body), len(body) // 12 + 1)]
+    with connect(proc) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        for piece in pieces:
+            time.sleep(0.2)  # the slow client under test, not a wait for a condition
+            sock.sendall(piece)
+        reply = read_reply(sock)
+    assert status_of(reply) == 200, reply[:300]
 
 
 @pytest.mark.parametrize("role", ROLES)

@@ -365,3 +365,49 @@ async def test_the_proxy_refuses_paths_it_cannot_forward_as_checked(tmp_path: Pa
         assert forwarded == ["/v2/models/m/infer", "/v2/models/a%3Fb%23c/infer"]
     finally:
         await proxy.aclose()
+
+
+# -- where a package comes from, and what goes with it ------------------------------------------
+
+
+@pytest.mark.parametrize(("announced", "url", "credential"), [
+    ("/v1/packages/v1/x86", "https://fleet.example:8443/v1/packages/v1/x86", True),
+    ("https://fleet.example:8443/v1/packages/v1/x86",
+     "https://fleet.example:8443/v1/packages/v1/x86", True),
+    # Anywhere else (a CDN, a presigned link) the package comes without the credential:
+    ("https://cdn.example/p.tgz", "https://cdn.example/p.tgz", False),
+    ("http://fleet.example:8443/v1/p", "http://fleet.example:8443/v1/p", False),
+    ("https://fleet.example/v1/p", "https://fleet.example/v1/p", False),
+    ("https://x@fleet.example:8443/v1/p", "https://x@fleet.example:8443/v1/p", False),
+])
+def test_the_credential_goes_only_to_the_fleets_own_origin(announced: str, url: str,
+                                                           credential: bool) -> None:
+    assert inst.package_url("https://fleet.example:8443/", announced) == (url, credential)
+
+
+@pytest.mark.parametrize("announced", ["@evil.example/p.tgz", "evil/p", ".evil.example/p"])
+def test_a_package_path_that_would_name_another_host_is_refused(announced: str) -> None:
+    # Appended to "https://fleet.example:8443", "@evil.example/p.tgz" names evil.example.
+    with pytest.raises(inst.InstallError, match="does not start with '/'"):
+        inst.package_url("https://fleet.example:8443", announced)
+
+
+def test_the_model_server_does_not_inherit_the_bootstrap_token(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, str] = {}
+
+    class Started:
+        pid = 1
+
+        def __init__(self, argv: list[str], env: dict[str, str], **_: Any) -> None:
+            seen.update(env)
+
+    monkeypatch.setenv("KUBEINFER_EDGE_BOOTSTRAP_TOKEN", "s3cret-bootstrap")
+    monkeypatch.setattr(inst.subprocess, "Popen", Started)
+    (tmp_path / "slots" / "a").mkdir(parents=True)
+    child = inst.ModelChild.start(tmp_path, "a", inst.Installed(
+        slot="a", version="v1", sha256="0" * 64, format="onnx", model="model.onnx"))
+    child.release_port()
+    assert seen["KUBEINFER_PORT"] == str(child.port)
+    assert "KUBEINFER_EDGE_BOOTSTRAP_TOKEN" not in seen
+    assert "s3cret-bootstrap" not in seen.values()

@@ -79,7 +79,7 @@ _API_SERVER_ENV = ("KUBERNETES_SERVICE_HOST", "KUBERNETES_PORT_443_TCP_ADDR")
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9_]([-a-z0-9_]{0,61}[a-z0-9_])?)"
                         r"(\.[a-z0-9_]([-a-z0-9_]{0,61}[a-z0-9_])?)*$")
 #: What ``inet_aton`` may read as an IPv4 address (decimal, hex, octal parts).
-_NUMERIC_HOST = re.compile(r"^[0-9a-fx.]+$")
+_NUMERIC_HOST = re.compile(r"[0-9a-fx.]+")
 
 
 class OutboundRefused(OSError):
@@ -113,7 +113,7 @@ def literal_address(host: str) -> IPAddress | None:
             return ipaddress.IPv6Address(host.replace("%25", "%", 1))
         except ValueError:
             return None
-    if not host or not _NUMERIC_HOST.match(host):
+    if not host or not _NUMERIC_HOST.fullmatch(host):
         return None
     try:
         return ipaddress.IPv4Address(socket.inet_aton(host))
@@ -157,7 +157,7 @@ def _parse_entry(entry: str) -> IPNetwork | str:
         raise ValueError(f"Outbound allow-list entry {entry!r} is not a valid IP address; "
                          "write IPv4 addresses as four decimal parts (169.254.170.2) and "
                          "IPv6 ones without a zone (fd00:ec2::254)")
-    if not _HOST_NAME.match(name):
+    if not _HOST_NAME.fullmatch(name):
         raise _not_an_entry(entry)
     return name
 

@@ -466,9 +466,9 @@ class Agent:
                 raise inst.InstallError(f"Package size {desired.size} is outside (0, "
                                         f"{MAX_PACKAGE_BYTES}]")
             part = self.dir / "downloads" / "package.tar.gz"
-            url = desired.packageUrl if desired.packageUrl.startswith(("http://", "https://")) \
-                else self.config.server + desired.packageUrl
-            await inst.download(self.client, url, part, desired.size, self._auth())
+            url, ours = inst.package_url(self.config.server, desired.packageUrl)
+            await inst.download(self.client, url, part, desired.size,
+                                self._auth() if ours else dict(inst.IDENTITY))
             fleet = str((self.credential or {}).get("fleet", ""))
             # Checked before a single byte is extracted: size, sha256, then the signature.
             await asyncio.to_thread(

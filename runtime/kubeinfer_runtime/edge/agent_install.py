@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict
@@ -254,6 +255,28 @@ def reserve_port() -> socket.socket:
     return s
 
 
+#: Environment variables the agent reads that its model server must not inherit.
+AGENT_SECRETS = frozenset({"KUBEINFER_EDGE_BOOTSTRAP_TOKEN"})
+
+
+def package_url(server: str, announced: str) -> tuple[str, bool]:
+    """PURE: where to download an announced package, and whether the device's credential
+    goes with the request: only to the fleet server's own origin. A path must start with
+    ``/`` (``@evil.host/x`` appended to the server's URL would name another host); an
+    absolute URL elsewhere (a CDN, a presigned link) gets no credential: the package is
+    signed, so the credential is not what makes it trusted."""
+    if announced.startswith(("http://", "https://")):
+        own = urlsplit(server)
+        there = urlsplit(announced)
+        same = (there.scheme, there.hostname, there.port) == (own.scheme, own.hostname,
+                                                              own.port)
+        return announced, same and there.username is None
+    if not announced.startswith("/"):
+        raise InstallError(f"The fleet announced a package path that does not start with "
+                           f"'/' ({len(announced)} characters): refused")
+    return server.rstrip("/") + announced, True
+
+
 def _die_with_agent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
@@ -279,7 +302,9 @@ class ModelChild:
         port = int(reservation.getsockname()[1])
         root = slot_dir(state_dir, slot)
         env = {
-            **os.environ,
+            # The agent's own secrets stay with the agent: the model server runs a
+            # package's code (a compiled model is a native library) and needs none.
+            **{k: v for k, v in os.environ.items() if k not in AGENT_SECRETS},
             "KUBEINFER_HOST": "127.0.0.1",
             "KUBEINFER_PORT": str(port),
             "KUBEINFER_MODEL_URI": (root / installed.model).resolve().as_uri(),
