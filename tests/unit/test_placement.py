@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from kubeinfer_operator.api.endpoint import Endpoint, format_validation_error
-from kubeinfer_operator.api.placement import PodTemplate, merge_pod_templates
+from kubeinfer_operator.api.placement import PodTemplate, merge_pod_templates, validated
 from kubeinfer_operator.reconcile.diff import diff_children
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.k8s import Owner, render_endpoint
@@ -85,7 +85,7 @@ def test_merge_own_value_wins_per_field_and_maps_merge_key_by_key() -> None:
 
 
 def test_merge_an_explicit_empty_list_clears_the_default() -> None:
-    default = PodTemplate.model_validate({"tolerations": [{"operator": "Exists"}]}).written()
+    default = validated({"tolerations": [{"operator": "Exists"}]}, "default", trusted=True)
     own = PodTemplate.model_validate({"tolerations": []}).written()
     assert merge_pod_templates(default, own) == {"tolerations": []}
     # Unset is not empty: the default stays.
@@ -120,6 +120,37 @@ def test_merge_of_nothing_is_nothing() -> None:
     ({"imagePullSecrets": ["regcred"]}, "imagePullSecrets[0]"),
     ({"imagePullSecrets": [{"name": "UPPER"}]}, "is not a DNS subdomain name"),
     ({"nodeSelectorr": {}}, "unknown field"),
+    # Escalations: what a namespace's own pods would not get from the cluster.
+    ({"tolerations": [{"operator": "Exists"}]},
+     "tolerations[0] has no key: a toleration without one matches every taint"),
+    ({"tolerations": [{"key": "a", "operator": "Exists"}, {"operator": "Exists",
+                                                          "effect": "NoSchedule"}]},
+     "tolerations[1] has no key"),
+    ({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]},
+     "runtime pods do not run on control-plane nodes"),
+    ({"tolerations": [{"key": "node-role.kubernetes.io/master", "operator": "Exists",
+                       "effect": "NoSchedule"}]}, "is refused"),
+    ({"priorityClassName": "system-node-critical"},
+     "priorityClassName 'system-node-critical' is refused: the system-* classes are "
+     "Kubernetes' own"),
+    ({"priorityClassName": "system-cluster-critical"}, "use another PriorityClass"),
+    ({"annotations": {"container.apparmor.security.beta.kubernetes.io/step-x": "unconfined"}},
+     "annotation 'container.apparmor.security.beta.kubernetes.io/step-x' is refused: it "
+     "would set the pods' AppArmor or seccomp profile"),
+    ({"annotations": {"seccomp.security.alpha.kubernetes.io/pod": "unconfined"}},
+     "AppArmor or seccomp profile"),
+    ({"annotations": {"container.seccomp.security.alpha.kubernetes.io/model-server":
+                      "unconfined"}}, "AppArmor or seccomp profile"),
+    ({"annotations": {"sidecar.istio.io/inject": "false"}},
+     "annotation 'sidecar.istio.io/inject' is refused: keys under istio.io and linkerd.io "
+     "configure the service mesh's proxy"),
+    ({"annotations": {"traffic.sidecar.istio.io/excludeOutboundIPRanges": "0.0.0.0/0"}},
+     "configure the service mesh's proxy"),
+    ({"labels": {"istio.io/dataplane-mode": "none"}},
+     "label 'istio.io/dataplane-mode' is refused"),
+    ({"labels": {"sidecar.istio.io/inject": "false"}}, "configure the service mesh's proxy"),
+    ({"annotations": {"config.linkerd.io/skip-outbound-ports": "443"}},
+     "configure the service mesh's proxy"),
 ])
 def test_bad_templates_are_refused_naming_the_field(template: dict[str, Any],
                                                     expected: str) -> None:
@@ -129,6 +160,49 @@ def test_bad_templates_are_refused_naming_the_field(template: dict[str, Any],
     gateway = _problems({**_doc(), "spec": {**_doc()["spec"],
                                             "gateway": {"podTemplate": template}}})
     assert "spec.gateway.podTemplate" in gateway and expected in gateway
+
+
+def test_the_audits_escalations_are_all_refused_at_once() -> None:
+    problems = _problems(_doc(podTemplate={
+        "serviceAccountName": "ci-deployer",  # allowed: its identity, not its token
+        "priorityClassName": "system-node-critical",
+        "tolerations": [{"operator": "Exists"}],
+        "annotations": {"container.apparmor.security.beta.kubernetes.io/step-x": "unconfined",
+                        "sidecar.istio.io/inject": "false"}}))
+    for expected in ("tolerations[0] has no key", "'system-node-critical' is refused",
+                     "'container.apparmor.security.beta.kubernetes.io/step-x' is refused",
+                     "'sidecar.istio.io/inject' is refused"):
+        assert expected in problems
+    assert "serviceAccountName" not in problems
+
+
+@pytest.mark.parametrize("template", [
+    {"tolerations": [{"key": "dedicated", "operator": "Exists"}]},
+    {"tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists",
+                      "effect": "NoExecute", "tolerationSeconds": 60}]},
+    {"priorityClassName": "systems-high"},
+    {"annotations": {"notistio.io/x": "1", "example.com/istio.io": "1",
+                     "cluster-autoscaler.kubernetes.io/safe-to-evict": "true"}},
+    {"labels": {"example.com/linkerd.io": "yes"}},
+], ids=["keyed-toleration", "not-ready-seconds", "non-system-priority", "lookalike-keys",
+        "lookalike-label"])
+def test_what_is_near_the_deny_list_is_accepted(template: dict[str, Any]) -> None:
+    assert _problems(_doc(podTemplate=template)) == ""
+
+
+def test_the_operators_default_is_the_administrators_and_skips_the_deny_list() -> None:
+    default = {"tolerations": [{"operator": "Exists"}],
+               "priorityClassName": "system-cluster-critical",
+               "annotations": {"sidecar.istio.io/inject": "true"},
+               "labels": {"istio.io/rev": "stable"}}
+    settings = OperatorSettings(default_pod_template=default)
+    assert settings.default_pod_template == default
+    pod = _pod(_render(_doc(), settings), "iris-primary")
+    assert pod["spec"]["tolerations"] == [{"operator": "Exists"}]
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "true"
+    # Syntax is still checked.
+    with pytest.raises(ValueError, match="KUBEINFER_DEFAULT_POD_TEMPLATE: tolerations"):
+        OperatorSettings(default_pod_template={"tolerations": [{"operator": "Maybe"}]})
 
 
 def test_a_full_template_is_accepted_and_kept_as_written() -> None:
@@ -180,8 +254,8 @@ def test_every_placement_field_lands_on_the_gateway_and_variant_pods() -> None:
         selector = manifests[("Deployment", name)]["spec"]["selector"]
         assert spec["topologySpreadConstraints"] == [
             {**FULL["topologySpreadConstraints"][0], "labelSelector": selector}]
-        # A named ServiceAccount decides token mounting itself.
-        assert "automountServiceAccountToken" not in spec
+        # A named ServiceAccount lends its identity, never its API token.
+        assert spec["automountServiceAccountToken"] is False
         assert pod["metadata"]["labels"]["example.com/team"] == "ml"
         assert pod["metadata"]["annotations"]["example.com/owner"] == "ml-platform"
         # The selector labels are still there, and still select the pods.

@@ -223,6 +223,29 @@ def test_resources_go_where_the_model_runs() -> None:
     assert pod["containers"][0]["resources"] == defaults
 
 
+def test_partial_resources_are_completed_with_a_memory_limit() -> None:
+    # 1,000 workers asking for CPU only must not each grow without bound on shared nodes.
+    plan = planned(doc(resources={"instanceCount": 1000, "requests": {"cpu": "100m"}}))
+    work = jobs(plan, shards=1000)[Step.WORK]
+    assert work["spec"]["parallelism"] == 1000
+    assert work["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    # A memory request above the default limit: the limit is the request, never below it.
+    big = planned(doc(model=None, resources={"requests": {"memory": "3Gi"},
+                                             "limits": {"cpu": "2"}},
+                      containers=[{"name": "m", "image": "example.test/m:1"}]))
+    for job in jobs(big).values():
+        pod = job["spec"]["template"]["spec"]
+        for container in pod["containers"] + pod.get("initContainers", []):
+            resources = container["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]), container["name"]
+            assert "memory" in resources["limits"], container["name"]
+        kubernetes_validate.validate(job, "1.33.0", strict=True)
+    sidecar = jobs(big)[Step.WORK]["spec"]["template"]["spec"]["initContainers"][0]
+    assert sidecar["resources"] == {"requests": {"memory": "3Gi", "cpu": "2"},
+                                    "limits": {"cpu": "2", "memory": "3Gi"}}
+
+
 def test_a_pipeline_with_image_steps_calls_them_on_localhost() -> None:
     plan = planned(doc(model=None, containers=[
         {"name": "pre", "handler": "iris_steps:preprocess", "codeUri": "file://handlers"},
@@ -243,7 +266,8 @@ def test_the_operator_refuses_env_it_sets_itself() -> None:
                  "KUBEINFER_START_GATE"):
         with pytest.raises(SpecError) as exc:
             planned(doc(environment={name: "x"}))
-        assert f"spec.environment.{name}: set by kubeinfer itself; remove it" in str(exc.value)
+        assert (f"spec.environment.{name}: {name} is set by the operator; remove it from the "
+                "spec") in str(exc.value)
 
 
 def test_run_hash_follows_the_spec_and_the_model() -> None:
@@ -317,8 +341,8 @@ def test_pod_template_places_every_jobs_pods_over_the_operators_default() -> Non
         assert pod["tolerations"] == POD_TEMPLATE["tolerations"]
         assert pod["imagePullSecrets"] == [{"name": "registry"}]
         assert (pod["serviceAccountName"], pod["priorityClassName"]) == ("scorer", "low")
-        # The ServiceAccount decides about its token (e.g. for cloud storage identity).
-        assert "automountServiceAccountToken" not in pod
+        # The ServiceAccount lends its cloud identity (storage access), never its API token.
+        assert pod["automountServiceAccountToken"] is False
         # A spread without a selector counts this step's pods.
         [spread] = pod["topologySpreadConstraints"]
         selected = spread["labelSelector"]["matchLabels"]

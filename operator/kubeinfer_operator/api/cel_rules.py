@@ -41,7 +41,9 @@ from kubeinfer_operator.api.compile_options import CROSS_TARGETS
 MAX_RESOURCE_NAME = 40  # reconcile.validate.MAX_ENDPOINT_NAME, reconcile.job_validate.MAX_NAME
 MAX_OBJECT_NAME = 63  # render.k8s_meta.MAX_NAME: <endpoint>-<variant> is a DNS label
 RESERVED_VARIANT_NAMES = ("gateway", "gateway-pods")  # render.k8s_meta.RESERVED_VARIANT_NAMES
-OPERATOR_ENV = ("KUBEINFER_HOST", "KUBEINFER_PORT")  # reconcile.validate._OPERATOR_ENV
+#: A few of what reconcile.validate.variant_operator_env refuses (api.env_policy): the rest
+#: the operator refuses as InvalidSpec.
+OPERATOR_ENV = ("KUBEINFER_HOST", "KUBEINFER_PORT")
 NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"  # reconcile.validate._ENDPOINT_NAME
 
 

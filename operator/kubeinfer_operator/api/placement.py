@@ -17,6 +17,28 @@ What is cheap to check is checked when the object is read: label and
 annotation syntax, DNS names, the enums of a toleration and a spread
 constraint, and the labels the operator selects pods by, which a template may
 never set (``app.kubernetes.io/*`` and ``kubeinfer.io/*``).
+
+Whoever may create a kubeinfer object may write its podTemplate, so a template
+must not buy more than a pod of the namespace's own would get from the cluster's
+admission policy. Refused (``toleration_problem``, ``priority_problem``,
+``escalating_key_problem``: a short deny-list):
+
+* a toleration without ``key`` (it tolerates every taint: control-plane,
+  cordoned and dedicated nodes alike) or of the control plane's taints;
+* the ``system-`` PriorityClasses (``system-node-critical``,
+  ``system-cluster-critical``): Kubernetes' own, above every workload, evicted
+  last under node pressure;
+* labels and annotations that loosen the pods' confinement or leave the service
+  mesh: AppArmor and seccomp profile annotations (the pods run under the
+  runtime's default profiles; ``unconfined`` would lift them) and any
+  key under ``istio.io`` or ``linkerd.io`` (sidecar injection, traffic capture
+  exclusions, proxy config: an opt-out of mTLS and egress policy).
+
+``serviceAccountName`` stays the user's choice (cloud workload identity: IRSA,
+EKS Pod Identity, GKE and Azure Workload Identity); the renderers never mount
+its Kubernetes API token (``render.k8s_placement``). The operator's own default
+(the chart's ``runtime.podTemplate``) is the cluster administrator's and is
+checked for syntax only (``validated(..., trusted=True)``).
 """
 
 from __future__ import annotations
@@ -24,7 +46,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 #: Label (and annotation) keys the operator's selectors and hashes use: never the user's.
 RESERVED_PREFIXES = ("app.kubernetes.io/", "kubeinfer.io/")
@@ -40,6 +69,22 @@ FIELDS = ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints"
 MAP_FIELDS = ("nodeSelector", "labels", "annotations")
 
 _FREE_FORM: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+
+#: Taints a podTemplate may not tolerate: the control plane's nodes run the cluster.
+CONTROL_PLANE_TAINTS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
+#: PriorityClasses Kubernetes keeps for the cluster's own critical pods.
+SYSTEM_PRIORITY_PREFIX = "system-"
+#: Annotation keys that set the pods' AppArmor or seccomp profile, over what the operator
+#: renders (seccomp RuntimeDefault) or leaves to the runtime (its default AppArmor
+#: profile): ``unconfined`` would lift either.
+CONFINEMENT_PREFIXES = ("container.apparmor.security.beta.kubernetes.io/",
+                        "seccomp.security.alpha.kubernetes.io/",
+                        "container.seccomp.security.alpha.kubernetes.io/")
+#: Service meshes whose label and annotation keys (under the domain or a subdomain of it)
+#: configure the pods' proxy: injection, traffic capture, exclusions, proxy config.
+MESH_DOMAINS = ("istio.io", "linkerd.io")
+#: ``model_validate`` context of the operator's own default template (the administrator's).
+_TRUSTED = "trusted"
 
 
 def _free_form(schema: dict[str, Any]) -> None:
@@ -84,17 +129,57 @@ def reserved_key_problem(key: str, what: str) -> str | None:
     return None
 
 
+def escalating_key_problem(key: str, what: str) -> str | None:
+    """Why a podTemplate may not set label or annotation ``key`` (the deny-list), or None."""
+    if key.startswith(CONFINEMENT_PREFIXES):
+        return (f"{what} {key!r} is refused: it would set the pods' AppArmor or seccomp "
+                "profile (the operator runs them under the runtime's default profiles); "
+                "remove it")
+    prefix = key.rpartition("/")[0]
+    if any(prefix == d or prefix.endswith("." + d) for d in MESH_DOMAINS):
+        return (f"{what} {key!r} is refused: keys under {' and '.join(MESH_DOMAINS)} "
+                "configure the service mesh's proxy (injection, traffic capture), which the "
+                "cluster administrator decides (the chart's runtime.podTemplate); remove it")
+    return None
+
+
+def _trusted(info: ValidationInfo) -> bool:
+    return isinstance(info.context, dict) and bool(info.context.get(_TRUSTED))
+
+
 def _check_map(values: dict[str, str], what: str, *, label_values: bool,
-               reserved: bool) -> dict[str, str]:
+               reserved: bool, deny_list: bool = False) -> dict[str, str]:
     problems: list[str] = []
     for key, value in values.items():
         problems += [p for p in (key_problem(key),
                                  reserved_key_problem(key, what) if reserved else None,
+                                 escalating_key_problem(key, what) if deny_list else None,
                                  label_value_problem(key, value) if label_values else None)
                      if p]
     if problems:
         raise ValueError("; ".join(problems))
     return values
+
+
+def toleration_problem(i: int, toleration: dict[str, Any]) -> str | None:
+    """Why a podTemplate may not carry ``toleration`` (the deny-list), or None."""
+    key = toleration.get("key")
+    if not key:
+        return (f"tolerations[{i}] has no key: a toleration without one matches every taint "
+                "(control-plane, cordoned and dedicated nodes alike); name the taint's key "
+                "(key: dedicated)")
+    if key in CONTROL_PLANE_TAINTS:
+        return (f"tolerations[{i}].key {key!r} is refused: runtime pods do not run on "
+                "control-plane nodes; remove the toleration")
+    return None
+
+
+def priority_problem(name: str) -> str | None:
+    if name.startswith(SYSTEM_PRIORITY_PREFIX):
+        return (f"priorityClassName {name!r} is refused: the {SYSTEM_PRIORITY_PREFIX}* "
+                "classes are Kubernetes' own, for the cluster's critical pods (they preempt "
+                "any workload); use another PriorityClass of the cluster")
+    return None
 
 
 class LocalObjectReference(BaseModel):
@@ -132,7 +217,8 @@ class PodTemplate(BaseModel):
         list[dict[str, Any]],
         Field(description="Taints the pods tolerate (Kubernetes Toleration objects: key, "
                           "operator Exists/Equal, value, effect, tolerationSeconds); replaces "
-                          "the operator's default list.",
+                          "the operator's default list. Each names its taint's key; the "
+                          "control plane's taints are refused.",
               json_schema_extra={"items": _FREE_FORM}),
     ] = Field(default_factory=list)
     affinity: Annotated[
@@ -150,14 +236,16 @@ class PodTemplate(BaseModel):
     ] = Field(default_factory=list)
     priorityClassName: Annotated[
         str | None,
-        Field(description="PriorityClass of the pods (scheduling order and preemption).",
+        Field(description="PriorityClass of the pods (scheduling order and preemption). "
+                          "Kubernetes' own system-* classes are refused.",
               max_length=253),
     ] = None
     serviceAccountName: Annotated[
         str | None,
-        Field(description="ServiceAccount the pods run as (workload identity: IRSA, GKE "
-                          "Workload Identity). Without it the pods mount no API token; with "
-                          "it the ServiceAccount's automountServiceAccountToken decides.",
+        Field(description="ServiceAccount the pods run as, for its cloud workload "
+                          "identity (IRSA, EKS Pod Identity, GKE Workload Identity). The "
+                          "pods never mount its Kubernetes API token "
+                          "(automountServiceAccountToken: false).",
               max_length=253),
     ] = None
     imagePullSecrets: Annotated[
@@ -168,13 +256,15 @@ class PodTemplate(BaseModel):
     labels: Annotated[
         dict[str, str],
         Field(description="Extra pod labels. Keys under app.kubernetes.io/ and kubeinfer.io/ "
-                          "are the operator's and refused."),
+                          "are the operator's and refused, and so are service-mesh keys "
+                          "(istio.io, linkerd.io and their subdomains)."),
     ] = Field(default_factory=dict)
     annotations: Annotated[
         dict[str, str],
-        Field(description="Extra pod annotations (e.g. for a service mesh or a log "
-                          "shipper). Keys under app.kubernetes.io/ and kubeinfer.io/ are "
-                          "the operator's and refused."),
+        Field(description="Extra pod annotations (e.g. for a log shipper). Keys under "
+                          "app.kubernetes.io/ and kubeinfer.io/ are the operator's and "
+                          "refused, and so are AppArmor and seccomp profile annotations and "
+                          "service-mesh keys (istio.io, linkerd.io and their subdomains)."),
     ] = Field(default_factory=dict)
 
     @field_validator("nodeSelector")
@@ -184,15 +274,17 @@ class PodTemplate(BaseModel):
 
     @field_validator("labels")
     @classmethod
-    def _labels(cls, values: dict[str, str]) -> dict[str, str]:
-        return _check_map(values, "label", label_values=True, reserved=True)
+    def _labels(cls, values: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        return _check_map(values, "label", label_values=True, reserved=True,
+                          deny_list=not _trusted(info))
 
     @field_validator("annotations")
     @classmethod
-    def _annotations(cls, values: dict[str, str]) -> dict[str, str]:
+    def _annotations(cls, values: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         if sum(len(k) + len(v) for k, v in values.items()) > 256 * 1024:
             raise ValueError("annotations total more than 256 KiB, the API server's limit")
-        return _check_map(values, "annotation", label_values=False, reserved=True)
+        return _check_map(values, "annotation", label_values=False, reserved=True,
+                          deny_list=not _trusted(info))
 
     @field_validator("priorityClassName", "serviceAccountName")
     @classmethod
@@ -202,9 +294,18 @@ class PodTemplate(BaseModel):
             raise ValueError(problem)
         return name
 
+    @field_validator("priorityClassName")
+    @classmethod
+    def _priority(cls, name: str | None, info: ValidationInfo) -> str | None:
+        problem = None if name is None or _trusted(info) else priority_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
     @field_validator("tolerations")
     @classmethod
-    def _tolerations(cls, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _tolerations(cls, items: list[dict[str, Any]],
+                     info: ValidationInfo) -> list[dict[str, Any]]:
         for i, t in enumerate(items):
             op = t.get("operator", "Equal")
             if op not in _TOLERATION_OPERATORS:
@@ -219,6 +320,9 @@ class PodTemplate(BaseModel):
             key = t.get("key")
             if key and key_problem(str(key)):
                 raise ValueError(f"tolerations[{i}].{key_problem(str(key))}")
+            problem = None if _trusted(info) else toleration_problem(i, t)
+            if problem:
+                raise ValueError(problem)
         return items
 
     @field_validator("topologySpreadConstraints")
@@ -280,13 +384,15 @@ def merge_pod_templates(default: dict[str, Any] | None,
     return out
 
 
-def validated(template: dict[str, Any] | None, where: str) -> dict[str, Any]:
+def validated(template: dict[str, Any] | None, where: str, *,
+              trusted: bool = False) -> dict[str, Any]:
     """``template`` checked as a ``PodTemplate`` and returned as written (ValueError names
-    ``where``, e.g. the setting it came from)."""
+    ``where``, e.g. the setting it came from). ``trusted``: the cluster administrator's
+    (the operator's default), checked for syntax but not against the deny-list."""
     if not template:
         return {}
     try:
-        return PodTemplate.model_validate(template).written()
+        return PodTemplate.model_validate(template, context={_TRUSTED: trusted}).written()
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: "

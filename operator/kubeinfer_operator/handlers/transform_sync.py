@@ -11,7 +11,11 @@ writes, and calls for one TransformJob are serialised by a per-object lock.
 The model is resolved once: an ``endpointRef`` is copied from the Endpoint's
 variant into the annotation ``kubeinfer.io/resolved-model`` before the first
 Job is created, so the workers run the model the planner was started for even
-if the Endpoint changes meanwhile.
+if the Endpoint changes meanwhile. Whoever may edit the TransformJob may write
+that annotation too, so it is input like the spec: read only for an
+``endpointRef`` job, held to the checks a fresh resolution passes (and its env
+to ``api.env_policy`` in ``plan_transform``, as ``spec.environment``), and
+resolved again when it fails them.
 """
 
 from __future__ import annotations
@@ -46,8 +50,32 @@ from kubeinfer_operator.render.transform_plan import (
     own_model,
     plan_transform,
 )
+from kubeinfer_operator.render.transform_plan import env_problems as transform_env_problems
 
 log = logging.getLogger(__name__)
+
+
+def _pinned(text: str | None, job: str) -> ResolvedModel | None:
+    """The pinned model, if the annotation holds one that passes what a freshly resolved
+    model passes: readable, a model URI and steps the runtime runs, env the policy allows
+    the model (``transform_plan.env_problems``). A pin is never local mode's (``base_dir``)."""
+    if not text:
+        return None
+    try:
+        model = ResolvedModel.model_validate_json(text).model_copy(update={"base_dir": None})
+    except ValidationError:
+        log.warning("Annotation %s of TransformJob %s is not readable; resolving the model "
+                    "again", names.ANNOTATION_RESOLVED_MODEL, job)
+        return None
+    where = f"annotation {names.ANNOTATION_RESOLVED_MODEL}"
+    problems = model_problems(model.containers, where, on_kubernetes=True,
+                              model_uri=model.model.uri if model.model else None)
+    problems += transform_env_problems(model, {}, f"{where}: ", kubeinfer_image=True)
+    if problems:
+        log.warning("Annotation %s of TransformJob %s is refused (%s); resolving the model "
+                    "again", names.ANNOTATION_RESOLVED_MODEL, job, "; ".join(problems))
+        return None
+    return model
 
 
 class JobConflict(ConflictError):
@@ -115,19 +143,16 @@ class TransformSync(JobSync[ts.Decision]):
         return decision
 
     async def _model(self, obj: dict[str, Any], job: TransformJob) -> ResolvedModel:
-        """The model this run uses: pinned in the annotation, the spec's, or the Endpoint's
-        variant's (then pinned)."""
-        annotations = obj["metadata"].get("annotations") or {}
-        pinned = annotations.get(names.ANNOTATION_RESOLVED_MODEL)
-        if pinned:
-            try:
-                return ResolvedModel.model_validate_json(pinned)
-            except ValidationError:
-                log.warning("Annotation %s of TransformJob %s is not readable; resolving "
-                            "the model again", names.ANNOTATION_RESOLVED_MODEL, job.name)
+        """The model this run uses: the spec's, or the Endpoint's variant's as pinned in
+        the annotation (resolved and pinned when there is no acceptable pin)."""
         own = own_model(job.spec)
         if own is not None:
+            # An annotation never stands in for the spec's own model.
             return own
+        annotations = obj["metadata"].get("annotations") or {}
+        pinned = _pinned(annotations.get(names.ANNOTATION_RESOLVED_MODEL), job.name)
+        if pinned is not None:
+            return pinned
         ref = job.spec.endpointRef
         assert ref is not None
         namespace = str(obj["metadata"]["namespace"])
@@ -145,7 +170,8 @@ class TransformSync(JobSync[ts.Decision]):
                     + format_validation_error(exc).replace("\n", "; ")
                     + "); fix it or give the job its own model") from exc
         model = model_from_endpoint(job.spec, endpoint, namespace)
-        problems = model_problems(model.containers, f"Endpoint {ref.name}", on_kubernetes=True)
+        problems = model_problems(model.containers, f"Endpoint {ref.name}", on_kubernetes=True,
+                                  model_uri=model.model.uri if model.model else None)
         if problems:
             raise ModelRefError("spec.endpointRef: " + "; ".join(problems))
         await self.kube.merge_patch(kinds.TRANSFORM_JOB, namespace, job.name, {"metadata": {

@@ -8,7 +8,9 @@ fixes the file in one go. Parsing is pure; only ``load_manifest_file`` reads.
 Outbound URLs (notification webhooks, ``autoscaling.prometheusUrl``) are held
 to the same policy as on Kubernetes (``reconcile.validate.outbound_problems``),
 with the allow-list from ``KUBEINFER_OUTBOUND_ALLOW`` in the environment of
-``kubeinfer up`` (which the supervisor, its scaler and the workers inherit).
+``kubeinfer up`` (which the supervisor, its scaler and the workers inherit), and
+variants' env to the same ``api.env_policy`` (``reconcile.validate.env_spec_problems``):
+local mode trusts its user, but a manifest must mean the same on both backends.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pydantic import ValidationError
 from kubeinfer_operator.api.endpoint import API_VERSION, KIND, Endpoint, format_validation_error
 from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.local.memory import limit_problem
-from kubeinfer_operator.reconcile.validate import outbound_problems
+from kubeinfer_operator.reconcile.validate import env_spec_problems, outbound_problems
 from kubeinfer_runtime.contract.outbound import ALLOW_ENV, OutboundPolicy
 
 
@@ -109,7 +111,8 @@ def parse_manifests(text: str, *, source: str, base_dir: str,
             for line in format_validation_error(exc).splitlines():
                 problems.append(f"{label}: {line}")
             continue
-        local = local_problems(endpoint) + outbound_problems(endpoint.spec, outbound)
+        local = (local_problems(endpoint) + outbound_problems(endpoint.spec, outbound)
+                 + env_spec_problems(endpoint.spec))
         if local:
             problems += [f"{label}: {p}" for p in local]
             continue

@@ -92,9 +92,12 @@ def spec_problems(spec: TransformJobSpec, *, on_kubernetes: bool) -> list[str]:
 
 
 def model_problems(containers: list[ContainerStep] | None, source: str,
-                   on_kubernetes: bool) -> list[str]:
-    """What an Endpoint variant's containers (endpointRef) add: image steps run only there."""
-    return [f"{source}: {p}" for p in _step_problems(containers, "containers", on_kubernetes)]
+                   on_kubernetes: bool, model_uri: str | None = None) -> list[str]:
+    """What an Endpoint variant's model (endpointRef, or the pin of one) adds: a model URI
+    the runtime would refuse, image steps that run only on Kubernetes."""
+    problems = _uri_problems("model.uri", model_uri) if model_uri is not None else []
+    problems += _step_problems(containers, "containers", on_kubernetes)
+    return [f"{source}: {p}" for p in problems]
 
 
 def validate_transform_job(name: str, namespace: str | None, spec: Any, *,

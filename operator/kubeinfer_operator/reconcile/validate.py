@@ -27,14 +27,20 @@ from pydantic import ValidationError
 from kubeinfer_operator.api.endpoint import (
     Endpoint,
     EndpointSpec,
+    EndpointType,
     ObjectMeta,
     VariantFleet,
     format_validation_error,
 )
+from kubeinfer_operator.api.env_policy import env_problems
 from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.reconcile.quantity import parse_quantity
 from kubeinfer_operator.render import k8s_meta as meta
-from kubeinfer_runtime.contract.outbound import OutboundPolicy, url_problem
+from kubeinfer_operator.render.async_plan import WORKER_ENV
+from kubeinfer_operator.render.k8s_workloads import RUNTIME_CONTAINER_ENV
+from kubeinfer_operator.render.plan import SERVER_ENV
+from kubeinfer_operator.render.plan_steps import IMAGE_STEP_ENV
+from kubeinfer_runtime.contract.outbound import ALLOW_ENV, OutboundPolicy, url_problem
 
 REASON_INVALID_SPEC = "InvalidSpec"
 
@@ -43,8 +49,41 @@ REASON_INVALID_SPEC = "InvalidSpec"
 _ENDPOINT_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_ENDPOINT_NAME = 40
 
-#: Env vars the operator sets itself; overriding them would break the pod.
-_OPERATOR_ENV = frozenset({"KUBEINFER_PORT", "KUBEINFER_HOST"})
+#: What local mode sets in each model server (``local.children``, ``local.supervisor``)
+#: and async worker (``local.async_local``) besides the plan's env: refused on both
+#: backends, so one manifest means the same on a laptop and on a cluster.
+LOCAL_SERVER_ENV = frozenset({"KUBEINFER_HOST", "KUBEINFER_MODEL_CACHE_DIR"})
+LOCAL_WORKER_ENV = frozenset({"KUBEINFER_DRAIN_TIMEOUT_S"})
+
+
+def variant_operator_env(asynchronous: bool) -> frozenset[str]:
+    """Every name the operator renders into a variant's runtime container (model server,
+    or async worker when ``asynchronous``), on either backend: its env may not set them."""
+    names = SERVER_ENV | RUNTIME_CONTAINER_ENV | LOCAL_SERVER_ENV
+    if asynchronous:
+        names |= WORKER_ENV | LOCAL_WORKER_ENV | {ALLOW_ENV}
+    return names
+
+
+def variant_env_problems(path: str, variant: VariantFleet, asynchronous: bool) -> list[str]:
+    """The variant's env and its image steps' env entries ``api.env_policy`` refuses."""
+    problems = env_problems(((f"{path}.env[{j}].name", e.name) for j, e in enumerate(variant.env)),
+                            variant_operator_env(asynchronous))
+    for k, step in enumerate(variant.containers or []):
+        # An image step runs the user's image: only what the operator renders is refused.
+        problems += env_problems(
+            ((f"{path}.containers[{k}].env[{j}].name", e.name) for j, e in enumerate(step.env)),
+            IMAGE_STEP_ENV, kubeinfer_image=False)
+    return problems
+
+
+def env_spec_problems(spec: EndpointSpec) -> list[str]:
+    """Every variant's and shadow variant's refused env (both backends validate with it)."""
+    asynchronous = spec.type is EndpointType.ASYNC
+    return ([p for i, v in enumerate(spec.variants)
+             for p in variant_env_problems(f"spec.variants[{i}]", v, asynchronous)]
+            + [p for i, v in enumerate(spec.shadowVariants)
+               for p in variant_env_problems(f"spec.shadowVariants[{i}]", v, asynchronous)])
 
 
 class InvalidSpec(SpecError):
@@ -132,10 +171,6 @@ def _variant_problems(endpoint: str, index: int, v: VariantFleet,
                             "another image step of the variant; give each image its own port")
     problems += _resource_problems(f"{path}.resources", v.resources.requests,
                                    v.resources.limits)
-    for j, env in enumerate(v.env):
-        if env.name in _OPERATOR_ENV:
-            problems.append(f"{path}.env[{j}].name: {env.name} is set by the operator; "
-                            "remove it from the spec")
     return problems
 
 
@@ -178,6 +213,7 @@ def validate_endpoint(name: str, namespace: str, spec: Any, *,
         problems += _variant_problems(name, i, variant)
     for i, shadow in enumerate(parsed.shadowVariants):
         problems += _variant_problems(name, i, shadow, "shadowVariants")
+    problems += env_spec_problems(parsed)
     problems += outbound_problems(parsed, outbound if outbound is not None
                                   else OutboundPolicy.parse())
     if problems:

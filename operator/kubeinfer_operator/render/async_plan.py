@@ -16,6 +16,17 @@ from kubeinfer_operator.api.endpoint import Endpoint, EndpointType
 from kubeinfer_operator.reconcile.async_scaling import BacklogPolicy
 from kubeinfer_runtime.contract import AsyncRoute
 
+#: Every name ``AsyncPlan.worker_env`` renders (the backends add the Redis URL, the
+#: outbound allow-list and, locally, the drain timeout): an Async endpoint's variant env
+#: may not set them (``api.env_policy``).
+WORKER_ENV = frozenset({
+    "KUBEINFER_QUEUE", "KUBEINFER_OUTPUT_PATH", "KUBEINFER_FAILURE_PATH",
+    "KUBEINFER_MAX_CONCURRENCY", "KUBEINFER_MAX_RETRIES", "KUBEINFER_VISIBILITY_TIMEOUT_S",
+    "KUBEINFER_INVOCATION_TIMEOUT_S", "KUBEINFER_INPUT_PATHS", "KUBEINFER_MAX_INPUT_BYTES",
+    "KUBEINFER_MAX_PAYLOAD_BYTES", "KUBEINFER_TRANSIENT_BUDGET_S", "KUBEINFER_REDIS_URL",
+    "KUBEINFER_SUCCESS_URL", "KUBEINFER_ERROR_URL",
+})
+
 
 @dataclass(frozen=True)
 class AsyncPlan:

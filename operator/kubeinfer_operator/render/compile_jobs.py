@@ -24,7 +24,11 @@ from typing import Any
 from kubeinfer_operator.api import compilation_job as cj
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.compile_plan import CompilePlan
-from kubeinfer_operator.render.k8s_placement import apply_pod_template, effective_template
+from kubeinfer_operator.render.k8s_placement import (
+    apply_pod_template,
+    complete_resources,
+    effective_template,
+)
 from kubeinfer_operator.render.k8s_workloads import (
     _container_security,
     _env,
@@ -70,17 +74,11 @@ def owner_reference(name: str, uid: str) -> dict[str, Any]:
 
 
 def resources(plan: CompilePlan) -> dict[str, Any]:
-    """The spec's requests/limits when it sets any (all or nothing, as variants), else a
-    CPU per measuring thread: timings taken on a shared CPU would be noise."""
-    if plan.requests or plan.limits:
-        out: dict[str, Any] = {}
-        if plan.requests:
-            out["requests"] = dict(plan.requests)
-        if plan.limits:
-            out["limits"] = dict(plan.limits)
-        return out
-    return {"requests": {"cpu": str(plan.threads), "memory": DEFAULT_MEMORY_REQUEST},
-            "limits": {"memory": DEFAULT_MEMORY_LIMIT}}
+    """The spec's requests/limits, completed as a variant's are (``complete_resources``):
+    what it leaves out is a CPU per measuring thread (timings taken on a shared CPU would
+    be noise) and the compiler's memory, and there is always a memory limit."""
+    return complete_resources(dict(plan.requests), dict(plan.limits), cpu=str(plan.threads),
+                              memory=DEFAULT_MEMORY_REQUEST, memory_limit=DEFAULT_MEMORY_LIMIT)
 
 
 def pod_failure_policy(container: str = CONTAINER) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from kubeinfer_operator.api.compilation_job import CompilationJob, CompilationJobSpec
 from kubeinfer_operator.api.endpoint import format_validation_error
+from kubeinfer_operator.api.env_policy import env_problems, environment_entries, operator_wins
 from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.plan import resolve_file_uri
@@ -27,6 +28,18 @@ from kubeinfer_runtime.contract.compile import ARTIFACT_TARBALL, CompileSettings
 #: What each backend sets per process (where the report goes, scratch space): never
 #: from the spec.
 PROCESS_ENV = tuple(ENV_PREFIX + n for n in ("REPORT_FILE", "WORK_DIR", "TUNING_CACHE_DIR"))
+#: The ``CompileSettings`` fields ``compile_values`` renders, whichever the spec sets
+#: (tests/unit/test_env_policy.py holds this equal to what it emits). The others
+#: (``measure_s``, ``max_abs_diff``, ``min_speedup``, ...) are the user's tuning.
+RENDERED_FIELDS = (
+    "model_uri", "target", "output_uri", "tuning_budget_s", "allow_quantization",
+    "min_top1_agreement", "threads", "batch_sizes", "tuning_trials", "tuning_cache_uri",
+    "calibration_uri",
+)
+#: Every name the operator renders into the compiler: ``spec.environment`` may not set
+#: them (``api.env_policy``).
+COMPILER_OPERATOR_ENV = frozenset((*(ENV_PREFIX + f.upper() for f in RENDERED_FIELDS),
+                                   *PROCESS_ENV))
 
 
 @dataclass(frozen=True)
@@ -99,14 +112,14 @@ def plan_compile(job: CompilationJob, *, base_dir: str | None = None) -> Compile
     except ValidationError as exc:
         problems += format_validation_error(exc, "compile settings").splitlines()
         env = {}
-    problems += [f"spec.environment.{k}: set by kubeinfer itself; remove it"
-                 for k in spec.environment if k in env or k in PROCESS_ENV]
+    problems += env_problems(environment_entries(spec.environment),
+                             COMPILER_OPERATOR_ENV | set(env), compiler=True)
     if problems:
         raise SpecError(f"CompilationJob {job.name} is invalid: " + "; ".join(problems))
     return CompilePlan(
         name=job.name,
         namespace=job.metadata.namespace,
-        env={**env, **spec.environment},
+        env=operator_wins(env, spec.environment),
         model_description=f"model {spec.model.uri}",
         target=spec.target.value,
         output_uri=values["output_uri"],

@@ -5,10 +5,13 @@
 * ``apply_pod_template``: that template on a pod template's metadata and spec. The
   operator's labels and annotations always win (its selectors and roll hashes
   never change; the API model refuses those keys anyway), a spread constraint
-  without ``labelSelector`` counts the pods of its own workload, and a pod given a
-  ``serviceAccountName`` leaves ``automountServiceAccountToken`` to that
-  ServiceAccount (without one the runtime pods mount no API token: they never call
-  the API, and the namespace's ``default`` ServiceAccount is nobody's choice).
+  without ``labelSelector`` counts the pods of its own workload, and every pod
+  has ``automountServiceAccountToken: false``, ``serviceAccountName`` or not. No
+  pod the operator renders calls the Kubernetes API (only the operator does, with
+  its own ServiceAccount), and they run tenants' images and handlers: a chosen
+  ServiceAccount lends its cloud workload identity (IRSA and EKS Pod Identity
+  project their own audience-bound token; GKE Workload Identity needs none), never
+  its API rights.
 * ``complete_resources``: every container gets cpu and memory requests and a
   memory limit: what the spec leaves out is filled in as Kubernetes itself would
   (a limit without a request: the request is the limit) or from the defaults,
@@ -37,12 +40,11 @@ def effective_template(default: Mapping[str, Any] | None,
 
 def apply_pod_template(template: dict[str, Any], pod_template: Mapping[str, Any],
                        selector: Mapping[str, str]) -> dict[str, Any]:
-    """``template`` (a pod template: ``{metadata, spec}``) with ``pod_template`` applied.
+    """``template`` (a pod template: ``{metadata, spec}``) with ``pod_template`` applied,
+    and no API token mounted.
 
     ``selector``: the workload's pod selector, for spread constraints that name none.
     """
-    if not pod_template:
-        return template
     out = copy.deepcopy(template)
     metadata = out.setdefault("metadata", {})
     spec = out["spec"]
@@ -59,8 +61,7 @@ def apply_pod_template(template: dict[str, Any], pod_template: Mapping[str, Any]
             value = [c if c.get("labelSelector") else {**c, "labelSelector": {
                 "matchLabels": dict(selector)}} for c in value]
         spec[name] = value
-    if pod_template.get("serviceAccountName"):
-        spec.pop("automountServiceAccountToken", None)
+    spec["automountServiceAccountToken"] = False
     return out
 
 

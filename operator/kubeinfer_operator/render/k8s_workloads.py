@@ -21,7 +21,7 @@ from kubeinfer_operator.render.k8s_placement import (
     effective_template,
 )
 from kubeinfer_operator.render.plan import VariantPlan
-from kubeinfer_operator.render.plan_steps import StepPlan
+from kubeinfer_operator.render.plan_steps import BIND_TO_PORT_ENV, StepPlan
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import ROUTE_TABLE_FILENAME, Role, RouteTable
 
@@ -38,6 +38,10 @@ ANNOTATION_SECRET_HASH = "kubeinfer.io/runtime-secret-hash"
 METRICS_PORT_NAME = "metrics"
 #: Port name of the headless gateway-pods Service (see ``gateway_pods_service``).
 GATEWAY_PODS_PORT_NAME = "scrape"
+#: What ``_runtime_container`` renders into every runtime container besides its role's
+#: settings (``model_server_deployment`` adds ``KUBEINFER_OUTBOUND_ALLOW`` to async
+#: workers; ``secrets.runtime_env`` the Redis URL and scaler token).
+RUNTIME_CONTAINER_ENV = frozenset({"KUBEINFER_PORT", "KUBEINFER_METRICS_PORT"})
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,11 @@ def _runtime_container(role: Role, settings: OperatorSettings, env: dict[str, st
                        mounts: list[dict[str, Any]],
                        secret_env: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``env``: literal values (never secrets); ``secret_env``: entries read from Secrets."""
+    secret_env = secret_env or []
+    # A Secret's entry is the operator's: no literal of the same name beside it (Kubernetes
+    # would take whichever comes last).
+    from_secrets = {e["name"] for e in secret_env}
+    literal = {k: v for k, v in env.items() if k not in from_secrets}
     return {
         "name": role.value,
         "image": settings.runtime_image,
@@ -199,9 +208,9 @@ def _runtime_container(role: Role, settings: OperatorSettings, env: dict[str, st
                    "protocol": "TCP"},
                   {"name": METRICS_PORT_NAME, "containerPort": settings.metrics_port,
                    "protocol": "TCP"}],
-        "env": _env({**env, "KUBEINFER_PORT": str(settings.runtime_port),
+        "env": _env({**literal, "KUBEINFER_PORT": str(settings.runtime_port),
                      "KUBEINFER_METRICS_PORT": str(settings.metrics_port)})
-               + (secret_env or []),
+               + secret_env,
         "securityContext": _container_security(),
         "volumeMounts": mounts,
     }
@@ -216,8 +225,9 @@ def model_server_deployment(owner: Owner, variant: VariantPlan,
     if async_plan is not None:
         # The Redis URL (its password) comes from the runtime Secret, not a literal.
         env.update(async_plan.worker_env(None))
-        if settings.outbound_allow:  # webhooks obey the operator's allow-list too
-            env["KUBEINFER_OUTBOUND_ALLOW"] = settings.outbound_allow
+        # Webhooks obey the operator's allow-list, empty included: always rendered, last,
+        # so no other source of the name can widen it.
+        env["KUBEINFER_OUTBOUND_ALLOW"] = settings.outbound_allow
     container = _runtime_container(Role.ASYNC_WORKER if async_plan else Role.MODEL_SERVER,
                                    settings, env, [tmp_mount],
                                    secrets.runtime_env(settings, redis=async_plan is not None,
@@ -275,7 +285,7 @@ def _image_step_container(step: StepPlan, tmp_mount: dict[str, Any],
         "image": step.image,
         "ports": [{"name": port_name, "containerPort": step.port, "protocol": "TCP"}],
         # SageMaker tells each container of a multi-container endpoint its port so.
-        "env": _env({**dict(step.env), "SAGEMAKER_BIND_TO_PORT": str(step.port)}),
+        "env": _env({**dict(step.env), BIND_TO_PORT_ENV: str(step.port)}),
         **image_step_probes(port_name),
         "resources": default_resources(dict(step.requests), dict(step.limits), settings),
         "securityContext": security,

@@ -28,6 +28,7 @@ from kubeinfer_operator.api.endpoint import (
     ServerlessConfig,
     VariantFleet,
 )
+from kubeinfer_operator.api.env_policy import operator_wins
 from kubeinfer_operator.reconcile import autoscale
 from kubeinfer_operator.reconcile.rollout import fleet_names
 from kubeinfer_operator.render.async_plan import AsyncPlan, plan_async
@@ -96,6 +97,15 @@ def variant_compile(source: ModelSource, env: dict[str, str],
                                               for k, v in values.items())), cache_uri=cache)
 
 
+#: Every name ``VariantPlan.server_env`` renders, over all variant kinds (one model,
+#: multi-model, containers): the spec's env may not set them (``api.env_policy``).
+SERVER_ENV = frozenset({
+    "KUBEINFER_MODEL_URI", "KUBEINFER_MULTI_MODEL_PREFIX", "KUBEINFER_CACHE_BYTES",
+    "KUBEINFER_DISK_CACHE_BYTES", "KUBEINFER_PIPELINE", "KUBEINFER_MODEL_FORMAT",
+    "KUBEINFER_MODEL_NAME", "KUBEINFER_ENDPOINT_NAME", "KUBEINFER_VARIANT_NAME",
+})
+
+
 @dataclass(frozen=True)
 class VariantPlan:
     """One production variant: a group of identical model-server replicas."""
@@ -156,7 +166,8 @@ class VariantPlan:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def server_env(self, endpoint_name: str) -> dict[str, str]:
-        """``KUBEINFER_*`` env of this variant's model server (port excluded)."""
+        """``KUBEINFER_*`` env of this variant's model server (port excluded), the spec's env
+        added after the operator's and never over it."""
         if self.multi_model is not None:
             source = self.multi_model.env()
         elif self.steps:
@@ -170,8 +181,7 @@ class VariantPlan:
             "KUBEINFER_ENDPOINT_NAME": endpoint_name,
             "KUBEINFER_VARIANT_NAME": self.name,
         }
-        env.update(dict(self.env))
-        return env
+        return operator_wins(env, dict(self.env))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ from kubeinfer_runtime.contract import (
 
 #: Image steps listen on FIRST_IMAGE_PORT + their index unless the spec says.
 FIRST_IMAGE_PORT = 8081
+#: How SageMaker tells each container of a multi-container endpoint its port; the
+#: operator renders it into every image step, so a step's env may not set it.
+BIND_TO_PORT_ENV = "SAGEMAKER_BIND_TO_PORT"
+IMAGE_STEP_ENV = frozenset({BIND_TO_PORT_ENV})
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 from kubeinfer_operator.api import recommendation_job as rj
 from kubeinfer_operator.api.endpoint import Endpoint
+from kubeinfer_operator.reconcile.validate import variant_env_problems
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.compile_jobs import pod_failure_policy
 from kubeinfer_operator.render.k8s_placement import apply_pod_template, effective_template
@@ -136,6 +137,13 @@ def plan_recommend(job: rj.RecommendationJob, namespace: str,
     except ValueError as exc:
         where = f"Endpoint {ref.name}: " if ref else ""
         raise RecommendSpecError(f"{where}{exc}") from exc
+    # The candidates run the variant's env in model servers: held to the policy the
+    # Endpoint's own validation applies (the document is read, not validated, here).
+    index = [v.name for v in endpoint.spec.variants].index(variant.name)
+    problems = variant_env_problems(f"spec.variants[{index}]", variant, asynchronous=False)
+    if problems:
+        raise RecommendSpecError(f"Endpoint {ref.name if ref else job.name}: "
+                                 + "; ".join(problems))
     variant_doc = next(v for v in doc["spec"]["variants"] if v.get("name") == variant.name)
     reduced = {"apiVersion": doc["apiVersion"], "kind": "Endpoint",
                "metadata": {"name": doc["metadata"]["name"]},

@@ -35,6 +35,7 @@ from kubeinfer_operator.render.k8s_workloads import (
     _env,
     _pod_security,
     _tmp_volume,
+    default_resources,
 )
 from kubeinfer_operator.render.plan_steps import StepPlan
 from kubeinfer_operator.render.transform_names import (
@@ -76,17 +77,13 @@ def owner_reference(name: str, uid: str) -> dict[str, Any]:
 
 def _resources(plan: TransformPlan, settings: OperatorSettings,
                own: bool) -> dict[str, Any]:
-    """The spec's requests/limits where the model runs (``own``), else the defaults."""
-    if own and (plan.requests or plan.limits):
-        out: dict[str, Any] = {}
-        if plan.requests:
-            out["requests"] = dict(plan.requests)
-        if plan.limits:
-            out["limits"] = dict(plan.limits)
-        return out
-    return {"requests": {"cpu": settings.default_cpu_request,
-                         "memory": settings.default_memory_request},
-            "limits": {"memory": settings.default_memory_limit}}
+    """The spec's requests/limits where the model runs (``own``), else the defaults;
+    completed as an Endpoint's are (``default_resources``): every container gets cpu
+    and memory requests and a memory limit, so a worker of a 1,000-shard job cannot
+    grow without bound on a node it shares."""
+    if own:
+        return default_resources(dict(plan.requests), dict(plan.limits), settings)
+    return default_resources({}, {}, settings)
 
 
 def _batch_container(plan: TransformPlan, step: Step, settings: OperatorSettings,

@@ -14,20 +14,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kubeinfer_operator.api import env_policy as policy
 from kubeinfer_operator.api.endpoint import (
+    MAX_ENV_VARS,
     ContainerStep,
     Endpoint,
     EnvVar,
     ModelSource,
     format_validation_error,
 )
+from kubeinfer_operator.api.env_policy import operator_wins
 from kubeinfer_operator.api.transform_job import TransformJob, TransformJobSpec
 from kubeinfer_operator.errors import SpecError
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.plan import _step_plan, resolve_file_uri
-from kubeinfer_operator.render.plan_steps import StepPlan
+from kubeinfer_operator.render.plan_steps import BIND_TO_PORT_ENV, IMAGE_STEP_ENV, StepPlan
 from kubeinfer_operator.render.settings_env import rendered_env
 from kubeinfer_runtime.contract import (
     ENV_PREFIX,
@@ -48,6 +51,26 @@ MB = 1024 * 1024
 SHARD_ENV = ("JOB_COMPLETION_INDEX", f"{ENV_PREFIX}SHARDS", f"{ENV_PREFIX}REPORT_FILE",
              f"{ENV_PREFIX}PROGRESS_FILE", f"{ENV_PREFIX}HOST", f"{ENV_PREFIX}PORT",
              f"{ENV_PREFIX}START_GATE")
+#: What local mode adds to every batch process's env (``local.transform_runner``).
+LOCAL_BATCH_ENV = (f"{ENV_PREFIX}MODEL_CACHE_DIR",)
+#: The ``BatchSettings`` fields ``job_values`` and ``_model_values`` render, whichever
+#: the spec sets (tests/unit/test_env_policy.py holds this equal to what they emit).
+RENDERED_FIELDS = (
+    "job", "input_uri", "data_type", "split_type", "compression", "output_uri",
+    "assemble_with", "batch_across_objects", "invocation_timeout_s", "invocation_retries",
+    "input_filter", "join_source", "output_filter", "max_failed_records", "instance_count",
+    "batch_strategy", "max_batch_payload_bytes", "max_concurrent_transforms",
+    "input_content_type", "accept", "model_uri", "model_format", "model_url", "pipeline",
+)
+#: Every name the operator renders into a batch process (planner, workers, finalizer):
+#: neither the job's environment nor the model's env may set them (``api.env_policy``).
+BATCH_ENV = frozenset((*(ENV_PREFIX + f.upper() for f in RENDERED_FIELDS), *SHARD_ENV,
+                       *LOCAL_BATCH_ENV))
+#: What an image model's container gets from the operator (``sagemaker_batch_env``, its
+#: port), whatever the spec says.
+SAGEMAKER_ENV = frozenset({"SAGEMAKER_BATCH", "SAGEMAKER_MAX_PAYLOAD_IN_MB",
+                           "SAGEMAKER_BATCH_STRATEGY", "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS"}
+                          ) | IMAGE_STEP_ENV
 
 
 class ModelRefError(SpecError):
@@ -64,12 +87,23 @@ class ResolvedModel(BaseModel):
     #: What ``status.model`` and ``kubeinfer status`` say: where the model came from.
     source: str
     model: ModelSource | None = None
-    containers: list[ContainerStep] | None = None
+    #: As a variant's (1 to 15 steps, unique names).
+    containers: list[ContainerStep] | None = Field(default=None, min_length=1, max_length=15)
     #: The variant's extra model-server env (endpointRef), in order.
-    env: list[EnvVar] = Field(default_factory=list)
+    env: list[EnvVar] = Field(default_factory=list, max_length=MAX_ENV_VARS)
     #: Local mode: the directory relative file:// URIs of this model resolve against
     #: (the Endpoint's manifest's, for endpointRef). None on Kubernetes.
     base_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _one_model(self) -> ResolvedModel:
+        # What a variant guarantees, checked again: a pin is read back from an annotation.
+        if (self.model is None) == (self.containers is None):
+            raise ValueError("set exactly one of model, containers")
+        names = [c.name for c in self.containers or []]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate container names")
+        return self
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)
@@ -225,6 +259,26 @@ def job_values(spec: TransformJobSpec, name: str, base_dir: str | None) -> dict[
     return values
 
 
+def env_problems(model: ResolvedModel, environment: dict[str, str], where: str, *,
+                 kubeinfer_image: bool) -> list[str]:
+    """What ``api.env_policy`` refuses in the job's environment (``kubeinfer_image``: it
+    reaches the batch worker, not only an image model), the model's env (always the
+    worker's) and its image steps' env (the user's images); ``where``: what the model's
+    field paths start with (``spec.``, or ``spec.endpointRef`` and the variant)."""
+    # The same names for both: SageMaker's batch settings (any SAGEMAKER_BATCH*) included.
+    operator_env = BATCH_ENV | SAGEMAKER_ENV | {
+        k for k in (*environment, *(e.name for e in model.env)) if k.startswith("SAGEMAKER_BATCH")}
+    problems = policy.env_problems(policy.environment_entries(environment), operator_env,
+                                   kubeinfer_image=kubeinfer_image)
+    problems += policy.env_problems(
+        ((f"{where}env[{j}].name", e.name) for j, e in enumerate(model.env)), operator_env)
+    for k, step in enumerate(model.containers or []):
+        problems += policy.env_problems(
+            ((f"{where}containers[{k}].env[{j}].name", e.name) for j, e in enumerate(step.env)),
+            SAGEMAKER_ENV, kubeinfer_image=False)
+    return problems
+
+
 def run_hash(spec: TransformJobSpec, model: ResolvedModel) -> str:
     return meta.content_hash([spec.model_dump(mode="json", by_alias=True),
                               model.model_dump(mode="json", exclude={"base_dir"})])
@@ -236,24 +290,25 @@ def plan_transform(job: TransformJob, model: ResolvedModel, *,
     file:// URIs (local mode). Raises SpecError naming every problem."""
     spec = job.spec
     model_values, images = _model_values(model)
-    problems = [f"spec.environment.{k}: set by kubeinfer itself; remove it"
-                for k in spec.environment if k in SHARD_ENV or k.startswith("SAGEMAKER_BATCH")]
+    ref = spec.endpointRef
+    where = "spec." if ref is None else f"spec.endpointRef: Endpoint {ref.name}" + (
+        f" variant {ref.variant}" if ref.variant else "") + ": "
+    problems = env_problems(model, spec.environment, where, kubeinfer_image=not images)
     values = {**job_values(spec, job.name, base_dir), **model_values}
     try:
         env = settings_env(values)
     except ValidationError as exc:
         problems += format_validation_error(exc, "batch settings").splitlines()
         env = {}
-    variant_env = {e.name: e.value for e in model.env}
-    problems += [f"spec.environment.{k}: set by kubeinfer itself; remove it"
-                 for k in spec.environment if k in env]
     if problems:
         raise SpecError(f"TransformJob {job.name} is invalid: " + "; ".join(problems))
     batch = sagemaker_batch_env(spec)
     image_env = {s.name: {**dict(s.env), **spec.environment, **batch,
-                          "SAGEMAKER_BIND_TO_PORT": str(s.port)} for s in images}
-    # In-process models read the job's environment in the worker (handlers, threads).
-    worker_env = {**env, **variant_env, **({} if images else spec.environment)}
+                          BIND_TO_PORT_ENV: str(s.port)} for s in images}
+    # In-process models read the job's environment in the worker (handlers, threads); the
+    # model's (an Endpoint variant's) env too. The operator's settings win either way.
+    worker_env = operator_wins(env, {**{e.name: e.value for e in model.env},
+                                     **({} if images else spec.environment)})
     return TransformPlan(
         name=job.name,
         namespace=job.metadata.namespace,
