@@ -171,6 +171,30 @@ def test_the_write_audit_expires_with_its_request(stack: AsyncStack, s3_server: 
     assert r.exists(legacy) == 0
 
 
+def test_an_id_hash_written_after_it_expired_expires_again(redis_server: RedisServer) -> None:
+    """A request that runs after its id hash expired (it waited longer than its TTL
+    plus the idempotency window) writes the hash again: every script that may be the
+    first write gives it an expiry, and leaves one that has its own alone."""
+    from kubeinfer_runtime.queue import processing
+    from kubeinfer_runtime.queue.producer import DEDUPE_EXTRA_S
+
+    r = redis_server.client()
+    key = AsyncQueueKeys(queue="ttl").inference("late")
+    window = str(DEDUPE_EXTRA_S)
+    count = r.register_script(processing._COUNT)
+    transient = r.register_script(processing._TRANSIENT)
+    charge = r.register_script(processing._CHARGE)
+    for first in (lambda: count(keys=[key], args=["token", window]),
+                  lambda: transient(keys=[key], args=["", "1.0", "Outage: x", "1", window]),
+                  lambda: charge(keys=[key], args=[window])):
+        r.delete(key)
+        first()
+        assert 0 < r.ttl(key) <= DEDUPE_EXTRA_S
+        r.expire(key, 50)  # the producer's own expiry stays as it is
+        first()
+        assert 0 < r.ttl(key) <= 50
+
+
 def test_bad_requests_are_refused_with_sagemaker_errors(stack: AsyncStack) -> None:
     import httpx
 

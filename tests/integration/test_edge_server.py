@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,6 +266,28 @@ def test_device_api_and_refusals(server: RuntimeProcess, fleet: Fleet) -> None:
     assert 'kubeinfer_edge_refused_requests_total{fleet="fleet",reason="unauthorized"}' \
         in metrics
     assert "Traceback" not in server.log()
+
+
+def test_one_capture_upload_per_device_at_a_time(server: RuntimeProcess, fleet: Fleet) -> None:
+    """A device cannot hold the server's memory with parallel 8 MiB uploads: while one of
+    its uploads is in flight the next gets 429 (its records stay on the device); other
+    devices upload meanwhile, and the device again once its upload ended."""
+    dev, other = Device(server.url, "dev-1"), Device(server.url, "dev-2")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as held:
+        held.sendall(b"POST /v1/devices/dev-1/captures HTTP/1.1\r\nHost: x\r\n"
+                     + f"Authorization: Bearer {dev.credential}\r\n".encode()
+                     + b"Content-Type: application/jsonl\r\nContent-Length: 100\r\n\r\n{")
+        wait_until(lambda: dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
+                                         content=b'{"a": 1}\n').status_code == 429,
+                   10, "the device's second upload to be throttled")
+        r = dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth, content=b'{"a": 1}\n')
+        assert "in flight" in _error(r, 429) and r.headers["retry-after"] == "5"
+        ok = other.http.post("/v1/devices/dev-2/captures", headers=other.auth,
+                             content=b'{"b": 2}\n')
+        assert ok.status_code == 200, ok.text
+    wait_until(lambda: dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
+                                     content=b'{"a": 1}\n').status_code == 200,
+               15, "the device to upload again once its held upload ended")
 
 
 def test_the_status_token_reads_the_fleet_and_nothing_else(server: RuntimeProcess,

@@ -31,7 +31,7 @@ from tests.support.kube_harness import Kube, operator_on_emulator, wait_for
 from tests.support.kube_schema import schema_errors
 
 SETTINGS = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
-                            runtime_image="example.test/runtime:1")
+                            runtime_image="example.test/runtime:1", network_policy=True)
 _ids = itertools.count()
 
 
@@ -115,6 +115,9 @@ def test_candidates_then_the_job_then_the_winner(kube: Kube, ns: str) -> None:
     # Both candidates appear, owned and schema-valid; the Job waits for them.
     wait_for(lambda: kube.names("Deployment", ns) >= {"mlp-c0", "mlp-c1"}, 10, "candidates")
     wait_for(lambda: kube.names("Service", ns) >= {"mlp-c0", "mlp-c1"}, 10, "services")
+    # Fenced: only the job's load generator reaches them.
+    policy = wait_for(lambda: kube.get("NetworkPolicy", ns, "mlp-candidates"), 10, "policy")
+    assert schema_errors(policy) == [] and policy["metadata"]["ownerReferences"][0]["uid"] == uid
     for name in ("mlp-c0", "mlp-c1"):
         dep = kube.get("Deployment", ns, name)
         assert dep is not None and schema_errors(dep) == []
@@ -150,6 +153,6 @@ def test_candidates_then_the_job_then_the_winner(kube: Kube, ns: str) -> None:
     assert {"name": "KUBEINFER_INTRA_OP_THREADS", "value": "2"} in variant["env"]
     assert variant["autoscaling"]["targetTracking"][0]["target"] == 25200.0
     # The candidates are deleted once the Job has ended; the Job stays (TTL).
-    wait_for(lambda: not kube.names("Deployment", ns) and not kube.names("Service", ns), 10,
-             "candidates deleted")
+    wait_for(lambda: not kube.names("Deployment", ns) and not kube.names("Service", ns)
+             and not kube.names("NetworkPolicy", ns), 10, "candidates deleted")
     assert kube.get("Job", ns, "mlp-recommend") is not None

@@ -133,6 +133,31 @@ def test_candidates_are_strict_valid_owned_and_sized() -> None:
         assert env["KUBEINFER_MODEL_NAME"] == servers.MODEL_NAME
 
 
+def test_candidates_answer_only_their_load_generator() -> None:
+    """With NetworkPolicies on, the candidates' model servers take inference traffic from
+    the job's own load generator alone (as an Endpoint's take it from its gateway)."""
+    plan = planned(doc())
+    assert rjobs.render_candidates_policy(plan, uid=UID, settings=SETTINGS) is None
+    fenced = SETTINGS.model_copy(update={"network_policy": True})
+    policy = rjobs.render_candidates_policy(plan, uid=UID, settings=fenced)
+    assert policy is not None
+    kubernetes_validate.validate(policy, "1.33.0", strict=True)
+    assert policy["metadata"]["ownerReferences"][0]["kind"] == "RecommendationJob"
+    fenced_pods = policy["spec"]["podSelector"]["matchLabels"]
+    job_pods = rjobs.render_job(plan, uid=UID, settings=fenced)["spec"]["template"]
+    (inference, metrics) = policy["spec"]["ingress"]
+    allowed = inference["from"][0]["podSelector"]["matchLabels"]
+    assert allowed.items() <= job_pods["metadata"]["labels"].items()
+    assert metrics["ports"][0]["port"] != inference["ports"][0]["port"]
+    for i in range(len(plan.candidates)):
+        deployment, _ = rjobs.render_candidate(plan, i, uid=UID, settings=fenced)
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert fenced_pods.items() <= pod_labels.items()
+        assert not allowed.items() <= pod_labels.items()  # candidates cannot call each other
+    # Deleted with the candidates: it carries the job's selector.
+    assert rjobs.selector("mlp").items() <= policy["metadata"]["labels"].items()
+
+
 def test_the_job_is_strict_valid_and_carries_the_request_with_urls() -> None:
     plan = planned(doc(activeDeadlineSeconds=900))
     job = rjobs.render_job(plan, uid=UID, settings=SETTINGS)

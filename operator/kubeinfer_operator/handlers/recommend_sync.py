@@ -116,6 +116,9 @@ class RecommendSync(JobSync[rs.Decision]):
         if plan is None:
             return
         if decision.create_candidates:
+            policy = rjobs.render_candidates_policy(plan, uid=uid, settings=self.settings)
+            if policy is not None:
+                await self._create(policy, uid, name)
             for i in range(len(plan.candidates)):
                 for manifest in rjobs.render_candidate(plan, i, uid=uid,
                                                        settings=self.settings):
@@ -147,7 +150,7 @@ class RecommendSync(JobSync[rs.Decision]):
                 if owned_by(o, uid)]
 
     async def _delete_candidates(self, namespace: str, name: str, uid: str) -> None:
-        for kind in (kinds.DEPLOYMENT, kinds.SERVICE):
+        for kind in (kinds.DEPLOYMENT, kinds.SERVICE, kinds.NETWORK_POLICY):
             for obj in await self._owned(kind, namespace, name, uid):
                 if await self.kube.delete(kind, namespace, obj["metadata"]["name"]):
                     log.info("Deleted candidate %s %s/%s", kind.kind, namespace,

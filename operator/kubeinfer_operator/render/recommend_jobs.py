@@ -23,6 +23,8 @@ from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.compile_jobs import pod_failure_policy
 from kubeinfer_operator.render.k8s_placement import apply_pod_template, effective_template
 from kubeinfer_operator.render.k8s_workloads import (
+    METRICS_PORT_NAME,
+    PORT_NAME,
     Owner,
     _container_security,
     _env,
@@ -189,6 +191,39 @@ def render_candidate(plan: RecommendPlan, index: int, *, uid: str,
     template_labels.update({**selector(plan.name), LABEL_CANDIDATE: cand.name})
     service = _service(owner, name, meta.COMPONENT_MODEL_SERVER, variant.name, settings)
     return [_own(deployment, plan, uid, cand), _own(service, plan, uid, cand)]
+
+
+def candidates_policy_name(name: str) -> str:
+    return f"{name}-candidates"
+
+
+def render_candidates_policy(plan: RecommendPlan, *, uid: str,
+                             settings: OperatorSettings) -> dict[str, Any] | None:
+    """The candidates' NetworkPolicy when the operator renders policies (None otherwise):
+    their model servers answer only this job's load generator, as an Endpoint's answer
+    only its gateway (``k8s_network``), and their metrics the configured scrapers."""
+    if not settings.network_policy:
+        return None
+    metrics_rule: dict[str, Any] = {"ports": [{"port": METRICS_PORT_NAME, "protocol": "TCP"}]}
+    if settings.metrics_from:
+        metrics_rule["from"] = list(settings.metrics_from)
+    load = {"podSelector": {"matchLabels": {**selector(plan.name),
+                                            meta.LABEL_COMPONENT: COMPONENT}}}
+    policy: dict[str, Any] = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": candidates_policy_name(plan.name), "namespace": plan.namespace,
+                     "labels": labels(plan.name)},
+        "spec": {
+            "podSelector": {"matchLabels": {**selector(plan.name),
+                                            meta.LABEL_COMPONENT: meta.COMPONENT_MODEL_SERVER}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [load], "ports": [{"port": PORT_NAME, "protocol": "TCP"}]},
+                        metrics_rule],
+        },
+    }
+    policy["metadata"]["ownerReferences"] = [owner_reference(plan.name, uid)]
+    return policy
 
 
 def candidate_url(plan: RecommendPlan, index: int, settings: OperatorSettings) -> str:

@@ -91,6 +91,14 @@ class Unauthorized(RuntimeServiceError):
                          headers=[(b"www-authenticate", b"Bearer")])
 
 
+class Throttled(RuntimeServiceError):
+    """Too many capture uploads in flight (429): the agent keeps them for a later try."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(429, "ThrottlingException", message,
+                         headers=[(b"retry-after", b"5")])
+
+
 class FleetFull(RuntimeServiceError):
     """The fleet holds ``max_devices`` devices: a new id is refused (403)."""
 
@@ -116,7 +124,7 @@ _BAD_READER = ("Token is missing or invalid: send Authorization: Bearer <token> 
 
 def _reason(status: int) -> str:
     return {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
-            413: "too_large", 503: "unavailable"}.get(status, "invalid")
+            413: "too_large", 429: "throttled", 503: "unavailable"}.get(status, "invalid")
 
 
 def _bearer(request: Request) -> str:
@@ -204,6 +212,10 @@ def _split_captures(body: bytes) -> list[bytes]:
     return lines
 
 
+#: Capture uploads one fleet server process checks and writes at once (each holds a few
+#: copies of up to ``MAX_CAPTURE_UPLOAD_BYTES``); one per device.
+MAX_CAPTURE_UPLOADS_IN_FLIGHT = 16
+
 #: The interpreter's thread switch interval in the fleet server process.
 GIL_SLICE_S = 0.001
 #: Connections to Redis per fleet server process, and how long a request waits for one.
@@ -242,6 +254,8 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
     heartbeats = metrics.EDGE_HEARTBEATS.labels(fleet)
     registrations = metrics.EDGE_REGISTRATIONS.labels(fleet)
     captured = metrics.EDGE_CAPTURE_RECORDS.labels(fleet)
+    #: Devices whose capture upload this process is handling.
+    uploading: set[str] = set()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -388,6 +402,21 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
     async def captures(device_id: str, request: Request) -> Response:
         _name(device_id, "deviceId")
         await _check_device(request, device_id)
+        # An upload holds up to a few copies of 8 MiB while it is checked and written:
+        # one at a time per device, and a bound per process, so no device (nor a
+        # thousand at once) can hold the server's memory. The agent keeps its records
+        # on any refusal and sends them with a later heartbeat.
+        if device_id in uploading or len(uploading) >= MAX_CAPTURE_UPLOADS_IN_FLIGHT:
+            raise Throttled(f"A capture upload of device {device_id} is in flight, or the "
+                            f"server holds {MAX_CAPTURE_UPLOADS_IN_FLIGHT} already: send it "
+                            "again later")
+        uploading.add(device_id)
+        try:
+            return await _capture(device_id, request)
+        finally:
+            uploading.discard(device_id)
+
+    async def _capture(device_id: str, request: Request) -> Response:
         body = await _body(request, MAX_CAPTURE_UPLOAD_BYTES, "Capture upload")
         lines = _split_captures(body)
         destination = watcher.config.capture.destination

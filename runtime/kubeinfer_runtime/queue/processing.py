@@ -44,6 +44,7 @@ from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncWorkerSettings
 from kubeinfer_runtime.errors import RuntimeServiceError
 from kubeinfer_runtime.queue.notifier import Delivery, Notifier
 from kubeinfer_runtime.queue.objects import ObjectStore, ObjectStoreError
+from kubeinfer_runtime.queue.producer import DEDUPE_EXTRA_S
 from kubeinfer_runtime.queue.request import (
     AsyncRequest,
     Confinement,
@@ -66,21 +67,22 @@ log = logging.getLogger("kubeinfer.queue")
 # Count a try in the request's id hash, once per token: a try whose reply was lost
 # (Redis died after running it) is not counted twice when the same token comes again.
 # A finished request is not counted: its redeliveries only notify (failed ones are
-# charged afterwards, see _TRANSIENT). KEYS[1]: the id hash; ARGV[1]: the try's token.
-# Returns the hash (flat).
+# charged afterwards, see _TRANSIENT). KEYS[1]: the id hash; ARGV[1]: the try's token;
+# ARGV[2]: seconds it lives if it has no expiry (see _EXPIRING). Returns the hash (flat).
 _COUNT = """
 if redis.call('HEXISTS', KEYS[1], 'done') == 0 and
    redis.call('HGET', KEYS[1], 'try') ~= ARGV[1] then
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   redis.call('HSET', KEYS[1], 'try', ARGV[1])
 end
+if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return redis.call('HGETALL', KEYS[1])
 """
 
 # A transient failure: remember since when, and give back the try counted with the
 # token (only if it still is: idempotent too), or charge a failed redelivery. ARGV:
 # token ('' keeps the count), the wall-clock time of the first transient failure, the
-# error, '1' to charge an attempt.
+# error, '1' to charge an attempt, the seconds it lives if it has no expiry.
 _TRANSIENT = """
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'try') == ARGV[1] then
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)
@@ -91,8 +93,21 @@ if ARGV[4] == '1' then
 end
 redis.call('HSETNX', KEYS[1], 'transient_since', ARGV[2])
 redis.call('HSET', KEYS[1], 'last_error', ARGV[3])
+if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 return 1
 """
+
+# A failed redelivery uses an attempt. KEYS[1]: the id hash; ARGV[1]: as _COUNT's ARGV[2].
+_CHARGE = """
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+#: How long an id hash lives when a worker finds it gone and writes it again (its request
+#: outlived it: the producer's expiry had passed): the scripts above give it this one, so
+#: no hash of the queue is left without an expiry, however late its request runs.
+_EXPIRING = str(DEDUPE_EXTRA_S)
 
 
 @dataclass
@@ -146,6 +161,7 @@ class Processor:
         self._processing = metrics.ASYNC_PROCESSING_SECONDS.labels(endpoint)
         self._count = redis.register_script(_COUNT)
         self._transient = redis.register_script(_TRANSIENT)
+        self._charge = redis.register_script(_CHARGE)
 
     async def count(self, id_key: str, ticket: Ticket) -> dict[str, str]:
         """The id hash, this try counted unless the ticket's count still stands."""
@@ -153,7 +169,7 @@ class Processor:
             state: dict[str, str] = await self.redis.hgetall(id_key)
             return state
         ticket.token = ticket.token or uuid.uuid4().hex
-        flat = await self._count(keys=[id_key], args=[ticket.token])
+        flat = await self._count(keys=[id_key], args=[ticket.token, _EXPIRING])
         ticket.counted = True
         return dict(zip(flat[::2], flat[1::2], strict=True))
 
@@ -169,7 +185,7 @@ class Processor:
         try:
             await self._transient(keys=[self.keys.inference(ticket.req.inference_id)],
                                   args=[token, repr(since), f"{type(error).__name__}: {error}",
-                                        "1" if charge else ""])
+                                        "1" if charge else "", _EXPIRING])
         except Exception as e:
             log.debug("Could not record the transient failure of %s (%s)",
                       ticket.req.inference_id, e)
@@ -178,8 +194,8 @@ class Processor:
         """A redelivery the receiver refused: it uses an attempt (best effort)."""
         if ticket.req is not None:
             with contextlib.suppress(Exception):
-                await self.redis.hincrby(self.keys.inference(ticket.req.inference_id),
-                                         "attempts", 1)
+                await self._charge(keys=[self.keys.inference(ticket.req.inference_id)],
+                                   args=[_EXPIRING])
 
     async def process(self, msg_id: str, fields: dict[str, str], ticket: Ticket) -> None:
         """One try; returns when the entry is settled (acknowledged or re-queued)."""
