@@ -42,6 +42,7 @@ from typing import Any
 from kubeinfer_runtime import codec, metrics
 from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncWorkerSettings
 from kubeinfer_runtime.errors import RuntimeServiceError
+from kubeinfer_runtime.queue.inference_threads import InferenceThreads
 from kubeinfer_runtime.queue.notifier import Delivery, Notifier
 from kubeinfer_runtime.queue.objects import ObjectStore, ObjectStoreError
 from kubeinfer_runtime.queue.producer import DEDUPE_EXTRA_S
@@ -152,6 +153,7 @@ class Processor:
         self.store = store
         self.notifier = notifier
         self.pool = pool
+        self.threads = InferenceThreads(pool, settings.inference_threads)
         self.confinement = confinement
         self.keys = AsyncQueueKeys(queue=settings.queue)
         endpoint = settings.endpoint_name or settings.queue
@@ -305,14 +307,13 @@ class Processor:
         model = self.slot.get()
         body = await asyncio.to_thread(self.store.read, req.input_location)
         encoding = codec.negotiate(req.accept or None)
-        loop = asyncio.get_running_loop()
         timeout = req.invocation_timeout_s
         limits = codec.DecodeLimits.for_settings(self.settings.max_payload_bytes,
                                                  self.settings.max_decoded_bytes)
         try:
-            payload, _ = await asyncio.wait_for(
-                loop.run_in_executor(self.pool, invocations_work, model, body,
-                                     req.content_type or None, encoding, limits), timeout)
+            # The timeout runs from when a thread is free (``InferenceThreads``).
+            payload, _ = await self.threads.run(timeout, invocations_work, model, body,
+                                                req.content_type or None, encoding, limits)
         except TimeoutError:
             raise InferenceTimedOut(f"Model did not finish request {req.inference_id} within "
                                     f"its InvocationTimeoutSeconds ({timeout:g}s): send a "

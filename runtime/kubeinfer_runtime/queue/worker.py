@@ -196,7 +196,10 @@ class Worker:
         if self.gate.is_open:
             await self._paused()
             return
-        free = self.settings.max_concurrency - len(self.inflight)
+        # Threads still running requests that timed out hold their share: the entries
+        # they would run are left to replicas that can start them now.
+        free = (self.settings.max_concurrency - len(self.inflight)
+                - self.processor.threads.orphans)
         if free <= 0:
             await asyncio.wait(list(self.inflight.values()), timeout=1.0,
                                return_when=asyncio.FIRST_COMPLETED)
