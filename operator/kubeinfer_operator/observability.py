@@ -17,8 +17,10 @@ kubeinfer_operator_reconcile_duration_seconds   histo.   kind
 kubeinfer_operator_scale_decisions_total        counter  direction (up, down, from_zero,
                                                          to_zero), reason (autoscaling,
                                                          serverless, async_backlog)
-kubeinfer_operator_pending_scale_requests       gauge    (none): gateways' scale requests
-                                                         accepted and not yet acted on
+kubeinfer_operator_pending_scale_requests       gauge    (none): scaling rounds gateways'
+                                                         scale requests started, not yet
+                                                         done (an Endpoint's requests
+                                                         share one)
 kubeinfer_operator_active                       gauge    (none): 1 on the replica that
                                                          acts, 0 on a standby
 =============================================== ======== ==================================
@@ -45,6 +47,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.exposition import generate_latest
 
 from kubeinfer_operator.errors import ConflictError, SpecError
+from kubeinfer_operator.http_bounds import BoundedListener
 from kubeinfer_operator.reconcile.cluster_scaling import ScaleChange
 
 log = logging.getLogger(__name__)
@@ -92,8 +95,9 @@ class OperatorMetrics:
             "direction (up, down, from_zero, to_zero) and reason (the policy: autoscaling, "
             "serverless, async_backlog)", ["direction", "reason"], registry=self.registry)
         self.pending_scale_requests = Gauge(
-            "kubeinfer_operator_pending_scale_requests", "Gateways' scale requests accepted "
-            "and not yet acted on", registry=self.registry)
+            "kubeinfer_operator_pending_scale_requests", "Scaling rounds gateways' scale "
+            "requests started and not yet done (an Endpoint's requests share one)",
+            registry=self.registry)
         self.active = Gauge(
             "kubeinfer_operator_active", "1 on the operator replica that acts, 0 on a "
             "standby", registry=self.registry)
@@ -131,8 +135,8 @@ class OperatorMetrics:
     def counting_pending(
             self, handle: Callable[[str, str], Coroutine[Any, Any, T]],
     ) -> Callable[[str, str], Coroutine[Any, Any, T]]:
-        """``handle`` (the scaler's ``on_request``) counted in ``pending_scale_requests``
-        while it waits for and runs its Endpoint's scaling round."""
+        """``handle`` (the scaler's ``on_request``, one call per coalesced round) counted in
+        ``pending_scale_requests`` while it waits for and runs its Endpoint's round."""
         async def counted(namespace: str, endpoint: str) -> T:
             with self.pending_scale_requests.track_inprogress():
                 return await handle(namespace, endpoint)
@@ -144,29 +148,32 @@ class OperatorMetrics:
 
 
 class MetricsServer:
-    """``GET /metrics`` on ``port`` (None: no listener), for the operator's lifetime."""
+    """``GET /metrics`` on ``port`` (None: no listener), for the operator's lifetime.
+
+    Connections are bounded in count and lifetime like the scaler's
+    (``http_bounds.BoundedListener``): the metrics port is open to any scraper.
+    """
 
     def __init__(self, metrics: OperatorMetrics, port: int | None,
                  host: str = "0.0.0.0") -> None:
         self.metrics = metrics
         self.port = port
         self.host = host
-        self._runner: web.AppRunner | None = None
+        self._listener: BoundedListener | None = None
 
     async def start(self) -> None:
         if self.port is None:
             return
         app = web.Application()
         app.router.add_get("/metrics", self._serve)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        self._listener = BoundedListener(app, self.host, self.port)
+        await self._listener.start()
         log.info("Operator metrics on :%d/metrics", self.port)
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
 
     async def _serve(self, _: web.Request) -> web.Response:
         return web.Response(body=self.metrics.exposition(),

@@ -68,3 +68,34 @@ def test_a_client_that_never_finishes_its_request_is_dropped(
         except (ConnectionResetError, BrokenPipeError):
             answer = b""  # closed while the rest was in flight: a reset, as well
         assert answer == b""  # a head over 8 KiB is not read
+
+
+def test_connections_past_the_limit_are_closed_at_once(
+        servers: dict[str, tuple[RuntimeProcess, int]]) -> None:
+    """Idle connections (the port is open to any source by default) cannot take the
+    process's file descriptors: past MAX_CONNECTIONS new ones are closed, not held."""
+    from kubeinfer_runtime.metrics_listener import MAX_CONNECTIONS
+
+    _, port = servers["gateway"]
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10)
+            for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)  # all accepted, each waiting for its request head
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as extra:
+            try:
+                answer = extra.recv(1024)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""  # closed at once (not after the 5 s head timeout)
+    finally:
+        for sock in idle:
+            sock.close()
+    for _ in range(50):  # the idle ones gone, scrapes are served again
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the metrics port did not serve again")

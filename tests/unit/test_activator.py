@@ -22,6 +22,7 @@ from kubeinfer_runtime.contract import (
     ServerlessRoute,
     VariantRoute,
 )
+from kubeinfer_runtime.contract.auth import AuthMode, AuthRoute
 from kubeinfer_runtime.errors import NotReady, Throttled
 from kubeinfer_runtime.gateway.activator import Activator
 from kubeinfer_runtime.gateway.app import GatewayApp
@@ -102,7 +103,8 @@ async def test_hold_passes_other_refusals_through(tmp_path: Path) -> None:
     assert await activator.hold(endpoint, "other", down) is down
 
 
-async def _call(app: GatewayApp, body: bytes) -> tuple[int, dict[str, str], bytes]:
+async def _call(app: GatewayApp, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+                ) -> tuple[int, dict[str, str], bytes]:
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict[str, Any]] = []
 
@@ -117,7 +119,8 @@ async def _call(app: GatewayApp, body: bytes) -> tuple[int, dict[str, str], byte
 
     path = "/endpoints/sl/invocations"
     scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "headers": [(b"content-type", b"application/json")]}
+             "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), *(extra or [])]}
     await app(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     headers = {k.decode(): v.decode() for k, v in start["headers"]}
@@ -147,4 +150,42 @@ async def test_gateway_answers_429_and_413_for_serverless(tmp_path: Path) -> Non
     core.apply(big)
     status, _, body = await _call(app, b"x" * (4 * 1024 * 1024 + 1))
     assert status == 413 and b"ValidationError" in body
+    await app.shutdown()
+
+
+async def test_callers_without_credentials_take_no_serverless_slot(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    (tokens / "token").write_text("tok-serverless-slots-0123456789\n")
+    auth = AuthRoute(mode=AuthMode.TOKEN, credentials_dir=str(tokens))
+    t = table([], max_concurrency=2, timeout=0.2)
+    t = t.model_copy(update={"endpoints": {"sl": t.endpoints["sl"].model_copy(
+        update={"auth": auth})}})
+    app = GatewayApp(make_core(tmp_path, t))
+    path = "/endpoints/sl/invocations"
+
+    async def trickle() -> dict[str, Any]:  # a body that never finishes arriving
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def discard(_: MutableMapping[str, Any]) -> None:
+        pass
+
+    hogs = [asyncio.create_task(app(
+        {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+         "query_string": b"", "headers": [(b"content-length", b"1000")]}, trickle, discard))
+        for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert app.invocations.activator.in_flight.get("sl", 0) == 0
+    status, _, _ = await _call(app, b"{}")  # a complete request without credentials
+    assert status == 401
+    assert app.invocations.activator.in_flight.get("sl", 0) == 0
+    # The real caller is admitted (held for a replica that never comes: 503), not 429.
+    status, _, body = await _call(app, b"{}", [(b"authorization",
+                                                b"Bearer tok-serverless-slots-0123456789")])
+    assert status == 503 and b"coldStartTimeout" in body, body
+    assert app.invocations.activator.in_flight["sl"] == 0
+    for hog in hogs:
+        hog.cancel()
+    await asyncio.gather(*hogs, return_exceptions=True)
     await app.shutdown()

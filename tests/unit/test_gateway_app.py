@@ -15,13 +15,13 @@ import orjson
 import pytest
 
 from kubeinfer_runtime.contract import EndpointRoute, GatewaySettings, RouteTable, VariantRoute
-from kubeinfer_runtime.gateway.app import GatewayApp, create_app
+from kubeinfer_runtime.gateway.app import GatewayApp, create_app, is_loopback
 
 Result = tuple[int, dict[str, str], bytes]
 
 
 async def _call(app: GatewayApp, method: str, path: str, headers: list[tuple[bytes, bytes]],
-                chunks: list[bytes]) -> Result:
+                chunks: list[bytes], client: str = "127.0.0.1") -> Result:
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
                 for i, c in enumerate(chunks)]
     sent: list[dict[str, Any]] = []
@@ -35,7 +35,7 @@ async def _call(app: GatewayApp, method: str, path: str, headers: list[tuple[byt
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
              "root_path": "", "scheme": "http", "headers": headers,
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8080)}
+             "client": (client, 1), "server": ("127.0.0.1", 8080)}
     await app(scope, receive, send)
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -43,8 +43,8 @@ async def _call(app: GatewayApp, method: str, path: str, headers: list[tuple[byt
 
 
 def call(app: GatewayApp, method: str, path: str, headers: list[tuple[bytes, bytes]] | None = None,
-         chunks: list[bytes] | None = None) -> Result:
-    return asyncio.run(_call(app, method, path, headers or [], chunks or [b""]))
+         chunks: list[bytes] | None = None, client: str = "127.0.0.1") -> Result:
+    return asyncio.run(_call(app, method, path, headers or [], chunks or [b""], client))
 
 
 @pytest.fixture
@@ -113,6 +113,22 @@ def test_routes_shows_the_table_in_force(app: GatewayApp) -> None:
     assert status == 200
     parsed = orjson.loads(body)
     assert parsed["table"]["revision"] == 3 and parsed["down"] == []
+
+
+def test_routes_answers_loopback_callers_only(app: GatewayApp) -> None:
+    """It names upstream pods and auth settings: a remote caller (of an endpoint that
+    may require SigV4 or a token) gets 403, the host itself (port-forward) the page."""
+    for remote in ("10.1.2.3", "192.168.0.7", "2001:db8::1"):
+        msg = sagemaker_error(call(app, "GET", "/routes", client=remote), 403,
+                              "AccessDeniedException")
+        assert "loopback callers only" in msg and "127.0.0.1:9" not in msg
+    for local in ("127.0.0.1", "127.0.0.53", "::1", "::ffff:127.0.0.1"):
+        assert call(app, "GET", "/routes", client=local)[0] == 200, local
+    assert not any(is_loopback(h) for h in (None, "", "testclient", "::ffff:10.0.0.1",
+                                            "0.0.0.0"))
+    # Liveness and metrics stay open to probes and scrapers.
+    assert call(app, "GET", "/ping", client="10.1.2.3")[0] == 200
+    assert call(app, "GET", "/metrics", client="10.1.2.3")[0] == 200
 
 
 def test_other_paths_and_methods_fall_through_to_fastapi(app: GatewayApp) -> None:

@@ -148,3 +148,57 @@ async def test_a_new_shadow_version_starts_its_comparison_over() -> None:
     await copies(2, 2.0)
     for peer in tap.peers.values():
         await peer.stop()
+
+
+async def test_a_peer_holds_a_bounded_number_of_bytes_not_only_of_copies() -> None:
+    """256 copies of 6 MiB bodies would be 1.5 GiB: past the byte bound (queued or
+    being sent) copies are dropped and counted; a copy done with frees its room."""
+    from prometheus_client import REGISTRY
+
+    endpoint = "shadow-bytes-test"
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("kubeinfer_shadow_copies_total", {
+            "endpoint": endpoint, "variant": "primary", "peer": "cand",
+            "result": "dropped"}) or 0.0
+
+    def big(i: int, size: int = 1000) -> Exchange:
+        return exchange(i)._replace(endpoint=endpoint, request_body=bytes(size - 3))
+
+    client = HeldClient()  # response body b"[0]": each copy holds 1000 bytes
+    peer = Peer(endpoint, config("http://a", concurrency=2), client,  # type: ignore[arg-type]
+                max_held_bytes=5000)
+    for i in range(10):
+        peer.offer(big(i), None)
+    await settle()
+    # Five held (two being sent, three queued), five dropped: the queue takes 1000.
+    assert (client.in_flight, peer.queue.qsize(), peer.held_bytes) == (2, 3, 5000)
+    assert dropped() == 5.0
+    client.gate.set()
+    for _ in range(200):
+        await settle()
+        if peer.held_bytes == 0 and client.in_flight == 0:
+            break
+    assert peer.held_bytes == 0 and peer._series("primary").sent._value.get() == 5
+    # A copy larger than the bound alone goes out when the peer holds nothing else.
+    client.gate.clear()
+    peer.offer(big(10, 9000), None)
+    peer.offer(big(11), None)
+    await settle()
+    assert (peer.held_bytes, dropped()) == (9000, 6.0)
+    client.gate.set()
+    for _ in range(200):
+        await settle()
+        if peer.held_bytes == 0:
+            break
+    # Stopping lets go of the copies queued at once, and of those in hand as each
+    # worker ends.
+    client.gate.clear()
+    for i in range(4):
+        peer.offer(big(20 + i), None)
+    await settle()
+    assert (client.in_flight, peer.queue.qsize(), peer.held_bytes) == (2, 2, 4000)
+    peer.cancel()
+    assert peer.queue.empty() and peer.held_bytes == 2000
+    await settle()
+    assert peer.held_bytes == 0

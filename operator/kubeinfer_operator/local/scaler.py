@@ -15,12 +15,14 @@ the gateway's activator POSTs a ``contract.ScaleRequest`` to ``/scale``) it:
 Scale-out from zero is the cold-start path, so it polls the new server's
 ``/ping`` every 20 ms instead of waiting for the supervisor's monitor tick.
 The scrape endpoint is the supervisor's own little HTTP server (aiohttp, bound
-to 127.0.0.1 on a free port), handed to the gateway as ``KUBEINFER_SCALER_URL``.
+to 127.0.0.1 on a free port, its connections bounded like the operator's by
+``http_bounds``), handed to the gateway as ``KUBEINFER_SCALER_URL``.
 
 Prometheus URLs come from the spec, so those queries obey the outbound policy
 (``contract.outbound``, ``KUBEINFER_OUTBOUND_ALLOW``) as on Kubernetes: the
 URL is checked before each query, the connection goes through the guarded
-aiohttp connector and redirects are not followed.
+aiohttp connector, redirects are not followed and an answer over
+``http_bounds.MAX_QUERY_BYTES`` counts as no answer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -42,6 +45,7 @@ import httpx
 from aiohttp import web
 from pydantic import ValidationError
 
+from kubeinfer_operator.http_bounds import MAX_QUERY_BYTES, AnswerLimit, BoundedListener
 from kubeinfer_operator.local.children import LOAD_FAILED
 from kubeinfer_operator.local.host import EndpointHost
 from kubeinfer_operator.local.memory import OOM_KILLED
@@ -141,9 +145,10 @@ class LocalScaler:
         #: other local process reaching the port gets 401.
         self.token = secrets.token_urlsafe(32)
         self._wake = asyncio.Event()
-        self._runner: web.AppRunner | None = None
+        self._listener: BoundedListener | None = None
         #: Prometheus queries (URLs from the spec): through the guarded connector.
         self._prometheus_session: aiohttp.ClientSession | None = None
+        self._query_limit = AnswerLimit(MAX_QUERY_BYTES, "Prometheus answer")
         self.lock = asyncio.Lock()
         #: Model servers of scaled endpoints start from a pre-imported runtime.
         self.fork_server = ForkServer(supervisor.paths.root / "prefork.sock",
@@ -158,26 +163,25 @@ class LocalScaler:
     async def start_server(self) -> str:
         app = web.Application(client_max_size=4096)
         app.router.add_post("/scale", self._on_scale)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/scale"
+        self._listener = BoundedListener(app, "127.0.0.1", 0)
+        await self._listener.start()
+        self.url = f"http://127.0.0.1:{self._listener.port}/scale"
         return self.url
 
     async def stop_server(self) -> None:
         self.fork_server.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
         if self._prometheus_session is not None:
             await self._prometheus_session.close()
             self._prometheus_session = None
 
     async def _on_scale(self, request: web.Request) -> web.Response:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
+        # Undecodable header bytes arrive as surrogates, which cannot be encoded: a
+        # token that is not ASCII is simply not this one.
+        if not given.isascii() or not hmac.compare_digest(given.encode(), self.token.encode()):
             return web.json_response({"message": "Scale request without this supervisor's "
                                                  "token: only its gateway may ask"},
                                      status=401, headers={"WWW-Authenticate": "Bearer"})
@@ -248,10 +252,13 @@ class LocalScaler:
                                                     allow_redirects=False) as response:
                 if response.status != 200:  # a 3xx too: redirects are not followed
                     raise ValueError(f"HTTP {response.status}")
-                result = (await response.json())["data"]["result"]
+                body = await self._query_limit.read(response, redact_url(base))
+                if body is None:
+                    return None  # warned once per Prometheus
+                result = json.loads(body)["data"]["result"]
             return float(result[0]["value"][1]) if result else None
         except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, IndexError,
-                TypeError) as exc:
+                TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             log.warning("Prometheus query %r on %s failed: %s", query, redact_url(base), exc)
             return None
 

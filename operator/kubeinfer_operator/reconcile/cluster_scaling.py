@@ -71,7 +71,13 @@ def scale_direction(current: int, desired: int) -> str:
 
 
 def authorized_scale(token: str, signing_key: bytes, namespace: str) -> bool:
-    """Whether ``token`` is the one issued to gateways of ``namespace`` (constant time)."""
+    """Whether ``token`` is the one issued to gateways of ``namespace`` (constant time).
+
+    Issued tokens are ASCII; any other token (a header's undecodable bytes arrive
+    as surrogates, which cannot even be encoded) is simply not one of them.
+    """
+    if not token.isascii():
+        return False
     expected = scaler_token(signing_key, namespace)
     return hmac.compare_digest(token.encode(), expected.encode())
 

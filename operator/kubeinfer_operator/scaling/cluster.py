@@ -24,7 +24,11 @@ operator's signing key, delivered through the namespace's runtime Secret), and
 the scaler honours it only for a scaled Endpoint of that namespace it
 reconciles (``known``, kept by ``EndpointSync``). Anything else is answered
 401/403/404 at once, without a reconcile and without remembering it, so a
-flood costs neither API calls nor memory.
+flood costs neither API calls nor memory. Honoured requests are coalesced
+per Endpoint (:meth:`ClusterScaler.schedule_round`), so a flood of valid ones
+costs at most two rounds at a time. The listener's connections are bounded in
+count and lifetime, and gateway and Prometheus answers in size
+(``http_bounds``).
 
 Every gateway pod, not the gateway Service: with ``gatewayReplicas`` > 1 the
 Service hands each scrape to one pod, whose counts are a fraction of the
@@ -51,6 +55,7 @@ own session, apart from the gateway scrapes) and redirects are not followed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import socket
@@ -64,6 +69,12 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from kubeinfer_operator.http_bounds import (
+    MAX_METRICS_BYTES,
+    MAX_QUERY_BYTES,
+    AnswerLimit,
+    BoundedListener,
+)
 from kubeinfer_operator.k8s.peering import Peering
 from kubeinfer_operator.reconcile.autoscale_metrics import GatewayView, parse_gateway_metrics
 from kubeinfer_operator.reconcile.cluster_scaling import (
@@ -135,11 +146,16 @@ class ClusterScaler(ScalerMemory):
         self.on_request: Callable[[str, str], Coroutine[Any, Any, None]] | None = None
         #: Which replica acts (HA); None: this one always does (a single replica).
         self.peering: Peering | None = None
-        self._runner: web.AppRunner | None = None
+        self._listener: BoundedListener | None = None
         self._session: aiohttp.ClientSession | None = None
         #: Prometheus queries: URLs from specs, so through the guarded connector.
         self._prometheus_session: aiohttp.ClientSession | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        #: (namespace, endpoint) whose requested round is scheduled or running -> whether
+        #: a request came after it started (then one more round follows it).
+        self._rounds: dict[tuple[str, str], bool] = {}
+        self._metrics_limit = AnswerLimit(MAX_METRICS_BYTES, "Gateway metrics")
+        self._query_limit = AnswerLimit(MAX_QUERY_BYTES, "Prometheus answer")
         #: Finds the gateway pods (DNS; tests inject their own).
         self.discover: Discover = discover_pods
         self.scrape_timeout_s = SCRAPE_TIMEOUT_S
@@ -152,14 +168,13 @@ class ClusterScaler(ScalerMemory):
         # A scale request is ~150 bytes: anything much bigger is not one.
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_post("/scale", self._on_scale)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "0.0.0.0", self.port).start()
+        self._listener = BoundedListener(app, "0.0.0.0", self.port)
+        await self._listener.start()
         log.info("Scaler listening on :%d/scale for gateways' scale-up requests", self.port)
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._listener is not None:
+            await self._listener.close()
         for session in (self._session, self._prometheus_session):
             if session is not None:
                 await session.close()
@@ -170,11 +185,12 @@ class ClusterScaler(ScalerMemory):
         scaled Endpoint of that namespace the operator knows. Everything else is answered
         at once (401/403/404/400) without a reconcile and without keeping anything."""
         header = request.headers.get("Authorization", "")
-        if not header.startswith("Bearer ") or not header[len("Bearer "):].strip():
+        token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
+        if not token or not token.isascii():  # no issued token has other characters
             return web.json_response(
-                {"message": "Scale request has no bearer token: gateways send their "
-                            "namespace's token (KUBEINFER_SCALER_TOKEN, from the "
-                            "kubeinfer-runtime Secret)"},
+                {"message": f"Scale request has {'a malformed' if token else 'no'} bearer "
+                            "token: gateways send their namespace's token "
+                            "(KUBEINFER_SCALER_TOKEN, from the kubeinfer-runtime Secret)"},
                 status=401, headers={"WWW-Authenticate": "Bearer"})
         try:
             scale = ScaleRequest.model_validate_json(await request.read())
@@ -188,8 +204,7 @@ class ClusterScaler(ScalerMemory):
             return web.json_response({"message": "Scale request names no namespace: set "
                                                  "KUBEINFER_NAMESPACE on the gateway"},
                                      status=400)
-        if not authorized_scale(header[len("Bearer "):].strip(), self.signing_key,
-                                scale.namespace):
+        if not authorized_scale(token, self.signing_key, scale.namespace):
             return web.json_response(
                 {"message": f"Scale request token is not valid for namespace "
                             f"{scale.namespace[:63]!r}: a gateway may only scale Endpoints of "
@@ -208,14 +223,44 @@ class ClusterScaler(ScalerMemory):
                 {"message": f"No scaled variant {scale.endpoint[:63]}/{scale.variant[:63]} in "
                             f"namespace {scale.namespace[:63]}"}, status=404)
         self.request(scale.namespace, scale.endpoint, scale.variant)
-        if self.on_request is not None:
-            task = asyncio.create_task(self.on_request(scale.namespace, scale.endpoint))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+        self.schedule_round(scale.namespace, scale.endpoint)
         return web.json_response({"accepted": True}, status=202)
 
     def request(self, namespace: str, endpoint: str, variant: str) -> None:
         self.mark_requested((namespace, endpoint, variant), self.monotonic())
+
+    def schedule_round(self, namespace: str, endpoint: str) -> None:
+        """Have ``on_request`` run for the Endpoint: one round at a time per Endpoint.
+
+        Gateways repeat a request every second per held variant, so requests are
+        coalesced: while a round is scheduled it covers them; once it runs (it may
+        have read its inputs already) a request asks for one more round after it,
+        and no more than one waits, so no scale-from-zero request is lost and a
+        flood costs at most two rounds per Endpoint.
+        """
+        if self.on_request is None:
+            return
+        key = (namespace, endpoint)
+        if key in self._rounds:
+            self._rounds[key] = True
+            return
+        self._rounds[key] = False
+        task = asyncio.create_task(self._run_rounds(key, self.on_request))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _run_rounds(self, key: tuple[str, str],
+                          handle: Callable[[str, str], Coroutine[Any, Any, None]]) -> None:
+        try:
+            again = True
+            while again:
+                self._rounds[key] = False  # requests until now: this round sees them
+                await handle(*key)
+                # Checked and removed with no await in between: a later request
+                # finds no round and starts its own.
+                again = self._rounds[key]
+        finally:
+            del self._rounds[key]
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -224,9 +269,12 @@ class ClusterScaler(ScalerMemory):
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3))
         try:
             async with self._session.get(url) as resp:
-                return await resp.text() if resp.status == 200 else None
+                if resp.status != 200:
+                    return None
+                body = await self._metrics_limit.read(resp, url)
         except (TimeoutError, aiohttp.ClientError):
             return None
+        return body.decode("utf-8", "replace") if body is not None else None
 
     async def _prometheus(self, base: str, query: str,
                           field: str = "autoscaling.prometheusUrl") -> float | None:
@@ -244,10 +292,13 @@ class ClusterScaler(ScalerMemory):
                                                     allow_redirects=False) as resp:
                 if resp.status != 200:  # a 3xx too: redirects are not followed
                     raise ValueError(f"HTTP {resp.status}")
-                result = (await resp.json())["data"]["result"]
+                body = await self._query_limit.read(resp, redact_url(base))
+                if body is None:
+                    return None  # warned once per Prometheus
+                result = json.loads(body)["data"]["result"]
                 return float(result[0]["value"][1]) if result else None
         except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, IndexError,
-                TypeError) as exc:
+                TypeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
             log.warning("Prometheus query %r on %s failed: %s", query, redact_url(base), exc)
             return None
 

@@ -4,9 +4,9 @@ For each variant of an Endpoint with a ``deploymentConfig`` (or a rollout on
 record), ``RolloutGuard.decide`` reads what its two fleets run (the
 ``kubeinfer.io/server-hash`` of each Deployment's pods, updated and available
 replicas), scrapes every gateway pod's ``/metrics`` for the green route while
-a step bakes (the scaler's pod discovery and timeouts), asks Prometheus for
-``promQL`` alarms (through the scaler's guarded, outbound-policy-checked
-client) and calls the pure ``reconcile.rollout.decide``.
+a step bakes (the scaler's pod discovery, timeouts and answer size bound),
+asks Prometheus for ``promQL`` alarms (through the scaler's guarded,
+outbound-policy-checked client) and calls the pure ``reconcile.rollout.decide``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from kubeinfer_operator.api.deployment_config import DeploymentConfig
+from kubeinfer_operator.http_bounds import MAX_METRICS_BYTES, AnswerLimit
 from kubeinfer_operator.reconcile import rollout as ro
 from kubeinfer_operator.reconcile.rollout_alarms import (
     FleetCounters,
@@ -65,6 +66,7 @@ class RolloutGuard:
         #: (namespace, endpoint, route) -> green's samples.
         self.windows: dict[tuple[str, str, str], FleetWindow] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._metrics_limit = AnswerLimit(MAX_METRICS_BYTES, "Gateway metrics")
 
     async def close(self) -> None:
         if self._session is not None:
@@ -80,9 +82,12 @@ class RolloutGuard:
                 timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S))
         try:
             async with self._session.get(url) as resp:
-                return await resp.text() if resp.status == 200 else None
+                if resp.status != 200:
+                    return None
+                body = await self._metrics_limit.read(resp, url)
         except (TimeoutError, aiohttp.ClientError):
             return None
+        return body.decode("utf-8", "replace") if body is not None else None
 
     async def _scrape(self, endpoint: str, gateway_url: str,
                       pods_url: str) -> dict[str, dict[str, FleetCounters] | None]:

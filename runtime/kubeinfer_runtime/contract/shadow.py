@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 #: Copies by outcome (``result``): ``sent`` (answered, whatever the status),
 #: ``failed`` (no answer: refused, timed out, dropped connection, no upstream),
-#: ``dropped`` (the peer's queue was full: never sent).
+#: ``dropped`` (the peer's queue was full, by count or by bytes: never sent).
 COPIES = "kubeinfer_shadow_copies_total"
 #: Pairs whose two answers were both 2xx and comparable.
 COMPARED = "kubeinfer_shadow_compared_total"
@@ -49,7 +49,8 @@ SIDE_PEER = "peer"
 
 #: Longest a copy waits for its answer by default, seconds (``ShadowRoute.timeout_s``).
 DEFAULT_TIMEOUT_S = 10.0
-#: Copies waiting per peer by default; past it new copies are dropped and counted.
+#: Copies waiting per peer by default; past it new copies are dropped and counted (as
+#: they are past the gateway's byte bound, ``gateway.shadow.MAX_HELD_BYTES``).
 DEFAULT_QUEUE_SIZE = 256
 #: Copies in flight per model server of a peer by default (the peer's own connections, never
 #: production's): a peer with N servers has N times as many workers.

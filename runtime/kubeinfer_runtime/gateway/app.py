@@ -7,6 +7,13 @@ straight to the raw ASGI handler (``proxy``), everything else (``/ping``,
 ``/metrics``, ``/routes``, ``/docs``) to a FastAPI app, where convenience
 matters more than microseconds.
 
+``GET /routes`` answers loopback callers only (``kubectl port-forward`` and
+``kubectl exec`` arrive from the pod's loopback; local mode's supervisor runs
+on the same host): it names the upstream pods, each endpoint's auth mode and
+credentials folder, capture destinations and async paths, which a caller of a
+SigV4 or token endpoint must not learn without credentials. Anyone else gets
+403.
+
 The dispatcher owns the lifespan: the first route-table load happens before
 the server accepts connections, the reload and health loops run while it
 serves, and on shutdown (SIGTERM: uvicorn stops accepting and lets in-flight
@@ -18,18 +25,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 from collections.abc import Awaitable
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 
 from kubeinfer_runtime import __version__
 from kubeinfer_runtime.api_errors import install_error_handlers
 from kubeinfer_runtime.contract import AsyncQueueKeys, GatewaySettings
 from kubeinfer_runtime.contract.redact import redact_urls
 from kubeinfer_runtime.errors import Reply, ValidationError
+from kubeinfer_runtime.gateway.auth import AccessDenied
 from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.loops import health_loop, reload_routes, route_reload_loop
 from kubeinfer_runtime.gateway.proxy import InlinePlan, InvocationHandler, Receive, Scope, Send
@@ -82,6 +91,19 @@ GATEWAY_ROUTES = (
 )
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether a caller's address is the host's own (127.0.0.0/8, ::1, IPv4-mapped)."""
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 def _api(core: GatewayCore) -> FastAPI:
     api = FastAPI(title="kubeinfer gateway", version=__version__,
                   description="SageMaker Runtime API front door: boto3's sagemaker-runtime "
@@ -108,8 +130,13 @@ def _api(core: GatewayCore) -> FastAPI:
         body, content_type = render_latest()
         return Response(body, media_type=content_type)
 
-    @api.get("/routes", summary="The route table in force and the upstreams out of rotation")
-    async def routes() -> Response:
+    @api.get("/routes", summary="The route table in force and the upstreams out of rotation "
+                                "(loopback callers only)")
+    async def routes(request: Request) -> Response:
+        if not is_loopback(request.client.host if request.client else None):
+            raise AccessDenied("GET /routes is served to loopback callers only (it names "
+                               "model servers and auth settings): ask from the gateway's "
+                               "host, e.g. through kubectl port-forward")
         # Redacted: a route may name a Redis URL with its password.
         table = redact_urls(core.table.model_dump(mode="json")) if core.table else None
         pods = {url: list(urls) for url, urls in sorted(core.resolved.items())}

@@ -8,7 +8,8 @@ the gateway's budget is 0.3 ms at p50. Steps, each delegated to pure code:
    (413) before forwarding anything;
 3. authenticate the caller (``auth``: SigV4 or a bearer token, when the
    endpoint asks for it) before anything else happens for the request, a
-   serverless cold start included;
+   serverless cold start and a serverless maxConcurrency slot included (a
+   serverless endpoint without auth takes its slot before the body is read);
 4. choose a variant and upstream (``routing.choose``, health-aware), and take
    one of the variant's slots (``shedding``: a bounded wait, else 429 at once);
 5. forward over a pooled keep-alive connection (``upstream``) and answer with
@@ -116,6 +117,14 @@ class InvocationHandler:
         if endpoint.serverless is None:
             await self._invoke(scope, receive, send, endpoint, started)
             return
+        if endpoint.name in self.core.auth:
+            # Authenticated before taking one of the maxConcurrency slots: otherwise
+            # callers without credentials, trickling their bodies, hold every slot and
+            # lock the real callers out with 429 (SigV4 signs the body's hash, so the
+            # body is read first either way).
+            await self._invoke(scope, receive, send, endpoint, started, admit=True)
+            return
+        # No auth: the slot is taken before the body is read, as it always was.
         throttled = self.activator.admit(endpoint)
         if throttled is not None:
             await _send(send, _error(throttled, endpoint.name, ""))
@@ -126,7 +135,9 @@ class InvocationHandler:
             self.activator.release(endpoint.name)
 
     async def _invoke(self, scope: Scope, receive: Receive, send: Send,
-                      endpoint: EndpointState, started: float) -> None:
+                      endpoint: EndpointState, started: float, admit: bool = False) -> None:
+        """Read, check and forward one request; ``admit``: take a serverless slot once
+        the caller is authenticated."""
         inbound = split_request_headers(scope["headers"])
         limit = endpoint.max_payload_bytes
         if inbound.content_length is not None and inbound.content_length > limit:
@@ -144,7 +155,17 @@ class InvocationHandler:
         if denied is not None:
             await _send(send, denied)
             return
-        await _send(send, await self.reply(endpoint, inbound, body, started))
+        if not admit:
+            await _send(send, await self.reply(endpoint, inbound, body, started))
+            return
+        throttled = self.activator.admit(endpoint)
+        if throttled is not None:
+            await _send(send, _error(throttled, endpoint.name, ""))
+            return
+        try:
+            await _send(send, await self.reply(endpoint, inbound, body, started))
+        finally:
+            self.activator.release(endpoint.name)
 
     def denied(self, name: str, target: bytes, raw_headers: list[tuple[bytes, bytes]],
                body: bytes, method: bytes = b"POST") -> Reply | None:

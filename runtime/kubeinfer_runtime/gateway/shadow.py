@@ -4,7 +4,10 @@
 of the endpoint (a shadow variant, ``contract.ShadowRoute``, or a mirror,
 ``contract.MirrorRoute``) one sampling draw, then a ``put_nowait`` of the
 shared ``Exchange`` on the peer's bounded queue; a full queue drops the copy
-and counts it (``result="dropped"``). Nothing else happens there.
+and counts it (``result="dropped"``), and so does a peer already holding
+``MAX_HELD_BYTES`` of bodies (request plus response, queued or being sent):
+the queue's length alone would let 256 copies of 6 MiB bodies take 1.5 GiB of
+a gateway limited to 512 MiB. Nothing else happens there.
 
 Each peer has ``concurrency`` worker tasks per model server (per upstream URL:
 a shadow that scales out gets the workers to feed its new replicas, and its
@@ -63,6 +66,10 @@ INLINE_COMPARE_BYTES = 64 << 10
 
 #: Workers of one peer at most, however many model servers it has.
 MAX_WORKERS = 1024
+#: Request plus response bytes one peer holds at most (copies queued or being sent);
+#: past it new copies are dropped and counted. A copy larger than this is taken only
+#: when the peer holds nothing else, so one peer holds at most this or one copy.
+MAX_HELD_BYTES = 64 << 20
 #: The metric series created for each (endpoint, peer), by every ``Peer`` that counted
 #: for it (a peer restarted for a new queue size included): what ``restart_counts`` drops.
 _SERIES: dict[tuple[str, str], set[tuple[Any, tuple[str, ...]]]] = {}
@@ -109,10 +116,15 @@ class Outcome:
 class Peer:
     """One peer of one endpoint: its queue, its workers and its counters."""
 
-    def __init__(self, endpoint: str, config: PeerConfig, client: UpstreamClient) -> None:
+    def __init__(self, endpoint: str, config: PeerConfig, client: UpstreamClient, *,
+                 max_held_bytes: int = MAX_HELD_BYTES) -> None:
         self.endpoint = endpoint
         self.config = config
         self.client = client
+        self.max_held_bytes = max_held_bytes
+        #: Body bytes of the copies queued or being sent (the exchange is shared with
+        #: other peers and taps, so this counts what this peer keeps alive).
+        self.held_bytes = 0
         self.queue: asyncio.Queue[tuple[Exchange, CaptureTap | None]] = asyncio.Queue(
             config.queue_size)
         #: The worker tasks in service; one leaves this set to retire after its copy.
@@ -126,13 +138,20 @@ class Peer:
     # -- the request path ------------------------------------------------------------------
 
     def offer(self, exchange: Exchange, capture: CaptureTap | None) -> None:
-        """Queue a copy of ``exchange`` (never blocks: a full queue drops and counts)."""
+        """Queue a copy of ``exchange`` (never blocks: a full queue, or one holding
+        ``max_held_bytes`` already, drops and counts)."""
         if not self.workers:
             self.resize()  # started on its first copy
+        size = _size(exchange)
+        if self.held_bytes and self.held_bytes + size > self.max_held_bytes:
+            self._counter(metrics.SHADOW_COPIES, exchange.variant, DROPPED).inc()
+            return
         try:
             self.queue.put_nowait((exchange, capture))
         except asyncio.QueueFull:
             self._counter(metrics.SHADOW_COPIES, exchange.variant, DROPPED).inc()
+            return
+        self.held_bytes += size
 
     # -- the workers -----------------------------------------------------------------------
 
@@ -149,11 +168,15 @@ class Peer:
             task.add_done_callback(self._retiring.discard)
 
     def cancel(self) -> list[asyncio.Task[None]]:
-        """Cancel every worker (copies still queued are not sent); the tasks."""
+        """Cancel every worker (copies still queued are not sent, and let go of at
+        once: an old table's tap may still be referenced); the tasks."""
         tasks = [*self.workers, *self._retiring]
         for task in tasks:
             task.cancel()
         self.workers, self._retiring = set(), set()
+        while not self.queue.empty():
+            exchange, _ = self.queue.get_nowait()
+            self.held_bytes -= _size(exchange)
         return tasks
 
     async def stop(self) -> None:
@@ -174,6 +197,8 @@ class Peer:
                 log.exception("Endpoint %s: comparing with %s failed unexpectedly (reported "
                               "per copy; production is unaffected)", self.endpoint,
                               self.config.name)
+            finally:  # the bodies stay alive until the copy is done with
+                self.held_bytes -= _size(exchange)
 
     def _next_upstream(self) -> str | None:
         upstreams = self.config.upstreams
@@ -267,6 +292,11 @@ class Peer:
             m.abs_diff.observe(verdict.max_abs)
         if verdict.max_rel is not None:
             m.rel_diff.observe(verdict.max_rel)
+
+
+def _size(exchange: Exchange) -> int:
+    """What one copy keeps alive: the request and production's response bodies."""
+    return len(exchange.request_body) + len(exchange.response_body)
 
 
 class _Series(NamedTuple):

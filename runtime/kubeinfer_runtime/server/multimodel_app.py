@@ -30,6 +30,7 @@ from kubeinfer_runtime.contract import H_TARGET_MODEL
 from kubeinfer_runtime.errors import (
     NotFound,
     NotReady,
+    PayloadTooLarge,
     RuntimeServiceError,
     ValidationError,
 )
@@ -74,6 +75,37 @@ _V2_PREFIX = "/v2/models/"
 _V2_SUFFIX = "/infer"
 
 Cache = ModelCache[LoadedModel]
+
+#: The largest ``POST /models`` body: a model name and a url (each at most a few KiB).
+MAX_LOAD_BODY_BYTES = 64 << 10
+
+
+async def _load_body(request: Request) -> bytes:
+    """The ``POST /models`` body, refused (413) as soon as it is over
+    ``MAX_LOAD_BODY_BYTES`` (``request.body()`` would read any size)."""
+    too_large = PayloadTooLarge(f"POST /models body is over {MAX_LOAD_BODY_BYTES} bytes: send "
+                                'only {"model_name": ..., "url": ...}')
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_LOAD_BODY_BYTES:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_LOAD_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _describe_url(url: object, prefix: ModelPrefix) -> str:
+    """A refused url as an error message describes it (never its bytes: a caller's
+    input is not echoed): its type, or its length and whether it is under the prefix."""
+    if not isinstance(url, str):
+        return f"url (a JSON {type(url).__name__}, not a string)"
+    bases = (prefix.describe(""), prefix.uri.rstrip("/") + "/")
+    where = "under the prefix" if url.startswith(bases) else "not under the prefix"
+    return f"url (a string of {len(url)} characters, {where})"
 
 
 class AdminDisabled(RuntimeServiceError):
@@ -243,20 +275,19 @@ def build_multimodel_api(cache: Cache, prefix: ModelPrefix, lifespan: Lifespan,
     async def load_model(request: Request) -> Response:
         check_admin("Loading a model (POST /models)")
         try:
-            doc = orjson.loads(await request.body())
+            doc = orjson.loads(await _load_body(request))
         except orjson.JSONDecodeError:
             doc = None
         if not isinstance(doc, dict) or not isinstance(doc.get("model_name"), str):
             raise ValidationError('POST /models needs a JSON body {"model_name": "<path under '
                                   'the prefix>"}')
-        name = doc["model_name"]
+        name = check_target(doc["model_name"])  # before any message quotes it
         url = doc.get("url")
         joined = prefix.uri.rstrip("/") + "/" + name  # as written, whatever its trailing "/"
         if url not in (None, name, prefix.describe(name), joined):
-            raise ValidationError(f'Model "{name}": url {url!r} differs from the model name; '
-                                  "models are named by their path under the prefix "
-                                  f"({prefix.uri}), so omit url or set it to that path")
-        check_target(name)
+            raise ValidationError(f'Model "{name}": {_describe_url(url, prefix)} differs from '
+                                  "the model name; models are named by their path under the "
+                                  f"prefix ({prefix.uri}), so omit url or set it to that path")
         if not await cache.preload(name):
             return _error(ValidationError(f'Model "{name}" is already loaded', status=409))
         return _json({"message": f'Model "{name}" loaded'})
