@@ -7,6 +7,9 @@ way their inference routes do: ``{"ErrorCode", "Message", "message"}`` and
 ``/v2`` the body is the Open Inference Protocol's ``{"error": message}``
 instead (same status and headers), which V2 clients read. Kept apart from the
 model server's modules so the gateway need not import them.
+
+``bounded_body`` reads a control route's body within a limit (Starlette's
+``request.body()`` reads any size), refusing as soon as it is over.
 """
 
 from __future__ import annotations
@@ -51,3 +54,19 @@ def install_error_handlers(app: FastAPI, unknown_route_hint: str) -> None:
             return error_response(NotFound(f"No route {request.method} {request.url.path}: "
                                            f"{unknown_route_hint}"), v2=v2)
         return error_response(ValidationError(str(exc.detail), status=exc.status_code), v2=v2)
+
+
+async def bounded_body(request: Request, limit: int, too_large: RuntimeServiceError) -> bytes:
+    """The request's body, at most ``limit`` bytes: ``too_large`` is raised for a declared
+    Content-Length over it before anything is read, or as soon as the bytes pass it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)

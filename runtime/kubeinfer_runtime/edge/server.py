@@ -43,7 +43,11 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from kubeinfer_runtime import __version__, metrics
-from kubeinfer_runtime.api_errors import error_response, install_error_handlers
+from kubeinfer_runtime.api_errors import (
+    bounded_body,
+    error_response,
+    install_error_handlers,
+)
 from kubeinfer_runtime.contract.edge import (
     DEVICE_CREDENTIAL_HEADER,
     MAX_CAPTURE_UPLOAD_BYTES,
@@ -144,18 +148,8 @@ def _name(value: str, field: str) -> str:
 
 async def _body(request: Request, limit: int, what: str) -> bytes:
     """The request body within ``limit`` bytes (413 as soon as it is over)."""
-    declared = request.headers.get("content-length")
-    too_large = PayloadTooLarge(f"{what} is over {limit} bytes: send less per request")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await bounded_body(request, limit, PayloadTooLarge(
+        f"{what} is over {limit} bytes: send less per request"))
 
 
 def _parse(model: type[M], body: bytes, what: str) -> M:

@@ -125,12 +125,18 @@ class InvocationHandler:
             await self._invoke(scope, receive, send, endpoint, started, admit=True)
             return
         # No auth: the slot is taken before the body is read, as it always was.
+        await self._in_slot(send, endpoint,
+                            lambda: self._invoke(scope, receive, send, endpoint, started))
+
+    async def _in_slot(self, send: Send, endpoint: EndpointState,
+                       work: Callable[[], Awaitable[None]]) -> None:
+        """``work`` holding one of the serverless endpoint's slots (429 when none is free)."""
         throttled = self.activator.admit(endpoint)
         if throttled is not None:
             await _send(send, _error(throttled, endpoint.name, ""))
             return
         try:
-            await self._invoke(scope, receive, send, endpoint, started)
+            await work()
         finally:
             self.activator.release(endpoint.name)
 
@@ -158,14 +164,11 @@ class InvocationHandler:
         if not admit:
             await _send(send, await self.reply(endpoint, inbound, body, started))
             return
-        throttled = self.activator.admit(endpoint)
-        if throttled is not None:
-            await _send(send, _error(throttled, endpoint.name, ""))
-            return
-        try:
+
+        async def answer() -> None:
             await _send(send, await self.reply(endpoint, inbound, body, started))
-        finally:
-            self.activator.release(endpoint.name)
+
+        await self._in_slot(send, endpoint, answer)
 
     def denied(self, name: str, target: bytes, raw_headers: list[tuple[bytes, bytes]],
                body: bytes, method: bytes = b"POST") -> Reply | None:

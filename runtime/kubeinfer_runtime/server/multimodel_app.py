@@ -24,8 +24,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from kubeinfer_runtime import __version__, codec, metrics
+from kubeinfer_runtime.api_errors import bounded_body, install_error_handlers
 from kubeinfer_runtime.api_errors import error_response as _error
-from kubeinfer_runtime.api_errors import install_error_handlers
 from kubeinfer_runtime.contract import H_TARGET_MODEL
 from kubeinfer_runtime.errors import (
     NotFound,
@@ -83,19 +83,9 @@ MAX_LOAD_BODY_BYTES = 64 << 10
 async def _load_body(request: Request) -> bytes:
     """The ``POST /models`` body, refused (413) as soon as it is over
     ``MAX_LOAD_BODY_BYTES`` (``request.body()`` would read any size)."""
-    too_large = PayloadTooLarge(f"POST /models body is over {MAX_LOAD_BODY_BYTES} bytes: send "
-                                'only {"model_name": ..., "url": ...}')
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_LOAD_BODY_BYTES:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_LOAD_BODY_BYTES:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await bounded_body(request, MAX_LOAD_BODY_BYTES, PayloadTooLarge(
+        f"POST /models body is over {MAX_LOAD_BODY_BYTES} bytes: send "
+        'only {"model_name": ..., "url": ...}'))
 
 
 def _describe_url(url: object, prefix: ModelPrefix) -> str:
