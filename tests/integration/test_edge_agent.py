@@ -8,9 +8,11 @@ by real model-server children of the agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -219,7 +221,7 @@ class AgentProc:
 
 
 def start_agent(built: Built, state: Path, *, port: int | None = None,
-                extra: tuple[str, ...] = ()) -> AgentProc:
+                extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> AgentProc:
     port = port or free_port()
     log = built.tmp / f"agent-{time.monotonic_ns()}.log"
     with open(log, "wb") as out:
@@ -229,7 +231,7 @@ def start_agent(built: Built, state: Path, *, port: int | None = None,
              "--state-dir", str(state), "--labels", "site=lab,ring=0",
              "--listen", f"127.0.0.1:{port}", "--log-level", "debug", *extra],
             stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-            env={**os.environ, "KUBEINFER_LOG_LEVEL": "warning"})
+            env={**os.environ, "KUBEINFER_LOG_LEVEL": "warning", **(env or {})})
     agent = AgentProc(proc, port, log)
     wait_until(lambda: _alive(agent) and (http_ok(agent.url + "/ping", 503)
                                           or http_ok(agent.url + "/ping")), 60, "agent listener")
@@ -338,6 +340,30 @@ def test_install_switch_refuse_and_capture(fleet: Built, tmp_path: Path) -> None
         assert agent.proc.wait(30) == 0
         wait_until(lambda: all(not Path(f"/proc/{p}").exists() for p in child), 15,
                    "model server stopped")
+    finally:
+        stop_process(agent.proc)
+
+
+def test_the_device_listener_has_the_runtimes_connection_bounds(fleet: Built,
+                                                                 tmp_path: Path) -> None:
+    """Slow headers on the agent's own port get 408, as on every runtime listener, and
+    the agent serves on."""
+    agent = start_agent(fleet, tmp_path / "state", env={"KUBEINFER_HTTP_HEADER_TIMEOUT_S": "1"})
+    try:
+        with socket.create_connection(("127.0.0.1", agent.port), timeout=15) as sock:
+            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            reply = b""
+            sock.settimeout(0.2)
+            while time.monotonic() - started < 10 and not reply:
+                try:
+                    reply = sock.recv(65536)
+                except TimeoutError:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"X-Slow: 1\r\n")  # never the end of the head
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"KUBEINFER_HTTP_HEADER_TIMEOUT_S" in reply
+        assert httpx.get(agent.url + "/ping").status_code in (200, 503)  # serves on
     finally:
         stop_process(agent.proc)
 

@@ -540,6 +540,8 @@ class Agent:
 async def _main(config: AgentConfig) -> int:
     import uvicorn
 
+    from kubeinfer_runtime.http_limits import LimitedHttpProtocol
+
     class _Server(uvicorn.Server):
         # The agent owns SIGTERM/SIGINT (to stop its children too); uvicorn's own capture
         # would re-raise the signal after its shutdown.
@@ -551,9 +553,12 @@ async def _main(config: AgentConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)
+    # The device's listener takes the runtime's connection bounds (``http_limits``:
+    # header and body timeouts, the body's minimum rate, a connection cap), as every
+    # runtime role's does: callers on the device's network are no more trusted.
     server = _Server(uvicorn.Config(agent.proxy, host=config.listen_host,
                                     port=config.listen_port, lifespan="on", access_log=False,
-                                    log_level="warning", ws="none"))
+                                    log_level="warning", ws="none", http=LimitedHttpProtocol))
     serving = asyncio.create_task(server.serve())
     heartbeats: asyncio.Task[None] | None = None
     code = 0
