@@ -84,6 +84,12 @@ def send_all(sock: socket.socket, data: bytes) -> None:
         sock.sendall(data)  # refused midway: the reply says why
 
 
+def post_head(path: str, length: int, extra: str = "") -> bytes:
+    """The head of a JSON POST declaring ``length`` bytes of body."""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()
+
+
 def assert_serves(proc: RuntimeProcess, path: str) -> None:
     r = httpx.post(proc.url + path, content=BODY, headers={"Content-Type": "application/json"},
                    timeout=10)
@@ -131,8 +137,7 @@ def test_a_body_shorter_than_its_length_gets_408(
         servers: dict[str, tuple[RuntimeProcess, str]], role: str) -> None:
     proc, path = servers[role]
     with connect(proc) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(BODY) + 50}\r\n\r\n".encode() + BODY)
+        sock.sendall(post_head(path, len(BODY) + 50) + BODY)
         started = time.monotonic()
         reply = read_reply(sock)
     assert status_of(reply) == 408 and b"KUBEINFER_HTTP_BODY_TIMEOUT_S" in reply
@@ -147,8 +152,7 @@ def test_a_body_trickled_inside_every_silence_gets_408(
     # (166 bytes/s against 2,000) ends it: 1 s + its bytes / 2,000 after it began.
     proc, path = servers[role]
     with connect(proc) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     "Content-Length: 1000000\r\n\r\n".encode())
+        sock.sendall(post_head(path, 1_000_000))
         started = time.monotonic()
         sock.settimeout(0.3)
         reply = b""
@@ -173,8 +177,7 @@ def test_a_slow_body_above_the_rate_is_served(
     body = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]] * 900}).encode()
     pieces = [body[i:i + len(body) // 12 + 1] for i in range(0, len(body), len(body) // 12 + 1)]
     with connect(proc) as sock:
-        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(post_head(path, len(body), "Connection: close\r\n"))
         for piece in pieces:
             time.sleep(0.2)  # the slow client under test, not a wait for a condition
             sock.sendall(piece)
