@@ -15,7 +15,7 @@ both the inline and the ASGI paths are covered) adds the bounds of
 * time: ``http_header_timeout_s`` from a request's first byte (or the
   connection's opening) to its last header, ``http_body_timeout_s`` of silence
   while a body is expected, and a body at least ``http_body_min_rate_bytes_s``
-  on average once that long has passed (a byte trickled just inside every
+  on average once twice that long has passed (a byte trickled just inside every
   silence held a connection for as long as the client liked): 408 (or a plain
   close when nothing was sent),
   ``http_keepalive_timeout_s`` of idleness between requests;
@@ -280,8 +280,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                     "(KUBEINFER_HTTP_BODY_TIMEOUT_S): send as many bytes as Content-Length says")
                 return
             rate = limits.http_body_min_rate_bytes_s
+            # The grace is twice the silence timeout: a body that arrived within one
+            # timeout and then stalled is answered as stalled, never as slow.
             if rate > 0 and now - self._body_since > (
-                    limits.http_body_timeout_s + (self._received - self._body_base) / rate):
+                    2 * limits.http_body_timeout_s + (self._received - self._body_base) / rate):
                 self._body_timeout(
                     f"Request body arrived slower than {rate:g} bytes/s on average "
                     "(KUBEINFER_HTTP_BODY_MIN_RATE_BYTES_S): send it faster")

@@ -149,7 +149,7 @@ def test_a_body_shorter_than_its_length_gets_408(
 def test_a_body_trickled_inside_every_silence_gets_408(
         servers: dict[str, tuple[RuntimeProcess, str]], role: str) -> None:
     # 50 bytes every 0.3 s: never a second of silence, so only the body's average rate
-    # (166 bytes/s against 2,000) ends it: 1 s + its bytes / 2,000 after it began.
+    # (166 bytes/s against 2,000) ends it: 2 s + its bytes / 2,000 after it began.
     proc, path = servers[role]
     with connect(proc) as sock:
         sock.sendall(post_head(path, 1_000_000))

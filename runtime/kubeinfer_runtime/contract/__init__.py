@@ -365,7 +365,7 @@ class HttpSettings(EnvSettings):
     #: closed): a body shorter than its Content-Length ends here.
     http_body_timeout_s: float = Field(default=10.0, gt=0)
     #: Slowest average rate a request body may arrive at, bytes per second, once
-    #: ``http_body_timeout_s`` has passed (Apache's ``MinRate``: each byte buys
+    #: twice ``http_body_timeout_s`` has passed (Apache's ``MinRate``: each byte buys
     #: ``1/rate`` seconds more; over: 408, closed): a body trickled a byte just
     #: inside every silence would otherwise hold its connection for days. 0: off.
     http_body_min_rate_bytes_s: float = Field(default=1024.0, ge=0)
