@@ -115,24 +115,31 @@ def test_a_sigkilled_private_redis_comes_back_and_loses_no_request(
     spec = local.write("ar.yaml", _manifest("ar", models_dir / "iris.onnx", out))
     result = local.run("up", "-d", "-f", str(spec), "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr
-    # No worker: the 100 requests stay queued in Redis when it is killed.
     state = wait_for(local, "ar", lambda s: not _workers(s), "scale to zero", timeout=30)
     url = state["url"]
     ids = [f"req-{i:03d}" for i in range(100)]
-    with httpx.Client(base_url=url, trust_env=False) as client:
-        for i, rid in enumerate(ids):
-            r = client.post("/endpoints/ar/async-invocations", headers={
-                "X-Amzn-SageMaker-InputLocation": f"file://{inputs}/{i % 5}.json",
-                "X-Amzn-SageMaker-Inference-Id": rid})
-            assert r.status_code == 202, r.text
-
-    redis = _redis(local.endpoint("ar"))
-    pid = redis["pid"]
-    assert isinstance(pid, int)
-    assert b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    os.kill(pid, signal.SIGKILL)
-    finished = len(list(out.glob("*.out"))) if out.exists() else 0
-    assert finished < len(ids), "every request finished before Redis was killed"
+    # No worker: the supervisor (which scales workers and watches Redis) is paused
+    # while the 100 requests are queued and Redis is killed, so all of them are still
+    # in Redis when it dies, however fast a worker would have drained them.
+    supervisor = state["supervisor_pid"]
+    assert isinstance(supervisor, int)
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        with httpx.Client(base_url=url, trust_env=False) as client:
+            for i, rid in enumerate(ids):
+                r = client.post("/endpoints/ar/async-invocations", headers={
+                    "X-Amzn-SageMaker-InputLocation": f"file://{inputs}/{i % 5}.json",
+                    "X-Amzn-SageMaker-Inference-Id": rid})
+                assert r.status_code == 202, r.text
+        assert not _workers(local.endpoint("ar"))
+        redis = _redis(local.endpoint("ar"))
+        pid = redis["pid"]
+        assert isinstance(pid, int)
+        assert b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        os.kill(pid, signal.SIGKILL)
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+    assert not out.exists() or not any(out.glob("*.out")), "a request finished with no worker"
 
     # Restarted (new pid, same port), and the endpoint is Ready again by itself.
     state = wait_for(local, "ar", lambda s: s["phase"] == "Ready"

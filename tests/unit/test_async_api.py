@@ -58,6 +58,19 @@ def test_async_needs_its_block_and_one_variant(doc: dict[str, Any]) -> None:
     assert "spec.async applies to type Async only" in _errors(realtime)
 
 
+@pytest.mark.parametrize("serving", [
+    {"containers": [{"name": "m", "model": {"uri": "file:///m.onnx"}}]},
+    {"multiModel": {"prefix": "file:///models/"}},
+])
+def test_async_workers_serve_one_model(doc: dict[str, Any], serving: dict[str, Any]) -> None:
+    # The worker loads one model; a pipeline used to start, then fail to load "URI ''".
+    other = copy.deepcopy(doc)
+    variant = other["spec"]["variants"][0]
+    del variant["model"]
+    variant.update(serving)
+    assert "an Async endpoint's workers serve one model: set model" in _errors(other)
+
+
 @pytest.mark.parametrize(("path", "value", "fragment"), [
     (("outputPath",), "http://x/out", "String should match pattern"),
     (("outputPath",), "s3://b/a/../b", "contains '..'"),

@@ -293,6 +293,11 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("async-autoscaling", endpoint(type="Async", **_async(ASYNC), variants=[
         {"name": "a", "model": {"uri": "s3://m/a.onnx"}, "autoscaling": {"maxReplicas": 2}}]),
      "spec.variants.autoscaling"),
+    ("async-pipeline", endpoint(type="Async", **_async(ASYNC), variants=[
+        {"name": "a", "containers": [{"name": "m", "model": {"uri": "s3://m/a.onnx"}}]}]),
+     "spec.variants"),
+    ("async-multi-model", endpoint(type="Async", **_async(ASYNC), variants=[
+        {"name": "a", "multiModel": {"prefix": "s3://m/models/"}}]), "spec.variants"),
     ("async-scaling-ok", endpoint(type="Async", **_async(
         {**ASYNC, "scaling": {"minReplicas": 2, "maxReplicas": 8}})), None),
     ("async-scaling-min-above-default-max", endpoint(type="Async", **_async(

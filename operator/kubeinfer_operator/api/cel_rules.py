@@ -176,6 +176,9 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
     CelRule("spec", f"{_TYPE} != 'Async' || self.variants.all(v, !has(v.autoscaling))",
             "autoscaling: Async endpoints scale on the queue backlog; use spec.async.scaling "
             "instead", ".variants"),
+    CelRule("spec", f"{_TYPE} != 'Async' || self.variants.all(v, has(v.model))",
+            "an Async endpoint's workers serve one model: set model (multiModel and "
+            "containers run on RealTime and Serverless endpoints)", ".variants"),
     CelRule("spec", f"!has(self.serverless) || {_TYPE} == 'Serverless'",
             "applies to type Serverless only; remove it or set type: Serverless",
             ".serverless"),

@@ -811,6 +811,12 @@ def _check_async(spec: EndpointSpec) -> None:
     if spec.variants[0].autoscaling is not None:
         raise ValueError("spec.variants[0].autoscaling: Async endpoints scale on the queue "
                          "backlog; use spec.async.scaling instead")
+    if spec.variants[0].model is None:
+        # The async worker loads one model in-process (runtime.queue); a pipeline or a
+        # multi-model variant would start with no model and fail to load ("URI ''").
+        raise ValueError("spec.variants[0]: an Async endpoint's workers serve one model: set "
+                         "model (multiModel and containers run on RealTime and Serverless "
+                         "endpoints)")
 
 
 class ConditionStatus(StrEnum):
