@@ -30,9 +30,13 @@ async def test_a_call_that_outlives_its_timeout_holds_its_thread_not_the_next_ca
         release.wait(10)
         return "late"
 
+    before = time.monotonic()
     with pytest.raises(TimeoutError):
         await threads.run(0.05, stuck)
     assert threads.orphans == 1  # its thread still runs the model
+    # Kept with its times, for the probes (``held_threads``): given up on after its 0.05 s.
+    [call] = threads.abandoned()
+    assert before <= call.started and call.abandoned - call.started >= 0.04
 
     # The next call waits for the thread, and only then its 0.5 s start: an executor
     # would have run its timeout while it queued behind the stuck call.
@@ -41,7 +45,7 @@ async def test_a_call_that_outlives_its_timeout_holds_its_thread_not_the_next_ca
     assert not next_call.done()
     release.set()
     assert await next_call == "on time"
-    assert threads.orphans == 0
+    assert threads.orphans == 0 and threads.abandoned() == []
 
 
 async def test_a_failing_call_is_raised_and_an_abandoned_one_is_not_logged(

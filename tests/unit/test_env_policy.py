@@ -312,7 +312,8 @@ def test_operator_wins_keeps_the_operators_order_and_values() -> None:
 def test_documented_knobs_are_accepted_everywhere() -> None:
     validate_endpoint("e", "tenant-a", _endpoint_spec(_env(*KNOBS)))
     validate_endpoint("e", "tenant-a", _endpoint_spec(_env(
-        *KNOBS, "KUBEINFER_TRANSIENT_BACKOFF_S", "KUBEINFER_TRANSIENT_BACKOFF_MAX_S"), **ASYNC))
+        *KNOBS, "KUBEINFER_TRANSIENT_BACKOFF_S", "KUBEINFER_TRANSIENT_BACKOFF_MAX_S",
+        "KUBEINFER_HELD_THREADS_LIVENESS_S"), **ASYNC))
     job = _transform(environment={"OMP_NUM_THREADS": "1", "KUBEINFER_INFERENCE_THREADS": "2",
                                   "KUBEINFER_SHARD_BYTES": "1048576"})
     plan = plan_transform(job, own_model(job.spec))  # type: ignore[arg-type]

@@ -3,7 +3,9 @@
 A ``Child`` keeps what the supervisor knows about one process: its port (kept
 across restarts while free, so route tables stay short-lived), its state, why
 it is not ready, how often it crashed. Starting and health-checking are the
-only I/O here; decisions (when to restart) come from ``backoff``.
+only I/O here; decisions (when to restart) come from ``backoff``. An async
+worker that is not ready is also asked its liveness, as the kubelet does: one
+that fails it (stuck for good) is killed and restarted like a crashed one.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ CRASH_LIMIT = 3
 #: inference, or a pipeline's handler cannot be imported. Same words as the
 #: runtime's ``server.state.LOAD_FAILED_MARKER`` (a unit test keeps them equal).
 LOAD_FAILED = "failed to load"
+#: An async worker's liveness (the path the operator's livenessProbe names).
+LIVE_PATH = "/v2/health/live"
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,10 @@ class Child:
     #: A kill verdict ``check`` reached (measured as the process turned ready) that the
     #: supervisor has not reported yet.
     unreported_kill: Verdict | None = None
+    #: Why ``check`` killed the current run for its failed liveness; read at its exit.
+    liveness_message: str | None = None
+    #: The same, until the supervisor has reported the kill.
+    unreported_liveness: str | None = None
 
     @property
     def name(self) -> str:
@@ -194,19 +202,23 @@ class Child:
             return None
         self.last_exit = code
         oom, self.oom_message = self.oom_message, None
+        unlive, self.liveness_message = self.liveness_message, None
         self.last_termination = termination_reason(code, oom_killed=oom is not None)
-        self.last_termination_message = oom or ""
+        self.last_termination_message = oom or unlive or ""
         self.crash = on_crash(policy, self.crash, started_at=self.started_at, now=now)
         self.state = ProcState.BACKOFF
         self.routed = False
         delay = (self.crash.restart_at or now) - now
-        how = OOM_KILLED if oom is not None else signal_exit_name(code)
+        how = (OOM_KILLED if oom is not None else "liveness probe failed"
+               if unlive is not None else signal_exit_name(code))
         self.reason = (f"{OOM_KILLED}: {oom}; restarting in {delay:.1f}s" if oom is not None
+                       else f"liveness probe failed: {unlive}; restarting in {delay:.1f}s"
+                       if unlive is not None
                        else f"crashed ({how}), restarting in {delay:.1f}s")
         report = (f"Process {self.name} (pid {self.proc.pid}) exited ({how}); restart "
                   f"{self.restarts + 1} in {delay:.1f}s; log {self.spec.log_path}")
-        if oom is not None:
-            return report  # the OOM event said why; the log's last lines would not
+        if oom is not None or unlive is not None:
+            return report  # its kill's event said why; the log's last lines would not
         last = tail(self.spec.log_path, lines=8)
         return report + (f"; last lines:\n{last}" if last else "")
 
@@ -268,6 +280,27 @@ class Child:
         else:
             self.state = ProcState.NOT_READY
             self.reason = not_ready_reason(response)
+            if self.spec.role is Role.ASYNC_WORKER:
+                await self._check_live(client, probed)
+
+    async def _check_live(self, client: httpx.AsyncClient,
+                          probed: subprocess.Popen[bytes] | Adopted | None) -> None:
+        """Kill an async worker whose liveness fails, as the kubelet would: its loop ended,
+        or model calls that never return hold its threads (it said so for a while first:
+        its readiness failed at once). Asked only when not ready, so a healthy worker
+        costs no second request; the exit is collected and restarted with the crash
+        backoff, the reason its own (``liveness_message``)."""
+        try:
+            response = await client.get(self.url + LIVE_PATH, timeout=2.0)
+        except httpx.HTTPError:
+            return  # it answered /ping just now: a probe lost now is no verdict
+        if response.status_code < 400 or not self._still_probed(probed) or self.proc is None:
+            return
+        # SIGKILL, not SIGTERM: a call that never returns keeps the interpreter from
+        # exiting (it joins its threads), and what the worker held is reclaimed by any
+        # other worker after the visibility timeout, as after a crash.
+        self.liveness_message = self.unreported_liveness = not_ready_reason(response)
+        signal_group(self.proc.pid, signal.SIGKILL)
 
     def _still_probed(self, probed: subprocess.Popen[bytes] | Adopted | None) -> bool:
         """Whether a probe's answer still describes this child: while it was in flight the

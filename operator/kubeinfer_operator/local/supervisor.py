@@ -8,8 +8,9 @@ One supervisor process per endpoint (``kubeinfer local supervise``, started by
   the route table sends them traffic, and leave the table before they stop;
 * every tick, collects crashed children (restarted with exponential backoff,
   reported in events.jsonl with their last log lines), health-checks every
-  child's ``/ping``, rewrites the route table when the set of ready model
-  servers changed, and rewrites state.json when anything changed;
+  child's ``/ping`` (and a not-ready async worker's liveness: one that fails it
+  is killed and restarted the same way), rewrites the route table when the set
+  of ready model servers changed, and rewrites state.json when anything changed;
 * every ``memory_interval_s``, measures each model server with a memory limit
   and SIGKILLs one that is over it, as the kernel OOM-kills a container: an
   ``OOMKilled`` event with the numbers, then the crash-restart path above;
@@ -322,8 +323,14 @@ class Supervisor:
             assert child.unreported_kill is not None
             self.report_oom(child, child.unreported_kill)
             child.unreported_kill = None
-        if killed:
-            await self.after_oom_kills(killed)
+        unlive = [c for c in self.children if c.unreported_liveness is not None]
+        for child in unlive:
+            self.event(f"Process {child.name} (pid {child.pid}) failed its liveness probe "
+                       f"({child.unreported_liveness}): killed, to be restarted",
+                       level="error", process=child.name)
+            child.unreported_liveness = None
+        if killed or unlive:
+            await self.after_kills(killed + unlive)
         for child in self.children:
             if not child.ready or before.get(id(child), False):
                 continue
@@ -355,7 +362,7 @@ class Supervisor:
                 killed.append(child)
                 self.report_oom(child, verdict)
         if killed:
-            await self.after_oom_kills(killed)
+            await self.after_kills(killed)
         return killed
 
     def report_oom(self, child: Child, verdict: Verdict) -> None:
@@ -363,7 +370,7 @@ class Supervisor:
                              replica=child.spec.replica),
                    level="error", process=child.name)
 
-    async def after_oom_kills(self, killed: list[Child]) -> None:
+    async def after_kills(self, killed: list[Child]) -> None:
         # Take them out of the route table now, not at the next monitor tick:
         # SIGKILL takes effect at once, the exit status a moment later.
         await poll_until(lambda: all(not c.running for c in killed), 2.0)

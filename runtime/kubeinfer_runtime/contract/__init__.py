@@ -624,3 +624,7 @@ class AsyncWorkerSettings(ModelServerSettings):
     transient_budget_s: float = Field(default=600.0, ge=0)
     transient_backoff_s: float = Field(default=1.0, gt=0)
     transient_backoff_max_s: float = Field(default=30.0, gt=0)
+    #: Seconds every inference thread may be held by model calls past their timeout
+    #: (calls that cannot be interrupted) before ``/v2/health/live`` fails, so the
+    #: worker is restarted. None: max(60, 2 x ``invocation_timeout_s``).
+    held_threads_liveness_s: float | None = Field(default=None, gt=0)

@@ -8,6 +8,8 @@
 * ``retry_policy``: PURE — failure classes, backoff with jitter, transient budget, breaker;
 * ``processing``: one try at one request (state, inference, objects, notification, XACK);
 * ``gate``: the worker's circuit breaker on the object store (probe, wake-up);
+* ``inference_threads``: model calls on threads, each bounded by its own timeout;
+* ``held_threads``: PURE — whether timed-out calls hold every thread (probes fail);
 * ``worker``: XREADGROUP / XAUTOCLAIM loop, retry timing, circuit breaker, graceful drain;
 * ``backlog``: the scaling signal (queued + in flight) read from Redis;
 * ``app``: the async-worker role's process (``/ping``, ``/metrics``, the loop).

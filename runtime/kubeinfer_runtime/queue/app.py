@@ -3,7 +3,10 @@
 ``kubeinfer-runtime serve --role async-worker`` runs ``create_app`` under
 uvicorn like the other roles, so supervisors and kubelet probe it the same
 way: ``/ping`` answers 200 once the model is loaded and Redis answers, 503
-with the reason before. The queue loop runs as a lifespan task; SIGTERM makes
+with the reason before. Both it and liveness also fail when the worker can
+take no work for good: its loop ended, or model calls that outlived their
+timeout hold every inference thread (readiness at once, liveness after a
+bound: ``held_threads``). The queue loop runs as a lifespan task; SIGTERM makes
 uvicorn run the lifespan shutdown, which stops reading and drains (see
 ``worker``).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -110,6 +114,10 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
     async def live() -> Response:
         if loop_ended():
             return error_response(NotReady(_ENDED))
+        worker = state.get("worker")
+        held = worker.held_threads(time.monotonic()) if worker is not None else None
+        if held is not None and not held.live:
+            return error_response(NotReady(held.not_live()))
         return Response(orjson.dumps({"live": True}), media_type="application/json")
 
     @api.get("/v2/health/ready", summary="Readiness, as /ping (the kubelet probes this)")
@@ -122,6 +130,9 @@ def create_app(settings: AsyncWorkerSettings | None = None) -> FastAPI:
             slot.get()
             if worker is None:
                 raise NotReady("Async worker is starting")
+            held = worker.held_threads(time.monotonic())
+            if held is not None:
+                raise NotReady(held.not_ready() if held.live else held.not_live())
             try:
                 await worker.redis.ping()
             except Exception as e:

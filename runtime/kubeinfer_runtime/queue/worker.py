@@ -50,6 +50,7 @@ from typing import Any
 from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncWorkerSettings
 from kubeinfer_runtime.contract.locations import default_input_paths
 from kubeinfer_runtime.queue.gate import StoreGate
+from kubeinfer_runtime.queue.held_threads import HeldThreads, assess, live_bound_s
 from kubeinfer_runtime.queue.notifier import Notifier
 from kubeinfer_runtime.queue.objects import ObjectStore
 from kubeinfer_runtime.queue.processing import Processor, Ticket
@@ -117,6 +118,14 @@ class Worker:
         self._claim_cursor = "0-0"
         self._last_claim = 0.0
         self._reclaim_after = 0.0
+        #: Model calls run at once at most: the fewer of its threads and its entries.
+        self.usable_threads = min(settings.inference_threads, settings.max_concurrency)
+        # From the endpoint's default timeout (async.invocationTimeout): a request may
+        # send a longer one, but a call held that long past its own is not coming back.
+        self.held_live_bound_s = live_bound_s(settings.held_threads_liveness_s,
+                                              settings.invocation_timeout_s)
+        #: What was last logged about held threads: "", "held" or "stuck".
+        self._held_logged = ""
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -197,12 +206,19 @@ class Worker:
             await self._paused()
             return
         # Threads still running requests that timed out hold their share: the entries
-        # they would run are left to replicas that can start them now.
+        # they would run are left to replicas that can start them now. When they hold
+        # every thread, none is taken: it could only wait here for one to return.
         free = (self.settings.max_concurrency - len(self.inflight)
                 - self.processor.threads.orphans)
+        if self.held_threads(time.monotonic()) is not None:
+            free = 0
         if free <= 0:
-            await asyncio.wait(list(self.inflight.values()), timeout=1.0,
-                               return_when=asyncio.FIRST_COMPLETED)
+            if self.inflight:
+                await asyncio.wait(list(self.inflight.values()), timeout=1.0,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            else:
+                # Only abandoned calls hold the threads: nothing to wait on but time.
+                await self._sleep(1.0)
             return
         entries = await self._reclaim(free)
         if not entries:
@@ -216,6 +232,24 @@ class Worker:
             task = asyncio.create_task(self._guarded(msg_id, fields))
             self.inflight[msg_id] = task
             task.add_done_callback(self._forget_task)
+
+    def held_threads(self, now: float) -> HeldThreads | None:
+        """Whether abandoned model calls hold every usable thread (the probes ask, and the
+        loop before it takes entries); logged once when it begins, ends, or outlasts the
+        liveness bound, so the log says why the queue stopped moving."""
+        held = assess(self.processor.threads.abandoned(), self.usable_threads, now,
+                      self.held_live_bound_s)
+        state = "" if held is None else "held" if held.live else "stuck"
+        if state != self._held_logged:
+            if held is None:
+                log.warning("Async worker %s: an inference thread is free again: taking "
+                            "requests", self.consumer)
+            elif held.live:
+                log.warning("%s", held.not_ready())
+            else:
+                log.error("%s", held.not_live())
+            self._held_logged = state
+        return held
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         for msg_id, t in list(self.inflight.items()):
