@@ -226,9 +226,12 @@ def test_the_crd_keeps_kubernetes_shaped_objects_free_form() -> None:
         assert set(props) == set(FULL)
         assert props["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
         assert "additionalProperties" not in props["affinity"]
-        for name in ("tolerations", "topologySpreadConstraints"):
-            assert props[name]["items"] == {"type": "object",
-                                            "x-kubernetes-preserve-unknown-fields": True}
+        assert props["topologySpreadConstraints"]["items"] == {
+            "type": "object", "x-kubernetes-preserve-unknown-fields": True}
+        # A toleration declares its key only (for the CRD's CEL rules), the rest free-form.
+        toleration = props["tolerations"]["items"]
+        assert toleration["x-kubernetes-preserve-unknown-fields"] is True
+        assert set(toleration["properties"]) == {"key"}
 
 
 # -- rendering ---------------------------------------------------------------------------------

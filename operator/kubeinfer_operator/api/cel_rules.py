@@ -19,12 +19,24 @@ time (``has(self.a) && has(self.a.b)``: in Kubernetes ``has(self.a.b)`` is an
 error when ``a`` is absent, in cel-python it is false), and a field with a
 default is read as ``has(f) ? f : <default>`` although the API server applies
 defaults before it runs the rules. Cost: every list a rule sits in or walks has
-``maxItems`` and every string it compares a ``maxLength`` (or an enum), so the
-API server's estimate stays far below its per-rule limit.
+``maxItems``, every map it walks ``maxProperties`` and every string it compares a
+``maxLength`` (or an enum), so the API server's estimate stays far below its
+per-rule limit (10 million) and the CRD's (100 million, each rule's cost times
+how many nodes it may run on).
+
+Two policies are generated from their Python source rather than restated: the env
+policy (``api.env_policy``: its sets and ``refusal``'s messages, over the names the
+operator renders into each kind of container) and the podTemplate deny-list and
+reserved keys (``api.placement``). What CEL cannot see stays the operator's: a
+TransformJob's ``environment`` where the Endpoint its ``endpointRef`` names decides
+which container it reaches (and the env it copies from that Endpoint), and the
+podTemplate syntax checks (see ``pod_template_rules``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,18 +45,72 @@ from pydantic import BaseModel
 from kubeinfer_operator.api import async_config as ac
 from kubeinfer_operator.api import data_capture as dc
 from kubeinfer_operator.api import endpoint as ep
+from kubeinfer_operator.api import env_policy as envp
+from kubeinfer_operator.api import placement as pl
 from kubeinfer_operator.api import transform_job as tj
 from kubeinfer_operator.api.compile_options import CROSS_TARGETS
 
-#: Operator limits the rules repeat (``api`` cannot import ``reconcile`` or ``render``;
-#: tests/unit/test_cel_rules.py checks each against its source).
+#: Operator limits and names the rules repeat (``api`` cannot import ``reconcile`` or
+#: ``render``; tests/unit/test_cel_rules.py checks each against its source).
 MAX_RESOURCE_NAME = 40  # reconcile.validate.MAX_ENDPOINT_NAME, reconcile.job_validate.MAX_NAME
 MAX_OBJECT_NAME = 63  # render.k8s_meta.MAX_NAME: <endpoint>-<variant> is a DNS label
 RESERVED_VARIANT_NAMES = ("gateway", "gateway-pods")  # render.k8s_meta.RESERVED_VARIANT_NAMES
-#: A few of what reconcile.validate.variant_operator_env refuses (api.env_policy): the rest
-#: the operator refuses as InvalidSpec.
-OPERATOR_ENV = ("KUBEINFER_HOST", "KUBEINFER_PORT")
 NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"  # reconcile.validate._ENDPOINT_NAME
+
+#: What the operator renders into each container whose env a spec extends, which that env
+#: may not set (``api.env_policy``); the rest of the policy (``env_policy``'s own sets) is
+#: imported, not repeated. Each is the operator's set, copied (see above).
+#: A model server's: ``reconcile.validate.variant_operator_env(False)``.
+SERVER_OPERATOR_ENV = frozenset({
+    "KUBEINFER_CACHE_BYTES", "KUBEINFER_DISK_CACHE_BYTES", "KUBEINFER_ENDPOINT_NAME",
+    "KUBEINFER_HOST", "KUBEINFER_METRICS_PORT", "KUBEINFER_MODEL_CACHE_DIR",
+    "KUBEINFER_MODEL_FORMAT", "KUBEINFER_MODEL_NAME", "KUBEINFER_MODEL_URI",
+    "KUBEINFER_MULTI_MODEL_PREFIX", "KUBEINFER_PIPELINE", "KUBEINFER_PORT",
+    "KUBEINFER_VARIANT_NAME",
+})
+#: What an Async endpoint's worker adds: ``variant_operator_env(True)`` less the above.
+ASYNC_WORKER_OPERATOR_ENV = frozenset({
+    "KUBEINFER_DRAIN_TIMEOUT_S", "KUBEINFER_ERROR_URL", "KUBEINFER_FAILURE_PATH",
+    "KUBEINFER_INPUT_PATHS", "KUBEINFER_INVOCATION_TIMEOUT_S", "KUBEINFER_MAX_CONCURRENCY",
+    "KUBEINFER_MAX_INPUT_BYTES", "KUBEINFER_MAX_PAYLOAD_BYTES", "KUBEINFER_MAX_RETRIES",
+    "KUBEINFER_OUTBOUND_ALLOW", "KUBEINFER_OUTPUT_PATH", "KUBEINFER_QUEUE",
+    "KUBEINFER_REDIS_URL", "KUBEINFER_SUCCESS_URL", "KUBEINFER_TRANSIENT_BUDGET_S",
+    "KUBEINFER_VISIBILITY_TIMEOUT_S",
+})
+#: An Endpoint's image step's: ``render.plan_steps.IMAGE_STEP_ENV``.
+IMAGE_STEP_OPERATOR_ENV = frozenset({"SAGEMAKER_BIND_TO_PORT"})
+#: A TransformJob's batch processes' and image model's (its ``environment`` reaches
+#: either): ``render.transform_plan.BATCH_ENV | SAGEMAKER_ENV``, and any name starting
+#: with ``SAGEMAKER_BATCH`` (``transform_plan.env_problems``).
+BATCH_OPERATOR_ENV = frozenset({
+    "JOB_COMPLETION_INDEX", "KUBEINFER_ACCEPT", "KUBEINFER_ASSEMBLE_WITH",
+    "KUBEINFER_BATCH_ACROSS_OBJECTS", "KUBEINFER_BATCH_STRATEGY", "KUBEINFER_COMPRESSION",
+    "KUBEINFER_DATA_TYPE", "KUBEINFER_HOST", "KUBEINFER_INPUT_CONTENT_TYPE",
+    "KUBEINFER_INPUT_FILTER", "KUBEINFER_INPUT_URI", "KUBEINFER_INSTANCE_COUNT",
+    "KUBEINFER_INVOCATION_RETRIES", "KUBEINFER_INVOCATION_TIMEOUT_S", "KUBEINFER_JOB",
+    "KUBEINFER_JOIN_SOURCE", "KUBEINFER_MAX_BATCH_PAYLOAD_BYTES",
+    "KUBEINFER_MAX_CONCURRENT_TRANSFORMS", "KUBEINFER_MAX_FAILED_RECORDS",
+    "KUBEINFER_MODEL_CACHE_DIR", "KUBEINFER_MODEL_FORMAT", "KUBEINFER_MODEL_URI",
+    "KUBEINFER_MODEL_URL", "KUBEINFER_OUTPUT_FILTER", "KUBEINFER_OUTPUT_URI",
+    "KUBEINFER_PIPELINE", "KUBEINFER_PORT", "KUBEINFER_PROGRESS_FILE", "KUBEINFER_REPORT_FILE",
+    "KUBEINFER_SHARDS", "KUBEINFER_SPLIT_TYPE", "KUBEINFER_START_GATE", "SAGEMAKER_BATCH",
+    "SAGEMAKER_BATCH_STRATEGY", "SAGEMAKER_BIND_TO_PORT", "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS",
+    "SAGEMAKER_MAX_PAYLOAD_IN_MB",
+})
+BATCH_OPERATOR_PREFIXES = ("SAGEMAKER_BATCH",)
+#: A TransformJob's image step's: ``render.transform_plan.SAGEMAKER_ENV``.
+BATCH_IMAGE_STEP_OPERATOR_ENV = frozenset({
+    "SAGEMAKER_BATCH", "SAGEMAKER_BATCH_STRATEGY", "SAGEMAKER_BIND_TO_PORT",
+    "SAGEMAKER_MAX_CONCURRENT_TRANSFORMS", "SAGEMAKER_MAX_PAYLOAD_IN_MB",
+})
+#: A CompilationJob's compiler's: ``render.compile_plan.COMPILER_OPERATOR_ENV``.
+COMPILER_OPERATOR_ENV = frozenset({
+    "KUBEINFER_ALLOW_QUANTIZATION", "KUBEINFER_BATCH_SIZES", "KUBEINFER_CALIBRATION_URI",
+    "KUBEINFER_MIN_TOP1_AGREEMENT", "KUBEINFER_MODEL_URI", "KUBEINFER_OUTPUT_URI",
+    "KUBEINFER_REPORT_FILE", "KUBEINFER_TARGET", "KUBEINFER_THREADS",
+    "KUBEINFER_TUNING_BUDGET_S", "KUBEINFER_TUNING_CACHE_DIR", "KUBEINFER_TUNING_CACHE_URI",
+    "KUBEINFER_TUNING_TRIALS", "KUBEINFER_WORK_DIR",
+})
 
 
 @dataclass(frozen=True)
@@ -155,6 +221,149 @@ def _custom_metric(policies: str) -> str:
     return f"(has(self.{policies}) && self.{policies}.exists(p, p.metric == 'Custom'))"
 
 
+def _prefixed(var: str, prefixes: Iterable[str]) -> str:
+    return " || ".join(f"{var}.startsWith('{p}')" for p in prefixes)
+
+
+def _less(problem: str | None, lead: str) -> str:
+    """The operator's ``problem`` less its ``lead`` (the value CEL cannot print)."""
+    assert problem is not None and problem.startswith(lead), (problem, lead)
+    return problem.removeprefix(lead)
+
+
+# -- the env policy (api.env_policy), from its own sets and messages -------------------------
+
+
+@dataclass(frozen=True)
+class EnvRefusal:
+    """One of ``env_policy.refusal``'s reasons for one kind of container, as CEL."""
+
+    #: The names it refuses, less those an earlier reason refuses (one message per name,
+    #: the operator's).
+    names: frozenset[str]
+    prefixes: tuple[str, ...]
+    #: Names its prefixes match that an earlier reason refuses.
+    unless: frozenset[str]
+    #: ``refusal``'s message less the name it starts with ('is set by the operator; ...').
+    message: str
+
+    def refuses(self, var: str) -> str:
+        """CEL: the name ``var`` is refused for this reason."""
+        cond = " || ".join(([f"{var} in {_strings(self.names)}"] if self.names else [])
+                           + ([_prefixed(var, self.prefixes)] if self.prefixes else []))
+        return f"({cond}) && !({var} in {_strings(self.unless)})" if self.unless else cond
+
+    def matches(self, name: str) -> bool:
+        """What ``refuses`` says of ``name``, in Python."""
+        return (name in self.names or name.startswith(self.prefixes)) and (
+            name not in self.unless)
+
+
+def env_refusals(operator_env: AbstractSet[str], operator_prefixes: tuple[str, ...] = (), *,
+                 kubeinfer_image: bool = True, compiler: bool = False) -> tuple[EnvRefusal, ...]:
+    """``env_policy.refusal``'s reasons, in its order, for a container the operator renders
+    ``operator_env`` (and any name with ``operator_prefixes``) into."""
+    reasons: list[tuple[AbstractSet[str], tuple[str, ...]]] = [(operator_env, operator_prefixes)]
+    if kubeinfer_image:
+        reasons += [(envp.OPERATOR_SETTINGS_ENV, ()),
+                    (envp.INTERPRETER_ENV, envp.INTERPRETER_PREFIXES)]
+        if compiler:
+            reasons.append((envp.COMPILER_ENV, ()))
+    out: list[EnvRefusal] = []
+    earlier: set[str] = set()
+    earlier_prefixes: tuple[str, ...] = ()
+    for i, (names, prefixes) in enumerate(reasons):
+        own = frozenset(n for n in names if n not in earlier
+                        and not n.startswith(earlier_prefixes))
+        if own or prefixes:
+            sample = min(own) if own else prefixes[0] + "X"
+            # (the operator's own set holds each name its prefixes match: add the sample's)
+            why = envp.refusal(sample, {*operator_env, sample} if i == 0 else operator_env,
+                               kubeinfer_image=kubeinfer_image, compiler=compiler)
+            out.append(EnvRefusal(own, prefixes,
+                                  frozenset(n for n in earlier if n.startswith(prefixes)),
+                                  _less(why, f"{sample} ")))
+        earlier |= names
+        earlier_prefixes += prefixes
+    return tuple(out)
+
+
+#: A model server's env (a variant's or a shadow variant's), an Endpoint image step's, a
+#: TransformJob's ``environment`` and image step's, a CompilationJob's ``environment``.
+SERVER_ENV_REFUSALS = env_refusals(SERVER_OPERATOR_ENV)
+IMAGE_STEP_ENV_REFUSALS = env_refusals(IMAGE_STEP_OPERATOR_ENV, kubeinfer_image=False)
+BATCH_ENV_REFUSALS = env_refusals(BATCH_OPERATOR_ENV, BATCH_OPERATOR_PREFIXES)
+BATCH_IMAGE_STEP_ENV_REFUSALS = env_refusals(BATCH_IMAGE_STEP_OPERATOR_ENV,
+                                             kubeinfer_image=False)
+COMPILER_ENV_REFUSALS = env_refusals(COMPILER_OPERATOR_ENV, compiler=True)
+#: What an Async endpoint's worker refuses beyond a model server's reasons.
+ASYNC_WORKER_ONLY_ENV = frozenset(
+    n for n in ASYNC_WORKER_OPERATOR_ENV if not any(r.matches(n) for r in SERVER_ENV_REFUSALS))
+
+
+def _env_rules(at: str, refusals: tuple[EnvRefusal, ...]) -> list[CelRule]:
+    """On the items of an ``env`` list (name and value), naming ``.name``."""
+    return [CelRule(at, f"!({r.refuses('self.name')})", r.message, ".name") for r in refusals]
+
+
+def _environment_rule(refusal: EnvRefusal) -> str:
+    """CEL of an ``environment`` map (name to value) ``refusal`` refuses none of."""
+    return f"self.environment.all(k, !({refusal.refuses('k')}))"
+
+
+def _environment_message(refusal: EnvRefusal) -> str:
+    return f"names a variable that {refusal.message}"
+
+
+# -- podTemplate (api.placement's deny-list and reserved keys, from its own sets) ------------
+
+#: A label or annotation key under a service mesh's domain or a subdomain of it (what
+#: ``placement.escalating_key_problem`` parses: the prefix before the last '/').
+MESH_KEY_PATTERN = ("^(.*\\\\.)?("
+                    + "|".join(d.replace(".", "\\\\.") for d in pl.MESH_DOMAINS) + ")/[^/]*$")
+
+
+def _key_rules(at: str, what: str) -> list[CelRule]:
+    """On a podTemplate's ``labels`` or ``annotations`` map (``what``: label, annotation)."""
+    article = "an" if what[0] in "aeiou" else "a"
+    reserved, confined = pl.RESERVED_PREFIXES[0] + "x", pl.CONFINEMENT_PREFIXES[0] + "x"
+    mesh = pl.MESH_DOMAINS[0] + "/x"
+    return [
+        CelRule(at, f"self.all(k, !({_prefixed('k', pl.RESERVED_PREFIXES)}))",
+                f"{article} {what} " + _less(pl.reserved_key_problem(reserved, what),
+                                              f"{what} {reserved!r} ")),
+        CelRule(at, f"self.all(k, !({_prefixed('k', pl.CONFINEMENT_PREFIXES)}))",
+                f"{article} {what} " + _less(pl.escalating_key_problem(confined, what),
+                                              f"{what} {confined!r} ")),
+        CelRule(at, f"self.all(k, !k.matches('{MESH_KEY_PATTERN}'))",
+                f"{article} {what} " + _less(pl.escalating_key_problem(mesh, what),
+                                              f"{what} {mesh!r} ")),
+    ]
+
+
+def pod_template_rules(at: str) -> list[CelRule]:
+    """A ``podTemplate`` (``api.placement.PodTemplate``) as a spec may write it: what its
+    deny-list refuses, and the operator's own label and annotation keys. Its syntax checks
+    (label keys and values, DNS names, a toleration's operator and effect, a spread
+    constraint's fields) and the annotations' 256 KiB total stay the operator's: Kubernetes
+    checks the rendered pod anyway, and a total over a map is beyond CEL's macros."""
+    taint = pl.CONTROL_PLANE_TAINTS[0]
+    system = pl.SYSTEM_PRIORITY_PREFIX + "x"
+    return [
+        CelRule(f"{at}.tolerations[]", "has(self.key) && self.key != ''",
+                _less(pl.toleration_problem(0, {}), "tolerations[0] ")),
+        CelRule(f"{at}.tolerations[]",
+                f"!has(self.key) || !(self.key in {_strings(pl.CONTROL_PLANE_TAINTS)})",
+                "its key " + _less(pl.toleration_problem(0, {"key": taint}),
+                                   f"tolerations[0].key {taint!r} ")),
+        CelRule(f"{at}.priorityClassName",
+                f"!self.startsWith('{pl.SYSTEM_PRIORITY_PREFIX}')",
+                _less(pl.priority_problem(system), f"priorityClassName {system!r} ")),
+        *_key_rules(f"{at}.labels", "label"),
+        *_key_rules(f"{at}.annotations", "annotation"),
+    ]
+
+
 ENDPOINT_RULES: tuple[CelRule, ...] = (
     name_rule("Endpoint", "recreate"),
     CelRule("", f"self.spec.variants.all(v, size(self.metadata.name) + 1 + size(v.name) <= "
@@ -215,8 +424,17 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
             "duplicate container name(s); give each step a unique name"),
     CelRule("spec.variants[]", f"!(self.name in {_strings(RESERVED_VARIANT_NAMES)})",
             "is reserved for the Endpoint's own gateway objects; rename the variant", ".name"),
-    CelRule("spec.variants[].env[]", f"!(self.name in {_strings(OPERATOR_ENV)})",
-            "is set by the operator; remove it from the spec", ".name"),
+    # env (api.env_policy, reconcile.validate.env_spec_problems)
+    *_env_rules("spec.variants[].env[]", SERVER_ENV_REFUSALS),
+    *_env_rules("spec.variants[].containers[].env[]", IMAGE_STEP_ENV_REFUSALS),
+    # An Async endpoint's workers are rendered more names: refused on the spec, which knows
+    # the type (KUBEINFER_OUTBOUND_ALLOW and KUBEINFER_REDIS_URL, also the operator's own
+    # settings, with that message; shadow variants are refused on Async endpoints below).
+    CelRule("spec", f"{_TYPE} != 'Async' || self.variants.all(v, !has(v.env) || "
+                    f"v.env.all(e, !(e.name in {_strings(ASYNC_WORKER_ONLY_ENV)})))",
+            "env.name: names a variable that, on an Async endpoint, "
+            + env_refusals(SERVER_OPERATOR_ENV | ASYNC_WORKER_OPERATOR_ENV)[0].message,
+            ".variants"),
     _model_source("spec.variants[].model"),
     CelRule("spec.variants[].model.compile",
             f"!has(self.target) || !(self.target in {_strings(t.value for t in CROSS_TARGETS)})",
@@ -255,8 +473,8 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
             "minReplicas (and each schedule's) to 1 or more"),
     CelRule("spec.shadowVariants[]", f"!(self.name in {_strings(RESERVED_VARIANT_NAMES)})",
             "is reserved for the Endpoint's own gateway objects; rename the variant", ".name"),
-    CelRule("spec.shadowVariants[].env[]", f"!(self.name in {_strings(OPERATOR_ENV)})",
-            "is set by the operator; remove it from the spec", ".name"),
+    *_env_rules("spec.shadowVariants[].env[]", SERVER_ENV_REFUSALS),
+    *_env_rules("spec.shadowVariants[].containers[].env[]", IMAGE_STEP_ENV_REFUSALS),
     # auto scaling (api.endpoint.AutoScaling, ScheduledScaling, _MetricRef), of variants
     # and shadow variants alike
     *(rule for fleets in ("variants", "shadowVariants") for rule in _autoscaling(fleets)),
@@ -287,6 +505,9 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
             "has(self.prometheusUrl) || !has(self.alarms) || "
             "!self.alarms.exists(a, has(a.promQL))",
             "a promQL alarm needs prometheusUrl; set it to your Prometheus server"),
+    # podTemplate (api.placement)
+    *(rule for at in ("spec.gateway.podTemplate", "spec.variants[].podTemplate",
+                      "spec.shadowVariants[].podTemplate") for rule in pod_template_rules(at)),
 )
 
 _NO_COMPILE = ("a TransformJob runs its model as given; run a CompilationJob and give the job "
@@ -328,11 +549,27 @@ TRANSFORM_JOB_RULES: tuple[CelRule, ...] = (
     *_step_rules("spec.containers[]"),
     CelRule("spec.containers[]", "!has(self.model) || !has(self.model.compile)", _NO_COMPILE,
             ".model.compile"),
+    # env (api.env_policy, render.transform_plan.env_problems). What the operator renders
+    # is refused in any environment; the other reasons only where the environment reaches
+    # kubeinfer's batch worker: a model, or steps without an image. An endpointRef's
+    # Endpoint decides that (and brings its variant's env): the operator checks it.
+    CelRule("spec", f"!has(self.environment) || {_environment_rule(BATCH_ENV_REFUSALS[0])}",
+            _environment_message(BATCH_ENV_REFUSALS[0]), ".environment"),
+    *(CelRule("spec", "has(self.endpointRef) || (has(self.containers) && "
+                      "self.containers.exists(c, has(c.image))) || !has(self.environment) || "
+                      + _environment_rule(r), _environment_message(r), ".environment")
+      for r in BATCH_ENV_REFUSALS[1:]),
+    *_env_rules("spec.containers[].env[]", BATCH_IMAGE_STEP_ENV_REFUSALS),
+    *pod_template_rules("spec.podTemplate"),
 )
 
 COMPILATION_JOB_RULES: tuple[CelRule, ...] = (
     name_rule("CompilationJob", "create"),
     CelRule("spec.batchSizes", _unique("self"), "repeats a size; list each once, e.g. [1, 64]"),
+    # env (api.env_policy, render.compile_plan.plan_compile)
+    *(CelRule("spec", f"!has(self.environment) || {_environment_rule(r)}",
+              _environment_message(r), ".environment") for r in COMPILER_ENV_REFUSALS),
+    *pod_template_rules("spec.podTemplate"),
 )
 
 RECOMMENDATION_JOB_RULES: tuple[CelRule, ...] = (
@@ -341,6 +578,12 @@ RECOMMENDATION_JOB_RULES: tuple[CelRule, ...] = (
             "set exactly one of model and endpointRef"),
     CelRule("spec", "!(has(self.candidates) && has(self.grid))",
             "set candidates or grid, not both"),
+    # (no env and no podTemplate of its own: an endpointRef's Endpoint's are checked by the
+    # Endpoint's rules)
+)
+
+EDGE_FLEET_RULES: tuple[CelRule, ...] = (
+    *pod_template_rules("spec.server.podTemplate"),
 )
 
 

@@ -271,7 +271,7 @@ def edge_fleet_crd() -> dict[str, Any]:
                     "(device fleet, packaging, over-the-air rollout in waves, edge data "
                     "capture) as a Kubernetes resource.",
         spec_schema=openapi_schema(ef.EdgeFleetSpec),
-        status_schema=openapi_schema(ef.EdgeFleetStatus), rules=(),
+        status_schema=openapi_schema(ef.EdgeFleetStatus), rules=cel_rules.EDGE_FLEET_RULES,
         columns=[
             {"name": "Version", "type": "string", "jsonPath": ".status.version"},
             {"name": "Devices", "type": "integer", "jsonPath": ".status.devices"},

@@ -251,7 +251,8 @@ class ContainerStep(_Spec):
                           "is also passed as SAGEMAKER_BIND_TO_PORT.", ge=1024, le=65535),
     ] = None
     env: Annotated[
-        list[EnvVar], Field(description="Environment variables of the image's container."),
+        list[EnvVar], Field(description="Environment variables of the image's container "
+                                        "(at most 128).", max_length=MAX_ENV_VARS),
     ] = Field(default_factory=list)
     resources: Annotated[
         ResourceRequirements | None,

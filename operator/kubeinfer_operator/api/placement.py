@@ -69,6 +69,19 @@ FIELDS = ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints"
 MAP_FIELDS = ("nodeSelector", "labels", "annotations")
 
 _FREE_FORM: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+#: Most tolerations, labels and annotations of one podTemplate: bounds what the CRD's CEL
+#: rules over them may cost (the API server refuses a CRD whose rules' cost it cannot bound).
+MAX_TEMPLATE_ITEMS = 128
+#: Longest label or annotation key: a DNS subdomain prefix (253), '/', a name (63).
+MAX_KEY = 253 + 1 + 63
+#: A toleration stays free-form, but for its ``key``: declared so the CRD's CEL rules can
+#: read it (CEL sees no undeclared field of a free-form object).
+_TOLERATION: dict[str, Any] = {
+    **_FREE_FORM,
+    "properties": {"key": {"type": "string", "maxLength": MAX_KEY,
+                           "description": "The taint's key; required here (a toleration "
+                                          "without one matches every taint)."}},
+}
 
 #: Taints a podTemplate may not tolerate: the control plane's nodes run the cluster.
 CONTROL_PLANE_TAINTS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
@@ -218,8 +231,8 @@ class PodTemplate(BaseModel):
         Field(description="Taints the pods tolerate (Kubernetes Toleration objects: key, "
                           "operator Exists/Equal, value, effect, tolerationSeconds); replaces "
                           "the operator's default list. Each names its taint's key; the "
-                          "control plane's taints are refused.",
-              json_schema_extra={"items": _FREE_FORM}),
+                          "control plane's taints are refused. At most 128.",
+              max_length=MAX_TEMPLATE_ITEMS, json_schema_extra={"items": _TOLERATION}),
     ] = Field(default_factory=list)
     affinity: Annotated[
         dict[str, Any],
@@ -255,16 +268,18 @@ class PodTemplate(BaseModel):
     ] = Field(default_factory=list)
     labels: Annotated[
         dict[str, str],
-        Field(description="Extra pod labels. Keys under app.kubernetes.io/ and kubeinfer.io/ "
-                          "are the operator's and refused, and so are service-mesh keys "
-                          "(istio.io, linkerd.io and their subdomains)."),
+        Field(description="Extra pod labels (at most 128). Keys under app.kubernetes.io/ "
+                          "and kubeinfer.io/ are the operator's and refused, and so are "
+                          "service-mesh keys (istio.io, linkerd.io and their subdomains).",
+              max_length=MAX_TEMPLATE_ITEMS),
     ] = Field(default_factory=dict)
     annotations: Annotated[
         dict[str, str],
-        Field(description="Extra pod annotations (e.g. for a log shipper). Keys under "
-                          "app.kubernetes.io/ and kubeinfer.io/ are the operator's and "
-                          "refused, and so are AppArmor and seccomp profile annotations and "
-                          "service-mesh keys (istio.io, linkerd.io and their subdomains)."),
+        Field(description="Extra pod annotations (at most 128; e.g. for a log shipper). "
+                          "Keys under app.kubernetes.io/ and kubeinfer.io/ are the operator's "
+                          "and refused, and so are AppArmor and seccomp profile annotations "
+                          "and service-mesh keys (istio.io, linkerd.io and their subdomains).",
+              max_length=MAX_TEMPLATE_ITEMS),
     ] = Field(default_factory=dict)
 
     @field_validator("nodeSelector")
