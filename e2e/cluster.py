@@ -108,21 +108,21 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str,
 # -- callers' credentials ------------------------------------------------------------------
 
 
-_caller_keys: tuple[str, str] | None = None
+_caller_keys: dict[str, tuple[str, str]] = {}
 
 
-def caller_keys() -> tuple[str, str]:
-    """The SigV4 key pair the chart generated (runtime.auth.defaultMode SigV4): what
-    NOTES.txt tells users to read, read the same way."""
-    global _caller_keys
-    if _caller_keys is None:
+def caller_keys(namespace: str) -> tuple[str, str]:
+    """The default SigV4 key pair of ``namespace``'s Endpoints (runtime.auth.defaultMode
+    SigV4; derived per namespace by the operator): what NOTES.txt tells users to read,
+    read the same way, from the namespace's runtime Secret."""
+    if namespace not in _caller_keys:
         import base64
 
-        secret = kubectl_json("-n", RELEASE_NAMESPACE, "get", f"secret/{FULLNAME}-credentials")
+        secret = kubectl_json("-n", namespace, "get", "secret/kubeinfer-runtime")
         data = secret["data"]
-        _caller_keys = (base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(),
-                        base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode())
-    return _caller_keys
+        _caller_keys[namespace] = (base64.b64decode(data["AWS_ACCESS_KEY_ID"]).decode(),
+                                   base64.b64decode(data["AWS_SECRET_ACCESS_KEY"]).decode())
+    return _caller_keys[namespace]
 
 
 # -- the object store of async endpoints (e2e/manifests/async-deps.yaml) -------------------

@@ -51,7 +51,7 @@ def local_model(uri: str, models_dir: Path) -> Path | None:
 def sagemaker_runtime(port: int, keys: tuple[str, str], read_timeout: float = 60,
                       connections: int = 10) -> Any:
     """boto3's unchanged ``sagemaker-runtime`` client, pointed at a port-forwarded gateway,
-    signing with ``keys`` (the chart's generated pair: ``cluster.caller_keys()``)."""
+    signing with ``keys`` (the namespace's default pair: ``cluster.caller_keys(namespace)``)."""
     import boto3  # type: ignore[import-untyped]
     from botocore.config import Config  # type: ignore[import-untyped]
 

@@ -146,7 +146,7 @@ def test_async_endpoint_queues_and_scales_from_zero(namespace: str, models_dir: 
         s3.put_object(Bucket=bucket, Key="in/rows.json", Body=body, ContentType=JSON)
         service, service_port = gateway_of(obj)
         with port_forward(namespace, service, service_port) as port:
-            rt = sagemaker_runtime(port, caller_keys())
+            rt = sagemaker_runtime(port, caller_keys(namespace))
             with pytest.raises(ClientError) as info:  # SageMaker refuses this too
                 rt.invoke_endpoint(EndpointName=name, ContentType=JSON, Body=body)
             code, status, message = error_of(info.value)

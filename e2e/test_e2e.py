@@ -108,7 +108,7 @@ def test_example_endpoint(example: Path, doc: dict[str, Any], namespace: str,
         weighted = {v["name"] for v in variants if v.get("weight", 1.0) > 0}
 
         with port_forward(namespace, service, service_port) as port:
-            client = sagemaker_runtime(port, caller_keys())
+            client = sagemaker_runtime(port, caller_keys(namespace))
             for v in variants:
                 model = local_model(v["model"]["uri"], models_dir)
                 if model is None:
@@ -137,7 +137,7 @@ def test_example_endpoint(example: Path, doc: dict[str, Any], namespace: str,
             assert unknown_variant.value.response["Error"]["Code"] == "ValidationError"
 
             # Callers sign with the chart's keys (SigV4 by default): a wrong key is refused.
-            stranger = sagemaker_runtime(port, (caller_keys()[0], "not-the-secret"))
+            stranger = sagemaker_runtime(port, (caller_keys(namespace)[0], "not-the-secret"))
             with pytest.raises(ClientError) as refused:
                 stranger.invoke_endpoint(EndpointName=name, ContentType="application/json",
                                          Body=body)

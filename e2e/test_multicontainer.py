@@ -102,7 +102,7 @@ def test_serial_pipeline_runs_every_step(namespace: str, models_dir: Path) -> No
         obj = apply_and_wait_ready(namespace, EXAMPLES / example, name)
         service, service_port = gateway_of(obj)
         with port_forward(namespace, service, service_port) as port:
-            client = sagemaker_runtime(port, caller_keys())
+            client = sagemaker_runtime(port, caller_keys(namespace))
             r = invoke_raw(client, EndpointName=name, ContentType=JSON,
                            Body=json.dumps(FLOWERS).encode())
             assert r["variant"] == doc["spec"]["variants"][0]["name"]
@@ -141,7 +141,7 @@ def test_direct_endpoint_runs_the_target_container(namespace: str, models_dir: P
         obj = apply_and_wait_ready(namespace, EXAMPLES / example, name)
         service, service_port = gateway_of(obj)
         with port_forward(namespace, service, service_port) as port:
-            client = sagemaker_runtime(port, caller_keys())
+            client = sagemaker_runtime(port, caller_keys(namespace))
 
             def call(target: str, body: bytes, content_type: str = JSON,
                      accept: str = JSON) -> bytes:

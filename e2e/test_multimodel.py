@@ -66,7 +66,7 @@ def test_multimodel_endpoint_serves_each_target_model(namespace: str, models_dir
         obj = apply_and_wait_ready(namespace, EXAMPLES / EXAMPLE, name)
         service, service_port = gateway_of(obj)
         with port_forward(namespace, service, service_port) as port:
-            client = sagemaker_runtime(port, caller_keys())
+            client = sagemaker_runtime(port, caller_keys(namespace))
             for target in TARGETS:
                 model = models_dir / target
                 body, expected = sample_and_expected(model)

@@ -108,7 +108,7 @@ def _burst_from_zero(port: int, namespace: str, name: str, variant: str, body: b
     """
     from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
-    clients = [sagemaker_runtime(port, caller_keys(), read_timeout=HELD_READ_TIMEOUT_S)
+    clients = [sagemaker_runtime(port, caller_keys(namespace), read_timeout=HELD_READ_TIMEOUT_S)
                for _ in range(limit + 1)]
 
     def call(client: Any) -> dict[str, Any]:
@@ -212,7 +212,8 @@ def test_serverless_endpoint_scales_from_zero_and_back(namespace: str, models_di
 
             # And from zero again.
             cold_starts = len(_scaled(namespace, name, COLD_START))
-            client = sagemaker_runtime(port, caller_keys(), read_timeout=HELD_READ_TIMEOUT_S)
+            client = sagemaker_runtime(port, caller_keys(namespace),
+                                       read_timeout=HELD_READ_TIMEOUT_S)
             invoked, got = invoke(client, name, body, patience_s=0)
             assert invoked == variant["name"]
             assert_predictions(got, expected, f"{name}: second cold start")

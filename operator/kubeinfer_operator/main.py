@@ -116,8 +116,8 @@ def build_registry(settings: OperatorSettings, client: KubeClient | None = None,
                    metrics: OperatorMetrics | None = None,
                    fleet_url: Callable[[str, str], str] | None = None
                    ) -> kopf.OperatorRegistry:
-    """``fleet_url``: (namespace, name) → an EdgeFleet's fleet server URL (default: its
-    Service's cluster DNS name; tests point it at a fake fleet server)."""
+    """``fleet_url``: (namespace, name) → the one URL to poll an EdgeFleet's fleet server
+    at (tests: a fake fleet server); default: its ready pods, listed from the API."""
     registry = kopf.OperatorRegistry()
     kube = client or KubeClient()
     ours = with_signing_key(settings)
@@ -128,7 +128,8 @@ def build_registry(settings: OperatorSettings, client: KubeClient | None = None,
     kopf.on.login(registry=registry)(login_handler(kube))
     outbound = ours.outbound_policy()
     scaler = ClusterScaler(port=ours.scaler_port, redis_url=ours.redis_url, outbound=outbound,
-                           signing_key=k8s_secrets.signing_key(ours))
+                           signing_key=k8s_secrets.signing_key(ours), kube=kube,
+                           metrics_port=ours.metrics_port)
     scaler.on_change = metrics.scale_decision
     sync = EndpointSync(kube, ours, scaler=scaler, outbound=outbound, metrics=metrics)
 
@@ -158,6 +159,8 @@ def build_registry(settings: OperatorSettings, client: KubeClient | None = None,
         for task in role:
             task.cancel()
         await scaler.close()
+        if sync.redis_users is not None:
+            await sync.redis_users.close()
         await metrics_server.close()
         await kube.close()
 

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubeinfer_operator.api.placement import validated as validated_pod_template
+from kubeinfer_operator.render import redis_users
 from kubeinfer_runtime.contract.auth import AuthMode
 from kubeinfer_runtime.contract.outbound import OutboundPolicy
 
@@ -50,6 +51,13 @@ class OperatorSettings(BaseSettings):
     #: Redis of async endpoints (``redis://host:6379/0``): their gateways and
     #: workers get it as KUBEINFER_REDIS_URL, the operator reads the backlog there.
     redis_url: str | None = None
+    #: Give each namespace its own Redis user (``ACL SETUSER``, ``render.redis_users``)
+    #: confined to its own queues' keys, and put that user's URL in the namespace's
+    #: runtime Secret. False: every namespace gets ``redis_url`` itself (one trust domain).
+    redis_acl: bool = True
+    #: Seconds after which a namespace's Redis user is set again (a restarted Redis
+    #: forgets users set with ACL SETUSER).
+    redis_acl_recheck_s: float = Field(default=60.0, gt=0)
 
     #: How callers authenticate to gateways of Endpoints whose spec.auth names no mode.
     default_auth_mode: AuthMode = AuthMode.NONE
@@ -132,6 +140,16 @@ class OperatorSettings(BaseSettings):
         if self.metrics_port == self.runtime_port:
             raise ValueError(f"metrics_port and runtime_port are both {self.runtime_port}: "
                              "give the metrics listener its own port")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_url_takes_users(self) -> OperatorSettings:
+        if self.redis_url and self.redis_acl:
+            try:
+                redis_users.namespace_url(self.redis_url, "check")
+            except redis_users.RedisUrlError as exc:
+                raise ValueError(f"KUBEINFER_REDIS_URL: {exc} (or set KUBEINFER_REDIS_ACL "
+                                 "false)") from None
         return self
 
     @field_validator("outbound_allow")

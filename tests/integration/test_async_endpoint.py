@@ -4,10 +4,16 @@ Real processes (gateway, async workers), real Redis, real S3 (SeaweedFS), a real
 webhook receiver. Covers the output object, idempotent InferenceIds, header
 validation, S3OutputPathExtension and Filename (S3 and file://), a bad input
 failing at once with a failure object, and a worker's graceful drain.
+
+The gateways and workers connect as a namespace's own Redis user, as on a cluster
+(``operator.redis_acl``: only that namespace's queue keys, no admin or dangerous
+command), so every Redis command the runtime sends is proven allowed to it; the
+tests' own checks use the admin connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -17,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from kubeinfer_operator.redis_acl import RedisUsers
+from kubeinfer_operator.render.redis_users import namespace_url
 from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncRoute
 from tests.support.async_stack import AsyncStack, worker_env
 from tests.support.ports import wait_until
@@ -25,6 +33,9 @@ from tests.support.webhook import WebhookReceiver
 
 BUCKET = "async-e2e"
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+#: The namespace the runtime's Redis user belongs to; queues are ``<namespace>.<name>``.
+NS = "team-a"
+QUEUE = f"{NS}.e2e"
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +46,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="module")
+def tenant_url(redis_server: RedisServer) -> str:
+    """The URL the operator puts in NS's runtime Secret, its user set as the operator does."""
+    async def ensure() -> None:
+        users = RedisUsers(redis_server.url)
+        await users.ensure(NS)
+        await users.close()
+
+    asyncio.run(ensure())
+    return namespace_url(redis_server.url, NS)
+
+
+@pytest.fixture(scope="module")
 def hooks() -> Iterator[WebhookReceiver]:
     receiver = WebhookReceiver()
     yield receiver
@@ -42,20 +65,20 @@ def hooks() -> Iterator[WebhookReceiver]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, s3_server: Any,
+def stack(tmp_path_factory: pytest.TempPathFactory, tenant_url: str, s3_server: Any,
           models_dir: Path, hooks: WebhookReceiver) -> Iterator[AsyncStack]:
     client = s3_server.minio()
     if not client.bucket_exists(BUCKET):
         client.make_bucket(BUCKET)
-    route = AsyncRoute(queue="e2e", output_path=f"s3://{BUCKET}/out",
+    route = AsyncRoute(queue=QUEUE, output_path=f"s3://{BUCKET}/out",
                        failure_path=f"s3://{BUCKET}/failed")
-    env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
+    env = worker_env(model_path=models_dir / "iris.onnx", redis_url=tenant_url,
                      route=route, s3_env=s3_server.env(), endpoint="iris",
                      success_url=hooks.url + "/ok", error_url=hooks.url + "/error",
                      max_retries="2", visibility_timeout_s="3", notify_backoff_s="0.05",
                      notify_attempts="3", transient_budget_s="2")
     s = AsyncStack("iris", route, tmp_path_factory.mktemp("async-e2e"), env)
-    s.start_gateway(redis_server.url)
+    s.start_gateway(tenant_url)
     s.start_worker()
     yield s
     s.stop()
@@ -140,7 +163,7 @@ def test_same_inference_id_twice_is_one_inference(stack: AsyncStack, s3_server: 
     assert first["InferenceId"] == second["InferenceId"] == inference_id
     assert first["OutputLocation"] == second["OutputLocation"]
     _wait_object(s3_server, first["OutputLocation"])
-    keys = AsyncQueueKeys(queue="e2e")
+    keys = AsyncQueueKeys(queue=QUEUE)
     r = redis_server.client()
     wait_until(lambda: r.hget(keys.inference(inference_id), "done") == "success", 10, "done")
     time.sleep(0.5)  # a second inference, if queued, would have run by now
@@ -152,8 +175,8 @@ def test_the_write_audit_expires_with_its_request(stack: AsyncStack, s3_server: 
                                                  redis_server: RedisServer) -> None:
     """The objects written are counted in the request's id hash, which expires: no hash
     per queue gaining a field per request forever (earlier versions' is deleted)."""
-    keys = AsyncQueueKeys(queue="e2e")
-    legacy = "kubeinfer:async:{e2e}:writes"
+    keys = AsyncQueueKeys(queue=QUEUE)
+    legacy = f"kubeinfer:async:{{{QUEUE}}}:writes"
     r = redis_server.client()
     r.hset(legacy, mapping={"old-1": 1, "old-2": 1})
     extra = stack.start_worker()
@@ -271,7 +294,7 @@ def test_bad_extension_or_filename_is_refused_and_nothing_queued(
     assert error["Error"]["Code"] == "ValidationError"
     assert fragment in error["Error"]["Message"]
     # Refused before the Lua script: no id record, so the id is still free to use.
-    keys = AsyncQueueKeys(queue="e2e")
+    keys = AsyncQueueKeys(queue=QUEUE)
     r = redis_server.client()
     assert r.exists(keys.inference(inference_id)) == 0
     assert not any(f.get("inference_id") == inference_id for _, f in r.xrange(keys.stream))
@@ -292,7 +315,7 @@ def test_same_inference_id_with_another_filename_answers_the_first_locations(
     assert second["OutputLocation"] == first["OutputLocation"]
     assert second["FailureLocation"] == first["FailureLocation"]
     _wait_object(s3_server, first["OutputLocation"])
-    keys = AsyncQueueKeys(queue="e2e")
+    keys = AsyncQueueKeys(queue=QUEUE)
     r = redis_server.client()
     wait_until(lambda: r.hget(keys.inference(inference_id), "done") == "success", 10, "done")
     time.sleep(0.5)  # a second inference, if queued, would have run by now
@@ -322,7 +345,7 @@ def test_a_bad_input_fails_at_once_without_retries(stack: AsyncStack, s3_server:
     assert failure["ErrorCode"] == "ValidationError"
     assert "not retried" in failure["Message"] and "expects shape" in failure["Message"]
     assert failure["attempts"] == 1
-    keys = AsyncQueueKeys(queue="e2e")
+    keys = AsyncQueueKeys(queue=QUEUE)
     r = redis_server.client()
     wait_until(lambda: r.hget(keys.inference(inference_id), "done") == "failure", 10, "done")
     assert r.hget(keys.inference(inference_id), "attempts") == "1"
@@ -353,7 +376,7 @@ def test_sigterm_drains_a_worker_without_losing_requests(stack: AsyncStack, s3_s
     stack.workers.remove(extra)
     log = extra.log()
     assert "Application shutdown complete" in log and "stopped" in log, log
-    keys = AsyncQueueKeys(queue="e2e")
+    keys = AsyncQueueKeys(queue=QUEUE)
     r = redis_server.client()
     wait_until(lambda: all(r.hget(keys.inference(i), "done") == "success" for i in ids), 30,
                "every request to finish")
@@ -423,7 +446,7 @@ def test_a_dead_webhook_is_given_up_after_max_retries_deliveries(
         resp = _runtime(stack).invoke_endpoint_async(EndpointName="iris",
                                                      InputLocation=input_uri)
         _wait_object(s3_server, resp["OutputLocation"])
-        keys = AsyncQueueKeys(queue="e2e")
+        keys = AsyncQueueKeys(queue=QUEUE)
         r = redis_server.client()
         wait_until(lambda: any(f.get("inference_id") == resp["InferenceId"]
                                for _, f in r.xrange(keys.dead_letter)), 40,
@@ -437,17 +460,17 @@ def test_a_dead_webhook_is_given_up_after_max_retries_deliveries(
 
 
 @pytest.fixture(scope="module")
-def file_stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
+def file_stack(tmp_path_factory: pytest.TempPathFactory, tenant_url: str,
                models_dir: Path, hooks: WebhookReceiver) -> Iterator[AsyncStack]:
     """The same endpoint with file:// paths (local mode's objects): no object store."""
     root = tmp_path_factory.mktemp("async-files")
-    route = AsyncRoute(queue="e2e-file", output_path=f"file://{root}/out",
+    route = AsyncRoute(queue=f"{NS}.e2e-file", output_path=f"file://{root}/out",
                        failure_path=f"file://{root}/failed")
-    env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
+    env = worker_env(model_path=models_dir / "iris.onnx", redis_url=tenant_url,
                      route=route, s3_env={}, endpoint="iris-file", max_retries="0",
                      error_url=hooks.url + "/error")
     s = AsyncStack("iris-file", route, root / "work", env)
-    s.start_gateway(redis_server.url)
+    s.start_gateway(tenant_url)
     s.start_worker()
     yield s
     s.stop()
@@ -531,7 +554,7 @@ def test_a_failure_object_that_can_never_be_written_does_not_hold_the_request(
 
 def test_a_failure_path_that_refuses_every_write_dead_letters_after_the_attempts(
         tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
-        models_dir: Path) -> None:
+        tenant_url: str, models_dir: Path) -> None:
     """A failure path the worker cannot write (here below a regular file: ENOTDIR) is
     waited out like any refusal that may be fixed, within the transient budget and the
     attempts; then the request is dead-lettered without its failure object, not retried
@@ -540,14 +563,14 @@ def test_a_failure_path_that_refuses_every_write_dead_letters_after_the_attempts
 
     root = tmp_path_factory.mktemp("unwritable")
     (root / "blocked").write_text("a file where the failure folder should be")
-    route = AsyncRoute(queue="unwritable", output_path=f"file://{root}/out",
+    route = AsyncRoute(queue=f"{NS}.unwritable", output_path=f"file://{root}/out",
                        failure_path=f"file://{root}/blocked/failed")
-    env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
+    env = worker_env(model_path=models_dir / "iris.onnx", redis_url=tenant_url,
                      route=route, s3_env={}, endpoint="blocked", max_retries="0",
                      transient_budget_s="1", transient_backoff_s="0.05",
                      transient_backoff_max_s="0.2")
     s = AsyncStack("blocked", route, root / "work", env)
-    s.start_gateway(redis_server.url)
+    s.start_gateway(tenant_url)
     s.start_worker()
     try:
         assert s.gateway is not None

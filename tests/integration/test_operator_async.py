@@ -42,7 +42,7 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 def kube(tmp_path_factory: pytest.TempPathFactory, redis: RedisServer) -> Iterator[Kube]:
     settings = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
                                 runtime_image="example.test/runtime:1", s3_secret_name=None,
-                                redis_url=redis.url)
+                                redis_url=redis.url, redis_acl_recheck_s=0.5)
     with operator_on_emulator(settings, tmp_path_factory.mktemp("kube")) as (client, _):
         yield client
 
@@ -110,3 +110,42 @@ def test_a_file_location_is_invalid_on_a_cluster(kube: Kube, field: str, value: 
     assert f"spec.async.{field}: {value} is a file:// path; on Kubernetes" in ready["message"]
     assert "use s3://bucket/prefix" in ready["message"]
     assert kube.list("Deployment", ns) == []
+
+
+def test_the_namespace_gets_its_own_redis_user(kube: Kube, redis: RedisServer) -> None:
+    """The runtime Secret names the namespace's Redis user, not the operator's URL, and the
+    operator has set that user: it reaches this namespace's queues and no other's."""
+    import base64
+
+    import redis as redis_py
+
+    ns = "async-tenant"
+    kube.create_namespace(ns)
+    assert kube.create(_on_cluster(EXAMPLE), ns).status_code == 201
+    secret = wait_for(lambda: kube.get("Secret", ns, "kubeinfer-runtime"), 15,
+                      "the runtime Secret")
+    url = base64.b64decode(secret["data"]["redis-url"]).decode()
+    assert url.startswith(f"redis://kubeinfer-ns-{ns}:") and url != redis.url
+    mine = AsyncQueueKeys(queue=f"{ns}.{NAME}")
+    theirs = AsyncQueueKeys(queue=f"{NS}.{NAME}")
+    tenant = redis_py.Redis.from_url(url, decode_responses=True)
+    # The user may be set a moment after the Secret is written (same reconcile).
+    wait_for(lambda: _can_ping(tenant), 15, "the namespace's Redis user")
+    tenant.xadd(mine.stream, {"id": "req-0"})
+    with pytest.raises(redis_py.exceptions.ResponseError, match="permission"):
+        tenant.xadd(theirs.stream, {"id": "forged"})
+    with pytest.raises(redis_py.exceptions.ResponseError, match="permission"):
+        tenant.execute_command("KEYS", "*")
+
+    # A Redis restarted without its users (ACL SETUSER lives in memory) gets it back.
+    redis.client().execute_command("ACL", "DELUSER", f"kubeinfer-ns-{ns}")
+    wait_for(lambda: _can_ping(tenant), 15, "the namespace's Redis user set again")
+
+
+def _can_ping(client: Any) -> bool:
+    import redis.exceptions
+
+    try:
+        return bool(client.ping())
+    except redis.exceptions.AuthenticationError:
+        return False

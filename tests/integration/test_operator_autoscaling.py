@@ -8,7 +8,7 @@
   HPA controller runs here: the test plays it by patching the Deployment.
 * The scaler over real HTTP: two fake gateway pods (aiohttp on 127.0.0.1) plus
   a pod that never answers and one that refuses connections, found by an
-  injected discovery (the cluster's DNS is not here): the sum of the live
+  injected discovery (no pods run here): the sum of the live
   pods' counters drives the decision, a restarted pod's counter reset does not
   scale out, the dead pods cost at most the scrape timeout.
 """
@@ -26,7 +26,7 @@ from aiohttp import web
 from kubeinfer_operator.api.endpoint import Endpoint
 from kubeinfer_operator.render.k8s import Owner, render_endpoint
 from kubeinfer_operator.render.plan import plan_endpoint
-from kubeinfer_operator.scaling.cluster import ClusterScaler, discover_pods
+from kubeinfer_operator.scaling.cluster import ClusterScaler
 from kubeinfer_operator.settings import OperatorSettings
 from tests.support.kube_harness import (
     Kube,
@@ -263,8 +263,8 @@ async def test_scaler_sums_every_gateway_pod_over_http(
     scaler.scrape_timeout_s = 1.0
     asked: list[str] = []
 
-    async def discover(url: str) -> list[str] | None:
-        asked.append(url)
+    async def discover(namespace: str, endpoint: str) -> list[str]:
+        asked.append(f"{namespace}/{endpoint}")
         return [a.url, b.url, silent_url, gone_url]
 
     scaler.discover = discover
@@ -272,8 +272,7 @@ async def test_scaler_sums_every_gateway_pod_over_http(
 
     async def evaluate(replicas: int) -> list[str]:
         return await asyncio.wait_for(scaler.evaluate(
-            plan, "ml", "http://ep-gateway.ml.svc:8080", {"main": replicas}, now=now,
-            pods_url="http://ep-gateway-pods.ml.svc:8080"), timeout=10)
+            plan, "ml", {"main": replicas}, now=now), timeout=10)
 
     try:
         a.invocations, b.invocations = 5000.0, 7000.0
@@ -291,13 +290,8 @@ async def test_scaler_sums_every_gateway_pod_over_http(
         a.invocations, b.invocations = 5470.0, 463.0
         [message] = await evaluate(2)
         assert "Scaled out from 2 to 10" in message, message
-        assert asked == ["http://ep-gateway-pods.ml.svc:8080"] * 4
+        assert asked == ["ml/ep"] * 4
         assert scaler.memory[("ml", "ep", "main")].invocations.total == 930.0
     finally:
         await scaler.close()
 
-
-async def test_discover_pods_resolves_a_name_to_pod_urls() -> None:
-    assert await discover_pods("http://127.0.0.1:8080") == ["http://127.0.0.1:8080"]
-    found = await discover_pods("http://localhost:9090")
-    assert found is not None and "http://127.0.0.1:9090" in found

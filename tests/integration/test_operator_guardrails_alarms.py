@@ -1,8 +1,8 @@
 """Deployment guardrails on the emulator: rollbacks by alarms over the gateway's metrics.
 
 The real kopf operator runs against the emulator; the gateway pods it scrapes are
-one small local HTTP server (found through ``scaling.cluster.discover_pods``,
-patched before the operator starts: the cluster's DNS is not here) serving
+one small local HTTP server (found through ``ClusterScaler.gateway_pods``,
+patched before the operator starts: no pods run here) serving
 Prometheus text the test controls. Each scrape adds 10 requests to every route
 (invocations count error answers too, as the gateway's do); the green fleet of
 ``iris`` answers half of them with model errors, the green fleet of ``slow``
@@ -106,12 +106,12 @@ def pod() -> Iterator[FakeGatewayPod]:
 
 @pytest.fixture(scope="module")
 def kube(pod: FakeGatewayPod, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
-    async def discover(_: str) -> list[str] | None:
+    async def discover(*_: Any) -> list[str]:
         return [pod.url]
 
     patch = pytest.MonkeyPatch()
     # The scaler (whose discovery the rollout guard uses) reads it when it is built.
-    patch.setattr(cluster, "discover_pods", discover)
+    patch.setattr(cluster.ClusterScaler, "gateway_pods", discover)
     try:
         with operator_on_emulator(SETTINGS, tmp_path_factory.mktemp("kube")) as (client, _):
             client.create_namespace(NS)

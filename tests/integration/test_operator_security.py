@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from kubeinfer_operator.render import k8s_secrets as secrets
+from kubeinfer_operator.render import redis_users
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import RouteTable
 from kubeinfer_runtime.contract.auth import AuthMode
@@ -66,8 +68,13 @@ def test_children_carry_no_secret_and_pods_read_the_runtime_secret(kube: Kube) -
     secret = kube.get("Secret", NS, "kubeinfer-runtime")
     assert secret is not None
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert data["redis-url"] == f"redis://:{PASSWORD}@redis.infra:6379/0"
-    assert data["AWS_SECRET_ACCESS_KEY"] == CALLER_SECRET and data["token"] == TOKEN
+    # The namespace's own Redis user and caller credentials, derived (k8s_secrets).
+    assert data["redis-url"] == redis_users.namespace_url(
+        f"redis://:{PASSWORD}@redis.infra:6379/0", NS)
+    assert (data["AWS_ACCESS_KEY_ID"], data["AWS_SECRET_ACCESS_KEY"]) == (
+        secrets.caller_key_pair(CALLER_SECRET, NS))
+    assert data["token"] == secrets.caller_token(TOKEN, NS)
+    assert not {PASSWORD, CALLER_SECRET, TOKEN} & set(data.values())
     wait_for(lambda: sorted(r["name"] for r in (kube.get("Secret", NS, "kubeinfer-runtime")
                                                  or {})["metadata"]["ownerReferences"])
              == ["alpha", "beta"], what="both Endpoints owning the runtime Secret")

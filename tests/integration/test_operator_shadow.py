@@ -2,7 +2,7 @@
 ``status.shadow`` from the gateway pods' metrics.
 
 The gateway pods are one small local HTTP server (found through
-``scaling.cluster.discover_pods``, patched before the operator starts, as in
+``ClusterScaler.gateway_pods``, patched before the operator starts, as in
 ``test_operator_guardrails_alarms``) serving the shadow comparison counters a
 gateway exports for ``iris``: 200 copies sent to ``candidate``, 180 pairs
 compared of which 171 agreed, 3 shadow errors, each side's latency histogram.
@@ -61,11 +61,11 @@ class ShadowGatewayPod(FakeGatewayPod):
 @pytest.fixture(scope="module")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     with ShadowGatewayPod() as pod:
-        async def discover(_: str) -> list[str] | None:
+        async def discover(*_: Any) -> list[str]:
             return [pod.url]
 
         patch = pytest.MonkeyPatch()
-        patch.setattr(cluster, "discover_pods", discover)
+        patch.setattr(cluster.ClusterScaler, "gateway_pods", discover)
         try:
             with operator_on_emulator(SETTINGS, tmp_path_factory.mktemp("kube")) as (client, _):
                 client.create_namespace(NS)

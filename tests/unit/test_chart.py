@@ -613,11 +613,17 @@ def test_the_scaler_accepts_only_gateway_pods(chart: helm.Chart) -> None:
                        "NetworkPolicy")
 
 
-def test_notes_tell_how_to_read_the_generated_keys(chart: helm.Chart) -> None:
+def test_notes_tell_how_to_read_the_namespace_keys(chart: helm.Chart) -> None:
+    # The operator derives each namespace's pair into its runtime Secret: callers read
+    # theirs there, never the chart's master pair.
     notes = chart.render(None, name=RELEASE, namespace=RELEASE_NS)["kubeinfer/templates/NOTES.txt"]
-    assert (f"kubectl -n {RELEASE_NS} get secret {RELEASE}-credentials "
+    assert ("kubectl get secret kubeinfer-runtime "
             "-o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d") in notes
-    assert "SigV4" in notes
+    assert f"{RELEASE}-credentials" not in notes
+    assert "SigV4" in notes and "derived per namespace" in notes
+    watched = chart.render({"watch": {"scope": "namespaces", "namespaces": ["ml"]}}, name=RELEASE,
+                           namespace=RELEASE_NS)["kubeinfer/templates/NOTES.txt"]
+    assert "kubectl -n ml get secret kubeinfer-runtime" in watched
 
 
 # -- values refused or accepted at install (issue 14) ------------------------------------

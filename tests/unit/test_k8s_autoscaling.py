@@ -2,8 +2,9 @@
 
 Pure pieces (``CounterSum``, ``sum_views``, the HPA and gateway-pods renders,
 the Kubernetes-only spec check) and the operator's ``ClusterScaler`` with an
-injected pod discovery and fetch (no DNS, no HTTP here; the real HTTP path is
-in tests/integration/test_operator_autoscaling.py).
+injected pod discovery and fetch (no API, no HTTP here; the real HTTP path is
+in tests/integration/test_operator_autoscaling.py, discovery from the API in
+tests/integration/test_operator_tampered_services.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from kubeinfer_operator.reconcile.diff import ObjectKey, diff_children
 from kubeinfer_operator.reconcile.validate import InvalidSpec, validate_endpoint
 from kubeinfer_operator.render import k8s_autoscaling as ka
 from kubeinfer_operator.render import k8s_meta as meta
-from kubeinfer_operator.render.k8s import Owner, gateway_pods_url, render_endpoint
+from kubeinfer_operator.render.k8s import Owner, render_endpoint
 from kubeinfer_operator.render.plan import EndpointPlan, plan_endpoint
-from kubeinfer_operator.scaling.cluster import ClusterScaler
+from kubeinfer_operator.scaling.cluster import ClusterScaler, GatewaysUnknown
 from kubeinfer_operator.settings import OperatorSettings
 from tests.support.kube_schema import schema_errors
 
@@ -226,7 +227,6 @@ def test_gateway_pods_service_is_headless_over_the_gateway_pods() -> None:
     assert [p["name"] for p in svc["spec"]["ports"]] == ["scrape"]
     assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
     assert svc["metadata"]["ownerReferences"] == [meta.owner_reference("ep", OWNER.uid)]
-    assert gateway_pods_url(OWNER, OperatorSettings()) == "http://ep-gateway-pods.ml.svc:9090"
 
 
 def test_gateway_pods_is_a_reserved_variant_name() -> None:
@@ -305,14 +305,14 @@ class Gateways:
         self.hanging: set[str] = set()
         self.fetched: list[str] = []
         self.t = 0.0
-        #: "yes", "no" (the name does not resolve) or "hang" (a resolver that never answers).
-        self.resolvable = "yes"
+        #: Whether listing the gateway pods hangs (an API server that never answers).
+        self.listing_hangs = False
 
-    async def discover(self, url: str) -> list[str] | None:
-        assert url == "http://ep-gateway-pods.ml.svc:8080"
-        if self.resolvable == "hang":
+    async def discover(self, namespace: str, endpoint: str) -> list[str]:
+        assert (namespace, endpoint) == ("ml", "ep")
+        if self.listing_hangs:
             await asyncio.Event().wait()
-        return sorted(self.bodies) + sorted(self.hanging) if self.resolvable == "yes" else None
+        return sorted(self.bodies) + sorted(self.hanging)
 
     async def fetch(self, url: str) -> str | None:
         self.fetched.append(url)
@@ -333,9 +333,8 @@ NOW = datetime(2026, 1, 5, 3, 0, tzinfo=UTC)  # a Monday night: no schedule in f
 
 async def evaluate(scaler: ClusterScaler, plan: EndpointPlan, gw: Gateways, replicas: int,
                    fetch: Callable[[str], Any] | None = None) -> list[str]:
-    return await scaler.evaluate(plan, "ml", "http://ep-gateway.ml.svc:8080",
-                                 {"main": replicas}, now=NOW, fetch=fetch or gw.fetch,
-                                 pods_url="http://ep-gateway-pods.ml.svc:8080")
+    return await scaler.evaluate(plan, "ml", {"main": replicas}, now=NOW,
+                                 fetch=fetch or gw.fetch)
 
 
 def invocations_plan(min_replicas: int = 1) -> EndpointPlan:
@@ -396,15 +395,30 @@ async def test_a_dead_gateway_pod_is_skipped_without_blocking_the_decision() -> 
     assert "Scaled out from 1 to 3" in message  # 90 in 30 s = 180/min vs target 60
 
 
-@pytest.mark.parametrize("resolvable", ["no", "hang"])
-async def test_an_unresolvable_pods_service_falls_back_to_the_gateway_service(
-        resolvable: str) -> None:
+async def test_no_ready_gateway_pod_means_nothing_is_scraped() -> None:
+    # Nothing to fall back on: the gateway Service is the tenant's to repoint.
     gw = Gateways()
-    gw.resolvable = resolvable
     scaler = gw.scaler()
-    gw.bodies = {"http://ep-gateway.ml.svc:8080": metrics(main=1)}
-    await evaluate(scaler, invocations_plan(), gw, 1)
-    assert gw.fetched == ["http://ep-gateway.ml.svc:8080/metrics"]
+    assert await evaluate(scaler, invocations_plan(), gw, 1) == []
+    assert gw.fetched == []
+
+
+async def test_a_pod_listing_that_hangs_skips_the_round_and_keeps_the_counters() -> None:
+    gw = Gateways()
+    scaler = gw.scaler()
+    plan = invocations_plan()
+    gw.bodies = {"http://10.0.0.1:8080": metrics(main=100)}
+    assert await evaluate(scaler, plan, gw, 1) == []
+    gw.listing_hangs = True
+    gw.t = 15.0
+    with pytest.raises(GatewaysUnknown, match="Endpoint ml/ep"):
+        await asyncio.wait_for(evaluate(scaler, plan, gw, 1), timeout=5)
+    gw.listing_hangs = False
+    gw.t = 30.0
+    gw.bodies = {"http://10.0.0.1:8080": metrics(main=160)}
+    # The skipped round forgot no pod: all 60 invocations count (120/min vs target 60).
+    [message] = await evaluate(scaler, plan, gw, 1)
+    assert "Scaled out from 1 to 2" in message
 
 
 async def test_held_requests_on_any_gateway_pod_wake_a_serverless_variant() -> None:
@@ -490,9 +504,7 @@ async def test_a_shadow_scales_on_the_copies_it_is_offered_dropped_ones_included
     current = {"main": 1, "cand": 1}
 
     async def evaluate_both() -> list[str]:
-        return await scaler.evaluate(plan, "ml", "http://ep-gateway.ml.svc:8080", current,
-                                     now=NOW, fetch=gw.fetch,
-                                     pods_url="http://ep-gateway-pods.ml.svc:8080")
+        return await scaler.evaluate(plan, "ml", current, now=NOW, fetch=gw.fetch)
 
     gw.bodies = {"http://10.0.0.1:8080": copies(sent=100)}
     assert await evaluate_both() == []
@@ -524,9 +536,7 @@ async def test_a_shadow_of_a_serverless_endpoint_is_never_scaled_to_zero() -> No
     for t in range(0, 1200, 30):
         gw.t = float(t)
         gw.bodies = {"http://10.0.0.1:8080": copies(sent=0)}
-        await scaler.evaluate(scaled, "ml", "http://ep-gateway.ml.svc:8080",
-                              {"main": 1, "cand": 1}, now=NOW, fetch=gw.fetch,
-                              pods_url="http://ep-gateway-pods.ml.svc:8080")
+        await scaler.evaluate(scaled, "ml", {"main": 1, "cand": 1}, now=NOW, fetch=gw.fetch)
     main = scaler.memory[("ml", "ep", "main")]
     assert main.desired == 0
     cand = scaler.memory.get(("ml", "ep", "cand"))
@@ -594,9 +604,8 @@ async def test_a_guarded_variant_scales_on_both_fleets_and_holds_while_it_rolls(
             f"{green}\n")
 
     async def evaluate_held(held: frozenset[str]) -> list[str]:
-        return await scaler.evaluate(plan, "ml", "http://ep-gateway.ml.svc:8080",
-                                     {"main": 1}, now=NOW, fetch=gw.fetch, held=held,
-                                     pods_url="http://ep-gateway-pods.ml.svc:8080")
+        return await scaler.evaluate(plan, "ml", {"main": 1}, now=NOW, fetch=gw.fetch,
+                                     held=held)
 
     gw.bodies = {"http://10.0.0.1:8080": both(100, 0)}
     assert await evaluate_held(frozenset()) == []

@@ -118,6 +118,18 @@ def test_keys_added_to_maps_we_own_whole_are_removed() -> None:
     assert patch["data"]["extra.json"] is None
 
 
+def test_a_service_turned_external_name_is_restored_without_its_external_name() -> None:
+    # What a namespace editor's `kubectl patch` leaves (the API server drops the clusterIP).
+    actual, svc = _stored("Service", "iris-gateway")
+    svc["spec"].update(type="ExternalName", externalName="attacker.example")
+    [patch] = _diff(_desired(), actual).patch
+    assert patch["spec"]["type"] == "ClusterIP"
+    assert "externalName" in patch["spec"] and patch["spec"]["externalName"] is None
+    assert _diff(_desired(), actual).drifted == [ObjectKey("Service", "iris-gateway")]
+    # A Service as rendered carries no externalName: nothing to remove, no drift.
+    assert _diff(_desired(), _as_stored(_desired())).empty
+
+
 def test_what_others_add_or_normalise_is_not_drift() -> None:
     actual, dep = _stored("Deployment", "iris-v0")
     dep["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = "{}"

@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from kubeinfer_operator.api.endpoint import Endpoint
 from kubeinfer_operator.render import k8s_secrets as secrets
+from kubeinfer_operator.render import redis_users
 from kubeinfer_operator.render.k8s import Owner, render_endpoint, route_table
 from kubeinfer_operator.render.plan import plan_endpoint
 from kubeinfer_operator.settings import OperatorSettings
@@ -74,10 +75,19 @@ def test_the_runtime_secret_holds_them_and_only_there() -> None:
     manifest = secrets.runtime_secret("ml", SETTINGS, [owner])
     kubernetes_validate.validate(manifest, "1.33.0", strict=True)
     data = {k: base64.b64decode(v).decode() for k, v in manifest["data"].items()}
-    assert data["redis-url"] == f"redis://:{PASSWORD}@redis.infra:6379/0"
-    assert data["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY and data["token"] == TOKEN
+    # The namespace's own Redis user and caller credentials, derived: never the
+    # operator's password or the chart's keys themselves.
+    assert data["redis-url"] == redis_users.namespace_url(
+        f"redis://:{PASSWORD}@redis.infra:6379/0", "ml")
+    assert (data["AWS_ACCESS_KEY_ID"], data["AWS_SECRET_ACCESS_KEY"]) == (
+        secrets.caller_key_pair(SECRET_KEY, "ml"))
+    assert data["token"] == secrets.caller_token(TOKEN, "ml")
     assert data["scaler-token"] == secrets.scaler_token(SIGNING.encode(), "ml")
-    assert SIGNING not in json.dumps(manifest)  # only tokens derived from it
+    for value in SECRETS:  # only values derived from them
+        assert value not in json.dumps(manifest)
+    other = {k: base64.b64decode(v).decode()
+             for k, v in secrets.runtime_secret("team-b", SETTINGS, [owner])["data"].items()}
+    assert all(other[k] != data[k] for k in data), "a namespace's values open another's"
     assert manifest["metadata"]["name"] == "kubeinfer-runtime"
     assert owner["controller"] is False  # shared by the namespace's Endpoints
 

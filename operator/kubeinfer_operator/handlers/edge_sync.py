@@ -5,8 +5,8 @@ namespace's runtime Secret (``kubeinfer-runtime``) holds the fleet's status toke
 (key ``edge-status-<fleet>``, generated once; the EdgeFleet becomes one more owner
 of the Secret), lists its package Jobs and their pods (label
 ``kubeinfer.io/edge-fleet``), reads its fleet server Deployment, fetches the
-fleet's status from the fleet server (``GET /v1/fleet`` with the status token),
-asks ``reconcile.edge_status.decide`` what to do, does exactly that (delete stale
+fleet's status from a ready fleet server pod (``GET /v1/fleet`` with the status
+token), asks ``reconcile.edge_status.decide`` what to do, does exactly that (delete stale
 package Jobs, create missing ones, apply the fleet config ConfigMap and the fleet
 server Deployment, Service and PodDisruptionBudget) and writes the status only
 when it differs.
@@ -17,6 +17,13 @@ by reference, and a missing one shows as a pod that does not start, which the
 status names. The status token authorizes the fleet server's two reads and
 nothing else (no registering, no heartbeats, no packages); it is never logged or
 written anywhere but the runtime Secret.
+
+The token goes only to the fleet server's pods, at the IPs their kubelets
+reported (listed by the labels the operator renders, ``k8s.pods``), never to the
+fleet server Service's DNS name: that Service is in the tenant's namespace, and
+an editor there could repoint it (``ExternalName``, another selector) to have
+the token sent to a host of their choosing and the status read from it.
+Devices keep using the Service (``status.fleetServer``).
 
 The fetch is injectable (``fetch``, ``server_url``): tests point it at a fake
 fleet server.
@@ -42,6 +49,7 @@ from kubeinfer_operator.handlers.plumbing import (
 )
 from kubeinfer_operator.k8s import kinds
 from kubeinfer_operator.k8s.client import AlreadyExists, KubeClient
+from kubeinfer_operator.k8s.pods import ready_pod_urls
 from kubeinfer_operator.observability import OperatorMetrics
 from kubeinfer_operator.reconcile import edge_status as es
 from kubeinfer_operator.reconcile.compile_status import pod_view
@@ -112,8 +120,9 @@ class EdgeSync:
         self.kube = client
         self.settings = settings
         self.fetch = fetch
-        self.server_url = server_url or (
-            lambda namespace, name: rf.server_url(name, namespace, settings))
+        #: Tests: (namespace, fleet) → the one URL to poll instead of the fleet server's
+        #: ready pods (a fake fleet server).
+        self.server_url = server_url
         self.clock = clock
         self.metrics = metrics if metrics is not None else OperatorMetrics()
         self._lock = ObjectLocks()
@@ -149,7 +158,7 @@ class EdgeSync:
             job_names={b.target: b.job_name for b in plan.builds} if plan else {},
             status=obj.get("status") or {},
             replicas=plan.spec.server.replicas if plan else 1,
-            url=self.server_url(md["namespace"], md["name"]) if plan else "",
+            url=rf.server_url(md["name"], md["namespace"], self.settings) if plan else "",
             signing_secret=signing, server_secrets=server_secrets)
 
     async def _sync(self, obj: dict[str, Any], namespace: str, name: str) -> es.Decision:
@@ -261,15 +270,32 @@ class EdgeSync:
         elif token is None:
             fleet_error = "no status token to ask with"
         else:
-            try:
-                fleet = await self.fetch(info.url, token)
-            except FleetStatusError as exc:
-                fleet_error = str(exc)
+            fleet, fleet_error = await self._fleet_status(plan, token)
         return es.Observed(builds=builds, server_exists=deployment is not None,
                            server_available=state.available if deployment else 0,
                            fleet=fleet, fleet_error=fleet_error,
                            server_problem=server_problem,
                            server_reason=es.REASON_NAME_CONFLICT), stale
+
+    async def _fleet_status(self, plan: FleetPlan,
+                            token: str) -> tuple[FleetStatus | None, str | None]:
+        """(status, why not): from the first ready fleet server pod that answers."""
+        if self.server_url is not None:
+            urls = [self.server_url(plan.namespace, plan.name)]
+        else:
+            urls = await ready_pod_urls(
+                self.kube, plan.namespace,
+                rf.pod_selector(plan.name, rf.COMPONENT_FLEET_SERVER),
+                self.settings.runtime_port)
+        if not urls:
+            return None, "no fleet server pod is ready"
+        error = None
+        for url in urls:  # replicas share the fleet's state: any one answers for it
+            try:
+                return await self.fetch(url, token), None
+            except FleetStatusError as exc:
+                error = str(exc)
+        return None, error
 
     async def _conflict(self, plan: FleetPlan, uid: str) -> str | None:
         names = ((kinds.CONFIGMAP, rf.config_name(plan.name)),

@@ -50,12 +50,12 @@ from kubeinfer_operator.reconcile.validate import (
     capture_cluster_problems,
     validate_endpoint,
 )
+from kubeinfer_operator.redis_acl import RedisAclUnavailable, RedisUsers
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render import k8s_secrets as secrets
 from kubeinfer_operator.render.k8s import (
     Owner,
     endpoint_url,
-    gateway_pods_url,
     render_endpoint,
 )
 from kubeinfer_operator.render.k8s_autoscaling import autoscaling_problems
@@ -137,6 +137,10 @@ class EndpointSync:
         self._woken: set[asyncio.Task[None]] = set()
         #: Guarded rollouts (spec.deploymentConfig): alarm windows and their scrapes.
         self.rollouts = RolloutGuard(scaler)
+        #: Each namespace's own Redis user (``redis_acl``); None: one shared URL.
+        self.redis_users = (RedisUsers(settings.redis_url,
+                                       recheck_s=settings.redis_acl_recheck_s)
+                            if settings.redis_url and settings.redis_acl else None)
 
     async def sync(self, namespace: str, name: str) -> None:
         """Bring one Endpoint's children and status in line with its spec.
@@ -195,6 +199,8 @@ class EndpointSync:
         owner = Owner(name=name, namespace=namespace, uid=str(metadata["uid"]))
         # Before the children: their pods read it (secretKeyRef env, a Secret volume).
         await self._ensure_runtime_secret(owner)
+        if plan.async_config is not None:
+            await self._ensure_redis_user(obj, namespace)
         actual = await self._children(namespace, name)
         deployments = st.deployments_by_name(actual)
         if self.scaler is not None:
@@ -204,8 +210,7 @@ class EndpointSync:
             plan = self.scaler.replicas_for(plan, namespace, deployments)
         decisions = await self.rollouts.decide(
             plan, endpoint.spec.deploymentConfig, namespace, deployments, old_status,
-            self.clock(), endpoint_url(owner, self.settings),
-            gateway_pods_url(owner, self.settings))
+            self.clock())
         # plan itself without a rollout
         fleets = expand_plan(plan, decisions, endpoint.spec.deploymentConfig)
         existing = {v.name for v in fleets.variants
@@ -243,8 +248,7 @@ class EndpointSync:
                 if reason:
                     variant["lastScaling"] = reason
         if self.scaler is not None and shadow_names(plan):  # spec.shadowVariants
-            shadow = await read_shadow_status(self.scaler, plan, endpoint_url(owner, self.settings),
-                                              gateway_pods_url(owner, self.settings))
+            shadow = await read_shadow_status(self.scaler, plan, namespace)
             status["shadow"] = shadow if shadow is not None else old_status.get("shadow", [])
         await self._compile_outcomes(plan, namespace, status)
         await self._write_status(obj, status)
@@ -325,6 +329,10 @@ class EndpointSync:
         except InvalidSpec:
             return  # reported by sync
         owner = Owner(name=name, namespace=namespace, uid=str(obj["metadata"]["uid"]))
+        if plan.async_config is not None:
+            # At the scaler's pace, not only at a full sync (every resync_interval_s):
+            # a restarted Redis that forgot the user gets it back within a minute.
+            await self._ensure_redis_user(obj, namespace)
         deployments = st.deployments_by_name(await self._children(namespace, name))
         current = {v.name: v.replicas
                    for v in self.scaler.replicas_for(plan, namespace, deployments).variants}
@@ -332,10 +340,7 @@ class EndpointSync:
         rolling = {variant for variant, state in previous_rollouts(obj.get("status") or {}
                                                                      ).items()
                    if state.phase not in TERMINAL}
-        messages = await self.scaler.evaluate(plan, namespace,
-                                              endpoint_url(owner, self.settings), current,
-                                              now=self.clock(),
-                                              pods_url=gateway_pods_url(owner, self.settings),
+        messages = await self.scaler.evaluate(plan, namespace, current, now=self.clock(),
                                               held=rolling)
         for message in messages:
             try:
@@ -358,6 +363,26 @@ class EndpointSync:
                 continue  # none rendered: not worth a LIST per refresh
             found += await self.kube.list(kind, namespace, selector)
         return found
+
+    async def _ensure_redis_user(self, obj: dict[str, Any], namespace: str) -> None:
+        """The namespace's Redis user, which the runtime Secret's URL names, before any
+        gateway or worker uses it (and again after a Redis restart forgot it)."""
+        if self.redis_users is None:
+            return
+        import redis.exceptions
+
+        try:
+            await self.redis_users.ensure(namespace)
+        except RedisAclUnavailable as exc:
+            await self._fail(obj, st.REASON_REDIS_ACL, str(exc))
+            raise ClusterError(str(exc)) from None  # retried: the administrator may fix it
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                OSError) as exc:
+            # The workers cannot reach it either (their probes say so); the next refresh
+            # tries again. Not a reason to hold back the rest of the Endpoint.
+            log.warning("Endpoint %s/%s: could not set the namespace's Redis user (%s: %s); "
+                        "retrying at the next refresh", namespace, obj["metadata"]["name"],
+                        type(exc).__name__, exc)
 
     async def _ensure_runtime_secret(self, owner: Owner) -> None:
         """Create or update the namespace's runtime Secret, owned by this Endpoint too.

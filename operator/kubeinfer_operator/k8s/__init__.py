@@ -23,8 +23,8 @@ apps                deployments                        get, list, create, patch,
                                                        availability is read by listing)
 "" (core)           services, configmaps               get, list, create, patch, delete
                                                        (KubeClient; incl. the headless
-                                                       gateway-pods Service the scaler
-                                                       resolves to scrape each gateway pod)
+                                                       gateway-pods Service, never
+                                                       resolved by the operator itself)
 autoscaling         horizontalpodautoscalers           get, list, create, patch, delete
                                                        (KubeClient: the HPA of a variant
                                                        scaled on CPUUtilization alone; the
@@ -51,7 +51,11 @@ batch               jobs                               get, list, watch (kopf: a
                                                        (KubeClient: planner, workers, finalizer;
                                                        TTL clean-up, stop on failure)
 "" (core)           pods                               get, list (KubeClient: the batch pods'
-                                                       termination messages are their reports)
+                                                       termination messages are their reports;
+                                                       the ready gateway and fleet server
+                                                       pods' IPs, which the operator scrapes
+                                                       and polls instead of their tenant-
+                                                       editable Services: ``pods``)
 "" (core)           events                             create (kopf: handler errors as events)
 kopf.dev            kopfpeerings (namespaced scope)    get, list, watch, patch (kopf peering)
                     or clusterkopfpeerings (cluster)

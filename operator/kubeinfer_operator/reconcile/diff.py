@@ -22,7 +22,10 @@ affinity, serviceAccountName, ...) are ours too when they are absent: a field
 the spec no longer sets is removed (a merge patch of the desired manifest alone
 would leave it), and so are the pod annotations a ``podTemplate`` set before
 (recorded in the Deployment's ``kubeinfer.io/pod-annotations`` annotation; other
-writers' annotations, ``kubectl rollout restart``'s, are kept).
+writers' annotations, ``kubectl rollout restart``'s, are kept). A Service's
+``externalName`` is ours too, though never set: a Service turned into an
+``ExternalName`` is restored to its type with that name removed, not left
+pointing somewhere with a stale field.
 
 Only objects owned by this Endpoint (an ownerReference carrying its uid) are
 ever patched or deleted. An object with a wanted name but another owner is a
@@ -51,6 +54,8 @@ POD_SPEC = ("spec", "template", "spec")
 OWNED_POD_FIELDS = ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints",
                     "priorityClassName", "serviceAccountName", "serviceAccount",
                     "imagePullSecrets", "automountServiceAccountToken")
+#: Fields of a Service's spec we own though we never set them (where it points).
+OWNED_SERVICE_FIELDS = ("externalName",)
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,10 @@ def _removals(desired: dict[str, Any], live: dict[str, Any]) -> dict[tuple[str, 
             keys = sorted(k for k in have if k not in want)
             if keys:
                 extra[path] = keys
+    if kind == "Service":
+        have = _at(live, ("spec",))
+        if isinstance(have, dict) and (keys := [k for k in OWNED_SERVICE_FIELDS if k in have]):
+            extra[("spec",)] = keys
     if kind == "Deployment":
         want, have = _at(desired, POD_SPEC), _at(live, POD_SPEC)
         if isinstance(want, dict) and isinstance(have, dict):

@@ -55,6 +55,8 @@ REASON_ROLLOUT_COMPLETE = "RolloutComplete"
 REASON_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
 REASON_NAME_CONFLICT = "NameConflict"
 REASON_REJECTED = "RejectedByAPI"
+#: The operator's Redis refuses to keep the namespace's user (``redis_acl``).
+REASON_REDIS_ACL = "RedisAclUnavailable"
 
 
 def timestamp(now: datetime) -> str:

@@ -28,19 +28,12 @@ from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import RouteTable
 
-__all__ = ["Owner", "endpoint_url", "gateway_pods_url", "render_endpoint", "route_table"]
+__all__ = ["Owner", "endpoint_url", "render_endpoint", "route_table"]
 
 
 def endpoint_url(owner: Owner, settings: OperatorSettings) -> str:
     """The in-cluster URL of the Endpoint's gateway (reported in status.url)."""
     return w.service_url(meta.gateway_name(owner.name), owner.namespace, settings.runtime_port)
-
-
-def gateway_pods_url(owner: Owner, settings: OperatorSettings) -> str:
-    """The headless gateway-pods Service: its name resolves to every ready gateway pod
-    (on the metrics port, where the scaler scrapes them)."""
-    return w.service_url(meta.gateway_pods_name(owner.name), owner.namespace,
-                         settings.metrics_port)
 
 
 def route_table(plan: EndpointPlan, owner: Owner, settings: OperatorSettings,

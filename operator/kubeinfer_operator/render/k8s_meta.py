@@ -8,9 +8,9 @@ reconciler (which finds children by label) and the Helm chart / e2e tests
 * ``<endpoint>-<variant>``  HorizontalPodAutoscaler of a variant scaled on
   CPUUtilization alone (``render.k8s_autoscaling``)
 * ``<endpoint>-gateway``    Deployment + Service of the gateway
-* ``<endpoint>-gateway-pods`` headless Service over the gateway pods, for
-  scaled Endpoints: the operator's scaler resolves it to scrape every gateway
-  pod's ``/metrics``
+* ``<endpoint>-gateway-pods`` headless Service over the gateway pods' metrics
+  port, for scaled Endpoints (the operator itself lists the gateway pods
+  instead of resolving it: ``k8s.pods``)
 * ``<endpoint>-routes``     ConfigMap holding the gateway's route table
 
 Every name must be a DNS-1035 label of at most 63 characters (Service names

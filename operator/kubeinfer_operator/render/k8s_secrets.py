@@ -1,6 +1,7 @@
 """Credentials on Kubernetes: the per-namespace runtime Secret and how pods read it: PURE.
 
-Runtime pods need three secrets: the async queue's Redis URL (its password),
+Runtime pods need three secrets: the async queue's Redis URL (with the password of
+the namespace's own Redis user, ``render.redis_users``, unless the chart turns that off),
 the token a gateway presents to the operator's scaler, and, for gateways of
 Endpoints that name no Secret of their own, the default caller credentials
 the chart generated. Pods can only read Secrets of their own namespace, so the
@@ -9,6 +10,11 @@ in every namespace that has Endpoints, owned by those Endpoints (the garbage
 collector removes it with the last of them). Pods read it with ``secretKeyRef``
 and a Secret volume: no secret is ever a literal env value, a ConfigMap entry
 or part of the route table.
+
+Default caller credentials are derived per namespace from the chart's
+(``caller_key_pair``, ``caller_token``: HMAC-SHA256 of the namespace), so whoever
+reads one namespace's Secret may call that namespace's Endpoints, not every
+Endpoint of the cluster; the chart's own key pair is never copied out.
 
 Scaler tokens are derived, not stored: ``HMAC-SHA256(signing key, namespace)``,
 so the scaler verifies a token without state, any operator replica can, and a
@@ -35,6 +41,7 @@ from typing import Any
 
 from kubeinfer_operator.api.endpoint import AuthConfig
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render import redis_users
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract.auth import CREDENTIALS_MOUNT, AuthMode, AuthRoute
 
@@ -58,6 +65,27 @@ def scaler_token(signing_key: bytes, namespace: str) -> str:
     """The token gateways of ``namespace`` present on ``POST /scale``."""
     return hmac.new(signing_key, b"kubeinfer-scaler:" + namespace.encode(),
                     hashlib.sha256).hexdigest()
+
+
+def _derive(master: str, purpose: str, namespace: str) -> bytes:
+    return hmac.new(master.encode(), f"kubeinfer-caller-{purpose}:{namespace}".encode(),
+                    hashlib.sha256).digest()
+
+
+def caller_key_pair(master_secret: str, namespace: str) -> tuple[str, str]:
+    """The default SigV4 key pair of ``namespace``'s Endpoints: derived from the chart's
+    secret key, so a key read in one namespace signs for that namespace's gateways only.
+
+    Shaped as AWS's (a 20-character upper-case id, a 40-character secret) so every SDK
+    and credentials file takes them."""
+    key_id = "KI" + base64.b32encode(_derive(master_secret, "id", namespace)).decode()[:18]
+    secret = base64.b64encode(_derive(master_secret, "secret", namespace)).decode()[:40]
+    return key_id, secret
+
+
+def caller_token(master_token: str, namespace: str) -> str:
+    """The default bearer token of ``namespace``'s Endpoints (derived as the key pair)."""
+    return _derive(master_token, "token", namespace).hex()
 
 
 @dataclass(frozen=True)
@@ -123,15 +151,16 @@ def runtime_secret_data(namespace: str, settings: OperatorSettings) -> dict[str,
     """The runtime Secret's ``data`` (base64) for ``namespace``: only what is configured."""
     plain: dict[str, str] = {}
     if settings.redis_url:
-        plain[KEY_REDIS_URL] = settings.redis_url
+        plain[KEY_REDIS_URL] = (redis_users.namespace_url(settings.redis_url, namespace)
+                                if settings.redis_acl else settings.redis_url)
     key = signing_key(settings)
     if settings.scaler_url and key is not None:
         plain[KEY_SCALER_TOKEN] = scaler_token(key, namespace)
     if settings.caller_access_key_id and settings.caller_secret_access_key:
-        plain[KEY_ACCESS_KEY_ID] = settings.caller_access_key_id.get_secret_value()
-        plain[KEY_SECRET_ACCESS_KEY] = settings.caller_secret_access_key.get_secret_value()
+        plain[KEY_ACCESS_KEY_ID], plain[KEY_SECRET_ACCESS_KEY] = caller_key_pair(
+            settings.caller_secret_access_key.get_secret_value(), namespace)
     if settings.caller_token:
-        plain[KEY_TOKEN] = settings.caller_token.get_secret_value()
+        plain[KEY_TOKEN] = caller_token(settings.caller_token.get_secret_value(), namespace)
     return {k: base64.b64encode(v.encode()).decode() for k, v in sorted(plain.items())}
 
 

@@ -360,11 +360,14 @@ def gateway_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
 def gateway_pods_service(owner: Owner, settings: OperatorSettings) -> dict[str, Any]:
     """Headless Service over the gateway pods: its DNS name resolves to every ready pod.
 
-    The operator's scaler scrapes each gateway pod's ``/metrics`` through it:
-    the gateway Service would hand each scrape to one pod of several, so
-    counts would be a fraction that flips between pods. Its one port is named
-    ``scrape``, not ``metrics``, so a ServiceMonitor selecting port ``metrics``
-    (the chart's) does not scrape the gateway pods a second time through it.
+    The operator's scaler scrapes each gateway pod's ``/metrics`` (the gateway
+    Service would hand each scrape to one pod of several, so counts would be a
+    fraction that flips between pods), but it finds the pods from the API, not
+    through this Service: the Service is in the tenant's namespace, where an
+    editor could repoint it (``k8s.pods``). It stays for people and tools that
+    want every gateway pod by one name. Its one port is named ``scrape``, not
+    ``metrics``, so a ServiceMonitor selecting port ``metrics`` (the chart's)
+    does not scrape the gateway pods a second time through it.
     """
     service = _service(owner, meta.gateway_pods_name(owner.name), meta.COMPONENT_GATEWAY, None,
                        settings)

@@ -85,8 +85,8 @@ def keep_live(manifests: list[dict[str, Any]], endpoint: str, kept: Mapping[str,
 def gateway_pods_for_alarms(config: DeploymentConfig | None, plan: EndpointPlan,
                             desired: list[dict[str, Any]], owner: Owner,
                             settings: OperatorSettings) -> list[dict[str, Any]]:
-    """The headless gateway-pods Service (every gateway pod is scraped for the alarms),
-    when alarms need it and nothing else rendered it."""
+    """The headless gateway-pods Service (``k8s_workloads.gateway_pods_service``), when
+    alarms scrape the gateways and nothing else rendered it."""
     if config is None or not any(a.promQL is None for a in config.alarms):
         return []
     name = meta.gateway_pods_name(plan.name)

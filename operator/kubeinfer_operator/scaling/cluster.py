@@ -32,16 +32,20 @@ count and lifetime, and gateway and Prometheus answers in size
 
 Every gateway pod, not the gateway Service: with ``gatewayReplicas`` > 1 the
 Service hands each scrape to one pod, whose counts are a fraction of the
-traffic and flip between pods. The pods are found through the headless
-``<endpoint>-gateway-pods`` Service (its DNS name resolves to the ready pods'
-addresses), scraped concurrently with a timeout (a dead pod costs at most
-that and is skipped), and their counters summed per variant by
-``CounterSum``, so a restarted or vanished pod never makes a negative or
-bogus rate. Where the name does not resolve (an operator run outside the
-cluster), the gateway Service's one view is used as before.
+traffic and flip between pods. The pods are listed from the API by the labels
+the operator renders on them and reached at the IPs their kubelets reported
+(``k8s.pods``), never through a Service's DNS name: those Services live in the
+tenant's namespace, and an editor there could repoint one (``ExternalName``,
+another selector) to make the operator scrape a host of their choosing and
+act on its numbers (``reconcile.pod_addresses``). They are scraped
+concurrently with a timeout (a dead pod costs at most that and is skipped),
+and their counters summed per variant by ``CounterSum``, so a restarted or
+vanished pod never makes a negative or bogus rate. A round whose pods cannot
+be listed in time is skipped whole (``GatewaysUnknown``), so no pod's counter
+is forgotten for it.
 
-``CPUUtilization`` is not scraped from pods here (the operator has no Pod
-access by design): a variant scaled on CPUUtilization alone gets a
+``CPUUtilization`` is not scraped from pods here (the operator reads no pod
+metrics by design): a variant scaled on CPUUtilization alone gets a
 HorizontalPodAutoscaler (``render.k8s_autoscaling``) and this scaler abstains
 for it; any other CPU policy is refused as InvalidSpec with the fix.
 
@@ -58,24 +62,25 @@ import asyncio
 import json
 import logging
 import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
+from kubeinfer_operator.errors import ClusterError
 from kubeinfer_operator.http_bounds import (
     MAX_METRICS_BYTES,
     MAX_QUERY_BYTES,
     AnswerLimit,
     BoundedListener,
 )
+from kubeinfer_operator.k8s.client import KubeClient
 from kubeinfer_operator.k8s.peering import Peering
+from kubeinfer_operator.k8s.pods import ready_pod_urls
 from kubeinfer_operator.reconcile.autoscale_metrics import GatewayView, parse_gateway_metrics
 from kubeinfer_operator.reconcile.cluster_scaling import (
     ScalerMemory,
@@ -83,6 +88,7 @@ from kubeinfer_operator.reconcile.cluster_scaling import (
     custom_metric_variants,
 )
 from kubeinfer_operator.render import k8s_autoscaling
+from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_operator.scaling.backlog import BacklogReader
 from kubeinfer_runtime.contract import AsyncBacklog, ScaleRequest
@@ -101,26 +107,14 @@ SCRAPE_TIMEOUT_S = 2.0
 MAX_REQUEST_BYTES = 4096
 
 Fetch = Callable[[str], Awaitable[str | None]]
-#: Base URLs (``http://10.0.0.7:8080``) of the pods behind a headless Service URL;
-#: None when its name does not resolve.
-Discover = Callable[[str], Awaitable[list[str] | None]]
+#: (namespace, endpoint) → base URLs (``http://10.0.0.7:9090``) of the metrics
+#: listeners of its ready gateway pods.
+Discover = Callable[[str, str], Awaitable[list[str]]]
 ReadBacklog = Callable[[str], Awaitable[AsyncBacklog]]
 
 
-async def discover_pods(service_url: str) -> list[str] | None:
-    """The ready pods behind a headless Service: its DNS name's A/AAAA records."""
-    parts = urlsplit(service_url)
-    host, port = parts.hostname, parts.port or 80
-    if host is None:
-        return None
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port,
-                                                             type=socket.SOCK_STREAM)
-    except OSError as exc:  # socket.gaierror: no such name, or no ready pod behind it
-        log.debug("Cannot resolve %s: %s", host, exc)
-        return None
-    addresses = sorted({str(info[4][0]) for info in infos})
-    return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses]
+class GatewaysUnknown(ClusterError):
+    """An Endpoint's gateway pods could not be listed in time (this round is skipped)."""
 
 
 class ClusterScaler(ScalerMemory):
@@ -129,7 +123,12 @@ class ClusterScaler(ScalerMemory):
     def __init__(self, *, port: int | None = None, redis_url: str | None = None,
                  monotonic: Callable[[], float] = time.monotonic,
                  outbound: OutboundPolicy | None = None,
-                 signing_key: bytes | None = None) -> None:
+                 signing_key: bytes | None = None,
+                 kube: KubeClient | None = None,
+                 metrics_port: int | None = None) -> None:
+        """``kube`` and ``metrics_port`` (the gateways' metrics listener): where gateway
+        pods are listed and scraped (either None: none are found, as in tests that set
+        ``discover``)."""
         super().__init__()
         self.port = port
         #: Scale requests carry ``scaler_token(signing_key, namespace)``.
@@ -156,8 +155,10 @@ class ClusterScaler(ScalerMemory):
         self._rounds: dict[tuple[str, str], bool] = {}
         self._metrics_limit = AnswerLimit(MAX_METRICS_BYTES, "Gateway metrics")
         self._query_limit = AnswerLimit(MAX_QUERY_BYTES, "Prometheus answer")
-        #: Finds the gateway pods (DNS; tests inject their own).
-        self.discover: Discover = discover_pods
+        self.kube = kube
+        self.metrics_port = metrics_port
+        #: Finds the gateway pods (from the API; tests inject their own).
+        self.discover: Discover = self.gateway_pods
         self.scrape_timeout_s = SCRAPE_TIMEOUT_S
 
     # -- the scale-request endpoint ----------------------------------------------------------
@@ -306,21 +307,30 @@ class ClusterScaler(ScalerMemory):
         """``query``'s value on ``base`` (outbound policy checked; None: unknown/refused)."""
         return await self._prometheus(base, query, field)
 
-    async def scrape(self, endpoint: str, gateway_url: str, pods_url: str | None,
-                     fetch: Fetch) -> dict[str, GatewayView | None]:
-        """Each gateway pod's view of ``endpoint``, by pod URL (None: its scrape failed).
+    async def gateway_pods(self, namespace: str, endpoint: str) -> list[str]:
+        """Metrics URLs of the Endpoint's ready gateway pods, listed by the labels the
+        operator renders on them (``k8s.pods``): no Service, no DNS name."""
+        if self.kube is None or self.metrics_port is None:
+            return []
+        return await ready_pod_urls(self.kube, namespace,
+                                    meta.pod_selector(endpoint, meta.COMPONENT_GATEWAY),
+                                    self.metrics_port)
 
-        Pods come from the headless Service ``pods_url``; when it does not
-        resolve, the gateway Service ``gateway_url`` stands for them all.
-        """
-        urls = None
-        if pods_url:
-            try:  # bounded: a slow resolver must not hold the decision either
-                urls = await asyncio.wait_for(self.discover(pods_url), self.scrape_timeout_s)
-            except TimeoutError:
-                log.warning("Endpoint %s: resolving %s timed out", endpoint, pods_url)
-        if not urls:
-            urls = [gateway_url.rstrip("/")]
+    async def find_gateways(self, namespace: str, endpoint: str) -> list[str]:
+        """``discover``, bounded like a scrape (a slow API must not hold the decision);
+        raises ``GatewaysUnknown`` (a ``ClusterError``) when it took longer."""
+        try:
+            return await asyncio.wait_for(self.discover(namespace, endpoint),
+                                          self.scrape_timeout_s)
+        except TimeoutError:
+            raise GatewaysUnknown(f"Listing the gateway pods of Endpoint {namespace}/"
+                                  f"{endpoint} timed out; this round is skipped") from None
+
+    async def scrape(self, namespace: str, endpoint: str,
+                     fetch: Fetch) -> dict[str, GatewayView | None]:
+        """Each ready gateway pod's view of ``endpoint``, by pod URL (None: its scrape
+        failed); empty when no gateway pod is ready."""
+        urls = await self.find_gateways(namespace, endpoint)
 
         async def one(url: str) -> GatewayView | None:
             try:
@@ -341,23 +351,22 @@ class ClusterScaler(ScalerMemory):
         views = await asyncio.gather(*(one(u) for u in urls))
         return dict(zip(urls, views, strict=True))
 
-    async def evaluate(self, plan: EndpointPlan, namespace: str, gateway_url: str,
+    async def evaluate(self, plan: EndpointPlan, namespace: str,
                        current: Mapping[str, int], now: datetime | None = None,
                        fetch: Fetch | None = None,
-                       pods_url: str | None = None,
                        held: Collection[str] = ()) -> list[str]:
         """Decide every scaled variant of ``plan``; returns the change messages.
 
-        ``current``: each variant Deployment's replicas now. ``pods_url``: the
-        headless Service over the gateway pods (None: scrape ``gateway_url``).
-        ``held``: variants whose guarded rollout runs (not scaled meanwhile).
+        ``current``: each variant Deployment's replicas now. ``held``: variants
+        whose guarded rollout runs (not scaled meanwhile). Raises ``ClusterError``
+        (``GatewaysUnknown``) when the gateway pods cannot be listed: no decision then.
         """
         if plan.async_config is not None:  # scaled on the queue backlog instead
             return await self.evaluate_backlog(plan, namespace, current)
         self.hand_over_to_hpas(plan, namespace)
         if not k8s_autoscaling.scrapes_gateway(plan):
             return []
-        views = await self.scrape(plan.name, gateway_url, pods_url, fetch or self._fetch)
+        views = await self.scrape(namespace, plan.name, fetch or self._fetch)
         custom: dict[str, dict[str, float | None]] = {}
         for path, variant, url, queries in custom_metric_variants(plan):
             field = f"Endpoint {namespace}/{plan.name}: {path}.autoscaling.prometheusUrl"

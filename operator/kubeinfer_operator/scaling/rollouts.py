@@ -4,7 +4,9 @@ For each variant of an Endpoint with a ``deploymentConfig`` (or a rollout on
 record), ``RolloutGuard.decide`` reads what its two fleets run (the
 ``kubeinfer.io/server-hash`` of each Deployment's pods, updated and available
 replicas), scrapes every gateway pod's ``/metrics`` for the green route while
-a step bakes (the scaler's pod discovery, timeouts and answer size bound),
+a step bakes (the scaler's pod discovery: ready pods listed from the API and
+reached at their own IPs, never a tenant-editable Service; its timeouts and
+answer size bound),
 asks Prometheus for ``promQL`` alarms (through the scaler's guarded,
 outbound-policy-checked client) and calls the pure ``reconcile.rollout.decide``.
 """
@@ -20,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from kubeinfer_operator.api.deployment_config import DeploymentConfig
+from kubeinfer_operator.errors import ClusterError
 from kubeinfer_operator.http_bounds import MAX_METRICS_BYTES, AnswerLimit
 from kubeinfer_operator.reconcile import rollout as ro
 from kubeinfer_operator.reconcile.rollout_alarms import (
@@ -32,7 +35,7 @@ from kubeinfer_operator.reconcile.rollout_alarms import (
 from kubeinfer_operator.reconcile.status import deployment_state
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.plan import EndpointPlan
-from kubeinfer_operator.scaling.cluster import SCRAPE_TIMEOUT_S, ClusterScaler, discover_pods
+from kubeinfer_operator.scaling.cluster import SCRAPE_TIMEOUT_S, ClusterScaler
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +92,18 @@ class RolloutGuard:
             return None
         return body.decode("utf-8", "replace") if body is not None else None
 
-    async def _scrape(self, endpoint: str, gateway_url: str,
-                      pods_url: str) -> dict[str, dict[str, FleetCounters] | None]:
-        discover = self.scaler.discover if self.scaler is not None else discover_pods
+    async def _scrape(self, namespace: str,
+                      endpoint: str) -> dict[str, dict[str, FleetCounters] | None] | None:
+        """Each ready gateway pod's counters by pod URL (None: its scrape failed); None
+        when the pods could not be listed (the window skips this round)."""
+        if self.scaler is None:
+            return None  # no cluster scaler: no pod discovery
         try:
-            urls = await asyncio.wait_for(discover(pods_url), SCRAPE_TIMEOUT_S)
-        except TimeoutError:
-            urls = None
-        urls = urls or [gateway_url.rstrip("/")]
+            urls = await self.scaler.find_gateways(namespace, endpoint)
+        except ClusterError as exc:
+            log.warning("Endpoint %s/%s: rollout alarms not sampled this round: %s",
+                        namespace, endpoint, exc)
+            return None
 
         async def one(url: str) -> dict[str, FleetCounters] | None:
             text = await self._fetch(url + "/metrics")
@@ -111,12 +118,12 @@ class RolloutGuard:
 
     async def decide(self, plan: EndpointPlan, config: DeploymentConfig | None, namespace: str,
                      deployments: Mapping[str, Mapping[str, Any]], old_status: Mapping[str, Any],
-                     now: datetime, gateway_url: str,
-                     pods_url: str) -> dict[str, ro.Decision]:
+                     now: datetime) -> dict[str, ro.Decision]:
         previous = previous_rollouts(old_status)
         if config is None and not previous:
             return {}
         scraped: dict[str, dict[str, FleetCounters] | None] | None = None
+        sampled = False
         out: dict[str, ro.Decision] = {}
         for v in plan.variants:
             if v.shadow_sampling is not None:
@@ -129,8 +136,9 @@ class RolloutGuard:
             if (config is not None and config.alarms and before is not None
                     and before.phase in (ro.Phase.BAKING, ro.Phase.TERMINATING)
                     and before.to_hash == v.server_hash):
-                if scraped is None and any(a.promQL is None for a in config.alarms):
-                    scraped = await self._scrape(plan.name, gateway_url, pods_url)
+                if not sampled and any(a.promQL is None for a in config.alarms):
+                    sampled = True  # once per round, even when it found nothing
+                    scraped = await self._scrape(namespace, plan.name)
                 window = self.windows.setdefault((namespace, plan.name, before.green),
                                                  FleetWindow())
                 if scraped is not None:

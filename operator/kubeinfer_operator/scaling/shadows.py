@@ -2,9 +2,11 @@
 
 A light read, done by the Endpoint's status refresh (every
 ``status_interval_s``) for Endpoints with ``spec.shadowVariants`` only: the
-scaler's pod discovery (the headless ``<endpoint>-gateway-pods`` Service) and
-its bounded fetches, then the pure ``reconcile.shadow_status``. A pod that does
-not answer in time is left out of this round's totals.
+scaler's pod discovery (the ready gateway pods listed from the API, at their
+own IPs: never a Service of the tenant's namespace, see ``k8s.pods``) and its
+bounded fetches, then the pure ``reconcile.shadow_status``. A pod that does not
+answer in time is left out of this round's totals; a round whose pods cannot be
+listed keeps what status says.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
+from kubeinfer_operator.errors import ClusterError
 from kubeinfer_operator.reconcile import shadow_status
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_operator.scaling.cluster import ClusterScaler
@@ -24,20 +27,18 @@ def shadow_names(plan: EndpointPlan) -> list[str]:
     return [v.name for v in plan.variants if v.shadow_sampling is not None]
 
 
-async def read_shadow_status(scaler: ClusterScaler, plan: EndpointPlan, gateway_url: str,
-                             pods_url: str | None) -> list[dict[str, Any]] | None:
+async def read_shadow_status(scaler: ClusterScaler, plan: EndpointPlan,
+                             namespace: str) -> list[dict[str, Any]] | None:
     """``status.shadow`` of ``plan`` (empty without shadows; None: no gateway answered)."""
     shadows = shadow_names(plan)
     if not shadows:
         return []
-    urls: list[str] | None = None
-    if pods_url:
-        try:
-            urls = await asyncio.wait_for(scaler.discover(pods_url), scaler.scrape_timeout_s)
-        except TimeoutError:
-            urls = None
-    if not urls:
-        urls = [gateway_url.rstrip("/")]
+    try:
+        urls = await scaler.find_gateways(namespace, plan.name)
+    except ClusterError as exc:
+        log.warning("Endpoint %s/%s: shadow status not read this round: %s", namespace,
+                    plan.name, exc)
+        return None
 
     async def one(url: str) -> dict[str, shadow_status.PeerTotals] | None:
         try:
