@@ -242,7 +242,7 @@ def test_the_artifact_cache_reuses_an_artifact_instead_of_compiling(
     assert r2.artifact_cache_hit and r2.artifact_key == r1.artifact_key
     assert r2.sha256 == r1.sha256 and r2.chosen is r1.chosen
     assert r2.candidates == r1.candidates  # the original run's measurements
-    assert r2.seconds <= 5, r2.seconds
+    assert r2.seconds <= 60, r2.seconds  # a hang; that nothing compiled is checked below
     assert "nothing compiled" in second.stderr and "p50" not in second.stderr
     # The copy under --out is the same artifact, and servable.
     assert r2.artifact_uri == f"file://{second.out}/artifact.tar.gz"
