@@ -96,6 +96,8 @@ class ServerConfig(Protocol):
     @property
     def model_cache_dir(self) -> str: ...
     @property
+    def max_model_bytes(self) -> int: ...
+    @property
     def endpoint_name(self) -> str: ...
     @property
     def variant_name(self) -> str: ...
@@ -158,6 +160,7 @@ class ServerEnv(HttpEnv):
     model_format: ModelFormat = ModelFormat.ONNX
     model_name: str = "model"
     model_cache_dir: str = "/tmp/kubeinfer/models"
+    max_model_bytes: int = 10 << 30
     endpoint_name: str = ""
     variant_name: str = ""
     max_payload_bytes: int = REALTIME_MAX_PAYLOAD_BYTES
@@ -272,6 +275,7 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], tuple[str, ...]]] = {
     "model_format": (_model_format, ()),
     "model_name": (_str, ()),
     "model_cache_dir": (_str, ()),
+    "max_model_bytes": (_int(1), ()),
     "endpoint_name": (_str, ()),
     "variant_name": (_str, ()),
     "max_payload_bytes": (_int(), ()),

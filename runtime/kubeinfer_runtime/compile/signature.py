@@ -103,6 +103,11 @@ def read_model(path: Path) -> tuple[Any, ModelInfo]:
     except (DecodeError, ValueError, OSError) as e:
         raise BadInput(f"Model {path.name} is not an ONNX model ({type(e).__name__}): give a "
                        ".onnx file") from None
+    except onnx.checker.ValidationError:
+        # onnx refuses external data outside the model's folder, absolute or through a link.
+        raise BadInput(f"Model {path.name} names external data that is not a plain file in "
+                       "its own folder (a '..' or absolute path, or a symbolic link): save "
+                       "the model with its weights inside it, or beside it") from None
     if not model.graph.node:
         raise BadInput(f"Model {path.name} has no graph nodes: give a .onnx model")
     inits = {i.name for i in model.graph.initializer}

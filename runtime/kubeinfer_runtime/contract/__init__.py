@@ -494,6 +494,12 @@ class ModelServerSettings(_RoleSettings):
     model_name: str = "model"
     #: Local directory models are downloaded into before loading.
     model_cache_dir: str = "/tmp/kubeinfer/models"
+    #: Bound on one downloaded (``s3://``) model, bytes: a bigger object is refused
+    #: from its announced length before a byte is written (``/ping`` says so), so a
+    #: wrong or hostile URI cannot fill the node's disk. The default is above
+    #: anything one object can serve (an ONNX file stops at 2 GiB, a compiled
+    #: artifact unpacks to at most 8 GiB).
+    max_model_bytes: int = Field(default=10 << 30, ge=1)
     endpoint_name: str = ""
     variant_name: str = ""
     max_payload_bytes: int = REALTIME_MAX_PAYLOAD_BYTES

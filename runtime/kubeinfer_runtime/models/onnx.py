@@ -2,11 +2,20 @@
 
 onnxruntime releases the GIL while it runs, so one session serves concurrent
 requests from a thread pool; ``InferenceSession.run`` is thread-safe.
+
+A model is untrusted bytes, and an ONNX model may keep its weights in "external
+data" files it names (``location``). onnxruntime before 1.24.1 read whatever file
+that names (``../../var/run/secrets/...``, an absolute path, a symbolic link), so
+a crafted model returned any file the model server can read, its mounted
+credentials included, as predictions. 1.24.1 and later refuse a location outside
+the model's folder (after resolving links); on an older onnxruntime this backend
+loads nothing (:func:`external_data_problem` says why) rather than rely on it.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +52,28 @@ _ORT_DTYPES: dict[str, np.dtype[Any]] = {
 }
 
 
+#: The first onnxruntime that refuses external data outside the model's folder.
+SAFE_ORT_VERSION = (1, 24, 1)
+
+
+def external_data_problem(version: str) -> str | None:
+    """Pure: why onnxruntime ``version`` must not load untrusted models, or None."""
+    parts: list[int] = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) >= SAFE_ORT_VERSION:
+        return None
+    wanted = ".".join(map(str, SAFE_ORT_VERSION))
+    return (f"onnxruntime {version} reads a model's external data from any file the model "
+            "names (paths outside the model's folder, symbolic links), so a crafted model "
+            "could return files of this server as predictions: this model server loads no "
+            f"ONNX model until onnxruntime>={wanted} is installed")
+
+
+_ORT_PROBLEM = external_data_problem(ort.__version__)
+
+
 def _spec(arg: Any) -> TensorSpec:
     # Non-tensor values (sequences, maps: scikit-learn's ZipMap) are objects of
     # unknown shape.
@@ -64,6 +95,8 @@ class OnnxBackend(Backend):
         self._output_names: list[str] = []
 
     def load(self, path: Path) -> None:
+        if _ORT_PROBLEM is not None:
+            raise ModelLoadError(_ORT_PROBLEM)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self._intra_op_threads
         # One request runs one graph; inter-op parallelism only adds threads.
@@ -74,8 +107,7 @@ class OnnxBackend(Backend):
             session = ort.InferenceSession(str(path), sess_options=opts,
                                            providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own pybind classes
-            raise ModelLoadError(f"ONNX Runtime cannot load {path} ({_clean(e)}): check that "
-                                 "the file is an ONNX model and the format is onnx") from None
+            raise ModelLoadError(_load_failure(path, str(e))) from None
         self._session = session
         # The pybind session's run, without the Python wrapper's per-call checks
         # (input names, OrtValue ownership, EP fallback): the codec has already
@@ -123,9 +155,27 @@ class OnnxBackend(Backend):
         return self._meta
 
 
+def _load_failure(path: Path, message: str) -> str:
+    """Pure: the message of a refused load, from onnxruntime's. An external-data refusal
+    is described, not quoted: onnxruntime's text holds the paths the model names and
+    where they resolve to."""
+    if "external data" in message.lower():
+        return (f"ONNX Runtime cannot load {path}: the model names external data (weights "
+                "in other files) that is missing, outside the model's own folder, an "
+                "absolute path or a symbolic link; external data must be plain files beside "
+                "the model, and a model downloaded from s3:// is that one object only: save "
+                "the model with its weights inside it, or serve it from a file:// folder")
+    return (f"ONNX Runtime cannot load {path} ({_clean_text(message)}): check that the file "
+            "is an ONNX model and the format is onnx")
+
+
 def _clean(e: Exception) -> str:
     """onnxruntime messages start with ``[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :``."""
-    msg = str(e).strip()
+    return _clean_text(str(e)) or type(e).__name__
+
+
+def _clean_text(msg: str) -> str:
+    msg = msg.strip()
     if msg.startswith("[ONNXRuntimeError]"):
         msg = msg.split(" : ", 3)[-1]
-    return msg.rstrip(".") or type(e).__name__
+    return msg.rstrip(".")

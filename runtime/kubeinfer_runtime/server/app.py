@@ -118,6 +118,7 @@ def create_multimodel_app(settings: ModelServerSettings) -> ASGIApp:
             yield
         pool.shutdown(wait=False, cancel_futures=True)
         loaders.shutdown(wait=False, cancel_futures=True)
+        store.disk.close()  # this process's downloaded models
 
     api = build_multimodel_api(cache, store.prefix, lifespan, lambda: store.not_ready,
                                admin=settings.admin_api)

@@ -37,7 +37,12 @@ from kubeinfer_runtime.server.state import (
     warmup_failure,
 )
 from kubeinfer_runtime.storage.diskcache import DiskCache
-from kubeinfer_runtime.storage.fetch import StorageUnavailable, fetch_model, s3_client
+from kubeinfer_runtime.storage.fetch import (
+    StorageUnavailable,
+    fetch_model,
+    length_problem,
+    s3_client,
+)
 from kubeinfer_runtime.storage.target import (
     InvalidTargetModel,
     ModelPrefix,
@@ -120,7 +125,7 @@ class MultiModelStore:
             from minio.error import S3Error
 
             try:
-                return int(self.client().stat_object(loc.bucket, loc.key).size or 0)
+                size = int(self.client().stat_object(loc.bucket, loc.key).size or 0)
             except S3Error as e:
                 if e.code in ("NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"):
                     raise _unknown(name, where) from None
@@ -129,6 +134,11 @@ class MultiModelStore:
             except Exception as e:
                 raise StorageUnavailable(f"Object store is unreachable while looking up {where} "
                                          f"({e}): check KUBEINFER_S3_ENDPOINT_URL") from None
+            problem = length_problem(where, size, max_bytes=self.settings.max_model_bytes,
+                                     expect_bytes=None, complete=True)
+            if problem is not None:
+                raise problem
+            return size
         try:
             path = self._safe_path(name, loc.path)
             if not path.is_file():
@@ -153,8 +163,11 @@ class MultiModelStore:
         pinned = False
         if isinstance(loc, S3Location):
             def download() -> Path:
+                # Never more than the disk cache made room for (the size ``_stat`` saw).
                 return fetch_model(loc.uri, base_dir=settings.model_base_dir,
-                                   cache_dir=str(self.disk.root), s3=settings.s3()).path
+                                   cache_dir=str(self.disk.root), s3=settings.s3(),
+                                   max_bytes=settings.max_model_bytes,
+                                   expect_bytes=size or None).path
 
             path = self.disk.get(name, size, download)
             pinned = True

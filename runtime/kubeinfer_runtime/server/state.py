@@ -196,7 +196,8 @@ def load_into(slot: ModelSlot, settings: ServerConfig,
     try:
         t0 = time.perf_counter()
         fetched = fetch_model(settings.model_uri, base_dir=settings.model_base_dir,
-                              cache_dir=settings.model_cache_dir, s3=settings.s3())
+                              cache_dir=settings.model_cache_dir, s3=settings.s3(),
+                              max_bytes=settings.max_model_bytes)
         t1 = time.perf_counter()
         metrics.download_seconds.observe(t1 - t0)
         backend = create_backend(settings.model_format,

@@ -6,12 +6,22 @@ recently used first when a new download would exceed the budget. A file being
 loaded into memory right now is pinned and never deleted under the loader.
 Called from loader threads, so every method takes the lock; downloads run
 outside it.
+
+The folder given is shared by every process of a model server (uvicorn's
+``KUBEINFER_WORKERS``, local mode's replicas of a variant), so each process
+caches in a folder of its own under it (``<pid>-<random>``), named by an
+flock'ed ``<name>.lock`` beside it for as long as the process lives. A process
+never touches another's files: a starting one removes only the folders whose
+lock nobody holds (their process is gone), under an flock of the shared
+folder (``.lock``), so no two starts race. The budget is per process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
 import shutil
 import threading
 from collections import OrderedDict
@@ -21,7 +31,14 @@ from pathlib import Path
 
 from kubeinfer_runtime.errors import InsufficientStorage, NotReady
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock, no sharing to guard
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger("kubeinfer.cache")
+
+_LOCK = ".lock"
 
 
 @dataclass
@@ -31,16 +48,72 @@ class _File:
     pins: int = 0
 
 
+def _try_flock(fd: int) -> bool:
+    """Whether this process now holds ``fd``'s flock (False: another process does; without
+    flock, every folder counts as held, so none is ever removed)."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _claim(shared: Path) -> tuple[Path, int]:
+    """A fresh folder of this process under ``shared`` and the fd whose flock names it
+    live; removes the folders of processes that are gone (their lock is free)."""
+    shared.mkdir(parents=True, exist_ok=True)
+    guard = os.open(shared / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if fcntl is not None:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # held for milliseconds, by starting processes
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        mine = os.open(shared / f"{name}{_LOCK}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        _try_flock(mine)
+        for entry in shared.iterdir():
+            if entry.name == _LOCK or entry.name.startswith(name):
+                continue
+            if entry.name.endswith(_LOCK):
+                fd = os.open(entry, os.O_RDWR)
+                try:
+                    if not _try_flock(fd):
+                        continue  # a live process's folder
+                    shutil.rmtree(shared / entry.name[:-len(_LOCK)], ignore_errors=True)
+                    entry.unlink(missing_ok=True)
+                finally:
+                    os.close(fd)
+            elif not (shared / f"{entry.name}{_LOCK}").exists():
+                # Left by an earlier layout, or by a process that died while being removed.
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        root = shared / name
+        root.mkdir()
+        return root, mine
+    finally:
+        os.close(guard)  # releases the flock
+
+
 class DiskCache:
     def __init__(self, root: Path, budget_bytes: int) -> None:
-        self.root = root
+        """``root`` may be shared with other processes; this one caches in a folder of its
+        own under it (``self.root``), created empty."""
+        self.root, self._owner_fd = _claim(root)
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
         self._files: OrderedDict[str, _File] = OrderedDict()
         self._lock = threading.Lock()
-        # Files left by an earlier process are not accounted for: start empty.
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
+
+    def close(self) -> None:
+        """Remove this process's folder (a process that exits without it leaves the folder
+        to the next process that starts)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        lock = self.root.with_name(self.root.name + _LOCK)
+        lock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.close(self._owner_fd)
 
     def get(self, key: str, size: int, download: Callable[[], Path]) -> Path:
         """The local file of ``key``, downloading it (``size`` bytes) when absent; pinned.

@@ -6,6 +6,13 @@ cache would double disk use for nothing; a compiled artifact may be a folder);
 name, hashed on the way, fsynced and renamed into place, so a crash never
 leaves a half-written model that looks complete. The sha256 is returned and
 written next to the file.
+
+A download is bounded: an object over ``max_bytes`` (the model server's
+``KUBEINFER_MAX_MODEL_BYTES``) is refused from its announced length before a
+byte is written, and the stream is cut if more than announced arrives; a
+multi-model server also passes ``expect_bytes``, the size it reserved room for,
+so an object replaced by a bigger one since (or a store that lies) can never
+write past its disk budget. The decisions are :func:`length_problem`, pure.
 """
 
 from __future__ import annotations
@@ -20,7 +27,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from kubeinfer_runtime.errors import NotFound, NotReady
+from kubeinfer_runtime.errors import (
+    InsufficientStorage,
+    NotFound,
+    NotReady,
+    RuntimeServiceError,
+)
 from kubeinfer_runtime.server_env import S3Config
 from kubeinfer_runtime.storage.uri import FileLocation, S3Location, parse_model_uri
 
@@ -41,6 +53,38 @@ class StorageUnavailable(NotReady):
     """The object store could not be reached or refused access; retrying may help."""
 
 
+class ModelTooLarge(InsufficientStorage):
+    """The object is over the model server's download bound (507); nothing was kept."""
+
+
+class ModelChanged(NotReady):
+    """The object is not the size it had when room was made for it (503); retry."""
+
+
+#: The setting (env var) of the model server's bound on one downloaded model.
+MAX_MODEL_BYTES_SETTING = "KUBEINFER_MAX_MODEL_BYTES"
+
+
+def length_problem(uri: str, length: int, *, max_bytes: int | None,
+                   expect_bytes: int | None, complete: bool) -> RuntimeServiceError | None:
+    """Pure: the error of an object of ``length`` bytes (announced, or read so far when
+    not ``complete``), or None when it is within ``max_bytes`` and is ``expect_bytes``."""
+    size = f"is {length} bytes" if complete else f"sent at least {length} bytes"
+    if max_bytes is not None and length > max_bytes:
+        return ModelTooLarge(
+            f"Model object {uri} {size}, over the "
+            f"{max_bytes} bytes a model server downloads ({MAX_MODEL_BYTES_SETTING}): nothing "
+            f"was kept; point the URI at the right object, or raise {MAX_MODEL_BYTES_SETTING} "
+            "in the variant's env if the model really is that big")
+    if expect_bytes is not None and (length > expect_bytes
+                                     or (complete and length != expect_bytes)):
+        return ModelChanged(
+            f"Model object {uri} {size}, but it was "
+            f"{expect_bytes} bytes when the disk cache made room for it: it changed while "
+            "loading (or the object store answers inconsistently); nothing was kept, retry")
+    return None
+
+
 @dataclass(frozen=True)
 class FetchedModel:
     uri: str
@@ -49,12 +93,18 @@ class FetchedModel:
     size: int
 
 
-def fetch_model(uri: str, *, base_dir: str, cache_dir: str, s3: S3Config) -> FetchedModel:
-    """Make the model at ``uri`` available as a local file and hash it."""
+def fetch_model(uri: str, *, base_dir: str, cache_dir: str, s3: S3Config,
+                max_bytes: int | None = None, expect_bytes: int | None = None) -> FetchedModel:
+    """Make the model at ``uri`` available as a local file and hash it.
+
+    ``max_bytes`` bounds a download (``ModelTooLarge`` over it); ``expect_bytes`` is the
+    size the caller made room for (``ModelChanged`` when the object is not that size).
+    ``file://`` models are not downloaded, so neither applies to them.
+    """
     loc = parse_model_uri(uri, base_dir)
     if isinstance(loc, FileLocation):
         return _local(uri, Path(loc.path))
-    return _download(uri, loc, Path(cache_dir), s3)
+    return _download(uri, loc, Path(cache_dir), s3, max_bytes, expect_bytes)
 
 
 #: A folder holding this file is a compiled artifact (``contract.compile.MANIFEST_NAME``):
@@ -126,7 +176,15 @@ def cache_path(cache_dir: Path, loc: S3Location) -> Path:
     return cache_dir / digest / posixpath.basename(loc.key)
 
 
-def _download(uri: str, loc: S3Location, cache_dir: Path, s3: S3Config) -> FetchedModel:
+def _announced_length(resp: Any) -> int | None:
+    try:
+        return int(resp.headers.get("Content-Length"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _download(uri: str, loc: S3Location, cache_dir: Path, s3: S3Config,
+              max_bytes: int | None, expect_bytes: int | None) -> FetchedModel:
     import urllib3
     from minio.error import S3Error
 
@@ -145,20 +203,38 @@ def _download(uri: str, loc: S3Location, cache_dir: Path, s3: S3Config) -> Fetch
         raise StorageUnavailable(f"Object store {s3.endpoint_url or 's3.amazonaws.com'} is "
                                  f"unreachable while fetching {uri} ({e}): check "
                                  "KUBEINFER_S3_ENDPOINT_URL") from None
+    announced = _announced_length(resp)
+    problem = None if announced is None else length_problem(
+        uri, announced, max_bytes=max_bytes, expect_bytes=expect_bytes, complete=True)
+    if problem is not None:
+        resp.close()
+        resp.release_conn()
+        raise problem
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".download-")
     h = hashlib.sha256()
     size = 0
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in resp.stream(_CHUNK):
+                size += len(chunk)
+                # More than announced (or nothing announced): cut the stream at the bound.
+                problem = length_problem(uri, size, max_bytes=max_bytes,
+                                         expect_bytes=expect_bytes, complete=False)
+                if problem is not None:
+                    raise problem
                 h.update(chunk)
                 f.write(chunk)
-                size += len(chunk)
             f.flush()
             os.fsync(f.fileno())
+        problem = length_problem(uri, size, max_bytes=max_bytes, expect_bytes=expect_bytes,
+                                 complete=True)
+        if problem is not None:
+            raise problem
         os.replace(tmp, dest)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, RuntimeServiceError):
+            raise
         if isinstance(e, Exception):
             raise StorageUnavailable(f"Download of {uri} failed after {size} bytes ({e}): "
                                      "retry, or check the object store") from None
