@@ -195,8 +195,9 @@ class MultiModelConfig(_Spec):
     ] = 1 << 30
     diskCacheBytes: Annotated[
         int,
-        Field(description="Local disk budget for downloaded model files per replica, in bytes.",
-              ge=1),
+        Field(description="Local disk budget for downloaded model files, in bytes, per "
+                          "model-server process (a replica runs KUBEINFER_WORKERS of them, "
+                          "1 by default).", ge=1),
     ] = 4 << 30
 
     @field_validator("prefix")
