@@ -427,6 +427,12 @@ SHADOW_COPIES = Counter(
 SHADOW_COMPARED = Counter(
     "kubeinfer_shadow_compared", "Pairs of 2xx answers compared", _PAIR_LABELS,
 )
+#: Pairs of 2xx answers too large to compare (over ``compare.MAX_COMPARE_VALUES``
+#: values) that were not byte for byte equal: neither agreed nor disagreed.
+SHADOW_UNCOMPARED = Counter(
+    "kubeinfer_shadow_uncompared", "Pairs of 2xx answers too large to compare that were not "
+    "byte for byte equal", _PAIR_LABELS,
+)
 SHADOW_AGREED = Counter(
     "kubeinfer_shadow_agreed", "Compared pairs that agreed (labels, argmax or within "
     "tolerance)", _PAIR_LABELS,

@@ -551,6 +551,11 @@ class GatewaySettings(_RoleSettings):
     upstream_timeout_s: float = Field(default=60.0, gt=0)
     #: Keep-alive connections per upstream.
     upstream_pool_size: int = Field(default=100, ge=1)
+    #: Longest answer read from a model server, bytes (four times SageMaker's 6 MB
+    #: payload); past it the connection is closed and the client gets a 424 ModelError.
+    #: A shadow's or mirror's answer is read up to twice production's answer to the same
+    #: request (at least 1 MiB), within this bound; past it the copy failed.
+    max_response_bytes: int = Field(default=4 * REALTIME_MAX_PAYLOAD_BYTES, ge=1024)
     #: Redis of asynchronous endpoints (``redis://host:6379/0``); None when the
     #: gateway serves none (async requests then answer 503).
     redis_url: str | None = None

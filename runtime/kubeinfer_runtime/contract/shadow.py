@@ -30,6 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 COPIES = "kubeinfer_shadow_copies_total"
 #: Pairs whose two answers were both 2xx and comparable.
 COMPARED = "kubeinfer_shadow_compared_total"
+#: Pairs whose two answers were both 2xx but too large to compare (over the gateway's
+#: ``compare.MAX_COMPARE_VALUES``) and not byte for byte equal: in no other count but
+#: ``COPIES``'s ``sent``.
+UNCOMPARED = "kubeinfer_shadow_uncompared_total"
 #: Compared pairs that agreed (same labels / argmax, or values within tolerance).
 AGREED = "kubeinfer_shadow_agreed_total"
 #: Compared pairs that did not agree (``COMPARED`` minus ``AGREED``, exported as such so

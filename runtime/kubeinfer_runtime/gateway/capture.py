@@ -17,9 +17,13 @@ captures read ours): one JSON object per line::
 
 ``encoding`` is CSV or JSON (``data`` is then the body as text) when the
 content type, without parameters, is in the endpoint's csv / json content
-types and the body is valid UTF-8; BASE64 otherwise (SageMaker's default for
-types not listed). With ``captureOptions: [Input]`` only ``endpointInput`` is
-written, with ``[Output]`` only ``endpointOutput``. ``inferenceId`` and
+types, the body is valid UTF-8 and its JSON string is at most twice its size
+(JSON writes a control character as ``\\u0001``: six bytes for one, so a body
+of them would be a line six times its size); BASE64 otherwise (SageMaker's
+default for types not listed). Either way ``data`` gives back the exact bytes,
+and a line is at most about twice the bodies it holds. With
+``captureOptions: [Input]`` only ``endpointInput`` is written, with
+``[Output]`` only ``endpointOutput``. ``inferenceId`` and
 ``customAttributes`` appear when the client sent them. Objects are
 ``<destination>/<endpoint>/<variant>/yyyy/mm/dd/hh/<mm-ss-mmm>-<uuid4>.jsonl``,
 the hour (UTC) of the records' inference time, as SageMaker names them.
@@ -56,18 +60,42 @@ def sampled(draw: float, percentage: float) -> bool:
     return draw * 100.0 < percentage
 
 
+#: What JSON escapes in a string: in two bytes (``\\n``) and in six (``\\u0001``).
+_ESCAPED_SHORT = b'"\\\b\t\n\f\r'
+_ESCAPED_LONG = bytes(c for c in range(0x20) if c not in b"\b\t\n\f\r")
+
+
+def json_text(body: bytes) -> bytes | None:
+    """``body`` as a JSON string, when it is UTF-8 and that string is at most twice its
+    size (quotes aside); None: it is to be written as BASE64.
+
+    A body longer than ``INLINE_ENCODE_BYTES`` has its escapes counted first (in C), so
+    one that would not fit is never escaped: a 6 MiB body of control characters costs a
+    6 MiB count, not a 36 MiB string.
+    """
+    n = len(body)
+    if n > INLINE_ENCODE_BYTES:
+        extra = ((n - len(body.translate(None, _ESCAPED_SHORT)))
+                 + 5 * (n - len(body.translate(None, _ESCAPED_LONG))))
+        if extra > n:
+            return None
+    try:
+        text = orjson.dumps(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None  # declared as text but is not: keep every byte, as BASE64
+    return text if len(text) <= 2 * n + 2 else None
+
+
 def encode_payload(body: bytes, content_type: str | None, mode: str,
                    route: CaptureRoute) -> dict[str, str]:
     """One side of ``captureData`` (``mode``: INPUT or OUTPUT)."""
     observed = content_type or ""
     kind = media_type(observed)
     encoding = "BASE64"
-    if kind and (kind in route.csv_content_types or kind in route.json_content_types):
-        try:
-            data = body.decode("utf-8")
-            encoding = "CSV" if kind in route.csv_content_types else "JSON"
-        except UnicodeDecodeError:
-            pass  # declared as text but is not: keep every byte, as BASE64
+    if (kind and (kind in route.csv_content_types or kind in route.json_content_types)
+            and json_text(body) is not None):
+        data = body.decode("utf-8")
+        encoding = "CSV" if kind in route.csv_content_types else "JSON"
     if encoding == "BASE64":
         data = base64.b64encode(body).decode("ascii")
     return {"observedContentType": observed, "mode": mode, "data": data, "encoding": encoding}
@@ -181,11 +209,9 @@ def _payload_bytes(body: bytes, content_type: str | None, mode: str, route: Capt
         found = heads[key] = _payload_head(content_type, mode, route)
     head, text = found
     if text is not None:
-        try:
-            return (head + orjson.dumps(body.decode("utf-8")) + b',"encoding":"'
-                    + text.encode() + b'"}')
-        except UnicodeDecodeError:
-            pass  # declared as text but is not: keep every byte, as BASE64
+        data = json_text(body)
+        if data is not None:
+            return head + data + b',"encoding":"' + text.encode() + b'"}'
     return head + b'"' + base64.b64encode(body) + _BASE64_TAIL
 
 
@@ -235,7 +261,8 @@ class Record(NamedTuple):
     wall_time: float
     #: Monotonic time it was buffered (age-based flushes).
     at: float
-    #: Memory it holds: the line, or the captured bodies, plus ``RECORD_OVERHEAD_BYTES``.
+    #: Memory it holds: the line, or the captured bodies and the request's forwarded
+    #: headers, plus ``RECORD_OVERHEAD_BYTES``.
     size: int
 
     @classmethod
@@ -252,6 +279,8 @@ class Record(NamedTuple):
             line = capture_line(exchange, route, heads)
             return cls(line, None, route, exchange.variant, exchange.wall_time, at,
                        len(line) + RECORD_OVERHEAD_BYTES)
+        for _, value in exchange.forwarded:
+            size += len(value)
         return cls(None, exchange, route, exchange.variant, exchange.wall_time, at,
                    size + RECORD_OVERHEAD_BYTES)
 

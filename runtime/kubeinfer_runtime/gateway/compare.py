@@ -19,8 +19,20 @@ A request agrees when all its rows and outputs agree. Numeric pairs also give
 the largest absolute and relative difference (relative to production's value),
 which the metrics keep as summaries. Bodies are parsed as JSON when their
 content type says JSON (or none is given and the body looks like it), as CSV
-when it says text/csv; every parse is bounded by the body (already bounded by
-the endpoint's payload limit) and a depth limit.
+when it says text/csv; every parse is bounded by the body (bounded by the
+gateway's ``KUBEINFER_MAX_RESPONSE_BYTES``) and a depth limit.
+
+What a comparison costs grows with the number of values it parses (a Python
+object or two each, a few microseconds), not with bytes: ``cost`` counts, in
+C and without parsing, an upper bound of them (JSON separators and brackets,
+CSV separators). ``gateway.shadow`` compares small pairs of at most
+``INLINE_COMPARE_VALUES`` on the event loop, larger ones in a thread one at a
+time (``compare_bounded``), and parses none over ``MAX_COMPARE_VALUES`` or
+``MAX_COMPARE_BYTES`` (those agree when byte for byte equal and are otherwise
+not compared). Nothing here raises for
+what a model answers: numbers beyond a float's range compare as infinities,
+and nesting is followed as far as the depth limit, never by recursion on the
+answer's own depth.
 """
 
 from __future__ import annotations
@@ -36,6 +48,15 @@ RTOL = 1e-3
 ATOL = 1e-6
 #: Nesting deeper than this is not compared element-wise (compared as a whole).
 MAX_DEPTH = 8
+#: Values (``cost``) of a pair compared at most: about 0.2 s of a thread and tens of
+#: MiB; a larger pair is compared byte for byte only.
+MAX_COMPARE_VALUES = 100_000
+#: Bytes of a pair (both answers) parsed at most, whatever their values (counting
+#: values is a pass over the bytes too).
+MAX_COMPARE_BYTES = 8 << 20
+#: Pairs of at most this many values are compared on the event loop (about a
+#: millisecond at worst); larger ones in a thread.
+INLINE_COMPARE_VALUES = 512
 _LABEL_DATATYPES = ("INT", "UINT", "BOOL", "BYTES")
 
 
@@ -59,20 +80,50 @@ class _Unparsed:
         self.body = body
 
 
-def parse(body: bytes, content_type: str | None) -> Any:
-    """The answer as data: JSON value, CSV rows (numbers where they parse), or opaque."""
+def _format(body: bytes, content_type: str | None) -> str:
+    """How ``parse`` reads ``body``: "json", "csv" or "" (opaque)."""
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if "json" in kind or (not kind and body[:1] in (b"[", b"{")):
+        return "json"
+    return "csv" if kind == "text/csv" else ""
+
+
+def _values(body: bytes, content_type: str | None) -> int:
+    """An upper bound of the values ``parse`` makes of ``body`` (0: opaque), counted in C:
+    a JSON value is a leaf or a container, and every leaf but one per container follows
+    a comma; a CSV cell follows a comma or a line break, or starts the body."""
+    found = _format(body, content_type)
+    if found == "json":
+        return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
+    if found == "csv":
+        return body.count(b",") + body.count(b"\n") + 1
+    return 0
+
+
+def cost(production: bytes, production_type: str | None, peer: bytes,
+         peer_type: str | None) -> int:
+    """An upper bound of the values comparing the two answers parses (see the module's
+    docstring); 0 when both are compared as bytes."""
+    return _values(production, production_type) + _values(peer, peer_type)
+
+
+def parse(body: bytes, content_type: str | None) -> Any:
+    """The answer as data: JSON value, CSV rows (numbers where they parse), or opaque."""
+    found = _format(body, content_type)
+    if found == "json":
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             return _Unparsed(body)
-    if kind == "text/csv":
+    if found == "csv":
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             return _Unparsed(body)
-        rows = [[_cell(c) for c in line.split(",")] for line in text.splitlines() if line]
+        # Rows end at "\n" ("\r\n" too: cells are stripped), never at the other line
+        # breaks of str.splitlines (which ``cost`` does not count).
+        rows = [[_cell(c) for c in line.split(",")] for line in text.split("\n")
+                if line.strip()]
         # One column: a flat list (one value per row), as a JSON answer would be.
         if rows and all(len(r) == 1 for r in rows):
             return [r[0] for r in rows]
@@ -80,12 +131,23 @@ def parse(body: bytes, content_type: str | None) -> Any:
     return _Unparsed(body)
 
 
+#: A cell that starts with anything else is no number: no int() or float() is tried
+#: (each failure costs a raised exception). Digits of other scripts are tried.
+_NUMBER_START = frozenset("0123456789+-.iInN")
+
+
 def _cell(text: str) -> Any:
     text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        pass
+    if not text or (text[0] not in _NUMBER_START and not text[0].isdigit()):
+        return text
+    # int() takes a sign, decimal digits and underscores: try it only on those (a float
+    # cell would cost a raised exception first).
+    digits = text[1:] if text[0] in "+-" else text
+    if digits.isdecimal() or "_" in text:
+        try:
+            return int(text)
+        except ValueError:
+            pass  # over int()'s digit limit, or misplaced underscores: float() may take it
     try:
         return float(text)
     except ValueError:
@@ -94,6 +156,9 @@ def _cell(text: str) -> Any:
 
 def _outputs(value: Any) -> dict[str, tuple[Any, str | None]]:
     """Named outputs of an answer: name -> (values, V2 datatype or None)."""
+    # {"predictions": ...} as deep as it goes (a loop: the answer chooses the depth).
+    while isinstance(value, dict) and len(value) == 1 and "predictions" in value:
+        value = value["predictions"]
     if isinstance(value, dict):
         v2 = value.get("outputs")
         if isinstance(v2, list) and all(isinstance(o, dict) and "data" in o for o in v2):
@@ -107,8 +172,6 @@ def _outputs(value: Any) -> dict[str, tuple[Any, str | None]]:
                     data = [data[r * shape[1]:(r + 1) * shape[1]] for r in range(shape[0])]
                 out[str(o.get("name", i))] = (data, str(o.get("datatype", "")) or None)
             return out
-        if "predictions" in value and len(value) == 1:
-            return _outputs(value["predictions"])
         return {str(k): (v, None) for k, v in value.items()}
     return {"": (value, None)}
 
@@ -164,14 +227,23 @@ def _argmax(row: list[Any]) -> int:
     return best
 
 
-def _diffs(a: list[Any], b: list[Any]) -> tuple[float, float]:
+def _float(x: Any) -> float:
+    """``float(x)``, an integer beyond a float's range as an infinity of its sign (a CSV
+    cell or a JSON number of 400 digits: float() raises OverflowError on them)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf
+
+
+def _diffs(a: list[float], b: list[float]) -> tuple[float, float]:
     max_abs = max_rel = 0.0
     for x, y in zip(a, b, strict=True):
-        d = abs(float(x) - float(y))
+        d = abs(x - y)
         if math.isnan(d):
-            d = 0.0 if (math.isnan(float(x)) and math.isnan(float(y))) else math.inf
+            d = 0.0 if (math.isnan(x) and math.isnan(y)) else math.inf
         max_abs = max(max_abs, d)
-        scale = abs(float(x))
+        scale = abs(x)
         max_rel = max(max_rel, d / scale if scale > 0 else (0.0 if d == 0 else math.inf))
     return max_abs, max_rel
 
@@ -198,15 +270,18 @@ def _compare_output(a: Any, b: Any, datatype: str | None, rtol: float,
         if all(_is_label(x) for x in (*flat_a, *flat_b)):
             return Verdict(flat_a == flat_b)
         return Verdict(a == b)
-    max_abs, max_rel = _diffs(flat_a, flat_b)
+    floats_a, floats_b = [_float(x) for x in flat_a], [_float(x) for x in flat_b]
+    max_abs, max_rel = _diffs(floats_a, floats_b)
     if (rows_a is not None and rows_b is not None and len(rows_a) == len(rows_b)
             and all(len(ra) == len(rb) and len(ra) > 1
                     for ra, rb in zip(rows_a, rows_b, strict=True))
             and all(_is_number(x) for r in rows_a for x in r)):
         agreed = all(_argmax(ra) == _argmax(rb) for ra, rb in zip(rows_a, rows_b, strict=True))
         return Verdict(agreed, max_abs, max_rel)
-    agreed = all(abs(float(x) - float(y)) <= atol + rtol * abs(float(x))
-                 for x, y in zip(flat_a, flat_b, strict=True))
+    # An infinite production value is within any relative tolerance of anything: it
+    # agrees only with itself.
+    agreed = all(x == y or (abs(x - y) <= atol + rtol * abs(x) and math.isfinite(x))
+                 for x, y in zip(floats_a, floats_b, strict=True))
     return Verdict(agreed, max_abs, max_rel)
 
 
@@ -268,6 +343,16 @@ def compare(production: bytes, production_type: str | None, peer: bytes,
     merged = _merge(verdicts)
     assert merged is not None
     return merged
+
+
+def compare_bounded(production: bytes, production_type: str | None, peer: bytes,
+                    peer_type: str | None) -> Verdict | None:
+    """``compare``, within ``MAX_COMPARE_BYTES`` and ``MAX_COMPARE_VALUES``: a larger pair
+    is not parsed; it agrees when byte for byte equal, else None (not compared)."""
+    if (len(production) + len(peer) > MAX_COMPARE_BYTES
+            or cost(production, production_type, peer, peer_type) > MAX_COMPARE_VALUES):
+        return _AGREED if production == peer else None
+    return compare(production, production_type, peer, peer_type)
 
 
 def _merge(verdicts: list[Verdict]) -> Verdict | None:

@@ -39,7 +39,8 @@ class GatewayCore:
         self.routes = RouteState()
         self.table: RouteTable | None = None
         self.health = HealthTable()
-        self.client = UpstreamClient(max_idle=settings.upstream_pool_size)
+        self.client = UpstreamClient(max_idle=settings.upstream_pool_size,
+                                     max_response_bytes=settings.max_response_bytes)
         self.rng = rng or random.Random()
         #: Default admission bounds of real-time variants (None: admission off).
         self.admission = (ShedPolicy(
@@ -62,7 +63,7 @@ class GatewayCore:
         self.capture = CaptureTaps(settings)
         #: Shadow variants and mirrors: a tap provider (``gateway.shadow``) whose workers
         #: send copies with their own connections.
-        self.shadows = ShadowTaps(rng=self.rng)
+        self.shadows = ShadowTaps(rng=self.rng, max_response_bytes=settings.max_response_bytes)
 
     async def rediscover(self) -> list[str]:
         """Re-resolve the table's DNS upstreams; re-apply it when the pods changed."""

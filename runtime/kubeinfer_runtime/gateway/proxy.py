@@ -5,7 +5,8 @@ the gateway's budget is 0.3 ms at p50. Steps, each delegated to pure code:
 
 1. look the endpoint up in the compiled route table (404 if unknown);
 2. split the headers (``headers``), refuse bodies over the endpoint's limit
-   (413) before forwarding anything;
+   (413) before forwarding anything, and InvokeEndpoint headers over
+   SageMaker's limits or sent twice (400, once the caller is authenticated);
 3. authenticate the caller (``auth``: SigV4 or a bearer token, when the
    endpoint asks for it) before anything else happens for the request, a
    serverless cold start and a serverless maxConcurrency slot included (a
@@ -20,7 +21,9 @@ Upstream failures: a refused connection marks the upstream down and, since the
 request certainly never left, it is sent once more to another healthy upstream
 of the same variant; a dropped connection also marks it down but is answered
 503 (the model may have run); no answer in time is a 424 ModelError, as
-SageMaker answers for a container that does not respond.
+SageMaker answers for a container that does not respond, and so is an answer
+over ``KUBEINFER_MAX_RESPONSE_BYTES`` (or a head over 64 KiB: the connection is
+closed as soon as it passes the bound, and the model server stays in rotation).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from kubeinfer_runtime.errors import (
     PayloadTooLarge,
     Reply,
     RuntimeServiceError,
+    ValidationError,
     render_error,
 )
 from kubeinfer_runtime.gateway import recorder
@@ -62,6 +66,7 @@ from kubeinfer_runtime.gateway.taps import make_exchange, observe_all
 from kubeinfer_runtime.gateway.upstream import (
     ConnectFailed,
     ConnectionLost,
+    ResponseTooLarge,
     UpstreamResponse,
     UpstreamTimeout,
 )
@@ -161,6 +166,10 @@ class InvocationHandler:
         if denied is not None:
             await _send(send, denied)
             return
+        if inbound.problem is not None:
+            await _send(send, _error(_bad_headers(endpoint, inbound.problem), endpoint.name,
+                                     ""))
+            return
         if not admit:
             await _send(send, await self.reply(endpoint, inbound, body, started))
             return
@@ -190,15 +199,15 @@ class InvocationHandler:
         """What to forward for a clean request to a non-serverless endpoint, or None.
 
         Unknown endpoints, serverless ones (the activator admits and holds
-        requests) and bodies without a declared size within the limit take
-        the ASGI path, which answers them as before.
+        requests), bodies without a declared size within the limit and headers
+        over SageMaker's limits take the ASGI path, which answers them as before.
         """
         endpoint = self.core.routes.endpoints.get(name)
         if endpoint is None or endpoint.serverless is not None:
             return None
         inbound = split_request_headers(raw_headers)
         length = inbound.content_length
-        if length is None or length > endpoint.max_payload_bytes:
+        if length is None or length > endpoint.max_payload_bytes or inbound.problem is not None:
             return None
         return endpoint, inbound, raw_headers
 
@@ -294,6 +303,8 @@ class InvocationHandler:
             raise self._unavailable(endpoint, variant, url, exc.detail) from None
         except UpstreamTimeout:
             raise _timed_out(endpoint, variant, url, timeout) from None
+        except ResponseTooLarge as exc:
+            raise _too_large_answer(endpoint, variant, url, exc.detail) from None
         try:
             return await core.client.request(retry_url, b"POST", _INVOCATIONS_PATH, headers,
                                              body, timeout)
@@ -302,6 +313,8 @@ class InvocationHandler:
             raise self._unavailable(endpoint, variant, retry_url, exc.detail) from None
         except UpstreamTimeout:
             raise _timed_out(endpoint, variant, retry_url, timeout) from None
+        except ResponseTooLarge as exc:
+            raise _too_large_answer(endpoint, variant, retry_url, exc.detail) from None
 
     def _mark_down(self, url: str, detail: str) -> None:
         if self.core.health.mark_unreachable(url) is not None:
@@ -321,6 +334,17 @@ def _too_large(endpoint: EndpointState, size: int | None) -> PayloadTooLarge:
         f'Request body for endpoint "{endpoint.name}" is too large ({got}; the limit is '
         f"{endpoint.max_payload_bytes} bytes): send a smaller payload, or use asynchronous "
         "inference for large ones")
+
+
+def _bad_headers(endpoint: EndpointState, problem: str) -> ValidationError:
+    return ValidationError(f'Request to endpoint "{endpoint.name}": {problem}')
+
+
+def _too_large_answer(endpoint: EndpointState, variant: VariantState, url: str,
+                      detail: str) -> ModelError:
+    return ModelError(f'Variant "{variant.name}" of endpoint "{endpoint.name}": model server '
+                      f"{url} {detail}: return a smaller answer, or raise the gateway's "
+                      "KUBEINFER_MAX_RESPONSE_BYTES")
 
 
 def _timed_out(endpoint: EndpointState, variant: VariantState, url: str,

@@ -18,10 +18,22 @@ never production's pool, admission slots or health table) and the peer's
 ``timeout_s`` around the whole attempt. Then it records, labelled
 (endpoint, production variant, peer): the copy's outcome, each side's latency
 and errors, and, when both answered 2xx, the comparison (``compare``):
-compared / agreed / disagreed pairs and the numeric differences. Comparing
-large bodies runs in a thread so the event loop (production's) never stalls
-on it. So a slow, failing or absent peer costs production one draw and one
-queue append per request, nothing more.
+compared / agreed / disagreed pairs and the numeric differences. The peer's
+answer is read up to twice production's answer to the same request (at least
+``PEER_ANSWER_FLOOR_BYTES``, at most the gateway's ``max_response_bytes``):
+a larger one fails the copy as soon as it passes the bound, so a peer that
+answers without end costs the gateway that much, not its memory. What a
+comparison costs grows with the values it parses, not with bytes: a pair of
+at most ``INLINE_COMPARE_BYTES`` and ``compare.INLINE_COMPARE_VALUES``
+(``compare.cost``) is compared on the event loop; any other in a thread, one
+at a time in the whole gateway (``ShadowTaps.compare_gate``: a pair of large
+answers takes tens of MiB and a share of the GIL, and the default executor's
+few threads also write captures), where a pair over
+``compare.MAX_COMPARE_VALUES`` or ``MAX_COMPARE_BYTES`` is not parsed at all:
+byte-for-byte equal answers agree, others are counted as not compared
+(``kubeinfer_shadow_uncompared_total``). So a slow, failing,
+absent or hostile peer costs production one draw and one queue append per
+request, nothing more.
 
 Capture of comparisons: when the endpoint captures (``capture_writer``) and
 captured this request's production answer, a shadow's answer to the copy is
@@ -52,7 +64,13 @@ from kubeinfer_runtime.contract.shadow import (
     ShadowRoute,
 )
 from kubeinfer_runtime.gateway.capture_writer import CaptureTap
-from kubeinfer_runtime.gateway.compare import Verdict, compare
+from kubeinfer_runtime.gateway.compare import (
+    INLINE_COMPARE_VALUES,
+    Verdict,
+    compare,
+    compare_bounded,
+    cost,
+)
 from kubeinfer_runtime.gateway.routing import RouteState
 from kubeinfer_runtime.gateway.taps import Exchange, Tap
 from kubeinfer_runtime.gateway.upstream import UpstreamClient, UpstreamError
@@ -61,8 +79,12 @@ log = logging.getLogger("kubeinfer.gateway")
 
 _INVOCATIONS_PATH = b"/invocations"
 _CONTENT_TYPE = b"content-type"
-#: Pairs whose bodies together exceed this are compared in a thread.
-INLINE_COMPARE_BYTES = 64 << 10
+#: Pairs whose bodies together exceed this are compared in a thread (so are pairs of
+#: more than ``compare.INLINE_COMPARE_VALUES`` values): counting a pair's values on the
+#: event loop costs a few microseconds at this size.
+INLINE_COMPARE_BYTES = 4 << 10
+#: A peer's answer is read up to twice production's answer, and at least this.
+PEER_ANSWER_FLOOR_BYTES = 1 << 20
 
 #: Workers of one peer at most, however many model servers it has.
 MAX_WORKERS = 1024
@@ -111,17 +133,31 @@ class Outcome:
     status: int | None = None
     latency_s: float | None = None
     verdict: Verdict | None = None
+    #: Both answered 2xx, too large to compare, and not byte for byte equal.
+    uncompared: bool = False
+
+
+def answer_limit(production_bytes: int, max_response_bytes: int | None) -> int:
+    """The largest answer read from a peer for a copy whose production answer was
+    ``production_bytes`` long: twice that, at least ``PEER_ANSWER_FLOOR_BYTES``, at most
+    ``max_response_bytes`` (the gateway's bound on every answer)."""
+    limit = max(PEER_ANSWER_FLOOR_BYTES, 2 * production_bytes)
+    return limit if max_response_bytes is None else min(limit, max_response_bytes)
 
 
 class Peer:
     """One peer of one endpoint: its queue, its workers and its counters."""
 
     def __init__(self, endpoint: str, config: PeerConfig, client: UpstreamClient, *,
-                 max_held_bytes: int = MAX_HELD_BYTES) -> None:
+                 max_held_bytes: int = MAX_HELD_BYTES, max_response_bytes: int | None = None,
+                 compare_gate: asyncio.Semaphore | None = None) -> None:
         self.endpoint = endpoint
         self.config = config
         self.client = client
         self.max_held_bytes = max_held_bytes
+        self.max_response_bytes = max_response_bytes
+        #: Held while a pair is compared in a thread (``ShadowTaps``: one per gateway).
+        self.compare_gate = compare_gate or asyncio.Semaphore(1)
         #: Body bytes of the copies queued or being sent (the exchange is shared with
         #: other peers and taps, so this counts what this peer keeps alive).
         self.held_bytes = 0
@@ -216,9 +252,10 @@ class Peer:
             return Outcome(FAILED)
         started = time.perf_counter()
         try:
-            response = await self.client.request(url, b"POST", _INVOCATIONS_PATH,
-                                                 exchange.forwarded, exchange.request_body,
-                                                 config.timeout_s, total=True)
+            response = await self.client.request(
+                url, b"POST", _INVOCATIONS_PATH, exchange.forwarded, exchange.request_body,
+                config.timeout_s, total=True,
+                max_body=answer_limit(len(exchange.response_body), self.max_response_bytes))
         except (TimeoutError, UpstreamError, OSError):
             return Outcome(FAILED, latency_s=time.perf_counter() - started)
         latency = time.perf_counter() - started
@@ -228,14 +265,16 @@ class Peer:
             capture.add(exchange._replace(variant=config.name, status=response.status,
                                 response_body=response.body,
                                 response_content_type=content_type, upstream_latency_s=latency))
-        verdict = None
-        if exchange.status < 300 and response.status < 300:
-            size = len(exchange.response_body) + len(response.body)
-            args = (exchange.response_body, exchange.response_content_type, response.body,
-                    content_type)
-            verdict = (compare(*args) if size <= INLINE_COMPARE_BYTES
-                       else await asyncio.to_thread(compare, *args))
-        return Outcome(SENT, response.status, latency, verdict)
+        if exchange.status >= 300 or response.status >= 300:
+            return Outcome(SENT, response.status, latency)
+        args = (exchange.response_body, exchange.response_content_type, response.body,
+                content_type)
+        if (len(exchange.response_body) + len(response.body) <= INLINE_COMPARE_BYTES
+                and cost(*args) <= INLINE_COMPARE_VALUES):
+            return Outcome(SENT, response.status, latency, compare(*args))
+        async with self.compare_gate:
+            verdict = await asyncio.to_thread(compare_bounded, *args)
+        return Outcome(SENT, response.status, latency, verdict, uncompared=verdict is None)
 
     def _counter(self, family: Any, variant: str, *extra: str) -> Any:
         key = (family, variant, *extra)
@@ -267,6 +306,7 @@ class Peer:
                 errors_production=c(metrics.SHADOW_ERRORS, variant, SIDE_PRODUCTION),
                 errors_peer=c(metrics.SHADOW_ERRORS, variant, SIDE_PEER),
                 compared=c(metrics.SHADOW_COMPARED, variant),
+                uncompared=c(metrics.SHADOW_UNCOMPARED, variant),
                 agreed=c(metrics.SHADOW_AGREED, variant),
                 disagreed=c(metrics.SHADOW_DISAGREED, variant),
                 abs_diff=c(metrics.SHADOW_ABS_DIFF, variant),
@@ -283,6 +323,8 @@ class Peer:
             m.latency_peer.observe(outcome.latency_s)
         if outcome.result == FAILED or (outcome.status or 0) >= 400:
             m.errors_peer.inc()
+        if outcome.uncompared:
+            m.uncompared.inc()
         verdict = outcome.verdict
         if verdict is None:
             return
@@ -309,6 +351,7 @@ class _Series(NamedTuple):
     errors_production: Any
     errors_peer: Any
     compared: Any
+    uncompared: Any
     agreed: Any
     disagreed: Any
     abs_diff: Any
@@ -360,11 +403,15 @@ class ShadowTaps:
     went away are stopped.
     """
 
-    def __init__(self, *, rng: random.Random | None = None, max_idle: int = 32) -> None:
+    def __init__(self, *, rng: random.Random | None = None, max_idle: int = 32,
+                 max_response_bytes: int | None = None) -> None:
         self.rng = rng or random.Random()
         self.taps: dict[str, ShadowTap] = {}
         #: The peers' own connections (never production's ``GatewayCore.client``).
-        self.client = UpstreamClient(max_idle=max_idle)
+        self.client = UpstreamClient(max_idle=max_idle, max_response_bytes=max_response_bytes)
+        self.max_response_bytes = max_response_bytes
+        #: One comparison in a thread at a time, for every peer of the gateway.
+        self.compare_gate = asyncio.Semaphore(1)
 
     def apply(self, table: RouteTable, routes: RouteState,
               capture: dict[str, CaptureTap]) -> dict[str, tuple[Tap, ...]]:
@@ -419,7 +466,9 @@ class ShadowTaps:
                 log.info("Endpoint %s: %s gets %g%% of answered requests as copies (%d "
                          "upstream(s), timeout %gs)", tap.endpoint, config.name,
                          config.sampling_percentage, len(config.upstreams), config.timeout_s)
-            tap.peers[key] = Peer(tap.endpoint, config, self.client)
+            tap.peers[key] = Peer(tap.endpoint, config, self.client,
+                                  max_response_bytes=self.max_response_bytes,
+                                  compare_gate=self.compare_gate)
 
     @staticmethod
     def _stop(peer: Peer) -> None:

@@ -23,7 +23,13 @@ What it handles, and why:
   back is retried once on a fresh connection, like browsers and urllib3 do;
 * three failure kinds the gateway answers differently: ``ConnectFailed`` (the
   request was certainly not delivered: safe to send elsewhere),
-  ``ConnectionLost`` (it may have been delivered) and ``UpstreamTimeout``.
+  ``ConnectionLost`` (it may have been delivered) and ``UpstreamTimeout``;
+* answers are read within bounds, whoever serves them: a head (status line and
+  headers) within ``MAX_HEAD_BYTES`` and a body within the client's
+  ``max_response_bytes`` (or a request's own ``max_body``); past either the
+  connection is closed at once and the request fails with ``ResponseTooLarge``,
+  so a model server (a shadow's above all) that answers without end, or sends
+  headers without end, costs the gateway one bound's worth of memory, never more.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ Headers = list[tuple[bytes, bytes]]
 
 #: Bodies above this size are written without concatenating them to the head.
 _CONCAT_LIMIT = 64 * 1024
+#: An answer's status line and headers, bytes at most (what the runtime's own listeners
+#: take from a client, ``HTTP_MAX_HEADER_BYTES``).
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -61,6 +70,10 @@ class ConnectionLost(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     """No full response within the timeout."""
+
+
+class ResponseTooLarge(UpstreamError):
+    """The answer's head or body went over its bound (the connection was closed)."""
 
 
 @dataclass(slots=True)
@@ -92,6 +105,11 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._headers: Headers = []
         self._body: list[bytes] = []
+        #: The current answer's bounds and what came of it so far.
+        self._max_body: int | None = None
+        self._body_bytes = 0
+        self._head_bytes = 0
+        self._head_done = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -100,11 +118,20 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        if self.closed:
+            return  # over a bound: what is still buffered is not parsed
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(f"sent an invalid HTTP response ({exc})")
             self.close()
+            return
+        if not self._head_done and not self.closed:
+            # httptools keeps a header it has not finished in its own buffer: count
+            # every byte until the head is complete (a chunk is at most 256 KiB).
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._too_large(f"sent more than {MAX_HEAD_BYTES} bytes of headers")
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost follows
@@ -119,12 +146,21 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        self._head_done = True
         self._status = self.parser.get_status_code()
 
     def on_body(self, body: bytes) -> None:
+        if self.closed:
+            return
+        self._body_bytes += len(body)
+        if self._max_body is not None and self._body_bytes > self._max_body:
+            self._too_large(f"answered more than {self._max_body} bytes")
+            return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.closed and self.waiter is None:
+            return  # failed over a bound within this chunk
         if not self.parser.should_keep_alive():
             self.close()
         waiter, self.waiter = self.waiter, None
@@ -133,12 +169,16 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(UpstreamResponse(self._status, self._headers, body))
 
     # used by the client
-    def send(self, data: bytes | list[bytes]) -> asyncio.Future[UpstreamResponse]:
+    def send(self, data: bytes | list[bytes],
+             max_body: int | None = None) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
         self.got_bytes = False
         self._status = 0
         self._headers = []
         self._body = []
+        self._max_body = max_body
+        self._body_bytes = self._head_bytes = 0
+        self._head_done = False
         self.waiter = self.loop.create_future()
         if isinstance(data, bytes):
             self.transport.write(data)
@@ -150,6 +190,19 @@ class _Connection(asyncio.Protocol):
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionLost("", detail))
+
+    def _too_large(self, detail: str) -> None:
+        """Over a bound: fail the request, let go of what was read, close at once."""
+        self._body = []
+        self._headers = []
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ResponseTooLarge("", detail))
+        self.closed = True
+        if self.transport is not None:
+            # abort(), not close(): nothing is left to send, and what the peer is still
+            # writing must not be read any further.
+            self.transport.abort()
 
     def close(self) -> None:
         self.closed = True
@@ -195,10 +248,13 @@ class UpstreamClient:
     """Pooled HTTP/1.1 requests to upstream base URLs (``http://host:port``)."""
 
     def __init__(self, *, max_idle: int = 100, idle_ttl_s: float = 4.0,
-                 connect_timeout_s: float = 5.0) -> None:
+                 connect_timeout_s: float = 5.0, max_response_bytes: int | None = None) -> None:
         self.max_idle = max_idle
         self.idle_ttl_s = idle_ttl_s
         self.connect_timeout_s = connect_timeout_s
+        #: Longest answer body read (None: no bound but the timeout); a request may
+        #: ask for less (``max_body``).
+        self.max_response_bytes = max_response_bytes
         self._origins: dict[str, _Origin] = {}
 
     def _origin(self, url: str) -> _Origin:
@@ -209,14 +265,19 @@ class UpstreamClient:
 
     async def request(self, url: str, method: bytes, path: bytes,
                       headers: Sequence[tuple[bytes, bytes]], body: bytes, timeout_s: float, *,
-                      total: bool = False) -> UpstreamResponse:
+                      total: bool = False, max_body: int | None = None) -> UpstreamResponse:
         """Send one request and read the whole response.
 
         ``timeout_s`` bounds the exchange (sending and the answer); with ``total``
         it bounds the whole call, connecting (and a second connection after a
         stale idle one) included, without a context manager per call.
-        Raises ``ConnectFailed``, ``ConnectionLost`` or ``UpstreamTimeout``.
+        ``max_body`` bounds the answer's body below the client's ``max_response_bytes``.
+        Raises ``ConnectFailed``, ``ConnectionLost``, ``UpstreamTimeout`` or
+        ``ResponseTooLarge``.
         """
+        limit = self.max_response_bytes
+        if max_body is not None and (limit is None or max_body < limit):
+            limit = max_body
         origin = self._origin(url)
         head = _request_head(origin, method, path, headers, len(body))
         data: bytes | list[bytes] = head + body if len(body) <= _CONCAT_LIMIT else [head, body]
@@ -224,9 +285,9 @@ class UpstreamClient:
         conn = self._take_idle(origin)
         if conn is None:
             conn = await self._connect(origin, deadline)
-            return await self._exchange(origin, conn, data, _left(timeout_s, deadline))
+            return await self._exchange(origin, conn, data, _left(timeout_s, deadline), limit)
         try:
-            return await self._exchange(origin, conn, data, timeout_s)
+            return await self._exchange(origin, conn, data, timeout_s, limit)
         except ConnectionLost as lost:
             if conn.got_bytes:
                 raise
@@ -239,19 +300,22 @@ class UpstreamClient:
                 conn = await self._connect(origin, deadline)
             except ConnectFailed as exc:
                 raise ConnectionLost(origin.url, f"{lost.detail}, then {exc.detail}") from None
-            return await self._exchange(origin, conn, data, _left(timeout_s, deadline))
+            return await self._exchange(origin, conn, data, _left(timeout_s, deadline), limit)
 
     async def _exchange(self, origin: _Origin, conn: _Connection, data: bytes | list[bytes],
-                        timeout_s: float) -> UpstreamResponse:
+                        timeout_s: float, max_body: int | None = None) -> UpstreamResponse:
         # A timer on the future, not asyncio.timeout()/wait_for(): no extra task
         # or context manager per request on the hot path.
-        waiter = conn.send(data)
+        waiter = conn.send(data, max_body)
         timer = conn.loop.call_later(timeout_s, _expire, waiter, origin.url, timeout_s)
         try:
             response = await waiter
         except ConnectionLost as exc:
             conn.close()
             raise ConnectionLost(origin.url, exc.detail) from None
+        except ResponseTooLarge as exc:
+            conn.close()
+            raise ResponseTooLarge(origin.url, exc.detail) from None
         except BaseException:
             # Timeout or cancellation: the response may still come; never reuse.
             conn.close()
