@@ -112,6 +112,44 @@ def test_open_loop_counts_errors_and_does_not_wait_for_answers() -> None:
     assert res.duration_s < 1.2  # open loop: sending did not wait for answers
 
 
+def test_open_loop_against_a_silent_candidate_keeps_pending_requests_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate that accepts connections and never answers, loaded far beyond its
+    connections: requests waiting for one are bounded (``MAX_WAITING``; here 200) and time
+    out with ``timeout_s`` like the rest. Unbounded, a 20,000/s 10 s step held 200,000
+    tasks (about 600 MiB, over the Job's 1 GiB limit at larger settings) and took five
+    minutes."""
+    monkeypatch.setattr(loadgen, "MAX_WAITING", 200, raising=False)
+
+    async def go() -> tuple[loadgen.LoadResult, int, float]:
+        async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.read()  # until the generator gives up on the connection
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = loadgen.Client([f"http://127.0.0.1:{port}"], timeout_s=0.5,
+                                max_connections=4)
+        peak = 0
+        started = time.monotonic()
+        try:
+            task = asyncio.create_task(loadgen.open_loop(client, [b"{}"], rate=3000,
+                                                         duration_s=2))
+            while not task.done():
+                peak = max(peak, sum("open_loop.<locals>.one" in t.get_coro().__qualname__
+                                     for t in asyncio.all_tasks()))
+                await asyncio.sleep(0.01)
+            return task.result(), peak, time.monotonic() - started
+        finally:
+            client.close()
+            server.close()
+
+    res, peak, took = asyncio.run(go())
+    assert res.sent > 3000 and res.errors == res.sent and res.ok == 0
+    assert peak <= 4 + 200, peak  # the connections, and those waiting for one
+    assert took < 2 + 0.5 + 2, took  # the step, the last timeout, slack for a slow machine
+    assert any("saturated" in s for s in res.error_samples), res.error_samples
+
+
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("mlp")

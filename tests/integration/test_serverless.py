@@ -34,7 +34,7 @@ spec:
     maxConcurrency: {max_concurrency}
     provisionedConcurrency: {provisioned}
     idleTimeout: {idle}
-    coldStartTimeout: 3
+    coldStartTimeout: {cold_start}
   variants:
     - name: main
       model:
@@ -51,11 +51,12 @@ BROKEN = """\
 
 
 def up(local: Local, name: str, model: Path, *, max_concurrency: int = 2,
-       provisioned: int = 0, idle: float = 2, broken: bool = False) -> dict[str, Any]:
+       provisioned: int = 0, idle: float = 2, broken: bool = False,
+       cold_start: float = 3) -> dict[str, Any]:
     local.env["KUBEINFER_AUTOSCALE_INTERVAL_S"] = "0.25"
     spec = local.write(f"{name}.yaml", SERVERLESS.format(
         name=name, model=model, max_concurrency=max_concurrency, provisioned=provisioned,
-        idle=idle) + (BROKEN if broken else ""))
+        idle=idle, cold_start=cold_start) + (BROKEN if broken else ""))
     result = local.run("up", "-d", "-f", str(spec), "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr
     return read_state(local, name)
@@ -99,12 +100,16 @@ def test_idles_to_zero_and_holds_the_next_request(local: Local, models_dir: Path
     client = runtime_client(url)
 
     # A request for the variant whose model never loads is held (bounded by
-    # coldStartTimeout, 3 s) and fills maxConcurrency (1): meanwhile any other
-    # request is refused at once with 429 ThrottlingException.
+    # coldStartTimeout, 3 s, and ended sooner once the scaler says the start failed: not
+    # before the activator asks again, a second after it asked first) and fills
+    # maxConcurrency (1): meanwhile any other request is refused at once with 429
+    # ThrottlingException.
+    with pytest.raises(ClientError):  # boto3 loads its models now, not in the window below
+        invoke(client, "unknown")
     held: list[httpx.Response] = []
     first = threading.Thread(target=lambda: held.append(post(url, "sl", "broken")))
     first.start()
-    time.sleep(0.5)
+    time.sleep(0.3)
     refused = post(url, "sl")
     assert refused.status_code == 429
     assert refused.headers["x-amzn-errortype"] == "ThrottlingException:"
@@ -118,7 +123,11 @@ def test_idles_to_zero_and_holds_the_next_request(local: Local, models_dir: Path
     [timed_out] = held
     assert timed_out.status_code == 503
     assert timed_out.json()["ErrorCode"] == "ServiceUnavailable"
-    assert "became ready within 3s (coldStartTimeout)" in timed_out.json()["Message"]
+    # Bounded by coldStartTimeout, or sooner once the scaler says the start failed.
+    message = timed_out.json()["Message"]
+    assert ("became ready within 3s (coldStartTimeout)" in message
+            or 'variant "broken" (its model failed to load) failed to start' in message), message
+    assert timed_out.headers["retry-after"]
     # The failed start is recorded once its process exits, which on a slow
     # machine can come after the held request's 3 s deadline.
     wait_until(lambda: any("Variant broken: scale-out to 1 failed" in e and "failed to load" in e
@@ -163,3 +172,35 @@ def test_provisioned_concurrency_stays_warm(local: Local, models_dir: Path) -> N
     assert replicas(read_state(local, "warm")) == (1, 1)
     assert pids(local, "warm")["main-0"] == pid
     assert not any("Scaled" in e for e in events(local, "warm"))
+
+
+def test_a_variant_that_cannot_start_is_answered_at_once(local: Local,
+                                                         models_dir: Path) -> None:
+    """The model fails to load: the held request is answered 503 naming the variant as
+    soon as the scaler knows, not after coldStartTimeout (120 s here), and the model
+    server's own words (the model's path) stay in the events."""
+    state = up(local, "sf", models_dir / "iris.onnx", max_concurrency=4, broken=True,
+               cold_start=120)
+    url = state["url"]
+    started = time.monotonic()
+    first = post(url, "sf", "broken")
+    took = time.monotonic() - started
+    assert first.status_code == 503, first.text
+    doc = first.json()
+    assert doc["ErrorCode"] == "ServiceUnavailable"
+    assert ('Endpoint "sf": variant "broken" (its model failed to load) failed to start a '
+            "replica" in doc["Message"]), doc["Message"]
+    assert "nonexistent" not in doc["Message"]
+    retry_after = int(first.headers["retry-after"])
+    assert 1 <= retry_after <= 10
+    assert took < 60, took
+    assert any("Variant broken: scale-out to 1 failed" in e and "nonexistent" in e
+               for e in events(local, "sf"))
+    if retry_after >= 3:  # still before the scaler's next try: answered at once
+        started = time.monotonic()
+        again = post(url, "sf", "broken")
+        assert again.status_code == 503 and "failed to start" in again.json()["Message"]
+        assert time.monotonic() - started < 1.5
+    # The other variant is not held back by it.
+    variant, answer = invoke(runtime_client(url), "sf")
+    assert variant == "main" and answer["predictions"]["label"] == [0]

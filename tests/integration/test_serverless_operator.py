@@ -22,6 +22,7 @@ from kubeinfer_operator.render.k8s_secrets import scaler_token
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import RouteTable, ScaleRequest
 from tests.support.kube_harness import (
+    EmulatorThread,
     Kube,
     operator_on_emulator,
     wait_for,
@@ -45,6 +46,10 @@ ENDPOINT: dict[str, Any] = {
 }
 
 
+#: The module's emulator (its request log), for the tests that count API requests.
+EMULATORS: dict[str, EmulatorThread] = {}
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kube, str]]:
     port = free_port()
@@ -52,8 +57,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Kube, st
     settings = OperatorSettings(standalone=True, status_interval_s=0.3, namespaces=[],
                                 runtime_image="example.test/runtime:1", scaler_port=port,
                                 scaler_url=scaler_url, scaler_signing_key=SIGNING_KEY)
-    with operator_on_emulator(settings, tmp_path_factory.mktemp("kube")) as (kube, _):
+    with operator_on_emulator(settings, tmp_path_factory.mktemp("kube")) as (kube, emulator):
+        EMULATORS["cluster"] = emulator
         yield kube, scaler_url
+        EMULATORS.clear()
 
 
 def replicas(kube: Kube) -> int | None:
@@ -232,3 +239,54 @@ def test_scale_requests_must_prove_their_namespace(cluster: tuple[Kube, str]) ->
     assert post(real, token_for(ns)).status_code == 202
     wait_for(lambda: (kube.get("Deployment", ns, "quiet-main") or {}).get("spec", {})
              .get("replicas") == 1, what="the authenticated scale-up")
+
+
+def test_a_flood_of_valid_scale_requests_costs_a_round_a_second(
+        cluster: tuple[Kube, str]) -> None:
+    """Whoever reads a namespace's scaler token (its Secret) may ask for scale-ups as
+    often as they like: the rounds they cause start at most once a second per Endpoint.
+    Before, they ran back to back: ~30 rounds (over 200 API requests) a second."""
+    kube, scaler_url = cluster
+    ns = "flood"
+    kube.create_namespace(ns)
+    ep = json.loads(json.dumps(ENDPOINT))
+    ep["metadata"]["name"] = "busy"
+    ep["spec"]["serverless"]["idleTimeout"] = 600
+    assert kube.create(ep, ns).status_code == 201
+    wait_for(lambda: (kube.get("Deployment", ns, "busy-main") or {}).get("spec", {})
+             .get("replicas") == 0, what="the variant at zero")
+    emulator = EMULATORS["cluster"].emulator
+    assert emulator is not None
+    # A round reads the Endpoint once; so does each status refresh (every 0.3 s here).
+    endpoint_path = f"/apis/kubeinfer.io/v1alpha1/namespaces/{ns}/endpoints/busy"
+
+    def reads_since(mark: int) -> int:
+        return sum(1 for method, path, _ in emulator.requests[mark:]
+                   if method == "GET" and path.split("?")[0] == endpoint_path)
+
+    mark, started = len(emulator.requests), time.monotonic()
+    time.sleep(3)
+    quiet_rate = reads_since(mark) / (time.monotonic() - started)
+    body = ScaleRequest(endpoint="busy", variant="main", namespace=ns).model_dump_json()
+    flood_s = 3.0
+    mark, started = len(emulator.requests), time.monotonic()
+    stop = started + flood_s
+
+    def flood(_: int) -> int:
+        sent = 0
+        with httpx.Client(timeout=5) as client:
+            while time.monotonic() < stop:
+                assert client.post(scaler_url, content=body,
+                                   headers=token_for(ns)).status_code == 202
+                sent += 1
+        return sent
+
+    with ThreadPoolExecutor(4) as pool:
+        sent = sum(pool.map(flood, range(4)))
+    time.sleep(1.5)  # the round the last requests asked for
+    rounds = reads_since(mark) - quiet_rate * (time.monotonic() - started)
+    assert sent > 100, sent  # a flood: hundreds of requests
+    # One a second and one for the last requests, give or take the refreshes' jitter.
+    assert rounds <= flood_s + 4, (rounds, quiet_rate)
+    wait_for(lambda: (kube.get("Deployment", ns, "busy-main") or {}).get("spec", {})
+             .get("replicas") == 1, what="the scale-up the requests asked for")

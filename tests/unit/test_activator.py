@@ -23,8 +23,9 @@ from kubeinfer_runtime.contract import (
     VariantRoute,
 )
 from kubeinfer_runtime.contract.auth import AuthMode, AuthRoute
+from kubeinfer_runtime.contract.scale import StartFailed
 from kubeinfer_runtime.errors import NotReady, Throttled
-from kubeinfer_runtime.gateway.activator import Activator
+from kubeinfer_runtime.gateway.activator import Activator, start_failure
 from kubeinfer_runtime.gateway.app import GatewayApp
 from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.routing import Pick, choose
@@ -189,3 +190,127 @@ async def test_callers_without_credentials_take_no_serverless_slot(tmp_path: Pat
         hog.cancel()
     await asyncio.gather(*hogs, return_exceptions=True)
     await app.shutdown()
+
+
+async def test_callers_trickling_bodies_take_no_slot_without_auth(tmp_path: Path) -> None:
+    """Without auth too, a slot is taken once the body is read: two callers trickling
+    bodies (at the listener's minimum rate a 4 MB body takes over an hour) used to hold
+    both slots and lock every other caller out with 429."""
+    app = GatewayApp(make_core(tmp_path, table([], max_concurrency=2, timeout=0.2)))
+    path = "/endpoints/sl/invocations"
+
+    async def trickle() -> dict[str, Any]:  # a body that never finishes arriving
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def discard(_: MutableMapping[str, Any]) -> None:
+        pass
+
+    hogs = [asyncio.create_task(app(
+        {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+         "query_string": b"", "headers": [(b"content-length", b"4000000")]}, trickle, discard))
+        for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert app.invocations.activator.in_flight.get("sl", 0) == 0
+    # A whole request is admitted (held for a replica that never comes: 503), not 429.
+    status, headers, body = await _call(app, b"{}")
+    assert status == 503 and b"coldStartTimeout" in body, body
+    assert headers["retry-after"] == "1"
+    assert app.invocations.activator.in_flight["sl"] == 0
+    for hog in hogs:
+        hog.cancel()
+    await asyncio.gather(*hogs, return_exceptions=True)
+    await app.shutdown()
+
+
+async def test_a_full_endpoint_without_auth_answers_429_before_the_body(tmp_path: Path) -> None:
+    app = GatewayApp(make_core(tmp_path, table([], max_concurrency=1, timeout=3)))
+    held = asyncio.create_task(_call(app, b"{}"))
+    await asyncio.sleep(0.1)  # held: the one slot is taken
+    path = "/endpoints/sl/invocations"
+    sent: list[MutableMapping[str, Any]] = []
+    read = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        read += 1
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+               "query_string": b"", "headers": [(b"content-length", b"2")]}, receive, send)
+    assert sent[0]["status"] == 429 and read == 0  # answered without reading the upload
+    assert (b"retry-after", b"1") in sent[0]["headers"]
+    held.cancel()
+    await asyncio.gather(held, return_exceptions=True)
+    await app.shutdown()
+
+
+def failed_answer(retry_after_s: float = 7.0) -> bytes:
+    return StartFailed(message="x", start_failed="its model failed to load",
+                       retry_after_s=retry_after_s).model_dump_json().encode()
+
+
+def test_only_a_start_failed_body_is_a_start_failure() -> None:
+    assert start_failure(503, failed_answer()) is not None
+    # A standby operator's 503, a proxy's, or an accepted request: not about the variant.
+    assert start_failure(503, b'{"message": "This operator replica is a standby"}') is None
+    assert start_failure(503, b"<html>bad gateway</html>") is None
+    assert start_failure(202, failed_answer()) is None
+
+
+async def test_held_requests_end_at_once_when_the_scaler_says_the_start_failed(
+        tmp_path: Path) -> None:
+    """A variant whose model fails to load: the requests held for it are answered 503
+    naming it as soon as the scaler says so, not after coldStartTimeout (here 30 s)."""
+    core = make_core(tmp_path, table([], timeout=30))
+    activator = Activator(core)
+    endpoint = core.routes.endpoints["sl"]
+    refusal = choose(endpoint, None, core.health.down, core.rng)
+    assert isinstance(refusal, NotReady)
+    held = asyncio.create_task(activator.hold(endpoint, None, refusal))
+    await asyncio.sleep(0.1)
+    assert not held.done()
+    assert activator.note_answer(("sl", "main"), 503, failed_answer()) is True
+    result = await asyncio.wait_for(held, 1)
+    assert isinstance(result, NotReady) and result.status == 503
+    assert ('variant "main" (its model failed to load) failed to start a replica'
+            in result.message)
+    assert ("retry-after", "7") in [(k.decode(), v.decode()) for k, v in result.headers]
+    assert activator.held == {("sl", "main"): 0}
+    # Until the scaler tries again, a new request for it is answered at once too.
+    again = await asyncio.wait_for(activator.hold(endpoint, None, refusal), 0.5)
+    assert isinstance(again, NotReady) and "failed to start" in again.message
+    # The scaler accepts the next request (it starts a replica again): held once more.
+    assert activator.note_answer(("sl", "main"), 202, b'{"accepted": true}') is False
+    waiting = asyncio.create_task(activator.hold(endpoint, None, refusal))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    core.apply(table([REPLICA], revision=2))
+    assert isinstance(await asyncio.wait_for(waiting, 2), Pick)
+    await activator.close()
+
+
+async def test_a_start_failure_ends_the_hold_only_when_every_waited_variant_failed(
+        tmp_path: Path) -> None:
+    both = RouteTable(revision=1, endpoints={"sl": EndpointRoute(
+        name="sl", type="Serverless",
+        variants=[VariantRoute(name="a", weight=1, upstreams=[]),
+                  VariantRoute(name="b", weight=1, upstreams=[])],
+        serverless=ServerlessRoute(max_concurrency=2, cold_start_timeout_s=30))})
+    core = make_core(tmp_path, both)
+    activator = Activator(core)
+    endpoint = core.routes.endpoints["sl"]
+    refusal = choose(endpoint, None, core.health.down, core.rng)
+    assert isinstance(refusal, NotReady)
+    held = asyncio.create_task(activator.hold(endpoint, None, refusal))
+    activator.note_answer(("sl", "a"), 503, failed_answer())
+    await asyncio.sleep(0.2)
+    assert not held.done()  # b may still come up
+    activator.note_answer(("sl", "b"), 503, failed_answer(retry_after_s=3))
+    result = await asyncio.wait_for(held, 1)
+    assert isinstance(result, NotReady) and '"a"' in result.message and '"b"' in result.message
+    assert (b"retry-after", b"3") in result.headers  # the sooner of the two tries
+    await activator.close()

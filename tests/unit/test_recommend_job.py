@@ -176,6 +176,26 @@ def test_the_job_is_strict_valid_and_carries_the_request_with_urls() -> None:
     assert EXIT_NO_RECOMMENDATION in rules[0]["onExitCodes"]["values"]
 
 
+def test_the_load_generator_calls_only_the_candidates_services() -> None:
+    """``urls`` belongs to the runtime's contract (the operator fills it); in a spec it
+    is refused, naming the field, and the Job never carries a URL a tenant wrote."""
+    hostile = doc(candidates=[{"name": "t1", "urls": ["http://169.254.169.254"]},
+                              {"name": "t2", "urls": ["http://kubernetes.default.svc:443"]}])
+    with pytest.raises(InvalidRecommendationJob) as exc:
+        validate_recommendation_job("mlp", "ml", hostile["spec"])
+    assert [p for p in exc.value.problems if ".urls" in p] == [
+        f"spec.candidates[{i}].urls: set by the operator (the candidate's own Service in "
+        "this namespace, the only address the load generator calls); remove it"
+        for i in range(2)]
+    # Rendered anyway (an operator that skipped validation): the Services' URLs only.
+    job = rjobs.render_job(planned(hostile), uid=UID, settings=SETTINGS)
+    (env,) = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    request = RecommendRequest.model_validate_json(env["value"])
+    assert [c.urls for c in request.candidates] == [
+        [f"http://mlp-c{i}.ml.svc:{SETTINGS.runtime_port}"] for i in range(2)]
+    assert "169.254" not in env["value"] and "kubernetes.default" not in env["value"]
+
+
 def test_endpoint_ref_uses_the_endpoints_variant() -> None:
     endpoint = {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint",
                 "metadata": {"name": "shop", "namespace": "ml"},

@@ -8,7 +8,9 @@ tests/integration/test_operator_http_bounds.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -18,11 +20,12 @@ import pytest
 from aiohttp import web
 
 from kubeinfer_operator.http_bounds import AnswerLimit, read_bounded
-from kubeinfer_operator.local.scaler import LocalScaler
+from kubeinfer_operator.local.scaler import LocalScaler, start_failure_summary
 from kubeinfer_operator.reconcile.cluster_scaling import authorized_scale
 from kubeinfer_operator.render.k8s_secrets import scaler_token
 from kubeinfer_operator.scaling.cluster import ClusterScaler
 from kubeinfer_runtime.contract import ScaleRequest
+from kubeinfer_runtime.contract.scale import StartFailed
 
 KEY = b"k" * 32
 NS = "ml"
@@ -234,3 +237,87 @@ async def test_an_oversized_answer_is_warned_about_once_per_source_without_its_b
         "until it is smaller"]
     resp, _ = response(10, None)
     assert await limit.read(resp, "http://prom-a:9090") == b"x" * 10
+
+
+async def test_requested_rounds_of_one_endpoint_start_at_most_once_per_interval() -> None:
+    """A flood of valid requests (a namespace's token is readable from its Secret) used to
+    run rounds back to back: ~200 API requests a second against the emulator."""
+    calls: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def quick(namespace: str, endpoint: str) -> None:
+        calls.append(loop.time())
+
+    scaler = ClusterScaler(signing_key=KEY)
+    scaler.known[(NS, "ep")] = frozenset({"main"})
+    scaler.on_request = quick
+    scaler.round_interval_s = 0.3
+    token = scaler_token(KEY, NS)
+    started = loop.time()
+    while loop.time() - started < 1.0:  # a flood for one second
+        assert (await scaler._on_scale(post(token))).status == 202
+        await asyncio.sleep(0.005)
+    await asyncio.wait_for(settle(scaler), 5)
+    assert calls[0] - started < 0.05  # the first at once: a cold start waits for nothing
+    assert 3 <= len(calls) <= 5, calls  # then one per interval, one more for the last ones
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert min(gaps) >= 0.29, gaps
+    assert scaler._rounds == {}
+
+
+async def test_a_round_that_raises_is_logged_and_requests_keep_their_round(
+        caplog: pytest.LogCaptureFixture) -> None:
+    calls = []
+
+    async def failing(namespace: str, endpoint: str) -> None:
+        calls.append(endpoint)
+        if len(calls) == 1:
+            await asyncio.sleep(0.05)
+            raise RuntimeError("the API server is down")
+
+    scaler = ClusterScaler(signing_key=KEY)
+    scaler.known[(NS, "ep")] = frozenset({"main"})
+    scaler.on_request = failing
+    scaler.round_interval_s = 0.0
+    token = scaler_token(KEY, NS)
+    assert (await scaler._on_scale(post(token))).status == 202
+    await asyncio.sleep(0.01)  # the first round runs
+    assert (await scaler._on_scale(post(token))).status == 202  # asks for one more
+    await asyncio.wait_for(settle(scaler), 5)
+    assert calls == ["ep", "ep"] and scaler._rounds == {}
+    assert "Scaling round of Endpoint ml/ep failed" in caplog.text
+
+
+# -- a variant whose start failed -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("error", "summary"), [
+    ('model server main-0 is not ready: Model "m" failed to load from s3://b/secret/m.onnx: x',
+     "its model failed to load"),
+    ("model server main-0 was OOMKilled: over 1Gi", "its model server ran out of memory"),
+    ("model server main-0 exited (1); see /home/u/.kubeinfer/main-0.log",
+     "its model server exited"),
+    ("not ready after 120s", "its model server did not become ready"),
+])
+def test_a_start_failure_is_summarised_without_the_servers_words(error: str,
+                                                                 summary: str) -> None:
+    assert start_failure_summary(error) == summary
+
+
+async def test_the_local_scaler_answers_503_start_failed_until_its_next_try(
+        tmp_path: Path) -> None:
+    supervisor = SimpleNamespace(name="ep", running={"main": object()}, paths=SimpleNamespace(
+        root=tmp_path, log_file=lambda name: tmp_path / f"{name}.log"))
+    scaler = LocalScaler(cast(Any, supervisor))
+    mem = scaler._memory("main")
+    mem.start_failure = "its model failed to load"
+    mem.retry_at = time.monotonic() + 7
+    response = await scaler._on_scale(post(scaler.token))
+    assert response.status == 503
+    assert response.headers["Retry-After"] in {"7", "6"}
+    assert isinstance(response, web.Response) and response.body is not None
+    answer = StartFailed.model_validate_json(cast(bytes, response.body))
+    assert answer.start_failed == "its model failed to load" and 6 < answer.retry_after_s <= 7
+    assert mem.requested_at is not None  # still counted as waiting traffic
+    mem.retry_at = time.monotonic() - 1  # time for the next try
+    assert (await scaler._on_scale(post(scaler.token))).status == 202

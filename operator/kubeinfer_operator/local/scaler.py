@@ -14,6 +14,12 @@ the gateway's activator POSTs a ``contract.ScaleRequest`` to ``/scale``) it:
 
 Scale-out from zero is the cold-start path, so it polls the new server's
 ``/ping`` every 20 ms instead of waiting for the supervisor's monitor tick.
+When that start fails (the model does not load, the server exits or runs out
+of memory) the variant is not tried again for ``RETRY_AFTER_FAILURE_S``, and
+meanwhile a scale request for it is answered 503 with a
+``contract.scale.StartFailed`` body (the kind of failure, never the server's
+own words): the gateway answers the requests it holds for the variant at once
+instead of holding them until ``coldStartTimeout``.
 The scrape endpoint is the supervisor's own little HTTP server (aiohttp, bound
 to 127.0.0.1 on a free port, its connections bounded like the operator's by
 ``http_bounds``), handed to the gateway as ``KUBEINFER_SCALER_URL``.
@@ -32,6 +38,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 import time
@@ -60,6 +67,7 @@ from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_runtime.contract import ScaleRequest
 from kubeinfer_runtime.contract.outbound import redact_url, url_problem
 from kubeinfer_runtime.contract.outbound_io import guarded_connector
+from kubeinfer_runtime.contract.scale import START_FAILED_STATUS, StartFailed
 
 if TYPE_CHECKING:
     from kubeinfer_operator.local.children import Child
@@ -131,6 +139,20 @@ class _VariantMemory:
     retry_at: float = 0.0
     #: The reason of the last change carried out.
     last_scaling: str = ""
+    #: What kind of failure the last failed scale-out was (``start_failure_summary``).
+    start_failure: str = ""
+
+
+def start_failure_summary(error: str) -> str:
+    """What a held request's caller may be told about a failed start (PURE): the kind of
+    failure, never the model server's message (it names model URIs and paths)."""
+    if OOM_KILLED in error:
+        return "its model server ran out of memory"
+    if LOAD_FAILED in error:
+        return "its model failed to load"
+    if " exited " in error:
+        return "its model server exited"
+    return "its model server did not become ready"
 
 
 class LocalScaler:
@@ -194,7 +216,17 @@ class LocalScaler:
             return web.json_response(
                 {"message": f"Variant {scale.endpoint}/{scale.variant} is not served by this "
                             "supervisor: check the gateway's KUBEINFER_SCALER_URL"}, status=404)
-        self._memory(scale.variant).requested_at = time.monotonic()
+        mem = self._memory(scale.variant)
+        now = time.monotonic()
+        mem.requested_at = now
+        if mem.start_failure and now < mem.retry_at:
+            wait = mem.retry_at - now
+            answer = StartFailed(
+                message=f"Variant {scale.endpoint}/{scale.variant}: the last start failed "
+                        f"({mem.start_failure}); the next try is in {wait:.0f}s",
+                start_failed=mem.start_failure, retry_after_s=round(wait, 3))
+            return web.json_response(answer.model_dump(), status=START_FAILED_STATUS,
+                                     headers={"Retry-After": str(max(1, math.ceil(wait)))})
         self._wake.set()
         return web.json_response({"accepted": True}, status=202)
 
@@ -359,7 +391,9 @@ class LocalScaler:
                 if error:
                     sup.event(f"Variant {name}: scale-out to {desired} failed: {error}; "
                               f"retrying in {RETRY_AFTER_FAILURE_S:g}s", level="error")
+                    self._memory(name).start_failure = start_failure_summary(error)
                     return False
+                self._memory(name).start_failure = ""
                 return True
             sup.running[name] = replace(plan, replicas=desired)
             extra = [c for c in sup._variant_children(name, active=True)

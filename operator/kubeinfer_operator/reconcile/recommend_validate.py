@@ -2,8 +2,11 @@
 
 The CRD schema refuses structural errors at ``kubectl apply`` time; this finds
 what needs the whole object: a name that would make its children's names too
-long, resource quantities of the candidates, and relative ``file://`` paths
-(meaningless inside a pod). Every problem at once, each naming its field.
+long, resource quantities of the candidates, relative ``file://`` paths
+(meaningless inside a pod), and ``candidates[].urls``, which the operator sets
+to the candidate's own Service (the load generator calls nothing else; a URL in
+the spec would be silently replaced, so it is refused instead). Every problem
+at once, each naming its field.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ def spec_problems(spec: RecommendationJobSpec, *, on_kubernetes: bool = True) ->
     for i, cand in enumerate(spec.search().expand()):
         problems += _resource_problems(f"spec.candidates[{i}].resources",
                                        cand.resources.requests, cand.resources.limits)
+    for i, listed in enumerate(spec.candidates or []):
+        if listed.urls is not None:
+            problems.append(f"spec.candidates[{i}].urls: set by the operator (the candidate's "
+                            "own Service in this namespace, the only address the load "
+                            "generator calls); remove it")
     if on_kubernetes:
         for field, uri in (("spec.model.uri", spec.model.uri if spec.model else None),
                            ("spec.compiledModelUri", spec.compiledModelUri)):

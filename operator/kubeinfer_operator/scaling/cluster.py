@@ -26,7 +26,11 @@ reconciles (``known``, kept by ``EndpointSync``). Anything else is answered
 401/403/404 at once, without a reconcile and without remembering it, so a
 flood costs neither API calls nor memory. Honoured requests are coalesced
 per Endpoint (:meth:`ClusterScaler.schedule_round`), so a flood of valid ones
-costs at most two rounds at a time. The listener's connections are bounded in
+costs at most two rounds at a time, and the rounds they ask for start at most
+once per ``ROUND_INTERVAL_S`` per Endpoint (the first at once: a cold start
+waits for nothing; without the spacing a namespace's token made the operator
+run rounds back to back, ~200 API requests a second against the emulator).
+The listener's connections are bounded in
 count and lifetime, and gateway and Prometheus answers in size
 (``http_bounds``).
 
@@ -105,6 +109,9 @@ log = logging.getLogger(__name__)
 SCRAPE_TIMEOUT_S = 2.0
 #: Largest scale-request body accepted, bytes.
 MAX_REQUEST_BYTES = 4096
+#: Rounds asked for by scale requests start at most this often per Endpoint, seconds
+#: (gateways repeat a request once a second while they hold requests).
+ROUND_INTERVAL_S = 1.0
 
 Fetch = Callable[[str], Awaitable[str | None]]
 #: (namespace, endpoint) → base URLs (``http://10.0.0.7:9090``) of the metrics
@@ -153,6 +160,8 @@ class ClusterScaler(ScalerMemory):
         #: (namespace, endpoint) whose requested round is scheduled or running -> whether
         #: a request came after it started (then one more round follows it).
         self._rounds: dict[tuple[str, str], bool] = {}
+        #: Least time between the starts of two requested rounds of one Endpoint.
+        self.round_interval_s = ROUND_INTERVAL_S
         self._metrics_limit = AnswerLimit(MAX_METRICS_BYTES, "Gateway metrics")
         self._query_limit = AnswerLimit(MAX_QUERY_BYTES, "Prometheus answer")
         self.kube = kube
@@ -237,7 +246,8 @@ class ClusterScaler(ScalerMemory):
         coalesced: while a round is scheduled it covers them; once it runs (it may
         have read its inputs already) a request asks for one more round after it,
         and no more than one waits, so no scale-from-zero request is lost and a
-        flood costs at most two rounds per Endpoint.
+        flood costs at most two rounds per Endpoint. That next round starts
+        ``round_interval_s`` after the last one started, not sooner.
         """
         if self.on_request is None:
             return
@@ -252,11 +262,20 @@ class ClusterScaler(ScalerMemory):
 
     async def _run_rounds(self, key: tuple[str, str],
                           handle: Callable[[str, str], Coroutine[Any, Any, None]]) -> None:
+        loop = asyncio.get_running_loop()
         try:
             again = True
             while again:
                 self._rounds[key] = False  # requests until now: this round sees them
-                await handle(*key)
+                started = loop.time()
+                try:
+                    await handle(*key)
+                except Exception:  # the next request (or the Endpoint's refresh) retries
+                    log.exception("Scaling round of Endpoint %s/%s failed", *key)
+                # Requests meanwhile and until the interval is over share one round.
+                rest = self.round_interval_s - (loop.time() - started)
+                if rest > 0:
+                    await asyncio.sleep(rest)
                 # Checked and removed with no await in between: a later request
                 # finds no round and starts its own.
                 again = self._rounds[key]

@@ -4,16 +4,24 @@ SageMaker real-time endpoints fail requests while scaling from zero; we hold
 them instead. For a ``type: Serverless`` endpoint the hot path (``proxy``):
 
 1. ``admit``: counts the request in flight, or refuses it with 429
-   ThrottlingException when ``max_concurrency`` requests are already in flight
-   (held ones included), so the queue of held requests is bounded by the same
-   number and never grows without limit;
+   ThrottlingException (``Retry-After: 1``) when ``max_concurrency`` requests
+   are already in flight (held ones included), so the queue of held requests is
+   bounded by the same number and never grows without limit. A request is
+   admitted once its body is read (and its caller authenticated), so a caller
+   trickling a body holds a connection, bounded by the listener, never a slot;
+   without auth, ``full`` answers the 429 before the body is read when every
+   slot is taken already;
 2. when no variant can take it (zero ready replicas), ``hold`` asks the scaler
    for a replica (``POST <scaler_url>`` with a ``contract.ScaleRequest``, at most
    once per ``RESEND_S`` per variant, off the request path) and waits, polling
    the route table every ``POLL_S`` (and, on Kubernetes, re-resolving the
    variant's headless Service every ``REDISCOVER_S``) so the request goes out
    as soon as a ready replica appears; after ``cold_start_timeout_s`` it
-   answers 503;
+   answers 503. When the scaler answers that the variant's last start failed
+   (``contract.scale.StartFailed``: its model failed to load, its server exited
+   or ran out of memory), the requests held for it (and new ones, until the
+   scaler tries again) are answered 503 at once, naming the variant, with
+   ``Retry-After`` until the scaler's next try;
 3. ``release`` when the answer is sent.
 
 Why a POST and not a shared channel: the gateway and the scaler are separate
@@ -27,11 +35,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
+
 from kubeinfer_runtime import metrics
 from kubeinfer_runtime.contract import ScaleRequest
+from kubeinfer_runtime.contract.scale import START_FAILED_STATUS, StartFailed
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError, Throttled
 from kubeinfer_runtime.gateway.core import GatewayCore
 from kubeinfer_runtime.gateway.loops import rediscover_routes, reload_routes
@@ -47,6 +59,22 @@ RESEND_S = 1.0
 #: How often held requests re-resolve per-pod (DNS) upstreams on Kubernetes.
 REDISCOVER_S = 0.25
 _SCALER_TIMEOUT_S = 2.0
+#: ``Retry-After`` of a 429 (maxConcurrency) and of a 503 after coldStartTimeout, seconds.
+RETRY_AFTER_S = 1
+
+
+def start_failure(status: int, body: bytes) -> StartFailed | None:
+    """The scaler's word that a variant's last start failed, from its answer (PURE)."""
+    if status != START_FAILED_STATUS:
+        return None
+    try:
+        return StartFailed.model_validate_json(body)
+    except ValidationError:
+        return None  # a standby's or a proxy's 503: not about the variant
+
+
+def _retry_after(seconds: float) -> list[tuple[bytes, bytes]]:
+    return [(b"retry-after", str(max(1, math.ceil(seconds))).encode())]
 
 
 class Activator:
@@ -55,6 +83,9 @@ class Activator:
         self.in_flight: dict[str, int] = {}
         self.held: dict[tuple[str, str], int] = {}
         self._asked: dict[tuple[str, str], float] = {}
+        #: (endpoint, variant) whose last start failed -> (until when, monotonic; what).
+        #: Keys are route-table variants only, so it is bounded by the table.
+        self._failed: dict[tuple[str, str], tuple[float, str]] = {}
         self._client = UpstreamClient(max_idle=2)
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -70,17 +101,27 @@ class Activator:
 
     # -- admission -------------------------------------------------------------------------
 
-    def admit(self, endpoint: EndpointState) -> Throttled | None:
-        """Count one request in flight, or the 429 to answer when over the limit."""
+    def full(self, endpoint: EndpointState) -> Throttled | None:
+        """The 429 to answer when every maxConcurrency slot is taken (counts nothing)."""
         assert endpoint.serverless is not None
         limit = endpoint.serverless.max_concurrency
         current = self.in_flight.get(endpoint.name, 0)
-        if current >= limit:
-            return Throttled(f'Endpoint "{endpoint.name}" has {current} requests in flight, its '
-                             f"maxConcurrency is {limit}: retry with backoff, or raise "
-                             "spec.serverless.maxConcurrency")
-        self.in_flight[endpoint.name] = current + 1
-        metrics.GATEWAY_IN_FLIGHT.labels(endpoint.name).set(current + 1)
+        if current < limit:
+            return None
+        throttled = Throttled(f'Endpoint "{endpoint.name}" has {current} requests in flight, '
+                              f"its maxConcurrency is {limit}: retry with backoff, or raise "
+                              "spec.serverless.maxConcurrency")
+        throttled.headers = _retry_after(RETRY_AFTER_S)
+        return throttled
+
+    def admit(self, endpoint: EndpointState) -> Throttled | None:
+        """Count one request in flight, or the 429 to answer when over the limit."""
+        throttled = self.full(endpoint)
+        if throttled is not None:
+            return throttled
+        current = self.in_flight.get(endpoint.name, 0) + 1
+        self.in_flight[endpoint.name] = current
+        metrics.GATEWAY_IN_FLIGHT.labels(endpoint.name).set(current)
         return None
 
     def release(self, name: str) -> None:
@@ -117,6 +158,9 @@ class Activator:
         try:
             while True:
                 self._ask(keys, endpoint)
+                failed = self._start_failed(keys, endpoint)
+                if failed is not None:
+                    return failed
                 await asyncio.sleep(POLL_S)
                 current = self.core.routes.endpoints.get(name)
                 if current is None:
@@ -130,10 +174,12 @@ class Activator:
                              name, pick.variant.name, waited)
                     return pick
                 if time.monotonic() - started >= timeout:
-                    return NotReady(
+                    late = NotReady(
                         f'Endpoint "{name}": no replica of variant(s) {", ".join(waiting)} '
                         f"became ready within {timeout:g}s (coldStartTimeout): retry later, or "
                         "set spec.serverless.provisionedConcurrency to keep replicas warm")
+                    late.headers = _retry_after(RETRY_AFTER_S)
+                    return late
                 endpoint = current
         finally:
             for key in keys:
@@ -142,6 +188,32 @@ class Activator:
 
     def waiting(self) -> int:
         return sum(self.held.values())
+
+    def _start_failed(self, keys: list[tuple[str, str]],
+                      endpoint: EndpointState) -> NotReady | None:
+        """The 503 to answer when the last start of every variant the request waits for
+        failed and the scaler has not tried again yet; None to keep holding."""
+        now = time.monotonic()
+        found = []
+        for key in keys:
+            failure = self._failed.get(key)
+            if failure is None:
+                return None
+            until, what = failure
+            if now >= until:
+                del self._failed[key]  # the scaler tries again: hold for that try
+                return None
+            found.append((key[1], until - now, what))
+        if not found:
+            return None
+        names = ", ".join(f'"{v}" ({what})' for v, _, what in found)
+        wait = min(left for _, left, _ in found)
+        refusal = NotReady(
+            f'Endpoint "{endpoint.name}": variant {names} failed to start a replica; the '
+            f"scaler tries again in {math.ceil(wait)}s: retry then, and fix the variant if it "
+            "persists (its scaling events say why)")
+        refusal.headers = _retry_after(wait)
+        return refusal
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
@@ -177,12 +249,29 @@ class Activator:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    def note_answer(self, key: tuple[str, str], status: int, body: bytes) -> bool:
+        """Remember what the scaler answered a scale request for ``key`` (endpoint,
+        variant); True when it said the variant's last start failed."""
+        failure = start_failure(status, body)
+        if failure is None:
+            if status < 300:
+                self._failed.pop(key, None)  # it starts a replica again: hold for it
+            return False
+        if key not in self._failed:
+            log.warning("Scaler: the last start of %s/%s failed (%s); its held requests are "
+                        "answered 503 for %gs", key[0], key[1], failure.start_failed,
+                        failure.retry_after_s)
+        self._failed[key] = (time.monotonic() + failure.retry_after_s, failure.start_failed)
+        return True
+
     async def _post(self, body: bytes, key: tuple[str, str]) -> None:
         assert self._scaler is not None
         base, path = self._scaler
         try:
             response = await self._client.request(base, b"POST", path, self._scaler_headers,
                                                   body, _SCALER_TIMEOUT_S)
+            if self.note_answer(key, response.status, response.body):
+                return
             if response.status >= 300:
                 log.warning("Scaler %s answered %d to a scale-up of %s/%s: %s", base,
                             response.status, key[0], key[1], response.body[:200])

@@ -10,7 +10,9 @@ the gateway's budget is 0.3 ms at p50. Steps, each delegated to pure code:
 3. authenticate the caller (``auth``: SigV4 or a bearer token, when the
    endpoint asks for it) before anything else happens for the request, a
    serverless cold start and a serverless maxConcurrency slot included (a
-   serverless endpoint without auth takes its slot before the body is read);
+   serverless slot is taken once the body is read, with or without auth, so a
+   caller trickling bodies holds connections, which the listener bounds, never
+   the slots; without auth a full endpoint answers 429 before the body is read);
 4. choose a variant and upstream (``routing.choose``, health-aware), and take
    one of the variant's slots (``shedding``: a bounded wait, else 429 at once);
 5. forward over a pooled keep-alive connection (``upstream``) and answer with
@@ -122,16 +124,18 @@ class InvocationHandler:
         if endpoint.serverless is None:
             await self._invoke(scope, receive, send, endpoint, started)
             return
-        if endpoint.name in self.core.auth:
-            # Authenticated before taking one of the maxConcurrency slots: otherwise
-            # callers without credentials, trickling their bodies, hold every slot and
-            # lock the real callers out with 429 (SigV4 signs the body's hash, so the
-            # body is read first either way).
-            await self._invoke(scope, receive, send, endpoint, started, admit=True)
-            return
-        # No auth: the slot is taken before the body is read, as it always was.
-        await self._in_slot(send, endpoint,
-                            lambda: self._invoke(scope, receive, send, endpoint, started))
+        # A maxConcurrency slot is taken once the body is read and the caller
+        # authenticated: otherwise callers trickling their bodies (at the listener's
+        # minimum rate a 4 MB body takes over an hour) hold every slot and lock the
+        # real callers out with 429, and without credentials when the endpoint asks
+        # for them (SigV4 signs the body's hash, so the body is read first either way).
+        if endpoint.name not in self.core.auth:
+            # Nobody to authenticate: a full endpoint says so before the upload.
+            throttled = self.activator.full(endpoint)
+            if throttled is not None:
+                await _send(send, _error(throttled, endpoint.name, ""))
+                return
+        await self._invoke(scope, receive, send, endpoint, started, admit=True)
 
     async def _in_slot(self, send: Send, endpoint: EndpointState,
                        work: Callable[[], Awaitable[None]]) -> None:
