@@ -163,20 +163,7 @@ async def test_callers_without_credentials_take_no_serverless_slot(tmp_path: Pat
     t = t.model_copy(update={"endpoints": {"sl": t.endpoints["sl"].model_copy(
         update={"auth": auth})}})
     app = GatewayApp(make_core(tmp_path, t))
-    path = "/endpoints/sl/invocations"
-
-    async def trickle() -> dict[str, Any]:  # a body that never finishes arriving
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    async def discard(_: MutableMapping[str, Any]) -> None:
-        pass
-
-    hogs = [asyncio.create_task(app(
-        {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
-         "query_string": b"", "headers": [(b"content-length", b"1000")]}, trickle, discard))
-        for _ in range(2)]
-    await asyncio.sleep(0.05)
+    hogs = await _trickling(app, 2, content_length=1000)
     assert app.invocations.activator.in_flight.get("sl", 0) == 0
     status, _, _ = await _call(app, b"{}")  # a complete request without credentials
     assert status == 401
@@ -197,20 +184,7 @@ async def test_callers_trickling_bodies_take_no_slot_without_auth(tmp_path: Path
     bodies (at the listener's minimum rate a 4 MB body takes over an hour) used to hold
     both slots and lock every other caller out with 429."""
     app = GatewayApp(make_core(tmp_path, table([], max_concurrency=2, timeout=0.2)))
-    path = "/endpoints/sl/invocations"
-
-    async def trickle() -> dict[str, Any]:  # a body that never finishes arriving
-        await asyncio.Event().wait()
-        return {"type": "http.disconnect"}
-
-    async def discard(_: MutableMapping[str, Any]) -> None:
-        pass
-
-    hogs = [asyncio.create_task(app(
-        {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
-         "query_string": b"", "headers": [(b"content-length", b"4000000")]}, trickle, discard))
-        for _ in range(2)]
-    await asyncio.sleep(0.05)
+    hogs = await _trickling(app, 2, content_length=4_000_000)
     assert app.invocations.activator.in_flight.get("sl", 0) == 0
     # A whole request is admitted (held for a replica that never comes: 503), not 429.
     status, headers, body = await _call(app, b"{}")
@@ -246,6 +220,31 @@ async def test_a_full_endpoint_without_auth_answers_429_before_the_body(tmp_path
     held.cancel()
     await asyncio.gather(held, return_exceptions=True)
     await app.shutdown()
+
+
+async def _trickling(app: GatewayApp, n: int, *, content_length: int) -> list[asyncio.Task[None]]:
+    """``n`` requests to the serverless endpoint whose bodies never finish arriving,
+    returned once each is waiting for its body (the gateway read its head)."""
+    path = "/endpoints/sl/invocations"
+    waiting = 0
+    all_waiting = asyncio.Event()
+
+    async def trickle() -> dict[str, Any]:
+        nonlocal waiting
+        waiting += 1
+        if waiting == n:
+            all_waiting.set()
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def discard(_: MutableMapping[str, Any]) -> None:
+        pass
+
+    head = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "headers": [(b"content-length", str(content_length).encode())]}
+    hogs = [asyncio.create_task(app(dict(head), trickle, discard)) for _ in range(n)]
+    await asyncio.wait_for(all_waiting.wait(), 10)
+    return hogs
 
 
 def failed_answer(retry_after_s: float = 7.0) -> bytes:
