@@ -595,6 +595,20 @@ def test_a_redis_password_never_enters_the_chart_as_a_value(chart: helm.Chart) -
                                              "existingSecret": "redis-creds"}}})
 
 
+@pytest.mark.parametrize(("values", "expected"), [
+    ({}, "true"),  # each namespace its own Redis user by default
+    ({"aclPerNamespace": True}, "true"),
+    ({"aclPerNamespace": False}, "false"),
+])
+def test_per_namespace_redis_users_follow_the_value(chart: helm.Chart, values: dict[str, Any],
+                                                   expected: str) -> None:
+    redis = {"url": "redis://r:6379/0", **values}
+    deployment = one(render(chart, {"runtime": {"redis": redis}}), "Deployment")
+    assert env_of(deployment)["KUBEINFER_REDIS_ACL"] == expected
+    with pytest.raises(Exception, match="aclPerNamespace"):
+        render(chart, {"runtime": {"redis": {"aclPerNamespace": "no"}}})
+
+
 def test_the_scaler_accepts_only_gateway_pods(chart: helm.Chart) -> None:
     policy = one(render(chart), "NetworkPolicy")
     validate(policy)
