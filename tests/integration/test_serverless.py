@@ -9,6 +9,8 @@ error body; provisioned concurrency stays warm.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -91,7 +93,8 @@ def post(url: str, endpoint: str, variant: str | None = None) -> httpx.Response:
 
 
 def test_idles_to_zero_and_holds_the_next_request(local: Local, models_dir: Path) -> None:
-    state = up(local, "sl", models_dir / "iris.onnx", max_concurrency=1, idle=2, broken=True)
+    state = up(local, "sl", models_dir / "iris.onnx", max_concurrency=1, idle=2, broken=True,
+               cold_start=10)
     assert state["phase"] == "Ready"
     assert [(v["name"], v["replicas"], v["ready"]) for v in state["variants"]] == [
         ("main", 0, 0), ("broken", 0, 0)]
@@ -100,32 +103,39 @@ def test_idles_to_zero_and_holds_the_next_request(local: Local, models_dir: Path
     client = runtime_client(url)
 
     # A request for the variant whose model never loads is held (bounded by
-    # coldStartTimeout, 3 s, and ended sooner once the scaler says the start failed: not
-    # before the activator asks again, a second after it asked first) and fills
-    # maxConcurrency (1): meanwhile any other request is refused at once with 429
-    # ThrottlingException.
+    # coldStartTimeout, 10 s, and ended sooner once the scaler says the start failed) and
+    # fills maxConcurrency (1): meanwhile any other request is refused at once with 429
+    # ThrottlingException. The supervisor (local mode's scaler) is paused while the two
+    # refused calls are made, so the held request cannot end before them, however slowly
+    # they run (the scaler's start-failure answer used to end it first on a loaded run).
     with pytest.raises(ClientError):  # boto3 loads its models now, not in the window below
         invoke(client, "unknown")
     held: list[httpx.Response] = []
     first = threading.Thread(target=lambda: held.append(post(url, "sl", "broken")))
-    first.start()
-    time.sleep(0.3)
-    refused = post(url, "sl")
-    assert refused.status_code == 429
-    assert refused.headers["x-amzn-errortype"] == "ThrottlingException:"
-    doc = refused.json()
-    assert doc["ErrorCode"] == "ThrottlingException" and doc["Message"] == doc["message"]
-    assert 'Endpoint "sl" has 1 requests in flight, its maxConcurrency is 1' in doc["Message"]
-    with pytest.raises(ClientError) as info:
-        invoke(client, "sl")
-    assert info.value.response["Error"]["Code"] == "ThrottlingException"
+    supervisor = state["supervisor_pid"]
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        first.start()
+        time.sleep(0.3)
+        refused = post(url, "sl")
+        assert refused.status_code == 429
+        assert refused.headers["x-amzn-errortype"] == "ThrottlingException:"
+        doc = refused.json()
+        assert doc["ErrorCode"] == "ThrottlingException" and doc["Message"] == doc["message"]
+        assert 'Endpoint "sl" has 1 requests in flight, its maxConcurrency is 1' in (
+            doc["Message"])
+        with pytest.raises(ClientError) as info:
+            invoke(client, "sl")
+        assert info.value.response["Error"]["Code"] == "ThrottlingException"
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
     first.join(timeout=30)
     [timed_out] = held
     assert timed_out.status_code == 503
     assert timed_out.json()["ErrorCode"] == "ServiceUnavailable"
     # Bounded by coldStartTimeout, or sooner once the scaler says the start failed.
     message = timed_out.json()["Message"]
-    assert ("became ready within 3s (coldStartTimeout)" in message
+    assert ("became ready within 10s (coldStartTimeout)" in message
             or 'variant "broken" (its model failed to load) failed to start' in message), message
     assert timed_out.headers["retry-after"]
     # The failed start is recorded once its process exits, which on a slow
