@@ -268,26 +268,54 @@ def test_device_api_and_refusals(server: RuntimeProcess, fleet: Fleet) -> None:
     assert "Traceback" not in server.log()
 
 
-def test_one_capture_upload_per_device_at_a_time(server: RuntimeProcess, fleet: Fleet) -> None:
+def test_one_capture_upload_per_device_at_a_time(tmp_path: Path, fleet: Fleet,
+                                                 redis_server: RedisServer) -> None:
     """A device cannot hold the server's memory with parallel 8 MiB uploads: while one of
     its uploads is in flight the next gets 429 (its records stay on the device); other
     devices upload meanwhile, and the device again once its upload ended."""
-    dev, other = Device(server.url, "dev-1"), Device(server.url, "dev-2")
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as held:
-        held.sendall(b"POST /v1/devices/dev-1/captures HTTP/1.1\r\nHost: x\r\n"
-                     + f"Authorization: Bearer {dev.credential}\r\n".encode()
-                     + b"Content-Type: application/jsonl\r\nContent-Length: 100\r\n\r\n{")
+    # The held upload must outlive however long a loaded machine takes to see it in
+    # flight: the body's silence timeout (10 s by default) is raised for this server, so
+    # the held upload ends only when the test closes it.
+    env = {**_env(fleet, redis_server), "KUBEINFER_HTTP_BODY_TIMEOUT_S": "300"}
+    server = start_runtime("fleet-server", env, tmp_path / "logs")
+    try:
+        dev, other = Device(server.url, "dev-1"), Device(server.url, "dev-2")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as held:
+            held.sendall(b"POST /v1/devices/dev-1/captures HTTP/1.1\r\nHost: x\r\n"
+                         + f"Authorization: Bearer {dev.credential}\r\n".encode()
+                         + b"Content-Type: application/jsonl\r\nContent-Length: 100\r\n\r\n{")
+            seen: list[tuple[int, str]] = []
+
+            def throttled() -> bool:
+                # Until the server has the held upload in hand a second one is accepted
+                # (200); any other answer, or an answer on the held connection, is a
+                # failure to report, not to wait out.
+                held.setblocking(False)
+                try:
+                    answer = held.recv(4096)
+                except BlockingIOError:
+                    answer = None
+                finally:
+                    held.setblocking(True)
+                assert answer is None, f"the held upload was answered: {answer!r}"
+                r = dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
+                                  content=b'{"a": 1}\n')
+                seen.append((r.status_code, r.text[:200]))
+                assert r.status_code in (200, 429), seen[-1]
+                return r.status_code == 429
+
+            wait_until(throttled, 60, "the device's second upload to be throttled")
+            r = dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
+                              content=b'{"a": 1}\n')
+            assert "in flight" in _error(r, 429) and r.headers["retry-after"] == "5"
+            ok = other.http.post("/v1/devices/dev-2/captures", headers=other.auth,
+                                 content=b'{"b": 2}\n')
+            assert ok.status_code == 200, ok.text
         wait_until(lambda: dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
-                                         content=b'{"a": 1}\n').status_code == 429,
-                   10, "the device's second upload to be throttled")
-        r = dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth, content=b'{"a": 1}\n')
-        assert "in flight" in _error(r, 429) and r.headers["retry-after"] == "5"
-        ok = other.http.post("/v1/devices/dev-2/captures", headers=other.auth,
-                             content=b'{"b": 2}\n')
-        assert ok.status_code == 200, ok.text
-    wait_until(lambda: dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
-                                     content=b'{"a": 1}\n').status_code == 200,
-               15, "the device to upload again once its held upload ended")
+                                         content=b'{"a": 1}\n').status_code == 200,
+                   30, "the device to upload again once its held upload ended")
+    finally:
+        server.stop()
 
 
 def test_the_status_token_reads_the_fleet_and_nothing_else(server: RuntimeProcess,
