@@ -21,7 +21,14 @@ both the inline and the ASGI paths are covered) adds the bounds of
   ``http_keepalive_timeout_s`` of idleness between requests;
 * ``http_max_connections`` per process: past it the longest-idle connection
   (between requests, or open without a byte) is closed; when none is idle the
-  new one gets 503 and is closed.
+  new one gets 503 and is closed;
+* ``http_max_body_bytes_held`` per process: the bytes of requests received
+  whose answer is not yet sent (the body bound alone let a hundred callers,
+  each holding 6 MB a byte short of its Content-Length at the minimum rate for
+  hours, hold 600 MB of a 512 MiB gateway: an out-of-memory kill that loses
+  every request in flight). Past it the upload that began longest ago, a
+  trickling one first, gets 503 and is closed; requests already with the app
+  are never cut.
 
 Time limits are enforced by one sweep per event loop over the open
 connections (every quarter of the shortest timeout, at most once a second)
@@ -36,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import resource
 from enum import Enum
 from typing import Any
@@ -51,6 +59,11 @@ log = logging.getLogger("kubeinfer.http")
 
 #: Most connections a process keeps when the limit is derived from the fd limit.
 MAX_AUTO_CONNECTIONS = 10_000
+#: Fewest request bytes a process may hold when the bound is derived from its memory:
+#: a few requests of the largest real-time body (6 MB) and their heads.
+MIN_AUTO_BYTES_HELD = 16 * 1024 * 1024
+#: cgroup v2's and v1's memory limit files; v1 writes a huge number for "no limit".
+CGROUP_MEMORY_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
 class HeadersTooLarge(RuntimeServiceError):
@@ -93,6 +106,58 @@ def max_connections() -> int:
     return auto_max_connections(soft if soft != resource.RLIM_INFINITY else 65536)
 
 
+def auto_max_bytes_held(memory_limit: int | None, physical: int) -> int:
+    """A quarter of the memory the process may use, at least ``MIN_AUTO_BYTES_HELD``: the
+    rest is the interpreter, the app, and the copies an app makes of what it holds."""
+    limit = memory_limit if memory_limit is not None and memory_limit < physical else physical
+    return max(MIN_AUTO_BYTES_HELD, limit // 4)
+
+
+def parse_cgroup_memory_limit(text: str) -> int | None:
+    """A cgroup memory limit file's value in bytes; None for no limit ("max", or v1's
+    page-rounded 2**63) or text that is not a number."""
+    text = text.strip()
+    if not text.isdigit():
+        return None
+    value = int(text)
+    return value if value < 1 << 60 else None
+
+
+def cgroup_memory_limit() -> int | None:
+    for path in CGROUP_MEMORY_FILES:
+        try:
+            with open(path) as f:
+                text = f.read(64)
+        except OSError:
+            continue
+        return parse_cgroup_memory_limit(text)
+    return None
+
+
+class BodyBudget:
+    """Bytes of requests this process holds: received on a connection since its last
+    answer was sent (``LimitedHttpProtocol._received``, summed), against ``limit``."""
+
+    __slots__ = ("held", "limit", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.held = 0
+        self.limit = limit
+        #: Uploads answered 503 because the process held its bound.
+        self.refused = 0
+
+
+@functools.cache
+def body_budget() -> BodyBudget:
+    """The process's one budget: every server and connection in it draws on the same
+    memory."""
+    configured = current_settings().http_max_body_bytes_held
+    if configured is None:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        configured = auto_max_bytes_held(cgroup_memory_limit(), physical)
+    return BodyBudget(configured)
+
+
 def sweep_interval(settings: HttpConfig) -> float:
     shortest = min(settings.http_header_timeout_s, settings.http_body_timeout_s)
     return max(0.05, min(1.0, shortest / 4))
@@ -129,6 +194,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits = current_settings()
+        self._budget = body_budget()
         self.timeout_keep_alive = self.limits.http_keepalive_timeout_s  # type: ignore[assignment]
         self._phase = Phase.HEAD
         self._phase_since = self.loop.time()
@@ -179,10 +245,21 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         return (self._received == 0 and (cycle is None or cycle.response_complete)
                 and not self.pipeline and not self.transport.is_closing())
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        super().connection_lost(exc)
+
+    def _release(self) -> None:
+        """What this connection holds goes back to the process's budget."""
+        self._budget.held -= self._received
+        self._received = 0
+
     # -- bytes in
 
     def data_received(self, data: bytes) -> None:
         self._received += len(data)
+        budget = self._budget
+        budget.held += len(data)
         super().data_received(data)
         if self._refusal is not None:
             self._refuse(self._refusal)
@@ -194,6 +271,47 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                     "bytes (KUBEINFER_HTTP_MAX_HEADER_BYTES): send fewer or smaller headers"))
         elif self._phase is Phase.BODY:
             self._phase_since = self.loop.time()  # data came: the silence starts again
+        if budget.held > budget.limit:
+            self._over_budget()
+
+    def _over_budget(self) -> None:
+        """Refuse uploads, the one that began longest ago first, until the process holds
+        no more than its bound. A trickling upload is the oldest by construction; a
+        request already with the app (its body whole) is never cut, so with only those
+        over the bound nothing is refused here (their answers release them)."""
+        budget = self._budget
+        while budget.held > budget.limit:
+            uploads = [c for c in self.connections
+                       if isinstance(c, LimitedHttpProtocol) and c.uploading]
+            if not uploads:
+                return
+            victim = min(uploads, key=lambda c: c._upload_since)
+            budget.refused += 1
+            log.warning("Request bytes held reached %d (KUBEINFER_HTTP_MAX_BODY_BYTES_HELD): "
+                        "refusing the oldest upload (%d bytes)", budget.limit, victim._received)
+            victim._refuse_upload(NotReady(
+                f"The server holds its maximum of {budget.limit} bytes of requests "
+                "(KUBEINFER_HTTP_MAX_BODY_BYTES_HELD) and this upload began before the "
+                "others: retry with backoff, sending the body at once"))
+
+    @property
+    def uploading(self) -> bool:
+        """Still receiving a request's head or body: it can be refused."""
+        return (self._received > 0 and self._phase is not Phase.OTHER
+                and not self.transport.is_closing())
+
+    @property
+    def _upload_since(self) -> float:
+        return self._body_since if self._phase is Phase.BODY else self._phase_since
+
+    def _refuse_upload(self, err: RuntimeServiceError) -> None:
+        cycle = self.cycle
+        if (self._phase is Phase.BODY and cycle is not None
+                and getattr(cycle, "response_started", False)):
+            self.transport.close()
+        else:
+            self._refuse(err)
+        self._release()  # at once: the loop above must see it gone
 
     # -- parser callbacks (``inline_http`` calls the ``limits_*`` hooks from its overrides)
 
@@ -247,7 +365,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         # A pipelined request's body may be under way: its count stays right.
         self._body_base -= self._received
-        self._received = 0
+        self._release()
         self._idle_since = self.loop.time()
         super().on_response_complete()
 

@@ -548,6 +548,46 @@ EDGE_CONTROLLER_LEADER = Gauge(
 )
 
 
+# ============================================================ HTTP bounds (every role)
+
+
+class _HttpBoundsCollector(Collector):
+    """What ``http_limits`` holds against its per-process bounds, read at scrape time.
+
+    Read through ``sys.modules``, not imported: a process that never served HTTP (a
+    batch step, the CLI) exports nothing and pays no uvicorn import for it.
+    """
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # what collect yields depends on the process: not described
+
+    def collect(self) -> Iterator[Metric]:
+        import sys
+
+        from prometheus_client.core import GaugeMetricFamily
+
+        limits = sys.modules.get("kubeinfer_runtime.http_limits")
+        if limits is None or limits.body_budget.cache_info().currsize == 0:
+            return
+        budget = limits.body_budget()
+        yield GaugeMetricFamily(
+            "kubeinfer_http_request_bytes_held",
+            "Bytes of requests received whose answer is not yet sent, in this process",
+            value=budget.held)
+        yield GaugeMetricFamily(
+            "kubeinfer_http_request_bytes_held_limit",
+            "The bound on them (KUBEINFER_HTTP_MAX_BODY_BYTES_HELD)", value=budget.limit)
+        refused = CounterMetricFamily(
+            "kubeinfer_http_uploads_refused",
+            "Uploads answered 503 because the process held its bound of request bytes",
+            labels=())
+        refused.add_metric([], budget.refused)
+        yield refused
+
+
+REGISTRY.register(_HttpBoundsCollector())
+
+
 # ============================================================ exposition
 
 

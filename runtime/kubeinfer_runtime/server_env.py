@@ -69,6 +69,8 @@ class HttpConfig(Protocol):
     def http_keepalive_timeout_s(self) -> float: ...
     @property
     def http_max_connections(self) -> int | None: ...
+    @property
+    def http_max_body_bytes_held(self) -> int | None: ...
 
 
 class ServerConfig(Protocol):
@@ -137,6 +139,7 @@ class HttpEnv:
     http_body_min_rate_bytes_s: float = 1024.0
     http_keepalive_timeout_s: float = 5.0
     http_max_connections: int | None = None
+    http_max_body_bytes_held: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +259,7 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], tuple[str, ...]]] = {
     "http_body_min_rate_bytes_s": (_non_negative_float, ()),
     "http_keepalive_timeout_s": (_positive_float, ()),
     "http_max_connections": (_int(1), ()),
+    "http_max_body_bytes_held": (_int(1), ()),
     "host": (_str, ()),
     "port": (_int(), ()),
     "workers": (_int(1), ()),

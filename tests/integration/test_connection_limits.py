@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -217,9 +218,10 @@ def test_too_many_headers_get_431(servers: dict[str, tuple[RuntimeProcess, str]]
     assert_serves(proc, path)
 
 
+@pytest.mark.parametrize("role", ROLES)
 def test_unfinished_huge_headers_on_many_connections_stay_bounded(
-        servers: dict[str, tuple[RuntimeProcess, str]]) -> None:
-    proc, path = servers["gateway"]
+        servers: dict[str, tuple[RuntimeProcess, str]], role: str) -> None:
+    proc, path = servers[role]
     before = rss_mb(proc)
     socks = [connect(proc) for _ in range(40)]
     try:
@@ -271,3 +273,121 @@ def test_idle_connections_cannot_exhaust_the_descriptors(
         for sock in socks:
             sock.close()
         proc.stop()
+
+
+# -- the bound on request bytes a process holds (KUBEINFER_HTTP_MAX_BODY_BYTES_HELD)
+
+HELD_LIMIT = 1 << 20
+#: A valid JSON request padded with trailing spaces to exactly this many bytes.
+PADDED = 1_000_000
+
+
+def padded_body() -> bytes:
+    return BODY + b" " * (PADDED - len(BODY))
+
+
+@pytest.fixture(scope="module")
+def held_servers(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[dict[str, tuple[RuntimeProcess, str]]]:
+    """The three roles holding at most 1 MiB of requests each. The body timeout is long:
+    an upload must stay held until the test refuses it, however loaded the machine."""
+    tmp = tmp_path_factory.mktemp("held")
+    bounds = {"KUBEINFER_HTTP_MAX_BODY_BYTES_HELD": str(HELD_LIMIT),
+              "KUBEINFER_HTTP_BODY_TIMEOUT_S": "300"}
+    model = {"KUBEINFER_MODEL_URI": f"file://{models_dir / 'iris.onnx'}",
+             "KUBEINFER_ENDPOINT_NAME": "iris", "KUBEINFER_VARIANT_NAME": "main", **bounds}
+    out: dict[str, tuple[RuntimeProcess, str]] = {}
+    try:
+        ms = start_runtime("model-server", model, tmp / "logs")
+        out["model-server"] = (ms, "/invocations")
+        asgi = start_runtime("model-server", {**model, "KUBEINFER_INLINE_HTTP": "false"},
+                             tmp / "logs")
+        out["model-server (ASGI path)"] = (asgi, "/invocations")
+        routes = tmp / "routes.json"
+        RouteTable(endpoints={"iris": EndpointRoute(name="iris", variants=[
+            VariantRoute(name="main", weight=1, upstreams=[ms.url])])}).write_atomic(routes)
+        gw = start_runtime("gateway", {"KUBEINFER_ROUTE_TABLE_PATH": str(routes), **bounds},
+                           tmp / "logs")
+        out["gateway"] = (gw, "/endpoints/iris/invocations")
+        yield out
+    finally:
+        for proc, _ in out.values():
+            proc.stop()
+
+
+def held_metrics(proc: RuntimeProcess) -> dict[str, float]:
+    text = httpx.get(proc.url + "/metrics", timeout=10).text
+    names = ("kubeinfer_http_request_bytes_held", "kubeinfer_http_request_bytes_held_limit",
+             "kubeinfer_http_uploads_refused_total")
+    found = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+             if line.split(" ", 1)[0] in names}
+    assert set(found) == set(names), found
+    return found
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_the_oldest_upload_is_refused_when_the_process_holds_its_bound(
+        held_servers: dict[str, tuple[RuntimeProcess, str]], role: str) -> None:
+    """Two uploads of 600 KB held against a 1 MiB bound: the older gets 503 naming the
+    setting, the newer completes and is answered, and nothing stays counted after."""
+    proc, path = held_servers[role]
+    before = held_metrics(proc)
+    assert before["kubeinfer_http_request_bytes_held_limit"] == HELD_LIMIT
+    body = padded_body()
+    with connect(proc) as old, connect(proc) as new:
+        old.sendall(post_head(path, PADDED) + body[:600_000])
+        # Condition, not a sleep: the server has read the older upload (the scrape's own
+        # request is a few hundred bytes).
+        deadline = time.monotonic() + 30
+        while held_metrics(proc)["kubeinfer_http_request_bytes_held"] < 600_000:
+            assert time.monotonic() < deadline, "the server never read the first upload"
+            time.sleep(0.02)
+        new.sendall(post_head(path, PADDED, "Connection: close\r\n") + body[:600_000])
+        refused = read_reply(old)
+        assert status_of(refused) == 503, refused[:300]
+        assert b"KUBEINFER_HTTP_MAX_BODY_BYTES_HELD" in refused
+        new.sendall(body[600_000:])
+        answer = read_reply(new)
+    assert status_of(answer) == 200, answer[:300]
+    assert b"predictions" in answer
+    after = held_metrics(proc)
+    assert after["kubeinfer_http_uploads_refused_total"] == \
+        before["kubeinfer_http_uploads_refused_total"] + 1
+    assert after["kubeinfer_http_request_bytes_held"] < 4096  # this scrape alone
+    assert_serves(proc, path)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_many_large_uploads_cannot_hold_more_than_the_bound(
+        held_servers: dict[str, tuple[RuntimeProcess, str]], role: str) -> None:
+    """Sixty uploads of 900 KB, each a byte short of its Content-Length (54 MB, held
+    for hours at the minimum rate without the bound): the process holds at most 1 MiB,
+    every older upload is refused with 503, and normal requests are served meanwhile."""
+    proc, path = held_servers[role]
+    body = padded_body()
+    refused_before = held_metrics(proc)["kubeinfer_http_uploads_refused_total"]
+    rss_before = rss_mb(proc)
+    socks = [connect(proc) for _ in range(60)]
+    try:
+        for sock in socks:
+            send_all(sock, post_head(path, PADDED) + body[:900_000])
+        deadline = time.monotonic() + 60
+        while held_metrics(proc)["kubeinfer_http_uploads_refused_total"] < refused_before + 59:
+            assert time.monotonic() < deadline, held_metrics(proc)
+            time.sleep(0.05)
+        metrics = held_metrics(proc)
+        assert metrics["kubeinfer_http_request_bytes_held"] <= HELD_LIMIT
+        assert rss_mb(proc) - rss_before < 25
+        # Which upload stays is the server's order of reading them, not the test's of
+        # sending: the 59 refused ones have their answer (and the close) waiting.
+        answered: list[socket.socket] = []
+        while len(answered) < 59:
+            assert time.monotonic() < deadline, f"{len(answered)} answered"
+            answered = select.select(socks, [], [], 1)[0]
+        replies = [read_reply(sock) for sock in answered]
+        assert all(status_of(r) == 503 for r in replies), [r[:100] for r in replies]
+        assert len(answered) == 59  # the one left holds its 900 KB, under the bound
+        assert_serves(proc, path)
+    finally:
+        for sock in socks:
+            sock.close()

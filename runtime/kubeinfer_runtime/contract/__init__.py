@@ -375,6 +375,11 @@ class HttpSettings(EnvSettings):
     #: closed, or the new one answered 503 when none is idle. None: three
     #: quarters of the open-file limit, at most 10,000.
     http_max_connections: int | None = Field(default=None, ge=1)
+    #: Bytes of requests (heads and bodies) a process holds at once: received, their
+    #: answer not yet sent. Past it the upload that began longest ago is answered 503
+    #: and closed. None: a quarter of the process's memory limit (its cgroup's, else
+    #: the machine's), at least 16 MiB.
+    http_max_body_bytes_held: int | None = Field(default=None, ge=1)
 
 
 class _RoleSettings(HttpSettings):
