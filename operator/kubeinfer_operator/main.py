@@ -129,7 +129,8 @@ def build_registry(settings: OperatorSettings, client: KubeClient | None = None,
     outbound = ours.outbound_policy()
     scaler = ClusterScaler(port=ours.scaler_port, redis_url=ours.redis_url, outbound=outbound,
                            signing_key=k8s_secrets.signing_key(ours), kube=kube,
-                           metrics_port=ours.metrics_port)
+                           metrics_port=ours.metrics_port,
+                           promql_label=ours.promql_namespace_label)
     scaler.on_change = metrics.scale_decision
     sync = EndpointSync(kube, ours, scaler=scaler, outbound=outbound, metrics=metrics)
 

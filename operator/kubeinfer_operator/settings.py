@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubeinfer_operator.api.placement import validated as validated_pod_template
+from kubeinfer_operator.reconcile.promql_scope import DEFAULT_PROMQL_NAMESPACE_LABEL
 from kubeinfer_operator.render import redis_users
 from kubeinfer_runtime.contract.auth import AuthMode
 from kubeinfer_runtime.contract.outbound import OutboundPolicy
@@ -105,6 +106,12 @@ class OperatorSettings(BaseSettings):
     #: may point at these otherwise refused addresses (link-local/metadata, the
     #: API server): comma-separated CIDRs or host names (``contract.outbound``).
     outbound_allow: str = ""
+    #: The label every selector of an Endpoint's PromQL (autoscaling Custom queries,
+    #: promQL alarms) must pin to the Endpoint's namespace, so a tenant reads only its
+    #: own series from a shared Prometheus (``reconcile.promql_scope``); empty: not
+    #: checked (a single-tenant cluster, or a Prometheus per tenant).
+    promql_namespace_label: str = Field(default=DEFAULT_PROMQL_NAMESPACE_LABEL,
+                                        pattern=r"^([a-zA-Z_][a-zA-Z0-9_]*)?$")
     #: Annotation/label prefix kopf keeps its handler progress under.
     kopf_state_prefix: str = "kubeinfer.io"
     #: Port of the operator's own Prometheus listener (``GET /metrics``: reconciles by

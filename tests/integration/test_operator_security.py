@@ -115,6 +115,32 @@ def test_the_runtime_secret_goes_with_the_last_endpoint(kube: Kube) -> None:
              what="the runtime Secret collected with its last owner")
 
 
+def test_promql_that_could_read_another_namespace_is_invalid(kube: Kube) -> None:
+    """The operator queries a Prometheus shared by the cluster for Custom metrics and
+    reports the value back: a selector not pinned to the Endpoint's own namespace is
+    refused before any query is sent; with {namespace} the same spec is accepted."""
+    doc = endpoint("peek")
+    doc["spec"]["variants"][0]["autoscaling"] = {
+        "maxReplicas": 2, "prometheusUrl": "http://prometheus.monitoring:9090",
+        "targetTracking": [{"metric": "Custom", "target": 1,
+                            "query": 'sum(rate(http_requests_total{namespace="payments"}[5m]))'}]}
+    assert kube.create(doc, NS).status_code == 201
+    ready = wait_for(lambda: conditions(kube, "peek").get("Ready"), what="a Ready condition")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert "spec.variants[0].autoscaling.targetTracking[0].query" in ready["message"]
+    assert f'namespace="{NS}"' in ready["message"]
+    assert kube.get("Deployment", NS, "peek-gateway") is None
+    fixed = endpoint("own")
+    fixed["spec"]["variants"][0]["autoscaling"] = {
+        **doc["spec"]["variants"][0]["autoscaling"],
+        "targetTracking": [{"metric": "Custom", "target": 1,
+                            "query": 'sum(rate(http_requests_total{namespace="{namespace}"}'
+                                     '[5m]))'}]}
+    assert kube.create(fixed, NS).status_code == 201
+    wait_for(lambda: kube.get("Deployment", NS, "own-gateway"), what="the gateway rendered")
+    assert conditions(kube, "own").get("Ready", {}).get("reason") != "InvalidSpec"
+
+
 @pytest.mark.parametrize(("field", "spec", "url"), [
     ("spec.async.notification.errorUrl",
      {"type": "Async", "async": {"outputPath": "s3://b/out",

@@ -30,6 +30,8 @@ LOOPBACK_REFUSED = replace(OPEN, extra_refused=(ipaddress.ip_network("127.0.0.0/
 class Server:
     base: str
     hits: list[str] = field(default_factory=list)
+    #: The PromQL each query to /prom carried.
+    queries: list[str] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -52,6 +54,7 @@ async def server() -> AsyncIterator[Server]:
 
     async def query(request: web.Request) -> web.Response:
         seen.hits.append(f"{request.method} {request.path}")
+        seen.queries.append(request.query.get("query", ""))
         return web.json_response({"status": "success", "data": {
             "resultType": "vector", "result": [{"metric": {}, "value": [0, "42.5"]}]}})
 
@@ -153,14 +156,36 @@ async def test_even_a_followed_redirect_cannot_reach_a_refused_address(server: S
 async def test_operator_prometheus_queries_obey_the_policy(server: Server) -> None:
     scaler = ClusterScaler(outbound=OPEN)
     refusing = ClusterScaler(outbound=LOOPBACK_REFUSED)
+    up = 'up{namespace="{namespace}"}'
     try:
-        assert await scaler._prometheus(server.base + "/prom", "up") == 42.5
+        assert await scaler._prometheus(server.base + "/prom", up, "team-a") == 42.5
         assert server.hits == ["GET /prom/api/v1/query"]
-        assert await scaler._prometheus(server.base + "/moved", "up") is None  # not followed
+        assert server.queries == ['up{namespace="team-a"}']  # the placeholder filled in
+        assert await scaler._prometheus(server.base + "/moved", up, "team-a") is None
         assert server.hits == ["GET /prom/api/v1/query", "GET /moved/api/v1/query"]
-        assert await refusing._prometheus(server.base + "/prom", "up") is None
-        assert await scaler._prometheus("http://169.254.169.254/", "up") is None
+        assert await refusing._prometheus(server.base + "/prom", up, "team-a") is None
+        assert await scaler._prometheus("http://169.254.169.254/", up, "team-a") is None
         assert len(server.hits) == 2
     finally:
         await scaler.close()
         await refusing.close()
+
+
+async def test_operator_prometheus_queries_read_only_their_namespace(server: Server) -> None:
+    """Checked again as sent (admission checked it too): a query that could read another
+    namespace's series is never sent; with the check off (a Prometheus per tenant), it is."""
+    scaler = ClusterScaler(outbound=OPEN)
+    unchecked = ClusterScaler(outbound=OPEN, promql_label="")
+    base = server.base + "/prom"
+    try:
+        for query in ("up", 'sum(rate(x{namespace="team-b"}[5m]))',
+                      'x{namespace="team-a"} / on() y', 'x{namespace=~"team-a|team-b"}'):
+            assert await scaler._prometheus(base, query, "team-a") is None, query
+        assert server.hits == []
+        assert await scaler._prometheus(base, 'x{namespace="{namespace}"} / on() '
+                                              'y{namespace="team-a"}', "team-a") == 42.5
+        assert await unchecked._prometheus(base, "up", "team-a") == 42.5
+        assert server.queries == ['x{namespace="team-a"} / on() y{namespace="team-a"}', "up"]
+    finally:
+        await scaler.close()
+        await unchecked.close()

@@ -609,6 +609,22 @@ def test_per_namespace_redis_users_follow_the_value(chart: helm.Chart, values: d
         render(chart, {"runtime": {"redis": {"aclPerNamespace": "no"}}})
 
 
+@pytest.mark.parametrize(("values", "expected"), [
+    ({}, "namespace"),  # every Endpoint's PromQL pinned to its namespace by default
+    ({"promqlNamespaceLabel": "kubernetes_namespace"}, "kubernetes_namespace"),
+    ({"promqlNamespaceLabel": ""}, ""),  # off: a single tenant, or a Prometheus per tenant
+])
+def test_the_promql_namespace_label_follows_the_value(chart: helm.Chart, values: dict[str, Any],
+                                                      expected: str) -> None:
+    security = {"outboundAllowList": [], "promqlNamespaceLabel": "namespace", **values}
+    deployment = one(render(chart, {"security": security}), "Deployment")
+    assert env_of(deployment)["KUBEINFER_PROMQL_NAMESPACE_LABEL"] == expected
+    assert OperatorSettings(promql_namespace_label=expected).promql_namespace_label == expected
+    with pytest.raises(Exception, match="promqlNamespaceLabel"):
+        render(chart, {"security": {"outboundAllowList": [],
+                                    "promqlNamespaceLabel": 'namespace="x"'}})
+
+
 def test_the_scaler_accepts_only_gateway_pods(chart: helm.Chart) -> None:
     policy = one(render(chart), "NetworkPolicy")
     validate(policy)

@@ -168,8 +168,10 @@ class PromQLAlarm(_Spec):
     query: Annotated[
         str,
         Field(description="PromQL returning one number, sent to autoRollback.prometheusUrl; "
-                          "{endpoint} and {variant} are replaced by the Endpoint's and the "
-                          "green fleet's route names (as the gateway labels its metrics).",
+                          "{endpoint}, {variant} and {namespace} are replaced by the "
+                          "Endpoint's and the green fleet's route names (as the gateway "
+                          "labels its metrics) and the namespace; on Kubernetes every "
+                          "selector must name the namespace.",
               min_length=1, max_length=MAX_QUERY),
     ]
     threshold: Annotated[float, Field(description="The value compared with the query's.")]

@@ -20,7 +20,7 @@ from kubeinfer_operator.api.async_config import AsyncConfig
 from kubeinfer_operator.api.compile_options import ModelCompile
 from kubeinfer_operator.api.cron import parse_cron
 from kubeinfer_operator.api.data_capture import DataCapture
-from kubeinfer_operator.api.deployment_config import DeploymentConfig, RolloutStatus
+from kubeinfer_operator.api.deployment_config import MAX_QUERY, DeploymentConfig, RolloutStatus
 from kubeinfer_operator.api.placement import GatewaySettings, PodTemplate
 from kubeinfer_runtime.contract.auth import AuthMode
 
@@ -382,8 +382,10 @@ class _MetricRef(_Spec):
     ]
     query: Annotated[
         str | None,
-        Field(description="PromQL query returning one number (metric: Custom only).",
-              min_length=1),
+        Field(description="PromQL query returning one number (metric: Custom only); "
+                          "{namespace} is replaced by the Endpoint's namespace, and on "
+                          "Kubernetes every selector must name it.",
+              min_length=1, max_length=MAX_QUERY),
     ] = None
 
     @model_validator(mode="after")

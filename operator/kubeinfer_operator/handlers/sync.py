@@ -189,7 +189,8 @@ class EndpointSync:
         old_status: dict[str, Any] = obj.get("status") or {}
         try:
             endpoint = validate_endpoint(name, namespace, obj.get("spec"),
-                                         outbound=self.outbound)
+                                         outbound=self.outbound,
+                                         promql_label=self.settings.promql_namespace_label)
             plan = plan_endpoint(endpoint, generation=generation)
             _check_on_kubernetes(plan, namespace, name, self.settings.redis_url)
         except InvalidSpec as exc:
@@ -323,8 +324,9 @@ class EndpointSync:
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return
         try:
-            plan = plan_endpoint(validate_endpoint(name, namespace, obj.get("spec"),
-                                                   outbound=self.outbound))
+            plan = plan_endpoint(validate_endpoint(
+                name, namespace, obj.get("spec"), outbound=self.outbound,
+                promql_label=self.settings.promql_namespace_label))
             _check_on_kubernetes(plan, namespace, name, self.settings.redis_url)
         except InvalidSpec:
             return  # reported by sync

@@ -31,6 +31,7 @@ from kubeinfer_operator.api.deployment_config import DeploymentConfig
 from kubeinfer_operator.local.children import Child
 from kubeinfer_operator.reconcile import rollout as ro
 from kubeinfer_operator.reconcile.local_diff import Change, ChangeKind
+from kubeinfer_operator.reconcile.promql_scope import LOCAL_NAMESPACE
 from kubeinfer_operator.reconcile.rollout_alarms import (
     FleetCounters,
     FleetWindow,
@@ -242,7 +243,8 @@ class LocalRollouts:
                     and config.autoRollback.prometheusUrl:
                 value = await self.sup.scaler._prometheus(
                     config.autoRollback.prometheusUrl,
-                    render_query(alarm.promQL.query, self.sup.name, state.green),
+                    render_query(alarm.promQL.query, self.sup.name, state.green,
+                                 LOCAL_NAMESPACE),
                     PROMETHEUS_FIELD)
             out.append(evaluate(alarm, window, since=state.step_started_at,
                                 promql_value=value))

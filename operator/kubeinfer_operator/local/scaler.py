@@ -63,6 +63,7 @@ from kubeinfer_operator.reconcile.autoscale_metrics import (
     parse_cpu_seconds,
     parse_gateway_metrics,
 )
+from kubeinfer_operator.reconcile.promql_scope import LOCAL_NAMESPACE, with_namespace
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_runtime.contract import ScaleRequest
 from kubeinfer_runtime.contract.outbound import redact_url, url_problem
@@ -346,7 +347,8 @@ class LocalScaler:
             for key in policy.metric_keys():
                 if key.startswith("custom:"):
                     values[key] = await self._prometheus(
-                        policy.prometheus_url, key[len("custom:"):],
+                        policy.prometheus_url,
+                        with_namespace(key[len("custom:"):], LOCAL_NAMESPACE),
                         f"Endpoint {self.sup.name}, variant {variant}: autoscaling.prometheusUrl")
         return values
 

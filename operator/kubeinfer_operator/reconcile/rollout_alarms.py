@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kubeinfer_operator.api.deployment_config import Alarm, Comparison, DeploymentConfig
 from kubeinfer_operator.reconcile.autoscale_metrics import CounterSum
+from kubeinfer_operator.reconcile.promql_scope import with_namespace
 from kubeinfer_operator.reconcile.rollout import (
     GREEN_SUFFIX,
     AlarmEvaluation,
@@ -224,8 +225,10 @@ def evaluate(alarm: Alarm, window: FleetWindow | None, *, since: float,
                            requests=requests)
 
 
-def render_query(query: str, endpoint: str, route: str) -> str:
-    return query.replace("{endpoint}", endpoint).replace("{variant}", route)
+def render_query(query: str, endpoint: str, route: str, namespace: str) -> str:
+    """A promQL alarm's query with its placeholders filled in."""
+    return with_namespace(query.replace("{endpoint}", endpoint).replace("{variant}", route),
+                          namespace)
 
 
 def mirrors(config: DeploymentConfig | None, state: RolloutState | None) -> list[MirrorRoute]:

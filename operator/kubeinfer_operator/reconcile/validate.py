@@ -34,7 +34,10 @@ from kubeinfer_operator.api.endpoint import (
 )
 from kubeinfer_operator.api.env_policy import env_problems
 from kubeinfer_operator.errors import SpecError
+from kubeinfer_operator.reconcile.promql_scope import scope_problem, with_namespace
 from kubeinfer_operator.reconcile.quantity import parse_quantity
+from kubeinfer_operator.reconcile.rollout import fleet_names
+from kubeinfer_operator.reconcile.rollout_alarms import render_query
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.async_plan import WORKER_ENV
 from kubeinfer_operator.render.k8s_workloads import RUNTIME_CONTAINER_ENV
@@ -196,11 +199,43 @@ def outbound_problems(spec: EndpointSpec, policy: OutboundPolicy) -> list[str]:
             if url and (problem := url_problem(url, policy, path)) is not None]
 
 
+def promql_problems(spec: EndpointSpec, name: str, namespace: str, label: str) -> list[str]:
+    """The spec's PromQL that may read outside ``namespace`` (``reconcile.promql_scope``),
+    each naming its field (PURE). Alarms are checked as the rollout sends them, with
+    each fleet a variant's green can be in ``{variant}``."""
+    queries: list[tuple[str, str]] = []
+    for kind, variants in (("variants", spec.variants), ("shadowVariants", spec.shadowVariants)):
+        for i, variant in enumerate(variants):
+            if variant.autoscaling is None:
+                continue
+            scaling = variant.autoscaling
+            for group, policies in (("targetTracking", scaling.targetTracking),
+                                    ("stepScaling", scaling.stepScaling)):
+                for j, policy in enumerate(policies):
+                    if policy.query is not None:
+                        queries.append((f"spec.{kind}[{i}].autoscaling.{group}[{j}].query",
+                                        with_namespace(policy.query, namespace)))
+    config = spec.deploymentConfig
+    for i, alarm in enumerate(config.alarms if config is not None else []):
+        if alarm.promQL is None:
+            continue
+        for variant in spec.variants:
+            for fleet in fleet_names(variant.name):  # green is either slot in turn
+                queries.append((f"spec.deploymentConfig.autoRollback.alarms[{i}].promQL.query",
+                                render_query(alarm.promQL.query, name, fleet, namespace)))
+    return list(dict.fromkeys(
+        problem for field, query in queries
+        if (problem := scope_problem(query, namespace, label, field)) is not None))
+
+
 def validate_endpoint(name: str, namespace: str, spec: Any, *,
-                      outbound: OutboundPolicy | None = None) -> Endpoint:
+                      outbound: OutboundPolicy | None = None,
+                      promql_label: str = "") -> Endpoint:
     """Parse and check an Endpoint's spec; raise ``InvalidSpec`` listing every problem.
 
     ``outbound``: the policy spec URLs must obey (default: no allow-list).
+    ``promql_label``: the label every PromQL selector must pin to ``namespace``
+    (``reconcile.promql_scope``; empty: not checked, as in local mode).
     """
     qualified = f"{namespace}/{name}"
     problems = _name_problems(name)
@@ -216,6 +251,7 @@ def validate_endpoint(name: str, namespace: str, spec: Any, *,
     problems += env_spec_problems(parsed)
     problems += outbound_problems(parsed, outbound if outbound is not None
                                   else OutboundPolicy.parse())
+    problems += promql_problems(parsed, name, namespace, promql_label)
     if problems:
         raise InvalidSpec(qualified, [_clean(p) for p in problems])
     # The name passed _name_problems, so ObjectMeta's own pattern accepts it.

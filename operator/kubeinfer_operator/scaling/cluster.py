@@ -91,6 +91,11 @@ from kubeinfer_operator.reconcile.cluster_scaling import (
     authorized_scale,
     custom_metric_variants,
 )
+from kubeinfer_operator.reconcile.promql_scope import (
+    DEFAULT_PROMQL_NAMESPACE_LABEL,
+    scope_problem,
+    with_namespace,
+)
 from kubeinfer_operator.render import k8s_autoscaling
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.plan import EndpointPlan
@@ -132,7 +137,8 @@ class ClusterScaler(ScalerMemory):
                  outbound: OutboundPolicy | None = None,
                  signing_key: bytes | None = None,
                  kube: KubeClient | None = None,
-                 metrics_port: int | None = None) -> None:
+                 metrics_port: int | None = None,
+                 promql_label: str = DEFAULT_PROMQL_NAMESPACE_LABEL) -> None:
         """``kube`` and ``metrics_port`` (the gateways' metrics listener): where gateway
         pods are listed and scraped (either None: none are found, as in tests that set
         ``discover``)."""
@@ -142,6 +148,9 @@ class ClusterScaler(ScalerMemory):
         self.signing_key = signing_key if signing_key is not None else secrets.token_bytes(32)
         #: Where Prometheus queries may go (None: the default policy, no allow-list).
         self.outbound = outbound if outbound is not None else OutboundPolicy.parse()
+        #: The label every selector of a tenant's PromQL must pin to its namespace
+        #: (``reconcile.promql_scope``; empty: not checked).
+        self.promql_label = promql_label
         #: Times the metrics window and scale requests (tests pass a fake clock).
         self.monotonic = monotonic
         #: Async endpoints' queue backlogs (the operator's KUBEINFER_REDIS_URL).
@@ -296,10 +305,15 @@ class ClusterScaler(ScalerMemory):
             return None
         return body.decode("utf-8", "replace") if body is not None else None
 
-    async def _prometheus(self, base: str, query: str,
+    async def _prometheus(self, base: str, query: str, namespace: str,
                           field: str = "autoscaling.prometheusUrl") -> float | None:
-        """The value of PromQL ``query`` on ``base``; None when unknown or refused."""
+        """The value of PromQL ``query`` (an Endpoint's in ``namespace``, ``{namespace}``
+        not yet filled in) on ``base``; None when unknown or refused."""
         problem = url_problem(base, self.outbound, field)
+        query = with_namespace(query, namespace)
+        # Checked at admission too (validate_endpoint); again here, as sent, because the
+        # value goes back to the Endpoint's author.
+        problem = problem or scope_problem(query, namespace, self.promql_label, field)
         if problem is not None:
             log.warning("Prometheus query %r not sent: %s", query, problem)
             return None
@@ -322,9 +336,11 @@ class ClusterScaler(ScalerMemory):
             log.warning("Prometheus query %r on %s failed: %s", query, redact_url(base), exc)
             return None
 
-    async def query_prometheus(self, base: str, query: str, field: str) -> float | None:
-        """``query``'s value on ``base`` (outbound policy checked; None: unknown/refused)."""
-        return await self._prometheus(base, query, field)
+    async def query_prometheus(self, base: str, query: str, namespace: str,
+                               field: str) -> float | None:
+        """``query``'s value on ``base`` (outbound policy and namespace scope checked;
+        None: unknown/refused)."""
+        return await self._prometheus(base, query, namespace, field)
 
     async def gateway_pods(self, namespace: str, endpoint: str) -> list[str]:
         """Metrics URLs of the Endpoint's ready gateway pods, listed by the labels the
@@ -389,7 +405,7 @@ class ClusterScaler(ScalerMemory):
         custom: dict[str, dict[str, float | None]] = {}
         for path, variant, url, queries in custom_metric_variants(plan):
             field = f"Endpoint {namespace}/{plan.name}: {path}.autoscaling.prometheusUrl"
-            custom[variant] = {f"custom:{q}": await self._prometheus(url, q, field)
+            custom[variant] = {f"custom:{q}": await self._prometheus(url, q, namespace, field)
                                for q in queries}
         return self.decide_scraped(plan, namespace, current, views, custom,
                                    now=now or datetime.now(UTC), now_m=self.monotonic(),

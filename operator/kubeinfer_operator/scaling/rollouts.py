@@ -151,8 +151,9 @@ class RolloutGuard:
                             config.autoRollback and config.autoRollback.prometheusUrl):
                         value = await self.scaler.query_prometheus(
                             config.autoRollback.prometheusUrl,
-                            render_query(alarm.promQL.query, plan.name, before.green),
-                            "deploymentConfig.autoRollback.prometheusUrl")
+                            render_query(alarm.promQL.query, plan.name, before.green,
+                                         namespace),
+                            namespace, "deploymentConfig.autoRollback.prometheusUrl")
                     evaluations.append(evaluate(alarm, window, since=before.step_started_at,
                                                 promql_value=value))
             decision = ro.decide(variant=v.name, config=config, replicas=v.replicas,
