@@ -62,6 +62,9 @@ class MemoryTransport(asyncio.Transport):
             self.done.set_result(None)
             self.done = None
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # everything written is taken at once
+
     def is_closing(self) -> bool:
         return False
 

@@ -28,7 +28,12 @@ both the inline and the ASGI paths are covered) adds the bounds of
   hours, hold 600 MB of a 512 MiB gateway: an out-of-memory kill that loses
   every request in flight). Past it the upload that began longest ago, a
   trickling one first, gets 503 and is closed; requests already with the app
-  are never cut.
+  are never cut;
+* ``http_send_timeout_s``: a peer that takes none of its answer's bytes for that
+  long is cut. asyncio keeps whatever the kernel would not take in the
+  transport's buffer, and a transport closing waits for it to drain, so a
+  caller that asked for large answers and never read them held each one for
+  as long as it kept the connection open.
 
 Time limits are enforced by one sweep per event loop over the open
 connections (every quarter of the shortest timeout, at most once a second)
@@ -138,13 +143,15 @@ class BodyBudget:
     """Bytes of requests this process holds: received on a connection since its last
     answer was sent (``LimitedHttpProtocol._received``, summed), against ``limit``."""
 
-    __slots__ = ("held", "limit", "refused")
+    __slots__ = ("held", "limit", "refused", "send_stalled")
 
     def __init__(self, limit: int) -> None:
         self.held = 0
         self.limit = limit
         #: Uploads answered 503 because the process held its bound.
         self.refused = 0
+        #: Connections cut because their peer stopped taking its answer.
+        self.send_stalled = 0
 
 
 @functools.cache
@@ -159,7 +166,8 @@ def body_budget() -> BodyBudget:
 
 
 def sweep_interval(settings: HttpConfig) -> float:
-    shortest = min(settings.http_header_timeout_s, settings.http_body_timeout_s)
+    shortest = min(settings.http_header_timeout_s, settings.http_body_timeout_s,
+                   settings.http_send_timeout_s)
     return max(0.05, min(1.0, shortest / 4))
 
 
@@ -209,6 +217,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._body_base = 0
         #: The sweeper's last look (time not spent reading is not the client's).
         self._checked_at = self._phase_since
+        #: Bytes of answers waiting in the transport at the last look, and since when
+        #: the peer has taken none of them.
+        self._send_pending = 0
+        self._send_since = self._phase_since
         self._defaults_src: list[tuple[bytes, bytes]] | None = None
         self._defaults = b""
 
@@ -372,6 +384,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     # -- time limits (the sweeper calls this)
 
     def check_deadline(self, now: float) -> None:
+        if self._send_stalled(now):
+            return
         last, self._checked_at = self._checked_at, now
         if self.transport.is_closing() or self.flow.read_paused:
             # Paused: we are not reading (a pipelined request waits its turn, or the app
@@ -405,6 +419,25 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 self._body_timeout(
                     f"Request body arrived slower than {rate:g} bytes/s on average "
                     "(KUBEINFER_HTTP_BODY_MIN_RATE_BYTES_S): send it faster")
+
+    def _send_stalled(self, now: float) -> bool:
+        """Cut the connection when its peer took none of the waiting answer bytes for
+        ``http_send_timeout_s`` (a closing transport too: it waits for them to drain)."""
+        pending = self.transport.get_write_buffer_size()
+        if pending == 0:
+            self._send_pending = 0
+            return False
+        if self._send_pending == 0 or pending < self._send_pending:
+            self._send_since = now  # bytes are waiting now, or some went out
+        self._send_pending = pending
+        if now - self._send_since <= self.limits.http_send_timeout_s:
+            return False
+        self._budget.send_stalled += 1
+        log.warning("Peer took none of %d waiting answer bytes for %gs "
+                    "(KUBEINFER_HTTP_SEND_TIMEOUT_S): connection cut", pending,
+                    self.limits.http_send_timeout_s)
+        self.transport.abort()
+        return True
 
     def _body_timeout(self, message: str) -> None:
         cycle = self.cycle

@@ -583,6 +583,12 @@ class _HttpBoundsCollector(Collector):
             labels=())
         refused.add_metric([], budget.refused)
         yield refused
+        stalled = CounterMetricFamily(
+            "kubeinfer_http_send_stalled_connections",
+            "Connections cut because their peer took none of its answer for "
+            "KUBEINFER_HTTP_SEND_TIMEOUT_S", labels=())
+        stalled.add_metric([], budget.send_stalled)
+        yield stalled
 
 
 REGISTRY.register(_HttpBoundsCollector())

@@ -71,6 +71,8 @@ class HttpConfig(Protocol):
     def http_max_connections(self) -> int | None: ...
     @property
     def http_max_body_bytes_held(self) -> int | None: ...
+    @property
+    def http_send_timeout_s(self) -> float: ...
 
 
 class ServerConfig(Protocol):
@@ -140,6 +142,7 @@ class HttpEnv:
     http_keepalive_timeout_s: float = 5.0
     http_max_connections: int | None = None
     http_max_body_bytes_held: int | None = None
+    http_send_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +263,7 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], tuple[str, ...]]] = {
     "http_keepalive_timeout_s": (_positive_float, ()),
     "http_max_connections": (_int(1), ()),
     "http_max_body_bytes_held": (_int(1), ()),
+    "http_send_timeout_s": (_positive_float, ()),
     "host": (_str, ()),
     "port": (_int(), ()),
     "workers": (_int(1), ()),

@@ -14,8 +14,10 @@ bodies come back byte for byte from records that stay one per line.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -171,6 +173,44 @@ def test_a_production_answer_over_the_bound_is_a_model_error(
         assert rss.peak - before < 96, (before, rss.peak)
     finally:
         gateway.stop()
+
+
+def test_a_caller_that_never_reads_its_answer_is_cut_and_the_answer_freed(
+        tmp_path: Path, hostile: RuntimeProcess) -> None:
+    """A 20 MiB answer to a caller that never reads: the kernel takes a few MB, the rest
+    waited in the gateway's memory for as long as the caller kept the connection open.
+    Now a caller that takes none of it for KUBEINFER_HTTP_SEND_TIMEOUT_S is cut."""
+    gateway = _gateway(tmp_path, EndpointRoute(name="e", variants=[VariantRoute(
+        name="primary", weight=1, upstreams=[hostile.url])]),
+        KUBEINFER_HTTP_SEND_TIMEOUT_S="2")
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # takes almost nothing
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", gateway.port))
+        with sock:
+            sock.sendall(b"POST /endpoints/e/invocations HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: text/csv\r\n"
+                         b"X-Amzn-SageMaker-Custom-Attributes: mode=big\r\n"
+                         b"Content-Length: 4\r\n\r\n1,2\n")
+            wait_until(lambda: _counter(gateway, "kubeinfer_http_send_stalled_connections_total")
+                       == 1, 30, "the gateway to cut the caller that reads nothing")
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(1 << 20):
+                    received += len(chunk)
+        assert received < 20 << 20  # cut, not delivered late
+        with httpx.Client(timeout=10) as client:  # the gateway serves on
+            assert _invoke(client, gateway).status_code == 200
+    finally:
+        gateway.stop()
+
+
+def _counter(gateway: RuntimeProcess, name: str) -> float:
+    for line in httpx.get(gateway.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not exported")
 
 
 def test_the_model_servers_own_headers_never_reach_the_caller(

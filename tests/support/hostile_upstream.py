@@ -10,6 +10,8 @@ normally while a shadow run by this server misbehaves):
   as fast as the socket takes it;
 * ``mode=chunked``: chunked 1 MiB chunks without end;
 * ``mode=headers``: 1 KiB headers without end, never a body;
+* ``mode=big``: a whole answer of ``BIG`` (20 MiB, within the gateway's 24 MiB
+  bound), for a caller that never reads it;
 * ``mode=cookies``: a small JSON answer with headers no client should see from a
   model server (``Set-Cookie``, ``Connection: close``, ``X-Internal-Token``, ...);
 * anything else: ``{"ok": 1}``.
@@ -33,6 +35,7 @@ from tests.support.procs import RuntimeProcess
 REPO = Path(__file__).resolve().parent.parent.parent
 HUGE = int(os.environ.get("HOSTILE_HUGE_BYTES", str(512 << 20)))
 _CHUNK = b"0" * (1 << 20)
+BIG = 20 << 20
 _invocations = 0
 
 
@@ -62,6 +65,12 @@ async def _answer(head: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                      b"content-length: %d\r\n\r\n" % HUGE)
         for _ in range(HUGE // len(_CHUNK)):
+            writer.write(_CHUNK)
+            await writer.drain()
+    elif mode == "big":
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n" % BIG)
+        for _ in range(BIG // len(_CHUNK)):
             writer.write(_CHUNK)
             await writer.drain()
     elif mode == "chunked":

@@ -380,6 +380,10 @@ class HttpSettings(EnvSettings):
     #: and closed. None: a quarter of the process's memory limit (its cgroup's, else
     #: the machine's), at least 16 MiB.
     http_max_body_bytes_held: int | None = Field(default=None, ge=1)
+    #: Time a peer may take none of its answer's bytes, seconds: past it the
+    #: connection is cut (an answer nobody reads otherwise stays in memory for as long
+    #: as the peer keeps the connection open, closing included).
+    http_send_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class _RoleSettings(HttpSettings):
