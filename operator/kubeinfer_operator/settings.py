@@ -63,8 +63,12 @@ class OperatorSettings(BaseSettings):
     #: How callers authenticate to gateways of Endpoints whose spec.auth names no mode.
     default_auth_mode: AuthMode = AuthMode.NONE
     #: The default caller credentials (the chart generates them into a Secret and
-    #: passes them here with secretKeyRef): copied into each namespace's runtime
-    #: Secret, which gateways of Endpoints without auth.secretName mount.
+    #: passes them here with secretKeyRef). Each namespace's runtime Secret, which
+    #: gateways of Endpoints without auth.secretName mount, holds a pair and a token
+    #: derived from them for that namespace (``k8s_secrets.caller_key_pair``): both
+    #: the id and the secret of the pair come from ``caller_secret_access_key``, so
+    #: ``caller_access_key_id`` only says a pair is configured (the chart's id is
+    #: never a caller's).
     caller_access_key_id: SecretStr | None = None
     caller_secret_access_key: SecretStr | None = None
     caller_token: SecretStr | None = None
