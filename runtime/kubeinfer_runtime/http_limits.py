@@ -292,12 +292,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         request already with the app (its body whole) is never cut, so with only those
         over the bound nothing is refused here (their answers release them)."""
         budget = self._budget
-        while budget.held > budget.limit:
-            uploads = [c for c in self.connections
-                       if isinstance(c, LimitedHttpProtocol) and c.uploading]
-            if not uploads:
+        # One scan and one sort per crossing, however many uploads it takes.
+        uploads = sorted((c for c in self.connections
+                          if isinstance(c, LimitedHttpProtocol) and c.uploading),
+                         key=lambda c: c._upload_since)
+        for victim in uploads:
+            if budget.held <= budget.limit:
                 return
-            victim = min(uploads, key=lambda c: c._upload_since)
             budget.refused += 1
             log.warning("Request bytes held reached %d (KUBEINFER_HTTP_MAX_BODY_BYTES_HELD): "
                         "refusing the oldest upload (%d bytes)", budget.limit, victim._received)
@@ -308,9 +309,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     @property
     def uploading(self) -> bool:
-        """Still receiving a request's head or body: it can be refused."""
-        return (self._received > 0 and self._phase is not Phase.OTHER
-                and not self.transport.is_closing())
+        """Receiving a request's head or body, no earlier answer under way on the
+        connection: it can be refused with an answer of its own. A request pipelined
+        behind one in flight cannot (the answers would interleave); uvicorn stops reading
+        such a connection, so what it holds stays within one read."""
+        if self._received == 0 or self._phase is Phase.OTHER or self.transport.is_closing():
+            return False
+        cycle = self.cycle
+        return cycle is None or not (
+            self.pipeline or (self._phase is Phase.HEAD and not cycle.response_complete))
 
     @property
     def _upload_since(self) -> float:
@@ -318,8 +325,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _refuse_upload(self, err: RuntimeServiceError) -> None:
         cycle = self.cycle
-        if (self._phase is Phase.BODY and cycle is not None
-                and getattr(cycle, "response_started", False)):
+        if cycle is not None and getattr(cycle, "response_started", False):
+            # The app began answering before the body was whole: no answer of ours.
+            self._phase = Phase.OTHER
             self.transport.close()
         else:
             self._refuse(err)

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from kubeinfer_runtime.contract import EndpointRoute, RouteTable, VariantRoute
+from tests.support.fake_upstream import start_fake_upstream
 from tests.support.procs import RuntimeProcess, start_runtime
 
 BODY = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
@@ -391,3 +392,42 @@ def test_many_large_uploads_cannot_hold_more_than_the_bound(
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_a_request_pipelined_behind_an_answer_in_flight_is_never_answered_out_of_turn(
+        tmp_path: Path) -> None:
+    """A connection's first request is with a slow model and a second is pipelined behind
+    it, part of its body read. That connection began uploading first, but a 503 written
+    for the second would arrive as the first one's answer: it is not refused (uvicorn has
+    stopped reading it, so it holds one read); the upload that crosses the bound is."""
+    echo = start_fake_upstream("echo", tmp_path / "logs")
+    routes = tmp_path / "routes.json"
+    RouteTable(endpoints={"e": EndpointRoute(name="e", variants=[
+        VariantRoute(name="main", weight=1, upstreams=[echo.url])])}).write_atomic(routes)
+    gw = start_runtime("gateway", {"KUBEINFER_ROUTE_TABLE_PATH": str(routes),
+                                   "KUBEINFER_HTTP_MAX_BODY_BYTES_HELD": str(HELD_LIMIT),
+                                   "KUBEINFER_HTTP_BODY_TIMEOUT_S": "300"}, tmp_path / "logs")
+    path = "/endpoints/e/invocations"
+    try:
+        with connect(gw) as piped, connect(gw) as crossing:
+            slow = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: text/csv\r\n"
+                    "X-Amzn-SageMaker-Custom-Attributes: sleep=2\r\n"
+                    "Content-Length: 4\r\n\r\n1,2\n").encode()
+            piped.sendall(slow + post_head(path, PADDED) + b" " * 50_000)
+            deadline = time.monotonic() + 30
+            while held_metrics(gw)["kubeinfer_http_request_bytes_held"] < 20_000:
+                assert time.monotonic() < deadline, "the gateway never read the pipelined part"
+                time.sleep(0.02)
+            # Within the bound alone, over it with what the pipelined request holds; a
+            # byte short, so it is still an upload when it crosses.
+            crossing.sendall(post_head(path, HELD_LIMIT - 10_000)
+                             + BODY + b" " * (HELD_LIMIT - 10_001 - len(BODY)))
+            refused = read_reply(crossing)
+            assert status_of(refused) == 503 and b"KUBEINFER_HTTP_MAX_BODY_BYTES_HELD" in refused
+            piped.settimeout(30)
+            first = piped.recv(65536)
+        assert status_of(first) == 200, first[:300]  # the slow request's own answer
+        assert b"echo" in first
+    finally:
+        gw.stop()
+        echo.stop()
