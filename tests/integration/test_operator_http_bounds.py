@@ -219,11 +219,15 @@ async def test_oversized_prometheus_answers_read_as_unknown(
     supervisor = SimpleNamespace(name="ep", outbound=open_policy, paths=SimpleNamespace(
         root=tmp_path, log_file=lambda name: tmp_path / f"{name}.log"))
     local = LocalScaler(cast(Any, supervisor))
+    async def cluster(base: str, query: str) -> float | None:
+        return await scaler._prometheus(base, query, "team-a")
+
     try:
-        for query in (scaler._prometheus, local._prometheus):
-            assert await query(f"{big}/small", "up") == 7.0
-            assert await query(f"{big}/big", "up") is None
-            assert await query(f"{big}/chunked", "up") is None
+        for query in (cluster, local._prometheus):
+            up = 'up{namespace="team-a"}'
+            assert await query(f"{big}/small", up) == 7.0
+            assert await query(f"{big}/big", up) is None
+            assert await query(f"{big}/chunked", up) is None
     finally:
         await scaler.close()
         await local.stop_server()
