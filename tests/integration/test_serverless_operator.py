@@ -9,6 +9,7 @@ Nothing runs pods here: the test plays the Deployment controller.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Iterator
@@ -290,3 +291,131 @@ def test_a_flood_of_valid_scale_requests_costs_a_round_a_second(
     assert rounds <= flood_s + 4, (rounds, quiet_rate)
     wait_for(lambda: (kube.get("Deployment", ns, "busy-main") or {}).get("spec", {})
              .get("replicas") == 1, what="the scale-up the requests asked for")
+
+
+#: A container's own words (model URI, load error): never in the scaler's answer.
+POD_SECRET = "s3://private-bucket/model.onnx?X-Amz-Signature=deadbeef: no such key"
+
+
+def _container_status(name: str, state: dict[str, Any], *, ready: bool = False,
+                      restarts: int = 0, last: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    status = {"name": name, "ready": ready, "restartCount": restarts,
+              "image": "example.test/runtime:1", "imageID": "", "state": state}
+    if last is not None:
+        status["lastState"] = last
+    return status
+
+
+def test_a_variant_whose_pods_fail_to_start_is_answered_503_at_once(
+        cluster: tuple[Kube, str]) -> None:
+    """Local mode's scaler answers a scale request for a variant whose start failed 503
+    with a ``StartFailed`` body, so the gateway answers its held requests at once; the
+    operator's scaler does the same from the variant's pods (crash loop, image pull),
+    keeps the variant scaled up, and answers as usual again once a pod is Ready."""
+    from kubeinfer_operator.reconcile import start_failure as sf
+    from kubeinfer_runtime.contract.scale import START_FAILED_STATUS
+    from kubeinfer_runtime.gateway.activator import start_failure
+
+    kube, scaler_url = cluster
+    ns = "crash"
+    kube.create_namespace(ns)
+    ep = json.loads(json.dumps(ENDPOINT))
+    ep["metadata"]["name"] = "broken"
+    idle_s = 8
+    ep["spec"]["serverless"]["idleTimeout"] = idle_s
+    assert kube.create(ep, ns).status_code == 201
+    wait_for(lambda: (kube.get("Deployment", ns, "broken-main") or {}).get("spec", {})
+             .get("replicas") == 0, what="the variant at zero")
+    body = ScaleRequest(endpoint="broken", variant="main", namespace=ns).model_dump_json()
+
+    def ask() -> httpx.Response:
+        return httpx.post(scaler_url, content=body, headers=token_for(ns), timeout=5)
+
+    # No pod yet: the usual answer, and the scale-up.
+    assert ask().status_code == 202
+    wait_for(lambda: (kube.get("Deployment", ns, "broken-main") or {}).get("spec", {})
+             .get("replicas") == 1, what="the scale-up")
+
+    # The ReplicaSet's pod (the test plays the Deployment controller and the kubelet).
+    dep = kube.get("Deployment", ns, "broken-main")
+    assert dep is not None
+    template = dep["spec"]["template"]
+    [server] = template["spec"]["containers"]
+    pod_name = "broken-main-6b7f9-x2x4q"
+    created = kube.create({"apiVersion": "v1", "kind": "Pod",
+                           "metadata": {"name": pod_name,
+                                        "labels": dict(template["metadata"]["labels"])},
+                           "spec": copy.deepcopy(template["spec"])}, ns)
+    assert created.status_code == 201, created.text
+
+    def set_pod(phase: str, container: dict[str, Any], ready: bool) -> None:
+        status = {"phase": phase,
+                  "conditions": [{"type": "Ready", "status": str(ready),
+                                  "message": POD_SECRET}],
+                  "containerStatuses": [container]}
+        if ready:
+            status |= {"podIP": "10.1.2.3", "podIPs": [{"ip": "10.1.2.3"}]}
+        patched = kube.patch("Pod", ns, pod_name, {"status": status}, sub="status")
+        assert patched.status_code == 200, patched.text
+
+    def answered(what: str | None) -> httpx.Response:
+        """The scaler's answer once it says ``what`` (None: the usual 202); it reads the
+        pods at most once a second."""
+        def check() -> httpx.Response | None:
+            r = ask()
+            failure = start_failure(r.status_code, r.content)
+            if what is None:
+                return r if r.status_code == 202 else None
+            return r if failure is not None and failure.start_failed == what else None
+        response: httpx.Response = wait_for(check, what=f"the scaler's answer: {what}")
+        return response
+
+    # Still starting (ContainerCreating): hold, as before.
+    set_pod("Pending", _container_status(server["name"], {"waiting": {
+        "reason": "ContainerCreating"}}), ready=False)
+    time.sleep(1.2)  # past the scaler's last read of the pods
+    assert ask().status_code == 202
+
+    # Crash loop: the model server exits (its model does not load).
+    set_pod("Running", _container_status(
+        server["name"], {"waiting": {"reason": "CrashLoopBackOff", "message": POD_SECRET}},
+        restarts=3, last={"terminated": {"reason": "Error", "exitCode": 1,
+                                         "message": POD_SECRET}}), ready=False)
+    r = answered(sf.EXITED)
+    assert r.status_code == START_FAILED_STATUS
+    assert r.headers["Retry-After"] == str(int(sf.RETRY_AFTER_S))
+    assert r.json()["retry_after_s"] == sf.RETRY_AFTER_S
+    assert "private-bucket" not in r.text and "Signature" not in r.text
+    assert "broken" in r.json()["message"] and ns in r.json()["message"]
+
+    # OOMKilled: restarted and loading again, not ready.
+    set_pod("Running", _container_status(
+        server["name"], {"running": {"startedAt": "2024-01-01T00:00:00Z"}}, restarts=4,
+        last={"terminated": {"reason": "OOMKilled", "exitCode": 137}}), ready=False)
+    answered(sf.OOM_KILLED)
+
+    # The image cannot be pulled.
+    set_pod("Pending", _container_status(server["name"], {"waiting": {
+        "reason": "ImagePullBackOff", "message": POD_SECRET}}), ready=False)
+    r = answered(sf.IMAGE_PULL)
+    assert "private-bucket" not in r.text
+
+    # Answering fast never stops trying: while callers keep asking (the gateway asks
+    # at most once a second per variant), the variant is not idle and stays scaled
+    # up, past idleTimeout, for Kubernetes to keep restarting its pod.
+    until = time.monotonic() + idle_s + 3
+    while time.monotonic() < until:
+        assert ask().status_code == START_FAILED_STATUS
+        dep = kube.get("Deployment", ns, "broken-main")
+        assert dep is not None and dep["spec"]["replicas"] == 1
+        time.sleep(1)
+    # Not even scaled in and straight out again (which would start a fresh pod).
+    scaled = [e["message"] for e in kube.list("Event", ns) if e.get("reason") == "Scaled"]
+    assert not any("Scaled in" in m for m in scaled), scaled
+
+    # The pod becomes Ready: the usual answer again.
+    set_pod("Running", _container_status(server["name"], {"running": {
+        "startedAt": "2024-01-01T00:00:00Z"}}, ready=True, restarts=4), ready=True)
+    r = answered(None)
+    assert r.json() == {"accepted": True}

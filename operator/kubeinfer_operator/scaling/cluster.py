@@ -84,7 +84,7 @@ from kubeinfer_operator.http_bounds import (
 )
 from kubeinfer_operator.k8s.client import KubeClient
 from kubeinfer_operator.k8s.peering import Peering
-from kubeinfer_operator.k8s.pods import ready_pod_urls
+from kubeinfer_operator.k8s.pods import ready_pod_urls, variant_start_failure
 from kubeinfer_operator.reconcile.autoscale_metrics import GatewayView, parse_gateway_metrics
 from kubeinfer_operator.reconcile.cluster_scaling import (
     ScalerMemory,
@@ -96,10 +96,15 @@ from kubeinfer_operator.reconcile.promql_scope import (
     scope_problem,
     with_namespace,
 )
+from kubeinfer_operator.reconcile.start_failure import StartFailure
 from kubeinfer_operator.render import k8s_autoscaling
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_operator.scaling.backlog import BacklogReader
+from kubeinfer_operator.scaling.start_failures import (
+    StartFailureLookups,
+    start_failed_response,
+)
 from kubeinfer_runtime.contract import AsyncBacklog, ScaleRequest
 from kubeinfer_runtime.contract.outbound import (
     OutboundPolicy,
@@ -175,6 +180,8 @@ class ClusterScaler(ScalerMemory):
         self._query_limit = AnswerLimit(MAX_QUERY_BYTES, "Prometheus answer")
         self.kube = kube
         self.metrics_port = metrics_port
+        #: Whether a requested variant's start failed (its pods, read at a bounded pace).
+        self.start_failures = StartFailureLookups(self.variant_start_failure, monotonic)
         #: Finds the gateway pods (from the API; tests inject their own).
         self.discover: Discover = self.gateway_pods
         self.scrape_timeout_s = SCRAPE_TIMEOUT_S
@@ -192,6 +199,7 @@ class ClusterScaler(ScalerMemory):
         log.info("Scaler listening on :%d/scale for gateways' scale-up requests", self.port)
 
     async def close(self) -> None:
+        self.start_failures.close()
         if self._listener is not None:
             await self._listener.close()
         for session in (self._session, self._prometheus_session):
@@ -243,7 +251,24 @@ class ClusterScaler(ScalerMemory):
                             f"namespace {scale.namespace[:63]}"}, status=404)
         self.request(scale.namespace, scale.endpoint, scale.variant)
         self.schedule_round(scale.namespace, scale.endpoint)
+        failure = await self.start_failures.get(scale.namespace, scale.endpoint, scale.variant)
+        if failure is not None:
+            # Its callers are answered at once now, so the gateway's held-requests gauge
+            # no longer shows them: the refused request is the variant's traffic, and it
+            # must not be scaled in as idle while callers keep asking (Kubernetes keeps
+            # restarting its pods meanwhile; without callers, idleTimeout scales it in).
+            self._mem((scale.namespace, scale.endpoint, scale.variant)).last_activity = (
+                self.monotonic())
+            return start_failed_response(failure, scale.namespace, scale.endpoint,
+                                         scale.variant)
         return web.json_response({"accepted": True}, status=202)
+
+    async def variant_start_failure(self, namespace: str, endpoint: str,
+                                    variant: str) -> StartFailure | None:
+        """From the API (None without a client, as in tests that run no cluster)."""
+        if self.kube is None:
+            return None
+        return await variant_start_failure(self.kube, namespace, endpoint, variant)
 
     def request(self, namespace: str, endpoint: str, variant: str) -> None:
         self.mark_requested((namespace, endpoint, variant), self.monotonic())
