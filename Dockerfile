@@ -31,7 +31,7 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c8
 # no model-serving library; the runtime (gateway, model servers, batch and
 # queue workers, the compile step, the fleet server and edge package step) never talks
 # to the Kubernetes API.
-ARG OPERATOR_DEPS="kopf kubernetes typer rich pyyaml pydantic pydantic-settings aiohttp httpx redis prometheus-client"
+ARG OPERATOR_DEPS="kopf kubernetes typer rich pyyaml pydantic pydantic-settings aiohttp httpx redis prometheus-client promql-parser"
 ARG RUNTIME_DEPS="fastapi uvicorn uvloop httptools orjson numpy onnxruntime minio prometheus-client pydantic pydantic-settings aiohttp httpx redis botocore jsonpath-ng google-crc32c rich cryptography hiredis"
 
 # ---------------------------------------------------------------------------
