@@ -102,6 +102,10 @@ class ServerConfig(Protocol):
     @property
     def max_model_bytes(self) -> int: ...
     @property
+    def exit_on_load_failure(self) -> bool: ...
+    @property
+    def termination_message_path(self) -> str: ...
+    @property
     def endpoint_name(self) -> str: ...
     @property
     def variant_name(self) -> str: ...
@@ -167,6 +171,8 @@ class ServerEnv(HttpEnv):
     model_name: str = "model"
     model_cache_dir: str = "/tmp/kubeinfer/models"
     max_model_bytes: int = 10 << 30
+    exit_on_load_failure: bool = False
+    termination_message_path: str = "/dev/termination-log"
     endpoint_name: str = ""
     variant_name: str = ""
     max_payload_bytes: int = REALTIME_MAX_PAYLOAD_BYTES
@@ -284,6 +290,8 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], tuple[str, ...]]] = {
     "model_name": (_str, ()),
     "model_cache_dir": (_str, ()),
     "max_model_bytes": (_int(1), ()),
+    "exit_on_load_failure": (_bool, ()),
+    "termination_message_path": (_str, ()),
     "endpoint_name": (_str, ()),
     "variant_name": (_str, ()),
     "max_payload_bytes": (_int(), ()),

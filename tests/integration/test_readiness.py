@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +23,10 @@ import httpx
 import pytest
 
 from kubeinfer_operator.render.k8s_workloads import MODEL_SERVER_READY_PATH
+from kubeinfer_runtime.contract.scale import LOAD_FAILED_EXIT_CODE
 from tests.integration.test_local import Local, invoke, manifest, runtime_client
 from tests.support.onnx_models import fails_every_inference_model
-from tests.support.ports import wait_until
+from tests.support.ports import free_port, wait_until
 from tests.support.procs import start_runtime
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,6 +80,30 @@ def test_model_server_never_ready_and_says_why(tmp_path: Path) -> None:
         assert proc.log().count("failed to load from") == 1  # logged once
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("case", ["warm-up fails", "no such model"])
+def test_on_kubernetes_a_model_that_fails_to_load_ends_the_process_saying_why(
+        tmp_path: Path, case: str) -> None:
+    """As the operator runs it (KUBEINFER_EXIT_ON_LOAD_FAILURE): exit code 3, the reason
+    in the termination message (``kubectl describe pod`` shows it), so the kubelet retries
+    with back-off and the scaler tells a serverless variant's callers at once."""
+    model = (fails_every_inference_model(tmp_path / "bad.onnx") if case == "warm-up fails"
+             else tmp_path / "missing" / "model.onnx")
+    message = tmp_path / "termination-log"
+    env = {**os.environ, "KUBEINFER_MODEL_URI": f"file://{model}",
+           "KUBEINFER_MODEL_NAME": "primary", "KUBEINFER_ENDPOINT_NAME": "bad",
+           "KUBEINFER_VARIANT_NAME": "primary", "KUBEINFER_PORT": str(free_port()),
+           "KUBEINFER_MODEL_CACHE_DIR": str(tmp_path / "cache"),
+           "KUBEINFER_EXIT_ON_LOAD_FAILURE": "true",
+           "KUBEINFER_TERMINATION_MESSAGE_PATH": str(message)}
+    done = subprocess.run([sys.executable, "-m", "kubeinfer_runtime", "serve", "--role",
+                           "model-server"], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == LOAD_FAILED_EXIT_CODE, done.stderr[-2000:]
+    reason = message.read_text()
+    assert reason.startswith(f'Model "primary" failed to load from file://{model}')
+    assert "failed to load" in done.stderr  # the log says it too
 
 
 def test_local_rollout_to_a_failing_model_is_abandoned_and_the_old_version_serves(

@@ -147,6 +147,8 @@ def test_model_server_pod(doc: dict[str, Any]) -> None:
         "KUBEINFER_VARIANT_NAME": "canary",
         "KUBEINFER_PORT": "9000",
         "KUBEINFER_METRICS_PORT": "9090",
+        # A model that fails to load ends the container: the kubelet retries it.
+        "KUBEINFER_EXIT_ON_LOAD_FAILURE": "true",
     }
     assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}

@@ -27,7 +27,11 @@ from kubeinfer_operator.render.compile_jobs import CONTAINER as COMPILE_CONTAINE
 from kubeinfer_operator.render.k8s_secrets import scaler_token
 from kubeinfer_operator.scaling.cluster import ClusterScaler
 from kubeinfer_runtime.contract import ScaleRequest
-from kubeinfer_runtime.contract.scale import START_FAILED_STATUS, StartFailed
+from kubeinfer_runtime.contract.scale import (
+    LOAD_FAILED_EXIT_CODE,
+    START_FAILED_STATUS,
+    StartFailed,
+)
 
 #: What a container's own words may hold: never in a decision or an answer.
 SECRET = "s3://private-bucket/model.onnx?X-Amz-Signature=deadbeef password=hunter2"
@@ -88,6 +92,10 @@ STARTING = pod(container(waiting="ContainerCreating"), phase="Pending")
     (pod(container(terminated="OOMKilled", exit_code=137)), sf.OOM_KILLED),
     (pod(container(terminated="Error")), sf.EXITED),
     (pod(container(terminated="Completed", exit_code=0)), sf.EXITED),
+    # The model server's own exit code when its model failed to load (on Kubernetes).
+    (pod(container(waiting="CrashLoopBackOff", restarts=2, last="Error",
+                   last_exit=LOAD_FAILED_EXIT_CODE)), sf.LOAD_FAILED),
+    (pod(container(terminated="Error", exit_code=LOAD_FAILED_EXIT_CODE)), sf.LOAD_FAILED),
     (pod(container(waiting="ImagePullBackOff"), phase="Pending"), sf.IMAGE_PULL),
     (pod(container(waiting="ErrImagePull"), phase="Pending"), sf.IMAGE_PULL),
     (pod(container(waiting="ErrImageNeverPull"), phase="Pending"), sf.IMAGE_PULL),

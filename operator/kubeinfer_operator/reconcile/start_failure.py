@@ -45,7 +45,7 @@ from typing import Any
 
 from kubeinfer_operator.render.compile_jobs import CONTAINER as COMPILE_CONTAINER
 from kubeinfer_operator.render.k8s_meta import LABEL_ENDPOINT, LABEL_VARIANT
-from kubeinfer_runtime.contract.scale import StartFailed
+from kubeinfer_runtime.contract.scale import LOAD_FAILED_EXIT_CODE, StartFailed
 
 #: Seconds the gateway answers the variant's requests 503 after such an answer (local
 #: mode's ``RETRY_AFTER_FAILURE_S``); a later 202 to its next scale request ends it sooner.
@@ -54,6 +54,7 @@ RETRY_AFTER_S = 10.0
 # The kinds of failure, safe to tell the endpoint's callers (``StartFailed.start_failed``).
 # The first two are the words local mode uses for the same failures.
 OOM_KILLED = "its model server ran out of memory"
+LOAD_FAILED = "its model failed to load"
 EXITED = "its model server exited"
 CRASH_LOOP = "its model server keeps crashing"
 IMAGE_PULL = "its container image cannot be pulled"
@@ -65,8 +66,8 @@ INIT = "its pod's init container failed"
 
 #: Which kind is told when the pods failed in several ways: what a person must fix
 #: first (nothing runs before the image is pulled and the container created).
-PRIORITY = (IMAGE_NAME, IMAGE_PULL, CONFIG, CREATE, COMPILE, INIT, OOM_KILLED, EXITED,
-            CRASH_LOOP)
+PRIORITY = (IMAGE_NAME, IMAGE_PULL, CONFIG, CREATE, COMPILE, INIT, LOAD_FAILED, OOM_KILLED,
+            EXITED, CRASH_LOOP)
 
 #: ``state.waiting.reason`` values that mean the container will not start by waiting.
 WAITING_FAILURES: Mapping[str, str] = {
@@ -107,12 +108,13 @@ def _restarts(status: Mapping[str, Any]) -> int:
 def _exit_failure(terminated: Mapping[str, Any]) -> str | None:
     """The kind of a container's exit (``state``/``lastState.terminated``): None unless
     it crashed (``Error``) or was ``OOMKilled`` (an ``Unknown`` exit after a node
-    restart, or a ``Completed`` init container, is no failure of the start)."""
+    restart, or a ``Completed`` init container, is no failure of the start). A model
+    server that ends because its model failed to load says so by its exit code."""
     reason = terminated.get("reason")
     if reason == OOM_REASON:
         return OOM_KILLED
     if reason == ERROR_REASON:
-        return EXITED
+        return LOAD_FAILED if terminated.get("exitCode") == LOAD_FAILED_EXIT_CODE else EXITED
     return None
 
 

@@ -41,7 +41,8 @@ GATEWAY_PODS_PORT_NAME = "scrape"
 #: What ``_runtime_container`` renders into every runtime container besides its role's
 #: settings (``model_server_deployment`` adds ``KUBEINFER_OUTBOUND_ALLOW`` to async
 #: workers; ``secrets.runtime_env`` the Redis URL and scaler token).
-RUNTIME_CONTAINER_ENV = frozenset({"KUBEINFER_PORT", "KUBEINFER_METRICS_PORT"})
+RUNTIME_CONTAINER_ENV = frozenset({"KUBEINFER_PORT", "KUBEINFER_METRICS_PORT",
+                                   "KUBEINFER_EXIT_ON_LOAD_FAILURE"})
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,11 @@ def model_server_deployment(owner: Owner, variant: VariantPlan,
         # Webhooks obey the operator's allow-list, empty included: always rendered, last,
         # so no other source of the name can widen it.
         env["KUBEINFER_OUTBOUND_ALLOW"] = settings.outbound_allow
+    else:
+        # A model that fails to load ends the container (exit 3, the reason in its last
+        # state): the kubelet retries it with back-off, and the scaler answers a
+        # serverless variant's held requests at once (reconcile.start_failure).
+        env["KUBEINFER_EXIT_ON_LOAD_FAILURE"] = "true"
     container = _runtime_container(Role.ASYNC_WORKER if async_plan else Role.MODEL_SERVER,
                                    settings, env, [tmp_mount],
                                    secrets.runtime_env(settings, redis=async_plan is not None,

@@ -509,6 +509,16 @@ class ModelServerSettings(_RoleSettings):
     #: anything one object can serve (an ONNX file stops at 2 GiB, a compiled
     #: artifact unpacks to at most 8 GiB).
     max_model_bytes: int = Field(default=10 << 30, ge=1)
+    #: A single model that fails to load ends the process (exit code
+    #: ``LOAD_FAILED_EXIT_CODE``, the reason in ``termination_message_path``) instead of
+    #: serving not-ready for ever. The operator sets it on Kubernetes: the kubelet then
+    #: restarts the container with back-off (a model that appears, an S3 outage that
+    #: ends, is picked up), ``kubectl describe pod`` shows why, and the scaler answers
+    #: a serverless variant's held requests at once. Local mode keeps the process, whose
+    #: ``/ping`` its supervisor reads.
+    exit_on_load_failure: bool = False
+    #: Where that reason is written (Kubernetes' default terminationMessagePath).
+    termination_message_path: str = "/dev/termination-log"
     endpoint_name: str = ""
     variant_name: str = ""
     max_payload_bytes: int = REALTIME_MAX_PAYLOAD_BYTES

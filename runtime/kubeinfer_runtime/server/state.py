@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Literal
 
 from kubeinfer_runtime.codec import DecodeLimits
 from kubeinfer_runtime.codec_v2_fast import V2Lane, build_v2_lane
+from kubeinfer_runtime.contract.scale import LOAD_FAILED_EXIT_CODE
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.models.base import Backend, ModelMetadata
@@ -52,6 +54,8 @@ INLINE_THRESHOLD_S = 0.001
 #: matches it (``kubeinfer_operator.local.supervisor.LOAD_FAILED``) to give up
 #: a rollout at once instead of waiting for ``--timeout``; keep them equal.
 LOAD_FAILED_MARKER = "failed to load"
+#: Kubernetes keeps at most 4096 bytes of a termination message.
+TERMINATION_MESSAGE_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -220,8 +224,11 @@ def load_into(slot: ModelSlot, settings: ServerConfig,
         if slot.phase is Phase.UNLOADED:
             return  # the server shut down while the model loaded
         detail = e.message if isinstance(e, RuntimeServiceError) else str(e) or type(e).__name__
-        log.error("%s", slot.fail(detail))
+        reason = slot.fail(detail)
+        log.error("%s", reason)
         metrics.load_failed(stage)
+        if settings.exit_on_load_failure:
+            exit_for_restart(reason, settings.termination_message_path)
         return
     # Everything alive now (FastAPI, pydantic, onnxruntime, the model) lives as
     # long as the process: move it out of the collector's sight so full
@@ -239,6 +246,22 @@ def load_into(slot: ModelSlot, settings: ServerConfig,
              slot.uri, fetched.sha256,
              "n/a" if warmup_s is None else f"{warmup_s * 1e6:.0f} µs",
              "inline" if inline else "in the thread pool")
+
+
+def exit_for_restart(reason: str, message_path: str) -> None:
+    """End the process so its supervisor (the kubelet) restarts it: ``reason`` goes to
+    ``message_path`` (Kubernetes shows it as the container's last state) and the exit
+    code is ``LOAD_FAILED_EXIT_CODE``. At once, from the loader's thread: the process
+    has nothing to serve, and a clean shutdown could end with code 0."""
+    try:
+        with open(message_path, "w") as f:
+            f.write(reason[:TERMINATION_MESSAGE_CHARS])
+    except OSError as exc:  # no such file outside Kubernetes: the log has it anyway
+        log.warning("Termination message not written to %s: %s", message_path,
+                    exc.strerror or type(exc).__name__)
+    for handler in logging.getLogger().handlers + log.handlers:
+        handler.flush()
+    os._exit(LOAD_FAILED_EXIT_CODE)
 
 
 class _WarmupFailed(Exception):
