@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
 
+from kubeinfer_runtime.contract.async_paths import FORMER_PATHS_GRACE_S, parse_former_paths
 from tests.integration import test_local
 from tests.integration.test_local import Local, wait_for
 from tests.support.ports import wait_until
@@ -162,3 +164,43 @@ def test_a_sigkilled_private_redis_comes_back_and_loses_no_request(
     result = local.run("down", "ar", timeout=60)
     assert result.returncode == 0, result.stderr
     local.wait_no_processes()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def test_a_changed_output_path_stays_writable_for_requests_queued_under_it(
+        local: Local, models_dir: Path, tmp_path: Path) -> None:
+    """``up -f`` with another outputPath: the new workers carry the old pair (with its
+    deadline), so requests queued under it are still written where their callers look
+    (the worker's side: tests/integration/test_async_security.py)."""
+    old_out, new_out = tmp_path / "old-out", tmp_path / "new-out"
+    text = _manifest("moved", models_dir / "iris.onnx", old_out).replace(
+        "minReplicas: 0", "minReplicas: 1")
+    spec = local.write("moved.yaml", text)
+    result = local.run("up", "-d", "-f", str(spec), "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [worker] = _workers(local.endpoint("moved"))
+    assert "KUBEINFER_FORMER_PATHS" not in _environ(int(str(worker["pid"])))
+    spec.write_text(text.replace(f"file://{old_out}", f"file://{new_out}"))
+    result = local.run("up", "-d", "-f", str(spec), "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    def moved_worker(state: dict[str, object]) -> bool:
+        return any(_environ(int(str(w["pid"]))).get("KUBEINFER_OUTPUT_PATH")
+                   == f"file://{new_out}" for w in _workers(state))
+
+    wait_for(local, "moved", moved_worker, "a worker with the new outputPath", timeout=60)
+    [env] = [e for w in _workers(local.endpoint("moved"))
+             if (e := _environ(int(str(w["pid"]))))["KUBEINFER_OUTPUT_PATH"]
+             == f"file://{new_out}"]
+    [pair] = parse_former_paths(env["KUBEINFER_FORMER_PATHS"])
+    assert pair.outputPath == f"file://{old_out}"
+    assert pair.failurePath == f"file://{old_out}/failures"  # the spec's default
+    assert pair.until > time.time() + FORMER_PATHS_GRACE_S - 300
+    result = local.run("down", "moved", timeout=60)
+    assert result.returncode == 0, result.stderr
+    local.wait_no_processes()
+

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncRoute
+from kubeinfer_runtime.contract.async_paths import FormerAsyncPaths, render_former_paths
 from kubeinfer_runtime.queue.request import parse_async_request
 from tests.support.async_stack import AsyncStack, worker_env
 from tests.support.ports import wait_until
@@ -79,6 +81,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer, s
                      route=route, s3_env=s3_server.env(), endpoint="iris",
                      error_url=hooks.url + "/error", max_retries="0",
                      max_input_bytes=str(MAX_INPUT), notify_backoff_s="0.05")
+    # The endpoint's paths before its spec changed (as the operator renders them): one
+    # pair still writable, one past its deadline.
+    env["KUBEINFER_FORMER_PATHS"] = render_former_paths([
+        FormerAsyncPaths(outputPath=f"s3://{BUCKET}/old-out",
+                         failurePath=f"s3://{BUCKET}/old-failed", until=time.time() + 3600),
+        FormerAsyncPaths(outputPath=f"s3://{BUCKET}/older-out",
+                         failurePath=f"s3://{BUCKET}/older-failed", until=time.time() - 1)])
     s = AsyncStack("iris", route, tmp_path_factory.mktemp("async-hostile"), env)
     s.start_gateway(redis_server.url)
     s.start_worker()
@@ -211,6 +220,36 @@ def test_a_forged_destination_is_dead_lettered_and_nothing_is_written(
     assert [o.object_name for o in s3_server.minio().list_objects(OTHER)] == ["payroll.csv"]
     for inference_id in ("forged-out", "forged-fail"):
         assert _object(s3_server, f"s3://{BUCKET}/out/{inference_id}.out") is None
+
+
+def test_requests_queued_before_the_paths_changed_are_written_where_their_callers_look(
+        stack: AsyncStack, redis_server: RedisServer, s3_server: Any) -> None:
+    """Entries the gateway made under the endpoint's former outputPath/failurePath are
+    answered there while that pair is writable; under an expired pair they are refused
+    as before (dead-lettered, nothing written)."""
+    row = b"5.1,3.5,1.4,0.2\n"
+    s3_server.minio().put_object(BUCKET, "in/moved.csv", io.BytesIO(row), len(row))
+    _forge(stack, redis_server, "moved-ok", input_location=f"s3://{BUCKET}/in/moved.csv",
+           output_location=f"s3://{BUCKET}/old-out/moved-ok.out",
+           failure_location=f"s3://{BUCKET}/old-failed/moved-ok-error.out")
+    _forge(stack, redis_server, "moved-failed", input_location=f"s3://{BUCKET}/in/none.csv",
+           output_location=f"s3://{BUCKET}/old-out/moved-failed.out",
+           failure_location=f"s3://{BUCKET}/old-failed/moved-failed-error.out")
+    _forge(stack, redis_server, "moved-expired",
+           output_location=f"s3://{BUCKET}/older-out/moved-expired.out",
+           failure_location=f"s3://{BUCKET}/older-failed/moved-expired-error.out")
+    output = _wait_object(s3_server, f"s3://{BUCKET}/old-out/moved-ok.out")
+    assert output.strip()  # the model's answer, where the caller was told to look
+    failure = json.loads(_wait_object(s3_server,
+                                      f"s3://{BUCKET}/old-failed/moved-failed-error.out"))
+    assert failure["ErrorCode"]
+    keys = AsyncQueueKeys(queue=stack.route.queue)
+    client = redis_server.client()
+    wait_until(lambda: "moved-expired" in {f.get("inference_id")
+                                           for _, f in client.xrange(keys.dead_letter)},
+               20.0, "the entry under the expired pair dead-lettered", interval=0.1)
+    assert _object(s3_server, f"s3://{BUCKET}/older-out/moved-expired.out") is None
+    assert _object(s3_server, f"s3://{BUCKET}/older-failed/moved-expired-error.out") is None
 
 
 @pytest.mark.parametrize(("name", "expected"), [

@@ -8,6 +8,7 @@ scales it back to zero (cooldowns set to 0 so the test needs no sleeps).
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import yaml
 
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import AsyncQueueKeys
+from kubeinfer_runtime.contract.async_paths import FORMER_PATHS_GRACE_S, parse_former_paths
 from tests.support.kube_harness import (
     Kube,
     operator_on_emulator,
@@ -149,3 +151,30 @@ def _can_ping(client: Any) -> bool:
         return bool(client.ping())
     except redis.exceptions.AuthenticationError:
         return False
+
+
+def _worker_env(kube: Kube, ns: str) -> dict[str, str]:
+    dep = kube.get("Deployment", ns, WORKERS) or {}
+    containers = dep.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+    return {e["name"]: e.get("value", "") for c in containers for e in c.get("env", [])}
+
+
+def test_a_changed_output_path_keeps_the_old_one_writable_for_queued_requests(
+        kube: Kube) -> None:
+    """Requests queued before outputPath/failurePath changed were told the old locations:
+    the workers rendered after the change carry the old pair (read from the workers that
+    ran). That re-rendering keeps the deadline is tests/unit/test_async_paths.py's."""
+    ns = "async-moved"
+    kube.create_namespace(ns)
+    assert kube.create(_on_cluster(EXAMPLE), ns).status_code == 201
+    wait_for(lambda: _worker_env(kube, ns).get("KUBEINFER_OUTPUT_PATH") == "s3://async-bucket/out",
+             15, "the workers rendered")
+    assert "KUBEINFER_FORMER_PATHS" not in _worker_env(kube, ns)
+    kube.patch("Endpoint", ns, NAME, {"spec": {"async": {
+        "outputPath": "s3://new-bucket/out", "failurePath": "s3://new-bucket/failed"}}})
+    env = wait_for(lambda: (e := _worker_env(kube, ns)).get("KUBEINFER_OUTPUT_PATH")
+                   == "s3://new-bucket/out" and e, 15, "the workers rendered again")
+    former = parse_former_paths(env["KUBEINFER_FORMER_PATHS"])
+    assert [(p.outputPath, p.failurePath) for p in former] == [
+        ("s3://async-bucket/out", "s3://async-bucket/failed")]
+    assert former[0].until > time.time() + FORMER_PATHS_GRACE_S - 120

@@ -14,6 +14,14 @@ import pytest
 
 from kubeinfer_operator.api.async_config import AsyncConfig
 from kubeinfer_runtime.contract import AsyncRoute, S3Settings
+from kubeinfer_runtime.contract.async_paths import (
+    FORMER_PATHS_GRACE_S,
+    FORMER_PATHS_KEEP,
+    FormerAsyncPaths,
+    carry_former_paths,
+    parse_former_paths,
+    render_former_paths,
+)
 from kubeinfer_runtime.contract.locations import (
     default_input_paths,
     location_problem,
@@ -133,12 +141,66 @@ def _queued(**overrides: str) -> AsyncRequest:
 
 def test_the_worker_refuses_forged_destinations() -> None:
     confinement = Confinement.of(["s3://tenant-a/"], "s3://tenant-a/out", "s3://tenant-a/f")
-    assert confinement.destination_problem(_queued()) is None
+    assert confinement.destination_problem(_queued(), NOW) is None
     forged = _queued(output_location="s3://tenant-b/out/x.out")
-    assert "outside the endpoint's outputPath" in (confinement.destination_problem(forged)
+    assert "outside the endpoint's outputPath" in (confinement.destination_problem(forged, NOW)
                                                     or "")
     forged = _queued(failure_location="s3://tenant-a/out/x-error.out")
-    assert "failurePath" in (confinement.destination_problem(forged) or "")
+    assert "failurePath" in (confinement.destination_problem(forged, NOW) or "")
+
+
+NOW = 1_800_000_000.0
+
+
+def test_requests_accepted_before_the_paths_changed_are_written_where_their_callers_look(
+        ) -> None:
+    """Queued under the old outputPath/failurePath (as the gateway made them then): written
+    there until the pair's ``until``; a location below no single pair is still refused."""
+    former = [FormerAsyncPaths(outputPath="s3://tenant-a/old-out",
+                               failurePath="s3://tenant-a/old-f", until=NOW + 60)]
+    confinement = Confinement.of(["s3://tenant-a/"], "s3://tenant-a/out", "s3://tenant-a/f",
+                                 former)
+    old = _queued(output_location="s3://tenant-a/old-out/x.out",
+                  failure_location="s3://tenant-a/old-f/x-error.out")
+    assert confinement.destination_problem(old, NOW) is None
+    assert confinement.destination_problem(_queued(), NOW) is None  # the current pair
+    assert "outputPath" in (confinement.destination_problem(old, NOW + 61) or "")  # expired
+    mixed = _queued(output_location="s3://tenant-a/old-out/x.out",
+                    failure_location="s3://tenant-b/x-error.out")
+    assert confinement.destination_problem(mixed, NOW) is not None
+    elsewhere = _queued(output_location="s3://tenant-b/old-out/x.out",
+                        failure_location="s3://tenant-a/old-f/x-error.out")
+    assert "outputPath" in (confinement.destination_problem(elsewhere, NOW) or "")
+
+
+def test_a_replaced_pair_joins_the_former_ones_and_keeps_its_deadline() -> None:
+    a, b, c = ("s3://x/a", "s3://x/af"), ("s3://x/b", "s3://x/bf"), ("s3://x/c", "s3://x/cf")
+    assert carry_former_paths(None, [], a, NOW) == []  # the first paths
+    assert carry_former_paths(a, [], a, NOW) == []  # unchanged
+    first = carry_former_paths(a, [], b, NOW)
+    assert first == [FormerAsyncPaths(outputPath=a[0], failurePath=a[1],
+                                      until=NOW + FORMER_PATHS_GRACE_S)]
+    # Rendered again later, unchanged: the same deadline (nothing rolls).
+    assert carry_former_paths(b, first, b, NOW + 100) == first
+    second = carry_former_paths(b, first, c, NOW + 100)
+    assert [(p.outputPath, p.until) for p in second] == [
+        (a[0], NOW + FORMER_PATHS_GRACE_S), (b[0], NOW + 100 + FORMER_PATHS_GRACE_S)]
+    # Back to a: a is current, not former; b stays.
+    back = carry_former_paths(c, second, a, NOW + 200)
+    assert [p.outputPath for p in back] == [b[0], c[0]]
+    # At most FORMER_PATHS_KEEP, the latest replaced.
+    many: list[FormerAsyncPaths] = []
+    current = ("s3://x/0", "s3://x/0f")
+    for i in range(1, 10):
+        nxt = (f"s3://x/{i}", f"s3://x/{i}f")
+        many = carry_former_paths(current, many, nxt, NOW + i)
+        current = nxt
+    assert len(many) == FORMER_PATHS_KEEP
+    assert [p.outputPath for p in many] == ["s3://x/5", "s3://x/6", "s3://x/7", "s3://x/8"]
+    assert parse_former_paths(render_former_paths(many)) == many
+    assert parse_former_paths("") == []
+    with pytest.raises(ValueError, match="KUBEINFER_FORMER_PATHS"):
+        parse_former_paths('[{"outputPath": 1}]')
 
 
 def test_the_worker_refuses_forged_inputs() -> None:

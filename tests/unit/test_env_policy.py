@@ -45,6 +45,7 @@ from kubeinfer_operator.render.transform_plan import (
 )
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import ENV_PREFIX
+from kubeinfer_runtime.contract.async_paths import FORMER_PATHS_ENV
 
 OWNER = Owner(name="e", namespace="tenant-a", uid="0b6c2a3e-1111-4222-8333-944455556666")
 SETTINGS = OperatorSettings(s3_secret_name="s3-creds", redis_url="redis://:pw@redis:6379/0",
@@ -343,10 +344,12 @@ def test_the_variant_sets_are_what_the_renderers_render() -> None:
                                  "errorUrl": "https://hooks.example/err"}}
     asynchronous = _server_names(_endpoint_spec(
         [], type="Async", **{"async": {**ASYNC["async"], **webhooks}}))
-    assert asynchronous - realtime == WORKER_ENV | {"KUBEINFER_OUTBOUND_ALLOW"}
+    # The former paths are rendered once the paths changed (tests/unit/test_async_paths.py).
+    assert asynchronous - realtime == (WORKER_ENV - {FORMER_PATHS_ENV}) | {
+        "KUBEINFER_OUTBOUND_ALLOW"}
     # The rest is local mode's (``local.children``, ``local.supervisor``, ``async_local``).
     assert validate.variant_operator_env(False) - realtime == validate.LOCAL_SERVER_ENV
-    assert (validate.variant_operator_env(True) - realtime - asynchronous
+    assert (validate.variant_operator_env(True) - realtime - asynchronous - {FORMER_PATHS_ENV}
             == validate.LOCAL_SERVER_ENV | validate.LOCAL_WORKER_ENV)
 
 

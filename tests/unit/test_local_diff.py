@@ -109,3 +109,28 @@ def test_admission_limits_change_only_the_route_table() -> None:
     [route] = new.route_table({"a": ["http://x"]}).endpoints["iris"].variants
     assert (route.max_in_flight_per_upstream, route.max_queue_wait_s) == (4, 0.5)
     assert old.variants[0].server_hash == new.variants[0].server_hash  # nothing restarts
+
+
+def _async_plan(output: str, max_retries: int = 1) -> EndpointPlan:
+    return plan_endpoint(Endpoint.model_validate({
+        "apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint",
+        "metadata": {"name": "aq"},
+        "spec": {"type": "Async", "variants": [variant("main")],
+                 "async": {"outputPath": output, "maxRetries": max_retries,
+                           "notification": {"successUrl": "http://hook/t0ken"}}}}))
+
+
+def test_async_settings_roll_the_workers_without_saying_the_values() -> None:
+    """The workers read their async settings at start: a changed outputPath (or retries)
+    restarts them, and the description names the settings, not their values (a webhook
+    URL may carry a token)."""
+    old = _async_plan("s3://a/out")
+    [change] = diff_plans(old, _async_plan("s3://b/out"))
+    assert change.kind is ChangeKind.ROLL
+    # The input paths default to the output's bucket, so they moved too.
+    assert change.fields == ("async settings changed (KUBEINFER_FAILURE_PATH, "
+                             "KUBEINFER_INPUT_PATHS, KUBEINFER_OUTPUT_PATH)",)
+    assert "s3://" not in change.describe()
+    [change] = diff_plans(old, _async_plan("s3://a/out", max_retries=3))
+    assert change.kind is ChangeKind.ROLL and "KUBEINFER_MAX_RETRIES" in change.fields[0]
+    assert diff_plans(old, _async_plan("s3://a/out")) == []

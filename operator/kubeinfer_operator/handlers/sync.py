@@ -12,6 +12,7 @@ status timer never interleave their writes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from kubeinfer_operator.k8s.events import post_events
 from kubeinfer_operator.observability import KIND_ENDPOINT, OperatorMetrics
 from kubeinfer_operator.reconcile import rollout_status
 from kubeinfer_operator.reconcile import status as st
+from kubeinfer_operator.reconcile.async_paths import with_former_paths
 from kubeinfer_operator.reconcile.async_validate import async_cluster_problems
 from kubeinfer_operator.reconcile.cluster_scaling import scaling_event
 from kubeinfer_operator.reconcile.compile_status import variant_compile_status
@@ -204,6 +206,10 @@ class EndpointSync:
             await self._ensure_redis_user(obj, namespace)
         actual = await self._children(namespace, name)
         deployments = st.deployments_by_name(actual)
+        if plan.async_config is not None:
+            # Requests queued under the paths the running workers have stay writable.
+            plan = dataclasses.replace(plan, async_config=with_former_paths(
+                plan.async_config, deployments.values(), self.clock().timestamp()))
         if self.scaler is not None:
             self.scaler.register(namespace, name, frozenset(
                 v.name for v in plan.variants) if accepts_scale_requests(plan) else None)

@@ -38,6 +38,7 @@ from kubeinfer_operator.reconcile.async_scaling import BacklogState, decide
 from kubeinfer_operator.render.async_plan import AsyncPlan
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_runtime.contract import AsyncBacklog, Role
+from kubeinfer_runtime.contract.async_paths import carry_former_paths
 
 log = logging.getLogger("kubeinfer.local")
 
@@ -85,7 +86,14 @@ class AsyncLocal:
                 "KUBEINFER_DRAIN_TIMEOUT_S": str(WORKER_DRAIN_S)}
 
     async def prepare(self, plan: EndpointPlan) -> EndpointPlan:
-        """Make ``plan`` runnable: a Redis for an async plan; the plan with its URL."""
+        """Make ``plan`` runnable: a Redis for an async plan; the plan with its URL (and
+        the paths the workers ran with so far, for requests queued under them)."""
+        if plan.async_config is not None and self.plan is not None:
+            plan = replace(plan, async_config=replace(plan.async_config, former_paths=tuple(
+                carry_former_paths((self.plan.output_path, self.plan.failure_path),
+                                   list(self.plan.former_paths),
+                                   (plan.async_config.output_path,
+                                    plan.async_config.failure_path), time.time()))))
         self.plan = plan.async_config
         if plan.async_config is None:
             return plan

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from kubeinfer_operator.render.plan import EndpointPlan, VariantPlan
+from kubeinfer_runtime.contract.async_paths import FORMER_PATHS_ENV
 
 
 class ChangeKind(StrEnum):
@@ -103,6 +104,18 @@ def diff_variant(old: VariantPlan, new: VariantPlan) -> Change | None:
     return Change(kind, new.name, old, new, tuple(fields))
 
 
+def _async_fields(old: EndpointPlan, new: EndpointPlan) -> list[str]:
+    """The async workers' settings that differ (their env, values unsaid: a webhook URL
+    may carry a token); the former paths they carry follow from the others."""
+    a, b = old.async_config, new.async_config
+    if a is None or b is None:
+        return []
+    env_a = {k: v for k, v in a.worker_env(None).items() if k != FORMER_PATHS_ENV}
+    env_b = {k: v for k, v in b.worker_env(None).items() if k != FORMER_PATHS_ENV}
+    changed = sorted(k for k in env_a.keys() | env_b.keys() if env_a.get(k) != env_b.get(k))
+    return [f"async settings changed ({', '.join(changed)})"] if changed else []
+
+
 def diff_plans(old: EndpointPlan | None, new: EndpointPlan) -> list[Change]:
     """Changes from ``old`` (None: nothing runs yet) to ``new``, in the order to apply them.
 
@@ -114,12 +127,18 @@ def diff_plans(old: EndpointPlan | None, new: EndpointPlan) -> list[Change]:
     old_variants = {v.name: v for v in old.variants} if old else {}
     new_names = {v.name for v in new.variants}
     changes: list[Change] = []
+    # The workers read their async settings at start: a change restarts them (rolled, as
+    # a model change is); until then they would refuse what the gateway now accepts.
+    async_fields = _async_fields(old, new) if old is not None else []
     for variant in new.variants:
         before = old_variants.get(variant.name)
         if before is None:
             changes.append(Change(ChangeKind.ADD, variant.name, None, variant))
             continue
         change = diff_variant(before, variant)
+        if async_fields and (change is None or change.kind is not ChangeKind.ROLL):
+            change = Change(ChangeKind.ROLL, variant.name, before, variant,
+                            (*(change.fields if change else ()), *async_fields))
         if change is not None:
             changes.append(change)
     for name, before in old_variants.items():

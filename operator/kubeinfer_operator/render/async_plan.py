@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from kubeinfer_operator.api.endpoint import Endpoint, EndpointType
 from kubeinfer_operator.reconcile.async_scaling import BacklogPolicy
 from kubeinfer_runtime.contract import AsyncRoute
+from kubeinfer_runtime.contract.async_paths import (
+    FORMER_PATHS_ENV,
+    FormerAsyncPaths,
+    render_former_paths,
+)
 
 #: Every name ``AsyncPlan.worker_env`` renders (the backends add the Redis URL, the
 #: outbound allow-list and, locally, the drain timeout): an Async endpoint's variant env
@@ -24,7 +29,7 @@ WORKER_ENV = frozenset({
     "KUBEINFER_MAX_CONCURRENCY", "KUBEINFER_MAX_RETRIES", "KUBEINFER_VISIBILITY_TIMEOUT_S",
     "KUBEINFER_INVOCATION_TIMEOUT_S", "KUBEINFER_INPUT_PATHS", "KUBEINFER_MAX_INPUT_BYTES",
     "KUBEINFER_MAX_PAYLOAD_BYTES", "KUBEINFER_TRANSIENT_BUDGET_S", "KUBEINFER_REDIS_URL",
-    "KUBEINFER_SUCCESS_URL", "KUBEINFER_ERROR_URL",
+    "KUBEINFER_SUCCESS_URL", "KUBEINFER_ERROR_URL", FORMER_PATHS_ENV,
 })
 
 
@@ -46,6 +51,9 @@ class AsyncPlan:
     input_paths: tuple[str, ...] = ()
     max_input_bytes: int = 1 << 30
     transient_budget_s: float = 600.0
+    #: The outputPath/failurePath pairs the endpoint had before (``contract.async_paths``):
+    #: the backends carry them from the workers they run (``reconcile.async_paths``).
+    former_paths: tuple[FormerAsyncPaths, ...] = ()
 
     def route(self, redis_url: str | None) -> AsyncRoute:
         return AsyncRoute(queue=self.queue, redis_url=redis_url, output_path=self.output_path,
@@ -79,6 +87,8 @@ class AsyncPlan:
             env["KUBEINFER_SUCCESS_URL"] = self.success_url
         if self.error_url:
             env["KUBEINFER_ERROR_URL"] = self.error_url
+        if self.former_paths:
+            env[FORMER_PATHS_ENV] = render_former_paths(list(self.former_paths))
         return env
 
     def initial_replicas(self, replicas: int) -> int:

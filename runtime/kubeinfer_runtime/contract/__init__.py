@@ -642,6 +642,10 @@ class AsyncWorkerSettings(ModelServerSettings):
     #: Prefixes (s3://bucket/prefix/ or file:///dir/) inputs may be read from,
     #: comma-separated; the worker refuses any other InputLocation it dequeues.
     input_paths: str = ""
+    #: The outputPath/failurePath pairs the endpoint had before, each writable until its
+    #: ``until`` (``contract.async_paths``, JSON): requests accepted under them are still
+    #: written where their callers look.
+    former_paths: str = ""
     #: Largest input object read, bytes (SageMaker: 1 GB); bigger inputs fail.
     max_input_bytes: int = Field(default=1 << 30, ge=1)
     #: Outbound calls (notification webhooks) may reach these otherwise refused

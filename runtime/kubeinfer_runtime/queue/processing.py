@@ -206,7 +206,7 @@ class Processor:
         except ValueError as e:
             await self._dead_letter_malformed(msg_id, fields, str(e))
             return
-        forged = self.confinement.destination_problem(req)
+        forged = self.confinement.destination_problem(req, time.time())
         if forged:
             # Not written anywhere: a location outside the endpoint's paths did not
             # come from our gateway.

@@ -33,6 +33,7 @@ from kubeinfer_runtime.contract import (
     failure_location,
     output_location,
 )
+from kubeinfer_runtime.contract.async_paths import FormerAsyncPaths
 from kubeinfer_runtime.contract.locations import (
     describe_prefixes,
     location_problem,
@@ -119,15 +120,25 @@ class Confinement:
     input_prefixes: tuple[str, ...]
     output_path: str
     failure_path: str
+    #: (outputPath, failurePath, until): the endpoint's paths before its spec changed,
+    #: for requests accepted under them (``contract.async_paths``).
+    former: tuple[tuple[str, str, float], ...] = ()
 
     @classmethod
     def of(cls, input_paths: list[str] | tuple[str, ...], output_path: str,
-           failure_path: str) -> Confinement:
+           failure_path: str, former: list[FormerAsyncPaths] | None = None) -> Confinement:
         return cls(tuple(normalize_prefix(p) for p in input_paths),
-                   normalize_prefix(output_path), normalize_prefix(failure_path))
+                   normalize_prefix(output_path), normalize_prefix(failure_path),
+                   tuple((normalize_prefix(f.outputPath), normalize_prefix(f.failurePath),
+                          f.until) for f in former or ()))
 
-    def destination_problem(self, req: AsyncRequest) -> str | None:
+    def destination_problem(self, req: AsyncRequest, now: float) -> str | None:
         """Why ``req`` may not be written where it says (no object is written then)."""
+        for output, failure, until in self.former:
+            # Both locations below one former pair, as the gateway made them then.
+            if now < until and within(req.output_location, (output,)) \
+                    and within(req.failure_location, (failure,)):
+                return None
         if not within(req.output_location, (self.output_path,)):
             return (f"output_location {req.output_location[:300]!r} is outside the endpoint's "
                     f"outputPath {self.output_path}")

@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncWorkerSettings
+from kubeinfer_runtime.contract.async_paths import parse_former_paths
 from kubeinfer_runtime.contract.locations import default_input_paths
 from kubeinfer_runtime.queue.gate import StoreGate
 from kubeinfer_runtime.queue.held_threads import HeldThreads, assess, live_bound_s
@@ -81,7 +82,8 @@ def worker_confinement(settings: AsyncWorkerSettings) -> Confinement:
     """Where this worker may read inputs and write objects (its endpoint's paths)."""
     inputs = [p.strip() for p in settings.input_paths.split(",") if p.strip()]
     return Confinement.of(inputs or default_input_paths(settings.output_path),
-                          settings.output_path, settings.failure_path)
+                          settings.output_path, settings.failure_path,
+                          parse_former_paths(settings.former_paths))
 
 
 def consumer_name() -> str:
