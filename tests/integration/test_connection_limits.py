@@ -34,9 +34,16 @@ LIMITS = {"KUBEINFER_HTTP_HEADER_TIMEOUT_S": "1", "KUBEINFER_HTTP_BODY_TIMEOUT_S
 def servers(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[dict[str, tuple[RuntimeProcess, str]]]:
     """role -> (process, inference path)."""
-    tmp = tmp_path_factory.mktemp("limits")
+    with _three_roles(models_dir, tmp_path_factory.mktemp("limits"), LIMITS) as out:
+        yield out
+
+
+@contextlib.contextmanager
+def _three_roles(models_dir: Path, tmp: Path, env: dict[str, str]
+                 ) -> Iterator[dict[str, tuple[RuntimeProcess, str]]]:
+    """A model server (inline and ASGI paths) and a gateway in front of it, with ``env``."""
     model = {"KUBEINFER_MODEL_URI": f"file://{models_dir / 'iris.onnx'}",
-             "KUBEINFER_ENDPOINT_NAME": "iris", "KUBEINFER_VARIANT_NAME": "main", **LIMITS}
+             "KUBEINFER_ENDPOINT_NAME": "iris", "KUBEINFER_VARIANT_NAME": "main", **env}
     out: dict[str, tuple[RuntimeProcess, str]] = {}
     try:
         ms = start_runtime("model-server", model, tmp / "logs")
@@ -47,7 +54,7 @@ def servers(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
         routes = tmp / "routes.json"
         RouteTable(endpoints={"iris": EndpointRoute(name="iris", variants=[
             VariantRoute(name="main", weight=1, upstreams=[ms.url])])}).write_atomic(routes)
-        gw = start_runtime("gateway", {"KUBEINFER_ROUTE_TABLE_PATH": str(routes), **LIMITS},
+        gw = start_runtime("gateway", {"KUBEINFER_ROUTE_TABLE_PATH": str(routes), **env},
                            tmp / "logs")
         out["gateway"] = (gw, "/endpoints/iris/invocations")
         yield out
@@ -292,28 +299,10 @@ def held_servers(models_dir: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[dict[str, tuple[RuntimeProcess, str]]]:
     """The three roles holding at most 1 MiB of requests each. The body timeout is long:
     an upload must stay held until the test refuses it, however loaded the machine."""
-    tmp = tmp_path_factory.mktemp("held")
-    bounds = {"KUBEINFER_HTTP_MAX_BODY_BYTES_HELD": str(HELD_LIMIT),
-              "KUBEINFER_HTTP_BODY_TIMEOUT_S": "300"}
-    model = {"KUBEINFER_MODEL_URI": f"file://{models_dir / 'iris.onnx'}",
-             "KUBEINFER_ENDPOINT_NAME": "iris", "KUBEINFER_VARIANT_NAME": "main", **bounds}
-    out: dict[str, tuple[RuntimeProcess, str]] = {}
-    try:
-        ms = start_runtime("model-server", model, tmp / "logs")
-        out["model-server"] = (ms, "/invocations")
-        asgi = start_runtime("model-server", {**model, "KUBEINFER_INLINE_HTTP": "false"},
-                             tmp / "logs")
-        out["model-server (ASGI path)"] = (asgi, "/invocations")
-        routes = tmp / "routes.json"
-        RouteTable(endpoints={"iris": EndpointRoute(name="iris", variants=[
-            VariantRoute(name="main", weight=1, upstreams=[ms.url])])}).write_atomic(routes)
-        gw = start_runtime("gateway", {"KUBEINFER_ROUTE_TABLE_PATH": str(routes), **bounds},
-                           tmp / "logs")
-        out["gateway"] = (gw, "/endpoints/iris/invocations")
+    with _three_roles(models_dir, tmp_path_factory.mktemp("held"), {
+            "KUBEINFER_HTTP_MAX_BODY_BYTES_HELD": str(HELD_LIMIT),
+            "KUBEINFER_HTTP_BODY_TIMEOUT_S": "300"}) as out:
         yield out
-    finally:
-        for proc, _ in out.values():
-            proc.stop()
 
 
 def held_metrics(proc: RuntimeProcess) -> dict[str, float]:
