@@ -17,6 +17,11 @@ ENV_PREFIX = "KUBEINFER_"
 #: Name of the route-table file inside the ConfigMap / local state directory.
 ROUTE_TABLE_FILENAME = "routes.json"
 
+#: Exit code of a model server whose model failed to load when it is told to exit
+#: (``exit_on_load_failure``, set by the operator on Kubernetes), so the operator tells
+#: that failure from a crash in the container's last state (``contract.scale``).
+LOAD_FAILED_EXIT_CODE = 3
+
 #: SageMaker's synchronous payload limit (InvokeEndpoint): 6 MB.
 REALTIME_MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 #: SageMaker's serverless payload limit: 4 MB.

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kubeinfer_runtime.wire import LOAD_FAILED_EXIT_CODE as LOAD_FAILED_EXIT_CODE
+
 #: The HTTP status of a :class:`StartFailed` answer.
 START_FAILED_STATUS = 503
-#: Exit code of a model server whose model failed to load when it is told to exit
-#: (``exit_on_load_failure``, set by the operator on Kubernetes), so the operator tells
-#: that failure from a crash in the container's last state.
-LOAD_FAILED_EXIT_CODE = 3
 
 
 class StartFailed(BaseModel):

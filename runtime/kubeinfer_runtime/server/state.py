@@ -29,7 +29,6 @@ from typing import Literal
 
 from kubeinfer_runtime.codec import DecodeLimits
 from kubeinfer_runtime.codec_v2_fast import V2Lane, build_v2_lane
-from kubeinfer_runtime.contract.scale import LOAD_FAILED_EXIT_CODE
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.models.base import Backend, ModelMetadata
@@ -38,6 +37,7 @@ from kubeinfer_runtime.models.warmup import WarmupResult, WarmupStatus, run_warm
 from kubeinfer_runtime.server.json_lane import JsonLane, build_json_lane
 from kubeinfer_runtime.server_env import ServerConfig
 from kubeinfer_runtime.storage.fetch import fetch_model
+from kubeinfer_runtime.wire import LOAD_FAILED_EXIT_CODE
 
 log = logging.getLogger("kubeinfer.server")
 
