@@ -121,6 +121,7 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "",
     (_member("hard", tarfile.LNKTYPE, "manifest.json"), "link or special"),
     (_member("dev", tarfile.CHRTYPE), "link or special"),
     (_member("fifo", tarfile.FIFOTYPE), "link or special"),
+    (_member("holes", tarfile.GNUTYPE_SPARSE), "sparse file"),
 ])
 def test_unsafe_members_are_refused(tmp_path: Path, member: tarfile.TarInfo, match: str) -> None:
     evil = _evil(tmp_path, member, b"x")

@@ -229,6 +229,11 @@ def _members(tar: tarfile.TarFile, max_members: int,
         if not info.isreg():
             raise PackageError(f"Package member {info.name[:80]!r} is a link or special file: "
                                "refused (packages hold plain files only)")
+        if info.issparse():
+            # tarfile expands a sparse member's holes while extracting: its bytes on disk
+            # are not the stored ones. `edge package` never writes one.
+            raise PackageError(f"Package member {info.name[:80]!r} is a sparse file: refused "
+                               "(packages hold plain files only)")
         total += info.size
         if total > max_bytes:
             raise PackageError(f"Package unpacks to more than {max_bytes} bytes: refused")
