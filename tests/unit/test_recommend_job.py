@@ -18,6 +18,7 @@ from kubeinfer_operator.api.recommendation_job import RecommendationJob
 from kubeinfer_operator.reconcile import recommend_status as rs
 from kubeinfer_operator.reconcile.compile_status import PodView
 from kubeinfer_operator.reconcile.recommend_validate import (
+    MAX_PAYLOADS_JSON_BYTES,
     InvalidRecommendationJob,
     validate_recommendation_job,
 )
@@ -311,3 +312,47 @@ def test_the_job_takes_the_operators_default_placement() -> None:
     assert job["spec"]["template"]["spec"]["tolerations"] == [
         {"key": "load-test", "operator": "Exists"}]
     assert schema_errors(job) == []
+
+
+#: Linux's limit on one environment string ("NAME=value" and its NUL): MAX_ARG_STRLEN.
+MAX_ARG_STRLEN = 131072
+
+
+def _largest(payloads: list[str]) -> dict[str, Any]:
+    """A job with every list the CRD bounds at its longest: 16 candidates, 64 instance
+    types, names as long as they may be, URIs of 1,000."""
+    name = "n" * 60
+    return doc(model={"uri": "s3://models/" + "m" * 983 + ".onnx"},
+               compiledModelUri="s3://" + "c" * 995,
+               candidates=[{"name": f"{'c' * 38}{i:02d}", "threads": 2, "replicas": 2,
+                            "instanceType": f"{name}{i:02d}",
+                            "resources": {"requests": {"cpu": "1500m", "memory": "2048Mi"},
+                                          "limits": {"cpu": "1500m", "memory": "2048Mi"}}}
+                           for i in range(16)],
+               instanceTypes=[{"name": f"{name}{i:02d}", "cpu": 1.5, "memory": "2048Mi",
+                               "pricePerHour": 0.123456789} for i in range(64)],
+               payloads=payloads)
+
+
+def test_payloads_that_would_not_fit_the_pods_environment_are_invalid_on_kubernetes(
+        ) -> None:
+    """The load test's request travels in one environment variable, and Linux starts no
+    process with one over 128 KiB: two 64 KiB payloads made a pod that never started."""
+    quotes = '"' * 30_000  # each escaped to two bytes in the request's JSON
+    with pytest.raises(InvalidRecommendationJob) as caught:
+        validate_recommendation_job("mlp", "ml", doc(payloads=[quotes, quotes])["spec"])
+    [problem] = caught.value.problems
+    assert problem.startswith("spec.payloads: 120") and "fewer or smaller" in problem
+    # Local mode hands the request over in a file: no such bound there.
+    validate_recommendation_job("mlp", "ml", doc(payloads=[quotes, quotes])["spec"],
+                                on_kubernetes=False)
+
+
+def test_at_the_bound_the_largest_request_still_fits_one_environment_variable() -> None:
+    payload = "x" * (MAX_PAYLOADS_JSON_BYTES // 2 - 8)
+    d = _largest([payload, payload])
+    validate_recommendation_job("mlp", "ml", d["spec"])  # accepted: within the bound
+    job = rjobs.render_job(planned(d), uid=UID, settings=SETTINGS)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    (env,) = container["env"]
+    assert len(f"{env['name']}={env['value']}".encode()) + 1 <= MAX_ARG_STRLEN

@@ -11,6 +11,7 @@ at once, each naming its field.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlparse
 
@@ -20,6 +21,11 @@ from kubeinfer_operator.reconcile.job_validate import InvalidJob, parse_job_spec
 from kubeinfer_operator.reconcile.validate import _resource_problems
 
 REASON_INVALID_SPEC = "InvalidSpec"
+#: On Kubernetes the load test's whole request travels in one environment variable
+#: (``render.recommend_jobs``), and Linux refuses to start a process with one over
+#: 128 KiB (MAX_ARG_STRLEN): the pod would never start. The rest of the request (at most
+#: 16 candidates and 64 instance types) stays well under the other 32 KiB.
+MAX_PAYLOADS_JSON_BYTES = 96 * 1024
 
 
 class InvalidRecommendationJob(InvalidJob):
@@ -40,6 +46,12 @@ def spec_problems(spec: RecommendationJobSpec, *, on_kubernetes: bool = True) ->
                             "own Service in this namespace, the only address the load "
                             "generator calls); remove it")
     if on_kubernetes:
+        size = len(json.dumps(spec.payloads or [], ensure_ascii=False).encode())
+        if size > MAX_PAYLOADS_JSON_BYTES:
+            problems.append(f"spec.payloads: {size} bytes as JSON, over the "
+                            f"{MAX_PAYLOADS_JSON_BYTES} the load test's pod can be given "
+                            "(one environment variable holds its request): send fewer or "
+                            "smaller sample payloads")
         for field, uri in (("spec.model.uri", spec.model.uri if spec.model else None),
                            ("spec.compiledModelUri", spec.compiledModelUri)):
             parsed = urlparse(uri or "")
