@@ -33,7 +33,10 @@ both the inline and the ASGI paths are covered) adds the bounds of
   long is cut. asyncio keeps whatever the kernel would not take in the
   transport's buffer, and a transport closing waits for it to drain, so a
   caller that asked for large answers and never read them held each one for
-  as long as it kept the connection open.
+  as long as it kept the connection open. Those waiting answers count against
+  ``http_max_body_bytes_held`` too (once a sweep): past it, the connections
+  whose peers took nothing for longest are cut, so reading a byte just inside
+  every timeout holds no more than the bound.
 
 Time limits are enforced by one sweep per event loop over the open
 connections (every quarter of the shortest timeout, at most once a second)
@@ -143,7 +146,7 @@ class BodyBudget:
     """Bytes of requests this process holds: received on a connection since its last
     answer was sent (``LimitedHttpProtocol._received``, summed), against ``limit``."""
 
-    __slots__ = ("held", "limit", "refused", "send_stalled")
+    __slots__ = ("answers_cut", "held", "limit", "refused", "send_stalled")
 
     def __init__(self, limit: int) -> None:
         self.held = 0
@@ -152,6 +155,9 @@ class BodyBudget:
         self.refused = 0
         #: Connections cut because their peer stopped taking its answer.
         self.send_stalled = 0
+        #: Connections cut because answers waiting to be sent and requests held together
+        #: exceeded ``limit`` (``bound_answers``).
+        self.answers_cut = 0
 
 
 @functools.cache
@@ -191,8 +197,38 @@ class _Sweeper:
         for conn in list(self.state.connections):
             if isinstance(conn, LimitedHttpProtocol):
                 conn.check_deadline(now)
+        bound_answers(self.state)
         if self.state.connections:
             self.ensure()
+
+
+def bound_answers(state: ServerState) -> None:
+    """Cut connections, the one whose peer has taken nothing for longest first, while the
+    answers waiting to be sent and the requests held together exceed the process's bound.
+
+    Answers are counted here, once a sweep, from the transports themselves (nothing to
+    reserve or forget): a peer reading a byte just inside every send timeout, on many
+    connections, would otherwise hold many answers for hours.
+    """
+    budget = body_budget()
+    waiting: list[tuple[LimitedHttpProtocol, int]] = []
+    for conn in state.connections:
+        if isinstance(conn, LimitedHttpProtocol):
+            pending = conn.transport.get_write_buffer_size()
+            if pending:
+                waiting.append((conn, pending))
+    total = budget.held + sum(pending for _, pending in waiting)
+    if total <= budget.limit:
+        return
+    for conn, pending in sorted(waiting, key=lambda item: item[0]._send_since):
+        if total <= budget.limit:
+            return
+        budget.answers_cut += 1
+        log.warning("Answers waiting to be sent and requests held reached %d bytes "
+                    "(KUBEINFER_HTTP_MAX_BODY_BYTES_HELD): cutting the connection whose "
+                    "peer took nothing for longest (%d bytes waiting)", total, pending)
+        conn.transport.abort()
+        total -= pending
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):

@@ -589,6 +589,12 @@ class _HttpBoundsCollector(Collector):
             "KUBEINFER_HTTP_SEND_TIMEOUT_S", labels=())
         stalled.add_metric([], budget.send_stalled)
         yield stalled
+        cut = CounterMetricFamily(
+            "kubeinfer_http_answers_cut",
+            "Connections cut because answers waiting to be sent and requests held exceeded "
+            "KUBEINFER_HTTP_MAX_BODY_BYTES_HELD", labels=())
+        cut.add_metric([], budget.answers_cut)
+        yield cut
 
 
 REGISTRY.register(_HttpBoundsCollector())

@@ -206,6 +206,39 @@ def test_a_caller_that_never_reads_its_answer_is_cut_and_the_answer_freed(
         gateway.stop()
 
 
+def test_answers_waiting_for_slow_readers_count_against_the_processes_bound(
+        tmp_path: Path, hostile: RuntimeProcess) -> None:
+    """A caller that reads a byte just inside every send timeout is never stalled, and
+    each of its connections held an answer for hours. Answers waiting to be sent count
+    against KUBEINFER_HTTP_MAX_BODY_BYTES_HELD: over it, that caller's connection is cut
+    (here one 20 MiB answer over an 8 MiB bound), and others are served on."""
+    gateway = _gateway(tmp_path, EndpointRoute(name="e", variants=[VariantRoute(
+        name="primary", weight=1, upstreams=[hostile.url])]),
+        KUBEINFER_HTTP_SEND_TIMEOUT_S="300", KUBEINFER_HTTP_MAX_BODY_BYTES_HELD=str(8 << 20))
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", gateway.port))
+        with sock:
+            sock.sendall(b"POST /endpoints/e/invocations HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: text/csv\r\n"
+                         b"X-Amzn-SageMaker-Custom-Attributes: mode=big\r\n"
+                         b"Content-Length: 4\r\n\r\n1,2\n")
+            wait_until(lambda: _counter(gateway, "kubeinfer_http_answers_cut_total") == 1, 30,
+                       "the gateway to cut the answer over its bound")
+            assert _counter(gateway, "kubeinfer_http_send_stalled_connections_total") == 0
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(1 << 20):
+                    received += len(chunk)
+        assert received < 20 << 20
+        with httpx.Client(timeout=10) as client:
+            assert _invoke(client, gateway).status_code == 200
+    finally:
+        gateway.stop()
+
+
 def _counter(gateway: RuntimeProcess, name: str) -> float:
     for line in httpx.get(gateway.url + "/metrics", timeout=5).text.splitlines():
         if line.startswith(name + " "):
