@@ -577,24 +577,18 @@ class _HttpBoundsCollector(Collector):
         yield GaugeMetricFamily(
             "kubeinfer_http_request_bytes_held_limit",
             "The bound on them (KUBEINFER_HTTP_MAX_BODY_BYTES_HELD)", value=budget.limit)
-        refused = CounterMetricFamily(
-            "kubeinfer_http_uploads_refused",
-            "Uploads answered 503 because the process held its bound of request bytes",
-            labels=())
-        refused.add_metric([], budget.refused)
-        yield refused
-        stalled = CounterMetricFamily(
-            "kubeinfer_http_send_stalled_connections",
-            "Connections cut because their peer took none of its answer for "
-            "KUBEINFER_HTTP_SEND_TIMEOUT_S", labels=())
-        stalled.add_metric([], budget.send_stalled)
-        yield stalled
-        cut = CounterMetricFamily(
-            "kubeinfer_http_answers_cut",
-            "Connections cut because answers waiting to be sent and requests held exceeded "
-            "KUBEINFER_HTTP_MAX_BODY_BYTES_HELD", labels=())
-        cut.add_metric([], budget.answers_cut)
-        yield cut
+        for name, documentation, value in (
+                ("kubeinfer_http_uploads_refused", "Uploads answered 503 because the process "
+                 "held its bound of request bytes", budget.refused),
+                ("kubeinfer_http_send_stalled_connections", "Connections cut because their "
+                 "peer took none of its answer for KUBEINFER_HTTP_SEND_TIMEOUT_S",
+                 budget.send_stalled),
+                ("kubeinfer_http_answers_cut", "Connections cut because answers waiting to be "
+                 "sent and requests held exceeded KUBEINFER_HTTP_MAX_BODY_BYTES_HELD",
+                 budget.answers_cut)):
+            counter = CounterMetricFamily(name, documentation, labels=())
+            counter.add_metric([], value)
+            yield counter
 
 
 REGISTRY.register(_HttpBoundsCollector())

@@ -184,21 +184,10 @@ def test_a_caller_that_never_reads_its_answer_is_cut_and_the_answer_freed(
         name="primary", weight=1, upstreams=[hostile.url])]),
         KUBEINFER_HTTP_SEND_TIMEOUT_S="2")
     try:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # takes almost nothing
-        sock.settimeout(30)
-        sock.connect(("127.0.0.1", gateway.port))
-        with sock:
-            sock.sendall(b"POST /endpoints/e/invocations HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Type: text/csv\r\n"
-                         b"X-Amzn-SageMaker-Custom-Attributes: mode=big\r\n"
-                         b"Content-Length: 4\r\n\r\n1,2\n")
+        with _asks_for_a_big_answer(gateway) as sock:
             wait_until(lambda: _counter(gateway, "kubeinfer_http_send_stalled_connections_total")
                        == 1, 30, "the gateway to cut the caller that reads nothing")
-            received = 0
-            with contextlib.suppress(ConnectionResetError):
-                while chunk := sock.recv(1 << 20):
-                    received += len(chunk)
+            received = _drain(sock)
         assert received < 20 << 20  # cut, not delivered late
         with httpx.Client(timeout=10) as client:  # the gateway serves on
             assert _invoke(client, gateway).status_code == 200
@@ -216,27 +205,38 @@ def test_answers_waiting_for_slow_readers_count_against_the_processes_bound(
         name="primary", weight=1, upstreams=[hostile.url])]),
         KUBEINFER_HTTP_SEND_TIMEOUT_S="300", KUBEINFER_HTTP_MAX_BODY_BYTES_HELD=str(8 << 20))
     try:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(30)
-        sock.connect(("127.0.0.1", gateway.port))
-        with sock:
-            sock.sendall(b"POST /endpoints/e/invocations HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Type: text/csv\r\n"
-                         b"X-Amzn-SageMaker-Custom-Attributes: mode=big\r\n"
-                         b"Content-Length: 4\r\n\r\n1,2\n")
+        with _asks_for_a_big_answer(gateway) as sock:
             wait_until(lambda: _counter(gateway, "kubeinfer_http_answers_cut_total") == 1, 30,
                        "the gateway to cut the answer over its bound")
             assert _counter(gateway, "kubeinfer_http_send_stalled_connections_total") == 0
-            received = 0
-            with contextlib.suppress(ConnectionResetError):
-                while chunk := sock.recv(1 << 20):
-                    received += len(chunk)
+            received = _drain(sock)
         assert received < 20 << 20
         with httpx.Client(timeout=10) as client:
             assert _invoke(client, gateway).status_code == 200
     finally:
         gateway.stop()
+
+
+def _asks_for_a_big_answer(gateway: RuntimeProcess) -> socket.socket:
+    """A connection that asked for the hostile upstream's 20 MiB answer and, with a 4 KiB
+    receive buffer, takes almost none of it until read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", gateway.port))
+    sock.sendall(b"POST /endpoints/e/invocations HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: text/csv\r\nX-Amzn-SageMaker-Custom-Attributes: mode=big\r\n"
+                 b"Content-Length: 4\r\n\r\n1,2\n")
+    return sock
+
+
+def _drain(sock: socket.socket) -> int:
+    """Bytes read until the connection ends (cut or closed)."""
+    received = 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(1 << 20):
+            received += len(chunk)
+    return received
 
 
 def _counter(gateway: RuntimeProcess, name: str) -> float:
