@@ -523,6 +523,11 @@ EDGE_REFUSED = Counter(
     "kubeinfer_edge_refused_requests", "Device API requests refused, by reason",
     ("fleet", "reason"),
 )
+#: Capture uploads being received and written (one per device at a time, a bound per
+#: process: the server answers 429 beyond).
+EDGE_CAPTURE_UPLOADS = Gauge(
+    "kubeinfer_edge_capture_uploads_in_flight", "Capture uploads in flight", ("fleet",),
+)
 #: Devices by state (Online, Offline, Updating, Stalled, Failed), as in GET /v1/fleet.
 EDGE_DEVICES = Gauge(
     "kubeinfer_edge_devices", "Registered devices by state", ("fleet", "state"),

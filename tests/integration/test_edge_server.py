@@ -275,7 +275,9 @@ def test_one_capture_upload_per_device_at_a_time(tmp_path: Path, fleet: Fleet,
     devices upload meanwhile, and the device again once its upload ended."""
     # The held upload must outlive however long a loaded machine takes to see it in
     # flight: the body's silence timeout (10 s by default) is raised for this server, so
-    # the held upload ends only when the test closes it.
+    # the held upload ends only when the test closes it. Polling with second uploads while
+    # it got there raced it (CI on fe54607 and 0b53864): a poll in flight first had the
+    # held upload refused 429, and every later poll then succeeded.
     env = {**_env(fleet, redis_server), "KUBEINFER_HTTP_BODY_TIMEOUT_S": "300"}
     server = start_runtime("fleet-server", env, tmp_path / "logs")
     try:
@@ -284,27 +286,18 @@ def test_one_capture_upload_per_device_at_a_time(tmp_path: Path, fleet: Fleet,
             held.sendall(b"POST /v1/devices/dev-1/captures HTTP/1.1\r\nHost: x\r\n"
                          + f"Authorization: Bearer {dev.credential}\r\n".encode()
                          + b"Content-Type: application/jsonl\r\nContent-Length: 100\r\n\r\n{")
-            seen: list[tuple[int, str]] = []
-
-            def throttled() -> bool:
-                # Until the server has the held upload in hand a second one is accepted
-                # (200); any other answer, or an answer on the held connection, is a
-                # failure to report, not to wait out.
-                held.setblocking(False)
-                try:
-                    answer = held.recv(4096)
-                except BlockingIOError:
-                    answer = None
-                finally:
-                    held.setblocking(True)
-                assert answer is None, f"the held upload was answered: {answer!r}"
-                r = dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
-                                  content=b'{"a": 1}\n')
-                seen.append((r.status_code, r.text[:200]))
-                assert r.status_code in (200, 429), seen[-1]
-                return r.status_code == 429
-
-            wait_until(throttled, 60, "the device's second upload to be throttled")
+            # Condition, not a race: until the server has the held upload in hand, a second
+            # one of the same device would be taken instead (and the held one refused).
+            wait_until(lambda: _gauge(server, "kubeinfer_edge_capture_uploads_in_flight") == 1,
+                       60, "the held upload in flight")
+            held.setblocking(False)
+            try:
+                answer = held.recv(4096)
+            except BlockingIOError:
+                answer = None
+            finally:
+                held.setblocking(True)
+            assert answer is None, f"the held upload was answered: {answer!r}"
             r = dev.http.post("/v1/devices/dev-1/captures", headers=dev.auth,
                               content=b'{"a": 1}\n')
             assert "in flight" in _error(r, 429) and r.headers["retry-after"] == "5"
@@ -316,6 +309,13 @@ def test_one_capture_upload_per_device_at_a_time(tmp_path: Path, fleet: Fleet,
                    30, "the device to upload again once its held upload ended")
     finally:
         server.stop()
+
+
+def _gauge(server: RuntimeProcess, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_the_status_token_reads_the_fleet_and_nothing_else(server: RuntimeProcess,

@@ -44,6 +44,11 @@ Send = Callable[[Message], Awaitable[None]]
 
 LATENCY_WINDOW = 2048
 UPSTREAM_TIMEOUT_S = 60.0
+#: Idle pooled connections to the model server are dropped after this, seconds: well
+#: inside its keep-alive timeout (5 s, KUBEINFER_HTTP_KEEPALIVE_TIMEOUT_S). httpx keeps
+#: them 5 s too, so a request could go out on a connection the server was closing at
+#: that moment: a ReadError, and the caller a 503 from a healthy device.
+UPSTREAM_KEEPALIVE_S = 2.0
 #: Request headers passed to the model server (the rest describe this hop only).
 _FORWARD = {"content-type", "accept", "x-amzn-sagemaker-custom-attributes",
             "x-amzn-sagemaker-inference-id", "inference-header-content-length"}
@@ -91,7 +96,8 @@ class Proxy:
         self.version = ""
         self.sampling_percentage = 0.0
         self.stats = Stats()
-        self._client = httpx.AsyncClient(timeout=UPSTREAM_TIMEOUT_S)
+        self._client = httpx.AsyncClient(
+            timeout=UPSTREAM_TIMEOUT_S, limits=httpx.Limits(keepalive_expiry=UPSTREAM_KEEPALIVE_S))
 
     async def aclose(self) -> None:
         await self._client.aclose()

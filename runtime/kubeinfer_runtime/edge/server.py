@@ -248,6 +248,7 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
     heartbeats = metrics.EDGE_HEARTBEATS.labels(fleet)
     registrations = metrics.EDGE_REGISTRATIONS.labels(fleet)
     captured = metrics.EDGE_CAPTURE_RECORDS.labels(fleet)
+    uploads_in_flight = metrics.EDGE_CAPTURE_UPLOADS.labels(fleet)
     #: Devices whose capture upload this process is handling.
     uploading: set[str] = set()
 
@@ -405,10 +406,12 @@ def create_app(settings: FleetServerSettings | None = None) -> FastAPI:
                             f"server holds {MAX_CAPTURE_UPLOADS_IN_FLIGHT} already: send it "
                             "again later")
         uploading.add(device_id)
+        uploads_in_flight.set(len(uploading))
         try:
             return await _capture(device_id, request)
         finally:
             uploading.discard(device_id)
+            uploads_in_flight.set(len(uploading))
 
     async def _capture(device_id: str, request: Request) -> Response:
         body = await _body(request, MAX_CAPTURE_UPLOAD_BYTES, "Capture upload")
