@@ -211,12 +211,9 @@ def bound_answers(state: ServerState) -> None:
     connections, would otherwise hold many answers for hours.
     """
     budget = body_budget()
-    waiting: list[tuple[LimitedHttpProtocol, int]] = []
-    for conn in state.connections:
-        if isinstance(conn, LimitedHttpProtocol):
-            pending = conn.transport.get_write_buffer_size()
-            if pending:
-                waiting.append((conn, pending))
+    # ``_send_pending``: what each connection's check of this sweep read (0 once cut).
+    waiting = [(conn, conn._send_pending) for conn in state.connections
+               if isinstance(conn, LimitedHttpProtocol) and conn._send_pending]
     total = budget.held + sum(pending for _, pending in waiting)
     if total <= budget.limit:
         return
@@ -228,6 +225,7 @@ def bound_answers(state: ServerState) -> None:
                     "(KUBEINFER_HTTP_MAX_BODY_BYTES_HELD): cutting the connection whose "
                     "peer took nothing for longest (%d bytes waiting)", total, pending)
         conn.transport.abort()
+        conn._send_pending = 0
         total -= pending
 
 
@@ -481,6 +479,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                     "(KUBEINFER_HTTP_SEND_TIMEOUT_S): connection cut", pending,
                     self.limits.http_send_timeout_s)
         self.transport.abort()
+        self._send_pending = 0
         return True
 
     def _body_timeout(self, message: str) -> None:

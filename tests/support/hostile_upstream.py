@@ -61,16 +61,11 @@ async def _answer(head: bytes, writer: asyncio.StreamWriter) -> None:
         return
     _invocations += 1
     mode = _mode(head)
-    if mode == "huge":
+    if mode in ("huge", "big"):
+        size = HUGE if mode == "huge" else BIG
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                     b"content-length: %d\r\n\r\n" % HUGE)
-        for _ in range(HUGE // len(_CHUNK)):
-            writer.write(_CHUNK)
-            await writer.drain()
-    elif mode == "big":
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                     b"content-length: %d\r\n\r\n" % BIG)
-        for _ in range(BIG // len(_CHUNK)):
+                     b"content-length: %d\r\n\r\n" % size)
+        for _ in range(size // len(_CHUNK)):
             writer.write(_CHUNK)
             await writer.drain()
     elif mode == "chunked":
