@@ -132,23 +132,36 @@ def endpoint(name: str, uri: str, alarm: dict[str, Any]) -> dict[str, Any]:
                              {"windowSeconds": 10, "minRequests": 20, **alarm}]}}}}
 
 
-def routes(kube: Kube, name: str) -> list[dict[str, Any]]:
+def route_table(kube: Kube, name: str) -> dict[str, Any]:
+    """The endpoint's entry in its route ConfigMap, read once: callers that check
+    weights, routes and mirrors together must see one version of it (the operator
+    can roll back between two reads)."""
     cm = kube.get("ConfigMap", NS, f"{name}-routes") or {}
     data = next(iter((cm.get("data") or {}).values()), "{}")
-    found: list[dict[str, Any]] = json.loads(data).get("endpoints", {}).get(name, {}).get(
-        "variants", [])
+    found: dict[str, Any] = json.loads(data).get("endpoints", {}).get(name, {})
     return found
 
 
+def routes(kube: Kube, name: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = route_table(kube, name).get("variants", [])
+    return found
+
+
+def mirrors_of(table: dict[str, Any]) -> list[tuple[str, str, float]]:
+    return [(m["source"], m["peer"], m["sampling_percentage"])
+            for m in table.get("mirrors", [])]
+
+
 def mirrors(kube: Kube, name: str) -> list[tuple[str, str, float]]:
-    cm = kube.get("ConfigMap", NS, f"{name}-routes") or {}
-    data = next(iter((cm.get("data") or {}).values()), "{}")
-    found = json.loads(data).get("endpoints", {}).get(name, {}).get("mirrors", [])
-    return [(m["source"], m["peer"], m["sampling_percentage"]) for m in found]
+    return mirrors_of(route_table(kube, name))
+
+
+def weights_of(variants: list[dict[str, Any]]) -> dict[str, float]:
+    return {v["name"]: v["weight"] for v in variants if v["upstreams"]}
 
 
 def weights(kube: Kube, name: str) -> dict[str, float]:
-    return {v["name"]: v["weight"] for v in routes(kube, name) if v["upstreams"]}
+    return weights_of(routes(kube, name))
 
 
 def condition(kube: Kube, name: str, type_: str) -> dict[str, Any]:
@@ -176,16 +189,18 @@ def roll_back(kube: Kube, name: str, alarm: dict[str, Any],
     seen: list[dict[str, float]] = []
 
     def back_on_blue() -> bool:
-        w = weights(kube, name)
+        table = route_table(kube, name)
+        variants = table.get("variants", [])
+        w = weights_of(variants)
         if mirrored is not None:
-            m = mirrors(kube, name)
+            m = mirrors_of(table)
             if not mirrored or mirrored[-1] != m:
                 mirrored.append(m)
         if not seen or seen[-1] != w:
             seen.append(w)
             if len(w) == 2:
                 # Green answers as the production variant; its metrics stay its own route's.
-                assert {r["name"]: r.get("production_variant") for r in routes(kube, name)} \
+                assert {r["name"]: r.get("production_variant") for r in variants} \
                     == {"primary": "primary", "primary-green": "primary"}
         return bool(condition(kube, name, "RolledBack").get("status") == "True")
 
