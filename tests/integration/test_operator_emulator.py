@@ -166,10 +166,14 @@ def test_lists_selectors_and_watch_resume(emulator: EmulatorThread, kube: Kube, 
     events: list[dict[str, Any]] = []
 
     def watch() -> None:
+        # The server ends the watch after timeoutSeconds, counted from its start: long
+        # enough for the test's DELETE after the first event even on a loaded machine
+        # (at 2 s a stalled test could see the stream end first); the thread returns
+        # after the second event anyway.
         with httpx.stream("GET", f"{emulator.url}/api/v1/namespaces/{ns}/configmaps",
                           params={"watch": "true", "resourceVersion": since,
-                                  "labelSelector": "app=x", "timeoutSeconds": "2"},
-                          timeout=10) as r:
+                                  "labelSelector": "app=x", "timeoutSeconds": "20"},
+                          timeout=30) as r:
             assert r.headers["content-type"].startswith("application/json")
             for line in r.iter_lines():
                 events.append(json.loads(line))
@@ -178,9 +182,9 @@ def test_lists_selectors_and_watch_resume(emulator: EmulatorThread, kube: Kube, 
 
     t = threading.Thread(target=watch)
     t.start()
-    wait_for(lambda: events, 5, "the replayed event")
+    wait_for(lambda: events, 10, "the replayed event")
     kube.delete("ConfigMap", ns, "a")
-    t.join(5)
+    t.join(10)
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
         ("MODIFIED", "a"), ("DELETED", "a")]
     assert events[0]["object"]["data"] == {"k": "new"}

@@ -33,11 +33,13 @@ BUCKETS = (0.1, 0.5, 2.5)
 
 
 class FakeGatewayPod:
-    """``/metrics`` of one gateway pod: counters that grow by 10 requests per scrape."""
+    """``/metrics`` of one gateway pod: counters that grow by 10 requests per scrape, except
+    while ``idle`` is set (no traffic: the counters stay, so no alarm can be evaluated)."""
 
     def __init__(self) -> None:
         self.scrapes = 0
         self.lock = threading.Lock()
+        self.idle = threading.Event()
         pod = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,7 +60,8 @@ class FakeGatewayPod:
 
     def metrics(self) -> str:
         with self.lock:
-            self.scrapes += 1
+            if not self.idle.is_set():
+                self.scrapes += 1
             n = self.scrapes * 10
         inv = ["# TYPE kubeinfer_gateway_invocations counter"]
         err = ["# TYPE kubeinfer_gateway_errors counter"]
@@ -169,7 +172,7 @@ def condition(kube: Kube, name: str, type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
 
 
-def roll_back(kube: Kube, name: str, alarm: dict[str, Any],
+def roll_back(kube: Kube, pod: FakeGatewayPod, name: str, alarm: dict[str, Any],
               mirrored: list[list[tuple[str, str, float]]] | None = None,
               ) -> tuple[dict[str, Any], str]:
     """Roll ``name`` out to a bad green; return the RolledBack condition and the Event
@@ -182,27 +185,47 @@ def roll_back(kube: Kube, name: str, alarm: dict[str, Any],
     wait_for(lambda: weights(kube, name) == {"primary": 1.0}, what="blue routed")
     before = kube.get("Deployment", NS, blue)
     assert before is not None
-    kube.patch("Endpoint", NS, name, {"spec": {"variants": [
-        {"name": "primary", "replicas": 2, "model": {"uri": "s3://m/v2.onnx"}}]}})
-    wait_for(lambda: kube.get("Deployment", NS, f"{blue}-green"), what="green fleet")
-    kube.make_available(NS, f"{blue}-green")
-    seen: list[dict[str, float]] = []
+    # No traffic until the canary split has been seen: with traffic, the alarm trips a
+    # few scrapes (a few tenths of a second) into the bake, and a poll delayed that long
+    # on a loaded machine would miss the split.
+    pod.idle.set()
+    try:
+        kube.patch("Endpoint", NS, name, {"spec": {"variants": [
+            {"name": "primary", "replicas": 2, "model": {"uri": "s3://m/v2.onnx"}}]}})
+        wait_for(lambda: kube.get("Deployment", NS, f"{blue}-green"), what="green fleet")
+        kube.make_available(NS, f"{blue}-green")
+        seen: list[dict[str, float]] = []
+
+        def observe() -> dict[str, float]:
+            """Read the route table once; record its weights (and mirrors) as they change."""
+            table = route_table(kube, name)
+            variants = table.get("variants", [])
+            w = weights_of(variants)
+            if mirrored is not None:
+                m = mirrors_of(table)
+                if not mirrored or mirrored[-1] != m:
+                    mirrored.append(m)
+            if not seen or seen[-1] != w:
+                seen.append(w)
+                if len(w) == 2:
+                    # Green answers as the production variant; its metrics stay its own
+                    # route's.
+                    assert {r["name"]: r.get("production_variant") for r in variants} \
+                        == {"primary": "primary", "primary-green": "primary"}
+            return w
+
+        wait_for(lambda: observe() == {"primary": 0.5, "primary-green": 0.5},
+                 what="the canary split")
+    finally:
+        pod.idle.clear()
 
     def back_on_blue() -> bool:
-        table = route_table(kube, name)
-        variants = table.get("variants", [])
-        w = weights_of(variants)
-        if mirrored is not None:
-            m = mirrors_of(table)
-            if not mirrored or mirrored[-1] != m:
-                mirrored.append(m)
-        if not seen or seen[-1] != w:
-            seen.append(w)
-            if len(w) == 2:
-                # Green answers as the production variant; its metrics stay its own route's.
-                assert {r["name"]: r.get("production_variant") for r in variants} \
-                    == {"primary": "primary", "primary-green": "primary"}
-        return bool(condition(kube, name, "RolledBack").get("status") == "True")
+        # The condition first: a reconcile writes the route table before the status, so
+        # a table read after a True condition is the rolled-back one (read the other way
+        # round, the rollback could land between the reads and seen[-1] stay the split).
+        rolled_back = condition(kube, name, "RolledBack").get("status") == "True"
+        observe()
+        return rolled_back
 
     wait_for(back_on_blue, timeout=20, what="rolled back")
     # Traffic went from the canary split straight back to blue, with no step between.
@@ -229,24 +252,25 @@ def roll_back(kube: Kube, name: str, alarm: dict[str, Any],
     return condition(kube, name, "RolledBack"), str(events[0]["message"])
 
 
-def test_an_error_rate_alarm_rolls_back_to_blue_at_once(kube: Kube) -> None:
-    cond, event = roll_back(kube, "iris", {"name": "green-errors", "errorRate": 0.1})
+def test_an_error_rate_alarm_rolls_back_to_blue_at_once(kube: Kube, pod: FakeGatewayPod) -> None:
+    cond, event = roll_back(kube, pod, "iris", {"name": "green-errors", "errorRate": 0.1})
     for text in (cond["message"], event):
         assert "alarm green-errors: errorRate 0.5 vs threshold 0.1" in text
         assert "all traffic is on primary" in text
     assert cond["reason"] == "AlarmTripped"
 
 
-def test_a_latency_alarm_rolls_back_to_blue_at_once(kube: Kube) -> None:
-    cond, event = roll_back(kube, "slow", {"name": "green-p99", "latencyP99Ms": 500})
+def test_a_latency_alarm_rolls_back_to_blue_at_once(kube: Kube, pod: FakeGatewayPod) -> None:
+    cond, event = roll_back(kube, pod, "slow", {"name": "green-p99", "latencyP99Ms": 500})
     for text in (cond["message"], event):
         assert "alarm green-p99: latencyP99Ms" in text and "vs threshold 500" in text
 
 
-def test_a_disagreement_alarm_mirrors_blue_and_green_and_rolls_back(kube: Kube) -> None:
+def test_a_disagreement_alarm_mirrors_blue_and_green_and_rolls_back(
+        kube: Kube, pod: FakeGatewayPod) -> None:
     mirrored: list[list[tuple[str, str, float]]] = []
-    cond, event = roll_back(kube, "flip", {"name": "green-flips", "disagreement": 0.05,
-                                           "mirrorSamplingPercentage": 50}, mirrored)
+    cond, event = roll_back(kube, pod, "flip", {"name": "green-flips", "disagreement": 0.05,
+                                                "mirrorSamplingPercentage": 50}, mirrored)
     for text in (cond["message"], event):
         assert "alarm green-flips: disagreement 0.1 vs threshold 0.05" in text
         assert "all traffic is on primary" in text

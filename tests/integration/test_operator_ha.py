@@ -133,9 +133,13 @@ def test_standby_stays_idle_then_takes_over_when_the_active_replica_dies(
         # Only the active replica answers scale requests; the standby sends gateways on.
         wait_for(lambda: active.scale("demo", "first") == 202, 30,
                  "the active scaler to accept a scale request")
-        assert standby.scale("demo", "first") == 503
+        # The standby's role is read every 2 s and cached for 1 s: a reading from before
+        # the active replica's first heartbeat still says "active" for up to a second
+        # (the standby answered 404 then). Its gauge shows when it has read the role
+        # again; only then is its scaler a standby's.
         wait_for(lambda: (active.active(), standby.active()) == (1.0, 0.0), 30,
                  "the active gauge: 1 on the active replica, 0 on the standby")
+        assert standby.scale("demo", "first") == 503
 
         active.proc.send_signal(signal.SIGKILL)
         active.proc.wait(timeout=10)

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -42,8 +43,9 @@ def bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http_bounds, "MAX_CONNECTIONS", CAP)
 
 
-@pytest.fixture
-async def scaler(bounds: None) -> AsyncIterator[ClusterScaler]:
+@asynccontextmanager
+async def started_scaler() -> AsyncIterator[ClusterScaler]:
+    """A scaler serving on a free port, its listener bounded as ``http_bounds`` says now."""
     scaler = ClusterScaler(port=free_port(), signing_key=KEY)
     scaler.known[("ml", "ep")] = frozenset({"main"})
     rounds: list[str] = []
@@ -57,6 +59,12 @@ async def scaler(bounds: None) -> AsyncIterator[ClusterScaler]:
         yield scaler
     finally:
         await scaler.close()
+
+
+@pytest.fixture
+async def scaler(bounds: None) -> AsyncIterator[ClusterScaler]:
+    async with started_scaler() as scaler:
+        yield scaler
 
 
 async def exchange(port: int, data: bytes, wait_s: float = 5.0) -> bytes:
@@ -106,18 +114,23 @@ async def test_the_scaler_closes_a_connection_at_the_end_of_its_lifetime(
 
 
 async def test_connections_past_the_cap_get_503_and_the_scaler_serves_again_after(
-        scaler: ClusterScaler) -> None:
-    assert scaler.port is not None
-    held = [await asyncio.open_connection("127.0.0.1", scaler.port) for _ in range(CAP)]
-    await asyncio.sleep(0.1)  # accepted
-    over = await exchange(scaler.port, scale_post(scaler_token(KEY, "ml").encode()))
-    assert status_line(over) == b"HTTP/1.1 503 Service Unavailable"
-    assert b"Retry-After: 1" in over
-    for _, writer in held:
-        writer.close()
-    await asyncio.sleep(0.1)
-    good = await exchange(scaler.port, scale_post(scaler_token(KEY, "ml").encode()))
-    assert status_line(good) == b"HTTP/1.1 202 Accepted"
+        bounds: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cap, not the lifetime: the held connections must outlive the test's steps. At
+    # LIFETIME_S (0.5 s) a loaded machine pausing the test for 0.4 s let the listener
+    # close them before the connection over the cap came, which was then served (202).
+    monkeypatch.setattr(http_bounds, "CONNECTION_LIFETIME_S", 60.0)
+    async with started_scaler() as scaler:
+        assert scaler.port is not None
+        held = [await asyncio.open_connection("127.0.0.1", scaler.port) for _ in range(CAP)]
+        await asyncio.sleep(0.1)  # accepted
+        over = await exchange(scaler.port, scale_post(scaler_token(KEY, "ml").encode()))
+        assert status_line(over) == b"HTTP/1.1 503 Service Unavailable"
+        assert b"Retry-After: 1" in over
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.1)
+        good = await exchange(scaler.port, scale_post(scaler_token(KEY, "ml").encode()))
+        assert status_line(good) == b"HTTP/1.1 202 Accepted"
 
 
 async def test_the_operator_metrics_listener_is_bounded_too(bounds: None) -> None:

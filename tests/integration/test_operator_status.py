@@ -112,14 +112,15 @@ def _report_stuck(kube: Kube, ns: str, generation: int) -> None:
 
 
 def _stays(predicate: Any, seconds: float, what: str) -> None:
-    """Assert ``predicate()`` holds at every poll for ``seconds`` (a window, not a sleep)."""
+    """Assert ``predicate()`` holds at every poll for ``seconds`` and at least 6 polls (a
+    window, not a sleep; on a loaded machine six polls can take longer than ``seconds``,
+    and the window then lasts as long as they take)."""
     deadline = time.monotonic() + seconds
     polls = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline or polls < 6:
         assert predicate(), f"{what} stopped holding after {polls} polls"
         polls += 1
         time.sleep(0.05)
-    assert polls > 5
 
 
 def test_a_model_change_is_not_ready_until_its_rollout_is_done(kube: Kube, ns: str) -> None:

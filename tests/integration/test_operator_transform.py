@@ -309,8 +309,10 @@ def test_endpoint_ref_waits_for_the_endpoint_then_pins_its_model(kube: Kube, ns:
     obj = kube.get("TransformJob", ns, "score")
     assert obj is not None
     assert "iris-v2.onnx" in obj["metadata"]["annotations"][ANNOTATION_RESOLVED_MODEL]
-    assert _status(kube, ns)["model"] == ("Endpoint iris variant canary: model "
-                                          "file://models/iris-v2.onnx")
+    # The status is written after the planner Job is created (same reconcile): wait for it.
+    wait_for(lambda: _status(kube, ns).get("model") == ("Endpoint iris variant canary: model "
+                                                        "file://models/iris-v2.onnx"), 10,
+             "the pinned model in status")
 
     # The Endpoint changes; the running job keeps the model it started with.
     variants = copy.deepcopy(ENDPOINT["spec"]["variants"])

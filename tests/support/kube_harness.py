@@ -30,6 +30,9 @@ import yaml
 from tests.support.kube_emulator import KubeEmulator
 from tests.support.kube_schema import load_crds
 
+#: Seconds the emulator or the operator may take to start (see ``EmulatorThread.start``).
+START_TIMEOUT_S = 90.0
+
 
 class EmulatorThread:
     def __init__(self, crds: list[dict[str, Any]] | None = None) -> None:
@@ -60,7 +63,9 @@ class EmulatorThread:
 
     def start(self) -> EmulatorThread:
         self._thread.start()
-        if not self._ready.wait(30) or self._error is not None:
+        # Generous: a module's emulator and operator together took 14 s to start on a
+        # loaded 2-core machine (schemas, kopf's start-up); only a broken start waits long.
+        if not self._ready.wait(START_TIMEOUT_S) or self._error is not None:
             raise RuntimeError(f"the Kubernetes emulator did not start: {self._error!r}")
         return self
 
@@ -198,7 +203,7 @@ class OperatorThread:
 
     def start(self) -> OperatorThread:
         self._thread.start()
-        if not self._ready.wait(30) or self._error is not None:
+        if not self._ready.wait(START_TIMEOUT_S) or self._error is not None:
             raise RuntimeError(f"the operator did not start: {self._error!r}")
         return self
 
