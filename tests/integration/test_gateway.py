@@ -13,7 +13,6 @@ import itertools
 import json
 import signal
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from kubeinfer_runtime.contract import EndpointRoute, RouteTable, VariantRoute
-from tests.support.fake_upstream import start_fake_upstream
+from tests.support.fake_upstream import in_flight, start_fake_upstream
 from tests.support.ports import wait_until
 from tests.support.procs import RuntimeProcess, start_runtime
 
@@ -235,13 +234,14 @@ def test_reload_never_drops_a_request_in_flight(gateway: Gateway, echo: RuntimeP
         result: dict[str, httpx.Response] = {}
 
         def call() -> None:
+            # Held 3 s: still in flight once the new table is served, on a loaded machine too.
             result["r"] = httpx.post(gateway.url + "/endpoints/echo/invocations", content=b"{}",
-                                     headers={"x-amzn-sagemaker-custom-attributes": "sleep=1"},
+                                     headers={"x-amzn-sagemaker-custom-attributes": "sleep=3"},
                                      timeout=20)
 
         thread = threading.Thread(target=call)
         thread.start()
-        time.sleep(0.3)
+        wait_until(lambda: in_flight(echo) == 1, 10, "the request waiting in the upstream")
         # The new table no longer has the upstream the request is waiting on.
         gateway.publish({"echo": [("only", 1.0, [other.url])]})
         thread.join(15)
@@ -395,7 +395,7 @@ def test_connection_dropped_mid_request_is_503(gateway: Gateway, tmp_path: Path)
 
         thread = threading.Thread(target=call)
         thread.start()
-        time.sleep(0.5)  # the request is now waiting inside the upstream
+        wait_until(lambda: in_flight(slow) == 1, 10, "the request waiting in the upstream")
         slow.proc.send_signal(signal.SIGKILL)
         thread.join(15)
         response = result["r"]
@@ -454,7 +454,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path: Path,
     threads = [threading.Thread(target=call) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.4)
+    wait_until(lambda: in_flight(echo) == 3, 10, "the three requests in the upstream")
     gw.proc.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(10)

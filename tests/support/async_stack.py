@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from kubeinfer_runtime.contract import AsyncRoute, EndpointRoute, RouteTable, VariantRoute
 from tests.support.orphans import die_with_parent
-from tests.support.ports import free_port, http_ok, wait_until
+from tests.support.ports import http_ok, reserve_port, wait_until
 from tests.support.procs import RuntimeProcess, start_runtime
 
 
@@ -35,6 +36,9 @@ class AsyncStack:
     worker_env: dict[str, str]
     gateway: RuntimeProcess | None = None
     workers: list[RuntimeProcess] = field(default_factory=list)
+    #: Ports held for workers started without waiting (``ports.reserve_port``), until they
+    #: answer (``wait_workers``) or the stack stops.
+    held: list[socket.socket] = field(default_factory=list)
 
     def start_gateway(self, redis_url: str) -> RuntimeProcess:
         routes = self.workdir / "routes.json"
@@ -46,7 +50,8 @@ class AsyncStack:
 
     def start_worker(self, *, wait: bool = True) -> RuntimeProcess:
         """One more worker; ``wait`` for its /ping (model loaded, Redis reachable)."""
-        port = free_port()
+        reservation = reserve_port()
+        port = int(reservation.getsockname()[1])
         log_dir = self.workdir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"worker-{port}.log"
@@ -58,13 +63,19 @@ class AsyncStack:
                 env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         worker = RuntimeProcess(proc, port, log_path)
         self.workers.append(worker)
-        if wait:
-            def up() -> bool:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"async worker exited {proc.returncode}:\n{worker.log()}")
-                return http_ok(worker.url + "/ping")
+        if not wait:
+            self.held.append(reservation)
+            return worker
 
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"async worker exited {proc.returncode}:\n{worker.log()}")
+            return http_ok(worker.url + "/ping")
+
+        try:
             wait_until(up, 30.0, f"async worker on port {port}")
+        finally:
+            reservation.close()
         return worker
 
     def wait_workers(self, timeout: float = 60.0) -> None:
@@ -76,6 +87,12 @@ class AsyncStack:
                 return http_ok(w.url + "/ping")
 
             wait_until(up, timeout, f"async worker on port {worker.port}")
+        self._release()
+
+    def _release(self) -> None:
+        for reservation in self.held:
+            reservation.close()
+        self.held = []
 
     def submit(self, inputs: list[str], ids: list[str]) -> None:
         """Queue one request per id (input ``inputs[i % len]``) from one keep-alive client;
@@ -96,6 +113,7 @@ class AsyncStack:
         self.workers.remove(worker)
 
     def stop(self) -> None:
+        self._release()
         for w in self.workers:
             w.stop()
         self.workers = []

@@ -10,6 +10,9 @@ process (it stands in for a model server; none of kubeinfer's code runs in it).
         "status=424" answers a SageMaker-style ModelError instead;
         the response echoes the custom attributes back as "echo:<value>".
     GET /ping        -> 200
+    GET /in-flight   -> 200 JSON {"in_flight": N}: the POSTs being answered now, what a
+                        test waits for before acting on a request held in the upstream
+                        (a fixed sleep can end before a loaded machine has sent it)
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.support.orphans import die_with_parent
-from tests.support.ports import free_port, http_ok, wait_until
+from tests.support.ports import http_ok, reserve_port, wait_until
 from tests.support.procs import RuntimeProcess
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -42,9 +48,36 @@ def _attributes(value: str) -> dict[str, str]:
     return out
 
 
+#: POST requests received and not yet answered (``GET /in-flight``).
+_in_flight = 0
+
+
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    global _in_flight
     if scope["type"] != "http":
         return
+    if scope["path"] == "/in-flight":
+        out = json.dumps({"in_flight": _in_flight}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
+        await send({"type": "http.response.body", "body": out})
+        return
+    counted = scope["method"] == "POST"
+    _in_flight += counted
+    try:
+        await _answer(scope, receive, send)
+    finally:
+        _in_flight -= counted
+
+
+def in_flight(upstream: RuntimeProcess) -> int:
+    """How many POSTs ``upstream`` (a fake upstream) is answering now."""
+    r = httpx.get(upstream.url + "/in-flight", timeout=10)
+    r.raise_for_status()
+    return int(r.json()["in_flight"])
+
+
+async def _answer(scope: Scope, receive: Receive, send: Send) -> None:
     body = b""
     while True:
         msg = await receive()
@@ -80,7 +113,12 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
 def start_fake_upstream(name: str, log_dir: Path, *, port: int | None = None,
                         timeout: float = 20.0) -> RuntimeProcess:
     """Run this app under uvicorn (on a free port unless given); ready when /ping answers."""
-    port = port or free_port()
+    # Held until the upstream answers (``ports.reserve_port``), unless it restarts on a port
+    # its clients already know.
+    reservation: socket.socket | None = None
+    if port is None:
+        reservation = reserve_port()
+        port = int(reservation.getsockname()[1])
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"fake-{name}-{port}.log"
     env = {**os.environ, "FAKE_NAME": name}
@@ -104,4 +142,7 @@ def start_fake_upstream(name: str, log_dir: Path, *, port: int | None = None,
     except BaseException:
         rp.stop()
         raise
+    finally:
+        if reservation is not None:
+            reservation.close()
     return rp

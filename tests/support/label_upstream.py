@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.orphans import die_with_parent
-from tests.support.ports import free_port, http_ok, wait_until
+from tests.support.ports import http_ok, reserve_port, wait_until
 from tests.support.procs import RuntimeProcess
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -58,7 +58,8 @@ async def app(scope: MutableMapping[str, Any],
 
 def start_label_upstream(name: str, log_dir: Path, **env: str) -> RuntimeProcess:
     """Run :func:`app` under uvicorn on a free port; ready when /ping answers."""
-    port = free_port()
+    reservation = reserve_port()  # held until it answers
+    port = int(reservation.getsockname()[1])
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"label-{name}-{port}.log"
     with open(log_path, "wb") as log:
@@ -80,4 +81,6 @@ def start_label_upstream(name: str, log_dir: Path, **env: str) -> RuntimeProcess
     except BaseException:
         rp.stop()
         raise
+    finally:
+        reservation.close()
     return rp

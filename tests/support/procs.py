@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.orphans import then_die_with_parent
-from tests.support.ports import free_port, http_ok, stop_process, wait_until
+from tests.support.ports import http_ok, reserve_port, stop_process, wait_until
 
 
 @dataclass
@@ -44,7 +45,23 @@ def start_runtime(role: str, env: dict[str, str], log_dir: Path, *,
     run's output stays readable).
     """
     restart = port is not None
-    port = port if port is not None else free_port()
+    reservation: socket.socket | None = None
+    if port is None:
+        # Held until the server answers: picked and released, a port could be given to
+        # another process (the other xdist worker's servers) before this one had bound it.
+        reservation = reserve_port()
+        port = int(reservation.getsockname()[1])
+    try:
+        return _start(role, env, log_dir, port, restart, ready_path=ready_path,
+                      expect_ready=expect_ready, timeout=timeout, open_files=open_files)
+    finally:
+        if reservation is not None:
+            reservation.close()
+
+
+def _start(role: str, env: dict[str, str], log_dir: Path, port: int, restart: bool, *,
+           ready_path: str, expect_ready: bool, timeout: float,
+           open_files: int | None) -> RuntimeProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{role}-{port}.log"
     full_env = {**os.environ, **env, "KUBEINFER_HOST": "127.0.0.1", "KUBEINFER_PORT": str(port)}

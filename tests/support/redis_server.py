@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.orphans import die_with_parent
-from tests.support.ports import free_port, stop_process
+from tests.support.ports import reserve_port, stop_process
 
 
 @dataclass
@@ -69,9 +69,13 @@ def _launch(workdir: Path, port: int, persistent: bool) -> subprocess.Popen[byte
 def start_redis(workdir: Path, timeout: float = 10.0, *, persistent: bool = False
                 ) -> RedisServer:
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    server = RedisServer(_launch(workdir, port, persistent), port, workdir, persistent)
-    _wait_ready(server, timeout)
+    reservation = reserve_port()  # held until it answers (redis-server sets SO_REUSEADDR)
+    port = int(reservation.getsockname()[1])
+    try:
+        server = RedisServer(_launch(workdir, port, persistent), port, workdir, persistent)
+        _wait_ready(server, timeout)
+    finally:
+        reservation.close()
     return server
 
 

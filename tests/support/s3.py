@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.orphans import die_with_parent
-from tests.support.ports import free_port, stop_process
+from tests.support.ports import stop_process
 
 ACCESS_KEY = "kubeinfer-test"
 SECRET_KEY = "kubeinfer-test-secret"
@@ -74,18 +75,31 @@ class S3Server:
         _wait_ready(self, timeout)
 
 
-def _free_port_pair() -> int:
-    while True:
-        p = free_port()
-        if p + 10000 < 65535:
+def _free_port_pairs(count: int) -> list[int]:
+    """``count`` distinct free ports ``p`` whose ``p + 10000`` is free too (SeaweedFS's gRPC
+    ports). Every probe socket stays bound until all are chosen: picked one by one and
+    released, two servers were once given the same port (the volume's and the filer's)."""
+    held: list[socket.socket] = []
+    chosen: list[int] = []
+    try:
+        while len(chosen) < count:
+            probe = socket.socket()
+            held.append(probe)
+            probe.bind(("127.0.0.1", 0))
+            p = int(probe.getsockname()[1])
+            if p + 10000 >= 65535:
+                continue
+            grpc = socket.socket()
+            held.append(grpc)
             try:
-                import socket
-
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p + 10000))
-                return p
+                grpc.bind(("127.0.0.1", p + 10000))
             except OSError:
                 continue
+            chosen.append(p)
+    finally:
+        for sock in held:
+            sock.close()
+    return chosen
 
 
 def start_s3(workdir: Path, timeout: float = 30.0) -> S3Server:
@@ -99,7 +113,7 @@ def start_s3(workdir: Path, timeout: float = 30.0) -> S3Server:
         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
-    mp, vp, fp, sp = (_free_port_pair() for _ in range(4))
+    mp, vp, fp, sp = _free_port_pairs(4)
     server = S3Server(_launch(workdir, sp, (mp, vp, fp)), sp, workdir, (mp, vp, fp))
     _wait_ready(server, timeout)
     return server

@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -156,6 +157,9 @@ class FleetStore:
         #: until a record of theirs parses again): a fleet-wide read every second must not
         #: log every second.
         self._unreadable: set[str] = set()
+        #: The controller's thread and the event loop both parse records: the check and
+        #: the add are one step, or both could warn about the same device.
+        self._unreadable_lock = threading.Lock()
 
     def k_history(self, device_id: str) -> str:
         return self._history_prefix + device_id
@@ -169,15 +173,19 @@ class FleetStore:
         try:
             record = DeviceRecord.model_validate_json(raw)
         except ValidationError as e:
-            if device_id not in self._unreadable:
+            with self._unreadable_lock:
+                first = device_id not in self._unreadable
                 self._unreadable.add(device_id)
+            if first:
                 # The device id and the count only: the stored bytes are device input.
                 log.warning("Fleet %s: the stored record of device %s cannot be read (%d "
                             "problem(s)): left out of the fleet's views until its next "
                             "heartbeat or registration rewrites it", self.fleet, device_id,
                             e.error_count())
             return None
-        self._unreadable.discard(device_id)
+        if device_id in self._unreadable:
+            with self._unreadable_lock:
+                self._unreadable.discard(device_id)
         return record
 
     async def register(self, record: DeviceRecord) -> str:

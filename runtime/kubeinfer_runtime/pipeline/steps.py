@@ -156,6 +156,10 @@ class HandlerStep(Step):
             raise ModelError(f"Handler {self.ref} failed: {type(e).__name__}: {e}") from None
 
 
+#: Seconds an idle connection to a container step is kept for reuse (see ``UrlStep``).
+STEP_KEEPALIVE_S = 2.0
+
+
 class UrlStep(Step):
     """A container in the same pod speaking the SageMaker contract on its own port."""
 
@@ -163,7 +167,12 @@ class UrlStep(Step):
         super().__init__(spec)
         assert spec.url is not None
         self.url = spec.url.rstrip("/")
-        self.client = httpx.AsyncClient(timeout=timeout_s)
+        # Idle connections are dropped after STEP_KEEPALIVE_S, well inside the container's
+        # own keep-alive timeout (uvicorn's, and the runtime's, is 5 s): httpx kept them
+        # 5 s too, and the kubelet asks /ping (which checks this step) every 5 s, so a
+        # request could go out on a connection the container was closing at that moment.
+        self.client = httpx.AsyncClient(
+            timeout=timeout_s, limits=httpx.Limits(keepalive_expiry=STEP_KEEPALIVE_S))
         self.ready = False
         self.reason = f"Container {self.url} has not answered /ping yet"
 
