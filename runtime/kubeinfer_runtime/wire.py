@@ -22,6 +22,12 @@ ROUTE_TABLE_FILENAME = "routes.json"
 #: that failure from a crash in the container's last state (``contract.scale``).
 LOAD_FAILED_EXIT_CODE = 3
 
+#: Seconds an idle connection to a container speaking the SageMaker contract (a
+#: pipeline's image step, a batch job's image) is kept for reuse: inside gunicorn's
+#: default keep-alive (2 s), which many such images serve with, so a request never goes
+#: out on a connection the container is closing (a dropped request, not an answer).
+CONTAINER_KEEPALIVE_S = 1.0
+
 #: SageMaker's synchronous payload limit (InvokeEndpoint): 6 MB.
 REALTIME_MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 #: SageMaker's serverless payload limit: 4 MB.

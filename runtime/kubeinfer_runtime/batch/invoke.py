@@ -49,6 +49,7 @@ from kubeinfer_runtime.contract.batch import (
 from kubeinfer_runtime.errors import NotReady, RuntimeServiceError, ValidationError
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.models.base import Tensors
+from kubeinfer_runtime.wire import CONTAINER_KEEPALIVE_S
 
 if TYPE_CHECKING:
     import httpx
@@ -304,7 +305,10 @@ class ImageModel(Model):
         self.url = settings.model_url.rstrip("/")
         self.client = httpx.Client(
             timeout=httpx.Timeout(settings.invocation_timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64))
+            # Idle connections closed before the container closes them (CONTAINER_KEEPALIVE_S):
+            # a request on a closing one costs a retry, or fails a job without retries.
+            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64,
+                                keepalive_expiry=CONTAINER_KEEPALIVE_S))
         self.headers = {"content-type": settings.input_content_type or
                         "application/octet-stream"}
         if settings.accept:

@@ -38,6 +38,7 @@ from kubeinfer_runtime.server.state import (
     start_loading,
 )
 from kubeinfer_runtime.storage.uri import FileLocation, parse_model_uri
+from kubeinfer_runtime.wire import CONTAINER_KEEPALIVE_S
 
 Result = tuple[bytes, str]
 
@@ -156,10 +157,6 @@ class HandlerStep(Step):
             raise ModelError(f"Handler {self.ref} failed: {type(e).__name__}: {e}") from None
 
 
-#: Seconds an idle connection to a container step is kept for reuse (see ``UrlStep``).
-STEP_KEEPALIVE_S = 2.0
-
-
 class UrlStep(Step):
     """A container in the same pod speaking the SageMaker contract on its own port."""
 
@@ -167,12 +164,11 @@ class UrlStep(Step):
         super().__init__(spec)
         assert spec.url is not None
         self.url = spec.url.rstrip("/")
-        # Idle connections are dropped after STEP_KEEPALIVE_S, well inside the container's
-        # own keep-alive timeout (uvicorn's, and the runtime's, is 5 s): httpx kept them
-        # 5 s too, and the kubelet asks /ping (which checks this step) every 5 s, so a
+        # httpx keeps idle connections 5 s, as long as uvicorn's keep-alive and longer than
+        # gunicorn's, and the kubelet asks /ping (which checks this step) every 5 s: a
         # request could go out on a connection the container was closing at that moment.
         self.client = httpx.AsyncClient(
-            timeout=timeout_s, limits=httpx.Limits(keepalive_expiry=STEP_KEEPALIVE_S))
+            timeout=timeout_s, limits=httpx.Limits(keepalive_expiry=CONTAINER_KEEPALIVE_S))
         self.ready = False
         self.reason = f"Container {self.url} has not answered /ping yet"
 
