@@ -186,6 +186,11 @@ async def test_operator_prometheus_queries_read_only_their_namespace(server: Ser
                                               'y{namespace="team-a"}', "team-a") == 42.5
         assert await unchecked._prometheus(base, "up", "team-a") == 42.5
         assert server.queries == ['x{namespace="team-a"} / on() y{namespace="team-a"}', "up"]
+        # A query in the URL would come first, and Prometheus runs the first one.
+        smuggled = base + '/api/v1/query?query=sum(x{namespace="team-b"})&x='
+        assert await scaler._prometheus(smuggled, 'x{namespace="{namespace}"}',
+                                        "team-a") is None
+        assert len(server.queries) == 2
     finally:
         await scaler.close()
         await unchecked.close()

@@ -69,12 +69,13 @@ def test_the_placeholder_is_filled_with_the_namespace() -> None:
     assert problem(with_namespace('rate(x{namespace="{namespace}"}[1m])', NS)) is None
 
 
-def endpoint(query: str | None = None, alarm: str | None = None) -> dict[str, Any]:
+def endpoint(query: str | None = None, alarm: str | None = None,
+             url: str = "http://prometheus.monitoring:9090") -> dict[str, Any]:
     variant: dict[str, Any] = {"name": "a", "model": {"uri": "s3://m/a.onnx"}}
     spec: dict[str, Any] = {"variants": [variant]}
     if query is not None:
         variant["autoscaling"] = {
-            "maxReplicas": 3, "prometheusUrl": "http://prometheus.monitoring:9090",
+            "maxReplicas": 3, "prometheusUrl": url,
             "targetTracking": [{"metric": "InvocationsPerReplica", "target": 10},
                                {"metric": "Custom", "query": query, "target": 1}],
             "stepScaling": [{"metric": "Custom", "query": query,
@@ -82,7 +83,7 @@ def endpoint(query: str | None = None, alarm: str | None = None) -> dict[str, An
     if alarm is not None:
         spec["deploymentConfig"] = {
             "blueGreen": {"trafficRouting": {"type": "AllAtOnce"}},
-            "autoRollback": {"prometheusUrl": "http://prometheus.monitoring:9090", "alarms": [
+            "autoRollback": {"prometheusUrl": url, "alarms": [
                 {"name": "e", "errorRate": 0.1},
                 {"name": "p", "promQL": {"query": alarm, "threshold": 1}}]}}
     return spec
@@ -105,6 +106,21 @@ def test_an_endpoint_using_the_placeholders_is_valid() -> None:
         'sum(x{namespace="{namespace}"})',
         'rate(kubeinfer_gateway_errors_total{namespace="{namespace}", endpoint="{endpoint}", '
         'variant="{variant}"}[1m])'), promql_label="namespace")
+
+
+def test_a_prometheus_url_carrying_a_query_of_its_own_is_invalid() -> None:
+    """Prometheus runs the first ``query`` parameter: one in the URL would run instead of
+    the checked query, which is appended after it."""
+    smuggled = ('http://prometheus.monitoring:9090/api/v1/query'
+                '?query=sum(x{namespace="team-b"})&x=')
+    ok = 'sum(x{namespace="{namespace}"})'
+    for url in (smuggled, "http://prometheus.monitoring:9090/#", "http://p:9090/?"):
+        with pytest.raises(InvalidSpec) as caught:
+            validate_endpoint("iris", NS, endpoint(ok, ok, url=url), promql_label="namespace")
+        fields = [p.split(":")[0] for p in caught.value.problems]
+        assert fields == ["spec.variants[0].autoscaling.prometheusUrl",
+                          "spec.deploymentConfig.autoRollback.prometheusUrl"], url
+    validate_endpoint("iris", NS, endpoint(ok, ok, url=smuggled))  # local mode: no check
 
 
 def test_local_mode_and_a_cluster_without_the_check_accept_any_query() -> None:

@@ -19,6 +19,10 @@ checked. What the check cannot vouch for is refused rather than guessed at: ``or
 inside a selector's braces (Prometheus 3), and ``info()``, which reads
 ``target_info`` series that no selector in the query names.
 
+The Prometheus URL the query goes to may carry no query string or fragment: Prometheus
+reads the first ``query`` parameter, so ``.../api/v1/query?query=<anything>&x=`` would
+have it run that instead of the checked query (the checked one appended after it).
+
 ``{namespace}`` in a query is replaced by the Endpoint's namespace (as ``{endpoint}``
 and ``{variant}`` are in alarms), so one manifest serves every namespace.
 """
@@ -69,6 +73,17 @@ def scope_problem(query: str, namespace: str, label: str, field: str) -> str | N
 
     promql_parser.walk(expr, visit)
     return "; ".join(dict.fromkeys(problems)) or None
+
+
+def prometheus_url_problem(url: str, label: str, field: str) -> str | None:
+    """Why a tenant's query sent to ``url`` might not be the one checked (module doc), or
+    None (also when ``label`` is empty: the check is off)."""
+    # Either character ends the path however the rest is spelled (an empty query too).
+    if label and ("?" in url or "#" in url):
+        return (f"{field}: a Prometheus URL with a query string or fragment could carry a "
+                "query of its own, which Prometheus would run instead: give the server's "
+                "base URL only")
+    return None
 
 
 def _selector_problem(node: promql_parser.VectorSelector, namespace: str,

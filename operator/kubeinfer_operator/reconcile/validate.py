@@ -34,7 +34,11 @@ from kubeinfer_operator.api.endpoint import (
 )
 from kubeinfer_operator.api.env_policy import env_problems
 from kubeinfer_operator.errors import SpecError
-from kubeinfer_operator.reconcile.promql_scope import scope_problem, with_namespace
+from kubeinfer_operator.reconcile.promql_scope import (
+    prometheus_url_problem,
+    scope_problem,
+    with_namespace,
+)
 from kubeinfer_operator.reconcile.quantity import parse_quantity
 from kubeinfer_operator.reconcile.rollout import fleet_names
 from kubeinfer_operator.reconcile.rollout_alarms import render_query
@@ -204,11 +208,14 @@ def promql_problems(spec: EndpointSpec, name: str, namespace: str, label: str) -
     each naming its field (PURE). Alarms are checked as the rollout sends them, with
     each fleet a variant's green can be in ``{variant}``."""
     queries: list[tuple[str, str]] = []
+    #: The Prometheus URLs the queries go to, each with its field.
+    urls: list[tuple[str, str | None]] = []
     for kind, variants in (("variants", spec.variants), ("shadowVariants", spec.shadowVariants)):
         for i, variant in enumerate(variants):
             if variant.autoscaling is None:
                 continue
             scaling = variant.autoscaling
+            urls.append((f"spec.{kind}[{i}].autoscaling.prometheusUrl", scaling.prometheusUrl))
             for group, policies in (("targetTracking", scaling.targetTracking),
                                     ("stepScaling", scaling.stepScaling)):
                 for j, policy in enumerate(policies):
@@ -216,6 +223,9 @@ def promql_problems(spec: EndpointSpec, name: str, namespace: str, label: str) -
                         queries.append((f"spec.{kind}[{i}].autoscaling.{group}[{j}].query",
                                         with_namespace(policy.query, namespace)))
     config = spec.deploymentConfig
+    if config is not None and config.autoRollback is not None:
+        urls.append(("spec.deploymentConfig.autoRollback.prometheusUrl",
+                     config.autoRollback.prometheusUrl))
     for i, alarm in enumerate(config.alarms if config is not None else []):
         if alarm.promQL is None:
             continue
@@ -223,9 +233,11 @@ def promql_problems(spec: EndpointSpec, name: str, namespace: str, label: str) -
             for fleet in fleet_names(variant.name):  # green is either slot in turn
                 queries.append((f"spec.deploymentConfig.autoRollback.alarms[{i}].promQL.query",
                                 render_query(alarm.promQL.query, name, fleet, namespace)))
-    return list(dict.fromkeys(
+    problems = [problem for field, url in urls if url is not None
+                and (problem := prometheus_url_problem(url, label, field)) is not None]
+    return list(dict.fromkeys(problems + [
         problem for field, query in queries
-        if (problem := scope_problem(query, namespace, label, field)) is not None))
+        if (problem := scope_problem(query, namespace, label, field)) is not None]))
 
 
 def validate_endpoint(name: str, namespace: str, spec: Any, *,

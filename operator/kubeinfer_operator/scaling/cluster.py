@@ -93,6 +93,7 @@ from kubeinfer_operator.reconcile.cluster_scaling import (
 )
 from kubeinfer_operator.reconcile.promql_scope import (
     DEFAULT_PROMQL_NAMESPACE_LABEL,
+    prometheus_url_problem,
     scope_problem,
     with_namespace,
 )
@@ -338,7 +339,8 @@ class ClusterScaler(ScalerMemory):
         query = with_namespace(query, namespace)
         # Checked at admission too (validate_endpoint); again here, as sent, because the
         # value goes back to the Endpoint's author.
-        problem = problem or scope_problem(query, namespace, self.promql_label, field)
+        problem = (problem or prometheus_url_problem(base, self.promql_label, field)
+                   or scope_problem(query, namespace, self.promql_label, field))
         if problem is not None:
             log.warning("Prometheus query %r not sent: %s", query, problem)
             return None
