@@ -53,6 +53,7 @@ import functools
 import logging
 import os
 import resource
+import weakref
 from enum import Enum
 from typing import Any
 
@@ -257,6 +258,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._send_since = self._phase_since
         self._defaults_src: list[tuple[bytes, bytes]] | None = None
         self._defaults = b""
+        #: The connection's cycle when the current request's head was in (an earlier
+        #: request's, or None): ``_answer_begun``. Weakly: that cycle holds its request's
+        #: body, which must not live on through this request.
+        self._cycle_before: weakref.ref[Any] | None = None
 
     # -- connections
 
@@ -357,9 +362,19 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def _upload_since(self) -> float:
         return self._body_since if self._phase is Phase.BODY else self._phase_since
 
-    def _refuse_upload(self, err: RuntimeServiceError) -> None:
+    def _answer_begun(self) -> bool:
+        """The app began answering the request being received before its body was whole:
+        no answer of ours may follow. The connection's cycle is that request's only on
+        the ASGI path, once its head is in; before that (its head still coming) or on
+        the inline path it is an earlier request's, answered, and this one is owed an
+        answer of its own."""
         cycle = self.cycle
-        if cycle is not None and getattr(cycle, "response_started", False):
+        before = self._cycle_before() if self._cycle_before is not None else None
+        return (self._phase is Phase.BODY and cycle is not None and cycle is not before
+                and getattr(cycle, "response_started", False))
+
+    def _refuse_upload(self, err: RuntimeServiceError) -> None:
+        if self._answer_begun():
             # The app began answering before the body was whole: no answer of ours.
             self._phase = Phase.OTHER
             self.transport.close()
@@ -399,6 +414,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                         "(KUBEINFER_HTTP_MAX_HEADER_LINE_BYTES): send a smaller one")
                     return False
         self._head_bytes = 0
+        # uvicorn makes this request's own cycle next (ASGI path). The inline path's
+        # stand-in has no response_started and takes no weak reference.
+        cycle = self.cycle
+        self._cycle_before = weakref.ref(cycle) if hasattr(cycle, "__weakref__") else None
         self._phase = Phase.BODY
         self._phase_since = self._body_since = self.loop.time()
         self._body_base = self._received
@@ -464,13 +483,21 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _send_stalled(self, now: float) -> bool:
         """Cut the connection when its peer took none of the waiting answer bytes for
-        ``http_send_timeout_s`` (a closing transport too: it waits for them to drain)."""
+        ``http_send_timeout_s`` (a closing transport too: it waits for them to drain).
+
+        Any change between two looks counts as taken, a larger buffer too: a streamed
+        answer's buffer is a sawtooth (drained by the peer, refilled by the next chunk
+        once below the low-water mark), and looks once a sweep can land ever higher on
+        it while the peer reads steadily (1 MiB chunks read at 1 MiB per 1.02 s, looked
+        at every second: 50 larger looks in a row). Without the peer taking bytes the
+        buffer grows only while below the high-water mark (uvicorn awaits the drain
+        before each write), then stays as it is."""
         pending = self.transport.get_write_buffer_size()
         if pending == 0:
             self._send_pending = 0
             return False
-        if self._send_pending == 0 or pending < self._send_pending:
-            self._send_since = now  # bytes are waiting now, or some went out
+        if pending != self._send_pending:
+            self._send_since = now  # bytes are waiting now, or the buffer moved
         self._send_pending = pending
         if now - self._send_since <= self.limits.http_send_timeout_s:
             return False
@@ -483,8 +510,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         return True
 
     def _body_timeout(self, message: str) -> None:
-        cycle = self.cycle
-        if cycle is not None and getattr(cycle, "response_started", False):
+        if self._answer_begun():
             self.transport.close()
             return
         self._refuse(RequestTimeout(message))

@@ -21,6 +21,7 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
+from kubeinfer_runtime.errors import NotReady
 from kubeinfer_runtime.inline_http import InlineHttpProtocol, find_responder
 from kubeinfer_runtime.metrics import ModelServerMetrics
 from kubeinfer_runtime.models.base import Backend, ModelMetadata, Tensors, TensorSpec
@@ -198,6 +199,43 @@ def test_a_client_gone_mid_body_counts_499() -> None:
         responder = find_responder(proto.app)
         assert isinstance(responder, HotPath)
         assert responder.service.metrics._errors[499].value == 1
+    asyncio.run(run())
+
+
+def test_a_refused_upload_after_an_earlier_answer_still_gets_its_503() -> None:
+    """The connection's cycle is the earlier request's, answered long ago: the upload
+    refused (the process holds its bound of request bytes) is a new request, owed an
+    answer of its own, not a bare close as if its own answer had begun."""
+    async def run() -> None:
+        for second in (_post(b"/invocations", b"[[1, 2]]")[:-3],  # inline, mid-body
+                       b"POST /invocations HTTP/1.1\r\nHost: t\r\n"):  # mid-head
+            proto, transport, state = _protocol()
+            proto.data_received(_post(b"/other", b""))
+            await asyncio.gather(*state.tasks)
+            assert len(transport.writes) == 2  # uvicorn's 204: head, then body
+            proto.data_received(second)
+            assert proto.uploading
+            proto._refuse_upload(NotReady("held"))
+            assert len(transport.writes) == 3 and transport.closed, second
+            assert transport.writes[2].startswith(b"HTTP/1.1 503 "), transport.writes[2]
+            proto.connection_lost(None)
+        # So is one whose body stalled (KUBEINFER_HTTP_BODY_TIMEOUT_S): a 408.
+        proto, transport, state = _protocol()
+        proto.data_received(_post(b"/other", b""))
+        await asyncio.gather(*state.tasks)
+        proto.data_received(_post(b"/invocations", b"[[1, 2]]")[:-3])
+        proto._body_timeout("stalled")
+        assert transport.writes[2].startswith(b"HTTP/1.1 408 "), transport.writes[2]
+        proto.connection_lost(None)
+        # But a request whose app answered before its body was whole only loses the
+        # connection: a 408 after that answer would read as the next request's.
+        proto, transport, state = _protocol()
+        proto.data_received(_post(b"/other", b"[[1, 2]]")[:-3])
+        await asyncio.gather(*state.tasks)
+        assert len(transport.writes) == 2  # the app's 204, its body never read
+        proto._body_timeout("stalled")
+        assert len(transport.writes) == 2 and transport.closed
+        proto.connection_lost(None)
     asyncio.run(run())
 
 
