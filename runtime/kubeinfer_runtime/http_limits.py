@@ -53,6 +53,8 @@ import functools
 import logging
 import os
 import resource
+import socket
+import sys
 import weakref
 from enum import Enum
 from typing import Any
@@ -141,6 +143,26 @@ def cgroup_memory_limit() -> int | None:
             continue
         return parse_cgroup_memory_limit(text)
     return None
+
+
+#: Where ``tcpi_bytes_acked`` (Linux 4.1+) lies in ``struct tcp_info``.
+TCP_INFO_BYTES_ACKED = slice(120, 128)
+
+
+def bytes_acked(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes of this connection the peer has acknowledged (TCP_INFO): it grows only while
+    the peer's application reads (a full receive window stops it); None where unknown
+    (not TCP, or an older kernel)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except (OSError, ValueError):  # closed
+        return None
+    if len(info) < TCP_INFO_BYTES_ACKED.stop:
+        return None
+    return int.from_bytes(info[TCP_INFO_BYTES_ACKED], sys.byteorder)
 
 
 class BodyBudget:
@@ -253,9 +275,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         #: The sweeper's last look (time not spent reading is not the client's).
         self._checked_at = self._phase_since
         #: Bytes of answers waiting in the transport at the last look, and since when
-        #: the peer has taken none of them.
+        #: the peer has taken none of them; what that look read the peer's progress by
+        #: (``_send_stalled``).
         self._send_pending = 0
         self._send_since = self._phase_since
+        self._send_mark = 0
         self._defaults_src: list[tuple[bytes, bytes]] | None = None
         self._defaults = b""
         #: The connection's cycle when the current request's head was in (an earlier
@@ -491,14 +515,23 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         it while the peer reads steadily (1 MiB chunks read at 1 MiB per 1.02 s, looked
         at every second: 50 larger looks in a row). Without the peer taking bytes the
         buffer grows only while below the high-water mark (uvicorn awaits the drain
-        before each write), then stays as it is."""
+        before each write), then stays as it is.
+
+        On TCP the peer's progress is read where it happens, in the bytes it has
+        acknowledged (``bytes_acked``): the kernel's send queue holds megabytes and takes
+        more from the transport only once a third of it is free, so a peer reading a few
+        kilobytes a second (a device on a slow link fetching a package) would leave the
+        transport's buffer unchanged for minutes, and two looks at a steady stream can
+        find it the same size."""
         pending = self.transport.get_write_buffer_size()
         if pending == 0:
             self._send_pending = 0
             return False
-        if pending != self._send_pending:
-            self._send_since = now  # bytes are waiting now, or the buffer moved
-        self._send_pending = pending
+        acked = bytes_acked(self.transport)
+        mark = pending if acked is None else acked
+        if self._send_pending == 0 or mark != self._send_mark:
+            self._send_since = now  # bytes are waiting now, or the peer took some
+        self._send_pending, self._send_mark = pending, mark
         if now - self._send_since <= self.limits.http_send_timeout_s:
             return False
         self._budget.send_stalled += 1

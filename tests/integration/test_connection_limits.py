@@ -10,6 +10,7 @@ a connection that never spoke), stays small, and keeps serving normal requests.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import select
@@ -22,7 +23,9 @@ import httpx
 import pytest
 
 from kubeinfer_runtime.contract import EndpointRoute, RouteTable, VariantRoute
+from kubeinfer_runtime.http_limits import bytes_acked
 from tests.support.fake_upstream import start_fake_upstream
+from tests.support.limited_protocol import answering
 from tests.support.procs import RuntimeProcess, start_runtime
 
 BODY = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
@@ -420,3 +423,60 @@ def test_a_request_pipelined_behind_an_answer_in_flight_is_never_answered_out_of
     finally:
         gw.stop()
         echo.stop()
+
+
+def test_a_slow_reader_behind_the_kernels_queue_is_never_cut() -> None:
+    """``_send_stalled`` over a real TCP connection: a peer reading a few kilobytes at a
+    time leaves the transport's buffer as it is (the kernel takes more from it only once
+    a third of its own queue is free), but it acknowledges what it reads: that is taken.
+    A peer that stops reading acknowledges nothing more and is cut."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    server.setblocking(False)
+    client.setblocking(False)
+
+    def fill() -> None:
+        """The app's next chunks: the kernel's queue and the peer's buffer full again."""
+        while True:
+            try:
+                server.send(b"x" * 65536)
+            except BlockingIOError:
+                return
+
+    async def run() -> None:
+        proto, transport = answering()
+        assert bytes_acked(transport) is None  # no socket: unknown
+        transport.sock = server
+        transport.pending = 4 << 20  # 4 MiB: the transport's own buffer never moves
+        timeout = proto.limits.http_send_timeout_s
+        start = asyncio.get_running_loop().time()
+        for look in range(int(3 * timeout)):
+            fill()
+            before = bytes_acked(transport)
+            assert before is not None
+            deadline = time.monotonic() + 10
+            while (bytes_acked(transport) or 0) <= before:  # a few kilobytes read
+                assert time.monotonic() < deadline, "nothing read was acknowledged"
+                try:
+                    client.recv(2048)
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+            proto.check_deadline(start + look)
+            assert not transport.aborted, f"cut at look {look}"
+        fill()
+        for look in range(int(3 * timeout), int(5 * timeout)):  # reading stops
+            proto.check_deadline(start + look)
+        assert transport.aborted
+        for task in proto.tasks:
+            task.cancel()
+
+    try:
+        asyncio.run(run())
+    finally:
+        client.close()
+        server.close()

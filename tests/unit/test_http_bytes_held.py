@@ -8,18 +8,15 @@ in tests/integration/test_connection_limits.py.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
-from uvicorn.config import Config
-from uvicorn.server import ServerState
 
 from kubeinfer_runtime.http_limits import (
     MIN_AUTO_BYTES_HELD,
-    LimitedHttpProtocol,
     auto_max_bytes_held,
     parse_cgroup_memory_limit,
 )
+from tests.support.limited_protocol import answering
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -48,57 +45,13 @@ def test_a_quarter_of_the_memory_limit_at_least_the_floor() -> None:
     assert 2 * 6 * MiB <= MIN_AUTO_BYTES_HELD
 
 
-class Buffered(asyncio.Transport):
-    """A transport whose write buffer holds what the test says; records an abort."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pending = 0
-        self.aborted = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8080)}.get(
-            name, default)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None: ...
-
-    def get_write_buffer_size(self) -> int:
-        return self.pending
-
-    def is_closing(self) -> bool:
-        return self.aborted
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    close = abort
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-
-def _answering() -> tuple[LimitedHttpProtocol, Buffered]:
-    """A connection whose request is with an app that streams its answer forever."""
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await asyncio.Event().wait()
-
-    config = Config(app, http=LimitedHttpProtocol, lifespan="off", access_log=False)
-    proto = LimitedHttpProtocol(config, ServerState(), {}, asyncio.get_running_loop())
-    transport = Buffered()
-    proto.connection_made(transport)
-    proto.data_received(b"GET /package HTTP/1.1\r\nHost: x\r\n\r\n")
-    return proto, transport
-
-
 def test_a_streamed_answer_read_steadily_is_never_cut() -> None:
     """1 MiB chunks read at 1 MiB per 1.02 s, looked at every second: each look lands a
     little earlier on the buffer's sawtooth (drained, then refilled by the next chunk),
     so higher than the last for 50 looks in a row, though the peer took a chunk between
     any two. Before, that was "took nothing" and the connection was cut after 30 s."""
     async def run() -> None:
-        proto, transport = _answering()
+        proto, transport = answering()
         timeout = proto.limits.http_send_timeout_s
         chunk, low, period = MiB, 16 * 1024, 1.02
         start = asyncio.get_running_loop().time()
@@ -114,3 +67,4 @@ def test_a_streamed_answer_read_steadily_is_never_cut() -> None:
         for task in proto.tasks:
             task.cancel()
     asyncio.run(run())
+
