@@ -147,6 +147,9 @@ def cgroup_memory_limit() -> int | None:
 
 #: Where ``tcpi_bytes_acked`` (Linux 4.1+) lies in ``struct tcp_info``.
 TCP_INFO_BYTES_ACKED = slice(120, 128)
+#: Linux's; None elsewhere (macOS has another structure): progress is then read from
+#: the transport's buffer alone.
+TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform == "linux" else None
 
 
 def bytes_acked(transport: asyncio.BaseTransport) -> int | None:
@@ -154,10 +157,11 @@ def bytes_acked(transport: asyncio.BaseTransport) -> int | None:
     the peer's application reads (a full receive window stops it); None where unknown
     (not TCP, or an older kernel)."""
     sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    if TCP_INFO is None or sock is None or sock.family not in (socket.AF_INET,
+                                                               socket.AF_INET6):
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 256)
     except (OSError, ValueError):  # closed
         return None
     if len(info) < TCP_INFO_BYTES_ACKED.stop:
