@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -361,18 +362,30 @@ def test_sigterm_drains_a_worker_without_losing_requests(stack: AsyncStack, s3_s
     assert stack.gateway is not None
     input_uri = _put(s3_server, "in/drain.json", json.dumps({"instances": ROWS}).encode())
     extra = stack.start_worker()
+    others = [w for w in stack.workers if w is not extra]
     ids = [f"drain-{i:03d}" for i in range(150)]
-    with httpx.Client(base_url=stack.gateway.url) as client:
-        for rid in ids:
-            r = client.post("/endpoints/iris/async-invocations", headers={
-                "X-Amzn-SageMaker-InputLocation": input_uri,
-                "X-Amzn-SageMaker-Inference-Id": rid})
-            assert r.status_code == 202
-    wait_until(lambda: _in_flight(extra.url) > 0, 10, "the extra worker to hold requests",
-               interval=0.01)
-    extra.proc.terminate()
-    # uvicorn re-raises SIGTERM once its graceful shutdown is done: -15, not a kill.
-    assert extra.proc.wait(timeout=25) in (0, -15)
+    # Every worker is paused while the requests are queued, then the extra one alone goes
+    # on, with a backlog (all running, a loaded machine queued no faster than they
+    # answered, and the extra worker held nothing by the time it was looked at). An entry
+    # a paused worker had already asked for waits for it, or is reclaimed.
+    for w in [*others, extra]:
+        w.proc.send_signal(signal.SIGSTOP)
+    try:
+        with httpx.Client(base_url=stack.gateway.url) as client:
+            for rid in ids:
+                r = client.post("/endpoints/iris/async-invocations", headers={
+                    "X-Amzn-SageMaker-InputLocation": input_uri,
+                    "X-Amzn-SageMaker-Inference-Id": rid})
+                assert r.status_code == 202
+        extra.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: _in_flight(extra.url) > 0, 30, "the extra worker to hold requests",
+                   interval=0.01)
+        extra.proc.terminate()
+        # uvicorn re-raises SIGTERM once its graceful shutdown is done: -15, not a kill.
+        assert extra.proc.wait(timeout=25) in (0, -15)
+    finally:
+        for w in [*others, extra]:  # an exited process is not signalled
+            w.proc.send_signal(signal.SIGCONT)
     stack.workers.remove(extra)
     log = extra.log()
     assert "Application shutdown complete" in log and "stopped" in log, log

@@ -149,7 +149,9 @@ def _can_ping(client: Any) -> bool:
 
     try:
         return bool(client.ping())
-    except redis.exceptions.AuthenticationError:
+    except redis.exceptions.ConnectionError:
+        # No such user yet (AuthenticationError, a ConnectionError), or ACL DELUSER has
+        # just closed this user's connections and the ping met the reset.
         return False
 
 
