@@ -72,6 +72,11 @@ AGENT_VERSION = "1"
 CREDENTIAL_FILE = "credential.json"
 MAX_BACKOFF_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
+#: Idle connections to the fleet server (and to the model server child) are dropped
+#: after this, seconds: inside the runtime's keep-alive timeout (5 s), which httpx's own
+#: 5 s matched, so with heartbeats about 5 s apart one could go out on a connection the
+#: server was closing (a failed heartbeat, retried after a backoff).
+FLEET_KEEPALIVE_S = 2.0
 #: The largest package the agent downloads, whatever the fleet announces.
 MAX_PACKAGE_BYTES = 8 << 30
 #: The largest JSON reply the agent reads from the fleet (registration, heartbeat).
@@ -185,7 +190,8 @@ class Agent:
         self.proxy.sampling_percentage = capture.samplingPercentage
         # Identity by default too (each request to the fleet also says so): the model
         # server child's replies, read with this client, need no decoding either.
-        self.client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, headers=inst.IDENTITY)
+        self.client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, headers=inst.IDENTITY,
+                                        limits=httpx.Limits(keepalive_expiry=FLEET_KEEPALIVE_S))
         self.child: inst.ModelChild | None = None
         self.credential: dict[str, object] | None = self._load_credential()
         #: The credential the server last refused: still sent when registering again, so
