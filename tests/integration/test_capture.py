@@ -26,6 +26,7 @@ import pytest
 from kubeinfer_runtime.contract import EndpointRoute, RouteTable, VariantRoute
 from kubeinfer_runtime.contract.capture import CaptureRoute
 from tests.support.fake_upstream import start_fake_upstream
+from tests.support.metrics import metric
 from tests.support.ports import wait_until
 from tests.support.procs import RuntimeProcess, start_runtime
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY, S3Server, start_s3
@@ -65,17 +66,6 @@ def _invoke(client: httpx.Client, gateway: RuntimeProcess, i: int) -> httpx.Resp
                                 "X-Amzn-SageMaker-Custom-Attributes": f"n={i}"})
 
 
-def _metric(gateway: RuntimeProcess, name: str, **labels: str) -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def _check_line(line: bytes) -> dict[str, Any]:
     """One capture line, valid in SageMaker's format (input CSV, output JSON)."""
     record: dict[str, Any] = json.loads(line)
@@ -103,11 +93,11 @@ def test_file_capture_samples_at_the_rate(tmp_path: Path, upstream: RuntimeProce
         with httpx.Client(timeout=10) as client:
             for i in range(2000):
                 assert _invoke(client, gateway, i).status_code == 200
-        wait_until(lambda: _metric(gateway, "kubeinfer_capture_records_total",
-                                   result="written") + _metric(
-            gateway, "kubeinfer_capture_records_total", result="sampled_out") == 2000,
+        wait_until(lambda: metric(gateway.url, "kubeinfer_capture_records_total",
+                                   result="written") + metric(
+            gateway.url, "kubeinfer_capture_records_total", result="sampled_out") == 2000,
                    20, "every request written or sampled out")
-        assert _metric(gateway, "kubeinfer_capture_records_total", result="dropped") == 0
+        assert metric(gateway.url, "kubeinfer_capture_records_total", result="dropped") == 0
     finally:
         gateway.stop()  # SIGTERM: flushes what is left
     files = sorted(p for p in out.rglob("*") if p.is_file())
@@ -141,7 +131,7 @@ def test_s3_capture_reads_back_with_boto3(tmp_path: Path, upstream: RuntimeProce
         with httpx.Client(timeout=10) as client:
             for i in range(50):
                 assert _invoke(client, gateway, i).status_code == 200
-        wait_until(lambda: _metric(gateway, "kubeinfer_capture_records_total",
+        wait_until(lambda: metric(gateway.url, "kubeinfer_capture_records_total",
                                    result="written") == 50, 20, "50 records written")
     finally:
         gateway.stop()
@@ -172,32 +162,32 @@ def test_store_outage_bounds_memory_counts_drops_and_loses_nothing_after(
                     assert response.status_code == 200
                     assert response.json()["name"] == "capture"
                     if i % 50 == 0:
-                        assert _metric(gateway, "kubeinfer_capture_buffer_bytes") <= bound
-                wait_until(lambda: _metric(gateway, "kubeinfer_capture_upload_failures_total")
+                        assert metric(gateway.url, "kubeinfer_capture_buffer_bytes") <= bound
+                wait_until(lambda: metric(gateway.url, "kubeinfer_capture_upload_failures_total")
                            > 0, 30, "a failed upload")
-                assert _metric(gateway, "kubeinfer_capture_buffer_bytes") <= bound
-                dropped = _metric(gateway, "kubeinfer_capture_records_total", result="dropped")
+                assert metric(gateway.url, "kubeinfer_capture_buffer_bytes") <= bound
+                dropped = metric(gateway.url, "kubeinfer_capture_records_total", result="dropped")
                 assert dropped > 0
 
                 server.up()
 
                 def settled(expected: int) -> bool:
-                    written = _metric(gateway, "kubeinfer_capture_records_total",
+                    written = metric(gateway.url, "kubeinfer_capture_records_total",
                                       result="written")
-                    dropped = _metric(gateway, "kubeinfer_capture_records_total",
+                    dropped = metric(gateway.url, "kubeinfer_capture_records_total",
                                       result="dropped")
-                    return written + dropped == expected and _metric(
-                        gateway, "kubeinfer_capture_buffer_bytes") == 0
+                    return written + dropped == expected and metric(
+                        gateway.url, "kubeinfer_capture_buffer_bytes") == 0
 
                 wait_until(lambda: settled(400), 60, "the buffer written after the outage")
-                dropped = _metric(gateway, "kubeinfer_capture_records_total", result="dropped")
+                dropped = metric(gateway.url, "kubeinfer_capture_records_total", result="dropped")
                 for i in range(400, 500):
                     assert _invoke(client, gateway, i).status_code == 200
                 wait_until(lambda: settled(500), 30, "the later records written")
                 # Nothing accepted after the store came back was dropped.
-                assert _metric(gateway, "kubeinfer_capture_records_total",
+                assert metric(gateway.url, "kubeinfer_capture_records_total",
                                result="dropped") == dropped
-                written = _metric(gateway, "kubeinfer_capture_records_total", result="written")
+                written = metric(gateway.url, "kubeinfer_capture_records_total", result="written")
         finally:
             gateway.stop()
         lines = _s3_lines(server, "captures")

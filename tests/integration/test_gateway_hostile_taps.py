@@ -32,6 +32,7 @@ from kubeinfer_runtime.contract.shadow import ShadowRoute
 from kubeinfer_runtime.gateway.upstream import ResponseTooLarge, UpstreamClient
 from tests.support.fake_upstream import start_fake_upstream
 from tests.support.hostile_upstream import start_hostile_upstream
+from tests.support.metrics import metric
 from tests.support.ports import wait_until
 from tests.support.procs import RuntimeProcess, start_runtime
 
@@ -99,15 +100,6 @@ class PeakRss:
         self._thread.join()
 
 
-def _metric(gateway: RuntimeProcess, name: str, **labels: str) -> float:
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def _invoke(client: httpx.Client, gateway: RuntimeProcess, endpoint: str = "e",
             headers: list[tuple[str, str | bytes]] | None = None,
             body: bytes = b"1,2\n") -> httpx.Response:
@@ -136,14 +128,14 @@ def test_a_shadow_answering_without_end_costs_the_gateway_a_bound_not_its_memory
             # Each copy fails as soon as the answer passes its bound (1 MiB here: twice
             # production's answer, at least 1 MiB), long before the shadow's 30 s timeout.
             try:
-                wait_until(lambda: _metric(gateway, "kubeinfer_shadow_copies_total",
+                wait_until(lambda: metric(gateway.url, "kubeinfer_shadow_copies_total",
                                            peer="evil", result="failed") == n, 20,
                            "every copy to the hostile shadow failed")
             except TimeoutError:
                 raise AssertionError(f"copies still being read after 20 s; the gateway "
                                      f"grew by {rss.peak - before:.0f} MiB") from None
         assert rss.peak - before < 96, (before, rss.peak)
-        assert _metric(gateway, "kubeinfer_shadow_errors_total", peer="evil",
+        assert metric(gateway.url, "kubeinfer_shadow_errors_total", peer="evil",
                        side="peer") == n
         with httpx.Client(timeout=10) as client:  # production never noticed
             assert _invoke(client, gateway).status_code == 200
@@ -307,8 +299,8 @@ def test_invoke_endpoint_headers_are_held_to_sagemakers_limits(
             assert set(r.json()["headers"]) == {
                 "host", "content-length", "content-type", "accept",
                 "x-amzn-sagemaker-custom-attributes", "x-amzn-sagemaker-inference-id"}
-        assert _metric(gateway, "kubeinfer_gateway_invocations_total", endpoint="e") == 1
-        wait_until(lambda: _metric(gateway, "kubeinfer_capture_records_total",
+        assert metric(gateway.url, "kubeinfer_gateway_invocations_total", endpoint="e") == 1
+        wait_until(lambda: metric(gateway.url, "kubeinfer_capture_records_total",
                                    result="written") == 1, 10, "the one record written")
         [path] = [p for p in captures.rglob("*.jsonl")]
         [line] = path.read_bytes().splitlines()
@@ -366,7 +358,7 @@ def test_captured_bodies_come_back_byte_for_byte_one_record_per_line(
                     ("content-type", "application/json"),
                     ("x-amzn-sagemaker-inference-id", f"req-{i}")], body=body)
                 assert r.status_code == 200
-        wait_until(lambda: _metric(gateway, "kubeinfer_capture_records_total",
+        wait_until(lambda: metric(gateway.url, "kubeinfer_capture_records_total",
                                    result="written") == len(bodies), 10, "every record written")
     finally:
         gateway.stop()

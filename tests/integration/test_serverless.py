@@ -21,6 +21,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.integration.test_local import BODY, Local, invoke, local, runtime_client
+from tests.support.metrics import metric
 from tests.support.ports import wait_until
 
 __all__ = ["local"]  # the fixture, re-exported for pytest
@@ -84,14 +85,6 @@ def events(local: Local, name: str) -> list[str]:
     return [json.loads(line)["message"] for line in path.read_text().splitlines()]
 
 
-def gauge(url: str, series: str) -> float:
-    """One series' value in the gateway's ``/metrics`` (0 while absent)."""
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def post(url: str, endpoint: str, variant: str | None = None) -> httpx.Response:
     headers = {"Content-Type": "application/json"}
     if variant:
@@ -126,7 +119,7 @@ def test_idles_to_zero_and_holds_the_next_request(local: Local, models_dir: Path
         first.start()
         # Its slot taken (a gauge, not a sleep: on a loaded machine the thread could send it
         # later than any fixed pause, and the call below then took the slot itself).
-        wait_until(lambda: gauge(url, 'kubeinfer_gateway_in_flight_requests{endpoint="sl"}')
+        wait_until(lambda: metric(url, "kubeinfer_gateway_in_flight_requests", endpoint="sl")
                    == 1, 30, "the held request in flight")
         refused = post(url, "sl")
         assert refused.status_code == 429
