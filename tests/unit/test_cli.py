@@ -208,3 +208,29 @@ def test_every_lazily_imported_command_is_listed_and_runs() -> None:
         shown = runner.invoke(app, [name, "--help"])
         assert shown.exit_code == 0, (name, shown.output)
         assert f"Usage: kubeinfer {name}" in " ".join(shown.output.split()), name
+
+
+def test_the_top_level_help_says_what_the_lazy_commands_themselves_say(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kubeinfer --help` lists the lazily imported commands from `_LAZY_HELP`: it must
+    read exactly as it does with each command loaded (a changed docstring changes both)."""
+    from kubeinfer_operator import cli
+
+    with_stubs = runner.invoke(app, ["--help"], terminal_width=100)
+    monkeypatch.setattr(cli, "_LAZY_HELP", {})
+    loaded = runner.invoke(app, ["--help"], terminal_width=100)
+    assert with_stubs.exit_code == loaded.exit_code == 0
+    assert with_stubs.output == loaded.output
+    assert "Compile an ONNX model" in with_stubs.output
+
+
+def test_the_top_level_help_imports_no_kind() -> None:
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from kubeinfer_operator.cli import app\n"
+            "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"
+            f"print(sorted(m for m in {LAZY_KINDS!r} if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
