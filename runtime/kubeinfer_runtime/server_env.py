@@ -7,7 +7,7 @@ a slow one. So the model server reads its settings here first:
 
 * :func:`read_server_env` takes the environment as ``ModelServerSettings`` would
   (``contract.env_settings``' rules: ``KUBEINFER_<FIELD>`` or each alias in order,
-  names matched case-insensitively, the later of two spellings winning) but accepts
+  names matched in upper case only) but accepts
   only a plain subset of values: ints written as digits, decimal floats, ``true``,
   ``false`` (and ``True``, ``False``, ``1``, ``0``), the exact members of literals
   and enums, and one model (``KUBEINFER_MODEL_URI``; no multi-model prefix, no
@@ -305,14 +305,13 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], tuple[str, ...]]] = {
 
 
 def _read(names: list[str], environ: Mapping[str, str]) -> dict[str, Any] | None:
-    # As EnvSettings reads: lower-cased names, the later of two spellings winning.
-    lowered = {k.lower(): v for k, v in environ.items()}
+    # As EnvSettings reads: upper-case names only.
     values: dict[str, Any] = {}
     try:
         for name in names:
             parse, aliases = _FIELDS[name]
             for env_name in aliases or (ENV_PREFIX + name,):
-                raw = lowered.get(env_name.lower())
+                raw = environ.get(env_name.upper())
                 if raw is not None:
                     values[name] = parse(raw)
                     break

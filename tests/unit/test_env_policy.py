@@ -204,6 +204,28 @@ def test_a_transform_jobs_environment_cannot_set_the_operators_settings(name: st
     assert f"spec.environment.{name}: {name} " in str(exc.value)
 
 
+@pytest.mark.parametrize("name", ["kubeinfer_outbound_allow", "kubeinfer_redis_url",
+                                  "Kubeinfer_Model_Uri", "KUBEINFER_input_uri",
+                                  "kubeinfer_workers"])
+def test_a_kubeinfer_setting_in_any_other_case_is_refused_not_ignored(name: str) -> None:
+    """The runtime reads ``KUBEINFER_*`` in upper case only (it used to match any case, the
+    later spelling winning: ``kubeinfer_outbound_allow`` replaced the operator's allow-list
+    past these checks, which compare names as written). Refused in every kind's env."""
+    said = f"{name} is not read: kubeinfer reads its settings by their upper-case names"
+    assert said in _problems(_endpoint_spec(_env(name)))[0]
+    assert said in _problems(_endpoint_spec(_env(name), **ASYNC))[0]
+    job = _transform(environment={name: "x"})
+    with pytest.raises(SpecError, match=f"spec.environment.{name}: {name} is not read"):
+        plan_transform(job, own_model(job.spec))  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="is not read"):
+        compile_plan.plan_compile(_compile({name: "x"}))
+    # A user's own image reads its env as it likes.
+    image = _transform(model=None, containers=[{"name": "m", "image": "example.test/m:1"}],
+                       environment={"kubeinfer_flavour": "fast"})
+    assert plan_transform(image, own_model(image.spec)).image_env[  # type: ignore[arg-type]
+        "m"]["kubeinfer_flavour"] == "fast"
+
+
 def test_an_image_models_environment_is_the_users_image() -> None:
     job = _transform(model=None, containers=[{"name": "m", "image": "example.test/m:1"}],
                      environment={"LD_LIBRARY_PATH": "/opt/lib", "MODEL_FLAVOUR": "fast"})

@@ -4,8 +4,9 @@ The runtime's settings stopped deriving from pydantic-settings' ``BaseSettings``
 (40-75 ms of imports on every process start, issue 18). Differential check: for
 every runtime settings class, a twin built on pydantic-settings from the same
 fields reads the same raw values from the same environments (names, aliases in
-order, case, JSON of complex fields, NoDecode, unions that keep a non-JSON
-string), and the constructed settings agree.
+order, JSON of complex fields, NoDecode, unions that keep a non-JSON string), and
+the constructed settings agree. One rule differs on purpose: only upper-case names
+are read (pydantic-settings matches any case, the later spelling winning).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from kubeinfer_runtime.contract.env_settings import (
     NoDecode,
     read_env,
 )
+from kubeinfer_runtime.server_env import read_server_env
 
 CLASSES: list[type[EnvSettings]] = [HttpSettings, ModelServerSettings, GatewaySettings,
                                     AsyncWorkerSettings, BatchSettings, CompileSettings]
@@ -53,10 +55,12 @@ def twin(cls: type[EnvSettings]) -> type[BaseSettings]:
 
 
 def theirs(cls: type[EnvSettings], env: dict[str, str]) -> dict[str, Any]:
-    """What pydantic-settings' env source hands pydantic, keyed by field name."""
+    """What pydantic-settings' env source hands pydantic, keyed by field name, from the
+    upper-case names (the only ones ``EnvSettings`` reads; pydantic-settings matches any
+    case)."""
     model = twin(cls)
     source = EnvSettingsSource(model)
-    source.env_vars = {k.lower(): v for k, v in env.items()}
+    source.env_vars = {k.lower(): v for k, v in env.items() if k == k.upper()}
     raw = source()
     by_alias = {a: n for n, f in cls.model_fields.items()
                 for a in getattr(f.validation_alias, "choices", []) if isinstance(a, str)}
@@ -89,6 +93,24 @@ ENVS: list[dict[str, str]] = [
 def test_reads_what_pydantic_settings_reads(cls: type[EnvSettings],
                                             env: dict[str, str]) -> None:
     assert ours(cls, env) == theirs(cls, env)
+
+
+def test_another_spelling_of_a_setting_is_not_read() -> None:
+    """A spec's ``kubeinfer_outbound_allow`` (after the operator's upper-case one, as a pod's
+    env lists them) used to replace the operator's allow-list."""
+    env = {"KUBEINFER_OUTBOUND_ALLOW": "10.0.0.0/8", "KUBEINFER_REDIS_URL": "redis://ours",
+           "kubeinfer_outbound_allow": "169.254.0.0/16", "kubeinfer_redis_url": "redis://x",
+           "Kubeinfer_Endpoint_Name": "theirs", "aws_access_key_id": "theirs"}
+    read = read_env(AsyncWorkerSettings, env)
+    assert read["outbound_allow"] == "10.0.0.0/8"
+    assert read["redis_url"] == "redis://ours"
+    assert "endpoint_name" not in read
+    assert "s3_access_key" not in read and "KUBEINFER_S3_ACCESS_KEY" not in read
+    assert read_env(ModelServerSettings, {"kubeinfer_port": "1"}) == {}
+    # The model server's own reader (server_env) reads as EnvSettings does.
+    light = read_server_env({"KUBEINFER_MODEL_URI": "file:///m.onnx", "kubeinfer_port": "1",
+                             "kubeinfer_model_uri": "file:///theirs.onnx"})
+    assert light is not None and (light.port, light.model_uri) == (8080, "file:///m.onnx")
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)

@@ -16,6 +16,10 @@ refuses, naming the field and the key:
   paths, the compiler a CompilationJob runs. Endpoint authors run code, but as
   handler steps, named in the spec; these containers hold the operator's S3
   credentials, and CompilationJobs and model-only TransformJobs run no user code;
+* in kubeinfer's own images, a ``KUBEINFER_*`` name not in upper case: the runtime
+  reads upper-case names only (before, it matched any case with the later spelling
+  winning, so ``kubeinfer_redis_url`` replaced the operator's ``KUBEINFER_REDIS_URL``
+  past every check here, which compares names as written);
 * the operator's own settings and credentials (the outbound allow-list that keeps
   webhooks off cluster-internal addresses, the queue's Redis URL, the scaler and
   fleet tokens, the object store's endpoint and keys): they reach pods from the
@@ -35,6 +39,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
 
+#: kubeinfer's own settings. Read by their upper-case names only
+#: (``contract.env_settings``): another spelling is refused, not silently ignored.
+KUBEINFER_PREFIX = "KUBEINFER_"
 #: Loader and interpreter variables: each makes kubeinfer's image load other code (or
 #: look for it elsewhere). Refused whatever the value: an empty one overrides the image's
 #: own as surely as a path does.
@@ -81,6 +88,9 @@ def refusal(name: str, operator_env: AbstractSet[str], *, kubeinfer_image: bool 
     if name in OPERATOR_SETTINGS_ENV:
         return (f"{name} is the operator's own setting (its Helm values and Secrets), "
                 "never a spec's; remove it from the spec")
+    if name != name.upper() and name.upper().startswith(KUBEINFER_PREFIX):
+        return (f"{name} is not read: kubeinfer reads its settings by their upper-case "
+                f"names only; write {name.upper()} (if the spec may set it)")
     if name in INTERPRETER_ENV or name.startswith(INTERPRETER_PREFIXES):
         return (f"{name} would change which code kubeinfer's image loads (the dynamic "
                 "loader's or Python's start-up); remove it from the spec")

@@ -9,7 +9,11 @@ pydantic-settings' env source (``tests/unit/test_env_settings.py`` checks them
 against it):
 
 * a field is read from ``<prefix><NAME>``, or from each name of its
-  ``validation_alias`` (``AliasChoices``) in order; names match case-insensitively;
+  ``validation_alias`` (``AliasChoices``) in order; names match in upper case only
+  (``KUBEINFER_PORT``, never ``kubeinfer_port``; pydantic-settings matched any case,
+  the later spelling winning, so a spec's ``kubeinfer_redis_url`` replaced the
+  ``KUBEINFER_REDIS_URL`` the operator rendered: env names are case-sensitive on
+  Linux, and the operator's policy, ``api/env_policy``, compares them as written);
 * values of complex fields (models, lists, dicts, sets, tuples) are JSON, except
   fields annotated ``NoDecode`` (their own validator splits the string); a union
   with a complex member keeps a string that is not JSON;
@@ -90,11 +94,10 @@ def _env_names(name: str, field: FieldInfo, prefix: str) -> list[str]:
 def read_env(cls: type[EnvSettings], environ: Mapping[str, str]) -> dict[str, Any]:
     """The values ``cls``'s fields take from ``environ``, keyed as pydantic validates them
     (by the alias that matched, else by field name)."""
-    lowered = {k.lower(): v for k, v in environ.items()}
     out: dict[str, Any] = {}
     for name, field in cls.model_fields.items():
         for env_name in _env_names(name, field, cls.env_prefix):
-            raw = lowered.get(env_name.lower())
+            raw = environ.get(env_name.upper())
             if raw is None:
                 continue
             is_complex, may_fail = _complexity(field.annotation, field.metadata)
