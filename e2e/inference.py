@@ -58,7 +58,9 @@ def sagemaker_runtime(port: int, keys: tuple[str, str], read_timeout: float = 60
     return boto3.client(
         "sagemaker-runtime", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
         aws_access_key_id=keys[0], aws_secret_access_key=keys[1],
-        config=Config(retries={"max_attempts": 1}, read_timeout=read_timeout,
+        # One attempt: botocore's "max_attempts" counts retries, so 1 would retry a 503
+        # or a 429 once behind invoke_raw's back (and the serverless checks' too).
+        config=Config(retries={"total_max_attempts": 1}, read_timeout=read_timeout,
                       connect_timeout=10, max_pool_connections=connections),
     )
 
