@@ -5,7 +5,7 @@
 #
 # 1. creates a kind cluster (its own kubeconfig file: your current context is
 #    never touched),
-# 2. builds the operator and runtime images (Dockerfile targets) and loads them
+# 2. builds the operator, runtime and compiler images (Dockerfile targets) and loads them
 #    into the cluster,
 # 3. deploys what async Endpoints need (e2e/manifests/async-deps.yaml: Redis
 #    and a SeaweedFS S3 server) unless KUBEINFER_E2E_ASYNC=0,
