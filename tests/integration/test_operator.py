@@ -305,9 +305,12 @@ def test_delete_removes_every_child(kube: Kube, ns: str) -> None:
     assert kube.delete("Endpoint", ns, "iris").status_code == 200
     wait_for(lambda: kube.get("Endpoint", ns, "iris") is None, 10, "Endpoint gone")
     # Owned children go by garbage collection after their owner, not with it: wait for it
-    # (asserting at once failed on a loaded CI run with three Deployments still there).
+    # (asserting at once failed on a loaded CI run with three Deployments still there). A
+    # reconcile in flight at the deletion may create a child after the cascade (a loaded
+    # run saw a Service come back): the garbage collector takes that one too, as on a real
+    # cluster, so the wait (which raises when it times out) is the check; a second read
+    # after it could meet such a child in the moment before it goes.
     wait_for(lambda: _children(kube, ns) == {}, 30, "every child gone")
-    assert _children(kube, ns) == {}
 
 
 def test_a_deleted_child_is_recreated(kube: Kube, ns: str) -> None:

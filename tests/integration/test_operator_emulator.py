@@ -151,6 +151,19 @@ def test_finalizers_hold_deletion_and_owners_cascade(kube: Kube, ns: str) -> Non
     assert kube.get("ConfigMap", ns, "free") is not None
 
 
+def test_a_dependent_created_after_its_owner_is_gone_is_collected(kube: Kube, ns: str) -> None:
+    """As the garbage collector does: a reconcile still in flight when its object was
+    deleted may create a child after the cascade; that child must not stay."""
+    owner = kube.create(_endpoint(), ns).json()
+    ref = {"apiVersion": "kubeinfer.io/v1alpha1", "kind": "Endpoint", "name": "ep",
+           "uid": owner["metadata"]["uid"], "controller": True}
+    assert kube.delete("Endpoint", ns, "ep").status_code == 200
+    assert kube.create(_configmap(ownerReferences=[ref]), ns).status_code == 201
+    assert kube.create(_configmap(name="free"), ns).status_code == 201
+    wait_for(lambda: kube.get("ConfigMap", ns, "cm") is None, 10, "the orphan collected")
+    assert kube.get("ConfigMap", ns, "free") is not None
+
+
 def test_lists_selectors_and_watch_resume(emulator: EmulatorThread, kube: Kube, ns: str) -> None:
     kube.create(_configmap(name="a", labels={"app": "x"}), ns)
     kube.create(_configmap(name="b", labels={"app": "y"}), ns)

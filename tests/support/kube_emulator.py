@@ -18,7 +18,8 @@ tests depend on:
   resourceVersion, no watch event), as on a real server;
 * deletion: finalizers hold the object with a deletionTimestamp until the
   last one is removed; then owner-reference cascade (the garbage collector)
-  deletes dependents, synchronously;
+  deletes dependents, synchronously; a dependent created when none of its owners
+  exists any more goes too, right after its creation is answered;
 * validation → 422: built-in kinds against the Kubernetes 1.33 schemas of
   kubernetes-validate (strict), custom resources against their CRD's
   openAPIV3Schema (Draft 4) after defaulting and pruning, plus list-map key
@@ -368,7 +369,27 @@ class KubeEmulator(kmock.KubernetesEmulator):
         obj = self._validated(d, obj)
         if params.get("dryRun"):
             return obj
-        return self._put(d, ns, obj)
+        created = self._put(d, ns, obj)
+        if self._dangling(created):
+            # The garbage collector also deletes a dependent created after its owners were
+            # gone (a reconcile in flight while its object was deleted), soon after.
+            uid = created["metadata"]["uid"]
+            try:
+                asyncio.get_running_loop().call_soon(self._collect, d, ns, meta["name"], uid)
+            except RuntimeError:
+                self._collect(d, ns, meta["name"], uid)
+        return created
+
+    def _dangling(self, obj: dict[str, Any]) -> bool:
+        """Whether ``obj`` has owners and none of them exists."""
+        refs = obj["metadata"].get("ownerReferences") or []
+        live = {o["metadata"]["uid"] for o in self.store.values()}
+        return bool(refs) and not any(r.get("uid") in live for r in refs)
+
+    def _collect(self, d: ResourceDef, ns: str | None, name: str, uid: str) -> None:
+        obj = self.store.get((d.key, ns, name))
+        if obj is not None and obj["metadata"]["uid"] == uid and self._dangling(obj):
+            self._delete(d, ns, name, {})
 
     def _write(self, d: ResourceDef, ns: str | None, name: str, sub: str | None, *,
                replace: Any = None, patch: Any = None, ctype: str = "") -> dict[str, Any]:
