@@ -166,6 +166,13 @@ class Packages(_Spec):
         problem = data_uri_problem("packages.uri", uri)
         if problem:
             raise ValueError(problem)
+        if "?" in uri or "#" in uri:
+            # The package Job parses <uri>/<namespace>/<fleet>/...: a query or fragment
+            # would end the key before the namespace, so a fleet could write another
+            # namespace's packages.
+            raise ValueError(f"packages.uri: {uri!r} holds '?' or '#', which would end the "
+                             "object key before <namespace>/<fleet>/ (fleets never share a "
+                             "prefix); name a plain prefix, e.g. s3://bucket/packages")
         return uri
 
 

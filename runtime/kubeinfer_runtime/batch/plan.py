@@ -14,7 +14,9 @@ one object, or a SageMaker ``ManifestFile``), checks every key (no ``..``, no
 absolute keys, manifest entries inside the manifest's prefix), and writes the
 plan to ``<output>/_kubeinfer/plan.json`` unless one is there: then that plan is
 kept (a retried or re-run job sees the same shards) after checking it was made
-for this job's input and output.
+for this job's input and output, and that it lists only what listing that input
+gives (whoever may write the output folder may rewrite it: workers read its objects
+and name outputs by its keys). A manifest in S3 may not name a file:// prefix.
 """
 
 from __future__ import annotations
@@ -300,6 +302,13 @@ def _manifest_prefix(settings: BatchSettings, store: Store) -> tuple[str, list[A
     if problem is not None:
         raise InputRefused(f"Manifest {settings.input_uri}: {problem}")
     prefix = normalize_prefix(prefix_text)
+    if prefix.startswith("file://") and (split_location(settings.input_uri) or ("",))[0] \
+            != "file":
+        # An S3 manifest naming file:// would have the worker read its own files (a job on
+        # Kubernetes may not name file:// input at all; in local mode, the user's files).
+        raise InputRefused(f"Manifest {settings.input_uri}: its prefix is a file:// folder, "
+                           "which a manifest in S3 may not name (only a file:// manifest "
+                           "may): list objects of the object store")
     if prefix == "file:///":
         raise InputRefused(f"Manifest {settings.input_uri}: its prefix is the whole "
                            "filesystem: name the folder that holds the input")
@@ -352,4 +361,33 @@ def read_plan(settings: BatchSettings, store: Store) -> ShardPlan | None:
                        f"{plan.input_uri}, splitType {plan.split_type.value}, compression "
                        f"{plan.compression.value}): use another output.uri, or delete "
                        f"{state_uri(settings)}/ to start this job over")
+    problem = _foreign_object(settings, plan, store)
+    if problem is not None:
+        raise InputRefused(f"Plan {uri} {problem}, which this job's input does not: delete "
+                           f"{state_uri(settings)}/ to plan the job again")
     return plan
+
+
+def _foreign_object(settings: BatchSettings, plan: ShardPlan, store: Store) -> str | None:
+    """What ``plan`` lists that listing this job's input could not have (None: nothing).
+
+    The plan is read back from the output folder, which whoever may write there may
+    rewrite: its objects are read and their keys name the outputs, so each must be the
+    input object itself or a plain key below the input's folder (or the manifest's
+    prefix), exactly as the planner derives them.
+    """
+    if settings.data_type is DataType.MANIFEST_FILE:
+        folder = _manifest_prefix(settings, store)[0]
+    else:
+        try:
+            folder = normalize_prefix(settings.input_uri)
+        except ValueError:  # not a folder the planner could list: one object at most
+            folder = ""
+    for obj in plan.objects:
+        problem = key_problem(obj.key)
+        if problem is not None:
+            return f"lists an object whose key {obj.key[:200]!r} {problem}"
+        if (not folder or obj.uri != join(folder, obj.key)) and not (
+                settings.data_type is DataType.S3_PREFIX and obj.uri == settings.input_uri):
+            return f"lists object {obj.uri[:200]!r}"
+    return None

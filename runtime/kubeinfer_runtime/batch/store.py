@@ -11,7 +11,8 @@ memory), read a small object, write an object atomically, concatenate objects.
   UploadPartCopy; SeaweedFS supports it) when every part but the last has the
   5 MiB S3 requires, else a streamed copy through a temporary file.
 * Confinement: every ``file://`` path is resolved (symlinks included) and must lie
-  below one of the job's roots (its input and output folders); only regular files
+  below one of the job's roots (its input and output folders; a job with no file://
+  folder reads and writes no file, whatever its plan lists); only regular files
   are read (``O_NOFOLLOW``, ``O_NONBLOCK``: a FIFO cannot hang a worker). Keys are
   checked for ``..``, empty segments and non-printable characters before any I/O,
   and percent-encoded into URIs (:func:`join`), so a key names exactly its object.
@@ -124,10 +125,15 @@ class Store:
         return split
 
     def _path(self, path: str, what: str) -> str:
-        """The real path of ``path``, refused unless below a root."""
+        """The real path of ``path``, refused unless below a root (none: no file is)."""
         real = os.path.realpath(path)
-        if self.file_roots and not any((real + "/").startswith(r) or real + "/" == r
-                                       for r in self.file_roots):
+        if not self.file_roots:
+            # A job whose folders are all in S3 reads and writes no local file: a plan or
+            # manifest naming file:// must not reach the worker's own files.
+            raise InputRefused(f"{what} file://{path} is not in the job's folders, which "
+                               "are all in S3: name objects below the input and output "
+                               "folders")
+        if not any((real + "/").startswith(r) or real + "/" == r for r in self.file_roots):
             raise InputRefused(f"{what} file://{path} resolves outside the job's folders "
                                "(a symbolic link?): keep every object below the input and "
                                "output folders")
