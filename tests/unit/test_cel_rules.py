@@ -451,6 +451,8 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
      "spec.shadowVariants.env.name"),
     ("shadow-loader-env", shadow(env=[{"name": "LD_AUDIT", "value": "/x.so"}]),
      "spec.shadowVariants.env.name"),
+    ("shadow-resolver-env", shadow(env=[{"name": "LOCALDOMAIN", "value": "evil.test"}]),
+     "spec.shadowVariants.env.name"),
     ("shadow-image-step-env", shadow(model=None, containers=[
         {**IMAGE_STEP, "env": [{"name": "SAGEMAKER_BIND_TO_PORT", "value": "9000"}]}]),
      "spec.shadowVariants.containers.env.name"),
@@ -480,6 +482,8 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
      "spec.variants.env.name"),
     ("loader-env", variant(env=[{"name": "LD_PRELOAD", "value": "/x.so"},
                                 {"name": "PYTHONPATH", "value": "/x"}]),
+     "spec.variants.env.name"),
+    ("resolver-env", variant(env=[{"name": "RES_OPTIONS", "value": "ndots:1"}]),
      "spec.variants.env.name"),
     ("async-tuning-env", async_env("KUBEINFER_WORKERS", "KUBEINFER_INFERENCE_THREADS"), None),
     ("async-worker-env", async_env("KUBEINFER_QUEUE"), "spec.variants.env.name"),
@@ -655,6 +659,8 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
      "spec.environment"),
     ("job-environment-loader", transform(environment={"LD_PRELOAD": "/x.so"}),
      "spec.environment"),
+    ("job-environment-resolver", transform(environment={"LOCALDOMAIN": "evil.test"}),
+     "spec.environment"),
     ("job-handler-environment-loader", transform(
         model=None, containers=[HANDLER, MODEL_STEP], environment={"PYTHONHOME": "/x"}),
      "spec.environment"),
@@ -677,6 +683,8 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
     ("compile-job-environment-setting", compilation(environment={"KUBEINFER_S3_SECRET_KEY": "x"}),
      "spec.environment"),
     ("compile-job-environment-loader", compilation(environment={"LD_LIBRARY_PATH": "/x"}),
+     "spec.environment"),
+    ("compile-job-environment-resolver", compilation(environment={"HOSTALIASES": "/x"}),
      "spec.environment"),
     ("compile-job-environment-compiler", compilation(environment={"CC": "/tmp/cc"}),
      "spec.environment"),
@@ -890,7 +898,8 @@ def _rules_at(kind: str, at: str, field_path: str | None = None) -> list[dict[st
 
 def test_the_crds_list_literals_are_the_policys_sets() -> None:
     """What the generated CRDs list equals the operator's constants, read at their source."""
-    policy = env_policy.OPERATOR_SETTINGS_ENV | env_policy.INTERPRETER_ENV
+    policy = (env_policy.OPERATOR_SETTINGS_ENV | env_policy.INTERPRETER_ENV
+              | env_policy.RESOLVER_ENV)
     server = endpoint_validate.variant_operator_env(False)
     for fleet in ("variants", "shadowVariants"):
         assert _literals(_rules_at("Endpoint", f"spec.{fleet}[].env[]")) == (
@@ -924,7 +933,7 @@ def test_the_crds_list_literals_are_the_policys_sets() -> None:
 def test_a_reason_leaves_what_an_earlier_reason_refuses_to_it() -> None:
     """A prefix that also matches a name an earlier reason refuses leaves it to that one (not
     the case of today's sets: the CEL of the exception is checked here)."""
-    ours, _, loader = cel_rules.env_refusals(frozenset({"LD_OURS"}))
+    ours, _, loader, _ = cel_rules.env_refusals(frozenset({"LD_OURS"}))
     assert ours.names == {"LD_OURS"} and loader.unless == {"LD_OURS"}
     program = _program(f"!({loader.refuses('self.name')})")
     for name, refused in (("LD_OURS", False), ("LD_PRELOAD", True), ("PATH", True),

@@ -226,6 +226,25 @@ def test_a_kubeinfer_setting_in_any_other_case_is_refused_not_ignored(name: str)
         "m"]["kubeinfer_flavour"] == "fast"
 
 
+@pytest.mark.parametrize("name", sorted(env_policy.RESOLVER_ENV))
+def test_the_resolver_is_the_operators(name: str) -> None:
+    """The pod's DNS is the operator's (a podTemplate has no dnsConfig): search domains or
+    resolver options from a spec would look the object store's and Redis's hosts up where
+    the spec says (Redis's AUTH then goes to that host)."""
+    said = f"{name} would change how kubeinfer's image resolves host names"
+    assert said in _problems(_endpoint_spec(_env(name)))[0]
+    assert said in _problems(_endpoint_spec(_env(name), **ASYNC))[0]
+    job = _transform(environment={name: "x"})
+    with pytest.raises(SpecError, match=said):
+        plan_transform(job, own_model(job.spec))  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match=said):
+        compile_plan.plan_compile(_compile({name: "x"}))
+    image = _transform(model=None, containers=[{"name": "m", "image": "example.test/m:1"}],
+                       environment={name: "x"})
+    assert plan_transform(image, own_model(image.spec)).image_env[  # type: ignore[arg-type]
+        "m"][name] == "x"
+
+
 def test_an_image_models_environment_is_the_users_image() -> None:
     job = _transform(model=None, containers=[{"name": "m", "image": "example.test/m:1"}],
                      environment={"LD_LIBRARY_PATH": "/opt/lib", "MODEL_FLAVOUR": "fast"})

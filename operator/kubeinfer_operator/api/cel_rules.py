@@ -268,7 +268,8 @@ def env_refusals(operator_env: AbstractSet[str], operator_prefixes: tuple[str, .
     reasons: list[tuple[AbstractSet[str], tuple[str, ...]]] = [(operator_env, operator_prefixes)]
     if kubeinfer_image:
         reasons += [(envp.OPERATOR_SETTINGS_ENV, ()),
-                    (envp.INTERPRETER_ENV, envp.INTERPRETER_PREFIXES)]
+                    (envp.INTERPRETER_ENV, envp.INTERPRETER_PREFIXES),
+                    (envp.RESOLVER_ENV, ())]
         if compiler:
             reasons.append((envp.COMPILER_ENV, ()))
     out: list[EnvRefusal] = []

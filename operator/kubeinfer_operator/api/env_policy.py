@@ -16,6 +16,8 @@ refuses, naming the field and the key:
   paths, the compiler a CompilationJob runs. Endpoint authors run code, but as
   handler steps, named in the spec; these containers hold the operator's S3
   credentials, and CompilationJobs and model-only TransformJobs run no user code;
+  and what changes where they resolve host names (``LOCALDOMAIN``, ``RES_OPTIONS``,
+  ``HOSTALIASES``: the pod's DNS is the operator's);
 * in kubeinfer's own images, a ``KUBEINFER_*`` name not in upper case: the runtime
   reads upper-case names only (before, it matched any case with the later spelling
   winning, so ``kubeinfer_redis_url`` replaced the operator's ``KUBEINFER_REDIS_URL``
@@ -54,6 +56,11 @@ INTERPRETER_ENV: frozenset[str] = frozenset({
 #: Prefixes of the same: the dynamic loader reads every ``LD_*`` (``LD_PRELOAD``,
 #: ``LD_LIBRARY_PATH``, ``LD_AUDIT``, ...).
 INTERPRETER_PREFIXES: tuple[str, ...] = ("LD_",)
+#: What changes how the C library resolves host names (the search domains, resolver
+#: options, an aliases file): the object store's, Redis's and the webhooks' hosts would
+#: be looked up where the spec says, while the pod's DNS is the operator's (a podTemplate
+#: has no dnsConfig or hostAliases).
+RESOLVER_ENV: frozenset[str] = frozenset({"LOCALDOMAIN", "RES_OPTIONS", "HOSTALIASES"})
 #: What picks the compiler, its helpers, headers and libraries a CompilationJob (or a
 #: variant's compile step) runs and links into the artifact it publishes.
 COMPILER_ENV: frozenset[str] = frozenset({
@@ -94,6 +101,9 @@ def refusal(name: str, operator_env: AbstractSet[str], *, kubeinfer_image: bool 
     if name in INTERPRETER_ENV or name.startswith(INTERPRETER_PREFIXES):
         return (f"{name} would change which code kubeinfer's image loads (the dynamic "
                 "loader's or Python's start-up); remove it from the spec")
+    if name in RESOLVER_ENV:
+        return (f"{name} would change how kubeinfer's image resolves host names (the object "
+                "store's, Redis's, webhooks'); remove it from the spec")
     if compiler and name in COMPILER_ENV:
         return (f"{name} would change the compiler, headers or libraries kubeinfer's "
                 "compiler uses; remove it from the spec")
