@@ -86,6 +86,28 @@ VALUE_SETS = {
     "no-rbac": {"rbac": {"create": False, "clusterReads": False},
                 "serviceAccount": {"create": False, "name": "ops-sa"},
                 "networkPolicy": {"enabled": False, "metricsFrom": []}},
+    # Private registry images, one pinned by digest.
+    "images": {"operator": {"image": {
+                   "repository": "registry.example.com:5000/platform/kubeinfer-operator",
+                   "tag": "", "digest": "sha256:" + "a" * 64, "pullPolicy": "Always"}},
+               "runtime": {"image": {"repository": "localhost:5000/kubeinfer/runtime",
+                                     "tag": "0.1.0-rc.1", "digest": "", "pullPolicy": "Always"},
+                           "compilerImage": {"repository": "ghcr.io/acme/compiler",
+                                             "tag": "v2", "digest": "", "pullPolicy": "Never"}}},
+    # Every Secret brought by the platform team instead of generated.
+    "existing-secrets": {"credentials": {"existingSecret": "ki-keys"},
+                         "runtime": {"s3": {"secretName": "model-store"},
+                                     "redis": {"existingSecret": "redis-creds",
+                                               "urlKey": "redis-url"},
+                                     "auth": {"defaultMode": "Token",
+                                              "existingSecret": "caller-creds"}}},
+    # Namespaced, HA, no NetworkPolicy, a custom runtime Secret name, labels everywhere.
+    "ns+ha+no-netpol+labels": {**NAMESPACED, **HA,
+                               "networkPolicy": {"enabled": False, "metricsFrom": []},
+                               "runtime": {"secretName": "ki-runtime"},
+                               "commonLabels": {"team": "ml", "release": "prom"},
+                               "metrics": {"serviceMonitor": {"enabled": True,
+                                                              "labels": {"release": "prom"}}}},
 }
 
 
@@ -93,6 +115,21 @@ VALUE_SETS = {
 def chart() -> Iterator[helm.Chart]:
     with helm.Chart.load(CHART) as loaded:
         yield loaded
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key repeated in one mapping, as the API server's
+    YAML-to-JSON conversion does ("mapping key already defined")."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"mapping key {key!r} already defined", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def render(chart: helm.Chart, values: dict[str, Any] | None = None,
@@ -103,7 +140,7 @@ def render(chart: helm.Chart, values: dict[str, Any] | None = None,
     for path, text in sorted(out.items()):
         if path.endswith("NOTES.txt"):
             continue
-        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+        objects += [doc for doc in yaml.load_all(text, Loader=UniqueKeyLoader) if doc]
     return objects
 
 
@@ -260,6 +297,37 @@ def test_lint_passes_strict(values: dict[str, Any] | None, k8s_version: str) -> 
     {"runtime": {"podTemplate": {"labels": {"a": 1}}}},
     {"rbac": {"aggregateToDefaultRoles": "yes"}},
     {"metrics": {"serviceMonitor": {"interval": "every minute"}}},
+    # Strings that would add YAML lines to a manifest (or are not valid names).
+    {"operator": {"priorityClassName": "x\n      hostNetwork: true"}},
+    {"operator": {"priorityClassName": "Not A Class"}},
+    {"runtime": {"podTemplate": {"priorityClassName": "Not A Class"}}},
+    {"serviceAccount": {"create": True, "name": "ops\n  namespace: kube-system"}},
+    {"serviceAccount": {"create": False, "name": "Bad_Name"}},
+    {"metrics": {"serviceMonitor": {"enabled": True,
+                                    "portName": "metrics\n      bearerTokenFile: /x"}}},
+    {"metrics": {"serviceMonitor": {"portName": "a-port-name-over-15"}}},
+    {"metrics": {"serviceMonitor": {"interval": ""}}},
+    {"metrics": {"serviceMonitor": {"scrapeTimeout": ""}}},
+    {"operator": {"image": {"tag": "1.0 bad"}}},
+    {"operator": {"image": {"repository": "ghcr.io/kubeinfer/operator:0.1.0"}}},
+    {"runtime": {"image": {"repository": "ghcr.io/Kubeinfer/runtime"}}},
+    {"operator": {"extraEnv": [{"name": "X", "valu": "y"}]}},
+    {"operator": {"extraEnv": [{"name": "A=B", "value": "y"}]}},
+    {"security": {"outboundAllowList": ["10.0.0.0/8,192.168.0.0/16"]}},
+    # Labels the chart owns (the selector's among them) and invalid labels.
+    {"commonLabels": {"app.kubernetes.io/name": "x"}},
+    {"commonLabels": {"app.kubernetes.io/managed-by": "argocd"}},
+    {"operator": {"podLabels": {"app.kubernetes.io/component": "x"}}},
+    {"operator": {"podLabels": {"app.kubernetes.io/instance": "other"}}},
+    {"metrics": {"serviceMonitor": {"labels": {"helm.sh/chart": "x"}}}},
+    {"commonLabels": {"team": "a b"}},
+    {"commonLabels": {"bad key": "a"}},
+    {"commonLabels": {"team": "x" * 64}},
+    # Values the templates cannot do without.
+    {"runtime": {"compilerImage": None}},
+    {"statusIntervalSeconds": None},
+    {"resyncIntervalSeconds": None},
+    {"rbac": {"restrictSecretWrites": "yes"}},
 ], ids=lambda v: str(v))
 def test_values_schema_refuses(chart: helm.Chart, bad: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmValuesError):
@@ -331,7 +399,8 @@ def test_default_render_is_cluster_wide(chart: helm.Chart) -> None:
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRole", "ClusterRole",
                      "ClusterRoleBinding", "Deployment", "NetworkPolicy", "Secret", "Service",
-                     "Service", "ServiceAccount"]
+                     "Service", "ServiceAccount", "ValidatingAdmissionPolicy",
+                     "ValidatingAdmissionPolicyBinding"]
     assert env_of(one(objects, "Deployment"))["KUBEINFER_NAMESPACES"] == ""
     # The operator's scaler (serverless scale-from-zero), and where gateways reach it.
     scaler = named(objects, "Service", f"{RELEASE}-scaler")
@@ -372,8 +441,12 @@ def test_namespaced_scope_defaults_to_the_release_namespace(chart: helm.Chart) -
 
 def test_namespaced_scope_without_cluster_reads_is_fully_namespaced(chart: helm.Chart) -> None:
     objects = render(chart, {**NAMESPACED, "rbac": {"create": True, "clusterReads": False,
-                                                     "aggregateToDefaultRoles": False}})
+                                                     "aggregateToDefaultRoles": False,
+                                                     "restrictSecretWrites": False}})
     assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+    # Nothing cluster-scoped at all: an installer limited to namespaces can install it.
+    assert all(o["metadata"].get("namespace") for o in objects), [
+        o["kind"] for o in objects if not o["metadata"].get("namespace")]
 
 
 def test_rbac_can_be_left_to_the_cluster_admin(chart: helm.Chart) -> None:
@@ -728,7 +801,9 @@ def test_ha_replicas_roll_one_at_a_time_with_a_budget_and_spread(chart: helm.Cha
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     pdb = one(objects, "PodDisruptionBudget")
     assert pdb["spec"] == {"maxUnavailable": 1,
-                           "selector": deployment["spec"]["selector"]}
+                           "selector": deployment["spec"]["selector"],
+                           # A crash-looping standby must not block node drains.
+                           "unhealthyPodEvictionPolicy": "AlwaysAllow"}
     assert pdb["metadata"]["namespace"] == RELEASE_NS
     (term,) = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
         "preferredDuringSchedulingIgnoredDuringExecution"]
@@ -837,3 +912,253 @@ def test_aggregated_roles_can_be_turned_off(chart: helm.Chart) -> None:
                  {"create": False, "clusterReads": True, "aggregateToDefaultRoles": True}):
         roles = by_kind(render(chart, {"rbac": rbac}), "ClusterRole")
         assert not [r for r in roles if is_aggregated(r)], rbac
+
+
+# -- production review: exact grants, admission guard, pod security, labels ---------------
+
+OPERATOR_SRC = REPO / "operator" / "kubeinfer_operator"
+
+#: (apiGroup, resource, verb) -> why: every grant of the operator's namespaced rules and
+#: the code that uses it. A grant nothing uses, or a use nothing grants, fails below.
+NAMESPACED_GRANTS = {
+    **{("kubeinfer.io", kind, verb): "kopf: list/watch, finalizer + annotations; "
+                                     "KubeClient.get: fresh spec"
+       for kind in ("endpoints", "transformjobs", "compilationjobs", "recommendationjobs",
+                    "edgefleets") for verb in ("get", "list", "watch", "patch")},
+    **{("kubeinfer.io", f"{kind}/status", "patch"): "KubeClient.merge_patch status"
+       for kind in ("endpoints", "transformjobs", "compilationjobs", "recommendationjobs",
+                    "edgefleets")},
+    **{("kubeinfer.io", f"{kind}/finalizers", "update"): "blockOwnerDeletion owner refs"
+       for kind in ("endpoints", "transformjobs", "compilationjobs", "recommendationjobs",
+                    "edgefleets")},
+    **{("apps", "deployments", v): "children; kopf.on.event watch"
+       for v in ("get", "list", "watch", "create", "patch", "delete")},
+    **{(g, r, v): "children (create-or-patch, listed by label, deleted)"
+       for g, r in (("", "services"), ("", "configmaps"),
+                    ("autoscaling", "horizontalpodautoscalers"),
+                    ("policy", "poddisruptionbudgets"),
+                    ("networking.k8s.io", "networkpolicies"))
+       for v in ("get", "list", "create", "patch", "delete")},
+    ("", "events", "create"): "kopf posting; k8s.events.post_events",
+    # Secrets: get + merge patch of the runtime Secret (name-limited), create (cannot be).
+    ("", "secrets", "get"): "runtime Secret (by name)",
+    ("", "secrets", "patch"): "runtime Secret (by name), merge patch only",
+    ("", "secrets", "create"): "runtime Secret's first creation",
+    **{("batch", "jobs", v): "planner/workers/compiler/package Jobs; kopf.on.event watch"
+       for v in ("get", "list", "watch", "create", "delete")},
+    ("", "pods", "list"): "termination messages, ready pod IPs (listed by label)",
+}
+
+
+def role_grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+            for r in rule["resources"] for v in rule["verbs"]}
+
+
+@pytest.mark.parametrize("values", [None, NAMESPACED], ids=["cluster", "ns"])
+def test_operator_grants_are_exactly_what_the_code_uses(
+        chart: helm.Chart, values: dict[str, Any] | None) -> None:
+    objects = render(chart, values)
+    if values is None:
+        roles = [operator_role(objects)]
+        extra = {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+        extra |= {("apiextensions.k8s.io", "customresourcedefinitions", v)
+                  for v in ("list", "watch")}
+    else:
+        roles = by_kind(objects, "Role")
+        extra = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    for role in roles:
+        granted = role_grants(role)
+        expected = set(NAMESPACED_GRANTS) | extra
+        assert granted - expected == set(), f"granted but unused: {granted - expected}"
+        assert expected - granted == set(), f"used but not granted: {expected - granted}"
+        (named_secrets,) = [r for r in role["rules"] if r.get("resourceNames")]
+        assert named_secrets == {"apiGroups": [""], "resources": ["secrets"],
+                                 "resourceNames": ["kubeinfer-runtime"],
+                                 "verbs": ["get", "patch"]}
+
+
+def test_the_operator_code_needs_no_update_verb_and_no_pod_get() -> None:
+    """Why secrets/update and pods/get are not granted: the operator's only API client
+    writes with JSON merge patch (never PUT), and lists pods by label (never GETs one)."""
+    client = (OPERATOR_SRC / "k8s" / "client.py").read_text()
+    methods = set(re.findall(r'self\._call\("([A-Z]+)"', client))
+    assert methods == {"GET", "POST", "PATCH", "DELETE"}, methods
+    sources = "\n".join(p.read_text() for p in OPERATOR_SRC.rglob("*.py"))
+    assert not re.search(r"\.get\(\s*kinds\.POD\b", sources)
+    assert re.search(r"\.list\(\s*kinds\.POD\b", sources)
+    assert "kube.merge_patch(kinds.SECRET" in sources
+
+
+def _cel(expression: str, activation: dict[str, Any]) -> bool:
+    celpy = pytest.importorskip("celpy", reason="cel-python evaluates the policy's CEL")
+    env = celpy.Environment()
+    program = env.program(env.compile(expression))
+    return bool(program.evaluate({k: celpy.json_to_cel(v) for k, v in activation.items()}))
+
+
+@pytest.mark.parametrize("values", [
+    None,
+    {"runtime": {"secretName": "ki-runtime"},
+     "serviceAccount": {"create": False, "name": "ops-sa"}, **NAMESPACED},
+], ids=["default", "custom-names"])
+def test_the_operator_may_write_only_its_runtime_secret(
+        chart: helm.Chart, values: dict[str, Any] | None) -> None:
+    """RBAC cannot limit Secret create by name: without this policy a compromised
+    operator could create a service-account-token Secret named like the runtime Secret
+    for any ServiceAccount, and read it back with its name-limited get."""
+    from kubeinfer_operator.render.k8s_secrets import runtime_secret
+
+    objects = render(chart, values)
+    policy = one(objects, "ValidatingAdmissionPolicy")
+    binding = one(objects, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"],
+                               "validationActions": ["Deny"]}
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["secrets"] and set(rule["operations"]) == {"CREATE", "UPDATE"}
+    sa = one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    (condition,) = policy["spec"]["matchConditions"]
+    me = {"request": {"userInfo": {"username": f"system:serviceaccount:{RELEASE_NS}:{sa}"}}}
+    other = {"request": {"userInfo": {"username": f"system:serviceaccount:{RELEASE_NS}:x"}}}
+    assert _cel(condition["expression"], me) and not _cel(condition["expression"], other)
+    (validation,) = policy["spec"]["validations"]
+    name = (values or {}).get("runtime", {}).get("secretName", "kubeinfer-runtime")
+    # What the operator itself writes is admitted ...
+    settings = OperatorSettings(runtime_secret_name=name)
+    assert _cel(validation["expression"], {"object": runtime_secret("team-a", settings, [])})
+    # ... a token Secret under the same name, or any other Secret, is not.
+    token = {"metadata": {"name": name, "namespace": "kube-system", "annotations": {
+        "kubernetes.io/service-account.name": "clusterrole-aggregation-controller"}},
+        "type": "kubernetes.io/service-account-token"}
+    assert not _cel(validation["expression"], {"object": token})
+    assert not _cel(validation["expression"],
+                    {"object": {"metadata": {"name": "webhook-ca"}, "type": "Opaque"}})
+
+
+def test_the_secret_policy_follows_rbac_values(chart: helm.Chart) -> None:
+    for rbac in ({"create": True, "clusterReads": True, "restrictSecretWrites": False},
+                 {"create": False, "clusterReads": True, "restrictSecretWrites": True}):
+        objects = render(chart, {"rbac": rbac})
+        assert not by_kind(objects, "ValidatingAdmissionPolicy"), rbac
+        assert not by_kind(objects, "ValidatingAdmissionPolicyBinding"), rbac
+
+
+def assert_restricted(pod: dict[str, Any], where: str) -> None:
+    """The Pod Security Standards "restricted" profile, as the admission plugin checks it."""
+    for key in ("hostNetwork", "hostPID", "hostIPC", "hostUsers"):
+        assert not pod.get(key) or (key == "hostUsers"), f"{where}: {key}"
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                       "persistentVolumeClaim", "projected", "secret"}
+    for volume in pod.get("volumes", []):
+        assert set(volume) - {"name"} <= allowed_volumes, f"{where}: volume {volume}"
+    pod_sc = pod.get("securityContext", {})
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        sc = container.get("securityContext", {})
+        assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
+        assert sc.get("runAsUser", pod_sc.get("runAsUser", 1)) != 0, where
+        assert sc.get("allowPrivilegeEscalation") is False, where
+        assert not sc.get("privileged"), where
+        assert "ALL" in sc.get("capabilities", {}).get("drop", []), where
+        assert set(sc.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, where
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+        assert seccomp.get("type") in {"RuntimeDefault", "Localhost"}, where
+        assert sc.get("readOnlyRootFilesystem") is True, where
+        assert not any(p.get("hostPort") for p in container.get("ports", [])), where
+        resources = container.get("resources", {})
+        assert resources.get("requests", {}).get("memory") and resources.get(
+            "limits", {}).get("memory"), f"{where}: memory request and limit"
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS.values()), ids=list(VALUE_SETS))
+def test_every_rendered_pod_meets_the_restricted_profile(
+        chart: helm.Chart, values: dict[str, Any] | None) -> None:
+    pods = 0
+    for obj in render(chart, values):
+        if obj["kind"] in {"Deployment", "StatefulSet", "DaemonSet", "Job"}:
+            assert_restricted(obj["spec"]["template"]["spec"], obj["metadata"]["name"])
+            pods += 1
+        assert obj["kind"] not in {"Pod", "CronJob"}, obj["kind"]
+    assert pods == 1
+
+
+def test_only_the_operator_pod_mounts_the_service_account_token(chart: helm.Chart) -> None:
+    objects = render(chart)
+    assert one(objects, "ServiceAccount")["automountServiceAccountToken"] is False
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+
+
+def test_user_labels_never_repeat_a_key_nor_move_the_selector(chart: helm.Chart) -> None:
+    """commonLabels, podLabels and the ServiceMonitor's labels may share keys; each
+    object gets each key once (a repeated key makes the manifest unparsable, which the
+    UniqueKeyLoader of render() checks), the most specific value winning."""
+    values = {"commonLabels": {"team": "platform", "release": "other"},
+              "operator": {"podLabels": {"team": "ml"}},
+              "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}}
+    objects = render(chart, values)
+    deployment = one(objects, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pod_labels["team"] == "ml" and deployment["metadata"]["labels"]["team"] == "platform"
+    for monitor in by_kind(objects, "ServiceMonitor"):
+        assert monitor["metadata"]["labels"]["release"] == "prom"
+    metrics = named(objects, "Service", f"{RELEASE}-operator-metrics")
+    assert metrics["metadata"]["labels"]["kubeinfer.io/metrics"] == "operator"
+    assert metrics["metadata"]["labels"]["release"] == "other"
+    for obj in objects:
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_the_scaler_admits_gateways_of_the_watched_namespaces_only(chart: helm.Chart) -> None:
+    policy = one(render(chart, NAMESPACED), "NetworkPolicy")
+    validate(policy)
+    (peer,) = policy["spec"]["ingress"][0]["from"]
+    assert peer["namespaceSelector"] == {"matchExpressions": [{
+        "key": "kubernetes.io/metadata.name", "operator": "In",
+        "values": ["team-a", "team-b"]}]}
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+
+
+@pytest.mark.parametrize("values", list(VALUE_SETS.values()), ids=list(VALUE_SETS))
+def test_no_value_set_changes_the_deployment_selector(
+        chart: helm.Chart, values: dict[str, Any] | None) -> None:
+    """`helm upgrade` cannot change a Deployment's selector (immutable): every value set
+    but nameOverride, and the release name, must keep it."""
+    deployment = one(render(chart, values), "Deployment")
+    assert deployment["spec"]["selector"] == {"matchLabels": {
+        "app.kubernetes.io/name": "kubeinfer", "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "operator"}}
+
+
+def test_gitops_installs_bring_their_own_keys(chart: helm.Chart) -> None:
+    """Rendered without a cluster (Argo CD, helm template), lookup finds nothing and the
+    generated Secret would get new keys at every render: credentials.existingSecret
+    names a Secret the platform keeps, and the chart generates none."""
+    objects = render(chart, {"credentials": {"existingSecret": "ki-keys"}})
+    assert not by_kind(objects, "Secret")
+    env = secret_env_of(one(objects, "Deployment"))
+    assert env["KUBEINFER_SCALER_SIGNING_KEY"] == ("ki-keys", "scaler-signing-key")
+    assert env["KUBEINFER_CALLER_SECRET_ACCESS_KEY"] == ("ki-keys", "AWS_SECRET_ACCESS_KEY")
+    objects = render(chart, {"credentials": {"existingSecret": "ki-keys"},
+                             "runtime": {"auth": {"defaultMode": "SigV4",
+                                                  "existingSecret": "callers"}}})
+    env = secret_env_of(one(objects, "Deployment"))
+    assert env["KUBEINFER_SCALER_SIGNING_KEY"] == ("ki-keys", "scaler-signing-key")
+    assert env["KUBEINFER_CALLER_TOKEN"] == ("callers", "token")
+    # By default the chart generates them, and the operator reads its own.
+    env = secret_env_of(one(render(chart), "Deployment"))
+    assert env["KUBEINFER_SCALER_SIGNING_KEY"] == (f"{RELEASE}-credentials", "scaler-signing-key")
+    with pytest.raises(helm.HelmValuesError):
+        chart.render({"credentials": {"existingSecret": "Bad Name"}}, name=RELEASE,
+                     namespace=RELEASE_NS)
+
+
+def test_an_existing_service_account_must_be_named(chart: helm.Chart) -> None:
+    """serviceAccount.create=false with no name used to bind the operator's ClusterRole
+    to the release namespace's "default" ServiceAccount, which every pod there runs as."""
+    with pytest.raises(helm.HelmRenderError, match=r"set serviceAccount\.name"):
+        chart.render({"serviceAccount": {"create": False, "name": ""}}, name=RELEASE,
+                     namespace=RELEASE_NS)
+    objects = render(chart, {"serviceAccount": {"create": False, "name": "ops-sa"}})
+    assert one(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "ops-sa"

@@ -35,16 +35,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
 
-{{/* Standard labels of every object. */}}
+{{/* Standard labels of every object, with commonLabels. */}}
 {{- define "kubeinfer.labels" -}}
-helm.sh/chart: {{ include "kubeinfer.chart" . }}
-{{ include "kubeinfer.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/part-of: kubeinfer
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-{{- with .Values.commonLabels }}
-{{ toYaml . }}
-{{- end }}
+{{- include "kubeinfer.labelsWith" (dict "root" . "extra" dict) -}}
+{{- end -}}
+
+{{/*
+Labels of one object: the chart's standard labels, then "extra" (pod labels, a
+ServiceMonitor's own labels...), then commonLabels, merged as one map so a key
+set twice is rendered once (a repeated key makes the manifest unparsable) and
+the chart's own labels, the Deployment selector's among them, always win (the
+schema refuses them in the values anyway). Call with (dict "root" $ "extra" map).
+*/}}
+{{- define "kubeinfer.labelsWith" -}}
+{{- $root := .root -}}
+{{- $standard := dict
+    "helm.sh/chart" (include "kubeinfer.chart" $root)
+    "app.kubernetes.io/name" (include "kubeinfer.name" $root)
+    "app.kubernetes.io/instance" $root.Release.Name
+    "app.kubernetes.io/component" "operator"
+    "app.kubernetes.io/version" (toString $root.Chart.AppVersion)
+    "app.kubernetes.io/part-of" "kubeinfer"
+    "app.kubernetes.io/managed-by" $root.Release.Service -}}
+{{- toYaml (merge $standard (.extra | default dict) ($root.Values.commonLabels | default dict)) -}}
 {{- end -}}
 
 {{/* The operator's ServiceAccount name. */}}
@@ -52,7 +65,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "kubeinfer.fullname" .) .Values.serviceAccount.name -}}
 {{- else -}}
-{{- default "default" .Values.serviceAccount.name -}}
+{{- required "Value serviceAccount.create is false but serviceAccount.name is empty: set serviceAccount.name to the existing ServiceAccount made for the operator (never the namespace's \"default\" one)" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
 
@@ -88,6 +101,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail (printf "Values %s and %s are both %d: the operator listens on each of its ports separately; give them different ports" $a $b (int (get $ports $a))) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- if and (not .Values.serviceAccount.create) (not .Values.serviceAccount.name) -}}
+{{- fail "Value serviceAccount.create is false but serviceAccount.name is empty: the operator would run as the namespace's \"default\" ServiceAccount, and (with rbac.create) every pod using that account would get the operator's permissions; set serviceAccount.name to the existing ServiceAccount made for the operator" -}}
 {{- end -}}
 {{- $fullname := include "kubeinfer.fullname" . -}}
 {{- if gt (len $fullname) 46 -}}

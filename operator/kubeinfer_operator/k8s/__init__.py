@@ -50,7 +50,7 @@ batch               jobs                               get, list, watch (kopf: a
                                                        starts the next step), create, delete
                                                        (KubeClient: planner, workers, finalizer;
                                                        TTL clean-up, stop on failure)
-"" (core)           pods                               get, list (KubeClient: the batch pods'
+"" (core)           pods                               list, by label (KubeClient: the batch pods'
                                                        termination messages are their reports;
                                                        the ready gateway and fleet server
                                                        pods' IPs, which the operator scrapes
@@ -64,7 +64,9 @@ apiextensions.k8s.io customresourcedefinitions        list, watch (kopf: notices
                                                        KUBEINFER_NAMESPACES is set)
 ==================  =================================  ==========================================
 
-No Secrets (model servers get the S3 Secret by name through ``envFrom``), Pods
-read-only, no wildcards. Writes use JSON merge patch (``PATCH``, never ``PUT``);
+Secrets: the namespace's runtime Secret only, get and patch by name, and create
+(on Kubernetes 1.30+ the chart's admission policy admits only Opaque Secrets of that
+name from the operator; model servers get the S3 Secret by name through
+``envFrom``). Pods listed only, no wildcards. Writes use JSON merge patch (``PATCH``, never ``PUT``);
 deletes use propagationPolicy Background.
 """
