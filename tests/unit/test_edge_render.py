@@ -104,6 +104,20 @@ def test_the_example_is_valid_on_kubernetes() -> None:
     assert images == {"x86-gateway": "example.test/rt:1", "arm64-board": "example.test/compiler:1"}
 
 
+def test_package_job_arguments_are_not_expanded_by_the_kubelet() -> None:
+    """The kubelet expands $(NAME) in arguments from the container's env, where the
+    fleet's signing key is: a model URI naming $(KUBEINFER_EDGE_SIGNING_KEY) would put
+    the key into an object key. Arguments are escaped ($$); the plan (what local mode
+    runs as argv, no kubelet) is not."""
+    plan = planned(doc(model={"uri": "s3://models/$(KUBEINFER_EDGE_SIGNING_KEY)/mlp.onnx"}))
+    build = plan.builds[0]
+    assert any("$(KUBEINFER_EDGE_SIGNING_KEY)" in a for a in build.args)
+    args = rf.package_job(plan, build, uid=UID, settings=SETTINGS)["spec"]["template"][
+        "spec"]["containers"][0]["args"]
+    assert [a.replace("$$", "$") for a in args] == list(build.args)
+    assert not any("$(" in a.replace("$$", "") for a in args)
+
+
 def test_package_jobs() -> None:
     plan = planned(doc())
     jobs = {b.target: rf.package_job(plan, b, uid=UID, settings=SETTINGS) for b in plan.builds}

@@ -46,6 +46,7 @@ from kubeinfer_operator.render.transform_plan import (
 from kubeinfer_operator.settings import OperatorSettings
 from kubeinfer_runtime.contract import ENV_PREFIX
 from kubeinfer_runtime.contract.async_paths import FORMER_PATHS_ENV
+from tests.support.kubelet import expand
 
 OWNER = Owner(name="e", namespace="tenant-a", uid="0b6c2a3e-1111-4222-8333-944455556666")
 SETTINGS = OperatorSettings(s3_secret_name="s3-creds", redis_url="redis://:pw@redis:6379/0",
@@ -422,3 +423,46 @@ def test_the_compiler_set_is_what_the_compile_plan_renders() -> None:
         tuning={"budgetSeconds": 1, "trials": 2, "cacheUri": "s3://cache/t"},
         quantization={"allowed": True, "calibrationUri": "s3://d/c.npz"}))
     assert set(plan.env) == {ENV_PREFIX + f.upper() for f in compile_plan.RENDERED_FIELDS}
+
+
+# -- the kubelet's $(NAME) expansion ----------------------------------------------------------
+
+
+SECRET_ENV = {"AWS_SECRET_ACCESS_KEY": "s3-secret", "KUBEINFER_REDIS_URL": "redis://:pw@r",
+              "KUBEINFER_SCALER_TOKEN": "scaler-token"}
+
+
+def test_a_spec_value_cannot_expand_a_secret_in_kubeinfers_containers() -> None:
+    """The kubelet expands $(NAME) in env values from the container's other variables,
+    those filled from Secrets included: a model URI or a variant's env value naming
+    $(AWS_SECRET_ACCESS_KEY) would carry the object store's key to a log or an object
+    key. Every literal value reaches the process exactly as the spec wrote it."""
+    sneaky = "s3://m/$(AWS_SECRET_ACCESS_KEY)/m$$.onnx"
+    env = _runtime_env(_endpoint_spec(
+        [{"name": "NOTE", "value": "$(KUBEINFER_REDIS_URL) $(KUBEINFER_SCALER_TOKEN) $5"}],
+        **ASYNC) | {"variants": [{"name": "v", "model": {"uri": sneaky}, "env": [
+            {"name": "NOTE", "value": "$(KUBEINFER_REDIS_URL) $(KUBEINFER_SCALER_TOKEN) $5"}]}]})
+    seen = {e["name"]: expand(e["value"], SECRET_ENV) for e in env if "value" in e}
+    assert seen["KUBEINFER_MODEL_URI"] == sneaky
+    assert seen["NOTE"] == "$(KUBEINFER_REDIS_URL) $(KUBEINFER_SCALER_TOKEN) $5"
+    assert not any(secret in v for v in seen.values() for secret in SECRET_ENV.values())
+
+    job = _transform(output={"uri": "s3://out/$(AWS_SECRET_ACCESS_KEY)/", "accept": "text/csv"})
+    plan = plan_transform(job, own_model(job.spec))  # type: ignore[arg-type]
+    pod = render_job(plan, Step.WORK, namespace="tenant-a", uid=OWNER.uid,
+                     settings=SETTINGS)["spec"]["template"]["spec"]
+    seen = {e["name"]: expand(e["value"], SECRET_ENV)
+            for e in pod["containers"][0]["env"] if "value" in e}
+    assert seen["KUBEINFER_OUTPUT_URI"] == "s3://out/$(AWS_SECRET_ACCESS_KEY)/"
+
+
+def test_a_users_own_image_keeps_its_expansion() -> None:
+    """No Secret of kubeinfer's is in a user's image container: $(NAME) there is the
+    user's Kubernetes feature, rendered as written."""
+    job = _transform(model=None, containers=[{"name": "m", "image": "example.test/m:1"}],
+                     environment={"GREETING": "$(HOSTNAME)"})
+    plan = plan_transform(job, own_model(job.spec))  # type: ignore[arg-type]
+    pod = render_job(plan, Step.WORK, namespace="tenant-a", uid=OWNER.uid,
+                     settings=SETTINGS)["spec"]["template"]["spec"]
+    sidecar = {e["name"]: e.get("value") for e in pod["initContainers"][0]["env"]}
+    assert sidecar["GREETING"] == "$(HOSTNAME)"

@@ -35,6 +35,7 @@ from kubeinfer_runtime.contract.batch import (
     BatchSettings,
 )
 from tests.support.kube_schema import schema_errors
+from tests.support.kubelet import env_seen
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p for p in (REPO / "examples").glob("*.yaml")
@@ -67,7 +68,8 @@ def jobs(plan: TransformPlan, settings: OperatorSettings = SETTINGS,
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container["env"]}
+    """The env a container's process sees (the kubelet turns the escaped ``$$`` into ``$``)."""
+    return env_seen(container)
 
 
 def _on_s3(path: Path) -> dict[str, Any]:

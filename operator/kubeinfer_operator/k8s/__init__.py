@@ -67,6 +67,6 @@ apiextensions.k8s.io customresourcedefinitions        list, watch (kopf: notices
 Secrets: the namespace's runtime Secret only, get and patch by name, and create
 (on Kubernetes 1.30+ the chart's admission policy admits only Opaque Secrets of that
 name from the operator; model servers get the S3 Secret by name through
-``envFrom``). Pods listed only, no wildcards. Writes use JSON merge patch (``PATCH``, never ``PUT``);
-deletes use propagationPolicy Background.
+``envFrom``). Pods listed only, no wildcards. Writes use JSON merge patch (``PATCH``,
+never ``PUT``); deletes use propagationPolicy Background.
 """

@@ -95,7 +95,28 @@ def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
     }
 
 
+def literal(value: str) -> str:
+    """``value`` as a container of kubeinfer's image must see it in an env value, a command
+    or an argument.
+
+    The kubelet expands ``$(NAME)`` there from the container's other variables, the
+    ones filled from Secrets included (the object store's keys, the Redis URL, the
+    scaler and fleet tokens): a model URI, a webhook URL or an output folder written
+    ``.../$(AWS_SECRET_ACCESS_KEY)`` would carry that secret to a log, an object key or
+    another host. ``$$`` is the kubelet's escape for ``$``, and any other ``$`` passes
+    unchanged, so doubling every ``$`` hands the value over exactly as written.
+    """
+    return value.replace("$", "$$")
+
+
 def _env(values: dict[str, str]) -> list[dict[str, str]]:
+    """Literal env entries of a container running kubeinfer's image (see ``literal``)."""
+    return [{"name": k, "value": literal(v)} for k, v in values.items()]
+
+
+def _user_env(values: dict[str, str]) -> list[dict[str, str]]:
+    """Env entries of a user's own image, as written: ``$(NAME)`` expands there as the
+    user expects (no Secret of kubeinfer's is in that container to expand)."""
     return [{"name": k, "value": v} for k, v in values.items()]
 
 
@@ -291,7 +312,7 @@ def _image_step_container(step: StepPlan, tmp_mount: dict[str, Any],
         "image": step.image,
         "ports": [{"name": port_name, "containerPort": step.port, "protocol": "TCP"}],
         # SageMaker tells each container of a multi-container endpoint its port so.
-        "env": _env({**dict(step.env), BIND_TO_PORT_ENV: str(step.port)}),
+        "env": _user_env({**dict(step.env), BIND_TO_PORT_ENV: str(step.port)}),
         **image_step_probes(port_name),
         "resources": default_resources(dict(step.requests), dict(step.limits), settings),
         "securityContext": security,

@@ -35,6 +35,7 @@ from kubeinfer_operator.render.k8s_workloads import (
     _env,
     _pod_security,
     _tmp_volume,
+    _user_env,
     default_resources,
 )
 from kubeinfer_operator.render.plan_steps import StepPlan
@@ -119,7 +120,7 @@ def _sidecar(plan: TransformPlan, step: StepPlan, settings: OperatorSettings,
         "image": step.image,
         "restartPolicy": "Always",
         "ports": [{"name": port_name, "containerPort": step.port, "protocol": "TCP"}],
-        "env": _env(plan.image_env[step.name]),
+        "env": _user_env(plan.image_env[step.name]),
         "startupProbe": {"httpGet": {"path": "/ping", "port": port_name}, "periodSeconds": 2,
                          "timeoutSeconds": 2, "failureThreshold": SIDECAR_STARTUP_S // 2},
         "securityContext": security,
