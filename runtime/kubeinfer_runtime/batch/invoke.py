@@ -308,7 +308,9 @@ class ImageModel(Model):
             # Idle connections closed before the container closes them (CONTAINER_KEEPALIVE_S):
             # a request on a closing one costs a retry, or fails a job without retries.
             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=64,
-                                keepalive_expiry=CONTAINER_KEEPALIVE_S))
+                                keepalive_expiry=CONTAINER_KEEPALIVE_S),
+            # The model container is beside the worker: never through an env proxy.
+            trust_env=False)
         self.headers = {"content-type": settings.input_content_type or
                         "application/octet-stream"}
         if settings.accept:

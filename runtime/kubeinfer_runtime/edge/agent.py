@@ -190,8 +190,13 @@ class Agent:
         self.proxy.sampling_percentage = capture.samplingPercentage
         # Identity by default too (each request to the fleet also says so): the model
         # server child's replies, read with this client, need no decoding either.
-        self.client = httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, headers=inst.IDENTITY,
-                                        limits=httpx.Limits(keepalive_expiry=FLEET_KEEPALIVE_S))
+        # The fleet server may be reached through the device's proxy (HTTP(S)_PROXY), the
+        # model server child on 127.0.0.1 never: a more specific mount wins over the env's.
+        self.client = httpx.AsyncClient(
+            timeout=REQUEST_TIMEOUT_S, headers=inst.IDENTITY,
+            limits=httpx.Limits(keepalive_expiry=FLEET_KEEPALIVE_S),
+            mounts={"all://127.0.0.1": httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(keepalive_expiry=FLEET_KEEPALIVE_S))})
         self.child: inst.ModelChild | None = None
         self.credential: dict[str, object] | None = self._load_credential()
         #: The credential the server last refused: still sent when registering again, so

@@ -96,8 +96,10 @@ class Proxy:
         self.version = ""
         self.sampling_percentage = 0.0
         self.stats = Stats()
+        # The model server child is on 127.0.0.1: never through the device's env proxy.
         self._client = httpx.AsyncClient(
-            timeout=UPSTREAM_TIMEOUT_S, limits=httpx.Limits(keepalive_expiry=UPSTREAM_KEEPALIVE_S))
+            timeout=UPSTREAM_TIMEOUT_S, limits=httpx.Limits(keepalive_expiry=UPSTREAM_KEEPALIVE_S),
+            trust_env=False)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -167,8 +167,11 @@ class UrlStep(Step):
         # httpx keeps idle connections 5 s, as long as uvicorn's keep-alive and longer than
         # gunicorn's, and the kubelet asks /ping (which checks this step) every 5 s: a
         # request could go out on a connection the container was closing at that moment.
+        # trust_env off: an HTTP(S)_PROXY in the pod's env (often set for every pod of a
+        # cluster) would send the caller's data for a container beside it to the proxy.
         self.client = httpx.AsyncClient(
-            timeout=timeout_s, limits=httpx.Limits(keepalive_expiry=CONTAINER_KEEPALIVE_S))
+            timeout=timeout_s, limits=httpx.Limits(keepalive_expiry=CONTAINER_KEEPALIVE_S),
+            trust_env=False)
         self.ready = False
         self.reason = f"Container {self.url} has not answered /ping yet"
 

@@ -147,7 +147,7 @@ class BaseMeasurer:
     async def _probe(self, name: str, urls: list[str], deadline: float,
                      alive: Any = None) -> None:
         """Every URL answers /ping, then one request; raises CandidateFailed."""
-        async with httpx.AsyncClient(timeout=5.0) as http:
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:  # in-cluster
             for url in urls:
                 while True:
                     if alive is not None:
