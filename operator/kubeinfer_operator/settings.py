@@ -16,10 +16,15 @@ from kubeinfer_operator.reconcile.promql_scope import DEFAULT_PROMQL_NAMESPACE_L
 from kubeinfer_operator.render import redis_users
 from kubeinfer_runtime.contract.auth import AuthMode
 from kubeinfer_runtime.contract.outbound import OutboundPolicy
+from kubeinfer_runtime.contract.redact import unreadable_host_problem
 
 
 class OperatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KUBEINFER_", extra="ignore")
+    # hide_input_in_errors: a ValidationError's text would quote the input (for a model
+    # validator the whole env dict: the Redis URL's password, the caller secret key) into
+    # the operator's crash log.
+    model_config = SettingsConfigDict(env_prefix="KUBEINFER_", extra="ignore",
+                                      hide_input_in_errors=True)
 
     #: Namespaces to watch, comma-separated; empty means cluster-wide.
     namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -152,6 +157,15 @@ class OperatorSettings(BaseSettings):
             raise ValueError(f"metrics_port and runtime_port are both {self.runtime_port}: "
                              "give the metrics listener its own port")
         return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_readable(cls, v: str | None) -> str | None:
+        # Refused here, naming nothing of it: redis-py's own error would quote the start
+        # of a password holding an unencoded '/'.
+        if v is not None and (problem := unreadable_host_problem("KUBEINFER_REDIS_URL", v)):
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _redis_url_takes_users(self) -> OperatorSettings:

@@ -170,6 +170,17 @@ def test_extra_refused_networks() -> None:
     assert url_problem("http://127.0.0.1/", POLICY, FIELD) is None
 
 
+@pytest.mark.parametrize("url", ["https://hook:c2Vj/cmV0@hooks.example.com/x",
+                                 "https://hook:c2Vj#cmV0@hooks.example.com/x"])
+def test_a_refused_url_with_an_unencoded_slash_in_its_password_quotes_none_of_it(
+        url: str) -> None:
+    # The message goes to the Endpoint's status and an Event: redact_url took the
+    # password's start for a port and showed the URL whole.
+    problem = url_problem(url, POLICY, FIELD)
+    assert problem is not None and FIELD in problem
+    assert "c2Vj" not in problem and "cmV0" not in problem
+
+
 def test_redact_url() -> None:
     assert (redact_url("https://user:s3cret@hooks.example.com:8443/p/a?token=abc&x=1#f")
             == "https://user:***@hooks.example.com:8443/p/a?token=***&x=***#f")

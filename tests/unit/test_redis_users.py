@@ -75,3 +75,30 @@ def test_an_operator_url_that_cannot_name_users_fails_at_startup() -> None:
     with pytest.raises(ValueError, match="KUBEINFER_REDIS_ACL"):
         OperatorSettings(redis_url="unix:///run/redis.sock")
     assert OperatorSettings(redis_url="unix:///run/redis.sock", redis_acl=False).redis_url
+
+
+def test_a_password_with_an_unencoded_slash_is_refused_without_quoting_it() -> None:
+    # urllib reads "app:c2Vj" as host:port; its ValueError quoted the port, the start of
+    # the password, into the operator's log.
+    admin = "redis://app:c2Vj/cmV0@redis:6379/0"
+    with pytest.raises(ru.RedisUrlError) as refused:
+        ru.namespace_url(admin, "ns")
+    assert "c2Vj" not in str(refused.value) and "cmV0" not in str(refused.value)
+
+
+@pytest.mark.parametrize("acl", [True, False])
+def test_operator_settings_errors_quote_no_credential(acl: bool) -> None:
+    # A ValidationError's text quoted its input (for a model validator, every setting, cut
+    # to its ends): `kubeinfer operator` with only this URL set logged it whole.
+    with pytest.raises(ValueError) as bad_url:
+        OperatorSettings(redis_url="redis://:c2Vj/cmV0@redis:6379/0", redis_acl=acl)
+    text = str(bad_url.value)
+    assert "KUBEINFER_REDIS_URL" in text and "input_value" not in text
+    assert "c2Vj" not in text and "cmV0" not in text
+    with pytest.raises(ValueError) as clash:
+        OperatorSettings(redis_url="redis://:pw@r", redis_acl=acl,
+                         caller_secret_access_key="TOPSECRET", metrics_port=8080,
+                         runtime_port=8080)
+    text = str(clash.value)
+    assert "metrics_port and runtime_port" in text and "input_value" not in text
+    assert ":pw@" not in text and "TOPSECRET" not in text

@@ -67,15 +67,22 @@ def namespace_url(admin_url: str, namespace: str) -> str:
 
     Raises ``RedisUrlError`` for a URL that is not ``redis://`` or ``rediss://`` (a unix
     socket does not reach pods)."""
-    parts = urlsplit(admin_url)
-    if parts.scheme not in _SCHEMES or not parts.hostname:
-        raise RedisUrlError("the operator's Redis URL must be redis://host[:port][/db] or "
+    refused = RedisUrlError("the operator's Redis URL must be redis://host[:port][/db] or "
                             "rediss://… to give each namespace its own Redis user")
+    try:
+        parts = urlsplit(admin_url)
+        # urllib's ValueError for a port that is not a number quotes it: with a password
+        # holding an unencoded '/', the start of the password. Never passed on.
+        port = parts.port
+    except ValueError:
+        raise refused from None
+    if parts.scheme not in _SCHEMES or not parts.hostname:
+        raise refused
     host = parts.hostname
     if ":" in host:  # an IPv6 literal keeps its brackets
         host = f"[{host}]"
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    if port is not None:
+        host = f"{host}:{port}"
     query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
                        if k.lower() not in _CREDENTIAL_PARAMS])
     netloc = f"{quote(user(namespace), safe='')}:{password(admin_url, namespace)}@{host}"

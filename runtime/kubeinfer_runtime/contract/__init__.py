@@ -44,6 +44,7 @@ from kubeinfer_runtime.contract.auth import AuthRoute
 from kubeinfer_runtime.contract.capture import CaptureRoute
 from kubeinfer_runtime.contract.env_settings import EnvSettings
 from kubeinfer_runtime.contract.locations import default_input_paths, normalize_prefix
+from kubeinfer_runtime.contract.redact import unreadable_host_problem
 from kubeinfer_runtime.contract.shadow import MirrorRoute, ShadowRoute
 
 # Re-exported (`X as X`): the contract's plain names live in wire.py, which says why.
@@ -555,6 +556,15 @@ class ModelServerSettings(_RoleSettings):
         return self
 
 
+def readable_redis_url(v: str | None) -> str | None:
+    """A ``redis_url`` setting's validator: refuses a URL whose host or port cannot be read
+    (a password with an unencoded '/') without quoting it; redis-py's error would quote
+    the start of the password into the log."""
+    if v is not None and (problem := unreadable_host_problem("KUBEINFER_REDIS_URL", v)):
+        raise ValueError(problem)
+    return v
+
+
 class GatewaySettings(_RoleSettings):
     """Settings of the gateway role (SageMaker Runtime API front door)."""
 
@@ -609,6 +619,8 @@ class GatewaySettings(_RoleSettings):
     capture_flush_interval_s: float = Field(default=10.0, gt=0)
     capture_shutdown_timeout_s: float = Field(default=10.0, ge=0)
 
+    _redis_url_readable = field_validator("redis_url")(readable_redis_url)
+
 
 class AsyncWorkerSettings(ModelServerSettings):
     """Settings of the async-worker role: the model server's, plus its queue.
@@ -619,6 +631,7 @@ class AsyncWorkerSettings(ModelServerSettings):
     model_config = ConfigDict(defer_build=True)  # _Strict says why
 
     redis_url: str
+    _redis_url_readable = field_validator("redis_url")(readable_redis_url)
     #: The endpoint's queue (``AsyncQueueKeys.queue``).
     queue: str
     output_path: str

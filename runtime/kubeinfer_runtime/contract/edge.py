@@ -40,9 +40,17 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
-from kubeinfer_runtime.contract import HttpSettings, S3Settings
+from kubeinfer_runtime.contract import HttpSettings, S3Settings, readable_redis_url
 
 #: Device ids, target names and versions: DNS-label-like, so they are safe in keys,
 #: paths and label values.
@@ -210,6 +218,7 @@ class FleetServerSettings(HttpSettings):
     fleet_config_file: str
     #: Durable state: devices, credentials, the rollout, device history.
     redis_url: str
+    _redis_url_readable = field_validator("redis_url")(readable_redis_url)
     #: The bootstrap token devices register with (from a Secret); it also authorizes the
     #: fleet-wide reads (``GET /v1/fleet``, ``GET /v1/devices``). Compared in constant time.
     bootstrap_token: SecretStr = Field(min_length=16)

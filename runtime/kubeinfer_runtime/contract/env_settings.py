@@ -123,7 +123,10 @@ _READ_ENV: ContextVar[bool] = ContextVar("kubeinfer_read_env", default=True)
 class EnvSettings(BaseModel):
     """A model whose constructor fills the fields its arguments leave out from the env."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, validate_default=True)
+    # hide_input_in_errors: a ValidationError's text would quote the values (for a model
+    # validator every setting read: a Redis URL's password, S3 keys, tokens).
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, validate_default=True,
+                              hide_input_in_errors=True)
 
     #: Prefix of the env var of a field without an alias.
     env_prefix: ClassVar[str] = "KUBEINFER_"
