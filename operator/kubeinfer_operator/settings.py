@@ -16,7 +16,7 @@ from kubeinfer_operator.reconcile.promql_scope import DEFAULT_PROMQL_NAMESPACE_L
 from kubeinfer_operator.render import redis_users
 from kubeinfer_runtime.contract.auth import AuthMode
 from kubeinfer_runtime.contract.outbound import OutboundPolicy
-from kubeinfer_runtime.contract.redact import unreadable_host_problem
+from kubeinfer_runtime.contract.redact import readable_redis_url
 
 
 class OperatorSettings(BaseSettings):
@@ -158,14 +158,7 @@ class OperatorSettings(BaseSettings):
                              "give the metrics listener its own port")
         return self
 
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url_readable(cls, v: str | None) -> str | None:
-        # Refused here, naming nothing of it: redis-py's own error would quote the start
-        # of a password holding an unencoded '/'.
-        if v is not None and (problem := unreadable_host_problem("KUBEINFER_REDIS_URL", v)):
-            raise ValueError(problem)
-        return v
+    _redis_url_readable = field_validator("redis_url")(readable_redis_url)
 
     @model_validator(mode="after")
     def _redis_url_takes_users(self) -> OperatorSettings:

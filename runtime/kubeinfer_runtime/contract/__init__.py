@@ -44,7 +44,7 @@ from kubeinfer_runtime.contract.auth import AuthRoute
 from kubeinfer_runtime.contract.capture import CaptureRoute
 from kubeinfer_runtime.contract.env_settings import EnvSettings
 from kubeinfer_runtime.contract.locations import default_input_paths, normalize_prefix
-from kubeinfer_runtime.contract.redact import unreadable_host_problem
+from kubeinfer_runtime.contract.redact import readable_redis_url
 from kubeinfer_runtime.contract.shadow import MirrorRoute, ShadowRoute
 
 # Re-exported (`X as X`): the contract's plain names live in wire.py, which says why.
@@ -554,15 +554,6 @@ class ModelServerSettings(_RoleSettings):
                 "KUBEINFER_MULTI_MODEL_PREFIX (multi-model) or KUBEINFER_PIPELINE "
                 "(multi-container)")
         return self
-
-
-def readable_redis_url(v: str | None) -> str | None:
-    """A ``redis_url`` setting's validator: refuses a URL whose host or port cannot be read
-    (a password with an unencoded '/') without quoting it; redis-py's error would quote
-    the start of the password into the log."""
-    if v is not None and (problem := unreadable_host_problem("KUBEINFER_REDIS_URL", v)):
-        raise ValueError(problem)
-    return v
 
 
 class GatewaySettings(_RoleSettings):

@@ -50,7 +50,8 @@ from pydantic import (
     model_validator,
 )
 
-from kubeinfer_runtime.contract import HttpSettings, S3Settings, readable_redis_url
+from kubeinfer_runtime.contract import HttpSettings, S3Settings
+from kubeinfer_runtime.contract.redact import readable_redis_url
 
 #: Device ids, target names and versions: DNS-label-like, so they are safe in keys,
 #: paths and label values.

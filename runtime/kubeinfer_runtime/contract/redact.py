@@ -108,3 +108,12 @@ def redact_urls(doc: Any) -> Any:
     if isinstance(doc, list):
         return [redact_urls(v) for v in doc]
     return doc
+
+
+def readable_redis_url(v: str | None) -> str | None:
+    """A ``redis_url`` setting's validator: refuses a URL whose host or port cannot be read
+    (a password with an unencoded '/') without quoting it; redis-py's error would quote
+    the start of the password into the log."""
+    if v is not None and (problem := unreadable_host_problem("KUBEINFER_REDIS_URL", v)):
+        raise ValueError(problem)
+    return v
