@@ -6,6 +6,8 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from kubeinfer_operator.k8s.peering import Peering
 from kubeinfer_operator.reconcile.leadership import is_active, live_peers
 
@@ -69,3 +71,14 @@ def test_peering_reads_the_right_object_and_caches_a_second() -> None:
     assert asyncio.run(peering.active("team-a"))
     assert Peering(None, name="k", identity="me", priority=1, clusterwide=True)._path("x") == (
         "/apis/kopf.dev/v1/clusterkopfpeerings/k")
+
+
+@pytest.mark.parametrize("info", [
+    {"lifetime": "1e400", "priority": 5}, {"lifetime": 1e12, "priority": 5},
+    {"lifetime": "nan", "priority": 5}, {"lifetime": 60, "priority": 1e400},
+    {"lifetime": 60, "priority": "nan"},
+])
+def test_a_garbled_heartbeat_counts_as_no_peer_instead_of_raising(info: dict[str, Any]) -> None:
+    now = datetime.now(UTC)
+    status = {"other": {"lastseen": now.isoformat(), **info}}
+    assert is_active(status, "me", 0, now) is True

@@ -11,7 +11,12 @@ from typing import Any
 
 import pytest
 
-from kubeinfer_operator.reconcile.pod_addresses import base_url, pod_address, pod_urls
+from kubeinfer_operator.reconcile.pod_addresses import (
+    MAX_PODS_CONTACTED,
+    base_url,
+    pod_address,
+    pod_urls,
+)
 from kubeinfer_operator.render import edge_fleet as rf
 from kubeinfer_operator.render import k8s_meta as meta
 
@@ -98,3 +103,12 @@ def test_malformed_objects_are_skipped_not_errors() -> None:
     for obj in ({}, {"metadata": None, "status": "x"}, broken,
                 {"metadata": {"labels": SELECTOR}, "spec": [], "status": {}}):
         assert pod_address(obj, SELECTOR) is None
+
+
+def test_thousands_of_pods_under_our_labels_cost_a_bounded_number_of_calls() -> None:
+    # Anyone who may create pods in the namespace can label 5,000 like a gateway: the
+    # scaler's shared HTTP pool and memory must not pay for each one every round.
+    pods = [pod(f"10.1.{i // 250}.{i % 250 + 1}") for i in range(5000)]
+    urls = pod_urls(pods, SELECTOR, 9090)
+    assert len(urls) == MAX_PODS_CONTACTED and len(set(urls)) == len(urls)
+    assert pod_urls(pods, SELECTOR, 9090, limit=2) == urls[:2]

@@ -345,3 +345,9 @@ def test_job_and_pod_views_from_api_objects() -> None:
 def test_terminal(status: dict[str, Any]) -> None:
     assert is_terminal(status)
     assert not is_terminal({"conditions": [{"type": "Running", "status": "False"}]})
+
+
+def test_parse_indexes_stays_within_the_jobs_completions() -> None:
+    # A hostile or corrupt status must not make a trillion-element set on the event loop.
+    assert len(parse_indexes("0-999999999999")) == 100_000
+    assert parse_indexes("2-999999999999,-5--1", limit=4) == {2, 3}

@@ -60,3 +60,16 @@ def test_no_limit_admits_everyone() -> None:
     slots = UpgradeSlots(0)
     assert all(slots.admit(("n", str(i))) for i in range(10))
     assert slots.rolling == set()
+
+
+def test_an_endpoint_that_is_not_serving_rolls_without_taking_a_slot() -> None:
+    # A tenant's Endpoints that never become Ready must not hold the slots forever.
+    slots = UpgradeSlots(2)
+    assert all(slots.admit(("t", str(i)), serving=False) for i in range(5))
+    assert slots.rolling == set()
+    assert slots.admit(("n", "a")) and slots.admit(("n", "b"))
+    assert not slots.admit(("n", "c"))
+    # A waiter that stops serving rolls at once (it has no traffic to lose) ...
+    assert slots.admit(("n", "c"), serving=False) and slots.waiting == set()
+    # ... while one holding a slot keeps it until it finishes.
+    assert slots.admit(("n", "a"), serving=False) and ("n", "a") in slots.rolling

@@ -31,6 +31,7 @@ fleet server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets as pysecrets
 from collections.abc import Awaitable, Callable
@@ -71,6 +72,10 @@ FleetFetch = Callable[[str, str], Awaitable[FleetStatus]]
 #: Largest FleetStatus body read (counters by state and version: small).
 MAX_FLEET_STATUS_BYTES = 1024 * 1024
 FETCH_TIMEOUT_S = 5.0
+#: Longest a whole answer may take (FETCH_TIMEOUT_S bounds each read, not the sum).
+FETCH_DEADLINE_S = 15.0
+#: Fleet server pods asked per refresh, at most.
+MAX_SERVERS_ASKED = 3
 #: Random bytes of a status token (``secrets.token_urlsafe``: 43 characters).
 STATUS_TOKEN_BYTES = 32
 
@@ -290,9 +295,14 @@ class EdgeSync:
         if not urls:
             return None, "no fleet server pod is ready"
         error = None
-        for url in urls:  # replicas share the fleet's state: any one answers for it
+        # Replicas share the fleet's state: any one answers for it. A few at most: any
+        # pod under the server's labels is listed, and each try may take FETCH_DEADLINE_S.
+        for url in urls[:MAX_SERVERS_ASKED]:
             try:
-                return await self.fetch(url, token), None
+                async with asyncio.timeout(FETCH_DEADLINE_S):  # a trickling answer
+                    return es.bounded_fleet(await self.fetch(url, token)), None
+            except TimeoutError:
+                error = f"GET {url}/v1/fleet took longer than {FETCH_DEADLINE_S:.0f} s"
             except FleetStatusError as exc:
                 error = str(exc)
         return None, error

@@ -228,7 +228,8 @@ class EndpointSync:
         desired += gateway_pods_for_alarms(endpoint.spec.deploymentConfig, fleets,
                                                   desired, owner, self.settings)
         upgrading = image_drift(desired, actual, self._managed_images)
-        if upgrading and not self.upgrades.admit((namespace, name)):
+        if upgrading and not self.upgrades.admit(
+                (namespace, name), serving=st.condition_true(old_status, st.READY)):
             desired = hold_images(desired, actual, self._managed_images)
             await self._note_queued(owner)
         changes = diff_children(desired, actual, owner_uid=owner.uid, owner_name=name,

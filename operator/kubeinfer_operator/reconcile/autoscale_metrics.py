@@ -12,6 +12,7 @@ increments.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -127,6 +128,23 @@ class GatewayView:
         return sum(self.invocations.get(r, 0.0) for r in (routes or (variant,)))
 
 
+#: Samples the gateway always labels with ``variant``.
+_PER_VARIANT = frozenset({"kubeinfer_gateway_invocations_total",
+                          "kubeinfer_gateway_held_requests"})
+
+
+#: Above this a counter is not one a gateway counted (and would not fit a status int64).
+MAX_SAMPLE = float(2 ** 53)
+
+
+def usable_value(value: float) -> bool:
+    """Whether a scraped counter or gauge value is one a gateway writes: finite, not
+    negative, below ``MAX_SAMPLE``. A pod in a tenant's namespace can serve any /metrics
+    text under the gateway's labels; ``+Inf`` or ``NaN`` there would make every decision
+    from it (a replica count, a status integer) raise, so such samples are left out."""
+    return math.isfinite(value) and 0.0 <= value < MAX_SAMPLE
+
+
 def parse_gateway_metrics(text: str, endpoint: str) -> GatewayView:
     invocations: dict[str, float] = {}
     held: dict[str, float] = {}
@@ -135,8 +153,10 @@ def parse_gateway_metrics(text: str, endpoint: str) -> GatewayView:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
-            if labels.get("endpoint") != endpoint:
+            if labels.get("endpoint") != endpoint or not usable_value(sample.value):
                 continue
+            if sample.name in _PER_VARIANT and not labels.get("variant"):
+                continue  # not what a gateway writes: ignored, not a KeyError
             if sample.name == "kubeinfer_gateway_invocations_total":
                 invocations[labels["variant"]] = sample.value
             elif sample.name == "kubeinfer_gateway_held_requests":

@@ -310,6 +310,53 @@ def _wave_text(wave: int, waves: int) -> str:
     return f"{min(wave + 1, waves)}/{waves}" if waves else "all"
 
 
+#: At most this many ``devicesByState`` / ``devicesByVersion`` entries reach the status
+#: (the largest counts; a real fleet has a handful of states and versions).
+MAX_FLEET_KEYS = 32
+#: Longest map key, rollout message, version text kept from a fleet server's answer.
+MAX_FLEET_TEXT = 1024
+#: Largest count kept (fits the status' int64 and a JSON number exactly).
+MAX_FLEET_COUNT = 2 ** 53
+
+
+def _count(value: int) -> int:
+    return min(max(0, value), MAX_FLEET_COUNT)
+
+
+def _top(counts: Mapping[str, int]) -> dict[str, int]:
+    ranked = sorted(counts.items(), key=lambda kv: (-_count(kv[1]), kv[0]))[:MAX_FLEET_KEYS]
+    return {k[:MAX_FLEET_TEXT]: _count(v) for k, v in ranked}
+
+
+def bounded_fleet(fleet: FleetStatus) -> FleetStatus:
+    """``fleet`` as the status may carry it: at most ``MAX_FLEET_KEYS`` entries per map,
+    texts cut at ``MAX_FLEET_TEXT``, counts within [0, 2**53].
+
+    The answer comes from a pod under the fleet server's labels in the EdgeFleet's
+    namespace (anyone who can create pods there): up to 1 MiB of map entries, a huge
+    message or a 5,000-digit count would otherwise be written into the status every
+    refresh (or refused by the API server every refresh)."""
+    rollout = fleet.rollout
+    if rollout is not None:
+        wave = rollout.currentWave
+        rollout = rollout.model_copy(update={
+            "version": rollout.version[:MAX_FLEET_TEXT],
+            "previousVersion": (rollout.previousVersion[:MAX_FLEET_TEXT]
+                                if rollout.previousVersion is not None else None),
+            "message": rollout.message[:MAX_FLEET_TEXT],
+            "wave": _count(rollout.wave), "waves": _count(rollout.waves),
+            "currentWave": wave.model_copy(update={
+                k: _count(getattr(wave, k))
+                for k in ("index", "devices", "succeeded", "failed", "pending")}
+                | {k: min(max(0.0, getattr(wave, k)), 100.0)
+                   for k in ("successPercent", "failurePercent")})
+            if wave is not None else None})
+    return fleet.model_copy(update={
+        "fleet": fleet.fleet[:MAX_FLEET_TEXT], "devices": _count(fleet.devices),
+        "byState": _top(fleet.byState), "byVersion": _top(fleet.byVersion),
+        "counters": _top(fleet.counters), "rollout": rollout})
+
+
 def _fleet_fields(fleet: FleetStatus, now: datetime) -> dict[str, Any]:
     rollout = fleet.rollout
     wave = rollout.currentWave if rollout is not None else None

@@ -33,12 +33,17 @@ def live_peers(status: Mapping[str, Any], now: datetime) -> dict[str, int]:
         if not isinstance(info, Mapping):
             continue  # a peer that said goodbye (kopf writes null)
         seen = _parse_time(info.get("lastseen"))
+        if seen is None:
+            continue
         try:
             lifetime = float(info.get("lifetime", 60))
             priority = int(info.get("priority", 0))
-        except (TypeError, ValueError):
+            # A hostile or garbled heartbeat (lifetime inf/NaN/1e12, priority inf) would
+            # raise here; it counts as no peer rather than stopping the role check.
+            expires = seen + timedelta(seconds=lifetime)
+        except (TypeError, ValueError, OverflowError):
             continue
-        if seen is None or seen + timedelta(seconds=lifetime) <= now:
+        if expires <= now:
             continue
         out[str(identity)] = priority
     return out

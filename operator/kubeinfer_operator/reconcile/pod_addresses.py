@@ -75,9 +75,16 @@ def base_url(ip: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+#: Most pods of one selector the operator contacts per call. The operator runs a few
+#: gateway / fleet server replicas per object; anyone who may create pods in a namespace
+#: can add thousands under the same labels, and each would cost a connection of the
+#: operator's shared HTTP pool (and up to a metrics answer of memory) every round.
+MAX_PODS_CONTACTED = 64
+
+
 def pod_urls(pods: Iterable[Mapping[str, Any]], selector: Mapping[str, str],
-             port: int) -> list[str]:
+             port: int, limit: int = MAX_PODS_CONTACTED) -> list[str]:
     """Base URLs of the pods of ``pods`` the operator may contact (``pod_address``) on
-    ``port``, sorted, each address once."""
+    ``port``, sorted, each address once, at most ``limit`` of them."""
     addresses = {a for p in pods if (a := pod_address(p, selector)) is not None}
-    return [base_url(a, port) for a in sorted(addresses)]
+    return [base_url(a, port) for a in sorted(addresses)[:max(0, limit)]]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubeinfer_operator.api.deployment_config import Alarm, Comparison, DeploymentConfig
-from kubeinfer_operator.reconcile.autoscale_metrics import CounterSum
+from kubeinfer_operator.reconcile.autoscale_metrics import CounterSum, usable_value
 from kubeinfer_operator.reconcile.promql_scope import with_namespace
 from kubeinfer_operator.reconcile.rollout import (
     GREEN_SUFFIX,
@@ -81,7 +81,8 @@ def parse_fleet_metrics(text: str, endpoint: str) -> dict[str, FleetCounters]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
-            if labels.get("endpoint") != endpoint or not labels.get("variant"):
+            if (labels.get("endpoint") != endpoint or not labels.get("variant")
+                    or not usable_value(sample.value)):
                 continue
             route = labels["variant"]
             if sample.name == "kubeinfer_gateway_invocations_total":
@@ -90,7 +91,11 @@ def parse_fleet_metrics(text: str, endpoint: str) -> dict[str, FleetCounters]:
                     labels.get("code", "")):
                 err[route] = err.get(route, 0.0) + sample.value
             elif sample.name == "kubeinfer_gateway_upstream_latency_seconds_bucket":
-                buckets.setdefault(route, {})[float(labels["le"])] = sample.value
+                try:
+                    le = float(labels.get("le", ""))
+                except ValueError:
+                    continue  # not a bound a gateway writes
+                buckets.setdefault(route, {})[le] = sample.value
             elif sample.name in pairs and _fleet_pair(route, peer := labels.get("peer", "")):
                 for r in (route, peer):
                     pairs[sample.name][r] = pairs[sample.name].get(r, 0.0) + sample.value

@@ -26,6 +26,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubeinfer_operator.reconcile.autoscale_metrics import usable_value
 from kubeinfer_runtime.contract import shadow as names
 
 
@@ -74,8 +75,9 @@ def parse(text: str, endpoint: str) -> dict[str, PeerTotals]:
             continue
         for sample in family.samples:
             labels = sample.labels
-            if labels.get("endpoint") != endpoint or "peer" not in labels:
-                continue
+            if (labels.get("endpoint") != endpoint or "peer" not in labels
+                    or not usable_value(sample.value)):
+                continue  # +Inf/NaN (any pod under the gateway's labels) would not int()
             totals = out.setdefault(labels["peer"], PeerTotals())
             _add_sample(totals, sample.name, labels, float(sample.value))
     return out
@@ -95,7 +97,10 @@ def _add_sample(t: PeerTotals, name: str, labels: dict[str, str], value: float) 
         side = labels.get("side", "")
         t.errors[side] = t.errors.get(side, 0.0) + value
     elif name == names.LATENCY + "_bucket":
-        le = float(labels.get("le", "+Inf"))
+        try:
+            le = float(labels.get("le", "+Inf"))
+        except ValueError:
+            return  # not a bucket bound a gateway writes
         buckets = t.buckets.setdefault(labels.get("side", ""), {})
         buckets[le] = buckets.get(le, 0.0) + value
     elif name == names.ABS_DIFF + "_sum":

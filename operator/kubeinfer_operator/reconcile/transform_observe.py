@@ -59,8 +59,16 @@ def classify_exit(code: int | None) -> ExitKind:
 # -- parsing what the API reports -----------------------------------------------------------
 
 
-def parse_indexes(text: str | None) -> set[int]:
-    """``"0-3,7"`` (an Indexed Job's completedIndexes / failedIndexes) → {0, 1, 2, 3, 7}."""
+#: Kubernetes' largest ``completions`` of an Indexed Job: no index reaches it.
+MAX_JOB_INDEXES = 100_000
+
+
+def parse_indexes(text: str | None, limit: int = MAX_JOB_INDEXES) -> set[int]:
+    """``"0-3,7"`` (an Indexed Job's completedIndexes / failedIndexes) → {0, 1, 2, 3, 7}.
+
+    Only indexes below ``limit`` (the Job's completions) count: ``"0-999999999999"``
+    must not become a set of a trillion numbers on the operator's one event loop."""
+    limit = min(limit, MAX_JOB_INDEXES)
     out: set[int] = set()
     for part in (text or "").split(","):
         part = part.strip()
@@ -71,7 +79,7 @@ def parse_indexes(text: str | None) -> set[int]:
             first, last = int(low), int(high or low)
         except ValueError:
             continue
-        out.update(range(first, last + 1))
+        out.update(range(max(0, first), min(last + 1, limit)))
     return out
 
 

@@ -297,9 +297,9 @@ def decide(info: JobInfo, observed: Observed, now: datetime) -> Decision:
                                ("bytesIn", totals.bytes_in), ("bytesOut", totals.bytes_out)):
                 _keep_max(b, key, value)
         if workers.exists:
-            done = len(parse_indexes(workers.completed_indexes))
+            done = len(parse_indexes(workers.completed_indexes, shards))
             b.progress(max(done, int_or_zero(b.status.get("shardsDone"))), shards)
-            b.status["shardsFailed"] = len(parse_indexes(workers.failed_indexes))
+            b.status["shardsFailed"] = len(parse_indexes(workers.failed_indexes, shards))
             b._rate()
         if not workers.exists:
             return Decision(b.running(PHASE_RUNNING, "Running",

@@ -94,9 +94,18 @@ class UpgradeSlots:
         self.rolling: set[Key] = set()
         self.waiting: set[Key] = set()
 
-    def admit(self, key: Key) -> bool:
-        """Whether ``key`` may roll now; takes a slot when one is free."""
+    def admit(self, key: Key, *, serving: bool = True) -> bool:
+        """Whether ``key`` may roll now; takes a slot when one is free.
+
+        An Endpoint that is not serving (not Ready at its current image) rolls without a
+        slot: it has no traffic to lose, and one that never becomes Ready (a model that
+        crashes, pods that never schedule: any tenant can have those) would otherwise
+        hold its slot forever and stop every other namespace's upgrade with it.
+        """
         if self.limit <= 0 or key in self.rolling:
+            return True
+        if not serving:
+            self.waiting.discard(key)
             return True
         if len(self.rolling) < self.limit:
             self.rolling.add(key)
