@@ -106,8 +106,18 @@ async def _follow_role(peering: Peering, metrics: OperatorMetrics,
     """Keep ``kubeinfer_operator_active`` at this replica's role (kopf's pause is not
     observable from outside it, so the gauge reads the same peering object)."""
     namespace = settings.namespaces[0] if settings.namespaces else ""
+    failing = False
     while True:
-        metrics.set_active(await peering.active(namespace))
+        # Nothing may end this loop but cancellation: the gauge would stay at whatever
+        # role it last read, for the replica's whole life.
+        try:
+            metrics.set_active(await peering.active(namespace))
+            failing = False
+        except Exception:
+            if not failing:
+                logging.getLogger("kubeinfer.operator").exception(
+                    "Reading this replica's role failed; retrying every %.0f s", ROLE_POLL_S)
+            failing = True
         await asyncio.sleep(ROLE_POLL_S)
 
 

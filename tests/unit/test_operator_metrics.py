@@ -122,3 +122,41 @@ def test_the_scalers_decisions_are_counted() -> None:
                      reason="serverless") == 1
     assert value(m, "kubeinfer_operator_scale_decisions_total", direction="up",
                  reason="serverless") == 0
+
+
+def test_the_role_gauge_outlives_a_failed_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error reading the peering (not a ClusterError, which the peering
+    treats itself) must not end the loop: the gauge would keep its last value for good."""
+    from kubeinfer_operator import main
+    from kubeinfer_operator.settings import OperatorSettings
+
+    answers: list[bool | Exception] = [True, RuntimeError("boom"), False]
+
+    class Peering:
+        async def active(self, namespace: str) -> bool:
+            answer = answers.pop(0) if answers else False
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    metrics = OperatorMetrics()
+    seen: list[bool] = []
+    monkeypatch.setattr(main, "ROLE_POLL_S", 0.0)
+
+    async def run() -> None:
+        two = asyncio.Event()
+
+        def record(active: bool) -> None:
+            seen.append(active)
+            if len(seen) >= 2:
+                two.set()
+
+        monkeypatch.setattr(metrics, "set_active", record)
+        settings = OperatorSettings.model_construct(namespaces=[])
+        task = asyncio.create_task(main._follow_role(Peering(), metrics,  # type: ignore[arg-type]
+                                                     settings))
+        await two.wait()
+        task.cancel()
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert seen[:2] == [True, False]
