@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,6 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import quote
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
@@ -48,6 +48,7 @@ from kubeinfer_operator.local.paths import (
     EndpointPaths,
     has_kind_state,
     known_endpoints,
+    kubeinfer_home,
 )
 from kubeinfer_operator.local.process import port_free
 from kubeinfer_operator.local.state import (
@@ -162,18 +163,87 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+#: What a Kubernetes Secret may hold, and so a local one.
+_SECRET_MAX_BYTES = 1024 * 1024
+
+
+#: How long --from-file waits for a pipe's writer.
+_PIPE_WAIT_S = 10.0
+
+
+def _read_pipe(path: Path, flag: str) -> bytes:
+    """A pipe's or device's bytes (``<(command)``), up to _SECRET_MAX_BYTES: an error, not a
+    hang, when nothing writes to it for _PIPE_WAIT_S seconds."""
+    import select
+
+    wait = _PIPE_WAIT_S
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            if not select.select([fd], [], [], wait)[0]:
+                raise _fail(f"{flag}: nothing wrote to {path} for {wait:.0f} s (a pipe with "
+                            "no writer); give a regular file", 2)
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > _SECRET_MAX_BYTES:
+                raise _fail(f"{flag}: {path} gives over the 1 MiB a Secret may hold (as on "
+                            "Kubernetes); give a smaller value", 2)
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def _check_name(name: str | None) -> None:
+    """Refuse a NAME that cannot be a local endpoint's or job's (it would name a folder
+    outside $KUBEINFER_HOME/local, or none)."""
+    if name is None:
+        return
+    if (not name or name in (".", "..") or any(c in name for c in "/\\\0")
+            or len(name) > 253):
+        raise _fail(f"{name[:60]!r} is not a valid name: give the metadata.name of an "
+                    "Endpoint or job (lower-case letters, digits and '-'; kubeinfer status "
+                    "lists them)", 2)
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"kubeinfer {__version__}")
         raise typer.Exit()
 
 
+def _check_home() -> None:
+    """$KUBEINFER_HOME (or the first of its parents that exists) must be a folder: else
+    every command that reads or writes local state fails deep inside with an OSError."""
+    home = kubeinfer_home()
+    path = home
+    while not path.exists() and path != path.parent:
+        if path.is_symlink():  # dangling, or a loop
+            break
+        path = path.parent
+    if path.is_dir():
+        return
+    where = "KUBEINFER_HOME" if path == home else f"{path} (a parent of KUBEINFER_HOME)"
+    raise _fail(f"KUBEINFER_HOME={home} cannot hold local state: {where} is not a folder; "
+                "point KUBEINFER_HOME at a folder (or unset it for ~/.kubeinfer)", 2)
+
+
 @app.callback()
 def _main(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """kubeinfer: one Endpoint YAML runs on a laptop (kubeinfer up) and on a cluster."""
+    if (ctx.invoked_subcommand not in ("crds", "operator") and not ctx.resilient_parsing
+            and not {"--help", "-h"} & set(sys.argv[1:])):
+        _check_home()
 
 
 # -- up ------------------------------------------------------------------------------------
@@ -450,9 +520,10 @@ def up(
 
 def _kinds(file: Path) -> set[str]:
     """The kinds of the objects ``file`` holds (unreadable: none; the loader says why)."""
+    from kubeinfer_operator.local.manifest_io import read_manifest, yaml_documents
     try:
-        docs = list(yaml.safe_load_all(file.read_text()))
-    except (OSError, yaml.YAMLError):
+        docs = yaml_documents(read_manifest(file), str(file))
+    except SpecError:
         return set()
     return {d["kind"] for d in docs if isinstance(d, dict) and isinstance(d.get("kind"), str)}
 
@@ -494,7 +565,15 @@ def _running_states(name: str | None) -> tuple[list[EndpointState], list[str]]:
             state = read_state(paths)
             if state is not None:
                 states.append(state)
+            else:
+                notes.append(_unreadable_state(paths))
     return states, notes
+
+
+def _unreadable_state(paths: EndpointPaths) -> str:
+    return (f"Endpoint {paths.name} runs (its supervisor holds {paths.root}/supervisor.lock) "
+            f"but its state file {paths.state} is unreadable: run kubeinfer up -f FILE "
+            "again to rewrite it, or see logs/supervisor.log there")
 
 
 @app.command()
@@ -505,6 +584,7 @@ def status(
     """Show local endpoints (URL, variants, every process with its pid, port and state),
     TransformJobs (phase, progress, records, rate) and CompilationJobs (phase, target,
     backend, speedup)."""
+    _check_name(name)
     states, notes = _running_states(name)
     # Each kind's module only where local mode holds state of that kind: importing one
     # costs more than the command's own work.
@@ -530,7 +610,8 @@ def status(
     else:
         for note in notes:
             err.print(note)
-        if states or not (jobs or compiles or fleets):
+        unreadable = any(" runs (its supervisor holds " in n for n in notes)
+        if states or not (jobs or compiles or fleets or unreadable):
             _print_status(states)
         if jobs:
             cli_transform.print_jobs(jobs)
@@ -539,6 +620,8 @@ def status(
         if fleets:
             cli_edge.print_fleets(fleets)
     if name and not states and not jobs and not compiles and not fleets:
+        if any(n.startswith(f"Endpoint {name} runs ") for n in notes):
+            raise typer.Exit(1)
         raise _fail(f"Endpoint {name} is not running; start it with kubeinfer up -f FILE")
 
 
@@ -606,22 +689,34 @@ def invoke(
     target_container: Annotated[str | None, typer.Option(
         help="TargetContainerHostname: the step of a Direct multi-container endpoint.")]
     = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 60,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.",
+                                           min=0.001)] = 60,
 ) -> None:
     """Call a local endpoint through its gateway (SageMaker InvokeEndpoint)."""
+    _check_name(name)
     if (body is None) == (body_file is None):
         raise _fail("Give the request body with exactly one of --body or --body-file", 2)
+    for flag, value in (("--content-type", content_type), ("--accept", accept),
+                        ("--variant", variant), ("--custom-attributes", custom_attributes),
+                        ("--target-model", target_model),
+                        ("--target-container", target_container)):
+        if value is not None and not all(" " <= c <= "~" for c in value):
+            raise _fail(f"{flag} holds a control character or non-ASCII text: it is sent as "
+                        "an HTTP header, so give printable ASCII only", 2)
     if body is not None:
-        data = body.encode()
+        # Bytes that are not UTF-8 reach argv as surrogates: send them as they were given.
+        data = body.encode("utf-8", "surrogateescape")
     else:
         assert body_file is not None
         try:
             data = sys.stdin.buffer.read() if str(body_file) == "-" else body_file.read_bytes()
         except OSError as exc:
             raise _fail(f"Cannot read --body-file {body_file}: {exc.strerror or exc}", 2) from exc
-    states, _ = _running_states(name)
+    states, notes = _running_states(name)
     if not states or not states[0].url:
-        raise _fail(f"Endpoint {name} is not running; start it with kubeinfer up -f FILE")
+        unreadable = [n for n in notes if n.startswith(f"Endpoint {name} runs ")]
+        raise _fail(unreadable[0] if unreadable
+                    else f"Endpoint {name} is not running; start it with kubeinfer up -f FILE")
     headers = {"Content-Type": content_type}
     if accept:
         headers["Accept"] = accept
@@ -688,11 +783,13 @@ def _error_message(response: httpx.Response) -> str:
 def down(
     name: Annotated[str | None, typer.Argument(help="Endpoint to stop.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Stop every local endpoint.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait before killing.")] = 30,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait before killing.",
+                                           min=0)] = 30,
 ) -> None:
     """Stop a local endpoint and every process it runs, or a TransformJob or CompilationJob
     (a later up resumes or recompiles it; down on a finished job forgets it). Stopping a
     stopped one is fine."""
+    _check_name(name)
     if name and all_:
         raise _fail("Give an endpoint name or --all, not both", 2)
     if all_:
@@ -800,13 +897,21 @@ def secret_create(
         key, sep, value = item.partition("=")
         if not sep:
             raise _fail(f"--from-literal {key!r} has no '=': write KEY=VALUE", 2)
-        entries[key] = value.encode()
+        # Bytes that are not UTF-8 reach argv as surrogates: keep them as they were given.
+        entries[key] = value.encode("utf-8", "surrogateescape")
     for item in from_file or []:
         key, sep, path = item.partition("=")
         if not sep:
             raise _fail(f"--from-file {key!r} has no '=': write KEY=PATH", 2)
         try:
-            entries[key] = Path(path).expanduser().read_bytes()
+            source = Path(path).expanduser()
+            if source.exists() and not source.is_file() and not source.is_dir():
+                entries[key] = _read_pipe(source, f"--from-file {key}")  # e.g. <(command)
+            elif source.is_file() and source.stat().st_size > _SECRET_MAX_BYTES:
+                raise _fail(f"--from-file {key}: {path} is over the 1 MiB a Secret may hold "
+                            "(as on Kubernetes); give the key a smaller file", 2)
+            else:
+                entries[key] = source.read_bytes()
         except OSError as exc:
             raise _fail(f"--from-file {key}: cannot read {path}: {exc.strerror}", 2) from exc
     try:
@@ -833,16 +938,23 @@ def crds(
     rendered = {name: to_yaml(obj) for name, obj in all_crds().items()}
     if check:
         stale = [name for name, text in rendered.items()
-                 if not (out_dir / name).is_file() or (out_dir / name).read_text() != text]
+                 if not (out_dir / name).is_file()
+                 or (out_dir / name).read_bytes() != text.encode()]
         if stale:
             raise _fail(f"CRDs out of date in {out_dir}: {', '.join(sorted(stale))}; "
                         f"run kubeinfer crds --out {out_dir} and commit the result")
         out.print(f"CRDs in {out_dir} are up to date")
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in rendered.items():
-        (out_dir / name).write_text(text)
-        out.print(f"wrote {out_dir / name}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise _fail(f"--out {out_dir} is not a folder: give a folder for the CRD files", 2)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in rendered.items():
+            (out_dir / name).write_text(text)
+            out.print(f"wrote {out_dir / name}")
+    except OSError as exc:
+        raise _fail(f"Cannot write the CRDs to {out_dir}: {exc.strerror or exc} "
+                    f"({exc.filename}); give --out a folder you can write", 2) from exc
 
 
 # -- operator ------------------------------------------------------------------------------

@@ -28,8 +28,10 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
-from kubeinfer_operator.errors import KubeinferError
+from kubeinfer_operator.api.endpoint import format_validation_error
+from kubeinfer_operator.errors import KubeinferError, SpecError
 from kubeinfer_operator.local.manifest import load_manifest_file
+from kubeinfer_operator.local.manifest_io import read_manifest, yaml_documents
 from kubeinfer_operator.render.recommend_plan import (
     RecommendPlanError,
     recommend_request,
@@ -45,10 +47,15 @@ def load_search(path: Path | None) -> CandidateSearch:
     if path is None:
         return CandidateSearch()
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-        return CandidateSearch.model_validate(doc)
-    except (OSError, yaml.YAMLError, ValidationError) as e:
-        raise RecommendPlanError(f"Candidates file {path}: {e}") from e
+        docs = yaml_documents(read_manifest(path, "--candidates path"), str(path))
+        if len(docs) > 1:
+            raise RecommendPlanError(f"Candidates file {path} holds {len(docs)} YAML "
+                                     "documents; keep one")
+        return CandidateSearch.model_validate(docs[0] if docs else {})
+    except SpecError as e:
+        raise RecommendPlanError(f"Candidates file: {e}") from e
+    except ValidationError as e:
+        raise RecommendPlanError(f"Candidates file {path}:\n{format_validation_error(e)}") from e
 
 
 def recommend_command(
@@ -89,7 +96,8 @@ def recommend_command(
                                     slo_p99_ms=slo_p99_ms, max_minutes=max_minutes)
     except (KubeinferError, RecommendPlanError) as e:
         err.print(str(e), markup=False)
-        raise typer.Exit(1) from None
+        invalid = isinstance(e, (SpecError, RecommendPlanError))
+        raise typer.Exit(2 if invalid else 1) from None
     with tempfile.TemporaryDirectory(prefix="kubeinfer-recommend-") as tmp:
         req_file = Path(tmp) / "request.json"
         req_file.write_text(request.model_dump_json())

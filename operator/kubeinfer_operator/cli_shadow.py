@@ -25,6 +25,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from kubeinfer_operator.errors import SpecError
+from kubeinfer_operator.local.manifest_io import read_manifest, yaml_documents
 from kubeinfer_operator.local.paths import EndpointPaths
 from kubeinfer_operator.local.state import read_desired, read_state
 from kubeinfer_operator.reconcile import shadow_status
@@ -51,9 +53,9 @@ def _kubectl(args: list[str], stdin: str | None = None) -> str:
     return done.stdout
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 1) -> int:
     err.print(f"[red]{message}[/red]")
-    return 1
+    return code
 
 
 def local_report(name: str) -> list[dict[str, Any]]:
@@ -117,28 +119,33 @@ def promote_command(
     stay), and it leaves spec.shadowVariants. Under a deploymentConfig this is a guarded
     rollout."""
     if kubectl == (file is not None):
-        raise typer.Exit(_fail("Say where the Endpoint is: -f FILE (local mode) or --kubectl"))
+        raise typer.Exit(_fail("Say where the Endpoint is: -f FILE (local mode) or --kubectl",
+                               2))
     if kubectl:
         ns = ["-n", namespace] if namespace else []
         obj = json.loads(_kubectl(["get", "endpoints.kubeinfer.io", name, "-o", "json", *ns]))
         try:
             obj["spec"] = promote(obj.get("spec") or {}, shadow, variant)
         except PromoteError as exc:
-            raise typer.Exit(_fail(f"Endpoint {name}: {exc}")) from None
+            raise typer.Exit(_fail(f"Endpoint {name}: {exc}", 2)) from None
         obj.pop("status", None)
         _kubectl(["replace", "-f", "-", *ns], stdin=json.dumps(obj))
         out.print(f"Endpoint {name}: shadow {shadow} promoted on the cluster")
         return
     assert file is not None
-    docs = list(yaml.safe_load_all(file.read_text()))
+    try:
+        docs = yaml_documents(read_manifest(file), str(file))
+    except SpecError as exc:
+        raise typer.Exit(_fail(str(exc), 2)) from None
     hits = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Endpoint"
             and (d.get("metadata") or {}).get("name") == name]
     if not hits:
-        raise typer.Exit(_fail(f"{file} has no Endpoint named {name}"))
+        raise typer.Exit(_fail(f"{file} has no Endpoint named {name}; check the name and "
+                               "the -f path", 2))
     try:
         hits[0]["spec"] = promote(hits[0].get("spec") or {}, shadow, variant)
     except PromoteError as exc:
-        raise typer.Exit(_fail(f"Endpoint {name}: {exc}")) from None
+        raise typer.Exit(_fail(f"Endpoint {name}: {exc}", 2)) from None
     file.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     out.print(f"Endpoint {name}: shadow {shadow} promoted in {file}; apply it with "
               f"kubeinfer up -f {file}")

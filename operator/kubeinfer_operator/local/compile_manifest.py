@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kubeinfer_operator.api import compilation_job as cj
 from kubeinfer_operator.errors import SpecError
+from kubeinfer_operator.local.manifest_io import read_manifest, yaml_documents
 from kubeinfer_operator.local.transform_manifest import _label
 from kubeinfer_operator.reconcile.compile_validate import (
     InvalidCompilationJob,
@@ -38,10 +37,7 @@ class LoadedCompileJob:
 
 def parse_compilation_jobs(text: str, *, source: str, base_dir: str) -> list[LoadedCompileJob]:
     """Every CompilationJob in ``text``, planned; SpecError listing every problem."""
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{source} is not valid YAML: {exc}; fix the syntax") from exc
+    docs = yaml_documents(text, source)
     problems: list[str] = []
     loaded: list[LoadedCompileJob] = []
     for index, doc in enumerate(docs):
@@ -78,8 +74,5 @@ def parse_compilation_jobs(text: str, *, source: str, base_dir: str) -> list[Loa
 
 
 def load_compile_file(path: Path) -> list[LoadedCompileJob]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"Cannot read {path}: {exc.strerror or exc}; check the -f path") from exc
+    text = read_manifest(path)
     return parse_compilation_jobs(text, source=str(path), base_dir=str(path.resolve().parent))

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import yaml
 from pydantic import ValidationError
 
 from kubeinfer_operator.api.edge_fleet import API_VERSION, KIND, EdgeFleetSpec, SecretKeyRef
@@ -31,6 +30,7 @@ from kubeinfer_operator.local.edge_state import (
     write_fleet,
 )
 from kubeinfer_operator.local.job_control import spawn_runner, stop_runner
+from kubeinfer_operator.local.manifest_io import read_manifest, yaml_documents
 from kubeinfer_operator.local.paths import secret_dir
 from kubeinfer_operator.local.process import tail
 from kubeinfer_operator.render.edge_plan import fleet_version
@@ -61,10 +61,7 @@ def parse_fleets(text: str, *, source: str, base_dir: str,
     redis-server unless ``KUBEINFER_REDIS_URL`` names one, and the Secrets come from
     ``kubeinfer secret create`` when they exist there (else made on first start).
     """
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{source} is not valid YAML: {exc}; fix the syntax") from exc
+    docs = yaml_documents(text, source)
     problems: list[str] = []
     loaded: list[LoadedFleet] = []
     for index, doc in enumerate(docs):
@@ -125,10 +122,7 @@ def parse_fleets(text: str, *, source: str, base_dir: str,
 
 
 def load_fleet_file(path: Path, *, port: int | None = None) -> list[LoadedFleet]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"Cannot read {path}: {exc.strerror or exc}; check the -f path") from exc
+    text = read_manifest(path)
     return parse_fleets(text, source=str(path), base_dir=str(path.resolve().parent), port=port)
 
 

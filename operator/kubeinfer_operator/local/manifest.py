@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from kubeinfer_operator.api.endpoint import API_VERSION, KIND, Endpoint, format_validation_error
 from kubeinfer_operator.errors import SpecError
+from kubeinfer_operator.local.manifest_io import read_manifest, yaml_documents
 from kubeinfer_operator.local.memory import limit_problem
 from kubeinfer_operator.reconcile.validate import env_spec_problems, outbound_problems
 from kubeinfer_runtime.contract.outbound import ALLOW_ENV, OutboundPolicy
@@ -85,10 +85,7 @@ def parse_manifests(text: str, *, source: str, base_dir: str,
     ``outbound``: the policy spec URLs must obey (default: ``outbound_policy()``).
     """
     outbound = outbound if outbound is not None else outbound_policy()
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{source} is not valid YAML: {exc}; fix the syntax") from exc
+    docs = yaml_documents(text, source)
     if not docs:
         raise SpecError(f"{source} holds no document; add an Endpoint "
                         f"(apiVersion: {API_VERSION}, kind: {KIND})")
@@ -148,8 +145,5 @@ def local_problems(endpoint: Endpoint) -> list[str]:
 
 
 def load_manifest_file(path: Path) -> list[LoadedEndpoint]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"Cannot read {path}: {exc.strerror or exc}; check the -f path") from exc
+    text = read_manifest(path)
     return parse_manifests(text, source=str(path), base_dir=str(path.resolve().parent))

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from kubeinfer_operator.api import transform_job as tj
 from kubeinfer_operator.api.endpoint import Endpoint, format_validation_error
 from kubeinfer_operator.errors import SpecError
+from kubeinfer_operator.local.manifest_io import read_manifest, yaml_documents
 from kubeinfer_operator.local.paths import EndpointPaths
 from kubeinfer_operator.local.state import read_desired
 from kubeinfer_operator.reconcile.transform_validate import (
@@ -96,10 +96,7 @@ def _resolve(job: tj.TransformJob, base_dir: str, endpoints: dict[str, Endpoint]
 def parse_transform_jobs(text: str, *, source: str, base_dir: str,
                          home: Path | None = None) -> list[LoadedJob]:
     """Every TransformJob in ``text``, planned; SpecError listing every problem."""
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{source} is not valid YAML: {exc}; fix the syntax") from exc
+    docs = yaml_documents(text, source)
     problems: list[str] = []
     endpoints: dict[str, Endpoint] = {}
     jobs: list[tuple[str, tj.TransformJob]] = []
@@ -154,9 +151,6 @@ def parse_transform_jobs(text: str, *, source: str, base_dir: str,
 
 
 def load_transform_file(path: Path, home: Path | None = None) -> list[LoadedJob]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"Cannot read {path}: {exc.strerror or exc}; check the -f path") from exc
+    text = read_manifest(path)
     return parse_transform_jobs(text, source=str(path), base_dir=str(path.resolve().parent),
                                 home=home)
