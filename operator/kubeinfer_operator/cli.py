@@ -49,6 +49,7 @@ from kubeinfer_operator.local.paths import (
     has_kind_state,
     known_endpoints,
     kubeinfer_home,
+    private_home,
 )
 from kubeinfer_operator.local.process import port_free
 from kubeinfer_operator.local.state import (
@@ -216,6 +217,16 @@ def _version(value: bool) -> None:
     if value:
         out.print(f"kubeinfer {__version__}")
         raise typer.Exit()
+
+
+def _private_home() -> None:
+    """Create $KUBEINFER_HOME for this user alone (``paths.private_home``) before writing."""
+    try:
+        private_home()
+    except OSError as exc:
+        raise _fail(f"Cannot create KUBEINFER_HOME={kubeinfer_home()}: "
+                    f"{exc.strerror or exc}; point KUBEINFER_HOME at a folder you may write", 2
+                    ) from exc
 
 
 def _check_home() -> None:
@@ -418,6 +429,7 @@ def up(
     (exit 0: complete, 1: failed); -d leaves them running in the background.
     """
     kinds = _kinds(file)
+    _private_home()
     if "RecommendationJob" in kinds:
         raise _fail(f"{file} holds a RecommendationJob, which runs on Kubernetes (kubectl "
                     "apply -f). Locally, run the same search with `kubeinfer recommend -f "
@@ -891,6 +903,8 @@ def secret_create(
 ) -> None:
     """Write Secret NAME under $KUBEINFER_HOME/secrets (like kubectl create secret generic)."""
     from kubeinfer_operator.local.credentials import create_secret
+
+    _private_home()
 
     entries: dict[str, bytes] = {}
     for item in literal or []:

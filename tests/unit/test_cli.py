@@ -234,3 +234,33 @@ def test_the_top_level_help_imports_no_kind() -> None:
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_local_state_is_this_users_alone(home: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logs and events below $KUBEINFER_HOME are written with the default umask: the home
+    itself is what keeps other users of a shared machine out of them."""
+    import stat
+
+    from kubeinfer_operator.local.paths import private_home
+
+    old_umask = os.umask(0o022)
+    try:
+        assert not home.exists()
+        result = runner.invoke(app, ["secret", "create", "s", "--from-literal", "A=b"])
+        assert result.exit_code == 0, result.output
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
+        # A home the user named and made is theirs: left as it is.
+        named = tmp_path / "named"
+        named.mkdir(mode=0o755)
+        monkeypatch.setenv("KUBEINFER_HOME", str(named))
+        private_home()
+        assert stat.S_IMODE(named.stat().st_mode) == 0o755
+        # The default home, left open by an older version, is tightened.
+        monkeypatch.delenv("KUBEINFER_HOME")
+        monkeypatch.setenv("HOME", str(tmp_path / "user"))
+        (tmp_path / "user" / ".kubeinfer").mkdir(parents=True, mode=0o755)
+        private_home()
+        assert stat.S_IMODE((tmp_path / "user" / ".kubeinfer").stat().st_mode) == 0o700
+    finally:
+        os.umask(old_umask)

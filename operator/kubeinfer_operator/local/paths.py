@@ -23,6 +23,24 @@ def kubeinfer_home() -> Path:
     return Path(value).expanduser() if value else Path.home() / ".kubeinfer"
 
 
+def private_home() -> Path:
+    """``kubeinfer_home()``, made for this user alone before local mode writes under it.
+
+    Endpoint and job logs (what a handler prints, the caller data it logs) and events
+    are written with the default umask below it; a home readable by others would show
+    them to every user of a shared machine. A new home is created 0700; the default one
+    (``~/.kubeinfer``, ours) is tightened if an older version left it open. A home the
+    user named is theirs: left as it is when it exists.
+    """
+    home = kubeinfer_home()
+    if not home.exists():
+        home.mkdir(parents=True, mode=0o700)
+        home.chmod(0o700)  # mkdir's mode is masked by the umask
+    elif not os.environ.get(HOME_ENV) and home.is_dir() and home.stat().st_mode & 0o077:
+        home.chmod(0o700)
+    return home
+
+
 #: The folders under ``$KUBEINFER_HOME`` holding each job-like kind's local state.
 TRANSFORM_JOBS_DIR = "jobs"
 COMPILE_JOBS_DIR = "compile-jobs"
