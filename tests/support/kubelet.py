@@ -1,7 +1,7 @@
 """What the kubelet does to a container's env values, command and arguments.
 
 The operator escapes every ``$`` of a literal value in kubeinfer's containers (``$$``:
-``render.k8s_workloads.literal``), so ``$(NAME)`` in a spec never expands to another
+``render.k8s_workloads.escape_expansion``), so ``$(NAME)`` in a spec never expands to another
 variable, a Secret's included. Tests that read a rendered value as the process will see
 it expand it here, with Kubernetes' rules (third_party/forked/golang/expansion).
 """

@@ -95,7 +95,7 @@ def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def literal(value: str) -> str:
+def escape_expansion(value: str) -> str:
     """``value`` as a container of kubeinfer's image must see it in an env value, a command
     or an argument.
 
@@ -110,8 +110,8 @@ def literal(value: str) -> str:
 
 
 def _env(values: dict[str, str]) -> list[dict[str, str]]:
-    """Literal env entries of a container running kubeinfer's image (see ``literal``)."""
-    return [{"name": k, "value": literal(v)} for k, v in values.items()]
+    """Literal env entries of a container running kubeinfer's image (see ``escape_expansion``)."""
+    return [{"name": k, "value": escape_expansion(v)} for k, v in values.items()]
 
 
 def _user_env(values: dict[str, str]) -> list[dict[str, str]]:
