@@ -568,18 +568,21 @@ def _report(outcomes: dict[str, Outcome], updated: set[str]) -> list[str]:
 # -- status --------------------------------------------------------------------------------
 
 
-def _running_states(name: str | None) -> tuple[list[EndpointState], list[str]]:
+def _running_states(name: str | None) -> tuple[list[EndpointState], list[str], list[str]]:
+    """(states of the running endpoints, notes to print, the notes of those among them
+    whose state file is unreadable: running, but not to be reported as stopped)."""
     notes = clean_all_stale()
     candidates = [EndpointPaths.for_endpoint(name)] if name else known_endpoints()
     states = []
+    unreadable = []
     for paths in candidates:
         if liveness(paths) is Liveness.RUNNING:
             state = read_state(paths)
             if state is not None:
                 states.append(state)
             else:
-                notes.append(_unreadable_state(paths))
-    return states, notes
+                unreadable.append(_unreadable_state(paths))
+    return states, notes + unreadable, unreadable
 
 
 def _unreadable_state(paths: EndpointPaths) -> str:
@@ -597,7 +600,7 @@ def status(
     TransformJobs (phase, progress, records, rate) and CompilationJobs (phase, target,
     backend, speedup)."""
     _check_name(name)
-    states, notes = _running_states(name)
+    states, notes, unreadable = _running_states(name)
     # Each kind's module only where local mode holds state of that kind: importing one
     # costs more than the command's own work.
     jobs: list[dict[str, Any]] = []
@@ -622,7 +625,6 @@ def status(
     else:
         for note in notes:
             err.print(note)
-        unreadable = any(" runs (its supervisor holds " in n for n in notes)
         if states or not (jobs or compiles or fleets or unreadable):
             _print_status(states)
         if jobs:
@@ -632,7 +634,7 @@ def status(
         if fleets:
             cli_edge.print_fleets(fleets)
     if name and not states and not jobs and not compiles and not fleets:
-        if any(n.startswith(f"Endpoint {name} runs ") for n in notes):
+        if unreadable:
             raise typer.Exit(1)
         raise _fail(f"Endpoint {name} is not running; start it with kubeinfer up -f FILE")
 
@@ -724,9 +726,8 @@ def invoke(
             data = sys.stdin.buffer.read() if str(body_file) == "-" else body_file.read_bytes()
         except OSError as exc:
             raise _fail(f"Cannot read --body-file {body_file}: {exc.strerror or exc}", 2) from exc
-    states, notes = _running_states(name)
+    states, _, unreadable = _running_states(name)
     if not states or not states[0].url:
-        unreadable = [n for n in notes if n.startswith(f"Endpoint {name} runs ")]
         raise _fail(unreadable[0] if unreadable
                     else f"Endpoint {name} is not running; start it with kubeinfer up -f FILE")
     headers = {"Content-Type": content_type}
