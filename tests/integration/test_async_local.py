@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from kubeinfer_runtime.contract.async_paths import FORMER_PATHS_GRACE_S, parse_former_paths
 from tests.integration import test_local
@@ -124,6 +125,23 @@ def _redis(state: dict[str, object]) -> dict[str, object]:
     return redis
 
 
+def _refuses_strangers(redis: dict[str, object], pid: object) -> None:
+    """Another local user reaching the private Redis's port gets nothing without its
+    password, which is not on its command line nor in what status shows."""
+    import redis as redis_py
+
+    stranger = redis_py.Redis(host="127.0.0.1", port=int(str(redis["port"])),
+                              socket_timeout=5)
+    try:
+        with pytest.raises(redis_py.AuthenticationError):
+            stranger.ping()
+    finally:
+        stranger.close()
+    password = (Path(str(redis["log"])).parent.parent / "redis" / "password").read_text()
+    assert password.strip().encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert "@" not in str(redis["url"])
+
+
 def test_a_sigkilled_private_redis_comes_back_and_loses_no_request(
         local: Local, models_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -155,6 +173,7 @@ def test_a_sigkilled_private_redis_comes_back_and_loses_no_request(
         pid = redis["pid"]
         assert isinstance(pid, int)
         assert b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        _refuses_strangers(redis, pid)
         os.kill(pid, signal.SIGKILL)
     finally:
         os.kill(supervisor, signal.SIGCONT)
@@ -165,6 +184,7 @@ def test_a_sigkilled_private_redis_comes_back_and_loses_no_request(
                      and _redis(s)["restarts"] == 1 and _redis(s)["pid"] not in (None, pid),
                      "Ready with a restarted redis-server", timeout=60)
     assert _redis(state)["port"] == redis["port"]
+    _refuses_strangers(_redis(state), _redis(state)["pid"])
     # The gateway queues again by itself (its Redis client reconnects).
     r = httpx.post(f"{url}/endpoints/ar/async-invocations", headers={
         "X-Amzn-SageMaker-InputLocation": f"file://{inputs}/0.json",

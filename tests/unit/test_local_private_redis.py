@@ -85,3 +85,28 @@ def test_the_endpoint_is_not_ready_while_its_redis_is_down() -> None:
     up = summarize(gateway=gateway, variants=variants, processes=[gateway, worker, back],
                    applying=False, started=True)
     assert up.phase is Phase.READY
+
+
+def test_the_private_redis_asks_a_password_kept_in_its_data_dir(tmp_path: Path) -> None:
+    """127.0.0.1 is every local user's: the server asks a password, made once per data
+    directory (0600) so a restart keeps it, never on its command line."""
+    s = server(tmp_path)
+    password = (tmp_path / "redis" / "password").read_text().strip()
+    assert len(password) == 64 and int(password, 16) >= 0
+    assert (tmp_path / "redis" / "password").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "redis").stat().st_mode & 0o077 == 0
+    assert s.url == f"redis://:{password}@127.0.0.1:6390/0"
+    assert password not in " ".join(s.argv())
+    assert s.argv()[1] == str(tmp_path / "redis" / "redis.conf")
+    # What is shown never carries it.
+    assert password not in s.shown_url and password not in s.snapshot().model_dump_json()
+    # Another instance on the same data (a restarted supervisor) uses the same one.
+    assert server(tmp_path).password == password
+
+
+def test_a_damaged_password_file_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "password").write_text("short\n")
+    s = server(tmp_path)
+    assert len(s.password) == 64 and s.password != "short"
+    assert (tmp_path / "redis" / "password").read_text().strip() == s.password

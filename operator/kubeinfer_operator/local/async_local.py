@@ -74,9 +74,10 @@ class AsyncLocal:
 
     @property
     def route_redis_url(self) -> str | None:
-        """The Redis URL the route table names: the private server's (no password), or
-        None for one from ``KUBEINFER_REDIS_URL``, which the gateway inherits as env, so a
-        password in it never lands in routes.json."""
+        """The Redis URL the route table names: the private server's, or None for one from
+        ``KUBEINFER_REDIS_URL``, which the gateway inherits as env, so a password in it
+        never lands in routes.json. The private server's password does: routes.json is
+        in the user's private home, and the gateway's ``/routes`` redacts it."""
         return self.redis_url if self.redis is not None else None
 
     def worker_env(self) -> dict[str, str]:
@@ -125,7 +126,7 @@ class AsyncLocal:
             await server.stop()
             raise AsyncConfigError(f"Endpoint {self.sup.name}: {exc}") from None
         self.redis = server
-        self.sup.event(f"Started a private redis-server (pid {server.pid}) on {server.url} "
+        self.sup.event(f"Started a private redis-server (pid {server.pid}) on {server.shown_url} "
                        f"for the async queue; data in {server.data}", process="redis")
         return server.url
 

@@ -61,6 +61,7 @@ from kubeinfer_operator.local.process import (
 )
 from kubeinfer_operator.local.state import process_start_time, take_lock_file, write_atomic
 from kubeinfer_runtime.contract.edge import FleetConfig, FleetStatus, FleetVersion, PackageRef
+from kubeinfer_runtime.contract.redact import redact_url
 
 log = logging.getLogger("kubeinfer.edge")
 
@@ -238,7 +239,7 @@ class FleetRunner:
                               free_port(), env=os.environ, policy=self.policy)
         await server.start()
         self.redis = server
-        self.event(f"Started a private redis-server on {server.url}; data in {server.data}")
+        self.event(f"Started a private redis-server on {server.shown_url}; data in {server.data}")
         return server.url
 
     def _start_server(self, redis_url: str) -> None:
@@ -337,7 +338,7 @@ class FleetRunner:
             if self.state.current is None:
                 return EXIT_FAILED
             redis_url = await self._start_redis()
-            self.state.redis_url = redis_url
+            self.state.redis_url = redact_url(redis_url)
             self._start_server(redis_url)
             async with httpx.AsyncClient(timeout=2.0) as client:
                 applying: asyncio.Task[None] | None = None

@@ -127,6 +127,8 @@ class FleetState(BaseModel):
     port: int | None = None
     server_pid: int | None = None
     server_restarts: int = 0
+    #: The fleet's Redis as shown (redacted: the private one's password, or one in
+    #: ``KUBEINFER_REDIS_URL``, stays out of this file).
     redis_url: str | None = None
     current: FleetVersion | None = None
     previous: FleetVersion | None = None

@@ -18,12 +18,25 @@ loses up to a second of accepted requests, and so does a SIGKILL while a slow
 background fsync makes Redis postpone its AOF writes. ``always`` closes both;
 measured here it cost nothing visible on 100 submits through the gateway
 (100-137 ms either way; fsync adds about 0.07 ms per Redis write on this disk).
+
+Access: it listens on 127.0.0.1, which every user of the machine can reach, so it
+asks for a password (``requirepass``): without one, another user could read the
+queued requests, or delete them (accepted work lost) or queue their own. The
+password is made once per data directory and kept there (``password``, 0600, in
+the user's private ``$KUBEINFER_HOME``), so a restarted server, and the gateways
+and workers already holding the URL, keep using it. It reaches redis-server in a
+config file beside it, never in its argv (``/proc/<pid>/cmdline`` is world
+readable), and the gateway and workers in their environment (``KUBEINFER_REDIS_URL``;
+``/proc/<pid>/environ`` is the user's alone). ``url`` carries it; what is shown
+(events, ``kubeinfer status``) is ``shown_url``, without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import signal
 import subprocess
 import time
@@ -37,6 +50,42 @@ from kubeinfer_operator.local.state import ProcessState, ProcState, process_star
 #: Seconds a (re)started redis-server may take to answer PING (it loads its AOF first).
 READY_TIMEOUT_S = 30.0
 NAME = "redis"
+#: Files in the data directory: the password, and the config file that hands it over.
+PASSWORD_FILE = "password"
+CONFIG_FILE = "redis.conf"
+
+
+def _private_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user alone (0600 from the start: a
+    chmod after the write would leave a moment where the default umask's 0644 holds)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def data_password(data: Path) -> str:
+    """The private Redis's password for ``data``: the one kept there, else a new one.
+
+    Hex, so it needs no escaping in a URL or a config file. A kept one that is not
+    64 hex digits (truncated, edited) is replaced: the server is restarted with the
+    new one before any client is given its URL.
+    """
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):
+        data.chmod(0o700)  # an older version made it with the umask's 0755
+    path = data / PASSWORD_FILE
+    try:
+        kept = path.read_text().strip()
+    except OSError:
+        kept = ""
+    if len(kept) == 64 and all(c in "0123456789abcdef" for c in kept):
+        return kept
+    password = secrets.token_hex(32)
+    _private_file(path, password + "\n")
+    return password
 
 
 class RedisStartError(Exception):
@@ -54,6 +103,7 @@ class PrivateRedis:
         self.port = port
         self.env = dict(env)
         self.policy = policy or BackoffPolicy()
+        self.password = data_password(data)
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.start_time: int | None = None
@@ -65,6 +115,12 @@ class PrivateRedis:
 
     @property
     def url(self) -> str:
+        """What clients connect with (its password in it)."""
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def shown_url(self) -> str:
+        """What events and ``kubeinfer status`` show."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -76,13 +132,16 @@ class PrivateRedis:
         return self.proc is not None and self.proc.poll() is None
 
     def argv(self) -> list[str]:
-        return [self.exe, "--bind", "127.0.0.1", "--port", str(self.port),
-                "--dir", str(self.data), "--appendonly", "yes", "--appendfsync", "always",
-                "--save", ""]
+        """The command line: the config file (the password) first, as redis-server wants."""
+        return [self.exe, str(self.data / CONFIG_FILE), "--bind", "127.0.0.1",
+                "--port", str(self.port), "--dir", str(self.data), "--appendonly", "yes",
+                "--appendfsync", "always", "--save", ""]
 
     async def start(self) -> None:
         """Spawn it and wait until it answers PING (its AOF loaded); RedisStartError if not."""
-        self.data.mkdir(parents=True, exist_ok=True)
+        self.data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Written at every start: the data directory may have been emptied meanwhile.
+        _private_file(self.data / CONFIG_FILE, f"requirepass {self.password}\n")
         self.proc = spawn(self.argv(), env=self.env, log_path=self.log_path)
         self.started_at = time.monotonic()
         self.start_time = process_start_time(self.proc.pid)
@@ -163,6 +222,6 @@ class PrivateRedis:
         pid = self.pid if self.running else None
         return ProcessState(
             name=NAME, role="redis", pid=pid, start_time=self.start_time if pid else None,
-            port=self.port, url=self.url, state=self.state, reason=self.reason,
+            port=self.port, url=self.shown_url, state=self.state, reason=self.reason,
             routed=False, restarts=self.restarts, last_exit=self.last_exit,
             log=str(self.log_path))

@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import httpx
+import orjson
 from pydantic import ValidationError
 
 from kubeinfer_operator.api.endpoint import ServerlessConfig, format_validation_error
@@ -68,6 +69,7 @@ from kubeinfer_runtime.contract import Role, RouteTable
 from kubeinfer_runtime.contract.auth import AuthRoute
 from kubeinfer_runtime.contract.capture import CaptureRoute
 from kubeinfer_runtime.contract.outbound import OutboundPolicy
+from kubeinfer_runtime.contract.redact import redact_urls
 
 log = logging.getLogger("kubeinfer.local")
 
@@ -279,8 +281,11 @@ class Supervisor:
         try:
             response = await client.get(gateway.url + "/routes", timeout=2.0)
             served = response.json().get("table") if response.status_code == 200 else None
+            # /routes redacts URLs (the private Redis's password), so ours is compared
+            # redacted too.
             synced = served is not None and (
-                RouteTable.model_validate(served) == RouteTable.from_json(self._routes_json))
+                RouteTable.model_validate(served) == RouteTable.model_validate(
+                    redact_urls(orjson.loads(self._routes_json))))
         except (httpx.HTTPError, ValueError, AttributeError):
             synced = False
         self.gateway_synced = synced
