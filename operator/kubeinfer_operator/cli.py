@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import typer
 from rich.console import Console
@@ -471,10 +471,8 @@ def up(
     if port is not None and len(loaded) > 1:
         raise _fail(f"--port sets one gateway port but {file} holds {len(loaded)} endpoints; "
                     "drop --port", 2)
-    if port is not None and liveness(EndpointPaths.for_endpoint(loaded[0].name)) is not \
-            Liveness.RUNNING and not port_free(port):
-        raise _fail(f"Port {port} on 127.0.0.1 is in use; choose another --port or leave it "
-                    "out to get a free one", 2)
+    if port is not None:
+        _check_port(loaded[0].name, port)
     started: dict[str, tuple[EndpointPaths, subprocess.Popen[bytes]]] = {}
     targets: list[tuple[EndpointPaths, int, subprocess.Popen[bytes] | None]] = []
     updated: set[str] = set()
@@ -528,6 +526,26 @@ def up(
             _stop_started(started)
             return
     raise typer.Exit(code)
+
+
+def _check_port(name: str, port: int) -> None:
+    """``--port`` for one endpoint: free, or the port its running gateway already has (a
+    running gateway keeps its port; the new spec alone would silently not move it)."""
+    paths = EndpointPaths.for_endpoint(name)
+    if liveness(paths) is not Liveness.RUNNING:
+        if not port_free(port):
+            raise _fail(f"Port {port} on 127.0.0.1 is in use; choose another --port or leave "
+                        "it out to get a free one", 2)
+        return
+    state = read_state(paths)
+    try:
+        running_port = urlsplit(state.url).port if state is not None and state.url else None
+    except ValueError:
+        running_port = None
+    if running_port is not None and running_port != port:
+        raise _fail(f"Endpoint {name} is running with its gateway on port {running_port}, "
+                    f"which it keeps while it runs: drop --port {port}, or run kubeinfer "
+                    f"down {name} first to move it", 2)
 
 
 def _kinds(file: Path) -> set[str]:

@@ -178,6 +178,29 @@ def test_up_refuses_a_busy_port(tmp_path: Path) -> None:
     assert f"Port {port} on 127.0.0.1 is in use" in result.output
 
 
+def test_up_refuses_moving_a_running_gateway(tmp_path: Path) -> None:
+    """A running gateway keeps its port: ``--port`` with another one is refused, not
+    silently ignored (the supervisor only uses it when it starts the gateway)."""
+    from kubeinfer_operator.local.state import take_lock_file
+
+    spec = tmp_path / "ep.yaml"
+    spec.write_text(MANIFEST % ("iris", "1"))
+    paths = EndpointPaths.for_endpoint("iris")
+    paths.root.mkdir(parents=True)
+    write_state(paths, EndpointState(endpoint="iris", supervisor_pid=os.getpid(),
+                                     url="http://127.0.0.1:8123"))
+    lock = take_lock_file(paths.lock)  # this process plays the running supervisor
+    assert lock is not None
+    try:
+        result = runner.invoke(app, ["up", "-f", str(spec), "--port", "8124"])
+    finally:
+        os.close(lock)
+    assert result.exit_code == 2, result.output
+    assert "running with its gateway on port 8123" in result.output
+    assert "kubeinfer down iris" in result.output
+    assert not paths.desired.exists()  # nothing was handed over
+
+
 LAZY_KINDS = (*sorted(LAZY_MODULES), "kubeinfer_operator.api.endpoint",
               "kubeinfer_operator.api.transform_job", "kubeinfer_runtime.contract")
 
