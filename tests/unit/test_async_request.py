@@ -90,6 +90,17 @@ def test_bad_headers_are_validation_errors(headers: dict[str, str], fragment: st
     assert info.value.message[0].isupper() and not info.value.message.endswith(".")
 
 
+@pytest.mark.parametrize("header", ["x-amzn-sagemaker-inference-id",
+                                    "x-amzn-sagemaker-requestttlseconds",
+                                    "x-amzn-sagemaker-inputlocation"])
+def test_errors_quote_a_short_prefix_at_most(header: str) -> None:
+    """A 60 KB header value comes back as a short prefix, not whole."""
+    value = ("s3://in/" if header.endswith("location") else "") + "\x01" * 60_000
+    with pytest.raises(ValidationError) as info:
+        _parse(**{header: value})
+    assert len(info.value.message) < 1000
+
+
 def test_location_problem_accepts_good_locations() -> None:
     assert location_problem("s3://b/k", "X") is None
     assert location_problem("file:///tmp/in.json", "X") is None

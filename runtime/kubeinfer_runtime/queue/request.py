@@ -165,7 +165,7 @@ def _int_header(value: str | None, name: str, low: int, high: int) -> int | None
     try:
         number = int(value)
     except ValueError:
-        raise ValidationError(f"Header {name} is {value!r}, not a whole number of seconds: "
+        raise ValidationError(f"Header {name} is {value[:40]!r}, not a whole number of seconds: "
                               f"send a value from {low} to {high}") from None
     if not low <= number <= high:
         raise ValidationError(f"Header {name} is {number}: send a value from {low} to {high}")
@@ -254,7 +254,7 @@ def parse_async_request(endpoint: str, route: AsyncRoute, headers: dict[str, str
             "upload the input below one of them, or add its folder to spec.async.inputPath")
     inference_id = headers.get(H_INFERENCE_ID) or new_id or str(uuid.uuid4())
     if not _INFERENCE_ID.fullmatch(inference_id):
-        raise ValidationError(f"InferenceId {inference_id!r} is not valid: use 1 to 64 "
+        raise ValidationError(f"InferenceId {inference_id[:100]!r} is not valid: use 1 to 64 "
                               "letters, digits, '.', '_', ':' or '-', starting with a letter "
                               "or digit")
     ttl = _int_header(headers.get(H_REQUEST_TTL), "X-Amzn-SageMaker-RequestTTLSeconds",
