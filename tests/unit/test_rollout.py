@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from kubeinfer_operator.api.deployment_config import Alarm, DeploymentConfig
 from kubeinfer_operator.reconcile import rollout as ro
 from kubeinfer_operator.reconcile.rollout_alarms import (
@@ -370,3 +372,17 @@ def test_disagreement_mirrors_both_ways_only_while_baking() -> None:
     assert rolled.weights == {"a": 1.0}
     assert "disagreement 0.05 vs threshold 0.01 over 400 requests" in rolled.state.message
     assert mirrors(cfg, rolled.state) == []
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("step", float("inf")), ("step", -1), ("step", 99), ("steps", "x"),
+    ("trafficToGreen", "nan"), ("trafficToGreen", float("inf")), ("trafficToGreen", 250),
+    ("trafficToGreen", -5), ("phase", "Sideways"), ("startedAt", "yesterday"),
+])
+def test_an_unreadable_status_entry_is_no_rollout(key: str, value: object) -> None:
+    """Status is ours, but whoever may write it (or an older operator) can put anything
+    there: such an entry reads as no rollout, never as an exception or a NaN weight."""
+    good = {"variant": "v", "blueFleet": "v", "greenFleet": "v-green", "phase": "Baking",
+            "toHash": "h", "step": 1, "steps": 2, "trafficToGreen": 10.0}
+    assert ro.RolloutState.from_status(good) is not None
+    assert ro.RolloutState.from_status({**good, key: value}) is None

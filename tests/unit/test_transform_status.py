@@ -168,6 +168,15 @@ def test_the_plan_is_remembered_when_the_planner_is_gone() -> None:
     assert (d.create, d.shards) == (Step.WORK, 4)
 
 
+@pytest.mark.parametrize("written", [-3, True, False, "4", 4.0])
+def test_a_shard_count_that_is_no_plan_is_planned_again(written: object) -> None:
+    """status.shards is the operator's, but a client granted the status subresource may
+    write anything there; only a count the planner could have made is taken as the plan."""
+    run = Run(status={"shards": written})
+    d = run.step(at(0))
+    assert d.create is Step.PLAN and d.status["phase"] == "Planning"
+
+
 def test_a_bad_shard_fails_the_job_naming_it() -> None:
     run = Run()
     run.step(at(0))

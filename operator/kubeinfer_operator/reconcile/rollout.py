@@ -173,19 +173,26 @@ class RolloutState:
 
     @classmethod
     def from_status(cls, data: Mapping[str, Any]) -> RolloutState | None:
+        """The rollout a status entry records, or None when it is not readable: status is
+        ours, but a client granted the status subresource (or an older operator) may
+        have written anything there, and the Endpoint must not stop reconciling for it."""
         try:
-            return cls(variant=str(data["variant"]), blue=str(data["blueFleet"]),
-                       green=str(data["greenFleet"]), phase=Phase(data["phase"]),
-                       to_hash=str(data["toHash"]), from_hash=data.get("fromHash"),
-                       step=int(data.get("step", 0)), steps=int(data.get("steps", 0)),
-                       traffic=float(data.get("trafficToGreen", 0)) / 100,
-                       started_at=_epoch(data.get("startedAt")),
-                       step_started_at=_epoch(data.get("stepStartedAt")),
-                       message=str(data.get("message", "")),
-                       last_evaluation=tuple(data.get("lastAlarmEvaluation") or ()),
-                       reason=str(data.get("reason") or ""))
-        except (KeyError, ValueError, TypeError):
+            state = cls(variant=str(data["variant"]), blue=str(data["blueFleet"]),
+                        green=str(data["greenFleet"]), phase=Phase(data["phase"]),
+                        to_hash=str(data["toHash"]), from_hash=data.get("fromHash"),
+                        step=int(data.get("step", 0)), steps=int(data.get("steps", 0)),
+                        traffic=float(data.get("trafficToGreen", 0)) / 100,
+                        started_at=_epoch(data.get("startedAt")),
+                        step_started_at=_epoch(data.get("stepStartedAt")),
+                        message=str(data.get("message", "")),
+                        last_evaluation=tuple(data.get("lastAlarmEvaluation") or ()),
+                        reason=str(data.get("reason") or ""))
+        except (KeyError, ValueError, TypeError, OverflowError):
             return None
+        if not (0 <= state.step <= state.steps and math.isfinite(state.traffic)
+                and 0.0 <= state.traffic <= 1.0):
+            return None
+        return state
 
 
 def _iso(t: float) -> str:

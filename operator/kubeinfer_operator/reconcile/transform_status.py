@@ -261,7 +261,9 @@ def decide(info: JobInfo, observed: Observed, now: datetime) -> Decision:
                                  f"({info.active_deadline_s}); raise it or add instances"),
                         delete=_unfinished(observed))
     # -- plan
-    if not isinstance(b.status.get("shards"), int):
+    planned = b.status.get("shards")
+    # A count another client wrote there (a bool, a negative number) is no plan: plan again.
+    if not isinstance(planned, int) or isinstance(planned, bool) or planned < 0:
         planner = observed.job(Step.PLAN)
         pods = observed.pods_of(Step.PLAN)
         if not planner.exists:
