@@ -954,3 +954,34 @@ def test_every_env_and_pod_template_carries_the_policys_rules() -> None:
                 assert _rules_at(kind, f"{at}.env[]"), (kind, at)
             if "environment" in props:
                 assert _rules_at(kind, at, ".environment"), (kind, at)
+
+
+# -- every rule compiles as the API server compiles it -------------------------------------------
+
+_MACRO_VARIABLE = re.compile(r"\.(?:all|exists|exists_one|filter|map)\(\s*([A-Za-z_]\w*)\s*,")
+
+
+def _rules(schema: Any) -> Iterator[str]:
+    if isinstance(schema, dict):
+        for rule in schema.get("x-kubernetes-validations", []):
+            yield rule["rule"]
+        for value in schema.values():
+            yield from _rules(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            yield from _rules(value)
+
+
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_every_rule_names_only_self_and_its_own_variables(kind: str) -> None:
+    """The API server type-checks each rule when the CRD is applied and refuses the whole
+    CRD for one undeclared name; cel-python only fails on evaluating it, and a branch no
+    test takes (a default for a required field once rendered ``PydanticUndefined``) never
+    is. So every variable a rule names must be ``self``, ``oldSelf`` or a macro's own."""
+    rules = list(_rules(_root(kind)))
+    assert rules
+    for rule in rules:
+        tree = ENV.compile(rule)
+        named = {str(node.children[0]) for node in tree.find_data("ident")}
+        allowed = {"self", "oldSelf", *_MACRO_VARIABLE.findall(rule)}
+        assert named <= allowed, (kind, rule, named - allowed)

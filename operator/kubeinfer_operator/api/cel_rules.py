@@ -135,9 +135,20 @@ class CelRule:
 
 
 def _or_default(model: type[BaseModel], field: str, var: str = "self") -> str:
-    """``field`` of ``var`` as CEL, its model default when absent."""
-    default = model.model_fields[field].default
-    literal = f"'{default}'" if isinstance(default, str) else repr(default)
+    """``field`` of ``var`` as CEL, its model default when absent (a required field is
+    never absent: the API server's schema refuses the object first)."""
+    info = model.model_fields[field]
+    if info.is_required():
+        return f"{var}.{field}"
+    default = info.default
+    if isinstance(default, bool):
+        literal = "true" if default else "false"
+    elif isinstance(default, str):
+        literal = f"'{default}'"
+    elif isinstance(default, int | float):
+        literal = repr(default)
+    else:
+        raise TypeError(f"{model.__name__}.{field}: no CEL literal for {default!r}")
     return f"(has({var}.{field}) ? {var}.{field} : {literal})"
 
 
