@@ -99,12 +99,11 @@ def test_a_multi_model_download_never_exceeds_what_was_made_room_for(
             _put(s3_server, f"mme/{name}", numbered_model_bytes(1, 16 << 10))
             with pytest.raises(ModelChanged, match=f"was {reserved} bytes when the disk "
                                                    "cache made room for it"):
-                await store.load(name)
+                await store.load(name, reserved)
             assert store.disk.used_bytes == 0
             assert _files(store.disk.root) == []
             # The next try sizes it again and loads it.
-            await store.size(name)
-            model = await store.load(name)
+            model = await store.load(name, await store.size(name))
             assert model.meta.inputs[0].name == "x"
             store.disk.close()
 
@@ -131,8 +130,7 @@ def test_cached_bytes_are_never_served_to_a_reader_without_access(
         with ThreadPoolExecutor(2) as pool:
             reader = MultiModelStore(_settings(s3_server, cache),
                                      MultiModelMetrics("hostile", "a"), pool)
-            await reader.size("private/model.onnx")
-            await reader.load("private/model.onnx")
+            await reader.load("private/model.onnx", await reader.size("private/model.onnx"))
             other = MultiModelStore(_settings(s3_server, cache, s3_secret_key="wrong"),
                                     MultiModelMetrics("hostile", "b"), pool)
             with pytest.raises(StorageUnavailable, match="cannot be read"):

@@ -32,7 +32,8 @@ class ScriptedLoader:
             raise NotFound(f"no {name}")
         return self.sizes[name]
 
-    async def load(self, name: str) -> str:
+    async def load(self, name: str, size: int) -> str:
+        assert size == self.sizes[name]
         self.loads.append(name)
         gate = self.gates.get(name)
         if gate is not None:

@@ -40,8 +40,9 @@ class Loader(Protocol[T]):
     async def size(self, name: str) -> int:
         """The model's size in bytes (raise NotFound when it does not exist)."""
 
-    async def load(self, name: str) -> T:
-        """Download (if needed) and load the model."""
+    async def load(self, name: str, size: int) -> T:
+        """Download (if needed) and load the model; ``size`` is what :meth:`size` said (a
+        download longer than that is refused)."""
 
     def unload(self, name: str, value: T) -> None:
         """Release a loaded model (called once, when nothing uses it any more)."""
@@ -180,7 +181,7 @@ class ModelCache(Generic[T]):
                     "serve this model from its own endpoint")
             entry.size = size
             await self._make_room(entry)
-            value = await self.loader.load(name)
+            value = await self.loader.load(name, size)
         except BaseException as exc:
             self.stats.load_failures += 1
             if self._entries.get(name) is entry:

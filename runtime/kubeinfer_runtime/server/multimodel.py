@@ -75,8 +75,6 @@ class MultiModelStore:
         self.not_ready: str | None = (
             f"Connecting to the model store {settings.multi_model_prefix}"
             if self.prefix.scheme == "s3" else None)
-        #: Sizes seen by ``size`` for the load that follows it.
-        self._sizes: dict[str, int] = {}
 
     def client(self) -> Minio:
         if self._client is None:
@@ -101,11 +99,13 @@ class MultiModelStore:
 
     async def size(self, name: str) -> int:
         size: int = await self._run(self._stat, check_target(name))
-        self._sizes[name] = size
         return size
 
-    async def load(self, name: str) -> LoadedModel:
-        model: LoadedModel = await self._run(self._load, name, self._sizes.pop(name, 0))
+    async def load(self, name: str, size: int) -> LoadedModel:
+        # The size comes with the call, not through a dict kept here: a load that never
+        # followed its size (too big for the cache, no room) left its name behind, one
+        # per name a caller tried.
+        model: LoadedModel = await self._run(self._load, name, size)
         return model
 
     def unload(self, name: str, value: LoadedModel) -> None:
