@@ -17,7 +17,7 @@ from kubeinfer_operator.render.k8s import Owner, render_endpoint
 from kubeinfer_operator.render.plan import plan_endpoint
 from kubeinfer_operator.scaling.cluster import ClusterScaler
 from kubeinfer_operator.settings import OperatorSettings
-from kubeinfer_runtime.contract import AsyncBacklog, AsyncWorkerSettings
+from kubeinfer_runtime.contract import AsyncBacklog, AsyncWorkerSettings, RouteTable
 from tests.support.kube_schema import schema_errors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,6 +80,8 @@ def test_async_workers_serve_one_model(doc: dict[str, Any], serving: dict[str, A
     (("scaling", "minReplicas"), 9, "minReplicas 9 exceeds maxReplicas 4"),
     (("scaling", "targetBacklogPerReplica"), 0, "greater than or equal to 0.1"),
     (("queueName",), "x", "unknown field"),
+    (("maxQueuedRequests",), 0, "greater than or equal to 1"),
+    (("maxQueuedRequests",), 10**8, "less than or equal to 10000000"),
 ])
 def test_bad_async_fields_name_the_field(doc: dict[str, Any], path: tuple[str, ...],
                                          value: object, fragment: str) -> None:
@@ -103,6 +105,16 @@ def test_plan_route_and_worker_env(doc: dict[str, Any]) -> None:
     assert route.async_config.output_path == "file:///tmp/kubeinfer-async/out"
     assert route.async_config.request_ttl_s == 3600
     assert route.async_config.redis_url is None  # the gateway's own setting on Kubernetes
+    assert route.async_config.max_queued == 100_000  # the default bound
+    bounded = copy.deepcopy(doc)
+    bounded["spec"]["async"]["maxQueuedRequests"] = 7
+    table = plan_endpoint(Endpoint.model_validate(bounded), generation=2).route_table({})
+    assert table.endpoints["iris-async"].async_config.max_queued == 7  # type: ignore[union-attr]
+    # Written only when set: a gateway on an older image (a staged upgrade) reads the
+    # table of an endpoint that leaves it at its default.
+    assert "max_queued" not in plan.route_table({}).to_json()
+    assert '"max_queued": 7' in table.to_json()
+    assert RouteTable.from_json(plan.route_table({}).to_json()) == plan.route_table({})
     env = {**plan.variants[0].server_env("iris-async"),
            **plan.async_config.worker_env("redis://r:6379/0")}
     settings = AsyncWorkerSettings.model_validate(

@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from kubeinfer_runtime.contract import (
     ASYNC_DEFAULT_INVOCATION_TIMEOUT_S,
+    ASYNC_DEFAULT_MAX_QUEUED,
     ASYNC_MAX_INVOCATION_TIMEOUT_S,
+    ASYNC_MAX_QUEUED,
     ASYNC_MAX_REQUEST_TTL_S,
 )
 from kubeinfer_runtime.contract.locations import (
@@ -95,6 +97,12 @@ class AsyncConfig(_Spec):
         int, Field(description="Largest input object a worker reads, in bytes (SageMaker: "
                                "1 GB); bigger inputs fail without being read whole.",
                    ge=1, le=1 << 40)] = 1 << 30
+    maxQueuedRequests: Annotated[
+        int, Field(description="Most requests queued or in progress at once; past it "
+                               "InvokeEndpointAsync answers 429 ThrottlingException "
+                               "(Retry-After) instead of queuing, so callers cannot fill the "
+                               "Redis async endpoints share (about 1 KB a request there).",
+                   ge=1, le=ASYNC_MAX_QUEUED)] = ASYNC_DEFAULT_MAX_QUEUED
     notification: Annotated[
         AsyncNotification, Field(description="Webhooks notified of each outcome.")
     ] = Field(default_factory=AsyncNotification)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kubeinfer_operator.api.endpoint import Endpoint, EndpointType
 from kubeinfer_operator.reconcile.async_scaling import BacklogPolicy
-from kubeinfer_runtime.contract import AsyncRoute
+from kubeinfer_runtime.contract import ASYNC_DEFAULT_MAX_QUEUED, AsyncRoute
 from kubeinfer_runtime.contract.async_paths import (
     FORMER_PATHS_ENV,
     FormerAsyncPaths,
@@ -51,6 +51,7 @@ class AsyncPlan:
     input_paths: tuple[str, ...] = ()
     max_input_bytes: int = 1 << 30
     transient_budget_s: float = 600.0
+    max_queued: int = ASYNC_DEFAULT_MAX_QUEUED
     #: The outputPath/failurePath pairs the endpoint had before (``contract.async_paths``):
     #: the backends carry them from the workers they run (``reconcile.async_paths``).
     former_paths: tuple[FormerAsyncPaths, ...] = ()
@@ -59,7 +60,8 @@ class AsyncPlan:
         return AsyncRoute(queue=self.queue, redis_url=redis_url, output_path=self.output_path,
                           failure_path=self.failure_path, input_paths=list(self.input_paths),
                           request_ttl_s=self.request_ttl_s,
-                          invocation_timeout_s=self.invocation_timeout_s)
+                          invocation_timeout_s=self.invocation_timeout_s,
+                          max_queued=self.max_queued)
 
     def worker_env(self, redis_url: str | None) -> dict[str, str]:
         """The async-worker settings beyond the model server's (``AsyncWorkerSettings``).
@@ -118,6 +120,7 @@ def plan_async(endpoint: Endpoint) -> AsyncPlan | None:
         input_paths=tuple(cfg.input_paths),
         max_input_bytes=cfg.maxInputBytes,
         transient_budget_s=cfg.transientRetryBudget,
+        max_queued=cfg.maxQueuedRequests,
         policy=BacklogPolicy(target_per_replica=scaling.targetBacklogPerReplica,
                              min_replicas=scaling.minReplicas,
                              max_replicas=scaling.maxReplicas,

@@ -113,6 +113,10 @@ class VariantRoute(_Strict):
 ASYNC_MAX_REQUEST_TTL_S = 21600
 ASYNC_MAX_INVOCATION_TIMEOUT_S = 3600
 ASYNC_DEFAULT_INVOCATION_TIMEOUT_S = 900
+#: Requests an async endpoint holds queued or in progress (ours; SageMaker throttles
+#: callers instead). Each holds about 1 KB in a Redis every async endpoint may share.
+ASYNC_DEFAULT_MAX_QUEUED = 100_000
+ASYNC_MAX_QUEUED = 10_000_000
 
 
 class AsyncQueueKeys(_Strict):
@@ -207,6 +211,9 @@ class AsyncRoute(_Strict):
                                le=ASYNC_MAX_REQUEST_TTL_S)
     invocation_timeout_s: int = Field(default=ASYNC_DEFAULT_INVOCATION_TIMEOUT_S, ge=1,
                                       le=ASYNC_MAX_INVOCATION_TIMEOUT_S)
+    #: Requests queued or in progress at once (the stream's length): past it a new
+    #: request is refused with 429 instead of queued (spec.async.maxQueuedRequests).
+    max_queued: int = Field(default=ASYNC_DEFAULT_MAX_QUEUED, ge=1, le=ASYNC_MAX_QUEUED)
 
     @model_validator(mode="after")
     def _confined(self) -> AsyncRoute:
@@ -312,7 +319,11 @@ class RouteTable(_Strict):
     endpoints: dict[str, EndpointRoute] = Field(default_factory=dict)
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
+        # Defaults left out: during a staged upgrade a gateway still on the older image
+        # reads tables the newer operator writes, and its strict models refuse a field
+        # they do not know; written only when set, a new field breaks only the Endpoints
+        # that use it, not every one.
+        return self.model_dump_json(indent=2, exclude_defaults=True)
 
     @classmethod
     def from_json(cls, data: str | bytes) -> RouteTable:

@@ -64,6 +64,12 @@ from kubeinfer_runtime.server.state import ModelSlot
 
 log = logging.getLogger("kubeinfer.queue")
 
+#: Dead letters kept per endpoint (the oldest go first; Redis trims in whole nodes, so a
+#: few more may stay). Each holds a request's fields, never its payload; without a bound
+#: every input that fails on every try adds one for good, in a Redis every namespace
+#: may share. Each also has its failure object and error notification.
+DEAD_LETTER_MAX_ENTRIES = 10_000
+
 
 # Count a try in the request's id hash, once per token: a try whose reply was lost
 # (Redis died after running it) is not counted twice when the same token comes again.
@@ -95,6 +101,18 @@ end
 redis.call('HSETNX', KEYS[1], 'transient_since', ARGV[2])
 redis.call('HSET', KEYS[1], 'last_error', ARGV[3])
 if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+return 1
+"""
+
+# A try stopped unfinished by a graceful shutdown (released to other workers): give back
+# the attempt it counted, if it still is (idempotent, as _TRANSIENT's) and the request is
+# not done. KEYS[1]: the id hash; ARGV[1]: the try's token.
+_RELEASED = """
+if redis.call('HEXISTS', KEYS[1], 'done') == 0 and
+   redis.call('HGET', KEYS[1], 'try') == ARGV[1] then
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+  redis.call('HDEL', KEYS[1], 'try')
+end
 return 1
 """
 
@@ -164,6 +182,7 @@ class Processor:
         self._count = redis.register_script(_COUNT)
         self._transient = redis.register_script(_TRANSIENT)
         self._charge = redis.register_script(_CHARGE)
+        self._released = redis.register_script(_RELEASED)
 
     async def count(self, id_key: str, ticket: Ticket) -> dict[str, str]:
         """The id hash, this try counted unless the ticket's count still stands."""
@@ -191,6 +210,17 @@ class Processor:
         except Exception as e:
             log.debug("Could not record the transient failure of %s (%s)",
                       ticket.req.inference_id, e)
+
+    async def give_back(self, ticket: Ticket) -> None:
+        """The try was stopped unfinished by a shutdown: not the request's fault, so its
+        attempt is given back (a request longer than the drain would otherwise be failed
+        after maxRetries rolling updates or scale-downs). Best effort: counted, it is
+        charged as a crash would be."""
+        if ticket.req is None or not ticket.counted or not ticket.token:
+            return
+        with contextlib.suppress(Exception):
+            await self._released(keys=[self.keys.inference(ticket.req.inference_id)],
+                                 args=[ticket.token])
 
     async def charge(self, ticket: Ticket) -> None:
         """A redelivery the receiver refused: it uses an attempt (best effort)."""
@@ -398,7 +428,8 @@ class Processor:
         pipe = self.redis.pipeline(transaction=True)
         if dead_letter:
             pipe.xadd(self.keys.dead_letter, {**req.to_fields(), "error": reason,
-                                              "original_id": msg_id})
+                                              "original_id": msg_id},
+                      maxlen=DEAD_LETTER_MAX_ENTRIES, approximate=False)
         pipe.xack(self.keys.stream, self.keys.group, msg_id)
         # Finished entries leave the stream: its length stays the backlog.
         pipe.xdel(self.keys.stream, msg_id)
@@ -409,7 +440,8 @@ class Processor:
         log.error("Async queue entry %s is malformed (%s): dead-lettered", msg_id, problem)
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(self.keys.dead_letter, {**fields, "error": f"Malformed entry: {problem}",
-                                          "original_id": msg_id})
+                                          "original_id": msg_id},
+                  maxlen=DEAD_LETTER_MAX_ENTRIES, approximate=False)
         pipe.xack(self.keys.stream, self.keys.group, msg_id)
         pipe.xdel(self.keys.stream, msg_id)
         await pipe.execute()

@@ -29,12 +29,13 @@ from kubeinfer_runtime.errors import (
     PayloadTooLarge,
     Reply,
     RuntimeServiceError,
+    Throttled,
     ValidationError,
     render_error,
 )
 from kubeinfer_runtime.gateway.body import ClientGone, read_body
 from kubeinfer_runtime.gateway.headers import request_target
-from kubeinfer_runtime.queue.producer import Producer
+from kubeinfer_runtime.queue.producer import Producer, QueueFull
 from kubeinfer_runtime.queue.request import parse_async_request
 
 log = logging.getLogger("kubeinfer.gateway")
@@ -48,6 +49,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 #: InvokeEndpointAsync sends no body (the payload is the InputLocation object):
 #: whatever a caller sends is read up to this, for its signature, and refused beyond.
 MAX_BODY_BYTES = 64 * 1024
+#: Retry-After of a 429 for a full queue, seconds: workers drain it at their own pace.
+QUEUE_FULL_RETRY_AFTER_S = 5
 
 #: Checks a caller: (endpoint, target, raw headers, body) -> the reply refusing it, or None.
 Authenticate = Callable[[str, bytes, list[tuple[bytes, bytes]], bytes], Reply | None]
@@ -141,7 +144,14 @@ class AsyncSubmitHandler:
         req = parse_async_request(name, route, headers)
         _, producer = self.client(url)
         try:
-            accepted = await producer.submit(route.keys, req)
+            accepted = await producer.submit(route.keys, req, max_queued=route.max_queued)
+        except QueueFull as full:
+            throttled = Throttled(
+                f'Endpoint "{name}" holds {full.queued} requests queued or in progress, its '
+                f"spec.async.maxQueuedRequests ({route.max_queued}): retry after "
+                f"{QUEUE_FULL_RETRY_AFTER_S} s, or add workers (spec.async.scaling)")
+            throttled.headers = [(b"retry-after", str(QUEUE_FULL_RETRY_AFTER_S).encode())]
+            raise throttled from None
         except Exception as e:
             log.warning("Queueing async request %s of endpoint %s failed: %s",
                         req.inference_id, name, e)
