@@ -254,6 +254,18 @@ class ScalerMemory:
         self._changed(replicas, d.desired, POLICY_ASYNC_BACKLOG)
         return [message]
 
+    def retain(self, plan: EndpointPlan, namespace: str) -> None:
+        """Forget the variants ``plan`` no longer has (removed or renamed in the spec).
+
+        Memory is otherwise dropped only with the Endpoint (``forget``): an Endpoint
+        whose author renames its variants now and then would keep a window and
+        counters per name it ever had for as long as it lives.
+        """
+        names = {v.name for v in plan.variants}
+        for key in [k for k in self.memory
+                    if k[:2] == (namespace, plan.name) and k[2] not in names]:
+            del self.memory[key]
+
     def hand_over_to_hpas(self, plan: EndpointPlan, namespace: str) -> None:
         """Forget our decisions for variants an HPA scales; :meth:`reason_for` then says so.
 
@@ -261,6 +273,7 @@ class ScalerMemory:
         turned CPU-only never gets a stale decision of ours, and if it comes
         back to our policies they start from the Deployment's replicas.
         """
+        self.retain(plan, namespace)
         for variant in plan.variants:
             reason = k8s_autoscaling.hpa_reason(plan.name, namespace, plan, variant)
             key = (namespace, plan.name, variant.name)

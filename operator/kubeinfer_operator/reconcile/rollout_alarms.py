@@ -42,6 +42,13 @@ from kubeinfer_operator.reconcile.rollout import (
 )
 from kubeinfer_runtime.contract.shadow import COMPARED, DISAGREED, MirrorRoute
 
+#: Latency histogram bounds read per route (a gateway writes about fifteen). The gateway
+#: pods are found by their labels, which anyone who may edit pods in the namespace can
+#: put on a pod of their own: its /metrics may carry new bounds on every scrape, and
+#: each bound would be remembered by a baking step's window (a ``CounterSum`` each, and
+#: a place in every sample) for as long as it bakes, in the operator every tenant shares.
+MAX_BUCKETS = 64
+
 #: Error codes that are the caller's fault, not the model's: never count toward errorRate.
 CLIENT_ERROR_CODES = frozenset({"ValidationError", "ThrottlingException", "AccessDenied",
                                 "AccessDeniedException", "UnknownOperationException",
@@ -95,7 +102,11 @@ def parse_fleet_metrics(text: str, endpoint: str) -> dict[str, FleetCounters]:
                     le = float(labels.get("le", ""))
                 except ValueError:
                     continue  # not a bound a gateway writes
-                buckets.setdefault(route, {})[le] = sample.value
+                bounds = buckets.setdefault(route, {})
+                if le not in bounds and len(bounds) >= MAX_BUCKETS:
+                    raise ValueError(f"route {route[:63]!r} has over {MAX_BUCKETS} latency "
+                                     "histogram buckets: not a kubeinfer gateway's metrics")
+                bounds[le] = sample.value
             elif sample.name in pairs and _fleet_pair(route, peer := labels.get("peer", "")):
                 for r in (route, peer):
                     pairs[sample.name][r] = pairs[sample.name].get(r, 0.0) + sample.value
@@ -112,6 +123,9 @@ class FleetWindow:
 
     samples: deque[tuple[float, FleetCounters]] = field(default_factory=deque)
     _sums: dict[str, CounterSum] = field(default_factory=dict)
+    #: The histogram bounds summed, the first ``MAX_BUCKETS`` seen: pods may each send
+    #: that many, and other ones in every round (see ``MAX_BUCKETS``).
+    _bounds: set[float] = field(default_factory=set)
     #: Longest window kept, seconds.
     keep_s: float = 3600.0
 
@@ -122,7 +136,11 @@ class FleetWindow:
         """One scrape round: each gateway pod's counters of this route (None: failed)."""
         read = {p: c for p, c in by_pod.items() if c is not None}
         failed = {p for p, c in by_pod.items() if c is None}
-        bounds = sorted({le for c in read.values() for le, _ in c.buckets})
+        seen = sorted({le for c in read.values() for le, _ in c.buckets})
+        for le in seen:
+            if le not in self._bounds and len(self._bounds) < MAX_BUCKETS:
+                self._bounds.add(le)
+        bounds = [le for le in seen if le in self._bounds]
         summed = FleetCounters(
             self._sum("inv", {p: c.invocations for p, c in read.items()}, failed),
             self._sum("err", {p: c.errors for p, c in read.items()}, failed),

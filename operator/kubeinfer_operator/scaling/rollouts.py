@@ -79,6 +79,14 @@ class RolloutGuard:
         for key in [k for k in self.windows if k[:2] == (namespace, endpoint)]:
             del self.windows[key]
 
+    def _retain(self, plan: EndpointPlan, namespace: str) -> None:
+        """Drop the windows of routes ``plan`` no longer has: a variant removed or renamed
+        while its step baked would otherwise keep its window until the Endpoint goes."""
+        routes = {f for v in plan.variants for f in ro.fleet_names(v.name)}
+        for key in [k for k in self.windows
+                    if k[:2] == (namespace, plan.name) and k[2] not in routes]:
+            del self.windows[key]
+
     async def _fetch(self, url: str) -> str | None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
@@ -120,6 +128,7 @@ class RolloutGuard:
                      deployments: Mapping[str, Mapping[str, Any]], old_status: Mapping[str, Any],
                      now: datetime) -> dict[str, ro.Decision]:
         previous = previous_rollouts(old_status)
+        self._retain(plan, namespace)
         if config is None and not previous:
             return {}
         scraped: dict[str, dict[str, FleetCounters] | None] | None = None
