@@ -180,3 +180,27 @@ def test_a_changed_output_path_keeps_the_old_one_writable_for_queued_requests(
     assert [(p.outputPath, p.failurePath) for p in former] == [
         ("s3://async-bucket/out", "s3://async-bucket/failed")]
     assert former[0].until > time.time() + FORMER_PATHS_GRACE_S - 120
+
+
+def test_a_deleted_endpoint_leaves_no_queue_in_redis(kube: Kube, redis: RedisServer) -> None:
+    """Nothing reads a deleted Endpoint's queue again: its stream (a backlog of up to
+    maxQueuedRequests) and dead letters go with it, from a Redis every namespace shares.
+    Another Endpoint's queue stays."""
+    ns = "async-deleted"
+    kube.create_namespace(ns)
+    assert kube.create(_on_cluster(EXAMPLE), ns).status_code == 201
+    wait_for(lambda: kube.get("Deployment", ns, WORKERS), 15, "the workers' Deployment")
+    gone = AsyncQueueKeys(queue=f"{ns}.{NAME}")
+    kept = AsyncQueueKeys(queue=f"{NS}.{NAME}")
+    rds = redis.client()
+    for i in range(5):
+        rds.xadd(gone.stream, {"id": f"req-{i}"})
+    rds.xadd(gone.dead_letter, {"id": "dead"})
+    rds.xadd(kept.stream, {"id": "someone-elses"})
+    assert kube.delete("Endpoint", ns, NAME).status_code == 200
+    wait_for(lambda: kube.get("Endpoint", ns, NAME) is None, 15, "Endpoint gone")
+    wait_for(lambda: not rds.exists(gone.stream, gone.dead_letter), 30,
+             "the deleted Endpoint's queue removed")
+    assert rds.exists(kept.stream)
+    rds.xdel(kept.stream, *[i for i, _ in rds.xrange(kept.stream)
+                            if _.get("id") == "someone-elses"])

@@ -14,9 +14,11 @@
   its pods' compile reports are not watched); for all, a full reconcile every
   ``resync_interval_s`` as a safety net (a missed event, a Service or
   ConfigMap deleted by hand). It writes nothing when nothing changed.
-* deletion: no handler. Children carry an ownerReference to the Endpoint, so
-  the cluster's garbage collector removes them. (kopf still puts its finalizer
-  on Endpoints, to stop the daemon before the object goes away.)
+* deletion: children carry an ownerReference to the Endpoint, so the cluster's
+  garbage collector removes them. An async Endpoint's queue lives in Redis,
+  outside the cluster: an optional delete handler removes it (kopf puts its
+  finalizer on Endpoints anyway, to stop the daemon before the object goes away;
+  a Redis that cannot be reached is logged and does not hold the deletion).
 
 kopf filters the Deployment watch by label on the client side (it lists every
 Deployment in the watched namespaces), the price of the event-driven status.
@@ -97,6 +99,12 @@ def register(registry: kopf.OperatorRegistry, sync: EndpointSync, interval_s: fl
             logger.warning("Re-evaluating Endpoint %s after a Deployment change failed: %s; "
                            "the next change or the resync retries",
                            labels[meta.LABEL_ENDPOINT], exc)
+
+    @kopf.on.delete(*resource, id="queue", registry=registry, optional=True)
+    async def endpoint_deleted(*, namespace: str | None, name: str, spec: kopf.Spec,
+                               **_: Any) -> None:
+        if spec.get("type") == ep.EndpointType.ASYNC.value:
+            await sync.drop_queue(namespace or "", name)
 
     @kopf.daemon(*resource, id="refresh", registry=registry,
                  initial_delay=min(interval_s, resync_s), cancellation_timeout=5.0)

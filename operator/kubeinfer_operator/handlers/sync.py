@@ -164,6 +164,11 @@ class EndpointSync:
             with self.metrics.reconcile(KIND_ENDPOINT):
                 await self._sync(obj, namespace, name)
 
+    async def drop_queue(self, namespace: str, name: str) -> None:
+        """A deleted async Endpoint's queue out of Redis (``scaling.backlog``: why)."""
+        if self.scaler is not None:
+            await self.scaler.drop_queue(namespace, name)
+
     async def resync(self, namespace: str, name: str) -> None:
         """``sync`` after a child changed, coalesced: a rollout's burst of Deployment
         events costs one sync per Endpoint, not one per event.

@@ -33,6 +33,12 @@ WORKER_ENV = frozenset({
 })
 
 
+
+def queue_name(namespace: str | None, endpoint: str) -> str:
+    """The queue of an async Endpoint: unique per Redis (``<namespace>.<name>`` on
+    Kubernetes; a local endpoint's own Redis needs only the name)."""
+    return f"{namespace}.{endpoint}" if namespace else endpoint
+
 @dataclass(frozen=True)
 class AsyncPlan:
     #: Unique per Redis: ``<namespace>.<name>`` on Kubernetes, the name locally.
@@ -107,7 +113,7 @@ def plan_async(endpoint: Endpoint) -> AsyncPlan | None:
     ns = endpoint.metadata.namespace
     scaling = cfg.scaling
     return AsyncPlan(
-        queue=f"{ns}.{endpoint.name}" if ns else endpoint.name,
+        queue=queue_name(ns, endpoint.name),
         output_path=cfg.outputPath.rstrip("/"),
         failure_path=cfg.failure_path.rstrip("/"),
         success_url=cfg.notification.successUrl,

@@ -100,6 +100,7 @@ from kubeinfer_operator.reconcile.promql_scope import (
 from kubeinfer_operator.reconcile.start_failure import StartFailure
 from kubeinfer_operator.render import k8s_autoscaling
 from kubeinfer_operator.render import k8s_meta as meta
+from kubeinfer_operator.render.async_plan import queue_name
 from kubeinfer_operator.render.plan import EndpointPlan
 from kubeinfer_operator.scaling.backlog import BacklogReader
 from kubeinfer_operator.scaling.start_failures import (
@@ -198,6 +199,21 @@ class ClusterScaler(ScalerMemory):
         self._listener = BoundedListener(app, "0.0.0.0", self.port)
         await self._listener.start()
         log.info("Scaler listening on :%d/scale for gateways' scale-up requests", self.port)
+
+    async def drop_queue(self, namespace: str, endpoint: str) -> None:
+        """Remove a deleted Endpoint's async queue (``backlog``: why); a Redis that cannot
+        be reached is logged, not raised: the deletion goes on without it."""
+        queue = queue_name(namespace, endpoint)
+        try:
+            dropped = await self.backlog_reader.drop(queue)
+        except Exception as e:  # redis-py raises its own and OSErrors
+            log.warning("Could not remove the queue of deleted Endpoint %s/%s from Redis "
+                        "(%s); its keys stay until removed by hand", namespace, endpoint,
+                        type(e).__name__)
+            return
+        if dropped:
+            log.info("Removed the async queue of deleted Endpoint %s/%s from Redis",
+                     namespace, endpoint)
 
     async def close(self) -> None:
         self.start_failures.close()
