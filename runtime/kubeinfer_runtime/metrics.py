@@ -485,6 +485,11 @@ ASYNC_REQUESTS = Counter(
     "kubeinfer_async_requests", "Async requests finished by this worker, by outcome",
     ("endpoint", "outcome"),
 )
+#: New requests the gateway refused (429) because the queue held maxQueuedRequests.
+ASYNC_REFUSED = Counter(
+    "kubeinfer_async_refused", "Async requests refused: the queue was full",
+    ("endpoint",),
+)
 #: Attempts given back to the queue (an error with retries left, or a drain).
 ASYNC_RETRIES = Counter(
     "kubeinfer_async_retries", "Async request attempts re-queued for another try",

@@ -77,4 +77,6 @@ def test_a_full_queue_refuses_new_requests_but_answers_retries(
     r.xdel(keys.stream, first)
     assert _submit(stack, "one-too-many").status_code == 202
     assert _submit(stack, "and-another").status_code == 429
+    metrics = httpx.get(f"{stack.gateway.url}/metrics", trust_env=False).text  # type: ignore[union-attr]
+    assert 'kubeinfer_async_refused_total{endpoint="bounded"} 2.0' in metrics
 

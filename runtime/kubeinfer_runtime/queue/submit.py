@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from kubeinfer_runtime import metrics
 from kubeinfer_runtime.contract import (
     H_FAILURE_LOCATION,
     H_OUTPUT_LOCATION,
@@ -146,6 +147,7 @@ class AsyncSubmitHandler:
         try:
             accepted = await producer.submit(route.keys, req, max_queued=route.max_queued)
         except QueueFull as full:
+            metrics.ASYNC_REFUSED.labels(name).inc()  # a route table's name: bounded
             throttled = Throttled(
                 f'Endpoint "{name}" holds {full.queued} requests queued or in progress, its '
                 f"spec.async.maxQueuedRequests ({route.max_queued}): retry after "
