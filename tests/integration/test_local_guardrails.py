@@ -27,6 +27,7 @@ from kubeinfer_operator.local.paths import EndpointPaths
 from tests.integration.test_local import Local, local, runtime_client
 from tests.support.onnx_models import add_3_model, identity_model
 from tests.support.ports import wait_until
+from tests.support.route_json import full_table
 
 #: The local-mode fixture (tests.integration.test_local), shared.
 __all__ = ["local"]
@@ -154,7 +155,7 @@ def test_a_bad_canary_rolls_back_and_a_good_one_completes(local: Local, tmp_path
         assert set(during) <= {"ok:primary", "error:ModelError"}, set(during)
         assert "error:ModelError" in during
         assert set(load.since(rolled_back + 1)) == {"ok:primary"}
-        assert json.loads((EndpointPaths.for_endpoint(NAME, local.home).routes).read_text())[
+        assert full_table((EndpointPaths.for_endpoint(NAME, local.home).routes).read_text())[
             "endpoints"][NAME]["variants"][0]["name"] == "primary"
 
         # 2. A healthy canary completes: blue's servers stop, green's serve as primary.

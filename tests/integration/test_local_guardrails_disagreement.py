@@ -19,6 +19,7 @@ from tests.integration.test_local import Local, local, runtime_client
 from tests.integration.test_local_guardrails import NAME, rollout, servers, state
 from tests.support.onnx_models import label_model
 from tests.support.ports import wait_until
+from tests.support.route_json import full_table
 
 #: The local-mode fixture (tests.integration.test_local), shared.
 __all__ = ["local"]
@@ -100,7 +101,7 @@ def test_a_canary_flipping_5_percent_of_labels_is_rolled_back(local: Local,
         assert "rolled back to fleet primary" in got["message"]
         wait_until(lambda: not any(n.startswith("primary-green") for n in servers(local)),
                    10, "green's servers stopped")
-        routes = json.loads(EndpointPaths.for_endpoint(NAME, local.home).routes.read_text())
+        routes = full_table(EndpointPaths.for_endpoint(NAME, local.home).routes.read_text())
         route = routes["endpoints"][NAME]
         assert route["mirrors"] == [] and [v["name"] for v in route["variants"]] == ["primary"]
     finally:

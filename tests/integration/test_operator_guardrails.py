@@ -9,7 +9,6 @@ the Deployment controller (``make_available``).
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 
 from kubeinfer_operator.settings import OperatorSettings
 from tests.support.kube_harness import Kube, operator_on_emulator, wait_for
+from tests.support.route_json import full_table
 
 NS = "guard"
 SETTINGS = OperatorSettings(standalone=True, status_interval_s=0.2, namespaces=[],
@@ -43,7 +43,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
 def weights(kube: Kube) -> dict[str, float]:
     cm = kube.get("ConfigMap", NS, "iris-routes") or {}
     data = next(iter((cm.get("data") or {}).values()), "{}")
-    routes = json.loads(data).get("endpoints", {}).get("iris", {}).get("variants", [])
+    routes = full_table(data).get("endpoints", {}).get("iris", {}).get("variants", [])
     return {v["name"]: v["weight"] for v in routes if v["upstreams"]}
 
 

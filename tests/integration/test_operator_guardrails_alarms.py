@@ -14,7 +14,6 @@ never touched and green's is removed.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +24,7 @@ import pytest
 from kubeinfer_operator.scaling import cluster
 from kubeinfer_operator.settings import OperatorSettings
 from tests.support.kube_harness import Kube, operator_on_emulator, wait_for
+from tests.support.route_json import full_table
 
 NS = "guard-alarms"
 SETTINGS = OperatorSettings(standalone=True, status_interval_s=0.2, namespaces=[],
@@ -141,7 +141,7 @@ def route_table(kube: Kube, name: str) -> dict[str, Any]:
     can roll back between two reads)."""
     cm = kube.get("ConfigMap", NS, f"{name}-routes") or {}
     data = next(iter((cm.get("data") or {}).values()), "{}")
-    found: dict[str, Any] = json.loads(data).get("endpoints", {}).get(name, {})
+    found: dict[str, Any] = full_table(data).get("endpoints", {}).get(name, {})
     return found
 
 

@@ -10,7 +10,6 @@ compared of which 171 agreed, 3 shadow errors, each side's latency histogram.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +20,7 @@ from kubeinfer_operator.settings import OperatorSettings
 from tests.integration.test_operator_guardrails_alarms import FakeGatewayPod
 from tests.support.kube_harness import Kube, operator_on_emulator, wait_for
 from tests.support.kube_schema import schema_errors
+from tests.support.route_json import full_table
 
 NS = "shadow"
 SETTINGS = OperatorSettings(standalone=True, status_interval_s=0.2, namespaces=[],
@@ -86,7 +86,7 @@ ENDPOINT: dict[str, Any] = {
 def route(kube: Kube) -> dict[str, Any]:
     cm = kube.get("ConfigMap", NS, "iris-routes") or {}
     data = next(iter((cm.get("data") or {}).values()), "{}")
-    found: dict[str, Any] = json.loads(data).get("endpoints", {}).get("iris", {})
+    found: dict[str, Any] = full_table(data).get("endpoints", {}).get("iris", {})
     return found
 
 
