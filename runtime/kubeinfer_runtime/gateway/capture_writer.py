@@ -168,8 +168,14 @@ class CaptureTaps:
             self._retire(self.taps.pop(name))
         for name, route in wanted.items():
             assert route.capture is not None
-            tap = self.taps.get(name)
-            if tap is None:
+            tap = self.taps.get(name) or self._revive(name)
+            if tap is not None and name not in self.taps:  # revived: capturing again
+                self.taps[name] = tap
+                tap.route = route.capture
+                tap.heads = {}
+                log.info("Endpoint %s captures %g%% of requests to %s again", name,
+                         route.capture.sampling_percentage, route.capture.destination)
+            elif tap is None:
                 tap = self.taps[name] = CaptureTap(name, route.capture, self.buffer_bytes,
                                                    self.rng, self._wake_up, self.batch_bytes)
                 log.info("Endpoint %s captures %g%% of requests to %s", name,
@@ -181,6 +187,22 @@ class CaptureTaps:
                 tap.heads = {}
             out[name] = (tap,)
         return out
+
+    def _revive(self, name: str) -> CaptureTap | None:
+        """The retired tap of endpoint ``name`` still holding records, back in service.
+
+        A tap is retired when its endpoint stops capturing and kept until its records
+        are written. Without this, capture turned off and on again while the
+        destination refuses writes (the endpoint's author chooses it) kept one full
+        buffer per toggle, past ``KUBEINFER_CAPTURE_BUFFER_BYTES``; with it, an
+        endpoint has one buffer, live or retired. Its records keep their destination.
+        """
+        for tap in self.retired:
+            if tap.endpoint == name:
+                self.retired.remove(tap)
+                tap.retired = False
+                return tap
+        return None
 
     def _retire(self, tap: CaptureTap) -> None:
         tap.retired = True

@@ -359,8 +359,6 @@ def _timed_out(endpoint: EndpointState, variant: VariantState, url: str,
 
 
 def _error_code(response: UpstreamResponse) -> str:
-    """The SageMaker error code of an upstream error response, for metrics."""
-    value = response.header(_ERROR_TYPE)
-    if value:
-        return value.decode("latin-1").split(":", 1)[0] or f"HTTP{response.status}"
-    return f"HTTP{response.status}"
+    """The SageMaker error code of an upstream error response, for metrics (bounded:
+    ``recorder.upstream_code``)."""
+    return recorder.upstream_code(response.header(_ERROR_TYPE), response.status)

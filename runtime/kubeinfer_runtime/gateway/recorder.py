@@ -5,12 +5,14 @@ with the rest of the runtime's. ``Counter.labels(...)`` costs a few
 microseconds per call, a noticeable part of the hop's budget, so the hot path
 goes through the caches here instead. Label values come from the route table
 (bounded), never from raw client input: an unknown endpoint is counted as
-``UNKNOWN`` so a client cannot blow up the series count.
+``UNKNOWN`` so a client cannot blow up the series count. Error codes passed through
+from model servers are bounded too (``upstream_code``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 from kubeinfer_runtime import metrics
@@ -19,6 +21,38 @@ UNKNOWN = "(unknown)"
 
 _ok: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 _errors: dict[tuple[str, str, str], Any] = {}
+
+#: Distinct error codes a process takes from model servers' ``x-amzn-ErrorType`` as
+#: ``code`` labels; a code first seen after these is counted as ``HTTP<status>``.
+MAX_UPSTREAM_CODES = 32
+#: What an error code looks like (SageMaker's are CamelCase words).
+_CODE = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+_upstream_codes: set[str] = set()
+
+
+def upstream_code(error_type: bytes | None, status: int, seen: set[str] | None = None,
+                  limit: int = MAX_UPSTREAM_CODES) -> str:
+    """The ``code`` label of an upstream error answer (PURE but for ``seen``).
+
+    The header is the model server's: a handler or an image may put anything in it
+    (an exception message, a request id), and every distinct value would be a new
+    series held for the process's life, exported on every scrape (the operator's
+    scaler ignores a gateway whose /metrics grows past its bound). So a code must look
+    like one, and only the first ``limit`` distinct codes (``seen``, process-wide by
+    default) are labels; anything else is counted as ``HTTP<status>``.
+    """
+    fallback = f"HTTP{status}"
+    if not error_type:
+        return fallback
+    code = error_type.decode("latin-1").split(":", 1)[0]
+    if not _CODE.fullmatch(code):
+        return fallback
+    known = _upstream_codes if seen is None else seen
+    if code not in known:
+        if len(known) >= limit:
+            return fallback
+        known.add(code)
+    return code
 
 
 def _children(endpoint: str, variant: str) -> tuple[Any, Any, Any]:

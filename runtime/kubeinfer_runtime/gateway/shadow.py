@@ -443,6 +443,12 @@ class ShadowTaps:
         for name in [n for n in self.taps if n not in seen]:
             for peer in self.taps.pop(name).peers.values():
                 self._stop(peer)
+        # The peers' client keeps an origin (and its idle connections) per model server
+        # it sent to: pods come and go (each scale-up of a DNS-discovered shadow or
+        # mirrored variant brings new addresses), so the ones no peer sends to any more
+        # are let go, as ``GatewayCore.apply`` does for production's client.
+        self.client.forget({url for tap in self.taps.values() for peer in tap.peers.values()
+                            for url in peer.config.upstreams})
         return out
 
     def _update(self, tap: ShadowTap, configs: dict[tuple[str, str], PeerConfig]) -> None:
