@@ -31,11 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kubeinfer_runtime.server_env import ServerConfig, model_server_settings
-from kubeinfer_runtime.wire import ENV_PREFIX, Role
-
-#: Seconds uvicorn waits for in-flight requests after SIGTERM. Kubernetes sends
-#: SIGKILL after terminationGracePeriodSeconds (30 s by default): stay under it.
-GRACEFUL_SHUTDOWN_S = 25
+from kubeinfer_runtime.wire import ENV_PREFIX, GRACEFUL_SHUTDOWN_S, Role
 
 
 def model_server_app() -> Any:
@@ -194,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         ws="none",
         access_log=False,
         log_level=settings.log_level,
+        # In-flight requests get this long after SIGTERM; the operator renders each pod's
+        # terminationGracePeriodSeconds above it (render.k8s_workloads.termination_grace_s).
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     ))
     return 0

@@ -28,6 +28,15 @@ LOAD_FAILED_EXIT_CODE = 3
 #: out on a connection the container is closing (a dropped request, not an answer).
 CONTAINER_KEEPALIVE_S = 1.0
 
+#: Seconds a runtime server lets in-flight requests finish after SIGTERM (uvicorn's
+#: graceful shutdown) before it cancels them (a cancelled request is answered a bare 500).
+#: SageMaker's bound on a real-time invocation, which is the gateway's default
+#: ``upstream_timeout_s``: a request a rollout or scale-down finds in flight is never cut
+#: short. The drain ends as soon as the last one is answered. The operator sizes each
+#: pod's terminationGracePeriodSeconds from it (plus a preStop delay and the role's own
+#: shutdown work), so the kubelet's SIGKILL never cuts a drain short.
+GRACEFUL_SHUTDOWN_S = 60
+
 #: SageMaker's synchronous payload limit (InvokeEndpoint): 6 MB.
 REALTIME_MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
 #: SageMaker's serverless payload limit: 4 MB.

@@ -9,6 +9,7 @@ writable path is an emptyDir at /tmp, where the model server caches models.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,14 @@ from kubeinfer_operator.render.k8s_placement import (
 from kubeinfer_operator.render.plan import VariantPlan
 from kubeinfer_operator.render.plan_steps import BIND_TO_PORT_ENV, StepPlan
 from kubeinfer_operator.settings import OperatorSettings
-from kubeinfer_runtime.contract import ROUTE_TABLE_FILENAME, Role, RouteTable
+from kubeinfer_runtime.contract import (
+    GRACEFUL_SHUTDOWN_S,
+    ROUTE_TABLE_FILENAME,
+    AsyncWorkerSettings,
+    GatewaySettings,
+    Role,
+    RouteTable,
+)
 
 #: Where the route-table ConfigMap is mounted in gateway pods (a directory
 #: mount, not subPath: kubelet only refreshes whole-directory ConfigMap mounts).
@@ -43,6 +51,17 @@ GATEWAY_PODS_PORT_NAME = "scrape"
 #: workers; ``secrets.runtime_env`` the Redis URL and scaler token).
 RUNTIME_CONTAINER_ENV = frozenset({"KUBEINFER_PORT", "KUBEINFER_METRICS_PORT",
                                    "KUBEINFER_EXIT_ON_LOAD_FAILURE"})
+#: Seconds a gateway or model server keeps serving after its pod is deleted, before it gets
+#: SIGTERM (a preStop sleep). SIGTERM makes uvicorn close its listener at once, but the pod
+#: stays in its Service's endpoints until kube-proxy (the gateway's Service) and cluster DNS
+#: (the model servers' headless Service: CoreDNS's 5 s TTL, then the gateway's re-resolve)
+#: catch up: without the delay, requests sent meanwhile are refused and lost in every
+#: rolling update and scale-down.
+PRESTOP_SLEEP_S = 8
+#: Seconds left after a role's own shutdown bounds for the rest (closing pools, exiting).
+SHUTDOWN_SLACK_S = 5
+#: The grace period Kubernetes gives when none is rendered; never render less.
+DEFAULT_GRACE_S = 30
 
 
 @dataclass(frozen=True)
@@ -135,16 +154,49 @@ def default_resources(requests: dict[str, str], limits: dict[str, str],
                               memory_limit=settings.default_memory_limit)
 
 
+def termination_grace_s(role: Role) -> int:
+    """terminationGracePeriodSeconds of a runtime role's pods: the kubelet SIGKILLs at its end,
+    so it covers the preStop sleep plus everything the role does after SIGTERM within its
+    own bounds. Whatever is still running at the SIGKILL is lost without being counted:
+    in-flight requests, the gateway's buffered capture records (``capture_writer.close``
+    counts what it could not write only if it gets to run), an async worker's release."""
+    if role is Role.GATEWAY:
+        capture_s = float(GatewaySettings.model_fields["capture_shutdown_timeout_s"].default)
+        need: float = PRESTOP_SLEEP_S + GRACEFUL_SHUTDOWN_S + capture_s
+    elif role is Role.MODEL_SERVER:
+        need = PRESTOP_SLEEP_S + GRACEFUL_SHUTDOWN_S
+    elif role is Role.ASYNC_WORKER:
+        # No Service sends it requests (no preStop); its HTTP drain is /ping's, then the
+        # queue's drain (``queue.worker``) and the release of what did not finish.
+        need = float(AsyncWorkerSettings.model_fields["drain_timeout_s"].default)
+    else:
+        need = GRACEFUL_SHUTDOWN_S
+    return max(DEFAULT_GRACE_S, math.ceil(need + SHUTDOWN_SLACK_S))
+
+
+def prestop_sleep(seconds: int = PRESTOP_SLEEP_S) -> dict[str, Any]:
+    """The lifecycle of a container that serves through a Service: keep serving ``seconds``
+    (``PRESTOP_SLEEP_S``) after the pod is deleted, until no new request is routed to it.
+
+    An exec of the image's ``sleep`` (kubeinfer's runtime image is Debian-based), not the
+    ``sleep`` action: that needs Kubernetes 1.30, and the chart supports 1.29. Should the
+    command be missing, the kubelet records a FailedPreStopHook event and sends SIGTERM at
+    once: what happens without this hook."""
+    return {"preStop": {"exec": {"command": ["sleep", str(seconds)]}}}
+
+
 def runtime_pod_spec(settings: OperatorSettings, container: dict[str, Any],
-                     volumes: list[dict[str, Any]]) -> dict[str, Any]:
-    """The pod spec of a runtime container (model server, gateway, fleet server)."""
+                     volumes: list[dict[str, Any]], *, grace_s: int = DEFAULT_GRACE_S
+                     ) -> dict[str, Any]:
+    """The pod spec of a runtime container (model server, gateway, fleet server);
+    ``grace_s``: its terminationGracePeriodSeconds (``termination_grace_s``)."""
     return {
         # The runtime never calls the Kubernetes API: no token in its pods.
         "automountServiceAccountToken": False,
         # Service env vars (FOO_SERVICE_HOST for every Service) are noise here.
         "enableServiceLinks": False,
         "securityContext": _pod_security(settings),
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": grace_s,
         "containers": [container],
         "volumes": volumes,
     }
@@ -255,8 +307,8 @@ def model_server_deployment(owner: Owner, variant: VariantPlan,
         # state): the kubelet retries it with back-off, and the scaler answers a
         # serverless variant's held requests at once (reconcile.start_failure).
         env["KUBEINFER_EXIT_ON_LOAD_FAILURE"] = "true"
-    container = _runtime_container(Role.ASYNC_WORKER if async_plan else Role.MODEL_SERVER,
-                                   settings, env, [tmp_mount],
+    role = Role.ASYNC_WORKER if async_plan else Role.MODEL_SERVER
+    container = _runtime_container(role, settings, env, [tmp_mount],
                                    secrets.runtime_env(settings, redis=async_plan is not None,
                                                        scaler=False))
     container["readinessProbe"] = _probe(MODEL_SERVER_READY_PATH, period=5, failures=3)
@@ -266,7 +318,10 @@ def model_server_deployment(owner: Owner, variant: VariantPlan,
         # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_ENDPOINT_URL) from the
         # Secret: the runtime's settings read these standard names.
         container["envFrom"] = [{"secretRef": {"name": settings.s3_secret_name}}]
-    pod_spec = runtime_pod_spec(settings, container, [tmp_volume])
+    if async_plan is None:
+        container["lifecycle"] = prestop_sleep()
+    pod_spec = runtime_pod_spec(settings, container, [tmp_volume],
+                                grace_s=termination_grace_s(role))
     # Multi-container image steps: extra containers in the same pod, each on its
     # own port; the runtime container reaches them on 127.0.0.1.
     pod_spec["containers"] += [_image_step_container(s, tmp_mount, settings)
@@ -314,6 +369,10 @@ def _image_step_container(step: StepPlan, tmp_mount: dict[str, Any],
         # SageMaker tells each container of a multi-container endpoint its port so.
         "env": _user_env({**dict(step.env), BIND_TO_PORT_ENV: str(step.port)}),
         **image_step_probes(port_name),
+        # The runtime container sends requests here through its preStop sleep and then
+        # while it drains them: the step gets SIGTERM only after both (an image without
+        # ``sleep`` gets it at once, as without the hook), within the pod's grace period.
+        "lifecycle": prestop_sleep(PRESTOP_SLEEP_S + GRACEFUL_SHUTDOWN_S),
         "resources": default_resources(dict(step.requests), dict(step.limits), settings),
         "securityContext": security,
         "volumeMounts": [tmp_mount],
@@ -359,6 +418,7 @@ def gateway_deployment(owner: Owner, settings: OperatorSettings,
                                    secrets.runtime_env(settings, redis=True, scaler=True))
     container["readinessProbe"] = _probe(GATEWAY_HEALTH_PATH, period=5, failures=3)
     container["livenessProbe"] = _probe(GATEWAY_HEALTH_PATH, period=10, failures=3)
+    container["lifecycle"] = prestop_sleep()
     if s3 and settings.s3_secret_name:
         container["envFrom"] = [{"secretRef": {"name": settings.s3_secret_name}}]
     container["resources"] = {
@@ -375,7 +435,8 @@ def gateway_deployment(owner: Owner, settings: OperatorSettings,
                                                                redis=True, scaler=True)
     return _deployment(owner, meta.gateway_name(owner.name), meta.COMPONENT_GATEWAY, None,
                        settings.gateway_replicas, annotations,
-                       runtime_pod_spec(settings, container, volumes),
+                       runtime_pod_spec(settings, container, volumes,
+                                        grace_s=termination_grace_s(Role.GATEWAY)),
                        effective_template(settings.default_pod_template, pod_template))
 
 

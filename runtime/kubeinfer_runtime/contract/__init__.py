@@ -50,6 +50,7 @@ from kubeinfer_runtime.contract.shadow import MirrorRoute, ShadowRoute
 # Re-exported (`X as X`): the contract's plain names live in wire.py, which says why.
 from kubeinfer_runtime.wire import ENV_PREFIX as ENV_PREFIX
 from kubeinfer_runtime.wire import FORWARDED_REQUEST_HEADERS as FORWARDED_REQUEST_HEADERS
+from kubeinfer_runtime.wire import GRACEFUL_SHUTDOWN_S as GRACEFUL_SHUTDOWN_S
 from kubeinfer_runtime.wire import H_ASYNC_ACCEPT as H_ASYNC_ACCEPT
 from kubeinfer_runtime.wire import H_ASYNC_CONTENT_TYPE as H_ASYNC_CONTENT_TYPE
 from kubeinfer_runtime.wire import H_CUSTOM_ATTRIBUTES as H_CUSTOM_ATTRIBUTES

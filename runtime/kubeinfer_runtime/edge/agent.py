@@ -65,6 +65,7 @@ from kubeinfer_runtime.edge import signing
 from kubeinfer_runtime.edge.agent_proxy import Proxy
 from kubeinfer_runtime.edge.capture_buffer import CaptureBuffer
 from kubeinfer_runtime.edge.errors import EdgeError
+from kubeinfer_runtime.wire import GRACEFUL_SHUTDOWN_S
 
 log = logging.getLogger("kubeinfer.edge.agent")
 
@@ -534,11 +535,15 @@ class Agent:
         self.child = child
         self.proxy.upstream, self.proxy.version = child.url, current.version
 
-    async def close(self) -> None:
+    async def stop_install(self) -> None:
+        """Cancel the install in progress, if any (the current version keeps serving)."""
         if self.install_task is not None:
             self.install_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.install_task
+
+    async def close(self) -> None:
+        await self.stop_install()
         if self.child is not None:
             await self.child.stop()
         await self.client.aclose()
@@ -569,7 +574,10 @@ async def _main(config: AgentConfig) -> int:
     # runtime role's does: callers on the device's network are no more trusted.
     server = _Server(uvicorn.Config(agent.proxy, host=config.listen_host,
                                     port=config.listen_port, lifespan="on", access_log=False,
-                                    log_level="warning", ws="none", http=LimitedHttpProtocol))
+                                    log_level="warning", ws="none", http=LimitedHttpProtocol,
+                                    # Bounds the drain of taken requests on SIGTERM, which
+                                    # the model server outlives (``finally`` below).
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     serving = asyncio.create_task(server.serve())
     heartbeats: asyncio.Task[None] | None = None
     code = 0
@@ -596,8 +604,13 @@ async def _main(config: AgentConfig) -> int:
             heartbeats.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeats
-        await agent.close()
-        await serving
+        await agent.stop_install()
+        # The listener drains first (no new requests; the ones taken are answered), then
+        # the model server stops: stopped first, it would leave those requests a 503.
+        try:
+            await serving
+        finally:
+            await agent.close()
     return code
 
 

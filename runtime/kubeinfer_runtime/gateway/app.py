@@ -250,10 +250,12 @@ class GatewayApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        # Shadow copies first (what is left is dropped and counted): one finishing later
+        # would capture its answer after the capture's last write, lost uncounted.
+        await self.core.shadows.close()
         # In-flight requests have finished (uvicorn drains them first): write what they
         # captured, within a bound.
         await self.core.capture.close(self.core.settings.capture_shutdown_timeout_s)
-        await self.core.shadows.close()
         await self.core.client.close()
         await self.async_invocations.close()
         await self.invocations.activator.close()

@@ -170,6 +170,9 @@ class Peer:
         self._cursor = 0
         self._children: dict[tuple[Any, ...], Any] = {}
         self._by_variant: dict[str, _Series] = {}
+        #: Copies let go unsent or unanswered when the workers were cancelled (shutdown, or
+        #: the peer left the table): counted as dropped, and ``ShadowTaps.close`` logs them.
+        self.abandoned = 0
 
     # -- the request path ------------------------------------------------------------------
 
@@ -213,7 +216,14 @@ class Peer:
         while not self.queue.empty():
             exchange, _ = self.queue.get_nowait()
             self.held_bytes -= _size(exchange)
+            self._abandon(exchange)
         return tasks
+
+    def _abandon(self, exchange: Exchange) -> None:
+        """A copy that will never be sent or answered: dropped, and counted so (a copy may
+        be dropped, but never silently)."""
+        self._counter(metrics.SHADOW_COPIES, exchange.variant, DROPPED).inc()
+        self.abandoned += 1
 
     async def stop(self) -> None:
         for task in self.cancel():
@@ -228,6 +238,7 @@ class Peer:
                 outcome = await self.send(exchange, capture)
                 self.record(exchange, outcome)
             except asyncio.CancelledError:
+                self._abandon(exchange)  # cancelled (``cancel``) with this copy in hand
                 raise
             except Exception:
                 log.exception("Endpoint %s: comparing with %s failed unexpectedly (reported "
@@ -482,9 +493,14 @@ class ShadowTaps:
         peer.cancel()
 
     async def close(self) -> None:
-        """Stop every worker; copies still queued are not sent."""
+        """Stop every worker; copies still queued or being sent are dropped, counted and
+        logged (the process is about to exit: its metrics go with it, the log stays)."""
         for tap in self.taps.values():
             for peer in tap.peers.values():
                 await peer.stop()
+                if peer.abandoned:
+                    log.warning("Endpoint %s: %d cop%s to %s dropped at shutdown (not sent "
+                                "or not answered yet)", tap.endpoint, peer.abandoned,
+                                "y" if peer.abandoned == 1 else "ies", peer.config.name)
         self.taps = {}
         await self.client.close()

@@ -64,10 +64,11 @@ from kubeinfer_runtime.server.state import ModelSlot
 
 log = logging.getLogger("kubeinfer.queue")
 
-#: Dead letters kept per endpoint (the oldest go first; Redis trims in whole nodes, so a
-#: few more may stay). Each holds a request's fields, never its payload; without a bound
-#: every input that fails on every try adds one for good, in a Redis every namespace
-#: may share. Each also has its failure object and error notification.
+#: Dead letters kept per endpoint (the oldest go first; trimmed exactly: a dead letter
+#: is rare, so exact trimming costs nothing). Each holds a request's fields, never its
+#: payload; without a bound every input that fails on every try adds one for good, in
+#: a Redis every namespace may share. Each also has its failure object and error
+#: notification.
 DEAD_LETTER_MAX_ENTRIES = 10_000
 
 

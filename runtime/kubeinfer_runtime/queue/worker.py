@@ -25,8 +25,10 @@ in-flight entries (``XCLAIM ... JUSTID``) every third of the timeout — the one
 waiting on a backoff included, so they are never taken as abandoned — and at
 once after an outage of Redis. On shutdown the worker stops reading, lets
 in-flight requests finish for ``drain_timeout_s`` (requests waiting on a
-backoff stop waiting), and releases the rest (marks them idle so another
-worker takes them at once).
+backoff stop waiting; the heartbeat goes on, so none is taken as abandoned
+meanwhile), and releases the rest (marks them idle so another worker takes
+them at once, and gives back the attempt each used: a shutdown is not the
+request's fault).
 
 Guarantees: every accepted request ends with exactly one final object (output
 or failure, at a deterministic key) — a re-processed request overwrites the
@@ -110,6 +112,8 @@ class Worker:
         self.rng = rng
         self.consumer = consumer_name()
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        #: The ticket of each in-flight entry (what a release at shutdown gives back).
+        self.tickets: dict[str, Ticket] = {}
         self.stopping = asyncio.Event()
         #: The circuit breaker on the object store (its probe: the output location).
         self.gate = StoreGate(store, settings.output_path, self.policy, rng)
@@ -184,10 +188,7 @@ class Worker:
                                 time.monotonic() - failing_since)
                     failing_since = None
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-            await self._drain()
+            await self._drain(heartbeat)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -231,7 +232,8 @@ class Worker:
         for msg_id, fields in entries:
             if not fields or msg_id in self.inflight:
                 continue  # deleted meanwhile, or already ours and running
-            task = asyncio.create_task(self._guarded(msg_id, fields))
+            ticket = self.tickets[msg_id] = Ticket()
+            task = asyncio.create_task(self._guarded(msg_id, fields, ticket))
             self.inflight[msg_id] = task
             task.add_done_callback(self._forget_task)
 
@@ -257,6 +259,7 @@ class Worker:
         for msg_id, t in list(self.inflight.items()):
             if t is task:
                 del self.inflight[msg_id]
+                self.tickets.pop(msg_id, None)
 
     async def _paused(self) -> None:
         """While the breaker is open: no reads, no reclaims; probe the store when due."""
@@ -318,19 +321,30 @@ class Worker:
     async def stop(self) -> None:
         self.stopping.set()
 
-    async def _drain(self) -> None:
-        if not self.inflight:
-            await self._release(sorted(self._parked))
-            await self._forget_consumer()
-            return
-        tasks = list(self.inflight.values())
-        log.info("Draining %d in-flight async request(s) (up to %gs)", len(tasks),
-                 self.settings.drain_timeout_s)
-        _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
-        released = [m for m, t in self.inflight.items() if t in pending]
+    async def _drain(self, heartbeat: asyncio.Task[None]) -> None:
+        """Let in-flight requests finish for ``drain_timeout_s``, then release the rest.
+
+        ``heartbeat`` runs until the release: an entry untouched while its request still
+        runs here looks abandoned after the visibility timeout, and another worker would
+        take it and run it a second time. Stopped before the release, which a later touch
+        would undo (a released entry must look idle)."""
+        pending: set[asyncio.Task[None]] = set()
+        released: list[str] = []
+        if self.inflight:
+            tasks = list(self.inflight.values())
+            log.info("Draining %d in-flight async request(s) (up to %gs)", len(tasks),
+                     self.settings.drain_timeout_s)
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s)
+            released = [m for m, t in self.inflight.items() if t in pending]
+        tickets = [self.tickets[m] for m in released if m in self.tickets]
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        for ticket in tickets:
+            await self.processor.give_back(ticket)
         await self._release(released + sorted(self._parked))
         await self._forget_consumer()
 
@@ -356,8 +370,7 @@ class Worker:
 
     # -- one request: tries until settled -------------------------------------------------
 
-    async def _guarded(self, msg_id: str, fields: dict[str, str]) -> None:
-        ticket = Ticket()
+    async def _guarded(self, msg_id: str, fields: dict[str, str], ticket: Ticket) -> None:
         while True:
             try:
                 await self.processor.process(msg_id, fields, ticket)
