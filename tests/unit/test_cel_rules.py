@@ -31,7 +31,7 @@ from kubeinfer_operator.api import cel_rules, env_policy, placement
 from kubeinfer_operator.api.crd import all_crds
 from kubeinfer_operator.api.transform_job import TransformJob
 from kubeinfer_operator.errors import SpecError
-from kubeinfer_operator.reconcile import job_validate
+from kubeinfer_operator.reconcile import job_validate, rollout
 from kubeinfer_operator.reconcile import validate as endpoint_validate
 from kubeinfer_operator.reconcile.compile_validate import validate_compilation_job
 from kubeinfer_operator.reconcile.edge_validate import validate_edge_fleet
@@ -356,6 +356,13 @@ CASES: list[tuple[str, dict[str, Any], str | None]] = [
      None),
     ("object-name-too-long", endpoint("e" * 40, variants=[{"name": "v" * 23,
                                                             "model": {"uri": "s3://m/a.onnx"}}]),
+     "spec.variants.name"),
+    ("shadow-object-name-too-long", endpoint("e" * 40, shadowVariants=[
+        {"name": "s" * 23, "model": {"uri": "s3://m/s.onnx"}}]), "spec.shadowVariants.name"),
+    # 40 + 1 + 17 = 58 fits, but the green fleet's Service would be 64 characters long.
+    ("green-fleet-name-too-long", endpoint(
+        "e" * 40, variants=[{"name": "v" * 17, "model": {"uri": "s3://m/a.onnx"}}],
+        deploymentConfig={"blueGreen": {"trafficRouting": {"type": "AllAtOnce"}}}),
      "spec.variants.name"),
     # spec
     ("one-weight-above-0", endpoint(variants=[
@@ -748,6 +755,7 @@ def _schema_nodes(schema: dict[str, Any],
 def test_the_rules_repeat_the_operators_limits() -> None:
     assert set(cel_rules.RESERVED_VARIANT_NAMES) == k8s_meta.RESERVED_VARIANT_NAMES
     assert cel_rules.MAX_OBJECT_NAME == k8s_meta.MAX_NAME
+    assert cel_rules.GREEN_SUFFIX == rollout.GREEN_SUFFIX
     assert cel_rules.MAX_RESOURCE_NAME == endpoint_validate.MAX_ENDPOINT_NAME
     assert cel_rules.MAX_RESOURCE_NAME == job_validate.MAX_NAME
     assert endpoint_validate._ENDPOINT_NAME.pattern == cel_rules.NAME_PATTERN

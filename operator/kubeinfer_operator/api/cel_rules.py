@@ -55,6 +55,9 @@ from kubeinfer_operator.api.compile_options import CROSS_TARGETS
 MAX_RESOURCE_NAME = 40  # reconcile.validate.MAX_ENDPOINT_NAME, reconcile.job_validate.MAX_NAME
 MAX_OBJECT_NAME = 63  # render.k8s_meta.MAX_NAME: <endpoint>-<variant> is a DNS label
 RESERVED_VARIANT_NAMES = ("gateway", "gateway-pods")  # render.k8s_meta.RESERVED_VARIANT_NAMES
+#: reconcile.rollout.GREEN_SUFFIX: under a deploymentConfig, variant ``v`` also runs as the
+#: fleet ``v-green``, whose Service ``<endpoint>-<v>-green`` must be a DNS label too.
+GREEN_SUFFIX = "-green"
 NAME_PATTERN = "^[a-z]([-a-z0-9]*[a-z0-9])?$"  # reconcile.validate._ENDPOINT_NAME
 
 #: What the operator renders into each container whose env a spec extends, which that env
@@ -384,6 +387,20 @@ ENDPOINT_RULES: tuple[CelRule, ...] = (
                 f"{MAX_OBJECT_NAME})",
             f"name: a variant's object name <endpoint>-<variant> would be longer than "
             f"{MAX_OBJECT_NAME} characters; shorten the variant or Endpoint name",
+            ".spec.variants"),
+    # A shadow variant's Service is <endpoint>-<shadow> too (reconcile.validate checks both).
+    CelRule("", "!has(self.spec.shadowVariants) || self.spec.shadowVariants.all(v, "
+                f"size(self.metadata.name) + 1 + size(v.name) <= {MAX_OBJECT_NAME})",
+            f"name: a variant's object name <endpoint>-<variant> would be longer than "
+            f"{MAX_OBJECT_NAME} characters; shorten the variant or Endpoint name",
+            ".spec.shadowVariants"),
+    # A guarded variant's green fleet: its Service <endpoint>-<variant>-green (render.rollout).
+    CelRule("", "!has(self.spec.deploymentConfig) || self.spec.variants.all(v, "
+                f"size(self.metadata.name) + 1 + size(v.name) + {len(GREEN_SUFFIX)} <= "
+                f"{MAX_OBJECT_NAME})",
+            f"name: under deploymentConfig a variant's green fleet <endpoint>-<variant>"
+            f"{GREEN_SUFFIX} would be longer than {MAX_OBJECT_NAME} characters; shorten the "
+            "variant or Endpoint name",
             ".spec.variants"),
     # spec (api.endpoint.EndpointSpec._check_variants and _check_async)
     CelRule("spec.variants", "self.exists(v, !has(v.weight) || v.weight > 0.0)",

@@ -185,7 +185,8 @@ class CompilationJobSpec(_Spec):
         bad = [k for k in env if len(k) > 1024 or not re.fullmatch(_ENV_NAME, k)]
         if bad:
             raise ValueError(f"spec.environment: {', '.join(map(repr, bad))} not valid "
-                             "environment variable name(s); use letters, digits, '_', '-', '.'")
+                             "environment variable name(s); use letters, digits, '_', '-', '.', "
+                             "not a digit or '..' first")
         return env
 
     @field_validator("batchSizes")

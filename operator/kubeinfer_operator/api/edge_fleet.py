@@ -53,7 +53,9 @@ SHORT_NAMES = ["kef"]
 #: Device target names: the contract's NAME_PATTERN less '.', '_' (they become label values
 #: and parts of object names).
 TARGET_NAME = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
-_SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+#: A Secret data key as the API server checks a secretKeyRef's (apimachinery IsConfigMapKey):
+#: letters, digits, '-', '_', '.', and not '.', '..' nor starting with '..'.
+_SECRET_KEY = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
 MAX_TARGETS = 16
 DEFAULT_SERVER_REPLICAS = 2
 

@@ -21,7 +21,7 @@ from kubeinfer_operator.api.compile_options import ModelCompile
 from kubeinfer_operator.api.cron import parse_cron
 from kubeinfer_operator.api.data_capture import DataCapture
 from kubeinfer_operator.api.deployment_config import MAX_QUERY, DeploymentConfig, RolloutStatus
-from kubeinfer_operator.api.placement import GatewaySettings, PodTemplate
+from kubeinfer_operator.api.placement import GatewaySettings, PodTemplate, key_problem
 from kubeinfer_runtime.contract.auth import AuthMode
 
 GROUP = "kubeinfer.io"
@@ -34,8 +34,11 @@ SHORT_NAMES = ["kie"]
 
 #: RFC 1123 label: variant names become part of Deployment/Service names.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-_QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-_ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+#: No '-' sign: the API server refuses negative resource quantities.
+_QUANTITY = r"^(\+?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+#: The API server's env var names (apimachinery IsEnvVarName, strict until 1.32): letters,
+#: digits, '_', '-', '.', no digit first, and not '.', '..' nor starting with '..'.
+_ENV_NAME = r"^([-_a-zA-Z][-._a-zA-Z0-9]*|\.[-_a-zA-Z0-9][-._a-zA-Z0-9]*)$"
 
 
 class _Spec(BaseModel):
@@ -147,6 +150,61 @@ class ResourceRequirements(_Spec):
         default_factory=dict, description="Maximum resources, e.g. {memory: 1Gi}."
     )
 
+    @model_validator(mode="after")
+    def _container_resources(self) -> ResourceRequirements:
+        """What the API server refuses in a container's resources (``validateContainer
+        ResourceName``, ``ValidateResourceRequirements``): a name that is neither cpu,
+        memory, ephemeral-storage, hugepages-* nor an extended resource (domain/name); an
+        extended resource (nvidia.com/gpu) that is not a whole number, or is requested
+        without the same limit; hugepages requested without the same limit."""
+        problems: list[str] = []
+        for section, values in (("requests", self.requests), ("limits", self.limits)):
+            for name, value in values.items():
+                problem = resource_name_problem(name)
+                if problem:
+                    problems.append(f"{section}.{name}: {problem}")
+                elif "/" in name and not _whole(value):
+                    problems.append(f"{section}.{name}: {value!r} must be a whole number "
+                                    "(an extended resource is counted in units, e.g. 1)")
+        for name, value in self.requests.items():
+            if not ("/" in name or name.startswith(_HUGEPAGES)) or resource_name_problem(name):
+                continue
+            limit = self.limits.get(name)
+            if limit is None:
+                problems.append(f"requests.{name}: {name} cannot be overcommitted: set "
+                                f"limits.{name} too (or only the limit), equal to the request")
+            elif "/" in name and _whole(limit) and _whole(value) and int(limit) != int(value):
+                # (hugepages quantities are compared by the API server itself)
+                problems.append(f"limits.{name}: {limit} must equal the request {value} "
+                                f"({name} cannot be overcommitted)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+_HUGEPAGES = "hugepages-"
+
+
+def _whole(quantity: str) -> bool:
+    return re.fullmatch(r"\+?[0-9]+", quantity) is not None
+
+
+#: The resources a container may name without a domain (``IsStandardContainerResourceName``).
+CONTAINER_RESOURCES = frozenset({"cpu", "memory", "ephemeral-storage"})
+
+
+def resource_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a container's resource on Kubernetes, or None."""
+    if "/" not in name:
+        if name in CONTAINER_RESOURCES or (name.startswith(_HUGEPAGES)
+                                           and len(name) > len(_HUGEPAGES)):
+            return None
+        return ("is not a container resource: use cpu, memory, ephemeral-storage, "
+                "hugepages-<size> or an extended resource such as nvidia.com/gpu")
+    if name.startswith("requests.") or key_problem(name) or key_problem("requests." + name):
+        return "is not a valid extended resource name (domain/name, e.g. nvidia.com/gpu)"
+    return None
+
 
 #: Longest environment variable name (bounds what the CRD's CEL rules may cost).
 MAX_ENV_NAME = 1024
@@ -158,7 +216,8 @@ class EnvVar(_Spec):
     """One environment variable of a container."""
 
     name: Annotated[str, Field(description="Variable name: letters, digits, '_', '-' and '.', "
-                                           "not starting with a digit.",
+                                           "not starting with a digit nor '..' (nor '.' "
+                                           "alone).",
                                pattern=_ENV_NAME, min_length=1, max_length=MAX_ENV_NAME)]
     value: Annotated[str, Field(description="Its value (default: the empty string).")] = ""
 
@@ -244,7 +303,8 @@ class ContainerStep(_Spec):
         Field(description=(
             "A container image speaking the SageMaker container contract (POST "
             "/invocations, GET /ping), run as an extra container in the variant's pod "
-            "(Kubernetes only)."), min_length=1),
+            "(Kubernetes only); no whitespace (the API server refuses pods whose image "
+            "has leading or trailing whitespace)."), min_length=1, pattern=r"^\S+$"),
     ] = None
     port: Annotated[
         int | None,

@@ -72,6 +72,9 @@ _FREE_FORM: dict[str, Any] = {"type": "object", "x-kubernetes-preserve-unknown-f
 #: Most tolerations, labels and annotations of one podTemplate: bounds what the CRD's CEL
 #: rules over them may cost (the API server refuses a CRD whose rules' cost it cannot bound).
 MAX_TEMPLATE_ITEMS = 128
+#: Most bytes of a podTemplate's annotations (keys and values, UTF-8): the API server's 256
+#: KiB for all of a pod's, less 4 KiB for the operator's own.
+MAX_ANNOTATIONS = 256 * 1024 - 4 * 1024
 #: Longest label or annotation key: a DNS subdomain prefix (253), '/', a name (63).
 MAX_KEY = 253 + 1 + 63
 #: A toleration stays free-form, but for its ``key``: declared so the CRD's CEL rules can
@@ -142,6 +145,20 @@ def reserved_key_problem(key: str, what: str) -> str | None:
     return None
 
 
+#: Pod labels Kubernetes' controllers set themselves: the Job controller's (the API server
+#: refuses a Job whose template sets one: its generated selector no longer matches) and
+#: the Deployment controller's pod-template-hash (silently replaced on every pod).
+CONTROLLER_LABELS = ("job-name", "controller-uid", "pod-template-hash")
+CONTROLLER_LABEL_PREFIXES = ("batch.kubernetes.io/",)
+
+
+def controller_label_problem(key: str) -> str | None:
+    if key in CONTROLLER_LABELS or key.startswith(CONTROLLER_LABEL_PREFIXES):
+        return (f"label {key!r} is set by Kubernetes' Job and Deployment controllers on the "
+                "pods they create (a Job whose template sets it is refused); use another key")
+    return None
+
+
 def escalating_key_problem(key: str, what: str) -> str | None:
     """Why a podTemplate may not set label or annotation ``key`` (the deny-list), or None."""
     if key.startswith(CONFINEMENT_PREFIXES):
@@ -195,6 +212,57 @@ def priority_problem(name: str) -> str | None:
     return None
 
 
+def _toleration_shape_problem(i: int, t: dict[str, Any], op: str) -> str | None:
+    """What the API server (``ValidateTolerations``) refuses in a toleration the checks above
+    let through: a value that is not a label value, a key that is not a string, a
+    ``tolerationSeconds`` that is not an integer or comes without ``effect: NoExecute``."""
+    where = f"tolerations[{i}]"
+    key, value = t.get("key"), t.get("value", "")
+    if key is not None and not isinstance(key, str):
+        return f"{where}.key must be a string"
+    if not isinstance(value, str):
+        return f"{where}.value must be a string (quote it)"
+    if op == "Equal" and label_value_problem("value", value):
+        return (f"{where}.value {value[:64]!r} must be a label value: at most 63 characters "
+                "of letters, digits, '-', '_' and '.', starting and ending with a letter or "
+                "digit")
+    if not key and op != "Exists":
+        return f"{where}: a toleration without key needs operator Exists"
+    seconds = t.get("tolerationSeconds")
+    if seconds is not None:
+        if not isinstance(seconds, int) or isinstance(seconds, bool):
+            return f"{where}.tolerationSeconds must be an integer"
+        if t.get("effect") != "NoExecute":
+            return (f"{where}.tolerationSeconds applies to effect NoExecute only; set "
+                    "effect: NoExecute or remove tolerationSeconds")
+    return None
+
+
+def _spread_problem(where: str, c: dict[str, Any]) -> str | None:
+    """What the API server (``ValidateTopologySpreadConstraints``) refuses in a spread
+    constraint the checks above let through."""
+    problem = key_problem(c["topologyKey"])
+    if problem:
+        return f"{where}.topologyKey: {problem}"
+    if "minDomains" in c:
+        domains = c["minDomains"]
+        if not isinstance(domains, int) or isinstance(domains, bool) or domains < 1:
+            return f"{where}.minDomains must be an integer of at least 1"
+        if c["whenUnsatisfiable"] != "DoNotSchedule":
+            return f"{where}.minDomains applies to whenUnsatisfiable DoNotSchedule only"
+    for policy in ("nodeAffinityPolicy", "nodeTaintsPolicy"):
+        if policy in c and c[policy] not in _NODE_POLICIES:
+            return f"{where}.{policy} must be Honor or Ignore"
+    keys = c.get("matchLabelKeys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        return f"{where}.matchLabelKeys must be a list of label keys"
+    for key in keys:
+        problem = key_problem(key) or reserved_key_problem(key, "matchLabelKeys key")
+        if problem:
+            return f"{where}.matchLabelKeys: {problem}"
+    return None
+
+
 class LocalObjectReference(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -213,6 +281,7 @@ class LocalObjectReference(BaseModel):
 _TOLERATION_OPERATORS = ("Exists", "Equal")
 _TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 _UNSATISFIABLE = ("DoNotSchedule", "ScheduleAnyway")
+_NODE_POLICIES = ("Honor", "Ignore")
 
 
 class PodTemplate(BaseModel):
@@ -290,14 +359,21 @@ class PodTemplate(BaseModel):
     @field_validator("labels")
     @classmethod
     def _labels(cls, values: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        problems = [p for key in values if (p := controller_label_problem(key))]
+        if problems:
+            raise ValueError("; ".join(problems))
         return _check_map(values, "label", label_values=True, reserved=True,
                           deny_list=not _trusted(info))
 
     @field_validator("annotations")
     @classmethod
     def _annotations(cls, values: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-        if sum(len(k) + len(v) for k, v in values.items()) > 256 * 1024:
-            raise ValueError("annotations total more than 256 KiB, the API server's limit")
+        # The API server counts bytes (UTF-8), not characters, and adds the operator's own
+        # pod annotations (hashes, well under the margin left here).
+        if sum(len(k.encode()) + len(v.encode()) for k, v in values.items()) > MAX_ANNOTATIONS:
+            raise ValueError(f"annotations total more than {MAX_ANNOTATIONS} bytes (UTF-8): "
+                             "the API server refuses pods whose annotations pass 256 KiB; "
+                             "shorten them")
         return _check_map(values, "annotation", label_values=False, reserved=True,
                           deny_list=not _trusted(info))
 
@@ -335,7 +411,8 @@ class PodTemplate(BaseModel):
             key = t.get("key")
             if key and key_problem(str(key)):
                 raise ValueError(f"tolerations[{i}].{key_problem(str(key))}")
-            problem = None if _trusted(info) else toleration_problem(i, t)
+            problem = (None if _trusted(info) else toleration_problem(i, t)) or \
+                _toleration_shape_problem(i, t, op)
             if problem:
                 raise ValueError(problem)
         return items
@@ -354,6 +431,14 @@ class PodTemplate(BaseModel):
             if c.get("whenUnsatisfiable") not in _UNSATISFIABLE:
                 raise ValueError(f"{where}.whenUnsatisfiable must be DoNotSchedule or "
                                  "ScheduleAnyway")
+            problem = _spread_problem(where, c)
+            if problem:
+                raise ValueError(problem)
+        pairs = [(c["topologyKey"], c["whenUnsatisfiable"]) for c in items]
+        for i, pair in enumerate(pairs):
+            if pair in pairs[:i]:
+                raise ValueError(f"topologySpreadConstraints[{i}] repeats topologyKey "
+                                 f"{pair[0]!r} with whenUnsatisfiable {pair[1]}; merge the two")
         return items
 
     def written(self) -> dict[str, Any]:

@@ -240,6 +240,21 @@ def promql_problems(spec: EndpointSpec, name: str, namespace: str, label: str) -
         if (problem := scope_problem(query, namespace, label, field)) is not None]))
 
 
+def _green_name_problems(endpoint: str, spec: EndpointSpec) -> list[str]:
+    """Under a deploymentConfig each variant also runs as its green fleet, whose Service
+    ``<endpoint>-<variant>-green`` must be a DNS label too (63 characters at most)."""
+    problems = []
+    for i, v in enumerate(spec.variants):
+        green = meta.variant_object_name(endpoint, fleet_names(v.name)[1])
+        if len(green) > meta.MAX_NAME and v.name not in meta.RESERVED_VARIANT_NAMES \
+                and len(meta.variant_object_name(endpoint, v.name)) <= meta.MAX_NAME:
+            problems.append(f"spec.variants[{i}].name: under deploymentConfig {v.name!r} "
+                            f"also runs as the green fleet {green!r}, longer than "
+                            f"{meta.MAX_NAME} characters; shorten the variant or Endpoint "
+                            "name")
+    return problems
+
+
 def validate_endpoint(name: str, namespace: str, spec: Any, *,
                       outbound: OutboundPolicy | None = None,
                       promql_label: str = "") -> Endpoint:
@@ -260,6 +275,8 @@ def validate_endpoint(name: str, namespace: str, spec: Any, *,
         problems += _variant_problems(name, i, variant)
     for i, shadow in enumerate(parsed.shadowVariants):
         problems += _variant_problems(name, i, shadow, "shadowVariants")
+    if parsed.deploymentConfig is not None:
+        problems += _green_name_problems(name, parsed)
     problems += env_spec_problems(parsed)
     problems += outbound_problems(parsed, outbound if outbound is not None
                                   else OutboundPolicy.parse())

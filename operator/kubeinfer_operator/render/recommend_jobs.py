@@ -268,7 +268,9 @@ def render_job(plan: RecommendPlan, *, uid: str,
     }
     policy = pod_failure_policy(CONTAINER)
     # Bad input and "no candidate held the SLO" end the job: a retry measures the same.
-    policy["rules"][0]["onExitCodes"]["values"] = [EXIT_BAD_INPUT, EXIT_NO_RECOMMENDATION]
+    # Ascending: the API server refuses exit codes out of order ("must be ordered").
+    policy["rules"][0]["onExitCodes"]["values"] = sorted({EXIT_BAD_INPUT,
+                                                          EXIT_NO_RECOMMENDATION})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
