@@ -201,3 +201,25 @@ def test_quantities(text: str, value: Decimal) -> None:
 @pytest.mark.parametrize("text", ["", "1kM", "Gi", "1..2", "1 Gi", "one", "1gi"])
 def test_not_quantities(text: str) -> None:
     assert parse_quantity(text) is None
+
+
+def test_an_image_step_may_not_take_the_runtime_containers_port() -> None:
+    """SageMaker's containers default to 8080, the runtime container's port in the same
+    pod: both would bind it and the pod would crash-loop (the API server only warns)."""
+    from kubeinfer_operator.reconcile.validate import image_port_problems
+    from kubeinfer_operator.render.plan import plan_endpoint
+
+    spec = {"variants": [{"name": "pipe", "containers": [
+        {"name": "pre", "handler": "pre:handle"},
+        {"name": "model", "image": "example.test/xgb:1", "port": 8080},
+        {"name": "post", "image": "example.test/post:1"}]}]}
+    endpoint = validate_endpoint("e", "ns", spec)
+    plan = plan_endpoint(endpoint, generation=1)
+    taken = {8080: "serving", 9090: "metrics"}
+    assert image_port_problems(plan, taken) == [
+        "spec.variants[0].containers[1].port: 8080 is the runtime container's serving port "
+        "in the same pod; give the image another port (the default is 8081 + the step's "
+        "index)"]
+    spec["variants"][0]["containers"][1]["port"] = 8090  # type: ignore[index]
+    fine = plan_endpoint(validate_endpoint("e", "ns", spec), generation=1)
+    assert image_port_problems(fine, taken) == []

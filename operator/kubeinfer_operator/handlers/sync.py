@@ -50,6 +50,7 @@ from kubeinfer_operator.reconcile.validate import (
     REASON_INVALID_SPEC,
     InvalidSpec,
     capture_cluster_problems,
+    image_port_problems,
     validate_endpoint,
 )
 from kubeinfer_operator.redis_acl import RedisAclUnavailable, RedisUsers
@@ -98,12 +99,15 @@ def _utcnow() -> datetime:
 
 
 def _check_on_kubernetes(plan: EndpointPlan, namespace: str, name: str,
-                         redis_url: str | None) -> None:
+                         settings: OperatorSettings) -> None:
     """Refuse what local mode runs but a cluster cannot (CPUUtilization beside other
     policies: the operator reads no pod metrics; a relative file:// model to compile; an
-    async queue without Redis or with file:// outputs) as InvalidSpec, naming field and fix."""
+    async queue without Redis or with file:// outputs; an image step on the runtime
+    container's port) as InvalidSpec, naming field and fix."""
     problems = autoscaling_problems(plan) + variant_compile_problems(plan)
-    problems += async_cluster_problems(plan, redis_url=redis_url)
+    problems += async_cluster_problems(plan, redis_url=settings.redis_url)
+    problems += image_port_problems(plan, {settings.runtime_port: "serving",
+                                           settings.metrics_port: "metrics"})
     problems += capture_cluster_problems(plan.capture_destination)
     if problems:
         raise InvalidSpec(f"{namespace}/{name}", problems)
@@ -199,7 +203,7 @@ class EndpointSync:
                                          outbound=self.outbound,
                                          promql_label=self.settings.promql_namespace_label)
             plan = plan_endpoint(endpoint, generation=generation)
-            _check_on_kubernetes(plan, namespace, name, self.settings.redis_url)
+            _check_on_kubernetes(plan, namespace, name, self.settings)
         except InvalidSpec as exc:
             self._upgrade_done((namespace, name))
             await self._fail(obj, REASON_INVALID_SPEC, str(exc))
@@ -339,7 +343,7 @@ class EndpointSync:
             plan = plan_endpoint(validate_endpoint(
                 name, namespace, obj.get("spec"), outbound=self.outbound,
                 promql_label=self.settings.promql_namespace_label))
-            _check_on_kubernetes(plan, namespace, name, self.settings.redis_url)
+            _check_on_kubernetes(plan, namespace, name, self.settings)
         except InvalidSpec:
             return  # reported by sync
         owner = Owner(name=name, namespace=namespace, uid=str(obj["metadata"]["uid"]))

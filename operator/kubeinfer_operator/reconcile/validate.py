@@ -19,6 +19,7 @@ are refused at call time by the guarded connector: no DNS here.)
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
@@ -45,7 +46,7 @@ from kubeinfer_operator.reconcile.rollout_alarms import render_query
 from kubeinfer_operator.render import k8s_meta as meta
 from kubeinfer_operator.render.async_plan import WORKER_ENV
 from kubeinfer_operator.render.k8s_workloads import RUNTIME_CONTAINER_ENV
-from kubeinfer_operator.render.plan import SERVER_ENV
+from kubeinfer_operator.render.plan import SERVER_ENV, EndpointPlan
 from kubeinfer_operator.render.plan_steps import IMAGE_STEP_ENV
 from kubeinfer_runtime.contract.outbound import ALLOW_ENV, OutboundPolicy, url_problem
 
@@ -178,6 +179,22 @@ def _variant_problems(endpoint: str, index: int, v: VariantFleet,
                             "another image step of the variant; give each image its own port")
     problems += _resource_problems(f"{path}.resources", v.resources.requests,
                                    v.resources.limits)
+    return problems
+
+
+def image_port_problems(plan: EndpointPlan, taken: Mapping[int, str]) -> list[str]:
+    """Image steps whose port the runtime container of the same pod listens on (``taken``:
+    port -> what it serves). SageMaker's containers default to 8080, which a step may
+    well name; both containers would bind it, and the pod would crash-loop (the API
+    server only warns of a duplicate port)."""
+    problems = []
+    for v in plan.variants:
+        for j, step in enumerate(v.steps):
+            if step.image is not None and step.port is not None and step.port in taken:
+                problems.append(
+                    f"{plan.field_path(v.name)}.containers[{j}].port: {step.port} is the "
+                    f"runtime container's {taken[step.port]} port in the same pod; give the "
+                    "image another port (the default is 8081 + the step's index)")
     return problems
 
 
