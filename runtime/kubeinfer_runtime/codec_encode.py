@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from enum import Enum
 from functools import lru_cache
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import orjson
@@ -72,27 +73,47 @@ def media_type(header: str | None) -> str:
     return header.split(";", 1)[0].strip().lower()
 
 
+#: Accept's media types (and wildcards) this server answers in.
+_ACCEPTED = {JSON: Encoding.JSON, "*/*": Encoding.JSON, "application/*": Encoding.JSON,
+             CSV: Encoding.CSV, "text/*": Encoding.CSV, NPY: Encoding.NPY, NPZ: Encoding.NPZ}
+
+
 @lru_cache(maxsize=256)
 def negotiate(accept: str | None) -> Encoding:
     """Pick the response encoding from Accept; JSON when absent or anything goes.
 
-    The first supported type listed wins (clients of this API send one type;
-    quality values are not worth parsing on the hot path).
+    The supported type of the highest quality (``q``) wins, the first listed among
+    equals; ``q=0`` means "not this one" (RFC 9110). Cached: the parsing is done once
+    per distinct header value, not per request.
     """
     if not accept:
         return Encoding.JSON
+    best: Encoding | None = None
+    best_q = 0.0
     for part in accept.split(","):
-        mt = media_type(part)
-        if mt in (JSON, "*/*", "application/*"):
-            return Encoding.JSON
-        if mt in (CSV, "text/*"):
-            return Encoding.CSV
-        if mt == NPY:
-            return Encoding.NPY
-        if mt == NPZ:
-            return Encoding.NPZ
+        encoding = _ACCEPTED.get(media_type(part))
+        if encoding is None:
+            continue
+        q = _quality(part)
+        if q > best_q:
+            best, best_q = encoding, q
+    if best is not None:
+        return best
     raise ValidationError(f"Accept {header_value(accept)} is not supported: ask for "
                           f"{_ENCODABLE}")
+
+
+def _quality(part: str) -> float:
+    """The ``q`` parameter of one Accept element: 1 when absent, 0 when not a number."""
+    for param in part.split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                q = float(value.strip())
+            except ValueError:
+                return 0.0
+            return q if 0.0 <= q <= 1.0 else 0.0
+    return 1.0
 
 
 def custom_attribute(header: str | None, key: str) -> str | None:
@@ -120,6 +141,10 @@ def chosen_output(custom_attributes: str | None, outputs: Sequence[TensorSpec]) 
     wanted = custom_attribute(custom_attributes, OUTPUT_ATTRIBUTE)
     if wanted is None:
         return names[0] if len(names) > 1 else None
+    if wanted not in names and "%" in wanted:
+        # Percent-encoded, as answers write a name that is not printable ASCII (and
+        # CustomAttributes is ASCII only): what a client read back names the output.
+        wanted = unquote(wanted, errors="replace")
     if wanted not in names:
         have = ", ".join(f'"{n}"' for n in names)
         raise ValidationError(f"CustomAttributes output= names no output of the model: it has "
@@ -175,6 +200,9 @@ def _to_csv(arr: Array) -> bytes:
         # orjson prints floats in their shortest round-trip form (float32 stays
         # 0.1, not 0.10000000149011612), so reuse its output and swap the brackets.
         js = dumps(np.ascontiguousarray(arr))
+        if b"n" in js and arr.dtype.kind == "f":
+            # orjson writes NaN and infinities as null, which no CSV reader takes back.
+            return _non_finite_csv(arr)
         if arr.ndim == 1:
             return js[1:-1].replace(b",", b"\n") + b"\n"
         return js[2:-2].replace(b"],[", b"\n") + b"\n"
@@ -183,6 +211,19 @@ def _to_csv(arr: Array) -> bytes:
     rows = arr.tolist()
     writer.writerows(rows if arr.ndim == 2 else [[v] for v in rows])
     return buf.getvalue().encode()
+
+
+def _non_finite_csv(arr: Array) -> bytes:
+    """CSV of floats some of which are NaN or infinite: written ``nan``, ``inf``, ``-inf``
+    (what Python's ``str`` writes, and what ``float`` and numpy read back), the others
+    as orjson writes them (shortest round-trip form)."""
+    rows = arr if arr.ndim == 2 else arr.reshape(-1, 1)
+    lines = []
+    for row in rows:
+        cells = [orjson.dumps(v, option=_OPT).decode() if np.isfinite(v) else str(float(v))
+                 for v in row]
+        lines.append(",".join(cells))
+    return ("\n".join(lines) + "\n").encode()
 
 
 def _storable(arr: Array) -> Array:

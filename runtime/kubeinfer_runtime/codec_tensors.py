@@ -16,6 +16,7 @@ numpy see such a list unless its worst case fits the bound.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from itertools import chain
 from typing import Any
@@ -36,20 +37,63 @@ from kubeinfer_runtime.models.base import Array, TensorSpec
 _COUNT_CAP = 1 << 62
 #: numpy's limit on array dimensions.
 _MAX_DIMS = 64
+#: Every integer below this is a float64 exactly; from it on, not every one.
+_FLOAT_EXACT = 2**53
+
+
+#: The UTF-8 byte order mark Windows tools and Excel write at the start of text files.
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def load_json(body: bytes | bytearray | memoryview) -> Any:
-    """The parsed body, or a 400 saying where the JSON breaks (never what it holds)."""
+    """The parsed body, or a 400 saying where the JSON breaks (never what it holds).
+
+    Read as Python's ``json`` (SageMaker's containers) reads bytes, on the error path
+    only: a leading UTF-8 BOM is skipped, and ``NaN``/``Infinity``/``-Infinity`` (what
+    ``json.dumps`` and the SageMaker SDK's JSONSerializer write for a numpy NaN or
+    infinity) are read as floats.
+    """
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as e:
+        lenient = _lenient_json(body)
+        if lenient is not _NOT_JSON:
+            return lenient
         # orjson's reasons are fixed texts ("unexpected character, expected a JSON
         # value"); the position is where. Neither repeats the body.
+        if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise ValidationError("Request body is UTF-16 text (it starts with a UTF-16 byte "
+                                  "order mark): send UTF-8 JSON") from None
         if "depth limit" in e.msg:
             raise ValidationError("Request body is JSON nested more than 1024 levels deep: "
                                   "send arrays of at most a few dimensions") from None
         raise ValidationError(f"Request body is not valid JSON ({e.msg} at line {e.lineno} "
                               f"column {e.colno}): send UTF-8 JSON") from None
+
+
+_NOT_JSON = object()
+
+
+def _lenient_json(body: bytes | bytearray | memoryview) -> Any:
+    """``body`` without a leading BOM, with NaN and Infinity allowed; ``_NOT_JSON`` when
+    that does not make it JSON (the caller reports orjson's error)."""
+    data = bytes(body)
+    if data.startswith(UTF8_BOM):
+        data = data[3:]
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    if b"NaN" not in data and b"Infinity" not in data:
+        return _NOT_JSON
+    try:
+        doc = json.loads(data.decode("utf-8"))
+        # What orjson refuses to read stays refused (lone surrogates, integers past 64
+        # bits): orjson writes back what it reads.
+        orjson.dumps(doc)
+    except (ValueError, TypeError, RecursionError):  # JSON errors, bad UTF-8, refusals
+        return _NOT_JSON
+    return doc
 
 
 def count_values(value: Any) -> int:
@@ -224,7 +268,22 @@ def coerce(arr: Array, spec: TensorSpec) -> Array:
         ok = kind in "biu" or (kind == "f" and bool(np.all(np.mod(arr, 1) == 0)))
         if ok and arr.size and kind != "b":
             info = np.iinfo(target)
-            ok = info.min <= arr.min() and arr.max() <= info.max
+            if kind == "f":
+                # Floats (CSV values, JSON numbers past 64 bits) hold every integer only
+                # below 2^53: from there a value may have been rounded on reading
+                # (9223372036854775807 is read as 2^63, which a cast wraps to -2^63), so
+                # it is refused, not guessed.
+                # Python floats: compared with Python ints exactly (numpy rounds the int).
+                low, high = float(arr.min()), float(arr.max())
+                if max(-low, high) >= _FLOAT_EXACT and info.max > _FLOAT_EXACT:
+                    raise ValidationError(
+                        f'Input "{spec.name}" expects shape {spec.describe()}, got values '
+                        "of 2^53 or more read as floats (CSV, JSON decimals, or JSON integers "
+                        "past 64 bits), which may have been rounded: send JSON integers "
+                        f"within {target.name}'s range")
+                ok = info.min <= low and high <= info.max
+            else:
+                ok = info.min <= arr.min() and arr.max() <= info.max
     elif tk == "b":
         ok = kind == "b" or (kind in "iu" and bool(np.all((arr == 0) | (arr == 1))))
     elif tk in "OUS":

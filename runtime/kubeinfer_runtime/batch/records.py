@@ -22,7 +22,8 @@ Finding a boundary at an arbitrary offset:
 
 Record numbers count from 1 within the part (within the object when the part
 starts at 0); byte offsets are exact, in the object's (decompressed) bytes.
-Line records are the line with its ``\\n`` (added to a final line without one);
+Line records are the line with its ``\\n`` (added to a final line without one), less
+a UTF-8 byte order mark at the start of the object;
 blank lines (empty, or a lone ``\\r``) are not records: they are never sent, and
 produce no output (a line of spaces is a record, sent as it is: for JSON Lines,
 a bad one). Every buffer is bounded: a record over ``bound`` bytes is a
@@ -45,6 +46,8 @@ import numpy.typing as npt
 
 from kubeinfer_runtime.batch.errors import CorruptInput, RecordTooLarge, cap, describe
 
+#: A UTF-8 byte order mark: skipped at the start of an object split by Line.
+UTF8_BOM = b"\xef\xbb\xbf"
 #: RecordIO's magic number, as it is stored (little-endian).
 RECORDIO_MAGIC = struct.pack("<I", 0xCED7230A)
 _LENGTH_MASK = (1 << 29) - 1
@@ -210,11 +213,15 @@ class LineReader:
         self.done = True
         data = bytes(self._buf) + b"\n"
         self._buf.clear()
-        if data in (b"\n", b"\r\n"):
+        if data in (b"\n", b"\r\n") or (self._pos == 0 and data == UTF8_BOM + b"\n"):
             return None
         return self._block(data, self._pos)
 
     def _block(self, data: bytes, offset: int) -> Block:
+        if offset == 0 and data.startswith(UTF8_BOM):
+            # The object's first bytes are a UTF-8 byte order mark (Excel's and Windows
+            # tools' CSV and JSON): it marks the encoding, and is no part of record 1.
+            data, offset = data[3:], 3
         n = count_records(data)
         block = Block(data, offset, self._records + 1, n)
         self._records += n
