@@ -111,3 +111,22 @@ def test_csv_with_boms_crlf_and_unicode_keys_joined(tmp_path: Path, model: Path)
         assemble_with="Line", input_filter="$[1:]", join_source="Input")
     assert errors == [] and summary.records == 6
     assert outputs == {f"{k}.out": 'x,1,2,3.0\n"q,é",3,4,7.0\n'.encode() for k in files}
+
+
+def test_json_lines_with_nan_as_python_writes_them(tmp_path: Path, model: Path) -> None:
+    """``json.dumps`` writes a numpy NaN as NaN: a JSON Lines record holding one is read as
+    the model server reads a request, not failed as a bad record (joined too)."""
+    data = b'{"f":[NaN,2]}\n{"f":[3,Infinity]}\n{"f":[1,2]}\n'
+    outputs, summary, errors = run_job(
+        tmp_path, model, {"a.jsonl": data}, split_type="Line", input_content_type=JSONL,
+        accept=JSONL, assemble_with="Line", input_filter="$.f", join_source="Input")
+    assert errors == [] and (summary.records, summary.failed_records) == (3, 0)
+    lines = outputs["a.jsonl.out"].decode().splitlines()
+    assert lines[2] == '{"f":[1,2],"SageMakerOutput":[3.0]}'
+    assert lines[0].startswith('{"f":[null,2],"SageMakerOutput":')  # JSON has no NaN
+    # Still one JSON value per record: NaN does not let a line smuggle in a second one.
+    bad = b'{"f":[NaN,2]}, {"f":[1,2]}\n'
+    _, summary, errors = run_job(tmp_path / "bad", model, {"b.jsonl": bad}, split_type="Line",
+                                 input_content_type=JSONL, accept=JSONL, assemble_with="Line",
+                                 max_failed_records=1)
+    assert summary.failed_records == 1 and errors

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from typing import Any
 
@@ -38,7 +39,9 @@ from jsonpath_ng.jsonpath import Child, Fields, Index, Root, Slice, Wildcard
 from jsonpath_ng.parser import parse as parse_jsonpath
 
 from kubeinfer_runtime.batch.errors import BadInput, BadRecord
+from kubeinfer_runtime.codec_tensors import load_json
 from kubeinfer_runtime.contract.batch import BatchSettings, JoinSource, media_type_of
+from kubeinfer_runtime.errors import ValidationError
 
 #: A path whose last bracket mixes indexes and slices: ``$[0,5:]``.
 _UNION = re.compile(r"^(?P<head>\$.*?)\[(?P<items>[^\[\]'\"]*[,][^\[\]'\"]*)\]$")
@@ -146,6 +149,11 @@ class DataProcessor:
         if not self.filters_input:
             return data
         value = self.input_filter.apply(self._parse(data, "input record"), "the input record")
+        if not self.csv and (b"NaN" in data or b"Infinity" in data):
+            # The model reads NaN and Infinity as Python's json writes them (orjson would
+            # write null, which a float input refuses): the selection keeps them.
+            return (json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+                    + (b"\n" if line else b""))
         return self._dump(value) + (b"\n" if line else b"")
 
     def output(self, data: bytes, output: bytes) -> bytes:
@@ -172,8 +180,14 @@ class DataProcessor:
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError as e:
-            raise BadRecord(f"The {what} is not JSON ({str(e).split(':')[0]}): send one JSON "
-                            "document per line") from None
+            reason = str(e).split(":")[0]
+        try:
+            # NaN and Infinity, as Python's json writes them (and a leading BOM): read as
+            # the model server reads a request (``load_json``).
+            return load_json(data)
+        except ValidationError:
+            raise BadRecord(f"The {what} is not JSON ({reason}): send one JSON document "
+                            "per line") from None
 
     def _dump(self, value: Any) -> bytes:
         if not self.csv:

@@ -40,6 +40,7 @@ import orjson
 from kubeinfer_runtime import codec
 from kubeinfer_runtime.batch.errors import BadRecord, ModelUnavailable, short
 from kubeinfer_runtime.codec import Encoding
+from kubeinfer_runtime.codec_tensors import load_json
 from kubeinfer_runtime.contract.batch import (
     BatchSettings,
     BatchStrategy,
@@ -169,6 +170,14 @@ def as_instances(body: bytes) -> bytes:
         try:
             loads(line)
         except orjson.JSONDecodeError as e:
+            # NaN and Infinity, as Python's json writes them, are one JSON value to the
+            # model server's codec too (``load_json``): kept as written.
+            if b"N" in line or b"I" in line:
+                try:
+                    load_json(line)
+                    continue
+                except ValidationError:
+                    pass
             why = ("is blank (whitespace only)" if not line.strip() else
                    f"is not one JSON value (invalid at character {e.pos} of its line)")
             raise BadRecord(f"JSON Lines record {number} of the request {why}: send one "
