@@ -8,8 +8,8 @@ memory), read a small object, write an object atomically, concatenate objects.
   completes; a file is written to a temporary name beside it and renamed. So a
   worker killed half way never leaves half an output under its real name.
 * Concatenation (objects split over shards): S3 ``compose_object`` (server-side
-  UploadPartCopy; SeaweedFS supports it) when every part but the last has the
-  5 MiB S3 requires, else a streamed copy through a temporary file.
+  UploadPartCopy; SeaweedFS supports it) when S3's part rules allow it
+  (:func:`composable`), else a streamed copy through a temporary file.
 * Confinement: every ``file://`` path is resolved (symlinks included) and must lie
   below one of the job's roots (its input and output folders; a job with no file://
   folder reads and writes no file, whatever its plan lists); only regular files
@@ -38,7 +38,7 @@ from urllib.parse import quote
 from kubeinfer_runtime.batch.errors import InputRefused, StoreFailed
 from kubeinfer_runtime.contract import S3Settings
 from kubeinfer_runtime.contract.locations import split_location
-from kubeinfer_runtime.storage.fetch import s3_client
+from kubeinfer_runtime.storage.fetch import access_denied_hint, s3_client
 
 if TYPE_CHECKING:
     from minio import Minio
@@ -51,7 +51,28 @@ CHUNK = 1 << 20
 TEMP_PREFIX = ".kubeinfer-tmp-"
 #: S3's smallest part of a multipart upload (all but the last).
 _S3_MIN_PART = 5 << 20
+#: S3's largest part (UploadPartCopy included) and most parts of a multipart upload.
+_S3_MAX_PART = 5 << 30
+_S3_MAX_PARTS = 10000
 _MISSING = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"}
+
+
+def composable(sizes: Sequence[int]) -> bool:
+    """Whether objects of these sizes can be joined by server-side copy (UploadPartCopy).
+
+    A source over 5 GiB is copied as 5 GiB parts plus a remainder, and that remainder
+    is a part too: unless it ends the object, it needs S3's 5 MiB as well (a source of
+    5 GiB + 1 MiB would leave a 1 MiB part mid-object, which minio refuses with a
+    ValueError and S3 with EntityTooSmall); the parts, not the sources, count towards
+    the 10,000. Checked here so such a join is streamed instead of failing the job.
+    """
+    parts = 0
+    for i, size in enumerate(sizes):
+        tail = size % _S3_MAX_PART
+        if i < len(sizes) - 1 and (size < _S3_MIN_PART or 0 < tail < _S3_MIN_PART):
+            return False
+        parts += max(1, -(-size // _S3_MAX_PART))
+    return len(sizes) > 1 and parts <= _S3_MAX_PARTS
 
 
 def key_problem(key: str) -> str | None:
@@ -198,7 +219,8 @@ class Store:
                 if e.code in _MISSING:
                     return None
                 raise StoreFailed(f"Object {uri} cannot be read ({e.code}): check the S3 "
-                                  "credentials and the bucket policy") from None
+                                  "credentials and the bucket policy"
+                                  f"{access_denied_hint(e.code)}") from None
             except Exception as e:
                 raise StoreFailed(f"Object store is unreachable reading {uri} "
                                   f"({type(e).__name__}): check KUBEINFER_S3_ENDPOINT_URL"
@@ -401,7 +423,7 @@ class Store:
         scheme, bucket, path = self._parts(dest)
         if scheme == "s3":
             sizes = [self.size(s) or 0 for s in sources]
-            if 1 < len(sources) <= 10000 and all(s >= _S3_MIN_PART for s in sizes[:-1]):
+            if composable(sizes):
                 from minio.commonconfig import ComposeSource
 
                 comps = [ComposeSource(*self._parts(s)[1:]) for s in sources]

@@ -61,6 +61,9 @@ class ModelChanged(NotReady):
     """The object is not the size it had when room was made for it (503); retry."""
 
 
+#: Retries of a request S3 answers 5xx (waits 0, 0.4, 0.8, 1.6, 3.2, 5 s, each + <0.2 s).
+S3_STATUS_RETRIES = 6
+
 #: The setting (env var) of the model server's bound on one downloaded model.
 MAX_MODEL_BYTES_SETTING = "KUBEINFER_MAX_MODEL_BYTES"
 
@@ -139,7 +142,6 @@ def s3_client(s3: S3Config, *, maxsize: int = 10) -> Minio:
     # Imported here: minio pulls in its crypto stack (~1 s of start-up on a
     # busy core), which a server loading a file:// model never needs.
     import urllib3
-    from minio import Minio
     from minio.credentials.providers import (
         AWSConfigProvider,
         ChainedProvider,
@@ -148,26 +150,58 @@ def s3_client(s3: S3Config, *, maxsize: int = 10) -> Minio:
         IamAwsProvider,
     )
 
+    from kubeinfer_runtime.storage.s3compat import AwsMinio
+
     url = s3.endpoint_url or "https://s3.amazonaws.com"
     if "://" not in url:
         url = "https://" + url
     parsed = urlparse(url)
-    # A bounded retry policy: minio's default retries a dead endpoint for long.
+    # A bounded retry policy: minio's default retries a dead endpoint for long. A 5xx
+    # (AWS's 503 SlowDown above all, which asks callers to back off while a prefix scales)
+    # gets more tries and longer, jittered waits than an endpoint that refuses connections:
+    # a batch worker that gives up exits and spends one of its pod's few retries. POST too:
+    # CreateMultipartUpload and CompleteMultipartUpload are throttled like any request.
     http = urllib3.PoolManager(
         maxsize=maxsize,
         timeout=urllib3.Timeout(connect=5.0, read=60.0),
-        retries=urllib3.Retry(total=3, backoff_factor=0.2,
-                              status_forcelist=[500, 502, 503, 504]),
+        retries=urllib3.Retry(total=None, connect=3, read=3, redirect=3, other=3,
+                              status=S3_STATUS_RETRIES, backoff_factor=0.2, backoff_max=5.0,
+                              backoff_jitter=0.2, status_forcelist=[500, 502, 503, 504],
+                              allowed_methods=urllib3.Retry.DEFAULT_ALLOWED_METHODS
+                              | {"POST"}),
     )
     kwargs: dict[str, Any] = {"secure": parsed.scheme == "https", "region": s3.region,
                               "http_client": http}
     if s3.access_key and s3.secret_key:
-        kwargs.update(access_key=s3.access_key, secret_key=s3.secret_key)
+        kwargs.update(access_key=s3.access_key, secret_key=s3.secret_key,
+                      session_token=_session_token(s3.access_key))
     else:
         kwargs["credentials"] = ChainedProvider([
             EnvAWSProvider(), EnvMinioProvider(), AWSConfigProvider(), IamAwsProvider(),
         ])
-    return Minio(parsed.netloc, **kwargs)
+    return AwsMinio(parsed.netloc, **kwargs)
+
+
+def _session_token(access_key: str) -> str | None:
+    """``AWS_SESSION_TOKEN`` when ``access_key`` is ``AWS_ACCESS_KEY_ID``'s, else None.
+
+    The settings take the key pair from the AWS variables but have no field for the
+    token: temporary keys (``ASIA...``: an assumed role, SSO, ``aws sts``) sent without
+    it are refused by AWS (InvalidAccessKeyId). A token beside other keys (a MinIO or
+    SeaweedFS pair in ``KUBEINFER_S3_*``) belongs to those AWS keys, not to these.
+    """
+    if access_key != os.environ.get("AWS_ACCESS_KEY_ID"):
+        return None
+    return os.environ.get("AWS_SESSION_TOKEN") or None
+
+
+def access_denied_hint(code: str | None) -> str:
+    """What else AccessDenied may mean on AWS: there a missing object reads as 403, not 404,
+    unless the caller may also s3:ListBucket (SeaweedFS, our test store, answers 404)."""
+    if code != "AccessDenied":
+        return ""
+    return ("; or the object does not exist (AWS answers AccessDenied for a missing object "
+            "when the role lacks s3:ListBucket on the bucket)")
 
 
 def cache_path(cache_dir: Path, loc: S3Location) -> Path:
@@ -198,7 +232,8 @@ def _download(uri: str, loc: S3Location, cache_dir: Path, s3: S3Config,
             raise ModelNotFoundError(f"Model object {uri} does not exist ({e.code}): upload it "
                                      "or fix the model URI") from None
         raise StorageUnavailable(f"Model object {uri} cannot be read ({e.code}: {e.message}): "
-                                 "check the S3 credentials and bucket policy") from None
+                                 "check the S3 credentials and bucket policy"
+                                 f"{access_denied_hint(e.code)}") from None
     except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
         raise StorageUnavailable(f"Object store {s3.endpoint_url or 's3.amazonaws.com'} is "
                                  f"unreachable while fetching {uri} ({e}): check "

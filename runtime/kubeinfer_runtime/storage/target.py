@@ -15,7 +15,12 @@ import re
 from dataclasses import dataclass
 
 from kubeinfer_runtime.errors import ValidationError
-from kubeinfer_runtime.storage.uri import FileLocation, Location, S3Location
+from kubeinfer_runtime.storage.uri import (
+    DIRECTORY_BUCKET_SUFFIX,
+    FileLocation,
+    Location,
+    S3Location,
+)
 
 #: SageMaker's limit on TargetModel.
 MAX_TARGET_LENGTH = 1024
@@ -64,6 +69,10 @@ def parse_prefix(uri: str, base_dir: str = "/") -> ModelPrefix:
         if not bucket:
             raise ValidationError(f"Multi-model prefix {uri!r} must look like "
                                   "s3://bucket/models/")
+        if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
+            raise ValidationError(f"Multi-model prefix {uri!r} names an S3 directory bucket "
+                                  "(S3 Express One Zone), which kubeinfer does not support: "
+                                  "use a general purpose bucket")
         key = key.lstrip("/")
         if ".." in key.split("/"):
             raise ValidationError(f"Multi-model prefix {uri!r} contains '..': remove it")

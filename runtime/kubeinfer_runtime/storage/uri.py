@@ -13,6 +13,10 @@ from urllib.parse import unquote, urlparse
 
 from kubeinfer_runtime.errors import ValidationError
 
+#: Names of S3 directory buckets (S3 Express One Zone) end with this: they need zonal
+#: endpoints and session auth the minio client does not do, so they are refused by name.
+DIRECTORY_BUCKET_SUFFIX = "--x-s3"
+
 
 class InvalidModelUri(ValidationError):
     """The URI cannot name a model we can read; the message says how to write it."""
@@ -55,6 +59,10 @@ def _s3(uri: str, bucket: str, path: str) -> S3Location:
         raise InvalidModelUri(f"Model URI {uri!r} names a prefix, not an object: "
                               "point it at the model file")
     _refuse_dotdot(uri, key)
+    if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
+        raise InvalidModelUri(f"Model URI {uri!r} names an S3 directory bucket (S3 Express "
+                              "One Zone), which kubeinfer does not support: copy the model "
+                              "to a general purpose bucket")
     return S3Location(bucket, key)
 
 
