@@ -68,3 +68,28 @@ def test_a_symlink_inside_the_prefix_cannot_reach_outside(tmp_path: Path) -> Non
         with pytest.raises(ValidationError) as info:
             store._stat("tenant/absent.onnx")
         assert info.value.status == 404
+
+
+def test_access_denied_on_s3_says_it_may_be_a_missing_model(tmp_path: Path) -> None:
+    """On AWS a missing object answers 403 AccessDenied when the role lacks s3:ListBucket
+    (SeaweedFS answers 404): the 503 says so rather than only blaming credentials."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from minio.error import S3Error
+
+    from kubeinfer_runtime.contract import ModelServerSettings
+    from kubeinfer_runtime.metrics import MultiModelMetrics
+    from kubeinfer_runtime.server.multimodel import MultiModelStore
+    from kubeinfer_runtime.storage.fetch import StorageUnavailable
+
+    class Denying:
+        def stat_object(self, bucket: str, key: str) -> None:
+            raise S3Error(None, "AccessDenied", "Access Denied", key, "req", "host")  # type: ignore[arg-type]
+
+    settings = ModelServerSettings(multi_model_prefix="s3://bucket/models/",
+                                   model_cache_dir=str(tmp_path / "cache"))
+    with ThreadPoolExecutor(1) as pool:
+        store = MultiModelStore(settings, MultiModelMetrics("t", "t"), pool)
+        store._client = Denying()  # type: ignore[assignment]
+        with pytest.raises(StorageUnavailable, match="s3:ListBucket"):
+            store._stat("tenant/absent.onnx")

@@ -39,6 +39,7 @@ from kubeinfer_runtime.server.state import (
 from kubeinfer_runtime.storage.diskcache import DiskCache
 from kubeinfer_runtime.storage.fetch import (
     StorageUnavailable,
+    access_denied_hint,
     fetch_model,
     length_problem,
     s3_client,
@@ -130,7 +131,8 @@ class MultiModelStore:
                 if e.code in ("NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"):
                     raise _unknown(name, where) from None
                 raise StorageUnavailable(f"Model {where} cannot be read ({e.code}): check the "
-                                         "S3 credentials and bucket policy") from None
+                                         "S3 credentials and bucket policy"
+                                         f"{access_denied_hint(e.code)}") from None
             except Exception as e:
                 raise StorageUnavailable(f"Object store is unreachable while looking up {where} "
                                          f"({e}): check KUBEINFER_S3_ENDPOINT_URL") from None
