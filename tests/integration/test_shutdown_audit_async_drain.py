@@ -46,9 +46,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def test_a_draining_worker_keeps_touching_what_it_still_runs(
-        tmp_path: Path, models_dir: Path, redis_server: RedisServer,
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def _slow_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queue: str
+                ) -> tuple[threading.Event, threading.Event, Path, AsyncRoute]:
+    """The model call waits for ``release`` (``started`` once it runs); an input object
+    and the route of a queue named ``queue`` under ``tmp_path``."""
     started, release = threading.Event(), threading.Event()
     real = invocations_work
 
@@ -62,8 +63,16 @@ def test_a_draining_worker_keeps_touching_what_it_still_runs(
     (root / "in").mkdir(parents=True)
     data = root / "in" / "rows.json"
     data.write_text(json.dumps({"instances": ROWS}))
-    route = AsyncRoute(queue="drain", output_path=f"file://{root}/out",
+    route = AsyncRoute(queue=queue, output_path=f"file://{root}/out",
                        failure_path=f"file://{root}/failed")
+    return started, release, data, route
+
+
+def test_a_draining_worker_keeps_touching_what_it_still_runs(
+        tmp_path: Path, models_dir: Path, redis_server: RedisServer,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    started, release, data, route = _slow_model(tmp_path, monkeypatch, "drain")
+    root = data.parent.parent
     env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
                      route=route, s3_env={}, endpoint="drain",
                      visibility_timeout_s=str(VISIBILITY_S), drain_timeout_s="30",
@@ -119,21 +128,8 @@ def test_a_draining_worker_keeps_touching_what_it_still_runs(
 def test_a_request_released_at_shutdown_keeps_its_attempts(
         tmp_path: Path, models_dir: Path, redis_server: RedisServer,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    started, release = threading.Event(), threading.Event()
-    real = invocations_work
-
-    def slow(*args: Any) -> Any:
-        started.set()
-        release.wait(60)
-        return real(*args)
-
-    monkeypatch.setattr(processing, "invocations_work", slow)
-    root = tmp_path / "objects"
-    (root / "in").mkdir(parents=True)
-    data = root / "in" / "rows.json"
-    data.write_text(json.dumps({"instances": ROWS}))
-    route = AsyncRoute(queue="release", output_path=f"file://{root}/out",
-                       failure_path=f"file://{root}/failed")
+    started, release, data, route = _slow_model(tmp_path, monkeypatch, "release")
+    root = data.parent.parent
     # No retries: a release counted as an attempt would fail the request at once.
     env = worker_env(model_path=models_dir / "iris.onnx", redis_url=redis_server.url,
                      route=route, s3_env={}, endpoint="release", max_retries="0",
