@@ -67,8 +67,14 @@ class JobRunner(abc.ABC, Generic[D, J, S]):
     #: The status reason of a job past its deadline (each kind's status module names it).
     deadline_reason: ClassVar[str]
 
-    def __init__(self, paths: D, job: J, state: S, *, tick_s: float, grace_s: float) -> None:
+    def __init__(self, paths: D, job: J, state: S, *, tick_s: float, grace_s: float,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.paths = paths
+        #: The deadline runs on this clock from the runner's start (``state.started_at``
+        #: is wall-clock time for people): an NTP step or a resume must neither fail the
+        #: job at once nor give it hours more.
+        self.monotonic = monotonic
+        self.started_m = monotonic()
         self.job = job
         self.tick_s = tick_s
         self.grace_s = grace_s
@@ -107,7 +113,7 @@ class JobRunner(abc.ABC, Generic[D, J, S]):
         if self.stopping:
             raise Stop()
         deadline = self.job.active_deadline_s
-        if deadline is not None and time.time() - self.state.started_at > deadline:
+        if deadline is not None and self.monotonic() - self.started_m > deadline:
             raise Failure(self.deadline_reason, self.deadline_message(deadline))
         if child is None:
             time.sleep(self.tick_s)

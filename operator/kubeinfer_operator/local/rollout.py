@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -50,10 +51,25 @@ log = logging.getLogger("kubeinfer.local")
 PROMETHEUS_FIELD = "deploymentConfig.autoRollback.prometheusUrl"
 
 
+def steady_wall_clock(wall: Callable[[], float] = time.time,
+                      monotonic: Callable[[], float] = time.monotonic) -> Callable[[], float]:
+    """Epoch seconds that never step: the wall clock read once, monotonic time added.
+
+    Bake windows and the alarm window run on it: on the wall clock an NTP step
+    forward ended a bake at once (green promoted unbaked) and a step back held a
+    rollout for as long as the step. The states live only in this process, so
+    their printed times (startedAt) are off by a later step at most.
+    """
+    wall0, mono0 = wall(), monotonic()
+    return lambda: wall0 + (monotonic() - mono0)
+
+
 class LocalRollouts:
-    def __init__(self, sup: Supervisor, interval_s: float = 0.5) -> None:
+    def __init__(self, sup: Supervisor, interval_s: float = 0.5,
+                 clock: Callable[[], float] | None = None) -> None:
         self.sup = sup
         self.interval_s = interval_s
+        self.clock = clock if clock is not None else steady_wall_clock()
         #: ``spec.deploymentConfig`` of the spec last applied (None: plain rolls).
         self.config: DeploymentConfig | None = None
         #: Variant -> the plan rolled out (green) while its rollout runs.
@@ -171,7 +187,8 @@ class LocalRollouts:
         evaluations = await self._evaluate(previous)
         decision = ro.decide(variant=v, config=self.config, replicas=target.replicas,
                              desired_hash=target.server_hash, previous=previous,
-                             fleets=fleets, now=datetime.now(UTC), evaluations=evaluations)
+                             fleets=fleets, now=datetime.fromtimestamp(self.clock(), UTC),
+                             evaluations=evaluations)
         for _, message, type_ in decision.events:
             self.sup.event(message, level="error" if type_ == "Warning" else "info")
         if decision.state is not None:
@@ -233,7 +250,7 @@ class LocalRollouts:
                 or state.phase not in (ro.Phase.BAKING, ro.Phase.TERMINATING)):
             return []
         window = self.windows.setdefault(state.variant, FleetWindow())
-        now = datetime.now(UTC).timestamp()
+        now = self.clock()
         if any(a.promQL is None for a in config.alarms):
             window.add(now, {"gateway": await self._scrape(state.green)})
         out = []

@@ -357,18 +357,22 @@ class LocalScaler:
                       now_m: float) -> None:
         variant = plan.variant(name)
         assert variant is not None
-        # Policies get wall-clock time (for schedules); cooldowns and idleness
-        # use the same clock, so monotonic stamps are converted once here.
+        # Policies get wall-clock time for schedules only; cooldowns, the
+        # stabilization window and idleness run on the monotonic clock (t=), so a
+        # wall-clock step cannot hold scaling for as long as the step.
         now = datetime.now(UTC)
-        offset = now.timestamp() - now_m
-        last_activity = None if mem.last_activity is None else mem.last_activity + offset
+        # Read now, not at the round's start: the scrapes and queries since took time, and
+        # a decision stamped early would let the next one come sooner after the action
+        # (and its event) than the cooldown says.
+        t = time.monotonic()
         serverless = plan.serverless_policy if plan.scales_to_zero(variant) else None
         if serverless is not None:
             decision = autoscale.decide_serverless(serverless, variant.autoscaling, current,
-                                                   metrics, mem.state, last_activity, waiting,
-                                                   now)
+                                                   metrics, mem.state, mem.last_activity,
+                                                   waiting, now, t=t)
         elif variant.autoscaling is not None:
-            decision = autoscale.decide(variant.autoscaling, current, metrics, mem.state, now)
+            decision = autoscale.decide(variant.autoscaling, current, metrics, mem.state, now,
+                                        t=t)
         else:
             return
         mem.state = decision.state

@@ -185,14 +185,18 @@ def _describe_step(step: Step) -> str:
 
 
 def decide(policy: Policy, current: int, metrics: Mapping[str, float | None],
-           state: ScaleState, now: datetime) -> Decision:
+           state: ScaleState, now: datetime, *, t: float | None = None) -> Decision:
     """Desired replicas of one variant at ``now``, with the reason and the new state.
 
     ``metrics`` maps :func:`metric_key` to the value over the caller's window
     (None or missing: unknown, that policy abstains). ``now`` must be
-    timezone-aware or consistently naive; cooldowns use ``now.timestamp()``.
+    timezone-aware or consistently naive; schedules read ``now``. Cooldowns and
+    the stabilization window run on ``t`` (default ``now.timestamp()``): a
+    long-lived caller passes a monotonic clock, as ``state`` keeps these stamps and
+    a wall-clock step (NTP, VM resume) would otherwise hold scaling for as long as
+    the step or drop every cooldown at once.
     """
-    t = now.timestamp()
+    t = now.timestamp() if t is None else t
     lo, hi, source = bounds(policy, now)
     proposals = _proposals(policy, current, metrics)
     if proposals:
@@ -251,16 +255,18 @@ class Serverless:
 
 def decide_serverless(config: Serverless, policy: Policy | None, current: int,
                       metrics: Mapping[str, float | None], state: ScaleState,
-                      last_activity: float | None, waiting: bool, now: datetime) -> Decision:
+                      last_activity: float | None, waiting: bool, now: datetime, *,
+                      t: float | None = None) -> Decision:
     """Replicas of one serverless variant.
 
     ``waiting``: requests are held or in flight (the activator asked for
     capacity); ``last_activity``: when the variant last saw traffic (None:
     never). With traffic the variant keeps at least one replica (and follows
     ``policy`` above that); after ``idle_timeout_s`` without any it goes down to
-    the provisioned replicas, which are never stopped.
+    the provisioned replicas, which are never stopped. ``last_activity`` is on the
+    clock of ``t`` (see :func:`decide`).
     """
-    t = now.timestamp()
+    t = now.timestamp() if t is None else t
     floor = config.provisioned
     idle = not waiting and (last_activity is None or t - last_activity >= config.idle_timeout_s)
     if current == 0 and waiting:
@@ -281,7 +287,7 @@ def decide_serverless(config: Serverless, policy: Policy | None, current: int,
     if policy is not None:
         decision = decide(replace(policy, min_replicas=max(policy.min_replicas, active_floor),
                                   max_replicas=max(policy.max_replicas, active_floor)),
-                          current, metrics, state, now)
+                          current, metrics, state, now, t=t)
         return decision
     if current < active_floor:
         return _done(active_floor, current, "traffic within idleTimeout", state, t)

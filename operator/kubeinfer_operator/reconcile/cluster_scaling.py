@@ -176,7 +176,6 @@ class ScalerMemory:
         """
         answered = {url: v for url, v in views.items() if v is not None}
         summed = sum_views(answered.values())
-        offset = now.timestamp() - now_m
         hpa = k8s_autoscaling.hpa_variants(plan)
         messages = []
         for variant in plan.variants:
@@ -207,13 +206,15 @@ class ScalerMemory:
                     mem.window.invocations_per_replica_per_minute(replicas)}
             values.update(custom.get(variant.name, {}))
             policy = variant.autoscaling
+            # Schedules read the wall clock (now); cooldowns, the stabilization window
+            # and idleness run on now_m, so an NTP step cannot freeze or release them.
             if serverless is not None:
-                last = None if mem.last_activity is None else mem.last_activity + offset
                 decision = autoscale.decide_serverless(serverless, policy, replicas, values,
-                                                       mem.state, last, waiting, now)
+                                                       mem.state, mem.last_activity, waiting,
+                                                       now, t=now_m)
             else:
                 assert policy is not None
-                decision = autoscale.decide(policy, replicas, values, mem.state, now)
+                decision = autoscale.decide(policy, replicas, values, mem.state, now, t=now_m)
             mem.state = decision.state
             if replicas == 0 and decision.desired > 0:
                 # The request is honoured: a gateway still holding requests asks again

@@ -219,4 +219,13 @@ def parse_time(text: Any) -> datetime | None:
     try:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     except ValueError:
+        pass
+    # RFC 3339 as other writers put it (fractional seconds as in MicroTime, an offset
+    # instead of Z): a startTime left unread counted as "now", so a deadline never came.
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
         return None
+    if parsed.tzinfo is None or "T" not in text.upper():
+        return None  # no zone: which clock it is on is unknown
+    return parsed.astimezone(UTC)

@@ -167,7 +167,10 @@ def _remaining_deadline(info: JobInfo, b: _Builder) -> int | None:
     if info.active_deadline_s is None:
         return None
     start = parse_time(b.status.get("startTime")) or b.now
-    return info.active_deadline_s - int((b.now - start).total_seconds())
+    # startTime may have been written by an operator replica whose clock ran ahead (a
+    # failover) or before a step back: never a negative elapsed time, so a Job is never
+    # created with more than the spec's activeDeadlineSeconds.
+    return info.active_deadline_s - max(0, int((b.now - start).total_seconds()))
 
 
 def _failed_pod(pods: Iterable[PodView]) -> PodView | None:
