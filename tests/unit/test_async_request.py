@@ -273,3 +273,38 @@ def test_s3_keys_longer_than_s3_allows_are_refused() -> None:
             "x-amzn-sagemaker-s3outputpathextension": "x" * 255 + "/" + "y" * 255})
     assert "S3OutputPathExtension" in info.value.message and "1024 bytes" in info.value.message
     assert info.value.status == 400
+
+
+def test_the_ttl_runs_on_redis_clock_not_the_workers() -> None:
+    """The gateway stamped the request at 1000 (TTL 60 s); Redis stamped its entry at the
+    same moment. A worker whose own clock runs 2 minutes ahead takes it 10 s later: not
+    expired (it was, on the worker's clock alone); 61 s later: expired."""
+    req = _parse(**{"x-amzn-sagemaker-requestttlseconds": "60"})
+    entry = "1000000-0"  # Redis's milliseconds at the XADD
+    ahead = 120.0  # the worker's clock less Redis's
+    worker_now = 1010.0 + ahead
+    assert req.expired(worker_now)  # the old reading: expired at once
+    assert not req.expired(worker_now, entry_id=entry, queue_now=worker_now - ahead)
+    later = 1061.0 + ahead
+    assert req.expired(later, entry_id=entry, queue_now=later - ahead)
+    # An id that is not a stream id falls back to the worker's clock.
+    assert req.expired(worker_now, entry_id="bogus", queue_now=worker_now - ahead)
+
+
+def test_a_worker_learns_how_far_redis_clock_is() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from kubeinfer_runtime.queue.worker import Worker
+
+    class Clock:
+        async def time(self) -> tuple[int, int]:
+            return 1_000_000, 500_000  # Redis: 1,000,000.5
+
+    worker = Worker.__new__(Worker)
+    worker.redis = Clock()
+    worker.processor = SimpleNamespace(clock_offset_s=0.0)  # type: ignore[assignment]
+    asyncio.run(worker._read_redis_clock())
+    import time
+
+    assert abs(worker.processor.clock_offset_s - (1_000_000.5 - time.time())) < 5

@@ -169,6 +169,9 @@ class Processor:
         self.settings = settings
         self.slot = slot
         self.redis = redis
+        #: Redis's clock less ours, seconds (the worker measures it): request TTLs run on
+        #: Redis's clock, which stamped their stream entries (``AsyncRequest.expired``).
+        self.clock_offset_s = 0.0
         self.store = store
         self.notifier = notifier
         self.pool = pool
@@ -264,7 +267,8 @@ class Processor:
                              "or the model, then submit again with a new InferenceId",
                              attempts - 1, dead_letter=True)
             return
-        if req.expired(time.time()):
+        now = time.time()
+        if req.expired(now, entry_id=msg_id, queue_now=now + self.clock_offset_s):
             await self._fail(msg_id, req, "RequestExpired",
                              f"Request {req.inference_id} expired: no worker took it within "
                              f"its RequestTTLSeconds ({req.expires_at - req.received_at:g}s): "

@@ -104,8 +104,26 @@ class AsyncRequest:
             raise ValueError(problem)
         return req
 
-    def expired(self, now: float) -> bool:
+    def expired(self, now: float, *, entry_id: str | None = None,
+                queue_now: float | None = None) -> bool:
+        """Whether the request outlived its RequestTTLSeconds.
+
+        ``received_at`` and ``expires_at`` are the gateway's clock; a worker's may differ
+        by minutes (a worker 2 minutes ahead expired every request with a TTL under that
+        as soon as it took it). With the stream ``entry_id`` (its milliseconds are the
+        Redis server's clock at the XADD) and ``queue_now`` (Redis's time as the worker
+        estimates it), the TTL runs on one clock; else on ``now`` (the worker's).
+        """
+        queued_ms = entry_ms(entry_id) if entry_id and queue_now is not None else None
+        if queued_ms is not None and queue_now is not None:
+            return queue_now >= queued_ms / 1000 + (self.expires_at - self.received_at)
         return now >= self.expires_at
+
+
+def entry_ms(entry_id: str) -> int | None:
+    """The milliseconds of a Redis stream entry id (``<ms>-<seq>``), None if it is not one."""
+    ms, dash, seq = entry_id.partition("-")
+    return int(ms) if dash and ms.isdigit() and seq.isdigit() else None
 
 
 @dataclass(frozen=True)

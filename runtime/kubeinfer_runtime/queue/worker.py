@@ -309,14 +309,24 @@ class Worker:
                                     min_idle_time=0, message_ids=ids, justid=True)
 
     async def _heartbeat(self) -> None:
-        """Keep our in-flight entries from looking abandoned."""
+        """Keep our in-flight entries from looking abandoned (and Redis's clock known)."""
         period = self.settings.visibility_timeout_s / 3
         while True:
+            await self._read_redis_clock()
             await asyncio.sleep(period)
             try:
                 await self._touch()
             except Exception:
                 self._touch_first = True  # Redis is away: touch them as soon as it is back
+
+    async def _read_redis_clock(self) -> None:
+        """How far Redis's clock is from ours (request TTLs run on it); best effort, the
+        last value (or none: 0) stays when Redis does not answer."""
+        with contextlib.suppress(Exception):
+            before = time.time()
+            seconds, micros = await self.redis.time()
+            after = time.time()
+            self.processor.clock_offset_s = seconds + micros / 1e6 - (before + after) / 2
 
     async def stop(self) -> None:
         self.stopping.set()
