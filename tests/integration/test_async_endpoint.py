@@ -29,7 +29,7 @@ from kubeinfer_operator.render.redis_users import namespace_url
 from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncRoute
 from tests.support.async_stack import AsyncStack, worker_env
 from tests.support.ports import wait_until
-from tests.support.redis_server import RedisServer, start_redis
+from tests.support.redis_server import RedisServer
 from tests.support.webhook import WebhookReceiver
 
 BUCKET = "async-e2e"
@@ -37,13 +37,6 @@ ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 #: The namespace the runtime's Redis user belongs to; queues are ``<namespace>.<name>``.
 NS = "team-a"
 QUEUE = f"{NS}.e2e"
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from kubeinfer_runtime.contract.async_paths import FormerAsyncPaths, render_form
 from kubeinfer_runtime.queue.request import parse_async_request
 from tests.support.async_stack import AsyncStack, worker_env
 from tests.support.ports import wait_until
-from tests.support.redis_server import RedisServer, start_redis
+from tests.support.redis_server import RedisServer
 from tests.support.s3 import SECRET_KEY
 from tests.support.webhook import WebhookReceiver
 
@@ -32,13 +32,6 @@ BUCKET = "tenant-a"
 OTHER = "other-tenant-bucket"
 PAYROLL = b"name,salary\nalice,SECRET-PAYROLL-4242\n"
 MAX_INPUT = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +31,11 @@ from kubeinfer_runtime.queue.request import AsyncRequest
 from kubeinfer_runtime.server.hotpath import invocations_work
 from tests.support.async_stack import worker_env
 from tests.support.ports import free_port, wait_until
-from tests.support.redis_server import RedisServer, start_redis
+from tests.support.redis_server import RedisServer
 
 ROWS = [[5.1, 3.5, 1.4, 0.2]]
 #: Short, so an untouched entry soon looks abandoned (the heartbeat runs every third).
 VISIBILITY_S = 3.0
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path / "redis")
-    yield server
-    server.stop()
 
 
 def _slow_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queue: str
