@@ -79,6 +79,24 @@ class RedisUsers:
         """Send ``namespace``'s user again at the next ``ensure``."""
         self._ensured.pop(namespace, None)
 
+    async def drop(self, namespace: str) -> None:
+        """Remove ``namespace``'s user (its last Endpoint is gone: the runtime Secret that
+        names it goes too). Best effort: a Redis that refuses or cannot be reached keeps
+        the user, logged; the next ``ensure`` sets it again either way."""
+        import redis.asyncio
+
+        self.forget(namespace)
+        name = redis_users.user(namespace)
+        try:
+            if self._client is None:
+                self._client = redis.asyncio.from_url(self.admin_url, decode_responses=True)
+            if await self._client.execute_command("ACL", "DELUSER", name):
+                log.info("Redis user %s removed: namespace %s has no Endpoint left", name,
+                         namespace)
+        except Exception as exc:  # redis-py's errors and OSErrors: nothing to hold for
+            log.warning("Could not remove Redis user %s (%s); it stays until removed by "
+                        "hand", name, type(exc).__name__)
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()

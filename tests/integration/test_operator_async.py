@@ -204,3 +204,23 @@ def test_a_deleted_endpoint_leaves_no_queue_in_redis(kube: Kube, redis: RedisSer
     assert rds.exists(kept.stream)
     rds.xdel(kept.stream, *[i for i, _ in rds.xrange(kept.stream)
                             if _.get("id") == "someone-elses"])
+
+
+def test_the_namespace_user_goes_with_its_last_endpoint(kube: Kube, redis: RedisServer) -> None:
+    """The namespace's Redis user stays while an Endpoint of the namespace remains, and is
+    removed with the last one (its runtime Secret goes then too)."""
+    ns = "async-last"
+    user = f"kubeinfer-ns-{ns}"
+    kube.create_namespace(ns)
+    second = copy.deepcopy(_on_cluster(EXAMPLE))
+    second["metadata"]["name"] = "second"
+    for doc in (_on_cluster(EXAMPLE), second):
+        assert kube.create(doc, ns).status_code == 201
+    rds = redis.client()
+    wait_for(lambda: user in rds.execute_command("ACL", "USERS"), 15, "the namespace's user")
+    assert kube.delete("Endpoint", ns, NAME).status_code == 200
+    wait_for(lambda: kube.get("Endpoint", ns, NAME) is None, 15, "the first Endpoint gone")
+    assert user in rds.execute_command("ACL", "USERS")  # the second still uses it
+    assert kube.delete("Endpoint", ns, "second").status_code == 200
+    wait_for(lambda: user not in rds.execute_command("ACL", "USERS"), 30,
+             "the namespace's user removed with its last Endpoint")

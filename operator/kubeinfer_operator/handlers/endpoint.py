@@ -15,8 +15,9 @@
   ``resync_interval_s`` as a safety net (a missed event, a Service or
   ConfigMap deleted by hand). It writes nothing when nothing changed.
 * deletion: children carry an ownerReference to the Endpoint, so the cluster's
-  garbage collector removes them. An async Endpoint's queue lives in Redis,
-  outside the cluster: an optional delete handler removes it (kopf puts its
+  garbage collector removes them. An async Endpoint's queue, and the namespace's
+  Redis user, live in Redis, outside the cluster: an optional delete handler
+  removes the queue, and the user with the namespace's last Endpoint (kopf puts its
   finalizer on Endpoints anyway, to stop the daemon before the object goes away;
   a Redis that cannot be reached is logged and does not hold the deletion).
 
@@ -103,8 +104,8 @@ def register(registry: kopf.OperatorRegistry, sync: EndpointSync, interval_s: fl
     @kopf.on.delete(*resource, id="queue", registry=registry, optional=True)
     async def endpoint_deleted(*, namespace: str | None, name: str, spec: kopf.Spec,
                                **_: Any) -> None:
-        if spec.get("type") == ep.EndpointType.ASYNC.value:
-            await sync.drop_queue(namespace or "", name)
+        await sync.deleted(namespace or "", name,
+                           asynchronous=spec.get("type") == ep.EndpointType.ASYNC.value)
 
     @kopf.daemon(*resource, id="refresh", registry=registry,
                  initial_delay=min(interval_s, resync_s), cancellation_timeout=5.0)

@@ -168,10 +168,24 @@ class EndpointSync:
             with self.metrics.reconcile(KIND_ENDPOINT):
                 await self._sync(obj, namespace, name)
 
-    async def drop_queue(self, namespace: str, name: str) -> None:
-        """A deleted async Endpoint's queue out of Redis (``scaling.backlog``: why)."""
-        if self.scaler is not None:
+    async def deleted(self, namespace: str, name: str, *, asynchronous: bool) -> None:
+        """What a deleted Endpoint leaves in Redis, outside the cluster's garbage collection:
+        its queue, were it async (``scaling.backlog``: why), and the namespace's Redis user
+        once no Endpoint of the namespace is left."""
+        if asynchronous and self.scaler is not None:
             await self.scaler.drop_queue(namespace, name)
+        if self.redis_users is None:
+            return
+        try:
+            others = [e for e in await self.kube.list(kinds.ENDPOINT, namespace)
+                      if e.get("metadata", {}).get("name") != name
+                      and not e.get("metadata", {}).get("deletionTimestamp")]
+        except ClusterError as exc:
+            log.warning("Could not list the Endpoints of namespace %s (%s); its Redis user "
+                        "stays", namespace, exc)
+            return
+        if not others:
+            await self.redis_users.drop(namespace)
 
     async def resync(self, namespace: str, name: str) -> None:
         """``sync`` after a child changed, coalesced: a rollout's burst of Deployment
