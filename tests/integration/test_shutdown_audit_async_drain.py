@@ -17,17 +17,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 
-from kubeinfer_runtime.contract import AsyncQueueKeys, AsyncRoute
+from kubeinfer_runtime.contract import AsyncRoute
 from kubeinfer_runtime.queue import app as queue_app
 from kubeinfer_runtime.queue import processing
-from kubeinfer_runtime.queue.request import AsyncRequest
+from kubeinfer_runtime.queue.request import parse_async_request
 from kubeinfer_runtime.server.hotpath import invocations_work
 from tests.support.async_stack import worker_env
 from tests.support.ports import free_port, wait_until
@@ -60,6 +59,16 @@ def _slow_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queue: str
     return started, release, data, route
 
 
+def _enqueue(client: Any, route: AsyncRoute, endpoint: str, inference_id: str,
+             data: Path) -> None:
+    """Queue a request for ``data`` as the gateway would (its locations below the route's)."""
+    req = parse_async_request(endpoint, route, {
+        "x-amzn-sagemaker-inputlocation": f"file://{data}",
+        "x-amzn-sagemaker-inference-id": inference_id,
+        "x-amzn-sagemaker-invocationtimeoutseconds": "60"})
+    client.xadd(route.keys.stream, req.to_fields())
+
+
 def test_a_draining_worker_keeps_touching_what_it_still_runs(
         tmp_path: Path, models_dir: Path, redis_server: RedisServer,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -71,15 +80,9 @@ def test_a_draining_worker_keeps_touching_what_it_still_runs(
                      model_cache_dir=str(tmp_path / "cache"))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    keys = AsyncQueueKeys(queue="drain")
+    keys = route.keys
     client = redis_server.client()
-    now = time.time()
-    client.xadd(keys.stream, AsyncRequest(
-        inference_id="slow-1", endpoint="drain", input_location=f"file://{data}",
-        output_location=f"file://{root}/out/slow-1.out",
-        failure_location=f"file://{root}/failed/slow-1-error.out",
-        content_type="application/json", accept="", custom_attributes="",
-        received_at=now, expires_at=now + 3600, invocation_timeout_s=60).to_fields())
+    _enqueue(client, route, "drain", "slow-1", data)
 
     server = uvicorn.Server(uvicorn.Config(queue_app.create_app(), host="127.0.0.1",
                                            port=free_port(), log_level="warning"))
@@ -128,15 +131,9 @@ def test_a_request_released_at_shutdown_keeps_its_attempts(
                      drain_timeout_s="0.2", model_cache_dir=str(tmp_path / "cache"))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    keys = AsyncQueueKeys(queue="release")
+    keys = route.keys
     client = redis_server.client()
-    now = time.time()
-    client.xadd(keys.stream, AsyncRequest(
-        inference_id="long-1", endpoint="release", input_location=f"file://{data}",
-        output_location=f"file://{root}/out/long-1.out",
-        failure_location=f"file://{root}/failed/long-1-error.out",
-        content_type="application/json", accept="", custom_attributes="",
-        received_at=now, expires_at=now + 3600, invocation_timeout_s=60).to_fields())
+    _enqueue(client, route, "release", "long-1", data)
 
     def serve() -> tuple[uvicorn.Server, threading.Thread]:
         server = uvicorn.Server(uvicorn.Config(queue_app.create_app(), host="127.0.0.1",

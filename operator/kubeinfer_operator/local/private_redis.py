@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import signal
 import subprocess
@@ -45,7 +44,12 @@ from pathlib import Path
 
 from kubeinfer_operator.local.backoff import BackoffPolicy, CrashRecord, on_crash, restart_due
 from kubeinfer_operator.local.process import signal_exit_name, spawn, tail
-from kubeinfer_operator.local.state import ProcessState, ProcState, process_start_time
+from kubeinfer_operator.local.state import (
+    ProcessState,
+    ProcState,
+    process_start_time,
+    write_atomic,
+)
 
 #: Seconds a (re)started redis-server may take to answer PING (it loads its AOF first).
 READY_TIMEOUT_S = 30.0
@@ -53,17 +57,6 @@ NAME = "redis"
 #: Files in the data directory: the password, and the config file that hands it over.
 PASSWORD_FILE = "password"
 CONFIG_FILE = "redis.conf"
-
-
-def _private_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by this user alone (0600 from the start: a
-    chmod after the write would leave a moment where the default umask's 0644 holds)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def data_password(data: Path) -> str:
@@ -84,7 +77,7 @@ def data_password(data: Path) -> str:
     if len(kept) == 64 and all(c in "0123456789abcdef" for c in kept):
         return kept
     password = secrets.token_hex(32)
-    _private_file(path, password + "\n")
+    write_atomic(path, password + "\n")  # mkstemp's 0600, from the first byte
     return password
 
 
@@ -141,7 +134,7 @@ class PrivateRedis:
         """Spawn it and wait until it answers PING (its AOF loaded); RedisStartError if not."""
         self.data.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Written at every start: the data directory may have been emptied meanwhile.
-        _private_file(self.data / CONFIG_FILE, f"requirepass {self.password}\n")
+        write_atomic(self.data / CONFIG_FILE, f"requirepass {self.password}\n")  # 0600
         self.proc = spawn(self.argv(), env=self.env, log_path=self.log_path)
         self.started_at = time.monotonic()
         self.start_time = process_start_time(self.proc.pid)
